@@ -1,0 +1,150 @@
+//! Safe, bounds-checked wrapper over the `gemm` crate's strided f32 matrix multiply.
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// A read-only strided view of a row-major-or-not matrix inside a slice.
+#[derive(Clone, Copy)]
+pub struct MatRef<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+impl<'a> MatRef<'a> {
+    /// A dense row-major `rows x cols` matrix.
+    pub fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        MatRef { data, rows, cols, row_stride: cols, col_stride: 1 }
+    }
+
+    /// The transpose of this view (no data moves).
+    pub fn t(self) -> Self {
+        MatRef { rows: self.cols, cols: self.rows, row_stride: self.col_stride, col_stride: self.row_stride, ..self }
+    }
+
+    /// Index one past the last element this view touches (0 for an empty view).
+    fn extent(&self) -> usize {
+        if self.rows == 0 || self.cols == 0 {
+            0
+        } else {
+            (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride + 1
+        }
+    }
+}
+
+/// `dst[m x n] (row stride dst_stride) = (accumulate ? dst : 0) + a[m x k] · b[k x n]`.
+///
+/// `threads == 1` runs on the calling thread (use it inside an outer parallel loop); otherwise the
+/// product is split over the rayon pool.
+pub fn matmul(dst: &mut [f32], dst_stride: usize, a: MatRef, b: MatRef, accumulate: bool, threads: usize) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(b.rows, k, "inner dimensions differ");
+    assert!(a.extent() <= a.data.len() && b.extent() <= b.data.len(), "operand view exceeds its slice");
+    let dst_view = MatRef { data: dst, rows: m, cols: n, row_stride: dst_stride, col_stride: 1 };
+    assert!(dst_view.extent() <= dst_view.data.len(), "destination view exceeds its slice");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for r in 0..m {
+                dst[r * dst_stride..r * dst_stride + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    let parallelism = if threads == 1 { Parallelism::None } else { Parallelism::Rayon(threads) };
+    // SAFETY: every index the kernel touches was bounds-checked above via `extent`, and `dst` is
+    // borrowed mutably so it cannot alias `a` or `b`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_stride as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+/// `dst[m x n] = a · b` in blocks of rows spread over the rayon pool, each block multiplied on
+/// one thread and passed to `epilogue` (bias, activation) while it is still in cache.
+pub fn matmul_blocked(dst: &mut [f32], a: MatRef, b: MatRef, epilogue: impl Fn(&mut [f32]) + Sync) {
+    let (m, n) = (a.rows, b.cols);
+    assert_eq!(dst.len(), m * n, "destination must be exactly m x n");
+    if m == 0 || n == 0 {
+        return;
+    }
+    // An equal share of rows per thread, in blocks of at most ~256 rows (a block's rows of `a`
+    // and `dst` stay cache-resident while the packed `b` streams past).
+    let threads = rayon::current_num_threads();
+    let blocks = threads * m.div_ceil(threads * 256);
+    let block = m.div_ceil(blocks);
+    dst.par_chunks_mut(block * n).enumerate().for_each(|(i, rows)| {
+        let first = i * block;
+        let a_rows = MatRef { data: &a.data[first * a.row_stride..], rows: rows.len() / n, ..a };
+        matmul(rows, n, a_rows, b, false, 1);
+        epilogue(rows);
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(a: MatRef, b: MatRef) -> Vec<f32> {
+        let mut out = vec![0.0; a.rows * b.cols];
+        for i in 0..a.rows {
+            for j in 0..b.cols {
+                let mut s = 0.0f64;
+                for p in 0..a.cols {
+                    s += a.data[i * a.row_stride + p * a.col_stride] as f64 * b.data[p * b.row_stride + j * b.col_stride] as f64;
+                }
+                out[i * b.cols + j] = s as f32;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn strided_and_transposed_products_match_naive_sums() {
+        let (m, k, n) = (37, 19, 23);
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| ((i * 104729) % 89) as f32 / 89.0 - 0.5).collect();
+        let av = MatRef::row_major(&a, m, k);
+        let bv = MatRef::row_major(&w, n, k).t();
+        let want = naive(av, bv);
+        for threads in [1, 2] {
+            let mut got = vec![f32::NAN; m * n];
+            matmul(&mut got, n, av, bv, false, threads);
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() < 1e-5, "{g} vs {w}");
+            }
+            matmul(&mut got, n, av, bv, true, threads);
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - 2.0 * w).abs() < 2e-5);
+            }
+        }
+        let mut got = vec![f32::NAN; m * n];
+        matmul_blocked(&mut got, av, bv, |rows| rows.iter_mut().for_each(|v| *v += 1.0));
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w - 1.0).abs() < 1e-5, "{g} vs {w} + 1");
+        }
+    }
+}

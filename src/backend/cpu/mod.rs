@@ -1,0 +1,192 @@
+//! The CPU backend: f32 throughout, multi-threaded with rayon, GEMMs through the `gemm` crate.
+//!
+//! This is the readable reference every other backend is checked against, and fast enough to be
+//! a real engine on a laptop.
+
+mod attention;
+mod conv;
+pub mod gemm;
+pub mod math;
+
+use anyhow::{bail, ensure, Result};
+use rayon::prelude::*;
+
+use self::gemm::{matmul_blocked, MatRef};
+use super::{Activation, Backend, ConvGeometry, NormParams, Seqs};
+use crate::tensor::{Storage, Tensor};
+
+/// Rows handed to one rayon task by row-wise kernels; large enough to amortise scheduling.
+const ROWS_PER_TASK: usize = 64;
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuBackend;
+
+/// The f32 slice of a tensor this backend can compute on, or a clear error.
+fn data(t: &Tensor) -> Result<&[f32]> {
+    match t.storage() {
+        Storage::Host(_) => t.f32s(),
+    }
+}
+
+/// `[rows, cols]` of a tensor used as a matrix (every leading dimension folds into rows).
+fn as_matrix(t: &Tensor) -> (usize, usize) {
+    let cols = *t.shape().last().unwrap_or(&1);
+    (t.numel() / cols.max(1), cols)
+}
+
+/// Norm parameters as slices, checked against the channel count.
+fn norm_params(norm: NormParams<'_>, c: usize) -> Result<(&[f32], &[f32])> {
+    ensure!(
+        norm.gamma.numel() == c && norm.beta.numel() == c,
+        "norm over {c} channels got {} / {} parameters",
+        norm.gamma.numel(),
+        norm.beta.numel()
+    );
+    Ok((data(norm.gamma)?, data(norm.beta)?))
+}
+
+/// Per-column sums of `f(value, column)` over the rows of a row-major `[rows, c]` matrix.
+fn column_sums(x: &[f32], c: usize, f: impl Fn(f32, usize) -> f64 + Sync) -> Vec<f64> {
+    x.par_chunks(ROWS_PER_TASK * c)
+        .map(|rows| {
+            let mut acc = vec![0.0f64; c];
+            for row in rows.chunks_exact(c) {
+                acc.iter_mut().zip(row).enumerate().for_each(|(ch, (a, &v))| *a += f(v, ch));
+            }
+            acc
+        })
+        .reduce(
+            || vec![0.0f64; c],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                a
+            },
+        )
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> String {
+        "cpu".into()
+    }
+
+    fn upload(&self, t: &Tensor) -> Result<Tensor> {
+        t.to_f32()
+    }
+
+    fn to_host(&self, t: &Tensor) -> Result<Tensor> {
+        t.to_f32()
+    }
+
+    fn prepare_linear_weight(&self, w: &Tensor) -> Result<Tensor> {
+        let &[d_out, d_in] = w.shape() else { bail!("linear weight must be 2-D, found {:?}", w.shape()) };
+        let src = w.to_f32()?;
+        let src = data(&src)?;
+        let mut t = vec![0.0f32; src.len()];
+        t.par_chunks_mut(d_out).enumerate().for_each(|(i, row)| row.iter_mut().enumerate().for_each(|(o, v)| *v = src[o * d_in + i]));
+        Ok(Tensor::from_vec(t, &[d_in, d_out]))
+    }
+
+    fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Activation) -> Result<Tensor> {
+        let (n, d_in) = as_matrix(x);
+        let [w_in, d_out] = w.shape() else { bail!("linear weight must be 2-D, found {:?}", w.shape()) };
+        ensure!(*w_in == d_in, "linear: input has {d_in} features, weight {:?} ([in, out]) expects {w_in}", w.shape());
+        let bias = b.map(data).transpose()?;
+        if let Some(b) = bias {
+            ensure!(b.len() == *d_out, "linear bias has {} values for {d_out} outputs", b.len());
+        }
+        let mut out = vec![0.0f32; n * d_out];
+        matmul_blocked(&mut out, MatRef::row_major(data(x)?, n, d_in), MatRef::row_major(data(w)?, d_in, *d_out), |rows| {
+            math::bias_act_rows(rows, *d_out, bias, act == Activation::Gelu)
+        });
+        let mut shape = x.shape().to_vec();
+        *shape.last_mut().unwrap() = *d_out;
+        Ok(Tensor::from_vec(out, &shape))
+    }
+
+    fn layer_norm(&self, x: Tensor, residual: Option<&Tensor>, norm: NormParams, act: Activation) -> Result<Tensor> {
+        let (_, c) = as_matrix(&x);
+        let shape = x.shape().to_vec();
+        let (g, b) = norm_params(norm, c)?;
+        let mut out = x.into_f32_vec()?;
+        let residual = match residual {
+            Some(r) => {
+                ensure!(r.shape() == shape, "residual {:?} does not match {shape:?}", r.shape());
+                Some(data(r)?)
+            }
+            None => None,
+        };
+        out.par_chunks_mut(ROWS_PER_TASK * c).enumerate().for_each(|(i, rows)| {
+            if let Some(r) = residual {
+                let start = i * ROWS_PER_TASK * c;
+                math::add_assign(rows, &r[start..start + rows.len()]);
+            }
+            math::layer_norm_rows(rows, g, b, norm.eps);
+            math::bias_act_rows(rows, c, None, act == Activation::Gelu);
+        });
+        Ok(Tensor::from_vec(out, &shape))
+    }
+
+    fn group_norm_time(&self, x: Tensor, seqs: &Seqs, norm: NormParams, act: Activation) -> Result<Tensor> {
+        let (rows, c) = as_matrix(&x);
+        ensure!(rows == seqs.total(), "group norm: {rows} frames but the batch holds {}", seqs.total());
+        let (g, b) = norm_params(norm, c)?;
+        let shape = x.shape().to_vec();
+        let mut out = x.into_f32_vec()?;
+        for u in 0..seqs.count() {
+            let r = seqs.range(u);
+            let frames = &mut out[r.start * c..r.end * c];
+            // Per-channel statistics over this utterance's frames only, accumulated in f64
+            // (thousands of frames) over row blocks in parallel.
+            let n = r.len() as f64;
+            let mean = column_sums(frames, c, |v, _| v as f64).into_iter().map(|s| s / n).collect::<Vec<_>>();
+            let var = column_sums(frames, c, |v, ch| (v as f64 - mean[ch]).powi(2));
+            let scale: Vec<f32> = var.iter().zip(g).map(|(v, g)| (1.0 / (v / n + norm.eps as f64).sqrt()) as f32 * g).collect();
+            let shift: Vec<f32> = mean.iter().zip(&scale).zip(b).map(|((m, s), b)| b - *m as f32 * s).collect();
+            frames
+                .par_chunks_mut(ROWS_PER_TASK * c)
+                .for_each(|rows| math::scale_shift_act_rows(rows, &scale, &shift, act == Activation::Gelu));
+        }
+        Ok(Tensor::from_vec(out, &shape))
+    }
+
+    fn add(&self, a: Tensor, b: &Tensor) -> Result<Tensor> {
+        ensure!(a.shape() == b.shape(), "add: shapes {:?} and {:?} differ", a.shape(), b.shape());
+        let shape = a.shape().to_vec();
+        let mut out = a.into_f32_vec()?;
+        let chunk = ROWS_PER_TASK * 1024;
+        out.par_chunks_mut(chunk).zip(data(b)?.par_chunks(chunk)).for_each(|(x, y)| math::add_assign(x, y));
+        Ok(Tensor::from_vec(out, &shape))
+    }
+
+    fn conv1d(
+        &self,
+        x: &Tensor,
+        seqs_in: &Seqs,
+        seqs_out: &Seqs,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        geom: ConvGeometry,
+        act: Activation,
+    ) -> Result<Tensor> {
+        conv::conv1d(data(x)?, x.shape(), seqs_in, seqs_out, data(w)?, w.shape(), b.map(data).transpose()?, geom, act)
+    }
+
+    fn attention(&self, qkv: &Tensor, seqs: &Seqs, heads: usize, scale: f32) -> Result<Tensor> {
+        let (rows, c3) = as_matrix(qkv);
+        ensure!(rows == seqs.total(), "attention: {rows} frames but the batch holds {}", seqs.total());
+        ensure!(c3 % 3 == 0 && heads > 0 && (c3 / 3) % heads == 0, "attention: {c3} columns do not split into q, k, v of {heads} heads");
+        let out = attention::attention(data(qkv)?, c3 / 3, seqs, heads, scale);
+        Ok(Tensor::from_vec(out, &[rows, c3 / 3]))
+    }
+
+    fn log_softmax(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, c) = as_matrix(x);
+        let mut out = data(x)?.to_vec();
+        out.par_chunks_mut(c.max(1)).for_each(|row| {
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f32>().ln();
+            row.iter_mut().for_each(|v| *v -= lse);
+        });
+        Ok(Tensor::from_vec(out, x.shape()))
+    }
+}

@@ -1,0 +1,141 @@
+//! The op set the model runs on, as a trait every device implements.
+//!
+//! Activations travel in a *packed* layout: the frames of every utterance in a batch are stacked
+//! row after row (`[total_frames, channels]`, time-major), and a [`Seqs`] says where each
+//! utterance starts. Per-frame ops (linear, layer norm, GELU) never see padding, and the ops that
+//! mix frames (convolutions, group norm, attention) work inside one utterance at a time, so an
+//! utterance's result cannot depend on what else shares its batch.
+
+pub mod cpu;
+
+use anyhow::{bail, Result};
+
+use crate::tensor::Tensor;
+
+/// Frame counts of the utterances packed into one activation tensor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Seqs {
+    lens: Vec<usize>,
+    offsets: Vec<usize>,
+}
+
+impl Seqs {
+    pub fn new(lens: Vec<usize>) -> Seqs {
+        let mut offsets = Vec::with_capacity(lens.len() + 1);
+        let mut total = 0;
+        offsets.push(0);
+        for &l in &lens {
+            total += l;
+            offsets.push(total);
+        }
+        Seqs { lens, offsets }
+    }
+
+    pub fn lens(&self) -> &[usize] {
+        &self.lens
+    }
+
+    /// Number of utterances.
+    pub fn count(&self) -> usize {
+        self.lens.len()
+    }
+
+    /// Total frames over all utterances (rows of a packed tensor).
+    pub fn total(&self) -> usize {
+        self.offsets[self.lens.len()]
+    }
+
+    /// Row range of utterance `i`.
+    pub fn range(&self, i: usize) -> std::ops::Range<usize> {
+        self.offsets[i]..self.offsets[i + 1]
+    }
+}
+
+/// Elementwise function applied after a linear layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    Identity,
+    /// GELU with the exact erf form, as `torch.nn.functional.gelu` by default.
+    Gelu,
+}
+
+/// Geometry of a 1-D convolution over each utterance of a packed batch.
+///
+/// Output frame `t` of an utterance reads input frames `stride * t - pad_left + k` for
+/// `k in 0..kernel`; frames outside the utterance read as zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeometry {
+    pub kernel: usize,
+    pub stride: usize,
+    pub pad_left: usize,
+    pub groups: usize,
+}
+
+/// Affine parameters and epsilon of a layer or group norm.
+#[derive(Clone, Copy)]
+pub struct NormParams<'a> {
+    pub gamma: &'a Tensor,
+    pub beta: &'a Tensor,
+    pub eps: f32,
+}
+
+/// Operations a compute device provides. Every tensor argument must live on this backend
+/// (see [`Backend::upload`]); weights use the layouts named in each method.
+pub trait Backend: Send + Sync {
+    /// A short name for messages (`cpu`, `cuda:0`).
+    fn name(&self) -> String;
+
+    /// Makes a host tensor usable by this backend (no copy on the CPU for f32).
+    fn upload(&self, t: &Tensor) -> Result<Tensor>;
+
+    /// Brings a tensor back to host memory as f32.
+    fn to_host(&self, t: &Tensor) -> Result<Tensor>;
+
+    /// Converts a PyTorch `nn.Linear` weight `[out, in]` into the layout [`Backend::linear`]
+    /// takes (done once at load; the CPU stores `[in, out]`, which its GEMM streams fastest).
+    fn prepare_linear_weight(&self, w: &Tensor) -> Result<Tensor>;
+
+    /// `act(x · wᵀ + b)` for `x [n, in]`, `w` from [`Backend::prepare_linear_weight`], `b [out]`.
+    fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Activation) -> Result<Tensor>;
+
+    /// `act(layer_norm(x + residual))` over the last dimension (residual optional). Takes `x` by
+    /// value so its buffer can be reused.
+    fn layer_norm(&self, x: Tensor, residual: Option<&Tensor>, norm: NormParams, act: Activation) -> Result<Tensor>;
+
+    /// `act(group_norm(x))` with one group per channel: each channel of each utterance is
+    /// normalised over that utterance's frames only.
+    fn group_norm_time(&self, x: Tensor, seqs: &Seqs, norm: NormParams, act: Activation) -> Result<Tensor>;
+
+    /// `a + b`, reusing `a`'s buffer.
+    fn add(&self, a: Tensor, b: &Tensor) -> Result<Tensor>;
+
+    /// `act(conv(x) + b)` of each utterance of `x [seqs_in.total(), c_in]` into
+    /// `[seqs_out.total(), c_out]`. `w` is in the time-major layout `[c_out, kernel, c_in / groups]`.
+    #[allow(clippy::too_many_arguments)]
+    fn conv1d(
+        &self,
+        x: &Tensor,
+        seqs_in: &Seqs,
+        seqs_out: &Seqs,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        geom: ConvGeometry,
+        act: Activation,
+    ) -> Result<Tensor>;
+
+    /// Multi-head self-attention within each utterance: `softmax(q kᵀ · scale) v` per head, for
+    /// `qkv [seqs.total(), 3 * heads * head_dim]` holding q, k and v side by side (one fused
+    /// projection); returns `[seqs.total(), heads * head_dim]`.
+    fn attention(&self, qkv: &Tensor, seqs: &Seqs, heads: usize, scale: f32) -> Result<Tensor>;
+
+    /// Log-softmax over the last dimension.
+    fn log_softmax(&self, x: &Tensor) -> Result<Tensor>;
+}
+
+/// Checks that `t` has exactly `shape`, naming it in the error.
+pub fn expect_shape(what: &str, t: &Tensor, shape: &[usize]) -> Result<()> {
+    if t.shape() != shape {
+        bail!("{what}: expected shape {shape:?}, found {:?}", t.shape());
+    }
+    Ok(())
+}

@@ -1,0 +1,147 @@
+//! The `engine` command line: parse, call the library, print.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use s3router::backend::cpu::CpuBackend;
+use s3router::backend::Backend;
+use s3router::bench;
+use s3router::infer::{BatchLimits, Recognizer};
+
+#[derive(Parser)]
+#[command(name = "engine", version, about = "S3-Router engine: wav2vec2 / XLS-R inference and mask learning")]
+struct Cli {
+    /// Worker threads for CPU compute (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Device {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Transcribe audio files with a Hugging Face wav2vec2 CTC folder (greedy CTC decoding).
+    ///
+    /// Prints one line per file: the path, a tab, the transcript. WAV (8/16/24/32-bit integer,
+    /// 32-bit float) and FLAC are read; stereo is averaged; any sample rate is resampled to 16 kHz.
+    Infer {
+        /// Model folder: config.json, model.safetensors, vocab.json, preprocessor_config.json.
+        #[arg(long)]
+        model: PathBuf,
+        /// Compute device.
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: Device,
+        /// Also write the logits to this .safetensors file: one f32 tensor `logits.<i>` of shape
+        /// [frames_i, vocab] per input i, in argument order.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Most seconds of audio in one forward pass (bounds memory).
+        #[arg(long, default_value_t = 120.0)]
+        batch_seconds: f64,
+        /// Audio files.
+        #[arg(required = true)]
+        audio: Vec<PathBuf>,
+    },
+    /// Time the forward pass at full model size with generated weights (no checkpoint needed).
+    Bench {
+        /// Architecture: base (wav2vec2-base) or large (large-lv60 / XLS-R 300M).
+        #[arg(long, default_value = "base")]
+        preset: String,
+        /// Utterances per forward pass.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Seconds of audio per utterance.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Timed repetitions (after one warm-up); the median is reported.
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: Device,
+    },
+}
+
+fn backend(device: Device) -> Result<Box<dyn Backend>> {
+    match device {
+        Device::Cpu => Ok(Box::new(CpuBackend)),
+        Device::Cuda => bail!("--device cuda: this build has no CUDA backend yet; use --device cpu"),
+    }
+}
+
+/// Writes `tensors` to `path` atomically: a temporary file in the same folder, then a rename, so
+/// an interrupted run never leaves a half-written file.
+fn write_logits(path: &Path, tensors: &HashMap<String, (Vec<f32>, Vec<usize>)>) -> Result<()> {
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(name, (data, shape))| {
+            Ok((name.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytemuck::cast_slice(data))?))
+        })
+        .collect::<Result<_>>()?;
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("cannot create a file in {}", dir.display()))?;
+    safetensors::serialize_to_file(views, None, tmp.path()).with_context(|| format!("cannot write {}", path.display()))?;
+    tmp.persist(path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+fn infer(model: &Path, device: Device, out: Option<&Path>, batch_seconds: f64, audio: &[PathBuf]) -> Result<()> {
+    let be = backend(device)?;
+    let rec = Recognizer::load(model, be.as_ref())?;
+    let limits = BatchLimits { max_samples: (batch_seconds.max(1.0) * 16_000.0) as usize, ..BatchLimits::default() };
+    let mut logits = HashMap::new();
+    rec.run(audio, limits, |u| {
+        println!("{}\t{}", u.path.display(), u.transcript);
+        if out.is_some() {
+            logits.insert(format!("logits.{}", u.index), (u.logits, vec![u.frames, rec.vocab.len()]));
+        }
+        Ok(())
+    })?;
+    if let Some(out) = out {
+        write_logits(out, &logits)?;
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<()> {
+    if let Some(n) = cli.threads {
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("cannot start the thread pool")?;
+    }
+    match cli.command {
+        Command::Infer { model, device, out, batch_seconds, audio } => infer(&model, device, out.as_deref(), batch_seconds, &audio),
+        Command::Bench { preset, batch, seconds, reps, device } => {
+            let be = backend(device)?;
+            let r = bench::forward(be.as_ref(), &preset, batch, seconds, reps)?;
+            println!(
+                "forward {} on {}: batch {} x {:.1} s, median {:.3} s over {} runs ({:.1}x real time, {} threads)",
+                r.preset,
+                be.name(),
+                r.batch,
+                r.seconds,
+                r.median(),
+                r.times.len(),
+                r.realtime_factor(),
+                rayon::current_num_threads()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! Getting speech into the engine.
+
+pub mod audio;

@@ -1,0 +1,9 @@
+//! s3router: wav2vec2 / XLS-R inference and S3-Router mask learning, on CPU and GPU.
+
+pub mod backend;
+pub mod bench;
+pub mod ctc;
+pub mod data;
+pub mod infer;
+pub mod model;
+pub mod tensor;

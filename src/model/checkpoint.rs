@@ -1,0 +1,194 @@
+//! Memory-mapped safetensors checkpoints (single file or sharded with an index).
+//!
+//! Tensors come back as views into the mapping, so a frozen f32 model is never copied on the
+//! CPU. Every lookup checks the stored shape against what the model expects and names the tensor.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use memmap2::{Mmap, UncheckedAdvice};
+use safetensors::{Dtype, SafeTensors};
+
+use crate::tensor::{DType, HostBytes, Tensor};
+
+struct Entry {
+    file: usize,
+    dtype: DType,
+    shape: Vec<usize>,
+    offset: usize,
+    len: usize,
+}
+
+pub struct Checkpoint {
+    files: Vec<(PathBuf, Arc<Mmap>)>,
+    entries: HashMap<String, Entry>,
+}
+
+fn dtype_of(d: Dtype, name: &str, file: &Path) -> Result<DType> {
+    Ok(match d {
+        Dtype::F32 => DType::F32,
+        Dtype::F16 => DType::F16,
+        Dtype::BF16 => DType::BF16,
+        other => bail!("{}: tensor \"{name}\" has unsupported dtype {other:?} (expected F32, F16 or BF16)", file.display()),
+    })
+}
+
+impl Checkpoint {
+    /// Opens `model.safetensors` in `dir`, or the shards listed by `model.safetensors.index.json`.
+    pub fn open_dir(dir: &Path) -> Result<Checkpoint> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        if single.is_file() {
+            return Checkpoint::open(&[single]);
+        }
+        if index.is_file() {
+            let text = std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))?;
+            let json: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", index.display()))?;
+            let map = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .with_context(|| format!("{}: missing \"weight_map\"", index.display()))?;
+            let mut shards: Vec<PathBuf> = map.values().filter_map(|v| v.as_str()).map(|s| dir.join(s)).collect();
+            shards.sort();
+            shards.dedup();
+            return Checkpoint::open(&shards);
+        }
+        if dir.join("pytorch_model.bin").is_file() {
+            bail!("{}: only pytorch_model.bin found; convert it to model.safetensors (e.g. with transformers: model.save_pretrained(dir, safe_serialization=True))", dir.display());
+        }
+        bail!("{}: no model.safetensors (or model.safetensors.index.json) in this folder", dir.display())
+    }
+
+    pub fn open(paths: &[PathBuf]) -> Result<Checkpoint> {
+        let mut files = Vec::new();
+        let mut entries = HashMap::new();
+        for (i, path) in paths.iter().enumerate() {
+            let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+            // SAFETY: the mapping is read-only; a checkpoint modified while loaded is outside our
+            // contract, as for every mmap-based loader.
+            let map = Arc::new(unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?);
+            let st =
+                SafeTensors::deserialize(&map).map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file ({e})", path.display()))?;
+            let base = map.as_ptr() as usize;
+            for (name, view) in st.tensors() {
+                let dtype = dtype_of(view.dtype(), &name, path)?;
+                let bytes = view.data();
+                entries.insert(
+                    name,
+                    Entry { file: i, dtype, shape: view.shape().to_vec(), offset: bytes.as_ptr() as usize - base, len: bytes.len() },
+                );
+            }
+            files.push((path.clone(), map));
+        }
+        Ok(Checkpoint { files, entries })
+    }
+
+    /// Names of all stored tensors.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
+    }
+
+    fn path_of(&self, e: &Entry) -> &Path {
+        &self.files[e.file].0
+    }
+
+    /// The tensor `name` with its stored shape.
+    pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        let e = self.entry(name)?;
+        let bytes = HostBytes::Mapped { map: self.files[e.file].1.clone(), offset: e.offset, len: e.len };
+        Tensor::from_host_bytes(bytes, e.dtype, &e.shape).with_context(|| format!("{}: tensor \"{name}\"", self.path_of(e).display()))
+    }
+
+    fn entry(&self, name: &str) -> Result<&Entry> {
+        self.entries.get(name).with_context(|| format!("{}: tensor \"{name}\" is missing", self.files[0].0.display()))
+    }
+}
+
+impl WeightSource for Checkpoint {
+    fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let e = self.entry(name)?;
+        if e.shape != shape {
+            bail!("{}: tensor \"{name}\" has shape {:?}, but the config implies {shape:?}", self.path_of(e).display(), e.shape);
+        }
+        self.tensor(name)
+    }
+
+    fn release(&self, name: &str) {
+        if let Some(e) = self.entries.get(name) {
+            // SAFETY: the mapping is private and read-only, so MADV_DONTNEED only drops clean
+            // pages, which the kernel reloads from the file if anything reads them again: no
+            // slice into the mapping can observe a change. The advice is best effort.
+            let _ = unsafe { self.files[e.file].1.unchecked_advise_range(UncheckedAdvice::DontNeed, e.offset, e.len) };
+        }
+    }
+}
+
+/// Where model weights come from: a checkpoint, or generated ones (benchmarks, tests).
+pub trait WeightSource {
+    fn contains(&self, name: &str) -> bool;
+    /// The tensor `name`, which must have exactly `shape`.
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor>;
+    /// Says the host copy of `name` is no longer needed (it was converted into another layout),
+    /// so a mapped file's pages can leave memory: peak memory stays one copy of the weights.
+    fn release(&self, _name: &str) {}
+}
+
+/// Deterministic random weights for any config: uniform in ±1/√fan_in (fan_in = product of all
+/// but the first dimension), norm gains near 1, weight-norm magnitudes positive. Reads like a
+/// freshly initialised transformers model, for benchmarks at real sizes without a download.
+pub struct RandomWeights {
+    pub seed: u64,
+}
+
+impl WeightSource for RandomWeights {
+    fn contains(&self, name: &str) -> bool {
+        // The new weight-norm spelling, and a CTC head.
+        !name.ends_with("weight_g")
+    }
+
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let mut state = self.seed ^ name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+        let mut next = move || {
+            // splitmix64 -> uniform in [-1, 1)
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        };
+        let n: usize = shape.iter().product();
+        let fan_in: usize = shape.iter().skip(1).product::<usize>().max(1);
+        let is_norm_gain = name.contains("norm") && name.ends_with(".weight");
+        let data: Vec<f32> = if is_norm_gain || name.ends_with("original0") {
+            (0..n).map(|_| 1.0 + 0.1 * next()).collect()
+        } else {
+            let a = 1.0 / (fan_in as f32).sqrt();
+            (0..n).map(|_| a * next()).collect()
+        };
+        Ok(Tensor::from_vec(data, shape))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn released_tensors_read_back_unchanged() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/large-like");
+        let ck = Checkpoint::open_dir(&dir).unwrap();
+        let name = "wav2vec2.encoder.layers.0.feed_forward.intermediate_dense.weight";
+        let before = ck.get(name, &[72, 40]).unwrap().to_vec().unwrap();
+        let view = ck.get(name, &[72, 40]).unwrap();
+        assert!(view.is_mapped());
+        ck.release(name);
+        assert_eq!(view.to_vec().unwrap(), before);
+    }
+}

@@ -1,0 +1,235 @@
+//! `config.json` of a Hugging Face wav2vec2 folder: every architecture key, read and checked.
+
+use std::path::Path;
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::Value;
+
+/// Where conv-layer normalisation goes (`feat_extract_norm`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FeatNorm {
+    /// GroupNorm with one group per channel after conv layer 0 only (wav2vec2-base).
+    Group,
+    /// LayerNorm over channels after every conv layer (large, XLS-R).
+    Layer,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub conv_dim: Vec<usize>,
+    pub conv_kernel: Vec<usize>,
+    pub conv_stride: Vec<usize>,
+    pub conv_bias: bool,
+    pub feat_extract_norm: FeatNorm,
+    /// Pre-LN transformer blocks with the encoder layer norm after the last layer.
+    pub do_stable_layer_norm: bool,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    pub num_conv_pos_embeddings: usize,
+    pub num_conv_pos_embedding_groups: usize,
+    pub layer_norm_eps: f32,
+    pub vocab_size: usize,
+    /// The CTC blank.
+    pub pad_token_id: usize,
+}
+
+fn key<'a>(json: &'a Value, name: &str, file: &Path) -> Result<&'a Value> {
+    json.get(name).with_context(|| format!("{}: missing key \"{name}\"", file.display()))
+}
+
+fn usize_key(json: &Value, name: &str, file: &Path) -> Result<usize> {
+    let v = key(json, name, file)?;
+    v.as_u64().map(|x| x as usize).with_context(|| format!("{}: \"{name}\" must be a non-negative integer, found {v}", file.display()))
+}
+
+fn list_key(json: &Value, name: &str, file: &Path) -> Result<Vec<usize>> {
+    let v = key(json, name, file)?;
+    let items = v.as_array().with_context(|| format!("{}: \"{name}\" must be a list, found {v}", file.display()))?;
+    items
+        .iter()
+        .map(|x| x.as_u64().filter(|&x| x > 0).map(|x| x as usize))
+        .collect::<Option<Vec<_>>>()
+        .with_context(|| format!("{}: \"{name}\" must hold positive integers, found {v}", file.display()))
+}
+
+fn bool_key(json: &Value, name: &str, file: &Path) -> Result<bool> {
+    let v = key(json, name, file)?;
+    v.as_bool().with_context(|| format!("{}: \"{name}\" must be true or false, found {v}", file.display()))
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let json: Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+        Config::from_json(&json, path)
+    }
+
+    pub fn from_json(json: &Value, file: &Path) -> Result<Config> {
+        let norm = key(json, "feat_extract_norm", file)?;
+        let feat_extract_norm = match norm.as_str() {
+            Some("group") => FeatNorm::Group,
+            Some("layer") => FeatNorm::Layer,
+            _ => bail!("{}: \"feat_extract_norm\" must be \"group\" or \"layer\", found {norm}", file.display()),
+        };
+        let eps = key(json, "layer_norm_eps", file)?;
+        let cfg = Config {
+            conv_dim: list_key(json, "conv_dim", file)?,
+            conv_kernel: list_key(json, "conv_kernel", file)?,
+            conv_stride: list_key(json, "conv_stride", file)?,
+            conv_bias: bool_key(json, "conv_bias", file)?,
+            feat_extract_norm,
+            do_stable_layer_norm: bool_key(json, "do_stable_layer_norm", file)?,
+            hidden_size: usize_key(json, "hidden_size", file)?,
+            num_hidden_layers: usize_key(json, "num_hidden_layers", file)?,
+            num_attention_heads: usize_key(json, "num_attention_heads", file)?,
+            intermediate_size: usize_key(json, "intermediate_size", file)?,
+            num_conv_pos_embeddings: usize_key(json, "num_conv_pos_embeddings", file)?,
+            num_conv_pos_embedding_groups: usize_key(json, "num_conv_pos_embedding_groups", file)?,
+            layer_norm_eps: eps.as_f64().with_context(|| format!("{}: \"layer_norm_eps\" must be a number, found {eps}", file.display()))?
+                as f32,
+            vocab_size: usize_key(json, "vocab_size", file)?,
+            pad_token_id: usize_key(json, "pad_token_id", file)?,
+        };
+        // Activation functions other than GELU and the adapter stack are not implemented: refuse
+        // them rather than compute something else.
+        for act in ["hidden_act", "feat_extract_activation"] {
+            if let Some(v) = json.get(act) {
+                ensure!(v == "gelu", "{}: \"{act}\" = {v} is not supported (only \"gelu\")", file.display());
+            }
+        }
+        if json.get("add_adapter").and_then(Value::as_bool) == Some(true) {
+            bail!("{}: \"add_adapter\": true is not supported", file.display());
+        }
+        cfg.validate(file)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, file: &Path) -> Result<()> {
+        let f = file.display();
+        let n = self.conv_dim.len();
+        ensure!(n > 0, "{f}: \"conv_dim\" is empty");
+        ensure!(
+            self.conv_kernel.len() == n && self.conv_stride.len() == n,
+            "{f}: conv_dim, conv_kernel and conv_stride must have equal lengths ({n}, {}, {})",
+            self.conv_kernel.len(),
+            self.conv_stride.len()
+        );
+        ensure!(
+            self.hidden_size > 0 && self.num_attention_heads > 0 && self.hidden_size.is_multiple_of(self.num_attention_heads),
+            "{f}: hidden_size {} is not divisible by num_attention_heads {}",
+            self.hidden_size,
+            self.num_attention_heads
+        );
+        ensure!(
+            self.num_conv_pos_embedding_groups > 0 && self.hidden_size.is_multiple_of(self.num_conv_pos_embedding_groups),
+            "{f}: hidden_size {} is not divisible by num_conv_pos_embedding_groups {}",
+            self.hidden_size,
+            self.num_conv_pos_embedding_groups
+        );
+        ensure!(self.num_conv_pos_embeddings > 0, "{f}: num_conv_pos_embeddings must be positive");
+        ensure!(
+            self.vocab_size > 0 && self.pad_token_id < self.vocab_size,
+            "{f}: pad_token_id {} is outside vocab_size {}",
+            self.pad_token_id,
+            self.vocab_size
+        );
+        Ok(())
+    }
+
+    /// Frames the feature encoder makes from `samples` input samples (0 if too short).
+    pub fn frames_for(&self, samples: usize) -> usize {
+        self.conv_kernel.iter().zip(&self.conv_stride).fold(samples, |len, (&k, &s)| if len < k { 0 } else { (len - k) / s + 1 })
+    }
+
+    /// The fewest input samples that give one output frame (400 for wav2vec2-base).
+    pub fn receptive_field(&self) -> usize {
+        self.conv_kernel.iter().zip(&self.conv_stride).rev().fold(1, |rf, (&k, &s)| (rf - 1) * s + k)
+    }
+
+    /// The published architectures, for benchmarks with generated weights: `base`
+    /// (wav2vec2-base) and `large` (wav2vec2-large-lv60 / XLS-R 300M).
+    pub fn preset(name: &str) -> Result<Config> {
+        let base = Config {
+            conv_dim: vec![512; 7],
+            conv_kernel: vec![10, 3, 3, 3, 3, 2, 2],
+            conv_stride: vec![5, 2, 2, 2, 2, 2, 2],
+            conv_bias: false,
+            feat_extract_norm: FeatNorm::Group,
+            do_stable_layer_norm: false,
+            hidden_size: 768,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            intermediate_size: 3072,
+            num_conv_pos_embeddings: 128,
+            num_conv_pos_embedding_groups: 16,
+            layer_norm_eps: 1e-5,
+            vocab_size: 32,
+            pad_token_id: 0,
+        };
+        match name {
+            "base" => Ok(base),
+            "large" => Ok(Config {
+                conv_bias: true,
+                feat_extract_norm: FeatNorm::Layer,
+                do_stable_layer_norm: true,
+                hidden_size: 1024,
+                num_hidden_layers: 24,
+                num_attention_heads: 16,
+                intermediate_size: 4096,
+                ..base
+            }),
+            other => bail!("unknown preset {other:?} (expected \"base\" or \"large\")"),
+        }
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> Value {
+        serde_json::json!({
+            "conv_dim": [512, 512, 512, 512, 512, 512, 512], "conv_kernel": [10, 3, 3, 3, 3, 2, 2], "conv_stride": [5, 2, 2, 2, 2, 2, 2],
+            "conv_bias": false, "feat_extract_norm": "group", "do_stable_layer_norm": false, "hidden_size": 768,
+            "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
+            "num_conv_pos_embeddings": 128, "num_conv_pos_embedding_groups": 16, "layer_norm_eps": 1e-5,
+            "vocab_size": 32, "pad_token_id": 0, "hidden_act": "gelu"
+        })
+    }
+
+    #[test]
+    fn base_geometry_matches_wav2vec2_paper() {
+        let cfg = Config::from_json(&base(), Path::new("config.json")).unwrap();
+        // 25 ms receptive field, 20 ms hop at 16 kHz; 1 s of audio gives 49 frames.
+        assert_eq!(cfg.receptive_field(), 400);
+        assert_eq!(cfg.frames_for(16000), 49);
+        assert_eq!(cfg.frames_for(400), 1);
+        assert_eq!(cfg.frames_for(399), 0);
+    }
+
+    #[test]
+    fn base_preset_equals_the_base_config_file() {
+        let file = Config::from_json(&base(), Path::new("config.json")).unwrap();
+        assert_eq!(format!("{file:?}"), format!("{:?}", Config::preset("base").unwrap()));
+    }
+
+    #[test]
+    fn missing_or_bad_keys_are_named() {
+        let mut j = base();
+        j.as_object_mut().unwrap().remove("intermediate_size");
+        let e = Config::from_json(&j, Path::new("m/config.json")).unwrap_err().to_string();
+        assert!(e.contains("intermediate_size") && e.contains("m/config.json"), "{e}");
+        let mut j = base();
+        j["hidden_act"] = "relu".into();
+        assert!(Config::from_json(&j, Path::new("c")).unwrap_err().to_string().contains("hidden_act"));
+        let mut j = base();
+        j["num_attention_heads"] = 7.into();
+        assert!(Config::from_json(&j, Path::new("c")).is_err());
+    }
+}

@@ -1,0 +1,9 @@
+//! wav2vec2 models from Hugging Face folders.
+
+pub mod checkpoint;
+pub mod config;
+pub mod preprocess;
+pub mod vocab;
+pub mod wav2vec2;
+
+pub use wav2vec2::{Trace, Wav2Vec2};

@@ -1,0 +1,319 @@
+//! wav2vec2 / XLS-R with a CTC head, forward pass over a packed batch of utterances.
+//!
+//! Field and tensor names follow transformers' `modeling_wav2vec2.py` so the two can be read
+//! side by side. Both block orders are supported: post-LN (wav2vec2-base: group norm in conv 0,
+//! encoder layer norm *before* layer 0) and pre-LN "stable layer norm" (large / XLS-R: layer norm
+//! after every conv, encoder layer norm *after* the last layer).
+
+use std::path::Path;
+
+use anyhow::{bail, ensure, Context, Result};
+
+use super::checkpoint::{Checkpoint, WeightSource};
+use super::config::{Config, FeatNorm};
+use crate::backend::{Activation, Backend, ConvGeometry, NormParams, Seqs};
+use crate::tensor::Tensor;
+
+/// `y = x · wᵀ + b` for a PyTorch `[out, in]` weight.
+pub struct Linear {
+    /// In the backend's layout (see [`Backend::prepare_linear_weight`]).
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+impl Linear {
+    /// Several `[d_out, d_in]` projections of the same input stacked into one (outputs side by
+    /// side, in the order given), so one GEMM computes them all.
+    fn load_stacked(ck: &dyn WeightSource, be: &dyn Backend, prefixes: &[String], d_in: usize, d_out: usize) -> Result<Linear> {
+        let (mut w, mut b) = (Vec::new(), Vec::new());
+        for p in prefixes {
+            let name = format!("{p}.weight");
+            w.extend(ck.get(&name, &[d_out, d_in])?.to_vec()?);
+            ck.release(&name);
+            b.extend(ck.get(&format!("{p}.bias"), &[d_out])?.to_vec()?);
+        }
+        let n = prefixes.len() * d_out;
+        Ok(Linear { weight: be.prepare_linear_weight(&Tensor::from_vec(w, &[n, d_in]))?, bias: be.upload(&Tensor::from_vec(b, &[n]))? })
+    }
+
+    fn load(ck: &dyn WeightSource, be: &dyn Backend, prefix: &str, d_in: usize, d_out: usize) -> Result<Linear> {
+        let name = format!("{prefix}.weight");
+        let weight = be.prepare_linear_weight(&ck.get(&name, &[d_out, d_in])?)?;
+        ck.release(&name);
+        Ok(Linear { weight, bias: be.upload(&ck.get(&format!("{prefix}.bias"), &[d_out])?)? })
+    }
+
+    fn forward(&self, be: &dyn Backend, x: &Tensor, act: Activation) -> Result<Tensor> {
+        be.linear(x, &self.weight, Some(&self.bias), act)
+    }
+}
+
+pub struct Norm {
+    pub gamma: Tensor,
+    pub beta: Tensor,
+}
+
+impl Norm {
+    fn params(&self, eps: f32) -> NormParams<'_> {
+        NormParams { gamma: &self.gamma, beta: &self.beta, eps }
+    }
+
+    fn load(ck: &dyn WeightSource, be: &dyn Backend, prefix: &str, dim: usize) -> Result<Norm> {
+        Ok(Norm {
+            gamma: be.upload(&ck.get(&format!("{prefix}.weight"), &[dim])?)?,
+            beta: be.upload(&ck.get(&format!("{prefix}.bias"), &[dim])?)?,
+        })
+    }
+}
+
+pub struct ConvLayer {
+    /// Time-major `[out, kernel, in]` (see [`Backend::conv1d`]).
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub norm: Option<Norm>,
+    pub kernel: usize,
+    pub stride: usize,
+}
+
+pub struct EncoderLayer {
+    /// `attention.{q,k,v}_proj` stacked into one projection (q, k, v side by side in the output).
+    pub qkv_proj: Linear,
+    pub out_proj: Linear,
+    pub layer_norm: Norm,
+    pub intermediate_dense: Linear,
+    pub output_dense: Linear,
+    pub final_layer_norm: Norm,
+}
+
+pub struct Wav2Vec2 {
+    pub config: Config,
+    pub conv_layers: Vec<ConvLayer>,
+    pub feature_projection_norm: Norm,
+    pub feature_projection: Linear,
+    /// Weight norm folded, time-major `[hidden, kernel, hidden / groups]`.
+    pub pos_conv_weight: Tensor,
+    pub pos_conv_bias: Tensor,
+    pub encoder_layer_norm: Norm,
+    pub layers: Vec<EncoderLayer>,
+    /// Absent in `Wav2Vec2ForPreTraining` checkpoints.
+    pub lm_head: Option<Linear>,
+}
+
+/// Intermediate activations, recorded on request (for parity tests and analysis).
+#[derive(Default)]
+pub struct Trace {
+    /// Feature-encoder output, `[frames, conv_dim[-1]]`.
+    pub conv_features: Option<Tensor>,
+    /// Output of each encoder layer.
+    pub layers: Vec<Tensor>,
+    /// Encoder output (after the final layer norm in the stable variant).
+    pub encoder_out: Option<Tensor>,
+}
+
+/// Reorders a PyTorch conv weight `[out, in, kernel]` to the time-major `[out, kernel, in]`.
+fn time_major(w: &[f32], out: usize, cin: usize, kernel: usize) -> Vec<f32> {
+    let mut t = vec![0.0; w.len()];
+    for o in 0..out {
+        for c in 0..cin {
+            for k in 0..kernel {
+                t[(o * kernel + k) * cin + c] = w[(o * cin + c) * kernel + k];
+            }
+        }
+    }
+    t
+}
+
+/// Folds `weight_norm(dim=2)`: `W[:, :, k] = g[k] · v[:, :, k] / ‖v[:, :, k]‖₂`.
+fn fold_weight_norm(g: &[f32], v: &[f32], kernel: usize) -> Vec<f32> {
+    let mut norm = vec![0.0f64; kernel];
+    for (i, x) in v.iter().enumerate() {
+        norm[i % kernel] += (*x as f64) * (*x as f64);
+    }
+    v.iter().enumerate().map(|(i, x)| (g[i % kernel] as f64 * *x as f64 / norm[i % kernel].sqrt()) as f32).collect()
+}
+
+impl Wav2Vec2 {
+    /// Loads a Hugging Face folder (`config.json` + safetensors) onto `be`.
+    pub fn load(dir: &Path, be: &dyn Backend) -> Result<Wav2Vec2> {
+        ensure!(dir.is_dir(), "model folder {} does not exist", dir.display());
+        let config = Config::load(&dir.join("config.json"))?;
+        let ck = Checkpoint::open_dir(dir)?;
+        Wav2Vec2::from_weights(config, &ck, be)
+    }
+
+    pub fn from_weights(config: Config, ck: &dyn WeightSource, be: &dyn Backend) -> Result<Wav2Vec2> {
+        let c = &config;
+        let p = "wav2vec2";
+        let mut conv_layers = Vec::new();
+        let mut cin = 1;
+        for (i, ((&dim, &kernel), &stride)) in c.conv_dim.iter().zip(&c.conv_kernel).zip(&c.conv_stride).enumerate() {
+            let prefix = format!("{p}.feature_extractor.conv_layers.{i}");
+            let w_name = format!("{prefix}.conv.weight");
+            let w = ck.get(&w_name, &[dim, cin, kernel])?.to_vec()?;
+            ck.release(&w_name);
+            let bias = if c.conv_bias { Some(be.upload(&ck.get(&format!("{prefix}.conv.bias"), &[dim])?)?) } else { None };
+            let has_norm = c.feat_extract_norm == FeatNorm::Layer || i == 0;
+            let norm = if has_norm { Some(Norm::load(ck, be, &format!("{prefix}.layer_norm"), dim)?) } else { None };
+            let weight = be.upload(&Tensor::from_vec(time_major(&w, dim, cin, kernel), &[dim, kernel, cin]))?;
+            conv_layers.push(ConvLayer { weight, bias, norm, kernel, stride });
+            cin = dim;
+        }
+        let h = c.hidden_size;
+        let (k, groups) = (c.num_conv_pos_embeddings, c.num_conv_pos_embedding_groups);
+        let pc = format!("{p}.encoder.pos_conv_embed.conv");
+        let (g_name, v_name) = if ck.contains(&format!("{pc}.weight_g")) {
+            (format!("{pc}.weight_g"), format!("{pc}.weight_v"))
+        } else {
+            (format!("{pc}.parametrizations.weight.original0"), format!("{pc}.parametrizations.weight.original1"))
+        };
+        let g = ck.get(&g_name, &[1, 1, k])?.to_vec()?;
+        let v = ck.get(&v_name, &[h, h / groups, k])?.to_vec()?;
+        ck.release(&v_name);
+        let pos_conv_weight =
+            be.upload(&Tensor::from_vec(time_major(&fold_weight_norm(&g, &v, k), h, h / groups, k), &[h, k, h / groups]))?;
+        let mut layers = Vec::new();
+        for i in 0..c.num_hidden_layers {
+            let l = format!("{p}.encoder.layers.{i}");
+            layers.push(EncoderLayer {
+                qkv_proj: Linear::load_stacked(ck, be, &["q", "k", "v"].map(|p| format!("{l}.attention.{p}_proj")), h, h)?,
+                out_proj: Linear::load(ck, be, &format!("{l}.attention.out_proj"), h, h)?,
+                layer_norm: Norm::load(ck, be, &format!("{l}.layer_norm"), h)?,
+                intermediate_dense: Linear::load(ck, be, &format!("{l}.feed_forward.intermediate_dense"), h, c.intermediate_size)?,
+                output_dense: Linear::load(ck, be, &format!("{l}.feed_forward.output_dense"), c.intermediate_size, h)?,
+                final_layer_norm: Norm::load(ck, be, &format!("{l}.final_layer_norm"), h)?,
+            });
+        }
+        let lm_head = if ck.contains("lm_head.weight") { Some(Linear::load(ck, be, "lm_head", h, c.vocab_size)?) } else { None };
+        let last = *c.conv_dim.last().unwrap();
+        Ok(Wav2Vec2 {
+            feature_projection_norm: Norm::load(ck, be, &format!("{p}.feature_projection.layer_norm"), last)?,
+            feature_projection: Linear::load(ck, be, &format!("{p}.feature_projection.projection"), last, h)?,
+            pos_conv_bias: be.upload(&ck.get(&format!("{pc}.bias"), &[h])?)?,
+            encoder_layer_norm: Norm::load(ck, be, &format!("{p}.encoder.layer_norm"), h)?,
+            pos_conv_weight,
+            conv_layers,
+            layers,
+            lm_head,
+            config,
+        })
+    }
+
+    /// Checks every utterance is long enough and returns the encoder frame count of each.
+    pub fn frame_counts(&self, lens: &[usize]) -> Result<Vec<usize>> {
+        lens.iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let rf = self.config.receptive_field();
+                ensure!(
+                    n >= rf,
+                    "utterance {i} has {n} samples, fewer than the feature encoder's receptive field of {rf} samples ({} ms at 16 kHz)",
+                    rf / 16
+                );
+                Ok(self.config.frames_for(n))
+            })
+            .collect()
+    }
+
+    /// The feature encoder and projection, then the transformer encoder: `[frames, hidden]` per
+    /// utterance, packed. `audio` is already normalised (see [`super::preprocess`]).
+    pub fn encode(&self, be: &dyn Backend, audio: &[&[f32]], mut trace: Option<&mut Trace>) -> Result<(Tensor, Seqs)> {
+        let c = &self.config;
+        self.frame_counts(&audio.iter().map(|a| a.len()).collect::<Vec<_>>())?;
+        let mut seqs = Seqs::new(audio.iter().map(|a| a.len()).collect());
+        let mut x = be.upload(&Tensor::from_vec(audio.concat(), &[seqs.total(), 1]))?;
+        for layer in &self.conv_layers {
+            let out = Seqs::new(seqs.lens().iter().map(|&n| (n - layer.kernel) / layer.stride + 1).collect());
+            let geom = ConvGeometry { kernel: layer.kernel, stride: layer.stride, pad_left: 0, groups: 1 };
+            // conv -> [norm] -> GELU, with the GELU fused into whichever op comes last.
+            let conv_act = if layer.norm.is_some() { Activation::Identity } else { Activation::Gelu };
+            x = be.conv1d(&x, &seqs, &out, &layer.weight, layer.bias.as_ref(), geom, conv_act)?;
+            seqs = out;
+            if let Some(n) = &layer.norm {
+                x = match c.feat_extract_norm {
+                    // GroupNorm's own epsilon (PyTorch default), not the config's layer_norm_eps.
+                    FeatNorm::Group => be.group_norm_time(x, &seqs, n.params(1e-5), Activation::Gelu)?,
+                    FeatNorm::Layer => be.layer_norm(x, None, n.params(c.layer_norm_eps), Activation::Gelu)?,
+                };
+            }
+        }
+        if let Some(t) = trace.as_deref_mut() {
+            t.conv_features = Some(be.to_host(&x)?);
+        }
+        let eps = c.layer_norm_eps;
+        x = be.layer_norm(x, None, self.feature_projection_norm.params(eps), Activation::Identity)?;
+        x = self.feature_projection.forward(be, &x, Activation::Identity)?;
+
+        // Positional conv: "same" padding, the extra frame of an even kernel dropped, then GELU.
+        let k = c.num_conv_pos_embeddings;
+        let geom = ConvGeometry { kernel: k, stride: 1, pad_left: k / 2, groups: c.num_conv_pos_embedding_groups };
+        let pos = be.conv1d(&x, &seqs, &seqs, &self.pos_conv_weight, Some(&self.pos_conv_bias), geom, Activation::Gelu)?;
+        x = be.add(x, &pos)?;
+
+        let enc_norm = self.encoder_layer_norm.params(eps);
+        if !c.do_stable_layer_norm {
+            x = be.layer_norm(x, None, enc_norm, Activation::Identity)?;
+        }
+        let scale = 1.0 / (c.head_dim() as f32).sqrt();
+        for layer in &self.layers {
+            let attention = |h: &Tensor| -> Result<Tensor> {
+                let qkv = layer.qkv_proj.forward(be, h, Activation::Identity)?;
+                let a = be.attention(&qkv, &seqs, c.num_attention_heads, scale)?;
+                layer.out_proj.forward(be, &a, Activation::Identity)
+            };
+            let feed_forward = |h: &Tensor| -> Result<Tensor> {
+                let mid = layer.intermediate_dense.forward(be, h, Activation::Gelu)?;
+                layer.output_dense.forward(be, &mid, Activation::Identity)
+            };
+            let (ln, fln) = (layer.layer_norm.params(eps), layer.final_layer_norm.params(eps));
+            let id = Activation::Identity;
+            if c.do_stable_layer_norm {
+                let a = attention(&be.layer_norm(x.clone(), None, ln, id)?)?;
+                x = be.add(x, &a)?;
+                let f = feed_forward(&be.layer_norm(x.clone(), None, fln, id)?)?;
+                x = be.add(x, &f)?;
+            } else {
+                x = be.layer_norm(attention(&x)?, Some(&x), ln, id)?;
+                x = be.layer_norm(feed_forward(&x)?, Some(&x), fln, id)?;
+            }
+            if let Some(t) = trace.as_deref_mut() {
+                t.layers.push(be.to_host(&x)?);
+            }
+        }
+        if c.do_stable_layer_norm {
+            x = be.layer_norm(x, None, enc_norm, Activation::Identity)?;
+        }
+        if let Some(t) = trace {
+            t.encoder_out = Some(be.to_host(&x)?);
+        }
+        Ok((x, seqs))
+    }
+
+    /// CTC logits `[frames, vocab]` per utterance, packed.
+    pub fn logits(&self, be: &dyn Backend, audio: &[&[f32]], trace: Option<&mut Trace>) -> Result<(Tensor, Seqs)> {
+        let Some(head) = &self.lm_head else {
+            bail!("this checkpoint has no CTC head (lm_head): it is a pretraining checkpoint; learn masks and a head with `engine train` first")
+        };
+        let (x, seqs) = self.encode(be, audio, trace)?;
+        Ok((head.forward(be, &x, Activation::Identity).context("CTC head")?, seqs))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weight_norm_fold_gives_unit_direction_times_g() {
+        // Two output/input rows, kernel 2: column norms are 5 and 1.
+        let v = [3.0, 1.0, 4.0, 0.0];
+        let w = fold_weight_norm(&[2.0, 3.0], &v, 2);
+        assert_eq!(w, vec![1.2, 3.0, 1.6, 0.0]);
+    }
+
+    #[test]
+    fn time_major_moves_kernel_before_input_channels() {
+        // out=1, in=2, kernel=3: w[0, c, k] = 10c + k.
+        let w = [0.0, 1.0, 2.0, 10.0, 11.0, 12.0];
+        assert_eq!(time_major(&w, 1, 2, 3), vec![0.0, 10.0, 1.0, 11.0, 2.0, 12.0]);
+    }
+}

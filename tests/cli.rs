@@ -1,0 +1,184 @@
+//! `engine infer` end to end: transcripts, `--out`, and every bad input the user can give.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::{fixtures, reference, rel_l2, utterances};
+use s3router::model::checkpoint::Checkpoint;
+
+fn engine(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_engine")).args(args).output().unwrap()
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A writable copy of a fixture model folder.
+fn copy_model(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let dst = dir.path().join(name);
+    std::fs::create_dir(&dst).unwrap();
+    for f in ["config.json", "model.safetensors", "vocab.json", "preprocessor_config.json"] {
+        std::fs::copy(fixtures().join(name).join(f), dst.join(f)).unwrap();
+    }
+    (dir, dst)
+}
+
+/// transformers' tokenizer output with special-token strings removed and spaces tidied.
+fn expected_transcripts(model: &str) -> Vec<String> {
+    let raw: Vec<String> =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join(model).join("transcripts.json")).unwrap()).unwrap();
+    raw.iter()
+        .map(|t| {
+            let t = ["<s>", "</s>", "<unk>"].iter().fold(t.clone(), |t, s| t.replace(s, ""));
+            t.split_whitespace().collect::<Vec<_>>().join(" ")
+        })
+        .collect()
+}
+
+#[test]
+fn infer_prints_transformers_transcripts_and_writes_logits() {
+    for model in ["base-like", "large-like"] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("logits.safetensors");
+        let wavs = utterances();
+        let model_dir = fixtures().join(model);
+        let mut args = vec!["infer", "--model", path_str(&model_dir), "--out", path_str(&out)];
+        args.extend(wavs.iter().map(|p| path_str(p)));
+        let o = engine(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let stdout = String::from_utf8(o.stdout).unwrap();
+        let lines: Vec<&str> = stdout.lines().collect();
+        assert_eq!(lines.len(), wavs.len());
+        for ((line, wav), want) in lines.iter().zip(&wavs).zip(expected_transcripts(model)) {
+            let (path, text) = line.split_once('\t').unwrap();
+            assert_eq!(path, path_str(wav));
+            assert_eq!(text, want, "{model}: transcript of {path}");
+        }
+        let logits = Checkpoint::open(&[out]).unwrap();
+        for u in 0..wavs.len() {
+            let t = logits.tensor(&format!("logits.{u}")).unwrap();
+            let (want, shape) = reference(model, &format!("utt{u}.logits"));
+            assert_eq!(t.shape(), &shape[..]);
+            assert!(rel_l2(&t.to_vec().unwrap(), &want) <= 1e-4);
+        }
+    }
+}
+
+/// Runs `engine infer` expecting failure: one-line error naming `needle`, no panic, no output file.
+fn assert_fails(model: &Path, audio: &[&Path], needle: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.safetensors");
+    let mut args = vec!["infer", "--model", path_str(model), "--out", path_str(&out)];
+    args.extend(audio.iter().map(|p| path_str(p)));
+    let o = engine(&args);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "expected failure ({needle}), got success");
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one-line error expected: {stderr}");
+    assert!(stderr.contains(needle), "error should mention {needle:?}: {stderr}");
+    assert!(!out.exists(), "no output may be written on failure");
+}
+
+#[test]
+fn missing_folder_and_files() {
+    let wav = &utterances()[0];
+    assert_fails(Path::new("/nonexistent/model"), &[wav], "/nonexistent/model");
+    for (file, needle) in [("config.json", "config.json"), ("model.safetensors", "model.safetensors"), ("vocab.json", "vocab.json")] {
+        let (_d, m) = copy_model("base-like");
+        std::fs::remove_file(m.join(file)).unwrap();
+        assert_fails(&m, &[wav], needle);
+    }
+    let (_d, m) = copy_model("base-like");
+    assert_fails(&m, &[&m.join("missing.wav")], "missing.wav");
+}
+
+#[test]
+fn broken_config() {
+    let wav = &utterances()[0];
+    let (_d, m) = copy_model("base-like");
+    std::fs::write(m.join("config.json"), "{ not json").unwrap();
+    assert_fails(&m, &[wav], "not valid JSON");
+    let (_d, m) = copy_model("base-like");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(m.join("config.json")).unwrap()).unwrap();
+    cfg.as_object_mut().unwrap().remove("num_conv_pos_embeddings");
+    std::fs::write(m.join("config.json"), cfg.to_string()).unwrap();
+    assert_fails(&m, &[wav], "num_conv_pos_embeddings");
+}
+
+/// Rewrites a model.safetensors through `edit` (name -> (shape, f32 data)).
+fn rewrite_tensors(m: &Path, edit: impl Fn(&mut Vec<(String, Vec<usize>, Vec<f32>)>)) {
+    let path = m.join("model.safetensors");
+    let ck = Checkpoint::open(std::slice::from_ref(&path)).unwrap();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> =
+        ck.names().map(|n| (n.to_owned(), ck.tensor(n).unwrap().shape().to_vec(), ck.tensor(n).unwrap().to_vec().unwrap())).collect();
+    drop(ck);
+    edit(&mut tensors);
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, s, d)| {
+            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), bytemuck::cast_slice(d)).unwrap())
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+}
+
+#[test]
+fn tensor_missing_or_misshapen() {
+    let wav = &utterances()[0];
+    let name = "wav2vec2.encoder.layers.1.feed_forward.output_dense.weight";
+    let (_d, m) = copy_model("base-like");
+    rewrite_tensors(&m, |t| t.retain(|(n, _, _)| n != name));
+    assert_fails(&m, &[wav], name);
+
+    let (_d, m) = copy_model("base-like");
+    rewrite_tensors(&m, |t| {
+        let e = t.iter_mut().find(|(n, _, _)| n == name).unwrap();
+        e.1 = vec![e.1[1], e.1[0]];
+    });
+    assert_fails(&m, &[wav], "[50, 36], but the config implies [36, 50]");
+}
+
+#[test]
+fn truncated_or_corrupt_safetensors() {
+    let wav = &utterances()[0];
+    let (_d, m) = copy_model("base-like");
+    let bytes = std::fs::read(m.join("model.safetensors")).unwrap();
+    std::fs::write(m.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    assert_fails(&m, &[wav], "not a valid safetensors file");
+    let mut garbage = bytes.clone();
+    garbage[8..40].fill(b'#');
+    std::fs::write(m.join("model.safetensors"), &garbage).unwrap();
+    assert_fails(&m, &[wav], "not a valid safetensors file");
+}
+
+#[test]
+fn bad_audio() {
+    let m = fixtures().join("base-like");
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("readme.wav");
+    std::fs::write(&text, "hello").unwrap();
+    assert_fails(&m, &[&utterances()[0], &text], "not a WAV or FLAC file");
+
+    let spec = hound::WavSpec { channels: 1, sample_rate: 16000, bits_per_sample: 16, sample_format: hound::SampleFormat::Int };
+    let empty = dir.path().join("empty.wav");
+    hound::WavWriter::create(&empty, spec).unwrap().finalize().unwrap();
+    assert_fails(&m, &[&empty], "no audio samples");
+
+    // The base-like feature encoder (kernels 10, 3, 3, 2; strides 5, 2, 2, 2) needs 60 samples.
+    let short = dir.path().join("short.wav");
+    let mut w = hound::WavWriter::create(&short, spec).unwrap();
+    (0..59).for_each(|i| w.write_sample((i * 100) as i16).unwrap());
+    w.finalize().unwrap();
+    assert_fails(&m, &[&short], "receptive field");
+}
+
+#[test]
+fn vocab_that_does_not_match_the_model() {
+    let (_d, m) = copy_model("base-like");
+    std::fs::write(m.join("vocab.json"), r#"{"<pad>": 0, "a": 1, "b": 2}"#).unwrap();
+    assert_fails(&m, &[&utterances()[0]], "vocab_size is 12");
+}

@@ -1,0 +1,92 @@
+//! The CPU model against transformers' outputs (tools/make_fixtures.py), for both architectures,
+//! both weight-norm spellings, f16-stored weights, and batched against alone.
+
+mod common;
+
+use common::{fixtures, reference, rel_l2, utterances};
+use s3router::backend::cpu::CpuBackend;
+use s3router::data::audio;
+use s3router::model::preprocess::Preprocessor;
+use s3router::model::{Trace, Wav2Vec2};
+
+const TOL: f64 = 1e-4;
+
+fn inputs(model: &str) -> Vec<Vec<f32>> {
+    let pre = Preprocessor::load(&fixtures().join(model)).unwrap();
+    utterances().iter().map(|p| pre.apply(audio::load(p).unwrap())).collect()
+}
+
+/// Runs each utterance alone and compares logits and every recorded intermediate.
+fn check_alone(model_dir: &str, reference_dir: &str) {
+    let be = CpuBackend;
+    let model = Wav2Vec2::load(&fixtures().join(model_dir), &be).unwrap();
+    for (u, x) in inputs(model_dir).iter().enumerate() {
+        let mut trace = Trace::default();
+        let (logits, _) = model.logits(&be, &[x], Some(&mut trace)).unwrap();
+        let mut got =
+            vec![("logits", logits), ("conv_features", trace.conv_features.unwrap()), ("encoder_out", trace.encoder_out.unwrap())];
+        let layers: Vec<String> = (0..trace.layers.len()).map(|j| format!("layer{j}")).collect();
+        for (j, t) in trace.layers.into_iter().enumerate() {
+            got.push((layers[j].as_str(), t));
+        }
+        for (name, t) in got {
+            let (want, shape) = reference(reference_dir, &format!("utt{u}.{name}"));
+            assert_eq!(t.shape(), &shape[..], "{model_dir} utt{u} {name} shape");
+            let err = rel_l2(&t.to_vec().unwrap(), &want);
+            assert!(err <= TOL, "{model_dir} utt{u} {name}: rel L2 {err:.2e} > {TOL:.0e}");
+        }
+    }
+}
+
+#[test]
+fn base_like_matches_transformers() {
+    check_alone("base-like", "base-like");
+}
+
+#[test]
+fn large_like_matches_transformers() {
+    check_alone("large-like", "large-like");
+}
+
+#[test]
+fn old_weight_norm_spelling_matches_transformers() {
+    check_alone("base-like-other-wn", "base-like");
+}
+
+#[test]
+fn f16_stored_weights_match_transformers() {
+    check_alone("base-like-f16", "base-like-f16");
+}
+
+#[test]
+fn pretraining_checkpoint_loads_and_encodes_without_a_head() {
+    let be = CpuBackend;
+    let model = Wav2Vec2::load(&fixtures().join("base-like-pretraining"), &be).unwrap();
+    assert!(model.lm_head.is_none());
+    let x = &inputs("base-like-pretraining")[0];
+    let (enc, _) = model.encode(&be, &[x], None).unwrap();
+    let (want, _) = reference("base-like", "utt0.encoder_out");
+    assert!(rel_l2(&enc.to_vec().unwrap(), &want) <= TOL);
+    let err = model.logits(&be, &[x], None).unwrap_err().to_string();
+    assert!(err.contains("lm_head"), "{err}");
+}
+
+/// An utterance's logits do not depend on the batch it shares (padding never leaks).
+#[test]
+fn batched_equals_alone() {
+    let be = CpuBackend;
+    for name in ["base-like", "large-like"] {
+        let model = Wav2Vec2::load(&fixtures().join(name), &be).unwrap();
+        let xs = inputs(name);
+        let refs: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();
+        let (batched, seqs) = model.logits(&be, &refs, None).unwrap();
+        let batched = batched.to_vec().unwrap();
+        let vocab = model.config.vocab_size;
+        for (u, x) in xs.iter().enumerate() {
+            let (alone, _) = model.logits(&be, &[x], None).unwrap();
+            let r = seqs.range(u);
+            let err = rel_l2(&batched[r.start * vocab..r.end * vocab], &alone.to_vec().unwrap());
+            assert!(err <= 1e-6, "{name} utt{u}: batched vs alone rel L2 {err:.2e}");
+        }
+    }
+}
