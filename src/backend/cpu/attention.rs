@@ -10,7 +10,7 @@ use super::gemm::{matmul, MatRef};
 use super::math::softmax_scaled;
 use crate::backend::Seqs;
 
-const QUERIES_PER_BLOCK: usize = 128;
+const QUERIES_PER_BLOCK: usize = 256;
 
 /// `softmax(q kᵀ · scale) v` per utterance and head, for packed `qkv [total, 3c]`.
 pub fn attention(qkv: &[f32], c: usize, seqs: &Seqs, heads: usize, scale: f32) -> Vec<f32> {
