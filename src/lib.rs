@@ -5,5 +5,6 @@ pub mod bench;
 pub mod ctc;
 pub mod data;
 pub mod infer;
+pub mod mask;
 pub mod model;
 pub mod tensor;

@@ -52,10 +52,12 @@ impl HostBytes {
     }
 }
 
-/// Where a tensor's elements live. Later backends add their own variants.
+/// Where a tensor's elements live.
 #[derive(Clone)]
 pub enum Storage {
     Host(HostBytes),
+    /// Device memory of the CUDA backend.
+    Cuda(crate::backend::cuda::CudaBuf),
 }
 
 #[derive(Clone)]
@@ -124,6 +126,11 @@ impl Tensor {
         Ok(Tensor { shape: shape.to_vec(), ..self.clone() })
     }
 
+    /// A tensor over device memory holding `shape` elements of `dtype`.
+    pub fn from_cuda(buf: crate::backend::cuda::CudaBuf, dtype: DType, shape: &[usize]) -> Tensor {
+        Tensor { shape: shape.to_vec(), dtype, storage: Storage::Cuda(buf) }
+    }
+
     /// The elements as an f32 slice (host f32 tensors only).
     pub fn f32s(&self) -> Result<&[f32]> {
         match (&self.storage, self.dtype) {
@@ -134,7 +141,7 @@ impl Tensor {
 
     /// Converts a host tensor of any dtype to an f32 host tensor (no copy if already f32).
     pub fn to_f32(&self) -> Result<Tensor> {
-        let Storage::Host(b) = &self.storage;
+        let Storage::Host(b) = &self.storage else { bail!("tensor {:?} is in GPU memory; copy it to the host first", self.shape) };
         let data: Vec<f32> = match self.dtype {
             DType::F32 => return Ok(self.clone()),
             DType::F16 => b.as_slice().chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),

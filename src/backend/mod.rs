@@ -7,6 +7,7 @@
 //! utterance's result cannot depend on what else shares its batch.
 
 pub mod cpu;
+pub mod cuda;
 
 use anyhow::{bail, Result};
 
@@ -54,9 +55,9 @@ impl Seqs {
 /// Elementwise function applied after a linear layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {
-    Identity,
+    Identity = 0,
     /// GELU with the exact erf form, as `torch.nn.functional.gelu` by default.
-    Gelu,
+    Gelu = 1,
 }
 
 /// Geometry of a 1-D convolution over each utterance of a packed batch.
@@ -90,6 +91,10 @@ pub trait Backend: Send + Sync {
 
     /// Brings a tensor back to host memory as f32.
     fn to_host(&self, t: &Tensor) -> Result<Tensor>;
+
+    /// Makes a time-major conv weight `[c_out, kernel, c_in / groups]` ready for [`Backend::conv1d`]
+    /// (the CUDA backend's bf16 mode stores it in bf16).
+    fn prepare_conv_weight(&self, w: &Tensor) -> Result<Tensor>;
 
     /// Converts a PyTorch `nn.Linear` weight `[out, in]` into the layout [`Backend::linear`]
     /// takes (done once at load; the CPU stores `[in, out]`, which its GEMM streams fastest).

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use s3router::backend::cpu::CpuBackend;
+use s3router::backend::cuda::{CudaBackend, Precision as CudaPrecision};
 use s3router::backend::Backend;
 use s3router::bench;
 use s3router::infer::{BatchLimits, Recognizer};
@@ -24,7 +25,27 @@ struct Cli {
 #[derive(Clone, Copy, ValueEnum)]
 enum Device {
     Cpu,
+    /// The first GPU.
     Cuda,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Precision {
+    /// fp32 everywhere (matches transformers to ~1e-5).
+    F32,
+    /// bf16 matrix products with fp32 accumulation on GPU tensor cores (CUDA only).
+    Bf16,
+}
+
+/// Where and how to compute.
+#[derive(clap::Args, Clone, Copy)]
+struct DeviceArgs {
+    /// Compute device.
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: Device,
+    /// Arithmetic of matrix products.
+    #[arg(long, value_enum, default_value = "f32")]
+    precision: Precision,
 }
 
 #[derive(Subcommand)]
@@ -37,9 +58,8 @@ enum Command {
         /// Model folder: config.json, model.safetensors, vocab.json, preprocessor_config.json.
         #[arg(long)]
         model: PathBuf,
-        /// Compute device.
-        #[arg(long, value_enum, default_value = "cpu")]
-        device: Device,
+        #[command(flatten)]
+        device: DeviceArgs,
         /// Also write the logits to this .safetensors file: one f32 tensor `logits.<i>` of shape
         /// [frames_i, vocab] per input i, in argument order.
         #[arg(long)]
@@ -65,15 +85,17 @@ enum Command {
         /// Timed repetitions (after one warm-up); the median is reported.
         #[arg(long, default_value_t = 5)]
         reps: usize,
-        #[arg(long, value_enum, default_value = "cpu")]
-        device: Device,
+        #[command(flatten)]
+        device: DeviceArgs,
     },
 }
 
-fn backend(device: Device) -> Result<Box<dyn Backend>> {
-    match device {
-        Device::Cpu => Ok(Box::new(CpuBackend)),
-        Device::Cuda => bail!("--device cuda: this build has no CUDA backend yet; use --device cpu"),
+fn backend(d: DeviceArgs) -> Result<Box<dyn Backend>> {
+    match (d.device, d.precision) {
+        (Device::Cpu, Precision::F32) => Ok(Box::new(CpuBackend)),
+        (Device::Cpu, Precision::Bf16) => bail!("--precision bf16 needs --device cuda (the CPU computes in f32)"),
+        (Device::Cuda, Precision::F32) => Ok(Box::new(CudaBackend::new(0, CudaPrecision::F32)?)),
+        (Device::Cuda, Precision::Bf16) => Ok(Box::new(CudaBackend::new(0, CudaPrecision::Bf16)?)),
     }
 }
 
@@ -93,7 +115,7 @@ fn write_logits(path: &Path, tensors: &HashMap<String, (Vec<f32>, Vec<usize>)>) 
     Ok(())
 }
 
-fn infer(model: &Path, device: Device, out: Option<&Path>, batch_seconds: f64, audio: &[PathBuf]) -> Result<()> {
+fn infer(model: &Path, device: DeviceArgs, out: Option<&Path>, batch_seconds: f64, audio: &[PathBuf]) -> Result<()> {
     let be = backend(device)?;
     let rec = Recognizer::load(model, be.as_ref())?;
     let limits = BatchLimits { max_samples: (batch_seconds.max(1.0) * 16_000.0) as usize, ..BatchLimits::default() };

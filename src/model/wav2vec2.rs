@@ -154,7 +154,7 @@ impl Wav2Vec2 {
             let bias = if c.conv_bias { Some(be.upload(&ck.get(&format!("{prefix}.conv.bias"), &[dim])?)?) } else { None };
             let has_norm = c.feat_extract_norm == FeatNorm::Layer || i == 0;
             let norm = if has_norm { Some(Norm::load(ck, be, &format!("{prefix}.layer_norm"), dim)?) } else { None };
-            let weight = be.upload(&Tensor::from_vec(time_major(&w, dim, cin, kernel), &[dim, kernel, cin]))?;
+            let weight = be.prepare_conv_weight(&Tensor::from_vec(time_major(&w, dim, cin, kernel), &[dim, kernel, cin]))?;
             conv_layers.push(ConvLayer { weight, bias, norm, kernel, stride });
             cin = dim;
         }
@@ -170,7 +170,7 @@ impl Wav2Vec2 {
         let v = ck.get(&v_name, &[h, h / groups, k])?.to_vec()?;
         ck.release(&v_name);
         let pos_conv_weight =
-            be.upload(&Tensor::from_vec(time_major(&fold_weight_norm(&g, &v, k), h, h / groups, k), &[h, k, h / groups]))?;
+            be.prepare_conv_weight(&Tensor::from_vec(time_major(&fold_weight_norm(&g, &v, k), h, h / groups, k), &[h, k, h / groups]))?;
         let mut layers = Vec::new();
         for i in 0..c.num_hidden_layers {
             let l = format!("{p}.encoder.layers.{i}");

@@ -25,6 +25,7 @@ pub struct CpuBackend;
 fn data(t: &Tensor) -> Result<&[f32]> {
     match t.storage() {
         Storage::Host(_) => t.f32s(),
+        Storage::Cuda(_) => bail!("a GPU tensor {:?} was passed to the CPU backend", t.shape()),
     }
 }
 
@@ -75,6 +76,10 @@ impl Backend for CpuBackend {
 
     fn to_host(&self, t: &Tensor) -> Result<Tensor> {
         t.to_f32()
+    }
+
+    fn prepare_conv_weight(&self, w: &Tensor) -> Result<Tensor> {
+        self.upload(w)
     }
 
     fn prepare_linear_weight(&self, w: &Tensor) -> Result<Tensor> {

@@ -1,0 +1,134 @@
+//! GPU kernel benchmarks at wav2vec2-base shapes, batch 8 x 15 s (5992 frames): each kernel's
+//! median time and achieved TFLOP/s or GB/s, the dense and masked FFN GEMMs next to cuBLAS at the
+//! same shape. Prints one table; exits quietly (with a line) without a GPU.
+//!   cargo bench --bench cuda_kernels
+
+use std::time::Instant;
+
+use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
+use s3router::backend::cuda::{unavailable_reason, CudaBackend, Precision};
+use s3router::backend::{Activation, Backend, ConvGeometry, NormParams, Seqs};
+use s3router::tensor::Tensor;
+
+const FRAMES: usize = 8 * 749;
+
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect()
+}
+
+/// Median milliseconds of `f` over `reps` runs (after 3 warm-ups), each run waited for.
+fn time_ms(be: &CudaBackend, reps: usize, mut f: impl FnMut()) -> f64 {
+    for _ in 0..3 {
+        f();
+    }
+    be.synchronize().unwrap();
+    let mut ts: Vec<f64> = (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            be.synchronize().unwrap();
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    ts.sort_by(f64::total_cmp);
+    ts[reps / 2]
+}
+
+struct Row(String, f64, String);
+
+fn main() {
+    if let Some(why) = unavailable_reason() {
+        println!("cuda_kernels: skipped ({why})");
+        return;
+    }
+    let f32_be = CudaBackend::new(0, Precision::F32).unwrap();
+    let bf16_be = CudaBackend::new(0, Precision::Bf16).unwrap();
+    let mut rows = Vec::new();
+    let (m, k, n) = (FRAMES, 768, 3072);
+    let flops = 2.0 * (m * n * k) as f64;
+    let tf = |ms: f64| format!("{:.1} TFLOP/s", flops / ms / 1e9);
+    let x = Tensor::from_vec(random(m * k, 1), &[m, k]);
+    let w = Tensor::from_vec(random(n * k, 2), &[n, k]);
+    let keep: Vec<bool> = random(n * k, 3).iter().map(|&v| v > -0.4).collect(); // 10% dropped
+    let bits = s3router::mask::pack(&keep);
+    for be in [&f32_be, &bf16_be] {
+        let (gx, gw) = (be.upload(&x).unwrap(), be.prepare_linear_weight(&w).unwrap());
+        let gm = be.upload_mask(&bits).unwrap();
+        let p = format!("{:?}", be.precision()).to_lowercase();
+        let ms = time_ms(be, 20, || drop(be.linear(&gx, &gw, None, Activation::Identity).unwrap()));
+        rows.push(Row(format!("ffn gemm dense {p} {m}x{k}x{n}"), ms, tf(ms)));
+        let ms = time_ms(be, 20, || drop(be.linear_masked(&gx, &gw, &gm, None, Activation::Identity).unwrap()));
+        rows.push(Row(format!("ffn gemm masked(10%) {p}"), ms, tf(ms)));
+    }
+    // cuBLAS at the same shape: row-major C = A·Bᵀ is column-major Cᵀ = B·Aᵀ.
+    let stream = f32_be.stream().clone();
+    let blas = CudaBlas::new(stream.clone()).unwrap();
+    fn cfg<T>(m: usize, n: usize, k: usize, one: T, zero: T) -> GemmConfig<T> {
+        GemmConfig {
+            transa: cublasOperation_t::CUBLAS_OP_T,
+            transb: cublasOperation_t::CUBLAS_OP_N,
+            m: n as i32,
+            n: m as i32,
+            k: k as i32,
+            alpha: one,
+            lda: k as i32,
+            ldb: k as i32,
+            beta: zero,
+            ldc: n as i32,
+        }
+    }
+    let (a32, w32) = (stream.clone_htod(x.f32s().unwrap()).unwrap(), stream.clone_htod(w.f32s().unwrap()).unwrap());
+    let mut c32 = stream.alloc_zeros::<f32>(m * n).unwrap();
+    let ms = time_ms(&f32_be, 20, || unsafe { blas.gemm(cfg(m, n, k, 1.0f32, 0.0), &w32, &a32, &mut c32).unwrap() });
+    rows.push(Row("cuBLAS sgemm fp32 (no TF32)".into(), ms, tf(ms)));
+    let to_bf = |v: &[f32]| v.iter().map(|&x| half::bf16::from_f32(x)).collect::<Vec<_>>();
+    let (ab, wb) = (stream.clone_htod(&to_bf(x.f32s().unwrap())).unwrap(), stream.clone_htod(&to_bf(w.f32s().unwrap())).unwrap());
+    let mut cb = stream.alloc_zeros::<half::bf16>(m * n).unwrap();
+    let one = half::bf16::from_f32(1.0);
+    let ms = time_ms(&f32_be, 20, || unsafe { blas.gemm(cfg(m, n, k, one, half::bf16::ZERO), &wb, &ab, &mut cb).unwrap() });
+    rows.push(Row("cuBLAS gemm bf16".into(), ms, tf(ms)));
+
+    // Attention, layer norm, feature-encoder conv 1, positional conv.
+    let be = &f32_be;
+    let seqs = Seqs::new(vec![749; 8]);
+    let qkv = be.upload(&Tensor::from_vec(random(FRAMES * 3 * 768, 4), &[FRAMES, 3 * 768])).unwrap();
+    let ms = time_ms(be, 10, || drop(be.attention(&qkv, &seqs, 12, 0.125).unwrap()));
+    let att_flops = 4.0 * 8.0 * 12.0 * 749.0 * 749.0 * 64.0;
+    rows.push(Row("attention fp32 b8 h12 t749 d64".into(), ms, format!("{:.1} TFLOP/s", att_flops / ms / 1e9)));
+    let h = be.upload(&Tensor::from_vec(random(FRAMES * 768, 5), &[FRAMES, 768])).unwrap();
+    let g = be.upload(&Tensor::from_vec(vec![1.0; 768], &[768])).unwrap();
+    let bta = be.upload(&Tensor::from_vec(vec![0.0; 768], &[768])).unwrap();
+    let ms = time_ms(be, 20, || {
+        drop(be.layer_norm(h.clone(), Some(&h), NormParams { gamma: &g, beta: &bta, eps: 1e-5 }, Activation::Identity).unwrap())
+    });
+    rows.push(Row("layer_norm+residual 5992x768".into(), ms, format!("{:.0} GB/s", 3.0 * (FRAMES * 768 * 4) as f64 / ms / 1e6)));
+    for be in [&f32_be, &bf16_be] {
+        let p = format!("{:?}", be.precision()).to_lowercase();
+        let t_in = 47_999;
+        let seqs_in = Seqs::new(vec![t_in; 8]);
+        let seqs_out = Seqs::new(vec![(t_in - 3) / 2 + 1; 8]);
+        let xin = be.upload(&Tensor::from_vec(random(8 * t_in * 512, 6), &[8 * t_in, 512])).unwrap();
+        let wc = be.prepare_conv_weight(&Tensor::from_vec(random(512 * 3 * 512, 7), &[512, 3, 512])).unwrap();
+        let geom = ConvGeometry { kernel: 3, stride: 2, pad_left: 0, groups: 1 };
+        let ms = time_ms(be, 10, || drop(be.conv1d(&xin, &seqs_in, &seqs_out, &wc, None, geom, Activation::Gelu).unwrap()));
+        let cf = 2.0 * (seqs_out.total() * 512 * 1536) as f64;
+        rows.push(Row(format!("conv1 (k3 s2 512->512) {p} b8x15s"), ms, format!("{:.1} TFLOP/s", cf / ms / 1e9)));
+        let wp = be.prepare_conv_weight(&Tensor::from_vec(random(768 * 128 * 48, 8), &[768, 128, 48])).unwrap();
+        let geom = ConvGeometry { kernel: 128, stride: 1, pad_left: 64, groups: 16 };
+        let ms = time_ms(be, 10, || drop(be.conv1d(&h, &seqs, &seqs, &wp, None, geom, Activation::Gelu).unwrap()));
+        let pf = 2.0 * (FRAMES * 768 * 128 * 48) as f64;
+        rows.push(Row(format!("pos conv (k128 g16) {p}"), ms, format!("{:.1} TFLOP/s", pf / ms / 1e9)));
+    }
+    println!("\n| kernel (wav2vec2-base shapes, 8 x 15 s) | median ms | rate |\n|---|---|---|");
+    for Row(name, ms, rate) in rows {
+        println!("| {name} | {ms:.4} | {rate} |");
+    }
+}

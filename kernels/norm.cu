@@ -1,0 +1,88 @@
+// Normalisations and elementwise ops over row-major [rows, c] activations.
+#include "common.cuh"
+
+// layer_norm: one warp per row, two-pass mean and variance in fp32, optional residual added
+// first, optional GELU after. version 1.
+extern "C" __global__ void layer_norm(const float* x, const float* residual, const float* gamma, const float* beta, float* out,
+                                      int rows, int c, float eps, int act) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    const float* xr = x + (long)row * c;
+    const float* rr = residual ? residual + (long)row * c : nullptr;
+    float* o = out + (long)row * c;
+    float s = 0.0f;
+    for (int i = lane; i < c; i += 32) {
+        float v = xr[i] + (rr ? rr[i] : 0.0f);
+        o[i] = v;
+        s += v;
+    }
+    float mean = warp_sum(s) / c;
+    float q = 0.0f;
+    for (int i = lane; i < c; i += 32) {
+        float d = o[i] - mean;
+        q += d * d;
+    }
+    float inv = rsqrtf(warp_sum(q) / c + eps);
+    for (int i = lane; i < c; i += 32) o[i] = apply_act((o[i] - mean) * inv * gamma[i] + beta[i], act);
+}
+
+// group_norm_time: GroupNorm with one group per channel, per utterance of a packed batch. One
+// block per (32-channel tile, utterance): 32 x 8 threads; each column reduced over the utterance's
+// frames in double (thousands of frames), then normalised in place with an optional GELU.
+extern "C" __global__ void group_norm_time(float* x, const int* offsets, const float* gamma, const float* beta, int c, float eps, int act) {
+    __shared__ double red[8][33];
+    int u = blockIdx.y, tx = threadIdx.x % 32, ty = threadIdx.x / 32;
+    int ch = blockIdx.x * 32 + tx;
+    int start = offsets[u], end = offsets[u + 1];
+    double n = end - start;
+    double s = 0.0;
+    if (ch < c)
+        for (int r = start + ty; r < end; r += 8) s += x[(long)r * c + ch];
+    red[ty][tx] = s;
+    __syncthreads();
+    double mean = 0.0;
+    for (int i = 0; i < 8; ++i) mean += red[i][tx];
+    mean /= n;
+    __syncthreads();
+    double q = 0.0;
+    if (ch < c)
+        for (int r = start + ty; r < end; r += 8) {
+            double d = x[(long)r * c + ch] - mean;
+            q += d * d;
+        }
+    red[ty][tx] = q;
+    __syncthreads();
+    double var = 0.0;
+    for (int i = 0; i < 8; ++i) var += red[i][tx];
+    if (ch >= c) return;
+    float scale = (float)(1.0 / sqrt(var / n + (double)eps)) * gamma[ch];
+    float shift = beta[ch] - (float)mean * scale;
+    for (int r = start + ty; r < end; r += 8) {
+        long i = (long)r * c + ch;
+        x[i] = apply_act(x[i] * scale + shift, act);
+    }
+}
+
+extern "C" __global__ void add(const float* a, const float* b, float* out, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) out[i] = a[i] + b[i];
+}
+
+// log_softmax over rows: one warp per row.
+extern "C" __global__ void log_softmax(const float* x, float* out, int rows, int c) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    const float* xr = x + (long)row * c;
+    float m = -INFINITY;
+    for (int i = lane; i < c; i += 32) m = fmaxf(m, xr[i]);
+    m = warp_max(m);
+    float s = 0.0f;
+    for (int i = lane; i < c; i += 32) s += expf(xr[i] - m);
+    float lse = m + logf(warp_sum(s));
+    for (int i = lane; i < c; i += 32) out[(long)row * c + i] = xr[i] - lse;
+}
+
+
+// Fills x with v (tests poison outputs with NaN so unwritten elements show).
+extern "C" __global__ void fill_f32(float* x, float v, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) x[i] = v;
+}

@@ -1,0 +1,78 @@
+//! Kernel launch helpers: grid shapes for the kernel families, and the GEMM argument block.
+
+use std::sync::Arc;
+
+use anyhow::{anyhow, Result};
+use cudarc::driver::{CudaFunction, CudaStream, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg};
+
+/// Arguments of `gemm_f32` / `gemm_bf16` (`struct GemmArgs` in kernels/gemm.cu, same layout).
+/// Addresses are raw device pointers; 0 means "none" for `mask` and `bias`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GemmArgs {
+    pub a: u64,
+    pub lda: i64,
+    pub batch_a: i64,
+    pub b: u64,
+    pub ldb: i64,
+    pub batch_b: i64,
+    pub mask: u64,
+    pub bias: u64,
+    pub batch_bias: i64,
+    pub c: u64,
+    pub ldc: i64,
+    pub batch_c: i64,
+    pub m: i32,
+    pub n: i32,
+    pub k: i32,
+    pub act: i32,
+}
+
+// SAFETY: plain-old-data with the C layout the kernel expects.
+unsafe impl DeviceRepr for GemmArgs {}
+
+pub fn config(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: 0 }
+}
+
+pub struct Launch<'s> {
+    pub stream: &'s Arc<CudaStream>,
+}
+
+impl<'s> Launch<'s> {
+    /// Launches `f` with the arguments `push` adds. Debug builds wait and check for errors after
+    /// every launch, so a faulting kernel is named where it fails.
+    pub fn launch<'a>(&'a self, f: &'a CudaFunction, cfg: LaunchConfig, push: impl FnOnce(&mut LaunchArgs<'a>)) -> Result<()> {
+        let mut b = self.stream.launch_builder(f);
+        push(&mut b);
+        // SAFETY: each caller pushes exactly the parameters its kernel declares, with device
+        // addresses of live allocations on this stream and sizes it has checked.
+        unsafe { b.launch(cfg) }.map_err(|e| anyhow!("kernel launch: {e}"))?;
+        if cfg!(debug_assertions) {
+            self.stream.synchronize().map_err(|e| anyhow!("kernel failed: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Grid-stride elementwise kernels over `n` items.
+    pub fn elementwise<'a>(&'a self, f: &'a CudaFunction, n: usize, push: impl FnOnce(&mut LaunchArgs<'a>)) -> Result<()> {
+        let blocks = n.div_ceil(256).clamp(1, 16 * 1024) as u32;
+        self.launch(f, config((blocks, 1, 1), 256), push)
+    }
+
+    /// Kernels with one warp per row, eight rows per block.
+    pub fn rows_per_warp<'a>(&'a self, f: &'a CudaFunction, rows: usize, push: impl FnOnce(&mut LaunchArgs<'a>)) -> Result<()> {
+        self.launch(f, config((rows.div_ceil(8).max(1) as u32, 1, 1), 256), push)
+    }
+
+    /// A GEMM with square `tile`s of C, `batch` products along z.
+    pub fn gemm<'a>(&'a self, f: &'a CudaFunction, args: GemmArgs, tile: usize, batch: usize) -> Result<()> {
+        if args.m == 0 || args.n == 0 {
+            return Ok(());
+        }
+        let grid = ((args.n as usize).div_ceil(tile) as u32, (args.m as usize).div_ceil(tile) as u32, batch as u32);
+        self.launch(f, config(grid, 256), |b| {
+            b.arg(&args);
+        })
+    }
+}

@@ -1,0 +1,511 @@
+//! The CUDA backend: hand-written kernels (`kernels/*.cu`, compiled by build.rs into fatbins and
+//! embedded in the binary), driven through cudarc with the driver library loaded at run time, so
+//! the same binary runs on machines with and without a GPU.
+//!
+//! One stream; device memory comes from the driver's stream-ordered pool with its release
+//! threshold raised, so freed blocks are cached and steady state makes no new allocations.
+//! Two precisions: `F32` (fp32 FMA everywhere, the parity path) and `Bf16` (GEMMs and convs on
+//! tensor cores with bf16 operands and fp32 accumulation; everything else fp32).
+
+mod launch;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use cudarc::driver::{sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, PushKernelArg};
+use cudarc::nvrtc::Ptx;
+
+use super::{Activation, Backend, ConvGeometry, NormParams, Seqs};
+use crate::tensor::{DType, Storage, Tensor};
+use launch::{GemmArgs, Launch};
+
+mod kernels {
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+
+/// Device memory behind a GPU tensor (bytes; the tensor's dtype says how to read them).
+#[derive(Clone)]
+pub struct CudaBuf(Arc<CudaSlice<u8>>);
+
+/// Arithmetic of the matrix products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    F32,
+    Bf16,
+}
+
+/// Kernels the backend uses, by (module, function).
+const FUNCTIONS: &[(&str, &str)] = &[
+    ("gemm", "gemm_f32"),
+    ("gemm", "gemm_bf16"),
+    ("norm", "layer_norm"),
+    ("norm", "group_norm_time"),
+    ("norm", "add"),
+    ("norm", "log_softmax"),
+    ("norm", "fill_f32"),
+    ("conv", "im2col_group"),
+    ("attention", "attention_hd16"),
+    ("attention", "attention_hd32"),
+    ("attention", "attention_hd64"),
+    ("attention", "attention_hd128"),
+    ("mask", "pack_mask"),
+    ("mask", "unpack_mask"),
+];
+
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    funcs: HashMap<&'static str, CudaFunction>,
+    precision: Precision,
+    /// Fill every new output with NaN first (tests: unwritten elements show).
+    poison: bool,
+}
+
+/// Why the CUDA backend cannot start here, or `None` when it can.
+pub fn unavailable_reason() -> Option<String> {
+    if kernels::MODULES.is_empty() {
+        return Some(
+            "the CUDA kernels were not built (nvcc was not found when this binary was compiled); \
+             run scripts/install-cuda-toolchain.sh and rebuild with cargo build --release"
+                .into(),
+        );
+    }
+    // SAFETY: only probes whether the driver library can be loaded.
+    if !unsafe { sys::is_culib_present() } {
+        return Some("no CUDA driver on this machine (libcuda.so could not be loaded)".into());
+    }
+    match CudaContext::device_count() {
+        Ok(n) if n > 0 => None,
+        Ok(_) => Some("the CUDA driver reports no GPU".into()),
+        Err(e) => Some(format!("the CUDA driver reports no usable GPU ({e})")),
+    }
+}
+
+fn cu(r: sys::CUresult, what: &str) -> Result<()> {
+    r.result().map_err(|e| anyhow!("{what}: {e}"))
+}
+
+impl CudaBackend {
+    pub fn new(ordinal: usize, precision: Precision) -> Result<CudaBackend> {
+        if let Some(why) = unavailable_reason() {
+            bail!("--device cuda: {why}");
+        }
+        let count = CudaContext::device_count().map_err(|e| anyhow!("CUDA: {e}"))? as usize;
+        ensure!(ordinal < count, "--device cuda:{ordinal}: this machine has {count} GPU(s)");
+        let ctx = CudaContext::new(ordinal).map_err(|e| anyhow!("cannot open GPU {ordinal}: {e}"))?;
+        let stream = ctx.default_stream();
+        // SAFETY: plain driver calls on the context's own device with valid out-pointers.
+        unsafe {
+            let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+            cu(sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()), "cuDeviceGetDefaultMemPool")?;
+            let mut keep = u64::MAX;
+            cu(
+                sys::cuMemPoolSetAttribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    &mut keep as *mut u64 as *mut std::ffi::c_void,
+                ),
+                "cuMemPoolSetAttribute",
+            )?;
+        }
+        let mut modules = HashMap::new();
+        for (name, image) in kernels::MODULES {
+            let m = ctx.load_module(Ptx::from_binary(image.to_vec())).map_err(|e| anyhow!("loading kernels/{name}.cu: {e}"))?;
+            modules.insert(*name, m);
+        }
+        let mut funcs = HashMap::new();
+        for (module, func) in FUNCTIONS {
+            let m = modules.get(module).with_context(|| format!("kernel module {module} missing from this build"))?;
+            funcs.insert(*func, m.load_function(func).map_err(|e| anyhow!("kernel {func}: {e}"))?);
+        }
+        Ok(CudaBackend { ctx, stream, funcs, precision, poison: false })
+    }
+
+    /// The stream every kernel runs on (benchmarks queue comparison work on it).
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Makes every new output start as NaN (for tests that must see unwritten elements).
+    pub fn set_poison(&mut self, on: bool) {
+        self.poison = on;
+    }
+
+    /// Waits for all queued work (timing, and surfacing asynchronous errors).
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(|e| anyhow!("CUDA: {e}"))
+    }
+
+    fn func(&self, name: &str) -> &CudaFunction {
+        &self.funcs[name]
+    }
+
+    fn launcher(&self) -> Launch<'_> {
+        Launch { stream: &self.stream }
+    }
+
+    /// Raw device address of a GPU tensor's first element.
+    fn ptr(&self, t: &Tensor) -> Result<u64> {
+        match t.storage() {
+            Storage::Cuda(b) => Ok(b.0.device_ptr(&self.stream).0),
+            Storage::Host(_) => bail!("a host tensor {:?} was passed to the CUDA backend (upload it first)", t.shape()),
+        }
+    }
+
+    fn expect_dtype(t: &Tensor, dtype: DType, what: &str) -> Result<()> {
+        ensure!(t.dtype() == dtype, "{what}: expected {dtype:?}, found {:?}", t.dtype());
+        Ok(())
+    }
+
+    /// A fresh device tensor (NaN-filled when poisoning).
+    fn empty(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        // SAFETY: every op writes all elements of its output before anything reads them; with
+        // poisoning on they are first set to NaN.
+        let buf = unsafe { self.stream.alloc::<u8>((n * dtype.size_of()).max(4)) }.map_err(|e| anyhow!("GPU allocation: {e}"))?;
+        let t = Tensor::from_cuda(CudaBuf(Arc::new(buf)), dtype, shape);
+        if self.poison && dtype == DType::F32 {
+            self.fill(&t, f32::NAN)?;
+        }
+        Ok(t)
+    }
+
+    fn fill(&self, t: &Tensor, v: f32) -> Result<()> {
+        let (p, n) = (self.ptr(t)?, t.numel() as i64);
+        self.launcher().elementwise(self.func("fill_f32"), n as usize, |b| {
+            b.arg(&p).arg(&v).arg(&n);
+        })
+    }
+
+    /// `offsets` of a packed batch (n + 1 prefix sums) as a device i32 array.
+    fn offsets(&self, seqs: &Seqs) -> Result<CudaSlice<i32>> {
+        let mut o = vec![0i32];
+        for &l in seqs.lens() {
+            o.push(o.last().unwrap() + l as i32);
+        }
+        self.stream.clone_htod(&o).map_err(|e| anyhow!("CUDA copy: {e}"))
+    }
+
+    fn bytes_to_device(&self, bytes: &[u8], dtype: DType, shape: &[usize]) -> Result<Tensor> {
+        let buf = self.stream.clone_htod(bytes).map_err(|e| anyhow!("CUDA copy: {e}"))?;
+        Ok(Tensor::from_cuda(CudaBuf(Arc::new(buf)), dtype, shape))
+    }
+
+    /// `act(a · bᵀ + bias)` on raw device addresses: `a` is `[m, k]` with row stride `lda` (f32),
+    /// `b` is `[n, k]` with row stride `ldb` (f32 or bf16 as `b_dtype`), `mask` optional bits over
+    /// `b`, `c` is written `[m, n]` with row stride `ldc`; `batch` products along blockIdx.z.
+    fn gemm(&self, args: GemmArgs, b_dtype: DType, batch: usize) -> Result<()> {
+        let (name, tile) = match b_dtype {
+            DType::F32 => ("gemm_f32", 64),
+            DType::BF16 => ("gemm_bf16", 128),
+            other => bail!("GEMM weights in {other:?} are not supported"),
+        };
+        self.launcher().gemm(self.func(name), args, tile, batch)
+    }
+
+    /// Packs a 0/1 f32 mask tensor on the device into bits (see [`crate::mask`]).
+    pub fn pack_mask(&self, mask: &Tensor) -> Result<CudaSlice<u8>> {
+        let n = mask.numel() as i64;
+        let bits = unsafe { self.stream.alloc::<u8>((n as usize).div_ceil(8).max(1)) }.map_err(|e| anyhow!("GPU allocation: {e}"))?;
+        let (pm, pb) = (self.ptr(mask)?, bits.device_ptr(&self.stream).0);
+        self.launcher().elementwise(self.func("pack_mask"), (n as usize).div_ceil(8), |b| {
+            b.arg(&pm).arg(&pb).arg(&n);
+        })?;
+        Ok(bits)
+    }
+
+    /// Unpacks `n` mask bits into a 0/1 f32 tensor of `shape`.
+    pub fn unpack_mask(&self, bits: &CudaSlice<u8>, shape: &[usize]) -> Result<Tensor> {
+        let out = self.empty(shape, DType::F32)?;
+        let n = out.numel() as i64;
+        ensure!(bits.len() * 8 >= n as usize, "mask has {} bits for {n} weights", bits.len() * 8);
+        let (pb, po) = (bits.device_ptr(&self.stream).0, self.ptr(&out)?);
+        self.launcher().elementwise(self.func("unpack_mask"), n as usize, |b| {
+            b.arg(&pb).arg(&po).arg(&n);
+        })?;
+        Ok(out)
+    }
+
+    /// Copies packed mask bits to the device.
+    pub fn upload_mask(&self, bits: &[u8]) -> Result<CudaSlice<u8>> {
+        self.stream.clone_htod(bits).map_err(|e| anyhow!("CUDA copy: {e}"))
+    }
+
+    /// [`Backend::linear`] with a packed bit mask over the weight applied inside the GEMM.
+    pub fn linear_masked(&self, x: &Tensor, w: &Tensor, mask: &CudaSlice<u8>, b: Option<&Tensor>, act: Activation) -> Result<Tensor> {
+        let [d_out, d_in] = w.shape() else { bail!("linear weight must be 2-D, found {:?}", w.shape()) };
+        ensure!(mask.len() * 8 >= d_out * d_in, "mask has {} bits for a {:?} weight", mask.len() * 8, w.shape());
+        self.linear_impl(x, w, Some(mask.device_ptr(&self.stream).0), b, act)
+    }
+
+    fn linear_impl(&self, x: &Tensor, w: &Tensor, mask: Option<u64>, b: Option<&Tensor>, act: Activation) -> Result<Tensor> {
+        Self::expect_dtype(x, DType::F32, "linear input")?;
+        let n = x.numel() / x.shape().last().copied().unwrap_or(1).max(1);
+        let d_in = *x.shape().last().unwrap_or(&0);
+        let &[d_out, w_in] = w.shape() else { bail!("linear weight must be 2-D, found {:?}", w.shape()) };
+        ensure!(w_in == d_in, "linear: input has {d_in} features, weight {:?} expects {w_in}", w.shape());
+        if let Some(b) = b {
+            ensure!(b.numel() == d_out, "linear bias has {} values for {d_out} outputs", b.numel());
+        }
+        let mut shape = x.shape().to_vec();
+        *shape.last_mut().unwrap() = d_out;
+        let out = self.empty(&shape, DType::F32)?;
+        let args = GemmArgs {
+            a: self.ptr(x)?,
+            lda: d_in as i64,
+            b: self.ptr(w)?,
+            ldb: d_in as i64,
+            mask: mask.unwrap_or(0),
+            bias: b.map(|b| self.ptr(b)).transpose()?.unwrap_or(0),
+            c: self.ptr(&out)?,
+            ldc: d_out as i64,
+            m: n as i32,
+            n: d_out as i32,
+            k: d_in as i32,
+            act: act as i32,
+            ..GemmArgs::default()
+        };
+        self.gemm(args, w.dtype(), 1)?;
+        Ok(out)
+    }
+
+    /// The weight dtype this backend's GEMMs take.
+    fn weight_dtype(&self) -> DType {
+        match self.precision {
+            Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+        }
+    }
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> String {
+        format!("cuda:{} ({:?})", self.ctx.ordinal(), self.precision)
+    }
+
+    fn upload(&self, t: &Tensor) -> Result<Tensor> {
+        match t.storage() {
+            Storage::Cuda(_) => Ok(t.clone()),
+            Storage::Host(_) => {
+                let host = t.to_f32()?;
+                self.bytes_to_device(bytemuck::cast_slice(host.f32s()?), DType::F32, t.shape())
+            }
+        }
+    }
+
+    fn to_host(&self, t: &Tensor) -> Result<Tensor> {
+        let Storage::Cuda(b) = t.storage() else { return t.to_f32() };
+        Self::expect_dtype(t, DType::F32, "to_host")?;
+        let bytes = self.stream.clone_dtoh(b.0.as_ref()).map_err(|e| anyhow!("CUDA copy: {e}"))?;
+        let data: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes[..t.numel() * 4]);
+        Ok(Tensor::from_vec(data, t.shape()))
+    }
+
+    fn prepare_conv_weight(&self, w: &Tensor) -> Result<Tensor> {
+        self.prepare_linear_weight(w)
+    }
+
+    fn prepare_linear_weight(&self, w: &Tensor) -> Result<Tensor> {
+        let dtype = self.weight_dtype();
+        let host = w.to_f32()?.to_dtype(dtype)?;
+        let bytes: Vec<u8> = match dtype {
+            DType::F32 => bytemuck::cast_slice(host.f32s()?).to_vec(),
+            _ => host.to_vec()?.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
+        };
+        self.bytes_to_device(&bytes, dtype, w.shape())
+    }
+
+    fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Activation) -> Result<Tensor> {
+        self.linear_impl(x, w, None, b, act)
+    }
+
+    fn layer_norm(&self, x: Tensor, residual: Option<&Tensor>, norm: NormParams, act: Activation) -> Result<Tensor> {
+        let c = *x.shape().last().unwrap_or(&1);
+        let rows = x.numel() / c.max(1);
+        ensure!(norm.gamma.numel() == c && norm.beta.numel() == c, "layer norm over {c} channels got {} parameters", norm.gamma.numel());
+        if let Some(r) = residual {
+            ensure!(r.shape() == x.shape(), "residual {:?} does not match {:?}", r.shape(), x.shape());
+        }
+        let out = self.empty(x.shape(), DType::F32)?;
+        let (px, pr, pg, pb, po) = (
+            self.ptr(&x)?,
+            residual.map(|r| self.ptr(r)).transpose()?.unwrap_or(0),
+            self.ptr(norm.gamma)?,
+            self.ptr(norm.beta)?,
+            self.ptr(&out)?,
+        );
+        let (rows_i, c_i, act_i) = (rows as i32, c as i32, act as i32);
+        self.launcher().rows_per_warp(self.func("layer_norm"), rows, |b| {
+            b.arg(&px).arg(&pr).arg(&pg).arg(&pb).arg(&po).arg(&rows_i).arg(&c_i).arg(&norm.eps).arg(&act_i);
+        })?;
+        Ok(out)
+    }
+
+    fn group_norm_time(&self, x: Tensor, seqs: &Seqs, norm: NormParams, act: Activation) -> Result<Tensor> {
+        let c = *x.shape().last().unwrap_or(&1);
+        ensure!(x.numel() / c.max(1) == seqs.total(), "group norm: {:?} does not hold {} frames", x.shape(), seqs.total());
+        ensure!(norm.gamma.numel() == c && norm.beta.numel() == c, "group norm over {c} channels got {} parameters", norm.gamma.numel());
+        // In place on a private copy.
+        let out = self.empty(x.shape(), DType::F32)?;
+        let (Storage::Cuda(src), Storage::Cuda(dst)) = (x.storage(), out.storage()) else {
+            bail!("group norm: tensors must be on the GPU")
+        };
+        // SAFETY: both buffers are live device allocations of the same size; the copy is queued
+        // on the one stream, before the kernel that reads it.
+        unsafe {
+            cu(
+                sys::cuMemcpyDtoDAsync_v2(
+                    dst.0.device_ptr(&self.stream).0,
+                    src.0.device_ptr(&self.stream).0,
+                    x.numel() * 4,
+                    self.stream.cu_stream(),
+                ),
+                "cuMemcpyDtoDAsync",
+            )?;
+        }
+        let offsets = self.offsets(seqs)?;
+        let (po, poff, pg, pb) = (self.ptr(&out)?, offsets.device_ptr(&self.stream).0, self.ptr(norm.gamma)?, self.ptr(norm.beta)?);
+        let (c_i, act_i) = (c as i32, act as i32);
+        let cfg = launch::config((c.div_ceil(32) as u32, seqs.count() as u32, 1), 256);
+        self.launcher().launch(self.func("group_norm_time"), cfg, |b| {
+            b.arg(&po).arg(&poff).arg(&pg).arg(&pb).arg(&c_i).arg(&norm.eps).arg(&act_i);
+        })?;
+        drop(offsets);
+        Ok(out)
+    }
+
+    fn add(&self, a: Tensor, b: &Tensor) -> Result<Tensor> {
+        ensure!(a.shape() == b.shape(), "add: shapes {:?} and {:?} differ", a.shape(), b.shape());
+        let out = self.empty(a.shape(), DType::F32)?;
+        let (pa, pb, po, n) = (self.ptr(&a)?, self.ptr(b)?, self.ptr(&out)?, a.numel() as i64);
+        self.launcher().elementwise(self.func("add"), n as usize, |l| {
+            l.arg(&pa).arg(&pb).arg(&po).arg(&n);
+        })?;
+        Ok(out)
+    }
+
+    fn conv1d(
+        &self,
+        x: &Tensor,
+        seqs_in: &Seqs,
+        seqs_out: &Seqs,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        geom: ConvGeometry,
+        act: Activation,
+    ) -> Result<Tensor> {
+        let ConvGeometry { kernel, stride, pad_left, groups } = geom;
+        let &[rows, c_in] = x.shape() else { bail!("conv1d input must be [frames, channels], found {:?}", x.shape()) };
+        let &[c_out, w_k, cg] = w.shape() else { bail!("conv1d weight must be [out, kernel, in/groups], found {:?}", w.shape()) };
+        ensure!(rows == seqs_in.total() && seqs_in.count() == seqs_out.count(), "conv1d: input does not match its batch");
+        ensure!(
+            groups > 0 && c_in % groups == 0 && c_out % groups == 0 && w_k == kernel && cg == c_in / groups,
+            "conv1d: weight {:?} does not fit the geometry {geom:?}",
+            w.shape()
+        );
+        let og = c_out / groups;
+        let out = self.empty(&[seqs_out.total(), c_out], DType::F32)?;
+        let (px, pw, po) = (self.ptr(x)?, self.ptr(w)?, self.ptr(&out)?);
+        let pbias = b.map(|b| self.ptr(b)).transpose()?.unwrap_or(0);
+        let wsize = w.dtype().size_of() as u64;
+        let kc = kernel * cg;
+        let mut scratch: Option<Tensor> = None;
+        for u in 0..seqs_in.count() {
+            let (t_in, t_out) = (seqs_in.lens()[u], seqs_out.lens()[u]);
+            if t_out == 0 {
+                continue;
+            }
+            let x_u = px + (seqs_in.range(u).start * c_in * 4) as u64;
+            let out_u = po + (seqs_out.range(u).start * c_out * 4) as u64;
+            let base = GemmArgs { m: t_out as i32, act: act as i32, ldc: c_out as i64, ..GemmArgs::default() };
+            if groups == 1 && pad_left == 0 && stride * (t_out - 1) + kernel <= t_in {
+                // im2col as a strided view of the input.
+                let args = GemmArgs {
+                    a: x_u,
+                    lda: (stride * c_in) as i64,
+                    b: pw,
+                    ldb: kc as i64,
+                    bias: pbias,
+                    c: out_u,
+                    n: c_out as i32,
+                    k: kc as i32,
+                    ..base
+                };
+                self.gemm(args, w.dtype(), 1)?;
+                continue;
+            }
+            let need = t_out * kc;
+            if scratch.as_ref().is_none_or(|s| s.numel() < need) {
+                scratch = Some(self.empty(&[need], DType::F32)?);
+            }
+            let pcols = self.ptr(scratch.as_ref().unwrap())?;
+            for g in 0..groups {
+                let ints = [t_in, c_in, g, cg, kernel, stride, pad_left, t_out].map(|v| v as i32);
+                self.launcher().elementwise(self.func("im2col_group"), need, |l| {
+                    l.arg(&x_u);
+                    for v in &ints[..7] {
+                        l.arg(v);
+                    }
+                    l.arg(&pcols).arg(&ints[7]);
+                })?;
+                let args = GemmArgs {
+                    a: pcols,
+                    lda: kc as i64,
+                    b: pw + (g * og * kc) as u64 * wsize,
+                    ldb: kc as i64,
+                    bias: if pbias == 0 { 0 } else { pbias + (g * og * 4) as u64 },
+                    c: out_u + (g * og * 4) as u64,
+                    n: og as i32,
+                    k: kc as i32,
+                    ..base
+                };
+                self.gemm(args, w.dtype(), 1)?;
+            }
+        }
+        Ok(out)
+    }
+
+    fn attention(&self, qkv: &Tensor, seqs: &Seqs, heads: usize, scale: f32) -> Result<Tensor> {
+        let c3 = *qkv.shape().last().unwrap_or(&0);
+        ensure!(qkv.numel() / c3.max(1) == seqs.total(), "attention: {:?} does not hold {} frames", qkv.shape(), seqs.total());
+        ensure!(
+            c3.is_multiple_of(3) && heads > 0 && (c3 / 3).is_multiple_of(heads),
+            "attention: {c3} columns do not split into q, k, v of {heads} heads"
+        );
+        let c = c3 / 3;
+        let hd = c / heads;
+        let name = match hd {
+            0..=16 => "attention_hd16",
+            17..=32 => "attention_hd32",
+            33..=64 => "attention_hd64",
+            65..=128 => "attention_hd128",
+            _ => bail!("attention: head size {hd} is larger than the kernels support (128)"),
+        };
+        let out = self.empty(&[seqs.total(), c], DType::F32)?;
+        let offsets = self.offsets(seqs)?;
+        let longest = seqs.lens().iter().copied().max().unwrap_or(0);
+        let (pq, po, poff) = (self.ptr(qkv)?, self.ptr(&out)?, offsets.device_ptr(&self.stream).0);
+        let (c_i, hd_i) = (c as i32, hd as i32);
+        let cfg = launch::config((longest.div_ceil(64).max(1) as u32, heads as u32, seqs.count() as u32), 64);
+        self.launcher().launch(self.func(name), cfg, |b| {
+            b.arg(&pq).arg(&po).arg(&poff).arg(&c_i).arg(&hd_i).arg(&scale);
+        })?;
+        Ok(out)
+    }
+
+    fn log_softmax(&self, x: &Tensor) -> Result<Tensor> {
+        let c = *x.shape().last().unwrap_or(&1);
+        let rows = x.numel() / c.max(1);
+        let out = self.empty(x.shape(), DType::F32)?;
+        let (px, po, rows_i, c_i) = (self.ptr(x)?, self.ptr(&out)?, rows as i32, c as i32);
+        self.launcher().rows_per_warp(self.func("log_softmax"), rows, |b| {
+            b.arg(&px).arg(&po).arg(&rows_i).arg(&c_i);
+        })?;
+        Ok(out)
+    }
+}

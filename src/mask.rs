@@ -1,0 +1,25 @@
+//! Binary weight masks packed 1 bit per weight: 8 weights per byte, least significant bit first,
+//! over the row-major `[out, in]` weight. The on-disk and on-device format of every mask.
+
+/// Packs keep-flags into bits; a partial last byte has zero high bits.
+pub fn pack(keep: &[bool]) -> Vec<u8> {
+    keep.chunks(8).map(|c| c.iter().enumerate().fold(0u8, |b, (i, &k)| b | ((k as u8) << i))).collect()
+}
+
+/// The first `n` flags of packed `bits`.
+pub fn unpack(bits: &[u8], n: usize) -> Vec<bool> {
+    (0..n).map(|i| (bits[i / 8] >> (i % 8)) & 1 == 1).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsb_first_layout_and_round_trip() {
+        let keep = [true, false, false, false, false, false, false, true, true, true, false];
+        let bits = pack(&keep);
+        assert_eq!(bits, vec![0b1000_0001, 0b0000_0011]);
+        assert_eq!(unpack(&bits, keep.len()), keep);
+    }
+}
