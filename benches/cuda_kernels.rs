@@ -97,12 +97,16 @@ fn main() {
     rows.push(Row("cuBLAS gemm bf16".into(), ms, tf(ms)));
 
     // Attention, layer norm, feature-encoder conv 1, positional conv.
-    let be = &f32_be;
     let seqs = Seqs::new(vec![749; 8]);
-    let qkv = be.upload(&Tensor::from_vec(random(FRAMES * 3 * 768, 4), &[FRAMES, 3 * 768])).unwrap();
-    let ms = time_ms(be, 10, || drop(be.attention(&qkv, &seqs, 12, 0.125).unwrap()));
-    let att_flops = 4.0 * 8.0 * 12.0 * 749.0 * 749.0 * 64.0;
-    rows.push(Row("attention fp32 b8 h12 t749 d64".into(), ms, format!("{:.1} TFLOP/s", att_flops / ms / 1e9)));
+    let qkv_host = Tensor::from_vec(random(FRAMES * 3 * 768, 4), &[FRAMES, 3 * 768]);
+    for be in [&f32_be, &bf16_be] {
+        let qkv = be.upload(&qkv_host).unwrap();
+        let ms = time_ms(be, 10, || drop(be.attention(&qkv, &seqs, 12, 0.125).unwrap()));
+        let att_flops = 4.0 * 8.0 * 12.0 * 749.0 * 749.0 * 64.0;
+        let p = format!("{:?}", be.precision()).to_lowercase();
+        rows.push(Row(format!("attention {p} b8 h12 t749 d64"), ms, format!("{:.1} TFLOP/s", att_flops / ms / 1e9)));
+    }
+    let be = &f32_be;
     let h = be.upload(&Tensor::from_vec(random(FRAMES * 768, 5), &[FRAMES, 768])).unwrap();
     let g = be.upload(&Tensor::from_vec(vec![1.0; 768], &[768])).unwrap();
     let bta = be.upload(&Tensor::from_vec(vec![0.0; 768], &[768])).unwrap();

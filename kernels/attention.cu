@@ -72,3 +72,128 @@ ATTENTION(16)
 ATTENTION(32)
 ATTENTION(64)
 ATTENTION(128)
+
+// attention_bf16_hd{16,32,64,128}: version 1 of the tensor-core path. One block of 4 warps per
+// (64 queries, head, utterance); each warp owns 16 query rows. Per 64-key tile: S = Q Kᵀ with WMMA
+// bf16 fragments (fp32 accumulation), online softmax in fp32 (two lanes per row), P rounded to
+// bf16, P V with WMMA into a scratch tile merged into the fp32 output accumulator in shared
+// memory (WMMA accumulators cannot be rescaled row by row in registers). Dynamic shared memory.
+#include <mma.h>
+
+template <int HD>
+struct AttnSmem {
+    static constexpr int BQ = 64, BKV = 64;
+    static constexpr int LQ = HD + 8;                        // bf16 row stride of Q, K, V
+    static constexpr int LP = BKV + 8;                       // bf16 row stride of P
+    static constexpr int LS = (BKV + 4) > (HD + 4) ? (BKV + 4) : (HD + 4);  // fp32 row stride of S / PV scratch
+    static constexpr int LO = HD + 4;                        // fp32 row stride of O
+    static constexpr int round(int bytes) { return (bytes + 127) / 128 * 128; }
+    static constexpr int Q = 0;
+    static constexpr int K = Q + round(BQ * LQ * 2);
+    static constexpr int V = K + round(BKV * LQ * 2);
+    static constexpr int S = V + round(BKV * LQ * 2);
+    static constexpr int P = S + round(BQ * LS * 4);
+    static constexpr int O = P + round(BQ * LP * 2);
+    static constexpr int BYTES = O + round(BQ * LO * 4);
+};
+
+template <int HD>
+__device__ void attention_bf16_impl(const float* qkv, float* out, const int* offsets, int c, int hd, float scale) {
+    using namespace nvcuda;
+    using L = AttnSmem<HD>;
+    extern __shared__ __align__(128) unsigned char smem[];
+    __nv_bfloat16* Qs = reinterpret_cast<__nv_bfloat16*>(smem + L::Q);
+    __nv_bfloat16* Ks = reinterpret_cast<__nv_bfloat16*>(smem + L::K);
+    __nv_bfloat16* Vs = reinterpret_cast<__nv_bfloat16*>(smem + L::V);
+    float* Ss = reinterpret_cast<float*>(smem + L::S);
+    __nv_bfloat16* Ps = reinterpret_cast<__nv_bfloat16*>(smem + L::P);
+    float* Os = reinterpret_cast<float*>(smem + L::O);
+    const int u = blockIdx.z, h = blockIdx.y, t = threadIdx.x, warp = t / 32, lane = t % 32;
+    const int start = offsets[u], len = offsets[u + 1] - start, q0 = blockIdx.x * L::BQ;
+    if (q0 >= len) return;
+    const long row3 = 3L * c;
+    for (int i = t; i < L::BQ * HD; i += 128) {
+        int r = i / HD, d = i % HD;
+        bool in = q0 + r < len && d < hd;
+        Qs[r * L::LQ + d] = __float2bfloat16(in ? qkv[(start + q0 + r) * row3 + h * hd + d] * scale : 0.0f);
+        Os[r * L::LO + d] = 0.0f;
+    }
+    // Two lanes per row: lane owns row (warp * 16 + lane / 2) and half of each tile's columns.
+    const int row = warp * 16 + lane / 2, half = lane % 2;
+    float m = -INFINITY, l = 0.0f;
+    for (int j0 = 0; j0 < len; j0 += L::BKV) {
+        __syncthreads();  // previous tile fully consumed (and Q/O initialised on the first pass)
+        for (int i = t; i < L::BKV * HD; i += 128) {
+            int r = i / HD, d = i % HD;
+            bool in = j0 + r < len && d < hd;
+            long base = (long)(start + j0 + r) * row3 + h * hd + d;
+            Ks[r * L::LQ + d] = __float2bfloat16(in ? qkv[base + c] : 0.0f);
+            Vs[r * L::LQ + d] = __float2bfloat16(in ? qkv[base + 2 * c] : 0.0f);
+        }
+        __syncthreads();
+        // S (16 x 64 per warp) = Q_w Kᵀ.
+        for (int nb = 0; nb < L::BKV / 16; ++nb) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> s;
+            wmma::fill_fragment(s, 0.0f);
+            for (int kb = 0; kb < HD / 16; ++kb) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> qa;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> kb_;
+                wmma::load_matrix_sync(qa, Qs + warp * 16 * L::LQ + kb * 16, L::LQ);
+                wmma::load_matrix_sync(kb_, Ks + nb * 16 * L::LQ + kb * 16, L::LQ);
+                wmma::mma_sync(s, qa, kb_, s);
+            }
+            wmma::store_matrix_sync(Ss + warp * 16 * L::LS + nb * 16, s, L::LS, wmma::mem_row_major);
+        }
+        __syncwarp();
+        // Online softmax over this tile's 64 scores of the row.
+        const int n = min(L::BKV, len - j0);
+        float* srow = Ss + row * L::LS;
+        float tmax = -INFINITY;
+        for (int j = half * 32; j < half * 32 + 32; ++j) tmax = fmaxf(tmax, j < n ? srow[j] : -INFINITY);
+        tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
+        const float m_new = fmaxf(m, tmax), corr = expf(m - m_new);
+        float sum = 0.0f;
+        for (int j = half * 32; j < half * 32 + 32; ++j) {
+            float p = j < n ? expf(srow[j] - m_new) : 0.0f;
+            __nv_bfloat16 pb = __float2bfloat16(p);
+            Ps[row * L::LP + j] = pb;
+            sum += __bfloat162float(pb);  // normalise by what the MMA actually sums
+        }
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        l = l * corr + sum;
+        m = m_new;
+        __syncwarp();
+        // PV (16 x HD per warp) into the S scratch, then O = O * corr + PV.
+        for (int nb = 0; nb < HD / 16; ++nb) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> o;
+            wmma::fill_fragment(o, 0.0f);
+            for (int kb = 0; kb < L::BKV / 16; ++kb) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> pa;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> vb;
+                wmma::load_matrix_sync(pa, Ps + warp * 16 * L::LP + kb * 16, L::LP);
+                wmma::load_matrix_sync(vb, Vs + kb * 16 * L::LQ + nb * 16, L::LQ);
+                wmma::mma_sync(o, pa, vb, o);
+            }
+            wmma::store_matrix_sync(Ss + warp * 16 * L::LS + nb * 16, o, L::LS, wmma::mem_row_major);
+        }
+        __syncwarp();
+        for (int d = half; d < HD; d += 2) Os[row * L::LO + d] = Os[row * L::LO + d] * corr + srow[d];
+        __syncwarp();
+    }
+    if (q0 + row < len) {
+        const float inv = 1.0f / l;
+        for (int d = half; d < hd; d += 2) out[(long)(start + q0 + row) * c + h * hd + d] = Os[row * L::LO + d] * inv;
+    }
+}
+
+#define ATTENTION_BF16(HD)                                                                                         \
+    extern "C" __global__ void __launch_bounds__(128) attention_bf16_hd##HD(const float* qkv, float* out,          \
+                                                                            const int* offsets, int c, int hd,     \
+                                                                            float scale) {                         \
+        attention_bf16_impl<HD>(qkv, out, offsets, c, hd, scale);                                                  \
+    }                                                                                                              \
+    extern "C" __global__ void attention_bf16_hd##HD##_smem(int* bytes) { *bytes = AttnSmem<HD>::BYTES; }
+ATTENTION_BF16(16)
+ATTENTION_BF16(32)
+ATTENTION_BF16(64)
+ATTENTION_BF16(128)

@@ -1,13 +1,20 @@
 // GEMMs with a fused epilogue: C[m, n] = act(sum_k A[m, k] * B[n, k] * M[n, k] + bias[n]).
 //
-// A is fp32 with any row stride (a conv's im2col is a strided view of its input), B is the weight
-// in PyTorch's [out, in] layout (row stride ldb), M an optional packed bit mask over B (1 bit per
-// weight, LSB first over the row-major [out, in] matrix; applied while loading tiles, so W*M never
-// exists in memory). blockIdx.z walks a batch with element strides (grouped convolutions).
+// A is fp32: a matrix with any row stride (a plain convolution's im2col is a strided view of its
+// input), or, in implicit-convolution mode (conv_cg > 0), the receptive fields of a grouped and
+// padded 1-D convolution gathered on the fly: A(t, j) = x[stride*t + j / cg - pad, j % cg], zero
+// outside the utterance, so no im2col buffer exists. B is the weight in PyTorch's [out, in] layout.
+// M is an optional packed bit mask over B (1 bit per weight, LSB first over the row-major
+// [out, in] matrix), applied while loading tiles, so W*M never exists in memory. blockIdx.z walks
+// a batch with element strides (the groups of a grouped convolution).
 //
-// gemm_f32:  version 1, 64x64 tiles, BK 16, 256 threads with 4x4 outputs each, fp32 FMA (exact path).
-// gemm_bf16: version 1, 128x128 tiles, BK 32, 8 warps of WMMA 16x16x16 bf16 fragments, fp32
-//            accumulation; A is rounded to bf16 as it is staged, B is stored in bf16.
+// gemm_f32:  version 1. 64x64 tiles, BK 16, 256 threads with 4x4 outputs each, fp32 FMA (the
+//            exact path).
+// gemm_bf16: version 2. 128x128 tiles, BK 32, 8 warps of WMMA 16x16x16 bf16 fragments with fp32
+//            accumulation; tiles double-buffered in shared memory with the next tile's global
+//            loads (16-byte vectors) in flight during the current tile's MMAs; A is rounded to
+//            bf16 as it is staged, B is stored in bf16, masks are applied a byte (8 weights) at a
+//            time. Version 1 (scalar loads, one buffer) reached 51 TFLOP/s on the FFN shape.
 #include "common.cuh"
 #include <mma.h>
 
@@ -18,7 +25,18 @@ struct GemmArgs {
     const float* bias; long batch_bias;  // may be null
     float* c; long ldc; long batch_c;
     int m, n, k, act;
+    int conv_cg, conv_stride, conv_pad, conv_tin;  // implicit convolution when conv_cg > 0
+    int vec;  // 1 when 16-byte vector loads are legal (checked by the host)
 };
+
+// Offset of A(gm, gk) from A's base, or -1 where it reads as zero (outside the matrix, or padding).
+__device__ __forceinline__ long a_offset(const GemmArgs& p, int gm, int gk) {
+    if (gm >= p.m || gk >= p.k) return -1;
+    if (p.conv_cg == 0) return (long)gm * p.lda + gk;
+    int tap = gk / p.conv_cg, ci = gk - tap * p.conv_cg;
+    int s = gm * p.conv_stride + tap - p.conv_pad;
+    return (s >= 0 && s < p.conv_tin) ? (long)s * p.lda + ci : -1;
+}
 
 namespace f32 {
 constexpr int BM = 64, BN = 64, BK = 16;
@@ -36,8 +54,9 @@ extern "C" __global__ void __launch_bounds__(256) gemm_f32(GemmArgs p) {
     float acc[4][4] = {};
     for (int k0 = 0; k0 < p.k; k0 += BK) {
         for (int i = t; i < BM * BK; i += 256) {
-            int r = i / BK, kk = i % BK, gm = m0 + r, gk = k0 + kk;
-            As[kk][r] = (gm < p.m && gk < p.k) ? A[(long)gm * p.lda + gk] : 0.0f;
+            int r = i / BK, kk = i % BK, gk = k0 + kk;
+            long ao = a_offset(p, m0 + r, gk);
+            As[kk][r] = ao >= 0 ? A[ao] : 0.0f;
             int gn = n0 + r;
             float w = (gn < p.n && gk < p.k) ? B[(long)gn * p.ldb + gk] : 0.0f;
             if (p.mask && gn < p.n && gk < p.k && !mask_bit(p.mask, (long)gn * p.k + gk)) w = 0.0f;
@@ -73,15 +92,86 @@ extern "C" __global__ void __launch_bounds__(256) gemm_f32(GemmArgs p) {
 }
 
 namespace bf {
-constexpr int BM = 128, BN = 128, BK = 32, LDS = BK + 8;  // +8 keeps rows 16-byte aligned, skews banks
+constexpr int BM = 128, BN = 128, BK = 32, LDS = BK + 8;  // +8: 80-byte rows, conflict-free fragment loads
+constexpr int TILE = BM * LDS;                            // elements of one A (or B) stage
+}
+
+// The next tile's operands, held in registers while the current tile is multiplied.
+struct Staged {
+    float4 a[4];  // 4 x 4 consecutive k of A rows (fp32)
+    uint4 b[2];   // 2 x 8 consecutive k of B rows (bf16)
+};
+
+__device__ __forceinline__ void load_tile(const GemmArgs& p, const float* A, const __nv_bfloat16* B, int m0, int n0, int k0, int t, Staged& s) {
+    using namespace bf;
+    const float4 zero4 = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        int idx = t + i * 256, r = idx / 8, kq = (idx % 8) * 4;
+        if (p.vec) {
+            long o = a_offset(p, m0 + r, k0 + kq);
+            s.a[i] = o >= 0 ? *reinterpret_cast<const float4*>(A + o) : zero4;
+        } else {
+            float v[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                long o = a_offset(p, m0 + r, k0 + kq + e);
+                v[e] = o >= 0 ? A[o] : 0.0f;
+            }
+            s.a[i] = make_float4(v[0], v[1], v[2], v[3]);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        int idx = t + i * 256, r = idx / 4, kq = (idx % 4) * 8, gn = n0 + r, gk = k0 + kq;
+        uint4 w = make_uint4(0, 0, 0, 0);
+        if (p.vec) {
+            if (gn < p.n && gk < p.k) {
+                w = *reinterpret_cast<const uint4*>(B + (long)gn * p.ldb + gk);
+                if (p.mask) {
+                    // k % 8 == 0 (vec), so these 8 weights are exactly one mask byte.
+                    uint32_t bits = p.mask[((long)gn * p.k + gk) >> 3];
+                    uint32_t* words = reinterpret_cast<uint32_t*>(&w);
+#pragma unroll
+                    for (int q = 0; q < 4; ++q) {
+                        uint32_t keep = ((bits >> (2 * q)) & 1 ? 0x0000FFFFu : 0u) | ((bits >> (2 * q + 1)) & 1 ? 0xFFFF0000u : 0u);
+                        words[q] &= keep;
+                    }
+                }
+            }
+        } else {
+            __nv_bfloat16* h = reinterpret_cast<__nv_bfloat16*>(&w);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                bool in = gn < p.n && gk + e < p.k && !(p.mask && !mask_bit(p.mask, (long)gn * p.k + gk + e));
+                h[e] = in ? B[(long)gn * p.ldb + gk + e] : __float2bfloat16(0.0f);
+            }
+        }
+        s.b[i] = w;
+    }
+}
+
+__device__ __forceinline__ void store_tile(__nv_bfloat16* As, __nv_bfloat16* Bs, int t, const Staged& s) {
+    using namespace bf;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        int idx = t + i * 256, r = idx / 8, kq = (idx % 8) * 4;
+        __nv_bfloat162 lo = __floats2bfloat162_rn(s.a[i].x, s.a[i].y), hi = __floats2bfloat162_rn(s.a[i].z, s.a[i].w);
+        __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(As + r * LDS + kq);
+        dst[0] = lo;
+        dst[1] = hi;
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        int idx = t + i * 256, r = idx / 4, kq = (idx % 4) * 8;
+        *reinterpret_cast<uint4*>(Bs + r * LDS + kq) = s.b[i];
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(256) gemm_bf16(GemmArgs p) {
     using namespace bf;
     using namespace nvcuda;
-    __shared__ __align__(32) __nv_bfloat16 As[BM * LDS];
-    __shared__ __align__(32) __nv_bfloat16 Bs[BN * LDS];
-    __shared__ __align__(32) float stage[8][16 * 16];
+    __shared__ __align__(128) __nv_bfloat16 smem[4 * TILE];  // A stage 0, A stage 1, B stage 0, B stage 1
     const int z = blockIdx.z;
     const float* A = p.a + z * p.batch_a;
     const __nv_bfloat16* B = (const __nv_bfloat16*)p.b + z * p.batch_b;
@@ -93,41 +183,46 @@ extern "C" __global__ void __launch_bounds__(256) gemm_bf16(GemmArgs p) {
     for (int i = 0; i < 4; ++i)
 #pragma unroll
         for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+    Staged s;
+    load_tile(p, A, B, m0, n0, 0, t, s);
+    store_tile(smem, smem + 2 * TILE, t, s);
+    __syncthreads();
+    int cur = 0;
     for (int k0 = 0; k0 < p.k; k0 += BK) {
-        for (int i = t; i < BM * BK; i += 256) {
-            int r = i / BK, kk = i % BK, gm = m0 + r, gk = k0 + kk, gn = n0 + r;
-            As[r * LDS + kk] = __float2bfloat16((gm < p.m && gk < p.k) ? A[(long)gm * p.lda + gk] : 0.0f);
-            __nv_bfloat16 w = (gn < p.n && gk < p.k) ? B[(long)gn * p.ldb + gk] : __float2bfloat16(0.0f);
-            if (p.mask && gn < p.n && gk < p.k && !mask_bit(p.mask, (long)gn * p.k + gk)) w = __float2bfloat16(0.0f);
-            Bs[r * LDS + kk] = w;
-        }
-        __syncthreads();
+        const bool more = k0 + BK < p.k;
+        if (more) load_tile(p, A, B, m0, n0, k0 + BK, t, s);
+        const __nv_bfloat16* As = smem + cur * TILE;
+        const __nv_bfloat16* Bs = smem + (2 + cur) * TILE;
 #pragma unroll
         for (int kk = 0; kk < BK; kk += 16) {
             wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa[4];
             wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> fb[2];
 #pragma unroll
-            for (int i = 0; i < 4; ++i) wmma::load_matrix_sync(fa[i], &As[(wm + i * 16) * LDS + kk], LDS);
+            for (int i = 0; i < 4; ++i) wmma::load_matrix_sync(fa[i], As + (wm + i * 16) * LDS + kk, LDS);
 #pragma unroll
-            for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], &Bs[(wn + j * 16) * LDS + kk], LDS);
+            for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], Bs + (wn + j * 16) * LDS + kk, LDS);
 #pragma unroll
             for (int i = 0; i < 4; ++i)
 #pragma unroll
                 for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
         }
+        if (more) store_tile(smem + (cur ^ 1) * TILE, smem + (2 + (cur ^ 1)) * TILE, t, s);
         __syncthreads();
+        cur ^= 1;
     }
+    // Epilogue through a 16x16 staging tile per warp (reusing the operand buffers).
+    float* stage = reinterpret_cast<float*>(smem) + warp * 256;
     float* C = p.c + z * p.batch_c;
     const float* bias = p.bias ? p.bias + z * p.batch_bias : nullptr;
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-            wmma::store_matrix_sync(stage[warp], acc[i][j], 16, wmma::mem_row_major);
+            wmma::store_matrix_sync(stage, acc[i][j], 16, wmma::mem_row_major);
             __syncwarp();
             for (int e = lane; e < 256; e += 32) {
                 int gm = m0 + wm + i * 16 + e / 16, gn = n0 + wn + j * 16 + e % 16;
-                if (gm < p.m && gn < p.n) C[(long)gm * p.ldc + gn] = apply_act(stage[warp][e] + (bias ? bias[gn] : 0.0f), p.act);
+                if (gm < p.m && gn < p.n) C[(long)gm * p.ldc + gn] = apply_act(stage[e] + (bias ? bias[gn] : 0.0f), p.act);
             }
             __syncwarp();
         }

@@ -176,23 +176,47 @@ fn conv1d_matches_cpu_for_encoder_and_positional_geometries() {
 }
 
 #[test]
-fn attention_matches_cpu() {
-    let Some(be) = gpu(Precision::F32) else { return };
+fn attention_matches_cpu_fp32_and_bf16() {
+    let Some(f32_be) = gpu(Precision::F32) else { return };
+    let Some(bf16_be) = gpu(Precision::Bf16) else { return };
     let cpu = CpuBackend;
-    for (heads, hd, lens) in [(3, 12, vec![1, 65, 200]), (2, 64, vec![130, 7]), (1, 100, vec![33]), (12, 64, vec![749])] {
+    for (heads, hd, lens) in
+        [(3, 12, vec![1, 65, 200]), (2, 64, vec![130, 7]), (1, 100, vec![33]), (12, 64, vec![749]), (2, 32, vec![64, 128])]
+    {
         let seqs = Seqs::new(lens);
         let c = heads * hd;
-        let qkv = host(random(seqs.total() * 3 * c, (heads * hd) as u64, 1.0), &[seqs.total(), 3 * c]);
+        let qkv = host(random(seqs.total() * 3 * c, (heads * hd) as u64, 2.0), &[seqs.total(), 3 * c]);
         let scale = 1.0 / (hd as f32).sqrt();
         let want = cpu.attention(&qkv, &seqs, heads, scale).unwrap();
-        let got = be.attention(&be.upload(&qkv).unwrap(), &seqs, heads, scale).unwrap();
-        assert_close(&format!("attention heads={heads} hd={hd}"), &back(&be, &got), want.f32s().unwrap(), F32_TOL);
+        for (be, tol) in [(&f32_be, F32_TOL), (&bf16_be, 2e-2)] {
+            let got = be.attention(&be.upload(&qkv).unwrap(), &seqs, heads, scale).unwrap();
+            assert_close(&format!("attention heads={heads} hd={hd} {:?}", be.precision()), &back(be, &got), want.f32s().unwrap(), tol);
+        }
     }
 }
 
 fn inputs(model: &str) -> Vec<Vec<f32>> {
     let pre = Preprocessor::load(&fixtures().join(model)).unwrap();
     utterances().iter().map(|p| pre.apply(audio::load(p).unwrap())).collect()
+}
+
+/// Frames where two greedy decodings pick different tokens, and how many of them the reference
+/// called clearly: a top-2 margin of at least 5% of its logit range.
+fn argmax_disagreements(got: &[f32], want: &[f32], vocab: usize) -> (usize, usize) {
+    let range = want.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) - want.iter().fold(f32::INFINITY, |m, &v| m.min(v));
+    let argmax = |f: &[f32]| f.iter().enumerate().fold(0, |b, (i, &v)| if v > f[b] { i } else { b });
+    let (mut all, mut clear) = (0, 0);
+    for (g, w) in got.chunks_exact(vocab).zip(want.chunks_exact(vocab)) {
+        if argmax(g) != argmax(w) {
+            all += 1;
+            let mut sorted = w.to_vec();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            if sorted[0] - sorted[1] >= 0.05 * range {
+                clear += 1;
+            }
+        }
+    }
+    (all, clear)
 }
 
 #[test]
@@ -216,7 +240,16 @@ fn whole_model_matches_transformers_fp32_and_bf16() {
                 assert_close(&format!("{what} alone"), &alone, &want, tol);
                 let r = seqs.range(u);
                 assert_close(&format!("{what} batched vs alone"), &batched[r.start * vocab..r.end * vocab], &alone, 1e-5);
-                assert_eq!(greedy_ids(&alone, vocab, blank), greedy_ids(&want, vocab, blank), "{what}: greedy transcript");
+                if be.precision() == Precision::F32 {
+                    assert_eq!(greedy_ids(&alone, vocab, blank), greedy_ids(&want, vocab, blank), "{what}: greedy transcript");
+                } else {
+                    // bf16 rounding moves logits by ~1% of their scale, so frames the random
+                    // model leaves near a tie may flip; clear frames may not, and flips stay rare.
+                    let (all, clear) = argmax_disagreements(&alone, &want, vocab);
+                    let frames = alone.len() / vocab;
+                    assert_eq!(clear, 0, "{what}: {clear} clearly decided frames changed token");
+                    assert!(all * 50 <= frames, "{what}: {all} of {frames} frames changed token");
+                }
             }
         }
     }

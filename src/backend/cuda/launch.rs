@@ -26,6 +26,24 @@ pub struct GemmArgs {
     pub n: i32,
     pub k: i32,
     pub act: i32,
+    /// Implicit convolution when `conv_cg > 0` (see kernels/gemm.cu).
+    pub conv_cg: i32,
+    pub conv_stride: i32,
+    pub conv_pad: i32,
+    pub conv_tin: i32,
+    /// 1 when 16-byte vector loads are legal; set by [`GemmArgs::with_vector_check`].
+    pub vec: i32,
+}
+
+impl GemmArgs {
+    /// Sets `vec` when every A and B access the kernel makes is 16-byte aligned: K a multiple of
+    /// 8, A rows (and conv group columns) on 4-float boundaries, B rows on 8-element boundaries.
+    pub fn with_vector_check(mut self, b_elem_bytes: u64) -> GemmArgs {
+        let a_ok = self.a % 16 == 0 && self.lda % 4 == 0 && self.batch_a % 4 == 0 && (self.conv_cg == 0 || self.conv_cg % 4 == 0);
+        let b_ok = self.b % 16 == 0 && (self.ldb as u64 * b_elem_bytes) % 16 == 0 && (self.batch_b as u64 * b_elem_bytes) % 16 == 0;
+        self.vec = (self.k % 8 == 0 && a_ok && b_ok) as i32;
+        self
+    }
 }
 
 // SAFETY: plain-old-data with the C layout the kernel expects.

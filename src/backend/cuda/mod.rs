@@ -44,11 +44,18 @@ const FUNCTIONS: &[(&str, &str)] = &[
     ("norm", "add"),
     ("norm", "log_softmax"),
     ("norm", "fill_f32"),
-    ("conv", "im2col_group"),
     ("attention", "attention_hd16"),
     ("attention", "attention_hd32"),
     ("attention", "attention_hd64"),
     ("attention", "attention_hd128"),
+    ("attention", "attention_bf16_hd16"),
+    ("attention", "attention_bf16_hd32"),
+    ("attention", "attention_bf16_hd64"),
+    ("attention", "attention_bf16_hd128"),
+    ("attention", "attention_bf16_hd16_smem"),
+    ("attention", "attention_bf16_hd32_smem"),
+    ("attention", "attention_bf16_hd64_smem"),
+    ("attention", "attention_bf16_hd128_smem"),
     ("mask", "pack_mask"),
     ("mask", "unpack_mask"),
 ];
@@ -57,6 +64,8 @@ pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     funcs: HashMap<&'static str, CudaFunction>,
+    /// Dynamic shared memory of each tensor-core attention kernel, by kernel name.
+    attention_smem: HashMap<&'static str, u32>,
     precision: Precision,
     /// Fill every new output with NaN first (tests: unwritten elements show).
     poison: bool,
@@ -119,7 +128,28 @@ impl CudaBackend {
             let m = modules.get(module).with_context(|| format!("kernel module {module} missing from this build"))?;
             funcs.insert(*func, m.load_function(func).map_err(|e| anyhow!("kernel {func}: {e}"))?);
         }
-        Ok(CudaBackend { ctx, stream, funcs, precision, poison: false })
+        let mut be = CudaBackend { ctx, stream, funcs, attention_smem: HashMap::new(), precision, poison: false };
+        be.size_attention_kernels()?;
+        Ok(be)
+    }
+
+    /// Asks each tensor-core attention kernel's companion for its shared-memory layout size
+    /// (defined once, in attention.cu) and allows that much dynamic shared memory.
+    fn size_attention_kernels(&mut self) -> Result<()> {
+        for name in ["attention_bf16_hd16", "attention_bf16_hd32", "attention_bf16_hd64", "attention_bf16_hd128"] {
+            let out = self.stream.alloc_zeros::<i32>(1).map_err(|e| anyhow!("GPU allocation: {e}"))?;
+            let p = out.device_ptr(&self.stream).0;
+            let query = self.funcs.get(format!("{name}_smem").as_str()).with_context(|| format!("kernel {name}_smem missing"))?;
+            self.launcher().launch(query, launch::config((1, 1, 1), 1), |b| {
+                b.arg(&p);
+            })?;
+            let bytes = self.stream.clone_dtoh(&out).map_err(|e| anyhow!("CUDA copy: {e}"))?[0];
+            self.funcs[name]
+                .set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes)
+                .map_err(|e| anyhow!("{name}: cannot allow {bytes} bytes of shared memory: {e}"))?;
+            self.attention_smem.insert(name, bytes as u32);
+        }
+        Ok(())
     }
 
     /// The stream every kernel runs on (benchmarks queue comparison work on it).
@@ -205,7 +235,7 @@ impl CudaBackend {
             DType::BF16 => ("gemm_bf16", 128),
             other => bail!("GEMM weights in {other:?} are not supported"),
         };
-        self.launcher().gemm(self.func(name), args, tile, batch)
+        self.launcher().gemm(self.func(name), args.with_vector_check(b_dtype.size_of() as u64), tile, batch)
     }
 
     /// Packs a 0/1 f32 mask tensor on the device into bits (see [`crate::mask`]).
@@ -411,61 +441,33 @@ impl Backend for CudaBackend {
         let og = c_out / groups;
         let out = self.empty(&[seqs_out.total(), c_out], DType::F32)?;
         let (px, pw, po) = (self.ptr(x)?, self.ptr(w)?, self.ptr(&out)?);
-        let pbias = b.map(|b| self.ptr(b)).transpose()?.unwrap_or(0);
-        let wsize = w.dtype().size_of() as u64;
-        let kc = kernel * cg;
-        let mut scratch: Option<Tensor> = None;
+        let kc = (kernel * cg) as i64;
+        // One implicit-GEMM launch per utterance, the groups along z: no im2col buffer.
         for u in 0..seqs_in.count() {
-            let (t_in, t_out) = (seqs_in.lens()[u], seqs_out.lens()[u]);
-            if t_out == 0 {
-                continue;
-            }
-            let x_u = px + (seqs_in.range(u).start * c_in * 4) as u64;
-            let out_u = po + (seqs_out.range(u).start * c_out * 4) as u64;
-            let base = GemmArgs { m: t_out as i32, act: act as i32, ldc: c_out as i64, ..GemmArgs::default() };
-            if groups == 1 && pad_left == 0 && stride * (t_out - 1) + kernel <= t_in {
-                // im2col as a strided view of the input.
-                let args = GemmArgs {
-                    a: x_u,
-                    lda: (stride * c_in) as i64,
-                    b: pw,
-                    ldb: kc as i64,
-                    bias: pbias,
-                    c: out_u,
-                    n: c_out as i32,
-                    k: kc as i32,
-                    ..base
-                };
-                self.gemm(args, w.dtype(), 1)?;
-                continue;
-            }
-            let need = t_out * kc;
-            if scratch.as_ref().is_none_or(|s| s.numel() < need) {
-                scratch = Some(self.empty(&[need], DType::F32)?);
-            }
-            let pcols = self.ptr(scratch.as_ref().unwrap())?;
-            for g in 0..groups {
-                let ints = [t_in, c_in, g, cg, kernel, stride, pad_left, t_out].map(|v| v as i32);
-                self.launcher().elementwise(self.func("im2col_group"), need, |l| {
-                    l.arg(&x_u);
-                    for v in &ints[..7] {
-                        l.arg(v);
-                    }
-                    l.arg(&pcols).arg(&ints[7]);
-                })?;
-                let args = GemmArgs {
-                    a: pcols,
-                    lda: kc as i64,
-                    b: pw + (g * og * kc) as u64 * wsize,
-                    ldb: kc as i64,
-                    bias: if pbias == 0 { 0 } else { pbias + (g * og * 4) as u64 },
-                    c: out_u + (g * og * 4) as u64,
-                    n: og as i32,
-                    k: kc as i32,
-                    ..base
-                };
-                self.gemm(args, w.dtype(), 1)?;
-            }
+            let t_out = seqs_out.lens()[u];
+            let args = GemmArgs {
+                a: px + (seqs_in.range(u).start * c_in * 4) as u64,
+                lda: c_in as i64,
+                batch_a: cg as i64,
+                b: pw,
+                ldb: kc,
+                batch_b: og as i64 * kc,
+                bias: b.map(|b| self.ptr(b)).transpose()?.unwrap_or(0),
+                batch_bias: og as i64,
+                c: po + (seqs_out.range(u).start * c_out * 4) as u64,
+                ldc: c_out as i64,
+                batch_c: og as i64,
+                m: t_out as i32,
+                n: og as i32,
+                k: kc as i32,
+                act: act as i32,
+                conv_cg: cg as i32,
+                conv_stride: stride as i32,
+                conv_pad: pad_left as i32,
+                conv_tin: seqs_in.lens()[u] as i32,
+                ..GemmArgs::default()
+            };
+            self.gemm(args, w.dtype(), groups)?;
         }
         Ok(out)
     }
@@ -479,19 +481,29 @@ impl Backend for CudaBackend {
         );
         let c = c3 / 3;
         let hd = c / heads;
-        let name = match hd {
-            0..=16 => "attention_hd16",
-            17..=32 => "attention_hd32",
-            33..=64 => "attention_hd64",
-            65..=128 => "attention_hd128",
+        // Kernels exist for head sizes padded to 16, 32, 64, 128.
+        let size_class = match hd {
+            0..=16 => 0,
+            17..=32 => 1,
+            33..=64 => 2,
+            65..=128 => 3,
             _ => bail!("attention: head size {hd} is larger than the kernels support (128)"),
+        };
+        // fp32: one thread per query (exact path); bf16: tensor cores, 4 warps per 64 queries.
+        let (name, threads, smem): (&str, u32, u32) = match self.precision {
+            Precision::F32 => (["attention_hd16", "attention_hd32", "attention_hd64", "attention_hd128"][size_class], 64, 0),
+            Precision::Bf16 => {
+                let name = ["attention_bf16_hd16", "attention_bf16_hd32", "attention_bf16_hd64", "attention_bf16_hd128"][size_class];
+                (name, 128, self.attention_smem[name])
+            }
         };
         let out = self.empty(&[seqs.total(), c], DType::F32)?;
         let offsets = self.offsets(seqs)?;
         let longest = seqs.lens().iter().copied().max().unwrap_or(0);
         let (pq, po, poff) = (self.ptr(qkv)?, self.ptr(&out)?, offsets.device_ptr(&self.stream).0);
         let (c_i, hd_i) = (c as i32, hd as i32);
-        let cfg = launch::config((longest.div_ceil(64).max(1) as u32, heads as u32, seqs.count() as u32), 64);
+        let mut cfg = launch::config((longest.div_ceil(64).max(1) as u32, heads as u32, seqs.count() as u32), threads);
+        cfg.shared_mem_bytes = smem;
         self.launcher().launch(self.func(name), cfg, |b| {
             b.arg(&pq).arg(&po).arg(&poff).arg(&c_i).arg(&hd_i).arg(&scale);
         })?;
