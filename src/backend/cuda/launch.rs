@@ -39,8 +39,10 @@ impl GemmArgs {
     /// Sets `vec` when every A and B access the kernel makes is 16-byte aligned: K a multiple of
     /// 8, A rows (and conv group columns) on 4-float boundaries, B rows on 8-element boundaries.
     pub fn with_vector_check(mut self, b_elem_bytes: u64) -> GemmArgs {
-        let a_ok = self.a % 16 == 0 && self.lda % 4 == 0 && self.batch_a % 4 == 0 && (self.conv_cg == 0 || self.conv_cg % 4 == 0);
-        let b_ok = self.b % 16 == 0 && (self.ldb as u64 * b_elem_bytes) % 16 == 0 && (self.batch_b as u64 * b_elem_bytes) % 16 == 0;
+        let a_ok = self.a.is_multiple_of(16) && self.lda % 4 == 0 && self.batch_a % 4 == 0 && (self.conv_cg == 0 || self.conv_cg % 4 == 0);
+        let b_ok = self.b.is_multiple_of(16)
+            && (self.ldb as u64 * b_elem_bytes).is_multiple_of(16)
+            && (self.batch_b as u64 * b_elem_bytes).is_multiple_of(16);
         self.vec = (self.k % 8 == 0 && a_ok && b_ok) as i32;
         self
     }
