@@ -51,6 +51,8 @@ fn main() {
     }
     let f32_be = CudaBackend::new(0, Precision::F32).unwrap();
     let bf16_be = CudaBackend::new(0, Precision::Bf16).unwrap();
+    let mut wmma_be = CudaBackend::new(0, Precision::Bf16).unwrap();
+    wmma_be.set_mma_sync(false);
     let mut rows = Vec::new();
     let (m, k, n) = (FRAMES, 768, 3072);
     let flops = 2.0 * (m * n * k) as f64;
@@ -59,10 +61,9 @@ fn main() {
     let w = Tensor::from_vec(random(n * k, 2), &[n, k]);
     let keep: Vec<bool> = random(n * k, 3).iter().map(|&v| v > -0.4).collect(); // 10% dropped
     let bits = s3router::mask::pack(&keep);
-    for be in [&f32_be, &bf16_be] {
+    for (p, be) in [("f32", &f32_be), ("bf16 wmma (v2)", &wmma_be), ("bf16 mma.sync (v3)", &bf16_be)] {
         let (gx, gw) = (be.upload(&x).unwrap(), be.prepare_linear_weight(&w).unwrap());
         let gm = be.upload_mask(&bits).unwrap();
-        let p = format!("{:?}", be.precision()).to_lowercase();
         let ms = time_ms(be, 20, || drop(be.linear(&gx, &gw, None, Activation::Identity).unwrap()));
         rows.push(Row(format!("ffn gemm dense {p} {m}x{k}x{n}"), ms, tf(ms)));
         let ms = time_ms(be, 20, || drop(be.linear_masked(&gx, &gw, &gm, None, Activation::Identity).unwrap()));
@@ -99,11 +100,10 @@ fn main() {
     // Attention, layer norm, feature-encoder conv 1, positional conv.
     let seqs = Seqs::new(vec![749; 8]);
     let qkv_host = Tensor::from_vec(random(FRAMES * 3 * 768, 4), &[FRAMES, 3 * 768]);
-    for be in [&f32_be, &bf16_be] {
+    for (p, be) in [("f32", &f32_be), ("bf16 wmma (v1)", &wmma_be), ("bf16 mma.sync (v2)", &bf16_be)] {
         let qkv = be.upload(&qkv_host).unwrap();
         let ms = time_ms(be, 10, || drop(be.attention(&qkv, &seqs, 12, 0.125).unwrap()));
         let att_flops = 4.0 * 8.0 * 12.0 * 749.0 * 749.0 * 64.0;
-        let p = format!("{:?}", be.precision()).to_lowercase();
         rows.push(Row(format!("attention {p} b8 h12 t749 d64"), ms, format!("{:.1} TFLOP/s", att_flops / ms / 1e9)));
     }
     let be = &f32_be;
@@ -114,8 +114,7 @@ fn main() {
         drop(be.layer_norm(h.clone(), Some(&h), NormParams { gamma: &g, beta: &bta, eps: 1e-5 }, Activation::Identity).unwrap())
     });
     rows.push(Row("layer_norm+residual 5992x768".into(), ms, format!("{:.0} GB/s", 3.0 * (FRAMES * 768 * 4) as f64 / ms / 1e6)));
-    for be in [&f32_be, &bf16_be] {
-        let p = format!("{:?}", be.precision()).to_lowercase();
+    for (p, be) in [("f32", &f32_be), ("bf16 wmma (v2)", &wmma_be), ("bf16 mma.sync (v3)", &bf16_be)] {
         let t_in = 47_999;
         let seqs_in = Seqs::new(vec![t_in; 8]);
         let seqs_out = Seqs::new(vec![(t_in - 3) / 2 + 1; 8]);

@@ -197,3 +197,142 @@ ATTENTION_BF16(16)
 ATTENTION_BF16(32)
 ATTENTION_BF16(64)
 ATTENTION_BF16(128)
+
+// attention_bf16_mma_hd{16,32,64,128}: version 2 of the tensor-core path, FlashAttention-2 style.
+// One block of 4 warps per (64 queries, head, utterance); each warp owns 16 query rows and keeps
+// everything in registers: S = Q Kᵀ from mma.sync m16n8k16 (Q and K fragments via ldmatrix),
+// the online softmax on the S accumulators (each lane holds two rows; row statistics reduced over
+// the 4 lanes of a quad), P re-packed in registers as the A operand of P V, V fragments via
+// ldmatrix.trans, and the output accumulators rescaled per row. K and V tiles of 64 keys go
+// through shared memory (converted from fp32 as they are staged).
+template <int HD>
+struct MmaAttnSmem {
+    static constexpr int BQ = 64, BKV = 64, LD = HD + 8;  // +8 bf16: conflict-free ldmatrix rows
+    static constexpr int BYTES = (BQ + 2 * BKV) * LD * 2;
+};
+
+template <int HD>
+__device__ void attention_bf16_mma_impl(const float* qkv, float* out, const int* offsets, int c, int hd, float scale) {
+    using L = MmaAttnSmem<HD>;
+    extern __shared__ __align__(128) unsigned char smem[];
+    __nv_bfloat16* Qs = reinterpret_cast<__nv_bfloat16*>(smem);
+    __nv_bfloat16* Ks = Qs + L::BQ * L::LD;
+    __nv_bfloat16* Vs = Ks + L::BKV * L::LD;
+    const int u = blockIdx.z, h = blockIdx.y, t = threadIdx.x, warp = t / 32, lane = t % 32, g = lane / 4, tq = lane % 4;
+    const int start = offsets[u], len = offsets[u + 1] - start, q0 = blockIdx.x * L::BQ;
+    if (q0 >= len) return;
+    const long row3 = 3L * c;
+    for (int i = t; i < L::BQ * HD; i += 128) {
+        int r = i / HD, d = i % HD;
+        bool in = q0 + r < len && d < hd;
+        Qs[r * L::LD + d] = __float2bfloat16(in ? qkv[(start + q0 + r) * row3 + h * hd + d] * scale : 0.0f);
+    }
+    __syncthreads();
+    unsigned qf[HD / 16][4];
+#pragma unroll
+    for (int kc = 0; kc < HD / 16; ++kc) ldmatrix_x4(qf[kc], Qs + (warp * 16 + lane % 16) * L::LD + kc * 16 + (lane / 16) * 8);
+    float o[HD / 8][4] = {};
+    float m_row[2] = {-INFINITY, -INFINITY}, l_row[2] = {0.0f, 0.0f};  // rows g and g + 8 (l: this lane's partial sum)
+    for (int j0 = 0; j0 < len; j0 += L::BKV) {
+        __syncthreads();  // everyone is done with the previous K and V tiles
+        for (int i = t; i < L::BKV * HD; i += 128) {
+            int r = i / HD, d = i % HD;
+            bool in = j0 + r < len && d < hd;
+            long base = (long)(start + j0 + r) * row3 + h * hd + d;
+            Ks[r * L::LD + d] = __float2bfloat16(in ? qkv[base + c] : 0.0f);
+            Vs[r * L::LD + d] = __float2bfloat16(in ? qkv[base + 2 * c] : 0.0f);
+        }
+        __syncthreads();
+        float s[L::BKV / 8][4] = {};
+#pragma unroll
+        for (int kc = 0; kc < HD / 16; ++kc)
+#pragma unroll
+            for (int nj = 0; nj < L::BKV / 16; ++nj) {
+                unsigned kf[4];
+                ldmatrix_x4(kf, Ks + (nj * 16 + (lane % 8) + (lane / 16) * 8) * L::LD + kc * 16 + ((lane / 8) % 2) * 8);
+                mma_bf16(s[2 * nj], qf[kc], kf[0], kf[1]);
+                mma_bf16(s[2 * nj + 1], qf[kc], kf[2], kf[3]);
+            }
+        // Online softmax: lane holds s[nt][0..1] (row g) and s[nt][2..3] (row g + 8).
+        float tmax[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int nt = 0; nt < L::BKV / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                int key = j0 + nt * 8 + tq * 2 + (e & 1);
+                if (key >= len) s[nt][e] = -INFINITY;
+                tmax[e / 2] = fmaxf(tmax[e / 2], s[nt][e]);
+            }
+        float corr[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 1));
+            tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 2));
+            float m_new = fmaxf(m_row[r], tmax[r]);
+            corr[r] = expf(m_row[r] - m_new);
+            m_row[r] = m_new;
+            l_row[r] *= corr[r];
+        }
+#pragma unroll
+        for (int dt = 0; dt < HD / 8; ++dt) {
+            o[dt][0] *= corr[0];
+            o[dt][1] *= corr[0];
+            o[dt][2] *= corr[1];
+            o[dt][3] *= corr[1];
+        }
+        // P = exp(S - m) in bf16, summed as rounded (what the MMA multiplies), packed as A fragments.
+        unsigned pf[L::BKV / 16][4];
+#pragma unroll
+        for (int nt = 0; nt < L::BKV / 8; ++nt) {
+            __nv_bfloat162 lo = __floats2bfloat162_rn(expf(s[nt][0] - m_row[0]), expf(s[nt][1] - m_row[0]));
+            __nv_bfloat162 hi = __floats2bfloat162_rn(expf(s[nt][2] - m_row[1]), expf(s[nt][3] - m_row[1]));
+            l_row[0] += __low2float(lo) + __high2float(lo);
+            l_row[1] += __low2float(hi) + __high2float(hi);
+            // Key chunk nt / 2: tile 2c gives registers 0 (row g) and 1 (row g + 8), tile 2c + 1 gives 2 and 3.
+            pf[nt / 2][(nt % 2) * 2] = *reinterpret_cast<unsigned*>(&lo);
+            pf[nt / 2][(nt % 2) * 2 + 1] = *reinterpret_cast<unsigned*>(&hi);
+        }
+#pragma unroll
+        for (int kc = 0; kc < L::BKV / 16; ++kc)
+#pragma unroll
+            for (int dj = 0; dj < HD / 16; ++dj) {
+                unsigned vf[4];
+                unsigned addr = (unsigned)__cvta_generic_to_shared(Vs + (kc * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * L::LD + dj * 16 + (lane / 16) * 8);
+                asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                             : "=r"(vf[0]), "=r"(vf[1]), "=r"(vf[2]), "=r"(vf[3]) : "r"(addr));
+                mma_bf16(o[2 * dj], pf[kc], vf[0], vf[1]);
+                mma_bf16(o[2 * dj + 1], pf[kc], vf[2], vf[3]);
+            }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        l_row[r] += __shfl_xor_sync(0xffffffffu, l_row[r], 1);
+        l_row[r] += __shfl_xor_sync(0xffffffffu, l_row[r], 2);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        int q = q0 + warp * 16 + g + r * 8;
+        if (q >= len) continue;
+        float inv = 1.0f / l_row[r];
+        float* dst = out + (long)(start + q) * c + h * hd;
+#pragma unroll
+        for (int dt = 0; dt < HD / 8; ++dt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                int d = dt * 8 + tq * 2 + e;
+                if (d < hd) dst[d] = o[dt][r * 2 + e] * inv;
+            }
+    }
+}
+
+#define ATTENTION_BF16_MMA(HD)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(128) attention_bf16_mma_hd##HD(const float* qkv, float* out,      \
+                                                                                const int* offsets, int c, int hd, \
+                                                                                float scale) {                     \
+        attention_bf16_mma_impl<HD>(qkv, out, offsets, c, hd, scale);                                              \
+    }                                                                                                              \
+    extern "C" __global__ void attention_bf16_mma_hd##HD##_smem(int* bytes) { *bytes = MmaAttnSmem<HD>::BYTES; }
+ATTENTION_BF16_MMA(16)
+ATTENTION_BF16_MMA(32)
+ATTENTION_BF16_MMA(64)
+ATTENTION_BF16_MMA(128)

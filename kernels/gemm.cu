@@ -10,7 +10,11 @@
 //
 // gemm_f32:  version 1. 64x64 tiles, BK 16, 256 threads with 4x4 outputs each, fp32 FMA (the
 //            exact path).
-// gemm_bf16: version 2. 128x128 tiles, BK 32, 8 warps of WMMA 16x16x16 bf16 fragments with fp32
+// gemm_bf16_mma: version 3, the fast path when A is already bf16 and rows are 16-byte aligned.
+//            128x128x32 tiles, 4 warps of 64x64, mma.sync m16n8k16 fed by ldmatrix, a 4-stage
+//            cp.async pipeline (zero-filled out of bounds); masks travel with each stage as one
+//            32-bit word per weight row and are applied to the B fragments in registers.
+// gemm_bf16: version 2, the general path (any K, fp32 A, layer 0's 1-channel conv). 128x128 tiles, BK 32, 8 warps of WMMA 16x16x16 bf16 fragments with fp32
 //            accumulation; tiles double-buffered in shared memory with the next tile's global
 //            loads (16-byte vectors) in flight during the current tile's MMAs; A is rounded to
 //            bf16 as it is staged, B is stored in bf16, masks are applied a byte (8 weights) at a
@@ -19,7 +23,7 @@
 #include <mma.h>
 
 struct GemmArgs {
-    const float* a; long lda; long batch_a;
+    const void* a; long lda; long batch_a;  // fp32, except bf16 for gemm_bf16_mma
     const void* b; long ldb; long batch_b;
     const uint8_t* mask;  // may be null
     const float* bias; long batch_bias;  // may be null
@@ -47,7 +51,7 @@ extern "C" __global__ void __launch_bounds__(256) gemm_f32(GemmArgs p) {
     __shared__ float As[BK][BM + 4];
     __shared__ float Bs[BK][BN + 4];
     const int z = blockIdx.z;
-    const float* A = p.a + z * p.batch_a;
+    const float* A = (const float*)p.a + z * p.batch_a;
     const float* B = (const float*)p.b + z * p.batch_b;
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN, t = threadIdx.x;
     const int ty = t / 16, tx = t % 16;
@@ -173,7 +177,7 @@ extern "C" __global__ void __launch_bounds__(256) gemm_bf16(GemmArgs p) {
     using namespace nvcuda;
     __shared__ __align__(128) __nv_bfloat16 smem[4 * TILE];  // A stage 0, A stage 1, B stage 0, B stage 1
     const int z = blockIdx.z;
-    const float* A = p.a + z * p.batch_a;
+    const float* A = (const float*)p.a + z * p.batch_a;
     const __nv_bfloat16* B = (const __nv_bfloat16*)p.b + z * p.batch_b;
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN, t = threadIdx.x;
     const int warp = t / 32, lane = t % 32;
@@ -227,3 +231,120 @@ extern "C" __global__ void __launch_bounds__(256) gemm_bf16(GemmArgs p) {
             __syncwarp();
         }
 }
+
+namespace v3 {
+constexpr int BM = 128, BN = 128, BK = 32, STAGES = 4, LDS = BK + 8;  // 80-byte rows: conflict-free ldmatrix
+constexpr int A_ELEMS = BM * LDS, B_ELEMS = BN * LDS;
+constexpr int STAGE_BYTES = (A_ELEMS + B_ELEMS) * 2 + BN * 4;       // A, B, one mask word per B row
+constexpr int SMEM_BYTES = STAGES * STAGE_BYTES;
+}
+
+__device__ __forceinline__ void cp_async(void* smem, const void* gmem, int bytes, bool pred) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    int src = pred ? bytes : 0;
+    if (bytes == 16)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src));
+    else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(gmem), "r"(src));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// Keep-mask for a register of two bf16 weights whose mask bits are the low two bits of `bits`.
+__device__ __forceinline__ unsigned pair_mask(unsigned bits) { return ((bits & 1) ? 0x0000FFFFu : 0u) | ((bits & 2) ? 0xFFFF0000u : 0u); }
+
+__device__ __forceinline__ void v3_load_stage(const GemmArgs& p, const __nv_bfloat16* A, const __nv_bfloat16* B, unsigned char* stage, int m0,
+                                              int n0, int k0, int t) {
+    using namespace v3;
+    __nv_bfloat16* As = reinterpret_cast<__nv_bfloat16*>(stage);
+    __nv_bfloat16* Bs = As + A_ELEMS;
+    unsigned* Ms = reinterpret_cast<unsigned*>(Bs + B_ELEMS);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        int idx = t + i * 128, r = idx / 4, ch = (idx % 4) * 8;
+        long ao = a_offset(p, m0 + r, k0 + ch);
+        cp_async(As + r * LDS + ch, ao >= 0 ? (const void*)(A + ao) : (const void*)A, 16, ao >= 0);
+        int gn = n0 + r, gk = k0 + ch;
+        bool bin = gn < p.n && gk < p.k;
+        cp_async(Bs + r * LDS + ch, bin ? (const void*)(B + (long)gn * p.ldb + gk) : (const void*)B, 16, bin);
+    }
+    if (p.mask) {  // K % 32 == 0 here: a stage's 32 bits of row n are one aligned word
+        int gn = n0 + t;
+        bool in = gn < p.n && k0 < p.k;
+        cp_async(Ms + t, in ? (const void*)(p.mask + (((long)gn * p.k + k0) >> 3)) : (const void*)p.mask, 4, in);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128) gemm_bf16_mma(GemmArgs p) {
+    using namespace v3;
+    extern __shared__ __align__(128) unsigned char smem[];
+    const int z = blockIdx.z;
+    const __nv_bfloat16* A = (const __nv_bfloat16*)p.a + z * p.batch_a;
+    const __nv_bfloat16* B = (const __nv_bfloat16*)p.b + z * p.batch_b;
+    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN, t = threadIdx.x;
+    const int warp = t / 32, lane = t % 32, g = lane / 4, tq = lane % 4;
+    const int wm = (warp / 2) * 64, wn = (warp % 2) * 64;
+    float acc[4][8][4] = {};
+    const int kt_count = (p.k + BK - 1) / BK;
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < kt_count) v3_load_stage(p, A, B, smem + s * STAGE_BYTES, m0, n0, s * BK, t);
+        cp_commit();
+    }
+    for (int kt = 0; kt < kt_count; ++kt) {
+        cp_wait<STAGES - 2>();
+        __syncthreads();
+        const int next = kt + STAGES - 1;
+        if (next < kt_count) v3_load_stage(p, A, B, smem + (next % STAGES) * STAGE_BYTES, m0, n0, next * BK, t);
+        cp_commit();
+        const unsigned char* stage = smem + (kt % STAGES) * STAGE_BYTES;
+        const __nv_bfloat16* As = reinterpret_cast<const __nv_bfloat16*>(stage);
+        const __nv_bfloat16* Bs = As + A_ELEMS;
+        const unsigned* Ms = reinterpret_cast<const unsigned*>(Bs + B_ELEMS);
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += 16) {
+            unsigned af[4][4], bfr[4][4];
+#pragma unroll
+            for (int mi = 0; mi < 4; ++mi) ldmatrix_x4(af[mi], As + (wm + mi * 16 + lane % 16) * LDS + kk + (lane / 16) * 8);
+#pragma unroll
+            for (int nj = 0; nj < 4; ++nj)
+                ldmatrix_x4(bfr[nj], Bs + (wn + nj * 16 + (lane % 8) + (lane / 16) * 8) * LDS + kk + ((lane / 8) % 2) * 8);
+            if (p.mask) {
+#pragma unroll
+                for (int nj = 0; nj < 4; ++nj)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {  // the two n8 tiles of this ldmatrix
+                        unsigned w = Ms[wn + nj * 16 + h * 8 + g];
+                        bfr[nj][2 * h] &= pair_mask(w >> (kk + tq * 2));
+                        bfr[nj][2 * h + 1] &= pair_mask(w >> (kk + 8 + tq * 2));
+                    }
+            }
+#pragma unroll
+            for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+                for (int nj = 0; nj < 4; ++nj) {
+                    mma_bf16(acc[mi][2 * nj], af[mi], bfr[nj][0], bfr[nj][1]);
+                    mma_bf16(acc[mi][2 * nj + 1], af[mi], bfr[nj][2], bfr[nj][3]);
+                }
+        }
+    }
+    cp_wait<0>();
+    float* C = p.c + z * p.batch_c;
+    const float* bias = p.bias ? p.bias + z * p.batch_bias : nullptr;
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                int gm = m0 + wm + mi * 16 + g + half * 8;
+                int gn = n0 + wn + nt * 8 + tq * 2;
+                if (gm >= p.m) continue;
+                float* row = C + (long)gm * p.ldc;
+                if (gn < p.n) row[gn] = apply_act(acc[mi][nt][2 * half] + (bias ? bias[gn] : 0.0f), p.act);
+                if (gn + 1 < p.n) row[gn + 1] = apply_act(acc[mi][nt][2 * half + 1] + (bias ? bias[gn + 1] : 0.0f), p.act);
+            }
+}
+
+extern "C" __global__ void gemm_bf16_mma_smem(int* bytes) { *bytes = v3::SMEM_BYTES; }

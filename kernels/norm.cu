@@ -86,3 +86,8 @@ extern "C" __global__ void log_softmax(const float* x, float* out, int rows, int
 extern "C" __global__ void fill_f32(float* x, float v, long n) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) x[i] = v;
 }
+
+// fp32 -> bf16 (round to nearest even): GEMM operands for the tensor-core path.
+extern "C" __global__ void to_bf16(const float* x, __nv_bfloat16* y, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) y[i] = __float2bfloat16(x[i]);
+}

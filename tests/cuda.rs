@@ -33,6 +33,14 @@ fn gpu(precision: Precision) -> Option<CudaBackend> {
     Some(be)
 }
 
+/// The bf16 backend twice: with the mma.sync GEMM (default) and with the WMMA GEMM only.
+fn bf16_backends() -> Vec<CudaBackend> {
+    let Some(fast) = gpu(Precision::Bf16) else { return vec![] };
+    let mut wmma = gpu(Precision::Bf16).unwrap();
+    wmma.set_mma_sync(false);
+    vec![fast, wmma]
+}
+
 fn host(v: Vec<f32>, shape: &[usize]) -> Tensor {
     Tensor::from_vec(v, shape)
 }
@@ -65,20 +73,23 @@ fn linear_matches_cpu_for_awkward_shapes() {
 
 #[test]
 fn masked_linear_equals_linear_on_masked_weights() {
-    let Some(be) = gpu(Precision::F32) else { return };
-    let Some(bf) = gpu(Precision::Bf16) else { return };
+    let Some(f32_be) = gpu(Precision::F32) else { return };
+    let bf16 = bf16_backends();
     let cpu = CpuBackend;
-    let (n, d_in, d_out) = (77, 131, 61);
-    let x = host(random(n * d_in, 1, 1.0), &[n, d_in]);
-    let w = random(d_out * d_in, 2, 0.2);
-    let keep: Vec<bool> = random(d_out * d_in, 3, 1.0).iter().map(|&v| v > -0.4).collect();
-    let masked: Vec<f32> = w.iter().zip(&keep).map(|(w, &k)| if k { *w } else { 0.0 }).collect();
-    let want = cpu.linear(&x, &cpu.prepare_linear_weight(&host(masked, &[d_out, d_in])).unwrap(), None, Activation::Gelu).unwrap();
-    let bits = s3router::mask::pack(&keep);
-    for (be, tol) in [(&be, F32_TOL), (&bf, 1e-2)] {
-        let gw = be.prepare_linear_weight(&host(w.clone(), &[d_out, d_in])).unwrap();
-        let got = be.linear_masked(&be.upload(&x).unwrap(), &gw, &be.upload_mask(&bits).unwrap(), None, Activation::Gelu).unwrap();
-        assert_close(&format!("masked linear {:?}", be.precision()), &back(be, &got), want.f32s().unwrap(), tol);
+    // K = 131: general kernels only; K = 96: the mma.sync kernel's masked path.
+    for (n, d_in, d_out) in [(77, 131, 61), (77, 96, 61), (300, 768, 3072)] {
+        let x = host(random(n * d_in, 1, 1.0), &[n, d_in]);
+        let w = random(d_out * d_in, 2, 0.2);
+        let keep: Vec<bool> = random(d_out * d_in, 3, 1.0).iter().map(|&v| v > -0.4).collect();
+        let masked: Vec<f32> = w.iter().zip(&keep).map(|(w, &k)| if k { *w } else { 0.0 }).collect();
+        let want = cpu.linear(&x, &cpu.prepare_linear_weight(&host(masked, &[d_out, d_in])).unwrap(), None, Activation::Gelu).unwrap();
+        let bits = s3router::mask::pack(&keep);
+        for (i, be) in std::iter::once(&f32_be).chain(&bf16).enumerate() {
+            let tol = if i == 0 { F32_TOL } else { 1e-2 };
+            let gw = be.prepare_linear_weight(&host(w.clone(), &[d_out, d_in])).unwrap();
+            let got = be.linear_masked(&be.upload(&x).unwrap(), &gw, &be.upload_mask(&bits).unwrap(), None, Activation::Gelu).unwrap();
+            assert_close(&format!("masked linear {n}x{d_in}x{d_out} backend {i}"), &back(be, &got), want.f32s().unwrap(), tol);
+        }
     }
 }
 
@@ -99,14 +110,17 @@ fn mask_pack_and_unpack_match_the_cpu_format() {
 
 #[test]
 fn bf16_linear_is_close() {
-    let Some(be) = gpu(Precision::Bf16) else { return };
     let cpu = CpuBackend;
-    for (i, &(n, d_in, d_out)) in [(1, 16, 8), (300, 768, 3072), (129, 67, 130)].iter().enumerate() {
-        let x = host(random(n * d_in, 10 + i as u64, 1.0), &[n, d_in]);
-        let w = host(random(d_out * d_in, 20 + i as u64, 0.1), &[d_out, d_in]);
-        let want = cpu.linear(&x, &cpu.prepare_linear_weight(&w).unwrap(), None, Activation::Identity).unwrap();
-        let got = be.linear(&be.upload(&x).unwrap(), &be.prepare_linear_weight(&w).unwrap(), None, Activation::Identity).unwrap();
-        assert_close(&format!("bf16 linear {n}x{d_in}x{d_out}"), &back(&be, &got), want.f32s().unwrap(), 1e-2);
+    for (v, be) in bf16_backends().iter().enumerate() {
+        for (i, &(n, d_in, d_out)) in [(1, 16, 8), (300, 768, 3072), (129, 67, 130), (129, 64, 130), (5992, 3072, 768)].iter().enumerate() {
+            let x = host(random(n * d_in, 10 + i as u64, 1.0), &[n, d_in]);
+            let w = host(random(d_out * d_in, 20 + i as u64, 0.1), &[d_out, d_in]);
+            let b = host(random(d_out, 30 + i as u64, 0.5), &[d_out]);
+            let want = cpu.linear(&x, &cpu.prepare_linear_weight(&w).unwrap(), Some(&b), Activation::Gelu).unwrap();
+            let got =
+                be.linear(&be.upload(&x).unwrap(), &be.prepare_linear_weight(&w).unwrap(), Some(&be.upload(&b).unwrap()), Activation::Gelu).unwrap();
+            assert_close(&format!("bf16 linear {n}x{d_in}x{d_out} variant {v}"), &back(be, &got), want.f32s().unwrap(), 1e-2);
+        }
     }
 }
 
@@ -140,14 +154,17 @@ fn norms_add_and_log_softmax_match_cpu() {
 
 #[test]
 fn conv1d_matches_cpu_for_encoder_and_positional_geometries() {
-    let Some(be) = gpu(Precision::F32) else { return };
+    let Some(f32_be) = gpu(Precision::F32) else { return };
+    let bf16 = bf16_backends();
     let cpu = CpuBackend;
-    // (c_in, c_out, kernel, stride, pad, groups, input lengths)
+    // (c_in, c_out, kernel, stride, pad, groups, input lengths); the last two fit the mma.sync kernel.
     let cases = [
         (1, 16, 10, 5, 0, 1, vec![400, 37, 1601]),
         (37, 29, 3, 2, 0, 1, vec![3, 64, 101]),
         (36, 36, 16, 1, 8, 4, vec![1, 20, 79]),
         (40, 40, 7, 1, 3, 2, vec![5, 159]),
+        (64, 64, 3, 2, 0, 1, vec![9, 300]),
+        (64, 64, 8, 1, 4, 4, vec![1, 130]),
     ];
     for (i, (c_in, c_out, kernel, stride, pad, groups, lens)) in cases.into_iter().enumerate() {
         let geom = ConvGeometry { kernel, stride, pad_left: pad, groups };
@@ -159,18 +176,12 @@ fn conv1d_matches_cpu_for_encoder_and_positional_geometries() {
         let b = host(random(c_out, 60 + i as u64, 0.3), &[c_out]);
         for act in [Activation::Identity, Activation::Gelu] {
             let want = cpu.conv1d(&x, &seqs_in, &seqs_out, &w, Some(&b), geom, act).unwrap();
-            let got = be
-                .conv1d(
-                    &be.upload(&x).unwrap(),
-                    &seqs_in,
-                    &seqs_out,
-                    &be.prepare_conv_weight(&w).unwrap(),
-                    Some(&be.upload(&b).unwrap()),
-                    geom,
-                    act,
-                )
-                .unwrap();
-            assert_close(&format!("conv1d case {i} {act:?}"), &back(&be, &got), want.f32s().unwrap(), F32_TOL);
+            for (v, be) in std::iter::once(&f32_be).chain(&bf16).enumerate() {
+                let tol = if v == 0 { F32_TOL } else { 1e-2 };
+                let (gx, gw, gb) = (be.upload(&x).unwrap(), be.prepare_conv_weight(&w).unwrap(), be.upload(&b).unwrap());
+                let got = be.conv1d(&gx, &seqs_in, &seqs_out, &gw, Some(&gb), geom, act).unwrap();
+                assert_close(&format!("conv1d case {i} {act:?} backend {v}"), &back(be, &got), want.f32s().unwrap(), tol);
+            }
         }
     }
 }
@@ -178,7 +189,7 @@ fn conv1d_matches_cpu_for_encoder_and_positional_geometries() {
 #[test]
 fn attention_matches_cpu_fp32_and_bf16() {
     let Some(f32_be) = gpu(Precision::F32) else { return };
-    let Some(bf16_be) = gpu(Precision::Bf16) else { return };
+    let bf16 = bf16_backends();
     let cpu = CpuBackend;
     for (heads, hd, lens) in
         [(3, 12, vec![1, 65, 200]), (2, 64, vec![130, 7]), (1, 100, vec![33]), (12, 64, vec![749]), (2, 32, vec![64, 128])]
@@ -188,9 +199,10 @@ fn attention_matches_cpu_fp32_and_bf16() {
         let qkv = host(random(seqs.total() * 3 * c, (heads * hd) as u64, 2.0), &[seqs.total(), 3 * c]);
         let scale = 1.0 / (hd as f32).sqrt();
         let want = cpu.attention(&qkv, &seqs, heads, scale).unwrap();
-        for (be, tol) in [(&f32_be, F32_TOL), (&bf16_be, 2e-2)] {
+        for (v, be) in std::iter::once(&f32_be).chain(&bf16).enumerate() {
+            let tol = if v == 0 { F32_TOL } else { 2e-2 };
             let got = be.attention(&be.upload(&qkv).unwrap(), &seqs, heads, scale).unwrap();
-            assert_close(&format!("attention heads={heads} hd={hd} {:?}", be.precision()), &back(be, &got), want.f32s().unwrap(), tol);
+            assert_close(&format!("attention heads={heads} hd={hd} backend {v}"), &back(be, &got), want.f32s().unwrap(), tol);
         }
     }
 }
@@ -222,11 +234,12 @@ fn argmax_disagreements(got: &[f32], want: &[f32], vocab: usize) -> (usize, usiz
 #[test]
 fn whole_model_matches_transformers_fp32_and_bf16() {
     let Some(f32_be) = gpu(Precision::F32) else { return };
-    let Some(bf16_be) = gpu(Precision::Bf16) else { return };
+    let bf16 = bf16_backends();
     for name in ["base-like", "large-like"] {
         let xs = inputs(name);
         let refs: Vec<&[f32]> = xs.iter().map(Vec::as_slice).collect();
-        for (be, tol) in [(&f32_be, 1e-4), (&bf16_be, 2e-2)] {
+        for (v, be) in std::iter::once(&f32_be).chain(&bf16).enumerate() {
+            let tol = if v == 0 { 1e-4 } else { 2e-2 };
             let model = Wav2Vec2::load(&fixtures().join(name), be).unwrap();
             let vocab = model.config.vocab_size;
             let blank = model.config.pad_token_id;
@@ -236,7 +249,7 @@ fn whole_model_matches_transformers_fp32_and_bf16() {
                 let (want, _) = reference(name, &format!("utt{u}.logits"));
                 let (alone, _) = model.logits(be, &[x], None).unwrap();
                 let alone = back(be, &alone);
-                let what = format!("{name} utt{u} {:?}", be.precision());
+                let what = format!("{name} utt{u} backend {v}");
                 assert_close(&format!("{what} alone"), &alone, &want, tol);
                 let r = seqs.range(u);
                 assert_close(&format!("{what} batched vs alone"), &batched[r.start * vocab..r.end * vocab], &alone, 1e-5);

@@ -46,6 +46,18 @@ impl GemmArgs {
         self.vec = (self.k % 8 == 0 && a_ok && b_ok) as i32;
         self
     }
+
+    /// Whether `gemm_bf16_mma` can run these arguments with `a` pointing at bf16 data: every
+    /// 8-element chunk of A and B 16-byte aligned (conv groups included), and a stage's mask
+    /// bits one aligned 32-bit word per weight row.
+    pub fn tensor_core_ok(&self) -> bool {
+        let a_ok = self.a.is_multiple_of(16)
+            && self.lda % 8 == 0
+            && self.batch_a % 8 == 0
+            && (self.conv_cg == 0 || self.conv_cg % 8 == 0);
+        let b_ok = self.b.is_multiple_of(16) && self.ldb % 8 == 0 && self.batch_b % 8 == 0;
+        self.k % 8 == 0 && a_ok && b_ok && (self.mask == 0 || self.k % 32 == 0)
+    }
 }
 
 // SAFETY: plain-old-data with the C layout the kernel expects.
@@ -85,13 +97,16 @@ impl<'s> Launch<'s> {
         self.launch(f, config((rows.div_ceil(8).max(1) as u32, 1, 1), 256), push)
     }
 
-    /// A GEMM with square `tile`s of C, `batch` products along z.
-    pub fn gemm<'a>(&'a self, f: &'a CudaFunction, args: GemmArgs, tile: usize, batch: usize) -> Result<()> {
+    /// A GEMM with square `tile`s of C, `batch` products along z, `threads` per block and
+    /// `smem` bytes of dynamic shared memory.
+    pub fn gemm<'a>(&'a self, f: &'a CudaFunction, args: GemmArgs, tile: usize, batch: usize, threads: u32, smem: u32) -> Result<()> {
         if args.m == 0 || args.n == 0 {
             return Ok(());
         }
         let grid = ((args.n as usize).div_ceil(tile) as u32, (args.m as usize).div_ceil(tile) as u32, batch as u32);
-        self.launch(f, config(grid, 256), |b| {
+        let mut cfg = config(grid, threads);
+        cfg.shared_mem_bytes = smem;
+        self.launch(f, cfg, |b| {
             b.arg(&args);
         })
     }

@@ -39,6 +39,9 @@ pub enum Precision {
 const FUNCTIONS: &[(&str, &str)] = &[
     ("gemm", "gemm_f32"),
     ("gemm", "gemm_bf16"),
+    ("gemm", "gemm_bf16_mma"),
+    ("gemm", "gemm_bf16_mma_smem"),
+    ("norm", "to_bf16"),
     ("norm", "layer_norm"),
     ("norm", "group_norm_time"),
     ("norm", "add"),
@@ -56,6 +59,14 @@ const FUNCTIONS: &[(&str, &str)] = &[
     ("attention", "attention_bf16_hd32_smem"),
     ("attention", "attention_bf16_hd64_smem"),
     ("attention", "attention_bf16_hd128_smem"),
+    ("attention", "attention_bf16_mma_hd16"),
+    ("attention", "attention_bf16_mma_hd32"),
+    ("attention", "attention_bf16_mma_hd64"),
+    ("attention", "attention_bf16_mma_hd128"),
+    ("attention", "attention_bf16_mma_hd16_smem"),
+    ("attention", "attention_bf16_mma_hd32_smem"),
+    ("attention", "attention_bf16_mma_hd64_smem"),
+    ("attention", "attention_bf16_mma_hd128_smem"),
     ("mask", "pack_mask"),
     ("mask", "unpack_mask"),
 ];
@@ -64,8 +75,11 @@ pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     funcs: HashMap<&'static str, CudaFunction>,
-    /// Dynamic shared memory of each tensor-core attention kernel, by kernel name.
-    attention_smem: HashMap<&'static str, u32>,
+    /// Dynamic shared memory of each kernel that takes some, by kernel name.
+    dynamic_smem: HashMap<&'static str, u32>,
+    /// bf16 tensor-core kernels: mma.sync (GEMM v3 where its alignment rules hold, attention v2)
+    /// when on, the WMMA versions (GEMM v2, attention v1) when off.
+    mma_sync: bool,
     precision: Precision,
     /// Fill every new output with NaN first (tests: unwritten elements show).
     poison: bool,
@@ -128,15 +142,16 @@ impl CudaBackend {
             let m = modules.get(module).with_context(|| format!("kernel module {module} missing from this build"))?;
             funcs.insert(*func, m.load_function(func).map_err(|e| anyhow!("kernel {func}: {e}"))?);
         }
-        let mut be = CudaBackend { ctx, stream, funcs, attention_smem: HashMap::new(), precision, poison: false };
-        be.size_attention_kernels()?;
+        let mut be = CudaBackend { ctx, stream, funcs, dynamic_smem: HashMap::new(), mma_sync: true, precision, poison: false };
+        be.size_dynamic_smem_kernels()?;
         Ok(be)
     }
 
-    /// Asks each tensor-core attention kernel's companion for its shared-memory layout size
-    /// (defined once, in attention.cu) and allows that much dynamic shared memory.
-    fn size_attention_kernels(&mut self) -> Result<()> {
-        for name in ["attention_bf16_hd16", "attention_bf16_hd32", "attention_bf16_hd64", "attention_bf16_hd128"] {
+    /// Asks each dynamic-shared-memory kernel's `_smem` companion for its layout size (defined
+    /// once, in the .cu file) and allows the kernel that much.
+    fn size_dynamic_smem_kernels(&mut self) -> Result<()> {
+        let names = FUNCTIONS.iter().filter_map(|(_, f)| f.strip_suffix("_smem"));
+        for name in names {
             let out = self.stream.alloc_zeros::<i32>(1).map_err(|e| anyhow!("GPU allocation: {e}"))?;
             let p = out.device_ptr(&self.stream).0;
             let query = self.funcs.get(format!("{name}_smem").as_str()).with_context(|| format!("kernel {name}_smem missing"))?;
@@ -147,7 +162,7 @@ impl CudaBackend {
             self.funcs[name]
                 .set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes)
                 .map_err(|e| anyhow!("{name}: cannot allow {bytes} bytes of shared memory: {e}"))?;
-            self.attention_smem.insert(name, bytes as u32);
+            self.dynamic_smem.insert(name, bytes as u32);
         }
         Ok(())
     }
@@ -155,6 +170,12 @@ impl CudaBackend {
     /// The stream every kernel runs on (benchmarks queue comparison work on it).
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+
+    /// Chooses the bf16 tensor-core kernels: mma.sync (on, the default) or WMMA (benchmarks and
+    /// tests compare the two).
+    pub fn set_mma_sync(&mut self, on: bool) {
+        self.mma_sync = on;
     }
 
     pub fn precision(&self) -> Precision {
@@ -229,13 +250,38 @@ impl CudaBackend {
     /// `act(a · bᵀ + bias)` on raw device addresses: `a` is `[m, k]` with row stride `lda` (f32),
     /// `b` is `[n, k]` with row stride `ldb` (f32 or bf16 as `b_dtype`), `mask` optional bits over
     /// `b`, `c` is written `[m, n]` with row stride `ldc`; `batch` products along blockIdx.z.
-    fn gemm(&self, args: GemmArgs, b_dtype: DType, batch: usize) -> Result<()> {
-        let (name, tile) = match b_dtype {
-            DType::F32 => ("gemm_f32", 64),
-            DType::BF16 => ("gemm_bf16", 128),
+    ///
+    /// `a16`, when given, is the address of a bf16 copy of A laid out like A; with bf16 weights
+    /// the mma.sync kernel then runs wherever its alignment rules hold.
+    fn gemm(&self, args: GemmArgs, a16: Option<u64>, b_dtype: DType, batch: usize) -> Result<()> {
+        let launcher = self.launcher();
+        match b_dtype {
+            DType::F32 => launcher.gemm(self.func("gemm_f32"), args, 64, batch, 256, 0),
+            DType::BF16 => {
+                if let Some(a16) = a16 {
+                    let fast = GemmArgs { a: a16, ..args };
+                    if fast.tensor_core_ok() {
+                        return launcher.gemm(self.func("gemm_bf16_mma"), fast, 128, batch, 128, self.dynamic_smem["gemm_bf16_mma"]);
+                    }
+                }
+                launcher.gemm(self.func("gemm_bf16"), args.with_vector_check(2), 128, batch, 256, 0)
+            }
             other => bail!("GEMM weights in {other:?} are not supported"),
-        };
-        self.launcher().gemm(self.func(name), args.with_vector_check(b_dtype.size_of() as u64), tile, batch)
+        }
+    }
+
+    /// A bf16 copy of an f32 activation for the mma.sync GEMM, when that kernel is in use and
+    /// rows of `row_len` elements keep its 16-byte alignment.
+    fn bf16_operand(&self, x: &Tensor, row_len: usize) -> Result<Option<Tensor>> {
+        if self.precision != Precision::Bf16 || !self.mma_sync || !row_len.is_multiple_of(8) {
+            return Ok(None);
+        }
+        let out = self.empty(x.shape(), DType::BF16)?;
+        let (px, po, n) = (self.ptr(x)?, self.ptr(&out)?, x.numel() as i64);
+        self.launcher().elementwise(self.func("to_bf16"), n as usize, |b| {
+            b.arg(&px).arg(&po).arg(&n);
+        })?;
+        Ok(Some(out))
     }
 
     /// Packs a 0/1 f32 mask tensor on the device into bits (see [`crate::mask`]).
@@ -300,7 +346,8 @@ impl CudaBackend {
             act: act as i32,
             ..GemmArgs::default()
         };
-        self.gemm(args, w.dtype(), 1)?;
+        let a16 = if w.dtype() == DType::BF16 { self.bf16_operand(x, d_in)? } else { None };
+        self.gemm(args, a16.as_ref().map(|t| self.ptr(t)).transpose()?, w.dtype(), 1)?;
         Ok(out)
     }
 
@@ -442,6 +489,8 @@ impl Backend for CudaBackend {
         let out = self.empty(&[seqs_out.total(), c_out], DType::F32)?;
         let (px, pw, po) = (self.ptr(x)?, self.ptr(w)?, self.ptr(&out)?);
         let kc = (kernel * cg) as i64;
+        let x16 = if w.dtype() == DType::BF16 { self.bf16_operand(x, c_in)? } else { None };
+        let px16 = x16.as_ref().map(|t| self.ptr(t)).transpose()?;
         // One implicit-GEMM launch per utterance, the groups along z: no im2col buffer.
         for u in 0..seqs_in.count() {
             let t_out = seqs_out.lens()[u];
@@ -467,7 +516,8 @@ impl Backend for CudaBackend {
                 conv_tin: seqs_in.lens()[u] as i32,
                 ..GemmArgs::default()
             };
-            self.gemm(args, w.dtype(), groups)?;
+            let a16 = px16.map(|p| p + (seqs_in.range(u).start * c_in * 2) as u64);
+            self.gemm(args, a16, w.dtype(), groups)?;
         }
         Ok(out)
     }
@@ -493,8 +543,12 @@ impl Backend for CudaBackend {
         let (name, threads, smem): (&str, u32, u32) = match self.precision {
             Precision::F32 => (["attention_hd16", "attention_hd32", "attention_hd64", "attention_hd128"][size_class], 64, 0),
             Precision::Bf16 => {
-                let name = ["attention_bf16_hd16", "attention_bf16_hd32", "attention_bf16_hd64", "attention_bf16_hd128"][size_class];
-                (name, 128, self.attention_smem[name])
+                let name = if self.mma_sync {
+                    ["attention_bf16_mma_hd16", "attention_bf16_mma_hd32", "attention_bf16_mma_hd64", "attention_bf16_mma_hd128"][size_class]
+                } else {
+                    ["attention_bf16_hd16", "attention_bf16_hd32", "attention_bf16_hd64", "attention_bf16_hd128"][size_class]
+                };
+                (name, 128, self.dynamic_smem[name])
             }
         };
         let out = self.empty(&[seqs.total(), c], DType::F32)?;
