@@ -222,6 +222,8 @@ __device__ void attention_bf16_mma_impl(const float* qkv, float* out, const int*
     const int start = offsets[u], len = offsets[u + 1] - start, q0 = blockIdx.x * L::BQ;
     if (q0 >= len) return;
     const long row3 = 3L * c;
+    // float4 loads when every head's rows start on 16-byte boundaries (qkv is 256-byte aligned).
+    const bool vec4 = (hd % 4 == 0) && (c % 4 == 0);
     for (int i = t; i < L::BQ * HD; i += 128) {
         int r = i / HD, d = i % HD;
         bool in = q0 + r < len && d < hd;
@@ -235,12 +237,28 @@ __device__ void attention_bf16_mma_impl(const float* qkv, float* out, const int*
     float m_row[2] = {-INFINITY, -INFINITY}, l_row[2] = {0.0f, 0.0f};  // rows g and g + 8 (l: this lane's partial sum)
     for (int j0 = 0; j0 < len; j0 += L::BKV) {
         __syncthreads();  // everyone is done with the previous K and V tiles
-        for (int i = t; i < L::BKV * HD; i += 128) {
-            int r = i / HD, d = i % HD;
-            bool in = j0 + r < len && d < hd;
-            long base = (long)(start + j0 + r) * row3 + h * hd + d;
-            Ks[r * L::LD + d] = __float2bfloat16(in ? qkv[base + c] : 0.0f);
-            Vs[r * L::LD + d] = __float2bfloat16(in ? qkv[base + 2 * c] : 0.0f);
+        if (vec4) {  // 16-byte loads of 4 consecutive head dimensions
+            for (int i = t; i < L::BKV * HD / 4; i += 128) {
+                int r = i / (HD / 4), d = (i % (HD / 4)) * 4;
+                bool in = j0 + r < len && d < hd;
+                long base = (long)(start + j0 + r) * row3 + h * hd + d;
+                float4 kv = in ? *reinterpret_cast<const float4*>(qkv + base + c) : make_float4(0.f, 0.f, 0.f, 0.f);
+                float4 vv = in ? *reinterpret_cast<const float4*>(qkv + base + 2 * c) : make_float4(0.f, 0.f, 0.f, 0.f);
+                __nv_bfloat162* kd = reinterpret_cast<__nv_bfloat162*>(Ks + r * L::LD + d);
+                __nv_bfloat162* vd = reinterpret_cast<__nv_bfloat162*>(Vs + r * L::LD + d);
+                kd[0] = __floats2bfloat162_rn(kv.x, kv.y);
+                kd[1] = __floats2bfloat162_rn(kv.z, kv.w);
+                vd[0] = __floats2bfloat162_rn(vv.x, vv.y);
+                vd[1] = __floats2bfloat162_rn(vv.z, vv.w);
+            }
+        } else {
+            for (int i = t; i < L::BKV * HD; i += 128) {
+                int r = i / HD, d = i % HD;
+                bool in = j0 + r < len && d < hd;
+                long base = (long)(start + j0 + r) * row3 + h * hd + d;
+                Ks[r * L::LD + d] = __float2bfloat16(in ? qkv[base + c] : 0.0f);
+                Vs[r * L::LD + d] = __float2bfloat16(in ? qkv[base + 2 * c] : 0.0f);
+            }
         }
         __syncthreads();
         float s[L::BKV / 8][4] = {};

@@ -26,40 +26,48 @@ extern "C" __global__ void layer_norm(const float* x, const float* residual, con
     for (int i = lane; i < c; i += 32) o[i] = apply_act((o[i] - mean) * inv * gamma[i] + beta[i], act);
 }
 
-// group_norm_time: GroupNorm with one group per channel, per utterance of a packed batch. One
-// block per (32-channel tile, utterance): 32 x 8 threads; each column reduced over the utterance's
-// frames in double (thousands of frames), then normalised in place with an optional GELU.
-extern "C" __global__ void group_norm_time(float* x, const int* offsets, const float* gamma, const float* beta, int c, float eps, int act) {
+// group_norm_time: GroupNorm with one group per channel, per utterance of a packed batch, in
+// three passes over the same grid of (32-channel tile, utterance, chunk of `chunk_rows` frames) blocks
+// of 32 x 8 threads, so even one long utterance spreads over thousands of blocks:
+//   pass 0: per-channel sums, pass 1: sums of squared deviations from the mean (two-pass
+//   variance), both accumulated in double (block partials, then atomics into stats[2][utts][c]);
+//   pass 2: normalise in place, with an optional GELU.
+// version 2 (version 1, one block per 32 channels of a whole utterance, read at ~150 GB/s).
+extern "C" __global__ void group_norm_time(float* x, const int* offsets, double* stats, const float* gamma, const float* beta, int c, int utts,
+                                           float eps, int act, int pass, int chunk_rows) {
     __shared__ double red[8][33];
     int u = blockIdx.y, tx = threadIdx.x % 32, ty = threadIdx.x / 32;
     int ch = blockIdx.x * 32 + tx;
     int start = offsets[u], end = offsets[u + 1];
+    int r0 = start + blockIdx.z * chunk_rows;
+    if (r0 >= end) return;
+    int r1 = min(end, r0 + chunk_rows);
     double n = end - start;
-    double s = 0.0;
-    if (ch < c)
-        for (int r = start + ty; r < end; r += 8) s += x[(long)r * c + ch];
-    red[ty][tx] = s;
-    __syncthreads();
-    double mean = 0.0;
-    for (int i = 0; i < 8; ++i) mean += red[i][tx];
-    mean /= n;
-    __syncthreads();
-    double q = 0.0;
-    if (ch < c)
-        for (int r = start + ty; r < end; r += 8) {
-            double d = x[(long)r * c + ch] - mean;
-            q += d * d;
+    double* sum = stats + (long)u * c;
+    double* sq = stats + (long)(utts + u) * c;
+    double mean = (pass > 0 && ch < c) ? sum[ch] / n : 0.0;
+    if (pass == 2) {
+        if (ch >= c) return;
+        float scale = (float)(1.0 / sqrt(sq[ch] / n + (double)eps)) * gamma[ch];
+        float shift = beta[ch] - (float)mean * scale;
+        for (int r = r0 + ty; r < r1; r += 8) {
+            long i = (long)r * c + ch;
+            x[i] = apply_act(x[i] * scale + shift, act);
         }
-    red[ty][tx] = q;
+        return;
+    }
+    double acc = 0.0;
+    if (ch < c)
+        for (int r = r0 + ty; r < r1; r += 8) {
+            double v = x[(long)r * c + ch];
+            acc += pass == 0 ? v : (v - mean) * (v - mean);
+        }
+    red[ty][tx] = acc;
     __syncthreads();
-    double var = 0.0;
-    for (int i = 0; i < 8; ++i) var += red[i][tx];
-    if (ch >= c) return;
-    float scale = (float)(1.0 / sqrt(var / n + (double)eps)) * gamma[ch];
-    float shift = beta[ch] - (float)mean * scale;
-    for (int r = start + ty; r < end; r += 8) {
-        long i = (long)r * c + ch;
-        x[i] = apply_act(x[i] * scale + shift, act);
+    if (ty == 0 && ch < c) {
+        double total = 0.0;
+        for (int i = 0; i < 8; ++i) total += red[i][tx];
+        atomicAdd(pass == 0 ? sum + ch : sq + ch, total);
     }
 }
 

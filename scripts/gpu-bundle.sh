@@ -44,7 +44,7 @@ done
 for p in f32 bf16; do
     for shape in "8 15" "1 10"; do
         set -- $shape
-        "$b/bin/engine" bench --device cuda --precision "$p" --batch "$1" --seconds "$2" --reps 10
+        "$b/bin/engine" bench --device cuda --precision "$p" --batch "$1" --seconds "$2" --reps 10 --profile
     done
 done | tee "$out/forward.txt"
 if [ -f "$b/torch_w2v2_anchor.py" ]; then

@@ -7,7 +7,7 @@ use anyhow::Result;
 use crate::backend::Backend;
 use crate::model::checkpoint::RandomWeights;
 use crate::model::config::Config;
-use crate::model::Wav2Vec2;
+use crate::model::{Trace, Wav2Vec2};
 
 pub struct ForwardBench {
     pub preset: String,
@@ -15,6 +15,8 @@ pub struct ForwardBench {
     pub seconds: f64,
     /// Wall time of each timed repetition, seconds.
     pub times: Vec<f64>,
+    /// Seconds per stage of one extra, profiled pass (each stage waited for), when asked.
+    pub stages: Vec<(&'static str, f64)>,
 }
 
 impl ForwardBench {
@@ -32,20 +34,24 @@ impl ForwardBench {
 
 /// Times `reps` forward passes (after one warm-up) of `batch` clips of `seconds` each, through the
 /// CTC head, on a model of the named preset with random weights.
-pub fn forward(be: &dyn Backend, preset: &str, batch: usize, seconds: f64, reps: usize) -> Result<ForwardBench> {
+pub fn forward(be: &dyn Backend, preset: &str, batch: usize, seconds: f64, reps: usize, profile: bool) -> Result<ForwardBench> {
     let model = Wav2Vec2::from_weights(Config::preset(preset)?, &RandomWeights { seed: 0 }, be)?;
     let n = (seconds * 16_000.0).round() as usize;
     let clips: Vec<Vec<f32>> = (0..batch)
         .map(|b| (0..n).map(|i| ((i as f32 * 0.031 * (b + 1) as f32).sin() + ((i * 7919 % 1000) as f32 / 1000.0 - 0.5)) * 0.3).collect())
         .collect();
     let inputs: Vec<&[f32]> = clips.iter().map(Vec::as_slice).collect();
-    let run = || -> Result<f64> {
+    let run = |trace: Option<&mut Trace>| -> Result<f64> {
         let t = Instant::now();
-        let (logits, _) = model.logits(be, &inputs, None)?;
+        let (logits, _) = model.logits(be, &inputs, trace)?;
         be.to_host(&logits)?;
         Ok(t.elapsed().as_secs_f64())
     };
-    run()?;
-    let times = (0..reps.max(1)).map(|_| run()).collect::<Result<Vec<_>>>()?;
-    Ok(ForwardBench { preset: preset.into(), batch, seconds, times })
+    run(None)?;
+    let times = (0..reps.max(1)).map(|_| run(None)).collect::<Result<Vec<_>>>()?;
+    let mut trace = Trace::profile();
+    if profile {
+        run(Some(&mut trace))?;
+    }
+    Ok(ForwardBench { preset: preset.into(), batch, seconds, times, stages: trace.stages })
 }

@@ -117,8 +117,9 @@ fn bf16_linear_is_close() {
             let w = host(random(d_out * d_in, 20 + i as u64, 0.1), &[d_out, d_in]);
             let b = host(random(d_out, 30 + i as u64, 0.5), &[d_out]);
             let want = cpu.linear(&x, &cpu.prepare_linear_weight(&w).unwrap(), Some(&b), Activation::Gelu).unwrap();
-            let got =
-                be.linear(&be.upload(&x).unwrap(), &be.prepare_linear_weight(&w).unwrap(), Some(&be.upload(&b).unwrap()), Activation::Gelu).unwrap();
+            let got = be
+                .linear(&be.upload(&x).unwrap(), &be.prepare_linear_weight(&w).unwrap(), Some(&be.upload(&b).unwrap()), Activation::Gelu)
+                .unwrap();
             assert_close(&format!("bf16 linear {n}x{d_in}x{d_out} variant {v}"), &back(be, &got), want.f32s().unwrap(), 1e-2);
         }
     }

@@ -21,7 +21,7 @@ fn check_alone(model_dir: &str, reference_dir: &str) {
     let be = CpuBackend;
     let model = Wav2Vec2::load(&fixtures().join(model_dir), &be).unwrap();
     for (u, x) in inputs(model_dir).iter().enumerate() {
-        let mut trace = Trace::default();
+        let mut trace = Trace::tensors();
         let (logits, _) = model.logits(&be, &[x], Some(&mut trace)).unwrap();
         let mut got =
             vec![("logits", logits), ("conv_features", trace.conv_features.unwrap()), ("encoder_out", trace.encoder_out.unwrap())];

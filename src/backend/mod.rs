@@ -86,6 +86,9 @@ pub trait Backend: Send + Sync {
     /// A short name for messages (`cpu`, `cuda:0`).
     fn name(&self) -> String;
 
+    /// Waits until all queued work is done (devices that queue work asynchronously).
+    fn synchronize(&self) -> Result<()>;
+
     /// Makes a host tensor usable by this backend (no copy on the CPU for f32).
     fn upload(&self, t: &Tensor) -> Result<Tensor>;
 

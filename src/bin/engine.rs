@@ -85,6 +85,9 @@ enum Command {
         /// Timed repetitions (after one warm-up); the median is reported.
         #[arg(long, default_value_t = 5)]
         reps: usize,
+        /// Also time each stage of one extra pass (each stage waits for the device).
+        #[arg(long)]
+        profile: bool,
         #[command(flatten)]
         device: DeviceArgs,
     },
@@ -139,9 +142,9 @@ fn run(cli: Cli) -> Result<()> {
     }
     match cli.command {
         Command::Infer { model, device, out, batch_seconds, audio } => infer(&model, device, out.as_deref(), batch_seconds, &audio),
-        Command::Bench { preset, batch, seconds, reps, device } => {
+        Command::Bench { preset, batch, seconds, reps, profile, device } => {
             let be = backend(device)?;
-            let r = bench::forward(be.as_ref(), &preset, batch, seconds, reps)?;
+            let r = bench::forward(be.as_ref(), &preset, batch, seconds, reps, profile)?;
             println!(
                 "forward {} on {}: batch {} x {:.1} s, median {:.3} s over {} runs ({:.1}x real time, {} threads)",
                 r.preset,
@@ -153,6 +156,9 @@ fn run(cli: Cli) -> Result<()> {
                 r.realtime_factor(),
                 rayon::current_num_threads()
             );
+            for (stage, secs) in &r.stages {
+                println!("  {stage:<30} {:9.3} ms", secs * 1e3);
+            }
             Ok(())
         }
     }

@@ -99,15 +99,67 @@ pub struct Wav2Vec2 {
     pub lm_head: Option<Linear>,
 }
 
-/// Intermediate activations, recorded on request (for parity tests and analysis).
+/// What a forward pass records on request: intermediate activations (parity tests, analysis)
+/// and/or the wall time of each stage (profiling; every stage then waits for the device).
 #[derive(Default)]
 pub struct Trace {
+    pub record_tensors: bool,
+    pub profile: bool,
+    /// Seconds per stage, summed over layers, in the order stages first ran.
+    pub stages: Vec<(&'static str, f64)>,
     /// Feature-encoder output, `[frames, conv_dim[-1]]`.
     pub conv_features: Option<Tensor>,
     /// Output of each encoder layer.
     pub layers: Vec<Tensor>,
     /// Encoder output (after the final layer norm in the stable variant).
     pub encoder_out: Option<Tensor>,
+}
+
+impl Trace {
+    /// Records intermediate activations.
+    pub fn tensors() -> Trace {
+        Trace { record_tensors: true, ..Trace::default() }
+    }
+
+    /// Records stage timings only.
+    pub fn profile() -> Trace {
+        Trace { profile: true, ..Trace::default() }
+    }
+
+    fn keep(&mut self, be: &dyn Backend, t: &Tensor) -> Result<Option<Tensor>> {
+        Ok(if self.record_tensors { Some(be.to_host(t)?) } else { None })
+    }
+}
+
+/// Profile stage names of the feature-encoder convolutions (deeper ones share the last).
+const CONV_STAGES: [&str; 8] = ["conv 0", "conv 1", "conv 2", "conv 3", "conv 4", "conv 5", "conv 6", "conv 7+"];
+
+/// Marks stage boundaries while profiling: waits for the device, adds the time since the last mark.
+struct StageClock {
+    last: Option<std::time::Instant>,
+    stages: Vec<(&'static str, f64)>,
+}
+
+impl StageClock {
+    fn new(be: &dyn Backend, on: bool) -> Result<StageClock> {
+        if on {
+            be.synchronize()?;
+        }
+        Ok(StageClock { last: on.then(std::time::Instant::now), stages: Vec::new() })
+    }
+
+    fn mark(&mut self, be: &dyn Backend, stage: &'static str) -> Result<()> {
+        let Some(last) = self.last else { return Ok(()) };
+        be.synchronize()?;
+        let now = std::time::Instant::now();
+        let secs = (now - last).as_secs_f64();
+        match self.stages.iter_mut().find(|(s, _)| *s == stage) {
+            Some(entry) => entry.1 += secs,
+            None => self.stages.push((stage, secs)),
+        }
+        self.last = Some(now);
+        Ok(())
+    }
 }
 
 /// Reorders a PyTorch conv weight `[out, in, kernel]` to the time-major `[out, kernel, in]`.
@@ -219,9 +271,11 @@ impl Wav2Vec2 {
     pub fn encode(&self, be: &dyn Backend, audio: &[&[f32]], mut trace: Option<&mut Trace>) -> Result<(Tensor, Seqs)> {
         let c = &self.config;
         self.frame_counts(&audio.iter().map(|a| a.len()).collect::<Vec<_>>())?;
+        let mut clock = StageClock::new(be, trace.as_ref().is_some_and(|t| t.profile))?;
         let mut seqs = Seqs::new(audio.iter().map(|a| a.len()).collect());
         let mut x = be.upload(&Tensor::from_vec(audio.concat(), &[seqs.total(), 1]))?;
-        for layer in &self.conv_layers {
+        clock.mark(be, "upload audio")?;
+        for (i, layer) in self.conv_layers.iter().enumerate() {
             let out = Seqs::new(seqs.lens().iter().map(|&n| (n - layer.kernel) / layer.stride + 1).collect());
             let geom = ConvGeometry { kernel: layer.kernel, stride: layer.stride, pad_left: 0, groups: 1 };
             // conv -> [norm] -> GELU, with the GELU fused into whichever op comes last.
@@ -235,9 +289,10 @@ impl Wav2Vec2 {
                     FeatNorm::Layer => be.layer_norm(x, None, n.params(c.layer_norm_eps), Activation::Gelu)?,
                 };
             }
+            clock.mark(be, CONV_STAGES[i.min(CONV_STAGES.len() - 1)])?;
         }
         if let Some(t) = trace.as_deref_mut() {
-            t.conv_features = Some(be.to_host(&x)?);
+            t.conv_features = t.keep(be, &x)?;
         }
         let eps = c.layer_norm_eps;
         x = be.layer_norm(x, None, self.feature_projection_norm.params(eps), Activation::Identity)?;
@@ -248,6 +303,7 @@ impl Wav2Vec2 {
         let geom = ConvGeometry { kernel: k, stride: 1, pad_left: k / 2, groups: c.num_conv_pos_embedding_groups };
         let pos = be.conv1d(&x, &seqs, &seqs, &self.pos_conv_weight, Some(&self.pos_conv_bias), geom, Activation::Gelu)?;
         x = be.add(x, &pos)?;
+        clock.mark(be, "projection + positional conv")?;
 
         let enc_norm = self.encoder_layer_norm.params(eps);
         if !c.do_stable_layer_norm {
@@ -269,21 +325,28 @@ impl Wav2Vec2 {
             if c.do_stable_layer_norm {
                 let a = attention(&be.layer_norm(x.clone(), None, ln, id)?)?;
                 x = be.add(x, &a)?;
+                clock.mark(be, "attention blocks")?;
                 let f = feed_forward(&be.layer_norm(x.clone(), None, fln, id)?)?;
                 x = be.add(x, &f)?;
             } else {
                 x = be.layer_norm(attention(&x)?, Some(&x), ln, id)?;
+                clock.mark(be, "attention blocks")?;
                 x = be.layer_norm(feed_forward(&x)?, Some(&x), fln, id)?;
             }
+            clock.mark(be, "feed-forward blocks")?;
             if let Some(t) = trace.as_deref_mut() {
-                t.layers.push(be.to_host(&x)?);
+                if let Some(kept) = t.keep(be, &x)? {
+                    t.layers.push(kept);
+                }
             }
         }
         if c.do_stable_layer_norm {
             x = be.layer_norm(x, None, enc_norm, Activation::Identity)?;
         }
+        clock.mark(be, "feed-forward blocks")?;
         if let Some(t) = trace {
-            t.encoder_out = Some(be.to_host(&x)?);
+            t.encoder_out = t.keep(be, &x)?;
+            t.stages = clock.stages;
         }
         Ok((x, seqs))
     }

@@ -66,6 +66,10 @@ fn column_sums(x: &[f32], c: usize, f: impl Fn(f32, usize) -> f64 + Sync) -> Vec
 }
 
 impl Backend for CpuBackend {
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
     fn name(&self) -> String {
         "cpu".into()
     }

@@ -51,10 +51,7 @@ impl GemmArgs {
     /// 8-element chunk of A and B 16-byte aligned (conv groups included), and a stage's mask
     /// bits one aligned 32-bit word per weight row.
     pub fn tensor_core_ok(&self) -> bool {
-        let a_ok = self.a.is_multiple_of(16)
-            && self.lda % 8 == 0
-            && self.batch_a % 8 == 0
-            && (self.conv_cg == 0 || self.conv_cg % 8 == 0);
+        let a_ok = self.a.is_multiple_of(16) && self.lda % 8 == 0 && self.batch_a % 8 == 0 && (self.conv_cg == 0 || self.conv_cg % 8 == 0);
         let b_ok = self.b.is_multiple_of(16) && self.ldb % 8 == 0 && self.batch_b % 8 == 0;
         self.k % 8 == 0 && a_ok && b_ok && (self.mask == 0 || self.k % 32 == 0)
     }

@@ -361,6 +361,10 @@ impl CudaBackend {
 }
 
 impl Backend for CudaBackend {
+    fn synchronize(&self) -> Result<()> {
+        CudaBackend::synchronize(self)
+    }
+
     fn name(&self) -> String {
         format!("cuda:{} ({:?})", self.ctx.ordinal(), self.precision)
     }
@@ -446,13 +450,34 @@ impl Backend for CudaBackend {
             )?;
         }
         let offsets = self.offsets(seqs)?;
-        let (po, poff, pg, pb) = (self.ptr(&out)?, offsets.device_ptr(&self.stream).0, self.ptr(norm.gamma)?, self.ptr(norm.beta)?);
-        let (c_i, act_i) = (c as i32, act as i32);
-        let cfg = launch::config((c.div_ceil(32) as u32, seqs.count() as u32, 1), 256);
-        self.launcher().launch(self.func("group_norm_time"), cfg, |b| {
-            b.arg(&po).arg(&poff).arg(&pg).arg(&pb).arg(&c_i).arg(&norm.eps).arg(&act_i);
-        })?;
-        drop(offsets);
+        let utts = seqs.count();
+        let stats = self.stream.alloc_zeros::<f64>(2 * utts * c).map_err(|e| anyhow!("GPU allocation: {e}"))?;
+        let (po, poff, pstats, pg, pb) = (
+            self.ptr(&out)?,
+            offsets.device_ptr(&self.stream).0,
+            stats.device_ptr(&self.stream).0,
+            self.ptr(norm.gamma)?,
+            self.ptr(norm.beta)?,
+        );
+        let (c_i, utts_i, act_i) = (c as i32, utts as i32, act as i32);
+        let chunk_rows = 512i32;
+        let chunks = seqs.lens().iter().copied().max().unwrap_or(0).div_ceil(chunk_rows as usize).max(1);
+        let cfg = launch::config((c.div_ceil(32) as u32, utts as u32, chunks as u32), 256);
+        for pass in 0i32..3 {
+            self.launcher().launch(self.func("group_norm_time"), cfg, |b| {
+                b.arg(&po)
+                    .arg(&poff)
+                    .arg(&pstats)
+                    .arg(&pg)
+                    .arg(&pb)
+                    .arg(&c_i)
+                    .arg(&utts_i)
+                    .arg(&norm.eps)
+                    .arg(&act_i)
+                    .arg(&pass)
+                    .arg(&chunk_rows);
+            })?;
+        }
         Ok(out)
     }
 
@@ -544,7 +569,8 @@ impl Backend for CudaBackend {
             Precision::F32 => (["attention_hd16", "attention_hd32", "attention_hd64", "attention_hd128"][size_class], 64, 0),
             Precision::Bf16 => {
                 let name = if self.mma_sync {
-                    ["attention_bf16_mma_hd16", "attention_bf16_mma_hd32", "attention_bf16_mma_hd64", "attention_bf16_mma_hd128"][size_class]
+                    ["attention_bf16_mma_hd16", "attention_bf16_mma_hd32", "attention_bf16_mma_hd64", "attention_bf16_mma_hd128"]
+                        [size_class]
                 } else {
                     ["attention_bf16_hd16", "attention_bf16_hd32", "attention_bf16_hd64", "attention_bf16_hd128"][size_class]
                 };
