@@ -236,7 +236,8 @@ namespace v3 {
 constexpr int BM = 128, BN = 128, BK = 32, STAGES = 4, LDS = BK + 8;  // 80-byte rows: conflict-free ldmatrix
 constexpr int A_ELEMS = BM * LDS, B_ELEMS = BN * LDS;
 constexpr int STAGE_BYTES = (A_ELEMS + B_ELEMS) * 2 + BN * 4;       // A, B, one mask word per B row
-constexpr int SMEM_BYTES = STAGES * STAGE_BYTES;
+constexpr int SMEM_BYTES = STAGES * STAGE_BYTES;  // also holds the 128 x 132 fp32 epilogue tile
+static_assert(SMEM_BYTES >= BM * (BN + 4) * 4, "epilogue tile must fit the pipeline buffers");
 }
 
 __device__ __forceinline__ void cp_async(void* smem, const void* gmem, int bytes, bool pred) {
@@ -329,22 +330,41 @@ extern "C" __global__ void __launch_bounds__(128) gemm_bf16_mma(GemmArgs p) {
                 }
         }
     }
+    // Epilogue: each warp parks its 64x64 accumulators in shared memory (the pipeline buffers are
+    // free now), then the block writes the 128x128 tile row by row with float4 stores, bias and
+    // activation applied: full 128-byte lines instead of 8-byte pieces of eight rows.
     cp_wait<0>();
-    float* C = p.c + z * p.batch_c;
-    const float* bias = p.bias ? p.bias + z * p.batch_bias : nullptr;
+    __syncthreads();
+    constexpr int LC = BN + 4;  // fp32 row stride of the staged tile
+    float* tile = reinterpret_cast<float*>(smem);
 #pragma unroll
     for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
-                int gm = m0 + wm + mi * 16 + g + half * 8;
-                int gn = n0 + wn + nt * 8 + tq * 2;
-                if (gm >= p.m) continue;
-                float* row = C + (long)gm * p.ldc;
-                if (gn < p.n) row[gn] = apply_act(acc[mi][nt][2 * half] + (bias ? bias[gn] : 0.0f), p.act);
-                if (gn + 1 < p.n) row[gn + 1] = apply_act(acc[mi][nt][2 * half + 1] + (bias ? bias[gn + 1] : 0.0f), p.act);
+                float2 v = make_float2(acc[mi][nt][2 * half], acc[mi][nt][2 * half + 1]);
+                *reinterpret_cast<float2*>(tile + (wm + mi * 16 + g + half * 8) * LC + wn + nt * 8 + tq * 2) = v;
             }
+    __syncthreads();
+    float* C = p.c + z * p.batch_c;
+    const float* bias = p.bias ? p.bias + z * p.batch_bias : nullptr;
+    const bool vec_out = (p.ldc % 4 == 0) && (((unsigned long)C & 15) == 0);
+    for (int i = t; i < BM * BN / 4; i += 128) {
+        int r = i / (BN / 4), c4 = (i % (BN / 4)) * 4;
+        int gm = m0 + r, gn = n0 + c4;
+        if (gm >= p.m || gn >= p.n) continue;
+        float4 v = *reinterpret_cast<const float4*>(tile + r * LC + c4);
+        float e[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int q = 0; q < 4; ++q) e[q] = apply_act(e[q] + (bias && gn + q < p.n ? bias[gn + q] : 0.0f), p.act);
+        float* dst = C + (long)gm * p.ldc + gn;
+        if (vec_out && gn + 3 < p.n) {
+            *reinterpret_cast<float4*>(dst) = make_float4(e[0], e[1], e[2], e[3]);
+        } else {
+            for (int q = 0; q < 4 && gn + q < p.n; ++q) dst[q] = e[q];
+        }
+    }
 }
 
 extern "C" __global__ void gemm_bf16_mma_smem(int* bytes) { *bytes = v3::SMEM_BYTES; }
