@@ -6,5 +6,6 @@ pub mod ctc;
 pub mod data;
 pub mod infer;
 pub mod mask;
+pub mod metrics;
 pub mod model;
 pub mod tensor;

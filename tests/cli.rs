@@ -182,3 +182,20 @@ fn vocab_that_does_not_match_the_model() {
     std::fs::write(m.join("vocab.json"), r#"{"<pad>": 0, "a": 1, "b": 2}"#).unwrap();
     assert_fails(&m, &[&utterances()[0]], "vocab_size is 12");
 }
+
+#[test]
+fn score_prints_sclite_table_and_alignments() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, h) = (dir.path().join("ref.txt"), dir.path().join("hyp.txt"));
+    std::fs::write(&r, "The cat sat on the mat.\nhello world\n").unwrap();
+    std::fs::write(&h, "the cat sit on mat\nhello world\n").unwrap();
+    let o = engine(&["score", "--ref", path_str(&r), "--hyp", path_str(&h), "--lowercase", "--ignore", ".", "--alignments"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8(o.stdout).unwrap();
+    // 8 reference words; 1 substitution + 1 deletion = 25% WER; 1 of 2 sentences wrong.
+    assert!(out.contains("| words | 2 | 8 | 75.0 | 12.5 | 12.5 | 0.0 | 25.0 | 50.0 |"), "{out}");
+    assert!(out.contains("REF: the cat SAT on THE mat") && out.contains("HYP: the cat SIT on *** mat"), "{out}");
+    std::fs::write(&h, "only one line\n").unwrap();
+    let o = engine(&["score", "--ref", path_str(&r), "--hyp", path_str(&h)]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("has 2 lines but"));
+}

@@ -7,11 +7,11 @@ mod common;
 
 use std::io::Write;
 
-use common::{fixtures, random, reference, rel_l2, utterances};
+use common::{ctc_cases, fixtures, random, reference, rel_l2, utterances};
 use s3router::backend::cpu::CpuBackend;
 use s3router::backend::cuda::{unavailable_reason, CudaBackend, Precision};
 use s3router::backend::{Activation, Backend, ConvGeometry, NormParams, Seqs};
-use s3router::ctc::greedy_ids;
+use s3router::ctc::{ctc_loss, greedy_ids, CtcTargets, Reduction};
 use s3router::data::audio;
 use s3router::model::preprocess::Preprocessor;
 use s3router::model::Wav2Vec2;
@@ -267,4 +267,26 @@ fn whole_model_matches_transformers_fp32_and_bf16() {
             }
         }
     }
+}
+
+#[test]
+fn ctc_kernel_matches_cpu() {
+    let Some(be) = gpu(Precision::F32) else { return };
+    let cpu = CpuBackend;
+    for c in ctc_cases() {
+        let want = ctc_loss(&cpu, &c.logits, &c.seqs, &c.targets, Reduction::MeanPerUtterance).unwrap();
+        let got = ctc_loss(&be, &be.upload(&c.logits).unwrap(), &c.seqs, &c.targets, Reduction::MeanPerUtterance).unwrap();
+        assert_close(&format!("{} losses", c.name), &got.losses, &want.losses, 1e-5);
+        assert_close(&format!("{} gradient", c.name), &back(&be, &got.grad), &want.grad.to_vec().unwrap(), 1e-4);
+    }
+    // A random batch: repeated labels, an empty transcript, a one-frame utterance, blank last.
+    let seqs = Seqs::new(vec![200, 90, 1]);
+    let vocab = 32;
+    let logits = host(random(seqs.total() * vocab, 5, 3.0), &[seqs.total(), vocab]);
+    let labels = vec![random(60, 6, 1.0).iter().map(|v| (v.abs() * 30.0) as u32).collect(), vec![3, 3, 3, 7], vec![]];
+    let targets = CtcTargets { labels, blank: 31, zero_infinity: false };
+    let want = ctc_loss(&cpu, &logits, &seqs, &targets, Reduction::Sum).unwrap();
+    let got = ctc_loss(&be, &be.upload(&logits).unwrap(), &seqs, &targets, Reduction::Sum).unwrap();
+    assert_close("random losses", &got.losses, &want.losses, 1e-4);
+    assert_close("random gradient", &back(&be, &got.grad), &want.grad.to_vec().unwrap(), 1e-3);
 }

@@ -138,6 +138,12 @@ pub trait Backend: Send + Sync {
 
     /// Log-softmax over the last dimension.
     fn log_softmax(&self, x: &Tensor) -> Result<Tensor>;
+
+    /// CTC over packed `logits [seqs.total(), vocab]` (log-softmax applied inside): each
+    /// utterance's loss, and the gradient of their sum with respect to the logits times
+    /// `grad_scale`. Targets are already validated ([`crate::ctc::loss::validate`]); utterances
+    /// with no alignment give loss 0 and gradient 0 under `zero_infinity`, else an error.
+    fn ctc_loss(&self, logits: &Tensor, seqs: &Seqs, targets: &crate::ctc::CtcTargets, grad_scale: f32) -> Result<(Vec<f32>, Tensor)>;
 }
 
 /// Checks that `t` has exactly `shape`, naming it in the error.

@@ -11,6 +11,7 @@ use s3router::backend::cuda::{CudaBackend, Precision as CudaPrecision};
 use s3router::backend::Backend;
 use s3router::bench;
 use s3router::infer::{BatchLimits, Recognizer};
+use s3router::metrics::{self, word_and_char_counts, Counts, TextNorm};
 
 #[derive(Parser)]
 #[command(name = "engine", version, about = "S3-Router engine: wav2vec2 / XLS-R inference and mask learning")]
@@ -70,6 +71,25 @@ enum Command {
         /// Audio files.
         #[arg(required = true)]
         audio: Vec<PathBuf>,
+    },
+    /// Score hypotheses against references: WER and CER with substitution / deletion / insertion
+    /// counts, sclite style. Each file holds one transcript per line, in the same order.
+    Score {
+        /// Reference transcripts.
+        #[arg(long = "ref")]
+        reference: PathBuf,
+        /// Hypothesis transcripts.
+        #[arg(long)]
+        hyp: PathBuf,
+        /// Lower-case both sides first.
+        #[arg(long)]
+        lowercase: bool,
+        /// Characters to ignore (e.g. punctuation: ",.?!;:").
+        #[arg(long, default_value = "")]
+        ignore: String,
+        /// Also print each utterance's word alignment.
+        #[arg(long)]
+        alignments: bool,
     },
     /// Time the forward pass at full model size with generated weights (no checkpoint needed).
     Bench {
@@ -136,12 +156,42 @@ fn infer(model: &Path, device: DeviceArgs, out: Option<&Path>, batch_seconds: f6
     Ok(())
 }
 
+fn score(reference: &Path, hyp: &Path, norm: &TextNorm, alignments: bool) -> Result<()> {
+    let read = |p: &Path| std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()));
+    let (refs, hyps) = (read(reference)?, read(hyp)?);
+    let (refs, hyps): (Vec<&str>, Vec<&str>) = (refs.lines().collect(), hyps.lines().collect());
+    if refs.len() != hyps.len() {
+        bail!("{} has {} lines but {} has {}", reference.display(), refs.len(), hyp.display(), hyps.len());
+    }
+    let (mut words, mut chars) = (Counts::default(), Counts::default());
+    for (i, (r, h)) in refs.iter().zip(&hyps).enumerate() {
+        let (w, c) = word_and_char_counts(r, h, norm);
+        words.add(&w);
+        chars.add(&c);
+        if alignments {
+            let (r, h) = (norm.apply(r), norm.apply(h));
+            let (r, h): (Vec<&str>, Vec<&str>) = (r.split_whitespace().collect(), h.split_whitespace().collect());
+            let (_, edits) = metrics::align(&r, &h);
+            let (top, bottom) = metrics::render_alignment(&r, &h, &edits);
+            println!("utterance {}\n{top}\n{bottom}\n", i + 1);
+        }
+    }
+    println!("{}", Counts::sclite_header());
+    println!("{}", words.sclite_row("words"));
+    println!("{}", chars.sclite_row("characters"));
+    println!("WER {:.2}%  CER {:.2}%", 100.0 * words.rate(), 100.0 * chars.rate());
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     if let Some(n) = cli.threads {
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("cannot start the thread pool")?;
     }
     match cli.command {
         Command::Infer { model, device, out, batch_seconds, audio } => infer(&model, device, out.as_deref(), batch_seconds, &audio),
+        Command::Score { reference, hyp, lowercase, ignore, alignments } => {
+            score(&reference, &hyp, &TextNorm { lowercase, ignore }, alignments)
+        }
         Command::Bench { preset, batch, seconds, reps, profile, device } => {
             let be = backend(device)?;
             let r = bench::forward(be.as_ref(), &preset, batch, seconds, reps, profile)?;

@@ -3,7 +3,10 @@
 
 use std::path::PathBuf;
 
+use s3router::backend::Seqs;
+use s3router::ctc::CtcTargets;
 use s3router::model::checkpoint::Checkpoint;
+use s3router::tensor::Tensor;
 
 /// The fixtures folder, relative to the working directory: cargo runs tests from the crate root,
 /// and so does the GPU bundle, whose binaries travel to hosts where the build path does not exist.
@@ -47,6 +50,50 @@ pub fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
             z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
             z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
             (((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * scale
+        })
+        .collect()
+}
+
+/// One CTC fixture: packed logits, targets, and PyTorch's per-utterance losses and gradient.
+pub struct CtcCase {
+    pub name: String,
+    pub logits: Tensor,
+    pub seqs: Seqs,
+    pub targets: CtcTargets,
+    pub losses: Vec<f32>,
+    pub grad: Vec<f32>,
+}
+
+/// The CTC cases recorded from PyTorch by tools/make_ctc_fixtures.py.
+pub fn ctc_cases() -> Vec<CtcCase> {
+    let dir = fixtures().join("ctc");
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    let ck = Checkpoint::open(&[dir.join("ctc.safetensors")]).unwrap();
+    meta["ctc"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(name, m)| {
+            let frames: Vec<usize> = m["frames"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+            let labels: Vec<Vec<u32>> = m["labels"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| l.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect())
+                .collect();
+            let get = |k: &str| ck.tensor(&format!("{name}.{k}")).unwrap();
+            CtcCase {
+                name: name.clone(),
+                logits: get("logits").to_f32().unwrap(),
+                seqs: Seqs::new(frames),
+                targets: CtcTargets {
+                    labels,
+                    blank: m["blank"].as_u64().unwrap() as usize,
+                    zero_infinity: m["zero_infinity"].as_bool().unwrap(),
+                },
+                losses: get("losses").to_vec().unwrap(),
+                grad: get("grad").to_vec().unwrap(),
+            }
         })
         .collect()
 }

@@ -5,6 +5,7 @@
 
 mod attention;
 mod conv;
+mod ctc;
 pub mod gemm;
 pub mod math;
 
@@ -186,6 +187,12 @@ impl Backend for CpuBackend {
         ensure!(c3 % 3 == 0 && heads > 0 && (c3 / 3) % heads == 0, "attention: {c3} columns do not split into q, k, v of {heads} heads");
         let out = attention::attention(data(qkv)?, c3 / 3, seqs, heads, scale);
         Ok(Tensor::from_vec(out, &[rows, c3 / 3]))
+    }
+
+    fn ctc_loss(&self, logits: &Tensor, seqs: &Seqs, targets: &crate::ctc::CtcTargets, grad_scale: f32) -> Result<(Vec<f32>, Tensor)> {
+        let (_, vocab) = as_matrix(logits);
+        let (losses, grad) = ctc::ctc_loss(data(logits)?, vocab, seqs, targets, grad_scale)?;
+        Ok((losses, Tensor::from_vec(grad, logits.shape())))
     }
 
     fn log_softmax(&self, x: &Tensor) -> Result<Tensor> {
