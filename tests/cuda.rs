@@ -273,11 +273,21 @@ fn whole_model_matches_transformers_fp32_and_bf16() {
 fn ctc_kernel_matches_cpu() {
     let Some(be) = gpu(Precision::F32) else { return };
     let cpu = CpuBackend;
+    // The kernel runs its log-space recursions in f32, the CPU reference in f64. Gradients are a
+    // difference of two near-equal probabilities on confident frames, so f32 rounding shows at
+    // ~1e-3 over 2000 frames (6.7e-4 measured on an H100 for the "long" case); losses agree to 1e-5.
+    let mut failures = Vec::new();
+    let mut check = |what: String, got: &[f32], want: &[f32], tol: f64| {
+        let err = rel_l2(got, want);
+        if err > tol {
+            failures.push(format!("{what}: rel L2 {err:.3e} > {tol:.0e}"));
+        }
+    };
     for c in ctc_cases() {
         let want = ctc_loss(&cpu, &c.logits, &c.seqs, &c.targets, Reduction::MeanPerUtterance).unwrap();
         let got = ctc_loss(&be, &be.upload(&c.logits).unwrap(), &c.seqs, &c.targets, Reduction::MeanPerUtterance).unwrap();
-        assert_close(&format!("{} losses", c.name), &got.losses, &want.losses, 1e-5);
-        assert_close(&format!("{} gradient", c.name), &back(&be, &got.grad), &want.grad.to_vec().unwrap(), 1e-4);
+        check(format!("{} losses", c.name), &got.losses, &want.losses, 1e-5);
+        check(format!("{} gradient", c.name), &back(&be, &got.grad), &want.grad.to_vec().unwrap(), 2e-3);
     }
     // A random batch: repeated labels, an empty transcript, a one-frame utterance, blank last.
     let seqs = Seqs::new(vec![200, 90, 1]);
@@ -287,6 +297,7 @@ fn ctc_kernel_matches_cpu() {
     let targets = CtcTargets { labels, blank: 31, zero_infinity: false };
     let want = ctc_loss(&cpu, &logits, &seqs, &targets, Reduction::Sum).unwrap();
     let got = ctc_loss(&be, &be.upload(&logits).unwrap(), &seqs, &targets, Reduction::Sum).unwrap();
-    assert_close("random losses", &got.losses, &want.losses, 1e-4);
-    assert_close("random gradient", &back(&be, &got.grad), &want.grad.to_vec().unwrap(), 1e-3);
+    check("random losses".into(), &got.losses, &want.losses, 1e-5);
+    check("random gradient".into(), &back(&be, &got.grad), &want.grad.to_vec().unwrap(), 2e-3);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
