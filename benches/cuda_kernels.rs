@@ -101,7 +101,7 @@ fn main() {
     // Attention, layer norm, feature-encoder conv 1, positional conv.
     let seqs = Seqs::new(vec![749; 8]);
     let qkv_host = Tensor::from_vec(random(FRAMES * 3 * 768, 4), &[FRAMES, 3 * 768]);
-    for (p, be) in [("f32", &f32_be), ("bf16 wmma (v1)", &wmma_be), ("bf16 mma.sync (v2)", &bf16_be)] {
+    for (p, be) in [("f32", &f32_be), ("bf16 mma.sync (v2)", &bf16_be)] {
         let qkv = be.upload(&qkv_host).unwrap();
         let ms = time_ms(be, 10, || drop(be.attention(&qkv, &seqs, 12, 0.125).unwrap()));
         let att_flops = 4.0 * 8.0 * 12.0 * 749.0 * 749.0 * 64.0;

@@ -51,14 +51,6 @@ const FUNCTIONS: &[(&str, &str)] = &[
     ("attention", "attention_hd32"),
     ("attention", "attention_hd64"),
     ("attention", "attention_hd128"),
-    ("attention", "attention_bf16_hd16"),
-    ("attention", "attention_bf16_hd32"),
-    ("attention", "attention_bf16_hd64"),
-    ("attention", "attention_bf16_hd128"),
-    ("attention", "attention_bf16_hd16_smem"),
-    ("attention", "attention_bf16_hd32_smem"),
-    ("attention", "attention_bf16_hd64_smem"),
-    ("attention", "attention_bf16_hd128_smem"),
     ("attention", "attention_bf16_mma_hd16"),
     ("attention", "attention_bf16_mma_hd32"),
     ("attention", "attention_bf16_mma_hd64"),
@@ -78,8 +70,7 @@ pub struct CudaBackend {
     funcs: HashMap<&'static str, CudaFunction>,
     /// Dynamic shared memory of each kernel that takes some, by kernel name.
     dynamic_smem: HashMap<&'static str, u32>,
-    /// bf16 tensor-core kernels: mma.sync (GEMM v3 where its alignment rules hold, attention v2)
-    /// when on, the WMMA versions (GEMM v2, attention v1) when off.
+    /// bf16 GEMMs: mma.sync (v3) where its alignment rules hold when on, always WMMA (v2) when off.
     mma_sync: bool,
     precision: Precision,
     /// Fill every new output with NaN first (tests: unwritten elements show).
@@ -173,8 +164,8 @@ impl CudaBackend {
         &self.stream
     }
 
-    /// Chooses the bf16 tensor-core kernels: mma.sync (on, the default) or WMMA (benchmarks and
-    /// tests compare the two).
+    /// Chooses the bf16 GEMM: mma.sync (on, the default) or WMMA (benchmarks and tests compare
+    /// the two).
     pub fn set_mma_sync(&mut self, on: bool) {
         self.mma_sync = on;
     }
@@ -569,12 +560,8 @@ impl Backend for CudaBackend {
         let (name, threads, smem): (&str, u32, u32) = match self.precision {
             Precision::F32 => (["attention_hd16", "attention_hd32", "attention_hd64", "attention_hd128"][size_class], 64, 0),
             Precision::Bf16 => {
-                let name = if self.mma_sync {
-                    ["attention_bf16_mma_hd16", "attention_bf16_mma_hd32", "attention_bf16_mma_hd64", "attention_bf16_mma_hd128"]
-                        [size_class]
-                } else {
-                    ["attention_bf16_hd16", "attention_bf16_hd32", "attention_bf16_hd64", "attention_bf16_hd128"][size_class]
-                };
+                let name = ["attention_bf16_mma_hd16", "attention_bf16_mma_hd32", "attention_bf16_mma_hd64", "attention_bf16_mma_hd128"]
+                    [size_class];
                 (name, 128, self.dynamic_smem[name])
             }
         };
@@ -645,5 +632,25 @@ impl Backend for CudaBackend {
             b.arg(&px).arg(&po).arg(&rows_i).arg(&c_i);
         })?;
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Catches a kernel renamed or removed in kernels/*.cu but still loaded here, without a GPU:
+    /// build.rs keeps ptxas's report of every compiled entry point.
+    #[test]
+    fn every_kernel_the_backend_loads_was_compiled() {
+        if kernels::MODULES.is_empty() {
+            eprintln!("skipping: kernels were not built (no nvcc)");
+            return;
+        }
+        let report = include_str!(concat!(env!("OUT_DIR"), "/ptxas.txt"));
+        for (module, func) in FUNCTIONS {
+            assert!(kernels::MODULES.iter().any(|(m, _)| m == module), "module {module} not built");
+            assert!(report.contains(&format!("entry function '{func}'")), "kernel {func} is not in kernels/{module}.cu");
+        }
     }
 }
