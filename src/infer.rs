@@ -2,7 +2,9 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use std::sync::mpsc::{sync_channel, Receiver};
+
+use anyhow::Result;
 
 use crate::backend::Backend;
 use crate::ctc::greedy_ids;
@@ -23,6 +25,50 @@ impl Default for BatchLimits {
         // Two minutes of 16 kHz audio: a few hundred MB of activations for wav2vec2-base.
         BatchLimits { max_samples: 120 * audio::SAMPLE_RATE as usize, max_utterances: 16 }
     }
+}
+
+/// A batch of decoded audio: (position in the input list, normalised 16 kHz samples).
+pub type AudioBatch = Vec<(usize, Vec<f32>)>;
+
+/// Decodes `paths` in order on a background thread into batches within `limits`, each
+/// utterance normalised by `pre` and checked to hold at least `min_samples`. The thread stays
+/// one batch ahead; it stops at the first error, which it passes on, or when the receiver goes.
+pub fn decoded_batches(paths: Vec<PathBuf>, pre: Preprocessor, min_samples: usize, limits: BatchLimits) -> Receiver<Result<AudioBatch>> {
+    let (tx, rx) = sync_channel(1);
+    std::thread::spawn(move || {
+        let mut pending: AudioBatch = Vec::new();
+        let mut pending_samples = 0;
+        for (i, path) in paths.iter().enumerate() {
+            let samples = match audio::load(path) {
+                Ok(s) if s.len() < min_samples => Err(anyhow::anyhow!(
+                    "{}: {} samples, fewer than the feature encoder's receptive field of {min_samples} samples ({} ms at 16 kHz)",
+                    path.display(),
+                    s.len(),
+                    min_samples / 16
+                )),
+                other => other,
+            };
+            let samples = match samples {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            if !pending.is_empty() && (pending_samples + samples.len() > limits.max_samples || pending.len() >= limits.max_utterances) {
+                if tx.send(Ok(std::mem::take(&mut pending))).is_err() {
+                    return;
+                }
+                pending_samples = 0;
+            }
+            pending_samples += samples.len();
+            pending.push((i, pre.apply(samples)));
+        }
+        if !pending.is_empty() {
+            let _ = tx.send(Ok(pending));
+        }
+    });
+    rx
 }
 
 /// One utterance's result.
@@ -53,27 +99,16 @@ impl<'a> Recognizer<'a> {
     }
 
     /// Decodes, batches and recognises `paths` in order, calling `each` per utterance as soon as
-    /// its batch is done. Audio is decoded a batch at a time, so memory stays bounded.
+    /// its batch is done. Audio is decoded a batch ahead on a background thread, so memory stays
+    /// bounded and the compute device does not wait for the decoder.
     pub fn run(&self, paths: &[PathBuf], limits: BatchLimits, mut each: impl FnMut(Utterance) -> Result<()>) -> Result<()> {
-        let mut pending: Vec<(usize, Vec<f32>)> = Vec::new();
-        let mut pending_samples = 0;
-        for (i, path) in paths.iter().enumerate() {
-            let samples = audio::load(path)?;
-            self.model.frame_counts(&[samples.len()]).with_context(|| format!("{}", path.display()))?;
-            if !pending.is_empty() && (pending_samples + samples.len() > limits.max_samples || pending.len() >= limits.max_utterances) {
-                self.run_batch(paths, std::mem::take(&mut pending), &mut each)?;
-                pending_samples = 0;
-            }
-            pending_samples += samples.len();
-            pending.push((i, self.pre.apply(samples)));
-        }
-        if !pending.is_empty() {
-            self.run_batch(paths, pending, &mut each)?;
+        for batch in decoded_batches(paths.to_vec(), self.pre, self.model.config.receptive_field(), limits) {
+            self.run_batch(paths, batch?, &mut each)?;
         }
         Ok(())
     }
 
-    fn run_batch(&self, paths: &[PathBuf], batch: Vec<(usize, Vec<f32>)>, each: &mut impl FnMut(Utterance) -> Result<()>) -> Result<()> {
+    fn run_batch(&self, paths: &[PathBuf], batch: AudioBatch, each: &mut impl FnMut(Utterance) -> Result<()>) -> Result<()> {
         let inputs: Vec<&[f32]> = batch.iter().map(|(_, a)| a.as_slice()).collect();
         let (logits, seqs) = self.model.logits(self.backend, &inputs, None)?;
         let logits = self.backend.to_host(&logits)?.to_vec()?;

@@ -77,7 +77,7 @@ fn bad_files_give_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let text = dir.path().join("notes.wav");
     std::fs::write(&text, "this is not audio").unwrap();
-    assert!(audio::load(&text).unwrap_err().to_string().contains("not a WAV or FLAC"));
+    assert!(audio::load(&text).unwrap_err().to_string().contains("not a WAV, FLAC or MP3"));
 
     let empty = dir.path().join("empty.wav");
     let spec = hound::WavSpec { channels: 1, sample_rate: 16000, bits_per_sample: 16, sample_format: hound::SampleFormat::Int };

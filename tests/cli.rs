@@ -161,7 +161,7 @@ fn bad_audio() {
     let dir = tempfile::tempdir().unwrap();
     let text = dir.path().join("readme.wav");
     std::fs::write(&text, "hello").unwrap();
-    assert_fails(&m, &[&utterances()[0], &text], "not a WAV or FLAC file");
+    assert_fails(&m, &[&utterances()[0], &text], "not a WAV, FLAC or MP3 file");
 
     let spec = hound::WavSpec { channels: 1, sample_rate: 16000, bits_per_sample: 16, sample_format: hound::SampleFormat::Int };
     let empty = dir.path().join("empty.wav");

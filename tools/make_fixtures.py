@@ -6,7 +6,7 @@ pre-LN "stable layer norm" with layer norm in every conv = "large-like"), non-de
 16-bit WAV inputs of odd lengths, and transformers' outputs for every utterance run alone:
 logits plus intermediates (feature-encoder output, each encoder layer's output, encoder output).
 
-    pip install torch transformers safetensors numpy
+    pip install torch transformers safetensors numpy soundfile jiwer
     python3 tools/make_fixtures.py            # rewrites tests/fixtures/
 
 Everything is seeded; VERSIONS.json records the library versions that produced the files.
@@ -17,6 +17,7 @@ import shutil
 import sys
 import wave
 
+import jiwer
 import numpy as np
 import safetensors.torch
 import soundfile
@@ -172,6 +173,97 @@ def build(name, spec, audio, seed):
     return model, folder
 
 
+# Transcripts of the three utterances in base-like's alphabet (A-G, | between words).
+TRANSCRIPTS = ["BAD CAFE", "DEAF", "FACE A BEE"]
+
+
+def greedy_text(logits, vocab):
+    """Greedy CTC text as the engine defines it: argmax, collapse repeats, drop blank and special
+    tokens, | as the word delimiter, spaces tidied."""
+    ids = logits.argmax(-1).tolist()
+    out, prev = [], None
+    for i in ids:
+        if i != prev:
+            tok = vocab[i]
+            if i != MODELS["base-like"]["pad_token_id"] and not (tok.startswith("<") and tok.endswith(">")):
+                out.append(" " if tok == "|" else tok)
+        prev = i
+    return " ".join("".join(out).split())
+
+
+def make_datasets(audio):
+    """The three utterances in every dataset layout the engine reads, plus what `engine eval`
+    must report for base-like on them (loss from torch's ctc_loss on transformers' logits, error
+    counts from jiwer)."""
+    root = os.path.join(ROOT, "datasets")
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(root)
+    ids = [f"utt{u}" for u in range(len(audio))]
+    # fairseq: root line relative to the repository root (tests run there).
+    fs = os.path.join(root, "fairseq")
+    os.makedirs(fs)
+    with open(os.path.join(fs, "test.tsv"), "w") as f:
+        f.write("tests/fixtures/audio\n")
+        for i, a in zip(ids, audio):
+            f.write(f"{i}.wav\t{len(a)}\n")
+    with open(os.path.join(fs, "test.wrd"), "w") as f:
+        f.write("".join(t + "\n" for t in TRANSCRIPTS))
+    with open(os.path.join(fs, "test.ltr"), "w") as f:
+        f.write("".join(" ".join(t.replace(" ", "|")) + " |\n" for t in TRANSCRIPTS))
+    with open(os.path.join(fs, "test.phn"), "w") as f:
+        f.write("".join(" ".join(t.replace(" ", "|")) + "\n" for t in TRANSCRIPTS))
+    # LibriSpeech, and Libri-light's librispeech_finetuning layout (1h/0, 1h/1, 9h).
+    def libri(folder, utts):
+        os.makedirs(folder, exist_ok=True)
+        spk, chap = os.path.basename(os.path.dirname(folder)), os.path.basename(folder)
+        with open(os.path.join(folder, f"{spk}-{chap}.trans.txt"), "w") as f:
+            for u in utts:
+                uid = f"{spk}-{chap}-{u:04d}"
+                soundfile.write(os.path.join(folder, uid + ".flac"), audio[u], 16000, subtype="PCM_16")
+                f.write(f"{uid} {TRANSCRIPTS[u]}\n")
+    libri(os.path.join(root, "librispeech", "dev-clean", "11", "22"), [0, 1, 2])
+    ft = os.path.join(root, "librispeech_finetuning")
+    libri(os.path.join(ft, "1h", "0", "clean", "11", "22"), [0])
+    libri(os.path.join(ft, "1h", "1", "other", "33", "44"), [1])
+    libri(os.path.join(ft, "9h", "clean", "55", "66"), [2])
+    # CommonVoice: MP3 clips, a test.tsv whose columns are not in the usual order.
+    cv = os.path.join(root, "commonvoice")
+    os.makedirs(os.path.join(cv, "clips"))
+    with open(os.path.join(cv, "test.tsv"), "w") as f:
+        f.write("sentence\tclient_id\tup_votes\tpath\n")
+        for u, a in enumerate(audio):
+            soundfile.write(os.path.join(cv, "clips", f"cv_{u}.mp3"), a.astype(np.float32) / 32768.0, 16000, format="MP3")
+            f.write(f"{TRANSCRIPTS[u].lower()}\tclient{u}\t2\tcv_{u}.mp3\n")
+    # NeMo JSON lines, audio paths relative to the manifest.
+    js = os.path.join(root, "jsonl")
+    os.makedirs(js)
+    with open(os.path.join(js, "test.jsonl"), "w") as f:
+        for u, a in enumerate(audio):
+            f.write(json.dumps({"audio_filepath": f"../../audio/utt{u}.wav", "text": TRANSCRIPTS[u].lower(), "duration": len(a) / 16000}) + "\n")
+
+    # Expected `engine eval` numbers for base-like on these utterances.
+    model = Wav2Vec2ForCTC.from_pretrained(os.path.join(ROOT, "base-like")).eval()
+    vocab = MODELS["base-like"]["vocab"]
+    losses, hyps = [], []
+    for u, a in enumerate(audio):
+        x = torch.from_numpy(a.astype(np.float32) / 32768.0)[None]
+        with torch.no_grad():
+            logits = model(x).logits[0]
+        target = torch.tensor([vocab.index("|" if ch == " " else ch) for ch in TRANSCRIPTS[u]])
+        lp = torch.log_softmax(logits, -1)[:, None]
+        losses.append(torch.nn.functional.ctc_loss(lp, target[None], torch.tensor([lp.shape[0]]), torch.tensor([len(target)]),
+                                                   blank=0, reduction="sum", zero_infinity=True).item())
+        hyps.append(greedy_text(logits, vocab))
+    w = jiwer.process_words(TRANSCRIPTS, hyps)
+    c = jiwer.process_characters(TRANSCRIPTS, hyps)
+    nospace = lambda ts: [t.replace(" ", "") or "" for t in ts]
+    un = jiwer.process_characters(nospace(TRANSCRIPTS), nospace(hyps))
+    counts = lambda o: {"sub": o.substitutions, "del": o.deletions, "ins": o.insertions, "ref_len": o.hits + o.substitutions + o.deletions}
+    with open(os.path.join(root, "expected_eval.json"), "w") as f:
+        json.dump({"model": "base-like", "hypotheses": hyps, "loss": sum(losses) / len(losses),
+                   "wer": counts(w), "cer": counts(c), "uer": counts(un)}, f, indent=1)
+
+
 def main():
     if os.path.isdir(ROOT):
         for entry in os.listdir(ROOT):
@@ -222,6 +314,8 @@ def main():
                    "soundfile": soundfile.__version__,
                    "python": sys.version.split()[0], "pos_conv_keys": spellings,
                    "utterance_samples": UTTERANCE_SAMPLES}, f, indent=1)
+    make_datasets(audio)
+
     # The same tiny model serves the README's first command until a trained demo backbone exists.
     demo = os.path.join(ROOT, "..", "..", "weights", "tiny-random-wav2vec2")
     os.makedirs(demo, exist_ok=True)

@@ -10,6 +10,9 @@ use s3router::backend::cpu::CpuBackend;
 use s3router::backend::cuda::{CudaBackend, Precision as CudaPrecision};
 use s3router::backend::Backend;
 use s3router::bench;
+use s3router::data::dataset::{self, DatasetOptions, Format, LabelKind, Subset};
+use s3router::data::labels::Labeler;
+use s3router::eval::evaluate;
 use s3router::infer::{BatchLimits, Recognizer};
 use s3router::metrics::{self, word_and_char_counts, Counts, TextNorm};
 
@@ -71,6 +74,46 @@ enum Command {
         /// Audio files.
         #[arg(required = true)]
         audio: Vec<PathBuf>,
+    },
+    /// Evaluate a model on a dataset: greedy decoding, mean CTC loss, WER / CER / UER.
+    ///
+    /// The dataset layout is detected from the path: a fairseq manifest (NAME.tsv with
+    /// NAME.ltr/.wrd/.phn beside it), a LibriSpeech-style folder (*.trans.txt + FLAC; Libri-light
+    /// subsets with --subset), a CommonVoice language folder (clips/ + <split>.tsv) or NeMo JSON
+    /// lines (.jsonl). Transcripts are normalised to the model's vocabulary.
+    Eval {
+        /// Model folder (config.json, model.safetensors, vocab.json, preprocessor_config.json).
+        #[arg(long)]
+        model: PathBuf,
+        /// Dataset: a .tsv, a .jsonl, or a folder.
+        #[arg(long)]
+        data: PathBuf,
+        /// Force the dataset layout instead of detecting it.
+        #[arg(long, value_enum)]
+        format: Option<Format>,
+        /// fairseq label file to read beside the manifest.
+        #[arg(long, value_enum, default_value = "ltr")]
+        labels: LabelKind,
+        /// Libri-light limited-supervision subset under librispeech_finetuning/.
+        #[arg(long, value_enum)]
+        subset: Option<Subset>,
+        /// CommonVoice split (a <split>.tsv in the folder).
+        #[arg(long, default_value = "test")]
+        split: String,
+        /// Characters removed from transcripts before tokenising (e.g. punctuation: ",.?!;:").
+        #[arg(long, default_value = "")]
+        chars_to_ignore: String,
+        /// Drop symbols the vocabulary lacks (counted) instead of stopping with a list of them.
+        #[arg(long)]
+        skip_unknown: bool,
+        #[command(flatten)]
+        device: DeviceArgs,
+        /// Most seconds of audio in one forward pass (bounds memory).
+        #[arg(long, default_value_t = 120.0)]
+        batch_seconds: f64,
+        /// Print one JSON object on stdout instead of the table.
+        #[arg(long)]
+        json: bool,
     },
     /// Score hypotheses against references: WER and CER with substitution / deletion / insertion
     /// counts, sclite style. Each file holds one transcript per line, in the same order.
@@ -183,12 +226,66 @@ fn score(reference: &Path, hyp: &Path, norm: &TextNorm, alignments: bool) -> Res
     Ok(())
 }
 
+struct EvalArgs {
+    model: PathBuf,
+    data: PathBuf,
+    opts: DatasetOptions,
+    chars_to_ignore: String,
+    skip_unknown: bool,
+    device: DeviceArgs,
+    batch_seconds: f64,
+    json: bool,
+}
+
+fn eval(a: EvalArgs) -> Result<()> {
+    let data = dataset::open(&a.data, &a.opts)?;
+    let be = backend(a.device)?;
+    let rec = Recognizer::load(&a.model, be.as_ref())?;
+    let labels = Labeler::new(&rec.vocab, data.labels, &a.chars_to_ignore, a.skip_unknown)
+        .label_all(data.utterances.iter().map(|u| u.text.as_str()))?;
+    if labels.skipped > 0 {
+        eprintln!("skipped {} symbols missing from the vocabulary", labels.skipped);
+    }
+    let limits = BatchLimits { max_samples: (a.batch_seconds.max(1.0) * 16_000.0) as usize, ..BatchLimits::default() };
+    let report = evaluate(&rec, &data, &labels, limits, |done, total| eprint!("\revaluated {done}/{total} utterances"))?;
+    eprintln!();
+    if a.json {
+        println!("{}", report.json());
+    } else {
+        println!("{}", Counts::sclite_header());
+        println!("{}", report.wer.sclite_row("words"));
+        println!("{}", report.cer.sclite_row("tokens (CER)"));
+        println!("{}", report.uer.sclite_row("units (UER)"));
+        println!(
+            "utterances {}  mean CTC loss {:.4}  WER {:.2}%  CER {:.2}%  UER {:.2}%",
+            report.utterances,
+            report.loss,
+            100.0 * report.wer.rate(),
+            100.0 * report.cer.rate(),
+            100.0 * report.uer.rate()
+        );
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     if let Some(n) = cli.threads {
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("cannot start the thread pool")?;
     }
     match cli.command {
         Command::Infer { model, device, out, batch_seconds, audio } => infer(&model, device, out.as_deref(), batch_seconds, &audio),
+        Command::Eval { model, data, format, labels, subset, split, chars_to_ignore, skip_unknown, device, batch_seconds, json } => {
+            eval(EvalArgs {
+                model,
+                data,
+                opts: DatasetOptions { format, labels, subset, split },
+                chars_to_ignore,
+                skip_unknown,
+                device,
+                batch_seconds,
+                json,
+            })
+        }
         Command::Score { reference, hyp, lowercase, ignore, alignments } => {
             score(&reference, &hyp, &TextNorm { lowercase, ignore }, alignments)
         }

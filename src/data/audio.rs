@@ -1,5 +1,6 @@
 //! Audio files to 16 kHz mono f32: WAV (8/16/24/32-bit integer, 32-bit float) via `hound`, FLAC
-//! via `symphonia`; channels averaged; other rates resampled with `rubato`'s FFT resampler.
+//! and MP3 (CommonVoice) via `symphonia`; channels averaged; other rates resampled with
+//! `rubato`'s FFT resampler.
 
 use std::fs::File;
 use std::io::Read;
@@ -27,8 +28,11 @@ pub fn load(path: &Path) -> Result<Vec<f32>> {
         .with_context(|| format!("cannot read {}", path.display()))?;
     let decoded = match &magic[..n] {
         b"RIFF" => read_wav(path),
-        b"fLaC" => read_flac(path),
-        _ => bail!("{}: not a WAV or FLAC file", path.display()),
+        b"fLaC" => read_compressed(path, "flac"),
+        // An ID3 tag, or an MPEG audio frame sync (11 set bits).
+        [b'I', b'D', b'3', ..] => read_compressed(path, "mp3"),
+        [0xFF, b, ..] if b & 0xE0 == 0xE0 => read_compressed(path, "mp3"),
+        _ => bail!("{}: not a WAV, FLAC or MP3 file", path.display()),
     }?;
     ensure!(decoded.channels > 0 && !decoded.samples.is_empty(), "{}: the file holds no audio samples", path.display());
     let mono = downmix(&decoded.samples, decoded.channels);
@@ -50,7 +54,8 @@ fn read_wav(path: &Path) -> Result<Decoded> {
     Ok(Decoded { samples, channels: spec.channels as usize, rate: spec.sample_rate })
 }
 
-fn read_flac(path: &Path) -> Result<Decoded> {
+/// FLAC or MP3 through symphonia; `kind` names the format in messages and hints the prober.
+fn read_compressed(path: &Path, kind: &str) -> Result<Decoded> {
     use symphonia::core::audio::SampleBuffer;
     use symphonia::core::codecs::DecoderOptions;
     use symphonia::core::errors::Error as SymError;
@@ -59,11 +64,11 @@ fn read_flac(path: &Path) -> Result<Decoded> {
     use symphonia::core::meta::MetadataOptions;
     use symphonia::core::probe::Hint;
 
-    let bad = |e: SymError| anyhow::anyhow!("{}: corrupt FLAC data ({e})", path.display());
+    let bad = |e: SymError| anyhow::anyhow!("{}: corrupt {} data ({e})", path.display(), kind.to_uppercase());
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mss = MediaSourceStream::new(Box::new(file), Default::default());
     let mut hint = Hint::new();
-    hint.with_extension("flac");
+    hint.with_extension(kind);
     let probed = symphonia::default::get_probe().format(&hint, mss, &FormatOptions::default(), &MetadataOptions::default()).map_err(bad)?;
     let mut format = probed.format;
     let track = format.default_track().with_context(|| format!("{}: no audio track", path.display()))?;

@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use memmap2::{Mmap, UncheckedAdvice};
 use safetensors::{Dtype, SafeTensors};
 
+use crate::rng::SplitMix;
 use crate::tensor::{DType, HostBytes, Tensor};
 
 struct Entry {
@@ -154,15 +155,9 @@ impl WeightSource for RandomWeights {
     }
 
     fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let mut state = self.seed ^ name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
-        let mut next = move || {
-            // splitmix64 -> uniform in [-1, 1)
-            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        };
+        let mut rng =
+            SplitMix(self.seed ^ name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3)));
+        let mut next = || rng.symmetric();
         let n: usize = shape.iter().product();
         let fan_in: usize = shape.iter().skip(1).product::<usize>().max(1);
         let is_norm_gain = name.contains("norm") && name.ends_with(".weight");

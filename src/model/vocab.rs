@@ -1,5 +1,6 @@
 //! The CTC vocabulary (`vocab.json`, token -> id) and turning token ids into text.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -7,6 +8,7 @@ use anyhow::{bail, ensure, Context, Result};
 #[derive(Clone, Debug)]
 pub struct Vocab {
     tokens: Vec<String>,
+    ids: HashMap<String, u32>,
     blank: usize,
 }
 
@@ -32,7 +34,9 @@ impl Vocab {
             tokens[id] = Some(tok.clone());
         }
         ensure!(map.len() == vocab_size, "{}: {} tokens, but the model's vocab_size is {vocab_size}", path.display(), map.len());
-        Ok(Vocab { tokens: tokens.into_iter().map(Option::unwrap).collect(), blank })
+        let tokens: Vec<String> = tokens.into_iter().map(Option::unwrap).collect();
+        let ids = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        Ok(Vocab { tokens, ids, blank })
     }
 
     pub fn len(&self) -> usize {
@@ -51,16 +55,27 @@ impl Vocab {
         &self.tokens[id]
     }
 
+    /// The id of `token`, if the vocabulary has it.
+    pub fn id(&self, token: &str) -> Option<u32> {
+        self.ids.get(token).copied()
+    }
+
+    /// Whether a token is transcript content (not the blank, not a special token).
+    pub fn is_content(&self, id: u32) -> bool {
+        id as usize != self.blank && !is_special(&self.tokens[id as usize])
+    }
+
+    /// The tokens, by id.
+    pub fn tokens(&self) -> &[String] {
+        &self.tokens
+    }
+
     /// Text of a decoded id sequence as transformers' CTC tokenizer writes it: special tokens
     /// and the blank dropped, `|` as the word delimiter, tokens joined, spaces tidied.
     pub fn text(&self, ids: &[u32]) -> String {
         let mut s = String::new();
-        for &id in ids {
-            let id = id as usize;
-            let tok = &self.tokens[id];
-            if id == self.blank || is_special(tok) {
-                continue;
-            }
+        for &id in ids.iter().filter(|&&id| self.is_content(id)) {
+            let tok = &self.tokens[id as usize];
             if tok == "|" {
                 s.push(' ');
             } else {

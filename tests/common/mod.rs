@@ -40,18 +40,10 @@ pub fn reference(model: &str, name: &str) -> (Vec<f32>, Vec<usize>) {
     (t.to_vec().unwrap(), t.shape().to_vec())
 }
 
-/// Deterministic uniform values in [-scale, scale) (splitmix64), for random test inputs.
+/// Deterministic uniform values in [-scale, scale), for random test inputs.
 pub fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x1234_5678;
-    (0..n)
-        .map(|_| {
-            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            (((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * scale
-        })
-        .collect()
+    let mut rng = s3router::rng::SplitMix(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x1234_5678);
+    (0..n).map(|_| rng.symmetric() * scale).collect()
 }
 
 /// One CTC fixture: packed logits, targets, and PyTorch's per-utterance losses and gradient.

@@ -1,0 +1,149 @@
+//! Dataset readers on small checked-in examples of each layout, their bad inputs, and
+//! `engine eval --json` against loss and error counts computed from transformers' logits.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::fixtures;
+use s3router::data::audio;
+use s3router::data::dataset::{open, DatasetOptions, Format, LabelKind, Subset};
+
+fn datasets() -> PathBuf {
+    fixtures().join("datasets")
+}
+
+fn opts() -> DatasetOptions {
+    DatasetOptions::default()
+}
+
+#[test]
+fn fairseq_manifest_with_each_label_file() {
+    let tsv = datasets().join("fairseq/test.tsv");
+    for (labels, first) in [(LabelKind::Ltr, "B A D | C A F E |"), (LabelKind::Wrd, "BAD CAFE"), (LabelKind::Phn, "B A D | C A F E")] {
+        let d = open(&tsv, &DatasetOptions { labels, ..opts() }).unwrap();
+        assert_eq!(d.utterances.len(), 3);
+        assert_eq!(d.utterances[0].text, first);
+        assert_eq!(d.utterances[1].samples, Some(1601));
+        assert_eq!(d.utterances[2].audio, Path::new("tests/fixtures/audio/utt2.wav"));
+    }
+}
+
+#[test]
+fn librispeech_tree_and_librilight_subsets() {
+    let d = open(&datasets().join("librispeech"), &opts()).unwrap();
+    let ids: Vec<&str> = d.utterances.iter().map(|u| u.id.as_str()).collect();
+    assert_eq!(ids, ["11-22-0000", "11-22-0001", "11-22-0002"]);
+    assert_eq!(d.utterances[2].text, "FACE A BEE");
+    let ft = datasets().join("librispeech_finetuning");
+    for (subset, n) in [(Subset::TenMin, 1), (Subset::OneHour, 2), (Subset::TenHours, 3)] {
+        let d = open(&ft, &DatasetOptions { subset: Some(subset), ..opts() }).unwrap();
+        assert_eq!(d.utterances.len(), n, "{subset:?}");
+    }
+}
+
+#[test]
+fn commonvoice_columns_found_by_header_and_mp3_decodes() {
+    let d = open(&datasets().join("commonvoice"), &DatasetOptions { split: "test".into(), ..opts() }).unwrap();
+    assert_eq!(d.utterances[1].text, "deaf");
+    assert!(d.utterances[1].audio.ends_with("clips/cv_1.mp3"));
+    let samples = audio::load(&d.utterances[1].audio).unwrap();
+    // MP3 frames pad the 1601-sample clip; the decoder returns at least the original length.
+    assert!(samples.len() >= 1601 && samples.len() < 1601 + 3000, "{} samples", samples.len());
+}
+
+#[test]
+fn json_lines_with_relative_paths_and_durations() {
+    let d = open(&datasets().join("jsonl/test.jsonl"), &opts()).unwrap();
+    assert_eq!(d.utterances[0].samples, Some(3203));
+    assert!(d.utterances[0].audio.is_file());
+    assert_eq!(d.utterances[2].text, "face a bee");
+}
+
+#[test]
+fn layouts_are_detected_or_forced() {
+    let tsv = datasets().join("fairseq/test.tsv");
+    assert!(open(&tsv, &DatasetOptions { format: Some(Format::Jsonl), ..opts() }).is_err());
+    let e = open(&datasets().join("fairseq"), &opts()).err().unwrap().to_string();
+    assert!(e.contains("not a fairseq .tsv"), "{e}");
+}
+
+#[test]
+fn bad_datasets_are_reported_before_work_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let tsv = dir.path().join("train.tsv");
+    std::fs::write(&tsv, format!("{}\na.wav\t100\nb.wav\t200\nc.wav\t300\n", dir.path().display())).unwrap();
+    std::fs::write(dir.path().join("train.ltr"), "A |\nB |\n").unwrap();
+    let e = open(&tsv, &opts()).err().unwrap().to_string();
+    assert!(e.contains("train.ltr has 2 lines but") && e.contains("lists 3 utterances"), "{e}");
+    std::fs::write(dir.path().join("train.ltr"), "A |\nB |\nC |\n").unwrap();
+    let e = open(&tsv, &opts()).err().unwrap().to_string();
+    assert!(e.contains("3 of 3 audio files are missing") && e.contains("a.wav") && e.contains("c.wav"), "{e}");
+    std::fs::write(&tsv, format!("{}\n", dir.path().display())).unwrap();
+    std::fs::write(dir.path().join("train.ltr"), "").unwrap();
+    assert!(open(&tsv, &opts()).err().unwrap().to_string().contains("holds no utterances"));
+}
+
+fn eval_json(data: &Path, extra: &[&str]) -> serde_json::Value {
+    let model = fixtures().join("base-like");
+    let mut args = vec!["eval", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--json"];
+    args.extend(extra);
+    let o = Command::new(env!("CARGO_BIN_EXE_engine")).args(&args).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+#[test]
+fn eval_json_matches_transformers_and_jiwer() {
+    let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(datasets().join("expected_eval.json")).unwrap()).unwrap();
+    for (data, extra) in [
+        (datasets().join("fairseq/test.tsv"), vec!["--labels", "wrd"]),
+        (datasets().join("fairseq/test.tsv"), vec!["--labels", "ltr"]),
+        (datasets().join("librispeech"), vec![]),
+        (datasets().join("jsonl/test.jsonl"), vec![]),
+    ] {
+        let got = eval_json(&data, &extra);
+        assert_eq!(got["utterances"], 3);
+        let (g, w) = (got["loss"].as_f64().unwrap(), want["loss"].as_f64().unwrap());
+        assert!(((g - w) / w).abs() <= 1e-4, "{}: loss {g} vs {w}", data.display());
+        for rate in ["wer", "cer", "uer"] {
+            for k in ["sub", "del", "ins", "ref_len"] {
+                assert_eq!(got[format!("{rate}_{k}")], want[rate][k], "{}: {rate}_{k}", data.display());
+            }
+            let c = &want[rate];
+            let errors = c["sub"].as_f64().unwrap() + c["del"].as_f64().unwrap() + c["ins"].as_f64().unwrap();
+            assert!((got[rate].as_f64().unwrap() - errors / c["ref_len"].as_f64().unwrap()).abs() < 1e-12);
+        }
+    }
+}
+
+#[test]
+fn eval_names_symbols_missing_from_the_vocabulary() {
+    let dir = tempfile::tempdir().unwrap();
+    let jsonl = dir.path().join("x.jsonl");
+    let wav = std::fs::canonicalize(fixtures().join("audio/utt0.wav")).unwrap();
+    std::fs::write(&jsonl, format!("{{\"audio_filepath\": \"{}\", \"text\": \"bad zebra!\"}}\n", wav.display())).unwrap();
+    let model = fixtures().join("base-like");
+    let o = Command::new(env!("CARGO_BIN_EXE_engine"))
+        .args(["eval", "--model", model.to_str().unwrap(), "--data", jsonl.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("symbols the vocabulary lacks") && e.contains("\"Z\"") && e.contains("\"!\""), "{e}");
+    let o = Command::new(env!("CARGO_BIN_EXE_engine"))
+        .args([
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            jsonl.to_str().unwrap(),
+            "--skip-unknown",
+            "--chars-to-ignore",
+            "!",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
