@@ -147,3 +147,31 @@ fn eval_names_symbols_missing_from_the_vocabulary() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+#[test]
+fn duration_filters_use_headers_and_refuse_an_empty_result() {
+    // LibriSpeech records no lengths: FLAC headers give 3203, 1601 and 4799 samples.
+    let ls = datasets().join("librispeech");
+    let d = open(&ls, &DatasetOptions { min_duration: Some(0.15), max_duration: Some(0.25), ..opts() }).unwrap();
+    assert_eq!(d.utterances.len(), 1);
+    assert_eq!(d.utterances[0].samples, Some(3203));
+    let e = open(&ls, &DatasetOptions { min_duration: Some(5.0), ..opts() }).err().unwrap().to_string();
+    assert!(e.contains("none of its 3 utterances is within the duration limits"), "{e}");
+}
+
+#[test]
+fn vocab_command_builds_from_transcripts() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("vocab.json");
+    let data = datasets().join("fairseq/test.tsv");
+    let o = Command::new(env!("CARGO_BIN_EXE_engine"))
+        .args(["vocab", "--data", data.to_str().unwrap(), "--labels", "wrd", "--lowercase", "--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    // BAD CAFE / DEAF / FACE A BEE: e and a 5 times, f 3, b/c/d 2 each.
+    assert_eq!(v["<pad>"], 0);
+    assert_eq!(v["|"], 4);
+    assert_eq!((v["a"].as_u64(), v["e"].as_u64(), v["f"].as_u64(), v["b"].as_u64()), (Some(5), Some(6), Some(7), Some(8)));
+}

@@ -11,10 +11,11 @@ use s3router::backend::cuda::{CudaBackend, Precision as CudaPrecision};
 use s3router::backend::Backend;
 use s3router::bench;
 use s3router::data::dataset::{self, DatasetOptions, Format, LabelKind, Subset};
-use s3router::data::labels::Labeler;
+use s3router::data::labels::{self, Case, Labeler};
 use s3router::eval::evaluate;
 use s3router::infer::{BatchLimits, Recognizer};
 use s3router::metrics::{self, word_and_char_counts, Counts, TextNorm};
+use s3router::model::vocab::Vocab;
 
 #[derive(Parser)]
 #[command(name = "engine", version, about = "S3-Router engine: wav2vec2 / XLS-R inference and mask learning")]
@@ -100,6 +101,12 @@ enum Command {
         /// CommonVoice split (a <split>.tsv in the folder).
         #[arg(long, default_value = "test")]
         split: String,
+        /// Skip utterances shorter than this (seconds).
+        #[arg(long)]
+        min_duration: Option<f64>,
+        /// Skip utterances longer than this (seconds).
+        #[arg(long)]
+        max_duration: Option<f64>,
         /// Characters removed from transcripts before tokenising (e.g. punctuation: ",.?!;:").
         #[arg(long, default_value = "")]
         chars_to_ignore: String,
@@ -114,6 +121,35 @@ enum Command {
         /// Print one JSON object on stdout instead of the table.
         #[arg(long)]
         json: bool,
+    },
+    /// Build a CTC vocabulary (vocab.json) from a dataset's transcripts: `<pad>` (the blank, id
+    /// 0), `<s>`, `</s>`, `<unk>`, `|`, then every symbol by falling frequency. Letters for word
+    /// transcripts, whitespace-separated units for .ltr/.phn labels. Or convert a fairseq
+    /// dict.*.txt with --dict.
+    Vocab {
+        /// Dataset whose transcripts define the symbols.
+        #[arg(long, required_unless_present = "dict")]
+        data: Option<PathBuf>,
+        /// A fairseq dictionary to convert instead.
+        #[arg(long, conflicts_with = "data")]
+        dict: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "ltr")]
+        labels: LabelKind,
+        #[arg(long, value_enum)]
+        format: Option<Format>,
+        #[arg(long, default_value = "train")]
+        split: String,
+        /// Characters removed from transcripts first.
+        #[arg(long, default_value = "")]
+        chars_to_ignore: String,
+        /// Lower-case (or, with --uppercase, upper-case) transcripts first.
+        #[arg(long, conflicts_with = "uppercase")]
+        lowercase: bool,
+        #[arg(long)]
+        uppercase: bool,
+        /// Where to write vocab.json.
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Score hypotheses against references: WER and CER with substitution / deletion / insertion
     /// counts, sclite style. Each file holds one transcript per line, in the same order.
@@ -274,17 +310,51 @@ fn run(cli: Cli) -> Result<()> {
     }
     match cli.command {
         Command::Infer { model, device, out, batch_seconds, audio } => infer(&model, device, out.as_deref(), batch_seconds, &audio),
-        Command::Eval { model, data, format, labels, subset, split, chars_to_ignore, skip_unknown, device, batch_seconds, json } => {
-            eval(EvalArgs {
-                model,
-                data,
-                opts: DatasetOptions { format, labels, subset, split },
-                chars_to_ignore,
-                skip_unknown,
-                device,
-                batch_seconds,
-                json,
-            })
+        Command::Eval {
+            model,
+            data,
+            format,
+            labels,
+            subset,
+            split,
+            min_duration,
+            max_duration,
+            chars_to_ignore,
+            skip_unknown,
+            device,
+            batch_seconds,
+            json,
+        } => eval(EvalArgs {
+            model,
+            data,
+            opts: DatasetOptions { format, labels, subset, split, min_duration, max_duration },
+            chars_to_ignore,
+            skip_unknown,
+            device,
+            batch_seconds,
+            json,
+        }),
+        Command::Vocab { data, dict, labels, format, split, chars_to_ignore, lowercase, uppercase, out } => {
+            let vocab = match (data, dict) {
+                (_, Some(dict)) => Vocab::from_fairseq_dict(&dict)?,
+                (Some(data), None) => {
+                    let ds = dataset::open(&data, &DatasetOptions { format, labels, split, ..DatasetOptions::default() })?;
+                    let case = if lowercase {
+                        Case::Lower
+                    } else if uppercase {
+                        Case::Upper
+                    } else {
+                        Case::Mixed
+                    };
+                    let symbols: Vec<String> =
+                        ds.utterances.iter().flat_map(|u| labels::symbols(&u.text, ds.labels, &chars_to_ignore, case)).collect();
+                    Vocab::build(symbols.iter().map(String::as_str))
+                }
+                (None, None) => bail!("give --data or --dict"),
+            };
+            vocab.save(&out)?;
+            println!("{}: {} tokens, blank <pad> = 0", out.display(), vocab.len());
+            Ok(())
         }
         Command::Score { reference, hyp, lowercase, ignore, alignments } => {
             score(&reference, &hyp, &TextNorm { lowercase, ignore }, alignments)

@@ -19,6 +19,32 @@ struct Decoded {
     rate: u32,
 }
 
+/// Length of an audio file in 16 kHz samples, from its header where it says (WAV, FLAC), else
+/// by decoding it.
+pub fn duration_samples(path: &Path) -> Result<usize> {
+    if let Ok(reader) = hound::WavReader::open(path) {
+        let spec = reader.spec();
+        return Ok((reader.duration() as u64 * SAMPLE_RATE as u64).div_ceil(spec.sample_rate as u64) as usize);
+    }
+    if let Some((frames, rate)) = header_frames(path) {
+        return Ok((frames * SAMPLE_RATE as u64).div_ceil(rate as u64) as usize);
+    }
+    Ok(load(path)?.len())
+}
+
+/// Frame count and rate from a compressed file's stream header, when it records them.
+fn header_frames(path: &Path) -> Option<(u64, u32)> {
+    use symphonia::core::formats::FormatOptions;
+    use symphonia::core::io::MediaSourceStream;
+    use symphonia::core::meta::MetadataOptions;
+    use symphonia::core::probe::Hint;
+    let file = File::open(path).ok()?;
+    let mss = MediaSourceStream::new(Box::new(file), Default::default());
+    let probed = symphonia::default::get_probe().format(&Hint::new(), mss, &FormatOptions::default(), &MetadataOptions::default()).ok()?;
+    let params = &probed.format.default_track()?.codec_params;
+    Some((params.n_frames?, params.sample_rate?))
+}
+
 /// Loads an audio file as 16 kHz mono samples in [-1, 1].
 pub fn load(path: &Path) -> Result<Vec<f32>> {
     let mut magic = [0u8; 4];

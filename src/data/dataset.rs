@@ -61,11 +61,15 @@ pub struct DatasetOptions {
     pub subset: Option<Subset>,
     /// CommonVoice split (`train`, `dev`, `test`, ...).
     pub split: String,
+    /// Keep only utterances at least this long (seconds).
+    pub min_duration: Option<f64>,
+    /// Keep only utterances at most this long (seconds).
+    pub max_duration: Option<f64>,
 }
 
 impl Default for DatasetOptions {
     fn default() -> Self {
-        DatasetOptions { format: None, labels: LabelKind::Ltr, subset: None, split: "test".into() }
+        DatasetOptions { format: None, labels: LabelKind::Ltr, subset: None, split: "test".into(), min_duration: None, max_duration: None }
     }
 }
 
@@ -90,6 +94,15 @@ pub fn open(path: &Path, opts: &DatasetOptions) -> Result<Dataset> {
     };
     check_audio_exists(&utterances)?;
     ensure!(!utterances.is_empty(), "dataset {} holds no utterances", path.display());
+    let before = utterances.len();
+    let utterances = filter_durations(utterances, opts)?;
+    ensure!(
+        !utterances.is_empty(),
+        "dataset {}: none of its {before} utterances is within the duration limits ({:?} s .. {:?} s)",
+        path.display(),
+        opts.min_duration,
+        opts.max_duration
+    );
     Ok(Dataset { utterances, labels })
 }
 
@@ -231,6 +244,28 @@ fn jsonl(path: &Path) -> Result<Vec<Utterance>> {
         out.push(Utterance { id: audio.to_string(), audio: base.join(audio), samples, text: text.trim().to_string() });
     }
     Ok(out)
+}
+
+/// Drops utterances outside `[min_duration, max_duration]`, reading lengths from audio headers
+/// where the layout does not record them.
+fn filter_durations(utts: Vec<Utterance>, opts: &DatasetOptions) -> Result<Vec<Utterance>> {
+    if opts.min_duration.is_none() && opts.max_duration.is_none() {
+        return Ok(utts);
+    }
+    let (lo, hi) = (opts.min_duration.unwrap_or(0.0), opts.max_duration.unwrap_or(f64::INFINITY));
+    let mut kept = Vec::with_capacity(utts.len());
+    for mut u in utts {
+        let samples = match u.samples {
+            Some(n) => n,
+            None => crate::data::audio::duration_samples(&u.audio)?,
+        };
+        u.samples = Some(samples);
+        let secs = samples as f64 / 16_000.0;
+        if secs >= lo && secs <= hi {
+            kept.push(u);
+        }
+    }
+    Ok(kept)
 }
 
 /// Fails listing every missing audio file (the first ten by name, then a count).

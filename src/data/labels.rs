@@ -14,8 +14,9 @@ use crate::model::vocab::Vocab;
 /// The word delimiter token.
 pub const DELIMITER: &str = "|";
 
+/// Case folding applied before tokenising.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Case {
+pub enum Case {
     Upper,
     Lower,
     Mixed,
@@ -48,29 +49,6 @@ impl<'a> Labeler<'a> {
         Labeler { vocab, kind, ignore: ignore.to_string(), skip_unknown, case }
     }
 
-    /// The symbols of one transcript (before vocabulary lookup), `|` between words.
-    fn symbols(&self, text: &str) -> Vec<String> {
-        let text: String = text.nfc().collect();
-        let text = match self.case {
-            Case::Upper => text.to_uppercase(),
-            Case::Lower => text.to_lowercase(),
-            Case::Mixed => text,
-        };
-        let text: String = text.chars().filter(|c| !self.ignore.contains(*c)).collect();
-        let raw: Vec<String> = match self.kind {
-            LabelKind::Ltr | LabelKind::Phn => text.split_whitespace().map(str::to_string).collect(),
-            LabelKind::Wrd => {
-                let words: Vec<&str> = text.split_whitespace().collect();
-                words
-                    .iter()
-                    .enumerate()
-                    .flat_map(|(i, w)| (i > 0).then(|| DELIMITER.to_string()).into_iter().chain(w.chars().map(String::from)))
-                    .collect()
-            }
-        };
-        raw
-    }
-
     /// Token ids of every transcript. Unknown symbols: an error naming them (and how many
     /// utterances have them), unless `skip_unknown`.
     pub fn label_all<'t>(&self, texts: impl Iterator<Item = &'t str>) -> Result<Labels> {
@@ -80,7 +58,7 @@ impl<'a> Labeler<'a> {
         for text in texts {
             let mut ids = Vec::new();
             let mut bad = false;
-            for sym in self.symbols(text) {
+            for sym in symbols(text, self.kind, &self.ignore, self.case) {
                 match self.vocab.id(&sym).filter(|&id| id as usize != self.vocab.blank()) {
                     Some(id) => ids.push(id),
                     None => {
@@ -103,6 +81,29 @@ impl<'a> Labeler<'a> {
             );
         }
         Ok(Labels { tokens, skipped })
+    }
+}
+
+/// The symbols of one transcript before vocabulary lookup, `|` between words: NFC, case folded,
+/// `ignore` characters removed; letters for `Wrd`, the whitespace-separated symbols otherwise.
+pub fn symbols(text: &str, kind: LabelKind, ignore: &str, case: Case) -> Vec<String> {
+    let text: String = text.nfc().collect();
+    let text = match case {
+        Case::Upper => text.to_uppercase(),
+        Case::Lower => text.to_lowercase(),
+        Case::Mixed => text,
+    };
+    let text: String = text.chars().filter(|c| !ignore.contains(*c)).collect();
+    match kind {
+        LabelKind::Ltr | LabelKind::Phn => text.split_whitespace().map(str::to_string).collect(),
+        LabelKind::Wrd => {
+            let words: Vec<&str> = text.split_whitespace().collect();
+            words
+                .iter()
+                .enumerate()
+                .flat_map(|(i, w)| (i > 0).then(|| DELIMITER.to_string()).into_iter().chain(w.chars().map(String::from)))
+                .collect()
+        }
     }
 }
 

@@ -12,6 +12,9 @@ pub struct Vocab {
     blank: usize,
 }
 
+/// Special tokens of vocabularies built here, in id order; `<pad>` is the CTC blank.
+const SPECIALS: [&str; 4] = ["<pad>", "<s>", "</s>", "<unk>"];
+
 /// Tokens like `<s>`, `</s>`, `<unk>`, `[PAD]`: dropped from transcripts.
 fn is_special(token: &str) -> bool {
     (token.starts_with('<') && token.ends_with('>') && token.len() > 2)
@@ -19,6 +22,51 @@ fn is_special(token: &str) -> bool {
 }
 
 impl Vocab {
+    /// A vocabulary from tokens in id order.
+    pub fn from_tokens(tokens: Vec<String>, blank: usize) -> Result<Vocab> {
+        ensure!(blank < tokens.len(), "blank id {blank} is outside a vocabulary of {}", tokens.len());
+        let ids: HashMap<String, u32> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        ensure!(ids.len() == tokens.len(), "the vocabulary lists a token twice");
+        Ok(Vocab { tokens, ids, blank })
+    }
+
+    /// A CTC vocabulary from a fairseq `dict.*.txt` (`SYMBOL COUNT` lines): the specials
+    /// `<pad>` (the blank, id 0), `<s>`, `</s>`, `<unk>`, then the symbols in file order.
+    pub fn from_fairseq_dict(path: &Path) -> Result<Vocab> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let mut tokens: Vec<String> = SPECIALS.iter().map(|s| s.to_string()).collect();
+        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            let sym = line.split_whitespace().next().with_context(|| format!("{} line {}: empty symbol", path.display(), i + 1))?;
+            if !tokens.iter().any(|t| t == sym) {
+                tokens.push(sym.to_string());
+            }
+        }
+        Vocab::from_tokens(tokens, 0)
+    }
+
+    /// A CTC vocabulary built from training transcripts already split into symbols: the
+    /// specials (`<pad>` = blank = id 0, `<s>`, `</s>`, `<unk>`), then `|`, then every other
+    /// symbol by falling frequency (ties in code-point order), so rebuilding is deterministic.
+    pub fn build<'a>(symbols: impl Iterator<Item = &'a str>) -> Vocab {
+        let mut counts: HashMap<&str, usize> = HashMap::new();
+        symbols.for_each(|s| *counts.entry(s).or_default() += 1);
+        let mut rest: Vec<(&str, usize)> = counts.into_iter().filter(|(s, _)| *s != "|" && !SPECIALS.contains(s)).collect();
+        rest.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        let tokens =
+            SPECIALS.iter().copied().chain(std::iter::once("|")).chain(rest.into_iter().map(|(s, _)| s)).map(String::from).collect();
+        Vocab::from_tokens(tokens, 0).expect("built vocabularies are valid")
+    }
+
+    /// Writes `vocab.json` (token -> id), atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let map: serde_json::Map<String, serde_json::Value> = self.tokens.iter().enumerate().map(|(i, t)| (t.clone(), i.into())).collect();
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("cannot write in {}", dir.display()))?;
+        std::fs::write(tmp.path(), serde_json::to_string_pretty(&map)?).with_context(|| format!("cannot write {}", path.display()))?;
+        tmp.persist(path).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(())
+    }
+
     /// Reads `vocab.json`, which must give each id in `0..vocab_size` exactly one token.
     pub fn load(path: &Path, vocab_size: usize, blank: usize) -> Result<Vocab> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -34,9 +82,7 @@ impl Vocab {
             tokens[id] = Some(tok.clone());
         }
         ensure!(map.len() == vocab_size, "{}: {} tokens, but the model's vocab_size is {vocab_size}", path.display(), map.len());
-        let tokens: Vec<String> = tokens.into_iter().map(Option::unwrap).collect();
-        let ids = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
-        Ok(Vocab { tokens, ids, blank })
+        Vocab::from_tokens(tokens.into_iter().map(Option::unwrap).collect(), blank)
     }
 
     pub fn len(&self) -> usize {
@@ -101,6 +147,25 @@ mod tests {
         let f = write(r#"{"<pad>":0,"<s>":1,"|":2,"H":3,"I":4}"#);
         let v = Vocab::load(f.path(), 5, 0).unwrap();
         assert_eq!(v.text(&[1, 3, 4, 2, 2, 4, 0, 3, 2]), "HI IH");
+    }
+
+    #[test]
+    fn built_vocab_orders_by_frequency_and_round_trips() {
+        let v = Vocab::build("a b | a c a | b".split(' '));
+        assert_eq!(v.tokens(), ["<pad>", "<s>", "</s>", "<unk>", "|", "a", "b", "c"]);
+        let f = tempfile::NamedTempFile::new().unwrap();
+        v.save(f.path()).unwrap();
+        let back = Vocab::load(f.path(), 8, 0).unwrap();
+        assert_eq!(back.tokens(), v.tokens());
+        assert_eq!(back.id("c"), Some(7));
+    }
+
+    #[test]
+    fn fairseq_dict_gets_the_specials_first() {
+        let f = write("| 120\nE 90\nT 70\n");
+        let v = Vocab::from_fairseq_dict(f.path()).unwrap();
+        assert_eq!(v.tokens(), ["<pad>", "<s>", "</s>", "<unk>", "|", "E", "T"]);
+        assert_eq!(v.blank(), 0);
     }
 
     #[test]
