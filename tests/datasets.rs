@@ -80,6 +80,12 @@ fn bad_datasets_are_reported_before_work_starts() {
     std::fs::write(dir.path().join("train.ltr"), "A |\nB |\nC |\n").unwrap();
     let e = open(&tsv, &opts()).err().unwrap().to_string();
     assert!(e.contains("3 of 3 audio files are missing") && e.contains("a.wav") && e.contains("c.wav"), "{e}");
+    for name in ["a.wav", "b.wav"] {
+        std::fs::copy(fixtures().join("audio/utt1.wav"), dir.path().join(name)).unwrap();
+    }
+    std::fs::write(dir.path().join("c.wav"), "RIFF but not really").unwrap();
+    let e = open(&tsv, &opts()).err().unwrap().to_string();
+    assert!(e.contains("1 of 3 audio files are not readable audio") && e.contains("c.wav"), "{e}");
     std::fs::write(&tsv, format!("{}\n", dir.path().display())).unwrap();
     std::fs::write(dir.path().join("train.ltr"), "").unwrap();
     assert!(open(&tsv, &opts()).err().unwrap().to_string().contains("holds no utterances"));

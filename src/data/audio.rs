@@ -19,6 +19,31 @@ struct Decoded {
     rate: u32,
 }
 
+/// Checks that a file is audio the engine can read, from its header alone (no decoding).
+pub fn probe(path: &Path) -> Result<()> {
+    let mut magic = [0u8; 4];
+    let n = File::open(path).and_then(|mut f| f.read(&mut magic)).with_context(|| format!("cannot read {}", path.display()))?;
+    match &magic[..n] {
+        b"RIFF" => hound::WavReader::open(path).map(|_| ()).with_context(|| format!("{}: not a readable WAV file", path.display())),
+        b"fLaC" | [b'I', b'D', b'3', ..] => probe_compressed(path),
+        [0xFF, b, ..] if b & 0xE0 == 0xE0 => probe_compressed(path),
+        _ => bail!("{}: not a WAV, FLAC or MP3 file", path.display()),
+    }
+}
+
+fn probe_compressed(path: &Path) -> Result<()> {
+    use symphonia::core::formats::FormatOptions;
+    use symphonia::core::io::MediaSourceStream;
+    use symphonia::core::meta::MetadataOptions;
+    use symphonia::core::probe::Hint;
+    let mss = MediaSourceStream::new(Box::new(File::open(path)?), Default::default());
+    let probed = symphonia::default::get_probe()
+        .format(&Hint::new(), mss, &FormatOptions::default(), &MetadataOptions::default())
+        .map_err(|e| anyhow::anyhow!("{}: unreadable audio ({e})", path.display()))?;
+    probed.format.default_track().with_context(|| format!("{}: no audio track", path.display()))?;
+    Ok(())
+}
+
 /// Length of an audio file in 16 kHz samples, from its header where it says (WAV, FLAC), else
 /// by decoding it.
 pub fn duration_samples(path: &Path) -> Result<usize> {

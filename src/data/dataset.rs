@@ -93,6 +93,7 @@ pub fn open(path: &Path, opts: &DatasetOptions) -> Result<Dataset> {
         Format::Jsonl => (jsonl(path)?, LabelKind::Wrd),
     };
     check_audio_exists(&utterances)?;
+    check_audio_readable(&utterances)?;
     ensure!(!utterances.is_empty(), "dataset {} holds no utterances", path.display());
     let before = utterances.len();
     let utterances = filter_durations(utterances, opts)?;
@@ -268,13 +269,23 @@ fn filter_durations(utts: Vec<Utterance>, opts: &DatasetOptions) -> Result<Vec<U
     Ok(kept)
 }
 
-/// Fails listing every missing audio file (the first ten by name, then a count).
-fn check_audio_exists(utts: &[Utterance]) -> Result<()> {
-    let missing: Vec<&Utterance> = utts.iter().filter(|u| !u.audio.is_file()).collect();
-    if missing.is_empty() {
+/// "N of M <what>: first ten, and K more" for a list of problem files.
+fn report(problems: Vec<String>, total: usize, what: &str) -> Result<()> {
+    if problems.is_empty() {
         return Ok(());
     }
-    let names: Vec<String> = missing.iter().take(10).map(|u| u.audio.display().to_string()).collect();
-    let more = if missing.len() > 10 { format!(" and {} more", missing.len() - 10) } else { String::new() };
-    bail!("{} of {} audio files are missing: {}{more}", missing.len(), utts.len(), names.join(", "))
+    let more = if problems.len() > 10 { format!(" and {} more", problems.len() - 10) } else { String::new() };
+    bail!("{} of {total} audio files {what}: {}{more}", problems.len(), problems[..problems.len().min(10)].join("; "))
+}
+
+/// Fails listing every missing audio file.
+fn check_audio_exists(utts: &[Utterance]) -> Result<()> {
+    report(utts.iter().filter(|u| !u.audio.is_file()).map(|u| u.audio.display().to_string()).collect(), utts.len(), "are missing")
+}
+
+/// Fails listing every file whose header is not readable audio (checked in parallel, no decoding).
+fn check_audio_readable(utts: &[Utterance]) -> Result<()> {
+    use rayon::prelude::*;
+    let bad: Vec<String> = utts.par_iter().filter_map(|u| crate::data::audio::probe(&u.audio).err().map(|e| e.to_string())).collect();
+    report(bad, utts.len(), "are not readable audio")
 }
