@@ -9,6 +9,7 @@ use anyhow::Result;
 use crate::backend::Backend;
 use crate::ctc::greedy_ids;
 use crate::data::audio;
+use crate::model::masks::MaskSet;
 use crate::model::preprocess::Preprocessor;
 use crate::model::vocab::Vocab;
 use crate::model::Wav2Vec2;
@@ -91,9 +92,13 @@ pub struct Recognizer<'a> {
 }
 
 impl<'a> Recognizer<'a> {
-    pub fn load(dir: &Path, backend: &'a dyn Backend) -> Result<Recognizer<'a>> {
-        let model = Wav2Vec2::load(dir, backend)?;
-        let vocab = Vocab::load(&dir.join("vocab.json"), model.config.vocab_size, model.config.pad_token_id)?;
+    /// Loads a model folder, optionally with a mask set (`--masks DIR`) whose head and
+    /// `vocab.json` then define the task.
+    pub fn load(dir: &Path, masks: Option<&Path>, backend: &'a dyn Backend) -> Result<Recognizer<'a>> {
+        let masks = masks.map(MaskSet::load).transpose()?;
+        let model = Wav2Vec2::load_masked(dir, masks.as_ref(), backend)?;
+        let vocab_path = masks.as_ref().and_then(MaskSet::vocab_path).unwrap_or_else(|| dir.join("vocab.json"));
+        let vocab = Vocab::load(&vocab_path, model.config.vocab_size, model.config.pad_token_id)?;
         let pre = Preprocessor::load(dir)?;
         Ok(Recognizer { model, pre, vocab, backend })
     }

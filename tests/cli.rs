@@ -199,3 +199,21 @@ fn score_prints_sclite_table_and_alignments() {
     let o = engine(&["score", "--ref", path_str(&r), "--hyp", path_str(&h)]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("has 2 lines but"));
 }
+
+#[test]
+fn infer_with_a_mask_set_uses_its_head_and_vocabulary() {
+    let model = fixtures().join("base-like");
+    let masks = fixtures().join("base-like-masks");
+    let wav = &utterances()[0];
+    let o = engine(&["infer", "--model", path_str(&model), "--masks", path_str(&masks), path_str(wav)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8(o.stdout).unwrap();
+    let transcript = text.trim().split_once('\t').unwrap().1;
+    assert!(!transcript.is_empty() && transcript.chars().all(|c| "WXYZ ".contains(c)), "{transcript:?}");
+    // A folder that is not a mask set.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(model.join("model.safetensors"), dir.path().join("masks.safetensors")).unwrap();
+    let o = engine(&["infer", "--model", path_str(&model), "--masks", path_str(dir.path()), path_str(wav)]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("is not \"s3router-masks-v1\""), "{e}");
+}

@@ -6,6 +6,7 @@ mod common;
 use common::{fixtures, reference, rel_l2, utterances};
 use s3router::backend::cpu::CpuBackend;
 use s3router::data::audio;
+use s3router::model::masks::MaskSet;
 use s3router::model::preprocess::Preprocessor;
 use s3router::model::{Trace, Wav2Vec2};
 
@@ -89,4 +90,44 @@ fn batched_equals_alone() {
             assert!(err <= 1e-6, "{name} utt{u}: batched vs alone rel L2 {err:.2e}");
         }
     }
+}
+
+/// A mask set (s3router-masks-v1) over base-like: masked FFN weights and a new head, against
+/// transformers running the same masked model.
+#[test]
+fn masked_model_matches_transformers() {
+    let be = CpuBackend;
+    let masks = MaskSet::load(&fixtures().join("base-like-masks")).unwrap();
+    assert_eq!(masks.masks.len(), 4);
+    assert_eq!(masks.sparsity, Some(0.1));
+    let model = Wav2Vec2::load_masked(&fixtures().join("base-like"), Some(&masks), &be).unwrap();
+    assert_eq!(model.config.vocab_size, 9);
+    for (u, x) in inputs("base-like").iter().enumerate() {
+        let (logits, _) = model.logits(&be, &[x], None).unwrap();
+        let (want, shape) = reference("base-like-masks", &format!("utt{u}.logits"));
+        assert_eq!(logits.shape(), &shape[..]);
+        let err = rel_l2(&logits.to_vec().unwrap(), &want);
+        assert!(err <= TOL, "masked utt{u}: rel L2 {err:.2e}");
+    }
+}
+
+#[test]
+fn masks_for_another_model_are_refused() {
+    let be = CpuBackend;
+    let masks = MaskSet::load(&fixtures().join("base-like-masks")).unwrap();
+    let e = Wav2Vec2::load_masked(&fixtures().join("large-like"), Some(&masks), &be).err().unwrap().to_string();
+    assert!(e.contains("is for a [50, 36] weight, but the model's is [72, 40]"), "{e}");
+}
+
+#[test]
+fn saved_mask_sets_load_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let keep: Vec<bool> = (0..50 * 36).map(|i| i % 7 != 0).collect();
+    let name = "wav2vec2.encoder.layers.1.feed_forward.intermediate_dense.weight".to_string();
+    MaskSet::save(dir.path(), &[(name.clone(), vec![50, 36], keep.clone())], 0.143).unwrap();
+    let back = MaskSet::load(dir.path()).unwrap();
+    let (shape, bits) = &back.masks[&name];
+    assert_eq!(shape, &vec![50, 36]);
+    assert_eq!(s3router::mask::unpack(bits, keep.len()), keep);
+    assert_eq!(back.sparsity, Some(0.143));
 }

@@ -264,6 +264,42 @@ def make_datasets(audio):
                    "wer": counts(w), "cer": counts(c), "uer": counts(un)}, f, indent=1)
 
 
+def make_mask_set(audio):
+    """A mask set over base-like in the s3router-masks-v1 format (random 10% of each FFN weight
+    dropped, a new 9-token head and vocabulary), and transformers' logits for the masked model."""
+    folder = os.path.join(ROOT, "base-like-masks")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    model = Wav2Vec2ForCTC.from_pretrained(os.path.join(ROOT, "base-like")).eval()
+    g = torch.Generator().manual_seed(99)
+    masks, meta = {}, {"format": "s3router-masks-v1", "sparsity": "0.1"}
+    with torch.no_grad():
+        for i, layer in enumerate(model.wav2vec2.encoder.layers):
+            for part in ("intermediate_dense", "output_dense"):
+                lin = getattr(layer.feed_forward, part)
+                keep = torch.rand(lin.weight.shape, generator=g) >= 0.1
+                lin.weight.mul_(keep.float())
+                name = f"wav2vec2.encoder.layers.{i}.feed_forward.{part}.weight"
+                masks[name] = torch.from_numpy(np.packbits(keep.numpy().reshape(-1), bitorder="little"))
+                meta[f"{name}.shape"] = ",".join(map(str, lin.weight.shape))
+        vocab = ["<pad>", "<s>", "</s>", "<unk>", "|", "W", "X", "Y", "Z"]
+        head = torch.nn.Linear(model.config.hidden_size, len(vocab))
+        head.weight.copy_(torch.randn(head.weight.shape, generator=g) * 3.0)
+        head.bias.copy_(torch.randn(head.bias.shape, generator=g))
+        model.lm_head = head
+    safetensors.torch.save_file(masks, os.path.join(folder, "masks.safetensors"), metadata=meta)
+    safetensors.torch.save_file({"lm_head.weight": head.weight.detach().contiguous(), "lm_head.bias": head.bias.detach().contiguous()},
+                                os.path.join(folder, "head.safetensors"))
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump({t: i for i, t in enumerate(vocab)}, f, indent=1)
+    ref = {}
+    for u, a in enumerate(audio):
+        x = torch.from_numpy(a.astype(np.float32) / 32768.0)[None]
+        with torch.no_grad():
+            ref[f"utt{u}.logits"] = model(x).logits[0].contiguous()
+    safetensors.torch.save_file(ref, os.path.join(folder, "reference.safetensors"))
+
+
 def main():
     if os.path.isdir(ROOT):
         for entry in os.listdir(ROOT):
@@ -315,6 +351,7 @@ def main():
                    "python": sys.version.split()[0], "pos_conv_keys": spellings,
                    "utterance_samples": UTTERANCE_SAMPLES}, f, indent=1)
     make_datasets(audio)
+    make_mask_set(audio)
 
     # The same tiny model serves the README's first command until a trained demo backbone exists.
     demo = os.path.join(ROOT, "..", "..", "weights", "tiny-random-wav2vec2")

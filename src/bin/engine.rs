@@ -63,6 +63,9 @@ enum Command {
         /// Model folder: config.json, model.safetensors, vocab.json, preprocessor_config.json.
         #[arg(long)]
         model: PathBuf,
+        /// A mask set (masks.safetensors, head.safetensors, vocab.json) to run the model with.
+        #[arg(long)]
+        masks: Option<PathBuf>,
         #[command(flatten)]
         device: DeviceArgs,
         /// Also write the logits to this .safetensors file: one f32 tensor `logits.<i>` of shape
@@ -86,6 +89,9 @@ enum Command {
         /// Model folder (config.json, model.safetensors, vocab.json, preprocessor_config.json).
         #[arg(long)]
         model: PathBuf,
+        /// A mask set (masks.safetensors, head.safetensors, vocab.json) to run the model with.
+        #[arg(long)]
+        masks: Option<PathBuf>,
         /// Dataset: a .tsv, a .jsonl, or a folder.
         #[arg(long)]
         data: PathBuf,
@@ -217,9 +223,9 @@ fn write_logits(path: &Path, tensors: &HashMap<String, (Vec<f32>, Vec<usize>)>) 
     Ok(())
 }
 
-fn infer(model: &Path, device: DeviceArgs, out: Option<&Path>, batch_seconds: f64, audio: &[PathBuf]) -> Result<()> {
+fn infer(model: &Path, masks: Option<&Path>, device: DeviceArgs, out: Option<&Path>, batch_seconds: f64, audio: &[PathBuf]) -> Result<()> {
     let be = backend(device)?;
-    let rec = Recognizer::load(model, be.as_ref())?;
+    let rec = Recognizer::load(model, masks, be.as_ref())?;
     let limits = BatchLimits { max_samples: (batch_seconds.max(1.0) * 16_000.0) as usize, ..BatchLimits::default() };
     let mut logits = HashMap::new();
     rec.run(audio, limits, |u| {
@@ -264,6 +270,7 @@ fn score(reference: &Path, hyp: &Path, norm: &TextNorm, alignments: bool) -> Res
 
 struct EvalArgs {
     model: PathBuf,
+    masks: Option<PathBuf>,
     data: PathBuf,
     opts: DatasetOptions,
     chars_to_ignore: String,
@@ -276,7 +283,7 @@ struct EvalArgs {
 fn eval(a: EvalArgs) -> Result<()> {
     let data = dataset::open(&a.data, &a.opts)?;
     let be = backend(a.device)?;
-    let rec = Recognizer::load(&a.model, be.as_ref())?;
+    let rec = Recognizer::load(&a.model, a.masks.as_deref(), be.as_ref())?;
     let labels = Labeler::new(&rec.vocab, data.labels, &a.chars_to_ignore, a.skip_unknown)
         .label_all(data.utterances.iter().map(|u| u.text.as_str()))?;
     if labels.skipped > 0 {
@@ -309,9 +316,12 @@ fn run(cli: Cli) -> Result<()> {
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("cannot start the thread pool")?;
     }
     match cli.command {
-        Command::Infer { model, device, out, batch_seconds, audio } => infer(&model, device, out.as_deref(), batch_seconds, &audio),
+        Command::Infer { model, masks, device, out, batch_seconds, audio } => {
+            infer(&model, masks.as_deref(), device, out.as_deref(), batch_seconds, &audio)
+        }
         Command::Eval {
             model,
+            masks,
             data,
             format,
             labels,
@@ -326,6 +336,7 @@ fn run(cli: Cli) -> Result<()> {
             json,
         } => eval(EvalArgs {
             model,
+            masks,
             data,
             opts: DatasetOptions { format, labels, subset, split, min_duration, max_duration },
             chars_to_ignore,

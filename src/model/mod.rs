@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod masks;
 pub mod preprocess;
 pub mod vocab;
 pub mod wav2vec2;

@@ -11,6 +11,7 @@ use anyhow::{bail, ensure, Context, Result};
 
 use super::checkpoint::{Checkpoint, WeightSource};
 use super::config::{Config, FeatNorm};
+use super::masks::{MaskSet, Masked};
 use crate::backend::{Activation, Backend, ConvGeometry, NormParams, Seqs};
 use crate::tensor::Tensor;
 
@@ -162,6 +163,23 @@ impl StageClock {
     }
 }
 
+/// Shape of a weight that masks may cover (the FFN and attention projections of an encoder
+/// layer), or `None` for any other name.
+pub fn maskable_shape(c: &Config, name: &str) -> Option<Vec<usize>> {
+    let rest = name.strip_prefix("wav2vec2.encoder.layers.")?;
+    let (layer, suffix) = rest.split_once('.')?;
+    if layer.parse::<usize>().ok()? >= c.num_hidden_layers {
+        return None;
+    }
+    let (h, i) = (c.hidden_size, c.intermediate_size);
+    match suffix {
+        "feed_forward.intermediate_dense.weight" => Some(vec![i, h]),
+        "feed_forward.output_dense.weight" => Some(vec![h, i]),
+        "attention.q_proj.weight" | "attention.k_proj.weight" | "attention.v_proj.weight" | "attention.out_proj.weight" => Some(vec![h, h]),
+        _ => None,
+    }
+}
+
 /// Reorders a PyTorch conv weight `[out, in, kernel]` to the time-major `[out, kernel, in]`.
 fn time_major(w: &[f32], out: usize, cin: usize, kernel: usize) -> Vec<f32> {
     let mut t = vec![0.0; w.len()];
@@ -187,10 +205,25 @@ fn fold_weight_norm(g: &[f32], v: &[f32], kernel: usize) -> Vec<f32> {
 impl Wav2Vec2 {
     /// Loads a Hugging Face folder (`config.json` + safetensors) onto `be`.
     pub fn load(dir: &Path, be: &dyn Backend) -> Result<Wav2Vec2> {
+        Wav2Vec2::load_masked(dir, None, be)
+    }
+
+    /// Loads a model folder with a mask set over it: masked weights become `W * M`, and the mask
+    /// set's head (and its vocabulary size) replaces the checkpoint's.
+    pub fn load_masked(dir: &Path, masks: Option<&MaskSet>, be: &dyn Backend) -> Result<Wav2Vec2> {
         ensure!(dir.is_dir(), "model folder {} does not exist", dir.display());
-        let config = Config::load(&dir.join("config.json"))?;
+        let mut config = Config::load(&dir.join("config.json"))?;
         let ck = Checkpoint::open_dir(dir)?;
-        Wav2Vec2::from_weights(config, &ck, be)
+        let Some(masks) = masks else { return Wav2Vec2::from_weights(config, &ck, be) };
+        let masked = Masked { inner: &ck, masks };
+        masked.check(|name| maskable_shape(&config, name))?;
+        if let Some(v) = masks.head_vocab_size() {
+            config.vocab_size = v;
+            if config.pad_token_id >= v {
+                bail!("{}: the head has {v} outputs but the model's pad_token_id is {}", masks.dir.display(), config.pad_token_id);
+            }
+        }
+        Wav2Vec2::from_weights(config, &masked, be)
     }
 
     pub fn from_weights(config: Config, ck: &dyn WeightSource, be: &dyn Backend) -> Result<Wav2Vec2> {

@@ -1,0 +1,140 @@
+//! Mask sets (the output of mask learning): `masks.safetensors` with one U8 tensor per masked
+//! weight, named like the weight, bits packed 1 per weight LSB first over the row-major
+//! `[out, in]` matrix (metadata `format = s3router-masks-v1`, `sparsity`, and `<name>.shape`),
+//! plus `head.safetensors` (`lm_head.weight`, `lm_head.bias`) and `vocab.json` for the task.
+//!
+//! [`Masked`] puts a mask set over a model's weights: masked weights come out as `W * M`, the head
+//! from the mask set; everything else passes through.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use safetensors::{Dtype, SafeTensors};
+
+use super::checkpoint::{Checkpoint, WeightSource};
+use crate::mask;
+use crate::tensor::Tensor;
+
+pub const FORMAT: &str = "s3router-masks-v1";
+
+pub struct MaskSet {
+    pub dir: PathBuf,
+    /// Weight name -> (weight shape, packed bits).
+    pub masks: HashMap<String, (Vec<usize>, Vec<u8>)>,
+    pub sparsity: Option<f64>,
+    head: Option<Checkpoint>,
+}
+
+impl MaskSet {
+    pub fn load(dir: &Path) -> Result<MaskSet> {
+        ensure!(dir.is_dir(), "mask folder {} does not exist", dir.display());
+        let path = dir.join("masks.safetensors");
+        let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let (_, meta) =
+            SafeTensors::read_metadata(&bytes).map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file ({e})", path.display()))?;
+        let meta = meta.metadata().clone().unwrap_or_default();
+        let format = meta.get("format").map(String::as_str).unwrap_or("(none)");
+        ensure!(format == FORMAT, "{}: format {format:?} is not {FORMAT:?}", path.display());
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file ({e})", path.display()))?;
+        let mut masks = HashMap::new();
+        for (name, view) in st.tensors() {
+            ensure!(view.dtype() == Dtype::U8, "{}: mask \"{name}\" is {:?}, expected U8 packed bits", path.display(), view.dtype());
+            let shape_text =
+                meta.get(&format!("{name}.shape")).with_context(|| format!("{}: no \"{name}.shape\" in the metadata", path.display()))?;
+            let shape: Vec<usize> = shape_text
+                .split(',')
+                .map(|d| d.trim().parse())
+                .collect::<Result<_, _>>()
+                .with_context(|| format!("{}: \"{name}.shape\" = {shape_text:?} is not a list of sizes", path.display()))?;
+            let numel: usize = shape.iter().product();
+            ensure!(
+                view.data().len() == numel.div_ceil(8),
+                "{}: mask \"{name}\" has {} bytes for a {shape:?} weight",
+                path.display(),
+                view.data().len()
+            );
+            masks.insert(name, (shape, view.data().to_vec()));
+        }
+        let head_path = dir.join("head.safetensors");
+        let head = if head_path.is_file() { Some(Checkpoint::open(&[head_path])?) } else { None };
+        let sparsity = meta.get("sparsity").and_then(|s| s.parse().ok());
+        Ok(MaskSet { dir: dir.to_path_buf(), masks, sparsity, head })
+    }
+
+    /// Writes a mask set (tests, mask learning): masks from keep-flags, atomically.
+    pub fn save(dir: &Path, masks: &[(String, Vec<usize>, Vec<bool>)], sparsity: f64) -> Result<()> {
+        let packed: Vec<(String, Vec<u8>)> = masks.iter().map(|(n, _, keep)| (n.clone(), mask::pack(keep))).collect();
+        let mut meta: HashMap<String, String> =
+            HashMap::from([("format".into(), FORMAT.into()), ("sparsity".into(), sparsity.to_string())]);
+        for (name, shape, _) in masks {
+            meta.insert(format!("{name}.shape"), shape.iter().map(usize::to_string).collect::<Vec<_>>().join(","));
+        }
+        let views = packed
+            .iter()
+            .map(|(n, bits)| Ok((n.clone(), safetensors::tensor::TensorView::new(Dtype::U8, vec![bits.len()], bits)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("cannot write in {}", dir.display()))?;
+        safetensors::serialize_to_file(views, Some(meta), tmp.path())?;
+        tmp.persist(dir.join("masks.safetensors"))?;
+        Ok(())
+    }
+
+    /// The task vocabulary shipped with the masks, if any.
+    pub fn vocab_path(&self) -> Option<PathBuf> {
+        Some(self.dir.join("vocab.json")).filter(|p| p.is_file())
+    }
+
+    /// Rows of the shipped head (its vocabulary size), if any.
+    pub fn head_vocab_size(&self) -> Option<usize> {
+        self.head.as_ref().and_then(|h| h.tensor("lm_head.bias").ok()).map(|b| b.numel())
+    }
+}
+
+/// A model's weights seen through a mask set.
+pub struct Masked<'a> {
+    pub inner: &'a dyn WeightSource,
+    pub masks: &'a MaskSet,
+}
+
+impl Masked<'_> {
+    /// Fails unless every mask names a weight of the model with the mask's shape.
+    pub fn check(&self, expected: impl Fn(&str) -> Option<Vec<usize>>) -> Result<()> {
+        for (name, (shape, _)) in &self.masks.masks {
+            match expected(name) {
+                Some(want) if &want == shape => {}
+                Some(want) => bail!(
+                    "{}: mask \"{name}\" is for a {shape:?} weight, but the model's is {want:?} (masks from a different model?)",
+                    self.masks.dir.display()
+                ),
+                None => bail!("{}: mask \"{name}\" names no masked weight of this model", self.masks.dir.display()),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl WeightSource for Masked<'_> {
+    fn contains(&self, name: &str) -> bool {
+        match (&self.masks.head, name.starts_with("lm_head.")) {
+            (Some(head), true) => head.contains(name),
+            _ => self.inner.contains(name),
+        }
+    }
+
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        if let (Some(head), true) = (&self.masks.head, name.starts_with("lm_head.")) {
+            return head.get(name, shape);
+        }
+        let w = self.inner.get(name, shape)?;
+        let Some((mshape, bits)) = self.masks.masks.get(name) else { return Ok(w) };
+        ensure!(mshape == shape, "{}: mask \"{name}\" is for a {mshape:?} weight, the model's is {shape:?}", self.masks.dir.display());
+        let keep = mask::unpack(bits, w.numel());
+        let data: Vec<f32> = w.to_vec()?.into_iter().zip(keep).map(|(v, k)| if k { v } else { 0.0 }).collect();
+        Ok(Tensor::from_vec(data, shape))
+    }
+
+    fn release(&self, name: &str) {
+        self.inner.release(name)
+    }
+}
