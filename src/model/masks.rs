@@ -6,7 +6,7 @@
 //! [`Masked`] puts a mask set over a model's weights: masked weights come out as `W * M`, the head
 //! from the mask set; everything else passes through.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -20,8 +20,8 @@ pub const FORMAT: &str = "s3router-masks-v1";
 
 pub struct MaskSet {
     pub dir: PathBuf,
-    /// Weight name -> (weight shape, packed bits).
-    pub masks: HashMap<String, (Vec<usize>, Vec<u8>)>,
+    /// Weight name -> (weight shape, packed bits), in name order (deterministic messages).
+    pub masks: BTreeMap<String, (Vec<usize>, Vec<u8>)>,
     pub sparsity: Option<f64>,
     head: Option<Checkpoint>,
 }
@@ -37,7 +37,7 @@ impl MaskSet {
         let format = meta.get("format").map(String::as_str).unwrap_or("(none)");
         ensure!(format == FORMAT, "{}: format {format:?} is not {FORMAT:?}", path.display());
         let st = SafeTensors::deserialize(&bytes).map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file ({e})", path.display()))?;
-        let mut masks = HashMap::new();
+        let mut masks = BTreeMap::new();
         for (name, view) in st.tensors() {
             ensure!(view.dtype() == Dtype::U8, "{}: mask \"{name}\" is {:?}, expected U8 packed bits", path.display(), view.dtype());
             let shape_text =
