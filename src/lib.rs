@@ -10,4 +10,5 @@ pub mod mask;
 pub mod metrics;
 pub mod model;
 pub mod rng;
+pub mod router;
 pub mod tensor;

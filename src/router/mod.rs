@@ -1,0 +1,139 @@
+//! The S3-Router mask rule, as the official code (`GetSubnet` in `Linear_ST`) runs it: one real
+//! score per weight; per matrix, the `floor(sparsity * numel)` entries of smallest |score| are
+//! dropped and the rest kept; the effective weight is `W * M`; the straight-through estimator
+//! passes the mask's gradient to |score|, so `dL/dscore = dL/dW_eff * W * sign(score)`.
+//! (The training loop around it comes with `engine train`.)
+
+use anyhow::{ensure, Result};
+
+use crate::rng::SplitMix;
+
+/// Score initialisation (`--init`), after the official `init_score` options.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Init {
+    /// Kaiming-uniform values re-placed so their |value| order follows |W|: the first mask is the
+    /// magnitude mask, with small random gaps between neighbours (`weight_rank`, the default).
+    WeightRank,
+    /// Binary: 1 on the top-k |W|, 0 elsewhere (`weight_magnitude`).
+    Magnitude,
+    /// score = W (`weight_magnitude_with_scale`, S3-Router-P).
+    MagnitudeScaled,
+    /// Kaiming uniform with a = sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    Random,
+}
+
+/// Fails unless `0 <= sparsity < 1`.
+pub fn check_sparsity(sparsity: f64) -> Result<()> {
+    ensure!((0.0..1.0).contains(&sparsity), "sparsity {sparsity} is outside [0, 1) (it is the fraction of weights dropped)");
+    Ok(())
+}
+
+/// How many of `numel` weights a matrix keeps: `numel - floor(sparsity * numel)`.
+pub fn kept(numel: usize, sparsity: f64) -> usize {
+    numel - (sparsity * numel as f64).floor() as usize
+}
+
+/// The keep-mask of one matrix: the `kept(..)` entries of largest |score|. Ties in |score| are
+/// broken by position (the earlier entry is dropped first), so masks are reproducible.
+pub fn top_k_mask(scores: &[f32], sparsity: f64) -> Vec<bool> {
+    let drop = scores.len() - kept(scores.len(), sparsity);
+    let mut keep = vec![true; scores.len()];
+    if drop == 0 {
+        return keep;
+    }
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    let key = |&i: &usize| (scores[i].abs(), i);
+    order.select_nth_unstable_by(drop - 1, |a, b| key(a).partial_cmp(&key(b)).expect("scores are finite"));
+    for &i in &order[..drop] {
+        keep[i] = false;
+    }
+    keep
+}
+
+/// Initial scores for a weight matrix with `fan_in` inputs (see [`Init`]).
+pub fn init_scores(weight: &[f32], fan_in: usize, init: Init, sparsity: f64, rng: &mut SplitMix) -> Vec<f32> {
+    let bound = 1.0 / (fan_in.max(1) as f32).sqrt();
+    match init {
+        Init::Random => (0..weight.len()).map(|_| rng.symmetric() * bound).collect(),
+        Init::MagnitudeScaled => weight.to_vec(),
+        Init::Magnitude => top_k_mask(weight, sparsity).into_iter().map(|k| k as u8 as f32).collect(),
+        Init::WeightRank => {
+            let random: Vec<f32> = (0..weight.len()).map(|_| rng.symmetric() * bound).collect();
+            // s_new[argsort |W|] = s_old[argsort |s_old|]: the i-th smallest |W| receives the
+            // i-th smallest |score| (ties by position, as top_k_mask breaks them).
+            let by_abs = |v: &[f32]| {
+                let mut idx: Vec<usize> = (0..v.len()).collect();
+                idx.sort_by(|&a, &b| (v[a].abs(), a).partial_cmp(&(v[b].abs(), b)).expect("finite"));
+                idx
+            };
+            let (w_order, s_order) = (by_abs(weight), by_abs(&random));
+            let mut scores = vec![0.0; weight.len()];
+            for (&wi, &si) in w_order.iter().zip(&s_order) {
+                scores[wi] = random[si];
+            }
+            scores
+        }
+    }
+}
+
+/// Straight-through gradient of the scores: `dL/dW_eff * W * sign(score)`.
+pub fn score_grad(grad_w_eff: &[f32], weight: &[f32], scores: &[f32]) -> Vec<f32> {
+    grad_w_eff.iter().zip(weight).zip(scores).map(|((g, w), s)| g * w * s.signum() * (*s != 0.0) as u8 as f32).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kept_count_is_exact_per_matrix() {
+        let mut rng = SplitMix(3);
+        for (numel, s) in [(2_359_296, 0.1), (1000, 0.333), (7, 0.5), (10, 0.0), (10, 0.99)] {
+            let scores: Vec<f32> = (0..numel).map(|_| rng.symmetric()).collect();
+            let keep = top_k_mask(&scores, s);
+            assert_eq!(keep.iter().filter(|&&k| k).count(), numel - (s * numel as f64).floor() as usize, "{numel} {s}");
+            // Every kept |score| is at least every dropped one.
+            let min_kept = scores.iter().zip(&keep).filter(|(_, &k)| k).map(|(v, _)| v.abs()).fold(f32::INFINITY, f32::min);
+            let max_dropped = scores.iter().zip(&keep).filter(|(_, &k)| !k).map(|(v, _)| v.abs()).fold(0.0, f32::max);
+            assert!(min_kept >= max_dropped);
+        }
+    }
+
+    #[test]
+    fn ties_are_broken_by_position() {
+        // Six equal scores, half dropped: the first three go.
+        assert_eq!(top_k_mask(&[1.0, -1.0, 1.0, 1.0, -1.0, 1.0], 0.5), vec![false, false, false, true, true, true]);
+    }
+
+    #[test]
+    fn each_init_scheme_starts_from_its_specified_mask() {
+        let mut rng = SplitMix(9);
+        let (out, fan_in) = (64, 48);
+        let w: Vec<f32> = (0..out * fan_in).map(|_| rng.symmetric()).collect();
+        let magnitude_mask = top_k_mask(&w, 0.1);
+        let rank = init_scores(&w, fan_in, Init::WeightRank, 0.1, &mut rng);
+        assert_eq!(top_k_mask(&rank, 0.1), magnitude_mask, "weight-rank starts at the magnitude mask");
+        let bound = 1.0 / (fan_in as f32).sqrt();
+        assert!(rank.iter().all(|v| v.abs() <= bound) && rank.iter().any(|v| *v < 0.0));
+        let bin = init_scores(&w, fan_in, Init::Magnitude, 0.1, &mut rng);
+        assert!(bin.iter().zip(&magnitude_mask).all(|(s, &k)| *s == k as u8 as f32));
+        assert_eq!(top_k_mask(&bin, 0.1), magnitude_mask);
+        assert_eq!(init_scores(&w, fan_in, Init::MagnitudeScaled, 0.1, &mut rng), w);
+        let random = init_scores(&w, fan_in, Init::Random, 0.1, &mut rng);
+        assert!(random.iter().all(|v| v.abs() <= bound));
+        assert_ne!(top_k_mask(&random, 0.1), magnitude_mask);
+    }
+
+    #[test]
+    fn straight_through_gradient_follows_the_score_sign() {
+        assert_eq!(score_grad(&[2.0, 2.0, 2.0], &[3.0, 3.0, 3.0], &[0.5, -0.5, 0.0]), vec![6.0, -6.0, 0.0]);
+    }
+
+    #[test]
+    fn sparsity_outside_unit_interval_is_refused() {
+        assert!(check_sparsity(0.1).is_ok() && check_sparsity(0.0).is_ok());
+        for s in [1.0, -0.1, 1.5, f64::NAN] {
+            assert!(check_sparsity(s).unwrap_err().to_string().contains("outside [0, 1)"));
+        }
+    }
+}
