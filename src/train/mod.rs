@@ -1,0 +1,4 @@
+//! Training pieces shared by mask learning and finetuning: the optimiser and the schedules.
+
+pub mod adam;
+pub mod schedule;
