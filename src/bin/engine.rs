@@ -128,10 +128,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Build a CTC vocabulary (vocab.json) from a dataset's transcripts: `<pad>` (the blank, id
-    /// 0), `<s>`, `</s>`, `<unk>`, `|`, then every symbol by falling frequency. Letters for word
-    /// transcripts, whitespace-separated units for .ltr/.phn labels. Or convert a fairseq
-    /// dict.*.txt with --dict.
+    /// Build a CTC vocabulary (vocab.json) from a dataset's transcripts.
+    ///
+    /// Tokens: `<pad>` (the blank, id 0), `<s>`, `</s>`, `<unk>`, `|`, then every symbol by
+    /// falling frequency. Letters for word transcripts, whitespace-separated units for .ltr/.phn
+    /// labels. Or convert a fairseq dict.*.txt with --dict.
     Vocab {
         /// Dataset whose transcripts define the symbols.
         #[arg(long, required_unless_present = "dict")]
@@ -157,8 +158,10 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Score hypotheses against references: WER and CER with substitution / deletion / insertion
-    /// counts, sclite style. Each file holds one transcript per line, in the same order.
+    /// Score hypotheses against references: WER and CER, sclite style.
+    ///
+    /// Substitution / deletion / insertion counts per rate. Each file holds one transcript per
+    /// line, in the same order.
     Score {
         /// Reference transcripts.
         #[arg(long = "ref")]

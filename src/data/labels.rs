@@ -46,6 +46,8 @@ impl<'a> Labeler<'a> {
             (false, true) => Case::Lower,
             _ => Case::Mixed,
         };
+        // Units such as IPA phonemes are case-sensitive symbols (ʃ is not Ʃ): never folded.
+        let case = if kind == LabelKind::Phn { Case::Mixed } else { case };
         Labeler { vocab, kind, ignore: ignore.to_string(), skip_unknown, case }
     }
 
@@ -155,6 +157,13 @@ mod tests {
         assert_eq!(ltr.tokens, vec![vec![2, 3, 1, 3, 2]]);
         let phn = Labeler::new(&v, LabelKind::Phn, "", false).label_all(["pʰ e | | l"].into_iter()).unwrap();
         assert_eq!(phn.tokens, vec![vec![4, 2, 1, 3]]);
+    }
+
+    #[test]
+    fn phoneme_units_are_not_case_folded() {
+        let (_f, v) = vocab(r#"{"<pad>":0,"|":1,"A":2,"ʃ":3,"ð":4}"#, 5);
+        let out = Labeler::new(&v, LabelKind::Phn, "", false).label_all(["ʃ ð | ʃ"].into_iter()).unwrap();
+        assert_eq!(out.tokens, vec![vec![3, 4, 1, 3]]);
     }
 
     #[test]
