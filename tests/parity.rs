@@ -60,6 +60,11 @@ fn f16_stored_weights_match_transformers() {
 }
 
 #[test]
+fn bf16_stored_weights_match_transformers() {
+    check_alone("base-like-bf16", "base-like-bf16");
+}
+
+#[test]
 fn pretraining_checkpoint_loads_and_encodes_without_a_head() {
     let be = CpuBackend;
     let model = Wav2Vec2::load(&fixtures().join("base-like-pretraining"), &be).unwrap();

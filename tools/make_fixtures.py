@@ -303,7 +303,7 @@ def make_mask_set(audio):
 def main():
     if os.path.isdir(ROOT):
         for entry in os.listdir(ROOT):
-            if entry in MODELS or entry in ("audio", "base-like-f16", "base-like-other-wn", "base-like-pretraining"):
+            if entry in MODELS or entry in ("audio", "base-like-f16", "base-like-bf16", "base-like-other-wn", "base-like-pretraining"):
                 shutil.rmtree(os.path.join(ROOT, entry))
     os.makedirs(os.path.join(ROOT, "audio"), exist_ok=True)
     rng = np.random.default_rng(1234)
@@ -324,20 +324,22 @@ def main():
     shutil.copytree(os.path.join(ROOT, "base-like"), other)
     spellings["base-like-other-wn"] = swap_weight_norm_spelling(os.path.join(other, "model.safetensors"))
 
-    # f16-stored weights: the reference is the f32 model run on the f16-rounded weights.
-    f16 = os.path.join(ROOT, "base-like-f16")
-    model = Wav2Vec2ForCTC.from_pretrained(os.path.join(ROOT, "base-like")).eval()
-    model.half().save_pretrained(f16)
-    for extra in ("vocab.json", "preprocessor_config.json"):
-        shutil.copy(os.path.join(ROOT, "base-like", extra), f16)
-    model = Wav2Vec2ForCTC.from_pretrained(f16, torch_dtype=torch.float32).eval()
-    ref = reference_outputs(model, {"do_normalize": MODELS["base-like"]["do_normalize"]}, audio)
-    safetensors.torch.save_file(ref, os.path.join(f16, "reference.safetensors"))
+    # f16- and bf16-stored weights: the reference is the f32 model run on the rounded weights.
+    for suffix, dtype in (("f16", torch.float16), ("bf16", torch.bfloat16)):
+        folder = os.path.join(ROOT, f"base-like-{suffix}")
+        model = Wav2Vec2ForCTC.from_pretrained(os.path.join(ROOT, "base-like")).eval()
+        model.to(dtype).save_pretrained(folder)
+        for extra in ("vocab.json", "preprocessor_config.json"):
+            shutil.copy(os.path.join(ROOT, "base-like", extra), folder)
+        model = Wav2Vec2ForCTC.from_pretrained(folder, torch_dtype=torch.float32).eval()
+        ref = reference_outputs(model, {"do_normalize": MODELS["base-like"]["do_normalize"]}, audio)
+        safetensors.torch.save_file(ref, os.path.join(folder, "reference.safetensors"))
 
     # A pretraining checkpoint (no lm_head; quantizer and projections to ignore) with the same
     # encoder weights as base-like, so base-like's encoder outputs are its reference.
     pre = os.path.join(ROOT, "base-like-pretraining")
     ctc = Wav2Vec2ForCTC.from_pretrained(os.path.join(ROOT, "base-like"))
+    torch.manual_seed(0)  # the quantizer and projections the engine ignores, made reproducible
     pt = Wav2Vec2ForPreTraining(ctc.config)
     pt.wav2vec2.load_state_dict(ctc.wav2vec2.state_dict())
     pt.config.architectures = ["Wav2Vec2ForPreTraining"]
