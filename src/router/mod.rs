@@ -42,12 +42,16 @@ pub fn top_k_mask(scores: &[f32], sparsity: f64) -> Vec<bool> {
         return keep;
     }
     let mut order: Vec<usize> = (0..scores.len()).collect();
-    let key = |&i: &usize| (scores[i].abs(), i);
-    order.select_nth_unstable_by(drop - 1, |a, b| key(a).partial_cmp(&key(b)).expect("scores are finite"));
+    order.select_nth_unstable_by(drop - 1, |&a, &b| by_magnitude(scores, a, b));
     for &i in &order[..drop] {
         keep[i] = false;
     }
     keep
+}
+
+/// Orders positions by |value|, then by position (a total order: NaN sorts above infinity).
+fn by_magnitude(v: &[f32], a: usize, b: usize) -> std::cmp::Ordering {
+    v[a].abs().total_cmp(&v[b].abs()).then(a.cmp(&b))
 }
 
 /// Initial scores for a weight matrix with `fan_in` inputs (see [`Init`]).
@@ -63,7 +67,7 @@ pub fn init_scores(weight: &[f32], fan_in: usize, init: Init, sparsity: f64, rng
             // i-th smallest |score| (ties by position, as top_k_mask breaks them).
             let by_abs = |v: &[f32]| {
                 let mut idx: Vec<usize> = (0..v.len()).collect();
-                idx.sort_by(|&a, &b| (v[a].abs(), a).partial_cmp(&(v[b].abs(), b)).expect("finite"));
+                idx.sort_by(|&a, &b| by_magnitude(v, a, b));
                 idx
             };
             let (w_order, s_order) = (by_abs(weight), by_abs(&random));
