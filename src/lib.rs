@@ -5,6 +5,7 @@ pub mod bench;
 pub mod ctc;
 pub mod data;
 pub mod eval;
+pub mod fsio;
 pub mod infer;
 pub mod mask;
 pub mod metrics;

@@ -210,8 +210,7 @@ fn backend(d: DeviceArgs) -> Result<Box<dyn Backend>> {
     }
 }
 
-/// Writes `tensors` to `path` atomically: a temporary file in the same folder, then a rename, so
-/// an interrupted run never leaves a half-written file.
+/// Writes `tensors` to `path` atomically, so an interrupted run never leaves a half-written file.
 fn write_logits(path: &Path, tensors: &HashMap<String, (Vec<f32>, Vec<usize>)>) -> Result<()> {
     let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
         .iter()
@@ -219,11 +218,8 @@ fn write_logits(path: &Path, tensors: &HashMap<String, (Vec<f32>, Vec<usize>)>) 
             Ok((name.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytemuck::cast_slice(data))?))
         })
         .collect::<Result<_>>()?;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("cannot create a file in {}", dir.display()))?;
-    safetensors::serialize_to_file(views, None, tmp.path()).with_context(|| format!("cannot write {}", path.display()))?;
-    tmp.persist(path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    let bytes = safetensors::serialize(views, None)?;
+    s3router::fsio::atomic_write(path, |f| std::io::Write::write_all(f, &bytes))
 }
 
 fn infer(model: &Path, masks: Option<&Path>, device: DeviceArgs, out: Option<&Path>, batch_seconds: f64, audio: &[PathBuf]) -> Result<()> {

@@ -74,10 +74,8 @@ impl MaskSet {
             .iter()
             .map(|(n, bits)| Ok((n.clone(), safetensors::tensor::TensorView::new(Dtype::U8, vec![bits.len()], bits)?)))
             .collect::<Result<Vec<_>>>()?;
-        let tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("cannot write in {}", dir.display()))?;
-        safetensors::serialize_to_file(views, Some(meta), tmp.path())?;
-        tmp.persist(dir.join("masks.safetensors"))?;
-        Ok(())
+        let bytes = safetensors::serialize(views, Some(meta))?;
+        crate::fsio::atomic_write(&dir.join("masks.safetensors"), |f| std::io::Write::write_all(f, &bytes))
     }
 
     /// The task vocabulary shipped with the masks, if any.

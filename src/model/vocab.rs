@@ -1,6 +1,7 @@
 //! The CTC vocabulary (`vocab.json`, token -> id) and turning token ids into text.
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -60,11 +61,8 @@ impl Vocab {
     /// Writes `vocab.json` (token -> id), atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
         let map: serde_json::Map<String, serde_json::Value> = self.tokens.iter().enumerate().map(|(i, t)| (t.clone(), i.into())).collect();
-        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("cannot write in {}", dir.display()))?;
-        std::fs::write(tmp.path(), serde_json::to_string_pretty(&map)?).with_context(|| format!("cannot write {}", path.display()))?;
-        tmp.persist(path).with_context(|| format!("cannot write {}", path.display()))?;
-        Ok(())
+        let text = serde_json::to_string_pretty(&map)?;
+        crate::fsio::atomic_write(path, |f| f.write_all(text.as_bytes()))
     }
 
     /// Reads `vocab.json`, which must give each id in `0..vocab_size` exactly one token.
