@@ -62,6 +62,22 @@ fn json_lines_with_relative_paths_and_durations() {
 }
 
 #[test]
+fn every_missing_file_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let tsv = dir.path().join("big.tsv");
+    let rows: String = (0..25).map(|i| format!("missing{i}.wav\t100\n")).collect();
+    std::fs::write(&tsv, format!("{}\n{rows}", dir.path().display())).unwrap();
+    std::fs::write(dir.path().join("big.ltr"), "A |\n".repeat(25)).unwrap();
+    let e = open(&tsv, &opts()).err().unwrap().to_string();
+    assert!(e.starts_with("25 of 25 audio files are missing") && e.contains("and 15 more (all listed in "), "{e}");
+    let list = e.rsplit("all listed in ").next().unwrap().trim_end_matches(')');
+    let listed = std::fs::read_to_string(list).unwrap();
+    assert_eq!(listed.lines().count(), 25);
+    assert!(listed.contains("missing24.wav"));
+    std::fs::remove_file(list).unwrap();
+}
+
+#[test]
 fn layouts_are_detected_or_forced() {
     let tsv = datasets().join("fairseq/test.tsv");
     assert!(open(&tsv, &DatasetOptions { format: Some(Format::Jsonl), ..opts() }).is_err());

@@ -269,12 +269,21 @@ fn filter_durations(utts: Vec<Utterance>, opts: &DatasetOptions) -> Result<Vec<U
     Ok(kept)
 }
 
-/// "N of M <what>: first ten, and K more" for a list of problem files.
+/// Fails naming the problem files: all of them in the message when there are at most ten,
+/// otherwise the first ten and a file listing every one.
 fn report(problems: Vec<String>, total: usize, what: &str) -> Result<()> {
     if problems.is_empty() {
         return Ok(());
     }
-    let more = if problems.len() > 10 { format!(" and {} more", problems.len() - 10) } else { String::new() };
+    let mut more = String::new();
+    if problems.len() > 10 {
+        let list = std::env::temp_dir().join(format!("s3router-{}-{}.txt", what.replace(' ', "-"), std::process::id()));
+        let written = crate::fsio::atomic_write(&list, |f| std::io::Write::write_all(f, (problems.join("\n") + "\n").as_bytes()));
+        more = match written {
+            Ok(()) => format!(" and {} more (all listed in {})", problems.len() - 10, list.display()),
+            Err(_) => format!(" and {} more", problems.len() - 10),
+        };
+    }
     bail!("{} of {total} audio files {what}: {}{more}", problems.len(), problems[..problems.len().min(10)].join("; "))
 }
 
