@@ -12,6 +12,12 @@ use crate::backend::Seqs;
 
 const QUERIES_PER_BLOCK: usize = 256;
 
+/// The `hd` columns from `col` of `n` rows from `first` in a row-major tensor with `stride`
+/// columns: one head's slice of packed q, k, v or output.
+pub(super) fn head_view(t: &[f32], stride: usize, col: usize, first: usize, n: usize, hd: usize) -> MatRef<'_> {
+    MatRef { data: &t[first * stride + col..], rows: n, cols: hd, row_stride: stride, col_stride: 1 }
+}
+
 /// `softmax(q kᵀ · scale) v` per utterance and head, for packed `qkv [total, 3c]`.
 pub fn attention(qkv: &[f32], c: usize, seqs: &Seqs, heads: usize, scale: f32) -> Vec<f32> {
     let hd = c / heads;
@@ -19,13 +25,7 @@ pub fn attention(qkv: &[f32], c: usize, seqs: &Seqs, heads: usize, scale: f32) -
         .flat_map(|u| (0..heads).flat_map(move |h| (0..seqs.lens()[u]).step_by(QUERIES_PER_BLOCK).map(move |q0| (u, h, q0))))
         .collect();
     // Head `h` of part `p` (0 = q, 1 = k, 2 = v) over `n` rows from `first`.
-    let head = |p: usize, first: usize, n: usize, h: usize| MatRef {
-        data: &qkv[first * 3 * c + p * c + h * hd..],
-        rows: n,
-        cols: hd,
-        row_stride: 3 * c,
-        col_stride: 1,
-    };
+    let head = |p: usize, first: usize, n: usize, h: usize| head_view(qkv, 3 * c, p * c + h * hd, first, n, hd);
     let tiles: Vec<(usize, usize, usize, Vec<f32>)> = tasks
         .into_par_iter()
         .map(|(u, h, q0)| {

@@ -7,6 +7,7 @@ mod attention;
 mod conv;
 mod ctc;
 pub mod gemm;
+pub mod grad;
 pub mod math;
 
 use anyhow::{bail, ensure, Result};

@@ -1,0 +1,225 @@
+//! Backward passes of the ops between the CTC loss and the trainable tensors of mask learning
+//! (scores of masked linears, the head, the time-mask embedding), as the CPU reference: plain
+//! f32 slices, packed `[frames, channels]` activations, checked against finite differences.
+//! Frozen parameters get no gradients; only inputs (and the weights whose scores train) do.
+
+use rayon::prelude::*;
+
+use super::attention::head_view;
+use super::gemm::{matmul, MatRef};
+use super::math;
+use crate::backend::{ConvGeometry, Seqs};
+
+/// `dx = dy · W` for `y = x · Wᵀ`, with the CPU's `[in, out]` weight layout `w_t`.
+pub fn linear_input_grad(dy: &[f32], w_t: &[f32], d_in: usize, d_out: usize) -> Vec<f32> {
+    let n = dy.len() / d_out;
+    let mut dx = vec![0.0; n * d_in];
+    matmul(&mut dx, d_in, MatRef::row_major(dy, n, d_out), MatRef::row_major(w_t, d_in, d_out).t(), false, 0);
+    dx
+}
+
+/// `dW = dyᵀ · x` (PyTorch's `[out, in]` layout), the gradient of the effective weight.
+pub fn linear_weight_grad(dy: &[f32], x: &[f32], d_in: usize, d_out: usize) -> Vec<f32> {
+    let n = dy.len() / d_out;
+    let mut dw = vec![0.0; d_out * d_in];
+    matmul(&mut dw, d_in, MatRef::row_major(dy, n, d_out).t(), MatRef::row_major(x, n, d_in), false, 0);
+    dw
+}
+
+/// `db = Σ_rows dy`.
+pub fn bias_grad(dy: &[f32], d_out: usize) -> Vec<f32> {
+    let mut db = vec![0.0f32; d_out];
+    for row in dy.chunks_exact(d_out) {
+        db.iter_mut().zip(row).for_each(|(b, g)| *b += g);
+    }
+    db
+}
+
+/// Input gradient of `y = gamma * (x - mean) / sqrt(var + eps) + beta` over each row of `x`:
+/// `dx = inv/C · (C·g - Σg - x̂·Σ(g·x̂))` with `g = dy·gamma`, statistics recomputed from `x`.
+pub fn layer_norm_input_grad(dy: &[f32], x: &[f32], gamma: &[f32], eps: f32) -> Vec<f32> {
+    let c = gamma.len();
+    let mut dx = vec![0.0f32; x.len()];
+    dx.par_chunks_mut(c).zip(x.par_chunks(c)).zip(dy.par_chunks(c)).for_each(|((dx, x), dy)| {
+        let n = c as f64;
+        let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
+        let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+        let inv = 1.0 / (var + eps as f64).sqrt();
+        let xhat: Vec<f64> = x.iter().map(|&v| (v as f64 - mean) * inv).collect();
+        let g: Vec<f64> = dy.iter().zip(gamma).map(|(&d, &w)| d as f64 * w as f64).collect();
+        let (sum_g, sum_gx) = (g.iter().sum::<f64>(), g.iter().zip(&xhat).map(|(g, x)| g * x).sum::<f64>());
+        for ((o, g), xh) in dx.iter_mut().zip(&g).zip(&xhat) {
+            *o = (inv / n * (n * g - sum_g - xh * sum_gx)) as f32;
+        }
+    });
+    dx
+}
+
+/// `dx = dy · gelu'(x)` with `gelu'(x) = Φ(x) + x φ(x)` (exact erf form).
+pub fn gelu_input_grad(dy: &[f32], x: &[f32]) -> Vec<f32> {
+    const INV_SQRT_2PI: f32 = 0.398_942_3;
+    dy.par_iter()
+        .zip(x.par_iter())
+        .map(|(&d, &v)| d * (0.5 * (1.0 + math::erf(v * std::f32::consts::FRAC_1_SQRT_2)) + v * INV_SQRT_2PI * math::exp(-0.5 * v * v)))
+        .collect()
+}
+
+/// Gradient of `softmax(q kᵀ · scale) v` per utterance and head with respect to the packed
+/// `qkv [frames, 3c]` (the probabilities are recomputed, never stored): with `P` the attention
+/// weights and `dP = dO vᵀ`, `dS = P ⊙ (dP - rowsum(dP ⊙ P))`, `dq = dS k · scale`,
+/// `dk = dSᵀ q · scale`, `dv = Pᵀ dO`.
+pub fn attention_grad(d_out: &[f32], qkv: &[f32], c: usize, seqs: &Seqs, heads: usize, scale: f32) -> Vec<f32> {
+    let hd = c / heads;
+    let tasks: Vec<(usize, usize)> = (0..seqs.count()).flat_map(|u| (0..heads).map(move |h| (u, h))).collect();
+    let parts: Vec<(usize, usize, Vec<f32>, Vec<f32>, Vec<f32>)> = tasks
+        .into_par_iter()
+        .map(|(u, h)| {
+            let (start, len) = (seqs.range(u).start, seqs.lens()[u]);
+            let part = |p: usize| head_view(qkv, 3 * c, p * c + h * hd, start, len, hd);
+            let (q, k, v) = (part(0), part(1), part(2));
+            let d_o = head_view(d_out, c, h * hd, start, len, hd);
+            let mut p = vec![0.0f32; len * len];
+            matmul(&mut p, len, q, k.t(), false, 1);
+            p.chunks_exact_mut(len).for_each(|row| math::softmax_scaled(row, scale));
+            let mut dp = vec![0.0f32; len * len];
+            matmul(&mut dp, len, d_o, v.t(), false, 1);
+            for (dp_row, p_row) in dp.chunks_exact_mut(len).zip(p.chunks_exact(len)) {
+                let dot: f32 = dp_row.iter().zip(p_row).map(|(a, b)| a * b).sum();
+                dp_row.iter_mut().zip(p_row).for_each(|(d, &pv)| *d = pv * (*d - dot) * scale);
+            }
+            let ds = MatRef::row_major(&dp, len, len);
+            let (mut dq, mut dk, mut dv) = (vec![0.0f32; len * hd], vec![0.0f32; len * hd], vec![0.0f32; len * hd]);
+            matmul(&mut dq, hd, ds, k, false, 1);
+            matmul(&mut dk, hd, ds.t(), q, false, 1);
+            matmul(&mut dv, hd, MatRef::row_major(&p, len, len).t(), d_o, false, 1);
+            (start, h, dq, dk, dv)
+        })
+        .collect();
+    let mut dqkv = vec![0.0f32; qkv.len()];
+    for (start, h, dq, dk, dv) in parts {
+        for (part, grad) in [dq, dk, dv].iter().enumerate() {
+            for (i, row) in grad.chunks_exact(hd).enumerate() {
+                let at = (start + i) * 3 * c + part * c + h * hd;
+                dqkv[at..at + hd].copy_from_slice(row);
+            }
+        }
+    }
+    dqkv
+}
+
+/// Input gradient of [`crate::backend::Backend::conv1d`] for one utterance of `t_in` frames:
+/// per group, `dcols = dy_g · W_g` (the gradient of each receptive field), scattered back onto
+/// the frames it read (col2im); padding positions receive nothing.
+pub fn conv1d_input_grad(dy: &[f32], w: &[f32], c_in: usize, c_out: usize, t_in: usize, geom: ConvGeometry) -> Vec<f32> {
+    let ConvGeometry { kernel, stride, pad_left, groups } = geom;
+    let (cg, og) = (c_in / groups, c_out / groups);
+    let t_out = dy.len() / c_out;
+    let mut dx = vec![0.0f32; t_in * c_in];
+    for g in 0..groups {
+        let mut dcols = vec![0.0f32; t_out * kernel * cg];
+        let dy_g = MatRef { data: &dy[g * og..], rows: t_out, cols: og, row_stride: c_out, col_stride: 1 };
+        let w_g = MatRef::row_major(&w[g * og * kernel * cg..(g + 1) * og * kernel * cg], og, kernel * cg);
+        matmul(&mut dcols, kernel * cg, dy_g, w_g, false, 0);
+        for (t, row) in dcols.chunks_exact(kernel * cg).enumerate() {
+            for (k, tap) in row.chunks_exact(cg).enumerate() {
+                let s = (stride * t + k) as isize - pad_left as isize;
+                if s >= 0 && (s as usize) < t_in {
+                    let at = s as usize * c_in + g * cg;
+                    dx[at..at + cg].iter_mut().zip(tap).for_each(|(d, v)| *d += v);
+                }
+            }
+        }
+    }
+    dx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::{attention, CpuBackend};
+    use crate::backend::{Activation, Backend, NormParams};
+    use crate::rng::SplitMix;
+    use crate::tensor::Tensor;
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = SplitMix(seed);
+        (0..n).map(|_| r.symmetric()).collect()
+    }
+
+    /// Checks `grad` against central differences of `<dy, f(x)>` at a spread of coordinates.
+    fn check(name: &str, x: &[f32], dy: &[f32], grad: &[f32], f: impl Fn(&[f32]) -> Vec<f32>) {
+        let h = 1e-2f32;
+        for i in (0..x.len()).step_by((x.len() / 40).max(1)) {
+            let (mut up, mut down) = (x.to_vec(), x.to_vec());
+            up[i] += h;
+            down[i] -= h;
+            let dot = |y: Vec<f32>| y.iter().zip(dy).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>();
+            let fd = (dot(f(&up)) - dot(f(&down))) / (2.0 * h as f64);
+            assert!((fd - grad[i] as f64).abs() <= 2e-3 * (1.0 + fd.abs()), "{name}[{i}]: finite difference {fd} vs {}", grad[i]);
+        }
+    }
+
+    #[test]
+    fn linear_gradients() {
+        let (n, d_in, d_out) = (7, 5, 6);
+        let be = CpuBackend;
+        let (x, w, dy) = (random(n * d_in, 1), random(d_out * d_in, 2), random(n * d_out, 3));
+        let forward = |x: &[f32], w: &[f32]| {
+            let wt = be.prepare_linear_weight(&Tensor::from_vec(w.to_vec(), &[d_out, d_in])).unwrap();
+            be.linear(&Tensor::from_vec(x.to_vec(), &[n, d_in]), &wt, None, Activation::Identity).unwrap().to_vec().unwrap()
+        };
+        let w_t = be.prepare_linear_weight(&Tensor::from_vec(w.clone(), &[d_out, d_in])).unwrap();
+        check("dx", &x, &dy, &linear_input_grad(&dy, w_t.f32s().unwrap(), d_in, d_out), |x| forward(x, &w));
+        check("dW", &w, &dy, &linear_weight_grad(&dy, &x, d_in, d_out), |w| forward(&x, w));
+        let db = bias_grad(&dy, d_out);
+        assert!((db[2] - dy.iter().skip(2).step_by(d_out).sum::<f32>()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn layer_norm_and_gelu_gradients() {
+        let (rows, c) = (4, 9);
+        let be = CpuBackend;
+        let (x, dy) = (random(rows * c, 4).iter().map(|v| v * 3.0).collect::<Vec<_>>(), random(rows * c, 5));
+        let (g, b) = (Tensor::from_vec(random(c, 6), &[c]), Tensor::from_vec(random(c, 7), &[c]));
+        let ln = |x: &[f32]| {
+            let p = NormParams { gamma: &g, beta: &b, eps: 1e-5 };
+            be.layer_norm(Tensor::from_vec(x.to_vec(), &[rows, c]), None, p, Activation::Identity).unwrap().to_vec().unwrap()
+        };
+        check("layer norm", &x, &dy, &layer_norm_input_grad(&dy, &x, g.f32s().unwrap(), 1e-5), ln);
+        let gelu = |x: &[f32]| x.iter().map(|&v| math::gelu(v)).collect::<Vec<_>>();
+        check("gelu", &x, &dy, &gelu_input_grad(&dy, &x), gelu);
+    }
+
+    #[test]
+    fn conv_input_gradient_for_positional_and_strided_geometries() {
+        let be = CpuBackend;
+        for (i, (c_in, c_out, kernel, stride, pad, groups, t_in)) in
+            [(8, 8, 4, 1, 2, 2, 9), (3, 5, 3, 2, 0, 1, 11), (6, 6, 5, 1, 2, 3, 4)].into_iter().enumerate()
+        {
+            let geom = ConvGeometry { kernel, stride, pad_left: pad, groups };
+            let t_out = if pad == 0 { (t_in - kernel) / stride + 1 } else { t_in };
+            let (x, w) = (random(t_in * c_in, 20 + i as u64), random(c_out * kernel * (c_in / groups), 30 + i as u64));
+            let dy = random(t_out * c_out, 40 + i as u64);
+            let (si, so) = (Seqs::new(vec![t_in]), Seqs::new(vec![t_out]));
+            let wt = Tensor::from_vec(w.clone(), &[c_out, kernel, c_in / groups]);
+            let f = |x: &[f32]| {
+                be.conv1d(&Tensor::from_vec(x.to_vec(), &[t_in, c_in]), &si, &so, &wt, None, geom, Activation::Identity)
+                    .unwrap()
+                    .to_vec()
+                    .unwrap()
+            };
+            check(&format!("conv case {i}"), &x, &dy, &conv1d_input_grad(&dy, &w, c_in, c_out, t_in, geom), f);
+        }
+    }
+
+    #[test]
+    fn attention_gradient() {
+        let (heads, hd) = (2, 4);
+        let c = heads * hd;
+        let seqs = Seqs::new(vec![5, 1, 3]);
+        let (qkv, dy) = (random(seqs.total() * 3 * c, 8), random(seqs.total() * c, 9));
+        let scale = 0.5;
+        let f = |x: &[f32]| attention::attention(x, c, &seqs, heads, scale);
+        check("attention", &qkv, &dy, &attention_grad(&dy, &qkv, c, &seqs, heads, scale), f);
+    }
+}
