@@ -71,7 +71,8 @@ pub fn gelu_input_grad(dy: &[f32], x: &[f32]) -> Vec<f32> {
 pub fn attention_grad(d_out: &[f32], qkv: &[f32], c: usize, seqs: &Seqs, heads: usize, scale: f32) -> Vec<f32> {
     let hd = c / heads;
     let tasks: Vec<(usize, usize)> = (0..seqs.count()).flat_map(|u| (0..heads).map(move |h| (u, h))).collect();
-    let parts: Vec<(usize, usize, Vec<f32>, Vec<f32>, Vec<f32>)> = tasks
+    // (first frame, head, [dq, dk, dv]) per task.
+    let parts: Vec<(usize, usize, [Vec<f32>; 3])> = tasks
         .into_par_iter()
         .map(|(u, h)| {
             let (start, len) = (seqs.range(u).start, seqs.lens()[u]);
@@ -92,12 +93,12 @@ pub fn attention_grad(d_out: &[f32], qkv: &[f32], c: usize, seqs: &Seqs, heads: 
             matmul(&mut dq, hd, ds, k, false, 1);
             matmul(&mut dk, hd, ds.t(), q, false, 1);
             matmul(&mut dv, hd, MatRef::row_major(&p, len, len).t(), d_o, false, 1);
-            (start, h, dq, dk, dv)
+            (start, h, [dq, dk, dv])
         })
         .collect();
     let mut dqkv = vec![0.0f32; qkv.len()];
-    for (start, h, dq, dk, dv) in parts {
-        for (part, grad) in [dq, dk, dv].iter().enumerate() {
+    for (start, h, grads) in parts {
+        for (part, grad) in grads.iter().enumerate() {
             for (i, row) in grad.chunks_exact(hd).enumerate() {
                 let at = (start + i) * 3 * c + part * c + h * hd;
                 dqkv[at..at + hd].copy_from_slice(row);
