@@ -19,3 +19,61 @@ fn adam_follows_torch_optim_adam() {
         assert!((got - want).abs() <= 1e-6 * want.abs().max(1.0), "{got} vs torch {want}");
     }
 }
+
+/// S3-Router gradients against PyTorch running the official masking rule in float64
+/// (tools/make_train_fixtures.py): measured agreement ~3e-7.
+#[test]
+fn masked_step_gradients_match_pytorch() {
+    use common::{rel_l2, utterances};
+    use s3router::backend::cpu::CpuBackend;
+    use s3router::ctc::{CtcTargets, Reduction};
+    use s3router::data::audio;
+    use s3router::data::dataset::LabelKind;
+    use s3router::data::labels::Labeler;
+    use s3router::model::checkpoint::Checkpoint;
+    use s3router::model::preprocess::Preprocessor;
+    use s3router::model::vocab::Vocab;
+    use s3router::model::Wav2Vec2;
+    use s3router::train::masked::{step, MaskedWeight};
+
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("train.json")).unwrap()).unwrap();
+    let grads = Checkpoint::open(&[fixtures().join("train_grads.safetensors")]).unwrap();
+    let be = CpuBackend;
+    for name in ["base-like", "large-like"] {
+        let dir = fixtures().join(name);
+        let model = Wav2Vec2::load(&dir, &be).unwrap();
+        let vocab = Vocab::load(&dir.join("vocab.json"), model.config.vocab_size, model.config.pad_token_id).unwrap();
+        let pre = Preprocessor::load(&dir).unwrap();
+        let m = &meta["masked"][name];
+        let texts: Vec<&str> = m["transcripts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+        let labels = Labeler::new(&vocab, LabelKind::Wrd, "", false).label_all(texts.into_iter()).unwrap();
+        let masks: Vec<MaskedWeight> = model
+            .layers
+            .iter()
+            .enumerate()
+            .flat_map(|(i, l)| {
+                [("intermediate_dense", &l.intermediate_dense), ("output_dense", &l.output_dense)]
+                    .map(|(part, lin)| (format!("wav2vec2.encoder.layers.{i}.feed_forward.{part}.weight"), lin))
+            })
+            .map(|(w, lin)| {
+                MaskedWeight::from_linear(&w, lin, grads.tensor(&format!("{name}/{w}.scores")).unwrap().to_vec().unwrap()).unwrap()
+            })
+            .collect();
+        let audio: Vec<Vec<f32>> = utterances().iter().map(|p| pre.apply(audio::load(p).unwrap())).collect();
+        let inputs: Vec<&[f32]> = audio.iter().map(Vec::as_slice).collect();
+        let targets = CtcTargets { labels: labels.tokens, blank: model.config.pad_token_id, zero_infinity: true };
+        let head = model.lm_head.as_ref().unwrap();
+        let out = step(&model, &masks, m["sparsity"].as_f64().unwrap(), head, &inputs, &targets, Reduction::Sum).unwrap();
+        let want_loss = m["loss"].as_f64().unwrap() as f32;
+        assert!(((out.loss - want_loss) / want_loss).abs() <= 1e-4, "{name}: loss {} vs torch {want_loss}", out.loss);
+        for (mw, g) in masks.iter().zip(&out.scores) {
+            let want = grads.tensor(&format!("{name}/{}.scores_grad", mw.name)).unwrap().to_vec().unwrap();
+            let err = rel_l2(g, &want);
+            assert!(err <= 1e-4, "{name} {}: score gradient rel L2 {err:.2e}", mw.name);
+        }
+        for (got, key) in [(&out.head_weight, "lm_head.weight_grad"), (&out.head_bias, "lm_head.bias_grad")] {
+            let want = grads.tensor(&format!("{name}/{key}")).unwrap().to_vec().unwrap();
+            assert!(rel_l2(got, &want) <= 1e-4, "{name} {key}: rel L2 {:.2e}", rel_l2(got, &want));
+        }
+    }
+}

@@ -1,16 +1,102 @@
 #!/usr/bin/env python3
-"""Reference trajectories for the training pieces (tests/fixtures/train.json): torch.optim.Adam
-with S3-Router's settings (betas 0.9/0.98, eps 1e-8) over a few steps with varying gradients
-and learning rates.
+"""Reference values for training (tests/fixtures/train.json and train_grads.safetensors):
 
-    pip install torch && python3 tools/make_train_fixtures.py
+- torch.optim.Adam with S3-Router's settings (betas 0.9/0.98, eps 1e-8) over a few steps;
+- S3-Router gradients: the base-like and large-like fixture models with every FFN linear masked
+  as the official code does it (per-matrix top-k of |scores|, W * M, straight-through to
+  scores), CTC loss (sum over utterances, zero_infinity) on the three test utterances, and the
+  gradients of the scores and of the head. Each utterance runs alone (no padding), so the sum
+  equals the engine's packed batch.
+
+    pip install torch transformers safetensors numpy && python3 tools/make_train_fixtures.py
 """
 import json
 import os
+import wave
 
+import numpy as np
+import safetensors.torch
 import torch
+import torch.nn.functional as F
+from transformers import Wav2Vec2ForCTC
 
-OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "train.json")
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
+OUT = os.path.join(ROOT, "train.json")
+SPARSITY = 0.3
+TRANSCRIPTS = {"base-like": ["BAD CAFE", "DEAF", "FACE A BEE"], "large-like": ["bad cafe", "deaf", "face a bee"]}
+
+
+class TopK(torch.autograd.Function):
+    """GetSubnet: keep the top numel - floor(s * numel) of |scores|; gradient passes straight."""
+
+    @staticmethod
+    def forward(ctx, scores, sparsity):
+        flat = scores.abs().flatten()
+        drop = int(sparsity * flat.numel())
+        mask = torch.ones_like(flat)
+        mask[flat.argsort()[:drop]] = 0
+        return mask.view_as(scores)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class MaskedLinear(torch.nn.Module):
+    def __init__(self, lin, scores):
+        super().__init__()
+        self.lin = lin
+        self.scores = torch.nn.Parameter(scores)
+
+    def forward(self, x):
+        return F.linear(x, self.lin.weight * TopK.apply(self.scores.abs(), SPARSITY) * 1.0, self.lin.bias)
+
+
+def read_wav(path):
+    with wave.open(path) as w:
+        return np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float32) / 32768.0
+
+
+def masked_gradients(tensors, meta, dtype=torch.float64):
+    """In float64: the fp32 engine is compared with the exact values. (An fp32 reference carries
+    ~1.5e-4 relative error of its own in these gradients: the CTC gradient subtracts two nearly
+    equal probabilities on the confident frames of the scaled heads.)"""
+    for name in ("base-like", "large-like"):
+        model = Wav2Vec2ForCTC.from_pretrained(os.path.join(ROOT, name)).eval().to(dtype)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        g = torch.Generator().manual_seed(17)
+        masked = []
+        for i, layer in enumerate(model.wav2vec2.encoder.layers):
+            for part in ("intermediate_dense", "output_dense"):
+                lin = getattr(layer.feed_forward, part)
+                bound = 1.0 / lin.weight.shape[1] ** 0.5
+                scores = ((torch.rand(lin.weight.shape, generator=g) * 2 - 1) * bound).to(dtype)
+                m = MaskedLinear(lin, scores)
+                setattr(layer.feed_forward, part, m)
+                masked.append((f"wav2vec2.encoder.layers.{i}.feed_forward.{part}.weight", m))
+        for p in model.lm_head.parameters():
+            p.requires_grad_(True)
+        vocab = json.load(open(os.path.join(ROOT, name, "vocab.json")))
+        pre = json.load(open(os.path.join(ROOT, name, "preprocessor_config.json")))
+        total = 0.0
+        for u, text in enumerate(TRANSCRIPTS[name]):
+            x = torch.from_numpy(read_wav(os.path.join(ROOT, "audio", f"utt{u}.wav"))).to(dtype)
+            if pre["do_normalize"]:
+                x = (x - x.mean()) / torch.sqrt(x.var(unbiased=False) + 1e-7)
+            logits = model(x[None]).logits[0]
+            target = torch.tensor([vocab["|" if ch == " " else ch] for ch in text])
+            lp = torch.log_softmax(logits, -1)[:, None]
+            loss = F.ctc_loss(lp, target[None], torch.tensor([lp.shape[0]]), torch.tensor([len(target)]),
+                              blank=model.config.pad_token_id, reduction="sum", zero_infinity=True)
+            loss.backward()
+            total += loss.item()
+        meta[name] = {"loss": total, "sparsity": SPARSITY, "transcripts": TRANSCRIPTS[name]}
+        for wname, m in masked:
+            tensors[f"{name}/{wname}.scores"] = m.scores.detach().float().contiguous()
+            tensors[f"{name}/{wname}.scores_grad"] = m.scores.grad.detach().float().contiguous()
+        tensors[f"{name}/lm_head.weight_grad"] = model.lm_head.weight.grad.detach().float().contiguous()
+        tensors[f"{name}/lm_head.bias_grad"] = model.lm_head.bias.grad.detach().float().contiguous()
 
 
 def main():
@@ -28,8 +114,12 @@ def main():
         opt.step()
         grads.append(grad.tolist())
         lrs.append(lr)
+    tensors, meta = {}, {}
+    masked_gradients(tensors, meta)
+    safetensors.torch.save_file(tensors, os.path.join(ROOT, "train_grads.safetensors"))
     with open(OUT, "w") as f:
-        json.dump({"torch": torch.__version__, "adam": {"start": start.tolist(), "grads": grads, "lrs": lrs, "end": p.detach().tolist()}}, f, indent=1)
+        json.dump({"torch": torch.__version__, "adam": {"start": start.tolist(), "grads": grads, "lrs": lrs, "end": p.detach().tolist()},
+                   "masked": meta}, f, indent=1)
 
 
 if __name__ == "__main__":

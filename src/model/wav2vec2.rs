@@ -55,7 +55,7 @@ pub struct Norm {
 }
 
 impl Norm {
-    fn params(&self, eps: f32) -> NormParams<'_> {
+    pub fn params(&self, eps: f32) -> NormParams<'_> {
         NormParams { gamma: &self.gamma, beta: &self.beta, eps }
     }
 
@@ -299,12 +299,16 @@ impl Wav2Vec2 {
             .collect()
     }
 
-    /// The feature encoder and projection, then the transformer encoder: `[frames, hidden]` per
-    /// utterance, packed. `audio` is already normalised (see [`super::preprocess`]).
-    pub fn encode(&self, be: &dyn Backend, audio: &[&[f32]], mut trace: Option<&mut Trace>) -> Result<(Tensor, Seqs)> {
+    /// The feature encoder, projection and positional conv (and, post-LN, the encoder layer norm):
+    /// the input of encoder layer 0, `[frames, hidden]` per utterance, packed. Nothing here is
+    /// trained by mask learning, so training starts its cached forward pass from this.
+    pub fn encoder_input(&self, be: &dyn Backend, audio: &[&[f32]]) -> Result<(Tensor, Seqs)> {
+        self.embed(be, audio, None, &mut StageClock::new(be, false)?)
+    }
+
+    fn embed(&self, be: &dyn Backend, audio: &[&[f32]], trace: Option<&mut Trace>, clock: &mut StageClock) -> Result<(Tensor, Seqs)> {
         let c = &self.config;
         self.frame_counts(&audio.iter().map(|a| a.len()).collect::<Vec<_>>())?;
-        let mut clock = StageClock::new(be, trace.as_ref().is_some_and(|t| t.profile))?;
         let mut seqs = Seqs::new(audio.iter().map(|a| a.len()).collect());
         let mut x = be.upload(&Tensor::from_vec(audio.concat(), &[seqs.total(), 1]))?;
         clock.mark(be, "upload audio")?;
@@ -316,15 +320,16 @@ impl Wav2Vec2 {
             x = be.conv1d(&x, &seqs, &out, &layer.weight, layer.bias.as_ref(), geom, conv_act)?;
             seqs = out;
             if let Some(n) = &layer.norm {
+                // Both conv norms use PyTorch's default epsilon (1e-5), not the config's
+                // layer_norm_eps: transformers builds them as nn.GroupNorm(...) / nn.LayerNorm(dim).
                 x = match c.feat_extract_norm {
-                    // GroupNorm's own epsilon (PyTorch default), not the config's layer_norm_eps.
                     FeatNorm::Group => be.group_norm_time(x, &seqs, n.params(1e-5), Activation::Gelu)?,
-                    FeatNorm::Layer => be.layer_norm(x, None, n.params(c.layer_norm_eps), Activation::Gelu)?,
+                    FeatNorm::Layer => be.layer_norm(x, None, n.params(1e-5), Activation::Gelu)?,
                 };
             }
             clock.mark(be, CONV_STAGES[i.min(CONV_STAGES.len() - 1)])?;
         }
-        if let Some(t) = trace.as_deref_mut() {
+        if let Some(t) = trace {
             t.conv_features = t.keep(be, &x)?;
         }
         let eps = c.layer_norm_eps;
@@ -338,10 +343,20 @@ impl Wav2Vec2 {
         x = be.add(x, &pos)?;
         clock.mark(be, "projection + positional conv")?;
 
-        let enc_norm = self.encoder_layer_norm.params(eps);
         if !c.do_stable_layer_norm {
-            x = be.layer_norm(x, None, enc_norm, Activation::Identity)?;
+            x = be.layer_norm(x, None, self.encoder_layer_norm.params(eps), Activation::Identity)?;
         }
+        Ok((x, seqs))
+    }
+
+    /// The feature encoder and projection, then the transformer encoder: `[frames, hidden]` per
+    /// utterance, packed. `audio` is already normalised (see [`super::preprocess`]).
+    pub fn encode(&self, be: &dyn Backend, audio: &[&[f32]], mut trace: Option<&mut Trace>) -> Result<(Tensor, Seqs)> {
+        let c = &self.config;
+        let mut clock = StageClock::new(be, trace.as_ref().is_some_and(|t| t.profile))?;
+        let (mut x, seqs) = self.embed(be, audio, trace.as_deref_mut(), &mut clock)?;
+        let eps = c.layer_norm_eps;
+        let enc_norm = self.encoder_layer_norm.params(eps);
         let scale = 1.0 / (c.head_dim() as f32).sqrt();
         for layer in &self.layers {
             let attention = |h: &Tensor| -> Result<Tensor> {

@@ -2,5 +2,6 @@
 
 pub mod adam;
 pub mod checkpoint;
+pub mod masked;
 pub mod schedule;
 pub mod specaugment;

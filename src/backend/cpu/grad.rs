@@ -55,12 +55,12 @@ pub fn layer_norm_input_grad(dy: &[f32], x: &[f32], gamma: &[f32], eps: f32) -> 
     dx
 }
 
-/// `dx = dy · gelu'(x)` with `gelu'(x) = Φ(x) + x φ(x)` (exact erf form).
+/// `dx = dy · gelu'(x)` with `gelu'(x) = Φ(x) + x φ(x)` (exact erf form; Φ through erfc).
 pub fn gelu_input_grad(dy: &[f32], x: &[f32]) -> Vec<f32> {
     const INV_SQRT_2PI: f32 = 0.398_942_3;
     dy.par_iter()
         .zip(x.par_iter())
-        .map(|(&d, &v)| d * (0.5 * (1.0 + math::erf(v * std::f32::consts::FRAC_1_SQRT_2)) + v * INV_SQRT_2PI * math::exp(-0.5 * v * v)))
+        .map(|(&d, &v)| d * (0.5 * math::erfc(-v * std::f32::consts::FRAC_1_SQRT_2) + v * INV_SQRT_2PI * math::exp(-0.5 * v * v)))
         .collect()
 }
 

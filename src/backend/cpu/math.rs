@@ -45,21 +45,36 @@ pub fn exp(x: f32) -> f32 {
     p * f32::from_bits(((n + 127) as u32) << 23)
 }
 
-/// erf(x), Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7), the same approximation
-/// PyTorch's vectorised CPU kernels use.
+/// erfc(x) with relative error below 1.2e-7 everywhere (the Chebyshev fit of Numerical Recipes,
+/// `erfcc`), so tails keep their precision: 1 - erf(x) would lose it for x >> 0.
 #[inline(always)]
-pub fn erf(x: f32) -> f32 {
-    let a = x.abs();
-    let t = 1.0 / (1.0 + 0.327_591_1 * a);
-    let poly = t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_8 + t * (-1.453_152_1 + t * 1.061_405_4))));
-    let y = 1.0 - poly * exp(-a * a);
-    y.copysign(x)
+pub fn erfc(x: f32) -> f32 {
+    let z = x.abs();
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let poly = -1.265_512_2
+        + t * (1.000_023_7
+            + t * (0.374_091_96
+                + t * (0.096_784_18
+                    + t * (-0.186_288_06
+                        + t * (0.278_868_07 + t * (-1.135_204 + t * (1.488_515_9 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
+    let r = t * exp(-z * z + poly);
+    if x >= 0.0 {
+        r
+    } else {
+        2.0 - r
+    }
 }
 
-/// GELU, exact (erf) form: x/2 · (1 + erf(x/√2)).
+/// erf(x) = 1 - erfc(x).
+#[inline(always)]
+pub fn erf(x: f32) -> f32 {
+    1.0 - erfc(x)
+}
+
+/// GELU, exact (erf) form: x/2 · (1 + erf(x/√2)) = x/2 · erfc(-x/√2), accurate in both tails.
 #[inline(always)]
 pub fn gelu(x: f32) -> f32 {
-    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+    0.5 * x * erfc(-x * std::f32::consts::FRAC_1_SQRT_2)
 }
 
 multiversion! {
@@ -181,6 +196,9 @@ mod tests {
         for (x, want) in [(0.0, 0.0), (0.5, 0.520_499_9), (1.0, 0.842_700_8), (2.0, 0.995_322_3), (-1.5, -0.966_105_1)] {
             assert!((erf(x) - want).abs() < 2e-7, "erf({x}) = {}", erf(x));
         }
+        // The tails keep relative precision: erfc(4) = 1.541725790e-8, erfc(-4) = 2 - that.
+        assert!(((erfc(4.0) - 1.541_725_8e-8) / 1.541_725_8e-8).abs() < 1e-6, "erfc(4) = {}", erfc(4.0));
+        assert!((erfc(-4.0) - 2.0).abs() < 1e-7);
     }
 
     #[test]
