@@ -1,0 +1,45 @@
+//! One S3-Router forward/backward on the CPU at full wav2vec2-base size (random weights): batch
+//! 2 x 5 s, masks on the 24 FFN matrices at sparsity 0.1, CTC against 60 labels per utterance.
+//! (The optimiser update is not included; it is a few elementwise passes.) `cargo bench --bench train_step`.
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use s3router::backend::cpu::CpuBackend;
+use s3router::ctc::{CtcTargets, Reduction};
+use s3router::model::checkpoint::RandomWeights;
+use s3router::model::config::Config;
+use s3router::model::Wav2Vec2;
+use s3router::rng::SplitMix;
+use s3router::router::{init_scores, Init};
+use s3router::train::masked::{step, MaskedWeight};
+
+fn train_step_base_b2x5s(c: &mut Criterion) {
+    let be = CpuBackend;
+    let model = Wav2Vec2::from_weights(Config::preset("base").unwrap(), &RandomWeights { seed: 0 }, &be).unwrap();
+    let mut rng = SplitMix(1);
+    let masks: Vec<MaskedWeight> = model
+        .layers
+        .iter()
+        .enumerate()
+        .flat_map(|(i, l)| [(format!("layer{i}.intermediate"), &l.intermediate_dense), (format!("layer{i}.output"), &l.output_dense)])
+        .map(|(name, lin)| {
+            let placeholder = MaskedWeight::from_linear(&name, lin, vec![0.0; lin.weight.numel()]).unwrap();
+            let scores = init_scores(&placeholder.weight, placeholder.d_in, Init::WeightRank, 0.1, &mut rng);
+            MaskedWeight { scores, ..placeholder }
+        })
+        .collect();
+    let clips: Vec<Vec<f32>> =
+        (0..2).map(|b| (0..80_000).map(|i| ((i as f32 * 0.013 * (b + 1) as f32).sin() + rng.symmetric() * 0.2) * 0.3).collect()).collect();
+    let inputs: Vec<&[f32]> = clips.iter().map(Vec::as_slice).collect();
+    let labels = (0..2).map(|_| (0..60).map(|_| 1 + (rng.next_u64() % 31) as u32).collect()).collect();
+    let targets = CtcTargets { labels, blank: 0, zero_infinity: true };
+    let head = model.lm_head.as_ref().unwrap();
+    let mut g = c.benchmark_group("train");
+    g.sample_size(10);
+    g.bench_function("s3router step wav2vec2-base b2x5s cpu", |b| {
+        b.iter(|| step(&model, &masks, 0.1, head, &inputs, &targets, Reduction::Sum).unwrap())
+    });
+    g.finish();
+}
+
+criterion_group!(benches, train_step_base_b2x5s);
+criterion_main!(benches);
