@@ -306,7 +306,39 @@ impl Wav2Vec2 {
         self.embed(be, audio, None, &mut StageClock::new(be, false)?)
     }
 
+    /// The feature encoder and projection only: where SpecAugment's time masking replaces frames
+    /// with the learned embedding, before [`Wav2Vec2::positional`].
+    pub fn projected(&self, be: &dyn Backend, audio: &[&[f32]]) -> Result<(Tensor, Seqs)> {
+        self.project(be, audio, None, &mut StageClock::new(be, false)?)
+    }
+
+    /// `x + GELU(pos_conv(x))`, then (post-LN) the encoder layer norm: projected features to the
+    /// input of encoder layer 0.
+    pub fn positional(&self, be: &dyn Backend, x: Tensor, seqs: &Seqs) -> Result<Tensor> {
+        let c = &self.config;
+        // Positional conv: "same" padding, the extra frame of an even kernel dropped, then GELU.
+        let pos =
+            be.conv1d(&x, seqs, seqs, &self.pos_conv_weight, Some(&self.pos_conv_bias), self.pos_conv_geometry(), Activation::Gelu)?;
+        let x = be.add(x, &pos)?;
+        if c.do_stable_layer_norm {
+            return Ok(x);
+        }
+        be.layer_norm(x, None, self.encoder_layer_norm.params(c.layer_norm_eps), Activation::Identity)
+    }
+
+    pub fn pos_conv_geometry(&self) -> ConvGeometry {
+        let k = self.config.num_conv_pos_embeddings;
+        ConvGeometry { kernel: k, stride: 1, pad_left: k / 2, groups: self.config.num_conv_pos_embedding_groups }
+    }
+
     fn embed(&self, be: &dyn Backend, audio: &[&[f32]], trace: Option<&mut Trace>, clock: &mut StageClock) -> Result<(Tensor, Seqs)> {
+        let (x, seqs) = self.project(be, audio, trace, clock)?;
+        let x = self.positional(be, x, &seqs)?;
+        clock.mark(be, "projection + positional conv")?;
+        Ok((x, seqs))
+    }
+
+    fn project(&self, be: &dyn Backend, audio: &[&[f32]], trace: Option<&mut Trace>, clock: &mut StageClock) -> Result<(Tensor, Seqs)> {
         let c = &self.config;
         self.frame_counts(&audio.iter().map(|a| a.len()).collect::<Vec<_>>())?;
         let mut seqs = Seqs::new(audio.iter().map(|a| a.len()).collect());
@@ -335,17 +367,6 @@ impl Wav2Vec2 {
         let eps = c.layer_norm_eps;
         x = be.layer_norm(x, None, self.feature_projection_norm.params(eps), Activation::Identity)?;
         x = self.feature_projection.forward(be, &x, Activation::Identity)?;
-
-        // Positional conv: "same" padding, the extra frame of an even kernel dropped, then GELU.
-        let k = c.num_conv_pos_embeddings;
-        let geom = ConvGeometry { kernel: k, stride: 1, pad_left: k / 2, groups: c.num_conv_pos_embedding_groups };
-        let pos = be.conv1d(&x, &seqs, &seqs, &self.pos_conv_weight, Some(&self.pos_conv_bias), geom, Activation::Gelu)?;
-        x = be.add(x, &pos)?;
-        clock.mark(be, "projection + positional conv")?;
-
-        if !c.do_stable_layer_norm {
-            x = be.layer_norm(x, None, self.encoder_layer_norm.params(eps), Activation::Identity)?;
-        }
         Ok((x, seqs))
     }
 
