@@ -36,7 +36,7 @@ fn train_step_base_b2x5s(c: &mut Criterion) {
     let mut g = c.benchmark_group("train");
     g.sample_size(10);
     g.bench_function("s3router step wav2vec2-base b2x5s cpu", |b| {
-        b.iter(|| step(&model, &masks, 0.1, head, &inputs, &targets, Reduction::Sum).unwrap())
+        b.iter(|| step(&model, &masks, 0.1, head, &inputs, &targets, Reduction::Sum, None).unwrap())
     });
     g.finish();
 }

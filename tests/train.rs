@@ -34,17 +34,18 @@ fn masked_step_gradients_match_pytorch() {
     use s3router::model::preprocess::Preprocessor;
     use s3router::model::vocab::Vocab;
     use s3router::model::Wav2Vec2;
-    use s3router::train::masked::{step, MaskedWeight};
+    use s3router::train::masked::{step, MaskedWeight, TimeMask};
 
     let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("train.json")).unwrap()).unwrap();
     let grads = Checkpoint::open(&[fixtures().join("train_grads.safetensors")]).unwrap();
     let be = CpuBackend;
-    for name in ["base-like", "large-like"] {
+    for key in ["base-like", "large-like", "base-like-specaug", "large-like-specaug"] {
+        let name = key.trim_end_matches("-specaug");
         let dir = fixtures().join(name);
         let model = Wav2Vec2::load(&dir, &be).unwrap();
         let vocab = Vocab::load(&dir.join("vocab.json"), model.config.vocab_size, model.config.pad_token_id).unwrap();
         let pre = Preprocessor::load(&dir).unwrap();
-        let m = &meta["masked"][name];
+        let m = &meta["masked"][key];
         let texts: Vec<&str> = m["transcripts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
         let labels = Labeler::new(&vocab, LabelKind::Wrd, "", false).label_all(texts.into_iter()).unwrap();
         let masks: Vec<MaskedWeight> = model
@@ -63,17 +64,40 @@ fn masked_step_gradients_match_pytorch() {
         let inputs: Vec<&[f32]> = audio.iter().map(Vec::as_slice).collect();
         let targets = CtcTargets { labels: labels.tokens, blank: model.config.pad_token_id, zero_infinity: true };
         let head = model.lm_head.as_ref().unwrap();
-        let out = step(&model, &masks, m["sparsity"].as_f64().unwrap(), head, &inputs, &targets, Reduction::Sum).unwrap();
-        let want_loss = m["loss"].as_f64().unwrap() as f32;
-        assert!(((out.loss - want_loss) / want_loss).abs() <= 1e-4, "{name}: loss {} vs torch {want_loss}", out.loss);
-        for (mw, g) in masks.iter().zip(&out.scores) {
-            let want = grads.tensor(&format!("{name}/{}.scores_grad", mw.name)).unwrap().to_vec().unwrap();
-            let err = rel_l2(g, &want);
-            assert!(err <= 1e-4, "{name} {}: score gradient rel L2 {err:.2e}", mw.name);
+        // Time masks (specaug cases): frame spans per utterance, over the packed frames.
+        let lens = model.frame_counts(&audio.iter().map(Vec::len).collect::<Vec<_>>()).unwrap();
+        let mut frames = Vec::new();
+        if let Some(spans) = m["time_masks"].as_array() {
+            for (u, spans) in spans.iter().enumerate() {
+                let mut f = vec![false; lens[u]];
+                for span in spans.as_array().unwrap() {
+                    let (a, b) = (span[0].as_u64().unwrap() as usize, span[1].as_u64().unwrap() as usize);
+                    f[a..b].iter_mut().for_each(|x| *x = true);
+                }
+                frames.extend(f);
+            }
         }
-        for (got, key) in [(&out.head_weight, "lm_head.weight_grad"), (&out.head_bias, "lm_head.bias_grad")] {
-            let want = grads.tensor(&format!("{name}/{key}")).unwrap().to_vec().unwrap();
-            assert!(rel_l2(got, &want) <= 1e-4, "{name} {key}: rel L2 {:.2e}", rel_l2(got, &want));
+        let embedding = grads.tensor(&format!("{key}/masked_spec_embed")).ok().map(|t| t.to_vec().unwrap());
+        let time_mask = embedding.as_deref().map(|e| TimeMask { frames: &frames, embedding: e });
+        let out = step(&model, &masks, m["sparsity"].as_f64().unwrap(), head, &inputs, &targets, Reduction::Sum, time_mask).unwrap();
+        let want_loss = m["loss"].as_f64().unwrap() as f32;
+        assert!(((out.loss - want_loss) / want_loss).abs() <= 1e-4, "{key}: loss {} vs torch {want_loss}", out.loss);
+        for (mw, g) in masks.iter().zip(&out.scores) {
+            let want = grads.tensor(&format!("{key}/{}.scores_grad", mw.name)).unwrap().to_vec().unwrap();
+            let err = rel_l2(g, &want);
+            assert!(err <= 1e-4, "{key} {}: score gradient rel L2 {err:.2e}", mw.name);
+        }
+        for (got, k) in [(&out.head_weight, "lm_head.weight_grad"), (&out.head_bias, "lm_head.bias_grad")] {
+            let want = grads.tensor(&format!("{key}/{k}")).unwrap().to_vec().unwrap();
+            assert!(rel_l2(got, &want) <= 1e-4, "{key} {k}: rel L2 {:.2e}", rel_l2(got, &want));
+        }
+        match (&out.embedding, grads.tensor(&format!("{key}/masked_spec_embed_grad"))) {
+            (Some(g), Ok(want)) => {
+                let err = rel_l2(g, &want.to_vec().unwrap());
+                assert!(err <= 1e-4, "{key}: time-mask embedding gradient rel L2 {err:.2e}");
+            }
+            (None, Err(_)) => {}
+            _ => panic!("{key}: embedding gradient expected exactly when time masking is on"),
         }
     }
 }

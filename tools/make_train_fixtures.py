@@ -18,7 +18,7 @@ import numpy as np
 import safetensors.torch
 import torch
 import torch.nn.functional as F
-from transformers import Wav2Vec2ForCTC
+from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
 OUT = os.path.join(ROOT, "train.json")
@@ -57,12 +57,21 @@ def read_wav(path):
         return np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float32) / 32768.0
 
 
-def masked_gradients(tensors, meta, dtype=torch.float64):
+# SpecAugment time masks for the "specaug" cases: frame spans per utterance.
+TIME_MASKS = [[(3, 13)], [(20, 25)], [(50, 60), (100, 104)]]
+
+
+def masked_gradients(tensors, meta, dtype=torch.float64, specaug=False):
     """In float64: the fp32 engine is compared with the exact values. (An fp32 reference carries
     ~1.5e-4 relative error of its own in these gradients: the CTC gradient subtracts two nearly
     equal probabilities on the confident frames of the scaled heads.)"""
     for name in ("base-like", "large-like"):
-        model = Wav2Vec2ForCTC.from_pretrained(os.path.join(ROOT, name)).eval().to(dtype)
+        key = name + ("-specaug" if specaug else "")
+        # A mask_time_prob > 0 makes transformers create masked_spec_embed (seeded here).
+        torch.manual_seed(23)
+        config = Wav2Vec2Config.from_pretrained(os.path.join(ROOT, name))
+        config.mask_time_prob = 0.05 if specaug else 0.0
+        model = Wav2Vec2ForCTC.from_pretrained(os.path.join(ROOT, name), config=config).eval().to(dtype)
         for p in model.parameters():
             p.requires_grad_(False)
         g = torch.Generator().manual_seed(17)
@@ -77,6 +86,8 @@ def masked_gradients(tensors, meta, dtype=torch.float64):
                 masked.append((f"wav2vec2.encoder.layers.{i}.feed_forward.{part}.weight", m))
         for p in model.lm_head.parameters():
             p.requires_grad_(True)
+        if specaug:
+            model.wav2vec2.masked_spec_embed.requires_grad_(True)
         vocab = json.load(open(os.path.join(ROOT, name, "vocab.json")))
         pre = json.load(open(os.path.join(ROOT, name, "preprocessor_config.json")))
         total = 0.0
@@ -84,19 +95,30 @@ def masked_gradients(tensors, meta, dtype=torch.float64):
             x = torch.from_numpy(read_wav(os.path.join(ROOT, "audio", f"utt{u}.wav"))).to(dtype)
             if pre["do_normalize"]:
                 x = (x - x.mean()) / torch.sqrt(x.var(unbiased=False) + 1e-7)
-            logits = model(x[None]).logits[0]
+            if specaug:
+                frames = model.wav2vec2._get_feat_extract_output_lengths(len(x))
+                mask = torch.zeros(1, frames, dtype=torch.bool)
+                for a, b in TIME_MASKS[u]:
+                    mask[0, a:b] = True
+                hidden = model.wav2vec2(x[None], mask_time_indices=mask).last_hidden_state
+                logits = model.lm_head(hidden)[0]
+            else:
+                logits = model(x[None]).logits[0]
             target = torch.tensor([vocab["|" if ch == " " else ch] for ch in text])
             lp = torch.log_softmax(logits, -1)[:, None]
             loss = F.ctc_loss(lp, target[None], torch.tensor([lp.shape[0]]), torch.tensor([len(target)]),
                               blank=model.config.pad_token_id, reduction="sum", zero_infinity=True)
             loss.backward()
             total += loss.item()
-        meta[name] = {"loss": total, "sparsity": SPARSITY, "transcripts": TRANSCRIPTS[name]}
+        meta[key] = {"loss": total, "sparsity": SPARSITY, "transcripts": TRANSCRIPTS[name], "time_masks": TIME_MASKS if specaug else None}
         for wname, m in masked:
-            tensors[f"{name}/{wname}.scores"] = m.scores.detach().float().contiguous()
-            tensors[f"{name}/{wname}.scores_grad"] = m.scores.grad.detach().float().contiguous()
-        tensors[f"{name}/lm_head.weight_grad"] = model.lm_head.weight.grad.detach().float().contiguous()
-        tensors[f"{name}/lm_head.bias_grad"] = model.lm_head.bias.grad.detach().float().contiguous()
+            tensors[f"{key}/{wname}.scores"] = m.scores.detach().float().contiguous()
+            tensors[f"{key}/{wname}.scores_grad"] = m.scores.grad.detach().float().contiguous()
+        tensors[f"{key}/lm_head.weight_grad"] = model.lm_head.weight.grad.detach().float().contiguous()
+        tensors[f"{key}/lm_head.bias_grad"] = model.lm_head.bias.grad.detach().float().contiguous()
+        if specaug:
+            tensors[f"{key}/masked_spec_embed"] = model.wav2vec2.masked_spec_embed.detach().float().contiguous()
+            tensors[f"{key}/masked_spec_embed_grad"] = model.wav2vec2.masked_spec_embed.grad.detach().float().contiguous()
 
 
 def main():
@@ -116,6 +138,7 @@ def main():
         lrs.append(lr)
     tensors, meta = {}, {}
     masked_gradients(tensors, meta)
+    masked_gradients(tensors, meta, specaug=True)
     safetensors.torch.save_file(tensors, os.path.join(ROOT, "train_grads.safetensors"))
     with open(OUT, "w") as f:
         json.dump({"torch": torch.__version__, "adam": {"start": start.tolist(), "grads": grads, "lrs": lrs, "end": p.detach().tolist()},

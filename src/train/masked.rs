@@ -7,7 +7,9 @@
 
 use anyhow::{ensure, Result};
 
-use crate::backend::cpu::grad::{attention_grad, bias_grad, gelu_input_grad, layer_norm_input_grad, linear_input_grad, linear_weight_grad};
+use crate::backend::cpu::grad::{
+    attention_grad, bias_grad, conv1d_input_grad, gelu_input_grad, layer_norm_input_grad, linear_input_grad, linear_weight_grad,
+};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Activation, Backend, Seqs};
 use crate::ctc::{ctc_loss, CtcTargets, Reduction};
@@ -43,6 +45,13 @@ impl MaskedWeight {
     }
 }
 
+/// SpecAugment time masking for a step: which packed frames of the projected features are
+/// replaced by the learned embedding (`[hidden]`), whose gradient the step then returns.
+pub struct TimeMask<'a> {
+    pub frames: &'a [bool],
+    pub embedding: &'a [f32],
+}
+
 /// Loss and gradients of one step.
 pub struct StepGrads {
     pub loss: f32,
@@ -52,6 +61,8 @@ pub struct StepGrads {
     /// Head gradients, `[vocab, hidden]` and `[vocab]`.
     pub head_weight: Vec<f32>,
     pub head_bias: Vec<f32>,
+    /// Gradient of the time-mask embedding, when a [`TimeMask`] was given.
+    pub embedding: Option<Vec<f32>>,
 }
 
 /// What one encoder layer keeps for its backward pass.
@@ -83,7 +94,10 @@ fn add_assign(a: &mut [f32], b: &[f32]) {
 }
 
 /// One forward/backward of the masked model. `masks` holds two entries per encoder layer, the
-/// intermediate then the output dense of layer 0, 1, ...; `head` is the trainable CTC head.
+/// intermediate then the output dense of layer 0, 1, ...; `head` is the trainable CTC head;
+/// `time_mask`, if any, replaces frames with the learned embedding before the positional conv
+/// (and the backward then runs down to it).
+#[allow(clippy::too_many_arguments)]
 pub fn step(
     model: &Wav2Vec2,
     masks: &[MaskedWeight],
@@ -92,6 +106,7 @@ pub fn step(
     audio: &[&[f32]],
     targets: &CtcTargets,
     reduction: Reduction,
+    time_mask: Option<TimeMask<'_>>,
 ) -> Result<StepGrads> {
     let be = CpuBackend;
     let c = &model.config;
@@ -114,9 +129,33 @@ pub fn step(
         v(&be.layer_norm(Tensor::from_vec(x.to_vec(), &[x.len() / h, h]), None, n.params(eps), id)?)
     };
 
-    // Forward, with a tape per layer.
-    let (x0, seqs): (Tensor, Seqs) = model.encoder_input(&be, audio)?;
-    let mut x = v(&x0)?;
+    // Forward: projected features, time masking, positional conv, then the layers with a tape each.
+    let (projected, seqs): (Tensor, Seqs) = model.projected(&be, audio)?;
+    let mut projected = v(&projected)?;
+    if let Some(tm) = &time_mask {
+        ensure!(
+            tm.frames.len() == seqs.total() && tm.embedding.len() == h,
+            "time mask: {} frames / {} values for {} frames / {h} channels",
+            tm.frames.len(),
+            tm.embedding.len(),
+            seqs.total()
+        );
+        for (row, _) in projected.chunks_exact_mut(h).zip(tm.frames).filter(|(_, &m)| m) {
+            row.copy_from_slice(tm.embedding);
+        }
+    }
+    let geom = model.pos_conv_geometry();
+    let pos_pre = v(&be.conv1d(
+        &Tensor::from_vec(projected.clone(), &[seqs.total(), h]),
+        &seqs,
+        &seqs,
+        &model.pos_conv_weight,
+        Some(&model.pos_conv_bias),
+        geom,
+        id,
+    )?)?;
+    let summed: Vec<f32> = projected.iter().zip(&pos_pre).map(|(x, &p)| x + crate::backend::cpu::math::gelu(p)).collect();
+    let mut x = if c.do_stable_layer_norm { summed.clone() } else { norm(&model.encoder_layer_norm, &summed)? };
     let mut tapes = Vec::with_capacity(model.layers.len());
     for (i, layer) in model.layers.iter().enumerate() {
         let (w1, w2) = (&effective[2 * i], &effective[2 * i + 1]);
@@ -193,7 +232,7 @@ pub fn step(
         } else {
             add_assign(&mut d_skip, &d_ffn_in);
         }
-        if i == 0 {
+        if i == 0 && time_mask.is_none() {
             break; // nothing below layer 0's FFN is trained
         }
         // d_skip: gradient at `x1` (pre-LN) or at the first norm's output `h1` (post-LN).
@@ -209,5 +248,27 @@ pub fn step(
         }
         dx = d_input;
     }
-    Ok(StepGrads { loss: out.loss, losses: out.losses, scores, head_weight, head_bias })
+    // Down to the time-mask embedding: through the encoder norm (post-LN), the residual and the
+    // positional conv (per utterance), summed over the masked frames.
+    let embedding = match &time_mask {
+        None => None,
+        Some(tm) => {
+            let d_sum =
+                if c.do_stable_layer_norm { dx } else { layer_norm_input_grad(&dx, &summed, model.encoder_layer_norm.gamma.f32s()?, eps) };
+            let d_pre = gelu_input_grad(&d_sum, &pos_pre);
+            let mut d_proj = d_sum;
+            let w = model.pos_conv_weight.f32s()?;
+            for u in 0..seqs.count() {
+                let r = seqs.range(u);
+                let d_conv = conv1d_input_grad(&d_pre[r.start * h..r.end * h], w, h, h, r.len(), geom);
+                add_assign(&mut d_proj[r.start * h..r.end * h], &d_conv);
+            }
+            let mut g = vec![0.0f32; h];
+            for (row, _) in d_proj.chunks_exact(h).zip(tm.frames).filter(|(_, &m)| m) {
+                add_assign(&mut g, row);
+            }
+            Some(g)
+        }
+    };
+    Ok(StepGrads { loss: out.loss, losses: out.losses, scores, head_weight, head_bias, embedding })
 }
