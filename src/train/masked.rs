@@ -166,14 +166,19 @@ pub fn step(
             let att = v(&be.attention(&Tensor::from_vec(qkv.clone(), &[qkv.len() / (3 * h), 3 * h]), &seqs, heads, scale)?)?;
             Ok((qkv, lin(&layer.out_proj, &att, h)?))
         };
+        // The masked FFN: (pre-GELU, post-GELU, output).
+        let feed_forward = |inp: &[f32]| -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+            let u = ffn(w1, b1, inp, h, id)?;
+            let g: Vec<f32> = u.iter().map(|&z| crate::backend::cpu::math::gelu(z)).collect();
+            let f2 = ffn(w2, b2, &g, inter, id)?;
+            Ok((u, g, f2))
+        };
         let tape = if c.do_stable_layer_norm {
             let a = norm(&layer.layer_norm, &x)?;
             let (qkv, o) = attend(&a)?;
             let x1 = add(&x, &o);
             let b = norm(&layer.final_layer_norm, &x1)?;
-            let u = ffn(w1, b1, &b, h, id)?;
-            let g: Vec<f32> = u.iter().map(|&z| crate::backend::cpu::math::gelu(z)).collect();
-            let f2 = ffn(w2, b2, &g, inter, id)?;
+            let (u, g, f2) = feed_forward(&b)?;
             let out = add(&x1, &f2);
             let tape = Tape { input: x, qkv, first: a, second: x1, ffn_in: b, pre_gelu: u, post_gelu: g, residual2: Vec::new() };
             x = out;
@@ -182,9 +187,7 @@ pub fn step(
             let (qkv, o) = attend(&x)?;
             let r1 = add(&o, &x);
             let h1 = norm(&layer.layer_norm, &r1)?;
-            let u = ffn(w1, b1, &h1, h, id)?;
-            let g: Vec<f32> = u.iter().map(|&z| crate::backend::cpu::math::gelu(z)).collect();
-            let f2 = ffn(w2, b2, &g, inter, id)?;
+            let (u, g, f2) = feed_forward(&h1)?;
             let r2 = add(&f2, &h1);
             let out = norm(&layer.final_layer_norm, &r2)?;
             let tape = Tape { input: x, qkv, first: r1, second: h1.clone(), ffn_in: h1, pre_gelu: u, post_gelu: g, residual2: r2 };
