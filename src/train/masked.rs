@@ -71,7 +71,7 @@ struct Tape {
     qkv: Vec<f32>,
     /// Post-LN: `attention + input` before the first norm; pre-LN: the first norm's output.
     first: Vec<f32>,
-    /// Post-LN: the first norm's output; pre-LN: `input + attention`.
+    /// Pre-LN: `input + attention`, the second norm's input (unused post-LN).
     second: Vec<f32>,
     /// The FFN's input (post-LN: = `second`; pre-LN: the second norm's output).
     ffn_in: Vec<f32>,
@@ -190,7 +190,7 @@ pub fn step(
             let (u, g, f2) = feed_forward(&h1)?;
             let r2 = add(&f2, &h1);
             let out = norm(&layer.final_layer_norm, &r2)?;
-            let tape = Tape { input: x, qkv, first: r1, second: h1.clone(), ffn_in: h1, pre_gelu: u, post_gelu: g, residual2: r2 };
+            let tape = Tape { input: x, qkv, first: r1, second: Vec::new(), ffn_in: h1, pre_gelu: u, post_gelu: g, residual2: r2 };
             x = out;
             tape
         };
