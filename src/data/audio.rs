@@ -19,71 +19,87 @@ struct Decoded {
     rate: u32,
 }
 
-/// Checks that a file is audio the engine can read, from its header alone (no decoding).
-pub fn probe(path: &Path) -> Result<()> {
-    let mut magic = [0u8; 4];
-    let n = File::open(path).and_then(|mut f| f.read(&mut magic)).with_context(|| format!("cannot read {}", path.display()))?;
-    match &magic[..n] {
-        b"RIFF" => hound::WavReader::open(path).map(|_| ()).with_context(|| format!("{}: not a readable WAV file", path.display())),
-        b"fLaC" | [b'I', b'D', b'3', ..] => probe_compressed(path),
-        [0xFF, b, ..] if b & 0xE0 == 0xE0 => probe_compressed(path),
-        _ => bail!("{}: not a WAV, FLAC or MP3 file", path.display()),
+/// The container formats the engine decodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Wav,
+    Flac,
+    Mp3,
+}
+
+impl Kind {
+    /// The file extension symphonia's prober takes as a hint, and the name used in messages.
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Wav => "wav",
+            Kind::Flac => "flac",
+            Kind::Mp3 => "mp3",
+        }
     }
 }
 
-fn probe_compressed(path: &Path) -> Result<()> {
-    use symphonia::core::formats::FormatOptions;
-    use symphonia::core::io::MediaSourceStream;
-    use symphonia::core::meta::MetadataOptions;
-    use symphonia::core::probe::Hint;
-    let mss = MediaSourceStream::new(Box::new(File::open(path)?), Default::default());
-    let probed = symphonia::default::get_probe()
-        .format(&Hint::new(), mss, &FormatOptions::default(), &MetadataOptions::default())
-        .map_err(|e| anyhow::anyhow!("{}: unreadable audio ({e})", path.display()))?;
-    probed.format.default_track().with_context(|| format!("{}: no audio track", path.display()))?;
-    Ok(())
-}
-
-/// Length of an audio file in 16 kHz samples, from its header where it says (WAV, FLAC), else
-/// by decoding it.
-pub fn duration_samples(path: &Path) -> Result<usize> {
-    if let Ok(reader) = hound::WavReader::open(path) {
-        let spec = reader.spec();
-        return Ok((reader.duration() as u64 * SAMPLE_RATE as u64).div_ceil(spec.sample_rate as u64) as usize);
-    }
-    if let Some((frames, rate)) = header_frames(path) {
-        return Ok((frames * SAMPLE_RATE as u64).div_ceil(rate as u64) as usize);
-    }
-    Ok(load(path)?.len())
-}
-
-/// Frame count and rate from a compressed file's stream header, when it records them.
-fn header_frames(path: &Path) -> Option<(u64, u32)> {
-    use symphonia::core::formats::FormatOptions;
-    use symphonia::core::io::MediaSourceStream;
-    use symphonia::core::meta::MetadataOptions;
-    use symphonia::core::probe::Hint;
-    let file = File::open(path).ok()?;
-    let mss = MediaSourceStream::new(Box::new(file), Default::default());
-    let probed = symphonia::default::get_probe().format(&Hint::new(), mss, &FormatOptions::default(), &MetadataOptions::default()).ok()?;
-    let params = &probed.format.default_track()?.codec_params;
-    Some((params.n_frames?, params.sample_rate?))
-}
-
-/// Loads an audio file as 16 kHz mono samples in [-1, 1].
-pub fn load(path: &Path) -> Result<Vec<f32>> {
+/// The format of a file, from its first bytes.
+fn sniff(path: &Path) -> Result<Kind> {
     let mut magic = [0u8; 4];
     let n = File::open(path)
         .with_context(|| format!("cannot open audio file {}", path.display()))?
         .read(&mut magic)
         .with_context(|| format!("cannot read {}", path.display()))?;
-    let decoded = match &magic[..n] {
-        b"RIFF" => read_wav(path),
-        b"fLaC" => read_compressed(path, "flac"),
+    match &magic[..n] {
+        b"RIFF" => Ok(Kind::Wav),
+        b"fLaC" => Ok(Kind::Flac),
         // An ID3 tag, or an MPEG audio frame sync (11 set bits).
-        [b'I', b'D', b'3', ..] => read_compressed(path, "mp3"),
-        [0xFF, b, ..] if b & 0xE0 == 0xE0 => read_compressed(path, "mp3"),
+        [b'I', b'D', b'3', ..] => Ok(Kind::Mp3),
+        [0xFF, b, ..] if b & 0xE0 == 0xE0 => Ok(Kind::Mp3),
         _ => bail!("{}: not a WAV, FLAC or MP3 file", path.display()),
+    }
+}
+
+/// A symphonia reader over a FLAC or MP3 file (its header parsed, nothing decoded yet).
+fn open_compressed(path: &Path, kind: Kind) -> Result<Box<dyn symphonia::core::formats::FormatReader>, symphonia::core::errors::Error> {
+    use symphonia::core::formats::FormatOptions;
+    use symphonia::core::io::MediaSourceStream;
+    use symphonia::core::meta::MetadataOptions;
+    use symphonia::core::probe::Hint;
+    let mss = MediaSourceStream::new(Box::new(File::open(path)?), Default::default());
+    let mut hint = Hint::new();
+    hint.with_extension(kind.name());
+    Ok(symphonia::default::get_probe().format(&hint, mss, &FormatOptions::default(), &MetadataOptions::default())?.format)
+}
+
+/// Checks that a file is audio the engine can read, from its header alone (no decoding).
+pub fn probe(path: &Path) -> Result<()> {
+    match sniff(path)? {
+        Kind::Wav => hound::WavReader::open(path).map(|_| ()).with_context(|| format!("{}: not a readable WAV file", path.display())),
+        kind => {
+            let format = open_compressed(path, kind).map_err(|e| anyhow::anyhow!("{}: unreadable audio ({e})", path.display()))?;
+            format.default_track().with_context(|| format!("{}: no audio track", path.display()))?;
+            Ok(())
+        }
+    }
+}
+
+/// Length of an audio file in 16 kHz samples, from its header where it says (WAV, FLAC), else
+/// by decoding it.
+pub fn duration_samples(path: &Path) -> Result<usize> {
+    let from_header = match sniff(path)? {
+        Kind::Wav => hound::WavReader::open(path).ok().map(|r| (r.duration() as u64, r.spec().sample_rate)),
+        kind => open_compressed(path, kind).ok().and_then(|f| {
+            let params = &f.default_track()?.codec_params;
+            Some((params.n_frames?, params.sample_rate?))
+        }),
+    };
+    match from_header {
+        Some((frames, rate)) => Ok((frames * SAMPLE_RATE as u64).div_ceil(rate as u64) as usize),
+        None => Ok(load(path)?.len()),
+    }
+}
+
+/// Loads an audio file as 16 kHz mono samples in [-1, 1].
+pub fn load(path: &Path) -> Result<Vec<f32>> {
+    let decoded = match sniff(path)? {
+        Kind::Wav => read_wav(path),
+        kind => read_compressed(path, kind),
     }?;
     ensure!(decoded.channels > 0 && !decoded.samples.is_empty(), "{}: the file holds no audio samples", path.display());
     let mono = downmix(&decoded.samples, decoded.channels);
@@ -105,23 +121,14 @@ fn read_wav(path: &Path) -> Result<Decoded> {
     Ok(Decoded { samples, channels: spec.channels as usize, rate: spec.sample_rate })
 }
 
-/// FLAC or MP3 through symphonia; `kind` names the format in messages and hints the prober.
-fn read_compressed(path: &Path, kind: &str) -> Result<Decoded> {
+/// FLAC or MP3 through symphonia.
+fn read_compressed(path: &Path, kind: Kind) -> Result<Decoded> {
     use symphonia::core::audio::SampleBuffer;
     use symphonia::core::codecs::DecoderOptions;
     use symphonia::core::errors::Error as SymError;
-    use symphonia::core::formats::FormatOptions;
-    use symphonia::core::io::MediaSourceStream;
-    use symphonia::core::meta::MetadataOptions;
-    use symphonia::core::probe::Hint;
 
-    let bad = |e: SymError| anyhow::anyhow!("{}: corrupt {} data ({e})", path.display(), kind.to_uppercase());
-    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mss = MediaSourceStream::new(Box::new(file), Default::default());
-    let mut hint = Hint::new();
-    hint.with_extension(kind);
-    let probed = symphonia::default::get_probe().format(&hint, mss, &FormatOptions::default(), &MetadataOptions::default()).map_err(bad)?;
-    let mut format = probed.format;
+    let bad = |e: SymError| anyhow::anyhow!("{}: corrupt {} data ({e})", path.display(), kind.name().to_uppercase());
+    let mut format = open_compressed(path, kind).map_err(bad)?;
     let track = format.default_track().with_context(|| format!("{}: no audio track", path.display()))?;
     let (track_id, params) = (track.id, track.codec_params.clone());
     let rate = params.sample_rate.with_context(|| format!("{}: sample rate unknown", path.display()))?;
