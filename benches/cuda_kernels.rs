@@ -9,20 +9,15 @@ use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use s3router::backend::cuda::{unavailable_reason, CudaBackend, Precision};
 use s3router::backend::{Activation, Backend, ConvGeometry, NormParams, Seqs};
 use s3router::ctc::{ctc_loss, CtcTargets, Reduction};
+use s3router::rng::SplitMix;
 use s3router::tensor::Tensor;
 
 const FRAMES: usize = 8 * 749;
 
+/// Uniform values in [-0.5, 0.5).
 fn random(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
-        .collect()
+    let mut rng = SplitMix(seed);
+    (0..n).map(|_| rng.symmetric() * 0.5).collect()
 }
 
 /// Median milliseconds of `f` over `reps` runs (after 3 warm-ups), each run waited for.

@@ -53,11 +53,12 @@ pub fn evaluate(
     mut progress: impl FnMut(usize, usize),
 ) -> Result<EvalReport> {
     let paths: Vec<_> = data.utterances.iter().map(|u| u.audio.clone()).collect();
+    let total = paths.len();
     let delimiter = rec.vocab.id(DELIMITER);
     let vocab = rec.vocab.len();
     let mut report = EvalReport::default();
     let mut loss_sum = 0.0f64;
-    for batch in decoded_batches(paths.clone(), rec.pre, rec.model.config.receptive_field(), limits) {
+    for batch in decoded_batches(paths, rec.pre, rec.model.config.receptive_field(), limits) {
         let batch = batch?;
         let inputs: Vec<&[f32]> = batch.iter().map(|(_, a)| a.as_slice()).collect();
         let (logits, seqs): (_, Seqs) = rec.model.logits(rec.backend, &inputs, None)?;
@@ -74,7 +75,7 @@ pub fn evaluate(
             score(reference, &hyp, delimiter, &mut report);
         }
         report.utterances += batch.len();
-        progress(report.utterances, paths.len());
+        progress(report.utterances, total);
     }
     report.loss = loss_sum / report.utterances.max(1) as f64;
     Ok(report)

@@ -21,6 +21,13 @@ pub struct BatchLimits {
     pub max_utterances: usize,
 }
 
+impl BatchLimits {
+    /// At most `seconds` of 16 kHz audio per pass (at least one second), the default utterance cap.
+    pub fn from_seconds(seconds: f64) -> BatchLimits {
+        BatchLimits { max_samples: (seconds.max(1.0) * audio::SAMPLE_RATE as f64) as usize, ..BatchLimits::default() }
+    }
+}
+
 impl Default for BatchLimits {
     fn default() -> Self {
         // Two minutes of 16 kHz audio: a few hundred MB of activations for wav2vec2-base.

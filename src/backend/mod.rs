@@ -46,6 +46,11 @@ impl Seqs {
         self.offsets[self.lens.len()]
     }
 
+    /// Prefix sums of the lengths: utterance `i` holds rows `offsets[i]..offsets[i + 1]`.
+    pub fn offsets(&self) -> &[usize] {
+        &self.offsets
+    }
+
     /// Row range of utterance `i`.
     pub fn range(&self, i: usize) -> std::ops::Range<usize> {
         self.offsets[i]..self.offsets[i + 1]

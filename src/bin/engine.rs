@@ -205,8 +205,10 @@ fn backend(d: DeviceArgs) -> Result<Box<dyn Backend>> {
     match (d.device, d.precision) {
         (Device::Cpu, Precision::F32) => Ok(Box::new(CpuBackend)),
         (Device::Cpu, Precision::Bf16) => bail!("--precision bf16 needs --device cuda (the CPU computes in f32)"),
-        (Device::Cuda, Precision::F32) => Ok(Box::new(CudaBackend::new(0, CudaPrecision::F32)?)),
-        (Device::Cuda, Precision::Bf16) => Ok(Box::new(CudaBackend::new(0, CudaPrecision::Bf16)?)),
+        (Device::Cuda, p) => {
+            let precision = if matches!(p, Precision::Bf16) { CudaPrecision::Bf16 } else { CudaPrecision::F32 };
+            Ok(Box::new(CudaBackend::new(0, precision)?))
+        }
     }
 }
 
@@ -225,7 +227,7 @@ fn write_logits(path: &Path, tensors: &HashMap<String, (Vec<f32>, Vec<usize>)>) 
 fn infer(model: &Path, masks: Option<&Path>, device: DeviceArgs, out: Option<&Path>, batch_seconds: f64, audio: &[PathBuf]) -> Result<()> {
     let be = backend(device)?;
     let rec = Recognizer::load(model, masks, be.as_ref())?;
-    let limits = BatchLimits { max_samples: (batch_seconds.max(1.0) * 16_000.0) as usize, ..BatchLimits::default() };
+    let limits = BatchLimits::from_seconds(batch_seconds);
     let mut logits = HashMap::new();
     rec.run(audio, limits, |u| {
         println!("{}\t{}", u.path.display(), u.transcript);
@@ -288,7 +290,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     if labels.skipped > 0 {
         eprintln!("skipped {} symbols missing from the vocabulary", labels.skipped);
     }
-    let limits = BatchLimits { max_samples: (a.batch_seconds.max(1.0) * 16_000.0) as usize, ..BatchLimits::default() };
+    let limits = BatchLimits::from_seconds(a.batch_seconds);
     let report = evaluate(&rec, &data, &labels, limits, |done, total| eprint!("\revaluated {done}/{total} utterances"))?;
     eprintln!();
     if a.json {

@@ -227,10 +227,7 @@ impl CudaBackend {
 
     /// `offsets` of a packed batch (n + 1 prefix sums) as a device i32 array.
     fn offsets(&self, seqs: &Seqs) -> Result<CudaSlice<i32>> {
-        let mut o = vec![0i32];
-        for &l in seqs.lens() {
-            o.push(o.last().unwrap() + l as i32);
-        }
+        let o: Vec<i32> = seqs.offsets().iter().map(|&o| o as i32).collect();
         self.stream.clone_htod(&o).map_err(|e| anyhow!("CUDA copy: {e}"))
     }
 
