@@ -11,6 +11,11 @@ pub fn unpack(bits: &[u8], n: usize) -> Vec<bool> {
     (0..n).map(|i| (bits[i / 8] >> (i % 8)) & 1 == 1).collect()
 }
 
+/// `W * M`: the weights where `keep` is set, zero elsewhere.
+pub fn apply(weights: &[f32], keep: &[bool]) -> Vec<f32> {
+    weights.iter().zip(keep).map(|(&w, &k)| if k { w } else { 0.0 }).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

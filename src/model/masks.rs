@@ -127,9 +127,7 @@ impl WeightSource for Masked<'_> {
         let w = self.inner.get(name, shape)?;
         let Some((mshape, bits)) = self.masks.masks.get(name) else { return Ok(w) };
         ensure!(mshape == shape, "{}: mask \"{name}\" is for a {mshape:?} weight, the model's is {shape:?}", self.masks.dir.display());
-        let keep = mask::unpack(bits, w.numel());
-        let data: Vec<f32> = w.to_vec()?.into_iter().zip(keep).map(|(v, k)| if k { v } else { 0.0 }).collect();
-        Ok(Tensor::from_vec(data, shape))
+        Ok(Tensor::from_vec(mask::apply(&w.to_vec()?, &mask::unpack(bits, w.numel())), shape))
     }
 
     fn release(&self, name: &str) {

@@ -39,8 +39,7 @@ impl MaskedWeight {
 
     /// `W * M` in the CPU layout, for this step's mask.
     fn effective(&self, be: &CpuBackend, sparsity: f64) -> Result<Tensor> {
-        let keep = top_k_mask(&self.scores, sparsity);
-        let w: Vec<f32> = self.weight.iter().zip(&keep).map(|(w, &k)| if k { *w } else { 0.0 }).collect();
+        let w = crate::mask::apply(&self.weight, &top_k_mask(&self.scores, sparsity));
         be.prepare_linear_weight(&Tensor::from_vec(w, &[self.d_out, self.d_in]))
     }
 }

@@ -276,6 +276,7 @@ impl CudaBackend {
     /// Packs a 0/1 f32 mask tensor on the device into bits (see [`crate::mask`]).
     pub fn pack_mask(&self, mask: &Tensor) -> Result<CudaSlice<u8>> {
         let n = mask.numel() as i64;
+        // SAFETY: the kernel writes every byte of `bits` before anything reads it.
         let bits = unsafe { self.stream.alloc::<u8>((n as usize).div_ceil(8).max(1)) }.map_err(|e| anyhow!("GPU allocation: {e}"))?;
         let (pm, pb) = (self.ptr(mask)?, bits.device_ptr(&self.stream).0);
         self.launcher().elementwise(self.func("pack_mask"), (n as usize).div_ceil(8), |b| {
