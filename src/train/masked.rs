@@ -10,6 +10,7 @@ use anyhow::{ensure, Result};
 use crate::backend::cpu::grad::{
     attention_grad, bias_grad, conv1d_input_grad, gelu_input_grad, layer_norm_input_grad, linear_input_grad, linear_weight_grad,
 };
+use crate::backend::cpu::math::add_assign;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Activation, Backend, Seqs};
 use crate::ctc::{ctc_loss, CtcTargets, Reduction};
@@ -86,10 +87,6 @@ fn v(t: &Tensor) -> Result<Vec<f32>> {
 
 fn add(a: &[f32], b: &[f32]) -> Vec<f32> {
     a.iter().zip(b).map(|(x, y)| x + y).collect()
-}
-
-fn add_assign(a: &mut [f32], b: &[f32]) {
-    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
 }
 
 /// One forward/backward of the masked model. `masks` holds two entries per encoder layer, the

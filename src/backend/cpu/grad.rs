@@ -30,7 +30,7 @@ pub fn linear_weight_grad(dy: &[f32], x: &[f32], d_in: usize, d_out: usize) -> V
 pub fn bias_grad(dy: &[f32], d_out: usize) -> Vec<f32> {
     let mut db = vec![0.0f32; d_out];
     for row in dy.chunks_exact(d_out) {
-        db.iter_mut().zip(row).for_each(|(b, g)| *b += g);
+        math::add_assign(&mut db, row);
     }
     db
 }
@@ -126,7 +126,7 @@ pub fn conv1d_input_grad(dy: &[f32], w: &[f32], c_in: usize, c_out: usize, t_in:
                 let s = (stride * t + k) as isize - pad_left as isize;
                 if s >= 0 && (s as usize) < t_in {
                     let at = s as usize * c_in + g * cg;
-                    dx[at..at + cg].iter_mut().zip(tap).for_each(|(d, v)| *d += v);
+                    math::add_assign(&mut dx[at..at + cg], tap);
                 }
             }
         }
