@@ -10,21 +10,18 @@ use s3router::model::config::Config;
 use s3router::model::Wav2Vec2;
 use s3router::rng::SplitMix;
 use s3router::router::{init_scores, Init};
-use s3router::train::masked::{step, MaskedWeight};
+use s3router::train::masked::{step, MaskScope, MaskedWeight, Regularisers};
 
 fn train_step_base_b2x5s(c: &mut Criterion) {
     let be = CpuBackend;
     let model = Wav2Vec2::from_weights(Config::preset("base").unwrap(), &RandomWeights { seed: 0 }, &be).unwrap();
     let mut rng = SplitMix(1);
-    let masks: Vec<MaskedWeight> = model
-        .layers
-        .iter()
-        .enumerate()
-        .flat_map(|(i, l)| [(format!("layer{i}.intermediate"), &l.intermediate_dense), (format!("layer{i}.output"), &l.output_dense)])
-        .map(|(name, lin)| {
-            let placeholder = MaskedWeight::from_linear(&name, lin, vec![0.0; lin.weight.numel()]).unwrap();
-            let scores = init_scores(&placeholder.weight, placeholder.d_in, Init::WeightRank, 0.1, &mut rng);
-            MaskedWeight { scores, ..placeholder }
+    let masks: Vec<MaskedWeight> = (0..model.layers.len())
+        .flat_map(|i| MaskScope::Ffn.parts().iter().map(move |&p| (i, p)))
+        .map(|(i, p)| {
+            let mut m = MaskedWeight::new(&model, i, p, Vec::new()).unwrap();
+            m.scores = init_scores(&m.weight, m.d_in, Init::WeightRank, 0.1, &mut rng);
+            m
         })
         .collect();
     let clips: Vec<Vec<f32>> =
@@ -36,7 +33,7 @@ fn train_step_base_b2x5s(c: &mut Criterion) {
     let mut g = c.benchmark_group("train");
     g.sample_size(10);
     g.bench_function("s3router step wav2vec2-base b2x5s cpu", |b| {
-        b.iter(|| step(&model, &masks, 0.1, head, &inputs, &targets, Reduction::Sum, None).unwrap())
+        b.iter(|| step(&model, &masks, 0.1, head, &inputs, &targets, Reduction::Sum, &Regularisers::default()).unwrap())
     });
     g.finish();
 }

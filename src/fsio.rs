@@ -16,3 +16,29 @@ pub fn atomic_write(path: &Path, write: impl FnOnce(&mut File) -> std::io::Resul
     tmp.persist(path).with_context(|| format!("cannot move the new file to {}", path.display()))?;
     Ok(())
 }
+
+/// Serialises named f32 tensors (name, shape, values) with string metadata as safetensors.
+pub fn f32_safetensors<'a>(
+    tensors: impl IntoIterator<Item = (&'a str, &'a [usize], &'a [f32])>,
+    meta: std::collections::HashMap<String, String>,
+) -> Result<Vec<u8>> {
+    let views = tensors
+        .into_iter()
+        .map(|(name, shape, values)| {
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.to_vec(), bytemuck::cast_slice(values))
+                .with_context(|| format!("tensor \"{name}\": {} values for shape {shape:?}", values.len()))?;
+            Ok((name.to_string(), view))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(safetensors::serialize(views, Some(meta).filter(|m| !m.is_empty()))?)
+}
+
+/// [`f32_safetensors`] written to `path` atomically.
+pub fn write_f32_safetensors<'a>(
+    path: &Path,
+    tensors: impl IntoIterator<Item = (&'a str, &'a [usize], &'a [f32])>,
+    meta: std::collections::HashMap<String, String>,
+) -> Result<()> {
+    let bytes = f32_safetensors(tensors, meta)?;
+    atomic_write(path, |f| std::io::Write::write_all(f, &bytes))
+}

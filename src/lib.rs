@@ -4,6 +4,7 @@ pub mod backend;
 pub mod bench;
 pub mod ctc;
 pub mod data;
+pub mod dropout;
 pub mod eval;
 pub mod fsio;
 pub mod infer;

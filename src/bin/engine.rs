@@ -16,6 +16,7 @@ use s3router::eval::evaluate;
 use s3router::infer::{BatchLimits, Recognizer};
 use s3router::metrics::{self, word_and_char_counts, Counts, TextNorm};
 use s3router::model::vocab::Vocab;
+use s3router::train::run::{train, Recipe, RunOptions};
 
 #[derive(Parser)]
 #[command(name = "engine", version, about = "S3-Router engine: wav2vec2 / XLS-R inference and mask learning")]
@@ -128,6 +129,36 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Learn S3-Router masks: per-matrix top-k of learned scores over the frozen model's weights
+    /// (straight-through), plus a CTC head and the time-mask embedding, by CTC on a dataset.
+    ///
+    /// Writes into --out: scores.safetensors, masks.safetensors (packed bits, format
+    /// s3router-masks-v1), head.safetensors, vocab.json, train_config.json, train_log.jsonl
+    /// (loss, lr and validation lines), checkpoint.safetensors (every --save-every updates; continue
+    /// a killed run with --resume), and best/ (the mask set with the best validation --best-metric).
+    /// `engine infer|eval --masks OUT` (or OUT/best) runs the masked model.
+    Train {
+        #[command(flatten)]
+        recipe: Box<Recipe>,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Continue the run in --out from its last checkpoint (same options required).
+        #[arg(long)]
+        resume: bool,
+        /// Replace a run already in --out.
+        #[arg(long)]
+        overwrite: bool,
+        /// Write a checkpoint every this many updates (0: only at the end).
+        #[arg(long, default_value_t = 500)]
+        save_every: usize,
+        /// No progress display on stderr.
+        #[arg(long)]
+        quiet: bool,
+        /// Compute device (mask learning runs on the CPU so far).
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: Device,
+    },
     /// Build a CTC vocabulary (vocab.json) from a dataset's transcripts.
     ///
     /// Tokens: `<pad>` (the blank, id 0), `<s>`, `</s>`, `<unk>`, `|`, then every symbol by
@@ -214,14 +245,8 @@ fn backend(d: DeviceArgs) -> Result<Box<dyn Backend>> {
 
 /// Writes `tensors` to `path` atomically, so an interrupted run never leaves a half-written file.
 fn write_logits(path: &Path, tensors: &HashMap<String, (Vec<f32>, Vec<usize>)>) -> Result<()> {
-    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-        .iter()
-        .map(|(name, (data, shape))| {
-            Ok((name.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytemuck::cast_slice(data))?))
-        })
-        .collect::<Result<_>>()?;
-    let bytes = safetensors::serialize(views, None)?;
-    s3router::fsio::atomic_write(path, |f| std::io::Write::write_all(f, &bytes))
+    let views = tensors.iter().map(|(name, (data, shape))| (name.as_str(), shape.as_slice(), data.as_slice()));
+    s3router::fsio::write_f32_safetensors(path, views, HashMap::new())
 }
 
 fn infer(model: &Path, masks: Option<&Path>, device: DeviceArgs, out: Option<&Path>, batch_seconds: f64, audio: &[PathBuf]) -> Result<()> {
@@ -366,6 +391,30 @@ fn run(cli: Cli) -> Result<()> {
             };
             vocab.save(&out)?;
             println!("{}: {} tokens, blank <pad> = 0", out.display(), vocab.len());
+            Ok(())
+        }
+        Command::Train { recipe, out, resume, overwrite, save_every, quiet, device } => {
+            if matches!(device, Device::Cuda) {
+                bail!("engine train runs on the CPU for now: the CUDA backward kernels are not written yet (use --device cpu)");
+            }
+            let s = train(&recipe, &RunOptions { out: out.clone(), resume, overwrite, save_every, progress: !quiet })?;
+            let best = s.best.map(|(step, v)| {
+                format!(
+                    ", best validation {} {v:.4} at update {step} (in {}/best)",
+                    recipe.best_metric.to_possible_value().map(|p| p.get_name().to_string()).unwrap_or_default(),
+                    out.display()
+                )
+            });
+            println!(
+                "trained {} updates in {:.1} s ({:.1} s of audio per second), last loss {:.4}, {} skipped as non-finite{}; masks in {}",
+                s.steps,
+                s.wall_seconds,
+                s.audio_seconds / s.wall_seconds.max(1e-9),
+                s.last_loss,
+                s.nonfinite,
+                best.unwrap_or_default(),
+                out.display()
+            );
             Ok(())
         }
         Command::Score { reference, hyp, lowercase, ignore, alignments } => {

@@ -19,7 +19,8 @@ pub struct Utterance {
 }
 
 /// What a transcript is made of.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LabelKind {
     /// fairseq `.ltr`: space-separated letters with `|` between words.
     Ltr,
@@ -30,7 +31,8 @@ pub enum LabelKind {
 }
 
 /// Dataset layouts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Format {
     Fairseq,
     Librispeech,
@@ -39,16 +41,19 @@ pub enum Format {
 }
 
 /// Libri-light limited-supervision subsets (`librispeech_finetuning/`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 pub enum Subset {
     /// `1h/0`
     #[value(name = "10min")]
+    #[serde(rename = "10min")]
     TenMin,
     /// `1h/*`
     #[value(name = "1h")]
+    #[serde(rename = "1h")]
     OneHour,
     /// `1h/*` and `9h`
     #[value(name = "10h")]
+    #[serde(rename = "10h")]
     TenHours,
 }
 

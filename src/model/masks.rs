@@ -23,7 +23,8 @@ pub struct MaskSet {
     /// Weight name -> (weight shape, packed bits), in name order (deterministic messages).
     pub masks: BTreeMap<String, (Vec<usize>, Vec<u8>)>,
     pub sparsity: Option<f64>,
-    head: Option<Checkpoint>,
+    /// `lm_head.weight` `[vocab, hidden]` and `lm_head.bias`, if the set carries a head.
+    pub head: Option<(Tensor, Tensor)>,
 }
 
 impl MaskSet {
@@ -57,7 +58,21 @@ impl MaskSet {
             masks.insert(name, (shape, view.data().to_vec()));
         }
         let head_path = dir.join("head.safetensors");
-        let head = if head_path.is_file() { Some(Checkpoint::open(&[head_path])?) } else { None };
+        let head = if head_path.is_file() {
+            let ck = Checkpoint::open(std::slice::from_ref(&head_path))?;
+            let (w, b) = (ck.tensor("lm_head.weight")?, ck.tensor("lm_head.bias")?);
+            let (w, b) = (Tensor::from_vec(w.to_vec()?, w.shape()), Tensor::from_vec(b.to_vec()?, b.shape()));
+            ensure!(
+                w.shape().len() == 2 && b.shape() == [w.shape()[0]],
+                "{}: lm_head.weight {:?} and lm_head.bias {:?} do not form a head",
+                head_path.display(),
+                w.shape(),
+                b.shape()
+            );
+            Some((w, b))
+        } else {
+            None
+        };
         let sparsity = meta.get("sparsity").and_then(|s| s.parse().ok());
         Ok(MaskSet { dir: dir.to_path_buf(), masks, sparsity, head })
     }
@@ -85,7 +100,17 @@ impl MaskSet {
 
     /// Rows of the shipped head (its vocabulary size), if any.
     pub fn head_vocab_size(&self) -> Option<usize> {
-        self.head.as_ref().and_then(|h| h.tensor("lm_head.bias").ok()).map(|b| b.numel())
+        self.head.as_ref().map(|(_, b)| b.numel())
+    }
+
+    /// The head tensor `name` (`lm_head.weight` or `lm_head.bias`), if the set carries a head.
+    fn head_tensor(&self, name: &str) -> Option<&Tensor> {
+        let (w, b) = self.head.as_ref()?;
+        match name {
+            "lm_head.weight" => Some(w),
+            "lm_head.bias" => Some(b),
+            _ => None,
+        }
     }
 }
 
@@ -114,15 +139,18 @@ impl Masked<'_> {
 
 impl WeightSource for Masked<'_> {
     fn contains(&self, name: &str) -> bool {
-        match (&self.masks.head, name.starts_with("lm_head.")) {
-            (Some(head), true) => head.contains(name),
-            _ => self.inner.contains(name),
-        }
+        self.masks.head_tensor(name).is_some() || (self.masks.head.is_none() && self.inner.contains(name))
     }
 
     fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        if let (Some(head), true) = (&self.masks.head, name.starts_with("lm_head.")) {
-            return head.get(name, shape);
+        if let Some(t) = self.masks.head_tensor(name) {
+            ensure!(
+                t.shape() == shape,
+                "{}: head tensor \"{name}\" is {:?}, the model expects {shape:?}",
+                self.masks.dir.display(),
+                t.shape()
+            );
+            return Ok(Tensor::from_vec(t.to_vec()?, shape));
         }
         let w = self.inner.get(name, shape)?;
         let Some((mshape, bits)) = self.masks.masks.get(name) else { return Ok(w) };

@@ -9,7 +9,8 @@ use anyhow::{ensure, Result};
 use crate::rng::SplitMix;
 
 /// Score initialisation (`--init`), after the official `init_score` options.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Init {
     /// Kaiming-uniform values re-placed so their |value| order follows |W|: the first mask is the
     /// magnitude mask, with small random gaps between neighbours (`weight_rank`, the default).

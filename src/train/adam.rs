@@ -6,8 +6,10 @@ pub struct Adam {
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
-    /// Updates taken so far (for the bias corrections).
-    pub step: u64,
+    /// Updates taken so far per parameter tensor (for the bias corrections). A tensor that got
+    /// no gradient in an update (all its layers skipped by LayerDrop) is left alone, moments and
+    /// count included, as torch.optim.Adam skips a parameter whose `.grad` is `None`.
+    pub steps: Vec<u64>,
     /// First and second moments, one pair per parameter tensor.
     pub m: Vec<Vec<f32>>,
     pub v: Vec<Vec<f32>>,
@@ -19,21 +21,23 @@ impl Adam {
             beta1: 0.9,
             beta2: 0.98,
             eps: 1e-8,
-            step: 0,
+            steps: vec![0; sizes.len()],
             m: sizes.iter().map(|&n| vec![0.0; n]).collect(),
             v: sizes.iter().map(|&n| vec![0.0; n]).collect(),
         }
     }
 
     /// One update of every parameter tensor with its gradient at learning rate `lr`.
-    pub fn update(&mut self, params: &mut [&mut [f32]], grads: &[&[f32]], lr: f64) {
+    pub fn update(&mut self, params: &mut [&mut [f32]], grads: &[Option<&[f32]>], lr: f64) {
         assert_eq!(params.len(), self.m.len(), "one parameter tensor per moment buffer");
-        self.step += 1;
         let (b1, b2) = (self.beta1, self.beta2);
-        let c1 = 1.0 - b1.powi(self.step as i32);
-        let c2 = 1.0 - b2.powi(self.step as i32);
-        let step_size = lr / c1;
-        for (((p, g), m), v) in params.iter_mut().zip(grads).zip(&mut self.m).zip(&mut self.v) {
+        let tensors = params.iter_mut().zip(grads).zip(&mut self.m).zip(&mut self.v).zip(&mut self.steps);
+        for ((((p, g), m), v), step) in tensors {
+            let Some(g) = g else { continue };
+            *step += 1;
+            let c1 = 1.0 - b1.powi(*step as i32);
+            let c2 = 1.0 - b2.powi(*step as i32);
+            let step_size = lr / c1;
             for (((p, &g), m), v) in p.iter_mut().zip(g.iter()).zip(m.iter_mut()).zip(v.iter_mut()) {
                 let g = g as f64;
                 *m = (b1 * *m as f64 + (1.0 - b1) * g) as f32;
@@ -50,11 +54,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_tensor_without_gradient_is_left_alone() {
+        let mut adam = Adam::new(&[1, 1]);
+        let (mut a, mut b) = (vec![1.0f32], vec![1.0f32]);
+        adam.update(&mut [&mut a, &mut b], &[Some(&[1.0]), None], 0.1);
+        assert_eq!((b[0], adam.steps.clone(), adam.m[1][0]), (1.0, vec![1, 0], 0.0));
+        assert!((a[0] - 0.9).abs() < 1e-6);
+    }
+
+    #[test]
     fn first_step_moves_each_parameter_by_lr_against_its_gradient_sign() {
         // After one step the bias-corrected ratio m/sqrt(v) is sign(g) (|g| >> eps).
         let mut adam = Adam::new(&[3]);
         let mut p = vec![1.0f32, 1.0, 1.0];
-        adam.update(&mut [&mut p], &[&[0.5, -2.0, 1e-3]], 0.1);
+        adam.update(&mut [&mut p], &[Some(&[0.5, -2.0, 1e-3])], 0.1);
         for (got, want) in p.iter().zip([0.9f32, 1.1, 0.9]) {
             assert!((got - want).abs() < 1e-5, "{got} vs {want}");
         }
@@ -67,9 +80,9 @@ mod tests {
         let mut adam = Adam::new(&[1]);
         let mut p = vec![0.0f32];
         for _ in 0..50 {
-            adam.update(&mut [&mut p], &[&[0.25]], 1e-3);
+            adam.update(&mut [&mut p], &[Some(&[0.25])], 1e-3);
         }
         assert!((p[0] + 0.05).abs() < 1e-5, "{}", p[0]);
-        assert_eq!(adam.step, 50);
+        assert_eq!(adam.steps, vec![50]);
     }
 }

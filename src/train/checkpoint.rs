@@ -45,7 +45,8 @@ impl TrainState {
             self.put(&format!("{prefix}.m.{i}"), &[m.len()], m.clone());
             self.put(&format!("{prefix}.v.{i}"), &[v.len()], v.clone());
         }
-        self.meta.insert(format!("{prefix}.step"), adam.step.to_string());
+        let steps: Vec<String> = adam.steps.iter().map(u64::to_string).collect();
+        self.meta.insert(format!("{prefix}.steps"), steps.join(","));
     }
 
     /// Restores moments and step count into `adam` (sized for the same parameters).
@@ -55,22 +56,27 @@ impl TrainState {
             m.copy_from_slice(self.take(&format!("{prefix}.m.{i}"), mn)?);
             v.copy_from_slice(self.take(&format!("{prefix}.v.{i}"), vn)?);
         }
-        let step = self.meta(&format!("{prefix}.step"))?;
-        adam.step = step.parse().with_context(|| format!("checkpoint \"{prefix}.step\" = {step:?} is not a number"))?;
+        let key = format!("{prefix}.steps");
+        let steps = self.meta(&key)?;
+        let parsed: Vec<u64> = steps
+            .split(',')
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("checkpoint \"{key}\" = {steps:?} is not a list of counts"))?;
+        ensure!(
+            parsed.len() == adam.steps.len(),
+            "checkpoint \"{key}\" has {} counts, the run has {} tensors",
+            parsed.len(),
+            adam.steps.len()
+        );
+        adam.steps = parsed;
         Ok(())
     }
 
     fn bytes(&self) -> Result<Vec<u8>> {
-        let views = self
-            .tensors
-            .iter()
-            .map(|(n, (shape, v))| {
-                Ok((n.clone(), safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), bytemuck::cast_slice(v))?))
-            })
-            .collect::<Result<Vec<_>>>()?;
         let mut meta: std::collections::HashMap<String, String> = self.meta.clone().into_iter().collect();
         meta.insert("format".into(), FORMAT.into());
-        Ok(safetensors::serialize(views, Some(meta))?)
+        crate::fsio::f32_safetensors(self.tensors.iter().map(|(n, (shape, v))| (n.as_str(), shape.as_slice(), v.as_slice())), meta)
     }
 
     /// Writes the state to `path` atomically.
@@ -113,7 +119,7 @@ mod tests {
         s.meta.insert("rng".into(), u64::MAX.to_string());
         let mut adam = Adam::new(&[3]);
         let mut p = vec![1.0f32, 2.0, 3.0];
-        adam.update(&mut [&mut p], &[&[0.5, -0.25, 1e-3]], 1e-3);
+        adam.update(&mut [&mut p], &[Some(&[0.5, -0.25, 1e-3])], 1e-3);
         s.put_adam("adam", &adam);
         s
     }
@@ -133,7 +139,7 @@ mod tests {
         }
         let mut adam = Adam::new(&[3]);
         back.restore_adam("adam", &mut adam).unwrap();
-        assert_eq!(adam.step, 1);
+        assert_eq!(adam.steps, vec![1]);
         assert_eq!(&adam.m[0], &s.tensors["adam.m.0"].1);
     }
 

@@ -1,27 +1,97 @@
-//! One S3-Router forward/backward on the CPU: the FFN linears of every encoder layer masked by
-//! the per-matrix top-k of their scores, CTC loss, and the gradients of the scores (straight-
-//! through) and of the head. The frozen feature encoder, projection and positional conv run
-//! without a tape; each encoder layer keeps only what its backward needs (attention
-//! probabilities are recomputed), and the backward stops at layer 0's FFN, the lowest trainable
-//! tensor. This is the readable reference the GPU path is to mirror.
+//! One S3-Router forward/backward on the CPU: chosen linears of the encoder layers (the FFN's two,
+//! attention's four, or all six) masked by the per-matrix top-k of their scores, the training
+//! regularisers (time and channel masking, dropout, LayerDrop), CTC loss, and the gradients of
+//! the scores (straight-through), the head and the time-mask embedding.
+//!
+//! The frozen feature encoder, projection and positional conv run without a tape; each encoder
+//! layer keeps only what its backward needs (attention probabilities and dropout masks are
+//! recomputed), and the backward stops at the lowest trainable tensor: layer 0's lowest masked
+//! linear, or the time-mask embedding when time masking is on. This is the readable reference the
+//! GPU path is to mirror.
 
 use anyhow::{ensure, Result};
 
+use crate::backend::cpu::attention::{attention, ProbDropout};
 use crate::backend::cpu::grad::{
     attention_grad, bias_grad, conv1d_input_grad, gelu_input_grad, layer_norm_input_grad, linear_input_grad, linear_weight_grad,
 };
-use crate::backend::cpu::math::add_assign;
+use crate::backend::cpu::math::{add_assign, gelu};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Activation, Backend, Seqs};
 use crate::ctc::{ctc_loss, CtcTargets, Reduction};
-use crate::model::wav2vec2::{Linear, Norm};
+use crate::dropout::Dropout;
+use crate::model::wav2vec2::{EncoderLayer, Linear, Norm};
 use crate::model::Wav2Vec2;
 use crate::router::{score_grad, top_k_mask};
 use crate::tensor::Tensor;
 
+/// The projections of an encoder layer that masks may cover.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    Query,
+    Key,
+    Value,
+    Out,
+    Intermediate,
+    Output,
+}
+
+/// Which projections `engine train --mask` covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MaskScope {
+    /// The FFN's `intermediate_dense` and `output_dense` (S3-Router's default, `fix_attn`).
+    Ffn,
+    /// Attention's q/k/v/out projections only (`fix_fc`).
+    Attention,
+    /// All six (S3-Router-P).
+    All,
+}
+
+impl MaskScope {
+    pub fn parts(self) -> &'static [Part] {
+        use Part::*;
+        match self {
+            MaskScope::Ffn => &[Intermediate, Output],
+            MaskScope::Attention => &[Query, Key, Value, Out],
+            MaskScope::All => &[Query, Key, Value, Out, Intermediate, Output],
+        }
+    }
+}
+
+impl Part {
+    /// The checkpoint name of this projection's weight in encoder layer `layer`.
+    pub fn weight_name(self, layer: usize) -> String {
+        let suffix = match self {
+            Part::Query => "attention.q_proj",
+            Part::Key => "attention.k_proj",
+            Part::Value => "attention.v_proj",
+            Part::Out => "attention.out_proj",
+            Part::Intermediate => "feed_forward.intermediate_dense",
+            Part::Output => "feed_forward.output_dense",
+        };
+        format!("wav2vec2.encoder.layers.{layer}.{suffix}.weight")
+    }
+
+    /// The loaded linear holding this projection and the first output row it occupies there
+    /// (q, k and v are stacked into one projection).
+    pub fn linear(self, layer: &EncoderLayer) -> (&Linear, usize) {
+        let h = layer.out_proj.bias.numel();
+        match self {
+            Part::Query => (&layer.qkv_proj, 0),
+            Part::Key => (&layer.qkv_proj, h),
+            Part::Value => (&layer.qkv_proj, 2 * h),
+            Part::Out => (&layer.out_proj, 0),
+            Part::Intermediate => (&layer.intermediate_dense, 0),
+            Part::Output => (&layer.output_dense, 0),
+        }
+    }
+}
+
 /// A masked weight: its frozen values in PyTorch's `[out, in]` layout and its scores.
 pub struct MaskedWeight {
-    pub name: String,
+    pub layer: usize,
+    pub part: Part,
     pub d_out: usize,
     pub d_in: usize,
     pub weight: Vec<f32>,
@@ -29,19 +99,23 @@ pub struct MaskedWeight {
 }
 
 impl MaskedWeight {
-    /// The frozen `[out, in]` weight of a CPU-prepared linear (stored `[in, out]`).
-    pub fn from_linear(name: &str, lin: &Linear, scores: Vec<f32>) -> Result<MaskedWeight> {
-        let &[d_in, d_out] = lin.weight.shape() else { anyhow::bail!("{name}: not a 2-D weight") };
+    /// The frozen `[out, in]` weight of `part` of `model`'s layer `layer` (CPU-prepared linears
+    /// are stored `[in, out]`), with `scores` (empty: zeros, to be initialised by the caller).
+    pub fn new(model: &Wav2Vec2, layer: usize, part: Part, scores: Vec<f32>) -> Result<MaskedWeight> {
+        let name = part.weight_name(layer);
+        let l = model.layers.get(layer).ok_or_else(|| anyhow::anyhow!("{name}: the model has {} layers", model.layers.len()))?;
+        let (lin, row0) = part.linear(l);
+        let &[d_in, stacked] = lin.weight.shape() else { anyhow::bail!("{name}: not a 2-D weight") };
+        let d_out = if matches!(part, Part::Query | Part::Key | Part::Value) { stacked / 3 } else { stacked };
         let w_t = lin.weight.f32s()?;
-        let weight: Vec<f32> = (0..d_out * d_in).map(|j| w_t[(j % d_in) * d_out + j / d_in]).collect();
+        let weight: Vec<f32> = (0..d_out * d_in).map(|j| w_t[(j % d_in) * stacked + row0 + j / d_in]).collect();
+        let scores = if scores.is_empty() { vec![0.0; weight.len()] } else { scores };
         ensure!(scores.len() == weight.len(), "{name}: {} scores for a {d_out} x {d_in} weight", scores.len());
-        Ok(MaskedWeight { name: name.to_string(), d_out, d_in, weight, scores })
+        Ok(MaskedWeight { layer, part, d_out, d_in, weight, scores })
     }
 
-    /// `W * M` in the CPU layout, for this step's mask.
-    fn effective(&self, be: &CpuBackend, sparsity: f64) -> Result<Tensor> {
-        let w = crate::mask::apply(&self.weight, &top_k_mask(&self.scores, sparsity));
-        be.prepare_linear_weight(&Tensor::from_vec(w, &[self.d_out, self.d_in]))
+    pub fn name(&self) -> String {
+        self.part.weight_name(self.layer)
     }
 }
 
@@ -52,12 +126,44 @@ pub struct TimeMask<'a> {
     pub embedding: &'a [f32],
 }
 
+/// The training-time regularisers of one step; the default turns every one off.
+#[derive(Default)]
+pub struct Regularisers<'a> {
+    pub time_mask: Option<TimeMask<'a>>,
+    /// `[utterances, hidden]`: channels zeroed over every frame of that utterance (after the
+    /// time mask, as fairseq and transformers apply them).
+    pub channel_mask: Option<&'a [bool]>,
+    /// After the encoder's input norm, after attention and after the FFN (`--dropout`).
+    pub dropout: Option<Dropout>,
+    /// On the attention probabilities.
+    pub attention_dropout: Option<Dropout>,
+    /// After the FFN's activation.
+    pub activation_dropout: Option<Dropout>,
+    /// Layers skipped this step (LayerDrop); empty = none.
+    pub skip_layers: &'a [bool],
+}
+
+/// Dropout sites: 0 is the encoder input; layer `i` owns `1 + 4i ..= 4 + 4i`.
+fn site(layer: usize, k: u64) -> u64 {
+    1 + 4 * layer as u64 + k
+}
+const SITE_ATTENTION_PROBS: u64 = 0;
+const SITE_ATTENTION_OUT: u64 = 1;
+const SITE_ACTIVATION: u64 = 2;
+const SITE_FFN_OUT: u64 = 3;
+
+fn drop_in_place(d: Option<Dropout>, site: u64, x: &mut [f32]) {
+    if let Some(d) = d {
+        d.apply(site, x);
+    }
+}
+
 /// Loss and gradients of one step.
 pub struct StepGrads {
     pub loss: f32,
     pub losses: Vec<f32>,
-    /// Per masked weight, in the order given.
-    pub scores: Vec<Vec<f32>>,
+    /// Per masked weight, in the order given; `None` for a weight in a layer LayerDrop skipped.
+    pub scores: Vec<Option<Vec<f32>>>,
     /// Head gradients, `[vocab, hidden]` and `[vocab]`.
     pub head_weight: Vec<f32>,
     pub head_bias: Vec<f32>,
@@ -69,6 +175,8 @@ pub struct StepGrads {
 struct Tape {
     input: Vec<f32>,
     qkv: Vec<f32>,
+    /// Attention output before `out_proj` (kept only when `out_proj` is masked).
+    attended: Vec<f32>,
     /// Post-LN: `attention + input` before the first norm; pre-LN: the first norm's output.
     first: Vec<f32>,
     /// Pre-LN: `input + attention`, the second norm's input (unused post-LN).
@@ -76,9 +184,68 @@ struct Tape {
     /// The FFN's input (post-LN: = `second`; pre-LN: the second norm's output).
     ffn_in: Vec<f32>,
     pre_gelu: Vec<f32>,
+    /// After activation dropout: the input of `output_dense`.
     post_gelu: Vec<f32>,
     /// Post-LN: `ffn + second` before the final norm.
     residual2: Vec<f32>,
+}
+
+/// The four linears of a layer as this step computes with them: `W * M` where masked, the
+/// frozen weight otherwise.
+struct LayerWeights<'a> {
+    layer: &'a EncoderLayer,
+    /// Index into the masked weights, per [`Part`] (in declaration order).
+    masked: [Option<usize>; 6],
+    effective: [Option<Tensor>; 4],
+}
+
+impl LayerWeights<'_> {
+    fn part(&self, p: Part) -> Option<usize> {
+        self.masked[p as usize]
+    }
+
+    /// The weight (CPU layout) of linear 0 = qkv, 1 = out, 2 = intermediate, 3 = output.
+    fn weight(&self, which: usize) -> &Tensor {
+        let l = self.layer;
+        let frozen = match which {
+            0 => &l.qkv_proj,
+            1 => &l.out_proj,
+            2 => &l.intermediate_dense,
+            _ => &l.output_dense,
+        };
+        self.effective[which].as_ref().unwrap_or(&frozen.weight)
+    }
+
+    fn attention_masked(&self) -> bool {
+        self.masked[..4].iter().any(Option::is_some)
+    }
+}
+
+/// `W * M` in the CPU `[in, out]` layout for every linear of `layer` with masked parts.
+fn layer_weights<'a>(layer: &'a EncoderLayer, index: usize, masks: &[MaskedWeight], sparsity: f64) -> Result<LayerWeights<'a>> {
+    let mut masked = [None; 6];
+    for (k, m) in masks.iter().enumerate().filter(|(_, m)| m.layer == index) {
+        masked[m.part as usize] = Some(k);
+    }
+    let groups: [&[Part]; 4] = [&[Part::Query, Part::Key, Part::Value], &[Part::Out], &[Part::Intermediate], &[Part::Output]];
+    let mut effective: [Option<Tensor>; 4] = Default::default();
+    for (slot, parts) in effective.iter_mut().zip(groups) {
+        let present: Vec<(Part, &MaskedWeight)> = parts.iter().filter_map(|&p| masked[p as usize].map(|k| (p, &masks[k]))).collect();
+        let Some(&(first, _)) = present.first() else { continue };
+        let lin = first.linear(layer).0;
+        let shape = lin.weight.shape().to_vec();
+        let mut w_t = lin.weight.f32s()?.to_vec();
+        for (p, m) in present {
+            let row0 = p.linear(layer).1;
+            for (j, keep) in top_k_mask(&m.scores, sparsity).into_iter().enumerate() {
+                if !keep {
+                    w_t[(j % m.d_in) * shape[1] + row0 + j / m.d_in] = 0.0;
+                }
+            }
+        }
+        *slot = Some(Tensor::from_vec(w_t, &shape));
+    }
+    Ok(LayerWeights { layer, masked, effective })
 }
 
 fn v(t: &Tensor) -> Result<Vec<f32>> {
@@ -89,10 +256,8 @@ fn add(a: &[f32], b: &[f32]) -> Vec<f32> {
     a.iter().zip(b).map(|(x, y)| x + y).collect()
 }
 
-/// One forward/backward of the masked model. `masks` holds two entries per encoder layer, the
-/// intermediate then the output dense of layer 0, 1, ...; `head` is the trainable CTC head;
-/// `time_mask`, if any, replaces frames with the learned embedding before the positional conv
-/// (and the backward then runs down to it).
+/// One forward/backward of the masked model: `masks` names (layer, part) and scores of every
+/// masked weight; `head` is the trainable CTC head; `reg` the step's regularisers.
 #[allow(clippy::too_many_arguments)]
 pub fn step(
     model: &Wav2Vec2,
@@ -102,33 +267,36 @@ pub fn step(
     audio: &[&[f32]],
     targets: &CtcTargets,
     reduction: Reduction,
-    time_mask: Option<TimeMask<'_>>,
+    reg: &Regularisers,
 ) -> Result<StepGrads> {
     let be = CpuBackend;
     let c = &model.config;
+    let n_layers = model.layers.len();
+    ensure!(!masks.is_empty(), "no masked weights");
     ensure!(
-        masks.len() == 2 * model.layers.len(),
-        "{} masked weights for {} layers (two FFN weights each)",
-        masks.len(),
-        model.layers.len()
+        reg.skip_layers.is_empty() || reg.skip_layers.len() == n_layers,
+        "LayerDrop flags for {} of {n_layers} layers",
+        reg.skip_layers.len()
     );
+    let skipped = |i: usize| reg.skip_layers.get(i).copied().unwrap_or(false);
     let (h, heads) = (c.hidden_size, c.num_attention_heads);
     let scale = 1.0 / (c.head_dim() as f32).sqrt();
     let eps = c.layer_norm_eps;
     let id = Activation::Identity;
-    let effective: Vec<Tensor> = masks.iter().map(|m| m.effective(&be, sparsity)).collect::<Result<_>>()?;
-    let ffn = |w: &Tensor, b: &Tensor, x: &[f32], d_in: usize, act| -> Result<Vec<f32>> {
-        v(&be.linear(&Tensor::from_vec(x.to_vec(), &[x.len() / d_in, d_in]), w, Some(b), act)?)
+    let weights: Vec<LayerWeights> =
+        model.layers.iter().enumerate().map(|(i, l)| layer_weights(l, i, masks, sparsity)).collect::<Result<_>>()?;
+    let linear = |w: &Tensor, b: &Tensor, x: &[f32], d_in: usize| -> Result<Vec<f32>> {
+        v(&be.linear(&Tensor::from_vec(x.to_vec(), &[x.len() / d_in, d_in]), w, Some(b), id)?)
     };
-    let lin = |l: &Linear, x: &[f32], d_in: usize| ffn(&l.weight, &l.bias, x, d_in, id);
     let norm = |n: &Norm, x: &[f32]| -> Result<Vec<f32>> {
         v(&be.layer_norm(Tensor::from_vec(x.to_vec(), &[x.len() / h, h]), None, n.params(eps), id)?)
     };
+    let probs_dropout = |i: usize| reg.attention_dropout.map(|dropout| ProbDropout { dropout, site: site(i, SITE_ATTENTION_PROBS) });
 
-    // Forward: projected features, time masking, positional conv, then the layers with a tape each.
+    // Forward: projected features, time and channel masking, positional conv, then the layers.
     let (projected, seqs): (Tensor, Seqs) = model.projected(&be, audio)?;
     let mut projected = v(&projected)?;
-    if let Some(tm) = &time_mask {
+    if let Some(tm) = &reg.time_mask {
         ensure!(
             tm.frames.len() == seqs.total() && tm.embedding.len() == h,
             "time mask: {} frames / {} values for {} frames / {h} channels",
@@ -138,6 +306,14 @@ pub fn step(
         );
         for (row, _) in projected.chunks_exact_mut(h).zip(tm.frames).filter(|(_, &m)| m) {
             row.copy_from_slice(tm.embedding);
+        }
+    }
+    if let Some(cm) = reg.channel_mask {
+        ensure!(cm.len() == seqs.count() * h, "channel mask: {} flags for {} utterances x {h} channels", cm.len(), seqs.count());
+        for u in 0..seqs.count() {
+            for row in projected[seqs.range(u).start * h..seqs.range(u).end * h].chunks_exact_mut(h) {
+                row.iter_mut().zip(&cm[u * h..(u + 1) * h]).filter(|(_, &m)| m).for_each(|(x, _)| *x = 0.0);
+            }
         }
     }
     let geom = model.pos_conv_geometry();
@@ -150,56 +326,69 @@ pub fn step(
         geom,
         id,
     )?)?;
-    let summed: Vec<f32> = projected.iter().zip(&pos_pre).map(|(x, &p)| x + crate::backend::cpu::math::gelu(p)).collect();
+    let summed: Vec<f32> = projected.iter().zip(&pos_pre).map(|(x, &p)| x + gelu(p)).collect();
     let mut x = if c.do_stable_layer_norm { summed.clone() } else { norm(&model.encoder_layer_norm, &summed)? };
-    let mut tapes = Vec::with_capacity(model.layers.len());
-    for (i, layer) in model.layers.iter().enumerate() {
-        let (w1, w2) = (&effective[2 * i], &effective[2 * i + 1]);
-        let (b1, b2) = (&layer.intermediate_dense.bias, &layer.output_dense.bias);
-        let inter = masks[2 * i].d_out;
-        let attend = |a: &[f32]| -> Result<(Vec<f32>, Vec<f32>)> {
-            let qkv = lin(&layer.qkv_proj, a, h)?;
-            let att = v(&be.attention(&Tensor::from_vec(qkv.clone(), &[qkv.len() / (3 * h), 3 * h]), &seqs, heads, scale)?)?;
-            Ok((qkv, lin(&layer.out_proj, &att, h)?))
+    drop_in_place(reg.dropout, 0, &mut x);
+    let mut tapes: Vec<Option<Tape>> = Vec::with_capacity(n_layers);
+    for (i, lw) in weights.iter().enumerate() {
+        if skipped(i) {
+            tapes.push(None);
+            continue;
+        }
+        let layer = lw.layer;
+        let (d_qkv_out, inter) = (3 * h, layer.intermediate_dense.bias.numel());
+        let keep_attended = lw.part(Part::Out).is_some();
+        // Attention: (qkv, attention output before out_proj, dropped out_proj output).
+        let attend = |a: &[f32]| -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+            let qkv = linear(lw.weight(0), &layer.qkv_proj.bias, a, h)?;
+            debug_assert_eq!(qkv.len() % d_qkv_out, 0);
+            let att = attention(&qkv, h, &seqs, heads, scale, probs_dropout(i));
+            let mut o = linear(lw.weight(1), &layer.out_proj.bias, &att, h)?;
+            drop_in_place(reg.dropout, site(i, SITE_ATTENTION_OUT), &mut o);
+            Ok((qkv, if keep_attended { att } else { Vec::new() }, o))
         };
-        // The masked FFN: (pre-GELU, post-GELU, output).
+        // The FFN: (pre-GELU, dropped post-GELU, dropped output).
         let feed_forward = |inp: &[f32]| -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-            let u = ffn(w1, b1, inp, h, id)?;
-            let g: Vec<f32> = u.iter().map(|&z| crate::backend::cpu::math::gelu(z)).collect();
-            let f2 = ffn(w2, b2, &g, inter, id)?;
+            let u = linear(lw.weight(2), &layer.intermediate_dense.bias, inp, h)?;
+            let mut g: Vec<f32> = u.iter().map(|&z| gelu(z)).collect();
+            drop_in_place(reg.activation_dropout, site(i, SITE_ACTIVATION), &mut g);
+            let mut f2 = linear(lw.weight(3), &layer.output_dense.bias, &g, inter)?;
+            drop_in_place(reg.dropout, site(i, SITE_FFN_OUT), &mut f2);
             Ok((u, g, f2))
         };
         let tape = if c.do_stable_layer_norm {
             let a = norm(&layer.layer_norm, &x)?;
-            let (qkv, o) = attend(&a)?;
+            let (qkv, attended, o) = attend(&a)?;
             let x1 = add(&x, &o);
             let b = norm(&layer.final_layer_norm, &x1)?;
             let (u, g, f2) = feed_forward(&b)?;
             let out = add(&x1, &f2);
-            let tape = Tape { input: x, qkv, first: a, second: x1, ffn_in: b, pre_gelu: u, post_gelu: g, residual2: Vec::new() };
+            let tape = Tape { input: x, qkv, attended, first: a, second: x1, ffn_in: b, pre_gelu: u, post_gelu: g, residual2: Vec::new() };
             x = out;
             tape
         } else {
-            let (qkv, o) = attend(&x)?;
+            let (qkv, attended, o) = attend(&x)?;
             let r1 = add(&o, &x);
             let h1 = norm(&layer.layer_norm, &r1)?;
             let (u, g, f2) = feed_forward(&h1)?;
             let r2 = add(&f2, &h1);
             let out = norm(&layer.final_layer_norm, &r2)?;
-            let tape = Tape { input: x, qkv, first: r1, second: Vec::new(), ffn_in: h1, pre_gelu: u, post_gelu: g, residual2: r2 };
+            let tape =
+                Tape { input: x, qkv, attended, first: r1, second: Vec::new(), ffn_in: h1, pre_gelu: u, post_gelu: g, residual2: r2 };
             x = out;
             tape
         };
-        tapes.push(tape);
+        tapes.push(Some(tape));
     }
     let encoder_out_pre = x.clone();
     if c.do_stable_layer_norm {
         x = norm(&model.encoder_layer_norm, &x)?;
     }
     let vocab = head.bias.numel();
-    let logits = Tensor::from_vec(lin(head, &x, h)?, &[seqs.total(), vocab]);
+    let logits = Tensor::from_vec(linear(&head.weight, &head.bias, &x, h)?, &[seqs.total(), vocab]);
 
-    // Backward.
+    // Backward. The lowest layer whose backward must run: to the embedding through every layer
+    // when time masking is on, else down to the lowest masked weight.
     let out = ctc_loss(&be, &logits, &seqs, targets, reduction)?;
     let dlogits = v(&out.grad)?;
     let head_weight = linear_weight_grad(&dlogits, &x, h, vocab);
@@ -208,38 +397,72 @@ pub fn step(
     if c.do_stable_layer_norm {
         dx = layer_norm_input_grad(&dx, &encoder_out_pre, model.encoder_layer_norm.gamma.f32s()?, eps);
     }
-    let mut scores = vec![Vec::new(); masks.len()];
-    for (i, (layer, tape)) in model.layers.iter().zip(&tapes).enumerate().rev() {
-        let (m1, m2) = (&masks[2 * i], &masks[2 * i + 1]);
-        let inter = m1.d_out;
+    let lowest = if reg.time_mask.is_some() { 0 } else { masks.iter().map(|m| m.layer).min().unwrap_or(0) };
+    let mut scores: Vec<Option<Vec<f32>>> = vec![None; masks.len()];
+    // The straight-through score gradient of masked weight `k` from `dW_eff` of its linear
+    // (`stacked` output rows; the part's rows start at its offset).
+    let to_scores = |k: usize, dw: &[f32], row0: usize| -> Vec<f32> {
+        let m = &masks[k];
+        score_grad(&dw[row0 * m.d_in..(row0 + m.d_out) * m.d_in], &m.weight, &m.scores)
+    };
+    for (i, (lw, tape)) in weights.iter().zip(&tapes).enumerate().rev() {
+        if i < lowest {
+            break;
+        }
+        let Some(tape) = tape else { continue }; // a skipped layer is the identity
+        let layer = lw.layer;
+        let inter = layer.intermediate_dense.bias.numel();
         let gamma1 = layer.layer_norm.gamma.f32s()?;
         let gamma2 = layer.final_layer_norm.gamma.f32s()?;
-        // The FFN: dx is the gradient at the FFN's output (after the residual path is split off).
-        let (d_ffn_out, mut d_skip) = if c.do_stable_layer_norm {
-            (dx.clone(), dx.clone())
+        // The FFN: gradient at its (dropped) output, after the residual path is split off.
+        let (mut d_ffn_out, mut d_skip) = if c.do_stable_layer_norm {
+            (dx.clone(), std::mem::take(&mut dx))
         } else {
             let dr2 = layer_norm_input_grad(&dx, &tape.residual2, gamma2, eps);
             (dr2.clone(), dr2)
         };
-        scores[2 * i + 1] = score_grad(&linear_weight_grad(&d_ffn_out, &tape.post_gelu, inter, h), &m2.weight, &m2.scores);
-        let dg = linear_input_grad(&d_ffn_out, effective[2 * i + 1].f32s()?, inter, h);
+        drop_in_place(reg.dropout, site(i, SITE_FFN_OUT), &mut d_ffn_out);
+        if let Some(k) = lw.part(Part::Output) {
+            scores[k] = Some(to_scores(k, &linear_weight_grad(&d_ffn_out, &tape.post_gelu, inter, h), 0));
+        }
+        let mut dg = linear_input_grad(&d_ffn_out, lw.weight(3).f32s()?, inter, h);
+        drop_in_place(reg.activation_dropout, site(i, SITE_ACTIVATION), &mut dg);
         let du = gelu_input_grad(&dg, &tape.pre_gelu);
-        scores[2 * i] = score_grad(&linear_weight_grad(&du, &tape.ffn_in, h, inter), &m1.weight, &m1.scores);
-        let d_ffn_in = linear_input_grad(&du, effective[2 * i].f32s()?, h, inter);
+        if let Some(k) = lw.part(Part::Intermediate) {
+            scores[k] = Some(to_scores(k, &linear_weight_grad(&du, &tape.ffn_in, h, inter), 0));
+        }
+        if i == lowest && !lw.attention_masked() && reg.time_mask.is_none() {
+            break; // nothing below this FFN's weights is trained
+        }
+        let d_ffn_in = linear_input_grad(&du, lw.weight(2).f32s()?, h, inter);
         if c.do_stable_layer_norm {
             add_assign(&mut d_skip, &layer_norm_input_grad(&d_ffn_in, &tape.second, gamma2, eps));
         } else {
             add_assign(&mut d_skip, &d_ffn_in);
         }
-        if i == 0 && time_mask.is_none() {
-            break; // nothing below layer 0's FFN is trained
-        }
         // d_skip: gradient at `x1` (pre-LN) or at the first norm's output `h1` (post-LN).
-        let d_attn_out = if c.do_stable_layer_norm { d_skip.clone() } else { layer_norm_input_grad(&d_skip, &tape.first, gamma1, eps) };
+        let d_attn_out = if c.do_stable_layer_norm { d_skip } else { layer_norm_input_grad(&d_skip, &tape.first, gamma1, eps) };
         let mut d_input = d_attn_out.clone();
-        let d_att = linear_input_grad(&d_attn_out, layer.out_proj.weight.f32s()?, h, h);
-        let d_qkv = attention_grad(&d_att, &tape.qkv, h, &seqs, heads, scale);
-        let d_attn_in = linear_input_grad(&d_qkv, layer.qkv_proj.weight.f32s()?, h, 3 * h);
+        let mut d_o = d_attn_out;
+        drop_in_place(reg.dropout, site(i, SITE_ATTENTION_OUT), &mut d_o);
+        if let Some(k) = lw.part(Part::Out) {
+            scores[k] = Some(to_scores(k, &linear_weight_grad(&d_o, &tape.attended, h, h), 0));
+        }
+        let d_att = linear_input_grad(&d_o, lw.weight(1).f32s()?, h, h);
+        let d_qkv = attention_grad(&d_att, &tape.qkv, h, &seqs, heads, scale, probs_dropout(i));
+        let attn_in = if c.do_stable_layer_norm { &tape.first } else { &tape.input };
+        if [Part::Query, Part::Key, Part::Value].iter().any(|&p| lw.part(p).is_some()) {
+            let dw = linear_weight_grad(&d_qkv, attn_in, h, 3 * h);
+            for (p, row0) in [(Part::Query, 0), (Part::Key, h), (Part::Value, 2 * h)] {
+                if let Some(k) = lw.part(p) {
+                    scores[k] = Some(to_scores(k, &dw, row0));
+                }
+            }
+        }
+        if i == lowest && reg.time_mask.is_none() {
+            break;
+        }
+        let d_attn_in = linear_input_grad(&d_qkv, lw.weight(0).f32s()?, h, 3 * h);
         if c.do_stable_layer_norm {
             add_assign(&mut d_input, &layer_norm_input_grad(&d_attn_in, &tape.input, gamma1, eps));
         } else {
@@ -247,27 +470,52 @@ pub fn step(
         }
         dx = d_input;
     }
-    // Down to the time-mask embedding: through the encoder norm (post-LN), the residual and the
-    // positional conv (per utterance), summed over the masked frames.
-    let embedding = match &time_mask {
+    let embedding = match &reg.time_mask {
         None => None,
-        Some(tm) => {
-            let d_sum =
-                if c.do_stable_layer_norm { dx } else { layer_norm_input_grad(&dx, &summed, model.encoder_layer_norm.gamma.f32s()?, eps) };
-            let d_pre = gelu_input_grad(&d_sum, &pos_pre);
-            let mut d_proj = d_sum;
-            let w = model.pos_conv_weight.f32s()?;
-            for u in 0..seqs.count() {
-                let r = seqs.range(u);
-                let d_conv = conv1d_input_grad(&d_pre[r.start * h..r.end * h], w, h, h, r.len(), geom);
-                add_assign(&mut d_proj[r.start * h..r.end * h], &d_conv);
-            }
-            let mut g = vec![0.0f32; h];
-            for (row, _) in d_proj.chunks_exact(h).zip(tm.frames).filter(|(_, &m)| m) {
-                add_assign(&mut g, row);
-            }
-            Some(g)
-        }
+        Some(tm) => Some(embedding_grad(model, dx, &summed, &pos_pre, &seqs, tm, reg)?),
     };
     Ok(StepGrads { loss: out.loss, losses: out.losses, scores, head_weight, head_bias, embedding })
+}
+
+/// Down to the time-mask embedding from `dx` at layer 0's input: through the encoder's input
+/// dropout and norm (post-LN), the residual and the positional conv (per utterance), summed over
+/// the masked frames, except channels the channel mask zeroed after the embedding went in.
+fn embedding_grad(
+    model: &Wav2Vec2,
+    mut dx: Vec<f32>,
+    summed: &[f32],
+    pos_pre: &[f32],
+    seqs: &Seqs,
+    tm: &TimeMask,
+    reg: &Regularisers,
+) -> Result<Vec<f32>> {
+    let c = &model.config;
+    let h = c.hidden_size;
+    drop_in_place(reg.dropout, 0, &mut dx);
+    let d_sum = if c.do_stable_layer_norm {
+        dx
+    } else {
+        layer_norm_input_grad(&dx, summed, model.encoder_layer_norm.gamma.f32s()?, c.layer_norm_eps)
+    };
+    let d_pre = gelu_input_grad(&d_sum, pos_pre);
+    let mut d_proj = d_sum;
+    let w = model.pos_conv_weight.f32s()?;
+    let geom = model.pos_conv_geometry();
+    for u in 0..seqs.count() {
+        let r = seqs.range(u);
+        let d_conv = conv1d_input_grad(&d_pre[r.start * h..r.end * h], w, h, h, r.len(), geom);
+        add_assign(&mut d_proj[r.start * h..r.end * h], &d_conv);
+    }
+    let mut g = vec![0.0f32; h];
+    for u in 0..seqs.count() {
+        let r = seqs.range(u);
+        let rows = d_proj[r.start * h..r.end * h].chunks_exact(h).zip(&tm.frames[r.clone()]).filter(|(_, &m)| m);
+        for (row, _) in rows {
+            match reg.channel_mask {
+                None => add_assign(&mut g, row),
+                Some(cm) => g.iter_mut().zip(row).zip(&cm[u * h..(u + 1) * h]).filter(|(_, &m)| !m).for_each(|((g, r), _)| *g += r),
+            }
+        }
+    }
+    Ok(g)
 }

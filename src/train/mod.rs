@@ -1,7 +1,10 @@
-//! Training pieces shared by mask learning and finetuning: the optimiser and the schedules.
+//! Mask learning: the optimiser and schedule, the masked forward/backward, the training data
+//! feed, checkpoints and the `engine train` loop.
 
 pub mod adam;
 pub mod checkpoint;
+pub mod feed;
 pub mod masked;
+pub mod run;
 pub mod schedule;
 pub mod specaugment;

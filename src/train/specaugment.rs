@@ -6,14 +6,15 @@
 
 use crate::rng::SplitMix;
 
-/// Which of `n` positions fall in a masked span. `prob == 0` masks nothing, exactly.
-pub fn span_mask(n: usize, prob: f64, length: usize, rng: &mut SplitMix) -> Vec<bool> {
+/// Which of `n` positions fall in a masked span, with at least `min_spans` spans (fairseq and
+/// transformers ask for 2 on the time axis, 0 on channels). `prob == 0` masks nothing, exactly.
+pub fn span_mask(n: usize, prob: f64, length: usize, min_spans: usize, rng: &mut SplitMix) -> Vec<bool> {
     let mut mask = vec![false; n];
     if prob <= 0.0 || length == 0 || n < length {
         return mask;
     }
-    let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-    let spans = ((prob * n as f64 / length as f64 + u).floor() as usize).min(n - length + 1);
+    let u = rng.unit();
+    let spans = ((prob * n as f64 / length as f64 + u).floor() as usize).max(min_spans).min(n - length + 1);
     let mut starts: Vec<usize> = (0..=n - length).collect();
     // A partial Fisher-Yates: the first `spans` entries are a uniform sample without replacement.
     for i in 0..spans {
@@ -33,7 +34,7 @@ mod tests {
     #[test]
     fn zero_probability_masks_nothing() {
         let mut rng = SplitMix(1);
-        assert!(span_mask(500, 0.0, 10, &mut rng).iter().all(|m| !m));
+        assert!(span_mask(500, 0.0, 10, 0, &mut rng).iter().all(|m| !m));
     }
 
     #[test]
@@ -42,7 +43,7 @@ mod tests {
         let (n, prob, len) = (749, 0.65, 10);
         let mut covered = 0usize;
         for _ in 0..200 {
-            let m = span_mask(n, prob, len, &mut rng);
+            let m = span_mask(n, prob, len, 0, &mut rng);
             // Every masked run is a union of whole spans: no run shorter than the span length.
             let mut run = 0;
             for (i, &x) in m.iter().enumerate() {
@@ -63,8 +64,15 @@ mod tests {
     }
 
     #[test]
+    fn short_inputs_still_get_the_minimum_span_count() {
+        let m = span_mask(40, 0.01, 10, 2, &mut SplitMix(3));
+        let starts = (0..40).filter(|&i| m[i] && (i == 0 || !m[i - 1])).count();
+        assert!(m.iter().filter(|&&x| x).count() >= 10 && (1..=2).contains(&starts), "{m:?}");
+    }
+
+    #[test]
     fn the_same_seed_gives_the_same_mask() {
-        assert_eq!(span_mask(300, 0.5, 10, &mut SplitMix(7)), span_mask(300, 0.5, 10, &mut SplitMix(7)));
-        assert_ne!(span_mask(300, 0.5, 10, &mut SplitMix(7)), span_mask(300, 0.5, 10, &mut SplitMix(8)));
+        assert_eq!(span_mask(300, 0.5, 10, 0, &mut SplitMix(7)), span_mask(300, 0.5, 10, 0, &mut SplitMix(7)));
+        assert_ne!(span_mask(300, 0.5, 10, 0, &mut SplitMix(7)), span_mask(300, 0.5, 10, 0, &mut SplitMix(8)));
     }
 }

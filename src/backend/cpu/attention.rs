@@ -9,6 +9,7 @@ use rayon::prelude::*;
 use super::gemm::{matmul, MatRef};
 use super::math::softmax_scaled;
 use crate::backend::Seqs;
+use crate::dropout::Dropout;
 
 const QUERIES_PER_BLOCK: usize = 256;
 
@@ -18,8 +19,24 @@ pub(super) fn head_view(t: &[f32], stride: usize, col: usize, first: usize, n: u
     MatRef { data: &t[first * stride + col..], rows: n, cols: hd, row_stride: stride, col_stride: 1 }
 }
 
-/// `softmax(q kᵀ · scale) v` per utterance and head, for packed `qkv [total, 3c]`.
-pub fn attention(qkv: &[f32], c: usize, seqs: &Seqs, heads: usize, scale: f32) -> Vec<f32> {
+/// Dropout on the attention probabilities of one layer (training only).
+#[derive(Clone, Copy)]
+pub struct ProbDropout {
+    pub dropout: Dropout,
+    pub site: u64,
+}
+
+impl ProbDropout {
+    /// Applies the mask to the probabilities of query `row` (packed index) of head `h`, whose
+    /// keys are the utterance's frames in order.
+    pub fn apply(&self, heads: usize, h: usize, row: usize, probs: &mut [f32]) {
+        let base = ((row * heads + h) as u64) << 24;
+        probs.iter_mut().enumerate().for_each(|(j, p)| *p *= self.dropout.factor(self.site, base | j as u64));
+    }
+}
+
+/// `dropout(softmax(q kᵀ · scale)) v` per utterance and head, for packed `qkv [total, 3c]`.
+pub fn attention(qkv: &[f32], c: usize, seqs: &Seqs, heads: usize, scale: f32, dropout: Option<ProbDropout>) -> Vec<f32> {
     let hd = c / heads;
     let tasks: Vec<(usize, usize, usize)> = (0..seqs.count())
         .flat_map(|u| (0..heads).flat_map(move |h| (0..seqs.lens()[u]).step_by(QUERIES_PER_BLOCK).map(move |q0| (u, h, q0))))
@@ -33,8 +50,11 @@ pub fn attention(qkv: &[f32], c: usize, seqs: &Seqs, heads: usize, scale: f32) -
             let nq = QUERIES_PER_BLOCK.min(len - q0);
             let mut scores = vec![0.0f32; nq * len];
             matmul(&mut scores, len, head(0, start + q0, nq, h), head(1, start, len, h).t(), false, 1);
-            for row in scores.chunks_exact_mut(len) {
+            for (i, row) in scores.chunks_exact_mut(len).enumerate() {
                 softmax_scaled(row, scale);
+                if let Some(d) = dropout {
+                    d.apply(heads, h, start + q0 + i, row);
+                }
             }
             let mut tile = vec![0.0f32; nq * hd];
             matmul(&mut tile, hd, MatRef::row_major(&scores, nq, len), head(2, start, len, h), false, 1);

@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::attention::head_view;
+use super::attention::{head_view, ProbDropout};
 use super::gemm::{matmul, MatRef};
 use super::math;
 use crate::backend::{ConvGeometry, Seqs};
@@ -68,7 +68,15 @@ pub fn gelu_input_grad(dy: &[f32], x: &[f32]) -> Vec<f32> {
 /// `qkv [frames, 3c]` (the probabilities are recomputed, never stored): with `P` the attention
 /// weights and `dP = dO vᵀ`, `dS = P ⊙ (dP - rowsum(dP ⊙ P))`, `dq = dS k · scale`,
 /// `dk = dSᵀ q · scale`, `dv = Pᵀ dO`.
-pub fn attention_grad(d_out: &[f32], qkv: &[f32], c: usize, seqs: &Seqs, heads: usize, scale: f32) -> Vec<f32> {
+pub fn attention_grad(
+    d_out: &[f32],
+    qkv: &[f32],
+    c: usize,
+    seqs: &Seqs,
+    heads: usize,
+    scale: f32,
+    dropout: Option<ProbDropout>,
+) -> Vec<f32> {
     let hd = c / heads;
     let tasks: Vec<(usize, usize)> = (0..seqs.count()).flat_map(|u| (0..heads).map(move |h| (u, h))).collect();
     // (first frame, head, [dq, dk, dv]) per task.
@@ -82,8 +90,16 @@ pub fn attention_grad(d_out: &[f32], qkv: &[f32], c: usize, seqs: &Seqs, heads: 
             let mut p = vec![0.0f32; len * len];
             matmul(&mut p, len, q, k.t(), false, 1);
             p.chunks_exact_mut(len).for_each(|row| math::softmax_scaled(row, scale));
+            // With dropout the output read `P * D`; `dP = (dO vᵀ) * D`.
+            let mut p_dropped = p.clone();
             let mut dp = vec![0.0f32; len * len];
             matmul(&mut dp, len, d_o, v.t(), false, 1);
+            if let Some(d) = dropout {
+                for (i, (pd_row, dp_row)) in p_dropped.chunks_exact_mut(len).zip(dp.chunks_exact_mut(len)).enumerate() {
+                    d.apply(heads, h, start + i, pd_row);
+                    d.apply(heads, h, start + i, dp_row);
+                }
+            }
             for (dp_row, p_row) in dp.chunks_exact_mut(len).zip(p.chunks_exact(len)) {
                 let dot: f32 = dp_row.iter().zip(p_row).map(|(a, b)| a * b).sum();
                 dp_row.iter_mut().zip(p_row).for_each(|(d, &pv)| *d = pv * (*d - dot) * scale);
@@ -92,7 +108,7 @@ pub fn attention_grad(d_out: &[f32], qkv: &[f32], c: usize, seqs: &Seqs, heads: 
             let (mut dq, mut dk, mut dv) = (vec![0.0f32; len * hd], vec![0.0f32; len * hd], vec![0.0f32; len * hd]);
             matmul(&mut dq, hd, ds, k, false, 1);
             matmul(&mut dk, hd, ds.t(), q, false, 1);
-            matmul(&mut dv, hd, MatRef::row_major(&p, len, len).t(), d_o, false, 1);
+            matmul(&mut dv, hd, MatRef::row_major(&p_dropped, len, len).t(), d_o, false, 1);
             (start, h, [dq, dk, dv])
         })
         .collect();
@@ -139,6 +155,7 @@ mod tests {
     use super::*;
     use crate::backend::cpu::{attention, CpuBackend};
     use crate::backend::{Activation, Backend, NormParams};
+    use crate::dropout::Dropout;
     use crate::rng::SplitMix;
     use crate::tensor::Tensor;
 
@@ -214,13 +231,17 @@ mod tests {
     }
 
     #[test]
-    fn attention_gradient() {
+    fn attention_gradient_with_and_without_probability_dropout() {
         let (heads, hd) = (2, 4);
         let c = heads * hd;
         let seqs = Seqs::new(vec![5, 1, 3]);
         let (qkv, dy) = (random(seqs.total() * 3 * c, 8), random(seqs.total() * c, 9));
         let scale = 0.5;
-        let f = |x: &[f32]| attention::attention(x, c, &seqs, heads, scale);
-        check("attention", &qkv, &dy, &attention_grad(&dy, &qkv, c, &seqs, heads, scale), f);
+        for dropout in [None, Some(ProbDropout { dropout: Dropout { p: 0.3, seed: 5 }, site: 2 })] {
+            let f = |x: &[f32]| attention::attention(x, c, &seqs, heads, scale, dropout);
+            check("attention", &qkv, &dy, &attention_grad(&dy, &qkv, c, &seqs, heads, scale, dropout), f);
+        }
+        let dropout = Some(ProbDropout { dropout: Dropout { p: 0.3, seed: 5 }, site: 2 });
+        assert_ne!(attention::attention(&qkv, c, &seqs, heads, scale, dropout), attention::attention(&qkv, c, &seqs, heads, scale, None));
     }
 }

@@ -3,7 +3,7 @@
 //! This is the readable reference every other backend is checked against, and fast enough to be
 //! a real engine on a laptop.
 
-mod attention;
+pub mod attention;
 mod conv;
 mod ctc;
 pub mod gemm;
@@ -186,7 +186,7 @@ impl Backend for CpuBackend {
         let (rows, c3) = as_matrix(qkv);
         ensure!(rows == seqs.total(), "attention: {rows} frames but the batch holds {}", seqs.total());
         ensure!(c3 % 3 == 0 && heads > 0 && (c3 / 3) % heads == 0, "attention: {c3} columns do not split into q, k, v of {heads} heads");
-        let out = attention::attention(data(qkv)?, c3 / 3, seqs, heads, scale);
+        let out = attention::attention(data(qkv)?, c3 / 3, seqs, heads, scale, None);
         Ok(Tensor::from_vec(out, &[rows, c3 / 3]))
     }
 

@@ -1,0 +1,872 @@
+//! `engine train`: S3-Router mask learning end to end. Scores (one per masked weight), the CTC
+//! head and the time-mask embedding train with Adam under the tri-stage schedule; every other
+//! tensor of the checkpoint stays memory-mapped and is never written.
+//!
+//! Everything random in a step (SpecAugment spans, dropout masks, LayerDrop) is derived from
+//! (seed, update, sub-batch), and the data order from (seed, epoch), so a checkpoint needs only
+//! the parameters, the optimiser moments and the data position for a resumed run to end
+//! bit-identical to an uninterrupted one.
+
+use std::collections::HashMap;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context, Result};
+use rayon::prelude::*;
+use serde::Serialize;
+
+use super::adam::Adam;
+use super::checkpoint::TrainState;
+use super::feed::{Feed, Position};
+use super::masked::{step, MaskScope, MaskedWeight, Regularisers, StepGrads, TimeMask};
+use super::schedule::TriStage;
+use super::specaugment::span_mask;
+use crate::backend::cpu::CpuBackend;
+use crate::backend::Backend;
+use crate::ctc::{CtcTargets, Reduction};
+use crate::data::dataset::{self, Dataset, DatasetOptions, Format, LabelKind, Subset};
+use crate::data::labels::{symbols, Case, Labeler};
+use crate::dropout::Dropout;
+use crate::eval::{evaluate, EvalReport};
+use crate::infer::{BatchLimits, Recognizer};
+use crate::mask;
+use crate::model::checkpoint::Checkpoint;
+use crate::model::config::Config;
+use crate::model::masks::{MaskSet, Masked};
+use crate::model::preprocess::Preprocessor;
+use crate::model::vocab::Vocab;
+use crate::model::wav2vec2::Linear;
+use crate::model::Wav2Vec2;
+use crate::rng::{mix, SplitMix};
+use crate::router::{check_sparsity, init_scores, top_k_mask, Init};
+use crate::tensor::Tensor;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Schedule {
+    /// Linear warm-up from `init-lr-scale`, hold, exponential decay to `final-lr-scale` (fairseq).
+    TriStage,
+    /// The peak learning rate throughout.
+    Constant,
+}
+
+/// The validation number that picks the best checkpoint (lower is better).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Metric {
+    Wer,
+    Cer,
+    /// Unit (phoneme) error rate.
+    Uer,
+    Loss,
+}
+
+impl Metric {
+    fn of(self, r: &EvalReport) -> f64 {
+        match self {
+            Metric::Wer => r.wer.rate(),
+            Metric::Cer => r.cer.rate(),
+            Metric::Uer => r.uer.rate(),
+            Metric::Loss => r.loss,
+        }
+    }
+}
+
+/// Everything that decides what a run computes (saved as `train_config.json`; a resumed run must
+/// match it). Defaults follow the S3-Router wav2vec2-base recipes.
+#[derive(clap::Args, Clone, Debug, Serialize)]
+pub struct Recipe {
+    /// Frozen model folder (Hugging Face: config.json + safetensors; ForCTC or ForPreTraining).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Training set: a fairseq .tsv, a .jsonl, a LibriSpeech / Libri-light or CommonVoice folder.
+    #[arg(long)]
+    pub train: PathBuf,
+    /// Validation set (same layouts); validated every --valid-every updates and at the end.
+    #[arg(long)]
+    pub valid: Option<PathBuf>,
+    /// Force the dataset layout instead of detecting it.
+    #[arg(long, value_enum)]
+    pub format: Option<Format>,
+    /// fairseq label file beside a manifest: letters (ltr), words (wrd) or units such as phonemes (phn).
+    #[arg(long, value_enum, default_value = "ltr")]
+    pub labels: LabelKind,
+    /// Libri-light limited-supervision subset for a librispeech_finetuning/ training folder.
+    #[arg(long, value_enum)]
+    pub subset: Option<Subset>,
+    /// CommonVoice split used for training.
+    #[arg(long, default_value = "train")]
+    pub train_split: String,
+    /// CommonVoice split used for validation.
+    #[arg(long, default_value = "dev")]
+    pub valid_split: String,
+    /// Skip utterances shorter than this (seconds).
+    #[arg(long)]
+    pub min_duration: Option<f64>,
+    /// Skip utterances longer than this (seconds).
+    #[arg(long)]
+    pub max_duration: Option<f64>,
+    /// Characters removed from transcripts before tokenising (e.g. ",.?!;:").
+    #[arg(long, default_value = "")]
+    pub chars_to_ignore: String,
+    /// Drop symbols the vocabulary lacks (counted) instead of stopping with a list of them.
+    #[arg(long)]
+    pub skip_unknown: bool,
+    /// Task vocabulary (vocab.json). Default: the model's with --keep-head, else built from the
+    /// training transcripts (blank <pad> = 0, <s>, </s>, <unk>, |, symbols by frequency).
+    #[arg(long)]
+    pub vocab: Option<PathBuf>,
+    /// Start from the checkpoint's CTC head (vocabularies must match) instead of a new
+    /// xavier-uniform head with zero bias.
+    #[arg(long)]
+    pub keep_head: bool,
+    /// Fraction of each masked matrix's weights dropped (per matrix, in [0, 1)).
+    #[arg(long, default_value_t = 0.1)]
+    pub sparsity: f64,
+    /// Score initialisation.
+    #[arg(long, value_enum, default_value = "weight-rank")]
+    pub init: Init,
+    /// Which linears of every encoder layer get masks.
+    #[arg(long, value_enum, default_value = "ffn")]
+    pub mask: MaskScope,
+    /// Peak learning rate (scores, head and time-mask embedding alike).
+    #[arg(long, default_value_t = 5e-5)]
+    pub lr: f64,
+    /// Optimiser updates.
+    #[arg(long, default_value_t = 15_000)]
+    pub steps: usize,
+    #[arg(long, value_enum, default_value = "tri-stage")]
+    pub schedule: Schedule,
+    /// Tri-stage phases as fractions of --steps.
+    #[arg(long, default_value_t = 0.1)]
+    pub warmup_ratio: f64,
+    #[arg(long, default_value_t = 0.4)]
+    pub hold_ratio: f64,
+    #[arg(long, default_value_t = 0.5)]
+    pub decay_ratio: f64,
+    /// Learning rate at step 0 as a fraction of --lr.
+    #[arg(long, default_value_t = 0.01)]
+    pub init_lr_scale: f64,
+    /// Learning rate after the decay as a fraction of --lr.
+    #[arg(long, default_value_t = 1e-4)]
+    pub final_lr_scale: f64,
+    /// SpecAugment: fraction of frames covered by time-mask spans (replaced by the learned embedding).
+    #[arg(long, default_value_t = 0.65)]
+    pub mask_time_prob: f64,
+    /// Frames per time-mask span.
+    #[arg(long, default_value_t = 10)]
+    pub mask_time_length: usize,
+    /// SpecAugment: fraction of channels zeroed in channel-mask spans.
+    #[arg(long, default_value_t = 0.25)]
+    pub mask_channel_prob: f64,
+    /// Channels per channel-mask span.
+    #[arg(long, default_value_t = 64)]
+    pub mask_channel_length: usize,
+    /// Dropout after the encoder input and inside every layer (after attention and the FFN).
+    #[arg(long, default_value_t = 0.1)]
+    pub dropout: f64,
+    /// Dropout on the attention probabilities.
+    #[arg(long, default_value_t = 0.1)]
+    pub attention_dropout: f64,
+    /// Dropout after the FFN's activation.
+    #[arg(long, default_value_t = 0.1)]
+    pub activation_dropout: f64,
+    /// Probability of skipping each encoder layer in a step (LayerDrop).
+    #[arg(long, default_value_t = 0.1)]
+    pub layerdrop: f64,
+    /// Most 16 kHz samples per batch (an utterance longer than that is a batch of its own).
+    #[arg(long, default_value_t = 1_200_000)]
+    pub max_tokens: usize,
+    /// Batches accumulated per update.
+    #[arg(long, default_value_t = 1)]
+    pub update_freq: usize,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Validate every this many updates (0: only at the end).
+    #[arg(long, default_value_t = 1000)]
+    pub valid_every: usize,
+    /// Validation number that selects the best checkpoint (written to OUT/best).
+    #[arg(long, value_enum, default_value = "wer")]
+    pub best_metric: Metric,
+    /// Stop after this many updates in a row with a non-finite loss or gradient (each is skipped).
+    #[arg(long, default_value_t = 5)]
+    pub max_nonfinite: usize,
+    /// Most seconds of audio per validation forward pass.
+    #[arg(long, default_value_t = 120.0)]
+    pub valid_batch_seconds: f64,
+}
+
+/// How a run is driven (not part of the recipe).
+pub struct RunOptions {
+    pub out: PathBuf,
+    pub resume: bool,
+    pub overwrite: bool,
+    /// Checkpoint every this many updates (0: only at the end).
+    pub save_every: usize,
+    /// Print progress on stderr.
+    pub progress: bool,
+}
+
+impl Recipe {
+    fn check(&self) -> Result<()> {
+        check_sparsity(self.sparsity)?;
+        ensure!(self.steps > 0, "--steps must be at least 1");
+        ensure!(self.lr > 0.0 && self.lr.is_finite(), "--lr {} must be a positive number", self.lr);
+        ensure!(self.update_freq > 0, "--update-freq must be at least 1");
+        ensure!(self.max_tokens > 0, "--max-tokens must be at least 1");
+        for (name, p) in
+            [("--mask-time-prob", self.mask_time_prob), ("--mask-channel-prob", self.mask_channel_prob), ("--layerdrop", self.layerdrop)]
+        {
+            ensure!((0.0..=1.0).contains(&p), "{name} {p} is outside [0, 1]");
+        }
+        for (name, p) in [
+            ("--dropout", self.dropout),
+            ("--attention-dropout", self.attention_dropout),
+            ("--activation-dropout", self.activation_dropout),
+        ] {
+            ensure!((0.0..1.0).contains(&p), "{name} {p} is outside [0, 1)");
+        }
+        let ratios = self.warmup_ratio + self.hold_ratio + self.decay_ratio;
+        ensure!(
+            [self.warmup_ratio, self.hold_ratio, self.decay_ratio].iter().all(|r| *r >= 0.0) && (ratios - 1.0).abs() < 1e-6,
+            "--warmup-ratio, --hold-ratio and --decay-ratio must be non-negative and sum to 1 (they sum to {ratios})"
+        );
+        ensure!(self.final_lr_scale > 0.0 && self.init_lr_scale > 0.0, "--init-lr-scale and --final-lr-scale must be positive");
+        Ok(())
+    }
+
+    fn lr(&self, update: usize) -> f64 {
+        match self.schedule {
+            Schedule::Constant => self.lr,
+            Schedule::TriStage => TriStage::from_ratios(
+                self.lr,
+                self.steps,
+                [self.warmup_ratio, self.hold_ratio, self.decay_ratio],
+                self.init_lr_scale,
+                self.final_lr_scale,
+            )
+            .lr(update),
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("the recipe serialises")
+    }
+
+    fn dataset(&self, path: &Path, split: &str) -> Result<Dataset> {
+        let opts = DatasetOptions {
+            format: self.format,
+            labels: self.labels,
+            subset: self.subset,
+            split: split.to_string(),
+            min_duration: self.min_duration,
+            max_duration: self.max_duration,
+        };
+        dataset::open(path, &opts)
+    }
+}
+
+/// The tensors being learned.
+struct Params {
+    masks: Vec<MaskedWeight>,
+    /// `[vocab, hidden]` (PyTorch layout) and `[vocab]`.
+    head_weight: Vec<f32>,
+    head_bias: Vec<f32>,
+    embedding: Vec<f32>,
+}
+
+impl Params {
+    /// Adam's parameter order: every score tensor, head weight, head bias, embedding.
+    fn sizes(&self) -> Vec<usize> {
+        let mut s: Vec<usize> = self.masks.iter().map(|m| m.scores.len()).collect();
+        s.extend([self.head_weight.len(), self.head_bias.len(), self.embedding.len()]);
+        s
+    }
+
+    fn slices_mut(&mut self) -> Vec<&mut [f32]> {
+        let mut v: Vec<&mut [f32]> = self.masks.iter_mut().map(|m| m.scores.as_mut_slice()).collect();
+        v.extend([self.head_weight.as_mut_slice(), self.head_bias.as_mut_slice(), self.embedding.as_mut_slice()]);
+        v
+    }
+
+    fn head(&self, be: &CpuBackend) -> Result<Linear> {
+        let vocab = self.head_bias.len();
+        let w = Tensor::from_vec(self.head_weight.clone(), &[vocab, self.head_weight.len() / vocab]);
+        Ok(Linear { weight: be.prepare_linear_weight(&w)?, bias: Tensor::from_vec(self.head_bias.clone(), &[vocab]) })
+    }
+
+    /// This state as a mask set over the model (for validation and the outputs).
+    fn mask_set(&self, dir: &Path, sparsity: f64) -> MaskSet {
+        let masks = self.masks.iter().map(|m| (m.name(), (vec![m.d_out, m.d_in], mask::pack(&top_k_mask(&m.scores, sparsity))))).collect();
+        let vocab = self.head_bias.len();
+        let head = (
+            Tensor::from_vec(self.head_weight.clone(), &[vocab, self.head_weight.len() / vocab]),
+            Tensor::from_vec(self.head_bias.clone(), &[vocab]),
+        );
+        MaskSet { dir: dir.to_path_buf(), masks, sparsity: Some(sparsity), head: Some(head) }
+    }
+
+    /// `scores.safetensors`, `masks.safetensors`, `head.safetensors` and `vocab.json` in `dir`.
+    fn write(&self, dir: &Path, sparsity: f64, vocab: &Vocab) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let names: Vec<(String, [usize; 2])> = self.masks.iter().map(|m| (m.name(), [m.d_out, m.d_in])).collect();
+        let scores = names.iter().zip(&self.masks).map(|((n, shape), m)| (n.as_str(), shape.as_slice(), m.scores.as_slice()));
+        let meta = HashMap::from([("sparsity".to_string(), sparsity.to_string())]);
+        crate::fsio::write_f32_safetensors(&dir.join("scores.safetensors"), scores, meta)?;
+        let keep: Vec<(String, Vec<usize>, Vec<bool>)> =
+            self.masks.iter().map(|m| (m.name(), vec![m.d_out, m.d_in], top_k_mask(&m.scores, sparsity))).collect();
+        MaskSet::save(dir, &keep, sparsity)?;
+        let (v, h) = (self.head_bias.len(), self.head_weight.len() / self.head_bias.len());
+        let head = [("lm_head.weight", &[v, h][..], self.head_weight.as_slice()), ("lm_head.bias", &[v][..], self.head_bias.as_slice())];
+        crate::fsio::write_f32_safetensors(&dir.join("head.safetensors"), head, HashMap::new())?;
+        vocab.save(&dir.join("vocab.json"))
+    }
+}
+
+/// The sum of a sub-batch's gradients over an update (fairseq's `sentence_avg`: divided by the
+/// update's utterance count before the optimiser sees them).
+struct Accumulated {
+    loss: f64,
+    utterances: usize,
+    samples: usize,
+    tensors: Vec<Option<Vec<f32>>>,
+}
+
+impl Accumulated {
+    fn new(n: usize) -> Accumulated {
+        Accumulated { loss: 0.0, utterances: 0, samples: 0, tensors: vec![None; n] }
+    }
+
+    fn add(&mut self, g: StepGrads) {
+        self.loss += g.loss as f64;
+        let mut parts = g.scores;
+        parts.extend([Some(g.head_weight), Some(g.head_bias), g.embedding]);
+        for (acc, part) in self.tensors.iter_mut().zip(parts) {
+            match (acc.as_mut(), part) {
+                (Some(a), Some(p)) => a.iter_mut().zip(&p).for_each(|(a, p)| *a += p),
+                (None, Some(p)) => *acc = Some(p),
+                (_, None) => {}
+            }
+        }
+    }
+
+    fn is_finite(&self) -> bool {
+        self.loss.is_finite() && self.tensors.iter().flatten().all(|t| t.iter().all(|v| v.is_finite()))
+    }
+
+    fn scale_to_mean(&mut self) {
+        let s = 1.0 / self.utterances.max(1) as f32;
+        self.tensors.iter_mut().flatten().for_each(|t| t.iter_mut().for_each(|v| *v *= s));
+    }
+}
+
+/// Names of the files a run writes into its output folder.
+const CHECKPOINT: &str = "checkpoint.safetensors";
+const CONFIG: &str = "train_config.json";
+const LOG: &str = "train_log.jsonl";
+
+/// What a finished run reports.
+pub struct Summary {
+    pub steps: usize,
+    pub last_loss: f64,
+    pub nonfinite: usize,
+    pub best: Option<(usize, f64)>,
+    pub audio_seconds: f64,
+    pub wall_seconds: f64,
+}
+
+struct Trainer<'a> {
+    recipe: &'a Recipe,
+    opts: &'a RunOptions,
+    be: CpuBackend,
+    ck: Checkpoint,
+    config: Config,
+    model: Wav2Vec2,
+    pre: Preprocessor,
+    vocab: Vocab,
+    feed: Feed,
+    valid: Option<(Dataset, Vec<Vec<u32>>)>,
+}
+
+/// Runs (or resumes) mask learning as `recipe` says, writing into `opts.out`.
+pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<Summary> {
+    recipe.check()?;
+    check_out(&opts.out, opts, &recipe.json())?;
+    let be = CpuBackend;
+    let dir = &recipe.model;
+    ensure!(dir.is_dir(), "model folder {} does not exist", dir.display());
+    let config = Config::load(&dir.join("config.json"))?;
+    let ck = Checkpoint::open_dir(dir)?;
+    let model = Wav2Vec2::from_weights(config.clone(), &ck, &be)?;
+    let pre = Preprocessor::load(dir)?;
+    let train_data = recipe.dataset(&recipe.train, &recipe.train_split)?;
+    let vocab = task_vocab(recipe, &model, &train_data)?;
+    let label = |data: &Dataset| -> Result<Vec<Vec<u32>>> {
+        let labeler = Labeler::new(&vocab, data.labels, &recipe.chars_to_ignore, recipe.skip_unknown);
+        Ok(labeler.label_all(data.utterances.iter().map(|u| u.text.as_str()))?.tokens)
+    };
+    let train_labels = label(&train_data).with_context(|| format!("training transcripts of {}", recipe.train.display()))?;
+    let feed = Feed::new(&train_data, train_labels, config.receptive_field(), recipe.max_tokens, recipe.seed)?;
+    let valid = match &recipe.valid {
+        Some(path) => {
+            let data = recipe.dataset(path, &recipe.valid_split)?;
+            let labels = label(&data).with_context(|| format!("validation transcripts of {}", path.display()))?;
+            Some((data, labels))
+        }
+        None => None,
+    };
+    if !opts.resume {
+        start_out(&opts.out, &recipe.json())?;
+    }
+    let t = Trainer { recipe, opts, be, ck, config, model, pre, vocab, feed, valid };
+    t.run()
+}
+
+/// Refuses an output folder that holds another run unless resuming or overwriting; resuming,
+/// checks the recipe is the one the run started with.
+fn check_out(out: &Path, opts: &RunOptions, recipe: &serde_json::Value) -> Result<()> {
+    ensure!(!(opts.resume && opts.overwrite), "--resume and --overwrite exclude each other");
+    let config_path = out.join(CONFIG);
+    if opts.resume {
+        let text = std::fs::read_to_string(&config_path)
+            .with_context(|| format!("--resume: {} holds no run to resume (no {CONFIG})", out.display()))?;
+        let saved: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", config_path.display()))?;
+        let differing: Vec<String> = recipe
+            .as_object()
+            .expect("the recipe is an object")
+            .iter()
+            .filter(|(k, v)| saved.get(k.as_str()) != Some(v))
+            .map(|(k, v)| format!("{} (run: {}, now: {v})", k.replace('_', "-"), saved.get(k.as_str()).unwrap_or(&serde_json::Value::Null)))
+            .collect();
+        ensure!(differing.is_empty(), "--resume: the options differ from the run in {}: {}", out.display(), differing.join("; "));
+        return Ok(());
+    }
+    let occupied = out.is_dir() && std::fs::read_dir(out)?.next().is_some();
+    ensure!(
+        !occupied || opts.overwrite,
+        "output folder {} is not empty (it may hold another run): pass --resume to continue it or --overwrite to replace it",
+        out.display()
+    );
+    Ok(())
+}
+
+/// Clears a previous run's files (under `--overwrite`) and writes the recipe: called once the
+/// model and data have loaded, so a run that fails to start leaves the folder as it was.
+fn start_out(out: &Path, recipe: &serde_json::Value) -> Result<()> {
+    if out.is_dir() {
+        for name in [CHECKPOINT, CONFIG, LOG, "scores.safetensors", "masks.safetensors", "head.safetensors", "vocab.json"] {
+            let p = out.join(name);
+            if p.exists() {
+                std::fs::remove_file(&p).with_context(|| format!("--overwrite: cannot remove {}", p.display()))?;
+            }
+        }
+        let best = out.join("best");
+        if best.is_dir() {
+            std::fs::remove_dir_all(&best).with_context(|| format!("--overwrite: cannot remove {}", best.display()))?;
+        }
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let text = serde_json::to_string_pretty(recipe)?;
+    crate::fsio::atomic_write(&out.join(CONFIG), |f| f.write_all(text.as_bytes()))
+}
+
+/// The task vocabulary: `--vocab`, the model's with `--keep-head`, or built from the training
+/// transcripts.
+fn task_vocab(recipe: &Recipe, model: &Wav2Vec2, data: &Dataset) -> Result<Vocab> {
+    let c = &model.config;
+    if recipe.keep_head {
+        ensure!(model.lm_head.is_some(), "--keep-head: {} has no CTC head (lm_head); drop --keep-head", recipe.model.display());
+        let path = recipe.vocab.clone().unwrap_or_else(|| recipe.model.join("vocab.json"));
+        return Vocab::load(&path, c.vocab_size, c.pad_token_id).with_context(|| "--keep-head needs the head's vocabulary");
+    }
+    if let Some(path) = &recipe.vocab {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let n = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&text)
+            .with_context(|| format!("{}: expected an object of token -> id", path.display()))?
+            .len();
+        return Vocab::load(path, n, 0);
+    }
+    let symbols: Vec<String> =
+        data.utterances.iter().flat_map(|u| symbols(&u.text, data.labels, &recipe.chars_to_ignore, Case::Mixed)).collect();
+    Ok(Vocab::build(symbols.iter().map(String::as_str)))
+}
+
+impl Trainer<'_> {
+    /// Fresh parameters: scores by `--init` (each matrix from its own seed, in parallel), the
+    /// head, and the time-mask embedding (the checkpoint's `masked_spec_embed` if it has one).
+    fn init_params(&self) -> Result<Params> {
+        let r = self.recipe;
+        let h = self.config.hidden_size;
+        let slots: Vec<(usize, _)> = (0..self.model.layers.len()).flat_map(|i| r.mask.parts().iter().map(move |&p| (i, p))).collect();
+        let masks = slots
+            .into_par_iter()
+            .enumerate()
+            .map(|(k, (i, p))| {
+                let mut m = MaskedWeight::new(&self.model, i, p, Vec::new())?;
+                let mut rng = SplitMix(mix(r.seed ^ mix(0x5c0e_0000 + k as u64)));
+                m.scores = init_scores(&m.weight, m.d_in, r.init, r.sparsity, &mut rng);
+                Ok(m)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let v = self.vocab.len();
+        let (head_weight, head_bias) = match (&self.model.lm_head, r.keep_head) {
+            (Some(head), true) => {
+                let w_t = head.weight.f32s()?;
+                ((0..v * h).map(|j| w_t[(j % h) * v + j / h]).collect(), head.bias.to_vec()?)
+            }
+            _ => {
+                let bound = (6.0 / (h + v) as f32).sqrt();
+                let mut rng = SplitMix(mix(r.seed ^ 0x4ead));
+                ((0..v * h).map(|_| rng.symmetric() * bound).collect(), vec![0.0; v])
+            }
+        };
+        let embedding = match self.ck.tensor("wav2vec2.masked_spec_embed") {
+            Ok(t) if t.numel() == h => t.to_vec()?,
+            _ => {
+                let mut rng = SplitMix(mix(r.seed ^ 0xe3b));
+                (0..h).map(|_| (rng.symmetric() + 1.0) / 2.0).collect()
+            }
+        };
+        Ok(Params { masks, head_weight, head_bias, embedding })
+    }
+
+    /// The regularisers of sub-batch `sub` of update `update` for utterances of `frames` frames.
+    fn regularisers<'p>(
+        &self,
+        update: usize,
+        sub: usize,
+        frames: &[usize],
+        embedding: &'p [f32],
+        storage: &'p mut RegStorage,
+    ) -> Regularisers<'p> {
+        let r = self.recipe;
+        let h = self.config.hidden_size;
+        let mut rng = SplitMix(mix(r.seed ^ mix(0xba7c_0000_0000 ^ (update * r.update_freq + sub) as u64)));
+        storage.frames = frames.iter().flat_map(|&n| span_mask(n, r.mask_time_prob, r.mask_time_length, 2, &mut rng)).collect();
+        storage.channels = frames.iter().flat_map(|_| span_mask(h, r.mask_channel_prob, r.mask_channel_length, 0, &mut rng)).collect();
+        storage.skip = (0..self.model.layers.len()).map(|_| r.layerdrop > 0.0 && rng.unit() < r.layerdrop).collect();
+        let seed = rng.next_u64();
+        let dropout = |p: f64| (p > 0.0).then_some(Dropout { p: p as f32, seed });
+        Regularisers {
+            time_mask: storage.frames.iter().any(|&m| m).then_some(TimeMask { frames: &storage.frames, embedding }),
+            channel_mask: storage.channels.iter().any(|&m| m).then_some(storage.channels.as_slice()),
+            dropout: dropout(r.dropout),
+            attention_dropout: dropout(r.attention_dropout),
+            activation_dropout: dropout(r.activation_dropout),
+            skip_layers: &storage.skip,
+        }
+    }
+
+    fn validate(&self, params: &Params) -> Result<Option<EvalReport>> {
+        let Some((data, labels)) = &self.valid else { return Ok(None) };
+        let set = params.mask_set(&self.opts.out, self.recipe.sparsity);
+        let mut config = self.config.clone();
+        config.vocab_size = self.vocab.len();
+        let model = Wav2Vec2::from_weights(config, &Masked { inner: &self.ck, masks: &set }, &self.be)?;
+        let rec = Recognizer { model, pre: self.pre, vocab: self.vocab.clone(), backend: &self.be };
+        let labels = crate::data::labels::Labels { tokens: labels.clone(), skipped: 0 };
+        Ok(Some(evaluate(&rec, data, &labels, BatchLimits::from_seconds(self.recipe.valid_batch_seconds), |_, _| {})?))
+    }
+
+    fn save(&self, params: &Params, adam: &Adam, s: &RunState) -> Result<()> {
+        let mut st = TrainState::default();
+        for m in &params.masks {
+            st.put(&format!("scores/{}", m.name()), &[m.d_out, m.d_in], m.scores.clone());
+        }
+        let (v, h) = (params.head_bias.len(), self.config.hidden_size);
+        st.put("head/weight", &[v, h], params.head_weight.clone());
+        st.put("head/bias", &[v], params.head_bias.clone());
+        st.put("embedding", &[h], params.embedding.clone());
+        st.put_adam("adam", adam);
+        s.store(&mut st);
+        st.save(&self.opts.out.join(CHECKPOINT))
+    }
+
+    fn restore(&self, params: &mut Params, adam: &mut Adam) -> Result<RunState> {
+        let path = self.opts.out.join(CHECKPOINT);
+        let st = TrainState::load(&path).with_context(|| format!("--resume: {} has no usable checkpoint", self.opts.out.display()))?;
+        for m in &mut params.masks {
+            let (name, n) = (format!("scores/{}", m.name()), m.scores.len());
+            m.scores.copy_from_slice(st.take(&name, n)?);
+        }
+        let (w, b, e) = (params.head_weight.len(), params.head_bias.len(), params.embedding.len());
+        params.head_weight.copy_from_slice(st.take("head/weight", w)?);
+        params.head_bias.copy_from_slice(st.take("head/bias", b)?);
+        params.embedding.copy_from_slice(st.take("embedding", e)?);
+        st.restore_adam("adam", adam)?;
+        RunState::load(&st)
+    }
+
+    fn run(&self) -> Result<Summary> {
+        let r = self.recipe;
+        let out = &self.opts.out;
+        let mut params = self.init_params()?;
+        let mut adam = Adam::new(&params.sizes());
+        let mut state = if self.opts.resume { self.restore(&mut params, &mut adam)? } else { RunState::default() };
+        let mut log = Log::open(&out.join(LOG), state.update)?;
+        if !self.opts.resume {
+            log.write(&serde_json::json!({
+                "event": "start",
+                "utterances": self.feed.len(),
+                "too_short": self.feed.too_short,
+                "hours": self.feed.total_samples() as f64 / 16_000.0 / 3600.0,
+                "masked_weights": params.masks.len(),
+                "vocab": self.vocab.len(),
+            }))?;
+        }
+        let started = Instant::now();
+        let mut progress = Progress::new(self.opts.progress, r.steps, state.update);
+        let batches = self.feed.stream(state.position, self.pre);
+        let mut last_loss = f64::NAN;
+        let mut audio_seconds = 0.0;
+        let n_params = params.sizes().len();
+        while state.update < r.steps {
+            let update = state.update;
+            let lr = r.lr(update);
+            let mut acc = Accumulated::new(n_params);
+            let head = params.head(&self.be)?;
+            for sub in 0..r.update_freq {
+                let ((idx, audio), next) = batches.recv().context("the data loader stopped")??;
+                state.position = next;
+                let inputs: Vec<&[f32]> = audio.iter().map(Vec::as_slice).collect();
+                let frames = self.model.frame_counts(&audio.iter().map(Vec::len).collect::<Vec<_>>())?;
+                let mut storage = RegStorage::default();
+                let reg = self.regularisers(update, sub, &frames, &params.embedding, &mut storage);
+                let targets = CtcTargets {
+                    labels: idx.iter().map(|&i| self.feed.labels[i].clone()).collect(),
+                    blank: self.vocab.blank(),
+                    zero_infinity: true,
+                };
+                let grads = step(&self.model, &params.masks, r.sparsity, &head, &inputs, &targets, Reduction::Sum, &reg)?;
+                acc.utterances += idx.len();
+                acc.samples += audio.iter().map(Vec::len).sum::<usize>();
+                acc.add(grads);
+            }
+            audio_seconds += acc.samples as f64 / 16_000.0;
+            state.update += 1;
+            let loss = acc.loss / acc.utterances as f64;
+            if acc.is_finite() {
+                acc.scale_to_mean();
+                let grads: Vec<Option<&[f32]>> = acc.tensors.iter().map(|t| t.as_deref()).collect();
+                adam.update(&mut params.slices_mut(), &grads, lr);
+                state.consecutive_nonfinite = 0;
+                last_loss = loss;
+                log.write(&serde_json::json!({"step": state.update, "loss": loss, "lr": lr, "utterances": acc.utterances, "audio_seconds": acc.samples as f64 / 16_000.0, "epoch": state.position.epoch}))?;
+            } else {
+                state.nonfinite += 1;
+                state.consecutive_nonfinite += 1;
+                log.write(&serde_json::json!({"step": state.update, "skipped": "non-finite loss or gradient", "lr": lr}))?;
+                if state.consecutive_nonfinite >= r.max_nonfinite {
+                    bail!(
+                        "stopping at update {}: {} updates in a row had a non-finite loss or gradient (the last checkpoint in {} is intact; check the data, or lower --lr)",
+                        state.update,
+                        state.consecutive_nonfinite,
+                        out.display()
+                    );
+                }
+            }
+            progress.show(state.update, loss, lr, audio_seconds / started.elapsed().as_secs_f64());
+            let last = state.update == r.steps;
+            if self.valid.is_some() && (last || (r.valid_every > 0 && state.update.is_multiple_of(r.valid_every))) {
+                let report = self.validate(&params)?.expect("validation data is loaded");
+                let value = r.best_metric.of(&report);
+                let mut line = report.json();
+                line["step"] = state.update.into();
+                line["event"] = "valid".into();
+                log.write(&line)?;
+                progress.note(&format!(
+                    "step {}: valid loss {:.4}, WER {:.4}, CER {:.4}, UER {:.4}",
+                    state.update,
+                    report.loss,
+                    report.wer.rate(),
+                    report.cer.rate(),
+                    report.uer.rate()
+                ));
+                if state.best.is_none_or(|(_, b)| value < b) {
+                    state.best = Some((state.update, value));
+                    let best = out.join("best");
+                    params.write(&best, r.sparsity, &self.vocab)?;
+                    let text = serde_json::to_string_pretty(&line)?;
+                    crate::fsio::atomic_write(&best.join("valid.json"), |f| f.write_all(text.as_bytes()))?;
+                }
+            }
+            if last || (self.opts.save_every > 0 && state.update.is_multiple_of(self.opts.save_every)) {
+                self.save(&params, &adam, &state)?;
+            }
+        }
+        params.write(out, r.sparsity, &self.vocab)?;
+        progress.finish();
+        Ok(Summary {
+            steps: state.update,
+            last_loss,
+            nonfinite: state.nonfinite,
+            best: state.best,
+            audio_seconds,
+            wall_seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+/// The flags and spans of one sub-batch's regularisers.
+#[derive(Default)]
+struct RegStorage {
+    frames: Vec<bool>,
+    channels: Vec<bool>,
+    skip: Vec<bool>,
+}
+
+/// Loop counters a checkpoint carries besides the tensors.
+#[derive(Default)]
+struct RunState {
+    update: usize,
+    position: Position,
+    nonfinite: usize,
+    consecutive_nonfinite: usize,
+    best: Option<(usize, f64)>,
+}
+
+impl RunState {
+    fn store(&self, st: &mut TrainState) {
+        let m = &mut st.meta;
+        m.insert("update".into(), self.update.to_string());
+        m.insert("epoch".into(), self.position.epoch.to_string());
+        m.insert("batch".into(), self.position.batch.to_string());
+        m.insert("nonfinite".into(), self.nonfinite.to_string());
+        m.insert("consecutive_nonfinite".into(), self.consecutive_nonfinite.to_string());
+        if let Some((step, value)) = self.best {
+            m.insert("best_step".into(), step.to_string());
+            // Bit-exact: the comparison after a resume must see the same number.
+            m.insert("best_value_bits".into(), value.to_bits().to_string());
+        }
+    }
+
+    fn load(st: &TrainState) -> Result<RunState> {
+        fn num<T: std::str::FromStr>(st: &TrainState, key: &str) -> Result<T> {
+            let s = st.meta(key)?;
+            s.parse().map_err(|_| anyhow::anyhow!("checkpoint entry \"{key}\" = {s:?} is not a number"))
+        }
+        let best = match st.meta.contains_key("best_step") {
+            true => Some((num(st, "best_step")?, f64::from_bits(num(st, "best_value_bits")?))),
+            false => None,
+        };
+        Ok(RunState {
+            update: num(st, "update")?,
+            position: Position { epoch: num(st, "epoch")?, batch: num(st, "batch")? },
+            nonfinite: num(st, "nonfinite")?,
+            consecutive_nonfinite: num(st, "consecutive_nonfinite")?,
+            best,
+        })
+    }
+}
+
+/// `train_log.jsonl`: one JSON object per line. Resuming keeps the lines up to the checkpoint's
+/// update and drops the rest (they are about to be recomputed).
+struct Log {
+    file: std::fs::File,
+}
+
+impl Log {
+    fn open(path: &Path, resumed_at: usize) -> Result<Log> {
+        let kept: String = match std::fs::read_to_string(path) {
+            Ok(text) => text
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .ok()
+                        .and_then(|v| v["step"].as_u64())
+                        .is_none_or(|s| s as usize <= resumed_at)
+                })
+                .map(|l| format!("{l}\n"))
+                .collect(),
+            Err(_) => String::new(),
+        };
+        crate::fsio::atomic_write(path, |f| f.write_all(kept.as_bytes()))?;
+        let file = std::fs::OpenOptions::new().append(true).open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        Ok(Log { file })
+    }
+
+    fn write(&mut self, v: &serde_json::Value) -> Result<()> {
+        writeln!(self.file, "{v}").context("cannot append to the training log")
+    }
+}
+
+/// A one-line progress display on stderr (redrawn in place on a terminal, every 5% otherwise).
+struct Progress {
+    on: bool,
+    tty: bool,
+    total: usize,
+    first: usize,
+    started: Instant,
+}
+
+impl Progress {
+    fn new(on: bool, total: usize, first: usize) -> Progress {
+        Progress { on, tty: std::io::stderr().is_terminal(), total, first, started: Instant::now() }
+    }
+
+    fn show(&mut self, done: usize, loss: f64, lr: f64, audio_per_s: f64) {
+        if !self.on || (!self.tty && !done.is_multiple_of((self.total / 20).max(1)) && done != self.total) {
+            return;
+        }
+        let rate = (done - self.first) as f64 / self.started.elapsed().as_secs_f64();
+        let eta = (self.total - done) as f64 / rate.max(1e-9);
+        let width = 30;
+        let filled = width * done / self.total;
+        let bar: String = "#".repeat(filled) + &"-".repeat(width - filled);
+        let line = format!("[{bar}] {done}/{} loss {loss:.4} lr {lr:.2e} {audio_per_s:.1} audio-s/s eta {}", self.total, clock(eta));
+        if self.tty {
+            eprint!("\r{line}\x1b[K");
+        } else {
+            eprintln!("{line}");
+        }
+    }
+
+    fn note(&self, text: &str) {
+        if self.on {
+            eprintln!("{}{text}", if self.tty { "\r\x1b[K" } else { "" });
+        }
+    }
+
+    fn finish(&self) {
+        if self.on && self.tty {
+            eprintln!();
+        }
+    }
+}
+
+fn clock(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accumulation_sums_present_gradients_and_skips_absent_ones() {
+        let mut acc = Accumulated::new(3);
+        let g = |s: Vec<Option<Vec<f32>>>, e: Option<Vec<f32>>| StepGrads {
+            loss: 1.5,
+            losses: vec![1.5],
+            scores: s,
+            head_weight: vec![1.0],
+            head_bias: vec![2.0],
+            embedding: e,
+        };
+        acc.add(g(vec![], Some(vec![4.0])));
+        acc.add(g(vec![], None));
+        acc.utterances = 2;
+        assert!(acc.is_finite());
+        acc.scale_to_mean();
+        assert_eq!(acc.tensors, vec![Some(vec![1.0]), Some(vec![2.0]), Some(vec![2.0])]);
+        acc.add(g(vec![], Some(vec![f32::NAN])));
+        assert!(!acc.is_finite());
+    }
+
+    #[test]
+    fn clock_reads_hours_minutes_seconds() {
+        assert_eq!(clock(3725.4), "1:02:05");
+    }
+}
