@@ -1,5 +1,6 @@
 //! Writing outputs so that no reader ever sees half a file.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::Path;
 
@@ -17,28 +18,81 @@ pub fn atomic_write(path: &Path, write: impl FnOnce(&mut File) -> std::io::Resul
     Ok(())
 }
 
-/// Serialises named f32 tensors (name, shape, values) with string metadata as safetensors.
-pub fn f32_safetensors<'a>(
-    tensors: impl IntoIterator<Item = (&'a str, &'a [usize], &'a [f32])>,
-    meta: std::collections::HashMap<String, String>,
-) -> Result<Vec<u8>> {
-    let views = tensors
-        .into_iter()
-        .map(|(name, shape, values)| {
-            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.to_vec(), bytemuck::cast_slice(values))
-                .with_context(|| format!("tensor \"{name}\": {} values for shape {shape:?}", values.len()))?;
-            Ok((name.to_string(), view))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(safetensors::serialize(views, Some(meta).filter(|m| !m.is_empty()))?)
+/// One tensor to serialise: name, safetensors dtype name (`"F32"`, `"U8"`), shape, raw
+/// little-endian bytes.
+pub struct RawTensor<'a> {
+    pub name: &'a str,
+    pub dtype: &'static str,
+    pub shape: &'a [usize],
+    pub bytes: &'a [u8],
 }
 
-/// [`f32_safetensors`] written to `path` atomically.
+/// Serialises tensors with string metadata in the safetensors format, deterministically: the
+/// header lists tensors and metadata keys in name order, so the same content always gives the
+/// same bytes (the safetensors crate keeps metadata in a HashMap, whose order varies per run;
+/// resumed training must write files byte-identical to an uninterrupted run).
+pub fn safetensors_bytes(tensors: &[RawTensor], meta: &BTreeMap<String, String>) -> Result<Vec<u8>> {
+    let mut order: Vec<&RawTensor> = tensors.iter().collect();
+    order.sort_by_key(|t| t.name);
+    let mut header = serde_json::Map::new();
+    if !meta.is_empty() {
+        header.insert("__metadata__".into(), serde_json::to_value(meta)?);
+    }
+    let mut offset = 0;
+    for t in &order {
+        let width = match t.dtype {
+            "F32" => 4,
+            "U8" => 1,
+            other => anyhow::bail!("tensor \"{}\": dtype {other} is not written here", t.name),
+        };
+        let numel: usize = t.shape.iter().product();
+        anyhow::ensure!(numel * width == t.bytes.len(), "tensor \"{}\": {} bytes for shape {:?}", t.name, t.bytes.len(), t.shape);
+        let entry = serde_json::json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [offset, offset + t.bytes.len()]});
+        header.insert(t.name.to_string(), entry);
+        offset += t.bytes.len();
+    }
+    // serde_json's map keeps keys sorted; the header is padded with spaces to 8-byte alignment.
+    let mut text = serde_json::to_string(&header)?.into_bytes();
+    text.resize(text.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + text.len() + offset);
+    out.extend((text.len() as u64).to_le_bytes());
+    out.extend(text);
+    order.iter().for_each(|t| out.extend_from_slice(t.bytes));
+    Ok(out)
+}
+
+/// Named f32 tensors (name, shape, values) written to `path` atomically as safetensors.
 pub fn write_f32_safetensors<'a>(
     path: &Path,
     tensors: impl IntoIterator<Item = (&'a str, &'a [usize], &'a [f32])>,
-    meta: std::collections::HashMap<String, String>,
+    meta: &BTreeMap<String, String>,
 ) -> Result<()> {
-    let bytes = f32_safetensors(tensors, meta)?;
+    let raw: Vec<RawTensor> =
+        tensors.into_iter().map(|(name, shape, v)| RawTensor { name, dtype: "F32", shape, bytes: bytemuck::cast_slice(v) }).collect();
+    let bytes = safetensors_bytes(&raw, meta)?;
     atomic_write(path, |f| std::io::Write::write_all(f, &bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_safetensors_crate_reads_what_we_write() {
+        let (a, b) = (vec![1.5f32, -2.0, 3.25], vec![7u8, 0, 255, 1, 2]);
+        let meta = BTreeMap::from([("z".to_string(), "last".to_string()), ("a".to_string(), "first".to_string())]);
+        let tensors = [
+            RawTensor { name: "w", dtype: "F32", shape: &[3, 1], bytes: bytemuck::cast_slice(&a) },
+            RawTensor { name: "bits", dtype: "U8", shape: &[5], bytes: &b },
+        ];
+        let bytes = safetensors_bytes(&tensors, &meta).unwrap();
+        assert_eq!(bytes, safetensors_bytes(&tensors, &meta).unwrap());
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let w = st.tensor("w").unwrap();
+        assert_eq!((w.dtype(), w.shape(), w.data()), (safetensors::Dtype::F32, &[3usize, 1][..], bytemuck::cast_slice::<f32, u8>(&a)));
+        assert_eq!(st.tensor("bits").unwrap().data(), &b[..]);
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        assert_eq!(header.metadata().as_ref().unwrap()["z"], "last");
+        assert!(safetensors_bytes(&[RawTensor { name: "x", dtype: "F32", shape: &[2], bytes: &b }], &meta).is_err());
+    }
 }

@@ -246,7 +246,7 @@ fn backend(d: DeviceArgs) -> Result<Box<dyn Backend>> {
 /// Writes `tensors` to `path` atomically, so an interrupted run never leaves a half-written file.
 fn write_logits(path: &Path, tensors: &HashMap<String, (Vec<f32>, Vec<usize>)>) -> Result<()> {
     let views = tensors.iter().map(|(name, (data, shape))| (name.as_str(), shape.as_slice(), data.as_slice()));
-    s3router::fsio::write_f32_safetensors(path, views, HashMap::new())
+    s3router::fsio::write_f32_safetensors(path, views, &Default::default())
 }
 
 fn infer(model: &Path, masks: Option<&Path>, device: DeviceArgs, out: Option<&Path>, batch_seconds: f64, audio: &[PathBuf]) -> Result<()> {

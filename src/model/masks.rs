@@ -6,13 +6,14 @@
 //! [`Masked`] puts a mask set over a model's weights: masked weights come out as `W * M`, the head
 //! from the mask set; everything else passes through.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 use safetensors::{Dtype, SafeTensors};
 
 use super::checkpoint::{Checkpoint, WeightSource};
+use crate::fsio::RawTensor;
 use crate::mask;
 use crate::tensor::Tensor;
 
@@ -80,16 +81,14 @@ impl MaskSet {
     /// Writes a mask set (tests, mask learning): masks from keep-flags, atomically.
     pub fn save(dir: &Path, masks: &[(String, Vec<usize>, Vec<bool>)], sparsity: f64) -> Result<()> {
         let packed: Vec<(String, Vec<u8>)> = masks.iter().map(|(n, _, keep)| (n.clone(), mask::pack(keep))).collect();
-        let mut meta: HashMap<String, String> =
-            HashMap::from([("format".into(), FORMAT.into()), ("sparsity".into(), sparsity.to_string())]);
+        let mut meta = BTreeMap::from([("format".to_string(), FORMAT.to_string()), ("sparsity".to_string(), sparsity.to_string())]);
         for (name, shape, _) in masks {
             meta.insert(format!("{name}.shape"), shape.iter().map(usize::to_string).collect::<Vec<_>>().join(","));
         }
-        let views = packed
-            .iter()
-            .map(|(n, bits)| Ok((n.clone(), safetensors::tensor::TensorView::new(Dtype::U8, vec![bits.len()], bits)?)))
-            .collect::<Result<Vec<_>>>()?;
-        let bytes = safetensors::serialize(views, Some(meta))?;
+        let lens: Vec<[usize; 1]> = packed.iter().map(|(_, bits)| [bits.len()]).collect();
+        let raw: Vec<RawTensor> =
+            packed.iter().zip(&lens).map(|((name, bits), len)| RawTensor { name, dtype: "U8", shape: len, bytes: bits }).collect();
+        let bytes = crate::fsio::safetensors_bytes(&raw, &meta)?;
         crate::fsio::atomic_write(&dir.join("masks.safetensors"), |f| std::io::Write::write_all(f, &bytes))
     }
 

@@ -11,7 +11,7 @@ use anyhow::{ensure, Context, Result};
 use safetensors::{Dtype, SafeTensors};
 
 use super::adam::Adam;
-use crate::fsio::atomic_write;
+use crate::fsio::{atomic_write, RawTensor};
 
 /// Everything a run needs to continue exactly where it stopped.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -74,9 +74,11 @@ impl TrainState {
     }
 
     fn bytes(&self) -> Result<Vec<u8>> {
-        let mut meta: std::collections::HashMap<String, String> = self.meta.clone().into_iter().collect();
+        let mut meta = self.meta.clone();
         meta.insert("format".into(), FORMAT.into());
-        crate::fsio::f32_safetensors(self.tensors.iter().map(|(n, (shape, v))| (n.as_str(), shape.as_slice(), v.as_slice())), meta)
+        let raw: Vec<RawTensor> =
+            self.tensors.iter().map(|(name, (shape, v))| RawTensor { name, dtype: "F32", shape, bytes: bytemuck::cast_slice(v) }).collect();
+        crate::fsio::safetensors_bytes(&raw, &meta)
     }
 
     /// Writes the state to `path` atomically.

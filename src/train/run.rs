@@ -7,7 +7,7 @@
 //! the parameters, the optimiser moments and the data position for a resumed run to end
 //! bit-identical to an uninterrupted one.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -312,14 +312,14 @@ impl Params {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let names: Vec<(String, [usize; 2])> = self.masks.iter().map(|m| (m.name(), [m.d_out, m.d_in])).collect();
         let scores = names.iter().zip(&self.masks).map(|((n, shape), m)| (n.as_str(), shape.as_slice(), m.scores.as_slice()));
-        let meta = HashMap::from([("sparsity".to_string(), sparsity.to_string())]);
-        crate::fsio::write_f32_safetensors(&dir.join("scores.safetensors"), scores, meta)?;
+        let meta = BTreeMap::from([("sparsity".to_string(), sparsity.to_string())]);
+        crate::fsio::write_f32_safetensors(&dir.join("scores.safetensors"), scores, &meta)?;
         let keep: Vec<(String, Vec<usize>, Vec<bool>)> =
             self.masks.iter().map(|m| (m.name(), vec![m.d_out, m.d_in], top_k_mask(&m.scores, sparsity))).collect();
         MaskSet::save(dir, &keep, sparsity)?;
         let (v, h) = (self.head_bias.len(), self.head_weight.len() / self.head_bias.len());
         let head = [("lm_head.weight", &[v, h][..], self.head_weight.as_slice()), ("lm_head.bias", &[v][..], self.head_bias.as_slice())];
-        crate::fsio::write_f32_safetensors(&dir.join("head.safetensors"), head, HashMap::new())?;
+        crate::fsio::write_f32_safetensors(&dir.join("head.safetensors"), head, &BTreeMap::new())?;
         vocab.save(&dir.join("vocab.json"))
     }
 }

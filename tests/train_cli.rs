@@ -1,0 +1,319 @@
+//! `engine train` end to end on the fixture model and the espeak-ng corpus: learning happens,
+//! frozen weights stay untouched, outputs form a mask set that `engine eval` reproduces, a killed
+//! and resumed run ends bit-identical, and bad input is refused with a named reason.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::fixtures;
+use s3router::model::checkpoint::Checkpoint;
+use s3router::model::masks::MaskSet;
+use s3router::router::{kept, top_k_mask};
+use s3router::train::checkpoint::TrainState;
+
+fn engine(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_engine")).args(args).output().unwrap()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn ok(out: &Output) {
+    assert!(out.status.success(), "engine failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn fails_with(out: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected a failure mentioning {needle:?}");
+    assert!(err.contains(needle), "error does not mention {needle:?}: {err}");
+}
+
+/// A fairseq manifest over the first `n` English corpus training utterances, in `dir`.
+fn small_manifest(dir: &Path, n: usize) -> PathBuf {
+    let corpus = std::fs::canonicalize(fixtures().join("corpus/en")).unwrap();
+    let tsv = std::fs::read_to_string(corpus.join("train.tsv")).unwrap();
+    let rows: Vec<&str> = tsv.lines().skip(1).take(n).collect();
+    let manifest = dir.join("small.tsv");
+    std::fs::write(&manifest, format!("{}\n{}\n", corpus.display(), rows.join("\n"))).unwrap();
+    let phn = std::fs::read_to_string(corpus.join("train.phn")).unwrap();
+    std::fs::write(dir.join("small.phn"), phn.lines().take(n).collect::<Vec<_>>().join("\n") + "\n").unwrap();
+    manifest
+}
+
+/// Regularisers off, a constant high learning rate: a setting where the loss must fall.
+const PLAIN: &[&str] = &[
+    "--labels",
+    "phn",
+    "--schedule",
+    "constant",
+    "--mask-time-prob",
+    "0",
+    "--mask-channel-prob",
+    "0",
+    "--dropout",
+    "0",
+    "--attention-dropout",
+    "0",
+    "--activation-dropout",
+    "0",
+    "--layerdrop",
+    "0",
+    "--quiet",
+];
+
+fn log(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("train_log.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+fn file_hash(p: &Path) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    std::fs::read(p).unwrap().hash(&mut h);
+    h.finish()
+}
+
+#[test]
+fn loss_falls_when_overfitting_and_frozen_weights_are_untouched() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for f in ["config.json", "model.safetensors", "vocab.json", "preprocessor_config.json"] {
+        std::fs::copy(fixtures().join("base-like").join(f), model.join(f)).unwrap();
+    }
+    let weights = model.join("model.safetensors");
+    let (hash, modified) = (file_hash(&weights), std::fs::metadata(&weights).unwrap().modified().unwrap());
+    let train = small_manifest(tmp.path(), 4);
+    let out = tmp.path().join("run");
+    let mut args = vec!["train", "--model", s(&model), "--train", s(&train), "--out", s(&out), "--steps", "60", "--lr", "1e-2"];
+    args.extend(PLAIN);
+    ok(&engine(&args));
+    let losses: Vec<f64> = log(&out).iter().filter_map(|l| l["loss"].as_f64()).collect();
+    assert_eq!(losses.len(), 60);
+    let (first, last) = (losses[0], losses[50..].iter().sum::<f64>() / 10.0);
+    assert!(last < 0.3 * first, "loss {first} -> {last}");
+    assert_eq!(file_hash(&weights), hash, "the frozen checkpoint changed");
+    assert_eq!(std::fs::metadata(&weights).unwrap().modified().unwrap(), modified);
+}
+
+#[test]
+fn outputs_form_a_mask_set_that_eval_reproduces() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train = small_manifest(tmp.path(), 6);
+    let valid = fixtures().join("corpus/en/dev.tsv");
+    for (scope, sparsity, per_layer) in [("ffn", "0.3", 2), ("attention", "0.2", 4), ("all", "0.1", 6)] {
+        let out = tmp.path().join(scope);
+        let mut args = vec!["train", "--model", "tests/fixtures/base-like", "--train", s(&train), "--valid", s(&valid), "--out", s(&out)];
+        args.extend([
+            "--steps",
+            "6",
+            "--lr",
+            "1e-2",
+            "--mask",
+            scope,
+            "--sparsity",
+            sparsity,
+            "--skip-unknown",
+            "--labels",
+            "phn",
+            "--quiet",
+        ]);
+        ok(&engine(&args));
+        let set = MaskSet::load(&out).unwrap();
+        assert_eq!(set.masks.len(), 2 * per_layer, "{scope}: masks for 2 layers");
+        assert_eq!(set.sparsity, Some(sparsity.parse().unwrap()));
+        let scores = Checkpoint::open(&[out.join("scores.safetensors")]).unwrap();
+        for (name, (shape, bits)) in &set.masks {
+            let want_part = match scope {
+                "ffn" => name.contains("feed_forward"),
+                "attention" => name.contains("attention"),
+                _ => true,
+            };
+            assert!(want_part, "{scope}: unexpected mask {name}");
+            let numel: usize = shape.iter().product();
+            let keep = s3router::mask::unpack(bits, numel);
+            assert_eq!(keep.iter().filter(|&&k| k).count(), kept(numel, sparsity.parse().unwrap()), "{name}");
+            let sc = scores.tensor(name).unwrap();
+            assert_eq!(sc.shape(), shape.as_slice());
+            assert_eq!(top_k_mask(&sc.to_vec().unwrap(), sparsity.parse().unwrap()), keep, "{name}: mask is the top-k of the scores");
+        }
+        // The validation numbers of the best checkpoint are what `engine eval --masks` measures.
+        let best = out.join("best");
+        let valid_json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(best.join("valid.json")).unwrap()).unwrap();
+        let e = engine(&[
+            "eval",
+            "--model",
+            "tests/fixtures/base-like",
+            "--masks",
+            s(&best),
+            "--data",
+            s(&valid),
+            "--labels",
+            "phn",
+            "--skip-unknown",
+            "--json",
+        ]);
+        ok(&e);
+        let eval: serde_json::Value = serde_json::from_slice(&e.stdout).unwrap();
+        for key in ["wer", "cer", "uer", "loss", "utterances"] {
+            assert_eq!(eval[key], valid_json[key], "{scope}: {key}");
+        }
+        let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("train_config.json")).unwrap()).unwrap();
+        assert_eq!(config["mask"], scope);
+    }
+}
+
+/// Every regulariser on, two batches per update, validation: killed after its first checkpoint
+/// and resumed, the run's outputs, checkpoint and log equal those of a run never interrupted.
+#[test]
+fn a_killed_and_resumed_run_ends_bit_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train = small_manifest(tmp.path(), 10);
+    let valid = fixtures().join("corpus/en/dev.tsv");
+    let args = |out: &Path| -> Vec<String> {
+        let a = [
+            "--threads",
+            "2",
+            "train",
+            "--model",
+            "tests/fixtures/base-like",
+            "--train",
+            s(&train),
+            "--valid",
+            s(&valid),
+            "--out",
+            s(out),
+            "--labels",
+            "phn",
+            "--skip-unknown",
+            "--steps",
+            "40",
+            "--lr",
+            "5e-3",
+            "--update-freq",
+            "2",
+            "--max-tokens",
+            "80000",
+            "--save-every",
+            "3",
+            "--valid-every",
+            "7",
+            "--mask",
+            "all",
+            "--mask-time-prob",
+            "0.5",
+            "--mask-channel-prob",
+            "0.5",
+            "--mask-channel-length",
+            "4",
+            "--layerdrop",
+            "0.3",
+            "--quiet",
+        ];
+        a.iter().map(|x| x.to_string()).collect()
+    };
+    let straight = tmp.path().join("straight");
+    ok(&Command::new(env!("CARGO_BIN_EXE_engine")).args(args(&straight)).output().unwrap());
+
+    let resumed = tmp.path().join("resumed");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_engine")).args(args(&resumed)).spawn().unwrap();
+    let checkpoint = resumed.join("checkpoint.safetensors");
+    while !checkpoint.exists() {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before its first checkpoint");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let at: usize = TrainState::load(&checkpoint).unwrap().meta["update"].parse().unwrap();
+    assert!(at < 40, "killed after the run finished (update {at})");
+    let mut again = args(&resumed);
+    again.push("--resume".into());
+    ok(&Command::new(env!("CARGO_BIN_EXE_engine")).args(&again).output().unwrap());
+
+    for f in [
+        "scores.safetensors",
+        "masks.safetensors",
+        "head.safetensors",
+        "vocab.json",
+        "checkpoint.safetensors",
+        "train_log.jsonl",
+        "best/masks.safetensors",
+        "best/valid.json",
+    ] {
+        assert!(std::fs::read(straight.join(f)).unwrap() == std::fs::read(resumed.join(f)).unwrap(), "{f} differs after resuming at {at}");
+    }
+    // The regularisers were live: some updates saw layers dropped (no gradient for their scores).
+    let st = TrainState::load(&straight.join("checkpoint.safetensors")).unwrap();
+    let steps: Vec<u64> = st.meta["adam.steps"].split(',').map(|x| x.parse().unwrap()).collect();
+    assert!(steps.iter().any(|&n| n < 40) && steps.contains(&40), "Adam step counts {steps:?}");
+}
+
+#[test]
+fn bad_input_is_refused_with_a_named_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train = small_manifest(tmp.path(), 3);
+    let out = tmp.path().join("run");
+    let base = |extra: &[&str]| -> Output {
+        let mut a = vec!["train", "--model", "tests/fixtures/base-like", "--train", s(&train), "--out", s(&out), "--labels", "phn"];
+        a.push("--quiet");
+        a.extend(extra);
+        if !extra.contains(&"--steps") {
+            a.extend(["--steps", "2"]);
+        }
+        engine(&a)
+    };
+    fails_with(&base(&["--sparsity", "1"]), "outside [0, 1)");
+    fails_with(&base(&["--sparsity=-0.1"]), "outside [0, 1)");
+    fails_with(&base(&["--dropout", "1.5"]), "--dropout 1.5 is outside");
+    fails_with(&base(&["--resume"]), "holds no run to resume");
+    assert!(!out.exists(), "a refused run left an output folder");
+    // The model's letter head cannot read phonemes.
+    fails_with(&base(&["--keep-head"]), "symbols the vocabulary lacks");
+    assert!(!out.exists(), "a run that failed to start left an output folder");
+    ok(&base(&[]));
+    fails_with(&base(&[]), "pass --resume to continue it or --overwrite");
+    fails_with(&base(&["--resume", "--sparsity", "0.2"]), "sparsity (run: 0.1, now: 0.2)");
+    ok(&base(&["--overwrite", "--steps", "3"]));
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("train_config.json")).unwrap()).unwrap();
+    assert_eq!(config["steps"], 3);
+    // Masks from a different model: named by eval.
+    let e = engine(&["infer", "--model", "tests/fixtures/large-like", "--masks", s(&out), "tests/fixtures/audio/utt0.wav"]);
+    fails_with(&e, "mask \"wav2vec2.encoder.layers.0.feed_forward.intermediate_dense.weight\" is for a");
+    fails_with(&base(&["--device", "cuda"]), "runs on the CPU for now");
+}
+
+#[test]
+fn repeated_non_finite_losses_stop_the_run_with_the_checkpoint_intact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let wav = tmp.path().join("nan.wav");
+    let spec = hound::WavSpec { channels: 1, sample_rate: 16_000, bits_per_sample: 32, sample_format: hound::SampleFormat::Float };
+    let mut w = hound::WavWriter::create(&wav, spec).unwrap();
+    for i in 0..16_000 {
+        w.write_sample(if i == 8000 { f32::NAN } else { (i as f32 * 0.01).sin() * 0.1 }).unwrap();
+    }
+    w.finalize().unwrap();
+    let manifest = tmp.path().join("nan.tsv");
+    std::fs::write(&manifest, format!("{}\nnan.wav\t16000\n", tmp.path().display())).unwrap();
+    std::fs::write(tmp.path().join("nan.ltr"), "A B |\n").unwrap();
+    let out = tmp.path().join("run");
+    let e = engine(&[
+        "train",
+        "--model",
+        "tests/fixtures/base-like",
+        "--train",
+        s(&manifest),
+        "--out",
+        s(&out),
+        "--steps",
+        "10",
+        "--max-nonfinite",
+        "3",
+        "--quiet",
+    ]);
+    fails_with(&e, "3 updates in a row had a non-finite loss or gradient");
+    let skipped = log(&out).iter().filter(|l| l["skipped"].is_string()).count();
+    assert_eq!(skipped, 3);
+    assert!(!out.join("scores.safetensors").exists(), "no outputs from a failed run");
+}
