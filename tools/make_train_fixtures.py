@@ -2,11 +2,16 @@
 """Reference values for training (tests/fixtures/train.json and train_grads.safetensors):
 
 - torch.optim.Adam with S3-Router's settings (betas 0.9/0.98, eps 1e-8) over a few steps;
-- S3-Router gradients: the base-like and large-like fixture models with every FFN linear masked
+- S3-Router gradients ("masked"): the base-like and large-like fixture models with every FFN linear masked
   as the official code does it (per-matrix top-k of |scores|, W * M, straight-through to
   scores), CTC loss (sum over utterances, zero_infinity) on the three test utterances, and the
   gradients of the scores and of the head. Each utterance runs alone (no padding), so the sum
   equals the engine's packed batch.
+- The same with every regulariser on ("regularised"): all six linears of each layer masked
+  (q/k/v/out and the FFN), SpecAugment time spans replaced by masked_spec_embed, channel spans
+  zeroed, one layer skipped (LayerDrop), and hidden / attention / activation dropout inside the
+  transformers modules, with the engine's counter-based masks (src/dropout.rs: splitmix64 of
+  (seed, site, index), recomputed here in numpy) so both sides drop the same elements.
 
     pip install torch transformers safetensors numpy && python3 tools/make_train_fixtures.py
 """
@@ -43,13 +48,14 @@ class TopK(torch.autograd.Function):
 
 
 class MaskedLinear(torch.nn.Module):
-    def __init__(self, lin, scores):
+    def __init__(self, lin, scores, sparsity=SPARSITY):
         super().__init__()
         self.lin = lin
         self.scores = torch.nn.Parameter(scores)
+        self.sparsity = sparsity
 
     def forward(self, x):
-        return F.linear(x, self.lin.weight * TopK.apply(self.scores.abs(), SPARSITY) * 1.0, self.lin.bias)
+        return F.linear(x, self.lin.weight * TopK.apply(self.scores.abs(), self.sparsity) * 1.0, self.lin.bias)
 
 
 def read_wav(path):
@@ -121,6 +127,129 @@ def masked_gradients(tensors, meta, dtype=torch.float64, specaug=False):
             tensors[f"{key}/masked_spec_embed_grad"] = model.wav2vec2.masked_spec_embed.grad.detach().float().contiguous()
 
 
+MASK64 = (1 << 64) - 1
+GOLDEN = 0x9E3779B97F4A7C15
+
+
+def mix(z):
+    """splitmix64's finaliser on a uint64 array (src/rng.rs `mix`)."""
+    z = z.astype(np.uint64)
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def dropout_factors(seed, site, index, p):
+    """src/dropout.rs `Dropout::factor` for an array of element indices."""
+    key = mix(np.array([seed ^ ((site * GOLDEN) & MASK64)], dtype=np.uint64))[0]
+    u = (mix(np.bitwise_xor(index.astype(np.uint64), key)) >> np.uint64(40)).astype(np.float32) / np.float32(1 << 24)
+    keep = np.float32(1.0) / (np.float32(1.0) - np.float32(p))
+    return np.where(u < np.float32(p), np.float32(0.0), keep)
+
+
+REG = {"seed": 12345, "dropout": 0.1, "attention_dropout": 0.15, "activation_dropout": 0.2, "sparsity": 0.3,
+       "channel_masks": [[(0, 4)], [(10, 14), (30, 34)], []], "skip": {"base-like": [False, True], "large-like": [False, True, False]}}
+
+
+class HashDropout(torch.nn.Module):
+    """Dropout on [1, T, C] with the engine's mask for `site`, rows offset to the packed batch."""
+
+    def __init__(self, site, p, state):
+        super().__init__()
+        self.site, self.p, self.state = site, p, state
+
+    def forward(self, x):
+        t, c = x.shape[1], x.shape[2]
+        rows = np.arange(t, dtype=np.uint64)[:, None] + np.uint64(self.state["offset"])
+        idx = rows * np.uint64(c) + np.arange(c, dtype=np.uint64)[None, :]
+        return x * torch.from_numpy(dropout_factors(REG["seed"], self.site, idx, self.p)).to(x.dtype)[None]
+
+
+def regularised_gradients(tensors, meta, dtype=torch.float64):
+    from transformers.models.wav2vec2 import modeling_wav2vec2 as mw
+    state = {"offset": 0}
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        w = torch.softmax(torch.matmul(query, key.transpose(2, 3)) * scaling, dim=-1)
+        heads, t = w.shape[1], w.shape[2]
+        h = np.arange(heads, dtype=np.uint64)[:, None, None]
+        row = np.arange(t, dtype=np.uint64)[None, :, None] + np.uint64(state["offset"])
+        j = np.arange(t, dtype=np.uint64)[None, None, :]
+        idx = ((row * np.uint64(heads) + h) << np.uint64(24)) | j
+        site = 1 + 4 * module.s3r_layer + 0
+        w = w * torch.from_numpy(dropout_factors(REG["seed"], site, idx, REG["attention_dropout"])).to(w.dtype)[None]
+        return torch.matmul(w, value).transpose(1, 2).contiguous(), w
+
+    mw.eager_attention_forward = attention
+    for name in ("base-like", "large-like"):
+        key = name + "-regularised"
+        state["offset"] = 0
+        torch.manual_seed(23)
+        config = Wav2Vec2Config.from_pretrained(os.path.join(ROOT, name))
+        config.mask_time_prob = 0.05
+        config._attn_implementation = "eager"
+        model = Wav2Vec2ForCTC.from_pretrained(os.path.join(ROOT, name), config=config, attn_implementation="eager").eval().to(dtype)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        g = torch.Generator().manual_seed(29)
+        masked = []
+        enc = model.wav2vec2.encoder
+        for i, layer in enumerate(enc.layers):
+            parts = [(layer.attention, f"attention.{n}", n) for n in ("q_proj", "k_proj", "v_proj", "out_proj")]
+            parts += [(layer.feed_forward, f"feed_forward.{n}", n) for n in ("intermediate_dense", "output_dense")]
+            for owner, full, attr in parts:
+                lin = getattr(owner, attr)
+                bound = 1.0 / lin.weight.shape[1] ** 0.5
+                m = MaskedLinear(lin, ((torch.rand(lin.weight.shape, generator=g) * 2 - 1) * bound).to(dtype), REG["sparsity"])
+                setattr(owner, attr, m)
+                masked.append((i, f"wav2vec2.encoder.layers.{i}.{full}.weight", m))
+            layer.attention.s3r_layer = i
+            layer.dropout = HashDropout(1 + 4 * i + 1, REG["dropout"], state)
+            layer.feed_forward.intermediate_dropout = HashDropout(1 + 4 * i + 2, REG["activation_dropout"], state)
+            layer.feed_forward.output_dropout = HashDropout(1 + 4 * i + 3, REG["dropout"], state)
+        enc.dropout = HashDropout(0, REG["dropout"], state)
+        skip = REG["skip"][name]
+        enc.layers = torch.nn.ModuleList([l for l, s in zip(enc.layers, skip) if not s])
+        for p in model.lm_head.parameters():
+            p.requires_grad_(True)
+        model.wav2vec2.masked_spec_embed.requires_grad_(True)
+        vocab = json.load(open(os.path.join(ROOT, name, "vocab.json")))
+        pre = json.load(open(os.path.join(ROOT, name, "preprocessor_config.json")))
+        total = 0.0
+        for u, text in enumerate(TRANSCRIPTS[name]):
+            x = torch.from_numpy(read_wav(os.path.join(ROOT, "audio", f"utt{u}.wav"))).to(dtype)
+            if pre["do_normalize"]:
+                x = (x - x.mean()) / torch.sqrt(x.var(unbiased=False) + 1e-7)
+            w2v = model.wav2vec2
+            features = w2v.feature_extractor(x[None]).transpose(1, 2)
+            hidden, _ = w2v.feature_projection(features)
+            hidden = hidden.clone()
+            for a, b in TIME_MASKS[u]:
+                hidden[0, a:b] = w2v.masked_spec_embed
+            for a, b in REG["channel_masks"][u]:
+                hidden[0, :, a:b] = 0
+            logits = model.lm_head(w2v.encoder(hidden).last_hidden_state)[0]
+            target = torch.tensor([vocab["|" if ch == " " else ch] for ch in text])
+            lp = torch.log_softmax(logits, -1)[:, None]
+            loss = F.ctc_loss(lp, target[None], torch.tensor([lp.shape[0]]), torch.tensor([len(target)]),
+                              blank=model.config.pad_token_id, reduction="sum", zero_infinity=True)
+            loss.backward()
+            total += loss.item()
+            state["offset"] += lp.shape[0]
+        meta[key] = {"loss": total, "transcripts": TRANSCRIPTS[name], "time_masks": TIME_MASKS,
+                     **{k: REG[k] for k in ("seed", "dropout", "attention_dropout", "activation_dropout", "sparsity", "channel_masks")},
+                     "skip_layers": skip}
+        for i, wname, m in masked:
+            tensors[f"{key}/{wname}.scores"] = m.scores.detach().float().contiguous()
+            if not skip[i]:
+                tensors[f"{key}/{wname}.scores_grad"] = m.scores.grad.detach().float().contiguous()
+        tensors[f"{key}/lm_head.weight_grad"] = model.lm_head.weight.grad.detach().float().contiguous()
+        tensors[f"{key}/lm_head.bias_grad"] = model.lm_head.bias.grad.detach().float().contiguous()
+        tensors[f"{key}/masked_spec_embed"] = model.wav2vec2.masked_spec_embed.detach().float().contiguous()
+        tensors[f"{key}/masked_spec_embed_grad"] = model.wav2vec2.masked_spec_embed.grad.detach().float().contiguous()
+
+
 def main():
     g = torch.Generator().manual_seed(5)
     p = torch.randn(7, generator=g).requires_grad_(True)
@@ -139,6 +268,7 @@ def main():
     tensors, meta = {}, {}
     masked_gradients(tensors, meta)
     masked_gradients(tensors, meta, specaug=True)
+    regularised_gradients(tensors, meta)
     safetensors.torch.save_file(tensors, os.path.join(ROOT, "train_grads.safetensors"))
     with open(OUT, "w") as f:
         json.dump({"torch": torch.__version__, "adam": {"start": start.tolist(), "grads": grads, "lrs": lrs, "end": p.detach().tolist()},
