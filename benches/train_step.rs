@@ -1,6 +1,8 @@
 //! One S3-Router forward/backward on the CPU at full wav2vec2-base size (random weights): batch
 //! 2 x 5 s, masks on the 24 FFN matrices at sparsity 0.1, CTC against 60 labels per utterance.
-//! (The optimiser update is not included; it is a few elementwise passes.) `cargo bench --bench train_step`.
+//! "step" is the forward/backward (masks from the scores included); "update" adds the Adam update
+//! of the 56.6M scores and the head, which is what the PyTorch anchor
+//! (../shared/bench/torch_w2v2_cpu_anchor.py) times. `cargo bench --bench train_step`.
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use s3router::backend::cpu::CpuBackend;
@@ -10,13 +12,14 @@ use s3router::model::config::Config;
 use s3router::model::Wav2Vec2;
 use s3router::rng::SplitMix;
 use s3router::router::{init_scores, Init};
+use s3router::train::adam::Adam;
 use s3router::train::masked::{step, MaskScope, MaskedWeight, Regularisers};
 
 fn train_step_base_b2x5s(c: &mut Criterion) {
     let be = CpuBackend;
     let model = Wav2Vec2::from_weights(Config::preset("base").unwrap(), &RandomWeights { seed: 0 }, &be).unwrap();
     let mut rng = SplitMix(1);
-    let masks: Vec<MaskedWeight> = (0..model.layers.len())
+    let mut masks: Vec<MaskedWeight> = (0..model.layers.len())
         .flat_map(|i| MaskScope::Ffn.parts().iter().map(move |&p| (i, p)))
         .map(|(i, p)| {
             let mut m = MaskedWeight::new(&model, i, p, Vec::new()).unwrap();
@@ -32,8 +35,23 @@ fn train_step_base_b2x5s(c: &mut Criterion) {
     let head = model.lm_head.as_ref().unwrap();
     let mut g = c.benchmark_group("train");
     g.sample_size(10);
+    let reg = Regularisers::default();
     g.bench_function("s3router step wav2vec2-base b2x5s cpu", |b| {
-        b.iter(|| step(&model, &masks, 0.1, head, &inputs, &targets, Reduction::Sum, &Regularisers::default()).unwrap())
+        b.iter(|| step(&model, &masks, 0.1, head, &inputs, &targets, Reduction::Sum, &reg).unwrap())
+    });
+    let mut sizes: Vec<usize> = masks.iter().map(|m| m.scores.len()).collect();
+    sizes.extend([head.weight.numel(), head.bias.numel()]);
+    let mut adam = Adam::new(&sizes);
+    let (mut head_w, mut head_b) = (vec![0.0f32; head.weight.numel()], vec![0.0f32; head.bias.numel()]);
+    g.bench_function("s3router update (step + Adam) wav2vec2-base b2x5s cpu", |b| {
+        b.iter(|| {
+            let out = step(&model, &masks, 0.1, head, &inputs, &targets, Reduction::Sum, &reg).unwrap();
+            let mut grads: Vec<Option<&[f32]>> = out.scores.iter().map(|g| g.as_deref()).collect();
+            grads.extend([Some(out.head_weight.as_slice()), Some(out.head_bias.as_slice())]);
+            let mut params: Vec<&mut [f32]> = masks.iter_mut().map(|m| m.scores.as_mut_slice()).collect();
+            params.extend([head_w.as_mut_slice(), head_b.as_mut_slice()]);
+            adam.update(&mut params, &grads, 5e-5);
+        })
     });
     g.finish();
 }

@@ -1,6 +1,8 @@
 //! Adam (Kingma & Ba), as `torch.optim.Adam` computes it, with S3-Router's betas (0.9, 0.98) and
 //! eps 1e-8 by default. State is plain vectors so checkpoints can store and restore it exactly.
 
+use rayon::prelude::*;
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Adam {
     pub beta1: f64,
@@ -38,13 +40,15 @@ impl Adam {
             let c1 = 1.0 - b1.powi(*step as i32);
             let c2 = 1.0 - b2.powi(*step as i32);
             let step_size = lr / c1;
-            for (((p, &g), m), v) in p.iter_mut().zip(g.iter()).zip(m.iter_mut()).zip(v.iter_mut()) {
+            // Elementwise, so splitting over threads changes nothing in the result.
+            let eps = self.eps;
+            p.par_iter_mut().zip(g.par_iter()).zip(m.par_iter_mut()).zip(v.par_iter_mut()).with_min_len(1 << 14).for_each(|(((p, &g), m), v)| {
                 let g = g as f64;
                 *m = (b1 * *m as f64 + (1.0 - b1) * g) as f32;
                 *v = (b2 * *v as f64 + (1.0 - b2) * g * g) as f32;
-                let denom = (*v as f64).sqrt() / c2.sqrt() + self.eps;
+                let denom = (*v as f64).sqrt() / c2.sqrt() + eps;
                 *p = (*p as f64 - step_size * *m as f64 / denom) as f32;
-            }
+            });
         }
     }
 }

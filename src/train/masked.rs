@@ -10,6 +10,7 @@
 //! GPU path is to mirror.
 
 use anyhow::{ensure, Result};
+use rayon::prelude::*;
 
 use crate::backend::cpu::attention::{attention, ProbDropout};
 use crate::backend::cpu::grad::{
@@ -283,8 +284,9 @@ pub fn step(
     let scale = 1.0 / (c.head_dim() as f32).sqrt();
     let eps = c.layer_norm_eps;
     let id = Activation::Identity;
+    // The per-matrix top-k selections are independent: one task per layer.
     let weights: Vec<LayerWeights> =
-        model.layers.iter().enumerate().map(|(i, l)| layer_weights(l, i, masks, sparsity)).collect::<Result<_>>()?;
+        model.layers.par_iter().enumerate().map(|(i, l)| layer_weights(l, i, masks, sparsity)).collect::<Result<_>>()?;
     let linear = |w: &Tensor, b: &Tensor, x: &[f32], d_in: usize| -> Result<Vec<f32>> {
         v(&be.linear(&Tensor::from_vec(x.to_vec(), &[x.len() / d_in, d_in]), w, Some(b), id)?)
     };
