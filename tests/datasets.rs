@@ -30,6 +30,24 @@ fn fairseq_manifest_with_each_label_file() {
     }
 }
 
+/// A manifest whose relative root does not exist from the working directory, but names the
+/// manifest's own folder (a corpus committed with a repository-relative root, read from
+/// elsewhere), resolves to that folder; a root that exists from here is taken as fairseq does.
+#[test]
+fn relative_manifest_roots_fall_back_to_the_manifest_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("corpora").join("xx");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy("tests/fixtures/audio/utt0.wav", dir.join("a.wav")).unwrap();
+    std::fs::write(dir.join("train.tsv"), "corpora/xx\na.wav\t100\n").unwrap();
+    std::fs::write(dir.join("train.ltr"), "A |\n").unwrap();
+    let d = open(&dir.join("train.tsv"), &opts()).unwrap();
+    assert_eq!(d.utterances[0].audio, std::path::absolute(dir.join("a.wav")).unwrap());
+    std::fs::write(dir.join("train.tsv"), "tests/fixtures/audio\nutt0.wav\t100\n").unwrap();
+    let d = open(&dir.join("train.tsv"), &opts()).unwrap();
+    assert_eq!(d.utterances[0].audio, Path::new("tests/fixtures/audio/utt0.wav"));
+}
+
 #[test]
 fn librispeech_tree_and_librilight_subsets() {
     let d = open(&datasets().join("librispeech"), &opts()).unwrap();

@@ -14,7 +14,7 @@ use s3router::model::preprocess::Preprocessor;
 use s3router::model::vocab::Vocab;
 use s3router::model::Wav2Vec2;
 use s3router::train::adam::Adam;
-use s3router::train::masked::{step, MaskScope, MaskedWeight, Regularisers, TimeMask};
+use s3router::train::masked::{step, Features, MaskScope, MaskedWeight, Regularisers, TimeMask};
 
 #[test]
 fn adam_follows_torch_optim_adam() {
@@ -88,7 +88,7 @@ impl Case {
         let inputs: Vec<&[f32]> = self.audio.iter().map(Vec::as_slice).collect();
         let head = self.model.lm_head.as_ref().unwrap();
         let sparsity = self.meta["sparsity"].as_f64().unwrap();
-        let out = step(&self.model, masks, sparsity, head, &inputs, &self.targets, Reduction::Sum, reg).unwrap();
+        let out = step(&self.model, masks, sparsity, head, Features::Audio(&inputs), &self.targets, Reduction::Sum, reg).unwrap();
         let key = &self.key;
         let want_loss = self.meta["loss"].as_f64().unwrap() as f32;
         assert!(((out.loss - want_loss) / want_loss).abs() <= 1e-4, "{key}: loss {} vs torch {want_loss}", out.loss);

@@ -103,8 +103,9 @@ fn outputs_form_a_mask_set_that_eval_reproduces() {
     let tmp = tempfile::tempdir().unwrap();
     let train = small_manifest(tmp.path(), 6);
     let valid = fixtures().join("corpus/en/dev.tsv");
-    for (scope, sparsity, per_layer) in [("ffn", "0.3", 2), ("attention", "0.2", 4), ("all", "0.1", 6)] {
-        let out = tmp.path().join(scope);
+    // Sparsity 0 is the head-only baseline: no masked weights at all.
+    for (scope, sparsity, per_layer) in [("ffn", "0.3", 2), ("attention", "0.2", 4), ("all", "0.1", 6), ("ffn", "0", 0)] {
+        let out = tmp.path().join(format!("{scope}-{sparsity}"));
         let mut args = vec!["train", "--model", "tests/fixtures/base-like", "--train", s(&train), "--valid", s(&valid), "--out", s(&out)];
         args.extend([
             "--steps",
@@ -167,6 +168,8 @@ fn outputs_form_a_mask_set_that_eval_reproduces() {
 
 /// Every regulariser on, two batches per update, validation: killed after its first checkpoint
 /// and resumed, the run's outputs, checkpoint and log equal those of a run never interrupted.
+/// The interrupted run also recomputes the frozen features every step (no feature cache), so
+/// the cache is shown exact too.
 #[test]
 fn a_killed_and_resumed_run_ends_bit_identical() {
     let tmp = tempfile::tempdir().unwrap();
@@ -218,7 +221,8 @@ fn a_killed_and_resumed_run_ends_bit_identical() {
     ok(&Command::new(env!("CARGO_BIN_EXE_engine")).args(args(&straight)).output().unwrap());
 
     let resumed = tmp.path().join("resumed");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_engine")).args(args(&resumed)).spawn().unwrap();
+    let uncached = |out: &Path| -> Vec<String> { args(out).into_iter().chain(["--feature-cache-mb".into(), "0".into()]).collect() };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_engine")).args(uncached(&resumed)).spawn().unwrap();
     let checkpoint = resumed.join("checkpoint.safetensors");
     while !checkpoint.exists() {
         assert!(child.try_wait().unwrap().is_none(), "the run ended before its first checkpoint");
@@ -228,7 +232,7 @@ fn a_killed_and_resumed_run_ends_bit_identical() {
     child.wait().unwrap();
     let at: usize = TrainState::load(&checkpoint).unwrap().meta["update"].parse().unwrap();
     assert!(at < 40, "killed after the run finished (update {at})");
-    let mut again = args(&resumed);
+    let mut again = uncached(&resumed);
     again.push("--resume".into());
     ok(&Command::new(env!("CARGO_BIN_EXE_engine")).args(&again).output().unwrap());
 
@@ -316,4 +320,30 @@ fn repeated_non_finite_losses_stop_the_run_with_the_checkpoint_intact() {
     let skipped = log(&out).iter().filter(|l| l["skipped"].is_string()).count();
     assert_eq!(skipped, 3);
     assert!(!out.join("scores.safetensors").exists(), "no outputs from a failed run");
+}
+
+/// `engine masks stats`: weight-rank scores start exactly at the magnitude mask (nothing flipped
+/// after an update too small to reorder them); random scores start at a random mask, which
+/// differs from the magnitude mask in about 2 s (1 - s) of the weights.
+#[test]
+fn mask_stats_measure_the_distance_from_the_magnitude_mask() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train = small_manifest(tmp.path(), 2);
+    for (init, lo, hi) in [("weight-rank", 0.0, 0.0), ("random", 0.15, 0.21)] {
+        let out = tmp.path().join(init);
+        let mut args = vec!["train", "--model", "tests/fixtures/base-like", "--train", s(&train), "--out", s(&out), "--init", init];
+        args.extend(["--steps", "1", "--lr", "1e-9", "--sparsity", "0.1"]);
+        args.extend(PLAIN);
+        ok(&engine(&args));
+        let e = engine(&["masks", "stats", "--model", "tests/fixtures/base-like", "--json", s(&out)]);
+        ok(&e);
+        let rows: Vec<serde_json::Value> = serde_json::from_slice(&e.stdout).unwrap();
+        let overall = rows.iter().find(|r| r["name"] == "overall").unwrap();
+        let flipped = overall["flipped_from_magnitude"].as_f64().unwrap();
+        assert!((lo..=hi).contains(&flipped), "{init}: {flipped}");
+        assert!((overall["sparsity"].as_f64().unwrap() - 0.1).abs() < 1e-3);
+        assert_eq!(rows.iter().filter(|r| r["name"].as_str().unwrap().starts_with("layer ")).count(), 2);
+    }
+    let e = engine(&["masks", "stats", "--model", "tests/fixtures/large-like", s(&tmp.path().join("random"))]);
+    fails_with(&e, "is for [50, 36], the weight is");
 }

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use s3router::analysis::{mask_stats, MatrixStats};
 use s3router::backend::cpu::CpuBackend;
 use s3router::backend::cuda::{CudaBackend, Precision as CudaPrecision};
 use s3router::backend::Backend;
@@ -15,7 +16,9 @@ use s3router::data::labels::{self, Case, Labeler};
 use s3router::eval::evaluate;
 use s3router::infer::{BatchLimits, Recognizer};
 use s3router::metrics::{self, word_and_char_counts, Counts, TextNorm};
+use s3router::model::masks::MaskSet;
 use s3router::model::vocab::Vocab;
+use s3router::train::demo;
 use s3router::train::run::{train, Recipe, RunOptions};
 
 #[derive(Parser)]
@@ -52,6 +55,23 @@ struct DeviceArgs {
     /// Arithmetic of matrix products.
     #[arg(long, value_enum, default_value = "f32")]
     precision: Precision,
+}
+
+#[derive(Subcommand)]
+enum MasksCommand {
+    /// Per masked matrix, per layer and overall: sparsity, and the share of weights whose mask
+    /// differs from the magnitude mask of the same weights (where S3-Router's default
+    /// weight-rank initialisation starts).
+    Stats {
+        /// The model folder the masks were learned on.
+        #[arg(long)]
+        model: PathBuf,
+        /// Print one JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// Mask set folder (masks.safetensors).
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -137,12 +157,17 @@ enum Command {
     /// (loss, lr and validation lines), checkpoint.safetensors (every --save-every updates; continue
     /// a killed run with --resume), and best/ (the mask set with the best validation --best-metric).
     /// `engine infer|eval --masks OUT` (or OUT/best) runs the masked model.
+    ///
+    /// With neither --model nor --train, runs the demo: the small English-trained backbone in
+    /// weights/s3r-demo-en adapted to Spanish phonemes (weights/demo-corpus/es), head only and
+    /// with S3-Router masks at 10% sparsity, into runs/demo (or --out); prints both phoneme error
+    /// rates and where the masks went.
     Train {
         #[command(flatten)]
         recipe: Box<Recipe>,
-        /// Output folder.
+        /// Output folder (the demo: runs/demo).
         #[arg(long)]
-        out: PathBuf,
+        out: Option<PathBuf>,
         /// Continue the run in --out from its last checkpoint (same options required).
         #[arg(long)]
         resume: bool,
@@ -155,6 +180,9 @@ enum Command {
         /// No progress display on stderr.
         #[arg(long)]
         quiet: bool,
+        /// Memory (MB) for caching the frozen feature encoder's output per training utterance.
+        #[arg(long, default_value_t = 2048)]
+        feature_cache_mb: usize,
         /// Compute device (mask learning runs on the CPU so far).
         #[arg(long, value_enum, default_value = "cpu")]
         device: Device,
@@ -189,6 +217,9 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Inspect mask sets.
+    #[command(subcommand)]
+    Masks(MasksCommand),
     /// Score hypotheses against references: WER and CER, sclite style.
     ///
     /// Substitution / deletion / insertion counts per rate. Each file holds one transcript per
@@ -263,6 +294,36 @@ fn infer(model: &Path, masks: Option<&Path>, device: DeviceArgs, out: Option<&Pa
     })?;
     if let Some(out) = out {
         write_logits(out, &logits)?;
+    }
+    Ok(())
+}
+
+fn masks_stats(model: &Path, dir: &Path, json: bool) -> Result<()> {
+    let set = MaskSet::load(dir)?;
+    let stats = mask_stats(model, &set)?;
+    let sum = |f: fn(&MatrixStats) -> usize, of: &[&MatrixStats]| of.iter().map(|s| f(s)).sum::<usize>();
+    let row = |name: &str, of: &[&MatrixStats]| {
+        let (numel, kept, flipped) = (sum(|s| s.numel, of), sum(|s| s.kept, of), sum(|s| s.flipped, of));
+        (name.to_string(), numel, 1.0 - kept as f64 / numel.max(1) as f64, flipped as f64 / numel.max(1) as f64)
+    };
+    let mut rows: Vec<(String, usize, f64, f64)> = stats.iter().map(|s| row(&s.name, &[s])).collect();
+    let layers: std::collections::BTreeSet<usize> = stats.iter().filter_map(|s| s.layer).collect();
+    for l in &layers {
+        let of: Vec<&MatrixStats> = stats.iter().filter(|s| s.layer == Some(*l)).collect();
+        rows.push(row(&format!("layer {l}"), &of));
+    }
+    rows.push(row("overall", &stats.iter().collect::<Vec<_>>()));
+    if json {
+        let v: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(name, numel, sparsity, flipped)| serde_json::json!({"name": name, "weights": numel, "sparsity": sparsity, "flipped_from_magnitude": flipped}))
+            .collect();
+        println!("{}", serde_json::Value::Array(v));
+        return Ok(());
+    }
+    println!("{:<64} {:>10} {:>9} {:>9}", "matrix", "weights", "sparsity", "flipped");
+    for (name, numel, sparsity, flipped) in rows {
+        println!("{name:<64} {numel:>10} {:>8.2}% {:>8.3}%", 100.0 * sparsity, 100.0 * flipped);
     }
     Ok(())
 }
@@ -393,11 +454,36 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}: {} tokens, blank <pad> = 0", out.display(), vocab.len());
             Ok(())
         }
-        Command::Train { recipe, out, resume, overwrite, save_every, quiet, device } => {
+        Command::Train { recipe, out, resume, overwrite, save_every, quiet, feature_cache_mb, device } => {
             if matches!(device, Device::Cuda) {
                 bail!("engine train runs on the CPU for now: the CUDA backward kernels are not written yet (use --device cpu)");
             }
-            let s = train(&recipe, &RunOptions { out: out.clone(), resume, overwrite, save_every, progress: !quiet })?;
+            let demo = recipe.model.is_none() && recipe.train.is_none();
+            let out = match (out, demo) {
+                (Some(out), _) => out,
+                (None, true) => PathBuf::from("runs/demo"),
+                (None, false) => bail!("--out is required"),
+            };
+            let opts = RunOptions {
+                out: out.clone(),
+                resume,
+                overwrite,
+                save_every,
+                progress: !quiet,
+                feature_cache_bytes: feature_cache_mb << 20,
+            };
+            if demo {
+                let started = std::time::Instant::now();
+                let report = demo::run(&out, &opts)?;
+                print!("{}", report.text());
+                println!(
+                    "done in {:.0} s; mask sets in {1}/head-only/best and {1}/s3router/best",
+                    started.elapsed().as_secs_f64(),
+                    out.display()
+                );
+                return Ok(());
+            }
+            let s = train(&recipe, &opts)?;
             let best = s.best.map(|(step, v)| {
                 format!(
                     ", best validation {} {v:.4} at update {step} (in {}/best)",
@@ -417,6 +503,7 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Masks(MasksCommand::Stats { model, json, dir }) => masks_stats(&model, &dir, json),
         Command::Score { reference, hyp, lowercase, ignore, alignments } => {
             score(&reference, &hyp, &TextNorm { lowercase, ignore }, alignments)
         }

@@ -153,10 +153,25 @@ fn read(path: &Path) -> Result<String> {
 }
 
 /// fairseq: `NAME.tsv` (root dir, then `relpath<TAB>num_samples`) with `NAME.<labels>` beside it.
+/// A manifest's root line. Relative roots are relative to the working directory (fairseq's
+/// rule); when that folder does not exist but the manifest's own folder ends with the root (a
+/// corpus committed with a repository-relative root, read from elsewhere), the manifest's
+/// folder is the root.
+fn manifest_root(tsv: &Path, line: &str) -> PathBuf {
+    let root = PathBuf::from(line);
+    if root.is_absolute() || root.is_dir() {
+        return root;
+    }
+    match std::path::absolute(tsv).ok().and_then(|t| t.parent().map(Path::to_path_buf)) {
+        Some(dir) if dir.ends_with(&root) => dir,
+        _ => root,
+    }
+}
+
 fn fairseq(tsv: &Path, labels: LabelKind) -> Result<Vec<Utterance>> {
     let text = read(tsv)?;
     let mut lines = text.lines();
-    let root = PathBuf::from(lines.next().with_context(|| format!("{}: empty manifest", tsv.display()))?.trim());
+    let root = manifest_root(tsv, lines.next().with_context(|| format!("{}: empty manifest", tsv.display()))?.trim());
     let ext = match labels {
         LabelKind::Ltr => "ltr",
         LabelKind::Wrd => "wrd",

@@ -37,7 +37,12 @@ pub fn kept(numel: usize, sparsity: f64) -> usize {
 /// The keep-mask of one matrix: the `kept(..)` entries of largest |score|. Ties in |score| are
 /// broken by position (the earlier entry is dropped first), so masks are reproducible.
 pub fn top_k_mask(scores: &[f32], sparsity: f64) -> Vec<bool> {
-    let drop = scores.len() - kept(scores.len(), sparsity);
+    keep_largest(scores, kept(scores.len(), sparsity))
+}
+
+/// The keep-mask holding the `k` entries of largest |score| (ties as in [`top_k_mask`]).
+pub fn keep_largest(scores: &[f32], k: usize) -> Vec<bool> {
+    let drop = scores.len() - k.min(scores.len());
     let mut keep = vec![true; scores.len()];
     if drop == 0 {
         return keep;

@@ -42,13 +42,15 @@ impl Adam {
             let step_size = lr / c1;
             // Elementwise, so splitting over threads changes nothing in the result.
             let eps = self.eps;
-            p.par_iter_mut().zip(g.par_iter()).zip(m.par_iter_mut()).zip(v.par_iter_mut()).with_min_len(1 << 14).for_each(|(((p, &g), m), v)| {
-                let g = g as f64;
-                *m = (b1 * *m as f64 + (1.0 - b1) * g) as f32;
-                *v = (b2 * *v as f64 + (1.0 - b2) * g * g) as f32;
-                let denom = (*v as f64).sqrt() / c2.sqrt() + eps;
-                *p = (*p as f64 - step_size * *m as f64 / denom) as f32;
-            });
+            p.par_iter_mut().zip(g.par_iter()).zip(m.par_iter_mut()).zip(v.par_iter_mut()).with_min_len(1 << 14).for_each(
+                |(((p, &g), m), v)| {
+                    let g = g as f64;
+                    *m = (b1 * *m as f64 + (1.0 - b1) * g) as f32;
+                    *v = (b2 * *v as f64 + (1.0 - b2) * g * g) as f32;
+                    let denom = (*v as f64).sqrt() / c2.sqrt() + eps;
+                    *p = (*p as f64 - step_size * *m as f64 / denom) as f32;
+                },
+            );
         }
     }
 }

@@ -144,6 +144,13 @@ pub struct Regularisers<'a> {
     pub skip_layers: &'a [bool],
 }
 
+/// What a step starts from: raw audio, or the frozen feature encoder's projected features of the
+/// packed batch (`[frames, hidden]`; the trainer caches them, since nothing below trains).
+pub enum Features<'a> {
+    Audio(&'a [&'a [f32]]),
+    Projected(Vec<f32>, Seqs),
+}
+
 /// Dropout sites: 0 is the encoder input; layer `i` owns `1 + 4i ..= 4 + 4i`.
 fn site(layer: usize, k: u64) -> u64 {
     1 + 4 * layer as u64 + k
@@ -258,14 +265,15 @@ fn add(a: &[f32], b: &[f32]) -> Vec<f32> {
 }
 
 /// One forward/backward of the masked model: `masks` names (layer, part) and scores of every
-/// masked weight; `head` is the trainable CTC head; `reg` the step's regularisers.
+/// masked weight (none: only the head, and the embedding under time masking, train); `head` is
+/// the trainable CTC head; `reg` the step's regularisers.
 #[allow(clippy::too_many_arguments)]
 pub fn step(
     model: &Wav2Vec2,
     masks: &[MaskedWeight],
     sparsity: f64,
     head: &Linear,
-    audio: &[&[f32]],
+    features: Features,
     targets: &CtcTargets,
     reduction: Reduction,
     reg: &Regularisers,
@@ -273,7 +281,6 @@ pub fn step(
     let be = CpuBackend;
     let c = &model.config;
     let n_layers = model.layers.len();
-    ensure!(!masks.is_empty(), "no masked weights");
     ensure!(
         reg.skip_layers.is_empty() || reg.skip_layers.len() == n_layers,
         "LayerDrop flags for {} of {n_layers} layers",
@@ -296,8 +303,16 @@ pub fn step(
     let probs_dropout = |i: usize| reg.attention_dropout.map(|dropout| ProbDropout { dropout, site: site(i, SITE_ATTENTION_PROBS) });
 
     // Forward: projected features, time and channel masking, positional conv, then the layers.
-    let (projected, seqs): (Tensor, Seqs) = model.projected(&be, audio)?;
-    let mut projected = v(&projected)?;
+    let (mut projected, seqs) = match features {
+        Features::Audio(audio) => {
+            let (p, seqs) = model.projected(&be, audio)?;
+            (v(&p)?, seqs)
+        }
+        Features::Projected(p, seqs) => {
+            ensure!(p.len() == seqs.total() * h, "{} projected values for {} frames x {h} channels", p.len(), seqs.total());
+            (p, seqs)
+        }
+    };
     if let Some(tm) = &reg.time_mask {
         ensure!(
             tm.frames.len() == seqs.total() && tm.embedding.len() == h,
@@ -399,7 +414,8 @@ pub fn step(
     if c.do_stable_layer_norm {
         dx = layer_norm_input_grad(&dx, &encoder_out_pre, model.encoder_layer_norm.gamma.f32s()?, eps);
     }
-    let lowest = if reg.time_mask.is_some() { 0 } else { masks.iter().map(|m| m.layer).min().unwrap_or(0) };
+    // Without masks or time masking only the head trains: no layer's backward runs.
+    let lowest = if reg.time_mask.is_some() { 0 } else { masks.iter().map(|m| m.layer).min().unwrap_or(n_layers) };
     let mut scores: Vec<Option<Vec<f32>>> = vec![None; masks.len()];
     // The straight-through score gradient of masked weight `k` from `dW_eff` of its linear
     // (`stacked` output rows; the part's rows start at its offset).

@@ -3,6 +3,7 @@
 
 pub mod adam;
 pub mod checkpoint;
+pub mod demo;
 pub mod feed;
 pub mod masked;
 pub mod run;

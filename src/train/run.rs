@@ -7,7 +7,7 @@
 //! the parameters, the optimiser moments and the data position for a resumed run to end
 //! bit-identical to an uninterrupted one.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -19,7 +19,7 @@ use serde::Serialize;
 use super::adam::Adam;
 use super::checkpoint::TrainState;
 use super::feed::{Feed, Position};
-use super::masked::{step, MaskScope, MaskedWeight, Regularisers, StepGrads, TimeMask};
+use super::masked::{step, Features, MaskScope, MaskedWeight, Regularisers, StepGrads, TimeMask};
 use super::schedule::TriStage;
 use super::specaugment::span_mask;
 use crate::backend::cpu::CpuBackend;
@@ -78,11 +78,12 @@ impl Metric {
 #[derive(clap::Args, Clone, Debug, Serialize)]
 pub struct Recipe {
     /// Frozen model folder (Hugging Face: config.json + safetensors; ForCTC or ForPreTraining).
+    /// Without --model and --train, `engine train` runs the demo (see `engine train --help`).
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// Training set: a fairseq .tsv, a .jsonl, a LibriSpeech / Libri-light or CommonVoice folder.
     #[arg(long)]
-    pub train: PathBuf,
+    pub train: Option<PathBuf>,
     /// Validation set (same layouts); validated every --valid-every updates and at the end.
     #[arg(long)]
     pub valid: Option<PathBuf>,
@@ -121,7 +122,8 @@ pub struct Recipe {
     /// xavier-uniform head with zero bias.
     #[arg(long)]
     pub keep_head: bool,
-    /// Fraction of each masked matrix's weights dropped (per matrix, in [0, 1)).
+    /// Fraction of each masked matrix's weights dropped (per matrix, in [0, 1)). 0 trains only the
+    /// head (and the time-mask embedding) on the frozen model: the head-only baseline.
     #[arg(long, default_value_t = 0.1)]
     pub sparsity: f64,
     /// Score initialisation.
@@ -206,10 +208,22 @@ pub struct RunOptions {
     pub save_every: usize,
     /// Print progress on stderr.
     pub progress: bool,
+    /// Memory for caching the frozen feature encoder's output per training utterance (bytes).
+    pub feature_cache_bytes: usize,
 }
 
 impl Recipe {
+    pub fn model(&self) -> Result<&Path> {
+        self.model.as_deref().context("--model is required (with --train; give neither to run the demo)")
+    }
+
+    pub fn train(&self) -> Result<&Path> {
+        self.train.as_deref().context("--train is required (with --model; give neither to run the demo)")
+    }
+
     fn check(&self) -> Result<()> {
+        self.model()?;
+        self.train()?;
         check_sparsity(self.sparsity)?;
         ensure!(self.steps > 0, "--steps must be at least 1");
         ensure!(self.lr > 0.0 && self.lr.is_finite(), "--lr {} must be a positive number", self.lr);
@@ -394,19 +408,20 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<Summary> {
     recipe.check()?;
     check_out(&opts.out, opts, &recipe.json())?;
     let be = CpuBackend;
-    let dir = &recipe.model;
+    let dir = recipe.model()?;
     ensure!(dir.is_dir(), "model folder {} does not exist", dir.display());
     let config = Config::load(&dir.join("config.json"))?;
     let ck = Checkpoint::open_dir(dir)?;
     let model = Wav2Vec2::from_weights(config.clone(), &ck, &be)?;
     let pre = Preprocessor::load(dir)?;
-    let train_data = recipe.dataset(&recipe.train, &recipe.train_split)?;
-    let vocab = task_vocab(recipe, &model, &train_data)?;
+    let train_path = recipe.train()?;
+    let train_data = recipe.dataset(train_path, &recipe.train_split)?;
+    let vocab = task_vocab(recipe, dir, &model, &train_data)?;
     let label = |data: &Dataset| -> Result<Vec<Vec<u32>>> {
         let labeler = Labeler::new(&vocab, data.labels, &recipe.chars_to_ignore, recipe.skip_unknown);
         Ok(labeler.label_all(data.utterances.iter().map(|u| u.text.as_str()))?.tokens)
     };
-    let train_labels = label(&train_data).with_context(|| format!("training transcripts of {}", recipe.train.display()))?;
+    let train_labels = label(&train_data).with_context(|| format!("training transcripts of {}", train_path.display()))?;
     let feed = Feed::new(&train_data, train_labels, config.receptive_field(), recipe.max_tokens, recipe.seed)?;
     let valid = match &recipe.valid {
         Some(path) => {
@@ -473,11 +488,11 @@ fn start_out(out: &Path, recipe: &serde_json::Value) -> Result<()> {
 
 /// The task vocabulary: `--vocab`, the model's with `--keep-head`, or built from the training
 /// transcripts.
-fn task_vocab(recipe: &Recipe, model: &Wav2Vec2, data: &Dataset) -> Result<Vocab> {
+fn task_vocab(recipe: &Recipe, dir: &Path, model: &Wav2Vec2, data: &Dataset) -> Result<Vocab> {
     let c = &model.config;
     if recipe.keep_head {
-        ensure!(model.lm_head.is_some(), "--keep-head: {} has no CTC head (lm_head); drop --keep-head", recipe.model.display());
-        let path = recipe.vocab.clone().unwrap_or_else(|| recipe.model.join("vocab.json"));
+        ensure!(model.lm_head.is_some(), "--keep-head: {} has no CTC head (lm_head); drop --keep-head", dir.display());
+        let path = recipe.vocab.clone().unwrap_or_else(|| dir.join("vocab.json"));
         return Vocab::load(&path, c.vocab_size, c.pad_token_id).with_context(|| "--keep-head needs the head's vocabulary");
     }
     if let Some(path) = &recipe.vocab {
@@ -498,7 +513,12 @@ impl Trainer<'_> {
     fn init_params(&self) -> Result<Params> {
         let r = self.recipe;
         let h = self.config.hidden_size;
-        let slots: Vec<(usize, _)> = (0..self.model.layers.len()).flat_map(|i| r.mask.parts().iter().map(move |&p| (i, p))).collect();
+        // At sparsity 0 every mask keeps everything: no scores, only the head (and embedding) train.
+        let slots: Vec<(usize, _)> = if r.sparsity == 0.0 {
+            Vec::new()
+        } else {
+            (0..self.model.layers.len()).flat_map(|i| r.mask.parts().iter().map(move |&p| (i, p))).collect()
+        };
         let masks = slots
             .into_par_iter()
             .enumerate()
@@ -621,6 +641,7 @@ impl Trainer<'_> {
         let mut last_loss = f64::NAN;
         let mut audio_seconds = 0.0;
         let n_params = params.sizes().len();
+        let mut cache = FeatureCache::new(self.opts.feature_cache_bytes);
         while state.update < r.steps {
             let update = state.update;
             let lr = r.lr(update);
@@ -629,8 +650,8 @@ impl Trainer<'_> {
             for sub in 0..r.update_freq {
                 let ((idx, audio), next) = batches.recv().context("the data loader stopped")??;
                 state.position = next;
-                let inputs: Vec<&[f32]> = audio.iter().map(Vec::as_slice).collect();
                 let frames = self.model.frame_counts(&audio.iter().map(Vec::len).collect::<Vec<_>>())?;
+                let features = cache.features(&self.model, &self.be, &idx, &audio)?;
                 let mut storage = RegStorage::default();
                 let reg = self.regularisers(update, sub, &frames, &params.embedding, &mut storage);
                 let targets = CtcTargets {
@@ -638,7 +659,7 @@ impl Trainer<'_> {
                     blank: self.vocab.blank(),
                     zero_infinity: true,
                 };
-                let grads = step(&self.model, &params.masks, r.sparsity, &head, &inputs, &targets, Reduction::Sum, &reg)?;
+                let grads = step(&self.model, &params.masks, r.sparsity, &head, features, &targets, Reduction::Sum, &reg)?;
                 acc.utterances += idx.len();
                 acc.samples += audio.iter().map(Vec::len).sum::<usize>();
                 acc.add(grads);
@@ -705,6 +726,52 @@ impl Trainer<'_> {
             audio_seconds,
             wall_seconds: started.elapsed().as_secs_f64(),
         })
+    }
+}
+
+/// The frozen feature encoder's projected features per training utterance, computed once while
+/// the memory budget lasts: nothing below the projection trains, and a batch's features are
+/// exactly the concatenation of its utterances' (batching is exact), so cached and recomputed
+/// batches are bit-identical.
+struct FeatureCache {
+    features: HashMap<usize, Vec<f32>>,
+    bytes_left: usize,
+}
+
+impl FeatureCache {
+    fn new(bytes: usize) -> FeatureCache {
+        FeatureCache { features: HashMap::new(), bytes_left: bytes }
+    }
+
+    /// The packed projected features of utterances `idx` (with their decoded `audio`).
+    fn features(&mut self, model: &Wav2Vec2, be: &CpuBackend, idx: &[usize], audio: &[Vec<f32>]) -> Result<Features<'static>> {
+        let missing: Vec<usize> = (0..idx.len()).filter(|&k| !self.features.contains_key(&idx[k])).collect();
+        let mut fresh: HashMap<usize, Vec<f32>> = HashMap::new();
+        if !missing.is_empty() {
+            let inputs: Vec<&[f32]> = missing.iter().map(|&k| audio[k].as_slice()).collect();
+            let (p, seqs) = model.projected(be, &inputs)?;
+            let (p, h) = (p.to_vec()?, model.config.hidden_size);
+            for (j, &k) in missing.iter().enumerate() {
+                let r = seqs.range(j);
+                fresh.insert(idx[k], p[r.start * h..r.end * h].to_vec());
+            }
+        }
+        let h = model.config.hidden_size;
+        let mut rows = Vec::new();
+        let mut lens = Vec::with_capacity(idx.len());
+        for i in idx {
+            let f = self.features.get(i).or_else(|| fresh.get(i)).expect("computed above");
+            rows.extend_from_slice(f);
+            lens.push(f.len() / h);
+        }
+        for (i, f) in fresh {
+            let bytes = f.len() * 4;
+            if bytes <= self.bytes_left {
+                self.bytes_left -= bytes;
+                self.features.insert(i, f);
+            }
+        }
+        Ok(Features::Projected(rows, crate::backend::Seqs::new(lens)))
     }
 }
 
