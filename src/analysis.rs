@@ -54,8 +54,188 @@ pub fn mask_stats(model: &Path, set: &MaskSet) -> Result<Vec<MatrixStats>> {
             let kept = keep.iter().filter(|&&k| k).count();
             let magnitude = keep_largest(&w.to_vec()?, kept);
             let flipped = keep.iter().zip(&magnitude).filter(|(a, b)| a != b).count();
-            let layer = name.strip_prefix("wav2vec2.encoder.layers.").and_then(|r| r.split('.').next()).and_then(|l| l.parse().ok());
+            let layer = layer_of(name);
             Ok(MatrixStats { name: name.clone(), layer, numel, kept, flipped })
         })
         .collect()
+}
+
+/// `|a ∧ b|`, `|a|` and `|b|` of two packed masks (LSB-first bytes, same length), by popcount.
+pub fn overlap_counts(a: &[u8], b: &[u8]) -> (u64, u64, u64) {
+    a.iter().zip(b).fold((0, 0, 0), |(both, na, nb), (&x, &y)| {
+        (both + (x & y).count_ones() as u64, na + x.count_ones() as u64, nb + y.count_ones() as u64)
+    })
+}
+
+/// Cosine similarity of binary masks from their counts: `|a ∧ b| / sqrt(|a| |b|)`.
+pub fn cosine(both: u64, na: u64, nb: u64) -> f64 {
+    if na == 0 || nb == 0 {
+        return 0.0;
+    }
+    both as f64 / ((na as f64) * (nb as f64)).sqrt()
+}
+
+/// Mask similarity of two mask sets over the same matrices.
+#[derive(Clone, Debug)]
+pub struct PairSimilarity {
+    pub a: String,
+    pub b: String,
+    /// Per matrix (in name order): (name, cosine, chance level).
+    pub matrices: Vec<(String, f64, f64)>,
+    /// Per encoder layer (all its masked matrices together): (layer, cosine, chance level).
+    pub layers: Vec<(usize, f64, f64)>,
+    pub overall: (f64, f64),
+}
+
+/// Cosine similarity between every pair of `sets` (labelled), per matrix, per layer and overall,
+/// each with its chance level: for independent masks keeping fractions `ka` and `kb`, the expected
+/// cosine is `sqrt(ka kb)`.
+pub fn compare(sets: &[(String, MaskSet)]) -> Result<Vec<PairSimilarity>> {
+    anyhow::ensure!(sets.len() >= 2, "compare needs at least two mask sets");
+    let (first_name, first) = &sets[0];
+    for (name, s) in &sets[1..] {
+        let names = |m: &MaskSet| m.masks.iter().map(|(n, (shape, _))| (n.clone(), shape.clone())).collect::<Vec<_>>();
+        anyhow::ensure!(
+            names(s) == names(first),
+            "mask sets {first_name} and {name} cover different matrices (or shapes): masks from different models or --mask choices"
+        );
+    }
+    let mut out = Vec::new();
+    for i in 0..sets.len() {
+        for j in i + 1..sets.len() {
+            let (a, b) = (&sets[i].1, &sets[j].1);
+            let mut matrices = Vec::new();
+            let mut by_layer: std::collections::BTreeMap<usize, (u64, u64, u64, u64)> = Default::default();
+            let mut total = (0, 0, 0, 0);
+            for ((name, (shape, bits_a)), (_, (_, bits_b))) in a.masks.iter().zip(&b.masks) {
+                let numel: usize = shape.iter().product();
+                let (both, na, nb) = overlap_counts(bits_a, bits_b);
+                let chance = ((na as f64 / numel as f64) * (nb as f64 / numel as f64)).sqrt();
+                matrices.push((name.clone(), cosine(both, na, nb), chance));
+                let add = |t: &mut (u64, u64, u64, u64)| *t = (t.0 + both, t.1 + na, t.2 + nb, t.3 + numel as u64);
+                add(&mut total);
+                if let Some(l) = layer_of(name) {
+                    add(by_layer.entry(l).or_default());
+                }
+            }
+            let summary = |t: (u64, u64, u64, u64)| (cosine(t.0, t.1, t.2), ((t.1 as f64 / t.3 as f64) * (t.2 as f64 / t.3 as f64)).sqrt());
+            let layers = by_layer.into_iter().map(|(l, t)| (l, summary(t).0, summary(t).1)).collect();
+            out.push(PairSimilarity { a: sets[i].0.clone(), b: sets[j].0.clone(), matrices, layers, overall: summary(total) });
+        }
+    }
+    Ok(out)
+}
+
+/// The encoder layer a weight name belongs to.
+pub fn layer_of(name: &str) -> Option<usize> {
+    name.strip_prefix("wav2vec2.encoder.layers.")?.split('.').next()?.parse().ok()
+}
+
+/// Cosine similarity of two phoneme inventories as binary vectors over their union.
+pub fn inventory_cosine(a: &std::collections::BTreeSet<String>, b: &std::collections::BTreeSet<String>) -> f64 {
+    cosine(a.intersection(b).count() as u64, a.len() as u64, b.len() as u64)
+}
+
+/// Pearson correlation of `x` and `y` (NaN when either is constant).
+pub fn pearson(x: &[f64], y: &[f64]) -> f64 {
+    let n = x.len() as f64;
+    let (mx, my) = (x.iter().sum::<f64>() / n, y.iter().sum::<f64>() / n);
+    let cov: f64 = x.iter().zip(y).map(|(a, b)| (a - mx) * (b - my)).sum();
+    let vx: f64 = x.iter().map(|a| (a - mx).powi(2)).sum();
+    let vy: f64 = y.iter().map(|b| (b - my).powi(2)).sum();
+    cov / (vx * vy).sqrt()
+}
+
+/// Ranks with ties averaged (1-based).
+fn ranks(x: &[f64]) -> Vec<f64> {
+    let mut order: Vec<usize> = (0..x.len()).collect();
+    order.sort_by(|&a, &b| x[a].total_cmp(&x[b]));
+    let mut r = vec![0.0; x.len()];
+    let mut i = 0;
+    while i < order.len() {
+        let mut j = i;
+        while j + 1 < order.len() && x[order[j + 1]] == x[order[i]] {
+            j += 1;
+        }
+        let avg = (i + j) as f64 / 2.0 + 1.0;
+        order[i..=j].iter().for_each(|&k| r[k] = avg);
+        i = j + 1;
+    }
+    r
+}
+
+/// Spearman's rank correlation (Pearson on tie-averaged ranks).
+pub fn spearman(x: &[f64], y: &[f64]) -> f64 {
+    pearson(&ranks(x), &ranks(y))
+}
+
+/// Two-sided permutation p-value of the Pearson correlation between two symmetric `n x n`
+/// similarity matrices over their upper triangles (a Mantel test): the items of one matrix are
+/// relabelled at random `rounds` times; p = (1 + #{|r_perm| >= |r|}) / (1 + rounds).
+pub fn mantel_p(a: &[Vec<f64>], b: &[Vec<f64>], rounds: usize, seed: u64) -> f64 {
+    let n = a.len();
+    let upper = |m: &[Vec<f64>], p: &[usize]| -> Vec<f64> {
+        (0..n).flat_map(|i| (i + 1..n).map(move |j| (i, j))).map(|(i, j)| m[p[i]][p[j]]).collect()
+    };
+    let id: Vec<usize> = (0..n).collect();
+    let (x, observed) = (upper(a, &id), pearson(&upper(a, &id), &upper(b, &id)).abs());
+    let mut rng = crate::rng::SplitMix(seed);
+    let mut perm = id.clone();
+    let mut hits = 0;
+    for _ in 0..rounds {
+        rng.shuffle(&mut perm);
+        if pearson(&x, &upper(b, &perm)).abs() >= observed - 1e-12 {
+            hits += 1;
+        }
+    }
+    (1 + hits) as f64 / (1 + rounds) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn popcount_overlap_equals_the_unpacked_count() {
+        let mut rng = crate::rng::SplitMix(4);
+        let a: Vec<bool> = (0..1003).map(|_| !rng.next_u64().is_multiple_of(10)).collect();
+        let b: Vec<bool> = (0..1003).map(|_| !rng.next_u64().is_multiple_of(4)).collect();
+        let (both, na, nb) = overlap_counts(&mask::pack(&a), &mask::pack(&b));
+        assert_eq!(both as usize, a.iter().zip(&b).filter(|(x, y)| **x && **y).count());
+        assert_eq!((na as usize, nb as usize), (a.iter().filter(|x| **x).count(), b.iter().filter(|x| **x).count()));
+    }
+
+    #[test]
+    fn cosine_of_hand_built_masks() {
+        // a = 1100, b = 1010: one shared bit of two each.
+        assert!((cosine(1, 2, 2) - 0.5).abs() < 1e-12);
+        assert_eq!(cosine(3, 3, 3), 1.0);
+        assert_eq!(cosine(0, 0, 5), 0.0);
+        let inv = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<std::collections::BTreeSet<_>>();
+        assert!((inventory_cosine(&inv(&["a", "b", "c"]), &inv(&["b", "c", "d", "e"])) - 2.0 / 12f64.sqrt()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn correlations_match_known_values() {
+        let x = [1.0, 2.0, 3.0, 4.0, 5.0];
+        let y = [2.0, 4.0, 5.0, 4.0, 5.0];
+        // scipy.stats.pearsonr: 0.7745966692414834; spearmanr: 0.7378647873726218.
+        assert!((pearson(&x, &y) - 0.774_596_669_241_483_4).abs() < 1e-12);
+        assert!((spearman(&x, &y) - 0.737_864_787_372_621_8).abs() < 1e-12);
+        assert!((spearman(&x, &[5.0, 6.0, 7.0, 8.0, 70.0]) - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn mantel_p_separates_related_from_unrelated_matrices() {
+        let n = 7;
+        let mut rng = crate::rng::SplitMix(8);
+        let pts: Vec<f64> = (0..n).map(|_| rng.symmetric() as f64).collect();
+        let sim = |f: &dyn Fn(usize, usize) -> f64| (0..n).map(|i| (0..n).map(|j| f(i, j)).collect()).collect::<Vec<Vec<f64>>>();
+        let a = sim(&|i, j| -(pts[i] - pts[j]).abs());
+        let b = sim(&|i, j| -(pts[i] - pts[j]).abs() * 2.0 + 0.01 * ((i * j) % 3) as f64);
+        let noise: Vec<f64> = (0..n * n).map(|_| rng.symmetric() as f64).collect();
+        let c = sim(&|i, j| noise[i.min(j) * n + i.max(j)]);
+        assert!(mantel_p(&a, &b, 2000, 1) < 0.01);
+        assert!(mantel_p(&a, &c, 2000, 1) > 0.05);
+    }
 }

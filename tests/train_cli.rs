@@ -347,3 +347,52 @@ fn mask_stats_measure_the_distance_from_the_magnitude_mask() {
     let e = engine(&["masks", "stats", "--model", "tests/fixtures/large-like", s(&tmp.path().join("random"))]);
     fails_with(&e, "is for [50, 36], the weight is");
 }
+
+/// `engine masks compare` on masks learned for three languages: cosine 1 for a set with itself,
+/// chance level sqrt(k_a k_b), per-layer rows, phonetic similarity from the vocabularies, and a
+/// correlation row per scope; the CSV has a row per (pair, scope).
+#[test]
+fn masks_compare_reports_similarity_chance_and_correlation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut dirs = Vec::new();
+    for lang in ["en", "es", "fr"] {
+        let out = tmp.path().join(lang);
+        let train = fixtures().join(format!("corpus/{lang}/train.tsv"));
+        let mut args = vec!["train", "--model", "tests/fixtures/base-like", "--train", s(&train), "--out", s(&out), "--steps", "3"];
+        args.extend(["--lr", "1e-2", "--sparsity", "0.1"]);
+        args.extend(PLAIN);
+        ok(&engine(&args));
+        dirs.push(format!("{lang}={}", out.display()));
+    }
+    let csv = tmp.path().join("pairs.csv");
+    let mut args = vec!["masks", "compare", "--json", "--permutations", "200", "--csv", s(&csv)];
+    args.extend(dirs.iter().map(String::as_str));
+    let e = engine(&args);
+    ok(&e);
+    let v: serde_json::Value = serde_json::from_slice(&e.stdout).unwrap();
+    let pairs = v["pairs"].as_array().unwrap();
+    assert_eq!(pairs.len(), 3);
+    for p in pairs {
+        let (c, chance) = (p["cosine"].as_f64().unwrap(), p["chance"].as_f64().unwrap());
+        assert!((chance - 0.9).abs() < 1e-3, "{chance}");
+        assert!(c > chance && c <= 1.0, "{c}");
+        assert_eq!(p["layers"].as_array().unwrap().len(), 2);
+        assert_eq!(p["matrices"].as_array().unwrap().len(), 4);
+        let ph = p["phonetic"].as_f64().unwrap();
+        assert!(ph > 0.0 && ph < 1.0, "{ph}");
+    }
+    assert_eq!(v["correlation"].as_array().unwrap().len(), 3, "overall and two layers");
+    assert_eq!(std::fs::read_to_string(&csv).unwrap().lines().count(), 1 + 3 * (1 + 2 + 4));
+    let en = tmp.path().join("en");
+    let e = engine(&["masks", "compare", "--json", s(&en), s(&en)]);
+    ok(&e);
+    let v: serde_json::Value = serde_json::from_slice(&e.stdout).unwrap();
+    assert_eq!(v["pairs"][0]["cosine"], 1.0);
+    let attention = tmp.path().join("attention");
+    let train = fixtures().join("corpus/en/train.tsv");
+    let mut args = vec!["train", "--model", "tests/fixtures/base-like", "--train", s(&train), "--out", s(&attention), "--steps", "1"];
+    args.extend(["--mask", "attention"]);
+    args.extend(PLAIN);
+    ok(&engine(&args));
+    fails_with(&engine(&["masks", "compare", s(&en), s(&attention)]), "cover different matrices");
+}

@@ -63,6 +63,29 @@ def read_wav(path):
         return np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float32) / 32768.0
 
 
+def utterances(name, dtype):
+    """(index, transcript, waveform) of the three test utterances, preprocessed for model `name`,
+    and its vocabulary."""
+    vocab = json.load(open(os.path.join(ROOT, name, "vocab.json")))
+    pre = json.load(open(os.path.join(ROOT, name, "preprocessor_config.json")))
+    out = []
+    for u, text in enumerate(TRANSCRIPTS[name]):
+        x = torch.from_numpy(read_wav(os.path.join(ROOT, "audio", f"utt{u}.wav"))).to(dtype)
+        if pre["do_normalize"]:
+            x = (x - x.mean()) / torch.sqrt(x.var(unbiased=False) + 1e-7)
+        out.append((u, text, x))
+    return out, vocab
+
+
+def ctc_sum(logits, text, vocab, blank):
+    """CTC loss summed over frames (zero_infinity), letters with `|` for spaces; and the frames."""
+    target = torch.tensor([vocab["|" if ch == " " else ch] for ch in text])
+    lp = torch.log_softmax(logits, -1)[:, None]
+    loss = F.ctc_loss(lp, target[None], torch.tensor([lp.shape[0]]), torch.tensor([len(target)]),
+                      blank=blank, reduction="sum", zero_infinity=True)
+    return loss, lp.shape[0]
+
+
 # SpecAugment time masks for the "specaug" cases: frame spans per utterance.
 TIME_MASKS = [[(3, 13)], [(20, 25)], [(50, 60), (100, 104)]]
 
@@ -94,13 +117,9 @@ def masked_gradients(tensors, meta, dtype=torch.float64, specaug=False):
             p.requires_grad_(True)
         if specaug:
             model.wav2vec2.masked_spec_embed.requires_grad_(True)
-        vocab = json.load(open(os.path.join(ROOT, name, "vocab.json")))
-        pre = json.load(open(os.path.join(ROOT, name, "preprocessor_config.json")))
+        inputs, vocab = utterances(name, dtype)
         total = 0.0
-        for u, text in enumerate(TRANSCRIPTS[name]):
-            x = torch.from_numpy(read_wav(os.path.join(ROOT, "audio", f"utt{u}.wav"))).to(dtype)
-            if pre["do_normalize"]:
-                x = (x - x.mean()) / torch.sqrt(x.var(unbiased=False) + 1e-7)
+        for u, text, x in inputs:
             if specaug:
                 frames = model.wav2vec2._get_feat_extract_output_lengths(len(x))
                 mask = torch.zeros(1, frames, dtype=torch.bool)
@@ -110,10 +129,7 @@ def masked_gradients(tensors, meta, dtype=torch.float64, specaug=False):
                 logits = model.lm_head(hidden)[0]
             else:
                 logits = model(x[None]).logits[0]
-            target = torch.tensor([vocab["|" if ch == " " else ch] for ch in text])
-            lp = torch.log_softmax(logits, -1)[:, None]
-            loss = F.ctc_loss(lp, target[None], torch.tensor([lp.shape[0]]), torch.tensor([len(target)]),
-                              blank=model.config.pad_token_id, reduction="sum", zero_infinity=True)
+            loss, _ = ctc_sum(logits, text, vocab, model.config.pad_token_id)
             loss.backward()
             total += loss.item()
         meta[key] = {"loss": total, "sparsity": SPARSITY, "transcripts": TRANSCRIPTS[name], "time_masks": TIME_MASKS if specaug else None}
@@ -214,13 +230,9 @@ def regularised_gradients(tensors, meta, dtype=torch.float64):
         for p in model.lm_head.parameters():
             p.requires_grad_(True)
         model.wav2vec2.masked_spec_embed.requires_grad_(True)
-        vocab = json.load(open(os.path.join(ROOT, name, "vocab.json")))
-        pre = json.load(open(os.path.join(ROOT, name, "preprocessor_config.json")))
+        inputs, vocab = utterances(name, dtype)
         total = 0.0
-        for u, text in enumerate(TRANSCRIPTS[name]):
-            x = torch.from_numpy(read_wav(os.path.join(ROOT, "audio", f"utt{u}.wav"))).to(dtype)
-            if pre["do_normalize"]:
-                x = (x - x.mean()) / torch.sqrt(x.var(unbiased=False) + 1e-7)
+        for u, text, x in inputs:
             w2v = model.wav2vec2
             features = w2v.feature_extractor(x[None]).transpose(1, 2)
             hidden, _ = w2v.feature_projection(features)
@@ -230,13 +242,10 @@ def regularised_gradients(tensors, meta, dtype=torch.float64):
             for a, b in REG["channel_masks"][u]:
                 hidden[0, :, a:b] = 0
             logits = model.lm_head(w2v.encoder(hidden).last_hidden_state)[0]
-            target = torch.tensor([vocab["|" if ch == " " else ch] for ch in text])
-            lp = torch.log_softmax(logits, -1)[:, None]
-            loss = F.ctc_loss(lp, target[None], torch.tensor([lp.shape[0]]), torch.tensor([len(target)]),
-                              blank=model.config.pad_token_id, reduction="sum", zero_infinity=True)
+            loss, frames = ctc_sum(logits, text, vocab, model.config.pad_token_id)
             loss.backward()
             total += loss.item()
-            state["offset"] += lp.shape[0]
+            state["offset"] += frames
         meta[key] = {"loss": total, "transcripts": TRANSCRIPTS[name], "time_masks": TIME_MASKS,
                      **{k: REG[k] for k in ("seed", "dropout", "attention_dropout", "activation_dropout", "sparsity", "channel_masks")},
                      "skip_layers": skip}

@@ -1,12 +1,12 @@
 //! The `engine` command line: parse, call the library, print.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use s3router::analysis::{mask_stats, MatrixStats};
+use s3router::analysis::{self, mask_stats, MatrixStats};
 use s3router::backend::cpu::CpuBackend;
 use s3router::backend::cuda::{CudaBackend, Precision as CudaPrecision};
 use s3router::backend::Backend;
@@ -71,6 +71,26 @@ enum MasksCommand {
         json: bool,
         /// Mask set folder (masks.safetensors).
         dir: PathBuf,
+    },
+    /// Cosine similarity of the binary masks of several mask sets (one per language or task):
+    /// per masked matrix, per layer and overall for every pair, next to the chance level of
+    /// independent masks. With three or more sets, also the phonetic similarity of their
+    /// phoneme inventories (the content tokens of each set's vocab.json) and its Pearson and
+    /// Spearman correlation with mask similarity over the pairs, overall and per layer, with a
+    /// permutation (Mantel) p-value.
+    Compare {
+        /// Print one JSON object instead of the tables.
+        #[arg(long)]
+        json: bool,
+        /// Also write one CSV row per (pair, scope): a,b,scope,cosine,chance,phonetic.
+        #[arg(long)]
+        csv: Option<PathBuf>,
+        /// Relabellings for the permutation p-values.
+        #[arg(long, default_value_t = 10_000)]
+        permutations: usize,
+        /// Mask sets as NAME=DIR (or DIR, named by its folder).
+        #[arg(required = true, num_args = 2..)]
+        sets: Vec<String>,
     },
 }
 
@@ -328,6 +348,115 @@ fn masks_stats(model: &Path, dir: &Path, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// A mask set's phoneme inventory: the content tokens of its vocabulary (no specials, no `|`).
+fn inventory(set: &MaskSet) -> Result<Option<BTreeSet<String>>> {
+    let Some(path) = set.vocab_path() else { return Ok(None) };
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let map: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&text).with_context(|| format!("{}: not a token -> id object", path.display()))?;
+    let is_special = |t: &str| t == "|" || (t.starts_with('<') && t.ends_with('>')) || (t.starts_with('[') && t.ends_with(']'));
+    Ok(Some(map.keys().filter(|t| !is_special(t)).cloned().collect()))
+}
+
+fn masks_compare(specs: &[String], json: bool, csv: Option<&Path>, permutations: usize) -> Result<()> {
+    let sets: Vec<(String, MaskSet)> = specs
+        .iter()
+        .map(|spec| {
+            let (name, dir) = match spec.split_once('=') {
+                Some((n, d)) => (n.to_string(), PathBuf::from(d)),
+                None => {
+                    // Named by its folder; a run's `best/` by the run's folder.
+                    let d = PathBuf::from(spec);
+                    let named = if d.ends_with("best") { d.parent().unwrap_or(&d) } else { &d };
+                    (named.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_else(|| spec.clone()), d)
+                }
+            };
+            Ok((name, MaskSet::load(&dir)?))
+        })
+        .collect::<Result<_>>()?;
+    let pairs = analysis::compare(&sets)?;
+    let inventories: Option<Vec<BTreeSet<String>>> = sets.iter().map(|(_, s)| inventory(s)).collect::<Result<Option<Vec<_>>>>()?;
+    let names: Vec<&str> = sets.iter().map(|(n, _)| n.as_str()).collect();
+    let index = |n: &str| names.iter().position(|x| *x == n).expect("a compared set");
+    let phonetic =
+        |p: &analysis::PairSimilarity| inventories.as_ref().map(|inv| analysis::inventory_cosine(&inv[index(&p.a)], &inv[index(&p.b)]));
+    let layers: Vec<usize> = pairs[0].layers.iter().map(|l| l.0).collect();
+    // Correlation of mask and phonetic similarity over the pairs, overall and per layer.
+    let correlations: Vec<(String, f64, f64, f64)> = match (&inventories, sets.len() >= 3) {
+        (Some(_), true) => {
+            let ph: Vec<f64> = pairs.iter().map(|p| phonetic(p).expect("inventories")).collect();
+            let n = sets.len();
+            let square = |v: &[f64]| {
+                let mut m = vec![vec![0.0; n]; n];
+                for (p, &x) in pairs.iter().zip(v) {
+                    let (i, j) = (index(&p.a), index(&p.b));
+                    m[i][j] = x;
+                    m[j][i] = x;
+                }
+                m
+            };
+            let mut scopes: Vec<(String, Vec<f64>)> = vec![("overall".into(), pairs.iter().map(|p| p.overall.0).collect())];
+            for (k, l) in layers.iter().enumerate() {
+                scopes.push((format!("layer {l}"), pairs.iter().map(|p| p.layers[k].1).collect()));
+            }
+            scopes
+                .into_iter()
+                .map(|(scope, m)| {
+                    let p = analysis::mantel_p(&square(&m), &square(&ph), permutations, 0x5eed);
+                    (scope, analysis::pearson(&m, &ph), analysis::spearman(&m, &ph), p)
+                })
+                .collect()
+        }
+        _ => Vec::new(),
+    };
+    if let Some(path) = csv {
+        let mut text = String::from("a,b,scope,cosine,chance,phonetic\n");
+        for p in &pairs {
+            let ph = phonetic(p).map_or(String::new(), |x| x.to_string());
+            let mut rows = vec![("overall".to_string(), p.overall.0, p.overall.1)];
+            rows.extend(p.layers.iter().map(|(l, c, ch)| (format!("layer {l}"), *c, *ch)));
+            rows.extend(p.matrices.iter().map(|(n, c, ch)| (n.clone(), *c, *ch)));
+            for (scope, c, ch) in rows {
+                text += &format!("{},{},{scope},{c},{ch},{ph}\n", p.a, p.b);
+            }
+        }
+        s3router::fsio::atomic_write(path, |f| std::io::Write::write_all(f, text.as_bytes()))?;
+    }
+    if json {
+        let v = serde_json::json!({
+            "pairs": pairs.iter().map(|p| serde_json::json!({
+                "a": p.a, "b": p.b, "cosine": p.overall.0, "chance": p.overall.1, "phonetic": phonetic(p),
+                "layers": p.layers.iter().map(|(l, c, ch)| serde_json::json!({"layer": l, "cosine": c, "chance": ch})).collect::<Vec<_>>(),
+                "matrices": p.matrices.iter().map(|(n, c, ch)| serde_json::json!({"name": n, "cosine": c, "chance": ch})).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+            "correlation": correlations.iter().map(|(s, r, rho, p)| serde_json::json!({"scope": s, "pearson": r, "spearman": rho, "p": p})).collect::<Vec<_>>(),
+        });
+        println!("{v}");
+        return Ok(());
+    }
+    println!("mask cosine similarity (chance level of independent masks in brackets)");
+    for p in &pairs {
+        let ph = phonetic(p).map_or(String::new(), |x| format!("   phonetic {x:.3}"));
+        println!("{:>10} {:<10} {:.4} [{:.4}]{ph}", p.a, p.b, p.overall.0, p.overall.1);
+    }
+    print!("\nper layer  ");
+    layers.iter().for_each(|l| print!("{l:>8}"));
+    println!();
+    for p in &pairs {
+        print!("{:<10} ", format!("{}-{}", p.a, p.b));
+        p.layers.iter().for_each(|(_, c, _)| print!("{c:>8.4}"));
+        println!();
+    }
+    if !correlations.is_empty() {
+        println!("\nmask vs phonetic similarity over {} pairs ({permutations} permutations)", pairs.len());
+        println!("{:<10} {:>8} {:>9} {:>8}", "scope", "pearson", "spearman", "p");
+        for (scope, r, rho, p) in &correlations {
+            println!("{scope:<10} {r:>8.3} {rho:>9.3} {p:>8.4}");
+        }
+    }
+    Ok(())
+}
+
 fn score(reference: &Path, hyp: &Path, norm: &TextNorm, alignments: bool) -> Result<()> {
     let read = |p: &Path| std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()));
     let (refs, hyps) = (read(reference)?, read(hyp)?);
@@ -504,6 +633,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Masks(MasksCommand::Stats { model, json, dir }) => masks_stats(&model, &dir, json),
+        Command::Masks(MasksCommand::Compare { json, csv, permutations, sets }) => masks_compare(&sets, json, csv.as_deref(), permutations),
         Command::Score { reference, hyp, lowercase, ignore, alignments } => {
             score(&reference, &hyp, &TextNorm { lowercase, ignore }, alignments)
         }
