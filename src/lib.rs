@@ -12,6 +12,7 @@ pub mod infer;
 pub mod mask;
 pub mod metrics;
 pub mod model;
+pub mod plot;
 pub mod rng;
 pub mod router;
 pub mod tensor;

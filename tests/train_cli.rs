@@ -365,7 +365,8 @@ fn masks_compare_reports_similarity_chance_and_correlation() {
         dirs.push(format!("{lang}={}", out.display()));
     }
     let csv = tmp.path().join("pairs.csv");
-    let mut args = vec!["masks", "compare", "--json", "--permutations", "200", "--csv", s(&csv)];
+    let plots = tmp.path().join("plots");
+    let mut args = vec!["masks", "compare", "--json", "--permutations", "200", "--csv", s(&csv), "--plots", s(&plots)];
     args.extend(dirs.iter().map(String::as_str));
     let e = engine(&args);
     ok(&e);
@@ -383,6 +384,11 @@ fn masks_compare_reports_similarity_chance_and_correlation() {
     }
     assert_eq!(v["correlation"].as_array().unwrap().len(), 3, "overall and two layers");
     assert_eq!(std::fs::read_to_string(&csv).unwrap().lines().count(), 1 + 3 * (1 + 2 + 4));
+    for (svg, shapes) in [("layers.svg", 3 * 2), ("matrix.svg", 3 * 3), ("scatter.svg", 3)] {
+        let text = std::fs::read_to_string(plots.join(svg)).unwrap();
+        assert!(text.starts_with("<svg") && text.ends_with("</svg>\n"), "{svg}");
+        assert_eq!(text.matches("<rect x=").count() + text.matches("<circle").count(), shapes + (svg == "scatter.svg") as usize, "{svg}");
+    }
     let en = tmp.path().join("en");
     let e = engine(&["masks", "compare", "--json", s(&en), s(&en)]);
     ok(&e);

@@ -18,6 +18,7 @@ use s3router::infer::{BatchLimits, Recognizer};
 use s3router::metrics::{self, word_and_char_counts, Counts, TextNorm};
 use s3router::model::masks::MaskSet;
 use s3router::model::vocab::Vocab;
+use s3router::plot;
 use s3router::train::demo;
 use s3router::train::run::{train, Recipe, RunOptions};
 
@@ -88,6 +89,11 @@ enum MasksCommand {
         /// Relabellings for the permutation p-values.
         #[arg(long, default_value_t = 10_000)]
         permutations: usize,
+        /// Write SVG figures into this folder: layers.svg (mask cosine per pair and layer),
+        /// matrix.svg (set x set, overall) and, with inventories, scatter.svg (mask vs phonetic
+        /// similarity with the least-squares line).
+        #[arg(long)]
+        plots: Option<PathBuf>,
         /// Mask sets as NAME=DIR (or DIR, named by its folder).
         #[arg(required = true, num_args = 2..)]
         sets: Vec<String>,
@@ -358,7 +364,7 @@ fn inventory(set: &MaskSet) -> Result<Option<BTreeSet<String>>> {
     Ok(Some(map.keys().filter(|t| !is_special(t)).cloned().collect()))
 }
 
-fn masks_compare(specs: &[String], json: bool, csv: Option<&Path>, permutations: usize) -> Result<()> {
+fn masks_compare(specs: &[String], json: bool, csv: Option<&Path>, plots: Option<&Path>, permutations: usize) -> Result<()> {
     let sets: Vec<(String, MaskSet)> = specs
         .iter()
         .map(|spec| {
@@ -409,6 +415,30 @@ fn masks_compare(specs: &[String], json: bool, csv: Option<&Path>, permutations:
         }
         _ => Vec::new(),
     };
+    if let Some(dir) = plots {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let write =
+            |name: &str, svg: String| s3router::fsio::atomic_write(&dir.join(name), |f| std::io::Write::write_all(f, svg.as_bytes()));
+        let pair_names: Vec<String> = pairs.iter().map(|p| format!("{}-{}", p.a, p.b)).collect();
+        let layer_names: Vec<String> = layers.iter().map(usize::to_string).collect();
+        let per_layer: Vec<Vec<f64>> = pairs.iter().map(|p| p.layers.iter().map(|l| l.1).collect()).collect();
+        write("layers.svg", plot::heatmap("mask cosine similarity per layer", &pair_names, &layer_names, &per_layer))?;
+        let mut square = vec![vec![1.0; names.len()]; names.len()];
+        for p in &pairs {
+            let (i, j) = (index(&p.a), index(&p.b));
+            (square[i][j], square[j][i]) = (p.overall.0, p.overall.0);
+        }
+        let labels: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        write("matrix.svg", plot::heatmap("mask cosine similarity, all masked weights", &labels, &labels, &square))?;
+        if inventories.is_some() {
+            let points: Vec<(f64, f64, String)> =
+                pairs.iter().zip(&pair_names).map(|(p, n)| (phonetic(p).unwrap_or(0.0), p.overall.0, n.clone())).collect();
+            write(
+                "scatter.svg",
+                plot::scatter("mask vs phoneme-inventory similarity", "phoneme inventory cosine", "mask cosine", &points),
+            )?;
+        }
+    }
     if let Some(path) = csv {
         let mut text = String::from("a,b,scope,cosine,chance,phonetic\n");
         for p in &pairs {
@@ -633,7 +663,9 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Masks(MasksCommand::Stats { model, json, dir }) => masks_stats(&model, &dir, json),
-        Command::Masks(MasksCommand::Compare { json, csv, permutations, sets }) => masks_compare(&sets, json, csv.as_deref(), permutations),
+        Command::Masks(MasksCommand::Compare { json, csv, permutations, plots, sets }) => {
+            masks_compare(&sets, json, csv.as_deref(), plots.as_deref(), permutations)
+        }
         Command::Score { reference, hyp, lowercase, ignore, alignments } => {
             score(&reference, &hyp, &TextNorm { lowercase, ignore }, alignments)
         }
