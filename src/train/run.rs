@@ -93,7 +93,8 @@ pub struct Recipe {
     /// fairseq label file beside a manifest: letters (ltr), words (wrd) or units such as phonemes (phn).
     #[arg(long, value_enum, default_value = "ltr")]
     pub labels: LabelKind,
-    /// Libri-light limited-supervision subset for a librispeech_finetuning/ training folder.
+    /// Libri-light limited-supervision subset of a librispeech_finetuning/ training folder (the
+    /// training set only).
     #[arg(long, value_enum)]
     pub subset: Option<Subset>,
     /// CommonVoice split used for training.
@@ -102,10 +103,10 @@ pub struct Recipe {
     /// CommonVoice split used for validation.
     #[arg(long, default_value = "dev")]
     pub valid_split: String,
-    /// Skip utterances shorter than this (seconds).
+    /// Skip training utterances shorter than this (seconds).
     #[arg(long)]
     pub min_duration: Option<f64>,
-    /// Skip utterances longer than this (seconds).
+    /// Skip training utterances longer than this (seconds).
     #[arg(long)]
     pub max_duration: Option<f64>,
     /// Characters removed from transcripts before tokenising (e.g. ",.?!;:").
@@ -268,14 +269,16 @@ impl Recipe {
         serde_json::to_value(self).expect("the recipe serialises")
     }
 
-    fn dataset(&self, path: &Path, split: &str) -> Result<Dataset> {
+    /// The training set (`training`: with --subset and the duration limits) or the validation set
+    /// (every utterance of the folder or manifest, as `engine eval` reads it).
+    fn dataset(&self, path: &Path, split: &str, training: bool) -> Result<Dataset> {
         let opts = DatasetOptions {
             format: self.format,
             labels: self.labels,
-            subset: self.subset,
+            subset: self.subset.filter(|_| training),
             split: split.to_string(),
-            min_duration: self.min_duration,
-            max_duration: self.max_duration,
+            min_duration: self.min_duration.filter(|_| training),
+            max_duration: self.max_duration.filter(|_| training),
         };
         dataset::open(path, &opts)
     }
@@ -415,7 +418,7 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<Summary> {
     let model = Wav2Vec2::from_weights(config.clone(), &ck, &be)?;
     let pre = Preprocessor::load(dir)?;
     let train_path = recipe.train()?;
-    let train_data = recipe.dataset(train_path, &recipe.train_split)?;
+    let train_data = recipe.dataset(train_path, &recipe.train_split, true)?;
     let vocab = task_vocab(recipe, dir, &model, &train_data)?;
     let label = |data: &Dataset| -> Result<Vec<Vec<u32>>> {
         let labeler = Labeler::new(&vocab, data.labels, &recipe.chars_to_ignore, recipe.skip_unknown);
@@ -425,7 +428,7 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<Summary> {
     let feed = Feed::new(&train_data, train_labels, config.receptive_field(), recipe.max_tokens, recipe.seed)?;
     let valid = match &recipe.valid {
         Some(path) => {
-            let data = recipe.dataset(path, &recipe.valid_split)?;
+            let data = recipe.dataset(path, &recipe.valid_split, false)?;
             let labels = label(&data).with_context(|| format!("validation transcripts of {}", path.display()))?;
             Some((data, labels))
         }
@@ -476,9 +479,10 @@ fn start_out(out: &Path, recipe: &serde_json::Value) -> Result<()> {
                 std::fs::remove_file(&p).with_context(|| format!("--overwrite: cannot remove {}", p.display()))?;
             }
         }
-        let best = out.join("best");
-        if best.is_dir() {
-            std::fs::remove_dir_all(&best).with_context(|| format!("--overwrite: cannot remove {}", best.display()))?;
+        for dir in ["best", "best.new", "best.old"].map(|d| out.join(d)) {
+            if dir.is_dir() {
+                std::fs::remove_dir_all(&dir).with_context(|| format!("--overwrite: cannot remove {}", dir.display()))?;
+            }
         }
     }
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
@@ -706,10 +710,18 @@ impl Trainer<'_> {
                 ));
                 if state.best.is_none_or(|(_, b)| value < b) {
                     state.best = Some((state.update, value));
-                    let best = out.join("best");
-                    params.write(&best, r.sparsity, &self.vocab)?;
+                    // Written beside, then swapped in: `best/` never mixes two validations.
+                    let (best, fresh, old) = (out.join("best"), out.join("best.new"), out.join("best.old"));
+                    params.write(&fresh, r.sparsity, &self.vocab)?;
                     let text = serde_json::to_string_pretty(&line)?;
-                    crate::fsio::atomic_write(&best.join("valid.json"), |f| f.write_all(text.as_bytes()))?;
+                    crate::fsio::atomic_write(&fresh.join("valid.json"), |f| f.write_all(text.as_bytes()))?;
+                    if best.exists() {
+                        std::fs::rename(&best, &old).with_context(|| format!("cannot move {} aside", best.display()))?;
+                    }
+                    std::fs::rename(&fresh, &best).with_context(|| format!("cannot move {} into place", fresh.display()))?;
+                    if old.exists() {
+                        std::fs::remove_dir_all(&old).with_context(|| format!("cannot remove {}", old.display()))?;
+                    }
                 }
             }
             if last || (self.opts.save_every > 0 && state.update.is_multiple_of(self.opts.save_every)) {
