@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use crate::mask;
 use crate::model::checkpoint::Checkpoint;
-use crate::model::masks::MaskSet;
+use crate::model::masks::{MaskSet, PackedMasks};
 use crate::router::keep_largest;
 
 /// One masked matrix against its weights.
@@ -21,6 +21,8 @@ pub struct MatrixStats {
     /// Weights whose keep bit differs from the magnitude mask with the same kept count (the
     /// mask S3-Router's default `weight-rank` initialisation starts from).
     pub flipped: usize,
+    /// Weights whose keep bit differs from the run's initial mask, when it is known.
+    pub flipped_from_initial: Option<usize>,
 }
 
 impl MatrixStats {
@@ -34,8 +36,9 @@ impl MatrixStats {
     }
 }
 
-/// Statistics of every mask of `set` against the weights in model folder `model`.
-pub fn mask_stats(model: &Path, set: &MaskSet) -> Result<Vec<MatrixStats>> {
+/// Statistics of every mask of `set` against the weights in model folder `model`, and against
+/// `initial` (the run's starting masks, name -> (shape, bits)) where given.
+pub fn mask_stats(model: &Path, set: &MaskSet, initial: Option<&PackedMasks>) -> Result<Vec<MatrixStats>> {
     let ck = Checkpoint::open_dir(model)?;
     set.masks
         .par_iter()
@@ -54,8 +57,12 @@ pub fn mask_stats(model: &Path, set: &MaskSet) -> Result<Vec<MatrixStats>> {
             let kept = keep.iter().filter(|&&k| k).count();
             let magnitude = keep_largest(&w.to_vec()?, kept);
             let flipped = keep.iter().zip(&magnitude).filter(|(a, b)| a != b).count();
-            let layer = layer_of(name);
-            Ok(MatrixStats { name: name.clone(), layer, numel, kept, flipped })
+            let flipped_from_initial = match initial.map(|i| i.get(name)) {
+                None => None,
+                Some(Some((s, start))) if s == shape => Some(bits.iter().zip(start).map(|(a, b)| (a ^ b).count_ones() as usize).sum()),
+                Some(_) => anyhow::bail!("the initial masks do not cover \"{name}\" with shape {shape:?}"),
+            };
+            Ok(MatrixStats { name: name.clone(), layer: layer_of(name), numel, kept, flipped, flipped_from_initial })
         })
         .collect()
 }

@@ -324,7 +324,8 @@ fn repeated_non_finite_losses_stop_the_run_with_the_checkpoint_intact() {
 
 /// `engine masks stats`: weight-rank scores start exactly at the magnitude mask (nothing flipped
 /// after an update too small to reorder them); random scores start at a random mask, which
-/// differs from the magnitude mask in about 2 s (1 - s) of the weights.
+/// differs from the magnitude mask in about 2 s (1 - s) of the weights; neither moves from its
+/// initial mask in such an update.
 #[test]
 fn mask_stats_measure_the_distance_from_the_magnitude_mask() {
     let tmp = tempfile::tempdir().unwrap();
@@ -341,9 +342,23 @@ fn mask_stats_measure_the_distance_from_the_magnitude_mask() {
         let overall = rows.iter().find(|r| r["name"] == "overall").unwrap();
         let flipped = overall["flipped_from_magnitude"].as_f64().unwrap();
         assert!((lo..=hi).contains(&flipped), "{init}: {flipped}");
+        assert_eq!(overall["flipped_from_initial"], 0.0, "{init}");
         assert!((overall["sparsity"].as_f64().unwrap() - 0.1).abs() < 1e-3);
         assert_eq!(rows.iter().filter(|r| r["name"].as_str().unwrap().starts_with("layer ")).count(), 2);
     }
+    // Learning moves the masks away from where they started; a run's best/ finds the run's
+    // initial masks one folder up.
+    let out = tmp.path().join("learning");
+    let valid = fixtures().join("corpus/en/dev.tsv");
+    let mut args = vec!["train", "--model", "tests/fixtures/base-like", "--train", s(&train), "--valid", s(&valid), "--out", s(&out)];
+    args.extend(["--steps", "10", "--lr", "1e-2", "--skip-unknown"]);
+    args.extend(PLAIN);
+    ok(&engine(&args));
+    let e = engine(&["masks", "stats", "--model", "tests/fixtures/base-like", "--json", s(&out.join("best"))]);
+    ok(&e);
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&e.stdout).unwrap();
+    let moved = rows.iter().find(|r| r["name"] == "overall").unwrap()["flipped_from_initial"].as_f64().unwrap();
+    assert!(moved > 0.0 && moved < 0.2, "{moved}");
     let e = engine(&["masks", "stats", "--model", "tests/fixtures/large-like", s(&tmp.path().join("random"))]);
     fails_with(&e, "is for [50, 36], the weight is");
 }

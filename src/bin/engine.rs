@@ -20,7 +20,7 @@ use s3router::model::masks::MaskSet;
 use s3router::model::vocab::Vocab;
 use s3router::plot;
 use s3router::train::demo;
-use s3router::train::run::{train, Recipe, RunOptions};
+use s3router::train::run::{train, Recipe, RunOptions, INITIAL_MASKS};
 
 #[derive(Parser)]
 #[command(name = "engine", version, about = "S3-Router engine: wav2vec2 / XLS-R inference and mask learning")]
@@ -60,9 +60,10 @@ struct DeviceArgs {
 
 #[derive(Subcommand)]
 enum MasksCommand {
-    /// Per masked matrix, per layer and overall: sparsity, and the share of weights whose mask
+    /// Per masked matrix, per layer and overall: sparsity, the share of weights whose mask
     /// differs from the magnitude mask of the same weights (where S3-Router's default
-    /// weight-rank initialisation starts).
+    /// weight-rank initialisation starts), and the share flipped from the run's initial masks
+    /// (initial_masks.safetensors in DIR or, for a run's best/, the run folder).
     Stats {
         /// The model folder the masks were learned on.
         #[arg(long)]
@@ -326,14 +327,26 @@ fn infer(model: &Path, masks: Option<&Path>, device: DeviceArgs, out: Option<&Pa
 
 fn masks_stats(model: &Path, dir: &Path, json: bool) -> Result<()> {
     let set = MaskSet::load(dir)?;
-    let stats = mask_stats(model, &set)?;
-    let sum = |f: fn(&MatrixStats) -> usize, of: &[&MatrixStats]| of.iter().map(|s| f(s)).sum::<usize>();
+    let initial_path = [dir.join(INITIAL_MASKS), dir.join("..").join(INITIAL_MASKS)].into_iter().find(|p| p.is_file());
+    let initial = initial_path.as_deref().map(MaskSet::read_bits).transpose()?.map(|(m, _)| m);
+    let stats = mask_stats(model, &set, initial.as_ref())?;
+    struct Row {
+        name: String,
+        numel: usize,
+        sparsity: f64,
+        from_magnitude: f64,
+        from_initial: Option<f64>,
+    }
     let row = |name: &str, of: &[&MatrixStats]| {
-        let (numel, kept, flipped) = (sum(|s| s.numel, of), sum(|s| s.kept, of), sum(|s| s.flipped, of));
-        (name.to_string(), numel, 1.0 - kept as f64 / numel.max(1) as f64, flipped as f64 / numel.max(1) as f64)
+        let numel: usize = of.iter().map(|s| s.numel).sum();
+        let share = |n: usize| n as f64 / numel.max(1) as f64;
+        let from_initial = of.iter().map(|s| s.flipped_from_initial).sum::<Option<usize>>().map(share);
+        let kept: usize = of.iter().map(|s| s.kept).sum();
+        let flipped: usize = of.iter().map(|s| s.flipped).sum();
+        Row { name: name.to_string(), numel, sparsity: 1.0 - share(kept), from_magnitude: share(flipped), from_initial }
     };
-    let mut rows: Vec<(String, usize, f64, f64)> = stats.iter().map(|s| row(&s.name, &[s])).collect();
-    let layers: std::collections::BTreeSet<usize> = stats.iter().filter_map(|s| s.layer).collect();
+    let mut rows: Vec<Row> = stats.iter().map(|s| row(&s.name, &[s])).collect();
+    let layers: BTreeSet<usize> = stats.iter().filter_map(|s| s.layer).collect();
     for l in &layers {
         let of: Vec<&MatrixStats> = stats.iter().filter(|s| s.layer == Some(*l)).collect();
         rows.push(row(&format!("layer {l}"), &of));
@@ -342,14 +355,18 @@ fn masks_stats(model: &Path, dir: &Path, json: bool) -> Result<()> {
     if json {
         let v: Vec<serde_json::Value> = rows
             .iter()
-            .map(|(name, numel, sparsity, flipped)| serde_json::json!({"name": name, "weights": numel, "sparsity": sparsity, "flipped_from_magnitude": flipped}))
+            .map(|r| {
+                serde_json::json!({"name": r.name, "weights": r.numel, "sparsity": r.sparsity,
+                    "flipped_from_magnitude": r.from_magnitude, "flipped_from_initial": r.from_initial})
+            })
             .collect();
         println!("{}", serde_json::Value::Array(v));
         return Ok(());
     }
-    println!("{:<64} {:>10} {:>9} {:>9}", "matrix", "weights", "sparsity", "flipped");
-    for (name, numel, sparsity, flipped) in rows {
-        println!("{name:<64} {numel:>10} {:>8.2}% {:>8.3}%", 100.0 * sparsity, 100.0 * flipped);
+    println!("{:<64} {:>10} {:>9} {:>15} {:>13}", "matrix", "weights", "sparsity", "from magnitude", "from initial");
+    for r in rows {
+        let initial = r.from_initial.map_or("-".to_string(), |f| format!("{:.3}%", 100.0 * f));
+        println!("{:<64} {:>10} {:>8.2}% {:>14.3}% {initial:>13}", r.name, r.numel, 100.0 * r.sparsity, 100.0 * r.from_magnitude);
     }
     Ok(())
 }

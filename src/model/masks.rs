@@ -19,20 +19,22 @@ use crate::tensor::Tensor;
 
 pub const FORMAT: &str = "s3router-masks-v1";
 
+/// Packed masks by weight name: (weight shape, bits LSB first over the row-major weight).
+pub type PackedMasks = BTreeMap<String, (Vec<usize>, Vec<u8>)>;
+
 pub struct MaskSet {
     pub dir: PathBuf,
     /// Weight name -> (weight shape, packed bits), in name order (deterministic messages).
-    pub masks: BTreeMap<String, (Vec<usize>, Vec<u8>)>,
+    pub masks: PackedMasks,
     pub sparsity: Option<f64>,
     /// `lm_head.weight` `[vocab, hidden]` and `lm_head.bias`, if the set carries a head.
     pub head: Option<(Tensor, Tensor)>,
 }
 
 impl MaskSet {
-    pub fn load(dir: &Path) -> Result<MaskSet> {
-        ensure!(dir.is_dir(), "mask folder {} does not exist", dir.display());
-        let path = dir.join("masks.safetensors");
-        let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    /// The packed masks (name -> (shape, bits)) and the sparsity of one masks file.
+    pub fn read_bits(path: &Path) -> Result<(PackedMasks, Option<f64>)> {
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
         let (_, meta) =
             SafeTensors::read_metadata(&bytes).map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file ({e})", path.display()))?;
         let meta = meta.metadata().clone().unwrap_or_default();
@@ -58,6 +60,12 @@ impl MaskSet {
             );
             masks.insert(name, (shape, view.data().to_vec()));
         }
+        Ok((masks, meta.get("sparsity").and_then(|s| s.parse().ok())))
+    }
+
+    pub fn load(dir: &Path) -> Result<MaskSet> {
+        ensure!(dir.is_dir(), "mask folder {} does not exist", dir.display());
+        let (masks, sparsity) = MaskSet::read_bits(&dir.join("masks.safetensors"))?;
         let head_path = dir.join("head.safetensors");
         let head = if head_path.is_file() {
             let ck = Checkpoint::open(std::slice::from_ref(&head_path))?;
@@ -74,12 +82,16 @@ impl MaskSet {
         } else {
             None
         };
-        let sparsity = meta.get("sparsity").and_then(|s| s.parse().ok());
         Ok(MaskSet { dir: dir.to_path_buf(), masks, sparsity, head })
     }
 
     /// Writes a mask set (tests, mask learning): masks from keep-flags, atomically.
     pub fn save(dir: &Path, masks: &[(String, Vec<usize>, Vec<bool>)], sparsity: f64) -> Result<()> {
+        MaskSet::save_as(&dir.join("masks.safetensors"), masks, sparsity)
+    }
+
+    /// [`MaskSet::save`] to a named file (e.g. a run's `initial_masks.safetensors`).
+    pub fn save_as(path: &Path, masks: &[(String, Vec<usize>, Vec<bool>)], sparsity: f64) -> Result<()> {
         let packed: Vec<(String, Vec<u8>)> = masks.iter().map(|(n, _, keep)| (n.clone(), mask::pack(keep))).collect();
         let mut meta = BTreeMap::from([("format".to_string(), FORMAT.to_string()), ("sparsity".to_string(), sparsity.to_string())]);
         for (name, shape, _) in masks {
@@ -89,7 +101,7 @@ impl MaskSet {
         let raw: Vec<RawTensor> =
             packed.iter().zip(&lens).map(|((name, bits), len)| RawTensor { name, dtype: "U8", shape: len, bytes: bits }).collect();
         let bytes = crate::fsio::safetensors_bytes(&raw, &meta)?;
-        crate::fsio::atomic_write(&dir.join("masks.safetensors"), |f| std::io::Write::write_all(f, &bytes))
+        crate::fsio::atomic_write(path, |f| std::io::Write::write_all(f, &bytes))
     }
 
     /// The task vocabulary shipped with the masks, if any.

@@ -94,7 +94,7 @@ pub fn run(out: &Path, opts: &RunOptions) -> Result<DemoReport> {
         per.push(summary.best.map(|(_, v)| v).context("the demo validates")?);
     }
     let set = MaskSet::load(&out.join("s3router").join("best"))?;
-    Ok(DemoReport { head_only_per: per[0], s3router_per: per[1], stats: mask_stats(&model, &set)? })
+    Ok(DemoReport { head_only_per: per[0], s3router_per: per[1], stats: mask_stats(&model, &set, None)? })
 }
 
 impl DemoReport {

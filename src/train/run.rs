@@ -382,6 +382,8 @@ impl Accumulated {
 const CHECKPOINT: &str = "checkpoint.safetensors";
 const CONFIG: &str = "train_config.json";
 const LOG: &str = "train_log.jsonl";
+/// The masks the scores started from (`engine masks stats` counts the bits learning flipped).
+pub const INITIAL_MASKS: &str = "initial_masks.safetensors";
 
 /// What a finished run reports.
 pub struct Summary {
@@ -473,7 +475,7 @@ fn check_out(out: &Path, opts: &RunOptions, recipe: &serde_json::Value) -> Resul
 /// model and data have loaded, so a run that fails to start leaves the folder as it was.
 fn start_out(out: &Path, recipe: &serde_json::Value) -> Result<()> {
     if out.is_dir() {
-        for name in [CHECKPOINT, CONFIG, LOG, "scores.safetensors", "masks.safetensors", "head.safetensors", "vocab.json"] {
+        for name in [CHECKPOINT, CONFIG, LOG, INITIAL_MASKS, "scores.safetensors", "masks.safetensors", "head.safetensors", "vocab.json"] {
             let p = out.join(name);
             if p.exists() {
                 std::fs::remove_file(&p).with_context(|| format!("--overwrite: cannot remove {}", p.display()))?;
@@ -630,6 +632,10 @@ impl Trainer<'_> {
         let mut state = if self.opts.resume { self.restore(&mut params, &mut adam)? } else { RunState::default() };
         let mut log = Log::open(&out.join(LOG), state.update)?;
         if !self.opts.resume {
+            // The starting masks, for `engine masks stats` (bits flipped by learning).
+            let keep: Vec<(String, Vec<usize>, Vec<bool>)> =
+                params.masks.iter().map(|m| (m.name(), vec![m.d_out, m.d_in], top_k_mask(&m.scores, r.sparsity))).collect();
+            MaskSet::save_as(&out.join(INITIAL_MASKS), &keep, r.sparsity)?;
             log.write(&serde_json::json!({
                 "event": "start",
                 "utterances": self.feed.len(),
