@@ -1,8 +1,38 @@
-//! Small SVG figures for mask analysis: a labelled heatmap and a scatter plot with its
-//! least-squares line. Plain SVG text, so no font or graphics library is needed and any browser
-//! or `rsvg-convert` renders them.
+//! Small figures for mask analysis: a labelled heatmap and a scatter plot with its least-squares
+//! line, drawn as SVG text and rendered to PNG with resvg (text in the system's sans-serif font;
+//! without any installed font the PNG has no labels, the SVG always does).
 
 use std::fmt::Write;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+/// Writes `svg` to `stem.svg` and its rendering to `stem.png`, each atomically.
+pub fn write_figure(svg: &str, stem: &Path) -> Result<()> {
+    crate::fsio::atomic_write(&stem.with_extension("svg"), |f| std::io::Write::write_all(f, svg.as_bytes()))?;
+    let png = render_png(svg).with_context(|| format!("rendering {}", stem.with_extension("png").display()))?;
+    crate::fsio::atomic_write(&stem.with_extension("png"), |f| std::io::Write::write_all(f, &png))
+}
+
+/// PNG bytes of an SVG drawing at its own size.
+pub fn render_png(svg: &str) -> Result<Vec<u8>> {
+    use resvg::{tiny_skia, usvg};
+    let mut opt = usvg::Options::default();
+    let db = opt.fontdb_mut();
+    db.load_system_fonts();
+    // "sans-serif" resolves to Arial by default; use a sans family this system has.
+    let families: Vec<String> = db.faces().flat_map(|f| f.families.iter().map(|(name, _)| name.clone())).collect();
+    let preferred = ["DejaVu Sans", "Liberation Sans", "Noto Sans", "Arial", "Helvetica"];
+    if let Some(family) = preferred.iter().map(|p| p.to_string()).find(|p| families.contains(p)).or_else(|| families.first().cloned()) {
+        db.set_sans_serif_family(family.clone());
+        opt.font_family = family;
+    }
+    let tree = usvg::Tree::from_str(svg, &opt)?;
+    let size = tree.size().to_int_size();
+    let mut pixmap = tiny_skia::Pixmap::new(size.width(), size.height()).context("empty figure")?;
+    resvg::render(&tree, tiny_skia::Transform::default(), &mut pixmap.as_mut());
+    Ok(pixmap.encode_png()?)
+}
 
 fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
@@ -15,7 +45,8 @@ fn colour(t: f64) -> String {
     format!("#{:02x}{:02x}{:02x}", lerp(247.0, 8.0), lerp(251.0, 48.0), lerp(255.0, 107.0))
 }
 
-/// A heatmap of `values[row][col]` with its numbers in the cells; colours span the values' range.
+/// A heatmap of `values[row][col]` with its numbers in the cells; colours span the values' range
+/// (NaN cells, e.g. a diagonal, are grey and marked "-").
 pub fn heatmap(title: &str, rows: &[String], cols: &[String], values: &[Vec<f64>]) -> String {
     let (cell, left, top) = (56.0, 130.0, 60.0);
     let (w, h) = (left + cell * cols.len() as f64 + 20.0, top + cell * rows.len() as f64 + 20.0);
@@ -35,13 +66,10 @@ pub fn heatmap(title: &str, rows: &[String], cols: &[String], values: &[Vec<f64>
             let t = (v - lo) / span;
             let x = left + cell * j as f64;
             let ink = if t > 0.6 { "white" } else { "black" };
-            let _ = writeln!(s, r#"<rect x="{x}" y="{y}" width="{cell}" height="{cell}" fill="{}" stroke="white"/>"#, colour(t));
-            let _ = writeln!(
-                s,
-                r#"<text x="{}" y="{}" text-anchor="middle" fill="{ink}" font-size="10">{v:.3}</text>"#,
-                x + cell / 2.0,
-                y + cell / 2.0 + 4.0
-            );
+            let (fill, label) = if v.is_finite() { (colour(t), format!("{v:.3}")) } else { ("#dddddd".to_string(), "-".to_string()) };
+            let _ = writeln!(s, r#"<rect x="{x}" y="{y}" width="{cell}" height="{cell}" fill="{fill}" stroke="white"/>"#);
+            let (tx, ty) = (x + cell / 2.0, y + cell / 2.0 + 4.0);
+            let _ = writeln!(s, r#"<text x="{tx}" y="{ty}" text-anchor="middle" fill="{ink}" font-size="10">{label}</text>"#);
         }
     }
     s.push_str("</svg>\n");
@@ -102,6 +130,17 @@ mod tests {
         );
         assert_eq!(svg.matches("<rect x=").count(), 6);
         assert!(svg.contains("a&amp;b") && svg.contains("t&lt;1&gt;") && svg.ends_with("</svg>\n"));
+    }
+
+    #[test]
+    fn figures_render_to_png_of_their_size() {
+        let svg = heatmap("t", &["r".into()], &["a".into(), "b".into()], &[vec![0.2, 0.9]]);
+        let png = render_png(&svg).unwrap();
+        let img = resvg::tiny_skia::Pixmap::decode_png(&png).unwrap();
+        // 130 + 2 * 56 + 20 wide, 60 + 56 + 20 high; the second cell is dark blue.
+        assert_eq!((img.width(), img.height()), (262, 136));
+        let px = img.pixel(130 + 56 + 28, 60 + 5).unwrap();
+        assert!(px.blue() > px.red() && px.red() < 100, "{px:?}");
     }
 
     #[test]

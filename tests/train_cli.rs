@@ -399,10 +399,12 @@ fn masks_compare_reports_similarity_chance_and_correlation() {
     }
     assert_eq!(v["correlation"].as_array().unwrap().len(), 3, "overall and two layers");
     assert_eq!(std::fs::read_to_string(&csv).unwrap().lines().count(), 1 + 3 * (1 + 2 + 4));
-    for (svg, shapes) in [("layers.svg", 3 * 2), ("matrix.svg", 3 * 3), ("scatter.svg", 3)] {
-        let text = std::fs::read_to_string(plots.join(svg)).unwrap();
-        assert!(text.starts_with("<svg") && text.ends_with("</svg>\n"), "{svg}");
-        assert_eq!(text.matches("<rect x=").count() + text.matches("<circle").count(), shapes + (svg == "scatter.svg") as usize, "{svg}");
+    for (fig, shapes, (w, h)) in [("layers", 3 * 2, (262, 248)), ("matrix", 3 * 3, (318, 248)), ("scatter", 3, (560, 420))] {
+        let text = std::fs::read_to_string(plots.join(format!("{fig}.svg"))).unwrap();
+        assert!(text.starts_with("<svg") && text.ends_with("</svg>\n"), "{fig}");
+        assert_eq!(text.matches("<rect x=").count() + text.matches("<circle").count(), shapes + (fig == "scatter") as usize, "{fig}");
+        let png = resvg::tiny_skia::Pixmap::decode_png(&std::fs::read(plots.join(format!("{fig}.png"))).unwrap()).unwrap();
+        assert_eq!((png.width(), png.height()), (w, h), "{fig}.png");
     }
     let en = tmp.path().join("en");
     let e = engine(&["masks", "compare", "--json", s(&en), s(&en)]);

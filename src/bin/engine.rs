@@ -90,8 +90,8 @@ enum MasksCommand {
         /// Relabellings for the permutation p-values.
         #[arg(long, default_value_t = 10_000)]
         permutations: usize,
-        /// Write SVG figures into this folder: layers.svg (mask cosine per pair and layer),
-        /// matrix.svg (set x set, overall) and, with inventories, scatter.svg (mask vs phonetic
+        /// Write figures (SVG and PNG) into this folder: layers (mask cosine per pair and layer),
+        /// matrix (set x set, overall) and, with inventories, scatter (mask vs phonetic
         /// similarity with the least-squares line).
         #[arg(long)]
         plots: Option<PathBuf>,
@@ -434,26 +434,23 @@ fn masks_compare(specs: &[String], json: bool, csv: Option<&Path>, plots: Option
     };
     if let Some(dir) = plots {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let write =
-            |name: &str, svg: String| s3router::fsio::atomic_write(&dir.join(name), |f| std::io::Write::write_all(f, svg.as_bytes()));
+        let write = |name: &str, svg: String| plot::write_figure(&svg, &dir.join(name));
         let pair_names: Vec<String> = pairs.iter().map(|p| format!("{}-{}", p.a, p.b)).collect();
         let layer_names: Vec<String> = layers.iter().map(usize::to_string).collect();
         let per_layer: Vec<Vec<f64>> = pairs.iter().map(|p| p.layers.iter().map(|l| l.1).collect()).collect();
-        write("layers.svg", plot::heatmap("mask cosine similarity per layer", &pair_names, &layer_names, &per_layer))?;
-        let mut square = vec![vec![1.0; names.len()]; names.len()];
+        write("layers", plot::heatmap("mask cosine similarity per layer", &pair_names, &layer_names, &per_layer))?;
+        // The diagonal (1 by definition) is left blank so the colours span the pairs.
+        let mut square = vec![vec![f64::NAN; names.len()]; names.len()];
         for p in &pairs {
             let (i, j) = (index(&p.a), index(&p.b));
             (square[i][j], square[j][i]) = (p.overall.0, p.overall.0);
         }
         let labels: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        write("matrix.svg", plot::heatmap("mask cosine similarity, all masked weights", &labels, &labels, &square))?;
+        write("matrix", plot::heatmap("mask cosine similarity, all masked weights", &labels, &labels, &square))?;
         if inventories.is_some() {
             let points: Vec<(f64, f64, String)> =
                 pairs.iter().zip(&pair_names).map(|(p, n)| (phonetic(p).unwrap_or(0.0), p.overall.0, n.clone())).collect();
-            write(
-                "scatter.svg",
-                plot::scatter("mask vs phoneme-inventory similarity", "phoneme inventory cosine", "mask cosine", &points),
-            )?;
+            write("scatter", plot::scatter("mask vs phoneme-inventory similarity", "phoneme inventory cosine", "mask cosine", &points))?;
         }
     }
     if let Some(path) = csv {
