@@ -406,6 +406,19 @@ fn masks_compare_reports_similarity_chance_and_correlation() {
         let png = resvg::tiny_skia::Pixmap::decode_png(&std::fs::read(plots.join(format!("{fig}.png"))).unwrap()).unwrap();
         assert_eq!((png.width(), png.height()), (w, h), "{fig}.png");
     }
+    // An inventory file replaces a set's vocabulary: identical inventories have similarity 1.
+    let inv = tmp.path().join("es.txt");
+    std::fs::write(&inv, std::fs::read_to_string(fixtures().join("corpus/en/train.phn")).unwrap()).unwrap();
+    let mut args = vec!["masks", "compare", "--json", "--permutations", "10"];
+    let spec = format!("es={}", inv.display());
+    args.extend(["--inventory", spec.as_str()]);
+    args.extend(dirs.iter().map(String::as_str));
+    let e = engine(&args);
+    ok(&e);
+    let v: serde_json::Value = serde_json::from_slice(&e.stdout).unwrap();
+    let en_es = v["pairs"].as_array().unwrap().iter().find(|p| p["a"] == "en" && p["b"] == "es").unwrap();
+    assert!((en_es["phonetic"].as_f64().unwrap() - 1.0).abs() < 1e-12, "{en_es}");
+    fails_with(&engine(&["masks", "compare", "--inventory", "xx=f", &dirs[0], &dirs[1]]), "no mask set is named \"xx\"");
     let en = tmp.path().join("en");
     let e = engine(&["masks", "compare", "--json", s(&en), s(&en)]);
     ok(&e);

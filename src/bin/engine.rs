@@ -90,6 +90,10 @@ enum MasksCommand {
         /// Relabellings for the permutation p-values.
         #[arg(long, default_value_t = 10_000)]
         permutations: usize,
+        /// A phoneme inventory as NAME=FILE (whitespace-separated phones, e.g. an expert
+        /// inventory or a .phn label file), replacing the named set's vocabulary.
+        #[arg(long)]
+        inventory: Vec<String>,
         /// Write figures (SVG and PNG) into this folder: layers (mask cosine per pair and layer),
         /// matrix (set x set, overall) and, with inventories, scatter (mask vs phonetic
         /// similarity with the least-squares line).
@@ -381,7 +385,14 @@ fn inventory(set: &MaskSet) -> Result<Option<BTreeSet<String>>> {
     Ok(Some(map.keys().filter(|t| !is_special(t)).cloned().collect()))
 }
 
-fn masks_compare(specs: &[String], json: bool, csv: Option<&Path>, plots: Option<&Path>, permutations: usize) -> Result<()> {
+fn masks_compare(
+    specs: &[String],
+    inventory_files: &[String],
+    json: bool,
+    csv: Option<&Path>,
+    plots: Option<&Path>,
+    permutations: usize,
+) -> Result<()> {
     let sets: Vec<(String, MaskSet)> = specs
         .iter()
         .map(|spec| {
@@ -398,7 +409,22 @@ fn masks_compare(specs: &[String], json: bool, csv: Option<&Path>, plots: Option
         })
         .collect::<Result<_>>()?;
     let pairs = analysis::compare(&sets)?;
-    let inventories: Option<Vec<BTreeSet<String>>> = sets.iter().map(|(_, s)| inventory(s)).collect::<Result<Option<Vec<_>>>>()?;
+    let mut given: HashMap<String, BTreeSet<String>> = HashMap::new();
+    for spec in inventory_files {
+        let (name, file) = spec.split_once('=').with_context(|| format!("--inventory {spec:?}: expected NAME=FILE"))?;
+        if !sets.iter().any(|(n, _)| n == name) {
+            bail!("--inventory {name}: no mask set is named {name:?}");
+        }
+        let text = std::fs::read_to_string(file).with_context(|| format!("cannot read inventory {file}"))?;
+        given.insert(name.to_string(), text.split_whitespace().filter(|t| *t != "|").map(str::to_string).collect());
+    }
+    let inventories: Option<Vec<BTreeSet<String>>> = sets
+        .iter()
+        .map(|(n, s)| match given.remove(n) {
+            Some(inv) => Ok(Some(inv)),
+            None => inventory(s),
+        })
+        .collect::<Result<Option<Vec<_>>>>()?;
     let names: Vec<&str> = sets.iter().map(|(n, _)| n.as_str()).collect();
     let index = |n: &str| names.iter().position(|x| *x == n).expect("a compared set");
     let phonetic =
@@ -677,8 +703,8 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Masks(MasksCommand::Stats { model, json, dir }) => masks_stats(&model, &dir, json),
-        Command::Masks(MasksCommand::Compare { json, csv, permutations, plots, sets }) => {
-            masks_compare(&sets, json, csv.as_deref(), plots.as_deref(), permutations)
+        Command::Masks(MasksCommand::Compare { json, csv, permutations, plots, inventory, sets }) => {
+            masks_compare(&sets, &inventory, json, csv.as_deref(), plots.as_deref(), permutations)
         }
         Command::Score { reference, hyp, lowercase, ignore, alignments } => {
             score(&reference, &hyp, &TextNorm { lowercase, ignore }, alignments)
