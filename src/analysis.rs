@@ -36,8 +36,8 @@ impl MatrixStats {
     }
 }
 
-/// Statistics of every mask of `set` against the weights in model folder `model`, and against
-/// `initial` (the run's starting masks, name -> (shape, bits)) where given.
+/// Statistics of every mask of `set` (in layer order) against the weights in model folder
+/// `model`, and against `initial` (the run's starting masks) where given.
 pub fn mask_stats(model: &Path, set: &MaskSet, initial: Option<&PackedMasks>) -> Result<Vec<MatrixStats>> {
     let ck = Checkpoint::open_dir(model)?;
     set.masks
@@ -64,7 +64,11 @@ pub fn mask_stats(model: &Path, set: &MaskSet, initial: Option<&PackedMasks>) ->
             };
             Ok(MatrixStats { name: name.clone(), layer: layer_of(name), numel, kept, flipped, flipped_from_initial })
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()
+        .map(|mut stats| {
+            stats.sort_by_key(|s| (s.layer, s.name.clone()));
+            stats
+        })
 }
 
 /// `|a ∧ b|`, `|a|` and `|b|` of two packed masks (LSB-first bytes, same length), by popcount.
@@ -125,6 +129,8 @@ pub fn compare(sets: &[(String, MaskSet)]) -> Result<Vec<PairSimilarity>> {
                     add(by_layer.entry(l).or_default());
                 }
             }
+            // Layer order (names sort "layers.10" before "layers.2").
+            matrices.sort_by_key(|(name, _, _)| (layer_of(name), name.clone()));
             let summary = |t: (u64, u64, u64, u64)| (cosine(t.0, t.1, t.2), ((t.1 as f64 / t.3 as f64) * (t.2 as f64 / t.3 as f64)).sqrt());
             let layers = by_layer.into_iter().map(|(l, t)| (l, summary(t).0, summary(t).1)).collect();
             out.push(PairSimilarity { a: sets[i].0.clone(), b: sets[j].0.clone(), matrices, layers, overall: summary(total) });
@@ -210,6 +216,13 @@ mod tests {
         let (both, na, nb) = overlap_counts(&mask::pack(&a), &mask::pack(&b));
         assert_eq!(both as usize, a.iter().zip(&b).filter(|(x, y)| **x && **y).count());
         assert_eq!((na as usize, nb as usize), (a.iter().filter(|x| **x).count(), b.iter().filter(|x| **x).count()));
+    }
+
+    #[test]
+    fn layers_sort_numerically() {
+        let mut names = vec!["wav2vec2.encoder.layers.10.x", "wav2vec2.encoder.layers.2.x", "other"];
+        names.sort_by_key(|n| (layer_of(n), n.to_string()));
+        assert_eq!(names, vec!["other", "wav2vec2.encoder.layers.2.x", "wav2vec2.encoder.layers.10.x"]);
     }
 
     #[test]
