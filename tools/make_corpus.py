@@ -43,9 +43,11 @@ def phonemes(voice, text):
 
 
 def synthesize(voice, speed, pitch, text, flac):
+    """espeak-ng to a 16 kHz 16-bit FLAC; sox -D: no dither, so the same text gives the same samples
+    (with sox's default TPDF dither, rebuilt corpora differed by +-1 LSB)."""
     with tempfile.NamedTemporaryFile(suffix=".wav") as wav:
         subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", wav.name, text], check=True)
-        subprocess.run(["sox", wav.name, "-r", "16000", "-b", "16", "-c", "1", flac, "gain", "-1"], check=True, capture_output=True)
+        subprocess.run(["sox", "-D", wav.name, "-r", "16000", "-b", "16", "-c", "1", flac, "gain", "-1"], check=True, capture_output=True)
     info = subprocess.run(["soxi", "-s", flac], capture_output=True, text=True, check=True)
     return int(info.stdout.strip())
 
