@@ -26,10 +26,6 @@ pub struct MatrixStats {
 }
 
 impl MatrixStats {
-    pub fn sparsity(&self) -> f64 {
-        1.0 - self.kept as f64 / self.numel as f64
-    }
-
     /// Fraction of the matrix's weights flipped from the magnitude mask.
     pub fn flipped_fraction(&self) -> f64 {
         self.flipped as f64 / self.numel as f64
@@ -91,7 +87,7 @@ pub fn cosine(both: u64, na: u64, nb: u64) -> f64 {
 pub struct PairSimilarity {
     pub a: String,
     pub b: String,
-    /// Per matrix (in name order): (name, cosine, chance level).
+    /// Per matrix (in layer order): (name, cosine, chance level).
     pub matrices: Vec<(String, f64, f64)>,
     /// Per encoder layer (all its masked matrices together): (layer, cosine, chance level).
     pub layers: Vec<(usize, f64, f64)>,
@@ -132,7 +128,13 @@ pub fn compare(sets: &[(String, MaskSet)]) -> Result<Vec<PairSimilarity>> {
             // Layer order (names sort "layers.10" before "layers.2").
             matrices.sort_by_key(|(name, _, _)| (layer_of(name), name.clone()));
             let summary = |t: (u64, u64, u64, u64)| (cosine(t.0, t.1, t.2), ((t.1 as f64 / t.3 as f64) * (t.2 as f64 / t.3 as f64)).sqrt());
-            let layers = by_layer.into_iter().map(|(l, t)| (l, summary(t).0, summary(t).1)).collect();
+            let layers = by_layer
+                .into_iter()
+                .map(|(l, t)| {
+                    let (c, chance) = summary(t);
+                    (l, c, chance)
+                })
+                .collect();
             out.push(PairSimilarity { a: sets[i].0.clone(), b: sets[j].0.clone(), matrices, layers, overall: summary(total) });
         }
     }
@@ -191,7 +193,8 @@ pub fn mantel_p(a: &[Vec<f64>], b: &[Vec<f64>], rounds: usize, seed: u64) -> f64
         (0..n).flat_map(|i| (i + 1..n).map(move |j| (i, j))).map(|(i, j)| m[p[i]][p[j]]).collect()
     };
     let id: Vec<usize> = (0..n).collect();
-    let (x, observed) = (upper(a, &id), pearson(&upper(a, &id), &upper(b, &id)).abs());
+    let x = upper(a, &id);
+    let observed = pearson(&x, &upper(b, &id)).abs();
     let mut rng = crate::rng::SplitMix(seed);
     let mut perm = id.clone();
     let mut hits = 0;

@@ -378,11 +378,9 @@ fn masks_stats(model: &Path, dir: &Path, json: bool) -> Result<()> {
 /// A mask set's phoneme inventory: the content tokens of its vocabulary (no specials, no `|`).
 fn inventory(set: &MaskSet) -> Result<Option<BTreeSet<String>>> {
     let Some(path) = set.vocab_path() else { return Ok(None) };
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let map: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_str(&text).with_context(|| format!("{}: not a token -> id object", path.display()))?;
-    let is_special = |t: &str| t == "|" || (t.starts_with('<') && t.ends_with('>')) || (t.starts_with('[') && t.ends_with(']'));
-    Ok(Some(map.keys().filter(|t| !is_special(t)).cloned().collect()))
+    let vocab = Vocab::load_task(&path, 0)?;
+    let content = (0..vocab.len() as u32).filter(|&id| vocab.is_content(id)).map(|id| vocab.token(id as usize));
+    Ok(Some(content.filter(|t| *t != labels::DELIMITER).map(str::to_string).collect()))
 }
 
 fn masks_compare(

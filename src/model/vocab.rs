@@ -16,6 +16,16 @@ pub struct Vocab {
 /// Special tokens of vocabularies built here, in id order; `<pad>` is the CTC blank.
 const SPECIALS: [&str; 4] = ["<pad>", "<s>", "</s>", "<unk>"];
 
+/// `vocab.json` as its token -> id object.
+fn read_map(path: &Path) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let json: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+    match json {
+        serde_json::Value::Object(map) => Ok(map),
+        _ => bail!("{}: expected an object of token -> id", path.display()),
+    }
+}
+
 /// Tokens like `<s>`, `</s>`, `<unk>`, `[PAD]`: dropped from transcripts.
 fn is_special(token: &str) -> bool {
     (token.starts_with('<') && token.ends_with('>') && token.len() > 2)
@@ -67,9 +77,17 @@ impl Vocab {
 
     /// Reads `vocab.json`, which must give each id in `0..vocab_size` exactly one token.
     pub fn load(path: &Path, vocab_size: usize, blank: usize) -> Result<Vocab> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let json: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
-        let map = json.as_object().with_context(|| format!("{}: expected an object of token -> id", path.display()))?;
+        Vocab::from_map(path, &read_map(path)?, vocab_size, blank)
+    }
+
+    /// Reads a task's `vocab.json` (as `engine train` and `engine vocab` write it) whatever its
+    /// size: ids `0..n` for its `n` tokens, the blank at `blank`.
+    pub fn load_task(path: &Path, blank: usize) -> Result<Vocab> {
+        let map = read_map(path)?;
+        Vocab::from_map(path, &map, map.len(), blank)
+    }
+
+    fn from_map(path: &Path, map: &serde_json::Map<String, serde_json::Value>, vocab_size: usize, blank: usize) -> Result<Vocab> {
         let mut tokens: Vec<Option<String>> = vec![None; vocab_size];
         for (tok, id) in map {
             let id = id.as_u64().with_context(|| format!("{}: id of token {tok:?} is not an integer", path.display()))? as usize;

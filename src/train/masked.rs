@@ -9,7 +9,7 @@
 //! linear, or the time-mask embedding when time masking is on. This is the readable reference the
 //! GPU path is to mirror.
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use rayon::prelude::*;
 
 use crate::backend::cpu::attention::{attention, ProbDropout};
@@ -108,8 +108,7 @@ impl MaskedWeight {
         let (lin, row0) = part.linear(l);
         let &[d_in, stacked] = lin.weight.shape() else { anyhow::bail!("{name}: not a 2-D weight") };
         let d_out = if matches!(part, Part::Query | Part::Key | Part::Value) { stacked / 3 } else { stacked };
-        let w_t = lin.weight.f32s()?;
-        let weight: Vec<f32> = (0..d_out * d_in).map(|j| w_t[(j % d_in) * stacked + row0 + j / d_in]).collect();
+        let weight = lin.rows_out_in(row0, d_out).with_context(|| name.clone())?;
         let scores = if scores.is_empty() { vec![0.0; weight.len()] } else { scores };
         ensure!(scores.len() == weight.len(), "{name}: {} scores for a {d_out} x {d_in} weight", scores.len());
         Ok(MaskedWeight { layer, part, d_out, d_in, weight, scores })

@@ -22,6 +22,7 @@ use super::feed::{Feed, Position};
 use super::masked::{step, Features, MaskScope, MaskedWeight, Regularisers, StepGrads, TimeMask};
 use super::schedule::TriStage;
 use super::specaugment::span_mask;
+use crate::backend::cpu::math::add_assign;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
 use crate::ctc::{CtcTargets, Reduction};
@@ -313,9 +314,14 @@ impl Params {
         Ok(Linear { weight: be.prepare_linear_weight(&w)?, bias: Tensor::from_vec(self.head_bias.clone(), &[vocab]) })
     }
 
+    /// Each masked weight's name, `[out, in]` shape and keep flags (the top-k of its scores).
+    fn keep(&self, sparsity: f64) -> Vec<(String, Vec<usize>, Vec<bool>)> {
+        self.masks.iter().map(|m| (m.name(), vec![m.d_out, m.d_in], top_k_mask(&m.scores, sparsity))).collect()
+    }
+
     /// This state as a mask set over the model (for validation and the outputs).
     fn mask_set(&self, dir: &Path, sparsity: f64) -> MaskSet {
-        let masks = self.masks.iter().map(|m| (m.name(), (vec![m.d_out, m.d_in], mask::pack(&top_k_mask(&m.scores, sparsity))))).collect();
+        let masks = self.keep(sparsity).into_iter().map(|(name, shape, keep)| (name, (shape, mask::pack(&keep)))).collect();
         let vocab = self.head_bias.len();
         let head = (
             Tensor::from_vec(self.head_weight.clone(), &[vocab, self.head_weight.len() / vocab]),
@@ -331,9 +337,7 @@ impl Params {
         let scores = names.iter().zip(&self.masks).map(|((n, shape), m)| (n.as_str(), shape.as_slice(), m.scores.as_slice()));
         let meta = BTreeMap::from([("sparsity".to_string(), sparsity.to_string())]);
         crate::fsio::write_f32_safetensors(&dir.join("scores.safetensors"), scores, &meta)?;
-        let keep: Vec<(String, Vec<usize>, Vec<bool>)> =
-            self.masks.iter().map(|m| (m.name(), vec![m.d_out, m.d_in], top_k_mask(&m.scores, sparsity))).collect();
-        MaskSet::save(dir, &keep, sparsity)?;
+        MaskSet::save(dir, &self.keep(sparsity), sparsity)?;
         let (v, h) = (self.head_bias.len(), self.head_weight.len() / self.head_bias.len());
         let head = [("lm_head.weight", &[v, h][..], self.head_weight.as_slice()), ("lm_head.bias", &[v][..], self.head_bias.as_slice())];
         crate::fsio::write_f32_safetensors(&dir.join("head.safetensors"), head, &BTreeMap::new())?;
@@ -361,7 +365,7 @@ impl Accumulated {
         parts.extend([Some(g.head_weight), Some(g.head_bias), g.embedding]);
         for (acc, part) in self.tensors.iter_mut().zip(parts) {
             match (acc.as_mut(), part) {
-                (Some(a), Some(p)) => a.iter_mut().zip(&p).for_each(|(a, p)| *a += p),
+                (Some(a), Some(p)) => add_assign(a, &p),
                 (None, Some(p)) => *acc = Some(p),
                 (_, None) => {}
             }
@@ -400,7 +404,6 @@ struct Trainer<'a> {
     opts: &'a RunOptions,
     be: CpuBackend,
     ck: Checkpoint,
-    config: Config,
     model: Wav2Vec2,
     pre: Preprocessor,
     vocab: Vocab,
@@ -415,9 +418,8 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<Summary> {
     let be = CpuBackend;
     let dir = recipe.model()?;
     ensure!(dir.is_dir(), "model folder {} does not exist", dir.display());
-    let config = Config::load(&dir.join("config.json"))?;
     let ck = Checkpoint::open_dir(dir)?;
-    let model = Wav2Vec2::from_weights(config.clone(), &ck, &be)?;
+    let model = Wav2Vec2::from_weights(Config::load(&dir.join("config.json"))?, &ck, &be)?;
     let pre = Preprocessor::load(dir)?;
     let train_path = recipe.train()?;
     let train_data = recipe.dataset(train_path, &recipe.train_split, true)?;
@@ -427,7 +429,7 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<Summary> {
         Ok(labeler.label_all(data.utterances.iter().map(|u| u.text.as_str()))?.tokens)
     };
     let train_labels = label(&train_data).with_context(|| format!("training transcripts of {}", train_path.display()))?;
-    let feed = Feed::new(&train_data, train_labels, config.receptive_field(), recipe.max_tokens, recipe.seed)?;
+    let feed = Feed::new(&train_data, train_labels, model.config.receptive_field(), recipe.max_tokens, recipe.seed)?;
     let valid = match &recipe.valid {
         Some(path) => {
             let data = recipe.dataset(path, &recipe.valid_split, false)?;
@@ -439,7 +441,7 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<Summary> {
     if !opts.resume {
         start_out(&opts.out, &recipe.json())?;
     }
-    let t = Trainer { recipe, opts, be, ck, config, model, pre, vocab, feed, valid };
+    let t = Trainer { recipe, opts, be, ck, model, pre, vocab, feed, valid };
     t.run()
 }
 
@@ -502,11 +504,7 @@ fn task_vocab(recipe: &Recipe, dir: &Path, model: &Wav2Vec2, data: &Dataset) -> 
         return Vocab::load(&path, c.vocab_size, c.pad_token_id).with_context(|| "--keep-head needs the head's vocabulary");
     }
     if let Some(path) = &recipe.vocab {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let n = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&text)
-            .with_context(|| format!("{}: expected an object of token -> id", path.display()))?
-            .len();
-        return Vocab::load(path, n, 0);
+        return Vocab::load_task(path, 0);
     }
     let symbols: Vec<String> =
         data.utterances.iter().flat_map(|u| symbols(&u.text, data.labels, &recipe.chars_to_ignore, Case::Mixed)).collect();
@@ -518,7 +516,7 @@ impl Trainer<'_> {
     /// head, and the time-mask embedding (the checkpoint's `masked_spec_embed` if it has one).
     fn init_params(&self) -> Result<Params> {
         let r = self.recipe;
-        let h = self.config.hidden_size;
+        let h = self.model.config.hidden_size;
         // At sparsity 0 every mask keeps everything: no scores, only the head (and embedding) train.
         let slots: Vec<(usize, _)> = if r.sparsity == 0.0 {
             Vec::new()
@@ -537,10 +535,7 @@ impl Trainer<'_> {
             .collect::<Result<Vec<_>>>()?;
         let v = self.vocab.len();
         let (head_weight, head_bias) = match (&self.model.lm_head, r.keep_head) {
-            (Some(head), true) => {
-                let w_t = head.weight.f32s()?;
-                ((0..v * h).map(|j| w_t[(j % h) * v + j / h]).collect(), head.bias.to_vec()?)
-            }
+            (Some(head), true) => (head.rows_out_in(0, v)?, head.bias.to_vec()?),
             _ => {
                 let bound = (6.0 / (h + v) as f32).sqrt();
                 let mut rng = SplitMix(mix(r.seed ^ 0x4ead));
@@ -567,7 +562,7 @@ impl Trainer<'_> {
         storage: &'p mut RegStorage,
     ) -> Regularisers<'p> {
         let r = self.recipe;
-        let h = self.config.hidden_size;
+        let h = self.model.config.hidden_size;
         let mut rng = SplitMix(mix(r.seed ^ mix(0xba7c_0000_0000 ^ (update * r.update_freq + sub) as u64)));
         storage.frames = frames.iter().flat_map(|&n| span_mask(n, r.mask_time_prob, r.mask_time_length, 2, &mut rng)).collect();
         storage.channels = frames.iter().flat_map(|_| span_mask(h, r.mask_channel_prob, r.mask_channel_length, 0, &mut rng)).collect();
@@ -587,7 +582,7 @@ impl Trainer<'_> {
     fn validate(&self, params: &Params) -> Result<Option<EvalReport>> {
         let Some((data, labels)) = &self.valid else { return Ok(None) };
         let set = params.mask_set(&self.opts.out, self.recipe.sparsity);
-        let mut config = self.config.clone();
+        let mut config = self.model.config.clone();
         config.vocab_size = self.vocab.len();
         let model = Wav2Vec2::from_weights(config, &Masked { inner: &self.ck, masks: &set }, &self.be)?;
         let rec = Recognizer { model, pre: self.pre, vocab: self.vocab.clone(), backend: &self.be };
@@ -600,7 +595,7 @@ impl Trainer<'_> {
         for m in &params.masks {
             st.put(&format!("scores/{}", m.name()), &[m.d_out, m.d_in], m.scores.clone());
         }
-        let (v, h) = (params.head_bias.len(), self.config.hidden_size);
+        let (v, h) = (params.head_bias.len(), self.model.config.hidden_size);
         st.put("head/weight", &[v, h], params.head_weight.clone());
         st.put("head/bias", &[v], params.head_bias.clone());
         st.put("embedding", &[h], params.embedding.clone());
@@ -633,9 +628,7 @@ impl Trainer<'_> {
         let mut log = Log::open(&out.join(LOG), state.update)?;
         if !self.opts.resume {
             // The starting masks, for `engine masks stats` (bits flipped by learning).
-            let keep: Vec<(String, Vec<usize>, Vec<bool>)> =
-                params.masks.iter().map(|m| (m.name(), vec![m.d_out, m.d_in], top_k_mask(&m.scores, r.sparsity))).collect();
-            MaskSet::save_as(&out.join(INITIAL_MASKS), &keep, r.sparsity)?;
+            MaskSet::save_as(&out.join(INITIAL_MASKS), &params.keep(r.sparsity), r.sparsity)?;
             log.write(&serde_json::json!({
                 "event": "start",
                 "utterances": self.feed.len(),
@@ -763,18 +756,18 @@ impl FeatureCache {
 
     /// The packed projected features of utterances `idx` (with their decoded `audio`).
     fn features(&mut self, model: &Wav2Vec2, be: &CpuBackend, idx: &[usize], audio: &[Vec<f32>]) -> Result<Features<'static>> {
+        let h = model.config.hidden_size;
         let missing: Vec<usize> = (0..idx.len()).filter(|&k| !self.features.contains_key(&idx[k])).collect();
         let mut fresh: HashMap<usize, Vec<f32>> = HashMap::new();
         if !missing.is_empty() {
             let inputs: Vec<&[f32]> = missing.iter().map(|&k| audio[k].as_slice()).collect();
             let (p, seqs) = model.projected(be, &inputs)?;
-            let (p, h) = (p.to_vec()?, model.config.hidden_size);
+            let p = p.to_vec()?;
             for (j, &k) in missing.iter().enumerate() {
                 let r = seqs.range(j);
                 fresh.insert(idx[k], p[r.start * h..r.end * h].to_vec());
             }
         }
-        let h = model.config.hidden_size;
         let mut rows = Vec::new();
         let mut lens = Vec::with_capacity(idx.len());
         for i in idx {
