@@ -2,7 +2,9 @@
 //! 2 x 5 s, masks on the 24 FFN matrices at sparsity 0.1, CTC against 60 labels per utterance.
 //! "step" is the forward/backward (masks from the scores included); "update" adds the Adam update
 //! of the 56.6M scores and the head, which is what the PyTorch anchor
-//! (../shared/bench/torch_w2v2_cpu_anchor.py) times. `cargo bench --bench train_step`.
+//! (../shared/bench/torch_w2v2_cpu_anchor.py) times. "finetune step" is weight finetuning's
+//! forward/backward (no masks, every weight above the feature encoder trains).
+//! `cargo bench --bench train_step`.
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use s3router::backend::cpu::CpuBackend;
@@ -37,7 +39,7 @@ fn train_step_base_b2x5s(c: &mut Criterion) {
     g.sample_size(10);
     let reg = Regularisers::default();
     g.bench_function("s3router step wav2vec2-base b2x5s cpu", |b| {
-        b.iter(|| step(&model, &masks, 0.1, head, Features::Audio(&inputs), &targets, Reduction::Sum, &reg).unwrap())
+        b.iter(|| step(&model, &masks, 0.1, head, Features::Audio(&inputs), &targets, Reduction::Sum, &reg, false).unwrap())
     });
     let mut sizes: Vec<usize> = masks.iter().map(|m| m.scores.len()).collect();
     sizes.extend([head.weight.numel(), head.bias.numel()]);
@@ -45,13 +47,16 @@ fn train_step_base_b2x5s(c: &mut Criterion) {
     let (mut head_w, mut head_b) = (vec![0.0f32; head.weight.numel()], vec![0.0f32; head.bias.numel()]);
     g.bench_function("s3router update (step + Adam) wav2vec2-base b2x5s cpu", |b| {
         b.iter(|| {
-            let out = step(&model, &masks, 0.1, head, Features::Audio(&inputs), &targets, Reduction::Sum, &reg).unwrap();
+            let out = step(&model, &masks, 0.1, head, Features::Audio(&inputs), &targets, Reduction::Sum, &reg, false).unwrap();
             let mut grads: Vec<Option<&[f32]>> = out.scores.iter().map(|g| g.as_deref()).collect();
             grads.extend([Some(out.head_weight.as_slice()), Some(out.head_bias.as_slice())]);
             let mut params: Vec<&mut [f32]> = masks.iter_mut().map(|m| m.scores.as_mut_slice()).collect();
             params.extend([head_w.as_mut_slice(), head_b.as_mut_slice()]);
             adam.update(&mut params, &grads, 5e-5);
         })
+    });
+    g.bench_function("finetune step (every weight's gradient) wav2vec2-base b2x5s cpu", |b| {
+        b.iter(|| step(&model, &[], 0.0, head, Features::Audio(&inputs), &targets, Reduction::Sum, &reg, true).unwrap())
     });
     g.finish();
 }

@@ -3,6 +3,7 @@
 mod common;
 
 use common::{fixtures, rel_l2, utterances};
+use s3router::backend::cpu::grad::weight_norm_grads;
 use s3router::backend::cpu::CpuBackend;
 use s3router::ctc::{CtcTargets, Reduction};
 use s3router::data::audio;
@@ -14,7 +15,7 @@ use s3router::model::preprocess::Preprocessor;
 use s3router::model::vocab::Vocab;
 use s3router::model::Wav2Vec2;
 use s3router::train::adam::Adam;
-use s3router::train::masked::{step, Features, MaskScope, MaskedWeight, Regularisers, TimeMask};
+use s3router::train::masked::{step, Features, MaskScope, MaskedWeight, Regularisers, TimeMask, POS_CONV_WEIGHT};
 
 #[test]
 fn adam_follows_torch_optim_adam() {
@@ -47,7 +48,7 @@ impl Case {
     fn load(key: &str) -> Case {
         let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("train.json")).unwrap()).unwrap();
         let grads = Checkpoint::open(&[fixtures().join("train_grads.safetensors")]).unwrap();
-        let name = key.trim_end_matches("-specaug").trim_end_matches("-regularised");
+        let name = key.trim_end_matches("-specaug").trim_end_matches("-regularised").trim_end_matches("-finetune");
         let dir = fixtures().join(name);
         let model = Wav2Vec2::load(&dir, &CpuBackend).unwrap();
         let vocab = Vocab::load(&dir.join("vocab.json"), model.config.vocab_size, model.config.pad_token_id).unwrap();
@@ -88,7 +89,7 @@ impl Case {
         let inputs: Vec<&[f32]> = self.audio.iter().map(Vec::as_slice).collect();
         let head = self.model.lm_head.as_ref().unwrap();
         let sparsity = self.meta["sparsity"].as_f64().unwrap();
-        let out = step(&self.model, masks, sparsity, head, Features::Audio(&inputs), &self.targets, Reduction::Sum, reg).unwrap();
+        let out = step(&self.model, masks, sparsity, head, Features::Audio(&inputs), &self.targets, Reduction::Sum, reg, false).unwrap();
         let key = &self.key;
         let want_loss = self.meta["loss"].as_f64().unwrap() as f32;
         assert!(((out.loss - want_loss) / want_loss).abs() <= 1e-4, "{key}: loss {} vs torch {want_loss}", out.loss);
@@ -145,25 +146,104 @@ fn masked_step_gradients_match_pytorch() {
 /// Every regulariser at once against transformers' modules fed the engine's dropout masks: all
 /// six linears masked, time and channel masking, one layer skipped, hidden / attention /
 /// activation dropout (post-LN and pre-LN models).
+/// The fixture's regularisers (time and channel masks, a skipped layer, the three dropouts).
+struct FixtureRegularisers {
+    channels: Vec<bool>,
+    skip: Vec<bool>,
+    embedding: Vec<f32>,
+    seed: u64,
+}
+
+impl FixtureRegularisers {
+    fn of(case: &Case) -> FixtureRegularisers {
+        let m = &case.meta;
+        let h = case.model.config.hidden_size;
+        FixtureRegularisers {
+            channels: m["channel_masks"].as_array().unwrap().iter().flat_map(|spans| spans_to_flags(spans, h)).collect(),
+            skip: m["skip_layers"].as_array().unwrap().iter().map(|b| b.as_bool().unwrap()).collect(),
+            embedding: case.embedding().unwrap(),
+            seed: m["seed"].as_u64().unwrap(),
+        }
+    }
+
+    fn get<'a>(&'a self, case: &'a Case) -> Regularisers<'a> {
+        let dropout = |k: &str| Some(Dropout { p: case.meta[k].as_f64().unwrap() as f32, seed: self.seed });
+        Regularisers {
+            time_mask: Some(TimeMask { frames: &case.frames, embedding: &self.embedding }),
+            channel_mask: Some(&self.channels),
+            dropout: dropout("dropout"),
+            attention_dropout: dropout("attention_dropout"),
+            activation_dropout: dropout("activation_dropout"),
+            skip_layers: &self.skip,
+        }
+    }
+}
+
+/// Weight finetuning: the gradient of every parameter above the feature encoder (weights,
+/// biases, norms, the feature projection, the weight-normed positional conv's `g` and `v`, the
+/// head, the time-mask embedding) against transformers in float64, every regulariser on; a
+/// skipped layer's parameters get no gradient on either side.
+#[test]
+fn finetune_step_gradients_match_pytorch() {
+    for key in ["base-like-finetune", "large-like-finetune"] {
+        let case = Case::load(key);
+        let fixture = FixtureRegularisers::of(&case);
+        let inputs: Vec<&[f32]> = case.audio.iter().map(Vec::as_slice).collect();
+        let head = case.model.lm_head.as_ref().unwrap();
+        let out =
+            step(&case.model, &[], 0.0, head, Features::Audio(&inputs), &case.targets, Reduction::Sum, &fixture.get(&case), true).unwrap();
+        let want_loss = case.meta["loss"].as_f64().unwrap() as f32;
+        assert!(((out.loss - want_loss) / want_loss).abs() <= 1e-4, "{key}: loss {} vs torch {want_loss}", out.loss);
+        let ck = Checkpoint::open_dir(&fixtures().join(key.trim_end_matches("-finetune"))).unwrap();
+        let pc = "wav2vec2.encoder.pos_conv_embed.conv.parametrizations.weight";
+        let (g, v) = (ck.tensor(&format!("{pc}.original0")).unwrap().to_vec().unwrap(), ck.tensor(&format!("{pc}.original1")).unwrap());
+        let (dg, dv) = weight_norm_grads(&out.weights[POS_CONV_WEIGHT], &g, &v.to_vec().unwrap());
+        let prefix = format!("{key}/grad/");
+        let names: Vec<String> = case.grads.names().filter_map(|n| n.strip_prefix(&prefix).map(str::to_string)).collect();
+        let mut worst = (0.0f64, String::new());
+        for name in &names {
+            let got: &[f32] = match name.as_str() {
+                "lm_head.weight" => &out.head_weight,
+                "lm_head.bias" => &out.head_bias,
+                "wav2vec2.masked_spec_embed" => out.embedding.as_deref().unwrap(),
+                n if n == format!("{pc}.original0") => &dg,
+                n if n == format!("{pc}.original1") => &dv,
+                n => out.weights.get(n).unwrap_or_else(|| panic!("{key}: no gradient for {n}")),
+            };
+            let want = case.grads.tensor(&format!("{prefix}{name}")).unwrap().to_vec().unwrap();
+            if let Some(layer) = name.strip_suffix("k_proj.bias") {
+                // Zero in exact arithmetic (a key bias adds the same q·b to a whole row of scores,
+                // which the softmax ignores): both sides hold only rounding noise.
+                let norm = |x: &[f32]| x.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
+                let scale = norm(&out.weights[&format!("{layer}q_proj.bias")]);
+                assert!(
+                    norm(got) <= 1e-5 * scale && norm(&want) <= 1e-5 * scale,
+                    "{key} {name}: not ~0 ({}, torch {})",
+                    norm(got),
+                    norm(&want)
+                );
+                continue;
+            }
+            let err = rel_l2(got, &want);
+            assert!(err <= 1e-4, "{key} {name}: gradient rel L2 {err:.2e}");
+            if err > worst.0 {
+                worst = (err, name.clone());
+            }
+        }
+        // Every engine gradient is one PyTorch has (the folded conv weight stands for g and v).
+        for name in out.weights.keys().filter(|n| n.as_str() != POS_CONV_WEIGHT) {
+            assert!(names.contains(name), "{key}: the engine returned a gradient for {name}, PyTorch has none");
+        }
+        assert!(names.len() > 20, "{key}: only {} reference gradients", names.len());
+        eprintln!("{key}: {} gradients, worst rel L2 {:.1e} ({})", names.len(), worst.0, worst.1);
+    }
+}
+
 #[test]
 fn regularised_step_gradients_match_pytorch() {
     for key in ["base-like-regularised", "large-like-regularised"] {
         let case = Case::load(key);
-        let m = &case.meta;
-        let h = case.model.config.hidden_size;
-        let channels: Vec<bool> = m["channel_masks"].as_array().unwrap().iter().flat_map(|spans| spans_to_flags(spans, h)).collect();
-        let skip: Vec<bool> = m["skip_layers"].as_array().unwrap().iter().map(|b| b.as_bool().unwrap()).collect();
-        let seed = m["seed"].as_u64().unwrap();
-        let dropout = |k: &str| Some(Dropout { p: m[k].as_f64().unwrap() as f32, seed });
-        let embedding = case.embedding().unwrap();
-        let reg = Regularisers {
-            time_mask: Some(TimeMask { frames: &case.frames, embedding: &embedding }),
-            channel_mask: Some(&channels),
-            dropout: dropout("dropout"),
-            attention_dropout: dropout("attention_dropout"),
-            activation_dropout: dropout("activation_dropout"),
-            skip_layers: &skip,
-        };
-        case.check(&case.masks(MaskScope::All), &reg);
+        let fixture = FixtureRegularisers::of(&case);
+        case.check(&case.masks(MaskScope::All), &fixture.get(&case));
     }
 }

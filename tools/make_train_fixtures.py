@@ -182,7 +182,10 @@ class HashDropout(torch.nn.Module):
         return x * torch.from_numpy(dropout_factors(REG["seed"], self.site, idx, self.p)).to(x.dtype)[None]
 
 
-def regularised_gradients(tensors, meta, dtype=torch.float64):
+def regularised_gradients(tensors, meta, dtype=torch.float64, finetune=False):
+    """Every regulariser on. S3-Router (`finetune=False`): all six linears of each layer masked;
+    weight finetuning (`finetune=True`): no masks, every parameter but the conv feature encoder's
+    trains, and each one's gradient is recorded under `{key}/grad/{name}`."""
     from transformers.models.wav2vec2 import modeling_wav2vec2 as mw
     state = {"offset": 0}
 
@@ -199,22 +202,24 @@ def regularised_gradients(tensors, meta, dtype=torch.float64):
 
     mw.eager_attention_forward = attention
     for name in ("base-like", "large-like"):
-        key = name + "-regularised"
+        key = name + ("-finetune" if finetune else "-regularised")
         state["offset"] = 0
         torch.manual_seed(23)
         config = Wav2Vec2Config.from_pretrained(os.path.join(ROOT, name))
         config.mask_time_prob = 0.05
         config._attn_implementation = "eager"
         model = Wav2Vec2ForCTC.from_pretrained(os.path.join(ROOT, name), config=config, attn_implementation="eager").eval().to(dtype)
-        for p in model.parameters():
-            p.requires_grad_(False)
+        for n, p in model.named_parameters():
+            p.requires_grad_(finetune and not n.startswith("wav2vec2.feature_extractor."))
+        # Names before LayerDrop removes layers (the ModuleList renumbers the rest).
+        names = {id(p): n for n, p in model.named_parameters()}
         g = torch.Generator().manual_seed(29)
         masked = []
         enc = model.wav2vec2.encoder
         for i, layer in enumerate(enc.layers):
             parts = [(layer.attention, f"attention.{n}", n) for n in ("q_proj", "k_proj", "v_proj", "out_proj")]
             parts += [(layer.feed_forward, f"feed_forward.{n}", n) for n in ("intermediate_dense", "output_dense")]
-            for owner, full, attr in parts:
+            for owner, full, attr in parts if not finetune else []:
                 lin = getattr(owner, attr)
                 bound = 1.0 / lin.weight.shape[1] ** 0.5
                 m = MaskedLinear(lin, ((torch.rand(lin.weight.shape, generator=g) * 2 - 1) * bound).to(dtype), REG["sparsity"])
@@ -246,6 +251,10 @@ def regularised_gradients(tensors, meta, dtype=torch.float64):
             loss.backward()
             total += loss.item()
             state["offset"] += frames
+        if finetune:
+            for p in model.parameters():
+                if p.grad is not None:
+                    tensors[f"{key}/grad/{names[id(p)]}"] = p.grad.detach().float().contiguous()
         meta[key] = {"loss": total, "transcripts": TRANSCRIPTS[name], "time_masks": TIME_MASKS,
                      **{k: REG[k] for k in ("seed", "dropout", "attention_dropout", "activation_dropout", "sparsity", "channel_masks")},
                      "skip_layers": skip}
@@ -278,6 +287,7 @@ def main():
     masked_gradients(tensors, meta)
     masked_gradients(tensors, meta, specaug=True)
     regularised_gradients(tensors, meta)
+    regularised_gradients(tensors, meta, finetune=True)
     safetensors.torch.save_file(tensors, os.path.join(ROOT, "train_grads.safetensors"))
     with open(OUT, "w") as f:
         json.dump({"torch": torch.__version__, "adam": {"start": start.tolist(), "grads": grads, "lrs": lrs, "end": p.detach().tolist()},

@@ -347,7 +347,24 @@ impl Wav2Vec2 {
         Ok((x, seqs))
     }
 
+    /// The convolutional feature encoder alone, `[frames, conv_dim[-1]]` per utterance, packed:
+    /// what weight finetuning starts from (the feature encoder stays frozen there).
+    pub fn feature_encoder(&self, be: &dyn Backend, audio: &[&[f32]]) -> Result<(Tensor, Seqs)> {
+        self.convolve(be, audio, &mut StageClock::new(be, false)?)
+    }
+
     fn project(&self, be: &dyn Backend, audio: &[&[f32]], trace: Option<&mut Trace>, clock: &mut StageClock) -> Result<(Tensor, Seqs)> {
+        let (mut x, seqs) = self.convolve(be, audio, clock)?;
+        if let Some(t) = trace {
+            t.conv_features = t.keep(be, &x)?;
+        }
+        let eps = self.config.layer_norm_eps;
+        x = be.layer_norm(x, None, self.feature_projection_norm.params(eps), Activation::Identity)?;
+        x = self.feature_projection.forward(be, &x, Activation::Identity)?;
+        Ok((x, seqs))
+    }
+
+    fn convolve(&self, be: &dyn Backend, audio: &[&[f32]], clock: &mut StageClock) -> Result<(Tensor, Seqs)> {
         let c = &self.config;
         self.frame_counts(&audio.iter().map(|a| a.len()).collect::<Vec<_>>())?;
         let mut seqs = Seqs::new(audio.iter().map(|a| a.len()).collect());
@@ -370,12 +387,6 @@ impl Wav2Vec2 {
             }
             clock.mark(be, CONV_STAGES[i.min(CONV_STAGES.len() - 1)])?;
         }
-        if let Some(t) = trace {
-            t.conv_features = t.keep(be, &x)?;
-        }
-        let eps = c.layer_norm_eps;
-        x = be.layer_norm(x, None, self.feature_projection_norm.params(eps), Activation::Identity)?;
-        x = self.feature_projection.forward(be, &x, Activation::Identity)?;
         Ok((x, seqs))
     }
 

@@ -1,20 +1,24 @@
-//! One S3-Router forward/backward on the CPU: chosen linears of the encoder layers (the FFN's two,
+//! One training forward/backward on the CPU: chosen linears of the encoder layers (the FFN's two,
 //! attention's four, or all six) masked by the per-matrix top-k of their scores, the training
 //! regularisers (time and channel masking, dropout, LayerDrop), CTC loss, and the gradients of
-//! the scores (straight-through), the head and the time-mask embedding.
+//! the scores (straight-through), the head and the time-mask embedding; with `train_weights`
+//! (weight finetuning) also of every weight, bias and norm above the frozen feature encoder.
 //!
-//! The frozen feature encoder, projection and positional conv run without a tape; each encoder
-//! layer keeps only what its backward needs (attention probabilities and dropout masks are
-//! recomputed), and the backward stops at the lowest trainable tensor: layer 0's lowest masked
-//! linear, or the time-mask embedding when time masking is on. This is the readable reference the
-//! GPU path is to mirror.
+//! Frozen stages run without a tape; each encoder layer keeps only what its backward needs
+//! (attention probabilities and dropout masks are recomputed), and the backward stops at the
+//! lowest trainable tensor: layer 0's lowest masked linear, the time-mask embedding when time
+//! masking is on, or the feature projection when weights train. This is the readable reference
+//! the GPU path is to mirror.
+
+use std::collections::BTreeMap;
 
 use anyhow::{ensure, Context, Result};
 use rayon::prelude::*;
 
 use crate::backend::cpu::attention::{attention, ProbDropout};
 use crate::backend::cpu::grad::{
-    attention_grad, bias_grad, conv1d_input_grad, gelu_input_grad, layer_norm_input_grad, linear_input_grad, linear_weight_grad,
+    attention_grad, bias_grad, conv1d_input_grad, conv1d_weight_grad, gelu_input_grad, layer_norm_input_grad, layer_norm_param_grads,
+    linear_input_grad, linear_weight_grad,
 };
 use crate::backend::cpu::math::{add_assign, gelu};
 use crate::backend::cpu::CpuBackend;
@@ -143,10 +147,12 @@ pub struct Regularisers<'a> {
     pub skip_layers: &'a [bool],
 }
 
-/// What a step starts from: raw audio, or the frozen feature encoder's projected features of the
-/// packed batch (`[frames, hidden]`; the trainer caches them, since nothing below trains).
+/// What a step starts from: raw audio, the frozen feature encoder's output of the packed batch
+/// (`[frames, conv_dim[-1]]`, what weight finetuning caches), or, when the projection is frozen
+/// too, the projected features (`[frames, hidden]`, what mask learning caches).
 pub enum Features<'a> {
     Audio(&'a [&'a [f32]]),
+    Encoded(Vec<f32>, Seqs),
     Projected(Vec<f32>, Seqs),
 }
 
@@ -176,7 +182,15 @@ pub struct StepGrads {
     pub head_bias: Vec<f32>,
     /// Gradient of the time-mask embedding, when a [`TimeMask`] was given.
     pub embedding: Option<Vec<f32>>,
+    /// With `train_weights`: the gradient of every weight, bias and norm the step used, by its
+    /// checkpoint name in PyTorch's layout; the positional conv's as the folded
+    /// `...pos_conv_embed.conv.weight` `[out, in/groups, kernel]` (see
+    /// [`crate::backend::cpu::grad::weight_norm_grads`]). Skipped layers have none.
+    pub weights: BTreeMap<String, Vec<f32>>,
 }
+
+/// The checkpoint name of the folded positional-conv weight in [`StepGrads::weights`].
+pub const POS_CONV_WEIGHT: &str = "wav2vec2.encoder.pos_conv_embed.conv.weight";
 
 /// What one encoder layer keeps for its backward pass.
 struct Tape {
@@ -265,7 +279,8 @@ fn add(a: &[f32], b: &[f32]) -> Vec<f32> {
 
 /// One forward/backward of the masked model: `masks` names (layer, part) and scores of every
 /// masked weight (none: only the head, and the embedding under time masking, train); `head` is
-/// the trainable CTC head; `reg` the step's regularisers.
+/// the trainable CTC head; `reg` the step's regularisers; `train_weights` adds the gradients of
+/// every weight above the feature encoder ([`StepGrads::weights`]).
 #[allow(clippy::too_many_arguments)]
 pub fn step(
     model: &Wav2Vec2,
@@ -276,6 +291,7 @@ pub fn step(
     targets: &CtcTargets,
     reduction: Reduction,
     reg: &Regularisers,
+    train_weights: bool,
 ) -> Result<StepGrads> {
     let be = CpuBackend;
     let c = &model.config;
@@ -302,12 +318,19 @@ pub fn step(
     let probs_dropout = |i: usize| reg.attention_dropout.map(|dropout| ProbDropout { dropout, site: site(i, SITE_ATTENTION_PROBS) });
 
     // Forward: projected features, time and channel masking, positional conv, then the layers.
+    let mut projection_tape = None;
     let (mut projected, seqs) = match features {
-        Features::Audio(audio) => {
+        Features::Audio(audio) if !train_weights => {
             let (p, seqs) = model.projected(&be, audio)?;
             (v(&p)?, seqs)
         }
+        Features::Audio(audio) => {
+            let (f, seqs) = model.feature_encoder(&be, audio)?;
+            project(model, v(&f)?, seqs, &mut projection_tape)?
+        }
+        Features::Encoded(f, seqs) => project(model, f, seqs, &mut projection_tape)?,
         Features::Projected(p, seqs) => {
+            ensure!(!train_weights, "training the weights needs the feature encoder's output, not projected features");
             ensure!(p.len() == seqs.total() * h, "{} projected values for {} frames x {h} channels", p.len(), seqs.total());
             (p, seqs)
         }
@@ -353,7 +376,7 @@ pub fn step(
         }
         let layer = lw.layer;
         let (d_qkv_out, inter) = (3 * h, layer.intermediate_dense.bias.numel());
-        let keep_attended = lw.part(Part::Out).is_some();
+        let keep_attended = lw.part(Part::Out).is_some() || train_weights;
         // Attention: (qkv, attention output before out_proj, dropped out_proj output).
         let attend = |a: &[f32]| -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
             let qkv = linear(lw.weight(0), &layer.qkv_proj.bias, a, h)?;
@@ -403,18 +426,21 @@ pub fn step(
     let vocab = head.bias.numel();
     let logits = Tensor::from_vec(linear(&head.weight, &head.bias, &x, h)?, &[seqs.total(), vocab]);
 
-    // Backward. The lowest layer whose backward must run: to the embedding through every layer
-    // when time masking is on, else down to the lowest masked weight.
+    // Backward. The lowest layer whose backward must run: every layer when weights train or
+    // time masking is on (the embedding sits below them all), else the lowest masked weight.
     let out = ctc_loss(&be, &logits, &seqs, targets, reduction)?;
     let dlogits = v(&out.grad)?;
     let head_weight = linear_weight_grad(&dlogits, &x, h, vocab);
     let head_bias = bias_grad(&dlogits, vocab);
     let mut dx = linear_input_grad(&dlogits, head.weight.f32s()?, h, vocab);
+    let mut wgrads = Grads { on: train_weights, map: BTreeMap::new() };
     if c.do_stable_layer_norm {
+        wgrads.norm("wav2vec2.encoder.layer_norm", &dx, &encoder_out_pre, h, eps);
         dx = layer_norm_input_grad(&dx, &encoder_out_pre, model.encoder_layer_norm.gamma.f32s()?, eps);
     }
-    // Without masks or time masking only the head trains: no layer's backward runs.
-    let lowest = if reg.time_mask.is_some() { 0 } else { masks.iter().map(|m| m.layer).min().unwrap_or(n_layers) };
+    let full = train_weights || reg.time_mask.is_some();
+    // Without masks, time masking or weight training only the head trains: no layer's backward runs.
+    let lowest = if full { 0 } else { masks.iter().map(|m| m.layer).min().unwrap_or(n_layers) };
     let mut scores: Vec<Option<Vec<f32>>> = vec![None; masks.len()];
     // The straight-through score gradient of masked weight `k` from `dW_eff` of its linear
     // (`stacked` output rows; the part's rows start at its offset).
@@ -428,6 +454,7 @@ pub fn step(
         }
         let Some(tape) = tape else { continue }; // a skipped layer is the identity
         let layer = lw.layer;
+        let name = |suffix: &str| format!("wav2vec2.encoder.layers.{i}.{suffix}");
         let inter = layer.intermediate_dense.bias.numel();
         let gamma1 = layer.layer_norm.gamma.f32s()?;
         let gamma2 = layer.final_layer_norm.gamma.f32s()?;
@@ -435,104 +462,232 @@ pub fn step(
         let (mut d_ffn_out, mut d_skip) = if c.do_stable_layer_norm {
             (dx.clone(), std::mem::take(&mut dx))
         } else {
+            wgrads.norm(&name("final_layer_norm"), &dx, &tape.residual2, h, eps);
             let dr2 = layer_norm_input_grad(&dx, &tape.residual2, gamma2, eps);
             (dr2.clone(), dr2)
         };
         drop_in_place(reg.dropout, site(i, SITE_FFN_OUT), &mut d_ffn_out);
+        let output_dense = lw.part(Part::Output).is_some() || train_weights;
+        let dw = output_dense.then(|| linear_weight_grad(&d_ffn_out, &tape.post_gelu, inter, h));
         if let Some(k) = lw.part(Part::Output) {
-            scores[k] = Some(to_scores(k, &linear_weight_grad(&d_ffn_out, &tape.post_gelu, inter, h), 0));
+            scores[k] = Some(to_scores(k, dw.as_ref().expect("computed for a masked weight"), 0));
         }
+        wgrads.linear(&name("feed_forward.output_dense"), dw, &d_ffn_out, h);
         let mut dg = linear_input_grad(&d_ffn_out, lw.weight(3).f32s()?, inter, h);
         drop_in_place(reg.activation_dropout, site(i, SITE_ACTIVATION), &mut dg);
         let du = gelu_input_grad(&dg, &tape.pre_gelu);
+        let dw = (lw.part(Part::Intermediate).is_some() || train_weights).then(|| linear_weight_grad(&du, &tape.ffn_in, h, inter));
         if let Some(k) = lw.part(Part::Intermediate) {
-            scores[k] = Some(to_scores(k, &linear_weight_grad(&du, &tape.ffn_in, h, inter), 0));
+            scores[k] = Some(to_scores(k, dw.as_ref().expect("computed for a masked weight"), 0));
         }
-        if i == lowest && !lw.attention_masked() && reg.time_mask.is_none() {
+        wgrads.linear(&name("feed_forward.intermediate_dense"), dw, &du, inter);
+        if i == lowest && !lw.attention_masked() && !full {
             break; // nothing below this FFN's weights is trained
         }
         let d_ffn_in = linear_input_grad(&du, lw.weight(2).f32s()?, h, inter);
         if c.do_stable_layer_norm {
+            wgrads.norm(&name("final_layer_norm"), &d_ffn_in, &tape.second, h, eps);
             add_assign(&mut d_skip, &layer_norm_input_grad(&d_ffn_in, &tape.second, gamma2, eps));
         } else {
             add_assign(&mut d_skip, &d_ffn_in);
         }
         // d_skip: gradient at `x1` (pre-LN) or at the first norm's output `h1` (post-LN).
-        let d_attn_out = if c.do_stable_layer_norm { d_skip } else { layer_norm_input_grad(&d_skip, &tape.first, gamma1, eps) };
+        let d_attn_out = if c.do_stable_layer_norm {
+            d_skip
+        } else {
+            wgrads.norm(&name("layer_norm"), &d_skip, &tape.first, h, eps);
+            layer_norm_input_grad(&d_skip, &tape.first, gamma1, eps)
+        };
         let mut d_input = d_attn_out.clone();
         let mut d_o = d_attn_out;
         drop_in_place(reg.dropout, site(i, SITE_ATTENTION_OUT), &mut d_o);
+        let dw = (lw.part(Part::Out).is_some() || train_weights).then(|| linear_weight_grad(&d_o, &tape.attended, h, h));
         if let Some(k) = lw.part(Part::Out) {
-            scores[k] = Some(to_scores(k, &linear_weight_grad(&d_o, &tape.attended, h, h), 0));
+            scores[k] = Some(to_scores(k, dw.as_ref().expect("computed for a masked weight"), 0));
         }
+        wgrads.linear(&name("attention.out_proj"), dw, &d_o, h);
         let d_att = linear_input_grad(&d_o, lw.weight(1).f32s()?, h, h);
         let d_qkv = attention_grad(&d_att, &tape.qkv, h, &seqs, heads, scale, probs_dropout(i));
         let attn_in = if c.do_stable_layer_norm { &tape.first } else { &tape.input };
-        if [Part::Query, Part::Key, Part::Value].iter().any(|&p| lw.part(p).is_some()) {
+        let qkv_parts = [(Part::Query, 0, "q_proj"), (Part::Key, h, "k_proj"), (Part::Value, 2 * h, "v_proj")];
+        if qkv_parts.iter().any(|&(p, ..)| lw.part(p).is_some()) || train_weights {
             let dw = linear_weight_grad(&d_qkv, attn_in, h, 3 * h);
-            for (p, row0) in [(Part::Query, 0), (Part::Key, h), (Part::Value, 2 * h)] {
+            let db = wgrads.on.then(|| bias_grad(&d_qkv, 3 * h));
+            for (p, row0, proj) in qkv_parts {
                 if let Some(k) = lw.part(p) {
                     scores[k] = Some(to_scores(k, &dw, row0));
                 }
+                if let Some(db) = &db {
+                    let proj = name(&format!("attention.{proj}"));
+                    wgrads.map.insert(format!("{proj}.weight"), dw[row0 * h..(row0 + h) * h].to_vec());
+                    wgrads.map.insert(format!("{proj}.bias"), db[row0..row0 + h].to_vec());
+                }
             }
         }
-        if i == lowest && reg.time_mask.is_none() {
+        if i == lowest && !full {
             break;
         }
         let d_attn_in = linear_input_grad(&d_qkv, lw.weight(0).f32s()?, h, 3 * h);
         if c.do_stable_layer_norm {
+            wgrads.norm(&name("layer_norm"), &d_attn_in, &tape.input, h, eps);
             add_assign(&mut d_input, &layer_norm_input_grad(&d_attn_in, &tape.input, gamma1, eps));
         } else {
             add_assign(&mut d_input, &d_attn_in);
         }
         dx = d_input;
     }
-    let embedding = match &reg.time_mask {
-        None => None,
-        Some(tm) => Some(embedding_grad(model, dx, &summed, &pos_pre, &seqs, tm, reg)?),
+    let embedding = if full {
+        let below = Below { summed: &summed, pos_pre: &pos_pre, projected: &projected, seqs: &seqs };
+        let d_proj = encoder_input_grad(model, dx, &below, reg, &mut wgrads)?;
+        let embedding = reg.time_mask.as_ref().map(|tm| embedding_grad(&d_proj, &seqs, tm, reg.channel_mask));
+        if let Some((features, normed)) = &projection_tape {
+            projection_grads(model, d_proj, features, normed, &seqs, reg, &mut wgrads)?;
+        }
+        embedding
+    } else {
+        None
     };
-    Ok(StepGrads { loss: out.loss, losses: out.losses, scores, head_weight, head_bias, embedding })
+    Ok(StepGrads { loss: out.loss, losses: out.losses, scores, head_weight, head_bias, embedding, weights: wgrads.map })
 }
 
-/// Down to the time-mask embedding from `dx` at layer 0's input: through the encoder's input
-/// dropout and norm (post-LN), the residual and the positional conv (per utterance), summed over
-/// the masked frames, except channels the channel mask zeroed after the embedding went in.
-fn embedding_grad(
-    model: &Wav2Vec2,
-    mut dx: Vec<f32>,
-    summed: &[f32],
-    pos_pre: &[f32],
-    seqs: &Seqs,
-    tm: &TimeMask,
-    reg: &Regularisers,
-) -> Result<Vec<f32>> {
+/// The weight gradients a step collects (when `on`), by checkpoint name.
+struct Grads {
+    on: bool,
+    map: BTreeMap<String, Vec<f32>>,
+}
+
+impl Grads {
+    /// `{prefix}.weight` / `.bias` of a layer norm with input `x` and output gradient `dy`.
+    fn norm(&mut self, prefix: &str, dy: &[f32], x: &[f32], c: usize, eps: f32) {
+        if self.on {
+            let (dgamma, dbeta) = layer_norm_param_grads(dy, x, c, eps);
+            self.map.insert(format!("{prefix}.weight"), dgamma);
+            self.map.insert(format!("{prefix}.bias"), dbeta);
+        }
+    }
+
+    /// `{prefix}.weight` (its gradient `dw`, computed already) and `.bias` of a linear whose
+    /// output gradient is `dy`.
+    fn linear(&mut self, prefix: &str, dw: Option<Vec<f32>>, dy: &[f32], d_out: usize) {
+        if let (true, Some(dw)) = (self.on, dw) {
+            self.map.insert(format!("{prefix}.weight"), dw);
+            self.map.insert(format!("{prefix}.bias"), bias_grad(dy, d_out));
+        }
+    }
+}
+
+/// The feature projection `Linear(LayerNorm(features))` of the feature encoder's output,
+/// keeping `(features, normalised)` in `tape` for [`projection_grads`].
+fn project(model: &Wav2Vec2, features: Vec<f32>, seqs: Seqs, tape: &mut Option<(Vec<f32>, Vec<f32>)>) -> Result<(Vec<f32>, Seqs)> {
+    let be = CpuBackend;
+    let c = &model.config;
+    let width = *c.conv_dim.last().expect("a config has conv layers");
+    ensure!(features.len() == seqs.total() * width, "{} feature values for {} frames x {width} channels", features.len(), seqs.total());
+    let params = model.feature_projection_norm.params(c.layer_norm_eps);
+    let normed = v(&be.layer_norm(Tensor::from_vec(features.clone(), &[seqs.total(), width]), None, params, Activation::Identity)?)?;
+    let lin = &model.feature_projection;
+    let projected =
+        v(&be.linear(&Tensor::from_vec(normed.clone(), &[seqs.total(), width]), &lin.weight, Some(&lin.bias), Activation::Identity)?)?;
+    *tape = Some((features, normed));
+    Ok((projected, seqs))
+}
+
+/// What the stages below layer 0 computed in the forward pass.
+struct Below<'a> {
+    /// `projected + GELU(pos_conv(projected))`, before the encoder norm (post-LN).
+    summed: &'a [f32],
+    pos_pre: &'a [f32],
+    /// The positional conv's input: projected features after time and channel masking.
+    projected: &'a [f32],
+    seqs: &'a Seqs,
+}
+
+/// From `dx` at layer 0's input down to the masked projected features: through the encoder's
+/// input dropout and norm (post-LN), the residual and the positional conv (per utterance),
+/// collecting the norm's and the positional conv's gradients on the way.
+fn encoder_input_grad(model: &Wav2Vec2, mut dx: Vec<f32>, below: &Below, reg: &Regularisers, wgrads: &mut Grads) -> Result<Vec<f32>> {
     let c = &model.config;
     let h = c.hidden_size;
+    let seqs = below.seqs;
     drop_in_place(reg.dropout, 0, &mut dx);
     let d_sum = if c.do_stable_layer_norm {
         dx
     } else {
-        layer_norm_input_grad(&dx, summed, model.encoder_layer_norm.gamma.f32s()?, c.layer_norm_eps)
+        wgrads.norm("wav2vec2.encoder.layer_norm", &dx, below.summed, h, c.layer_norm_eps);
+        layer_norm_input_grad(&dx, below.summed, model.encoder_layer_norm.gamma.f32s()?, c.layer_norm_eps)
     };
-    let d_pre = gelu_input_grad(&d_sum, pos_pre);
+    let d_pre = gelu_input_grad(&d_sum, below.pos_pre);
     let mut d_proj = d_sum;
     let w = model.pos_conv_weight.f32s()?;
     let geom = model.pos_conv_geometry();
+    let mut dw = wgrads.on.then(|| vec![0.0f32; w.len()]);
     for u in 0..seqs.count() {
         let r = seqs.range(u);
-        let d_conv = conv1d_input_grad(&d_pre[r.start * h..r.end * h], w, h, h, r.len(), geom);
-        add_assign(&mut d_proj[r.start * h..r.end * h], &d_conv);
+        let (dy, x) = (&d_pre[r.start * h..r.end * h], &below.projected[r.start * h..r.end * h]);
+        add_assign(&mut d_proj[r.start * h..r.end * h], &conv1d_input_grad(dy, w, h, h, r.len(), geom));
+        if let Some(dw) = &mut dw {
+            add_assign(dw, &conv1d_weight_grad(dy, x, h, h, geom));
+        }
     }
+    if let Some(dw) = dw {
+        // Time-major [out, kernel, in/groups] to PyTorch's [out, in/groups, kernel].
+        let (k, cg) = (geom.kernel, h / geom.groups);
+        let torch: Vec<f32> = (0..dw.len()).map(|i| dw[(i / (cg * k) * k + i % k) * cg + i / k % cg]).collect();
+        wgrads.map.insert(POS_CONV_WEIGHT.to_string(), torch);
+        wgrads.map.insert("wav2vec2.encoder.pos_conv_embed.conv.bias".to_string(), bias_grad(&d_pre, h));
+    }
+    Ok(d_proj)
+}
+
+/// Flags `cm` (`[utterances, hidden]`) as a per-frame row lookup.
+fn channel_row(cm: Option<&[bool]>, u: usize, h: usize) -> Option<&[bool]> {
+    cm.map(|cm| &cm[u * h..(u + 1) * h])
+}
+
+/// The time-mask embedding's gradient: `d_proj` summed over the masked frames, except channels
+/// the channel mask zeroed after the embedding went in.
+fn embedding_grad(d_proj: &[f32], seqs: &Seqs, tm: &TimeMask, channel_mask: Option<&[bool]>) -> Vec<f32> {
+    let h = tm.embedding.len();
     let mut g = vec![0.0f32; h];
     for u in 0..seqs.count() {
         let r = seqs.range(u);
         let rows = d_proj[r.start * h..r.end * h].chunks_exact(h).zip(&tm.frames[r.clone()]).filter(|(_, &m)| m);
         for (row, _) in rows {
-            match reg.channel_mask {
+            match channel_row(channel_mask, u, h) {
                 None => add_assign(&mut g, row),
-                Some(cm) => g.iter_mut().zip(row).zip(&cm[u * h..(u + 1) * h]).filter(|(_, &m)| !m).for_each(|((g, r), _)| *g += r),
+                Some(cm) => g.iter_mut().zip(row).zip(cm).filter(|(_, &m)| !m).for_each(|((g, r), _)| *g += r),
             }
         }
     }
-    Ok(g)
+    g
+}
+
+/// The feature projection's gradients: `d_proj` reaches its output except where time masking
+/// replaced a frame or channel masking zeroed a channel; then the linear and the norm.
+fn projection_grads(
+    model: &Wav2Vec2,
+    mut d_proj: Vec<f32>,
+    features: &[f32],
+    normed: &[f32],
+    seqs: &Seqs,
+    reg: &Regularisers,
+    wgrads: &mut Grads,
+) -> Result<()> {
+    let c = &model.config;
+    let (h, width) = (c.hidden_size, features.len() / seqs.total());
+    for u in 0..seqs.count() {
+        let r = seqs.range(u);
+        for (t, row) in r.clone().zip(d_proj[r.start * h..r.end * h].chunks_exact_mut(h)) {
+            if reg.time_mask.as_ref().is_some_and(|tm| tm.frames[t]) {
+                row.fill(0.0);
+            } else if let Some(cm) = channel_row(reg.channel_mask, u, h) {
+                row.iter_mut().zip(cm).filter(|(_, &m)| m).for_each(|(x, _)| *x = 0.0);
+            }
+        }
+    }
+    let dw = linear_weight_grad(&d_proj, normed, width, h);
+    wgrads.linear("wav2vec2.feature_projection.projection", Some(dw), &d_proj, h);
+    let d_normed = linear_input_grad(&d_proj, model.feature_projection.weight.f32s()?, width, h);
+    wgrads.norm("wav2vec2.feature_projection.layer_norm", &d_normed, features, width, c.layer_norm_eps);
+    Ok(())
 }

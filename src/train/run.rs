@@ -662,7 +662,7 @@ impl Trainer<'_> {
                     blank: self.vocab.blank(),
                     zero_infinity: true,
                 };
-                let grads = step(&self.model, &params.masks, r.sparsity, &head, features, &targets, Reduction::Sum, &reg)?;
+                let grads = step(&self.model, &params.masks, r.sparsity, &head, features, &targets, Reduction::Sum, &reg, false)?;
                 acc.utterances += idx.len();
                 acc.samples += audio.iter().map(Vec::len).sum::<usize>();
                 acc.add(grads);
@@ -932,6 +932,7 @@ mod tests {
             head_weight: vec![1.0],
             head_bias: vec![2.0],
             embedding: e,
+            weights: Default::default(),
         };
         acc.add(g(vec![], Some(vec![4.0])));
         acc.add(g(vec![], None));

@@ -1,7 +1,7 @@
-//! Backward passes of the ops between the CTC loss and the trainable tensors of mask learning
-//! (scores of masked linears, the head, the time-mask embedding), as the CPU reference: plain
-//! f32 slices, packed `[frames, channels]` activations, checked against finite differences.
-//! Frozen parameters get no gradients; only inputs (and the weights whose scores train) do.
+//! Backward passes of the ops between the CTC loss and the trainable tensors (scores of masked
+//! linears, the head, the time-mask embedding; under weight finetuning every weight, bias and
+//! norm of the encoder and the feature projection), as the CPU reference: plain f32 slices,
+//! packed `[frames, channels]` activations, checked against finite differences.
 
 use rayon::prelude::*;
 
@@ -53,6 +53,23 @@ pub fn layer_norm_input_grad(dy: &[f32], x: &[f32], gamma: &[f32], eps: f32) -> 
         }
     });
     dx
+}
+
+/// Parameter gradients of the same layer norm: `dgamma = Σ_rows dy·x̂`, `dbeta = Σ_rows dy`
+/// (accumulated in f64: a sum over every frame of the batch).
+pub fn layer_norm_param_grads(dy: &[f32], x: &[f32], c: usize, eps: f32) -> (Vec<f32>, Vec<f32>) {
+    let (mut dgamma, mut dbeta) = (vec![0.0f64; c], vec![0.0f64; c]);
+    for (x, dy) in x.chunks_exact(c).zip(dy.chunks_exact(c)) {
+        let n = c as f64;
+        let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
+        let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+        let inv = 1.0 / (var + eps as f64).sqrt();
+        for (j, (&xv, &d)) in x.iter().zip(dy).enumerate() {
+            dgamma[j] += d as f64 * (xv as f64 - mean) * inv;
+            dbeta[j] += d as f64;
+        }
+    }
+    (dgamma.into_iter().map(|v| v as f32).collect(), dbeta.into_iter().map(|v| v as f32).collect())
 }
 
 /// `dx = dy · gelu'(x)` with `gelu'(x) = Φ(x) + x φ(x)` (exact erf form; Φ through erfc).
@@ -150,6 +167,55 @@ pub fn conv1d_input_grad(dy: &[f32], w: &[f32], c_in: usize, c_out: usize, t_in:
     dx
 }
 
+/// Weight gradient of [`crate::backend::Backend::conv1d`] for one utterance of `t_in` frames,
+/// in the time-major `[out, kernel, in/groups]` layout: per group `dW_g = dy_gᵀ · cols_g` with
+/// `cols` the receptive fields (im2col; padding reads zeros).
+pub fn conv1d_weight_grad(dy: &[f32], x: &[f32], c_in: usize, c_out: usize, geom: ConvGeometry) -> Vec<f32> {
+    let ConvGeometry { kernel, stride, pad_left, groups } = geom;
+    let (cg, og) = (c_in / groups, c_out / groups);
+    let (t_in, t_out) = (x.len() / c_in, dy.len() / c_out);
+    let mut dw = vec![0.0f32; c_out * kernel * cg];
+    dw.par_chunks_mut(og * kernel * cg).enumerate().for_each(|(g, dw_g)| {
+        let mut cols = vec![0.0f32; t_out * kernel * cg];
+        for (t, row) in cols.chunks_exact_mut(kernel * cg).enumerate() {
+            for (k, tap) in row.chunks_exact_mut(cg).enumerate() {
+                let s = (stride * t + k) as isize - pad_left as isize;
+                if s >= 0 && (s as usize) < t_in {
+                    let at = s as usize * c_in + g * cg;
+                    tap.copy_from_slice(&x[at..at + cg]);
+                }
+            }
+        }
+        let dy_g = MatRef { data: &dy[g * og..], rows: t_out, cols: og, row_stride: c_out, col_stride: 1 };
+        matmul(dw_g, kernel * cg, dy_g.t(), MatRef::row_major(&cols, t_out, kernel * cg), false, 1);
+    });
+    dw
+}
+
+/// Gradients of `weight_norm(dim=2)`'s magnitude `g` (`[kernel]`) and direction `v` (PyTorch's
+/// `[out, in, kernel]`) from the gradient `dw` of the folded weight `W[.., k] = g_k v[.., k] /
+/// ‖v[.., k]‖`: `dg_k = ⟨dw, v⟩_k / ‖v‖_k`, `dv = g_k / ‖v‖_k · (dw - dg_k · v / ‖v‖_k)`.
+pub fn weight_norm_grads(dw: &[f32], g: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let kernel = g.len();
+    let (mut norm, mut dot) = (vec![0.0f64; kernel], vec![0.0f64; kernel]);
+    for (i, (&d, &x)) in dw.iter().zip(v).enumerate() {
+        norm[i % kernel] += x as f64 * x as f64;
+        dot[i % kernel] += d as f64 * x as f64;
+    }
+    norm.iter_mut().for_each(|n| *n = n.sqrt());
+    let dg: Vec<f64> = dot.iter().zip(&norm).map(|(d, n)| d / n).collect();
+    let dv = dw
+        .iter()
+        .zip(v)
+        .enumerate()
+        .map(|(i, (&d, &x))| {
+            let k = i % kernel;
+            (g[k] as f64 / norm[k] * (d as f64 - dg[k] * x as f64 / norm[k])) as f32
+        })
+        .collect();
+    (dg.into_iter().map(|v| v as f32).collect(), dv)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,6 +270,15 @@ mod tests {
             be.layer_norm(Tensor::from_vec(x.to_vec(), &[rows, c]), None, p, Activation::Identity).unwrap().to_vec().unwrap()
         };
         check("layer norm", &x, &dy, &layer_norm_input_grad(&dy, &x, g.f32s().unwrap(), 1e-5), ln);
+        let (dgamma, dbeta) = layer_norm_param_grads(&dy, &x, c, 1e-5);
+        let ln_params = |gamma: &[f32], beta: &[f32]| {
+            let (g, b) = (Tensor::from_vec(gamma.to_vec(), &[c]), Tensor::from_vec(beta.to_vec(), &[c]));
+            let p = NormParams { gamma: &g, beta: &b, eps: 1e-5 };
+            be.layer_norm(Tensor::from_vec(x.clone(), &[rows, c]), None, p, Activation::Identity).unwrap().to_vec().unwrap()
+        };
+        let (gv, bv) = (g.to_vec().unwrap(), b.to_vec().unwrap());
+        check("layer norm gamma", &gv, &dy, &dgamma, |gamma| ln_params(gamma, &bv));
+        check("layer norm beta", &bv, &dy, &dbeta, |beta| ln_params(&gv, beta));
         let gelu = |x: &[f32]| x.iter().map(|&v| math::gelu(v)).collect::<Vec<_>>();
         check("gelu", &x, &dy, &gelu_input_grad(&dy, &x), gelu);
     }
@@ -227,7 +302,33 @@ mod tests {
                     .unwrap()
             };
             check(&format!("conv case {i}"), &x, &dy, &conv1d_input_grad(&dy, &w, c_in, c_out, t_in, geom), f);
+            let f_w = |w: &[f32]| {
+                let wt = Tensor::from_vec(w.to_vec(), &[c_out, kernel, c_in / groups]);
+                be.conv1d(&Tensor::from_vec(x.clone(), &[t_in, c_in]), &si, &so, &wt, None, geom, Activation::Identity)
+                    .unwrap()
+                    .to_vec()
+                    .unwrap()
+            };
+            check(&format!("conv weight case {i}"), &w, &dy, &conv1d_weight_grad(&dy, &x, c_in, c_out, geom), f_w);
         }
+    }
+
+    #[test]
+    fn weight_norm_gradients() {
+        let (out, cin, kernel) = (3, 2, 4);
+        let (g, v, dy) = (random(kernel, 50), random(out * cin * kernel, 51), random(out * cin * kernel, 52));
+        let fold = |g: &[f32], v: &[f32]| -> Vec<f32> {
+            (0..v.len())
+                .map(|i| {
+                    let k = i % kernel;
+                    let n: f32 = v.iter().skip(k).step_by(kernel).map(|x| x * x).sum::<f32>().sqrt();
+                    g[k] * v[i] / n
+                })
+                .collect()
+        };
+        let (dg, dv) = weight_norm_grads(&dy, &g, &v);
+        check("weight norm g", &g, &dy, &dg, |g| fold(g, &v));
+        check("weight norm v", &v, &dy, &dv, |v| fold(&g, v));
     }
 
     #[test]
