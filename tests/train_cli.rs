@@ -177,8 +177,6 @@ fn a_killed_and_resumed_run_ends_bit_identical() {
     let valid = fixtures().join("corpus/en/dev.tsv");
     let args = |out: &Path| -> Vec<String> {
         let a = [
-            "--threads",
-            "2",
             "train",
             "--model",
             "tests/fixtures/base-like",
@@ -217,11 +215,25 @@ fn a_killed_and_resumed_run_ends_bit_identical() {
         ];
         a.iter().map(|x| x.to_string()).collect()
     };
-    let straight = tmp.path().join("straight");
-    ok(&Command::new(env!("CARGO_BIN_EXE_engine")).args(args(&straight)).output().unwrap());
+    let files = ["scores.safetensors", "masks.safetensors", "head.safetensors", "vocab.json", "best/masks.safetensors", "best/valid.json"];
+    let straight = kill_and_resume(tmp.path(), args, 40, &files);
+    // The regularisers were live: some updates saw layers dropped (no gradient for their scores).
+    let st = TrainState::load(&straight.join("checkpoint.safetensors")).unwrap();
+    let steps: Vec<u64> = st.meta["adam.steps"].split(',').map(|x| x.parse().unwrap()).collect();
+    assert!(steps.iter().any(|&n| n < 40) && steps.contains(&40), "Adam step counts {steps:?}");
+}
 
-    let resumed = tmp.path().join("resumed");
-    let uncached = |out: &Path| -> Vec<String> { args(out).into_iter().chain(["--feature-cache-mb".into(), "0".into()]).collect() };
+/// Runs `args(out)` (a run of `steps` updates that checkpoints early) straight through, and
+/// again on two threads without the feature cache, killed (SIGKILL) after its first checkpoint
+/// and resumed; `files`, the checkpoint and the log must come out byte-identical. Returns the
+/// straight run's folder.
+fn kill_and_resume(tmp: &Path, args: impl Fn(&Path) -> Vec<String>, steps: usize, files: &[&str]) -> PathBuf {
+    let straight = tmp.join("straight");
+    ok(&Command::new(env!("CARGO_BIN_EXE_engine")).args(args(&straight)).output().unwrap());
+    let resumed = tmp.join("resumed");
+    let uncached = |out: &Path| -> Vec<String> {
+        ["--threads".to_string(), "2".into()].into_iter().chain(args(out)).chain(["--feature-cache-mb".into(), "0".into()]).collect()
+    };
     let mut child = Command::new(env!("CARGO_BIN_EXE_engine")).args(uncached(&resumed)).spawn().unwrap();
     let checkpoint = resumed.join("checkpoint.safetensors");
     while !checkpoint.exists() {
@@ -231,27 +243,105 @@ fn a_killed_and_resumed_run_ends_bit_identical() {
     child.kill().unwrap();
     child.wait().unwrap();
     let at: usize = TrainState::load(&checkpoint).unwrap().meta["update"].parse().unwrap();
-    assert!(at < 40, "killed after the run finished (update {at})");
+    assert!(at < steps, "killed after the run finished (update {at})");
     let mut again = uncached(&resumed);
     again.push("--resume".into());
     ok(&Command::new(env!("CARGO_BIN_EXE_engine")).args(&again).output().unwrap());
-
-    for f in [
-        "scores.safetensors",
-        "masks.safetensors",
-        "head.safetensors",
-        "vocab.json",
-        "checkpoint.safetensors",
-        "train_log.jsonl",
-        "best/masks.safetensors",
-        "best/valid.json",
-    ] {
+    for f in files.iter().chain(&["checkpoint.safetensors", "train_log.jsonl"]) {
         assert!(std::fs::read(straight.join(f)).unwrap() == std::fs::read(resumed.join(f)).unwrap(), "{f} differs after resuming at {at}");
     }
-    // The regularisers were live: some updates saw layers dropped (no gradient for their scores).
-    let st = TrainState::load(&straight.join("checkpoint.safetensors")).unwrap();
+    straight
+}
+
+/// `engine finetune`: the loss falls when overfitting; the output is a model folder whose
+/// config and vocabulary fit the task, whose feature encoder is the source's bit for bit while
+/// the encoder has moved, and which `engine eval --model` scores exactly as the run's
+/// validation did; the source folder is untouched.
+#[test]
+fn finetune_learns_and_writes_a_model_folder_that_eval_reproduces() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train = small_manifest(tmp.path(), 4);
+    let valid = fixtures().join("corpus/en/dev.tsv");
+    let source = fixtures().join("base-like");
+    let hash = file_hash(&source.join("model.safetensors"));
+    let out = tmp.path().join("run");
+    let mut args = vec!["finetune", "--model", s(&source), "--train", s(&train), "--valid", s(&valid), "--out", s(&out)];
+    args.extend(["--steps", "40", "--lr", "2e-3", "--valid-every", "20", "--skip-unknown"]);
+    args.extend(PLAIN);
+    ok(&engine(&args));
+    let losses: Vec<f64> = log(&out).iter().filter_map(|l| l["loss"].as_f64()).collect();
+    let (first, last) = (losses[0], losses[35..].iter().sum::<f64>() / 5.0);
+    assert!(last < 0.3 * first, "loss {first} -> {last}");
+    assert_eq!(file_hash(&source.join("model.safetensors")), hash, "the source checkpoint changed");
+
+    let (src, tuned) = (Checkpoint::open_dir(&source).unwrap(), Checkpoint::open_dir(&out).unwrap());
+    let vocab: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("vocab.json")).unwrap()).unwrap();
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["vocab_size"].as_u64().unwrap() as usize, vocab.as_object().unwrap().len());
+    assert_eq!(tuned.tensor("lm_head.weight").unwrap().shape()[0], vocab.as_object().unwrap().len());
+    let (mut same, mut moved) = (0, 0);
+    for name in src.names().filter(|n| n.starts_with("wav2vec2.")) {
+        let (a, b) = (src.tensor(name).unwrap().to_vec().unwrap(), tuned.tensor(name).unwrap().to_vec().unwrap());
+        if name.contains("feature_extractor") {
+            assert_eq!(a, b, "{name}: the feature encoder is frozen");
+            same += 1;
+        } else if a != b {
+            moved += 1;
+        }
+    }
+    assert!(same > 0 && moved > 20, "{same} frozen tensors, {moved} trained ones moved");
+    let best = out.join("best");
+    let valid_json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(best.join("valid.json")).unwrap()).unwrap();
+    let e = engine(&["eval", "--model", s(&best), "--data", s(&valid), "--labels", "phn", "--skip-unknown", "--json"]);
+    ok(&e);
+    let eval: serde_json::Value = serde_json::from_slice(&e.stdout).unwrap();
+    for key in ["wer", "cer", "uer", "loss", "utterances"] {
+        assert_eq!(eval[key], valid_json[key], "{key}");
+    }
+    let recipe: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("train_config.json")).unwrap()).unwrap();
+    assert_eq!((recipe["learn"].as_str(), recipe["freeze_updates"].as_u64()), (Some("weights"), Some(0)));
+}
+
+/// `--freeze-updates`: the first updates train only the head (the encoder, the projection and
+/// the time-mask embedding keep their values and their Adam step counts stay behind).
+#[test]
+fn finetune_freeze_updates_train_only_the_head_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train = small_manifest(tmp.path(), 3);
+    let out = tmp.path().join("run");
+    let source = fixtures().join("base-like");
+    let run = |steps: &str| {
+        let mut args = vec!["finetune", "--model", s(&source), "--train", s(&train), "--out", s(&out), "--steps", steps];
+        args.extend(["--freeze-updates", "3", "--lr", "1e-3", "--skip-unknown", "--labels", "phn", "--mask-time-prob", "0.5"]);
+        args.extend(["--layerdrop", "0", "--overwrite", "--quiet"]);
+        ok(&engine(&args));
+    };
+    run("5");
+    let st = TrainState::load(&out.join("checkpoint.safetensors")).unwrap();
     let steps: Vec<u64> = st.meta["adam.steps"].split(',').map(|x| x.parse().unwrap()).collect();
-    assert!(steps.iter().any(|&n| n < 40) && steps.contains(&40), "Adam step counts {steps:?}");
+    // Head weight and bias first, then the embedding and every weight.
+    assert_eq!(&steps[..2], &[5, 5]);
+    assert!(steps[2..].iter().all(|&n| n == 2), "Adam step counts {steps:?}");
+    run("3");
+    let (src, tuned) = (Checkpoint::open_dir(&source).unwrap(), Checkpoint::open_dir(&out).unwrap());
+    for name in src.names().filter(|n| n.starts_with("wav2vec2.encoder.")) {
+        assert_eq!(src.tensor(name).unwrap().to_vec().unwrap(), tuned.tensor(name).unwrap().to_vec().unwrap(), "{name} moved while frozen");
+    }
+}
+
+/// Finetuning killed after its first checkpoint and resumed ends bit-identical (regularisers on).
+#[test]
+fn a_killed_and_resumed_finetuning_ends_bit_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train = small_manifest(tmp.path(), 6);
+    let args = |out: &Path| -> Vec<String> {
+        let mut a = vec!["finetune", "--model", "tests/fixtures/base-like", "--train", s(&train), "--out", s(out), "--labels", "phn"];
+        a.extend(["--skip-unknown", "--steps", "12", "--lr", "1e-3", "--max-tokens", "80000", "--save-every", "2", "--freeze-updates"]);
+        a.extend(["3", "--mask-time-prob", "0.5", "--mask-channel-prob", "0.5", "--mask-channel-length", "4", "--layerdrop", "0.3"]);
+        a.push("--quiet");
+        a.iter().map(|x| x.to_string()).collect()
+    };
+    kill_and_resume(tmp.path(), args, 12, &["model.safetensors", "config.json", "vocab.json", "preprocessor_config.json"]);
 }
 
 #[test]
@@ -286,6 +376,9 @@ fn bad_input_is_refused_with_a_named_reason() {
     let e = engine(&["infer", "--model", "tests/fixtures/large-like", "--masks", s(&out), "tests/fixtures/audio/utt0.wav"]);
     fails_with(&e, "mask \"wav2vec2.encoder.layers.0.feed_forward.intermediate_dense.weight\" is for a");
     fails_with(&base(&["--device", "cuda"]), "runs on the CPU for now");
+    let mut finetune = vec!["finetune", "--model", "tests/fixtures/base-like", "--train", s(&train), "--out", s(&out)];
+    finetune.extend(["--overwrite", "--sparsity", "0.5"]);
+    fails_with(&engine(&finetune), "weight finetuning has no masks");
 }
 
 #[test]

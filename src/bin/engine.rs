@@ -20,7 +20,7 @@ use s3router::model::masks::MaskSet;
 use s3router::model::vocab::Vocab;
 use s3router::plot;
 use s3router::train::demo;
-use s3router::train::run::{train, Recipe, RunOptions, INITIAL_MASKS};
+use s3router::train::run::{train, Learn, Recipe, RunOptions, INITIAL_MASKS};
 
 #[derive(Parser)]
 #[command(name = "engine", version, about = "S3-Router engine: wav2vec2 / XLS-R inference and mask learning")]
@@ -103,6 +103,54 @@ enum MasksCommand {
         #[arg(required = true, num_args = 2..)]
         sets: Vec<String>,
     },
+}
+
+/// How `engine train` and `engine finetune` run (not part of the recipe).
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Output folder (the demo: runs/demo).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue the run in --out from its last checkpoint (same options required).
+    #[arg(long)]
+    resume: bool,
+    /// Replace a run already in --out.
+    #[arg(long)]
+    overwrite: bool,
+    /// Write a checkpoint every this many updates (0: only at the end).
+    #[arg(long, default_value_t = 500)]
+    save_every: usize,
+    /// No progress display on stderr.
+    #[arg(long)]
+    quiet: bool,
+    /// Memory (MB) for caching the frozen feature encoder's output per training utterance.
+    #[arg(long, default_value_t = 2048)]
+    feature_cache_mb: usize,
+    /// Compute device (training runs on the CPU so far).
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: Device,
+}
+
+impl RunArgs {
+    /// The run options, with `default_out` when --out is absent (`None`: --out is required).
+    fn options(self, command: &str, default_out: Option<&str>) -> Result<RunOptions> {
+        if matches!(self.device, Device::Cuda) {
+            bail!("engine {command} runs on the CPU for now: the CUDA backward kernels are not written yet (use --device cpu)");
+        }
+        let out = match (self.out, default_out) {
+            (Some(out), _) => out,
+            (None, Some(d)) => PathBuf::from(d),
+            (None, None) => bail!("--out is required"),
+        };
+        Ok(RunOptions {
+            out,
+            resume: self.resume,
+            overwrite: self.overwrite,
+            save_every: self.save_every,
+            progress: !self.quiet,
+            feature_cache_bytes: self.feature_cache_mb << 20,
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -196,27 +244,28 @@ enum Command {
     Train {
         #[command(flatten)]
         recipe: Box<Recipe>,
-        /// Output folder (the demo: runs/demo).
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// Continue the run in --out from its last checkpoint (same options required).
-        #[arg(long)]
-        resume: bool,
-        /// Replace a run already in --out.
-        #[arg(long)]
-        overwrite: bool,
-        /// Write a checkpoint every this many updates (0: only at the end).
-        #[arg(long, default_value_t = 500)]
-        save_every: usize,
-        /// No progress display on stderr.
-        #[arg(long)]
-        quiet: bool,
-        /// Memory (MB) for caching the frozen feature encoder's output per training utterance.
-        #[arg(long, default_value_t = 2048)]
-        feature_cache_mb: usize,
-        /// Compute device (mask learning runs on the CPU so far).
-        #[arg(long, value_enum, default_value = "cpu")]
-        device: Device,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Weight finetuning, the baseline S3-Router is compared with: every weight, bias and norm of
+    /// the transformer encoder and the feature projection trains, with the CTC head and the
+    /// time-mask embedding; the convolutional feature encoder stays frozen. Same data, schedule,
+    /// SpecAugment, dropout, logging and checkpoints as `engine train` (its mask options do not
+    /// apply).
+    ///
+    /// Writes into --out a Hugging Face Wav2Vec2ForCTC folder (config.json, model.safetensors,
+    /// vocab.json, preprocessor_config.json) that transformers and `engine infer|eval --model`
+    /// load, plus train_config.json, train_log.jsonl, checkpoint.safetensors and best/ (the
+    /// model folder with the best validation --best-metric).
+    Finetune {
+        #[command(flatten)]
+        recipe: Box<Recipe>,
+        /// Train only the head for this many updates first (fairseq's freeze_finetune_updates;
+        /// its wav2vec2-base 1h/10h recipes use 10000 of 13000/20000).
+        #[arg(long, default_value_t = 0)]
+        freeze_updates: usize,
+        #[command(flatten)]
+        run: RunArgs,
     },
     /// Build a CTC vocabulary (vocab.json) from a dataset's transcripts.
     ///
@@ -651,24 +700,10 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}: {} tokens, blank <pad> = 0", out.display(), vocab.len());
             Ok(())
         }
-        Command::Train { recipe, out, resume, overwrite, save_every, quiet, feature_cache_mb, device } => {
-            if matches!(device, Device::Cuda) {
-                bail!("engine train runs on the CPU for now: the CUDA backward kernels are not written yet (use --device cpu)");
-            }
+        Command::Train { recipe, run } => {
             let demo = recipe.model.is_none() && recipe.train.is_none();
-            let out = match (out, demo) {
-                (Some(out), _) => out,
-                (None, true) => PathBuf::from("runs/demo"),
-                (None, false) => bail!("--out is required"),
-            };
-            let opts = RunOptions {
-                out: out.clone(),
-                resume,
-                overwrite,
-                save_every,
-                progress: !quiet,
-                feature_cache_bytes: feature_cache_mb << 20,
-            };
+            let opts = run.options("train", demo.then_some("runs/demo"))?;
+            let out = opts.out.clone();
             if demo {
                 let started = std::time::Instant::now();
                 let report = demo::run(&out, &opts)?;
@@ -680,25 +715,11 @@ fn run(cli: Cli) -> Result<()> {
                 );
                 return Ok(());
             }
-            let s = train(&recipe, &opts)?;
-            let best = s.best.map(|(step, v)| {
-                format!(
-                    ", best validation {} {v:.4} at update {step} (in {}/best)",
-                    recipe.best_metric.to_possible_value().map(|p| p.get_name().to_string()).unwrap_or_default(),
-                    out.display()
-                )
-            });
-            println!(
-                "trained {} updates in {:.1} s ({:.1} s of audio per second), last loss {:.4}, {} skipped as non-finite{}; masks in {}",
-                s.steps,
-                s.wall_seconds,
-                s.audio_seconds / s.wall_seconds.max(1e-9),
-                s.last_loss,
-                s.nonfinite,
-                best.unwrap_or_default(),
-                out.display()
-            );
-            Ok(())
+            run_training(&recipe, &opts, "masks")
+        }
+        Command::Finetune { mut recipe, freeze_updates, run } => {
+            recipe.learn = Learn::Weights { freeze_updates };
+            run_training(&recipe, &run.options("finetune", None)?, "model")
         }
         Command::Masks(MasksCommand::Stats { model, json, dir }) => masks_stats(&model, &dir, json),
         Command::Masks(MasksCommand::Compare { json, csv, permutations, plots, inventory, sets }) => {
@@ -737,4 +758,28 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Runs `recipe` and prints its summary (`what` the output folder holds).
+fn run_training(recipe: &Recipe, opts: &RunOptions, what: &str) -> Result<()> {
+    let s = train(recipe, opts)?;
+    let out = &opts.out;
+    let best = s.best.map(|(step, v)| {
+        format!(
+            ", best validation {} {v:.4} at update {step} (in {}/best)",
+            recipe.best_metric.to_possible_value().map(|p| p.get_name().to_string()).unwrap_or_default(),
+            out.display()
+        )
+    });
+    println!(
+        "trained {} updates in {:.1} s ({:.1} s of audio per second), last loss {:.4}, {} skipped as non-finite{}; {what} in {}",
+        s.steps,
+        s.wall_seconds,
+        s.audio_seconds / s.wall_seconds.max(1e-9),
+        s.last_loss,
+        s.nonfinite,
+        best.unwrap_or_default(),
+        out.display()
+    );
+    Ok(())
 }

@@ -131,7 +131,7 @@ mod tests {
     fn the_demo_recipe_parses_with_the_defaults_filled_in() {
         let words: Vec<&str> = ["--model", "m", "--train", "t"].iter().chain(DEMO_ARGS).copied().collect();
         let r = recipe(&words).unwrap();
-        assert_eq!((r.sparsity, r.init_lr_scale, r.labels), (0.1, 0.01, crate::data::dataset::LabelKind::Phn));
+        assert_eq!((r.sparsity(), r.init_lr_scale, r.labels), (0.1, 0.01, crate::data::dataset::LabelKind::Phn));
         assert!(recipe(&["--no-such-flag"]).is_err());
     }
 }

@@ -5,6 +5,7 @@ pub mod adam;
 pub mod checkpoint;
 pub mod demo;
 pub mod feed;
+pub mod finetune;
 pub mod masked;
 pub mod run;
 pub mod schedule;

@@ -1,6 +1,8 @@
-//! `engine train`: S3-Router mask learning end to end. Scores (one per masked weight), the CTC
-//! head and the time-mask embedding train with Adam under the tri-stage schedule; every other
-//! tensor of the checkpoint stays memory-mapped and is never written.
+//! `engine train` and `engine finetune`: S3-Router mask learning and the weight-finetuning
+//! baseline end to end. Mask learning trains scores (one per masked weight), the CTC head and the
+//! time-mask embedding; finetuning trains every tensor above the feature encoder instead of
+//! scores. Both use Adam under the tri-stage schedule; the checkpoint itself stays
+//! memory-mapped and is never written.
 //!
 //! Everything random in a step (SpecAugment spans, dropout masks, LayerDrop) is derived from
 //! (seed, update, sub-batch), and the data order from (seed, epoch), so a checkpoint needs only
@@ -19,6 +21,7 @@ use serde::Serialize;
 use super::adam::Adam;
 use super::checkpoint::TrainState;
 use super::feed::{Feed, Position};
+use super::finetune::{self, NamedWeight, Overlay, EMBEDDING, HEAD_BIAS, HEAD_WEIGHT};
 use super::masked::{step, Features, MaskScope, MaskedWeight, Regularisers, StepGrads, TimeMask};
 use super::schedule::TriStage;
 use super::specaugment::span_mask;
@@ -74,6 +77,21 @@ impl Metric {
     }
 }
 
+/// What a run learns (set by the subcommand, recorded in `train_config.json`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[serde(tag = "learn", rename_all = "kebab-case")]
+pub enum Learn {
+    /// S3-Router: scores over frozen weights (`engine train`).
+    #[default]
+    Masks,
+    /// Weight finetuning (`engine finetune`): the first `freeze_updates` updates train only the
+    /// head (fairseq's `freeze_finetune_updates`).
+    Weights { freeze_updates: usize },
+}
+
+/// `--sparsity` when `engine train` is not given one.
+pub const DEFAULT_SPARSITY: f64 = 0.1;
+
 /// Everything that decides what a run computes (saved as `train_config.json`; a resumed run must
 /// match it). Defaults follow the S3-Router wav2vec2-base recipes.
 #[derive(clap::Args, Clone, Debug, Serialize)]
@@ -124,14 +142,19 @@ pub struct Recipe {
     /// xavier-uniform head with zero bias.
     #[arg(long)]
     pub keep_head: bool,
-    /// Fraction of each masked matrix's weights dropped (per matrix, in [0, 1)). 0 trains only the
-    /// head (and the time-mask embedding) on the frozen model: the head-only baseline.
-    #[arg(long, default_value_t = 0.1)]
-    pub sparsity: f64,
-    /// Score initialisation.
+    /// Fraction of each masked matrix's weights dropped (per matrix, in [0, 1); default 0.1). 0
+    /// trains only the head (and the time-mask embedding) on the frozen model: the head-only
+    /// baseline. Mask learning only.
+    #[arg(long)]
+    pub sparsity: Option<f64>,
+    /// What trains: set by the subcommand.
+    #[arg(skip)]
+    #[serde(flatten)]
+    pub learn: Learn,
+    /// Score initialisation (mask learning only).
     #[arg(long, value_enum, default_value = "weight-rank")]
     pub init: Init,
-    /// Which linears of every encoder layer get masks.
+    /// Which linears of every encoder layer get masks (mask learning only).
     #[arg(long, value_enum, default_value = "ffn")]
     pub mask: MaskScope,
     /// Peak learning rate (scores, head and time-mask embedding alike).
@@ -223,10 +246,32 @@ impl Recipe {
         self.train.as_deref().context("--train is required (with --model; give neither to run the demo)")
     }
 
+    /// The fraction of each masked matrix dropped (0 when weights train).
+    pub fn sparsity(&self) -> f64 {
+        match self.learn {
+            Learn::Masks => self.sparsity.unwrap_or(DEFAULT_SPARSITY),
+            Learn::Weights { .. } => 0.0,
+        }
+    }
+
+    /// The recipe as it is recorded: the sparsity filled in for mask learning; refused for
+    /// weight finetuning, which has no masks.
+    fn settled(&self) -> Result<Recipe> {
+        let mut r = self.clone();
+        match r.learn {
+            Learn::Masks => r.sparsity = Some(self.sparsity()),
+            Learn::Weights { .. } => ensure!(
+                r.sparsity.is_none(),
+                "--sparsity: weight finetuning has no masks (prune a finetuned model with `engine prune --sparsity` instead)"
+            ),
+        }
+        Ok(r)
+    }
+
     fn check(&self) -> Result<()> {
         self.model()?;
         self.train()?;
-        check_sparsity(self.sparsity)?;
+        check_sparsity(self.sparsity())?;
         ensure!(self.steps > 0, "--steps must be at least 1");
         ensure!(self.lr > 0.0 && self.lr.is_finite(), "--lr {} must be a positive number", self.lr);
         ensure!(self.update_freq > 0, "--update-freq must be at least 1");
@@ -292,20 +337,46 @@ struct Params {
     head_weight: Vec<f32>,
     head_bias: Vec<f32>,
     embedding: Vec<f32>,
+    /// Weight finetuning: every trained checkpoint tensor (empty for mask learning).
+    weights: Vec<NamedWeight>,
 }
 
 impl Params {
-    /// Adam's parameter order: every score tensor, head weight, head bias, embedding.
+    /// Adam's parameter order: every score tensor, head weight, head bias, embedding, weights.
     fn sizes(&self) -> Vec<usize> {
         let mut s: Vec<usize> = self.masks.iter().map(|m| m.scores.len()).collect();
         s.extend([self.head_weight.len(), self.head_bias.len(), self.embedding.len()]);
+        s.extend(self.weights.iter().map(|w| w.data.len()));
         s
     }
 
     fn slices_mut(&mut self) -> Vec<&mut [f32]> {
         let mut v: Vec<&mut [f32]> = self.masks.iter_mut().map(|m| m.scores.as_mut_slice()).collect();
         v.extend([self.head_weight.as_mut_slice(), self.head_bias.as_mut_slice(), self.embedding.as_mut_slice()]);
+        v.extend(self.weights.iter_mut().map(|w| w.data.as_mut_slice()));
         v
+    }
+
+    /// A step's gradients in [`Params::sizes`] order (`None`: no gradient this step).
+    fn grad_parts(&self, g: StepGrads) -> Result<Vec<Option<Vec<f32>>>> {
+        let mut weights = g.weights;
+        finetune::unfold_pos_conv_grad(&mut weights, &self.weights)?;
+        let mut parts = g.scores;
+        parts.extend([Some(g.head_weight), Some(g.head_bias), g.embedding]);
+        parts.extend(self.weights.iter().map(|w| weights.remove(&w.name)));
+        Ok(parts)
+    }
+
+    /// The trained head, embedding and weights as checkpoint tensors (name, shape, values).
+    fn named(&self) -> Vec<(&str, Vec<usize>, &[f32])> {
+        let (v, h) = (self.head_bias.len(), self.embedding.len());
+        let mut t = vec![
+            (HEAD_WEIGHT, vec![v, h], self.head_weight.as_slice()),
+            (HEAD_BIAS, vec![v], self.head_bias.as_slice()),
+            (EMBEDDING, vec![h], self.embedding.as_slice()),
+        ];
+        t.extend(self.weights.iter().map(|w| (w.name.as_str(), w.shape.clone(), w.data.as_slice())));
+        t
     }
 
     fn head(&self, be: &CpuBackend) -> Result<Linear> {
@@ -330,8 +401,9 @@ impl Params {
         MaskSet { dir: dir.to_path_buf(), masks, sparsity: Some(sparsity), head: Some(head) }
     }
 
-    /// `scores.safetensors`, `masks.safetensors`, `head.safetensors` and `vocab.json` in `dir`.
-    fn write(&self, dir: &Path, sparsity: f64, vocab: &Vocab) -> Result<()> {
+    /// Mask learning's outputs: `scores.safetensors`, `masks.safetensors`, `head.safetensors` and
+    /// `vocab.json` in `dir`.
+    fn write_masks(&self, dir: &Path, sparsity: f64, vocab: &Vocab) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let names: Vec<(String, [usize; 2])> = self.masks.iter().map(|m| (m.name(), [m.d_out, m.d_in])).collect();
         let scores = names.iter().zip(&self.masks).map(|((n, shape), m)| (n.as_str(), shape.as_slice(), m.scores.as_slice()));
@@ -359,10 +431,9 @@ impl Accumulated {
         Accumulated { loss: 0.0, utterances: 0, samples: 0, tensors: vec![None; n] }
     }
 
-    fn add(&mut self, g: StepGrads) {
-        self.loss += g.loss as f64;
-        let mut parts = g.scores;
-        parts.extend([Some(g.head_weight), Some(g.head_bias), g.embedding]);
+    /// Adds a step's loss and gradients (in parameter order; `None` for an absent gradient).
+    fn add(&mut self, loss: f32, parts: Vec<Option<Vec<f32>>>) {
+        self.loss += loss as f64;
         for (acc, part) in self.tensors.iter_mut().zip(parts) {
             match (acc.as_mut(), part) {
                 (Some(a), Some(p)) => add_assign(a, &p),
@@ -409,10 +480,13 @@ struct Trainer<'a> {
     vocab: Vocab,
     feed: Feed,
     valid: Option<(Dataset, Vec<Vec<u32>>)>,
+    /// The model folder (finetuning copies its config and preprocessor settings).
+    source: PathBuf,
 }
 
 /// Runs (or resumes) mask learning as `recipe` says, writing into `opts.out`.
 pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<Summary> {
+    let recipe = &recipe.settled()?;
     recipe.check()?;
     check_out(&opts.out, opts, &recipe.json())?;
     let be = CpuBackend;
@@ -441,7 +515,7 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<Summary> {
     if !opts.resume {
         start_out(&opts.out, &recipe.json())?;
     }
-    let t = Trainer { recipe, opts, be, ck, model, pre, vocab, feed, valid };
+    let t = Trainer { recipe, opts, be, ck, model, pre, vocab, feed, valid, source: dir.to_path_buf() };
     t.run()
 }
 
@@ -477,7 +551,19 @@ fn check_out(out: &Path, opts: &RunOptions, recipe: &serde_json::Value) -> Resul
 /// model and data have loaded, so a run that fails to start leaves the folder as it was.
 fn start_out(out: &Path, recipe: &serde_json::Value) -> Result<()> {
     if out.is_dir() {
-        for name in [CHECKPOINT, CONFIG, LOG, INITIAL_MASKS, "scores.safetensors", "masks.safetensors", "head.safetensors", "vocab.json"] {
+        for name in [
+            CHECKPOINT,
+            CONFIG,
+            LOG,
+            INITIAL_MASKS,
+            "scores.safetensors",
+            "masks.safetensors",
+            "head.safetensors",
+            "vocab.json",
+            "config.json",
+            "model.safetensors",
+            "preprocessor_config.json",
+        ] {
             let p = out.join(name);
             if p.exists() {
                 std::fs::remove_file(&p).with_context(|| format!("--overwrite: cannot remove {}", p.display()))?;
@@ -518,7 +604,7 @@ impl Trainer<'_> {
         let r = self.recipe;
         let h = self.model.config.hidden_size;
         // At sparsity 0 every mask keeps everything: no scores, only the head (and embedding) train.
-        let slots: Vec<(usize, _)> = if r.sparsity == 0.0 {
+        let slots: Vec<(usize, _)> = if r.sparsity() == 0.0 {
             Vec::new()
         } else {
             (0..self.model.layers.len()).flat_map(|i| r.mask.parts().iter().map(move |&p| (i, p))).collect()
@@ -529,7 +615,7 @@ impl Trainer<'_> {
             .map(|(k, (i, p))| {
                 let mut m = MaskedWeight::new(&self.model, i, p, Vec::new())?;
                 let mut rng = SplitMix(mix(r.seed ^ mix(0x5c0e_0000 + k as u64)));
-                m.scores = init_scores(&m.weight, m.d_in, r.init, r.sparsity, &mut rng);
+                m.scores = init_scores(&m.weight, m.d_in, r.init, r.sparsity(), &mut rng);
                 Ok(m)
             })
             .collect::<Result<Vec<_>>>()?;
@@ -549,7 +635,11 @@ impl Trainer<'_> {
                 (0..h).map(|_| (rng.symmetric() + 1.0) / 2.0).collect()
             }
         };
-        Ok(Params { masks, head_weight, head_bias, embedding })
+        let weights = match r.learn {
+            Learn::Masks => Vec::new(),
+            Learn::Weights { .. } => finetune::trainable(&self.ck)?,
+        };
+        Ok(Params { masks, head_weight, head_bias, embedding, weights })
     }
 
     /// The regularisers of sub-batch `sub` of update `update` for utterances of `frames` frames.
@@ -579,15 +669,43 @@ impl Trainer<'_> {
         }
     }
 
-    fn validate(&self, params: &Params) -> Result<Option<EvalReport>> {
-        let Some((data, labels)) = &self.valid else { return Ok(None) };
-        let set = params.mask_set(&self.opts.out, self.recipe.sparsity);
+    /// The model as `params` make it, with their head: finetuned weights laid over the checkpoint.
+    fn finetuned_model(&self, params: &Params) -> Result<Wav2Vec2> {
         let mut config = self.model.config.clone();
         config.vocab_size = self.vocab.len();
-        let model = Wav2Vec2::from_weights(config, &Masked { inner: &self.ck, masks: &set }, &self.be)?;
+        let named = params.named();
+        Wav2Vec2::from_weights(config, &Overlay::new(&self.ck, named.iter().map(|(n, s, d)| (*n, s.as_slice(), *d))), &self.be)
+    }
+
+    fn validate(&self, params: &Params) -> Result<Option<EvalReport>> {
+        let Some((data, labels)) = &self.valid else { return Ok(None) };
+        let model = match self.recipe.learn {
+            Learn::Weights { .. } => self.finetuned_model(params)?,
+            Learn::Masks => {
+                let set = params.mask_set(&self.opts.out, self.recipe.sparsity());
+                let mut config = self.model.config.clone();
+                config.vocab_size = self.vocab.len();
+                Wav2Vec2::from_weights(config, &Masked { inner: &self.ck, masks: &set }, &self.be)?
+            }
+        };
         let rec = Recognizer { model, pre: self.pre, vocab: self.vocab.clone(), backend: &self.be };
         let labels = crate::data::labels::Labels { tokens: labels.clone(), skipped: 0 };
         Ok(Some(evaluate(&rec, data, &labels, BatchLimits::from_seconds(self.recipe.valid_batch_seconds), |_, _| {})?))
+    }
+
+    /// The run's outputs in `dir`: a mask set, or a Hugging Face model folder when weights train.
+    fn write_outputs(&self, params: &Params, dir: &Path) -> Result<()> {
+        match self.recipe.learn {
+            Learn::Masks => params.write_masks(dir, self.recipe.sparsity(), &self.vocab),
+            Learn::Weights { .. } => {
+                let trained: Vec<NamedWeight> = params
+                    .named()
+                    .into_iter()
+                    .map(|(name, shape, data)| NamedWeight { name: name.to_string(), shape, data: data.to_vec() })
+                    .collect();
+                finetune::write_model_folder(dir, &self.source, &self.ck, &trained, &self.vocab)
+            }
+        }
     }
 
     fn save(&self, params: &Params, adam: &Adam, s: &RunState) -> Result<()> {
@@ -599,6 +717,9 @@ impl Trainer<'_> {
         st.put("head/weight", &[v, h], params.head_weight.clone());
         st.put("head/bias", &[v], params.head_bias.clone());
         st.put("embedding", &[h], params.embedding.clone());
+        for w in &params.weights {
+            st.put(&format!("weights/{}", w.name), &w.shape, w.data.clone());
+        }
         st.put_adam("adam", adam);
         s.store(&mut st);
         st.save(&self.opts.out.join(CHECKPOINT))
@@ -615,6 +736,10 @@ impl Trainer<'_> {
         params.head_weight.copy_from_slice(st.take("head/weight", w)?);
         params.head_bias.copy_from_slice(st.take("head/bias", b)?);
         params.embedding.copy_from_slice(st.take("embedding", e)?);
+        for w in &mut params.weights {
+            let n = w.data.len();
+            w.data.copy_from_slice(st.take(&format!("weights/{}", w.name), n)?);
+        }
         st.restore_adam("adam", adam)?;
         RunState::load(&st)
     }
@@ -627,14 +752,17 @@ impl Trainer<'_> {
         let mut state = if self.opts.resume { self.restore(&mut params, &mut adam)? } else { RunState::default() };
         let mut log = Log::open(&out.join(LOG), state.update)?;
         if !self.opts.resume {
-            // The starting masks, for `engine masks stats` (bits flipped by learning).
-            MaskSet::save_as(&out.join(INITIAL_MASKS), &params.keep(r.sparsity), r.sparsity)?;
+            if r.learn == Learn::Masks {
+                // The starting masks, for `engine masks stats` (bits flipped by learning).
+                MaskSet::save_as(&out.join(INITIAL_MASKS), &params.keep(r.sparsity()), r.sparsity())?;
+            }
             log.write(&serde_json::json!({
                 "event": "start",
                 "utterances": self.feed.len(),
                 "too_short": self.feed.too_short,
                 "hours": self.feed.total_samples() as f64 / 16_000.0 / 3600.0,
                 "masked_weights": params.masks.len(),
+                "trained_weights": params.weights.iter().map(|w| w.data.len()).sum::<usize>(),
                 "vocab": self.vocab.len(),
             }))?;
         }
@@ -644,17 +772,32 @@ impl Trainer<'_> {
         let mut last_loss = f64::NAN;
         let mut audio_seconds = 0.0;
         let n_params = params.sizes().len();
-        let mut cache = FeatureCache::new(self.opts.feature_cache_bytes);
+        let finetuning = matches!(r.learn, Learn::Weights { .. });
+        let mut cache = FeatureCache::new(self.opts.feature_cache_bytes, finetuning);
         while state.update < r.steps {
             let update = state.update;
             let lr = r.lr(update);
             let mut acc = Accumulated::new(n_params);
-            let head = params.head(&self.be)?;
+            // Finetuning steps run the model as trained so far; its weights train once the
+            // head-only phase is over (the time-mask embedding with them, as in fairseq).
+            let (finetuned, train_weights) = match r.learn {
+                Learn::Masks => (None, false),
+                Learn::Weights { freeze_updates } => (Some(self.finetuned_model(&params)?), update >= freeze_updates),
+            };
+            let model = finetuned.as_ref().unwrap_or(&self.model);
+            let masks_head;
+            let head = match &finetuned {
+                Some(m) => m.lm_head.as_ref().expect("the finetuned model carries the trained head"),
+                None => {
+                    masks_head = params.head(&self.be)?;
+                    &masks_head
+                }
+            };
             for sub in 0..r.update_freq {
                 let ((idx, audio), next) = batches.recv().context("the data loader stopped")??;
                 state.position = next;
                 let frames = self.model.frame_counts(&audio.iter().map(Vec::len).collect::<Vec<_>>())?;
-                let features = cache.features(&self.model, &self.be, &idx, &audio)?;
+                let features = cache.features(model, &self.be, &idx, &audio)?;
                 let mut storage = RegStorage::default();
                 let reg = self.regularisers(update, sub, &frames, &params.embedding, &mut storage);
                 let targets = CtcTargets {
@@ -662,10 +805,13 @@ impl Trainer<'_> {
                     blank: self.vocab.blank(),
                     zero_infinity: true,
                 };
-                let grads = step(&self.model, &params.masks, r.sparsity, &head, features, &targets, Reduction::Sum, &reg, false)?;
+                let mut grads = step(model, &params.masks, r.sparsity(), head, features, &targets, Reduction::Sum, &reg, train_weights)?;
+                if finetuning && !train_weights {
+                    grads.embedding = None;
+                }
                 acc.utterances += idx.len();
                 acc.samples += audio.iter().map(Vec::len).sum::<usize>();
-                acc.add(grads);
+                acc.add(grads.loss, params.grad_parts(grads)?);
             }
             audio_seconds += acc.samples as f64 / 16_000.0;
             state.update += 1;
@@ -711,7 +857,7 @@ impl Trainer<'_> {
                     state.best = Some((state.update, value));
                     // Written beside, then swapped in: `best/` never mixes two validations.
                     let (best, fresh, old) = (out.join("best"), out.join("best.new"), out.join("best.old"));
-                    params.write(&fresh, r.sparsity, &self.vocab)?;
+                    self.write_outputs(&params, &fresh)?;
                     let text = serde_json::to_string_pretty(&line)?;
                     crate::fsio::atomic_write(&fresh.join("valid.json"), |f| f.write_all(text.as_bytes()))?;
                     if best.exists() {
@@ -727,7 +873,7 @@ impl Trainer<'_> {
                 self.save(&params, &adam, &state)?;
             }
         }
-        params.write(out, r.sparsity, &self.vocab)?;
+        self.write_outputs(&params, out)?;
         progress.finish();
         Ok(Summary {
             steps: state.update,
@@ -740,28 +886,31 @@ impl Trainer<'_> {
     }
 }
 
-/// The frozen feature encoder's projected features per training utterance, computed once while
-/// the memory budget lasts: nothing below the projection trains, and a batch's features are
-/// exactly the concatenation of its utterances' (batching is exact), so cached and recomputed
-/// batches are bit-identical.
+/// The frozen stages' output per training utterance, computed once while the memory budget
+/// lasts: the projected features for mask learning (nothing below the projection trains), the
+/// feature encoder's for finetuning (the projection trains). A batch's features are exactly the
+/// concatenation of its utterances' (batching is exact), so cached and recomputed batches are
+/// bit-identical.
 struct FeatureCache {
     features: HashMap<usize, Vec<f32>>,
     bytes_left: usize,
+    /// Cache the feature encoder's output rather than the projection's.
+    encoded: bool,
 }
 
 impl FeatureCache {
-    fn new(bytes: usize) -> FeatureCache {
-        FeatureCache { features: HashMap::new(), bytes_left: bytes }
+    fn new(bytes: usize, encoded: bool) -> FeatureCache {
+        FeatureCache { features: HashMap::new(), bytes_left: bytes, encoded }
     }
 
-    /// The packed projected features of utterances `idx` (with their decoded `audio`).
+    /// The packed features of utterances `idx` (with their decoded `audio`).
     fn features(&mut self, model: &Wav2Vec2, be: &CpuBackend, idx: &[usize], audio: &[Vec<f32>]) -> Result<Features<'static>> {
-        let h = model.config.hidden_size;
+        let h = if self.encoded { *model.config.conv_dim.last().expect("a config has conv layers") } else { model.config.hidden_size };
         let missing: Vec<usize> = (0..idx.len()).filter(|&k| !self.features.contains_key(&idx[k])).collect();
         let mut fresh: HashMap<usize, Vec<f32>> = HashMap::new();
         if !missing.is_empty() {
             let inputs: Vec<&[f32]> = missing.iter().map(|&k| audio[k].as_slice()).collect();
-            let (p, seqs) = model.projected(be, &inputs)?;
+            let (p, seqs) = if self.encoded { model.feature_encoder(be, &inputs)? } else { model.projected(be, &inputs)? };
             let p = p.to_vec()?;
             for (j, &k) in missing.iter().enumerate() {
                 let r = seqs.range(j);
@@ -782,7 +931,8 @@ impl FeatureCache {
                 self.features.insert(i, f);
             }
         }
-        Ok(Features::Projected(rows, crate::backend::Seqs::new(lens)))
+        let seqs = crate::backend::Seqs::new(lens);
+        Ok(if self.encoded { Features::Encoded(rows, seqs) } else { Features::Projected(rows, seqs) })
     }
 }
 
@@ -925,22 +1075,14 @@ mod tests {
     #[test]
     fn accumulation_sums_present_gradients_and_skips_absent_ones() {
         let mut acc = Accumulated::new(3);
-        let g = |s: Vec<Option<Vec<f32>>>, e: Option<Vec<f32>>| StepGrads {
-            loss: 1.5,
-            losses: vec![1.5],
-            scores: s,
-            head_weight: vec![1.0],
-            head_bias: vec![2.0],
-            embedding: e,
-            weights: Default::default(),
-        };
-        acc.add(g(vec![], Some(vec![4.0])));
-        acc.add(g(vec![], None));
+        let g = |e: Option<Vec<f32>>| vec![Some(vec![1.0]), Some(vec![2.0]), e];
+        acc.add(1.5, g(Some(vec![4.0])));
+        acc.add(1.5, g(None));
         acc.utterances = 2;
         assert!(acc.is_finite());
         acc.scale_to_mean();
         assert_eq!(acc.tensors, vec![Some(vec![1.0]), Some(vec![2.0]), Some(vec![2.0])]);
-        acc.add(g(vec![], Some(vec![f32::NAN])));
+        acc.add(1.5, g(Some(vec![f32::NAN])));
         assert!(!acc.is_finite());
     }
 

@@ -1,0 +1,153 @@
+//! Weight finetuning's side of a training run: which checkpoint tensors train, a weight source
+//! that lays the trained values over the checkpoint, the weight-norm chain rule for the
+//! positional conv, and the Hugging Face folder a finetuning run writes.
+//!
+//! Everything of the transformer encoder and the feature projection trains (as in fairseq's
+//! `wav2vec_ctc` with `feature_grad_mult 0`); the convolutional feature encoder stays frozen;
+//! the head and the time-mask embedding are kept beside, as in mask learning.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{ensure, Context, Result};
+
+use super::masked::POS_CONV_WEIGHT;
+use crate::backend::cpu::grad::weight_norm_grads;
+use crate::fsio::{atomic_write, write_f32_safetensors};
+use crate::model::checkpoint::{Checkpoint, WeightSource};
+use crate::model::preprocess::Preprocessor;
+use crate::model::vocab::Vocab;
+use crate::tensor::Tensor;
+
+/// One trained tensor, by checkpoint name, in PyTorch's layout.
+#[derive(Clone, Debug)]
+pub struct NamedWeight {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+/// The head and time-mask embedding names (trained beside the weights).
+pub const HEAD_WEIGHT: &str = "lm_head.weight";
+pub const HEAD_BIAS: &str = "lm_head.bias";
+pub const EMBEDDING: &str = "wav2vec2.masked_spec_embed";
+
+/// Whether checkpoint tensor `name` trains under weight finetuning.
+pub fn trains(name: &str) -> bool {
+    (name.starts_with("wav2vec2.encoder.") || name.starts_with("wav2vec2.feature_projection.")) && name != EMBEDDING
+}
+
+/// The checkpoint's trainable tensors as f32, in name order.
+pub fn trainable(ck: &Checkpoint) -> Result<Vec<NamedWeight>> {
+    let mut names: Vec<&str> = ck.names().filter(|n| trains(n)).collect();
+    names.sort_unstable();
+    ensure!(!names.is_empty(), "the checkpoint has no wav2vec2.encoder.* tensors to finetune");
+    names
+        .into_iter()
+        .map(|name| {
+            let t = ck.tensor(name)?;
+            Ok(NamedWeight { name: name.to_string(), shape: t.shape().to_vec(), data: t.to_vec()? })
+        })
+        .collect()
+}
+
+/// Tensors by name laid over another source: the model as training has changed it.
+pub struct Overlay<'a> {
+    pub inner: &'a dyn WeightSource,
+    pub tensors: BTreeMap<&'a str, (&'a [usize], &'a [f32])>,
+}
+
+impl<'a> Overlay<'a> {
+    pub fn new(inner: &'a dyn WeightSource, tensors: impl IntoIterator<Item = (&'a str, &'a [usize], &'a [f32])>) -> Overlay<'a> {
+        Overlay { inner, tensors: tensors.into_iter().map(|(n, s, d)| (n, (s, d))).collect() }
+    }
+}
+
+impl WeightSource for Overlay<'_> {
+    fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name) || self.inner.contains(name)
+    }
+
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let Some(&(stored, data)) = self.tensors.get(name) else { return self.inner.get(name, shape) };
+        ensure!(stored == shape, "trained tensor \"{name}\" is {stored:?}, the model expects {shape:?}");
+        Ok(Tensor::from_vec(data.to_vec(), shape))
+    }
+
+    fn release(&self, name: &str) {
+        self.inner.release(name)
+    }
+}
+
+/// The names of the positional conv's weight-norm magnitude and direction among `weights`
+/// (`weight_g`/`weight_v`, or transformers' newer `parametrizations.weight.original0/1`).
+fn pos_conv_parts(weights: &[NamedWeight]) -> Result<(usize, usize)> {
+    let find = |suffixes: [&str; 2]| -> Option<(usize, usize)> {
+        let at = |s: &str| weights.iter().position(|w| w.name == format!("wav2vec2.encoder.pos_conv_embed.conv.{s}"));
+        Some((at(suffixes[0])?, at(suffixes[1])?))
+    };
+    find(["weight_g", "weight_v"])
+        .or_else(|| find(["parametrizations.weight.original0", "parametrizations.weight.original1"]))
+        .context("the checkpoint has no weight-normed positional conv (weight_g/weight_v)")
+}
+
+/// Replaces the folded positional-conv gradient in `grads` by the gradients of its weight-norm
+/// magnitude `g` and direction `v` (the tensors that train).
+pub fn unfold_pos_conv_grad(grads: &mut BTreeMap<String, Vec<f32>>, weights: &[NamedWeight]) -> Result<()> {
+    let Some(dw) = grads.remove(POS_CONV_WEIGHT) else { return Ok(()) };
+    let (gi, vi) = pos_conv_parts(weights)?;
+    let (dg, dv) = weight_norm_grads(&dw, &weights[gi].data, &weights[vi].data);
+    grads.insert(weights[gi].name.clone(), dg);
+    grads.insert(weights[vi].name.clone(), dv);
+    Ok(())
+}
+
+/// A Hugging Face `Wav2Vec2ForCTC` folder that transformers and `engine infer` load:
+/// `config.json` (the source's, with the task vocabulary's size and blank), `model.safetensors`
+/// (every `wav2vec2.*` tensor of the source, the trained ones replaced, and the head),
+/// `vocab.json` and `preprocessor_config.json`. `trained` holds the weights, head and embedding.
+pub fn write_model_folder(dir: &Path, source: &Path, ck: &Checkpoint, trained: &[NamedWeight], vocab: &Vocab) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let config_path = source.join("config.json");
+    let text = std::fs::read_to_string(&config_path).with_context(|| format!("cannot read {}", config_path.display()))?;
+    let mut config: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", config_path.display()))?;
+    config["vocab_size"] = vocab.len().into();
+    config["pad_token_id"] = vocab.blank().into();
+    config["architectures"] = serde_json::json!(["Wav2Vec2ForCTC"]);
+    let frozen: Vec<(String, Tensor)> = ck
+        .names()
+        .filter(|n| n.starts_with("wav2vec2.") && !trained.iter().any(|w| w.name == *n))
+        .map(|n| Ok((n.to_string(), ck.tensor(n)?)))
+        .collect::<Result<_>>()?;
+    let frozen_values: Vec<Vec<f32>> = frozen.iter().map(|(_, t)| t.to_vec()).collect::<Result<_>>()?;
+    let tensors = frozen
+        .iter()
+        .zip(&frozen_values)
+        .map(|((n, t), v)| (n.as_str(), t.shape(), v.as_slice()))
+        .chain(trained.iter().map(|w| (w.name.as_str(), w.shape.as_slice(), w.data.as_slice())));
+    let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    write_f32_safetensors(&dir.join("model.safetensors"), tensors, &meta)?;
+    let text = serde_json::to_string_pretty(&config)?;
+    atomic_write(&dir.join("config.json"), |f| std::io::Write::write_all(f, text.as_bytes()))?;
+    let pre = source.join("preprocessor_config.json");
+    let pre_text = match std::fs::read_to_string(&pre) {
+        Ok(t) => t,
+        Err(_) => serde_json::to_string_pretty(&preprocessor_json(Preprocessor::load(source)?))?,
+    };
+    atomic_write(&dir.join("preprocessor_config.json"), |f| std::io::Write::write_all(f, pre_text.as_bytes()))?;
+    vocab.save(&dir.join("vocab.json"))
+}
+
+/// transformers' `Wav2Vec2FeatureExtractor` settings for a folder that had none.
+fn preprocessor_json(pre: Preprocessor) -> serde_json::Value {
+    serde_json::json!({
+        "feature_extractor_type": "Wav2Vec2FeatureExtractor",
+        "feature_size": 1,
+        "sampling_rate": 16000,
+        "padding_value": 0.0,
+        "padding_side": "right",
+        "do_normalize": pre.do_normalize,
+        "return_attention_mask": true,
+    })
+}
