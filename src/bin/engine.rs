@@ -20,7 +20,8 @@ use s3router::model::masks::MaskSet;
 use s3router::model::vocab::Vocab;
 use s3router::plot;
 use s3router::train::demo;
-use s3router::train::run::{train, Learn, Recipe, RunOptions, INITIAL_MASKS};
+use s3router::train::prune::{prune, Method as PruneMethod, PruneArgs};
+use s3router::train::run::{train, Learn, Recipe, RunOptions, Summary, INITIAL_MASKS};
 
 #[derive(Parser)]
 #[command(name = "engine", version, about = "S3-Router engine: wav2vec2 / XLS-R inference and mask learning")]
@@ -262,6 +263,36 @@ enum Command {
         recipe: Box<Recipe>,
         /// Train only the head for this many updates first (fairseq's freeze_finetune_updates;
         /// its wav2vec2-base 1h/10h recipes use 10000 of 13000/20000).
+        #[arg(long, default_value_t = 0)]
+        freeze_updates: usize,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Prune with S3-Router-P, OMP or PARP, the comparison of the paper's pruning experiments.
+    ///
+    /// s3router-p: --model is a finetuned model (`engine finetune`); masks over all six linears of
+    /// every layer are learned with scores initialised to the weights, the head retrained from
+    /// the model's. omp: --model is the finetuned model whose global magnitude mask is taken,
+    /// --pretrained the model it came from, whose weights are masked and finetuned (a new head).
+    /// parp: --model is the pretrained model, globally magnitude-pruned and finetuned with the
+    /// zeros trainable, re-pruned every --reprune-every updates and after the last.
+    ///
+    /// --out ends holding masks.safetensors (s3router-masks-v1), head.safetensors and vocab.json
+    /// beside the model folder the masks apply to (config.json, model.safetensors, ...): `engine
+    /// infer --model OUT --masks OUT`. Training options as for `engine train` / `engine finetune`.
+    Prune {
+        #[command(flatten)]
+        recipe: Box<Recipe>,
+        #[arg(long, value_enum)]
+        method: PruneMethod,
+        /// OMP: the pretrained model the finetuned --model came from.
+        #[arg(long)]
+        pretrained: Option<PathBuf>,
+        /// PARP: re-prune every this many updates (0: only after the last). The PARP scripts
+        /// re-prune every few epochs; 100 updates is about 5 epochs of the 10 h set.
+        #[arg(long, default_value_t = 100)]
+        reprune_every: usize,
+        /// OMP / PARP: train only the head for this many updates first.
         #[arg(long, default_value_t = 0)]
         freeze_updates: usize,
         #[command(flatten)]
@@ -717,8 +748,16 @@ fn run(cli: Cli) -> Result<()> {
             }
             run_training(&recipe, &opts, "masks")
         }
+        Command::Prune { mut recipe, method, pretrained, reprune_every, freeze_updates, run } => {
+            let sparsity = recipe.sparsity.take().context("--sparsity is required: the fraction of the pruned weights to drop")?;
+            let opts = run.options("prune", None)?;
+            let args = PruneArgs { method, sparsity, pretrained, reprune_every, freeze_updates };
+            let s = prune(*recipe.clone(), &args, &opts)?;
+            print_summary(&recipe, &opts, &s, "masks and the model they apply to");
+            Ok(())
+        }
         Command::Finetune { mut recipe, freeze_updates, run } => {
-            recipe.learn = Learn::Weights { freeze_updates };
+            recipe.learn = Learn::Weights { freeze_updates, prune: None };
             run_training(&recipe, &run.options("finetune", None)?, "model")
         }
         Command::Masks(MasksCommand::Stats { model, json, dir }) => masks_stats(&model, &dir, json),
@@ -763,6 +802,11 @@ fn main() -> ExitCode {
 /// Runs `recipe` and prints its summary (`what` the output folder holds).
 fn run_training(recipe: &Recipe, opts: &RunOptions, what: &str) -> Result<()> {
     let s = train(recipe, opts)?;
+    print_summary(recipe, opts, &s, what);
+    Ok(())
+}
+
+fn print_summary(recipe: &Recipe, opts: &RunOptions, s: &Summary, what: &str) {
     let out = &opts.out;
     let best = s.best.map(|(step, v)| {
         format!(
@@ -781,5 +825,4 @@ fn run_training(recipe: &Recipe, opts: &RunOptions, what: &str) -> Result<()> {
         best.unwrap_or_default(),
         out.display()
     );
-    Ok(())
 }

@@ -55,6 +55,35 @@ pub fn keep_largest(scores: &[f32], k: usize) -> Vec<bool> {
     keep
 }
 
+/// Global magnitude pruning (PARP, OMP): over all `tensors` together, the
+/// `floor(sparsity * total)` entries of smallest |w| are dropped, ties broken by tensor order and
+/// then position (the earlier is dropped first), so the global sparsity is exact.
+pub fn global_magnitude_keep(tensors: &[&[f32]], sparsity: f64) -> Vec<Vec<bool>> {
+    let total: usize = tensors.iter().map(|t| t.len()).sum();
+    let to_drop = (sparsity * total as f64).floor() as usize;
+    let mut keep: Vec<Vec<bool>> = tensors.iter().map(|t| vec![true; t.len()]).collect();
+    if to_drop == 0 {
+        return keep;
+    }
+    // The threshold: the to_drop-th smallest magnitude.
+    let mut magnitudes: Vec<f32> = tensors.iter().flat_map(|t| t.iter().map(|v| v.abs())).collect();
+    let threshold = *magnitudes.select_nth_unstable_by(to_drop - 1, f32::total_cmp).1;
+    drop(magnitudes);
+    let below = |v: &f32| v.abs().total_cmp(&threshold).is_lt();
+    let mut ties_to_drop = to_drop - tensors.iter().map(|t| t.iter().filter(|v| below(v)).count()).sum::<usize>();
+    for (t, k) in tensors.iter().zip(&mut keep) {
+        for (v, k) in t.iter().zip(k.iter_mut()) {
+            if below(v) {
+                *k = false;
+            } else if ties_to_drop > 0 && v.abs().total_cmp(&threshold).is_eq() {
+                *k = false;
+                ties_to_drop -= 1;
+            }
+        }
+    }
+    keep
+}
+
 /// Orders positions by |value|, then by position (a total order: NaN sorts above infinity).
 fn by_magnitude(v: &[f32], a: usize, b: usize) -> std::cmp::Ordering {
     v[a].abs().total_cmp(&v[b].abs()).then(a.cmp(&b))
@@ -145,5 +174,19 @@ mod tests {
         for s in [1.0, -0.1, 1.5, f64::NAN] {
             assert!(check_sparsity(s).unwrap_err().to_string().contains("outside [0, 1)"));
         }
+    }
+
+    #[test]
+    fn global_magnitude_pruning_is_exact_and_global() {
+        // Ties at the threshold (|0.5| four times) are broken by tensor, then position.
+        let (a, b) = (vec![0.1f32, -0.5, 3.0, 0.5], vec![-0.05f32, 0.5, 2.0, 0.5, 7.0]);
+        let keep = global_magnitude_keep(&[&a, &b], 0.5);
+        assert_eq!(keep, vec![vec![false, false, true, false], vec![false, true, true, true, true]]);
+        // Global, not per tensor: a tensor of small weights loses more than the sparsity.
+        let (small, large): (Vec<f32>, Vec<f32>) = ((1..=100).map(|i| i as f32 * 1e-3).collect(), (1..=100).map(|i| i as f32).collect());
+        let keep = global_magnitude_keep(&[&small, &large], 0.3);
+        assert_eq!(keep[0].iter().filter(|&&k| !k).count(), 60);
+        assert!(keep[1].iter().all(|&k| k));
+        assert!(global_magnitude_keep(&[&a], 0.0).iter().flatten().all(|&k| k));
     }
 }

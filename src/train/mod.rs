@@ -7,6 +7,7 @@ pub mod demo;
 pub mod feed;
 pub mod finetune;
 pub mod masked;
+pub mod prune;
 pub mod run;
 pub mod schedule;
 pub mod specaugment;

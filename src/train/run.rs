@@ -23,6 +23,7 @@ use super::checkpoint::TrainState;
 use super::feed::{Feed, Position};
 use super::finetune::{self, NamedWeight, Overlay, EMBEDDING, HEAD_BIAS, HEAD_WEIGHT};
 use super::masked::{step, Features, MaskScope, MaskedWeight, Regularisers, StepGrads, TimeMask};
+use super::prune::{Keep, Prune, Pruner};
 use super::schedule::TriStage;
 use super::specaugment::span_mask;
 use crate::backend::cpu::math::add_assign;
@@ -85,8 +86,8 @@ pub enum Learn {
     #[default]
     Masks,
     /// Weight finetuning (`engine finetune`): the first `freeze_updates` updates train only the
-    /// head (fairseq's `freeze_finetune_updates`).
-    Weights { freeze_updates: usize },
+    /// head (fairseq's `freeze_finetune_updates`); `prune` makes it OMP or PARP (`engine prune`).
+    Weights { freeze_updates: usize, prune: Option<Prune> },
 }
 
 /// `--sparsity` when `engine train` is not given one.
@@ -260,10 +261,11 @@ impl Recipe {
         let mut r = self.clone();
         match r.learn {
             Learn::Masks => r.sparsity = Some(self.sparsity()),
-            Learn::Weights { .. } => ensure!(
+            Learn::Weights { prune: None, .. } => ensure!(
                 r.sparsity.is_none(),
                 "--sparsity: weight finetuning has no masks (prune a finetuned model with `engine prune --sparsity` instead)"
             ),
+            Learn::Weights { prune: Some(_), .. } => ensure!(r.sparsity.is_none(), "a pruning run carries its sparsity in the method"),
         }
         Ok(r)
     }
@@ -272,6 +274,9 @@ impl Recipe {
         self.model()?;
         self.train()?;
         check_sparsity(self.sparsity())?;
+        if let Learn::Weights { prune: Some(p), .. } = &self.learn {
+            check_sparsity(p.sparsity())?;
+        }
         ensure!(self.steps > 0, "--steps must be at least 1");
         ensure!(self.lr > 0.0 && self.lr.is_finite(), "--lr {} must be a positive number", self.lr);
         ensure!(self.update_freq > 0, "--update-freq must be at least 1");
@@ -410,10 +415,15 @@ impl Params {
         let meta = BTreeMap::from([("sparsity".to_string(), sparsity.to_string())]);
         crate::fsio::write_f32_safetensors(&dir.join("scores.safetensors"), scores, &meta)?;
         MaskSet::save(dir, &self.keep(sparsity), sparsity)?;
-        let (v, h) = (self.head_bias.len(), self.head_weight.len() / self.head_bias.len());
-        let head = [("lm_head.weight", &[v, h][..], self.head_weight.as_slice()), ("lm_head.bias", &[v][..], self.head_bias.as_slice())];
-        crate::fsio::write_f32_safetensors(&dir.join("head.safetensors"), head, &BTreeMap::new())?;
+        self.write_head(dir)?;
         vocab.save(&dir.join("vocab.json"))
+    }
+
+    /// `head.safetensors` in `dir` (the head of a mask set).
+    fn write_head(&self, dir: &Path) -> Result<()> {
+        let (v, h) = (self.head_bias.len(), self.head_weight.len() / self.head_bias.len());
+        let head = [(HEAD_WEIGHT, &[v, h][..], self.head_weight.as_slice()), (HEAD_BIAS, &[v][..], self.head_bias.as_slice())];
+        crate::fsio::write_f32_safetensors(&dir.join("head.safetensors"), head, &BTreeMap::new())
     }
 }
 
@@ -677,6 +687,22 @@ impl Trainer<'_> {
         Wav2Vec2::from_weights(config, &Overlay::new(&self.ck, named.iter().map(|(n, s, d)| (*n, s.as_slice(), *d))), &self.be)
     }
 
+    /// What a pruning run would output now: the weights with the current mask applied (PARP's
+    /// zeros regrow between re-prunes), and that mask.
+    fn pruned(&self, params: &Params, pruner: &Pruner) -> (Params, Keep) {
+        let keep = pruner.keep(&params.weights);
+        let mut weights = params.weights.clone();
+        pruner.apply(&mut weights, &keep);
+        let p = Params {
+            masks: Vec::new(),
+            head_weight: params.head_weight.clone(),
+            head_bias: params.head_bias.clone(),
+            embedding: params.embedding.clone(),
+            weights,
+        };
+        (p, keep)
+    }
+
     fn validate(&self, params: &Params) -> Result<Option<EvalReport>> {
         let Some((data, labels)) = &self.valid else { return Ok(None) };
         let model = match self.recipe.learn {
@@ -693,9 +719,10 @@ impl Trainer<'_> {
         Ok(Some(evaluate(&rec, data, &labels, BatchLimits::from_seconds(self.recipe.valid_batch_seconds), |_, _| {})?))
     }
 
-    /// The run's outputs in `dir`: a mask set, or a Hugging Face model folder when weights train.
-    fn write_outputs(&self, params: &Params, dir: &Path) -> Result<()> {
-        match self.recipe.learn {
+    /// The run's outputs in `dir`: a mask set, or a Hugging Face model folder when weights train
+    /// (pruning runs: plus the mask set of their `mask`, over the pruned weights).
+    fn write_outputs(&self, params: &Params, dir: &Path, mask: Option<(&Pruner, Keep)>) -> Result<()> {
+        match &self.recipe.learn {
             Learn::Masks => params.write_masks(dir, self.recipe.sparsity(), &self.vocab),
             Learn::Weights { .. } => {
                 let trained: Vec<NamedWeight> = params
@@ -703,7 +730,12 @@ impl Trainer<'_> {
                     .into_iter()
                     .map(|(name, shape, data)| NamedWeight { name: name.to_string(), shape, data: data.to_vec() })
                     .collect();
-                finetune::write_model_folder(dir, &self.source, &self.ck, &trained, &self.vocab)
+                finetune::write_model_folder(dir, &self.source, &self.ck, &trained, &self.vocab)?;
+                if let Some((pruner, keep)) = mask {
+                    MaskSet::save(dir, &pruner.mask_entries(&params.weights, keep), pruner.prune.sparsity())?;
+                    params.write_head(dir)?;
+                }
+                Ok(())
             }
         }
     }
@@ -750,6 +782,15 @@ impl Trainer<'_> {
         let mut params = self.init_params()?;
         let mut adam = Adam::new(&params.sizes());
         let mut state = if self.opts.resume { self.restore(&mut params, &mut adam)? } else { RunState::default() };
+        let pruner = match &r.learn {
+            Learn::Weights { prune: Some(p), .. } => Some(Pruner::new(p.clone(), &self.model.config, &params.weights)?),
+            _ => None,
+        };
+        if let (Some(p), false) = (&pruner, self.opts.resume) {
+            // OMP: the finetuned model's mask on the (rewound) weights; PARP: the first prune.
+            let keep = p.keep(&params.weights);
+            p.apply(&mut params.weights, &keep);
+        }
         let mut log = Log::open(&out.join(LOG), state.update)?;
         if !self.opts.resume {
             if r.learn == Learn::Masks {
@@ -780,9 +821,9 @@ impl Trainer<'_> {
             let mut acc = Accumulated::new(n_params);
             // Finetuning steps run the model as trained so far; its weights train once the
             // head-only phase is over (the time-mask embedding with them, as in fairseq).
-            let (finetuned, train_weights) = match r.learn {
+            let (finetuned, train_weights) = match &r.learn {
                 Learn::Masks => (None, false),
-                Learn::Weights { freeze_updates } => (Some(self.finetuned_model(&params)?), update >= freeze_updates),
+                Learn::Weights { freeze_updates, .. } => (Some(self.finetuned_model(&params)?), update >= *freeze_updates),
             };
             let model = finetuned.as_ref().unwrap_or(&self.model);
             let masks_head;
@@ -818,6 +859,9 @@ impl Trainer<'_> {
             let loss = acc.loss / acc.utterances as f64;
             if acc.is_finite() {
                 acc.scale_to_mean();
+                if let Some(p) = &pruner {
+                    p.mask_grads(&mut acc.tensors[params.masks.len() + 3..]);
+                }
                 let grads: Vec<Option<&[f32]>> = acc.tensors.iter().map(|t| t.as_deref()).collect();
                 adam.update(&mut params.slices_mut(), &grads, lr);
                 state.consecutive_nonfinite = 0;
@@ -836,10 +880,19 @@ impl Trainer<'_> {
                     );
                 }
             }
+            if let Some(p) = pruner.as_ref().filter(|p| p.reprunes_after(state.update, r.steps)) {
+                let keep = p.keep(&params.weights);
+                let nonzero = |w: &[NamedWeight]| w.iter().map(|w| w.data.iter().filter(|&&v| v != 0.0).count()).sum::<usize>();
+                let before = nonzero(&params.weights);
+                p.apply(&mut params.weights, &keep);
+                log.write(&serde_json::json!({"step": state.update, "event": "reprune", "zeroed": before - nonzero(&params.weights)}))?;
+            }
             progress.show(state.update, loss, lr, audio_seconds / started.elapsed().as_secs_f64());
             let last = state.update == r.steps;
             if self.valid.is_some() && (last || (r.valid_every > 0 && state.update.is_multiple_of(r.valid_every))) {
-                let report = self.validate(&params)?.expect("validation data is loaded");
+                let view = pruner.as_ref().map(|p| self.pruned(&params, p));
+                let shown = view.as_ref().map_or(&params, |(v, _)| v);
+                let report = self.validate(shown)?.expect("validation data is loaded");
                 let value = r.best_metric.of(&report);
                 let mut line = report.json();
                 line["step"] = state.update.into();
@@ -857,7 +910,7 @@ impl Trainer<'_> {
                     state.best = Some((state.update, value));
                     // Written beside, then swapped in: `best/` never mixes two validations.
                     let (best, fresh, old) = (out.join("best"), out.join("best.new"), out.join("best.old"));
-                    self.write_outputs(&params, &fresh)?;
+                    self.write_outputs(shown, &fresh, pruner.as_ref().zip(view.as_ref().map(|(_, k)| k.clone())))?;
                     let text = serde_json::to_string_pretty(&line)?;
                     crate::fsio::atomic_write(&fresh.join("valid.json"), |f| f.write_all(text.as_bytes()))?;
                     if best.exists() {
@@ -873,7 +926,8 @@ impl Trainer<'_> {
                 self.save(&params, &adam, &state)?;
             }
         }
-        self.write_outputs(&params, out)?;
+        let mask = pruner.as_ref().map(|p| (p, p.keep(&params.weights)));
+        self.write_outputs(&params, out, mask)?;
         progress.finish();
         Ok(Summary {
             steps: state.update,

@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+pub mod cli;
+
 use s3router::backend::Seqs;
 use s3router::ctc::CtcTargets;
 use s3router::model::checkpoint::Checkpoint;

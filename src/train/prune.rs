@@ -1,0 +1,258 @@
+//! Magnitude-pruning baselines run as weight finetuning with a mask (`engine prune`): OMP keeps
+//! the global magnitude mask of a finetuned model fixed while the rewound pretrained weights
+//! finetune; PARP zeroes the pretrained model's smallest weights, finetunes with the zeros
+//! trainable, and re-prunes globally every few updates and once at the end.
+//!
+//! Both prune the q/k/v/out and FFN weights of every encoder layer, ranked together across
+//! layers (`torch.nn.utils.prune.global_unstructured` with L1 in the PARP code). Biases are not
+//! pruned here: the mask format covers weights, and biases are 0.07% of those parameters.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde::Serialize;
+
+use super::finetune::NamedWeight;
+use super::masked::MaskScope;
+use super::run::{train, Learn, Recipe, RunOptions, Summary};
+use crate::model::checkpoint::Checkpoint;
+use crate::model::config::Config;
+use crate::model::wav2vec2::maskable_shape;
+use crate::router::global_magnitude_keep;
+use crate::router::Init;
+
+/// `engine prune --method`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Method {
+    /// S3-Router-P: masks learned over a finetuned model's frozen weights (scores = W, all six
+    /// linears, per-matrix top-k), its head retrained.
+    #[value(name = "s3router-p")]
+    S3RouterP,
+    /// One-shot magnitude pruning: the finetuned model's global magnitude mask, rewound to the
+    /// pretrained weights (--pretrained), finetuned with the mask fixed.
+    Omp,
+    /// Prune, adjust, re-prune: global magnitude pruning of the pretrained model, finetuned with
+    /// the zeros trainable, re-pruned every --reprune-every updates and at the end.
+    Parp,
+}
+
+/// What `engine prune` needs beyond the training recipe.
+pub struct PruneArgs {
+    pub method: Method,
+    pub sparsity: f64,
+    pub pretrained: Option<PathBuf>,
+    pub reprune_every: usize,
+    pub freeze_updates: usize,
+}
+
+/// Runs `engine prune`: the method's training run into `opts.out`, which ends holding the
+/// masks (`s3router-masks-v1`, with head and vocabulary) and the model folder they apply to.
+pub fn prune(mut recipe: Recipe, a: &PruneArgs, opts: &RunOptions) -> Result<Summary> {
+    let model = recipe.model()?.to_path_buf();
+    ensure!(recipe.sparsity.is_none(), "give the sparsity once, as engine prune's --sparsity");
+    ensure!(a.pretrained.is_none() || a.method == Method::Omp, "--pretrained is for --method omp (the weights OMP rewinds to)");
+    let finetuned = Checkpoint::open_dir(&model)?.names().any(|n| n == "lm_head.weight");
+    let need_finetuned = |what: &str| -> Result<()> {
+        ensure!(
+            finetuned,
+            "--method {what} prunes a finetuned model, and {} has no CTC head (lm_head): it is a pretrained checkpoint; finetune it first with `engine finetune`",
+            model.display()
+        );
+        Ok(())
+    };
+    match a.method {
+        Method::S3RouterP => {
+            need_finetuned("s3router-p")?;
+            ensure!(a.freeze_updates == 0, "--freeze-updates is for omp and parp (s3router-p trains no weights)");
+            recipe.learn = Learn::Masks;
+            recipe.mask = MaskScope::All;
+            recipe.init = Init::MagnitudeScaled;
+            recipe.keep_head = true;
+            recipe.sparsity = Some(a.sparsity);
+            let summary = train(&recipe, opts)?;
+            link_model(&model, &opts.out)?;
+            return Ok(summary);
+        }
+        Method::Omp => {
+            need_finetuned("omp")?;
+            let Some(pretrained) = &a.pretrained else {
+                bail!("--method omp needs --pretrained: the pretrained model {} was finetuned from (OMP rewinds to it)", model.display())
+            };
+            let shape = |dir: &Path| -> Result<[usize; 3]> {
+                let c = Config::load(&dir.join("config.json"))?;
+                Ok([c.num_hidden_layers, c.hidden_size, c.intermediate_size])
+            };
+            let (a_shape, b_shape) = (shape(&model)?, shape(pretrained)?);
+            ensure!(
+                a_shape == b_shape,
+                "{} and --pretrained {} are a different architecture (layers, hidden, FFN sizes {a_shape:?} vs {b_shape:?})",
+                model.display(),
+                pretrained.display()
+            );
+            recipe.vocab = recipe.vocab.or_else(|| Some(model.join("vocab.json")));
+            recipe.model = Some(pretrained.clone());
+            recipe.learn =
+                Learn::Weights { freeze_updates: a.freeze_updates, prune: Some(Prune::Omp { sparsity: a.sparsity, from: model }) };
+        }
+        Method::Parp => {
+            recipe.learn = Learn::Weights {
+                freeze_updates: a.freeze_updates,
+                prune: Some(Prune::Parp { sparsity: a.sparsity, every: a.reprune_every }),
+            };
+        }
+    }
+    train(&recipe, opts)
+}
+
+/// Puts the model folder S3-Router-P's masks apply to beside them (hard links where the file
+/// system allows, else copies).
+fn link_model(model: &Path, out: &Path) -> Result<()> {
+    for f in ["config.json", "model.safetensors", "preprocessor_config.json"] {
+        let (from, to) = (model.join(f), out.join(f));
+        if !from.exists() {
+            continue;
+        }
+        if to.exists() {
+            std::fs::remove_file(&to).with_context(|| format!("cannot replace {}", to.display()))?;
+        }
+        if std::fs::hard_link(&from, &to).is_err() {
+            std::fs::copy(&from, &to).with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// How a finetuning run prunes (recorded in `train_config.json`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "method", rename_all = "kebab-case")]
+pub enum Prune {
+    /// The global magnitude mask of the finetuned model `from`, fixed while the weights train.
+    Omp { sparsity: f64, from: PathBuf },
+    /// The global magnitude mask of the weights being trained, re-picked every `every` updates
+    /// (0: only at the end) and after the last.
+    Parp { sparsity: f64, every: usize },
+}
+
+impl Prune {
+    pub fn sparsity(&self) -> f64 {
+        match self {
+            Prune::Omp { sparsity, .. } | Prune::Parp { sparsity, .. } => *sparsity,
+        }
+    }
+}
+
+/// Keep flags per pruned weight, in [`Pruner::names`] order.
+pub type Keep = Vec<Vec<bool>>;
+
+/// The pruned weights of a run and, for OMP, their fixed mask.
+pub struct Pruner {
+    pub prune: Prune,
+    /// Index into the run's trained weights of each pruned one.
+    indices: Vec<usize>,
+    fixed: Option<Keep>,
+}
+
+impl Pruner {
+    /// The pruned weights among `weights` (the maskable ones of `config`); OMP's mask from its
+    /// finetuned model, which must have the same weights.
+    pub fn new(prune: Prune, config: &Config, weights: &[NamedWeight]) -> Result<Pruner> {
+        let indices: Vec<usize> = (0..weights.len()).filter(|&i| maskable_shape(config, &weights[i].name).is_some()).collect();
+        ensure!(!indices.is_empty(), "the model has no q/k/v/out or FFN weights to prune");
+        let fixed = match &prune {
+            Prune::Parp { .. } => None,
+            Prune::Omp { sparsity, from } => {
+                let ck = Checkpoint::open_dir(from).with_context(|| format!("OMP's finetuned model {}", from.display()))?;
+                let tuned: Vec<Vec<f32>> = indices
+                    .iter()
+                    .map(|&i| {
+                        let w = &weights[i];
+                        let t = ck.tensor(&w.name).with_context(|| format!("OMP's finetuned model {}", from.display()))?;
+                        ensure!(
+                            t.shape() == w.shape.as_slice(),
+                            "{}: \"{}\" is {:?} there but {:?} in the model being pruned (a different architecture)",
+                            from.display(),
+                            w.name,
+                            t.shape(),
+                            w.shape
+                        );
+                        t.to_vec()
+                    })
+                    .collect::<Result<_>>()?;
+                Some(global_magnitude_keep(&tuned.iter().map(Vec::as_slice).collect::<Vec<_>>(), *sparsity))
+            }
+        };
+        Ok(Pruner { prune, indices, fixed })
+    }
+
+    /// The mask now: OMP's fixed one, or PARP's global magnitude mask of the current weights.
+    pub fn keep(&self, weights: &[NamedWeight]) -> Keep {
+        match &self.fixed {
+            Some(k) => k.clone(),
+            None => {
+                global_magnitude_keep(&self.indices.iter().map(|&i| weights[i].data.as_slice()).collect::<Vec<_>>(), self.prune.sparsity())
+            }
+        }
+    }
+
+    /// Zeroes the dropped weights.
+    pub fn apply(&self, weights: &mut [NamedWeight], keep: &Keep) {
+        for (&i, k) in self.indices.iter().zip(keep) {
+            weights[i].data.iter_mut().zip(k).filter(|(_, &k)| !k).for_each(|(w, _)| *w = 0.0);
+        }
+    }
+
+    /// OMP: zeroes the gradients of dropped weights, so they stay zero under Adam. `grads` are
+    /// per trained weight, in order. PARP's zeros train.
+    pub fn mask_grads(&self, grads: &mut [Option<Vec<f32>>]) {
+        let Some(fixed) = &self.fixed else { return };
+        for (&i, k) in self.indices.iter().zip(fixed) {
+            if let Some(g) = &mut grads[i] {
+                g.iter_mut().zip(k).filter(|(_, &k)| !k).for_each(|(g, _)| *g = 0.0);
+            }
+        }
+    }
+
+    /// Whether PARP re-prunes after update `update` of `steps`.
+    pub fn reprunes_after(&self, update: usize, steps: usize) -> bool {
+        match self.prune {
+            Prune::Omp { .. } => false,
+            Prune::Parp { every, .. } => update == steps || (every > 0 && update.is_multiple_of(every)),
+        }
+    }
+
+    /// The mask as a mask set's entries (name, `[out, in]` shape, keep flags).
+    pub fn mask_entries(&self, weights: &[NamedWeight], keep: Keep) -> Vec<(String, Vec<usize>, Vec<bool>)> {
+        self.indices.iter().zip(keep).map(|(&i, k)| (weights[i].name.clone(), weights[i].shape.clone(), k)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parp(every: usize) -> Pruner {
+        Pruner { prune: Prune::Parp { sparsity: 0.5, every }, indices: vec![0], fixed: None }
+    }
+
+    #[test]
+    fn parp_reprunes_on_its_interval_and_after_the_last_update() {
+        let after = |p: &Pruner| (1..=10).filter(|&u| p.reprunes_after(u, 10)).collect::<Vec<_>>();
+        assert_eq!(after(&parp(3)), vec![3, 6, 9, 10]);
+        assert_eq!(after(&parp(5)), vec![5, 10]);
+        assert_eq!(after(&parp(0)), vec![10]);
+        let omp = Pruner { prune: Prune::Omp { sparsity: 0.5, from: PathBuf::new() }, indices: vec![0], fixed: Some(vec![vec![true]]) };
+        assert!(after(&omp).is_empty());
+    }
+
+    #[test]
+    fn omp_gradients_of_dropped_weights_are_zeroed_and_parp_ones_kept() {
+        let keep = vec![vec![true, false, true]];
+        let omp = Pruner { prune: Prune::Omp { sparsity: 0.3, from: PathBuf::new() }, indices: vec![1], fixed: Some(keep) };
+        let mut grads = vec![Some(vec![1.0; 2]), Some(vec![1.0, 2.0, 3.0])];
+        omp.mask_grads(&mut grads);
+        assert_eq!(grads, vec![Some(vec![1.0; 2]), Some(vec![1.0, 0.0, 3.0])]);
+        let mut grads = vec![Some(vec![1.0; 2]), Some(vec![1.0, 2.0, 3.0])];
+        parp(1).mask_grads(&mut grads);
+        assert_eq!(grads[1], Some(vec![1.0, 2.0, 3.0]));
+    }
+}
