@@ -57,6 +57,10 @@ struct DeviceArgs {
     /// Arithmetic of matrix products.
     #[arg(long, value_enum, default_value = "f32")]
     precision: Precision,
+    /// Always use the dense product for masked or pruned linears (the CPU otherwise skips the
+    /// dropped weights of a linear with 80% or more of them zero, where that is faster).
+    #[arg(long)]
+    dense: bool,
 }
 
 #[derive(Subcommand)]
@@ -393,7 +397,7 @@ fn write_logits(path: &Path, tensors: &HashMap<String, (Vec<f32>, Vec<usize>)>) 
 
 fn infer(model: &Path, masks: Option<&Path>, device: DeviceArgs, out: Option<&Path>, batch_seconds: f64, audio: &[PathBuf]) -> Result<()> {
     let be = backend(device)?;
-    let rec = Recognizer::load(model, masks, be.as_ref())?;
+    let rec = Recognizer::load(model, masks, be.as_ref(), !device.dense)?;
     let limits = BatchLimits::from_seconds(batch_seconds);
     let mut logits = HashMap::new();
     rec.run(audio, limits, |u| {
@@ -647,7 +651,7 @@ struct EvalArgs {
 fn eval(a: EvalArgs) -> Result<()> {
     let data = dataset::open(&a.data, &a.opts)?;
     let be = backend(a.device)?;
-    let rec = Recognizer::load(&a.model, a.masks.as_deref(), be.as_ref())?;
+    let rec = Recognizer::load(&a.model, a.masks.as_deref(), be.as_ref(), !a.device.dense)?;
     let labels = Labeler::new(&rec.vocab, data.labels, &a.chars_to_ignore, a.skip_unknown)
         .label_all(data.utterances.iter().map(|u| u.text.as_str()))?;
     if labels.skipped > 0 {

@@ -387,7 +387,7 @@ impl Params {
     fn head(&self, be: &CpuBackend) -> Result<Linear> {
         let vocab = self.head_bias.len();
         let w = Tensor::from_vec(self.head_weight.clone(), &[vocab, self.head_weight.len() / vocab]);
-        Ok(Linear { weight: be.prepare_linear_weight(&w)?, bias: Tensor::from_vec(self.head_bias.clone(), &[vocab]) })
+        Ok(Linear::from_cpu(be.prepare_linear_weight(&w)?, Tensor::from_vec(self.head_bias.clone(), &[vocab])))
     }
 
     /// Each masked weight's name, `[out, in]` shape and keep flags (the top-k of its scores).

@@ -29,6 +29,8 @@ macro_rules! multiversion {
     };
 }
 
+pub(crate) use multiversion;
+
 /// e^x with relative error below 2e-7 over the f32 range; branch-free so loops vectorise.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {

@@ -9,6 +9,7 @@ mod ctc;
 pub mod gemm;
 pub mod grad;
 pub mod math;
+pub mod sparse;
 
 use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
