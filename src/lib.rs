@@ -12,6 +12,7 @@ pub mod infer;
 pub mod mask;
 pub mod metrics;
 pub mod model;
+pub mod multitask;
 pub mod plot;
 pub mod rng;
 pub mod router;

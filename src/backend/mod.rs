@@ -85,6 +85,15 @@ pub struct NormParams<'a> {
     pub eps: f32,
 }
 
+/// A keep-mask over one linear weight, in the form the backend that prepared it applies
+/// ([`Backend::prepare_mask`]).
+pub enum LinearMask {
+    /// Bits over the CPU's `[in, out]` weight layout, LSB first.
+    Host(Vec<u8>),
+    /// Bits over the `[out, in]` weight on the device.
+    Cuda(cuda::CudaBuf),
+}
+
 /// Operations a compute device provides. Every tensor argument must live on this backend
 /// (see [`Backend::upload`]); weights use the layouts named in each method.
 pub trait Backend: Send + Sync {
@@ -110,6 +119,23 @@ pub trait Backend: Send + Sync {
 
     /// `act(x · wᵀ + b)` for `x [n, in]`, `w` from [`Backend::prepare_linear_weight`], `b [out]`.
     fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Activation) -> Result<Tensor>;
+
+    /// Makes a keep-mask (bits LSB first over the PyTorch `[out, in]` weight, as
+    /// [`crate::mask::pack`] writes them) ready for [`Backend::linear_segments`].
+    fn prepare_mask(&self, bits: &[u8], d_out: usize, d_in: usize) -> Result<LinearMask>;
+
+    /// [`Backend::linear`] over consecutive row segments of `x`, each `(rows, mask)` with its own
+    /// keep-mask over `w` (or none): one batch served for several tasks that share the weights.
+    /// `W * M` is never kept (the CUDA GEMM applies the bits while loading weight tiles; the
+    /// CPU masks into scratch per segment).
+    fn linear_segments(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        act: Activation,
+        segments: &[(usize, Option<&LinearMask>)],
+    ) -> Result<Tensor>;
 
     /// `act(layer_norm(x + residual))` over the last dimension (residual optional). Takes `x` by
     /// value so its buffer can be reused.

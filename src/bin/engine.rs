@@ -18,6 +18,7 @@ use s3router::infer::{BatchLimits, Recognizer};
 use s3router::metrics::{self, word_and_char_counts, Counts, TextNorm};
 use s3router::model::masks::MaskSet;
 use s3router::model::vocab::Vocab;
+use s3router::multitask::{parse_routed, parse_task, MultiRecognizer};
 use s3router::plot;
 use s3router::train::demo;
 use s3router::train::prune::{prune, Method as PruneMethod, PruneArgs};
@@ -164,13 +165,19 @@ enum Command {
     ///
     /// Prints one line per file: the path, a tab, the transcript. WAV (8/16/24/32-bit integer,
     /// 32-bit float) and FLAC are read; stereo is averaged; any sample rate is resampled to 16 kHz.
+    ///
+    /// Many masks, one model: give `--masks NAME=DIR` once per task and each file as FILE@NAME;
+    /// the frozen weights load once, every task adds its packed masks and head, and files of
+    /// different tasks share batches. The memory of that against one finetuned copy per task is
+    /// printed on stderr.
     Infer {
         /// Model folder: config.json, model.safetensors, vocab.json, preprocessor_config.json.
         #[arg(long)]
         model: PathBuf,
-        /// A mask set (masks.safetensors, head.safetensors, vocab.json) to run the model with.
+        /// A mask set (masks.safetensors, head.safetensors, vocab.json) to run the model with, or
+        /// NAME=DIR, repeated, for several tasks at once.
         #[arg(long)]
-        masks: Option<PathBuf>,
+        masks: Vec<String>,
         #[command(flatten)]
         device: DeviceArgs,
         /// Also write the logits to this .safetensors file: one f32 tensor `logits.<i>` of shape
@@ -395,10 +402,9 @@ fn write_logits(path: &Path, tensors: &HashMap<String, (Vec<f32>, Vec<usize>)>) 
     s3router::fsio::write_f32_safetensors(path, views, &Default::default())
 }
 
-fn infer(model: &Path, masks: Option<&Path>, device: DeviceArgs, out: Option<&Path>, batch_seconds: f64, audio: &[PathBuf]) -> Result<()> {
+fn infer(model: &Path, masks: Option<&Path>, device: DeviceArgs, out: Option<&Path>, limits: BatchLimits, audio: &[PathBuf]) -> Result<()> {
     let be = backend(device)?;
     let rec = Recognizer::load(model, masks, be.as_ref(), !device.dense)?;
-    let limits = BatchLimits::from_seconds(batch_seconds);
     let mut logits = HashMap::new();
     rec.run(audio, limits, |u| {
         println!("{}\t{}", u.path.display(), u.transcript);
@@ -685,7 +691,12 @@ fn run(cli: Cli) -> Result<()> {
     }
     match cli.command {
         Command::Infer { model, masks, device, out, batch_seconds, audio } => {
-            infer(&model, masks.as_deref(), device, out.as_deref(), batch_seconds, &audio)
+            let limits = BatchLimits::from_seconds(batch_seconds);
+            match masks.as_slice() {
+                [] => infer(&model, None, device, out.as_deref(), limits, &audio),
+                [one] if !one.contains('=') => infer(&model, Some(Path::new(one)), device, out.as_deref(), limits, &audio),
+                many => infer_tasks(&model, many, device, out.as_deref(), limits, &audio),
+            }
         }
         Command::Eval {
             model,
@@ -829,4 +840,46 @@ fn print_summary(recipe: &Recipe, opts: &RunOptions, s: &Summary, what: &str) {
         best.unwrap_or_default(),
         out.display()
     );
+}
+
+/// `engine infer --masks NAME=DIR ... FILE@NAME ...`: several tasks over one loaded model.
+fn infer_tasks(
+    model: &Path,
+    masks: &[String],
+    device: DeviceArgs,
+    out: Option<&Path>,
+    limits: BatchLimits,
+    audio: &[PathBuf],
+) -> Result<()> {
+    let tasks: Vec<(String, PathBuf)> = masks.iter().map(|m| parse_task(m)).collect::<Result<_>>()?;
+    let names: Vec<String> = tasks.iter().map(|t| t.0.clone()).collect();
+    let (paths, task_of): (Vec<PathBuf>, Vec<usize>) =
+        audio.iter().map(|a| parse_routed(a, &names)).collect::<Result<Vec<_>>>()?.into_iter().unzip();
+    let be = backend(device)?;
+    let rec = MultiRecognizer::load(model, &tasks, be.as_ref())?;
+    let mut logits = HashMap::new();
+    rec.run(&paths, &task_of, limits, |u| {
+        println!("{}\t{}", u.path.display(), u.transcript);
+        if out.is_some() {
+            let v = rec.tasks[task_of[u.index]].vocab.len();
+            logits.insert(format!("logits.{}", u.index), (u.logits, vec![u.frames, v]));
+        }
+        Ok(())
+    })?;
+    if let Some(out) = out {
+        write_logits(out, &logits)?;
+    }
+    let m = rec.memory();
+    let mb = |b: u64| b as f64 / 1e6;
+    eprintln!(
+        "memory: one model {:.1} MB + {} tasks' masks and heads {:.1} MB = {:.1} MB; {} finetuned copies would take {:.1} MB ({:.2}x)",
+        mb(m.model_bytes),
+        m.tasks,
+        mb(m.task_bytes),
+        mb(m.shared()),
+        m.tasks,
+        mb(m.copies()),
+        m.copies() as f64 / m.shared() as f64
+    );
+    Ok(())
 }

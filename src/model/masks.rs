@@ -114,6 +114,22 @@ impl MaskSet {
         self.head.as_ref().map(|(_, b)| b.numel())
     }
 
+    /// Fails unless every mask names a weight of the model (`expected` gives a weight's shape,
+    /// `None` for a name that takes no mask) with the mask's shape.
+    pub fn check(&self, expected: impl Fn(&str) -> Option<Vec<usize>>) -> Result<()> {
+        for (name, (shape, _)) in &self.masks {
+            match expected(name) {
+                Some(want) if &want == shape => {}
+                Some(want) => bail!(
+                    "{}: mask \"{name}\" is for a {shape:?} weight, but the model's is {want:?} (masks from a different model?)",
+                    self.dir.display()
+                ),
+                None => bail!("{}: mask \"{name}\" names no masked weight of this model", self.dir.display()),
+            }
+        }
+        Ok(())
+    }
+
     /// The head tensor `name` (`lm_head.weight` or `lm_head.bias`), if the set carries a head.
     fn head_tensor(&self, name: &str) -> Option<&Tensor> {
         let (w, b) = self.head.as_ref()?;
@@ -129,23 +145,6 @@ impl MaskSet {
 pub struct Masked<'a> {
     pub inner: &'a dyn WeightSource,
     pub masks: &'a MaskSet,
-}
-
-impl Masked<'_> {
-    /// Fails unless every mask names a weight of the model with the mask's shape.
-    pub fn check(&self, expected: impl Fn(&str) -> Option<Vec<usize>>) -> Result<()> {
-        for (name, (shape, _)) in &self.masks.masks {
-            match expected(name) {
-                Some(want) if &want == shape => {}
-                Some(want) => bail!(
-                    "{}: mask \"{name}\" is for a {shape:?} weight, but the model's is {want:?} (masks from a different model?)",
-                    self.masks.dir.display()
-                ),
-                None => bail!("{}: mask \"{name}\" names no masked weight of this model", self.masks.dir.display()),
-            }
-        }
-        Ok(())
-    }
 }
 
 impl WeightSource for Masked<'_> {

@@ -4,6 +4,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod masks;
 pub mod preprocess;
+pub mod tasks;
 pub mod vocab;
 pub mod wav2vec2;
 

@@ -12,6 +12,7 @@ use anyhow::{bail, ensure, Context, Result};
 use super::checkpoint::{Checkpoint, WeightSource};
 use super::config::{Config, FeatNorm};
 use super::masks::{MaskSet, Masked};
+use super::tasks::Routing;
 use crate::backend::cpu::sparse::SparseLinear;
 use crate::backend::{Activation, Backend, ConvGeometry, NormParams, Seqs};
 use crate::tensor::Tensor;
@@ -257,8 +258,8 @@ impl Wav2Vec2 {
         let mut config = Config::load(&dir.join("config.json"))?;
         let ck = Checkpoint::open_dir(dir)?;
         let Some(masks) = masks else { return Wav2Vec2::from_weights(config, &ck, be) };
+        masks.check(|name| maskable_shape(&config, name))?;
         let masked = Masked { inner: &ck, masks };
-        masked.check(|name| maskable_shape(&config, name))?;
         if let Some(v) = masks.head_vocab_size() {
             config.vocab_size = v;
             if config.pad_token_id >= v {
@@ -443,22 +444,44 @@ impl Wav2Vec2 {
 
     /// The feature encoder and projection, then the transformer encoder: `[frames, hidden]` per
     /// utterance, packed. `audio` is already normalised (see [`super::preprocess`]).
-    pub fn encode(&self, be: &dyn Backend, audio: &[&[f32]], mut trace: Option<&mut Trace>) -> Result<(Tensor, Seqs)> {
+    pub fn encode(&self, be: &dyn Backend, audio: &[&[f32]], trace: Option<&mut Trace>) -> Result<(Tensor, Seqs)> {
+        self.encode_routed(be, audio, trace, None)
+    }
+
+    /// [`Wav2Vec2::encode`] with each utterance's masked linears under its own task's masks
+    /// (`routing`): one batch serves several tasks over the same frozen weights.
+    pub fn encode_routed(
+        &self,
+        be: &dyn Backend,
+        audio: &[&[f32]],
+        mut trace: Option<&mut Trace>,
+        routing: Option<&Routing>,
+    ) -> Result<(Tensor, Seqs)> {
         let c = &self.config;
         let mut clock = StageClock::new(be, trace.as_ref().is_some_and(|t| t.profile))?;
         let (mut x, seqs) = self.embed(be, audio, trace.as_deref_mut(), &mut clock)?;
         let eps = c.layer_norm_eps;
         let enc_norm = self.encoder_layer_norm.params(eps);
         let scale = 1.0 / (c.head_dim() as f32).sqrt();
-        for layer in &self.layers {
+        if let Some(r) = routing {
+            ensure!(r.tasks.len() == seqs.count(), "routing names tasks for {} of {} utterances", r.tasks.len(), seqs.count());
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            // Linear `slot` of this layer (qkv, out, intermediate, output), routed when any task masks it.
+            let linear = |slot: usize, lin: &Linear, h: &Tensor, act: Activation| -> Result<Tensor> {
+                match routing.and_then(|r| r.segments(&seqs, i, slot)) {
+                    Some(segments) => be.linear_segments(h, &lin.weight, Some(&lin.bias), act, &segments),
+                    None => lin.forward(be, h, act),
+                }
+            };
             let attention = |h: &Tensor| -> Result<Tensor> {
-                let qkv = layer.qkv_proj.forward(be, h, Activation::Identity)?;
+                let qkv = linear(0, &layer.qkv_proj, h, Activation::Identity)?;
                 let a = be.attention(&qkv, &seqs, c.num_attention_heads, scale)?;
-                layer.out_proj.forward(be, &a, Activation::Identity)
+                linear(1, &layer.out_proj, &a, Activation::Identity)
             };
             let feed_forward = |h: &Tensor| -> Result<Tensor> {
-                let mid = layer.intermediate_dense.forward(be, h, Activation::Gelu)?;
-                layer.output_dense.forward(be, &mid, Activation::Identity)
+                let mid = linear(2, &layer.intermediate_dense, h, Activation::Gelu)?;
+                linear(3, &layer.output_dense, &mid, Activation::Identity)
             };
             let (ln, fln) = (layer.layer_norm.params(eps), layer.final_layer_norm.params(eps));
             let id = Activation::Identity;

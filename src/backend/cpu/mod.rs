@@ -15,7 +15,7 @@ use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
 use self::gemm::{matmul_blocked, MatRef};
-use super::{Activation, Backend, ConvGeometry, NormParams, Seqs};
+use super::{Activation, Backend, ConvGeometry, LinearMask, NormParams, Seqs};
 use crate::tensor::{Storage, Tensor};
 
 /// Rows handed to one rayon task by row-wise kernels; large enough to amortise scheduling.
@@ -99,19 +99,54 @@ impl Backend for CpuBackend {
     }
 
     fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Activation) -> Result<Tensor> {
+        self.linear_segments(x, w, b, act, &[(as_matrix(x).0, None)])
+    }
+
+    fn prepare_mask(&self, bits: &[u8], d_out: usize, d_in: usize) -> Result<LinearMask> {
+        ensure!(bits.len() * 8 >= d_out * d_in, "mask has {} bits for a {d_out} x {d_in} weight", bits.len() * 8);
+        let keep = crate::mask::unpack(bits, d_out * d_in);
+        Ok(LinearMask::Host(crate::mask::pack(&(0..d_in * d_out).map(|j| keep[(j % d_out) * d_in + j / d_out]).collect::<Vec<_>>())))
+    }
+
+    fn linear_segments(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        act: Activation,
+        segments: &[(usize, Option<&LinearMask>)],
+    ) -> Result<Tensor> {
         let (n, d_in) = as_matrix(x);
         let [w_in, d_out] = w.shape() else { bail!("linear weight must be 2-D, found {:?}", w.shape()) };
+        let d_out = *d_out;
         ensure!(*w_in == d_in, "linear: input has {d_in} features, weight {:?} ([in, out]) expects {w_in}", w.shape());
+        ensure!(segments.iter().map(|s| s.0).sum::<usize>() == n, "linear: segments do not cover the {n} rows");
         let bias = b.map(data).transpose()?;
         if let Some(b) = bias {
-            ensure!(b.len() == *d_out, "linear bias has {} values for {d_out} outputs", b.len());
+            ensure!(b.len() == d_out, "linear bias has {} values for {d_out} outputs", b.len());
         }
-        let mut out = vec![0.0f32; n * d_out];
-        matmul_blocked(&mut out, MatRef::row_major(data(x)?, n, d_in), MatRef::row_major(data(w)?, d_in, *d_out), |rows| {
-            math::bias_act_rows(rows, *d_out, bias, act == Activation::Gelu)
-        });
         let mut shape = x.shape().to_vec();
-        *shape.last_mut().unwrap() = *d_out;
+        let (x, w) = (data(x)?, data(w)?);
+        let mut out = vec![0.0f32; n * d_out];
+        let mut row = 0;
+        for &(rows, mask) in segments {
+            let masked;
+            let weight = match mask {
+                None => w,
+                Some(LinearMask::Host(bits)) => {
+                    ensure!(bits.len() * 8 >= w.len(), "mask has {} bits for a {d_in} x {d_out} weight", bits.len() * 8);
+                    masked = crate::mask::apply(w, &crate::mask::unpack(bits, w.len()));
+                    &masked
+                }
+                Some(LinearMask::Cuda(_)) => bail!("a mask prepared for the GPU was given to the CPU backend"),
+            };
+            let (xs, os) = (&x[row * d_in..(row + rows) * d_in], &mut out[row * d_out..(row + rows) * d_out]);
+            matmul_blocked(os, MatRef::row_major(xs, rows, d_in), MatRef::row_major(weight, d_in, d_out), |r| {
+                math::bias_act_rows(r, d_out, bias, act == Activation::Gelu)
+            });
+            row += rows;
+        }
+        *shape.last_mut().expect("a linear input has dimensions") = d_out;
         Ok(Tensor::from_vec(out, &shape))
     }
 

@@ -16,7 +16,7 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use cudarc::driver::{sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, PushKernelArg};
 use cudarc::nvrtc::Ptx;
 
-use super::{Activation, Backend, ConvGeometry, NormParams, Seqs};
+use super::{Activation, Backend, ConvGeometry, LinearMask, NormParams, Seqs};
 use crate::tensor::{DType, Storage, Tensor};
 use launch::{GemmArgs, Launch};
 
@@ -310,34 +310,54 @@ impl CudaBackend {
     }
 
     fn linear_impl(&self, x: &Tensor, w: &Tensor, mask: Option<u64>, b: Option<&Tensor>, act: Activation) -> Result<Tensor> {
+        let n = x.numel() / x.shape().last().copied().unwrap_or(1).max(1);
+        self.segmented_linear(x, w, b, act, &[(n, mask)])
+    }
+
+    /// `act(x · wᵀ + b)` over consecutive row segments of `x`, each GEMM with its own mask bits
+    /// (device addresses; `None`: unmasked).
+    fn segmented_linear(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        act: Activation,
+        segments: &[(usize, Option<u64>)],
+    ) -> Result<Tensor> {
         Self::expect_dtype(x, DType::F32, "linear input")?;
         let n = x.numel() / x.shape().last().copied().unwrap_or(1).max(1);
         let d_in = *x.shape().last().unwrap_or(&0);
         let &[d_out, w_in] = w.shape() else { bail!("linear weight must be 2-D, found {:?}", w.shape()) };
         ensure!(w_in == d_in, "linear: input has {d_in} features, weight {:?} expects {w_in}", w.shape());
+        ensure!(segments.iter().map(|s| s.0).sum::<usize>() == n, "linear: segments do not cover the {n} rows");
         if let Some(b) = b {
             ensure!(b.numel() == d_out, "linear bias has {} values for {d_out} outputs", b.numel());
         }
         let mut shape = x.shape().to_vec();
         *shape.last_mut().unwrap() = d_out;
         let out = self.empty(&shape, DType::F32)?;
-        let args = GemmArgs {
-            a: self.ptr(x)?,
-            lda: d_in as i64,
-            b: self.ptr(w)?,
-            ldb: d_in as i64,
-            mask: mask.unwrap_or(0),
-            bias: b.map(|b| self.ptr(b)).transpose()?.unwrap_or(0),
-            c: self.ptr(&out)?,
-            ldc: d_out as i64,
-            m: n as i32,
-            n: d_out as i32,
-            k: d_in as i32,
-            act: act as i32,
-            ..GemmArgs::default()
-        };
         let a16 = if w.dtype() == DType::BF16 { self.bf16_operand(x, d_in)? } else { None };
-        self.gemm(args, a16.as_ref().map(|t| self.ptr(t)).transpose()?, w.dtype(), 1)?;
+        let (pa, pa16, pc) = (self.ptr(x)?, a16.as_ref().map(|t| self.ptr(t)).transpose()?, self.ptr(&out)?);
+        let mut row = 0u64;
+        for &(rows, mask) in segments.iter().filter(|s| s.0 > 0) {
+            let args = GemmArgs {
+                a: pa + row * d_in as u64 * 4,
+                lda: d_in as i64,
+                b: self.ptr(w)?,
+                ldb: d_in as i64,
+                mask: mask.unwrap_or(0),
+                bias: b.map(|b| self.ptr(b)).transpose()?.unwrap_or(0),
+                c: pc + row * d_out as u64 * 4,
+                ldc: d_out as i64,
+                m: rows as i32,
+                n: d_out as i32,
+                k: d_in as i32,
+                act: act as i32,
+                ..GemmArgs::default()
+            };
+            self.gemm(args, pa16.map(|p| p + row * d_in as u64 * 2), w.dtype(), 1)?;
+            row += rows as u64;
+        }
         Ok(out)
     }
 
@@ -389,6 +409,34 @@ impl Backend for CudaBackend {
             _ => host.to_vec()?.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
         };
         self.bytes_to_device(&bytes, dtype, w.shape())
+    }
+
+    fn prepare_mask(&self, bits: &[u8], d_out: usize, d_in: usize) -> Result<LinearMask> {
+        ensure!(bits.len() * 8 >= d_out * d_in, "mask has {} bits for a {d_out} x {d_in} weight", bits.len() * 8);
+        Ok(LinearMask::Cuda(CudaBuf(Arc::new(self.upload_mask(bits)?))))
+    }
+
+    fn linear_segments(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        act: Activation,
+        segments: &[(usize, Option<&LinearMask>)],
+    ) -> Result<Tensor> {
+        let [d_out, d_in] = w.shape() else { bail!("linear weight must be 2-D, found {:?}", w.shape()) };
+        let segs = segments
+            .iter()
+            .map(|&(rows, mask)| match mask {
+                None => Ok((rows, None)),
+                Some(LinearMask::Cuda(bits)) => {
+                    ensure!(bits.0.len() * 8 >= d_out * d_in, "mask has {} bits for a {:?} weight", bits.0.len() * 8, w.shape());
+                    Ok((rows, Some(bits.0.device_ptr(&self.stream).0)))
+                }
+                Some(LinearMask::Host(_)) => bail!("a mask prepared for the CPU was given to the CUDA backend"),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.segmented_linear(x, w, b, act, &segs)
     }
 
     fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Activation) -> Result<Tensor> {

@@ -1,0 +1,119 @@
+//! Many masks, one model: utterances of two tasks (different masks and heads over the fixture
+//! model) batched together give what each task's model gives alone, through the library and the
+//! `engine infer --masks NAME=DIR FILE@NAME` command line; bad routing is refused by name.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::cli::{engine, fails_with, ok, s};
+use common::{fixtures, rel_l2, utterances};
+use s3router::backend::cpu::CpuBackend;
+use s3router::fsio::write_f32_safetensors;
+use s3router::infer::{BatchLimits, Recognizer};
+use s3router::model::masks::MaskSet;
+use s3router::model::wav2vec2::maskable_shape;
+use s3router::model::Wav2Vec2;
+use s3router::multitask::MultiRecognizer;
+use s3router::rng::SplitMix;
+use s3router::router::top_k_mask;
+use s3router::train::masked::MaskScope;
+
+/// A mask set in `dir`: random masks on `scope` at `sparsity`, a random head, the model's vocabulary.
+fn mask_set(dir: &Path, scope: MaskScope, sparsity: f64, seed: u64) {
+    let model_dir = fixtures().join("base-like");
+    let model = Wav2Vec2::load(&model_dir, &CpuBackend).unwrap();
+    let c = &model.config;
+    let mut rng = SplitMix(seed);
+    let masks: Vec<(String, Vec<usize>, Vec<bool>)> = (0..c.num_hidden_layers)
+        .flat_map(|i| scope.parts().iter().map(move |p| p.weight_name(i)))
+        .map(|name| {
+            let shape = maskable_shape(c, &name).unwrap();
+            let scores: Vec<f32> = (0..shape.iter().product()).map(|_| rng.symmetric()).collect();
+            (name, shape, top_k_mask(&scores, sparsity))
+        })
+        .collect();
+    std::fs::create_dir_all(dir).unwrap();
+    MaskSet::save(dir, &masks, sparsity).unwrap();
+    let (v, h) = (c.vocab_size, c.hidden_size);
+    let (w, b): (Vec<f32>, Vec<f32>) = ((0..v * h).map(|_| rng.symmetric() * 0.3).collect(), (0..v).map(|_| rng.symmetric()).collect());
+    write_f32_safetensors(
+        &dir.join("head.safetensors"),
+        [("lm_head.weight", &[v, h][..], &w[..]), ("lm_head.bias", &[v][..], &b[..])],
+        &Default::default(),
+    )
+    .unwrap();
+    std::fs::copy(model_dir.join("vocab.json"), dir.join("vocab.json")).unwrap();
+}
+
+fn two_tasks(tmp: &Path) -> (PathBuf, PathBuf) {
+    let (a, b) = (tmp.join("a"), tmp.join("b"));
+    mask_set(&a, MaskScope::Ffn, 0.3, 1);
+    mask_set(&b, MaskScope::All, 0.5, 2);
+    (a, b)
+}
+
+#[test]
+fn mixed_task_batches_match_each_task_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = two_tasks(tmp.path());
+    let be = CpuBackend;
+    let dir = fixtures().join("base-like");
+    let tasks = vec![("a".to_string(), a.clone()), ("b".to_string(), b.clone())];
+    let multi = MultiRecognizer::load(&dir, &tasks, &be).unwrap();
+    let paths = utterances();
+    // Interleaved tasks in one batch: a, b, a.
+    let task_of = [0, 1, 0];
+    let mut mixed = Vec::new();
+    multi
+        .run(&paths, &task_of, BatchLimits::default(), |u| {
+            mixed.push(u);
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(mixed.iter().map(|u| u.index).collect::<Vec<_>>(), vec![0, 1, 2], "results in input order");
+    for (task, set) in [(0, &a), (1, &b)] {
+        let alone = Recognizer::load(&dir, Some(set), &be, false).unwrap();
+        let mut want = Vec::new();
+        alone
+            .run(&paths, BatchLimits::default(), |u| {
+                want.push(u);
+                Ok(())
+            })
+            .unwrap();
+        for (u, w) in mixed.iter().zip(&want).filter(|(u, _)| task_of[u.index] == task) {
+            let err = rel_l2(&u.logits, &w.logits);
+            assert!(err <= 1e-5, "utterance {} under task {task}: rel L2 {err:.2e} against the task alone", u.index);
+            assert_eq!(u.transcript, w.transcript);
+        }
+    }
+    let m = multi.memory();
+    assert!(m.shared() < m.copies(), "{m:?}");
+}
+
+#[test]
+fn engine_infer_serves_several_mask_sets_and_names_bad_routing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = two_tasks(tmp.path());
+    let model = "tests/fixtures/base-like";
+    let files: Vec<String> = utterances().iter().map(|p| p.display().to_string()).collect();
+    let (ma, mb) = (format!("a={}", s(&a)), format!("b={}", s(&b)));
+    let routed = [format!("{}@b", files[0]), format!("{}@a", files[1]), format!("{}@b", files[2])];
+    let mut args = vec!["infer", "--model", model, "--masks", &ma, "--masks", &mb];
+    args.extend(routed.iter().map(String::as_str));
+    let out = engine(&args);
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("finetuned copies would take"));
+    let mixed: Vec<String> = String::from_utf8(out.stdout).unwrap().lines().map(str::to_string).collect();
+    for (i, (file, set)) in [(&files[0], &b), (&files[1], &a), (&files[2], &b)].into_iter().enumerate() {
+        let alone = engine(&["infer", "--model", model, "--masks", s(set), "--dense", file]);
+        ok(&alone);
+        assert_eq!(mixed[i], String::from_utf8(alone.stdout).unwrap().trim_end(), "file {i}");
+    }
+    let c = format!("{}@c", files[0]);
+    fails_with(&engine(&["infer", "--model", model, "--masks", &ma, "--masks", &mb, &c]), "no --masks c=DIR was given");
+    fails_with(&engine(&["infer", "--model", model, "--masks", &ma, "--masks", &mb, &files[0]]), "name each file's task as FILE@NAME");
+    // Masks from another model: named with their task.
+    let (other, x) = (format!("x={}", s(&a)), format!("{}@x", files[0]));
+    fails_with(&engine(&["infer", "--model", "tests/fixtures/large-like", "--masks", &other, "--masks", &mb, &x]), "task x");
+}
