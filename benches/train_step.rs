@@ -15,7 +15,7 @@ use s3router::model::Wav2Vec2;
 use s3router::rng::SplitMix;
 use s3router::router::{init_scores, Init};
 use s3router::train::adam::Adam;
-use s3router::train::masked::{step, Features, MaskScope, MaskedWeight, Regularisers};
+use s3router::train::masked::{step, Features, MaskScope, MaskedWeight, Regularisers, Weights};
 
 fn train_step_base_b2x5s(c: &mut Criterion) {
     let be = CpuBackend;
@@ -39,7 +39,7 @@ fn train_step_base_b2x5s(c: &mut Criterion) {
     g.sample_size(10);
     let reg = Regularisers::default();
     g.bench_function("s3router step wav2vec2-base b2x5s cpu", |b| {
-        b.iter(|| step(&model, &masks, 0.1, head, Features::Audio(&inputs), &targets, Reduction::Sum, &reg, false).unwrap())
+        b.iter(|| step(&model, &masks, 0.1, head, Features::Audio(&inputs), &targets, Reduction::Sum, &reg, Weights::Frozen).unwrap())
     });
     let mut sizes: Vec<usize> = masks.iter().map(|m| m.scores.len()).collect();
     sizes.extend([head.weight.numel(), head.bias.numel()]);
@@ -47,7 +47,7 @@ fn train_step_base_b2x5s(c: &mut Criterion) {
     let (mut head_w, mut head_b) = (vec![0.0f32; head.weight.numel()], vec![0.0f32; head.bias.numel()]);
     g.bench_function("s3router update (step + Adam) wav2vec2-base b2x5s cpu", |b| {
         b.iter(|| {
-            let out = step(&model, &masks, 0.1, head, Features::Audio(&inputs), &targets, Reduction::Sum, &reg, false).unwrap();
+            let out = step(&model, &masks, 0.1, head, Features::Audio(&inputs), &targets, Reduction::Sum, &reg, Weights::Frozen).unwrap();
             let mut grads: Vec<Option<&[f32]>> = out.scores.iter().map(|g| g.as_deref()).collect();
             grads.extend([Some(out.head_weight.as_slice()), Some(out.head_bias.as_slice())]);
             let mut params: Vec<&mut [f32]> = masks.iter_mut().map(|m| m.scores.as_mut_slice()).collect();
@@ -56,7 +56,7 @@ fn train_step_base_b2x5s(c: &mut Criterion) {
         })
     });
     g.bench_function("finetune step (every weight's gradient) wav2vec2-base b2x5s cpu", |b| {
-        b.iter(|| step(&model, &[], 0.0, head, Features::Audio(&inputs), &targets, Reduction::Sum, &reg, true).unwrap())
+        b.iter(|| step(&model, &[], 0.0, head, Features::Audio(&inputs), &targets, Reduction::Sum, &reg, Weights::AboveEncoder).unwrap())
     });
     g.finish();
 }

@@ -268,6 +268,22 @@ fn finetune_freeze_updates_train_only_the_head_first() {
     }
 }
 
+/// `--train-feature-encoder`: the conv feature encoder's weights move too.
+#[test]
+fn finetune_can_train_the_feature_encoder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train = small_manifest(tmp.path(), 3);
+    let out = tmp.path().join("run");
+    let source = fixtures().join("base-like");
+    let mut args = vec!["finetune", "--model", s(&source), "--train", s(&train), "--out", s(&out), "--steps", "3", "--lr", "1e-3"];
+    args.extend(["--skip-unknown", "--labels", "phn", "--layerdrop", "0", "--train-feature-encoder", "--quiet"]);
+    ok(&engine(&args));
+    let (src, tuned) = (Checkpoint::open_dir(&source).unwrap(), Checkpoint::open_dir(&out).unwrap());
+    for name in src.names().filter(|n| n.starts_with("wav2vec2.feature_extractor.")) {
+        assert_ne!(src.tensor(name).unwrap().to_vec().unwrap(), tuned.tensor(name).unwrap().to_vec().unwrap(), "{name} did not train");
+    }
+}
+
 /// Finetuning killed after its first checkpoint and resumed ends bit-identical (regularisers on).
 #[test]
 fn a_killed_and_resumed_finetuning_ends_bit_identical() {

@@ -182,10 +182,11 @@ class HashDropout(torch.nn.Module):
         return x * torch.from_numpy(dropout_factors(REG["seed"], self.site, idx, self.p)).to(x.dtype)[None]
 
 
-def regularised_gradients(tensors, meta, dtype=torch.float64, finetune=False):
+def regularised_gradients(tensors, meta, dtype=torch.float64, finetune=False, encoder=False):
     """Every regulariser on. S3-Router (`finetune=False`): all six linears of each layer masked;
     weight finetuning (`finetune=True`): no masks, every parameter but the conv feature encoder's
-    trains, and each one's gradient is recorded under `{key}/grad/{name}`."""
+    (with `encoder`, every parameter) trains, and each one's gradient is recorded under
+    `{key}/grad/{name}`."""
     from transformers.models.wav2vec2 import modeling_wav2vec2 as mw
     state = {"offset": 0}
 
@@ -202,7 +203,7 @@ def regularised_gradients(tensors, meta, dtype=torch.float64, finetune=False):
 
     mw.eager_attention_forward = attention
     for name in ("base-like", "large-like"):
-        key = name + ("-finetune" if finetune else "-regularised")
+        key = name + ("-finetune-encoder" if encoder else "-finetune" if finetune else "-regularised")
         state["offset"] = 0
         torch.manual_seed(23)
         config = Wav2Vec2Config.from_pretrained(os.path.join(ROOT, name))
@@ -210,7 +211,7 @@ def regularised_gradients(tensors, meta, dtype=torch.float64, finetune=False):
         config._attn_implementation = "eager"
         model = Wav2Vec2ForCTC.from_pretrained(os.path.join(ROOT, name), config=config, attn_implementation="eager").eval().to(dtype)
         for n, p in model.named_parameters():
-            p.requires_grad_(finetune and not n.startswith("wav2vec2.feature_extractor."))
+            p.requires_grad_(finetune and (encoder or not n.startswith("wav2vec2.feature_extractor.")))
         # Names before LayerDrop removes layers (the ModuleList renumbers the rest).
         names = {id(p): n for n, p in model.named_parameters()}
         g = torch.Generator().manual_seed(29)
@@ -288,6 +289,7 @@ def main():
     masked_gradients(tensors, meta, specaug=True)
     regularised_gradients(tensors, meta)
     regularised_gradients(tensors, meta, finetune=True)
+    regularised_gradients(tensors, meta, finetune=True, encoder=True)
     safetensors.torch.save_file(tensors, os.path.join(ROOT, "train_grads.safetensors"))
     with open(OUT, "w") as f:
         json.dump({"torch": torch.__version__, "adam": {"start": start.tolist(), "grads": grads, "lrs": lrs, "end": p.detach().tolist()},

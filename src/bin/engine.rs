@@ -276,6 +276,10 @@ enum Command {
         /// its wav2vec2-base 1h/10h recipes use 10000 of 13000/20000).
         #[arg(long, default_value_t = 0)]
         freeze_updates: usize,
+        /// Train the convolutional feature encoder too (fairseq's feature_grad_mult 1; its
+        /// finetuning recipes keep it frozen). Slower: its output is then recomputed every step.
+        #[arg(long)]
+        train_feature_encoder: bool,
         #[command(flatten)]
         run: RunArgs,
     },
@@ -771,8 +775,8 @@ fn run(cli: Cli) -> Result<()> {
             print_summary(&recipe, &opts, &s, "masks and the model they apply to");
             Ok(())
         }
-        Command::Finetune { mut recipe, freeze_updates, run } => {
-            recipe.learn = Learn::Weights { freeze_updates, prune: None };
+        Command::Finetune { mut recipe, freeze_updates, train_feature_encoder, run } => {
+            recipe.learn = Learn::Weights { freeze_updates, train_feature_encoder, prune: None };
             run_training(&recipe, &run.options("finetune", None)?, "model")
         }
         Command::Masks(MasksCommand::Stats { model, json, dir }) => masks_stats(&model, &dir, json),

@@ -236,6 +236,20 @@ fn time_major(w: &[f32], out: usize, cin: usize, kernel: usize) -> Vec<f32> {
     t
 }
 
+/// The inverse of [`time_major`]: a time-major `[out, kernel, in]` conv weight (or its gradient)
+/// in PyTorch's `[out, in, kernel]` layout.
+pub fn torch_layout(w: &[f32], out: usize, cin: usize, kernel: usize) -> Vec<f32> {
+    let mut t = vec![0.0; w.len()];
+    for o in 0..out {
+        for c in 0..cin {
+            for k in 0..kernel {
+                t[(o * cin + c) * kernel + k] = w[(o * kernel + k) * cin + c];
+            }
+        }
+    }
+    t
+}
+
 /// Folds `weight_norm(dim=2)`: `W[:, :, k] = g[k] · v[:, :, k] / ‖v[:, :, k]‖₂`.
 fn fold_weight_norm(g: &[f32], v: &[f32], kernel: usize) -> Vec<f32> {
     let mut norm = vec![0.0f64; kernel];
@@ -541,5 +555,7 @@ mod tests {
         // out=1, in=2, kernel=3: w[0, c, k] = 10c + k.
         let w = [0.0, 1.0, 2.0, 10.0, 11.0, 12.0];
         assert_eq!(time_major(&w, 1, 2, 3), vec![0.0, 10.0, 1.0, 11.0, 2.0, 12.0]);
+        let w: Vec<f32> = (0..2 * 3 * 4).map(|i| i as f32).collect();
+        assert_eq!(torch_layout(&time_major(&w, 2, 3, 4), 2, 3, 4), w);
     }
 }

@@ -3,8 +3,9 @@
 //! positional conv, and the Hugging Face folder a finetuning run writes.
 //!
 //! Everything of the transformer encoder and the feature projection trains (as in fairseq's
-//! `wav2vec_ctc` with `feature_grad_mult 0`); the convolutional feature encoder stays frozen;
-//! the head and the time-mask embedding are kept beside, as in mask learning.
+//! `wav2vec_ctc` with `feature_grad_mult 0`); the convolutional feature encoder stays frozen
+//! unless asked to train; the head and the time-mask embedding are kept beside, as in mask
+//! learning.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -32,14 +33,16 @@ pub const HEAD_WEIGHT: &str = "lm_head.weight";
 pub const HEAD_BIAS: &str = "lm_head.bias";
 pub const EMBEDDING: &str = "wav2vec2.masked_spec_embed";
 
-/// Whether checkpoint tensor `name` trains under weight finetuning.
-pub fn trains(name: &str) -> bool {
-    (name.starts_with("wav2vec2.encoder.") || name.starts_with("wav2vec2.feature_projection.")) && name != EMBEDDING
+/// Whether checkpoint tensor `name` trains under weight finetuning (`encoder`: the conv feature
+/// encoder too).
+pub fn trains(name: &str, encoder: bool) -> bool {
+    let above = name.starts_with("wav2vec2.encoder.") || name.starts_with("wav2vec2.feature_projection.");
+    (above || (encoder && name.starts_with("wav2vec2.feature_extractor."))) && name != EMBEDDING
 }
 
 /// The checkpoint's trainable tensors as f32, in name order.
-pub fn trainable(ck: &Checkpoint) -> Result<Vec<NamedWeight>> {
-    let mut names: Vec<&str> = ck.names().filter(|n| trains(n)).collect();
+pub fn trainable(ck: &Checkpoint, encoder: bool) -> Result<Vec<NamedWeight>> {
+    let mut names: Vec<&str> = ck.names().filter(|n| trains(n, encoder)).collect();
     names.sort_unstable();
     ensure!(!names.is_empty(), "the checkpoint has no wav2vec2.encoder.* tensors to finetune");
     names

@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use anyhow::{ensure, Context, Result};
 use rayon::prelude::*;
 
+use super::encoder;
 use crate::backend::cpu::attention::{attention, ProbDropout};
 use crate::backend::cpu::grad::{
     attention_grad, bias_grad, conv1d_input_grad, conv1d_weight_grad, gelu_input_grad, layer_norm_input_grad, layer_norm_param_grads,
@@ -25,7 +26,7 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::{Activation, Backend, Seqs};
 use crate::ctc::{ctc_loss, CtcTargets, Reduction};
 use crate::dropout::Dropout;
-use crate::model::wav2vec2::{EncoderLayer, Linear, Norm};
+use crate::model::wav2vec2::{torch_layout, EncoderLayer, Linear, Norm};
 use crate::model::Wav2Vec2;
 use crate::router::{score_grad, top_k_mask};
 use crate::tensor::Tensor;
@@ -277,10 +278,21 @@ fn add(a: &[f32], b: &[f32]) -> Vec<f32> {
     a.iter().zip(b).map(|(x, y)| x + y).collect()
 }
 
+/// Which weights a step returns gradients for, besides scores, head and time-mask embedding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Weights {
+    /// None (mask learning; finetuning's head-only phase).
+    Frozen,
+    /// Every weight above the conv feature encoder (weight finetuning).
+    AboveEncoder,
+    /// Every weight, the conv feature encoder's too (`--train-feature-encoder`).
+    All,
+}
+
 /// One forward/backward of the masked model: `masks` names (layer, part) and scores of every
 /// masked weight (none: only the head, and the embedding under time masking, train); `head` is
-/// the trainable CTC head; `reg` the step's regularisers; `train_weights` adds the gradients of
-/// every weight above the feature encoder ([`StepGrads::weights`]).
+/// the trainable CTC head; `reg` the step's regularisers; `trained` adds the gradients of the
+/// weights that train ([`StepGrads::weights`]).
 #[allow(clippy::too_many_arguments)]
 pub fn step(
     model: &Wav2Vec2,
@@ -291,8 +303,9 @@ pub fn step(
     targets: &CtcTargets,
     reduction: Reduction,
     reg: &Regularisers,
-    train_weights: bool,
+    trained: Weights,
 ) -> Result<StepGrads> {
+    let train_weights = trained != Weights::Frozen;
     let be = CpuBackend;
     let c = &model.config;
     let n_layers = model.layers.len();
@@ -318,15 +331,23 @@ pub fn step(
     let probs_dropout = |i: usize| reg.attention_dropout.map(|dropout| ProbDropout { dropout, site: site(i, SITE_ATTENTION_PROBS) });
 
     // Forward: projected features, time and channel masking, positional conv, then the layers.
-    let mut projection_tape = None;
+    let (mut projection_tape, mut encoder_tape) = (None, None);
     let (mut projected, seqs) = match features {
         Features::Audio(audio) if !train_weights => {
             let (p, seqs) = model.projected(&be, audio)?;
             (v(&p)?, seqs)
         }
+        Features::Audio(audio) if trained == Weights::All => {
+            let (f, seqs, tape) = encoder::forward(model, audio)?;
+            encoder_tape = Some(tape);
+            project(model, f, seqs, &mut projection_tape)?
+        }
         Features::Audio(audio) => {
             let (f, seqs) = model.feature_encoder(&be, audio)?;
             project(model, v(&f)?, seqs, &mut projection_tape)?
+        }
+        Features::Encoded(..) | Features::Projected(..) if trained == Weights::All => {
+            anyhow::bail!("training the feature encoder needs the raw audio, not cached features")
         }
         Features::Encoded(f, seqs) => project(model, f, seqs, &mut projection_tape)?,
         Features::Projected(p, seqs) => {
@@ -541,7 +562,10 @@ pub fn step(
         let d_proj = encoder_input_grad(model, dx, &below, reg, &mut wgrads)?;
         let embedding = reg.time_mask.as_ref().map(|tm| embedding_grad(&d_proj, &seqs, tm, reg.channel_mask));
         if let Some((features, normed)) = &projection_tape {
-            projection_grads(model, d_proj, features, normed, &seqs, reg, &mut wgrads)?;
+            let d_features = projection_grads(model, d_proj, features, normed, &seqs, reg, &mut wgrads, encoder_tape.is_some())?;
+            if let (Some(tape), Some(d)) = (&encoder_tape, d_features) {
+                encoder::backward(model, tape, d, &mut wgrads.map)?;
+            }
         }
         embedding
     } else {
@@ -630,10 +654,7 @@ fn encoder_input_grad(model: &Wav2Vec2, mut dx: Vec<f32>, below: &Below, reg: &R
         }
     }
     if let Some(dw) = dw {
-        // Time-major [out, kernel, in/groups] to PyTorch's [out, in/groups, kernel].
-        let (k, cg) = (geom.kernel, h / geom.groups);
-        let torch: Vec<f32> = (0..dw.len()).map(|i| dw[(i / (cg * k) * k + i % k) * cg + i / k % cg]).collect();
-        wgrads.map.insert(POS_CONV_WEIGHT.to_string(), torch);
+        wgrads.map.insert(POS_CONV_WEIGHT.to_string(), torch_layout(&dw, h, h / geom.groups, geom.kernel));
         wgrads.map.insert("wav2vec2.encoder.pos_conv_embed.conv.bias".to_string(), bias_grad(&d_pre, h));
     }
     Ok(d_proj)
@@ -663,7 +684,9 @@ fn embedding_grad(d_proj: &[f32], seqs: &Seqs, tm: &TimeMask, channel_mask: Opti
 }
 
 /// The feature projection's gradients: `d_proj` reaches its output except where time masking
-/// replaced a frame or channel masking zeroed a channel; then the linear and the norm.
+/// replaced a frame or channel masking zeroed a channel; then the linear and the norm. With
+/// `input_grad`, returns the gradient at the feature encoder's output too.
+#[allow(clippy::too_many_arguments)]
 fn projection_grads(
     model: &Wav2Vec2,
     mut d_proj: Vec<f32>,
@@ -672,7 +695,8 @@ fn projection_grads(
     seqs: &Seqs,
     reg: &Regularisers,
     wgrads: &mut Grads,
-) -> Result<()> {
+    input_grad: bool,
+) -> Result<Option<Vec<f32>>> {
     let c = &model.config;
     let (h, width) = (c.hidden_size, features.len() / seqs.total());
     for u in 0..seqs.count() {
@@ -689,5 +713,6 @@ fn projection_grads(
     wgrads.linear("wav2vec2.feature_projection.projection", Some(dw), &d_proj, h);
     let d_normed = linear_input_grad(&d_proj, model.feature_projection.weight.f32s()?, width, h);
     wgrads.norm("wav2vec2.feature_projection.layer_norm", &d_normed, features, width, c.layer_norm_eps);
-    Ok(())
+    let gamma = model.feature_projection_norm.gamma.f32s()?;
+    Ok(input_grad.then(|| layer_norm_input_grad(&d_normed, features, gamma, c.layer_norm_eps)))
 }

@@ -4,6 +4,7 @@
 pub mod adam;
 pub mod checkpoint;
 pub mod demo;
+pub mod encoder;
 pub mod feed;
 pub mod finetune;
 pub mod masked;

@@ -91,12 +91,16 @@ pub fn prune(mut recipe: Recipe, a: &PruneArgs, opts: &RunOptions) -> Result<Sum
             );
             recipe.vocab = recipe.vocab.or_else(|| Some(model.join("vocab.json")));
             recipe.model = Some(pretrained.clone());
-            recipe.learn =
-                Learn::Weights { freeze_updates: a.freeze_updates, prune: Some(Prune::Omp { sparsity: a.sparsity, from: model }) };
+            recipe.learn = Learn::Weights {
+                freeze_updates: a.freeze_updates,
+                train_feature_encoder: false,
+                prune: Some(Prune::Omp { sparsity: a.sparsity, from: model }),
+            };
         }
         Method::Parp => {
             recipe.learn = Learn::Weights {
                 freeze_updates: a.freeze_updates,
+                train_feature_encoder: false,
                 prune: Some(Prune::Parp { sparsity: a.sparsity, every: a.reprune_every }),
             };
         }

@@ -22,7 +22,7 @@ use super::adam::Adam;
 use super::checkpoint::TrainState;
 use super::feed::{Feed, Position};
 use super::finetune::{self, NamedWeight, Overlay, EMBEDDING, HEAD_BIAS, HEAD_WEIGHT};
-use super::masked::{step, Features, MaskScope, MaskedWeight, Regularisers, StepGrads, TimeMask};
+use super::masked::{step, Features, MaskScope, MaskedWeight, Regularisers, StepGrads, TimeMask, Weights};
 use super::prune::{Keep, Prune, Pruner};
 use super::schedule::TriStage;
 use super::specaugment::span_mask;
@@ -86,8 +86,9 @@ pub enum Learn {
     #[default]
     Masks,
     /// Weight finetuning (`engine finetune`): the first `freeze_updates` updates train only the
-    /// head (fairseq's `freeze_finetune_updates`); `prune` makes it OMP or PARP (`engine prune`).
-    Weights { freeze_updates: usize, prune: Option<Prune> },
+    /// head (fairseq's `freeze_finetune_updates`); `train_feature_encoder` trains the conv
+    /// feature encoder too; `prune` makes it OMP or PARP (`engine prune`).
+    Weights { freeze_updates: usize, train_feature_encoder: bool, prune: Option<Prune> },
 }
 
 /// `--sparsity` when `engine train` is not given one.
@@ -647,7 +648,7 @@ impl Trainer<'_> {
         };
         let weights = match r.learn {
             Learn::Masks => Vec::new(),
-            Learn::Weights { .. } => finetune::trainable(&self.ck)?,
+            Learn::Weights { train_feature_encoder, .. } => finetune::trainable(&self.ck, train_feature_encoder)?,
         };
         Ok(Params { masks, head_weight, head_bias, embedding, weights })
     }
@@ -814,16 +815,23 @@ impl Trainer<'_> {
         let mut audio_seconds = 0.0;
         let n_params = params.sizes().len();
         let finetuning = matches!(r.learn, Learn::Weights { .. });
-        let mut cache = FeatureCache::new(self.opts.feature_cache_bytes, finetuning);
+        // A trained feature encoder changes its output: nothing below the layers is cached then.
+        let encoder_trains = matches!(r.learn, Learn::Weights { train_feature_encoder: true, .. });
+        let mut cache = FeatureCache::new(if encoder_trains { 0 } else { self.opts.feature_cache_bytes }, finetuning);
         while state.update < r.steps {
             let update = state.update;
             let lr = r.lr(update);
             let mut acc = Accumulated::new(n_params);
             // Finetuning steps run the model as trained so far; its weights train once the
             // head-only phase is over (the time-mask embedding with them, as in fairseq).
-            let (finetuned, train_weights) = match &r.learn {
-                Learn::Masks => (None, false),
-                Learn::Weights { freeze_updates, .. } => (Some(self.finetuned_model(&params)?), update >= *freeze_updates),
+            let (finetuned, trained) = match &r.learn {
+                Learn::Masks => (None, Weights::Frozen),
+                Learn::Weights { freeze_updates, .. } if update < *freeze_updates => {
+                    (Some(self.finetuned_model(&params)?), Weights::Frozen)
+                }
+                Learn::Weights { train_feature_encoder, .. } => {
+                    (Some(self.finetuned_model(&params)?), if *train_feature_encoder { Weights::All } else { Weights::AboveEncoder })
+                }
             };
             let model = finetuned.as_ref().unwrap_or(&self.model);
             let masks_head;
@@ -838,7 +846,8 @@ impl Trainer<'_> {
                 let ((idx, audio), next) = batches.recv().context("the data loader stopped")??;
                 state.position = next;
                 let frames = self.model.frame_counts(&audio.iter().map(Vec::len).collect::<Vec<_>>())?;
-                let features = cache.features(model, &self.be, &idx, &audio)?;
+                let inputs: Vec<&[f32]> = audio.iter().map(Vec::as_slice).collect();
+                let features = if encoder_trains { Features::Audio(&inputs) } else { cache.features(model, &self.be, &idx, &audio)? };
                 let mut storage = RegStorage::default();
                 let reg = self.regularisers(update, sub, &frames, &params.embedding, &mut storage);
                 let targets = CtcTargets {
@@ -846,8 +855,8 @@ impl Trainer<'_> {
                     blank: self.vocab.blank(),
                     zero_infinity: true,
                 };
-                let mut grads = step(model, &params.masks, r.sparsity(), head, features, &targets, Reduction::Sum, &reg, train_weights)?;
-                if finetuning && !train_weights {
+                let mut grads = step(model, &params.masks, r.sparsity(), head, features, &targets, Reduction::Sum, &reg, trained)?;
+                if finetuning && trained == Weights::Frozen {
                     grads.embedding = None;
                 }
                 acc.utterances += idx.len();

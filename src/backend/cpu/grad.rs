@@ -72,6 +72,38 @@ pub fn layer_norm_param_grads(dy: &[f32], x: &[f32], c: usize, eps: f32) -> (Vec
     (dgamma.into_iter().map(|v| v as f32).collect(), dbeta.into_iter().map(|v| v as f32).collect())
 }
 
+/// Gradients of [`crate::backend::Backend::group_norm_time`] (one group per channel, each
+/// channel of each utterance normalised over its frames): `(dx, dgamma, dbeta)`, the layer-norm
+/// formulas with the roles of time and channels swapped.
+pub fn group_norm_time_grads(dy: &[f32], x: &[f32], seqs: &Seqs, gamma: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let c = gamma.len();
+    let mut dx = vec![0.0f32; x.len()];
+    let (mut dgamma, mut dbeta) = (vec![0.0f64; c], vec![0.0f64; c]);
+    for u in 0..seqs.count() {
+        let r = seqs.range(u);
+        let n = r.len() as f64;
+        for ch in 0..c {
+            let at = |t: usize| t * c + ch;
+            let mean = r.clone().map(|t| x[at(t)] as f64).sum::<f64>() / n;
+            let var = r.clone().map(|t| (x[at(t)] as f64 - mean).powi(2)).sum::<f64>() / n;
+            let inv = 1.0 / (var + eps as f64).sqrt();
+            let (mut sum_g, mut sum_gx) = (0.0f64, 0.0f64);
+            for t in r.clone() {
+                let (xh, d) = ((x[at(t)] as f64 - mean) * inv, dy[at(t)] as f64);
+                sum_g += d * gamma[ch] as f64;
+                sum_gx += d * gamma[ch] as f64 * xh;
+                dgamma[ch] += d * xh;
+                dbeta[ch] += d;
+            }
+            for t in r.clone() {
+                let xh = (x[at(t)] as f64 - mean) * inv;
+                dx[at(t)] = (inv / n * (n * dy[at(t)] as f64 * gamma[ch] as f64 - sum_g - xh * sum_gx)) as f32;
+            }
+        }
+    }
+    (dx, dgamma.into_iter().map(|v| v as f32).collect(), dbeta.into_iter().map(|v| v as f32).collect())
+}
+
 /// `dx = dy · gelu'(x)` with `gelu'(x) = Φ(x) + x φ(x)` (exact erf form; Φ through erfc).
 pub fn gelu_input_grad(dy: &[f32], x: &[f32]) -> Vec<f32> {
     const INV_SQRT_2PI: f32 = 0.398_942_3;
@@ -311,6 +343,23 @@ mod tests {
             };
             check(&format!("conv weight case {i}"), &w, &dy, &conv1d_weight_grad(&dy, &x, c_in, c_out, geom), f_w);
         }
+    }
+
+    #[test]
+    fn group_norm_gradients() {
+        let (c, seqs) = (3, Seqs::new(vec![5, 2, 7]));
+        let be = CpuBackend;
+        let (x, dy) = (random(seqs.total() * c, 60).iter().map(|v| v * 2.0).collect::<Vec<_>>(), random(seqs.total() * c, 61));
+        let (g, b) = (random(c, 62), random(c, 63));
+        let gn = |x: &[f32], g: &[f32], b: &[f32]| {
+            let (g, b) = (Tensor::from_vec(g.to_vec(), &[c]), Tensor::from_vec(b.to_vec(), &[c]));
+            let p = NormParams { gamma: &g, beta: &b, eps: 1e-5 };
+            be.group_norm_time(Tensor::from_vec(x.to_vec(), &[seqs.total(), c]), &seqs, p, Activation::Identity).unwrap().to_vec().unwrap()
+        };
+        let (dx, dg, db) = group_norm_time_grads(&dy, &x, &seqs, &g, 1e-5);
+        check("group norm x", &x, &dy, &dx, |x| gn(x, &g, &b));
+        check("group norm gamma", &g, &dy, &dg, |g| gn(&x, g, &b));
+        check("group norm beta", &b, &dy, &db, |b| gn(&x, &g, b));
     }
 
     #[test]
