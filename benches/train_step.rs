@@ -9,13 +9,14 @@
 use criterion::{criterion_group, criterion_main, Criterion};
 use s3router::backend::cpu::CpuBackend;
 use s3router::ctc::{CtcTargets, Reduction};
-use s3router::model::checkpoint::RandomWeights;
+use s3router::model::checkpoint::{RandomWeights, WeightSource};
 use s3router::model::config::Config;
 use s3router::model::Wav2Vec2;
 use s3router::rng::SplitMix;
 use s3router::router::{init_scores, Init};
 use s3router::train::adam::Adam;
-use s3router::train::masked::{step, Features, MaskScope, MaskedWeight, Regularisers, Weights};
+use s3router::train::finetune::Overlay;
+use s3router::train::masked::{step, Features, MaskScope, MaskedWeight, Regularisers, Weights, POS_CONV_WEIGHT};
 
 fn train_step_base_b2x5s(c: &mut Criterion) {
     let be = CpuBackend;
@@ -58,8 +59,68 @@ fn train_step_base_b2x5s(c: &mut Criterion) {
     g.bench_function("finetune step (every weight's gradient) wav2vec2-base b2x5s cpu", |b| {
         b.iter(|| step(&model, &[], 0.0, head, Features::Audio(&inputs), &targets, Reduction::Sum, &reg, Weights::AboveEncoder).unwrap())
     });
+    // The finetuning update as `engine finetune` runs it: the model rebuilt from the trained
+    // tensors, the step, and Adam over every trained tensor (what tools/torch_finetune_cpu_anchor.py times).
+    let source = RandomWeights { seed: 0 };
+    let config = Config::preset("base").unwrap();
+    let names: Vec<(String, Vec<usize>)> = trained_shapes(&config);
+    let mut weights: Vec<Vec<f32>> = names.iter().map(|(n, shape)| source.get(n, shape).unwrap().to_vec().unwrap()).collect();
+    let mut adam = Adam::new(&weights.iter().map(Vec::len).collect::<Vec<_>>());
+    g.bench_function("finetune update (rebuild + step + Adam) wav2vec2-base b2x5s cpu", |b| {
+        b.iter(|| {
+            let overlay = Overlay::new(&source, names.iter().zip(&weights).map(|((n, s), w)| (n.as_str(), s.as_slice(), w.as_slice())));
+            let model = Wav2Vec2::from_weights(config.clone(), &overlay, &be).unwrap();
+            let head = model.lm_head.as_ref().unwrap();
+            let mut out =
+                step(&model, &[], 0.0, head, Features::Audio(&inputs), &targets, Reduction::Sum, &reg, Weights::AboveEncoder).unwrap();
+            let folded = out.weights.remove(POS_CONV_WEIGHT);
+            let grads: Vec<Option<Vec<f32>>> =
+                names.iter().map(|(n, _)| if n == POS_CONV_V { folded.clone() } else { out.weights.remove(n) }).collect();
+            let grads: Vec<Option<&[f32]>> = grads.iter().map(|g| g.as_deref()).collect();
+            adam.update(&mut weights.iter_mut().map(Vec::as_mut_slice).collect::<Vec<_>>(), &grads, 5e-5);
+        })
+    });
     g.finish();
 }
+
+/// Name and shape of every tensor weight finetuning trains in `config`'s model (the positional
+/// conv's weight-norm direction stands for the pair: its gradient arrives folded, and the bench
+/// gives Adam the folded gradient, the same size).
+fn trained_shapes(config: &Config) -> Vec<(String, Vec<usize>)> {
+    let (h, i, c) = (config.hidden_size, config.intermediate_size, *config.conv_dim.last().unwrap());
+    let (k, g) = (config.num_conv_pos_embeddings, config.num_conv_pos_embedding_groups);
+    let mut v = vec![
+        ("wav2vec2.feature_projection.layer_norm.weight".to_string(), vec![c]),
+        ("wav2vec2.feature_projection.layer_norm.bias".to_string(), vec![c]),
+        ("wav2vec2.feature_projection.projection.weight".to_string(), vec![h, c]),
+        ("wav2vec2.feature_projection.projection.bias".to_string(), vec![h]),
+        ("wav2vec2.encoder.layer_norm.weight".to_string(), vec![h]),
+        ("wav2vec2.encoder.layer_norm.bias".to_string(), vec![h]),
+        ("wav2vec2.encoder.pos_conv_embed.conv.bias".to_string(), vec![h]),
+        (POS_CONV_V.to_string(), vec![h, h / g, k]),
+    ];
+    for l in 0..config.num_hidden_layers {
+        let p = format!("wav2vec2.encoder.layers.{l}");
+        for (name, shape) in [
+            ("attention.q_proj", vec![h, h]),
+            ("attention.k_proj", vec![h, h]),
+            ("attention.v_proj", vec![h, h]),
+            ("attention.out_proj", vec![h, h]),
+            ("feed_forward.intermediate_dense", vec![i, h]),
+            ("feed_forward.output_dense", vec![h, i]),
+        ] {
+            v.push((format!("{p}.{name}.bias"), vec![shape[0]]));
+            v.push((format!("{p}.{name}.weight"), shape));
+        }
+        for norm in ["layer_norm", "final_layer_norm"] {
+            v.push((format!("{p}.{norm}.weight"), vec![h]));
+            v.push((format!("{p}.{norm}.bias"), vec![h]));
+        }
+    }
+    v
+}
+
+const POS_CONV_V: &str = "wav2vec2.encoder.pos_conv_embed.conv.parametrizations.weight.original1";
 
 criterion_group!(benches, train_step_base_b2x5s);
 criterion_main!(benches);

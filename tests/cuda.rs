@@ -7,14 +7,16 @@ mod common;
 
 use std::io::Write;
 
-use common::{ctc_cases, fixtures, random, reference, rel_l2, utterances};
+use common::{ctc_cases, fixtures, random, reference, rel_l2, two_tasks, utterances};
 use s3router::backend::cpu::CpuBackend;
 use s3router::backend::cuda::{unavailable_reason, CudaBackend, Precision};
-use s3router::backend::{Activation, Backend, ConvGeometry, NormParams, Seqs};
+use s3router::backend::{Activation, Backend, ConvGeometry, LinearMask, NormParams, Seqs};
 use s3router::ctc::{ctc_loss, greedy_ids, CtcTargets, Reduction};
 use s3router::data::audio;
+use s3router::infer::BatchLimits;
 use s3router::model::preprocess::Preprocessor;
 use s3router::model::Wav2Vec2;
+use s3router::multitask::MultiRecognizer;
 use s3router::tensor::Tensor;
 
 const F32_TOL: f64 = 1e-5;
@@ -91,6 +93,41 @@ fn masked_linear_equals_linear_on_masked_weights() {
             assert_close(&format!("masked linear {n}x{d_in}x{d_out} backend {i}"), &back(be, &got), want.f32s().unwrap(), tol);
         }
     }
+}
+
+/// Row segments under different masks (and one unmasked) in one call, as many-mask serving runs
+/// them, against the CPU backend's segments (which mask into scratch).
+#[test]
+fn segmented_masked_linear_matches_cpu() {
+    let Some(f32_be) = gpu(Precision::F32) else { return };
+    let bf16 = bf16_backends();
+    let cpu = CpuBackend;
+    for (d_in, d_out) in [(131, 61), (768, 3072)] {
+        let rows = [5usize, 1, 64, 17];
+        let n: usize = rows.iter().sum();
+        let x = host(random(n * d_in, 4, 1.0), &[n, d_in]);
+        let (w, b) = (host(random(d_out * d_in, 5, 0.2), &[d_out, d_in]), host(random(d_out, 6, 0.5), &[d_out]));
+        let bits: Vec<Vec<u8>> =
+            (0..2).map(|m| s3router::mask::pack(&random(d_out * d_in, 7 + m, 1.0).iter().map(|&v| v > -0.3).collect::<Vec<_>>())).collect();
+        let cpu_masks: Vec<_> = bits.iter().map(|b| cpu.prepare_mask(b, d_out, d_in).unwrap()).collect();
+        let want = cpu
+            .linear_segments(&x, &cpu.prepare_linear_weight(&w).unwrap(), Some(&b), Activation::Gelu, &segments(&rows, &cpu_masks))
+            .unwrap();
+        for (i, be) in std::iter::once(&f32_be).chain(&bf16).enumerate() {
+            let tol = if i == 0 { F32_TOL } else { 1e-2 };
+            let masks: Vec<_> = bits.iter().map(|bb| be.prepare_mask(bb, d_out, d_in).unwrap()).collect();
+            let gw = be.prepare_linear_weight(&w).unwrap();
+            let got = be
+                .linear_segments(&be.upload(&x).unwrap(), &gw, Some(&be.upload(&b).unwrap()), Activation::Gelu, &segments(&rows, &masks))
+                .unwrap();
+            assert_close(&format!("segments {d_in}x{d_out} backend {i}"), &back(be, &got), want.f32s().unwrap(), tol);
+        }
+    }
+}
+
+/// Segments of `rows` under masks 0, none, 1 and 0 again.
+fn segments<'a>(rows: &[usize], m: &'a [LinearMask]) -> Vec<(usize, Option<&'a LinearMask>)> {
+    vec![(rows[0], Some(&m[0])), (rows[1], None), (rows[2], Some(&m[1])), (rows[3], Some(&m[0]))]
 }
 
 #[test]
@@ -267,6 +304,30 @@ fn whole_model_matches_transformers_fp32_and_bf16() {
             }
         }
     }
+}
+
+/// Many masks, one model on the GPU: two tasks in one batch give the CPU's logits.
+#[test]
+fn multitask_batches_match_cpu() {
+    let Some(be) = gpu(Precision::F32) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = two_tasks(tmp.path());
+    let tasks = vec![("a".to_string(), a), ("b".to_string(), b)];
+    let dir = fixtures().join("base-like");
+    let (paths, task_of) = (utterances(), [1, 0, 1]);
+    let mut results = Vec::new();
+    for backend in [&be as &dyn Backend, &CpuBackend] {
+        let rec = MultiRecognizer::load(&dir, &tasks, backend).unwrap();
+        let mut logits = Vec::new();
+        rec.run(&paths, &task_of, BatchLimits::default(), |u| {
+            logits.extend(u.logits);
+            Ok(())
+        })
+        .unwrap();
+        results.push(logits);
+    }
+    let err = rel_l2(&results[0], &results[1]);
+    assert!(err <= 1e-4, "GPU vs CPU multitask logits rel L2 {err:.2e}");
 }
 
 #[test]

@@ -4,54 +4,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-
 use common::cli::{engine, fails_with, ok, s};
-use common::{fixtures, rel_l2, utterances};
+use common::{fixtures, rel_l2, two_tasks, utterances};
 use s3router::backend::cpu::CpuBackend;
-use s3router::fsio::write_f32_safetensors;
 use s3router::infer::{BatchLimits, Recognizer};
-use s3router::model::masks::MaskSet;
-use s3router::model::wav2vec2::maskable_shape;
-use s3router::model::Wav2Vec2;
 use s3router::multitask::MultiRecognizer;
-use s3router::rng::SplitMix;
-use s3router::router::top_k_mask;
-use s3router::train::masked::MaskScope;
-
-/// A mask set in `dir`: random masks on `scope` at `sparsity`, a random head, the model's vocabulary.
-fn mask_set(dir: &Path, scope: MaskScope, sparsity: f64, seed: u64) {
-    let model_dir = fixtures().join("base-like");
-    let model = Wav2Vec2::load(&model_dir, &CpuBackend).unwrap();
-    let c = &model.config;
-    let mut rng = SplitMix(seed);
-    let masks: Vec<(String, Vec<usize>, Vec<bool>)> = (0..c.num_hidden_layers)
-        .flat_map(|i| scope.parts().iter().map(move |p| p.weight_name(i)))
-        .map(|name| {
-            let shape = maskable_shape(c, &name).unwrap();
-            let scores: Vec<f32> = (0..shape.iter().product()).map(|_| rng.symmetric()).collect();
-            (name, shape, top_k_mask(&scores, sparsity))
-        })
-        .collect();
-    std::fs::create_dir_all(dir).unwrap();
-    MaskSet::save(dir, &masks, sparsity).unwrap();
-    let (v, h) = (c.vocab_size, c.hidden_size);
-    let (w, b): (Vec<f32>, Vec<f32>) = ((0..v * h).map(|_| rng.symmetric() * 0.3).collect(), (0..v).map(|_| rng.symmetric()).collect());
-    write_f32_safetensors(
-        &dir.join("head.safetensors"),
-        [("lm_head.weight", &[v, h][..], &w[..]), ("lm_head.bias", &[v][..], &b[..])],
-        &Default::default(),
-    )
-    .unwrap();
-    std::fs::copy(model_dir.join("vocab.json"), dir.join("vocab.json")).unwrap();
-}
-
-fn two_tasks(tmp: &Path) -> (PathBuf, PathBuf) {
-    let (a, b) = (tmp.join("a"), tmp.join("b"));
-    mask_set(&a, MaskScope::Ffn, 0.3, 1);
-    mask_set(&b, MaskScope::All, 0.5, 2);
-    (a, b)
-}
 
 #[test]
 fn mixed_task_batches_match_each_task_alone() {

@@ -98,8 +98,9 @@ pub const DEFAULT_SPARSITY: f64 = 0.1;
 /// match it). Defaults follow the S3-Router wav2vec2-base recipes.
 #[derive(clap::Args, Clone, Debug, Serialize)]
 pub struct Recipe {
-    /// Frozen model folder (Hugging Face: config.json + safetensors; ForCTC or ForPreTraining).
-    /// Without --model and --train, `engine train` runs the demo (see `engine train --help`).
+    /// Model folder (Hugging Face: config.json + safetensors; ForCTC or ForPreTraining): frozen
+    /// under `engine train`, the starting point of `engine finetune` (for `engine prune`, see its
+    /// --help). Without --model and --train, `engine train` runs the demo.
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Training set: a fairseq .tsv, a .jsonl, a LibriSpeech / Libri-light or CommonVoice folder.
@@ -241,11 +242,18 @@ pub struct RunOptions {
 
 impl Recipe {
     pub fn model(&self) -> Result<&Path> {
-        self.model.as_deref().context("--model is required (with --train; give neither to run the demo)")
+        self.model.as_deref().with_context(|| format!("--model is required{}", self.demo_hint()))
     }
 
     pub fn train(&self) -> Result<&Path> {
-        self.train.as_deref().context("--train is required (with --model; give neither to run the demo)")
+        self.train.as_deref().with_context(|| format!("--train is required{}", self.demo_hint()))
+    }
+
+    fn demo_hint(&self) -> &'static str {
+        match self.learn {
+            Learn::Masks => " (give neither --model nor --train to run the demo)",
+            Learn::Weights { .. } => "",
+        }
     }
 
     /// The fraction of each masked matrix dropped (0 when weights train).

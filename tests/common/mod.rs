@@ -5,10 +5,18 @@ use std::path::PathBuf;
 
 pub mod cli;
 
+use s3router::backend::cpu::CpuBackend;
 use s3router::backend::Seqs;
 use s3router::ctc::CtcTargets;
+use s3router::fsio::write_f32_safetensors;
 use s3router::model::checkpoint::Checkpoint;
+use s3router::model::masks::MaskSet;
+use s3router::model::wav2vec2::maskable_shape;
+use s3router::model::Wav2Vec2;
+use s3router::rng::SplitMix;
+use s3router::router::top_k_mask;
 use s3router::tensor::Tensor;
+use s3router::train::masked::MaskScope;
 
 /// The fixtures folder, relative to the working directory: cargo runs tests from the crate root,
 /// and so does the GPU bundle, whose binaries travel to hosts where the build path does not exist.
@@ -90,4 +98,40 @@ pub fn ctc_cases() -> Vec<CtcCase> {
             }
         })
         .collect()
+}
+
+/// A mask set in `dir`: random masks on `scope` at `sparsity`, a random head, the model's vocabulary.
+pub fn mask_set(dir: &std::path::Path, scope: MaskScope, sparsity: f64, seed: u64) {
+    let model_dir = fixtures().join("base-like");
+    let model = Wav2Vec2::load(&model_dir, &CpuBackend).unwrap();
+    let c = &model.config;
+    let mut rng = SplitMix(seed);
+    let masks: Vec<(String, Vec<usize>, Vec<bool>)> = (0..c.num_hidden_layers)
+        .flat_map(|i| scope.parts().iter().map(move |p| p.weight_name(i)))
+        .map(|name| {
+            let shape = maskable_shape(c, &name).unwrap();
+            let scores: Vec<f32> = (0..shape.iter().product()).map(|_| rng.symmetric()).collect();
+            (name, shape, top_k_mask(&scores, sparsity))
+        })
+        .collect();
+    std::fs::create_dir_all(dir).unwrap();
+    MaskSet::save(dir, &masks, sparsity).unwrap();
+    let (v, h) = (c.vocab_size, c.hidden_size);
+    let (w, b): (Vec<f32>, Vec<f32>) = ((0..v * h).map(|_| rng.symmetric() * 0.3).collect(), (0..v).map(|_| rng.symmetric()).collect());
+    write_f32_safetensors(
+        &dir.join("head.safetensors"),
+        [("lm_head.weight", &[v, h][..], &w[..]), ("lm_head.bias", &[v][..], &b[..])],
+        &Default::default(),
+    )
+    .unwrap();
+    std::fs::copy(model_dir.join("vocab.json"), dir.join("vocab.json")).unwrap();
+}
+
+/// Two tasks over the base-like fixture in `tmp`: `a` with FFN masks at 30%, `b` with all six
+/// linears masked at 50%, each with its own random head.
+pub fn two_tasks(tmp: &std::path::Path) -> (PathBuf, PathBuf) {
+    let (a, b) = (tmp.join("a"), tmp.join("b"));
+    mask_set(&a, MaskScope::Ffn, 0.3, 1);
+    mask_set(&b, MaskScope::All, 0.5, 2);
+    (a, b)
 }
