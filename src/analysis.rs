@@ -32,6 +32,44 @@ impl MatrixStats {
     }
 }
 
+/// [`MatrixStats`] summed over a group of matrices (a layer, or all of them), as shares.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatsSummary {
+    pub name: String,
+    pub numel: usize,
+    pub sparsity: f64,
+    /// Share of the weights whose bit differs from their matrix's magnitude mask.
+    pub from_magnitude: f64,
+    /// Share flipped from the initial masks, when every matrix's is known.
+    pub from_initial: Option<f64>,
+}
+
+impl StatsSummary {
+    pub fn of(name: &str, group: &[&MatrixStats]) -> StatsSummary {
+        let numel: usize = group.iter().map(|s| s.numel).sum();
+        let share = |n: usize| n as f64 / numel.max(1) as f64;
+        StatsSummary {
+            name: name.to_string(),
+            numel,
+            sparsity: 1.0 - share(group.iter().map(|s| s.kept).sum()),
+            from_magnitude: share(group.iter().map(|s| s.flipped).sum()),
+            from_initial: group.iter().map(|s| s.flipped_from_initial).sum::<Option<usize>>().map(share),
+        }
+    }
+
+    /// One row per matrix, then per layer (`layer N`), then `overall`.
+    pub fn rows(stats: &[MatrixStats]) -> Vec<StatsSummary> {
+        let mut rows: Vec<StatsSummary> = stats.iter().map(|s| StatsSummary::of(&s.name, &[s])).collect();
+        let layers: std::collections::BTreeSet<usize> = stats.iter().filter_map(|s| s.layer).collect();
+        for l in layers {
+            let group: Vec<&MatrixStats> = stats.iter().filter(|s| s.layer == Some(l)).collect();
+            rows.push(StatsSummary::of(&format!("layer {l}"), &group));
+        }
+        rows.push(StatsSummary::of("overall", &stats.iter().collect::<Vec<_>>()));
+        rows
+    }
+}
+
 /// Statistics of every mask of `set` (in layer order) against the weights in model folder
 /// `model`, and against `initial` (the run's starting masks) where given.
 pub fn mask_stats(model: &Path, set: &MaskSet, initial: Option<&PackedMasks>) -> Result<Vec<MatrixStats>> {

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use s3router::analysis::{self, mask_stats, MatrixStats};
+use s3router::analysis::{self, mask_stats, StatsSummary};
 use s3router::backend::cpu::CpuBackend;
 use s3router::backend::cuda::{CudaBackend, Precision as CudaPrecision};
 use s3router::backend::Backend;
@@ -427,29 +427,7 @@ fn masks_stats(model: &Path, dir: &Path, json: bool) -> Result<()> {
     let set = MaskSet::load(dir)?;
     let initial_path = [dir.join(INITIAL_MASKS), dir.join("..").join(INITIAL_MASKS)].into_iter().find(|p| p.is_file());
     let initial = initial_path.as_deref().map(MaskSet::read_bits).transpose()?.map(|(m, _)| m);
-    let stats = mask_stats(model, &set, initial.as_ref())?;
-    struct Row {
-        name: String,
-        numel: usize,
-        sparsity: f64,
-        from_magnitude: f64,
-        from_initial: Option<f64>,
-    }
-    let row = |name: &str, of: &[&MatrixStats]| {
-        let numel: usize = of.iter().map(|s| s.numel).sum();
-        let share = |n: usize| n as f64 / numel.max(1) as f64;
-        let from_initial = of.iter().map(|s| s.flipped_from_initial).sum::<Option<usize>>().map(share);
-        let kept: usize = of.iter().map(|s| s.kept).sum();
-        let flipped: usize = of.iter().map(|s| s.flipped).sum();
-        Row { name: name.to_string(), numel, sparsity: 1.0 - share(kept), from_magnitude: share(flipped), from_initial }
-    };
-    let mut rows: Vec<Row> = stats.iter().map(|s| row(&s.name, &[s])).collect();
-    let layers: BTreeSet<usize> = stats.iter().filter_map(|s| s.layer).collect();
-    for l in &layers {
-        let of: Vec<&MatrixStats> = stats.iter().filter(|s| s.layer == Some(*l)).collect();
-        rows.push(row(&format!("layer {l}"), &of));
-    }
-    rows.push(row("overall", &stats.iter().collect::<Vec<_>>()));
+    let rows = StatsSummary::rows(&mask_stats(model, &set, initial.as_ref())?);
     if json {
         let v: Vec<serde_json::Value> = rows
             .iter()
