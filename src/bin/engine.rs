@@ -294,7 +294,8 @@ enum Command {
     ///
     /// --out ends holding masks.safetensors (s3router-masks-v1), head.safetensors and vocab.json
     /// beside the model folder the masks apply to (config.json, model.safetensors, ...): `engine
-    /// infer --model OUT --masks OUT`. Training options as for `engine train` / `engine finetune`.
+    /// infer --model OUT --masks OUT`. Training options as for `engine train` / `engine finetune`
+    /// (the method sets --mask, --init and --keep-head itself).
     Prune {
         #[command(flatten)]
         recipe: Box<Recipe>,
