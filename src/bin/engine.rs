@@ -677,7 +677,10 @@ fn run(cli: Cli) -> Result<()> {
             let limits = BatchLimits::from_seconds(batch_seconds);
             match masks.as_slice() {
                 [] => infer(&model, None, device, out.as_deref(), limits, &audio),
-                [one] if !one.contains('=') => infer(&model, Some(Path::new(one)), device, out.as_deref(), limits, &audio),
+                // A folder whose name holds '=' is still one mask set.
+                [one] if !one.contains('=') || Path::new(one).is_dir() => {
+                    infer(&model, Some(Path::new(one)), device, out.as_deref(), limits, &audio)
+                }
                 many => infer_tasks(&model, many, device, out.as_deref(), limits, &audio),
             }
         }
