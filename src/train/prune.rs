@@ -5,7 +5,7 @@
 //!
 //! Both prune the q/k/v/out and FFN weights of every encoder layer, ranked together across
 //! layers (`torch.nn.utils.prune.global_unstructured` with L1 in the PARP code). Biases are not
-//! pruned here: the mask format covers weights, and biases are 0.07% of those parameters.
+//! pruned here: the mask format covers weights, and biases are 0.1% of those parameters.
 
 use std::path::{Path, PathBuf};
 
