@@ -90,8 +90,6 @@ fn sparse_pays(dropped: f64, frames: usize) -> bool {
 /// The fewest dropped weights for which a linear gets a sparse copy at all.
 const SPARSE_MIN_DROPPED: f64 = 0.8;
 
-impl Linear {}
-
 pub struct Norm {
     pub gamma: Tensor,
     pub beta: Tensor,

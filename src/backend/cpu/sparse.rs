@@ -69,11 +69,6 @@ impl SparseLinear {
         self.vals.len() as f64 / (self.d_in * self.d_out).max(1) as f64
     }
 
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.row_start.len() * 4 + self.cols.len() * 2 + self.vals.len() * 4
-    }
-
     /// `act(x · Wᵀ + b)` for `x [n, d_in]`, as [`crate::backend::Backend::linear`].
     pub fn forward(&self, x: &[f32], bias: Option<&[f32]>, apply_gelu: bool) -> Vec<f32> {
         let (d_in, d_out) = (self.d_in, self.d_out);
