@@ -108,8 +108,9 @@ pub fn unfold_pos_conv_grad(grads: &mut BTreeMap<String, Vec<f32>>, weights: &[N
 /// A Hugging Face `Wav2Vec2ForCTC` folder that transformers and `engine infer` load:
 /// `config.json` (the source's, with the task vocabulary's size and blank), `model.safetensors`
 /// (every `wav2vec2.*` tensor of the source, the trained ones replaced, and the head),
-/// `vocab.json` and `preprocessor_config.json`. `trained` holds the weights, head and embedding.
-pub fn write_model_folder(dir: &Path, source: &Path, ck: &Checkpoint, trained: &[NamedWeight], vocab: &Vocab) -> Result<()> {
+/// `vocab.json` and `preprocessor_config.json`. `trained` holds the weights, head and embedding
+/// as (name, shape, values).
+pub fn write_model_folder(dir: &Path, source: &Path, ck: &Checkpoint, trained: &[(&str, Vec<usize>, &[f32])], vocab: &Vocab) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let config_path = source.join("config.json");
     let text = std::fs::read_to_string(&config_path).with_context(|| format!("cannot read {}", config_path.display()))?;
@@ -120,7 +121,7 @@ pub fn write_model_folder(dir: &Path, source: &Path, ck: &Checkpoint, trained: &
     config["architectures"] = serde_json::json!(["Wav2Vec2ForCTC"]);
     let frozen: Vec<(String, Tensor)> = ck
         .names()
-        .filter(|n| n.starts_with("wav2vec2.") && !trained.iter().any(|w| w.name == *n))
+        .filter(|n| n.starts_with("wav2vec2.") && !trained.iter().any(|(name, ..)| name == n))
         .map(|n| Ok((n.to_string(), ck.tensor(n)?)))
         .collect::<Result<_>>()?;
     let frozen_values: Vec<Vec<f32>> = frozen.iter().map(|(_, t)| t.to_vec()).collect::<Result<_>>()?;
@@ -128,7 +129,7 @@ pub fn write_model_folder(dir: &Path, source: &Path, ck: &Checkpoint, trained: &
         .iter()
         .zip(&frozen_values)
         .map(|((n, t), v)| (n.as_str(), t.shape(), v.as_slice()))
-        .chain(trained.iter().map(|w| (w.name.as_str(), w.shape.as_slice(), w.data.as_slice())));
+        .chain(trained.iter().map(|(name, shape, data)| (*name, shape.as_slice(), *data)));
     let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     write_f32_safetensors(&dir.join("model.safetensors"), tensors, &meta)?;
     let text = serde_json::to_string_pretty(&config)?;

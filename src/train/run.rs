@@ -734,12 +734,7 @@ impl Trainer<'_> {
         match &self.recipe.learn {
             Learn::Masks => params.write_masks(dir, self.recipe.sparsity(), &self.vocab),
             Learn::Weights { .. } => {
-                let trained: Vec<NamedWeight> = params
-                    .named()
-                    .into_iter()
-                    .map(|(name, shape, data)| NamedWeight { name: name.to_string(), shape, data: data.to_vec() })
-                    .collect();
-                finetune::write_model_folder(dir, &self.source, &self.ck, &trained, &self.vocab)?;
+                finetune::write_model_folder(dir, &self.source, &self.ck, &params.named(), &self.vocab)?;
                 if let Some((pruner, keep)) = mask {
                     MaskSet::save(dir, &pruner.mask_entries(&params.weights, keep), pruner.prune.sparsity())?;
                     params.write_head(dir)?;
