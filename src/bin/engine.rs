@@ -14,7 +14,7 @@ use s3router::bench;
 use s3router::data::dataset::{self, DatasetOptions, Format, LabelKind, Subset};
 use s3router::data::labels::{self, Case, Labeler};
 use s3router::eval::evaluate;
-use s3router::infer::{BatchLimits, Recognizer};
+use s3router::infer::{BatchLimits, Recognizer, Utterance};
 use s3router::metrics::{self, word_and_char_counts, Counts, TextNorm};
 use s3router::model::masks::MaskSet;
 use s3router::model::vocab::Vocab;
@@ -401,27 +401,40 @@ fn backend(d: DeviceArgs) -> Result<Box<dyn Backend>> {
     }
 }
 
-/// Writes `tensors` to `path` atomically, so an interrupted run never leaves a half-written file.
-fn write_logits(path: &Path, tensors: &HashMap<String, (Vec<f32>, Vec<usize>)>) -> Result<()> {
-    let views = tensors.iter().map(|(name, (data, shape))| (name.as_str(), shape.as_slice(), data.as_slice()));
-    s3router::fsio::write_f32_safetensors(path, views, &Default::default())
+/// What `engine infer` prints and keeps: each transcript as it comes, and with `--out` the
+/// logits, written at the end atomically so an interrupted run never leaves a half-written file.
+struct InferOutput<'a> {
+    out: Option<&'a Path>,
+    logits: HashMap<String, (Vec<f32>, Vec<usize>)>,
+}
+
+impl<'a> InferOutput<'a> {
+    fn new(out: Option<&'a Path>) -> InferOutput<'a> {
+        InferOutput { out, logits: HashMap::new() }
+    }
+
+    fn take(&mut self, u: Utterance) -> Result<()> {
+        println!("{}\t{}", u.path.display(), u.transcript);
+        if self.out.is_some() {
+            let vocab = u.logits.len() / u.frames.max(1);
+            self.logits.insert(format!("logits.{}", u.index), (u.logits, vec![u.frames, vocab]));
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> Result<()> {
+        let Some(path) = self.out else { return Ok(()) };
+        let views = self.logits.iter().map(|(name, (data, shape))| (name.as_str(), shape.as_slice(), data.as_slice()));
+        s3router::fsio::write_f32_safetensors(path, views, &Default::default())
+    }
 }
 
 fn infer(model: &Path, masks: Option<&Path>, device: DeviceArgs, out: Option<&Path>, limits: BatchLimits, audio: &[PathBuf]) -> Result<()> {
     let be = backend(device)?;
     let rec = Recognizer::load(model, masks, be.as_ref(), !device.dense)?;
-    let mut logits = HashMap::new();
-    rec.run(audio, limits, |u| {
-        println!("{}\t{}", u.path.display(), u.transcript);
-        if out.is_some() {
-            logits.insert(format!("logits.{}", u.index), (u.logits, vec![u.frames, rec.vocab.len()]));
-        }
-        Ok(())
-    })?;
-    if let Some(out) = out {
-        write_logits(out, &logits)?;
-    }
-    Ok(())
+    let mut output = InferOutput::new(out);
+    rec.run(audio, limits, |u| output.take(u))?;
+    output.finish()
 }
 
 fn masks_stats(model: &Path, dir: &Path, json: bool) -> Result<()> {
@@ -843,18 +856,9 @@ fn infer_tasks(
         audio.iter().map(|a| parse_routed(a, &names)).collect::<Result<Vec<_>>>()?.into_iter().unzip();
     let be = backend(device)?;
     let rec = MultiRecognizer::load(model, &tasks, be.as_ref())?;
-    let mut logits = HashMap::new();
-    rec.run(&paths, &task_of, limits, |u| {
-        println!("{}\t{}", u.path.display(), u.transcript);
-        if out.is_some() {
-            let v = rec.tasks[task_of[u.index]].vocab.len();
-            logits.insert(format!("logits.{}", u.index), (u.logits, vec![u.frames, v]));
-        }
-        Ok(())
-    })?;
-    if let Some(out) = out {
-        write_logits(out, &logits)?;
-    }
+    let mut output = InferOutput::new(out);
+    rec.run(&paths, &task_of, limits, |u| output.take(u))?;
+    output.finish()?;
     let m = rec.memory();
     let mb = |b: u64| b as f64 / 1e6;
     eprintln!(
