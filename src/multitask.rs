@@ -129,15 +129,22 @@ impl<'a> MultiRecognizer<'a> {
             let hidden = self.backend.to_host(&hidden)?.to_vec()?;
             let h = self.model.config.hidden_size;
             let mut results = Vec::with_capacity(batch.len());
-            for (u, (index, _)) in batch.iter().enumerate() {
-                let task = &self.tasks[task_of[*index]];
-                let r = seqs.range(u);
-                let x = self.backend.upload(&Tensor::from_vec(hidden[r.start * h..r.end * h].to_vec(), &[r.len(), h]))?;
+            // Each task's utterances are consecutive frames: one pass through its head.
+            let mut first = 0;
+            for group in batch.chunk_by(|a, b| task_of[a.0] == task_of[b.0]) {
+                let task = &self.tasks[task_of[group[0].0]];
+                let rows = seqs.range(first).start..seqs.range(first + group.len() - 1).end;
+                let x = self.backend.upload(&Tensor::from_vec(hidden[rows.start * h..rows.end * h].to_vec(), &[rows.len(), h]))?;
                 let logits = self.backend.linear(&x, &task.head.weight, Some(&task.head.bias), Activation::Identity)?;
                 let logits = self.backend.to_host(&logits)?.to_vec()?;
                 let v = task.vocab.len();
-                let transcript = task.vocab.text(&greedy_ids(&logits, v, task.vocab.blank()));
-                results.push(Utterance { index: *index, path: paths[*index].clone(), logits, frames: r.len(), transcript });
+                for (u, (index, _)) in (first..).zip(group) {
+                    let r = seqs.range(u);
+                    let own = logits[(r.start - rows.start) * v..(r.end - rows.start) * v].to_vec();
+                    let transcript = task.vocab.text(&greedy_ids(&own, v, task.vocab.blank()));
+                    results.push(Utterance { index: *index, path: paths[*index].clone(), logits: own, frames: r.len(), transcript });
+                }
+                first += group.len();
             }
             results.sort_by_key(|u| u.index);
             results.into_iter().try_for_each(&mut each)?;
