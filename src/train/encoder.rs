@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 
 use anyhow::Result;
 
+use crate::backend::cpu::grad::layer_norm_grads;
 use crate::backend::cpu::grad::{bias_grad, conv1d_input_grad, conv1d_weight_grad, gelu_input_grad, group_norm_time_grads};
-use crate::backend::cpu::grad::{layer_norm_input_grad, layer_norm_param_grads};
 use crate::backend::cpu::math::gelu;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Activation, Backend, ConvGeometry, Seqs};
@@ -78,8 +78,9 @@ pub fn backward(model: &Wav2Vec2, tape: &Tape, mut d: Vec<f32>, grads: &mut BTre
             let (dx, dgamma, dbeta) = match model.config.feat_extract_norm {
                 FeatNorm::Group => group_norm_time_grads(&d, &step.conv, &step.seqs_out, gamma, NORM_EPS),
                 FeatNorm::Layer => {
-                    let (dg, db) = layer_norm_param_grads(&d, &step.conv, c_out, NORM_EPS);
-                    (layer_norm_input_grad(&d, &step.conv, gamma, NORM_EPS), dg, db)
+                    let (dx, params) = layer_norm_grads(&d, &step.conv, gamma, NORM_EPS, true);
+                    let (dg, db) = params.expect("asked for");
+                    (dx, dg, db)
                 }
             };
             grads.insert(format!("{prefix}.layer_norm.weight"), dgamma);

@@ -18,8 +18,8 @@ use rayon::prelude::*;
 use super::encoder;
 use crate::backend::cpu::attention::{attention, ProbDropout};
 use crate::backend::cpu::grad::{
-    attention_grad, bias_grad, conv1d_input_grad, conv1d_weight_grad, gelu_input_grad, layer_norm_input_grad, layer_norm_param_grads,
-    linear_input_grad, linear_weight_grad,
+    attention_grad, bias_grad, conv1d_input_grad, conv1d_weight_grad, gelu_input_grad, layer_norm_grads, linear_input_grad,
+    linear_weight_grad,
 };
 use crate::backend::cpu::math::{add_assign, gelu};
 use crate::backend::cpu::CpuBackend;
@@ -456,8 +456,7 @@ pub fn step(
     let mut dx = linear_input_grad(&dlogits, head.weight.f32s()?, h, vocab);
     let mut wgrads = Grads { on: train_weights, map: BTreeMap::new() };
     if c.do_stable_layer_norm {
-        wgrads.norm("wav2vec2.encoder.layer_norm", &dx, &encoder_out_pre, h, eps);
-        dx = layer_norm_input_grad(&dx, &encoder_out_pre, model.encoder_layer_norm.gamma.f32s()?, eps);
+        dx = wgrads.norm("wav2vec2.encoder.layer_norm", &dx, &encoder_out_pre, &model.encoder_layer_norm, eps)?;
     }
     let full = train_weights || reg.time_mask.is_some();
     // Without masks, time masking or weight training only the head trains: no layer's backward runs.
@@ -477,14 +476,11 @@ pub fn step(
         let layer = lw.layer;
         let name = |suffix: &str| format!("wav2vec2.encoder.layers.{i}.{suffix}");
         let inter = layer.intermediate_dense.bias.numel();
-        let gamma1 = layer.layer_norm.gamma.f32s()?;
-        let gamma2 = layer.final_layer_norm.gamma.f32s()?;
         // The FFN: gradient at its (dropped) output, after the residual path is split off.
         let (mut d_ffn_out, mut d_skip) = if c.do_stable_layer_norm {
             (dx.clone(), std::mem::take(&mut dx))
         } else {
-            wgrads.norm(&name("final_layer_norm"), &dx, &tape.residual2, h, eps);
-            let dr2 = layer_norm_input_grad(&dx, &tape.residual2, gamma2, eps);
+            let dr2 = wgrads.norm(&name("final_layer_norm"), &dx, &tape.residual2, &layer.final_layer_norm, eps)?;
             (dr2.clone(), dr2)
         };
         drop_in_place(reg.dropout, site(i, SITE_FFN_OUT), &mut d_ffn_out);
@@ -507,18 +503,13 @@ pub fn step(
         }
         let d_ffn_in = linear_input_grad(&du, lw.weight(2).f32s()?, h, inter);
         if c.do_stable_layer_norm {
-            wgrads.norm(&name("final_layer_norm"), &d_ffn_in, &tape.second, h, eps);
-            add_assign(&mut d_skip, &layer_norm_input_grad(&d_ffn_in, &tape.second, gamma2, eps));
+            add_assign(&mut d_skip, &wgrads.norm(&name("final_layer_norm"), &d_ffn_in, &tape.second, &layer.final_layer_norm, eps)?);
         } else {
             add_assign(&mut d_skip, &d_ffn_in);
         }
         // d_skip: gradient at `x1` (pre-LN) or at the first norm's output `h1` (post-LN).
-        let d_attn_out = if c.do_stable_layer_norm {
-            d_skip
-        } else {
-            wgrads.norm(&name("layer_norm"), &d_skip, &tape.first, h, eps);
-            layer_norm_input_grad(&d_skip, &tape.first, gamma1, eps)
-        };
+        let d_attn_out =
+            if c.do_stable_layer_norm { d_skip } else { wgrads.norm(&name("layer_norm"), &d_skip, &tape.first, &layer.layer_norm, eps)? };
         let mut d_input = d_attn_out.clone();
         let mut d_o = d_attn_out;
         drop_in_place(reg.dropout, site(i, SITE_ATTENTION_OUT), &mut d_o);
@@ -550,8 +541,7 @@ pub fn step(
         }
         let d_attn_in = linear_input_grad(&d_qkv, lw.weight(0).f32s()?, h, 3 * h);
         if c.do_stable_layer_norm {
-            wgrads.norm(&name("layer_norm"), &d_attn_in, &tape.input, h, eps);
-            add_assign(&mut d_input, &layer_norm_input_grad(&d_attn_in, &tape.input, gamma1, eps));
+            add_assign(&mut d_input, &wgrads.norm(&name("layer_norm"), &d_attn_in, &tape.input, &layer.layer_norm, eps)?);
         } else {
             add_assign(&mut d_input, &d_attn_in);
         }
@@ -562,9 +552,9 @@ pub fn step(
         let d_proj = encoder_input_grad(model, dx, &below, reg, &mut wgrads)?;
         let embedding = reg.time_mask.as_ref().map(|tm| embedding_grad(&d_proj, &seqs, tm, reg.channel_mask));
         if let Some((features, normed)) = &projection_tape {
-            let d_features = projection_grads(model, d_proj, features, normed, &seqs, reg, &mut wgrads, encoder_tape.is_some())?;
-            if let (Some(tape), Some(d)) = (&encoder_tape, d_features) {
-                encoder::backward(model, tape, d, &mut wgrads.map)?;
+            let d_features = projection_grads(model, d_proj, features, normed, &seqs, reg, &mut wgrads)?;
+            if let Some(tape) = &encoder_tape {
+                encoder::backward(model, tape, d_features, &mut wgrads.map)?;
             }
         }
         embedding
@@ -581,13 +571,15 @@ struct Grads {
 }
 
 impl Grads {
-    /// `{prefix}.weight` / `.bias` of a layer norm with input `x` and output gradient `dy`.
-    fn norm(&mut self, prefix: &str, dy: &[f32], x: &[f32], c: usize, eps: f32) {
-        if self.on {
-            let (dgamma, dbeta) = layer_norm_param_grads(dy, x, c, eps);
+    /// Back through layer norm `norm` (input `x`, output gradient `dy`): returns the input's
+    /// gradient and collects `{prefix}.weight` / `.bias`.
+    fn norm(&mut self, prefix: &str, dy: &[f32], x: &[f32], norm: &Norm, eps: f32) -> Result<Vec<f32>> {
+        let (dx, params) = layer_norm_grads(dy, x, norm.gamma.f32s()?, eps, self.on);
+        if let Some((dgamma, dbeta)) = params {
             self.map.insert(format!("{prefix}.weight"), dgamma);
             self.map.insert(format!("{prefix}.bias"), dbeta);
         }
+        Ok(dx)
     }
 
     /// `{prefix}.weight` (its gradient `dw`, computed already) and `.bias` of a linear whose
@@ -637,8 +629,7 @@ fn encoder_input_grad(model: &Wav2Vec2, mut dx: Vec<f32>, below: &Below, reg: &R
     let d_sum = if c.do_stable_layer_norm {
         dx
     } else {
-        wgrads.norm("wav2vec2.encoder.layer_norm", &dx, below.summed, h, c.layer_norm_eps);
-        layer_norm_input_grad(&dx, below.summed, model.encoder_layer_norm.gamma.f32s()?, c.layer_norm_eps)
+        wgrads.norm("wav2vec2.encoder.layer_norm", &dx, below.summed, &model.encoder_layer_norm, c.layer_norm_eps)?
     };
     let d_pre = gelu_input_grad(&d_sum, below.pos_pre);
     let mut d_proj = d_sum;
@@ -684,9 +675,8 @@ fn embedding_grad(d_proj: &[f32], seqs: &Seqs, tm: &TimeMask, channel_mask: Opti
 }
 
 /// The feature projection's gradients: `d_proj` reaches its output except where time masking
-/// replaced a frame or channel masking zeroed a channel; then the linear and the norm. With
-/// `input_grad`, returns the gradient at the feature encoder's output too.
-#[allow(clippy::too_many_arguments)]
+/// replaced a frame or channel masking zeroed a channel; then the linear and the norm. Returns
+/// the gradient at the feature encoder's output.
 fn projection_grads(
     model: &Wav2Vec2,
     mut d_proj: Vec<f32>,
@@ -695,8 +685,7 @@ fn projection_grads(
     seqs: &Seqs,
     reg: &Regularisers,
     wgrads: &mut Grads,
-    input_grad: bool,
-) -> Result<Option<Vec<f32>>> {
+) -> Result<Vec<f32>> {
     let c = &model.config;
     let (h, width) = (c.hidden_size, features.len() / seqs.total());
     for u in 0..seqs.count() {
@@ -712,7 +701,5 @@ fn projection_grads(
     let dw = linear_weight_grad(&d_proj, normed, width, h);
     wgrads.linear("wav2vec2.feature_projection.projection", Some(dw), &d_proj, h);
     let d_normed = linear_input_grad(&d_proj, model.feature_projection.weight.f32s()?, width, h);
-    wgrads.norm("wav2vec2.feature_projection.layer_norm", &d_normed, features, width, c.layer_norm_eps);
-    let gamma = model.feature_projection_norm.gamma.f32s()?;
-    Ok(input_grad.then(|| layer_norm_input_grad(&d_normed, features, gamma, c.layer_norm_eps)))
+    wgrads.norm("wav2vec2.feature_projection.layer_norm", &d_normed, features, &model.feature_projection_norm, c.layer_norm_eps)
 }

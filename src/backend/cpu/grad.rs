@@ -35,41 +35,59 @@ pub fn bias_grad(dy: &[f32], d_out: usize) -> Vec<f32> {
     db
 }
 
-/// Input gradient of `y = gamma * (x - mean) / sqrt(var + eps) + beta` over each row of `x`:
-/// `dx = inv/C · (C·g - Σg - x̂·Σ(g·x̂))` with `g = dy·gamma`, statistics recomputed from `x`.
-pub fn layer_norm_input_grad(dy: &[f32], x: &[f32], gamma: &[f32], eps: f32) -> Vec<f32> {
+/// `(dgamma, dbeta)` of a norm.
+pub type NormParamGrads = (Vec<f32>, Vec<f32>);
+
+/// Gradients of `y = gamma * (x - mean) / sqrt(var + eps) + beta` over each row of `x`, the
+/// statistics recomputed from `x` once per row: the input's, `dx = inv/C · (C·g - Σg - x̂·Σ(g·x̂))`
+/// with `g = dy·gamma`; with `params` also `(dgamma, dbeta) = (Σ_rows dy·x̂, Σ_rows dy)`, summed
+/// in f64 per fixed block of rows and the blocks in order, so the sums do not depend on the
+/// thread count.
+pub fn layer_norm_grads(dy: &[f32], x: &[f32], gamma: &[f32], eps: f32, params: bool) -> (Vec<f32>, Option<NormParamGrads>) {
+    const ROWS: usize = 64;
     let c = gamma.len();
     let mut dx = vec![0.0f32; x.len()];
-    dx.par_chunks_mut(c).zip(x.par_chunks(c)).zip(dy.par_chunks(c)).for_each(|((dx, x), dy)| {
-        let n = c as f64;
-        let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
-        let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
-        let inv = 1.0 / (var + eps as f64).sqrt();
-        let xhat: Vec<f64> = x.iter().map(|&v| (v as f64 - mean) * inv).collect();
-        let g: Vec<f64> = dy.iter().zip(gamma).map(|(&d, &w)| d as f64 * w as f64).collect();
-        let (sum_g, sum_gx) = (g.iter().sum::<f64>(), g.iter().zip(&xhat).map(|(g, x)| g * x).sum::<f64>());
-        for ((o, g), xh) in dx.iter_mut().zip(&g).zip(&xhat) {
-            *o = (inv / n * (n * g - sum_g - xh * sum_gx)) as f32;
+    let partials: Vec<Option<(Vec<f64>, Vec<f64>)>> = dx
+        .par_chunks_mut(ROWS * c)
+        .zip(x.par_chunks(ROWS * c))
+        .zip(dy.par_chunks(ROWS * c))
+        .map(|((dx, x), dy)| {
+            let mut sums = params.then(|| (vec![0.0f64; c], vec![0.0f64; c]));
+            for ((dx, x), dy) in dx.chunks_exact_mut(c).zip(x.chunks_exact(c)).zip(dy.chunks_exact(c)) {
+                let n = c as f64;
+                let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
+                let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+                let inv = 1.0 / (var + eps as f64).sqrt();
+                let xhat: Vec<f64> = x.iter().map(|&v| (v as f64 - mean) * inv).collect();
+                let g: Vec<f64> = dy.iter().zip(gamma).map(|(&d, &w)| d as f64 * w as f64).collect();
+                let (sum_g, sum_gx) = (g.iter().sum::<f64>(), g.iter().zip(&xhat).map(|(g, x)| g * x).sum::<f64>());
+                for ((o, g), xh) in dx.iter_mut().zip(&g).zip(&xhat) {
+                    *o = (inv / n * (n * g - sum_g - xh * sum_gx)) as f32;
+                }
+                if let Some((dgamma, dbeta)) = &mut sums {
+                    for (j, (&d, xh)) in dy.iter().zip(&xhat).enumerate() {
+                        dgamma[j] += d as f64 * xh;
+                        dbeta[j] += d as f64;
+                    }
+                }
+            }
+            sums
+        })
+        .collect();
+    let totals = params.then(|| {
+        let (mut dgamma, mut dbeta) = (vec![0.0f64; c], vec![0.0f64; c]);
+        for (g, b) in partials.into_iter().flatten() {
+            dgamma.iter_mut().zip(&g).for_each(|(t, v)| *t += v);
+            dbeta.iter_mut().zip(&b).for_each(|(t, v)| *t += v);
         }
+        (dgamma.into_iter().map(|v| v as f32).collect(), dbeta.into_iter().map(|v| v as f32).collect())
     });
-    dx
+    (dx, totals)
 }
 
-/// Parameter gradients of the same layer norm: `dgamma = Σ_rows dy·x̂`, `dbeta = Σ_rows dy`
-/// (accumulated in f64: a sum over every frame of the batch).
-pub fn layer_norm_param_grads(dy: &[f32], x: &[f32], c: usize, eps: f32) -> (Vec<f32>, Vec<f32>) {
-    let (mut dgamma, mut dbeta) = (vec![0.0f64; c], vec![0.0f64; c]);
-    for (x, dy) in x.chunks_exact(c).zip(dy.chunks_exact(c)) {
-        let n = c as f64;
-        let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
-        let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
-        let inv = 1.0 / (var + eps as f64).sqrt();
-        for (j, (&xv, &d)) in x.iter().zip(dy).enumerate() {
-            dgamma[j] += d as f64 * (xv as f64 - mean) * inv;
-            dbeta[j] += d as f64;
-        }
-    }
-    (dgamma.into_iter().map(|v| v as f32).collect(), dbeta.into_iter().map(|v| v as f32).collect())
+/// The input gradient of [`layer_norm_grads`] alone.
+pub fn layer_norm_input_grad(dy: &[f32], x: &[f32], gamma: &[f32], eps: f32) -> Vec<f32> {
+    layer_norm_grads(dy, x, gamma, eps, false).0
 }
 
 /// Gradients of [`crate::backend::Backend::group_norm_time`] (one group per channel, each
@@ -302,7 +320,9 @@ mod tests {
             be.layer_norm(Tensor::from_vec(x.to_vec(), &[rows, c]), None, p, Activation::Identity).unwrap().to_vec().unwrap()
         };
         check("layer norm", &x, &dy, &layer_norm_input_grad(&dy, &x, g.f32s().unwrap(), 1e-5), ln);
-        let (dgamma, dbeta) = layer_norm_param_grads(&dy, &x, c, 1e-5);
+        let (dx, params) = layer_norm_grads(&dy, &x, g.f32s().unwrap(), 1e-5, true);
+        assert_eq!(dx, layer_norm_input_grad(&dy, &x, g.f32s().unwrap(), 1e-5));
+        let (dgamma, dbeta) = params.unwrap();
         let ln_params = |gamma: &[f32], beta: &[f32]| {
             let (g, b) = (Tensor::from_vec(gamma.to_vec(), &[c]), Tensor::from_vec(beta.to_vec(), &[c]));
             let p = NormParams { gamma: &g, beta: &b, eps: 1e-5 };
