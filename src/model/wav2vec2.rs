@@ -248,6 +248,21 @@ pub fn torch_layout(w: &[f32], out: usize, cin: usize, kernel: usize) -> Vec<f32
     t
 }
 
+/// The positional conv's weight-norm magnitude and direction, in both spellings transformers
+/// writes: `weight_g`/`weight_v`, and the newer parametrizations.
+pub const POS_CONV_NORM_NAMES: [[&str; 2]; 2] = [
+    ["wav2vec2.encoder.pos_conv_embed.conv.weight_g", "wav2vec2.encoder.pos_conv_embed.conv.weight_v"],
+    [
+        "wav2vec2.encoder.pos_conv_embed.conv.parametrizations.weight.original0",
+        "wav2vec2.encoder.pos_conv_embed.conv.parametrizations.weight.original1",
+    ],
+];
+
+/// The spelling of [`POS_CONV_NORM_NAMES`] whose magnitude tensor `present` finds.
+pub fn pos_conv_norm_names(present: impl Fn(&str) -> bool) -> Option<[&'static str; 2]> {
+    POS_CONV_NORM_NAMES.into_iter().find(|[g, _]| present(g))
+}
+
 /// Folds `weight_norm(dim=2)`: `W[:, :, k] = g[k] · v[:, :, k] / ‖v[:, :, k]‖₂`.
 fn fold_weight_norm(g: &[f32], v: &[f32], kernel: usize) -> Vec<f32> {
     let mut norm = vec![0.0f64; kernel];
@@ -301,14 +316,10 @@ impl Wav2Vec2 {
         let h = c.hidden_size;
         let (k, groups) = (c.num_conv_pos_embeddings, c.num_conv_pos_embedding_groups);
         let pc = format!("{p}.encoder.pos_conv_embed.conv");
-        let (g_name, v_name) = if ck.contains(&format!("{pc}.weight_g")) {
-            (format!("{pc}.weight_g"), format!("{pc}.weight_v"))
-        } else {
-            (format!("{pc}.parametrizations.weight.original0"), format!("{pc}.parametrizations.weight.original1"))
-        };
-        let g = ck.get(&g_name, &[1, 1, k])?.to_vec()?;
-        let v = ck.get(&v_name, &[h, h / groups, k])?.to_vec()?;
-        ck.release(&v_name);
+        let [g_name, v_name] = pos_conv_norm_names(|name| ck.contains(name)).unwrap_or(POS_CONV_NORM_NAMES[1]);
+        let g = ck.get(g_name, &[1, 1, k])?.to_vec()?;
+        let v = ck.get(v_name, &[h, h / groups, k])?.to_vec()?;
+        ck.release(v_name);
         let pos_conv_weight =
             be.prepare_conv_weight(&Tensor::from_vec(time_major(&fold_weight_norm(&g, &v, k), h, h / groups, k), &[h, k, h / groups]))?;
         let mut layers = Vec::new();

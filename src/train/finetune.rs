@@ -18,6 +18,7 @@ use crate::fsio::{atomic_write, write_f32_safetensors};
 use crate::model::checkpoint::{Checkpoint, WeightSource};
 use crate::model::preprocess::Preprocessor;
 use crate::model::vocab::Vocab;
+use crate::model::wav2vec2::pos_conv_norm_names;
 use crate::tensor::Tensor;
 
 /// One trained tensor, by checkpoint name, in PyTorch's layout.
@@ -85,13 +86,10 @@ impl WeightSource for Overlay<'_> {
 /// The names of the positional conv's weight-norm magnitude and direction among `weights`
 /// (`weight_g`/`weight_v`, or transformers' newer `parametrizations.weight.original0/1`).
 fn pos_conv_parts(weights: &[NamedWeight]) -> Result<(usize, usize)> {
-    let find = |suffixes: [&str; 2]| -> Option<(usize, usize)> {
-        let at = |s: &str| weights.iter().position(|w| w.name == format!("wav2vec2.encoder.pos_conv_embed.conv.{s}"));
-        Some((at(suffixes[0])?, at(suffixes[1])?))
-    };
-    find(["weight_g", "weight_v"])
-        .or_else(|| find(["parametrizations.weight.original0", "parametrizations.weight.original1"]))
-        .context("the checkpoint has no weight-normed positional conv (weight_g/weight_v)")
+    let at = |name: &str| weights.iter().position(|w| w.name == name);
+    let [g, v] = pos_conv_norm_names(|name| at(name).is_some())
+        .context("the checkpoint has no weight-normed positional conv (weight_g/weight_v)")?;
+    Ok((at(g).expect("pos_conv_norm_names found it"), at(v).with_context(|| format!("the checkpoint has {g} but no {v}"))?))
 }
 
 /// Replaces the folded positional-conv gradient in `grads` by the gradients of its weight-norm

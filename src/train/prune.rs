@@ -15,7 +15,7 @@ use serde::Serialize;
 use super::finetune::NamedWeight;
 use super::masked::MaskScope;
 use super::run::{train, Learn, Recipe, RunOptions, Summary};
-use crate::model::checkpoint::Checkpoint;
+use crate::model::checkpoint::{Checkpoint, WeightSource};
 use crate::model::config::Config;
 use crate::model::wav2vec2::maskable_shape;
 use crate::router::global_magnitude_keep;
@@ -51,7 +51,7 @@ pub fn prune(mut recipe: Recipe, a: &PruneArgs, opts: &RunOptions) -> Result<Sum
     let model = recipe.model()?.to_path_buf();
     ensure!(recipe.sparsity.is_none(), "give the sparsity once, as engine prune's --sparsity");
     ensure!(a.pretrained.is_none() || a.method == Method::Omp, "--pretrained is for --method omp (the weights OMP rewinds to)");
-    let finetuned = Checkpoint::open_dir(&model)?.names().any(|n| n == "lm_head.weight");
+    let finetuned = Checkpoint::open_dir(&model)?.contains("lm_head.weight");
     let need_finetuned = |what: &str| -> Result<()> {
         ensure!(
             finetuned,
