@@ -40,7 +40,9 @@ fn train_step_base_b2x5s(c: &mut Criterion) {
     g.sample_size(10);
     let reg = Regularisers::default();
     g.bench_function("s3router step wav2vec2-base b2x5s cpu", |b| {
-        b.iter(|| step(&model, &masks, 0.1, head, Features::Audio(&inputs), &targets, Reduction::Sum, &reg, Weights::Frozen).unwrap())
+        b.iter(|| {
+            step(&CpuBackend, &model, &masks, 0.1, head, Features::Audio(&inputs), &targets, Reduction::Sum, &reg, Weights::Frozen).unwrap()
+        })
     });
     let mut sizes: Vec<usize> = masks.iter().map(|m| m.scores.len()).collect();
     sizes.extend([head.weight.numel(), head.bias.numel()]);
@@ -48,7 +50,9 @@ fn train_step_base_b2x5s(c: &mut Criterion) {
     let (mut head_w, mut head_b) = (vec![0.0f32; head.weight.numel()], vec![0.0f32; head.bias.numel()]);
     g.bench_function("s3router update (step + Adam) wav2vec2-base b2x5s cpu", |b| {
         b.iter(|| {
-            let out = step(&model, &masks, 0.1, head, Features::Audio(&inputs), &targets, Reduction::Sum, &reg, Weights::Frozen).unwrap();
+            let out =
+                step(&CpuBackend, &model, &masks, 0.1, head, Features::Audio(&inputs), &targets, Reduction::Sum, &reg, Weights::Frozen)
+                    .unwrap();
             let mut grads: Vec<Option<&[f32]>> = out.scores.iter().map(|g| g.as_deref()).collect();
             grads.extend([Some(out.head_weight.as_slice()), Some(out.head_bias.as_slice())]);
             let mut params: Vec<&mut [f32]> = masks.iter_mut().map(|m| m.scores.as_mut_slice()).collect();
@@ -57,7 +61,10 @@ fn train_step_base_b2x5s(c: &mut Criterion) {
         })
     });
     g.bench_function("finetune step (every weight's gradient) wav2vec2-base b2x5s cpu", |b| {
-        b.iter(|| step(&model, &[], 0.0, head, Features::Audio(&inputs), &targets, Reduction::Sum, &reg, Weights::AboveEncoder).unwrap())
+        b.iter(|| {
+            step(&CpuBackend, &model, &[], 0.0, head, Features::Audio(&inputs), &targets, Reduction::Sum, &reg, Weights::AboveEncoder)
+                .unwrap()
+        })
     });
     // The finetuning update as `engine finetune` runs it: the model rebuilt from the trained
     // tensors, the step, and Adam over every trained tensor (what tools/torch_finetune_cpu_anchor.py times).
@@ -72,7 +79,8 @@ fn train_step_base_b2x5s(c: &mut Criterion) {
             let model = Wav2Vec2::from_weights(config.clone(), &overlay, &be).unwrap();
             let head = model.lm_head.as_ref().unwrap();
             let mut out =
-                step(&model, &[], 0.0, head, Features::Audio(&inputs), &targets, Reduction::Sum, &reg, Weights::AboveEncoder).unwrap();
+                step(&CpuBackend, &model, &[], 0.0, head, Features::Audio(&inputs), &targets, Reduction::Sum, &reg, Weights::AboveEncoder)
+                    .unwrap();
             let folded = out.weights.remove(POS_CONV_WEIGHT);
             let grads: Vec<Option<Vec<f32>>> =
                 names.iter().map(|(n, _)| if n == POS_CONV_V { folded.clone() } else { out.weights.remove(n) }).collect();

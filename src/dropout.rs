@@ -42,6 +42,22 @@ impl Dropout {
     }
 }
 
+/// Dropout on the attention probabilities of one layer (training only).
+#[derive(Clone, Copy)]
+pub struct ProbDropout {
+    pub dropout: Dropout,
+    pub site: u64,
+}
+
+impl ProbDropout {
+    /// Applies the mask to the probabilities of query `row` (packed index) of head `h`, whose
+    /// keys are the utterance's frames in order.
+    pub fn apply(&self, heads: usize, h: usize, row: usize, probs: &mut [f32]) {
+        let base = ((row * heads + h) as u64) << 24;
+        probs.iter_mut().enumerate().for_each(|(j, p)| *p *= self.dropout.factor(self.site, base | j as u64));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

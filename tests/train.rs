@@ -89,8 +89,19 @@ impl Case {
         let inputs: Vec<&[f32]> = self.audio.iter().map(Vec::as_slice).collect();
         let head = self.model.lm_head.as_ref().unwrap();
         let sparsity = self.meta["sparsity"].as_f64().unwrap();
-        let out = step(&self.model, masks, sparsity, head, Features::Audio(&inputs), &self.targets, Reduction::Sum, reg, Weights::Frozen)
-            .unwrap();
+        let out = step(
+            &CpuBackend,
+            &self.model,
+            masks,
+            sparsity,
+            head,
+            Features::Audio(&inputs),
+            &self.targets,
+            Reduction::Sum,
+            reg,
+            Weights::Frozen,
+        )
+        .unwrap();
         let key = &self.key;
         let want_loss = self.meta["loss"].as_f64().unwrap() as f32;
         assert!(((out.loss - want_loss) / want_loss).abs() <= 1e-4, "{key}: loss {} vs torch {want_loss}", out.loss);
@@ -198,8 +209,19 @@ fn finetune_step_gradients_match_pytorch() {
         let fixture = FixtureRegularisers::of(&case);
         let inputs: Vec<&[f32]> = case.audio.iter().map(Vec::as_slice).collect();
         let head = case.model.lm_head.as_ref().unwrap();
-        let out = step(&case.model, &[], 0.0, head, Features::Audio(&inputs), &case.targets, Reduction::Sum, &fixture.get(&case), trained)
-            .unwrap();
+        let out = step(
+            &CpuBackend,
+            &case.model,
+            &[],
+            0.0,
+            head,
+            Features::Audio(&inputs),
+            &case.targets,
+            Reduction::Sum,
+            &fixture.get(&case),
+            trained,
+        )
+        .unwrap();
         let want_loss = case.meta["loss"].as_f64().unwrap() as f32;
         assert!(((out.loss - want_loss) / want_loss).abs() <= 1e-4, "{key}: loss {} vs torch {want_loss}", out.loss);
         let ck = Checkpoint::open_dir(&fixtures().join(key.trim_end_matches("-encoder").trim_end_matches("-finetune"))).unwrap();

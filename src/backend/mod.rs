@@ -6,6 +6,7 @@
 //! mix frames (convolutions, group norm, attention) work inside one utterance at a time, so an
 //! utterance's result cannot depend on what else shares its batch.
 
+pub mod backward;
 pub mod cpu;
 pub mod cuda;
 

@@ -1,34 +1,29 @@
-//! One training forward/backward on the CPU: chosen linears of the encoder layers (the FFN's two,
-//! attention's four, or all six) masked by the per-matrix top-k of their scores, the training
-//! regularisers (time and channel masking, dropout, LayerDrop), CTC loss, and the gradients of
-//! the scores (straight-through), the head and the time-mask embedding; with `train_weights`
-//! (weight finetuning) also of every weight, bias and norm above the frozen feature encoder.
+//! One training forward/backward, written once for every device ([`TrainBackend`]): chosen
+//! linears of the encoder layers (the FFN's two, attention's four, or all six) masked by the
+//! per-matrix top-k of their scores, the training regularisers (time and channel masking,
+//! dropout, LayerDrop), CTC loss, and the gradients of the scores (straight-through), the head
+//! and the time-mask embedding; with `train_weights` (weight finetuning) also of every weight,
+//! bias and norm above the frozen feature encoder (and of the feature encoder itself, on the
+//! CPU).
 //!
-//! Frozen stages run without a tape; each encoder layer keeps only what its backward needs
-//! (attention probabilities and dropout masks are recomputed), and the backward stops at the
-//! lowest trainable tensor: layer 0's lowest masked linear, the time-mask embedding when time
-//! masking is on, or the feature projection when weights train. This is the readable reference
-//! the GPU path is to mirror.
+//! Frozen stages run without a tape; masks live as bits (the top-k is taken on the device);
+//! each encoder layer keeps only what its backward needs (attention probabilities and dropout
+//! masks are recomputed), and the backward stops at the lowest trainable tensor: layer 0's
+//! lowest masked linear, the time-mask embedding when time masking is on, or the feature
+//! projection when weights train.
 
 use std::collections::BTreeMap;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use rayon::prelude::*;
 
 use super::encoder;
-use crate::backend::cpu::attention::{attention, ProbDropout};
-use crate::backend::cpu::grad::{
-    attention_grad, bias_grad, conv1d_input_grad, conv1d_weight_grad, gelu_input_grad, layer_norm_grads, linear_input_grad,
-    linear_weight_grad,
-};
-use crate::backend::cpu::math::{add_assign, gelu};
-use crate::backend::cpu::CpuBackend;
-use crate::backend::{Activation, Backend, Seqs};
+use crate::backend::backward::{ScoredRows, TrainBackend};
+use crate::backend::{Activation, LinearMask, Seqs};
 use crate::ctc::{ctc_loss, CtcTargets, Reduction};
-use crate::dropout::Dropout;
+use crate::dropout::{Dropout, ProbDropout};
 use crate::model::wav2vec2::{torch_layout, EncoderLayer, Linear, Norm};
 use crate::model::Wav2Vec2;
-use crate::router::{score_grad, top_k_mask};
 use crate::tensor::Tensor;
 
 /// The projections of an encoder layer that masks may cover.
@@ -166,12 +161,6 @@ const SITE_ATTENTION_OUT: u64 = 1;
 const SITE_ACTIVATION: u64 = 2;
 const SITE_FFN_OUT: u64 = 3;
 
-fn drop_in_place(d: Option<Dropout>, site: u64, x: &mut [f32]) {
-    if let Some(d) = d {
-        d.apply(site, x);
-    }
-}
-
 /// Loss and gradients of one step.
 pub struct StepGrads {
     pub loss: f32,
@@ -195,30 +184,31 @@ pub const POS_CONV_WEIGHT: &str = "wav2vec2.encoder.pos_conv_embed.conv.weight";
 
 /// What one encoder layer keeps for its backward pass.
 struct Tape {
-    input: Vec<f32>,
-    qkv: Vec<f32>,
-    /// Attention output before `out_proj` (kept only when `out_proj` is masked).
-    attended: Vec<f32>,
+    input: Tensor,
+    qkv: Tensor,
+    /// Attention output before `out_proj` (kept only when `out_proj` trains).
+    attended: Option<Tensor>,
     /// Post-LN: `attention + input` before the first norm; pre-LN: the first norm's output.
-    first: Vec<f32>,
+    first: Tensor,
     /// Pre-LN: `input + attention`, the second norm's input (unused post-LN).
-    second: Vec<f32>,
+    second: Option<Tensor>,
     /// The FFN's input (post-LN: = `second`; pre-LN: the second norm's output).
-    ffn_in: Vec<f32>,
-    pre_gelu: Vec<f32>,
+    ffn_in: Tensor,
+    pre_gelu: Tensor,
     /// After activation dropout: the input of `output_dense`.
-    post_gelu: Vec<f32>,
+    post_gelu: Tensor,
     /// Post-LN: `ffn + second` before the final norm.
-    residual2: Vec<f32>,
+    residual2: Option<Tensor>,
 }
 
-/// The four linears of a layer as this step computes with them: `W * M` where masked, the
-/// frozen weight otherwise.
+/// The four linears of a layer as this step computes with them: the frozen weight under the
+/// keep-mask of its scored parts, if any.
 struct LayerWeights<'a> {
     layer: &'a EncoderLayer,
     /// Index into the masked weights, per [`Part`] (in declaration order).
     masked: [Option<usize>; 6],
-    effective: [Option<Tensor>; 4],
+    /// Keep-masks of linear 0 = qkv, 1 = out, 2 = intermediate, 3 = output.
+    masks: [Option<LinearMask>; 4],
 }
 
 impl LayerWeights<'_> {
@@ -226,16 +216,16 @@ impl LayerWeights<'_> {
         self.masked[p as usize]
     }
 
-    /// The weight (CPU layout) of linear 0 = qkv, 1 = out, 2 = intermediate, 3 = output.
-    fn weight(&self, which: usize) -> &Tensor {
+    /// Linear 0 = qkv, 1 = out, 2 = intermediate, 3 = output, and its mask.
+    fn linear(&self, which: usize) -> (&Linear, Option<&LinearMask>) {
         let l = self.layer;
-        let frozen = match which {
+        let lin = match which {
             0 => &l.qkv_proj,
             1 => &l.out_proj,
             2 => &l.intermediate_dense,
             _ => &l.output_dense,
         };
-        self.effective[which].as_ref().unwrap_or(&frozen.weight)
+        (lin, self.masks[which].as_ref())
     }
 
     fn attention_masked(&self) -> bool {
@@ -243,39 +233,32 @@ impl LayerWeights<'_> {
     }
 }
 
-/// `W * M` in the CPU `[in, out]` layout for every linear of `layer` with masked parts.
-fn layer_weights<'a>(layer: &'a EncoderLayer, index: usize, masks: &[MaskedWeight], sparsity: f64) -> Result<LayerWeights<'a>> {
+/// The keep-masks (top-k of the scores) of every linear of `layer` with masked parts.
+fn layer_weights<'a>(
+    be: &dyn TrainBackend,
+    layer: &'a EncoderLayer,
+    index: usize,
+    masks: &[MaskedWeight],
+    scores: &[Tensor],
+    sparsity: f64,
+) -> Result<LayerWeights<'a>> {
     let mut masked = [None; 6];
     for (k, m) in masks.iter().enumerate().filter(|(_, m)| m.layer == index) {
         masked[m.part as usize] = Some(k);
     }
     let groups: [&[Part]; 4] = [&[Part::Query, Part::Key, Part::Value], &[Part::Out], &[Part::Intermediate], &[Part::Output]];
-    let mut effective: [Option<Tensor>; 4] = Default::default();
-    for (slot, parts) in effective.iter_mut().zip(groups) {
-        let present: Vec<(Part, &MaskedWeight)> = parts.iter().filter_map(|&p| masked[p as usize].map(|k| (p, &masks[k]))).collect();
-        let Some(&(first, _)) = present.first() else { continue };
-        let lin = first.linear(layer).0;
-        let shape = lin.weight.shape().to_vec();
-        let mut w_t = lin.weight.f32s()?.to_vec();
-        for (p, m) in present {
-            let row0 = p.linear(layer).1;
-            for (j, keep) in top_k_mask(&m.scores, sparsity).into_iter().enumerate() {
-                if !keep {
-                    w_t[(j % m.d_in) * shape[1] + row0 + j / m.d_in] = 0.0;
-                }
-            }
+    let mut out: [Option<LinearMask>; 4] = Default::default();
+    for (slot, parts) in out.iter_mut().zip(groups) {
+        let blocks: Vec<ScoredRows> =
+            parts.iter().filter_map(|&p| masked[p as usize].map(|k| ScoredRows { row0: p.linear(layer).1, scores: &scores[k] })).collect();
+        if blocks.is_empty() {
+            continue;
         }
-        *slot = Some(Tensor::from_vec(w_t, &shape));
+        let lin = parts[0].linear(layer).0;
+        let d_out = lin.bias.numel();
+        *slot = Some(be.scored_mask(d_out, lin.weight.numel() / d_out, &blocks, sparsity)?);
     }
-    Ok(LayerWeights { layer, masked, effective })
-}
-
-fn v(t: &Tensor) -> Result<Vec<f32>> {
-    t.to_vec()
-}
-
-fn add(a: &[f32], b: &[f32]) -> Vec<f32> {
-    a.iter().zip(b).map(|(x, y)| x + y).collect()
+    Ok(LayerWeights { layer, masked, masks: out })
 }
 
 /// Which weights a step returns gradients for, besides scores, head and time-mask embedding.
@@ -289,12 +272,14 @@ pub enum Weights {
     All,
 }
 
-/// One forward/backward of the masked model: `masks` names (layer, part) and scores of every
-/// masked weight (none: only the head, and the embedding under time masking, train); `head` is
-/// the trainable CTC head; `reg` the step's regularisers; `trained` adds the gradients of the
-/// weights that train ([`StepGrads::weights`]).
+/// One forward/backward of the masked model on `be` (where `model` and `head` live): `masks`
+/// names (layer, part) and scores of every masked weight (none: only the head, and the
+/// embedding under time masking, train); `head` is the trainable CTC head; `reg` the step's
+/// regularisers; `trained` adds the gradients of the weights that train
+/// ([`StepGrads::weights`]). Gradients come back to the host.
 #[allow(clippy::too_many_arguments)]
 pub fn step(
+    be: &dyn TrainBackend,
     model: &Wav2Vec2,
     masks: &[MaskedWeight],
     sparsity: f64,
@@ -306,7 +291,6 @@ pub fn step(
     trained: Weights,
 ) -> Result<StepGrads> {
     let train_weights = trained != Weights::Frozen;
-    let be = CpuBackend;
     let c = &model.config;
     let n_layers = model.layers.len();
     ensure!(
@@ -319,41 +303,50 @@ pub fn step(
     let scale = 1.0 / (c.head_dim() as f32).sqrt();
     let eps = c.layer_norm_eps;
     let id = Activation::Identity;
+    let scores: Vec<Tensor> =
+        masks.iter().map(|m| be.upload(&Tensor::from_vec(m.scores.clone(), &[m.d_out, m.d_in]))).collect::<Result<_>>()?;
     // The per-matrix top-k selections are independent: one task per layer.
     let weights: Vec<LayerWeights> =
-        model.layers.par_iter().enumerate().map(|(i, l)| layer_weights(l, i, masks, sparsity)).collect::<Result<_>>()?;
-    let linear = |w: &Tensor, b: &Tensor, x: &[f32], d_in: usize| -> Result<Vec<f32>> {
-        v(&be.linear(&Tensor::from_vec(x.to_vec(), &[x.len() / d_in, d_in]), w, Some(b), id)?)
+        model.layers.par_iter().enumerate().map(|(i, l)| layer_weights(be, l, i, masks, &scores, sparsity)).collect::<Result<_>>()?;
+    let linear = |(lin, mask): (&Linear, Option<&LinearMask>), x: &Tensor| -> Result<Tensor> {
+        let rows = x.numel() / x.shape().last().copied().unwrap_or(1).max(1);
+        be.linear_segments(x, &lin.weight, Some(&lin.bias), id, &[(rows, mask)])
     };
-    let norm = |n: &Norm, x: &[f32]| -> Result<Vec<f32>> {
-        v(&be.layer_norm(Tensor::from_vec(x.to_vec(), &[x.len() / h, h]), None, n.params(eps), id)?)
+    let norm = |n: &Norm, x: &Tensor| be.layer_norm(x.clone(), None, n.params(eps), id);
+    let drop = |d: Option<Dropout>, site: u64, x: Tensor| match d.filter(Dropout::is_active) {
+        Some(d) => be.dropout(x, d, site),
+        None => Ok(x),
     };
     let probs_dropout = |i: usize| reg.attention_dropout.map(|dropout| ProbDropout { dropout, site: site(i, SITE_ATTENTION_PROBS) });
 
     // Forward: projected features, time and channel masking, positional conv, then the layers.
     let (mut projection_tape, mut encoder_tape) = (None, None);
-    let (mut projected, seqs) = match features {
-        Features::Audio(audio) if !train_weights => {
-            let (p, seqs) = model.projected(&be, audio)?;
-            (v(&p)?, seqs)
-        }
+    let (projected, seqs) = match features {
+        Features::Audio(audio) if !train_weights => model.projected(be, audio)?,
         Features::Audio(audio) if trained == Weights::All => {
+            ensure!(be.name() == "cpu", "training the feature encoder runs on the CPU only (its backward has no GPU kernels yet)");
             let (f, seqs, tape) = encoder::forward(model, audio)?;
             encoder_tape = Some(tape);
-            project(model, f, seqs, &mut projection_tape)?
+            let width = f.len() / seqs.total().max(1);
+            project(be, model, Tensor::from_vec(f, &[seqs.total(), width]), seqs, &mut projection_tape)?
         }
         Features::Audio(audio) => {
-            let (f, seqs) = model.feature_encoder(&be, audio)?;
-            project(model, v(&f)?, seqs, &mut projection_tape)?
+            let (f, seqs) = model.feature_encoder(be, audio)?;
+            project(be, model, f, seqs, &mut projection_tape)?
         }
         Features::Encoded(..) | Features::Projected(..) if trained == Weights::All => {
-            anyhow::bail!("training the feature encoder needs the raw audio, not cached features")
+            bail!("training the feature encoder needs the raw audio, not cached features")
         }
-        Features::Encoded(f, seqs) => project(model, f, seqs, &mut projection_tape)?,
+        Features::Encoded(f, seqs) => {
+            let width = *c.conv_dim.last().expect("a config has conv layers");
+            ensure!(f.len() == seqs.total() * width, "{} feature values for {} frames x {width} channels", f.len(), seqs.total());
+            let f = be.upload(&Tensor::from_vec(f, &[seqs.total(), width]))?;
+            project(be, model, f, seqs, &mut projection_tape)?
+        }
         Features::Projected(p, seqs) => {
             ensure!(!train_weights, "training the weights needs the feature encoder's output, not projected features");
             ensure!(p.len() == seqs.total() * h, "{} projected values for {} frames x {h} channels", p.len(), seqs.total());
-            (p, seqs)
+            (be.upload(&Tensor::from_vec(p, &[seqs.total(), h]))?, seqs)
         }
     };
     if let Some(tm) = &reg.time_mask {
@@ -364,79 +357,59 @@ pub fn step(
             tm.embedding.len(),
             seqs.total()
         );
-        for (row, _) in projected.chunks_exact_mut(h).zip(tm.frames).filter(|(_, &m)| m) {
-            row.copy_from_slice(tm.embedding);
-        }
     }
     if let Some(cm) = reg.channel_mask {
         ensure!(cm.len() == seqs.count() * h, "channel mask: {} flags for {} utterances x {h} channels", cm.len(), seqs.count());
-        for u in 0..seqs.count() {
-            for row in projected[seqs.range(u).start * h..seqs.range(u).end * h].chunks_exact_mut(h) {
-                row.iter_mut().zip(&cm[u * h..(u + 1) * h]).filter(|(_, &m)| m).for_each(|(x, _)| *x = 0.0);
-            }
-        }
     }
+    let embedding = reg.time_mask.as_ref().map(|tm| be.upload(&Tensor::from_vec(tm.embedding.to_vec(), &[h]))).transpose()?;
+    let time = reg.time_mask.as_ref().zip(embedding.as_ref()).map(|(tm, e)| (tm.frames, e));
+    let projected =
+        if time.is_some() || reg.channel_mask.is_some() { be.mask_features(projected, &seqs, time, reg.channel_mask)? } else { projected };
     let geom = model.pos_conv_geometry();
-    let pos_pre = v(&be.conv1d(
-        &Tensor::from_vec(projected.clone(), &[seqs.total(), h]),
-        &seqs,
-        &seqs,
-        &model.pos_conv_weight,
-        Some(&model.pos_conv_bias),
-        geom,
-        id,
-    )?)?;
-    let summed: Vec<f32> = projected.iter().zip(&pos_pre).map(|(x, &p)| x + gelu(p)).collect();
-    let mut x = if c.do_stable_layer_norm { summed.clone() } else { norm(&model.encoder_layer_norm, &summed)? };
-    drop_in_place(reg.dropout, 0, &mut x);
+    let pos_pre = be.conv1d(&projected, &seqs, &seqs, &model.pos_conv_weight, Some(&model.pos_conv_bias), geom, id)?;
+    let summed = be.add(projected.clone(), &be.gelu(&pos_pre)?)?;
+    let x = if c.do_stable_layer_norm { summed.clone() } else { norm(&model.encoder_layer_norm, &summed)? };
+    let mut x = drop(reg.dropout, 0, x)?;
     let mut tapes: Vec<Option<Tape>> = Vec::with_capacity(n_layers);
     for (i, lw) in weights.iter().enumerate() {
         if skipped(i) {
             tapes.push(None);
             continue;
         }
-        let layer = lw.layer;
-        let (d_qkv_out, inter) = (3 * h, layer.intermediate_dense.bias.numel());
         let keep_attended = lw.part(Part::Out).is_some() || train_weights;
         // Attention: (qkv, attention output before out_proj, dropped out_proj output).
-        let attend = |a: &[f32]| -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-            let qkv = linear(lw.weight(0), &layer.qkv_proj.bias, a, h)?;
-            debug_assert_eq!(qkv.len() % d_qkv_out, 0);
-            let att = attention(&qkv, h, &seqs, heads, scale, probs_dropout(i));
-            let mut o = linear(lw.weight(1), &layer.out_proj.bias, &att, h)?;
-            drop_in_place(reg.dropout, site(i, SITE_ATTENTION_OUT), &mut o);
-            Ok((qkv, if keep_attended { att } else { Vec::new() }, o))
+        let attend = |a: &Tensor| -> Result<(Tensor, Option<Tensor>, Tensor)> {
+            let qkv = linear(lw.linear(0), a)?;
+            let att = be.attention_dropout(&qkv, &seqs, heads, scale, probs_dropout(i))?;
+            let o = drop(reg.dropout, site(i, SITE_ATTENTION_OUT), linear(lw.linear(1), &att)?)?;
+            Ok((qkv, keep_attended.then_some(att), o))
         };
         // The FFN: (pre-GELU, dropped post-GELU, dropped output).
-        let feed_forward = |inp: &[f32]| -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-            let u = linear(lw.weight(2), &layer.intermediate_dense.bias, inp, h)?;
-            let mut g: Vec<f32> = u.iter().map(|&z| gelu(z)).collect();
-            drop_in_place(reg.activation_dropout, site(i, SITE_ACTIVATION), &mut g);
-            let mut f2 = linear(lw.weight(3), &layer.output_dense.bias, &g, inter)?;
-            drop_in_place(reg.dropout, site(i, SITE_FFN_OUT), &mut f2);
+        let feed_forward = |inp: &Tensor| -> Result<(Tensor, Tensor, Tensor)> {
+            let u = linear(lw.linear(2), inp)?;
+            let g = drop(reg.activation_dropout, site(i, SITE_ACTIVATION), be.gelu(&u)?)?;
+            let f2 = drop(reg.dropout, site(i, SITE_FFN_OUT), linear(lw.linear(3), &g)?)?;
             Ok((u, g, f2))
         };
+        let layer = lw.layer;
         let tape = if c.do_stable_layer_norm {
             let a = norm(&layer.layer_norm, &x)?;
             let (qkv, attended, o) = attend(&a)?;
-            let x1 = add(&x, &o);
+            let x1 = be.add(x.clone(), &o)?;
             let b = norm(&layer.final_layer_norm, &x1)?;
             let (u, g, f2) = feed_forward(&b)?;
-            let out = add(&x1, &f2);
-            let tape = Tape { input: x, qkv, attended, first: a, second: x1, ffn_in: b, pre_gelu: u, post_gelu: g, residual2: Vec::new() };
-            x = out;
-            tape
+            let out = be.add(x1.clone(), &f2)?;
+            let input = std::mem::replace(&mut x, out);
+            Tape { input, qkv, attended, first: a, second: Some(x1), ffn_in: b, pre_gelu: u, post_gelu: g, residual2: None }
         } else {
             let (qkv, attended, o) = attend(&x)?;
-            let r1 = add(&o, &x);
+            let r1 = be.add(o, &x)?;
             let h1 = norm(&layer.layer_norm, &r1)?;
             let (u, g, f2) = feed_forward(&h1)?;
-            let r2 = add(&f2, &h1);
+            let r2 = be.add(f2, &h1)?;
             let out = norm(&layer.final_layer_norm, &r2)?;
-            let tape =
-                Tape { input: x, qkv, attended, first: r1, second: Vec::new(), ffn_in: h1, pre_gelu: u, post_gelu: g, residual2: r2 };
-            x = out;
-            tape
+            let input = std::mem::replace(&mut x, out);
+            Tape { input, qkv, attended, first: r1, second: None, ffn_in: h1, pre_gelu: u, post_gelu: g, residual2: Some(r2) }
         };
         tapes.push(Some(tape));
     }
@@ -444,29 +417,26 @@ pub fn step(
     if c.do_stable_layer_norm {
         x = norm(&model.encoder_layer_norm, &x)?;
     }
-    let vocab = head.bias.numel();
-    let logits = Tensor::from_vec(linear(&head.weight, &head.bias, &x, h)?, &[seqs.total(), vocab]);
+    let logits = be.linear(&x, &head.weight, Some(&head.bias), id)?;
 
     // Backward. The lowest layer whose backward must run: every layer when weights train or
     // time masking is on (the embedding sits below them all), else the lowest masked weight.
-    let out = ctc_loss(&be, &logits, &seqs, targets, reduction)?;
-    let dlogits = v(&out.grad)?;
-    let head_weight = linear_weight_grad(&dlogits, &x, h, vocab);
-    let head_bias = bias_grad(&dlogits, vocab);
-    let mut dx = linear_input_grad(&dlogits, head.weight.f32s()?, h, vocab);
-    let mut wgrads = Grads { on: train_weights, map: BTreeMap::new() };
+    let out = ctc_loss(be, &logits, &seqs, targets, reduction)?;
+    let dlogits = out.grad;
+    let head_weight = be.linear_weight_grad(&dlogits, &x)?;
+    let head_bias = be.column_sum(&dlogits)?;
+    let mut dx = be.linear_input_grad(&dlogits, &head.weight, None)?;
+    let mut wgrads = Grads { be, eps, on: train_weights, map: BTreeMap::new(), stacked: Vec::new() };
     if c.do_stable_layer_norm {
-        dx = wgrads.norm("wav2vec2.encoder.layer_norm", &dx, &encoder_out_pre, &model.encoder_layer_norm, eps)?;
+        dx = wgrads.norm("wav2vec2.encoder.layer_norm", &dx, &encoder_out_pre, &model.encoder_layer_norm)?;
     }
     let full = train_weights || reg.time_mask.is_some();
     // Without masks, time masking or weight training only the head trains: no layer's backward runs.
     let lowest = if full { 0 } else { masks.iter().map(|m| m.layer).min().unwrap_or(n_layers) };
-    let mut scores: Vec<Option<Vec<f32>>> = vec![None; masks.len()];
-    // The straight-through score gradient of masked weight `k` from `dW_eff` of its linear
-    // (`stacked` output rows; the part's rows start at its offset).
-    let to_scores = |k: usize, dw: &[f32], row0: usize| -> Vec<f32> {
-        let m = &masks[k];
-        score_grad(&dw[row0 * m.d_in..(row0 + m.d_out) * m.d_in], &m.weight, &m.scores)
+    let mut score_grads: Vec<Option<Tensor>> = vec![None; masks.len()];
+    // The straight-through score gradient of masked weight `k` from `dW_eff` of `lin`.
+    let to_scores = |k: usize, dw: &Tensor, lin: &Linear| -> Result<Tensor> {
+        be.score_grad(dw, &lin.weight, &ScoredRows { row0: masks[k].part.linear(&model.layers[masks[k].layer]).1, scores: &scores[k] })
     };
     for (i, (lw, tape)) in weights.iter().zip(&tapes).enumerate().rev() {
         if i < lowest {
@@ -475,106 +445,131 @@ pub fn step(
         let Some(tape) = tape else { continue }; // a skipped layer is the identity
         let layer = lw.layer;
         let name = |suffix: &str| format!("wav2vec2.encoder.layers.{i}.{suffix}");
-        let inter = layer.intermediate_dense.bias.numel();
         // The FFN: gradient at its (dropped) output, after the residual path is split off.
-        let (mut d_ffn_out, mut d_skip) = if c.do_stable_layer_norm {
-            (dx.clone(), std::mem::take(&mut dx))
+        let (d_ffn_out, d_skip) = if c.do_stable_layer_norm {
+            (dx.clone(), dx.clone())
         } else {
-            let dr2 = wgrads.norm(&name("final_layer_norm"), &dx, &tape.residual2, &layer.final_layer_norm, eps)?;
+            let residual2 = tape.residual2.as_ref().expect("post-LN tapes keep the second residual");
+            let dr2 = wgrads.norm(&name("final_layer_norm"), &dx, residual2, &layer.final_layer_norm)?;
             (dr2.clone(), dr2)
         };
-        drop_in_place(reg.dropout, site(i, SITE_FFN_OUT), &mut d_ffn_out);
-        let output_dense = lw.part(Part::Output).is_some() || train_weights;
-        let dw = output_dense.then(|| linear_weight_grad(&d_ffn_out, &tape.post_gelu, inter, h));
+        let d_ffn_out = drop(reg.dropout, site(i, SITE_FFN_OUT), d_ffn_out)?;
+        let (output_dense, out_mask) = lw.linear(3);
+        let dw =
+            (lw.part(Part::Output).is_some() || train_weights).then(|| be.linear_weight_grad(&d_ffn_out, &tape.post_gelu)).transpose()?;
         if let Some(k) = lw.part(Part::Output) {
-            scores[k] = Some(to_scores(k, dw.as_ref().expect("computed for a masked weight"), 0));
+            score_grads[k] = Some(to_scores(k, dw.as_ref().expect("computed for a masked weight"), output_dense)?);
         }
-        wgrads.linear(&name("feed_forward.output_dense"), dw, &d_ffn_out, h);
-        let mut dg = linear_input_grad(&d_ffn_out, lw.weight(3).f32s()?, inter, h);
-        drop_in_place(reg.activation_dropout, site(i, SITE_ACTIVATION), &mut dg);
-        let du = gelu_input_grad(&dg, &tape.pre_gelu);
-        let dw = (lw.part(Part::Intermediate).is_some() || train_weights).then(|| linear_weight_grad(&du, &tape.ffn_in, h, inter));
+        wgrads.linear(&name("feed_forward.output_dense"), dw, &d_ffn_out)?;
+        let dg = be.linear_input_grad(&d_ffn_out, &output_dense.weight, out_mask)?;
+        let dg = drop(reg.activation_dropout, site(i, SITE_ACTIVATION), dg)?;
+        let du = be.gelu_grad(&dg, &tape.pre_gelu)?;
+        let (intermediate, inter_mask) = lw.linear(2);
+        let dw = (lw.part(Part::Intermediate).is_some() || train_weights).then(|| be.linear_weight_grad(&du, &tape.ffn_in)).transpose()?;
         if let Some(k) = lw.part(Part::Intermediate) {
-            scores[k] = Some(to_scores(k, dw.as_ref().expect("computed for a masked weight"), 0));
+            score_grads[k] = Some(to_scores(k, dw.as_ref().expect("computed for a masked weight"), intermediate)?);
         }
-        wgrads.linear(&name("feed_forward.intermediate_dense"), dw, &du, inter);
+        wgrads.linear(&name("feed_forward.intermediate_dense"), dw, &du)?;
         if i == lowest && !lw.attention_masked() && !full {
             break; // nothing below this FFN's weights is trained
         }
-        let d_ffn_in = linear_input_grad(&du, lw.weight(2).f32s()?, h, inter);
-        if c.do_stable_layer_norm {
-            add_assign(&mut d_skip, &wgrads.norm(&name("final_layer_norm"), &d_ffn_in, &tape.second, &layer.final_layer_norm, eps)?);
+        let d_ffn_in = be.linear_input_grad(&du, &intermediate.weight, inter_mask)?;
+        let d_skip = if c.do_stable_layer_norm {
+            let second = tape.second.as_ref().expect("pre-LN tapes keep the second norm's input");
+            be.add(d_skip, &wgrads.norm(&name("final_layer_norm"), &d_ffn_in, second, &layer.final_layer_norm)?)?
         } else {
-            add_assign(&mut d_skip, &d_ffn_in);
-        }
+            be.add(d_skip, &d_ffn_in)?
+        };
         // d_skip: gradient at `x1` (pre-LN) or at the first norm's output `h1` (post-LN).
         let d_attn_out =
-            if c.do_stable_layer_norm { d_skip } else { wgrads.norm(&name("layer_norm"), &d_skip, &tape.first, &layer.layer_norm, eps)? };
-        let mut d_input = d_attn_out.clone();
-        let mut d_o = d_attn_out;
-        drop_in_place(reg.dropout, site(i, SITE_ATTENTION_OUT), &mut d_o);
-        let dw = (lw.part(Part::Out).is_some() || train_weights).then(|| linear_weight_grad(&d_o, &tape.attended, h, h));
+            if c.do_stable_layer_norm { d_skip } else { wgrads.norm(&name("layer_norm"), &d_skip, &tape.first, &layer.layer_norm)? };
+        let d_input = d_attn_out.clone();
+        let d_o = drop(reg.dropout, site(i, SITE_ATTENTION_OUT), d_attn_out)?;
+        let (out_proj, out_proj_mask) = lw.linear(1);
+        let dw = match &tape.attended {
+            Some(att) => Some(be.linear_weight_grad(&d_o, att)?),
+            None => None,
+        };
         if let Some(k) = lw.part(Part::Out) {
-            scores[k] = Some(to_scores(k, dw.as_ref().expect("computed for a masked weight"), 0));
+            score_grads[k] = Some(to_scores(k, dw.as_ref().expect("computed for a masked weight"), out_proj)?);
         }
-        wgrads.linear(&name("attention.out_proj"), dw, &d_o, h);
-        let d_att = linear_input_grad(&d_o, lw.weight(1).f32s()?, h, h);
-        let d_qkv = attention_grad(&d_att, &tape.qkv, h, &seqs, heads, scale, probs_dropout(i));
+        wgrads.linear(&name("attention.out_proj"), dw, &d_o)?;
+        let d_att = be.linear_input_grad(&d_o, &out_proj.weight, out_proj_mask)?;
+        let d_qkv = be.attention_grad(&d_att, &tape.qkv, &seqs, heads, scale, probs_dropout(i))?;
         let attn_in = if c.do_stable_layer_norm { &tape.first } else { &tape.input };
-        let qkv_parts = [(Part::Query, 0, "q_proj"), (Part::Key, h, "k_proj"), (Part::Value, 2 * h, "v_proj")];
-        if qkv_parts.iter().any(|&(p, ..)| lw.part(p).is_some()) || train_weights {
-            let dw = linear_weight_grad(&d_qkv, attn_in, h, 3 * h);
-            let db = wgrads.on.then(|| bias_grad(&d_qkv, 3 * h));
-            for (p, row0, proj) in qkv_parts {
+        let (qkv_proj, qkv_mask) = lw.linear(0);
+        let qkv_parts = [Part::Query, Part::Key, Part::Value];
+        if qkv_parts.iter().any(|&p| lw.part(p).is_some()) || train_weights {
+            let dw = be.linear_weight_grad(&d_qkv, attn_in)?;
+            for p in qkv_parts {
                 if let Some(k) = lw.part(p) {
-                    scores[k] = Some(to_scores(k, &dw, row0));
+                    score_grads[k] = Some(to_scores(k, &dw, qkv_proj)?);
                 }
-                if let Some(db) = &db {
-                    let proj = name(&format!("attention.{proj}"));
-                    wgrads.map.insert(format!("{proj}.weight"), dw[row0 * h..(row0 + h) * h].to_vec());
-                    wgrads.map.insert(format!("{proj}.bias"), db[row0..row0 + h].to_vec());
-                }
+            }
+            if wgrads.on {
+                wgrads.stacked.push((name("attention"), dw, be.column_sum(&d_qkv)?));
             }
         }
         if i == lowest && !full {
             break;
         }
-        let d_attn_in = linear_input_grad(&d_qkv, lw.weight(0).f32s()?, h, 3 * h);
-        if c.do_stable_layer_norm {
-            add_assign(&mut d_input, &wgrads.norm(&name("layer_norm"), &d_attn_in, &tape.input, &layer.layer_norm, eps)?);
+        let d_attn_in = be.linear_input_grad(&d_qkv, &qkv_proj.weight, qkv_mask)?;
+        dx = if c.do_stable_layer_norm {
+            be.add(d_input, &wgrads.norm(&name("layer_norm"), &d_attn_in, &tape.input, &layer.layer_norm)?)?
         } else {
-            add_assign(&mut d_input, &d_attn_in);
-        }
-        dx = d_input;
+            be.add(d_input, &d_attn_in)?
+        };
     }
-    let embedding = if full {
+    let mut embedding = None;
+    let mut d_features = None;
+    if full {
         let below = Below { summed: &summed, pos_pre: &pos_pre, projected: &projected, seqs: &seqs };
-        let d_proj = encoder_input_grad(model, dx, &below, reg, &mut wgrads)?;
-        let embedding = reg.time_mask.as_ref().map(|tm| embedding_grad(&d_proj, &seqs, tm, reg.channel_mask));
+        let d_proj = encoder_input_grad(be, model, drop(reg.dropout, 0, dx)?, &below, &mut wgrads)?;
+        let frames = reg.time_mask.as_ref().map(|tm| tm.frames);
+        let d_proj = if frames.is_some() || reg.channel_mask.is_some() {
+            let (d, e) = be.mask_features_grad(d_proj, &seqs, frames, reg.channel_mask)?;
+            embedding = e;
+            d
+        } else {
+            d_proj
+        };
         if let Some((features, normed)) = &projection_tape {
-            let d_features = projection_grads(model, d_proj, features, normed, &seqs, reg, &mut wgrads)?;
-            if let Some(tape) = &encoder_tape {
-                encoder::backward(model, tape, d_features, &mut wgrads.map)?;
-            }
+            d_features = Some(projection_grads(be, model, d_proj, features, normed, &mut wgrads)?);
         }
-        embedding
-    } else {
-        None
-    };
-    Ok(StepGrads { loss: out.loss, losses: out.losses, scores, head_weight, head_bias, embedding, weights: wgrads.map })
+    }
+    let host = |t: &Tensor| be.to_host(t)?.into_f32_vec();
+    let mut weight_grads = wgrads.into_host(h)?;
+    if let (Some(tape), Some(d)) = (&encoder_tape, &d_features) {
+        encoder::backward(model, tape, host(d)?, &mut weight_grads)?;
+    }
+    Ok(StepGrads {
+        loss: out.loss,
+        losses: out.losses,
+        scores: score_grads.iter().map(|g| g.as_ref().map(host).transpose()).collect::<Result<_>>()?,
+        head_weight: host(&head_weight)?,
+        head_bias: host(&head_bias)?,
+        embedding: embedding.as_ref().map(host).transpose()?,
+        weights: weight_grads,
+    })
 }
 
-/// The weight gradients a step collects (when `on`), by checkpoint name.
-struct Grads {
+/// The weight gradients a step collects (when `on`), by checkpoint name, left on the device
+/// until the step ends.
+struct Grads<'b> {
+    be: &'b dyn TrainBackend,
+    eps: f32,
     on: bool,
-    map: BTreeMap<String, Vec<f32>>,
+    map: BTreeMap<String, Tensor>,
+    /// `(prefix, dW, db)` of each stacked q/k/v projection, split into `q_proj`, `k_proj` and
+    /// `v_proj` on the host.
+    stacked: Vec<(String, Tensor, Tensor)>,
 }
 
-impl Grads {
+impl Grads<'_> {
     /// Back through layer norm `norm` (input `x`, output gradient `dy`): returns the input's
     /// gradient and collects `{prefix}.weight` / `.bias`.
-    fn norm(&mut self, prefix: &str, dy: &[f32], x: &[f32], norm: &Norm, eps: f32) -> Result<Vec<f32>> {
-        let (dx, params) = layer_norm_grads(dy, x, norm.gamma.f32s()?, eps, self.on);
+    fn norm(&mut self, prefix: &str, dy: &Tensor, x: &Tensor, norm: &Norm) -> Result<Tensor> {
+        let (dx, params) = self.be.layer_norm_grads(dy, x, norm.params(self.eps), self.on)?;
         if let Some((dgamma, dbeta)) = params {
             self.map.insert(format!("{prefix}.weight"), dgamma);
             self.map.insert(format!("{prefix}.bias"), dbeta);
@@ -584,26 +579,46 @@ impl Grads {
 
     /// `{prefix}.weight` (its gradient `dw`, computed already) and `.bias` of a linear whose
     /// output gradient is `dy`.
-    fn linear(&mut self, prefix: &str, dw: Option<Vec<f32>>, dy: &[f32], d_out: usize) {
+    fn linear(&mut self, prefix: &str, dw: Option<Tensor>, dy: &Tensor) -> Result<()> {
         if let (true, Some(dw)) = (self.on, dw) {
             self.map.insert(format!("{prefix}.weight"), dw);
-            self.map.insert(format!("{prefix}.bias"), bias_grad(dy, d_out));
+            self.map.insert(format!("{prefix}.bias"), self.be.column_sum(dy)?);
         }
+        Ok(())
+    }
+
+    /// Every collected gradient on the host; the stacked q/k/v ones split (`h` rows each).
+    fn into_host(self, h: usize) -> Result<BTreeMap<String, Vec<f32>>> {
+        let host = |t: &Tensor| self.be.to_host(t)?.into_f32_vec();
+        let mut out = BTreeMap::new();
+        for (name, t) in &self.map {
+            out.insert(name.clone(), host(t)?);
+        }
+        for (prefix, dw, db) in &self.stacked {
+            let (dw, db) = (host(dw)?, host(db)?);
+            for (p, proj) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
+                out.insert(format!("{prefix}.{proj}.weight"), dw[p * h * h..(p + 1) * h * h].to_vec());
+                out.insert(format!("{prefix}.{proj}.bias"), db[p * h..(p + 1) * h].to_vec());
+            }
+        }
+        Ok(out)
     }
 }
 
 /// The feature projection `Linear(LayerNorm(features))` of the feature encoder's output,
 /// keeping `(features, normalised)` in `tape` for [`projection_grads`].
-fn project(model: &Wav2Vec2, features: Vec<f32>, seqs: Seqs, tape: &mut Option<(Vec<f32>, Vec<f32>)>) -> Result<(Vec<f32>, Seqs)> {
-    let be = CpuBackend;
+fn project(
+    be: &dyn TrainBackend,
+    model: &Wav2Vec2,
+    features: Tensor,
+    seqs: Seqs,
+    tape: &mut Option<(Tensor, Tensor)>,
+) -> Result<(Tensor, Seqs)> {
     let c = &model.config;
-    let width = *c.conv_dim.last().expect("a config has conv layers");
-    ensure!(features.len() == seqs.total() * width, "{} feature values for {} frames x {width} channels", features.len(), seqs.total());
     let params = model.feature_projection_norm.params(c.layer_norm_eps);
-    let normed = v(&be.layer_norm(Tensor::from_vec(features.clone(), &[seqs.total(), width]), None, params, Activation::Identity)?)?;
+    let normed = be.layer_norm(features.clone(), None, params, Activation::Identity)?;
     let lin = &model.feature_projection;
-    let projected =
-        v(&be.linear(&Tensor::from_vec(normed.clone(), &[seqs.total(), width]), &lin.weight, Some(&lin.bias), Activation::Identity)?)?;
+    let projected = be.linear(&normed, &lin.weight, Some(&lin.bias), Activation::Identity)?;
     *tape = Some((features, normed));
     Ok((projected, seqs))
 }
@@ -611,95 +626,48 @@ fn project(model: &Wav2Vec2, features: Vec<f32>, seqs: Seqs, tape: &mut Option<(
 /// What the stages below layer 0 computed in the forward pass.
 struct Below<'a> {
     /// `projected + GELU(pos_conv(projected))`, before the encoder norm (post-LN).
-    summed: &'a [f32],
-    pos_pre: &'a [f32],
+    summed: &'a Tensor,
+    pos_pre: &'a Tensor,
     /// The positional conv's input: projected features after time and channel masking.
-    projected: &'a [f32],
+    projected: &'a Tensor,
     seqs: &'a Seqs,
 }
 
-/// From `dx` at layer 0's input down to the masked projected features: through the encoder's
-/// input dropout and norm (post-LN), the residual and the positional conv (per utterance),
+/// From `dx` below the encoder's input dropout down to the masked projected features: through
+/// the encoder's input norm (post-LN), the residual and the positional conv (per utterance),
 /// collecting the norm's and the positional conv's gradients on the way.
-fn encoder_input_grad(model: &Wav2Vec2, mut dx: Vec<f32>, below: &Below, reg: &Regularisers, wgrads: &mut Grads) -> Result<Vec<f32>> {
+fn encoder_input_grad(be: &dyn TrainBackend, model: &Wav2Vec2, dx: Tensor, below: &Below, wgrads: &mut Grads) -> Result<Tensor> {
     let c = &model.config;
     let h = c.hidden_size;
-    let seqs = below.seqs;
-    drop_in_place(reg.dropout, 0, &mut dx);
     let d_sum = if c.do_stable_layer_norm {
         dx
     } else {
-        wgrads.norm("wav2vec2.encoder.layer_norm", &dx, below.summed, &model.encoder_layer_norm, c.layer_norm_eps)?
+        wgrads.norm("wav2vec2.encoder.layer_norm", &dx, below.summed, &model.encoder_layer_norm)?
     };
-    let d_pre = gelu_input_grad(&d_sum, below.pos_pre);
-    let mut d_proj = d_sum;
-    let w = model.pos_conv_weight.f32s()?;
+    let d_pre = be.gelu_grad(&d_sum, below.pos_pre)?;
     let geom = model.pos_conv_geometry();
-    let mut dw = wgrads.on.then(|| vec![0.0f32; w.len()]);
-    for u in 0..seqs.count() {
-        let r = seqs.range(u);
-        let (dy, x) = (&d_pre[r.start * h..r.end * h], &below.projected[r.start * h..r.end * h]);
-        add_assign(&mut d_proj[r.start * h..r.end * h], &conv1d_input_grad(dy, w, h, h, r.len(), geom));
-        if let Some(dw) = &mut dw {
-            add_assign(dw, &conv1d_weight_grad(dy, x, h, h, geom));
-        }
+    if wgrads.on {
+        let dw = be.to_host(&be.conv1d_weight_grad(&d_pre, below.projected, below.seqs, geom)?)?;
+        let weight = torch_layout(dw.f32s()?, h, h / geom.groups, geom.kernel);
+        wgrads.map.insert(POS_CONV_WEIGHT.to_string(), Tensor::from_vec(weight, &[h, h / geom.groups, geom.kernel]));
+        wgrads.map.insert("wav2vec2.encoder.pos_conv_embed.conv.bias".to_string(), be.column_sum(&d_pre)?);
     }
-    if let Some(dw) = dw {
-        wgrads.map.insert(POS_CONV_WEIGHT.to_string(), torch_layout(&dw, h, h / geom.groups, geom.kernel));
-        wgrads.map.insert("wav2vec2.encoder.pos_conv_embed.conv.bias".to_string(), bias_grad(&d_pre, h));
-    }
-    Ok(d_proj)
+    be.add(d_sum, &be.conv1d_input_grad(&d_pre, &model.pos_conv_weight, below.seqs, geom)?)
 }
 
-/// Flags `cm` (`[utterances, hidden]`) as a per-frame row lookup.
-fn channel_row(cm: Option<&[bool]>, u: usize, h: usize) -> Option<&[bool]> {
-    cm.map(|cm| &cm[u * h..(u + 1) * h])
-}
-
-/// The time-mask embedding's gradient: `d_proj` summed over the masked frames, except channels
-/// the channel mask zeroed after the embedding went in.
-fn embedding_grad(d_proj: &[f32], seqs: &Seqs, tm: &TimeMask, channel_mask: Option<&[bool]>) -> Vec<f32> {
-    let h = tm.embedding.len();
-    let mut g = vec![0.0f32; h];
-    for u in 0..seqs.count() {
-        let r = seqs.range(u);
-        let rows = d_proj[r.start * h..r.end * h].chunks_exact(h).zip(&tm.frames[r.clone()]).filter(|(_, &m)| m);
-        for (row, _) in rows {
-            match channel_row(channel_mask, u, h) {
-                None => add_assign(&mut g, row),
-                Some(cm) => g.iter_mut().zip(row).zip(cm).filter(|(_, &m)| !m).for_each(|((g, r), _)| *g += r),
-            }
-        }
-    }
-    g
-}
-
-/// The feature projection's gradients: `d_proj` reaches its output except where time masking
-/// replaced a frame or channel masking zeroed a channel; then the linear and the norm. Returns
-/// the gradient at the feature encoder's output.
+/// The feature projection's gradients from the gradient at its output (zero already where
+/// time or channel masking replaced it): the linear, then the norm. Returns the gradient at
+/// the feature encoder's output.
 fn projection_grads(
+    be: &dyn TrainBackend,
     model: &Wav2Vec2,
-    mut d_proj: Vec<f32>,
-    features: &[f32],
-    normed: &[f32],
-    seqs: &Seqs,
-    reg: &Regularisers,
+    d_proj: Tensor,
+    features: &Tensor,
+    normed: &Tensor,
     wgrads: &mut Grads,
-) -> Result<Vec<f32>> {
-    let c = &model.config;
-    let (h, width) = (c.hidden_size, features.len() / seqs.total());
-    for u in 0..seqs.count() {
-        let r = seqs.range(u);
-        for (t, row) in r.clone().zip(d_proj[r.start * h..r.end * h].chunks_exact_mut(h)) {
-            if reg.time_mask.as_ref().is_some_and(|tm| tm.frames[t]) {
-                row.fill(0.0);
-            } else if let Some(cm) = channel_row(reg.channel_mask, u, h) {
-                row.iter_mut().zip(cm).filter(|(_, &m)| m).for_each(|(x, _)| *x = 0.0);
-            }
-        }
-    }
-    let dw = linear_weight_grad(&d_proj, normed, width, h);
-    wgrads.linear("wav2vec2.feature_projection.projection", Some(dw), &d_proj, h);
-    let d_normed = linear_input_grad(&d_proj, model.feature_projection.weight.f32s()?, width, h);
-    wgrads.norm("wav2vec2.feature_projection.layer_norm", &d_normed, features, &model.feature_projection_norm, c.layer_norm_eps)
+) -> Result<Tensor> {
+    let dw = be.linear_weight_grad(&d_proj, normed)?;
+    wgrads.linear("wav2vec2.feature_projection.projection", Some(dw), &d_proj)?;
+    let d_normed = be.linear_input_grad(&d_proj, &model.feature_projection.weight, None)?;
+    wgrads.norm("wav2vec2.feature_projection.layer_norm", &d_normed, features, &model.feature_projection_norm)
 }

@@ -858,7 +858,8 @@ impl Trainer<'_> {
                     blank: self.vocab.blank(),
                     zero_infinity: true,
                 };
-                let mut grads = step(model, &params.masks, r.sparsity(), head, features, &targets, Reduction::Sum, &reg, trained)?;
+                let mut grads =
+                    step(&self.be, model, &params.masks, r.sparsity(), head, features, &targets, Reduction::Sum, &reg, trained)?;
                 if finetuning && trained == Weights::Frozen {
                     grads.embedding = None;
                 }

@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use super::gemm::{matmul, MatRef};
 use super::math::softmax_scaled;
 use crate::backend::Seqs;
-use crate::dropout::Dropout;
+use crate::dropout::ProbDropout;
 
 const QUERIES_PER_BLOCK: usize = 256;
 
@@ -17,22 +17,6 @@ const QUERIES_PER_BLOCK: usize = 256;
 /// columns: one head's slice of packed q, k, v or output.
 pub(super) fn head_view(t: &[f32], stride: usize, col: usize, first: usize, n: usize, hd: usize) -> MatRef<'_> {
     MatRef { data: &t[first * stride + col..], rows: n, cols: hd, row_stride: stride, col_stride: 1 }
-}
-
-/// Dropout on the attention probabilities of one layer (training only).
-#[derive(Clone, Copy)]
-pub struct ProbDropout {
-    pub dropout: Dropout,
-    pub site: u64,
-}
-
-impl ProbDropout {
-    /// Applies the mask to the probabilities of query `row` (packed index) of head `h`, whose
-    /// keys are the utterance's frames in order.
-    pub fn apply(&self, heads: usize, h: usize, row: usize, probs: &mut [f32]) {
-        let base = ((row * heads + h) as u64) << 24;
-        probs.iter_mut().enumerate().for_each(|(j, p)| *p *= self.dropout.factor(self.site, base | j as u64));
-    }
 }
 
 /// `dropout(softmax(q kᵀ · scale)) v` per utterance and head, for packed `qkv [total, 3c]`.

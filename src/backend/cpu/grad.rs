@@ -5,10 +5,11 @@
 
 use rayon::prelude::*;
 
-use super::attention::{head_view, ProbDropout};
+use super::attention::head_view;
 use super::gemm::{matmul, MatRef};
 use super::math;
 use crate::backend::{ConvGeometry, Seqs};
+use crate::dropout::ProbDropout;
 
 /// `dx = dy · W` for `y = x · Wᵀ`, with the CPU's `[in, out]` weight layout `w_t`.
 pub fn linear_input_grad(dy: &[f32], w_t: &[f32], d_in: usize, d_out: usize) -> Vec<f32> {

@@ -4,6 +4,7 @@
 //! a real engine on a laptop.
 
 pub mod attention;
+mod backward;
 mod conv;
 mod ctc;
 pub mod gemm;

@@ -1,0 +1,103 @@
+//! The ops training adds to the forward op set: dropout, the backward pass of every op between
+//! the CTC loss and the trainable tensors, and the score-to-mask routing of S3-Router.
+//!
+//! A training step ([`crate::train::masked::step`]) is written once against
+//! [`TrainBackend`] and runs unchanged on the CPU (the reference, `cpu/backward.rs`) and on the
+//! GPU (`cuda/backward.rs`). Activations are packed `[frames, channels]` f32 as in the forward
+//! pass; weight gradients come back in PyTorch's `[out, in]` layout whatever layout the backend
+//! keeps its weights in.
+
+use anyhow::Result;
+
+use super::{Backend, ConvGeometry, LinearMask, NormParams, Seqs};
+use crate::dropout::{Dropout, ProbDropout};
+use crate::tensor::Tensor;
+
+/// The scores of one masked projection inside a (possibly stacked) linear weight: rows
+/// `row0 .. row0 + scores.rows` of the `[out, in]` weight.
+pub struct ScoredRows<'a> {
+    pub row0: usize,
+    /// `[rows, in]` on this backend.
+    pub scores: &'a Tensor,
+}
+
+/// Layer-norm gradients: the input's, and `(dgamma, dbeta)` when asked for.
+pub type NormGrads = (Tensor, Option<(Tensor, Tensor)>);
+
+pub trait Backward {
+    /// `x * factor(site, i)` for every element `i` ([`Dropout::factor`], bit-identical on every
+    /// backend): the forward mask, and on a gradient the backward (the same diagonal).
+    fn dropout(&self, x: Tensor, d: Dropout, site: u64) -> Result<Tensor>;
+
+    /// `GELU(x)` elementwise (exact erf form).
+    fn gelu(&self, x: &Tensor) -> Result<Tensor>;
+
+    /// `dy · GELU'(x)`.
+    fn gelu_grad(&self, dy: &Tensor, x: &Tensor) -> Result<Tensor>;
+
+    /// `dx = dy · (W ⊙ M)` for `y = x · (W ⊙ M)ᵀ`: `w` as [`Backend::prepare_linear_weight`]
+    /// made it, `mask` as [`Backward::scored_mask`] or [`Backend::prepare_mask`] made it.
+    fn linear_input_grad(&self, dy: &Tensor, w: &Tensor, mask: Option<&LinearMask>) -> Result<Tensor>;
+
+    /// `dW = dyᵀ · x` in PyTorch's `[out, in]` layout.
+    fn linear_weight_grad(&self, dy: &Tensor, x: &Tensor) -> Result<Tensor>;
+
+    /// Column sums of a `[rows, c]` tensor (bias gradients).
+    fn column_sum(&self, x: &Tensor) -> Result<Tensor>;
+
+    /// Gradients of `layer_norm(x)` per row, given the output gradient `dy`.
+    fn layer_norm_grads(&self, dy: &Tensor, x: &Tensor, norm: NormParams, params: bool) -> Result<NormGrads>;
+
+    /// [`Backend::attention`] with dropout on the probabilities (keys of query row `r`, head `h`
+    /// drop as [`ProbDropout::apply`] says), the training forward pass.
+    fn attention_dropout(&self, qkv: &Tensor, seqs: &Seqs, heads: usize, scale: f32, dropout: Option<ProbDropout>) -> Result<Tensor>;
+
+    /// Gradient of [`Backward::attention_dropout`] with respect to the packed `qkv`, the
+    /// probabilities recomputed.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_grad(
+        &self,
+        d_out: &Tensor,
+        qkv: &Tensor,
+        seqs: &Seqs,
+        heads: usize,
+        scale: f32,
+        dropout: Option<ProbDropout>,
+    ) -> Result<Tensor>;
+
+    /// Input gradient of a stride-1 [`Backend::conv1d`] whose output has the input's length
+    /// (the positional conv), per utterance; `w` as [`Backend::prepare_conv_weight`] made it.
+    fn conv1d_input_grad(&self, dy: &Tensor, w: &Tensor, seqs: &Seqs, geom: ConvGeometry) -> Result<Tensor>;
+
+    /// Weight gradient of that conv, summed over utterances, in the time-major
+    /// `[c_out, kernel, c_in / groups]` layout.
+    fn conv1d_weight_grad(&self, dy: &Tensor, x: &Tensor, seqs: &Seqs, geom: ConvGeometry) -> Result<Tensor>;
+
+    /// The keep-mask of a `[d_out, d_in]` linear (the stacked q/k/v one included): in each
+    /// scored row block the `numel - floor(sparsity * numel)` entries of largest |score|, ties
+    /// broken as [`crate::router::top_k_mask`] does; rows no block covers are kept.
+    fn scored_mask(&self, d_out: usize, d_in: usize, blocks: &[ScoredRows], sparsity: f64) -> Result<LinearMask>;
+
+    /// The straight-through score gradient `dW[row0..] ⊙ W[row0..] ⊙ sign(score)` of one
+    /// scored block, from `dw` (`[d_out, d_in]`, PyTorch layout) and the prepared weight `w`.
+    fn score_grad(&self, dw: &Tensor, w: &Tensor, block: &ScoredRows) -> Result<Tensor>;
+
+    /// SpecAugment on packed features: rows flagged in `time` become `embedding`, then channels
+    /// flagged in `channels` (`[utterances, c]`) are zeroed over the utterance.
+    fn mask_features(&self, x: Tensor, seqs: &Seqs, time: Option<(&[bool], &Tensor)>, channels: Option<&[bool]>) -> Result<Tensor>;
+
+    /// Backward of [`Backward::mask_features`]: the input gradient (zero where masked) and, with
+    /// a time mask, the embedding's gradient.
+    fn mask_features_grad(
+        &self,
+        dy: Tensor,
+        seqs: &Seqs,
+        time: Option<&[bool]>,
+        channels: Option<&[bool]>,
+    ) -> Result<(Tensor, Option<Tensor>)>;
+}
+
+/// A device that can train: the forward op set and its backward.
+pub trait TrainBackend: Backend + Backward {}
+
+impl<T: Backend + Backward> TrainBackend for T {}

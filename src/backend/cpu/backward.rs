@@ -1,0 +1,208 @@
+//! The CPU's training ops: thin adapters from [`Backward`] onto the reference gradients in
+//! [`super::grad`] (checked against finite differences there) and the router's top-k.
+
+use anyhow::{bail, ensure, Result};
+use rayon::prelude::*;
+
+use super::attention::attention;
+use super::{as_matrix, data, grad, math, CpuBackend};
+use crate::backend::backward::{Backward, NormGrads, ScoredRows};
+use crate::backend::{ConvGeometry, LinearMask, NormParams, Seqs};
+use crate::dropout::{Dropout, ProbDropout};
+use crate::router::{score_grad, top_k_mask};
+use crate::tensor::Tensor;
+
+/// `(c_out, c_in)` of a time-major conv weight `[c_out, kernel, c_in / groups]`.
+fn conv_channels(w: &Tensor, geom: ConvGeometry) -> Result<(usize, usize)> {
+    let &[c_out, kernel, cg] = w.shape() else { bail!("conv weight must be [out, kernel, in/groups], found {:?}", w.shape()) };
+    ensure!(kernel == geom.kernel, "conv weight {:?} does not fit the geometry {geom:?}", w.shape());
+    Ok((c_out, cg * geom.groups))
+}
+
+/// The gathered rows `row0..row0 + rows` of the CPU's `[in, out]` weight as `[rows, in]`.
+fn weight_rows(w_t: &[f32], d_in: usize, d_out: usize, row0: usize, rows: usize) -> Vec<f32> {
+    (0..rows * d_in).map(|j| w_t[(j % d_in) * d_out + row0 + j / d_in]).collect()
+}
+
+impl Backward for CpuBackend {
+    fn dropout(&self, x: Tensor, d: Dropout, site: u64) -> Result<Tensor> {
+        let shape = x.shape().to_vec();
+        let mut v = x.into_f32_vec()?;
+        d.apply(site, &mut v);
+        Ok(Tensor::from_vec(v, &shape))
+    }
+
+    fn gelu(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(Tensor::from_vec(data(x)?.par_iter().map(|&v| math::gelu(v)).collect(), x.shape()))
+    }
+
+    fn gelu_grad(&self, dy: &Tensor, x: &Tensor) -> Result<Tensor> {
+        ensure!(dy.shape() == x.shape(), "GELU backward: gradient {:?} for an input {:?}", dy.shape(), x.shape());
+        Ok(Tensor::from_vec(grad::gelu_input_grad(data(dy)?, data(x)?), x.shape()))
+    }
+
+    fn linear_input_grad(&self, dy: &Tensor, w: &Tensor, mask: Option<&LinearMask>) -> Result<Tensor> {
+        let &[d_in, d_out] = w.shape() else { bail!("linear weight must be 2-D, found {:?}", w.shape()) };
+        let (n, cols) = as_matrix(dy);
+        ensure!(cols == d_out, "linear backward: gradient has {cols} columns for a weight with {d_out} outputs");
+        let masked;
+        let w_t = match mask {
+            None => data(w)?,
+            Some(LinearMask::Host(bits)) => {
+                masked = crate::mask::apply(data(w)?, &crate::mask::unpack(bits, d_in * d_out));
+                &masked
+            }
+            Some(LinearMask::Cuda(_)) => bail!("a mask prepared for the GPU was given to the CPU backend"),
+        };
+        Ok(Tensor::from_vec(grad::linear_input_grad(data(dy)?, w_t, d_in, d_out), &[n, d_in]))
+    }
+
+    fn linear_weight_grad(&self, dy: &Tensor, x: &Tensor) -> Result<Tensor> {
+        let ((n, d_out), (rows, d_in)) = (as_matrix(dy), as_matrix(x));
+        ensure!(n == rows, "linear weight gradient: {n} gradient rows for {rows} input rows");
+        Ok(Tensor::from_vec(grad::linear_weight_grad(data(dy)?, data(x)?, d_in, d_out), &[d_out, d_in]))
+    }
+
+    fn column_sum(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, c) = as_matrix(x);
+        Ok(Tensor::from_vec(grad::bias_grad(data(x)?, c), &[c]))
+    }
+
+    fn layer_norm_grads(&self, dy: &Tensor, x: &Tensor, norm: NormParams, params: bool) -> Result<NormGrads> {
+        ensure!(dy.shape() == x.shape(), "layer norm backward: gradient {:?} for an input {:?}", dy.shape(), x.shape());
+        let gamma = data(norm.gamma)?;
+        let (_, c) = as_matrix(x);
+        ensure!(gamma.len() == c, "layer norm over {c} channels has {} weights", gamma.len());
+        let (dx, p) = grad::layer_norm_grads(data(dy)?, data(x)?, gamma, norm.eps, params);
+        Ok((Tensor::from_vec(dx, x.shape()), p.map(|(g, b)| (Tensor::from_vec(g, &[c]), Tensor::from_vec(b, &[c])))))
+    }
+
+    fn attention_dropout(&self, qkv: &Tensor, seqs: &Seqs, heads: usize, scale: f32, dropout: Option<ProbDropout>) -> Result<Tensor> {
+        let (rows, c3) = as_matrix(qkv);
+        ensure!(rows == seqs.total() && c3 % 3 == 0, "attention: {:?} does not hold q, k, v of {} frames", qkv.shape(), seqs.total());
+        Ok(Tensor::from_vec(attention(data(qkv)?, c3 / 3, seqs, heads, scale, dropout), &[rows, c3 / 3]))
+    }
+
+    fn attention_grad(
+        &self,
+        d_out: &Tensor,
+        qkv: &Tensor,
+        seqs: &Seqs,
+        heads: usize,
+        scale: f32,
+        dropout: Option<ProbDropout>,
+    ) -> Result<Tensor> {
+        let (rows, c3) = as_matrix(qkv);
+        ensure!(d_out.numel() * 3 == qkv.numel(), "attention backward: gradient {:?} for qkv {:?}", d_out.shape(), qkv.shape());
+        Ok(Tensor::from_vec(grad::attention_grad(data(d_out)?, data(qkv)?, c3 / 3, seqs, heads, scale, dropout), &[rows, c3]))
+    }
+
+    fn conv1d_input_grad(&self, dy: &Tensor, w: &Tensor, seqs: &Seqs, geom: ConvGeometry) -> Result<Tensor> {
+        let (c_out, c_in) = conv_channels(w, geom)?;
+        ensure!(dy.numel() == seqs.total() * c_out, "conv backward: gradient {:?} for {} frames x {c_out}", dy.shape(), seqs.total());
+        let (dy, w) = (data(dy)?, data(w)?);
+        let mut dx = Vec::with_capacity(seqs.total() * c_in);
+        for u in 0..seqs.count() {
+            let r = seqs.range(u);
+            dx.extend(grad::conv1d_input_grad(&dy[r.start * c_out..r.end * c_out], w, c_in, c_out, r.len(), geom));
+        }
+        Ok(Tensor::from_vec(dx, &[seqs.total(), c_in]))
+    }
+
+    fn conv1d_weight_grad(&self, dy: &Tensor, x: &Tensor, seqs: &Seqs, geom: ConvGeometry) -> Result<Tensor> {
+        let ((_, c_out), (_, c_in)) = (as_matrix(dy), as_matrix(x));
+        ensure!(c_in % geom.groups == 0, "conv: {c_in} channels do not split into {} groups", geom.groups);
+        let (dy, x) = (data(dy)?, data(x)?);
+        let mut dw = vec![0.0f32; c_out * geom.kernel * c_in / geom.groups];
+        for u in 0..seqs.count() {
+            let r = seqs.range(u);
+            let g = grad::conv1d_weight_grad(&dy[r.start * c_out..r.end * c_out], &x[r.start * c_in..r.end * c_in], c_in, c_out, geom);
+            math::add_assign(&mut dw, &g);
+        }
+        Ok(Tensor::from_vec(dw, &[c_out, geom.kernel, c_in / geom.groups]))
+    }
+
+    fn scored_mask(&self, d_out: usize, d_in: usize, blocks: &[ScoredRows], sparsity: f64) -> Result<LinearMask> {
+        // Bits over the CPU's [in, out] layout (what linear_segments applies).
+        let mut keep = vec![true; d_in * d_out];
+        for b in blocks {
+            let scores = data(b.scores)?;
+            ensure!(
+                scores.len() % d_in == 0 && b.row0 + scores.len() / d_in <= d_out,
+                "scores {:?} do not fit a {d_out} x {d_in} weight",
+                b.scores.shape()
+            );
+            for (j, k) in top_k_mask(scores, sparsity).into_iter().enumerate() {
+                keep[(j % d_in) * d_out + b.row0 + j / d_in] = k;
+            }
+        }
+        Ok(LinearMask::Host(crate::mask::pack(&keep)))
+    }
+
+    fn score_grad(&self, dw: &Tensor, w: &Tensor, block: &ScoredRows) -> Result<Tensor> {
+        let &[d_in, d_out] = w.shape() else { bail!("linear weight must be 2-D, found {:?}", w.shape()) };
+        let scores = data(block.scores)?;
+        let rows = scores.len() / d_in.max(1);
+        ensure!(
+            dw.shape() == [d_out, d_in] && block.row0 + rows <= d_out,
+            "score gradient: dW {:?} for a weight {:?}",
+            dw.shape(),
+            w.shape()
+        );
+        let weight = weight_rows(data(w)?, d_in, d_out, block.row0, rows);
+        let dw = &data(dw)?[block.row0 * d_in..(block.row0 + rows) * d_in];
+        Ok(Tensor::from_vec(score_grad(dw, &weight, scores), block.scores.shape()))
+    }
+
+    fn mask_features(&self, x: Tensor, seqs: &Seqs, time: Option<(&[bool], &Tensor)>, channels: Option<&[bool]>) -> Result<Tensor> {
+        let (shape, (_, c)) = (x.shape().to_vec(), as_matrix(&x));
+        let mut v = x.into_f32_vec()?;
+        if let Some((frames, embedding)) = time {
+            let embedding = data(embedding)?;
+            for (row, _) in v.chunks_exact_mut(c).zip(frames).filter(|(_, &m)| m) {
+                row.copy_from_slice(embedding);
+            }
+        }
+        if let Some(cm) = channels {
+            for u in 0..seqs.count() {
+                for row in v[seqs.range(u).start * c..seqs.range(u).end * c].chunks_exact_mut(c) {
+                    row.iter_mut().zip(&cm[u * c..(u + 1) * c]).filter(|(_, &m)| m).for_each(|(x, _)| *x = 0.0);
+                }
+            }
+        }
+        Ok(Tensor::from_vec(v, &shape))
+    }
+
+    fn mask_features_grad(
+        &self,
+        dy: Tensor,
+        seqs: &Seqs,
+        time: Option<&[bool]>,
+        channels: Option<&[bool]>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let (shape, (_, c)) = (dy.shape().to_vec(), as_matrix(&dy));
+        let mut v = dy.into_f32_vec()?;
+        let channel_row = |u: usize| channels.map(|cm| &cm[u * c..(u + 1) * c]);
+        let mut embedding = time.map(|_| vec![0.0f32; c]);
+        for u in 0..seqs.count() {
+            let r = seqs.range(u);
+            for (t, row) in r.clone().zip(v[r.start * c..r.end * c].chunks_exact_mut(c)) {
+                if let (Some(g), Some(frames)) = (embedding.as_mut(), time) {
+                    if frames[t] {
+                        // The embedding reaches every channel the channel mask did not zero after it.
+                        match channel_row(u) {
+                            None => math::add_assign(g, row),
+                            Some(cm) => g.iter_mut().zip(row.iter()).zip(cm).filter(|(_, &m)| !m).for_each(|((g, r), _)| *g += r),
+                        }
+                        row.fill(0.0);
+                        continue;
+                    }
+                }
+                if let Some(cm) = channel_row(u) {
+                    row.iter_mut().zip(cm).filter(|(_, &m)| m).for_each(|(x, _)| *x = 0.0);
+                }
+            }
+        }
+        Ok((Tensor::from_vec(v, &shape), embedding.map(|g| Tensor::from_vec(g, &[c]))))
+    }
+}
