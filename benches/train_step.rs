@@ -1,13 +1,17 @@
-//! One S3-Router forward/backward on the CPU at full wav2vec2-base size (random weights): batch
-//! 2 x 5 s, masks on the 24 FFN matrices at sparsity 0.1, CTC against 60 labels per utterance.
+//! One S3-Router forward/backward at full wav2vec2-base size (random weights), on the CPU (batch
+//! 2 x 5 s, 60 labels per utterance) and, where there is one, the GPU in fp32 (batch 8 x 15 s,
+//! 220 labels: the shape of ../shared/bench/torch_w2v2_anchor.py); masks on the 24 FFN matrices
+//! at sparsity 0.1. GPU gradients come back to the host, and Adam runs there.
 //! "step" is the forward/backward (masks from the scores included); "update" adds the Adam update
 //! of the 56.6M scores and the head, which is what the PyTorch anchor
 //! (../shared/bench/torch_w2v2_cpu_anchor.py) times. "finetune step" is weight finetuning's
 //! forward/backward (no masks, every weight above the feature encoder trains).
-//! `cargo bench --bench train_step`.
+//! `cargo bench --bench train_step` (`-- cuda` for the GPU ones only).
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use s3router::backend::backward::TrainBackend;
 use s3router::backend::cpu::CpuBackend;
+use s3router::backend::cuda::{unavailable_reason, CudaBackend, Precision};
 use s3router::ctc::{CtcTargets, Reduction};
 use s3router::model::checkpoint::{RandomWeights, WeightSource};
 use s3router::model::config::Config;
@@ -18,41 +22,48 @@ use s3router::train::adam::Adam;
 use s3router::train::finetune::Overlay;
 use s3router::train::masked::{step, Features, MaskScope, MaskedWeight, Regularisers, Weights, POS_CONV_WEIGHT};
 
-fn train_step_base_b2x5s(c: &mut Criterion) {
-    let be = CpuBackend;
-    let model = Wav2Vec2::from_weights(Config::preset("base").unwrap(), &RandomWeights { seed: 0 }, &be).unwrap();
+fn train_step_base(c: &mut Criterion) {
+    bench_device(c, &CpuBackend, "cpu", 2, 5, 60);
+    match unavailable_reason() {
+        None => bench_device(c, &CudaBackend::new(0, Precision::F32).unwrap(), "cuda", 8, 15, 220),
+        Some(why) => eprintln!("skipping the GPU benches: {why}"),
+    }
+}
+
+/// The four benches on `be`: `batch` clips of `seconds` with `labels` targets each.
+fn bench_device(c: &mut Criterion, be: &dyn TrainBackend, device: &str, batch: usize, seconds: usize, labels: usize) {
+    let shape = format!("wav2vec2-base b{batch}x{seconds}s {device}");
+    let model = Wav2Vec2::from_weights(Config::preset("base").unwrap(), &RandomWeights { seed: 0 }, be).unwrap();
     let mut rng = SplitMix(1);
     let mut masks: Vec<MaskedWeight> = (0..model.layers.len())
         .flat_map(|i| MaskScope::Ffn.parts().iter().map(move |&p| (i, p)))
         .map(|(i, p)| {
-            let mut m = MaskedWeight::new(&model, i, p, Vec::new()).unwrap();
+            let mut m = MaskedWeight::load(&RandomWeights { seed: 0 }, &model.config, i, p, Vec::new()).unwrap();
             m.scores = init_scores(&m.weight, m.d_in, Init::WeightRank, 0.1, &mut rng);
             m
         })
         .collect();
-    let clips: Vec<Vec<f32>> =
-        (0..2).map(|b| (0..80_000).map(|i| ((i as f32 * 0.013 * (b + 1) as f32).sin() + rng.symmetric() * 0.2) * 0.3).collect()).collect();
+    let clips: Vec<Vec<f32>> = (0..batch)
+        .map(|b| (0..seconds * 16_000).map(|i| ((i as f32 * 0.013 * (b + 1) as f32).sin() + rng.symmetric() * 0.2) * 0.3).collect())
+        .collect();
     let inputs: Vec<&[f32]> = clips.iter().map(Vec::as_slice).collect();
-    let labels = (0..2).map(|_| (0..60).map(|_| 1 + (rng.next_u64() % 31) as u32).collect()).collect();
+    let labels = (0..batch).map(|_| (0..labels).map(|_| 1 + (rng.next_u64() % 31) as u32).collect()).collect();
     let targets = CtcTargets { labels, blank: 0, zero_infinity: true };
     let head = model.lm_head.as_ref().unwrap();
     let mut g = c.benchmark_group("train");
     g.sample_size(10);
     let reg = Regularisers::default();
-    g.bench_function("s3router step wav2vec2-base b2x5s cpu", |b| {
-        b.iter(|| {
-            step(&CpuBackend, &model, &masks, 0.1, head, Features::Audio(&inputs), &targets, Reduction::Sum, &reg, Weights::Frozen).unwrap()
-        })
+    g.bench_function(format!("s3router step {shape}"), |b| {
+        b.iter(|| step(be, &model, &masks, 0.1, head, Features::Audio(&inputs), &targets, Reduction::Sum, &reg, Weights::Frozen).unwrap())
     });
     let mut sizes: Vec<usize> = masks.iter().map(|m| m.scores.len()).collect();
     sizes.extend([head.weight.numel(), head.bias.numel()]);
     let mut adam = Adam::new(&sizes);
     let (mut head_w, mut head_b) = (vec![0.0f32; head.weight.numel()], vec![0.0f32; head.bias.numel()]);
-    g.bench_function("s3router update (step + Adam) wav2vec2-base b2x5s cpu", |b| {
+    g.bench_function(format!("s3router update (step + Adam) {shape}"), |b| {
         b.iter(|| {
             let out =
-                step(&CpuBackend, &model, &masks, 0.1, head, Features::Audio(&inputs), &targets, Reduction::Sum, &reg, Weights::Frozen)
-                    .unwrap();
+                step(be, &model, &masks, 0.1, head, Features::Audio(&inputs), &targets, Reduction::Sum, &reg, Weights::Frozen).unwrap();
             let mut grads: Vec<Option<&[f32]>> = out.scores.iter().map(|g| g.as_deref()).collect();
             grads.extend([Some(out.head_weight.as_slice()), Some(out.head_bias.as_slice())]);
             let mut params: Vec<&mut [f32]> = masks.iter_mut().map(|m| m.scores.as_mut_slice()).collect();
@@ -60,10 +71,9 @@ fn train_step_base_b2x5s(c: &mut Criterion) {
             adam.update(&mut params, &grads, 5e-5);
         })
     });
-    g.bench_function("finetune step (every weight's gradient) wav2vec2-base b2x5s cpu", |b| {
+    g.bench_function(format!("finetune step (every weight's gradient) {shape}"), |b| {
         b.iter(|| {
-            step(&CpuBackend, &model, &[], 0.0, head, Features::Audio(&inputs), &targets, Reduction::Sum, &reg, Weights::AboveEncoder)
-                .unwrap()
+            step(be, &model, &[], 0.0, head, Features::Audio(&inputs), &targets, Reduction::Sum, &reg, Weights::AboveEncoder).unwrap()
         })
     });
     // The finetuning update as `engine finetune` runs it: the model rebuilt from the trained
@@ -73,14 +83,13 @@ fn train_step_base_b2x5s(c: &mut Criterion) {
     let names: Vec<(String, Vec<usize>)> = trained_shapes(&config);
     let mut weights: Vec<Vec<f32>> = names.iter().map(|(n, shape)| source.get(n, shape).unwrap().to_vec().unwrap()).collect();
     let mut adam = Adam::new(&weights.iter().map(Vec::len).collect::<Vec<_>>());
-    g.bench_function("finetune update (rebuild + step + Adam) wav2vec2-base b2x5s cpu", |b| {
+    g.bench_function(format!("finetune update (rebuild + step + Adam) {shape}"), |b| {
         b.iter(|| {
             let overlay = Overlay::new(&source, names.iter().zip(&weights).map(|((n, s), w)| (n.as_str(), s.as_slice(), w.as_slice())));
-            let model = Wav2Vec2::from_weights(config.clone(), &overlay, &be).unwrap();
+            let model = Wav2Vec2::from_weights(config.clone(), &overlay, be).unwrap();
             let head = model.lm_head.as_ref().unwrap();
             let mut out =
-                step(&CpuBackend, &model, &[], 0.0, head, Features::Audio(&inputs), &targets, Reduction::Sum, &reg, Weights::AboveEncoder)
-                    .unwrap();
+                step(be, &model, &[], 0.0, head, Features::Audio(&inputs), &targets, Reduction::Sum, &reg, Weights::AboveEncoder).unwrap();
             let folded = out.weights.remove(POS_CONV_WEIGHT);
             let grads: Vec<Option<Vec<f32>>> =
                 names.iter().map(|(n, _)| if n == POS_CONV_V { folded.clone() } else { out.weights.remove(n) }).collect();
@@ -130,5 +139,5 @@ fn trained_shapes(config: &Config) -> Vec<(String, Vec<usize>)> {
 
 const POS_CONV_V: &str = "wav2vec2.encoder.pos_conv_embed.conv.parametrizations.weight.original1";
 
-criterion_group!(benches, train_step_base_b2x5s);
+criterion_group!(benches, train_step_base);
 criterion_main!(benches);

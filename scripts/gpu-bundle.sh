@@ -21,8 +21,8 @@ for line in sys.stdin:
 cargo build --release --bin engine
 cp target/release/engine "$out/bin/"
 # The GPU test suite (the CPU suites need cargo's build paths and run in CI anyway).
-cargo test --release --test cuda --no-run --message-format=json 2>/dev/null | executables test | xargs -r cp -t "$out/tests/"
-cargo bench --no-run --bench cuda_kernels --message-format=json 2>/dev/null | executables bench | xargs -r cp -t "$out/bin/"
+cargo test --release --test cuda --test cuda_train --no-run --message-format=json 2>/dev/null | executables test | xargs -r cp -t "$out/tests/"
+cargo bench --no-run --bench cuda_kernels --bench train_step --message-format=json 2>/dev/null | executables bench | xargs -r cp -t "$out/bin/"
 strip "$out"/bin/* "$out"/tests/* 2>/dev/null || true
 anchor=../shared/bench/torch_w2v2_anchor.py
 [ -f "$anchor" ] && cp "$anchor" "$out/"
@@ -41,6 +41,9 @@ for t in "$b"/tests/*; do
 done
 "$b/bin/engine" infer --device cuda --model weights/tiny-random-wav2vec2 tests/fixtures/audio/utt0.wav tests/fixtures/audio/utt1.wav
 "$b"/bin/cuda_kernels* | tee "$out/kernels.md"
+# Training on the GPU: the demo end to end, then the step benches (criterion, GPU ones only).
+timeout "${DEMO_TIMEOUT:-240}" "$b/bin/engine" train --device cuda --out "$out/demo" 2>&1 | tail -15 | tee "$out/demo.txt"
+"$b"/bin/train_step* --bench cuda 2>&1 | grep -E "cuda|time:" | tee "$out/train_step.txt"
 for p in f32 bf16; do
     for shape in "8 15" "1 10"; do
         set -- $shape
@@ -49,10 +52,10 @@ for p in f32 bf16; do
 done | tee "$out/forward.txt"
 if [ -f "$b/torch_w2v2_anchor.py" ]; then
     OUT="$out" timeout "${TORCH_TIMEOUT:-300}" python3 "$b/torch_w2v2_anchor.py" >"$out/torch.log" 2>&1 || echo "torch anchor stopped early (see torch.log)"
-    grep -E "gemm_ffn|sdpa|infer_b" "$out/torch.log"
+    grep -E "gemm_ffn|sdpa|infer_b|train_" "$out/torch.log"
 fi
 echo; echo "== summary"; cat "$out/gpu.txt"; grep -h "^test result" "$out"/test-*.log | sort | uniq -c
-cat "$out/forward.txt"
+cat "$out/forward.txt" "$out/train_step.txt"
 exit $fail
 RUN
 chmod +x "$out/run.sh"

@@ -18,6 +18,12 @@ impl Dropout {
         self.p > 0.0
     }
 
+    /// The hash of (seed, site) every element's draw of `site` starts from (GPU kernels take it
+    /// precomputed).
+    pub fn site_key(&self, site: u64) -> u64 {
+        mix(self.seed ^ site.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+    }
+
     /// The factor element `i` of `site` is multiplied by: 0 if dropped, else `1 / (1 - p)`
     /// (inverted dropout, as PyTorch scales).
     pub fn factor(&self, site: u64, i: u64) -> f32 {
@@ -25,7 +31,7 @@ impl Dropout {
             return 1.0;
         }
         // The top 24 bits as a uniform draw in [0, 1), compared in f32 like torch.rand.
-        let u = (mix(mix(self.seed ^ site.wrapping_mul(0x9e37_79b9_7f4a_7c15)) ^ i) >> 40) as f32 / (1u32 << 24) as f32;
+        let u = (mix(self.site_key(site) ^ i) >> 40) as f32 / (1u32 << 24) as f32;
         if u < self.p {
             0.0
         } else {

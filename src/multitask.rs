@@ -95,7 +95,7 @@ impl<'a> MultiRecognizer<'a> {
                         set.vocab_path().with_context(|| format!("task {name}: {} has a head but no vocab.json", mask_dir.display()))?;
                     ensure!(blank < b.numel(), "task {name}: the head has {} outputs but the model's pad_token_id is {blank}", b.numel());
                     let vocab = Vocab::load(&vocab_path, b.numel(), blank).with_context(|| format!("task {name}"))?;
-                    let head = Linear::from_cpu(backend.prepare_linear_weight(w)?, backend.upload(b)?);
+                    let head = Linear::prepared(backend.prepare_linear_weight(w)?, backend.upload(b)?);
                     (head, vocab, (w.numel() + b.numel()) * 4)
                 }
                 None => bail!("task {name}: {} has no head.safetensors (a mask set from `engine train` carries one)", mask_dir.display()),

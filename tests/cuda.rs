@@ -5,11 +5,9 @@
 
 mod common;
 
-use std::io::Write;
-
-use common::{ctc_cases, fixtures, random, reference, rel_l2, two_tasks, utterances};
+use common::{assert_close, ctc_cases, fixtures, gpu, random, reference, rel_l2, two_tasks, utterances};
 use s3router::backend::cpu::CpuBackend;
-use s3router::backend::cuda::{unavailable_reason, CudaBackend, Precision};
+use s3router::backend::cuda::{CudaBackend, Precision};
 use s3router::backend::{Activation, Backend, ConvGeometry, LinearMask, NormParams, Seqs};
 use s3router::ctc::{ctc_loss, greedy_ids, CtcTargets, Reduction};
 use s3router::data::audio;
@@ -20,20 +18,6 @@ use s3router::multitask::MultiRecognizer;
 use s3router::tensor::Tensor;
 
 const F32_TOL: f64 = 1e-5;
-
-fn gpu(precision: Precision) -> Option<CudaBackend> {
-    if let Some(why) = unavailable_reason() {
-        if std::env::var("S3R_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-            panic!("S3R_REQUIRE_GPU=1 but no GPU: {why}");
-        }
-        // Straight to stderr, past the test harness's capture, so the skip is visible.
-        let _ = writeln!(std::io::stderr(), "skipping GPU test: {why}");
-        return None;
-    }
-    let mut be = CudaBackend::new(0, precision).unwrap();
-    be.set_poison(true);
-    Some(be)
-}
 
 /// The bf16 backend twice: with the mma.sync GEMM (default) and with the WMMA GEMM only.
 fn bf16_backends() -> Vec<CudaBackend> {
@@ -49,11 +33,6 @@ fn host(v: Vec<f32>, shape: &[usize]) -> Tensor {
 
 fn back(be: &CudaBackend, t: &Tensor) -> Vec<f32> {
     be.to_host(t).unwrap().to_vec().unwrap()
-}
-
-fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64) {
-    let err = rel_l2(got, want);
-    assert!(err <= tol, "{what}: rel L2 {err:.3e} > {tol:.0e}");
 }
 
 #[test]

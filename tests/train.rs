@@ -35,6 +35,8 @@ fn adam_follows_torch_optim_adam() {
 /// One fixture case: the model, its inputs and the PyTorch reference gradients.
 struct Case {
     model: Wav2Vec2,
+    /// The model's checkpoint (masked weights are read from it).
+    source: Checkpoint,
     audio: Vec<Vec<f32>>,
     targets: CtcTargets,
     /// Packed time-mask flags (empty without time masking).
@@ -66,7 +68,8 @@ impl Case {
                 frames.extend(spans_to_flags(spans, lens[u]));
             }
         }
-        Case { model, audio, targets, frames, meta: m, grads, key: key.to_string() }
+        let source = Checkpoint::open_dir(&dir).unwrap();
+        Case { model, source, audio, targets, frames, meta: m, grads, key: key.to_string() }
     }
 
     fn masks(&self, scope: MaskScope) -> Vec<MaskedWeight> {
@@ -74,7 +77,7 @@ impl Case {
             .flat_map(|i| scope.parts().iter().map(move |&p| (i, p)))
             .map(|(i, p)| {
                 let scores = self.grads.tensor(&format!("{}/{}.scores", self.key, p.weight_name(i))).unwrap().to_vec().unwrap();
-                MaskedWeight::new(&self.model, i, p, scores).unwrap()
+                MaskedWeight::load(&self.source, &self.model.config, i, p, scores).unwrap()
             })
             .collect()
     }

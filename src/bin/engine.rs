@@ -22,7 +22,7 @@ use s3router::multitask::{parse_routed, parse_task, MultiRecognizer};
 use s3router::plot;
 use s3router::train::demo;
 use s3router::train::prune::{prune, Method as PruneMethod, PruneArgs};
-use s3router::train::run::{train, Learn, Recipe, RunOptions, Summary, INITIAL_MASKS};
+use s3router::train::run::{train, Device as TrainDevice, Learn, Recipe, RunOptions, Summary, INITIAL_MASKS};
 
 #[derive(Parser)]
 #[command(name = "engine", version, about = "S3-Router engine: wav2vec2 / XLS-R inference and mask learning")]
@@ -132,17 +132,14 @@ struct RunArgs {
     /// Memory (MB) for caching the frozen feature encoder's output per training utterance.
     #[arg(long, default_value_t = 2048)]
     feature_cache_mb: usize,
-    /// Compute device (training runs on the CPU so far).
+    /// Compute device: the CPU, or the first GPU (fp32; kernels built with nvcc, see README).
     #[arg(long, value_enum, default_value = "cpu")]
     device: Device,
 }
 
 impl RunArgs {
     /// The run options, with `default_out` when --out is absent (`None`: --out is required).
-    fn options(self, command: &str, default_out: Option<&str>) -> Result<RunOptions> {
-        if matches!(self.device, Device::Cuda) {
-            bail!("engine {command} runs on the CPU for now: the CUDA backward kernels are not written yet (use --device cpu)");
-        }
+    fn options(self, default_out: Option<&str>) -> Result<RunOptions> {
         let out = match (self.out, default_out) {
             (Some(out), _) => out,
             (None, Some(d)) => PathBuf::from(d),
@@ -155,6 +152,10 @@ impl RunArgs {
             save_every: self.save_every,
             progress: !self.quiet,
             feature_cache_bytes: self.feature_cache_mb << 20,
+            device: match self.device {
+                Device::Cpu => TrainDevice::Cpu,
+                Device::Cuda => TrainDevice::Cuda,
+            },
         })
     }
 }
@@ -747,7 +748,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Train { recipe, run } => {
             let demo = recipe.model.is_none() && recipe.train.is_none();
-            let opts = run.options("train", demo.then_some("runs/demo"))?;
+            let opts = run.options(demo.then_some("runs/demo"))?;
             let out = opts.out.clone();
             if demo {
                 let started = std::time::Instant::now();
@@ -764,7 +765,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Prune { mut recipe, method, pretrained, reprune_every, freeze_updates, run } => {
             let sparsity = recipe.sparsity.take().context("--sparsity is required: the fraction of the pruned weights to drop")?;
-            let opts = run.options("prune", None)?;
+            let opts = run.options(None)?;
             let args = PruneArgs { method, sparsity, pretrained, reprune_every, freeze_updates };
             let s = prune(*recipe.clone(), &args, &opts)?;
             print_summary(&recipe, &opts, &s, "masks and the model they apply to");
@@ -772,7 +773,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Finetune { mut recipe, freeze_updates, train_feature_encoder, run } => {
             recipe.learn = Learn::Weights { freeze_updates, train_feature_encoder, prune: None };
-            run_training(&recipe, &run.options("finetune", None)?, "model")
+            run_training(&recipe, &run.options(None)?, "model")
         }
         Command::Masks(MasksCommand::Stats { model, json, dir }) => masks_stats(&model, &dir, json),
         Command::Masks(MasksCommand::Compare { json, csv, permutations, plots, inventory, sets }) => {

@@ -59,8 +59,9 @@ impl Linear {
         Ok(Linear { weight, bias: be.upload(&ck.get(&format!("{prefix}.bias"), &[d_out])?)?, sparse: None })
     }
 
-    /// A linear over a CPU-layout weight (the trainer's head, built from its own tensors).
-    pub fn from_cpu(weight: Tensor, bias: Tensor) -> Linear {
+    /// A linear over a weight and bias already in the backend's layout (a trainer's or a task's
+    /// head, built from its own tensors).
+    pub fn prepared(weight: Tensor, bias: Tensor) -> Linear {
         Linear { weight, bias, sparse: None }
     }
 

@@ -22,6 +22,8 @@ use crate::backend::backward::{ScoredRows, TrainBackend};
 use crate::backend::{Activation, LinearMask, Seqs};
 use crate::ctc::{ctc_loss, CtcTargets, Reduction};
 use crate::dropout::{Dropout, ProbDropout};
+use crate::model::checkpoint::WeightSource;
+use crate::model::config::Config;
 use crate::model::wav2vec2::{torch_layout, EncoderLayer, Linear, Norm};
 use crate::model::Wav2Vec2;
 use crate::tensor::Tensor;
@@ -74,6 +76,16 @@ impl Part {
         format!("wav2vec2.encoder.layers.{layer}.{suffix}.weight")
     }
 
+    /// `[out, in]` of this projection's weight.
+    pub fn shape(self, c: &Config) -> [usize; 2] {
+        let (h, inter) = (c.hidden_size, c.intermediate_size);
+        match self {
+            Part::Intermediate => [inter, h],
+            Part::Output => [h, inter],
+            _ => [h, h],
+        }
+    }
+
     /// The loaded linear holding this projection and the first output row it occupies there
     /// (q, k and v are stacked into one projection).
     pub fn linear(self, layer: &EncoderLayer) -> (&Linear, usize) {
@@ -100,15 +112,14 @@ pub struct MaskedWeight {
 }
 
 impl MaskedWeight {
-    /// The frozen `[out, in]` weight of `part` of `model`'s layer `layer` (CPU-prepared linears
-    /// are stored `[in, out]`), with `scores` (empty: zeros, to be initialised by the caller).
-    pub fn new(model: &Wav2Vec2, layer: usize, part: Part, scores: Vec<f32>) -> Result<MaskedWeight> {
+    /// The frozen `[out, in]` weight of `part` of layer `layer` read from `src` (a checkpoint,
+    /// whatever device the model runs on), with `scores` (empty: zeros, to be initialised by
+    /// the caller).
+    pub fn load(src: &dyn WeightSource, config: &Config, layer: usize, part: Part, scores: Vec<f32>) -> Result<MaskedWeight> {
         let name = part.weight_name(layer);
-        let l = model.layers.get(layer).ok_or_else(|| anyhow::anyhow!("{name}: the model has {} layers", model.layers.len()))?;
-        let (lin, row0) = part.linear(l);
-        let &[d_in, stacked] = lin.weight.shape() else { anyhow::bail!("{name}: not a 2-D weight") };
-        let d_out = if matches!(part, Part::Query | Part::Key | Part::Value) { stacked / 3 } else { stacked };
-        let weight = lin.rows_out_in(row0, d_out).with_context(|| name.clone())?;
+        ensure!(layer < config.num_hidden_layers, "{name}: the model has {} layers", config.num_hidden_layers);
+        let [d_out, d_in] = part.shape(config);
+        let weight = src.get(&name, &[d_out, d_in])?.to_vec().with_context(|| name.clone())?;
         let scores = if scores.is_empty() { vec![0.0; weight.len()] } else { scores };
         ensure!(scores.len() == weight.len(), "{name}: {} scores for a {d_out} x {d_in} weight", scores.len());
         Ok(MaskedWeight { layer, part, d_out, d_in, weight, scores })

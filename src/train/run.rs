@@ -26,8 +26,10 @@ use super::masked::{step, Features, MaskScope, MaskedWeight, Regularisers, StepG
 use super::prune::{Keep, Prune, Pruner};
 use super::schedule::TriStage;
 use super::specaugment::span_mask;
+use crate::backend::backward::TrainBackend;
 use crate::backend::cpu::math::add_assign;
 use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::{CudaBackend, Precision};
 use crate::backend::Backend;
 use crate::ctc::{CtcTargets, Reduction};
 use crate::data::dataset::{self, Dataset, DatasetOptions, Format, LabelKind, Subset};
@@ -238,6 +240,25 @@ pub struct RunOptions {
     pub progress: bool,
     /// Memory for caching the frozen feature encoder's output per training utterance (bytes).
     pub feature_cache_bytes: usize,
+    pub device: Device,
+}
+
+/// Where a run computes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Device {
+    #[default]
+    Cpu,
+    /// The first GPU, in fp32.
+    Cuda,
+}
+
+impl Device {
+    fn backend(self) -> Result<Box<dyn TrainBackend>> {
+        Ok(match self {
+            Device::Cpu => Box::new(CpuBackend),
+            Device::Cuda => Box::new(CudaBackend::new(0, Precision::F32)?),
+        })
+    }
 }
 
 impl Recipe {
@@ -393,10 +414,10 @@ impl Params {
         t
     }
 
-    fn head(&self, be: &CpuBackend) -> Result<Linear> {
+    fn head(&self, be: &dyn Backend) -> Result<Linear> {
         let vocab = self.head_bias.len();
         let w = Tensor::from_vec(self.head_weight.clone(), &[vocab, self.head_weight.len() / vocab]);
-        Ok(Linear::from_cpu(be.prepare_linear_weight(&w)?, Tensor::from_vec(self.head_bias.clone(), &[vocab])))
+        Ok(Linear::prepared(be.prepare_linear_weight(&w)?, be.upload(&Tensor::from_vec(self.head_bias.clone(), &[vocab]))?))
     }
 
     /// Each masked weight's name, `[out, in]` shape and keep flags (the top-k of its scores).
@@ -492,7 +513,7 @@ pub struct Summary {
 struct Trainer<'a> {
     recipe: &'a Recipe,
     opts: &'a RunOptions,
-    be: CpuBackend,
+    be: Box<dyn TrainBackend>,
     ck: Checkpoint,
     model: Wav2Vec2,
     pre: Preprocessor,
@@ -507,12 +528,15 @@ struct Trainer<'a> {
 pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<Summary> {
     let recipe = &recipe.settled()?;
     recipe.check()?;
+    if let (Device::Cuda, Learn::Weights { train_feature_encoder: true, .. }) = (opts.device, &recipe.learn) {
+        bail!("--train-feature-encoder runs on the CPU only for now: the conv feature encoder's backward has no GPU kernels yet");
+    }
+    let be = opts.device.backend()?;
     check_out(&opts.out, opts, &recipe.json())?;
-    let be = CpuBackend;
     let dir = recipe.model()?;
     ensure!(dir.is_dir(), "model folder {} does not exist", dir.display());
     let ck = Checkpoint::open_dir(dir)?;
-    let model = Wav2Vec2::from_weights(Config::load(&dir.join("config.json"))?, &ck, &be)?;
+    let model = Wav2Vec2::from_weights(Config::load(&dir.join("config.json"))?, &ck, &*be)?;
     let pre = Preprocessor::load(dir)?;
     let train_path = recipe.train()?;
     let train_data = recipe.dataset(train_path, &recipe.train_split, true)?;
@@ -632,7 +656,7 @@ impl Trainer<'_> {
             .into_par_iter()
             .enumerate()
             .map(|(k, (i, p))| {
-                let mut m = MaskedWeight::new(&self.model, i, p, Vec::new())?;
+                let mut m = MaskedWeight::load(&self.ck, &self.model.config, i, p, Vec::new())?;
                 let mut rng = SplitMix(mix(r.seed ^ mix(0x5c0e_0000 + k as u64)));
                 m.scores = init_scores(&m.weight, m.d_in, r.init, r.sparsity(), &mut rng);
                 Ok(m)
@@ -640,7 +664,7 @@ impl Trainer<'_> {
             .collect::<Result<Vec<_>>>()?;
         let v = self.vocab.len();
         let (head_weight, head_bias) = match (&self.model.lm_head, r.keep_head) {
-            (Some(head), true) => (head.rows_out_in(0, v)?, head.bias.to_vec()?),
+            (Some(_), true) => (self.ck.tensor(HEAD_WEIGHT)?.to_vec()?, self.ck.tensor(HEAD_BIAS)?.to_vec()?),
             _ => {
                 let bound = (6.0 / (h + v) as f32).sqrt();
                 let mut rng = SplitMix(mix(r.seed ^ 0x4ead));
@@ -693,7 +717,7 @@ impl Trainer<'_> {
         let mut config = self.model.config.clone();
         config.vocab_size = self.vocab.len();
         let named = params.named();
-        Wav2Vec2::from_weights(config, &Overlay::new(&self.ck, named.iter().map(|(n, s, d)| (*n, s.as_slice(), *d))), &self.be)
+        Wav2Vec2::from_weights(config, &Overlay::new(&self.ck, named.iter().map(|(n, s, d)| (*n, s.as_slice(), *d))), &*self.be)
     }
 
     /// What a pruning run would output now: the weights with the current mask applied (PARP's
@@ -720,10 +744,10 @@ impl Trainer<'_> {
                 let set = params.mask_set(&self.opts.out, self.recipe.sparsity());
                 let mut config = self.model.config.clone();
                 config.vocab_size = self.vocab.len();
-                Wav2Vec2::from_weights(config, &Masked { inner: &self.ck, masks: &set }, &self.be)?
+                Wav2Vec2::from_weights(config, &Masked { inner: &self.ck, masks: &set }, &*self.be)?
             }
         };
-        let rec = Recognizer { model, pre: self.pre, vocab: self.vocab.clone(), backend: &self.be };
+        let rec = Recognizer { model, pre: self.pre, vocab: self.vocab.clone(), backend: &*self.be };
         let labels = crate::data::labels::Labels { tokens: labels.clone(), skipped: 0 };
         Ok(Some(evaluate(&rec, data, &labels, BatchLimits::from_seconds(self.recipe.valid_batch_seconds), |_, _| {})?))
     }
@@ -841,7 +865,7 @@ impl Trainer<'_> {
             let head = match &finetuned {
                 Some(m) => m.lm_head.as_ref().expect("the finetuned model carries the trained head"),
                 None => {
-                    masks_head = params.head(&self.be)?;
+                    masks_head = params.head(&*self.be)?;
                     &masks_head
                 }
             };
@@ -850,7 +874,7 @@ impl Trainer<'_> {
                 state.position = next;
                 let frames = self.model.frame_counts(&audio.iter().map(Vec::len).collect::<Vec<_>>())?;
                 let inputs: Vec<&[f32]> = audio.iter().map(Vec::as_slice).collect();
-                let features = if encoder_trains { Features::Audio(&inputs) } else { cache.features(model, &self.be, &idx, &audio)? };
+                let features = if encoder_trains { Features::Audio(&inputs) } else { cache.features(model, &*self.be, &idx, &audio)? };
                 let mut storage = RegStorage::default();
                 let reg = self.regularisers(update, sub, &frames, &params.embedding, &mut storage);
                 let targets = CtcTargets {
@@ -859,7 +883,7 @@ impl Trainer<'_> {
                     zero_infinity: true,
                 };
                 let mut grads =
-                    step(&self.be, model, &params.masks, r.sparsity(), head, features, &targets, Reduction::Sum, &reg, trained)?;
+                    step(&*self.be, model, &params.masks, r.sparsity(), head, features, &targets, Reduction::Sum, &reg, trained)?;
                 if finetuning && trained == Weights::Frozen {
                     grads.embedding = None;
                 }
@@ -971,7 +995,7 @@ impl FeatureCache {
     }
 
     /// The packed features of utterances `idx` (with their decoded `audio`).
-    fn features(&mut self, model: &Wav2Vec2, be: &CpuBackend, idx: &[usize], audio: &[Vec<f32>]) -> Result<Features<'static>> {
+    fn features(&mut self, model: &Wav2Vec2, be: &dyn Backend, idx: &[usize], audio: &[Vec<f32>]) -> Result<Features<'static>> {
         let h = if self.encoded { *model.config.conv_dim.last().expect("a config has conv layers") } else { model.config.hidden_size };
         let missing: Vec<usize> = (0..idx.len()).filter(|&k| !self.features.contains_key(&idx[k])).collect();
         let mut fresh: HashMap<usize, Vec<f32>> = HashMap::new();

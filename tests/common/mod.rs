@@ -1,11 +1,13 @@
 //! Helpers shared by the integration tests: fixture paths and error measures.
 #![allow(dead_code)]
 
+use std::io::Write;
 use std::path::PathBuf;
 
 pub mod cli;
 
 use s3router::backend::cpu::CpuBackend;
+use s3router::backend::cuda::{unavailable_reason, CudaBackend, Precision};
 use s3router::backend::Seqs;
 use s3router::ctc::CtcTargets;
 use s3router::fsio::write_f32_safetensors;
@@ -134,4 +136,26 @@ pub fn two_tasks(tmp: &std::path::Path) -> (PathBuf, PathBuf) {
     mask_set(&a, MaskScope::Ffn, 0.3, 1);
     mask_set(&b, MaskScope::All, 0.5, 2);
     (a, b)
+}
+
+/// The GPU backend with outputs poisoned (NaN before every write), or `None` with a printed
+/// skip line when this machine has none; with `S3R_REQUIRE_GPU=1` a missing GPU fails instead.
+pub fn gpu(precision: Precision) -> Option<CudaBackend> {
+    if let Some(why) = unavailable_reason() {
+        if std::env::var("S3R_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+            panic!("S3R_REQUIRE_GPU=1 but no GPU: {why}");
+        }
+        // Straight to stderr, past the test harness's capture, so the skip is visible.
+        let _ = writeln!(std::io::stderr(), "skipping GPU test: {why}");
+        return None;
+    }
+    let mut be = CudaBackend::new(0, precision).unwrap();
+    be.set_poison(true);
+    Some(be)
+}
+
+/// Fails unless `got` is within relative L2 `tol` of `want`.
+pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64) {
+    let err = rel_l2(got, want);
+    assert!(err <= tol, "{what}: rel L2 {err:.3e} > {tol:.0e}");
 }

@@ -108,3 +108,30 @@ impl<'s> Launch<'s> {
         })
     }
 }
+
+/// Arguments of `gemm_strided_f32` (`struct StridedGemm` in kernels/backward.cu, same layout):
+/// `C[z](m, n) = alpha · Σ_k A[z](m, k) · B[z](k, n)`, A and B with any element strides, the
+/// batch strides in elements, `mask` optional bits at B's element offsets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StridedGemm {
+    pub a: u64,
+    pub a_sm: i64,
+    pub a_sk: i64,
+    pub batch_a: i64,
+    pub b: u64,
+    pub b_sk: i64,
+    pub b_sn: i64,
+    pub batch_b: i64,
+    pub mask: u64,
+    pub c: u64,
+    pub ldc: i64,
+    pub batch_c: i64,
+    pub m: i32,
+    pub n: i32,
+    pub k: i32,
+    pub alpha: f32,
+}
+
+// SAFETY: plain-old-data with the C layout the kernel expects.
+unsafe impl DeviceRepr for StridedGemm {}

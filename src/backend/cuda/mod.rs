@@ -7,6 +7,7 @@
 //! Two precisions: `F32` (fp32 FMA everywhere, the parity path) and `Bf16` (GEMMs and convs on
 //! tensor cores with bf16 operands and fp32 accumulation; everything else fp32).
 
+mod backward;
 mod launch;
 
 use std::collections::HashMap;
@@ -62,6 +63,28 @@ const FUNCTIONS: &[(&str, &str)] = &[
     ("ctc", "ctc_loss"),
     ("mask", "pack_mask"),
     ("mask", "unpack_mask"),
+    ("backward", "gemm_strided_f32"),
+    ("backward", "dropout_f32"),
+    ("backward", "gelu_f32"),
+    ("backward", "gelu_grad_f32"),
+    ("backward", "score_grad_f32"),
+    ("backward", "column_sum_f32"),
+    ("backward", "layer_norm_grad_f32"),
+    ("backward", "layer_norm_param_grad_f32"),
+    ("backward", "mask_features_f32"),
+    ("backward", "embedding_grad_f32"),
+    ("backward", "mask_features_grad_f32"),
+    ("backward", "attention_softmax_f32"),
+    ("backward", "attention_softmax_grad_f32"),
+    ("backward", "conv_flip_weight_f32"),
+    ("backward", "conv_weight_grad_f32"),
+    ("backward", "topk_init"),
+    ("backward", "topk_histogram"),
+    ("backward", "topk_pick"),
+    ("backward", "topk_tie_counts"),
+    ("backward", "topk_tie_scan"),
+    ("backward", "topk_write"),
+    ("backward", "fill_u32"),
 ];
 
 pub struct CudaBackend {

@@ -1,0 +1,430 @@
+// Training kernels: the backward pass of the ops between the CTC loss and the trainable tensors,
+// dropout with the CPU's counter-based masks, and S3-Router's per-matrix top-k of the scores
+// written straight into packed mask bits. Each mirrors a CPU reference in
+// src/backend/cpu/{grad,backward}.rs and is checked against it by tests/cuda.rs.
+//
+// gemm_strided_f32: version 1. C[z](m, n) = alpha * sum_k A[z](m, k) * B[z](k, n) * M(k, n) with
+//   any element strides on A and B (transposed operands, per-head views of packed q/k/v, the
+//   attention matrices), fp32 FMA; 64x64 tiles, BK 16, 256 threads with 4x4 outputs each, each
+//   tile loaded along whichever dimension is contiguous so global reads coalesce. The optional
+//   mask is packed bits over B's elements (a weight in [out, in] layout read as k = out).
+#include "common.cuh"
+
+struct StridedGemm {
+    const float* a; long a_sm, a_sk, batch_a;
+    const float* b; long b_sk, b_sn, batch_b;
+    const uint8_t* mask;  // bits at B's element offsets; may be null
+    float* c; long ldc, batch_c;
+    int m, n, k;
+    float alpha;
+};
+
+namespace sg {
+constexpr int BM = 64, BN = 64, BK = 16;
+}
+
+extern "C" __global__ void __launch_bounds__(256) gemm_strided_f32(StridedGemm p) {
+    using namespace sg;
+    __shared__ float As[BK][BM + 4];
+    __shared__ float Bs[BK][BN + 4];
+    const int z = blockIdx.z;
+    const float* A = p.a + z * p.batch_a;
+    const float* B = p.b + z * p.batch_b;
+    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN, t = threadIdx.x;
+    const int ty = t / 16, tx = t % 16;
+    const bool a_k_contig = p.a_sk == 1, b_n_contig = p.b_sn == 1;
+    float acc[4][4] = {};
+    for (int k0 = 0; k0 < p.k; k0 += BK) {
+        for (int i = t; i < BM * BK; i += 256) {
+            int r = a_k_contig ? i / BK : i % BM, kk = a_k_contig ? i % BK : i / BM;
+            int gm = m0 + r, gk = k0 + kk;
+            As[kk][r] = (gm < p.m && gk < p.k) ? A[gm * p.a_sm + gk * p.a_sk] : 0.0f;
+            int cn = b_n_contig ? i % BN : i / BK, bk = b_n_contig ? i / BN : i % BK;
+            int gn = n0 + cn, gbk = k0 + bk;
+            float w = 0.0f;
+            if (gn < p.n && gbk < p.k) {
+                long off = gbk * p.b_sk + gn * p.b_sn;
+                w = B[off];
+                if (p.mask && !mask_bit(p.mask, off)) w = 0.0f;
+            }
+            Bs[bk][cn] = w;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < BK; ++kk) {
+            float av[4], bv[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) av[i] = As[kk][ty * 4 + i];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) bv[j] = Bs[kk][tx * 4 + j];
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+        }
+        __syncthreads();
+    }
+    float* C = p.c + z * p.batch_c;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        int gm = m0 + ty * 4 + i;
+        if (gm >= p.m) continue;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            int gn = n0 + tx * 4 + j;
+            if (gn < p.n) C[gm * p.ldc + gn] = p.alpha * acc[i][j];
+        }
+    }
+}
+
+// ---- dropout: the CPU's counter-based masks (src/dropout.rs), bit for bit -------------------
+
+__device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+// The factor element i of a site is multiplied by: 0 if dropped, else 1 / (1 - p).
+__device__ __forceinline__ float dropout_factor(float p, unsigned long long site_key, unsigned long long i) {
+    float u = (float)(mix64(site_key ^ i) >> 40) / 16777216.0f;
+    return u < p ? 0.0f : 1.0f / (1.0f - p);
+}
+
+// site_key = mix(seed ^ site * golden), computed once on the host.
+extern "C" __global__ void dropout_f32(const float* x, float* out, long n, float p, unsigned long long site_key) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        out[i] = x[i] * dropout_factor(p, site_key, (unsigned long long)i);
+}
+
+// ---- elementwise -----------------------------------------------------------------------------
+
+extern "C" __global__ void gelu_f32(const float* x, float* y, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) y[i] = gelu_erf(x[i]);
+}
+
+// dy * (Phi(x) + x phi(x)), Phi through erfc as the CPU computes it.
+extern "C" __global__ void gelu_grad_f32(const float* dy, const float* x, float* out, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        float v = x[i];
+        out[i] = dy[i] * (0.5f * erfcf(-v * 0.70710678118654752440f) + v * 0.3989423f * expf(-0.5f * v * v));
+    }
+}
+
+// Straight-through score gradient: dW * W * sign(score) (0 where the score is 0).
+extern "C" __global__ void score_grad_f32(const float* dw, const float* w, const float* s, float* out, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        float sv = s[i], sgn = sv > 0.0f ? 1.0f : (sv < 0.0f ? -1.0f : 0.0f);
+        out[i] = dw[i] * w[i] * sgn;
+    }
+}
+
+// ---- column reductions (bias, layer-norm parameters, the time-mask embedding) ------------------
+// 256 threads = 32 columns x 8 row lanes; each block owns 32 columns and all rows, so sums are
+// deterministic (no atomics), accumulated in f64 as the CPU does.
+
+__device__ __forceinline__ double reduce_lanes(double v, double (&red)[8][32], int ty, int tx) {
+    red[ty][tx] = v;
+    __syncthreads();
+    double total = 0.0;
+    if (ty == 0)
+        for (int i = 0; i < 8; ++i) total += red[i][tx];
+    return total;
+}
+
+extern "C" __global__ void column_sum_f32(const float* x, float* out, int rows, int c) {
+    __shared__ double red[8][32];
+    int tx = threadIdx.x % 32, ty = threadIdx.x / 32, ch = blockIdx.x * 32 + tx;
+    double acc = 0.0;
+    if (ch < c)
+        for (int r = ty; r < rows; r += 8) acc += x[(long)r * c + ch];
+    double total = reduce_lanes(acc, red, ty, tx);
+    if (ty == 0 && ch < c) out[ch] = (float)total;
+}
+
+// Layer-norm backward, one warp per row: the row's mean and 1/std recomputed (two passes, as the
+// forward), dx = inv/C * (C*g - sum(g) - xhat*sum(g*xhat)) with g = dy*gamma; the statistics are
+// kept for the parameter gradients.
+extern "C" __global__ void layer_norm_grad_f32(const float* dy, const float* x, const float* gamma, float eps, float* dx, float2* stats,
+                                               int rows, int c) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    const float* xr = x + (long)row * c;
+    const float* dr = dy + (long)row * c;
+    float s = 0.0f;
+    for (int i = lane; i < c; i += 32) s += xr[i];
+    float mean = warp_sum(s) / c;
+    float v = 0.0f;
+    for (int i = lane; i < c; i += 32) v += (xr[i] - mean) * (xr[i] - mean);
+    float inv = rsqrtf(warp_sum(v) / c + eps);
+    float sg = 0.0f, sgx = 0.0f;
+    for (int i = lane; i < c; i += 32) {
+        float g = dr[i] * gamma[i];
+        sg += g;
+        sgx += g * (xr[i] - mean) * inv;
+    }
+    sg = warp_sum(sg);
+    sgx = warp_sum(sgx);
+    for (int i = lane; i < c; i += 32) {
+        float g = dr[i] * gamma[i], xh = (xr[i] - mean) * inv;
+        dx[(long)row * c + i] = inv / c * (c * g - sg - xh * sgx);
+    }
+    if (lane == 0) stats[row] = make_float2(mean, inv);
+}
+
+extern "C" __global__ void layer_norm_param_grad_f32(const float* dy, const float* x, const float2* stats, float* dgamma, float* dbeta,
+                                                     int rows, int c) {
+    __shared__ double red[8][32];
+    int tx = threadIdx.x % 32, ty = threadIdx.x / 32, ch = blockIdx.x * 32 + tx;
+    double g = 0.0, b = 0.0;
+    if (ch < c)
+        for (int r = ty; r < rows; r += 8) {
+            float2 st = stats[r];
+            double d = dy[(long)r * c + ch];
+            g += d * ((x[(long)r * c + ch] - st.x) * st.y);
+            b += d;
+        }
+    double tg = reduce_lanes(g, red, ty, tx);
+    __syncthreads();
+    double tb = reduce_lanes(b, red, ty, tx);
+    if (ty == 0 && ch < c) {
+        dgamma[ch] = (float)tg;
+        dbeta[ch] = (float)tb;
+    }
+}
+
+// ---- SpecAugment on packed features ----------------------------------------------------------
+// time: one flag per row (null: none); channels: flags per (utterance, channel) (null: none);
+// row_utt: the utterance of each row.
+
+extern "C" __global__ void mask_features_f32(const float* x, float* out, long rows, int c, const uint8_t* time, const float* embedding,
+                                             const uint8_t* channels, const int* row_utt) {
+    long n = rows * c;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        long r = i / c;
+        int ch = (int)(i - r * c);
+        float v = (time && time[r]) ? embedding[ch] : x[i];
+        out[i] = (channels && channels[(long)row_utt[r] * c + ch]) ? 0.0f : v;
+    }
+}
+
+// The embedding's gradient: dy summed over time-masked rows, except channels masked after it.
+extern "C" __global__ void embedding_grad_f32(const float* dy, int rows, int c, const uint8_t* time, const uint8_t* channels,
+                                              const int* row_utt, float* out) {
+    __shared__ double red[8][32];
+    int tx = threadIdx.x % 32, ty = threadIdx.x / 32, ch = blockIdx.x * 32 + tx;
+    double acc = 0.0;
+    if (ch < c)
+        for (int r = ty; r < rows; r += 8)
+            if (time[r] && !(channels && channels[(long)row_utt[r] * c + ch])) acc += dy[(long)r * c + ch];
+    double total = reduce_lanes(acc, red, ty, tx);
+    if (ty == 0 && ch < c) out[ch] = (float)total;
+}
+
+// The input's gradient: zero where a time mask replaced the row or a channel mask zeroed it.
+extern "C" __global__ void mask_features_grad_f32(const float* dy, float* out, long rows, int c, const uint8_t* time,
+                                                  const uint8_t* channels, const int* row_utt) {
+    long n = rows * c;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        long r = i / c;
+        int ch = (int)(i - r * c);
+        bool masked = (time && time[r]) || (channels && channels[(long)row_utt[r] * c + ch]);
+        out[i] = masked ? 0.0f : dy[i];
+    }
+}
+
+// ---- attention, materialised per utterance (training) ------------------------------------------
+// s: [heads, T, T] scores q·k (unscaled) of one utterance whose first packed row is row0.
+// Softmax of each row as the CPU's softmax_scaled, kept in s; pd = P * dropout mask (the keys of
+// query row r, head h use indices ((r * heads + h) << 24) | j), or a copy of P without dropout.
+
+extern "C" __global__ void attention_softmax_f32(float* s, float* pd, int T, int heads, int row0, float scale, float p,
+                                                 unsigned long long site_key) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= heads * T) return;
+    int h = row / T, t = row - h * T;
+    float* sr = s + (long)row * T;
+    float m = -INFINITY;
+    for (int j = lane; j < T; j += 32) m = fmaxf(m, sr[j]);
+    float shift = warp_max(m) * scale;
+    float sum = 0.0f;
+    for (int j = lane; j < T; j += 32) {
+        float e = expf(sr[j] * scale - shift);
+        sr[j] = e;
+        sum += e;
+    }
+    float inv = 1.0f / warp_sum(sum);
+    unsigned long long base = ((unsigned long long)(row0 + t) * heads + h) << 24;
+    for (int j = lane; j < T; j += 32) {
+        float pr = sr[j] * inv;
+        sr[j] = pr;
+        pd[(long)row * T + j] = p > 0.0f ? pr * dropout_factor(p, site_key, base | j) : pr;
+    }
+}
+
+// In: p (softmax), g = dO·vᵀ (gradient of the dropped probabilities). Out, in g: dS = P * (dP -
+// rowsum(dP * P)) * scale with dP = g * dropout mask.
+extern "C" __global__ void attention_softmax_grad_f32(const float* prob, float* g, int T, int heads, int row0, float scale, float p,
+                                                      unsigned long long site_key) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= heads * T) return;
+    int h = row / T, t = row - h * T;
+    const float* pr = prob + (long)row * T;
+    float* gr = g + (long)row * T;
+    unsigned long long base = ((unsigned long long)(row0 + t) * heads + h) << 24;
+    float dot = 0.0f;
+    for (int j = lane; j < T; j += 32) {
+        float d = p > 0.0f ? gr[j] * dropout_factor(p, site_key, base | j) : gr[j];
+        gr[j] = d;
+        dot += d * pr[j];
+    }
+    dot = warp_sum(dot);
+    for (int j = lane; j < T; j += 32) gr[j] = pr[j] * (gr[j] - dot) * scale;
+}
+
+// ---- positional conv gradients -----------------------------------------------------------------
+
+// The input gradient of a stride-1 conv is the conv of dy with the kernel flipped in time and
+// in/out swapped within each group: wf[g*cg + ci, K-1-k, o] = w[g*og + o, k, ci].
+extern "C" __global__ void conv_flip_weight_f32(const float* w, float* wf, int c_out, int kernel, int cg, int groups) {
+    int og = c_out / groups;
+    long n = (long)c_out * kernel * cg;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        int ci = (int)(i % cg);
+        int k = (int)((i / cg) % kernel);
+        int o = (int)(i / ((long)cg * kernel));
+        int g = o / og;
+        wf[((long)(g * cg + ci) * kernel + (kernel - 1 - k)) * og + (o - g * og)] = w[i];
+    }
+}
+
+// dW[o, k, ci] = sum over utterances and output frames t of dy[t, o] * x[t - pad + k, g*cg + ci],
+// reading only frames of the same utterance (stride 1, output length = input length).
+extern "C" __global__ void conv_weight_grad_f32(const float* dy, const float* x, const int* offsets, int utts, float* dw, int c_in, int c_out,
+                                                int kernel, int groups, int pad) {
+    int cg = c_in / groups, og = c_out / groups;
+    long n = (long)c_out * kernel * cg;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        int ci = (int)(i % cg);
+        int k = (int)((i / cg) % kernel);
+        int o = (int)(i / ((long)cg * kernel));
+        int col = (o / og) * cg + ci;
+        float acc = 0.0f;
+        for (int u = 0; u < utts; ++u) {
+            int start = offsets[u], len = offsets[u + 1] - start;
+            int t0 = max(0, pad - k), t1 = min(len, len + pad - k);
+            for (int t = t0; t < t1; ++t) acc = fmaf(dy[(long)(start + t) * c_out + o], x[(long)(start + t - pad + k) * c_in + col], acc);
+        }
+        dw[i] = acc;
+    }
+}
+
+// ---- per-matrix top-k of |score| into mask bits ------------------------------------------------
+// Keys are |score| bit patterns (monotone in |score|; NaN above infinity, as total_cmp orders).
+// A radix select over 4 digits of 8 bits finds the drop-th smallest key T and how many keys equal
+// to T are dropped; ties are dropped in index order (the CPU's rule), then surviving bits are
+// cleared in a mask that starts all ones. state: {prefix, fixed-bits mask, remaining rank}.
+
+__device__ __forceinline__ unsigned score_key(float s) { return __float_as_uint(s) & 0x7fffffffu; }
+
+extern "C" __global__ void topk_init(unsigned* state, unsigned* hist, unsigned rank) {
+    state[0] = 0;
+    state[1] = 0;
+    state[2] = rank;
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+}
+
+extern "C" __global__ void topk_histogram(const float* s, long n, const unsigned* state, unsigned* hist, int shift) {
+    __shared__ unsigned local[256];
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) local[i] = 0;
+    __syncthreads();
+    unsigned prefix = state[0], fixed = state[1];
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        unsigned key = score_key(s[i]);
+        if ((key & fixed) == prefix) atomicAdd(&local[(key >> shift) & 255u], 1u);
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < 256; i += blockDim.x)
+        if (local[i]) atomicAdd(&hist[i], local[i]);
+}
+
+// One thread: the digit holding the remaining rank; clears the histogram for the next digit.
+extern "C" __global__ void topk_pick(unsigned* state, unsigned* hist, int shift) {
+    unsigned rank = state[2], below = 0;
+    for (int b = 0; b < 256; ++b) {
+        if (below + hist[b] > rank) {
+            state[0] |= (unsigned)b << shift;
+            state[2] = rank - below;
+            break;
+        }
+        below += hist[b];
+    }
+    state[1] |= 255u << shift;
+    for (int b = 0; b < 256; ++b) hist[b] = 0;
+}
+
+constexpr int TOPK_PER_THREAD = 32, TOPK_THREADS = 256, TOPK_PER_BLOCK = TOPK_PER_THREAD * TOPK_THREADS;
+
+// Ties (key == T) of this thread's 32 elements, and their exclusive prefix over the block.
+__device__ __forceinline__ unsigned block_tie_prefix(const float* s, long n, unsigned thr, unsigned* total) {
+    __shared__ unsigned warp_totals[TOPK_THREADS / 32];
+    long e0 = (long)blockIdx.x * TOPK_PER_BLOCK + (long)threadIdx.x * TOPK_PER_THREAD;
+    unsigned mine = 0;
+    for (int j = 0; j < TOPK_PER_THREAD; ++j)
+        if (e0 + j < n && score_key(s[e0 + j]) == thr) ++mine;
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    unsigned incl = mine;
+    for (int o = 1; o < 32; o <<= 1) {
+        unsigned v = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += v;
+    }
+    if (lane == 31) warp_totals[warp] = incl;
+    __syncthreads();
+    unsigned before = 0, all = 0;
+    for (int w = 0; w < TOPK_THREADS / 32; ++w) {
+        if (w < warp) before += warp_totals[w];
+        all += warp_totals[w];
+    }
+    *total = all;
+    return before + incl - mine;
+}
+
+extern "C" __global__ void __launch_bounds__(256) topk_tie_counts(const float* s, long n, const unsigned* state, unsigned* counts) {
+    unsigned total;
+    block_tie_prefix(s, n, state[0], &total);
+    if (threadIdx.x == 0) counts[blockIdx.x] = total;
+}
+
+// One thread: exclusive prefix sums of the per-block tie counts.
+extern "C" __global__ void topk_tie_scan(unsigned* counts, int blocks) {
+    unsigned run = 0;
+    for (int b = 0; b < blocks; ++b) {
+        unsigned c = counts[b];
+        counts[b] = run;
+        run += c;
+    }
+}
+
+// Clears the bit of every dropped element: key < T, or a tie among the first (rank + 1) ties.
+// Element e of this block's scores is bit bit0 + e of the (stacked) weight's mask.
+extern "C" __global__ void __launch_bounds__(256) topk_write(const float* s, long n, const unsigned* state, const unsigned* counts,
+                                                             unsigned* bits, long bit0) {
+    unsigned thr = state[0], ties_dropped = state[2] + 1, total;
+    unsigned rank = counts[blockIdx.x] + block_tie_prefix(s, n, thr, &total);
+    long e0 = (long)blockIdx.x * TOPK_PER_BLOCK + (long)threadIdx.x * TOPK_PER_THREAD;
+    for (int j = 0; j < TOPK_PER_THREAD; ++j) {
+        long e = e0 + j;
+        if (e >= n) break;
+        unsigned key = score_key(s[e]);
+        bool dropped = key < thr;
+        if (key == thr) dropped = rank++ < ties_dropped;
+        if (dropped) {
+            long b = bit0 + e;
+            atomicAnd(&bits[b >> 5], ~(1u << (b & 31)));
+        }
+    }
+}
+
+extern "C" __global__ void fill_u32(unsigned* x, unsigned v, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) x[i] = v;
+}

@@ -1,0 +1,493 @@
+//! The GPU's training ops (kernels/backward.cu), each the counterpart of the CPU adapter in
+//! `cpu/backward.rs`. Training runs in fp32 (`--precision f32`): the gradients go through the
+//! strided fp32 GEMM, which reads weights in the forward's `[out, in]` layout, masks included,
+//! so no transposed or masked copy of a weight is ever made.
+
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, ensure, Result};
+use cudarc::driver::{CudaSlice, DevicePtr, PushKernelArg};
+
+use super::launch::{self, StridedGemm};
+use super::{CudaBackend, CudaBuf};
+use crate::backend::backward::{Backward, NormGrads, ScoredRows};
+use crate::backend::{Activation, Backend, ConvGeometry, LinearMask, NormParams, Seqs};
+use crate::dropout::{Dropout, ProbDropout};
+use crate::router::kept;
+use crate::tensor::{DType, Tensor};
+
+/// Scores per block of the top-k tie kernels (32 per thread, 256 threads; kernels/backward.cu).
+const TOPK_PER_BLOCK: usize = 32 * 256;
+
+/// `[rows, cols]` of a tensor used as a matrix.
+fn matrix(t: &Tensor) -> (usize, usize) {
+    let cols = *t.shape().last().unwrap_or(&1);
+    (t.numel() / cols.max(1), cols)
+}
+
+impl CudaBackend {
+    fn strided_gemm(&self, g: StridedGemm, batch: usize) -> Result<()> {
+        if g.m == 0 || g.n == 0 || batch == 0 {
+            return Ok(());
+        }
+        let grid = ((g.n as usize).div_ceil(64) as u32, (g.m as usize).div_ceil(64) as u32, batch as u32);
+        self.launcher().launch(self.func("gemm_strided_f32"), launch::config(grid, 256), |b| {
+            b.arg(&g);
+        })
+    }
+
+    /// Weights the training kernels read: fp32 in the `[out, in]` layout.
+    fn train_weight(&self, w: &Tensor) -> Result<u64> {
+        ensure!(w.dtype() == DType::F32, "training on the GPU runs in fp32 (--precision f32); this weight is {:?}", w.dtype());
+        self.ptr(w)
+    }
+
+    fn copy_to_device<T: cudarc::driver::DeviceRepr>(&self, v: &[T]) -> Result<CudaSlice<T>> {
+        self.stream.clone_htod(v).map_err(|e| anyhow!("CUDA copy: {e}"))
+    }
+
+    fn flags(&self, f: &[bool]) -> Result<CudaSlice<u8>> {
+        self.copy_to_device(&f.iter().map(|&b| b as u8).collect::<Vec<u8>>())
+    }
+
+    /// The utterance of each packed row.
+    fn row_utterances(&self, seqs: &Seqs) -> Result<CudaSlice<i32>> {
+        let rows: Vec<i32> = (0..seqs.count()).flat_map(|u| std::iter::repeat_n(u as i32, seqs.lens()[u])).collect();
+        self.copy_to_device(&rows)
+    }
+
+    fn slice_ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
+        s.device_ptr(&self.stream).0
+    }
+
+    /// One kernel over `n` elements `(in, out, n, extra...)` into a fresh output shaped like `x`.
+    fn map_elements(&self, name: &str, inputs: &[&Tensor], shape: &[usize]) -> Result<Tensor> {
+        let out = self.empty(shape, DType::F32)?;
+        let ptrs: Vec<u64> = inputs.iter().map(|t| self.ptr(t)).collect::<Result<_>>()?;
+        let (po, n) = (self.ptr(&out)?, out.numel() as i64);
+        self.launcher().elementwise(self.func(name), n as usize, |b| {
+            for p in &ptrs {
+                b.arg(p);
+            }
+            b.arg(&po).arg(&n);
+        })?;
+        Ok(out)
+    }
+
+    /// `[heads, T, T]` scores `q kᵀ` of utterance `u` into `s`, then the probabilities (kept
+    /// in `s`) and the dropped probabilities (`pd`).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_probs(
+        &self,
+        qkv: u64,
+        seqs: &Seqs,
+        u: usize,
+        heads: usize,
+        c: usize,
+        scale: f32,
+        dropout: Option<ProbDropout>,
+        s: u64,
+        pd: u64,
+    ) -> Result<()> {
+        let (r0, t) = (seqs.range(u).start, seqs.lens()[u]);
+        let hd = (c / heads) as i64;
+        let (c3, tt) = (3 * c as i64, (t * t) as i64);
+        let base = qkv + (r0 as u64) * 3 * c as u64 * 4;
+        self.strided_gemm(
+            StridedGemm {
+                a: base,
+                a_sm: c3,
+                a_sk: 1,
+                batch_a: hd,
+                b: base + c as u64 * 4,
+                b_sk: 1,
+                b_sn: c3,
+                batch_b: hd,
+                c: s,
+                ldc: t as i64,
+                batch_c: tt,
+                m: t as i32,
+                n: t as i32,
+                k: hd as i32,
+                alpha: 1.0,
+                ..StridedGemm::default()
+            },
+            heads,
+        )?;
+        let (p, key) = dropout.map_or((0.0f32, 0u64), |d| (d.dropout.p, d.dropout.site_key(d.site)));
+        let (t_i, heads_i, r0_i) = (t as i32, heads as i32, r0 as i32);
+        self.launcher().rows_per_warp(self.func("attention_softmax_f32"), heads * t, |b| {
+            b.arg(&s).arg(&pd).arg(&t_i).arg(&heads_i).arg(&r0_i).arg(&scale).arg(&p).arg(&key);
+        })
+    }
+}
+
+impl Backward for CudaBackend {
+    fn dropout(&self, x: Tensor, d: Dropout, site: u64) -> Result<Tensor> {
+        let out = self.empty(x.shape(), DType::F32)?;
+        let (px, po, n, key) = (self.ptr(&x)?, self.ptr(&out)?, x.numel() as i64, d.site_key(site));
+        self.launcher().elementwise(self.func("dropout_f32"), n as usize, |b| {
+            b.arg(&px).arg(&po).arg(&n).arg(&d.p).arg(&key);
+        })?;
+        Ok(out)
+    }
+
+    fn gelu(&self, x: &Tensor) -> Result<Tensor> {
+        self.map_elements("gelu_f32", &[x], x.shape())
+    }
+
+    fn gelu_grad(&self, dy: &Tensor, x: &Tensor) -> Result<Tensor> {
+        ensure!(dy.shape() == x.shape(), "GELU backward: gradient {:?} for an input {:?}", dy.shape(), x.shape());
+        self.map_elements("gelu_grad_f32", &[dy, x], x.shape())
+    }
+
+    fn linear_input_grad(&self, dy: &Tensor, w: &Tensor, mask: Option<&LinearMask>) -> Result<Tensor> {
+        let &[d_out, d_in] = w.shape() else { bail!("linear weight must be 2-D, found {:?}", w.shape()) };
+        let (n, cols) = matrix(dy);
+        ensure!(cols == d_out, "linear backward: gradient has {cols} columns for a weight with {d_out} outputs");
+        let mask = match mask {
+            None => 0,
+            Some(LinearMask::Cuda(bits)) => bits.0.device_ptr(&self.stream).0,
+            Some(LinearMask::Host(_)) => bail!("a mask prepared for the CPU was given to the CUDA backend"),
+        };
+        let out = self.empty(&[n, d_in], DType::F32)?;
+        let g = StridedGemm {
+            a: self.ptr(dy)?,
+            a_sm: d_out as i64,
+            a_sk: 1,
+            b: self.train_weight(w)?,
+            b_sk: d_in as i64,
+            b_sn: 1,
+            mask,
+            c: self.ptr(&out)?,
+            ldc: d_in as i64,
+            m: n as i32,
+            n: d_in as i32,
+            k: d_out as i32,
+            alpha: 1.0,
+            ..StridedGemm::default()
+        };
+        self.strided_gemm(g, 1)?;
+        Ok(out)
+    }
+
+    fn linear_weight_grad(&self, dy: &Tensor, x: &Tensor) -> Result<Tensor> {
+        let ((n, d_out), (rows, d_in)) = (matrix(dy), matrix(x));
+        ensure!(n == rows, "linear weight gradient: {n} gradient rows for {rows} input rows");
+        let out = self.empty(&[d_out, d_in], DType::F32)?;
+        let g = StridedGemm {
+            a: self.ptr(dy)?,
+            a_sm: 1,
+            a_sk: d_out as i64,
+            b: self.ptr(x)?,
+            b_sk: d_in as i64,
+            b_sn: 1,
+            c: self.ptr(&out)?,
+            ldc: d_in as i64,
+            m: d_out as i32,
+            n: d_in as i32,
+            k: n as i32,
+            alpha: 1.0,
+            ..StridedGemm::default()
+        };
+        if n == 0 {
+            self.fill(&out, 0.0)?;
+        }
+        self.strided_gemm(g, 1)?;
+        Ok(out)
+    }
+
+    fn column_sum(&self, x: &Tensor) -> Result<Tensor> {
+        let (rows, c) = matrix(x);
+        let out = self.empty(&[c], DType::F32)?;
+        let (px, po, rows_i, c_i) = (self.ptr(x)?, self.ptr(&out)?, rows as i32, c as i32);
+        self.launcher().launch(self.func("column_sum_f32"), launch::config((c.div_ceil(32).max(1) as u32, 1, 1), 256), |b| {
+            b.arg(&px).arg(&po).arg(&rows_i).arg(&c_i);
+        })?;
+        Ok(out)
+    }
+
+    fn layer_norm_grads(&self, dy: &Tensor, x: &Tensor, norm: NormParams, params: bool) -> Result<NormGrads> {
+        ensure!(dy.shape() == x.shape(), "layer norm backward: gradient {:?} for an input {:?}", dy.shape(), x.shape());
+        let (rows, c) = matrix(x);
+        ensure!(norm.gamma.numel() == c, "layer norm over {c} channels has {} weights", norm.gamma.numel());
+        let dx = self.empty(x.shape(), DType::F32)?;
+        let stats = self.empty(&[rows.max(1), 2], DType::F32)?;
+        let (pdy, px, pg, pdx, ps) = (self.ptr(dy)?, self.ptr(x)?, self.ptr(norm.gamma)?, self.ptr(&dx)?, self.ptr(&stats)?);
+        let (rows_i, c_i) = (rows as i32, c as i32);
+        self.launcher().rows_per_warp(self.func("layer_norm_grad_f32"), rows, |b| {
+            b.arg(&pdy).arg(&px).arg(&pg).arg(&norm.eps).arg(&pdx).arg(&ps).arg(&rows_i).arg(&c_i);
+        })?;
+        if !params {
+            return Ok((dx, None));
+        }
+        let (dgamma, dbeta) = (self.empty(&[c], DType::F32)?, self.empty(&[c], DType::F32)?);
+        let (pdg, pdb) = (self.ptr(&dgamma)?, self.ptr(&dbeta)?);
+        self.launcher().launch(self.func("layer_norm_param_grad_f32"), launch::config((c.div_ceil(32) as u32, 1, 1), 256), |b| {
+            b.arg(&pdy).arg(&px).arg(&ps).arg(&pdg).arg(&pdb).arg(&rows_i).arg(&c_i);
+        })?;
+        Ok((dx, Some((dgamma, dbeta))))
+    }
+
+    fn attention_dropout(&self, qkv: &Tensor, seqs: &Seqs, heads: usize, scale: f32, dropout: Option<ProbDropout>) -> Result<Tensor> {
+        let Some(dropout) = dropout.filter(|d| d.dropout.is_active()) else { return self.attention(qkv, seqs, heads, scale) };
+        let (rows, c3) = matrix(qkv);
+        ensure!(rows == seqs.total() && c3 % 3 == 0, "attention: {:?} does not hold q, k, v of {} frames", qkv.shape(), seqs.total());
+        let c = c3 / 3;
+        let hd = (c / heads) as i64;
+        let out = self.empty(&[rows, c], DType::F32)?;
+        let (pq, po) = (self.ptr(qkv)?, self.ptr(&out)?);
+        for u in (0..seqs.count()).filter(|&u| seqs.lens()[u] > 0) {
+            let (r0, t) = (seqs.range(u).start as u64, seqs.lens()[u]);
+            let (s, pd) = (self.empty(&[heads, t, t], DType::F32)?, self.empty(&[heads, t, t], DType::F32)?);
+            let (ps, ppd) = (self.ptr(&s)?, self.ptr(&pd)?);
+            self.attention_probs(pq, seqs, u, heads, c, scale, Some(dropout), ps, ppd)?;
+            // O = (P ⊙ D) V per head.
+            let g = StridedGemm {
+                a: ppd,
+                a_sm: t as i64,
+                a_sk: 1,
+                batch_a: (t * t) as i64,
+                b: pq + (r0 * 3 * c as u64 + 2 * c as u64) * 4,
+                b_sk: c3 as i64,
+                b_sn: 1,
+                batch_b: hd,
+                c: po + r0 * c as u64 * 4,
+                ldc: c as i64,
+                batch_c: hd,
+                m: t as i32,
+                n: hd as i32,
+                k: t as i32,
+                alpha: 1.0,
+                ..StridedGemm::default()
+            };
+            self.strided_gemm(g, heads)?;
+        }
+        Ok(out)
+    }
+
+    fn attention_grad(
+        &self,
+        d_out: &Tensor,
+        qkv: &Tensor,
+        seqs: &Seqs,
+        heads: usize,
+        scale: f32,
+        dropout: Option<ProbDropout>,
+    ) -> Result<Tensor> {
+        let (rows, c3) = matrix(qkv);
+        ensure!(
+            d_out.numel() * 3 == qkv.numel() && rows == seqs.total(),
+            "attention backward: gradient {:?} for qkv {:?}",
+            d_out.shape(),
+            qkv.shape()
+        );
+        let dropout = dropout.filter(|d| d.dropout.is_active());
+        let c = c3 / 3;
+        let hd = (c / heads) as i64;
+        let d_qkv = self.empty(qkv.shape(), DType::F32)?;
+        let (pq, pdo, pdq) = (self.ptr(qkv)?, self.ptr(d_out)?, self.ptr(&d_qkv)?);
+        let (c_u, c3_i) = (c as u64, c3 as i64);
+        for u in (0..seqs.count()).filter(|&u| seqs.lens()[u] > 0) {
+            let (r0, t) = (seqs.range(u).start as u64, seqs.lens()[u]);
+            let (ti, tt) = (t as i64, (t * t) as i64);
+            let (s, pd) = (self.empty(&[heads, t, t], DType::F32)?, self.empty(&[heads, t, t], DType::F32)?);
+            let (ps, ppd) = (self.ptr(&s)?, self.ptr(&pd)?);
+            self.attention_probs(pq, seqs, u, heads, c, scale, dropout, ps, ppd)?;
+            let (q, k, v) = (pq + r0 * 3 * c_u * 4, pq + (r0 * 3 * c_u + c_u) * 4, pq + (r0 * 3 * c_u + 2 * c_u) * 4);
+            let (dq, dk, dv) = (pdq + r0 * 3 * c_u * 4, pdq + (r0 * 3 * c_u + c_u) * 4, pdq + (r0 * 3 * c_u + 2 * c_u) * 4);
+            let d_o = pdo + r0 * c_u * 4;
+            let per_head = |a: u64,
+                            a_sm: i64,
+                            a_sk: i64,
+                            batch_a: i64,
+                            b: u64,
+                            b_sk: i64,
+                            b_sn: i64,
+                            batch_b: i64,
+                            out: u64,
+                            ldc: i64,
+                            batch_c: i64,
+                            n: i64,
+                            k: i64| StridedGemm {
+                a,
+                a_sm,
+                a_sk,
+                batch_a,
+                b,
+                b_sk,
+                b_sn,
+                batch_b,
+                c: out,
+                ldc,
+                batch_c,
+                m: t as i32,
+                n: n as i32,
+                k: k as i32,
+                alpha: 1.0,
+                ..StridedGemm::default()
+            };
+            // dV = (P ⊙ D)ᵀ dO.
+            self.strided_gemm(per_head(ppd, 1, ti, tt, d_o, c as i64, 1, hd, dv, c3_i, hd, hd, ti), heads)?;
+            // G = dO Vᵀ into pd, then dS in place.
+            self.strided_gemm(per_head(d_o, c as i64, 1, hd, v, 1, c3_i, hd, ppd, ti, tt, ti, hd), heads)?;
+            let (p, key) = dropout.map_or((0.0f32, 0u64), |d| (d.dropout.p, d.dropout.site_key(d.site)));
+            let (t_i, heads_i, r0_i) = (t as i32, heads as i32, r0 as i32);
+            self.launcher().rows_per_warp(self.func("attention_softmax_grad_f32"), heads * t, |b| {
+                b.arg(&ps).arg(&ppd).arg(&t_i).arg(&heads_i).arg(&r0_i).arg(&scale).arg(&p).arg(&key);
+            })?;
+            // dQ = dS K, dK = dSᵀ Q.
+            self.strided_gemm(per_head(ppd, ti, 1, tt, k, c3_i, 1, hd, dq, c3_i, hd, hd, ti), heads)?;
+            self.strided_gemm(per_head(ppd, 1, ti, tt, q, c3_i, 1, hd, dk, c3_i, hd, hd, ti), heads)?;
+        }
+        Ok(d_qkv)
+    }
+
+    fn conv1d_input_grad(&self, dy: &Tensor, w: &Tensor, seqs: &Seqs, geom: ConvGeometry) -> Result<Tensor> {
+        let &[c_out, kernel, cg] = w.shape() else { bail!("conv weight must be [out, kernel, in/groups], found {:?}", w.shape()) };
+        ensure!(
+            geom.stride == 1 && kernel == geom.kernel && geom.pad_left < kernel,
+            "conv backward supports stride-1 convs only, found {geom:?}"
+        );
+        let groups = geom.groups;
+        let flipped = self.empty(&[cg * groups, kernel, c_out / groups], DType::F32)?;
+        let (pw, pf) = (self.train_weight(w)?, self.ptr(&flipped)?);
+        let (c_out_i, kernel_i, cg_i, groups_i) = (c_out as i32, kernel as i32, cg as i32, groups as i32);
+        self.launcher().elementwise(self.func("conv_flip_weight_f32"), w.numel(), |b| {
+            b.arg(&pw).arg(&pf).arg(&c_out_i).arg(&kernel_i).arg(&cg_i).arg(&groups_i);
+        })?;
+        let transposed = ConvGeometry { kernel, stride: 1, pad_left: kernel - 1 - geom.pad_left, groups };
+        self.conv1d(dy, seqs, seqs, &flipped, None, transposed, Activation::Identity)
+    }
+
+    fn conv1d_weight_grad(&self, dy: &Tensor, x: &Tensor, seqs: &Seqs, geom: ConvGeometry) -> Result<Tensor> {
+        let ((_, c_out), (_, c_in)) = (matrix(dy), matrix(x));
+        ensure!(geom.stride == 1 && c_in % geom.groups == 0, "conv weight gradient supports stride-1 convs only, found {geom:?}");
+        let dw = self.empty(&[c_out, geom.kernel, c_in / geom.groups], DType::F32)?;
+        let offsets = self.offsets(seqs)?;
+        let (pdy, px, poff, pdw) = (self.ptr(dy)?, self.ptr(x)?, self.slice_ptr(&offsets), self.ptr(&dw)?);
+        let (utts, c_in_i, c_out_i) = (seqs.count() as i32, c_in as i32, c_out as i32);
+        let (kernel, groups, pad) = (geom.kernel as i32, geom.groups as i32, geom.pad_left as i32);
+        self.launcher().elementwise(self.func("conv_weight_grad_f32"), dw.numel(), |b| {
+            b.arg(&pdy).arg(&px).arg(&poff).arg(&utts).arg(&pdw).arg(&c_in_i).arg(&c_out_i).arg(&kernel).arg(&groups).arg(&pad);
+        })?;
+        Ok(dw)
+    }
+
+    fn scored_mask(&self, d_out: usize, d_in: usize, blocks: &[ScoredRows], sparsity: f64) -> Result<LinearMask> {
+        let words = (d_out * d_in).div_ceil(32).max(1);
+        // SAFETY: fill_u32 writes every word before anything reads them.
+        let bits = unsafe { self.stream.alloc::<u8>(words * 4) }.map_err(|e| anyhow!("GPU allocation: {e}"))?;
+        let pbits = self.slice_ptr(&bits);
+        let (all, words_i) = (u32::MAX, words as i64);
+        self.launcher().elementwise(self.func("fill_u32"), words, |b| {
+            b.arg(&pbits).arg(&all).arg(&words_i);
+        })?;
+        let state = self.stream.alloc_zeros::<u32>(3).map_err(|e| anyhow!("GPU allocation: {e}"))?;
+        let hist = self.stream.alloc_zeros::<u32>(256).map_err(|e| anyhow!("GPU allocation: {e}"))?;
+        let (pstate, phist) = (self.slice_ptr(&state), self.slice_ptr(&hist));
+        let one = launch::config((1, 1, 1), 1);
+        for blk in blocks {
+            let n = blk.scores.numel();
+            ensure!(n % d_in == 0 && blk.row0 + n / d_in <= d_out, "scores {:?} do not fit a {d_out} x {d_in} weight", blk.scores.shape());
+            let drop = n - kept(n, sparsity);
+            if drop == 0 {
+                continue;
+            }
+            let (ps, n_i, rank) = (self.ptr(blk.scores)?, n as i64, (drop - 1) as u32);
+            self.launcher().launch(self.func("topk_init"), launch::config((1, 1, 1), 256), |b| {
+                b.arg(&pstate).arg(&phist).arg(&rank);
+            })?;
+            for shift in [24i32, 16, 8, 0] {
+                self.launcher().elementwise(self.func("topk_histogram"), n, |b| {
+                    b.arg(&ps).arg(&n_i).arg(&pstate).arg(&phist).arg(&shift);
+                })?;
+                self.launcher().launch(self.func("topk_pick"), one, |b| {
+                    b.arg(&pstate).arg(&phist).arg(&shift);
+                })?;
+            }
+            let nblocks = n.div_ceil(TOPK_PER_BLOCK);
+            let counts = self.stream.alloc_zeros::<u32>(nblocks).map_err(|e| anyhow!("GPU allocation: {e}"))?;
+            let (pc, nblocks_i, bit0) = (self.slice_ptr(&counts), nblocks as i32, (blk.row0 * d_in) as i64);
+            let grid = launch::config((nblocks as u32, 1, 1), 256);
+            self.launcher().launch(self.func("topk_tie_counts"), grid, |b| {
+                b.arg(&ps).arg(&n_i).arg(&pstate).arg(&pc);
+            })?;
+            self.launcher().launch(self.func("topk_tie_scan"), one, |b| {
+                b.arg(&pc).arg(&nblocks_i);
+            })?;
+            self.launcher().launch(self.func("topk_write"), grid, |b| {
+                b.arg(&ps).arg(&n_i).arg(&pstate).arg(&pc).arg(&pbits).arg(&bit0);
+            })?;
+        }
+        Ok(LinearMask::Cuda(CudaBuf(Arc::new(bits))))
+    }
+
+    fn score_grad(&self, dw: &Tensor, w: &Tensor, block: &ScoredRows) -> Result<Tensor> {
+        let &[d_out, d_in] = w.shape() else { bail!("linear weight must be 2-D, found {:?}", w.shape()) };
+        let n = block.scores.numel();
+        ensure!(
+            dw.shape() == [d_out, d_in] && n.is_multiple_of(d_in) && block.row0 + n / d_in <= d_out,
+            "score gradient: dW {:?} for a weight {:?}",
+            dw.shape(),
+            w.shape()
+        );
+        let out = self.empty(block.scores.shape(), DType::F32)?;
+        let offset = (block.row0 * d_in * 4) as u64;
+        let (pdw, pw, ps, po, n_i) =
+            (self.ptr(dw)? + offset, self.train_weight(w)? + offset, self.ptr(block.scores)?, self.ptr(&out)?, n as i64);
+        self.launcher().elementwise(self.func("score_grad_f32"), n, |b| {
+            b.arg(&pdw).arg(&pw).arg(&ps).arg(&po).arg(&n_i);
+        })?;
+        Ok(out)
+    }
+
+    fn mask_features(&self, x: Tensor, seqs: &Seqs, time: Option<(&[bool], &Tensor)>, channels: Option<&[bool]>) -> Result<Tensor> {
+        let (rows, c) = matrix(&x);
+        let out = self.empty(x.shape(), DType::F32)?;
+        let time_flags = time.map(|(f, _)| self.flags(f)).transpose()?;
+        let channel_flags = channels.map(|f| self.flags(f)).transpose()?;
+        let row_utt = self.row_utterances(seqs)?;
+        let pt = time_flags.as_ref().map_or(0, |f| self.slice_ptr(f));
+        let pe = time.map(|(_, e)| self.ptr(e)).transpose()?.unwrap_or(0);
+        let pc = channel_flags.as_ref().map_or(0, |f| self.slice_ptr(f));
+        let (px, po, pr, rows_i, c_i) = (self.ptr(&x)?, self.ptr(&out)?, self.slice_ptr(&row_utt), rows as i64, c as i32);
+        self.launcher().elementwise(self.func("mask_features_f32"), x.numel(), |b| {
+            b.arg(&px).arg(&po).arg(&rows_i).arg(&c_i).arg(&pt).arg(&pe).arg(&pc).arg(&pr);
+        })?;
+        Ok(out)
+    }
+
+    fn mask_features_grad(
+        &self,
+        dy: Tensor,
+        seqs: &Seqs,
+        time: Option<&[bool]>,
+        channels: Option<&[bool]>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let (rows, c) = matrix(&dy);
+        let time_flags = time.map(|f| self.flags(f)).transpose()?;
+        let channel_flags = channels.map(|f| self.flags(f)).transpose()?;
+        let row_utt = self.row_utterances(seqs)?;
+        let pt = time_flags.as_ref().map_or(0, |f| self.slice_ptr(f));
+        let pc = channel_flags.as_ref().map_or(0, |f| self.slice_ptr(f));
+        let (pdy, pr, rows_i, c_i) = (self.ptr(&dy)?, self.slice_ptr(&row_utt), rows as i32, c as i32);
+        let embedding = match time_flags {
+            Some(_) => {
+                let e = self.empty(&[c], DType::F32)?;
+                let pe = self.ptr(&e)?;
+                self.launcher().launch(self.func("embedding_grad_f32"), launch::config((c.div_ceil(32) as u32, 1, 1), 256), |b| {
+                    b.arg(&pdy).arg(&rows_i).arg(&c_i).arg(&pt).arg(&pc).arg(&pr).arg(&pe);
+                })?;
+                Some(e)
+            }
+            None => None,
+        };
+        let out = self.empty(dy.shape(), DType::F32)?;
+        let (po, rows_l) = (self.ptr(&out)?, rows as i64);
+        self.launcher().elementwise(self.func("mask_features_grad_f32"), dy.numel(), |b| {
+            b.arg(&pdy).arg(&po).arg(&rows_l).arg(&c_i).arg(&pt).arg(&pc).arg(&pr);
+        })?;
+        Ok((out, embedding))
+    }
+}

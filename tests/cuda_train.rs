@@ -1,0 +1,268 @@
+//! The GPU's training ops and training step against the CPU's (which tests/train.rs checks
+//! against PyTorch): op by op on random inputs of awkward sizes with outputs poisoned, the
+//! top-k masks bit for bit (ties included), and whole steps of mask learning and weight
+//! finetuning with every regulariser on, on a post-LN and a pre-LN model.
+//!
+//! Without a GPU each test prints a skip line and passes; with `S3R_REQUIRE_GPU=1` it fails.
+
+mod common;
+
+use common::{assert_close, fixtures, gpu, random, utterances};
+use s3router::backend::backward::{Backward, ScoredRows, TrainBackend};
+use s3router::backend::cpu::CpuBackend;
+use s3router::backend::cuda::{CudaBackend, Precision};
+use s3router::backend::{Activation, Backend, ConvGeometry, NormParams, Seqs};
+use s3router::ctc::{CtcTargets, Reduction};
+use s3router::data::audio;
+use s3router::dropout::{Dropout, ProbDropout};
+use s3router::model::checkpoint::Checkpoint;
+use s3router::model::preprocess::Preprocessor;
+use s3router::model::wav2vec2::Linear;
+use s3router::model::Wav2Vec2;
+use s3router::rng::SplitMix;
+use s3router::router::{init_scores, Init};
+use s3router::tensor::Tensor;
+use s3router::train::masked::{step, Features, MaskScope, MaskedWeight, Regularisers, StepGrads, TimeMask, Weights};
+
+const TOL: f64 = 1e-5;
+/// Reductions summed in a different order (f32 warp sums against the CPU's f64 rows).
+const REDUCTION_TOL: f64 = 1e-4;
+
+fn t(v: Vec<f32>, shape: &[usize]) -> Tensor {
+    Tensor::from_vec(v, shape)
+}
+
+fn back(be: &CudaBackend, x: &Tensor) -> Vec<f32> {
+    be.to_host(x).unwrap().to_vec().unwrap()
+}
+
+fn up(be: &CudaBackend, x: &Tensor) -> Tensor {
+    be.upload(x).unwrap()
+}
+
+#[test]
+fn elementwise_ops_and_dropout_match_cpu() {
+    let Some(be) = gpu(Precision::F32) else { return };
+    let cpu = CpuBackend;
+    let (rows, c) = (37, 19);
+    let x = t(random(rows * c, 1, 3.0), &[rows, c]);
+    let dy = t(random(rows * c, 2, 1.0), &[rows, c]);
+    let d = Dropout { p: 0.3, seed: 77 };
+    // Dropout masks are a pure function of (seed, site, index): bit-identical on both devices.
+    assert_eq!(back(&be, &be.dropout(up(&be, &x), d, 5).unwrap()), cpu.dropout(x.clone(), d, 5).unwrap().to_vec().unwrap());
+    assert_close("gelu", &back(&be, &be.gelu(&up(&be, &x)).unwrap()), cpu.gelu(&x).unwrap().f32s().unwrap(), TOL);
+    let got = be.gelu_grad(&up(&be, &dy), &up(&be, &x)).unwrap();
+    assert_close("gelu grad", &back(&be, &got), cpu.gelu_grad(&dy, &x).unwrap().f32s().unwrap(), TOL);
+    assert_close("column sum", &back(&be, &be.column_sum(&up(&be, &dy)).unwrap()), cpu.column_sum(&dy).unwrap().f32s().unwrap(), TOL);
+}
+
+#[test]
+fn linear_and_norm_gradients_match_cpu() {
+    let Some(be) = gpu(Precision::F32) else { return };
+    let cpu = CpuBackend;
+    for (i, &(n, d_in, d_out)) in [(1, 1, 1), (37, 19, 23), (129, 65, 67), (300, 768, 3072)].iter().enumerate() {
+        let seed = 10 * i as u64;
+        let (x, dy) = (t(random(n * d_in, seed, 1.0), &[n, d_in]), t(random(n * d_out, seed + 1, 1.0), &[n, d_out]));
+        let w = t(random(d_out * d_in, seed + 2, 0.2), &[d_out, d_in]);
+        let keep: Vec<bool> = random(d_out * d_in, seed + 3, 1.0).iter().map(|&v| v > -0.4).collect();
+        let bits = s3router::mask::pack(&keep);
+        let (cw, gw) = (cpu.prepare_linear_weight(&w).unwrap(), be.prepare_linear_weight(&w).unwrap());
+        let (cm, gm) = (cpu.prepare_mask(&bits, d_out, d_in).unwrap(), be.prepare_mask(&bits, d_out, d_in).unwrap());
+        for (what, cmask, gmask) in [("unmasked", None, None), ("masked", Some(&cm), Some(&gm))] {
+            let want = cpu.linear_input_grad(&dy, &cw, cmask).unwrap();
+            let got = be.linear_input_grad(&up(&be, &dy), &gw, gmask).unwrap();
+            assert_close(&format!("dx {what} {n}x{d_in}x{d_out}"), &back(&be, &got), want.f32s().unwrap(), TOL);
+        }
+        let got = be.linear_weight_grad(&up(&be, &dy), &up(&be, &x)).unwrap();
+        assert_close(&format!("dW {n}x{d_in}x{d_out}"), &back(&be, &got), cpu.linear_weight_grad(&dy, &x).unwrap().f32s().unwrap(), TOL);
+    }
+    for (rows, c) in [(1, 7), (53, 36), (300, 768)] {
+        let (x, dy) = (t(random(rows * c, 5, 2.0), &[rows, c]), t(random(rows * c, 6, 1.0), &[rows, c]));
+        let (gamma, beta) = (t(random(c, 7, 1.0), &[c]), t(random(c, 8, 1.0), &[c]));
+        let want = cpu.layer_norm_grads(&dy, &x, NormParams { gamma: &gamma, beta: &beta, eps: 1e-5 }, true).unwrap();
+        let (gg, gb) = (up(&be, &gamma), up(&be, &beta));
+        let got = be.layer_norm_grads(&up(&be, &dy), &up(&be, &x), NormParams { gamma: &gg, beta: &gb, eps: 1e-5 }, true).unwrap();
+        assert_close(&format!("layer norm dx {rows}x{c}"), &back(&be, &got.0), want.0.f32s().unwrap(), REDUCTION_TOL);
+        let ((wg, wb), (gg, gb)) = (want.1.unwrap(), got.1.unwrap());
+        assert_close(&format!("layer norm dgamma {rows}x{c}"), &back(&be, &gg), wg.f32s().unwrap(), REDUCTION_TOL);
+        assert_close(&format!("layer norm dbeta {rows}x{c}"), &back(&be, &gb), wb.f32s().unwrap(), REDUCTION_TOL);
+    }
+}
+
+#[test]
+fn attention_with_dropout_and_its_gradient_match_cpu() {
+    let Some(be) = gpu(Precision::F32) else { return };
+    let cpu = CpuBackend;
+    let (heads, hd) = (3, 12);
+    let c = heads * hd;
+    let seqs = Seqs::new(vec![1, 37, 70]);
+    let qkv = t(random(seqs.total() * 3 * c, 11, 1.0), &[seqs.total(), 3 * c]);
+    let d_out = t(random(seqs.total() * c, 12, 1.0), &[seqs.total(), c]);
+    for dropout in [None, Some(ProbDropout { dropout: Dropout { p: 0.2, seed: 9 }, site: 3 })] {
+        let want = cpu.attention_dropout(&qkv, &seqs, heads, 0.3, dropout).unwrap();
+        let got = be.attention_dropout(&up(&be, &qkv), &seqs, heads, 0.3, dropout).unwrap();
+        assert_close(&format!("attention {}", dropout.is_some()), &back(&be, &got), want.f32s().unwrap(), TOL);
+        let want = cpu.attention_grad(&d_out, &qkv, &seqs, heads, 0.3, dropout).unwrap();
+        let got = be.attention_grad(&up(&be, &d_out), &up(&be, &qkv), &seqs, heads, 0.3, dropout).unwrap();
+        assert_close(&format!("attention grad {}", dropout.is_some()), &back(&be, &got), want.f32s().unwrap(), REDUCTION_TOL);
+    }
+}
+
+#[test]
+fn positional_conv_gradients_and_spec_augment_match_cpu() {
+    let Some(be) = gpu(Precision::F32) else { return };
+    let cpu = CpuBackend;
+    let seqs = Seqs::new(vec![5, 17, 1]);
+    let c = 24;
+    for (kernel, groups) in [(8, 4), (7, 2)] {
+        let geom = ConvGeometry { kernel, stride: 1, pad_left: kernel / 2, groups };
+        let w = t(random(c * kernel * c / groups, 20, 0.3), &[c, kernel, c / groups]);
+        let (x, dy) = (t(random(seqs.total() * c, 21, 1.0), &[seqs.total(), c]), t(random(seqs.total() * c, 22, 1.0), &[seqs.total(), c]));
+        let gw = be.prepare_conv_weight(&w).unwrap();
+        let want = cpu.conv1d_input_grad(&dy, &cpu.prepare_conv_weight(&w).unwrap(), &seqs, geom).unwrap();
+        let got = be.conv1d_input_grad(&up(&be, &dy), &gw, &seqs, geom).unwrap();
+        assert_close(&format!("conv dx k{kernel}"), &back(&be, &got), want.f32s().unwrap(), TOL);
+        let want = cpu.conv1d_weight_grad(&dy, &x, &seqs, geom).unwrap();
+        let got = be.conv1d_weight_grad(&up(&be, &dy), &up(&be, &x), &seqs, geom).unwrap();
+        assert_close(&format!("conv dW k{kernel}"), &back(&be, &got), want.f32s().unwrap(), TOL);
+    }
+    let x = t(random(seqs.total() * c, 23, 1.0), &[seqs.total(), c]);
+    let embedding = t(random(c, 24, 1.0), &[c]);
+    let frames: Vec<bool> = (0..seqs.total()).map(|i| i % 3 == 1).collect();
+    let channels: Vec<bool> = (0..seqs.count() * c).map(|i| i % 5 == 2).collect();
+    for (time, chan) in [(true, false), (false, true), (true, true)] {
+        let tm = time.then_some(frames.as_slice());
+        let cm = chan.then_some(channels.as_slice());
+        let want = cpu.mask_features(x.clone(), &seqs, tm.map(|f| (f, &embedding)), cm).unwrap();
+        let ge = up(&be, &embedding);
+        let got = be.mask_features(up(&be, &x), &seqs, tm.map(|f| (f, &ge)), cm).unwrap();
+        assert_eq!(back(&be, &got), want.to_vec().unwrap(), "SpecAugment {time} {chan}");
+        let (want, want_e) = cpu.mask_features_grad(x.clone(), &seqs, tm, cm).unwrap();
+        let (got, got_e) = be.mask_features_grad(up(&be, &x), &seqs, tm, cm).unwrap();
+        assert_eq!(back(&be, &got), want.to_vec().unwrap(), "SpecAugment backward {time} {chan}");
+        assert_eq!(got_e.is_some(), want_e.is_some());
+        if let (Some(g), Some(w)) = (got_e, want_e) {
+            assert_close("embedding grad", &back(&be, &g), w.f32s().unwrap(), TOL);
+        }
+    }
+}
+
+/// `(W ⊙ M)ᵀ` read through a linear on the identity with all-ones weights: the mask itself,
+/// in `[in, out]` order, whatever layout the backend keeps its bits in.
+fn mask_of(be: &dyn TrainBackend, d_out: usize, d_in: usize, blocks: &[(usize, Tensor)], sparsity: f64) -> Vec<f32> {
+    let scores: Vec<Tensor> = blocks.iter().map(|(_, s)| be.upload(s).unwrap()).collect();
+    let rows: Vec<ScoredRows> = blocks.iter().zip(&scores).map(|((row0, _), s)| ScoredRows { row0: *row0, scores: s }).collect();
+    let mask = be.scored_mask(d_out, d_in, &rows, sparsity).unwrap();
+    let eye: Vec<f32> = (0..d_in * d_in).map(|i| (i / d_in == i % d_in) as u8 as f32).collect();
+    let w = be.prepare_linear_weight(&t(vec![1.0; d_out * d_in], &[d_out, d_in])).unwrap();
+    let y =
+        be.linear_segments(&be.upload(&t(eye, &[d_in, d_in])).unwrap(), &w, None, Activation::Identity, &[(d_in, Some(&mask))]).unwrap();
+    be.to_host(&y).unwrap().to_vec().unwrap()
+}
+
+#[test]
+fn score_masks_are_the_cpu_top_k_bit_for_bit() {
+    let Some(be) = gpu(Precision::F32) else { return };
+    let cpu = CpuBackend;
+    // Scores from a handful of values (ties everywhere, both signs, zeros), sizes spanning
+    // several top-k blocks, q/k/v stacked with a row offset that is no multiple of 8 or 32.
+    for (i, &(h, d_in)) in [(3, 5), (29, 37), (120, 91)].iter().enumerate() {
+        let block = |k: u64| t(random(h * d_in, 30 + 3 * i as u64 + k, 4.0).iter().map(|v| v.round() / 2.0).collect(), &[h, d_in]);
+        let blocks = vec![(0, block(0)), (2 * h, block(2))];
+        for sparsity in [0.0, 0.1, 0.5, 0.9] {
+            let want = mask_of(&cpu, 3 * h, d_in, &blocks, sparsity);
+            assert_eq!(mask_of(&be, 3 * h, d_in, &blocks, sparsity), want, "{h} x {d_in} at {sparsity}");
+        }
+    }
+    let scores = t(random(300 * 91, 40, 1.0), &[300, 91]);
+    let (w, dw) = (t(random(300 * 91, 41, 1.0), &[300, 91]), t(random(300 * 91, 42, 1.0), &[300, 91]));
+    let (cs, gs) = (ScoredRows { row0: 0, scores: &scores }, up(&be, &scores));
+    let want = cpu.score_grad(&dw, &cpu.prepare_linear_weight(&w).unwrap(), &cs).unwrap();
+    let got = be.score_grad(&up(&be, &dw), &be.prepare_linear_weight(&w).unwrap(), &ScoredRows { row0: 0, scores: &gs }).unwrap();
+    assert_eq!(back(&be, &got), want.to_vec().unwrap(), "straight-through score gradient");
+}
+
+/// One model on one device, with what a step needs.
+struct StepCase {
+    model: Wav2Vec2,
+    head: Linear,
+}
+
+fn step_case(dir: &std::path::Path, be: &dyn TrainBackend) -> StepCase {
+    let model = Wav2Vec2::load(dir, be).unwrap();
+    let c = &model.config;
+    let w = t(random(c.vocab_size * c.hidden_size, 50, 0.3), &[c.vocab_size, c.hidden_size]);
+    let b = t(random(c.vocab_size, 51, 0.1), &[c.vocab_size]);
+    let head = Linear::prepared(be.prepare_linear_weight(&w).unwrap(), be.upload(&b).unwrap());
+    StepCase { model, head }
+}
+
+fn compare(what: &str, got: &StepGrads, want: &StepGrads) {
+    assert!(((got.loss - want.loss) / want.loss).abs() <= 1e-5, "{what}: loss {} vs {}", got.loss, want.loss);
+    for (k, (g, w)) in got.scores.iter().zip(&want.scores).enumerate() {
+        assert_eq!(g.is_some(), w.is_some(), "{what}: score gradient {k} present on one side only");
+        if let (Some(g), Some(w)) = (g, w) {
+            assert_close(&format!("{what}: scores {k}"), g, w, REDUCTION_TOL);
+        }
+    }
+    assert_close(&format!("{what}: head weight"), &got.head_weight, &want.head_weight, REDUCTION_TOL);
+    assert_close(&format!("{what}: head bias"), &got.head_bias, &want.head_bias, REDUCTION_TOL);
+    assert_close(&format!("{what}: embedding"), got.embedding.as_ref().unwrap(), want.embedding.as_ref().unwrap(), REDUCTION_TOL);
+    assert_eq!(got.weights.keys().collect::<Vec<_>>(), want.weights.keys().collect::<Vec<_>>(), "{what}: weight gradients");
+    for (name, w) in &want.weights {
+        assert_close(&format!("{what}: {name}"), &got.weights[name], w, REDUCTION_TOL);
+    }
+}
+
+#[test]
+fn training_steps_match_cpu_with_every_regulariser() {
+    let Some(gpu_be) = gpu(Precision::F32) else { return };
+    for model in ["base-like", "large-like"] {
+        let dir = fixtures().join(model);
+        let (cpu, dev) = (step_case(&dir, &CpuBackend), step_case(&dir, &gpu_be));
+        let c = &cpu.model.config;
+        let pre = Preprocessor::load(&dir).unwrap();
+        let audio: Vec<Vec<f32>> = utterances().iter().map(|p| pre.apply(audio::load(p).unwrap())).collect();
+        let inputs: Vec<&[f32]> = audio.iter().map(Vec::as_slice).collect();
+        let frames = cpu.model.frame_counts(&audio.iter().map(Vec::len).collect::<Vec<_>>()).unwrap();
+        let total: usize = frames.iter().sum();
+        let targets = CtcTargets {
+            labels: frames
+                .iter()
+                .enumerate()
+                .map(|(u, &n)| (0..(n / 4).min(6)).map(|j| 1 + ((u + j) % (c.vocab_size - 1)) as u32).collect())
+                .collect(),
+            blank: 0,
+            zero_infinity: true,
+        };
+        let ck = Checkpoint::open_dir(&dir).unwrap();
+        let mut rng = SplitMix(3);
+        let masks: Vec<MaskedWeight> = (0..c.num_hidden_layers)
+            .flat_map(|i| MaskScope::All.parts().iter().map(move |&p| (i, p)))
+            .map(|(i, p)| {
+                let mut m = MaskedWeight::load(&ck, c, i, p, Vec::new()).unwrap();
+                m.scores = init_scores(&m.weight, m.d_in, Init::WeightRank, 0.3, &mut rng);
+                m
+            })
+            .collect();
+        let time: Vec<bool> = (0..total).map(|i| i % 7 < 2).collect();
+        let channels: Vec<bool> = (0..frames.len() * c.hidden_size).map(|i| i % 11 == 3).collect();
+        let embedding = random(c.hidden_size, 60, 1.0);
+        let skip: Vec<bool> = (0..c.num_hidden_layers).map(|i| i == 1).collect();
+        let d = Some(Dropout { p: 0.1, seed: 61 });
+        let reg = Regularisers {
+            time_mask: Some(TimeMask { frames: &time, embedding: &embedding }),
+            channel_mask: Some(&channels),
+            dropout: d,
+            attention_dropout: d,
+            activation_dropout: d,
+            skip_layers: &skip,
+        };
+        for (what, masks, trained) in [("masks", masks.as_slice(), Weights::Frozen), ("finetune", &[][..], Weights::AboveEncoder)] {
+            let run = |be: &dyn TrainBackend, case: &StepCase| {
+                step(be, &case.model, masks, 0.3, &case.head, Features::Audio(&inputs), &targets, Reduction::Sum, &reg, trained).unwrap()
+            };
+            compare(&format!("{model} {what}"), &run(&gpu_be, &dev), &run(&CpuBackend, &cpu));
+        }
+    }
+}
