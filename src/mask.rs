@@ -16,9 +16,27 @@ pub fn apply(weights: &[f32], keep: &[bool]) -> Vec<f32> {
     weights.iter().zip(keep).map(|(&w, &k)| if k { w } else { 0.0 }).collect()
 }
 
+/// `W * M` straight from packed bits (the per-call masking of the CPU's masked linears), 8
+/// weights per byte, in parallel.
+pub fn apply_bits(weights: &[f32], bits: &[u8]) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut out = weights.to_vec();
+    out.par_chunks_mut(8).zip(bits.par_iter()).for_each(|(w, &b)| {
+        w.iter_mut().enumerate().filter(|(i, _)| (b >> i) & 1 == 0).for_each(|(_, v)| *v = 0.0);
+    });
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn applying_bits_equals_applying_unpacked_flags() {
+        let w: Vec<f32> = (0..21).map(|i| i as f32 + 0.5).collect();
+        let keep: Vec<bool> = (0..21).map(|i| i % 3 != 1).collect();
+        assert_eq!(apply_bits(&w, &pack(&keep)), apply(&w, &keep));
+    }
 
     #[test]
     fn lsb_first_layout_and_round_trip() {

@@ -152,9 +152,9 @@ fn positional_conv_gradients_and_spec_augment_match_cpu() {
 fn mask_of(be: &dyn TrainBackend, d_out: usize, d_in: usize, blocks: &[(usize, Tensor)], sparsity: f64) -> Vec<f32> {
     let scores: Vec<Tensor> = blocks.iter().map(|(_, s)| be.upload(s).unwrap()).collect();
     let rows: Vec<ScoredRows> = blocks.iter().zip(&scores).map(|((row0, _), s)| ScoredRows { row0: *row0, scores: s }).collect();
-    let mask = be.scored_mask(d_out, d_in, &rows, sparsity).unwrap();
-    let eye: Vec<f32> = (0..d_in * d_in).map(|i| (i / d_in == i % d_in) as u8 as f32).collect();
     let w = be.prepare_linear_weight(&t(vec![1.0; d_out * d_in], &[d_out, d_in])).unwrap();
+    let mask = be.scored_mask(&w, &rows, sparsity).unwrap();
+    let eye: Vec<f32> = (0..d_in * d_in).map(|i| (i / d_in == i % d_in) as u8 as f32).collect();
     let y =
         be.linear_segments(&be.upload(&t(eye, &[d_in, d_in])).unwrap(), &w, None, Activation::Identity, &[(d_in, Some(&mask))]).unwrap();
     be.to_host(&y).unwrap().to_vec().unwrap()

@@ -73,10 +73,11 @@ pub trait Backward {
     /// `[c_out, kernel, c_in / groups]` layout.
     fn conv1d_weight_grad(&self, dy: &Tensor, x: &Tensor, seqs: &Seqs, geom: ConvGeometry) -> Result<Tensor>;
 
-    /// The keep-mask of a `[d_out, d_in]` linear (the stacked q/k/v one included): in each
-    /// scored row block the `numel - floor(sparsity * numel)` entries of largest |score|, ties
-    /// broken as [`crate::router::top_k_mask`] does; rows no block covers are kept.
-    fn scored_mask(&self, d_out: usize, d_in: usize, blocks: &[ScoredRows], sparsity: f64) -> Result<LinearMask>;
+    /// The keep-mask of the linear whose prepared weight is `w` (the stacked q/k/v one
+    /// included): in each scored row block the `numel - floor(sparsity * numel)` entries of
+    /// largest |score|, ties broken as [`crate::router::top_k_mask`] does; rows no block covers
+    /// are kept. The GPU writes bits; the CPU applies the mask to a copy of `w` once.
+    fn scored_mask(&self, w: &Tensor, blocks: &[ScoredRows], sparsity: f64) -> Result<LinearMask>;
 
     /// The straight-through score gradient `dW[row0..] ⊙ W[row0..] ⊙ sign(score)` of one
     /// scored block, from `dw` (`[d_out, d_in]`, PyTorch layout) and the prepared weight `w`.

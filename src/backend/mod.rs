@@ -93,6 +93,9 @@ pub enum LinearMask {
     Host(Vec<u8>),
     /// Bits over the `[out, in]` weight on the device.
     Cuda(cuda::CudaBuf),
+    /// `W ⊙ M` already applied to the CPU's `[in, out]` weight: a training step's masks, built
+    /// once per step and used by the forward and the backward products ([`backward::Backward::scored_mask`]).
+    Applied(Tensor),
 }
 
 /// Operations a compute device provides. Every tensor argument must live on this backend

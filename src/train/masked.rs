@@ -265,9 +265,7 @@ fn layer_weights<'a>(
         if blocks.is_empty() {
             continue;
         }
-        let lin = parts[0].linear(layer).0;
-        let d_out = lin.bias.numel();
-        *slot = Some(be.scored_mask(d_out, lin.weight.numel() / d_out, &blocks, sparsity)?);
+        *slot = Some(be.scored_mask(&parts[0].linear(layer).0.weight, &blocks, sparsity)?);
     }
     Ok(LayerWeights { layer, masked, masks: out })
 }

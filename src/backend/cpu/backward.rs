@@ -5,7 +5,7 @@ use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
 use super::attention::attention;
-use super::{as_matrix, data, grad, math, CpuBackend};
+use super::{as_matrix, data, grad, masked_weight, math, CpuBackend};
 use crate::backend::backward::{Backward, NormGrads, ScoredRows};
 use crate::backend::{ConvGeometry, LinearMask, NormParams, Seqs};
 use crate::dropout::{Dropout, ProbDropout};
@@ -17,11 +17,6 @@ fn conv_channels(w: &Tensor, geom: ConvGeometry) -> Result<(usize, usize)> {
     let &[c_out, kernel, cg] = w.shape() else { bail!("conv weight must be [out, kernel, in/groups], found {:?}", w.shape()) };
     ensure!(kernel == geom.kernel, "conv weight {:?} does not fit the geometry {geom:?}", w.shape());
     Ok((c_out, cg * geom.groups))
-}
-
-/// The gathered rows `row0..row0 + rows` of the CPU's `[in, out]` weight as `[rows, in]`.
-fn weight_rows(w_t: &[f32], d_in: usize, d_out: usize, row0: usize, rows: usize) -> Vec<f32> {
-    (0..rows * d_in).map(|j| w_t[(j % d_in) * d_out + row0 + j / d_in]).collect()
 }
 
 impl Backward for CpuBackend {
@@ -45,15 +40,8 @@ impl Backward for CpuBackend {
         let &[d_in, d_out] = w.shape() else { bail!("linear weight must be 2-D, found {:?}", w.shape()) };
         let (n, cols) = as_matrix(dy);
         ensure!(cols == d_out, "linear backward: gradient has {cols} columns for a weight with {d_out} outputs");
-        let masked;
-        let w_t = match mask {
-            None => data(w)?,
-            Some(LinearMask::Host(bits)) => {
-                masked = crate::mask::apply(data(w)?, &crate::mask::unpack(bits, d_in * d_out));
-                &masked
-            }
-            Some(LinearMask::Cuda(_)) => bail!("a mask prepared for the GPU was given to the CPU backend"),
-        };
+        let mut scratch = Vec::new();
+        let w_t = masked_weight(data(w)?, mask, &mut scratch)?;
         Ok(Tensor::from_vec(grad::linear_input_grad(data(dy)?, w_t, d_in, d_out), &[n, d_in]))
     }
 
@@ -122,21 +110,23 @@ impl Backward for CpuBackend {
         Ok(Tensor::from_vec(dw, &[c_out, geom.kernel, c_in / geom.groups]))
     }
 
-    fn scored_mask(&self, d_out: usize, d_in: usize, blocks: &[ScoredRows], sparsity: f64) -> Result<LinearMask> {
-        // Bits over the CPU's [in, out] layout (what linear_segments applies).
-        let mut keep = vec![true; d_in * d_out];
+    fn scored_mask(&self, w: &Tensor, blocks: &[ScoredRows], sparsity: f64) -> Result<LinearMask> {
+        // `W ⊙ M` in the CPU's [in, out] layout, built once per step for the forward and the
+        // backward product; only the dropped entries are visited (the fewer at learning sparsities).
+        let &[d_in, d_out] = w.shape() else { bail!("linear weight must be 2-D, found {:?}", w.shape()) };
+        let mut masked = data(w)?.to_vec();
         for b in blocks {
             let scores = data(b.scores)?;
             ensure!(
-                scores.len() % d_in == 0 && b.row0 + scores.len() / d_in <= d_out,
+                scores.len().is_multiple_of(d_in) && b.row0 + scores.len() / d_in <= d_out,
                 "scores {:?} do not fit a {d_out} x {d_in} weight",
                 b.scores.shape()
             );
-            for (j, k) in top_k_mask(scores, sparsity).into_iter().enumerate() {
-                keep[(j % d_in) * d_out + b.row0 + j / d_in] = k;
+            for (j, _) in top_k_mask(scores, sparsity).into_iter().enumerate().filter(|(_, k)| !k) {
+                masked[(j % d_in) * d_out + b.row0 + j / d_in] = 0.0;
             }
         }
-        Ok(LinearMask::Host(crate::mask::pack(&keep)))
+        Ok(LinearMask::Applied(Tensor::from_vec(masked, w.shape())))
     }
 
     fn score_grad(&self, dw: &Tensor, w: &Tensor, block: &ScoredRows) -> Result<Tensor> {
@@ -149,9 +139,23 @@ impl Backward for CpuBackend {
             dw.shape(),
             w.shape()
         );
-        let weight = weight_rows(data(w)?, d_in, d_out, block.row0, rows);
-        let dw = &data(dw)?[block.row0 * d_in..(block.row0 + rows) * d_in];
-        Ok(Tensor::from_vec(score_grad(dw, &weight, scores), block.scores.shape()))
+        let (w_t, dw) = (data(w)?, &data(dw)?[block.row0 * d_in..(block.row0 + rows) * d_in]);
+        // `W` rows gathered from the [in, out] layout a tile of rows at a time (cache-friendly),
+        // then the product as the router defines it.
+        const TILE: usize = 64;
+        let mut out = vec![0.0f32; rows * d_in];
+        out.par_chunks_mut(TILE * d_in).enumerate().for_each(|(t, out)| {
+            let o0 = t * TILE;
+            let n = out.len() / d_in;
+            let mut weight = vec![0.0f32; n * d_in];
+            for i in 0..d_in {
+                let src = &w_t[i * d_out + block.row0 + o0..][..n];
+                src.iter().enumerate().for_each(|(o, &v)| weight[o * d_in + i] = v);
+            }
+            let span = o0 * d_in..(o0 + n) * d_in;
+            out.copy_from_slice(&score_grad(&dw[span.clone()], &weight, &scores[span]));
+        });
+        Ok(Tensor::from_vec(out, block.scores.shape()))
     }
 
     fn mask_features(&self, x: Tensor, seqs: &Seqs, time: Option<(&[bool], &Tensor)>, channels: Option<&[bool]>) -> Result<Tensor> {

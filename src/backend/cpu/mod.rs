@@ -33,6 +33,24 @@ fn data(t: &Tensor) -> Result<&[f32]> {
     }
 }
 
+/// The `[in, out]` weight `w` under `mask` (masked into `scratch` when the mask is bits).
+fn masked_weight<'a>(w: &'a [f32], mask: Option<&'a LinearMask>, scratch: &'a mut Vec<f32>) -> Result<&'a [f32]> {
+    match mask {
+        None => Ok(w),
+        Some(LinearMask::Host(bits)) => {
+            ensure!(bits.len() * 8 >= w.len(), "mask has {} bits for a weight of {} entries", bits.len() * 8, w.len());
+            *scratch = crate::mask::apply_bits(w, bits);
+            Ok(scratch)
+        }
+        Some(LinearMask::Applied(t)) => {
+            let masked = data(t)?;
+            ensure!(masked.len() == w.len(), "a masked weight of {} entries for a weight of {}", masked.len(), w.len());
+            Ok(masked)
+        }
+        Some(LinearMask::Cuda(_)) => bail!("a mask prepared for the GPU was given to the CPU backend"),
+    }
+}
+
 /// `[rows, cols]` of a tensor used as a matrix (every leading dimension folds into rows).
 fn as_matrix(t: &Tensor) -> (usize, usize) {
     let cols = *t.shape().last().unwrap_or(&1);
@@ -131,16 +149,8 @@ impl Backend for CpuBackend {
         let mut out = vec![0.0f32; n * d_out];
         let mut row = 0;
         for &(rows, mask) in segments {
-            let masked;
-            let weight = match mask {
-                None => w,
-                Some(LinearMask::Host(bits)) => {
-                    ensure!(bits.len() * 8 >= w.len(), "mask has {} bits for a {d_in} x {d_out} weight", bits.len() * 8);
-                    masked = crate::mask::apply(w, &crate::mask::unpack(bits, w.len()));
-                    &masked
-                }
-                Some(LinearMask::Cuda(_)) => bail!("a mask prepared for the GPU was given to the CPU backend"),
-            };
+            let mut scratch = Vec::new();
+            let weight = masked_weight(w, mask, &mut scratch)?;
             let (xs, os) = (&x[row * d_in..(row + rows) * d_in], &mut out[row * d_out..(row + rows) * d_out]);
             matmul_blocked(os, MatRef::row_major(xs, rows, d_in), MatRef::row_major(weight, d_in, d_out), |r| {
                 math::bias_act_rows(r, d_out, bias, act == Activation::Gelu)

@@ -148,7 +148,7 @@ impl Backward for CudaBackend {
         let mask = match mask {
             None => 0,
             Some(LinearMask::Cuda(bits)) => bits.0.device_ptr(&self.stream).0,
-            Some(LinearMask::Host(_)) => bail!("a mask prepared for the CPU was given to the CUDA backend"),
+            Some(LinearMask::Host(_) | LinearMask::Applied(_)) => bail!("a mask prepared for the CPU was given to the CUDA backend"),
         };
         let out = self.empty(&[n, d_in], DType::F32)?;
         let g = StridedGemm {
@@ -374,7 +374,8 @@ impl Backward for CudaBackend {
         Ok(dw)
     }
 
-    fn scored_mask(&self, d_out: usize, d_in: usize, blocks: &[ScoredRows], sparsity: f64) -> Result<LinearMask> {
+    fn scored_mask(&self, w: &Tensor, blocks: &[ScoredRows], sparsity: f64) -> Result<LinearMask> {
+        let &[d_out, d_in] = w.shape() else { bail!("linear weight must be 2-D, found {:?}", w.shape()) };
         let words = (d_out * d_in).div_ceil(32).max(1);
         // SAFETY: fill_u32 writes every word before anything reads them.
         let bits = unsafe { self.stream.alloc::<u8>(words * 4) }.map_err(|e| anyhow!("GPU allocation: {e}"))?;

@@ -456,7 +456,7 @@ impl Backend for CudaBackend {
                     ensure!(bits.0.len() * 8 >= d_out * d_in, "mask has {} bits for a {:?} weight", bits.0.len() * 8, w.shape());
                     Ok((rows, Some(bits.0.device_ptr(&self.stream).0)))
                 }
-                Some(LinearMask::Host(_)) => bail!("a mask prepared for the CPU was given to the CUDA backend"),
+                Some(LinearMask::Host(_) | LinearMask::Applied(_)) => bail!("a mask prepared for the CPU was given to the CUDA backend"),
             })
             .collect::<Result<Vec<_>>>()?;
         self.segmented_linear(x, w, b, act, &segs)
