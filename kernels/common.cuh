@@ -21,6 +21,24 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
+// The fp32 GEMMs' inner loop over one staged tile: each thread's 4x4 outputs (rows ty*4.., columns
+// tx*4..) accumulate As[k][row] * Bs[k][col] over the tile's BK depth.
+template <int BK, int LD>
+__device__ __forceinline__ void fma_tile_4x4(const float (&As)[BK][LD], const float (&Bs)[BK][LD], int ty, int tx, float (&acc)[4][4]) {
+#pragma unroll
+    for (int kk = 0; kk < BK; ++kk) {
+        float av[4], bv[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) av[i] = As[kk][ty * 4 + i];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) bv[j] = Bs[kk][tx * 4 + j];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+    }
+}
+
 // Bit `i` of a mask packed 8 weights per byte, least significant bit first.
 __device__ __forceinline__ bool mask_bit(const uint8_t* mask, long i) { return (mask[i >> 3] >> (i & 7)) & 1; }
 

@@ -67,18 +67,7 @@ extern "C" __global__ void __launch_bounds__(256) gemm_f32(GemmArgs p) {
             Bs[kk][r] = w;
         }
         __syncthreads();
-#pragma unroll
-        for (int kk = 0; kk < BK; ++kk) {
-            float av[4], bv[4];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) av[i] = As[kk][ty * 4 + i];
-#pragma unroll
-            for (int j = 0; j < 4; ++j) bv[j] = Bs[kk][tx * 4 + j];
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-#pragma unroll
-                for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
-        }
+        fma_tile_4x4(As, Bs, ty, tx, acc);
         __syncthreads();
     }
     float* C = p.c + z * p.batch_c;
