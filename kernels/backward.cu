@@ -17,6 +17,7 @@ struct StridedGemm {
     float* c; long ldc, batch_c;
     int m, n, k;
     float alpha;
+    int accumulate;  // 1: C += alpha * A·B (sums over utterances)
 };
 
 namespace sg {
@@ -61,7 +62,7 @@ extern "C" __global__ void __launch_bounds__(256) gemm_strided_f32(StridedGemm p
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
             int gn = n0 + tx * 4 + j;
-            if (gn < p.n) C[gm * p.ldc + gn] = p.alpha * acc[i][j];
+            if (gn < p.n) C[gm * p.ldc + gn] = p.alpha * acc[i][j] + (p.accumulate ? C[gm * p.ldc + gn] : 0.0f);
         }
     }
 }
@@ -306,6 +307,93 @@ extern "C" __global__ void conv_weight_grad_f32(const float* dy, const float* x,
         }
         dw[i] = acc;
     }
+}
+
+// Input gradient of any 1-D conv, one thread per input element (s, ci) of each utterance:
+// dx[s, ci] = sum over taps k with (s + pad - k) = stride * t, 0 <= t < T_out, and the group's
+// outputs o of dy[t, o] * w[o, k, ci % cg]. Used for the strided feature-encoder convs.
+extern "C" __global__ void conv_input_grad_f32(const float* dy, const float* w, const int* in_off, const int* out_off, const int* row_utt,
+                                               float* dx, long rows, int c_in, int c_out, int kernel, int stride, int pad, int groups) {
+    int cg = c_in / groups, og = c_out / groups;
+    long n = rows * c_in;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        long s = i / c_in;
+        int ci = (int)(i - s * c_in), g = ci / cg, cl = ci - g * cg;
+        int u = row_utt[s];
+        int sl = (int)(s - in_off[u]), t_out = out_off[u + 1] - out_off[u];
+        float acc = 0.0f;
+        for (int k = 0; k < kernel; ++k) {
+            int num = sl + pad - k;
+            if (num < 0) break;
+            if (num % stride) continue;
+            int t = num / stride;
+            if (t >= t_out) continue;
+            const float* dr = dy + (long)(out_off[u] + t) * c_out + g * og;
+            const float* wr = w + ((long)(g * og) * kernel + k) * cg + cl;
+            for (int o = 0; o < og; ++o) acc = fmaf(dr[o], wr[(long)o * kernel * cg], acc);
+        }
+        dx[i] = acc;
+    }
+}
+
+// Group norm over time (one group per channel) backward, per (32 channels, utterance) block: the
+// statistics recomputed in f64 as the CPU does, dx written, and this utterance's dgamma / dbeta
+// (rows of [utts, c], summed over utterances by column_sum_f32).
+extern "C" __global__ void group_norm_time_grad_f32(const float* dy, const float* x, const int* offsets, const float* gamma, float eps,
+                                                    float* dx, float* dgamma_u, float* dbeta_u, int c) {
+    __shared__ double red[8][32];
+    int tx = threadIdx.x % 32, ty = threadIdx.x / 32, ch = blockIdx.x * 32 + tx, u = blockIdx.y;
+    int r0 = offsets[u], r1 = offsets[u + 1];
+    double n = r1 - r0;
+    bool on = ch < c;
+    double s = 0.0;
+    if (on)
+        for (int r = r0 + ty; r < r1; r += 8) s += x[(long)r * c + ch];
+    double mean = reduce_lanes(s, red, ty, tx);
+    __syncthreads();
+    if (ty == 0) red[0][tx] = mean / n;
+    __syncthreads();
+    mean = red[0][tx];
+    __syncthreads();
+    double v = 0.0;
+    if (on)
+        for (int r = r0 + ty; r < r1; r += 8) {
+            double d = x[(long)r * c + ch] - mean;
+            v += d * d;
+        }
+    double var = reduce_lanes(v, red, ty, tx);
+    __syncthreads();
+    if (ty == 0) red[0][tx] = 1.0 / sqrt(var / n + (double)eps);
+    __syncthreads();
+    double inv = red[0][tx];
+    double gm = on ? (double)gamma[ch] : 0.0;
+    __syncthreads();
+    double sg = 0.0, sgx = 0.0;
+    if (on)
+        for (int r = r0 + ty; r < r1; r += 8) {
+            double d = dy[(long)r * c + ch], xh = (x[(long)r * c + ch] - mean) * inv;
+            sg += d;
+            sgx += d * xh;
+        }
+    double tsg = reduce_lanes(sg, red, ty, tx);
+    __syncthreads();
+    double tsgx = reduce_lanes(sgx, red, ty, tx);
+    __syncthreads();
+    if (ty == 0) {
+        red[0][tx] = tsg;
+        red[1][tx] = tsgx;
+        if (on) {
+            dbeta_u[(long)u * c + ch] = (float)tsg;
+            dgamma_u[(long)u * c + ch] = (float)tsgx;
+        }
+    }
+    __syncthreads();
+    double sum_g = red[0][tx] * gm, sum_gx = red[1][tx] * gm;
+    if (on)
+        for (int r = r0 + ty; r < r1; r += 8) {
+            double xh = (x[(long)r * c + ch] - mean) * inv;
+            dx[(long)r * c + ch] = (float)(inv / n * (n * dy[(long)r * c + ch] * gm - sum_g - xh * sum_gx));
+        }
 }
 
 // ---- per-matrix top-k of |score| into mask bits ------------------------------------------------

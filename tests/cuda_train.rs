@@ -1,7 +1,8 @@
 //! The GPU's training ops and training step against the CPU's (which tests/train.rs checks
 //! against PyTorch): op by op on random inputs of awkward sizes with outputs poisoned, the
 //! top-k masks bit for bit (ties included), and whole steps of mask learning and weight
-//! finetuning with every regulariser on, on a post-LN and a pre-LN model.
+//! finetuning (with and without the feature encoder) with every regulariser on, on a post-LN
+//! (group-norm encoder) and a pre-LN (layer-norm encoder) model.
 //!
 //! Without a GPU each test prints a skip line and passes; with `S3R_REQUIRE_GPU=1` it fails.
 
@@ -118,13 +119,26 @@ fn positional_conv_gradients_and_spec_augment_match_cpu() {
         let geom = ConvGeometry { kernel, stride: 1, pad_left: kernel / 2, groups };
         let w = t(random(c * kernel * c / groups, 20, 0.3), &[c, kernel, c / groups]);
         let (x, dy) = (t(random(seqs.total() * c, 21, 1.0), &[seqs.total(), c]), t(random(seqs.total() * c, 22, 1.0), &[seqs.total(), c]));
-        let gw = be.prepare_conv_weight(&w).unwrap();
-        let want = cpu.conv1d_input_grad(&dy, &cpu.prepare_conv_weight(&w).unwrap(), &seqs, geom).unwrap();
-        let got = be.conv1d_input_grad(&up(&be, &dy), &gw, &seqs, geom).unwrap();
-        assert_close(&format!("conv dx k{kernel}"), &back(&be, &got), want.f32s().unwrap(), TOL);
-        let want = cpu.conv1d_weight_grad(&dy, &x, &seqs, geom).unwrap();
-        let got = be.conv1d_weight_grad(&up(&be, &dy), &up(&be, &x), &seqs, geom).unwrap();
-        assert_close(&format!("conv dW k{kernel}"), &back(&be, &got), want.f32s().unwrap(), TOL);
+        conv_grads_match(&be, &x, &dy, &w, &seqs, &seqs, geom);
+    }
+    // The feature encoder's strided, unpadded convs (layer 0 reads one channel).
+    for (c_in, c_out, kernel, stride, lens) in [(1, 8, 10, 5, vec![400, 123]), (12, 12, 3, 2, vec![37, 10, 3])] {
+        let seqs_in = Seqs::new(lens.clone());
+        let seqs_out = Seqs::new(lens.iter().map(|&n| (n - kernel) / stride + 1).collect());
+        let geom = ConvGeometry { kernel, stride, pad_left: 0, groups: 1 };
+        let w = t(random(c_out * kernel * c_in, 25, 0.3), &[c_out, kernel, c_in]);
+        let x = t(random(seqs_in.total() * c_in, 26, 1.0), &[seqs_in.total(), c_in]);
+        let dy = t(random(seqs_out.total() * c_out, 27, 1.0), &[seqs_out.total(), c_out]);
+        conv_grads_match(&be, &x, &dy, &w, &seqs_in, &seqs_out, geom);
+        let (gamma, beta) = (t(random(c_out, 28, 1.0), &[c_out]), t(random(c_out, 29, 1.0), &[c_out]));
+        let conv = t(random(seqs_out.total() * c_out, 30, 2.0), &[seqs_out.total(), c_out]);
+        let want = cpu.group_norm_time_grads(&dy, &conv, &seqs_out, NormParams { gamma: &gamma, beta: &beta, eps: 1e-5 }).unwrap();
+        let (gg, gb) = (up(&be, &gamma), up(&be, &beta));
+        let got =
+            be.group_norm_time_grads(&up(&be, &dy), &up(&be, &conv), &seqs_out, NormParams { gamma: &gg, beta: &gb, eps: 1e-5 }).unwrap();
+        for (what, g, w) in [("dx", &got.0, &want.0), ("dgamma", &got.1, &want.1), ("dbeta", &got.2, &want.2)] {
+            assert_close(&format!("group norm {what} {c_out}"), &back(&be, g), w.f32s().unwrap(), REDUCTION_TOL);
+        }
     }
     let x = t(random(seqs.total() * c, 23, 1.0), &[seqs.total(), c]);
     let embedding = t(random(c, 24, 1.0), &[c]);
@@ -145,6 +159,17 @@ fn positional_conv_gradients_and_spec_augment_match_cpu() {
             assert_close("embedding grad", &back(&be, &g), w.f32s().unwrap(), TOL);
         }
     }
+}
+
+/// Both conv gradients of one geometry against the CPU.
+fn conv_grads_match(be: &CudaBackend, x: &Tensor, dy: &Tensor, w: &Tensor, seqs_in: &Seqs, seqs_out: &Seqs, geom: ConvGeometry) {
+    let cpu = CpuBackend;
+    let want = cpu.conv1d_input_grad(dy, &cpu.prepare_conv_weight(w).unwrap(), seqs_in, seqs_out, geom).unwrap();
+    let got = be.conv1d_input_grad(&up(be, dy), &be.prepare_conv_weight(w).unwrap(), seqs_in, seqs_out, geom).unwrap();
+    assert_close(&format!("conv dx {geom:?}"), &back(be, &got), want.f32s().unwrap(), TOL);
+    let want = cpu.conv1d_weight_grad(dy, x, seqs_in, seqs_out, geom).unwrap();
+    let got = be.conv1d_weight_grad(&up(be, dy), &up(be, x), seqs_in, seqs_out, geom).unwrap();
+    assert_close(&format!("conv dW {geom:?}"), &back(be, &got), want.f32s().unwrap(), TOL);
 }
 
 /// `(W ⊙ M)ᵀ` read through a linear on the identity with all-ones weights: the mask itself,
@@ -258,7 +283,12 @@ fn training_steps_match_cpu_with_every_regulariser() {
             activation_dropout: d,
             skip_layers: &skip,
         };
-        for (what, masks, trained) in [("masks", masks.as_slice(), Weights::Frozen), ("finetune", &[][..], Weights::AboveEncoder)] {
+        let runs = [
+            ("masks", masks.as_slice(), Weights::Frozen),
+            ("finetune", &[][..], Weights::AboveEncoder),
+            ("finetune with the feature encoder", &[][..], Weights::All),
+        ];
+        for (what, masks, trained) in runs {
             let run = |be: &dyn TrainBackend, case: &StepCase| {
                 step(be, &case.model, masks, 0.3, &case.head, Features::Audio(&inputs), &targets, Reduction::Sum, &reg, trained).unwrap()
             };

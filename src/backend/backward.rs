@@ -65,13 +65,17 @@ pub trait Backward {
         dropout: Option<ProbDropout>,
     ) -> Result<Tensor>;
 
-    /// Input gradient of a stride-1 [`Backend::conv1d`] whose output has the input's length
-    /// (the positional conv), per utterance; `w` as [`Backend::prepare_conv_weight`] made it.
-    fn conv1d_input_grad(&self, dy: &Tensor, w: &Tensor, seqs: &Seqs, geom: ConvGeometry) -> Result<Tensor>;
+    /// Input gradient of [`Backend::conv1d`] (input frames `seqs_in`, output frames `seqs_out`),
+    /// per utterance; `w` as [`Backend::prepare_conv_weight`] made it.
+    fn conv1d_input_grad(&self, dy: &Tensor, w: &Tensor, seqs_in: &Seqs, seqs_out: &Seqs, geom: ConvGeometry) -> Result<Tensor>;
 
     /// Weight gradient of that conv, summed over utterances, in the time-major
     /// `[c_out, kernel, c_in / groups]` layout.
-    fn conv1d_weight_grad(&self, dy: &Tensor, x: &Tensor, seqs: &Seqs, geom: ConvGeometry) -> Result<Tensor>;
+    fn conv1d_weight_grad(&self, dy: &Tensor, x: &Tensor, seqs_in: &Seqs, seqs_out: &Seqs, geom: ConvGeometry) -> Result<Tensor>;
+
+    /// Gradients of [`Backend::group_norm_time`] (each channel of each utterance normalised over
+    /// its frames): `(dx, dgamma, dbeta)`.
+    fn group_norm_time_grads(&self, dy: &Tensor, x: &Tensor, seqs: &Seqs, norm: NormParams) -> Result<(Tensor, Tensor, Tensor)>;
 
     /// The keep-mask of the linear whose prepared weight is `w` (the stacked q/k/v one
     /// included): in each scored row block the `numel - floor(sparsity * numel)` entries of

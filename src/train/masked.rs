@@ -3,8 +3,7 @@
 //! per-matrix top-k of their scores, the training regularisers (time and channel masking,
 //! dropout, LayerDrop), CTC loss, and the gradients of the scores (straight-through), the head
 //! and the time-mask embedding; with `train_weights` (weight finetuning) also of every weight,
-//! bias and norm above the frozen feature encoder (and of the feature encoder itself, on the
-//! CPU).
+//! bias and norm above the frozen feature encoder (and of the feature encoder itself).
 //!
 //! Frozen stages run without a tape; masks live as bits (the top-k is taken on the device);
 //! each encoder layer keeps only what its backward needs (attention probabilities and dropout
@@ -333,11 +332,9 @@ pub fn step(
     let (projected, seqs) = match features {
         Features::Audio(audio) if !train_weights => model.projected(be, audio)?,
         Features::Audio(audio) if trained == Weights::All => {
-            ensure!(be.name() == "cpu", "training the feature encoder runs on the CPU only (its backward has no GPU kernels yet)");
-            let (f, seqs, tape) = encoder::forward(model, audio)?;
+            let (f, seqs, tape) = encoder::forward(be, model, audio)?;
             encoder_tape = Some(tape);
-            let width = f.len() / seqs.total().max(1);
-            project(be, model, Tensor::from_vec(f, &[seqs.total(), width]), seqs, &mut projection_tape)?
+            project(be, model, f, seqs, &mut projection_tape)?
         }
         Features::Audio(audio) => {
             let (f, seqs) = model.feature_encoder(be, audio)?;
@@ -548,8 +545,8 @@ pub fn step(
     }
     let host = |t: &Tensor| be.to_host(t)?.into_f32_vec();
     let mut weight_grads = wgrads.into_host(h)?;
-    if let (Some(tape), Some(d)) = (&encoder_tape, &d_features) {
-        encoder::backward(model, tape, host(d)?, &mut weight_grads)?;
+    if let (Some(tape), Some(d)) = (encoder_tape, d_features) {
+        encoder::backward(be, model, &tape, d, &mut weight_grads)?;
     }
     Ok(StepGrads {
         loss: out.loss,
@@ -656,12 +653,12 @@ fn encoder_input_grad(be: &dyn TrainBackend, model: &Wav2Vec2, dx: Tensor, below
     let d_pre = be.gelu_grad(&d_sum, below.pos_pre)?;
     let geom = model.pos_conv_geometry();
     if wgrads.on {
-        let dw = be.to_host(&be.conv1d_weight_grad(&d_pre, below.projected, below.seqs, geom)?)?;
+        let dw = be.to_host(&be.conv1d_weight_grad(&d_pre, below.projected, below.seqs, below.seqs, geom)?)?;
         let weight = torch_layout(dw.f32s()?, h, h / geom.groups, geom.kernel);
         wgrads.map.insert(POS_CONV_WEIGHT.to_string(), Tensor::from_vec(weight, &[h, h / geom.groups, geom.kernel]));
         wgrads.map.insert("wav2vec2.encoder.pos_conv_embed.conv.bias".to_string(), be.column_sum(&d_pre)?);
     }
-    be.add(d_sum, &be.conv1d_input_grad(&d_pre, &model.pos_conv_weight, below.seqs, geom)?)
+    be.add(d_sum, &be.conv1d_input_grad(&d_pre, &model.pos_conv_weight, below.seqs, below.seqs, geom)?)
 }
 
 /// The feature projection's gradients from the gradient at its output (zero already where

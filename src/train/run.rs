@@ -528,9 +528,6 @@ struct Trainer<'a> {
 pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<Summary> {
     let recipe = &recipe.settled()?;
     recipe.check()?;
-    if let (Device::Cuda, Learn::Weights { train_feature_encoder: true, .. }) = (opts.device, &recipe.learn) {
-        bail!("--train-feature-encoder runs on the CPU only for now: the conv feature encoder's backward has no GPU kernels yet");
-    }
     let be = opts.device.backend()?;
     check_out(&opts.out, opts, &recipe.json())?;
     let dir = recipe.model()?;

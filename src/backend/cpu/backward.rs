@@ -85,29 +85,42 @@ impl Backward for CpuBackend {
         Ok(Tensor::from_vec(grad::attention_grad(data(d_out)?, data(qkv)?, c3 / 3, seqs, heads, scale, dropout), &[rows, c3]))
     }
 
-    fn conv1d_input_grad(&self, dy: &Tensor, w: &Tensor, seqs: &Seqs, geom: ConvGeometry) -> Result<Tensor> {
+    fn conv1d_input_grad(&self, dy: &Tensor, w: &Tensor, seqs_in: &Seqs, seqs_out: &Seqs, geom: ConvGeometry) -> Result<Tensor> {
         let (c_out, c_in) = conv_channels(w, geom)?;
-        ensure!(dy.numel() == seqs.total() * c_out, "conv backward: gradient {:?} for {} frames x {c_out}", dy.shape(), seqs.total());
+        ensure!(
+            dy.numel() == seqs_out.total() * c_out,
+            "conv backward: gradient {:?} for {} frames x {c_out}",
+            dy.shape(),
+            seqs_out.total()
+        );
         let (dy, w) = (data(dy)?, data(w)?);
-        let mut dx = Vec::with_capacity(seqs.total() * c_in);
-        for u in 0..seqs.count() {
-            let r = seqs.range(u);
-            dx.extend(grad::conv1d_input_grad(&dy[r.start * c_out..r.end * c_out], w, c_in, c_out, r.len(), geom));
+        let mut dx = Vec::with_capacity(seqs_in.total() * c_in);
+        for u in 0..seqs_in.count() {
+            let r = seqs_out.range(u);
+            dx.extend(grad::conv1d_input_grad(&dy[r.start * c_out..r.end * c_out], w, c_in, c_out, seqs_in.lens()[u], geom));
         }
-        Ok(Tensor::from_vec(dx, &[seqs.total(), c_in]))
+        Ok(Tensor::from_vec(dx, &[seqs_in.total(), c_in]))
     }
 
-    fn conv1d_weight_grad(&self, dy: &Tensor, x: &Tensor, seqs: &Seqs, geom: ConvGeometry) -> Result<Tensor> {
+    fn conv1d_weight_grad(&self, dy: &Tensor, x: &Tensor, seqs_in: &Seqs, seqs_out: &Seqs, geom: ConvGeometry) -> Result<Tensor> {
         let ((_, c_out), (_, c_in)) = (as_matrix(dy), as_matrix(x));
         ensure!(c_in % geom.groups == 0, "conv: {c_in} channels do not split into {} groups", geom.groups);
         let (dy, x) = (data(dy)?, data(x)?);
         let mut dw = vec![0.0f32; c_out * geom.kernel * c_in / geom.groups];
-        for u in 0..seqs.count() {
-            let r = seqs.range(u);
-            let g = grad::conv1d_weight_grad(&dy[r.start * c_out..r.end * c_out], &x[r.start * c_in..r.end * c_in], c_in, c_out, geom);
+        for u in 0..seqs_in.count() {
+            let (ri, ro) = (seqs_in.range(u), seqs_out.range(u));
+            let g = grad::conv1d_weight_grad(&dy[ro.start * c_out..ro.end * c_out], &x[ri.start * c_in..ri.end * c_in], c_in, c_out, geom);
             math::add_assign(&mut dw, &g);
         }
         Ok(Tensor::from_vec(dw, &[c_out, geom.kernel, c_in / geom.groups]))
+    }
+
+    fn group_norm_time_grads(&self, dy: &Tensor, x: &Tensor, seqs: &Seqs, norm: NormParams) -> Result<(Tensor, Tensor, Tensor)> {
+        ensure!(dy.shape() == x.shape(), "group norm backward: gradient {:?} for an input {:?}", dy.shape(), x.shape());
+        let gamma = data(norm.gamma)?;
+        let (dx, dgamma, dbeta) = grad::group_norm_time_grads(data(dy)?, data(x)?, seqs, gamma, norm.eps);
+        let c = gamma.len();
+        Ok((Tensor::from_vec(dx, x.shape()), Tensor::from_vec(dgamma, &[c]), Tensor::from_vec(dbeta, &[c])))
     }
 
     fn scored_mask(&self, w: &Tensor, blocks: &[ScoredRows], sparsity: f64) -> Result<LinearMask> {

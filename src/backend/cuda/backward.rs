@@ -343,35 +343,101 @@ impl Backward for CudaBackend {
         Ok(d_qkv)
     }
 
-    fn conv1d_input_grad(&self, dy: &Tensor, w: &Tensor, seqs: &Seqs, geom: ConvGeometry) -> Result<Tensor> {
+    fn conv1d_input_grad(&self, dy: &Tensor, w: &Tensor, seqs_in: &Seqs, seqs_out: &Seqs, geom: ConvGeometry) -> Result<Tensor> {
         let &[c_out, kernel, cg] = w.shape() else { bail!("conv weight must be [out, kernel, in/groups], found {:?}", w.shape()) };
-        ensure!(
-            geom.stride == 1 && kernel == geom.kernel && geom.pad_left < kernel,
-            "conv backward supports stride-1 convs only, found {geom:?}"
-        );
+        ensure!(kernel == geom.kernel && c_out % geom.groups == 0, "conv weight {:?} does not fit the geometry {geom:?}", w.shape());
         let groups = geom.groups;
-        let flipped = self.empty(&[cg * groups, kernel, c_out / groups], DType::F32)?;
-        let (pw, pf) = (self.train_weight(w)?, self.ptr(&flipped)?);
-        let (c_out_i, kernel_i, cg_i, groups_i) = (c_out as i32, kernel as i32, cg as i32, groups as i32);
-        self.launcher().elementwise(self.func("conv_flip_weight_f32"), w.numel(), |b| {
-            b.arg(&pw).arg(&pf).arg(&c_out_i).arg(&kernel_i).arg(&cg_i).arg(&groups_i);
+        let c_in = cg * groups;
+        let pw = self.train_weight(w)?;
+        if geom.stride == 1 && seqs_in == seqs_out && geom.pad_left < kernel {
+            // Same length (the positional conv): the conv of dy with the kernel flipped in time
+            // and in/out swapped per group, on the implicit-GEMM conv.
+            let flipped = self.empty(&[c_in, kernel, c_out / groups], DType::F32)?;
+            let pf = self.ptr(&flipped)?;
+            let (c_out_i, kernel_i, cg_i, groups_i) = (c_out as i32, kernel as i32, cg as i32, groups as i32);
+            self.launcher().elementwise(self.func("conv_flip_weight_f32"), w.numel(), |b| {
+                b.arg(&pw).arg(&pf).arg(&c_out_i).arg(&kernel_i).arg(&cg_i).arg(&groups_i);
+            })?;
+            let transposed = ConvGeometry { kernel, stride: 1, pad_left: kernel - 1 - geom.pad_left, groups };
+            return self.conv1d(dy, seqs_out, seqs_in, &flipped, None, transposed, Activation::Identity);
+        }
+        let dx = self.empty(&[seqs_in.total(), c_in], DType::F32)?;
+        let (in_off, out_off, row_utt) = (self.offsets(seqs_in)?, self.offsets(seqs_out)?, self.row_utterances(seqs_in)?);
+        let (pdy, pdx) = (self.ptr(dy)?, self.ptr(&dx)?);
+        let (pi, po, pr) = (self.slice_ptr(&in_off), self.slice_ptr(&out_off), self.slice_ptr(&row_utt));
+        let (rows, c_in_i, c_out_i) = (seqs_in.total() as i64, c_in as i32, c_out as i32);
+        let (kernel_i, stride, pad, groups_i) = (kernel as i32, geom.stride as i32, geom.pad_left as i32, groups as i32);
+        self.launcher().elementwise(self.func("conv_input_grad_f32"), dx.numel(), |b| {
+            b.arg(&pdy).arg(&pw).arg(&pi).arg(&po).arg(&pr).arg(&pdx).arg(&rows);
+            b.arg(&c_in_i).arg(&c_out_i).arg(&kernel_i).arg(&stride).arg(&pad).arg(&groups_i);
         })?;
-        let transposed = ConvGeometry { kernel, stride: 1, pad_left: kernel - 1 - geom.pad_left, groups };
-        self.conv1d(dy, seqs, seqs, &flipped, None, transposed, Activation::Identity)
+        Ok(dx)
     }
 
-    fn conv1d_weight_grad(&self, dy: &Tensor, x: &Tensor, seqs: &Seqs, geom: ConvGeometry) -> Result<Tensor> {
+    fn conv1d_weight_grad(&self, dy: &Tensor, x: &Tensor, seqs_in: &Seqs, seqs_out: &Seqs, geom: ConvGeometry) -> Result<Tensor> {
         let ((_, c_out), (_, c_in)) = (matrix(dy), matrix(x));
-        ensure!(geom.stride == 1 && c_in % geom.groups == 0, "conv weight gradient supports stride-1 convs only, found {geom:?}");
-        let dw = self.empty(&[c_out, geom.kernel, c_in / geom.groups], DType::F32)?;
-        let offsets = self.offsets(seqs)?;
-        let (pdy, px, poff, pdw) = (self.ptr(dy)?, self.ptr(x)?, self.slice_ptr(&offsets), self.ptr(&dw)?);
-        let (utts, c_in_i, c_out_i) = (seqs.count() as i32, c_in as i32, c_out as i32);
-        let (kernel, groups, pad) = (geom.kernel as i32, geom.groups as i32, geom.pad_left as i32);
+        ensure!(c_in.is_multiple_of(geom.groups), "conv: {c_in} channels do not split into {} groups", geom.groups);
+        let kernel = geom.kernel;
+        let dw = self.empty(&[c_out, kernel, c_in / geom.groups], DType::F32)?;
+        let (pdy, px, pdw) = (self.ptr(dy)?, self.ptr(x)?, self.ptr(&dw)?);
+        if geom.groups == 1 && geom.pad_left == 0 {
+            // The receptive fields of an unpadded, ungrouped conv are a strided view of its input
+            // (rows `stride * c_in` apart): dW = Σ_utterances dyᵀ · fields, one GEMM each.
+            if seqs_out.total() == 0 {
+                self.fill(&dw, 0.0)?;
+            }
+            for (n, u) in (0..seqs_in.count()).filter(|&u| seqs_out.lens()[u] > 0).enumerate() {
+                let g = StridedGemm {
+                    a: pdy + (seqs_out.range(u).start * c_out * 4) as u64,
+                    a_sm: 1,
+                    a_sk: c_out as i64,
+                    b: px + (seqs_in.range(u).start * c_in * 4) as u64,
+                    b_sk: (geom.stride * c_in) as i64,
+                    b_sn: 1,
+                    c: pdw,
+                    ldc: (kernel * c_in) as i64,
+                    m: c_out as i32,
+                    n: (kernel * c_in) as i32,
+                    k: seqs_out.lens()[u] as i32,
+                    alpha: 1.0,
+                    accumulate: (n > 0) as i32,
+                    ..StridedGemm::default()
+                };
+                self.strided_gemm(g, 1)?;
+            }
+            return Ok(dw);
+        }
+        ensure!(
+            geom.stride == 1 && seqs_in == seqs_out,
+            "conv weight gradient: padded or grouped convs must keep their length, found {geom:?}"
+        );
+        let offsets = self.offsets(seqs_in)?;
+        let poff = self.slice_ptr(&offsets);
+        let (utts, c_in_i, c_out_i) = (seqs_in.count() as i32, c_in as i32, c_out as i32);
+        let (kernel_i, groups, pad) = (kernel as i32, geom.groups as i32, geom.pad_left as i32);
         self.launcher().elementwise(self.func("conv_weight_grad_f32"), dw.numel(), |b| {
-            b.arg(&pdy).arg(&px).arg(&poff).arg(&utts).arg(&pdw).arg(&c_in_i).arg(&c_out_i).arg(&kernel).arg(&groups).arg(&pad);
+            b.arg(&pdy).arg(&px).arg(&poff).arg(&utts).arg(&pdw).arg(&c_in_i).arg(&c_out_i).arg(&kernel_i).arg(&groups).arg(&pad);
         })?;
         Ok(dw)
+    }
+
+    fn group_norm_time_grads(&self, dy: &Tensor, x: &Tensor, seqs: &Seqs, norm: NormParams) -> Result<(Tensor, Tensor, Tensor)> {
+        ensure!(dy.shape() == x.shape(), "group norm backward: gradient {:?} for an input {:?}", dy.shape(), x.shape());
+        let (_, c) = matrix(x);
+        ensure!(norm.gamma.numel() == c, "group norm over {c} channels has {} weights", norm.gamma.numel());
+        let utts = seqs.count();
+        let dx = self.empty(x.shape(), DType::F32)?;
+        let (dgamma_u, dbeta_u) = (self.empty(&[utts, c], DType::F32)?, self.empty(&[utts, c], DType::F32)?);
+        let offsets = self.offsets(seqs)?;
+        let (pdy, px, pg, pdx) = (self.ptr(dy)?, self.ptr(x)?, self.ptr(norm.gamma)?, self.ptr(&dx)?);
+        let (pgu, pbu, poff, c_i) = (self.ptr(&dgamma_u)?, self.ptr(&dbeta_u)?, self.slice_ptr(&offsets), c as i32);
+        let cfg = launch::config((c.div_ceil(32) as u32, utts as u32, 1), 256);
+        if utts > 0 {
+            self.launcher().launch(self.func("group_norm_time_grad_f32"), cfg, |b| {
+                b.arg(&pdy).arg(&px).arg(&poff).arg(&pg).arg(&norm.eps).arg(&pdx).arg(&pgu).arg(&pbu).arg(&c_i);
+            })?;
+        }
+        Ok((dx, self.column_sum(&dgamma_u)?, self.column_sum(&dbeta_u)?))
     }
 
     fn scored_mask(&self, w: &Tensor, blocks: &[ScoredRows], sparsity: f64) -> Result<LinearMask> {

@@ -131,6 +131,8 @@ pub struct StridedGemm {
     pub n: i32,
     pub k: i32,
     pub alpha: f32,
+    /// 1: `C += alpha · A·B`.
+    pub accumulate: i32,
 }
 
 // SAFETY: plain-old-data with the C layout the kernel expects.

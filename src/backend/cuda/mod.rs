@@ -78,6 +78,8 @@ const FUNCTIONS: &[(&str, &str)] = &[
     ("backward", "attention_softmax_grad_f32"),
     ("backward", "conv_flip_weight_f32"),
     ("backward", "conv_weight_grad_f32"),
+    ("backward", "conv_input_grad_f32"),
+    ("backward", "group_norm_time_grad_f32"),
     ("backward", "topk_init"),
     ("backward", "topk_histogram"),
     ("backward", "topk_pick"),
