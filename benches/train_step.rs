@@ -1,6 +1,6 @@
 //! One S3-Router forward/backward at full wav2vec2-base size (random weights), on the CPU (batch
-//! 2 x 5 s, 60 labels per utterance) and, where there is one, the GPU in fp32 (batch 8 x 15 s,
-//! 220 labels: the shape of ../shared/bench/torch_w2v2_anchor.py); masks on the 24 FFN matrices
+//! 2 x 5 s, 60 labels per utterance) and, where there is one, the GPU in fp32 and bf16 (batch
+//! 8 x 15 s, 220 labels: the shape of ../shared/bench/torch_w2v2_anchor.py); masks on the 24 FFN matrices
 //! at sparsity 0.1. GPU gradients come back to the host, and Adam runs there.
 //! "step" is the forward/backward (masks from the scores included); "update" adds the Adam update
 //! of the 56.6M scores and the head, which is what the PyTorch anchor
@@ -25,7 +25,10 @@ use s3router::train::masked::{step, Features, MaskScope, MaskedWeight, Regularis
 fn train_step_base(c: &mut Criterion) {
     bench_device(c, &CpuBackend, "cpu", 2, 5, 60);
     match unavailable_reason() {
-        None => bench_device(c, &CudaBackend::new(0, Precision::F32).unwrap(), "cuda", 8, 15, 220),
+        None => {
+            bench_device(c, &CudaBackend::new(0, Precision::F32).unwrap(), "cuda f32", 8, 15, 220);
+            bench_device(c, &CudaBackend::new(0, Precision::Bf16).unwrap(), "cuda bf16", 8, 15, 220);
+        }
         Some(why) => eprintln!("skipping the GPU benches: {why}"),
     }
 }

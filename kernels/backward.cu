@@ -505,3 +505,48 @@ extern "C" __global__ void __launch_bounds__(256) topk_write(const float* s, lon
 extern "C" __global__ void fill_u32(unsigned* x, unsigned v, long n) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) x[i] = v;
 }
+
+// ---- bf16 training operands (tensor-core gradient GEMMs) -----------------------------------------
+// The mma.sync GEMM computes A·Bᵀ over row-major bf16 operands, so the weight gradient dyᵀ·x
+// takes both activations transposed (rows padded with zeros to a multiple of 8, keeping every
+// row 16-byte aligned) and the input gradient dy·(W⊙M) takes (W⊙M)ᵀ. 32x32 tiles through shared
+// memory keep both the reads and the writes coalesced.
+
+// y[c, r] = x[r, c] for r < rows, 0 for rows <= r < rows_padded.
+extern "C" __global__ void transpose_to_bf16(const float* x, __nv_bfloat16* y, int rows, int cols, int rows_padded) {
+    __shared__ float tile[32][33];
+    int c0 = blockIdx.x * 32, r0 = blockIdx.y * 32;
+    for (int i = threadIdx.y; i < 32; i += blockDim.y) {
+        int r = r0 + i, c = c0 + threadIdx.x;
+        tile[i][threadIdx.x] = (r < rows && c < cols) ? x[(long)r * cols + c] : 0.0f;
+    }
+    __syncthreads();
+    for (int i = threadIdx.y; i < 32; i += blockDim.y) {
+        int c = c0 + i, r = r0 + threadIdx.x;
+        if (c < cols && r < rows_padded) y[(long)c * rows_padded + r] = __float2bfloat16(tile[threadIdx.x][i]);
+    }
+}
+
+// y[i, o] = w[o, i] where mask bit o*d_in + i is set (or no mask), else 0.
+extern "C" __global__ void transpose_mask_bf16(const __nv_bfloat16* w, const uint8_t* mask, __nv_bfloat16* y, int d_out, int d_in) {
+    __shared__ __nv_bfloat16 tile[32][34];
+    int i0 = blockIdx.x * 32, o0 = blockIdx.y * 32;
+    for (int k = threadIdx.y; k < 32; k += blockDim.y) {
+        int o = o0 + k, i = i0 + threadIdx.x;
+        __nv_bfloat16 v = __float2bfloat16(0.0f);
+        if (o < d_out && i < d_in) {
+            long at = (long)o * d_in + i;
+            if (!mask || mask_bit(mask, at)) v = w[at];
+        }
+        tile[k][threadIdx.x] = v;
+    }
+    __syncthreads();
+    for (int k = threadIdx.y; k < 32; k += blockDim.y) {
+        int i = i0 + k, o = o0 + threadIdx.x;
+        if (i < d_in && o < d_out) y[(long)i * d_out + o] = tile[threadIdx.x][k];
+    }
+}
+
+extern "C" __global__ void bf16_to_f32(const __nv_bfloat16* x, float* y, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) y[i] = __bfloat162float(x[i]);
+}

@@ -43,6 +43,7 @@ done
 "$b"/bin/cuda_kernels* | tee "$out/kernels.md"
 # Training on the GPU: the demo end to end, then the step benches (criterion, GPU ones only).
 timeout "${DEMO_TIMEOUT:-240}" "$b/bin/engine" train --device cuda --out "$out/demo" 2>&1 | tail -15 | tee "$out/demo.txt"
+timeout "${DEMO_TIMEOUT:-240}" "$b/bin/engine" train --device cuda --precision bf16 --out "$out/demo-bf16" 2>&1 | tail -4 | tee -a "$out/demo.txt"
 "$b"/bin/train_step* --bench cuda 2>&1 | grep -E "cuda|time:" | tee "$out/train_step.txt"
 for p in f32 bf16; do
     for shape in "8 15" "1 10"; do

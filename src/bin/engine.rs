@@ -132,9 +132,13 @@ struct RunArgs {
     /// Memory (MB) for caching the frozen feature encoder's output per training utterance.
     #[arg(long, default_value_t = 2048)]
     feature_cache_mb: usize,
-    /// Compute device: the CPU, or the first GPU (fp32; kernels built with nvcc, see README).
+    /// Compute device: the CPU, or the first GPU (kernels built with nvcc, see README).
     #[arg(long, value_enum, default_value = "cpu")]
     device: Device,
+    /// Arithmetic of the matrix products on the GPU: f32 (the parity path) or bf16 (tensor
+    /// cores, fp32 accumulation; gradients within ~1e-2 of f32).
+    #[arg(long, value_enum, default_value = "f32")]
+    precision: Precision,
 }
 
 impl RunArgs {
@@ -152,9 +156,11 @@ impl RunArgs {
             save_every: self.save_every,
             progress: !self.quiet,
             feature_cache_bytes: self.feature_cache_mb << 20,
-            device: match self.device {
-                Device::Cpu => TrainDevice::Cpu,
-                Device::Cuda => TrainDevice::Cuda,
+            device: match (self.device, self.precision) {
+                (Device::Cpu, Precision::F32) => TrainDevice::Cpu,
+                (Device::Cpu, Precision::Bf16) => bail!("--precision bf16 needs --device cuda (the CPU computes in f32)"),
+                (Device::Cuda, Precision::F32) => TrainDevice::Cuda(CudaPrecision::F32),
+                (Device::Cuda, Precision::Bf16) => TrainDevice::Cuda(CudaPrecision::Bf16),
             },
         })
     }

@@ -248,15 +248,16 @@ pub struct RunOptions {
 pub enum Device {
     #[default]
     Cpu,
-    /// The first GPU, in fp32.
-    Cuda,
+    /// The first GPU: fp32 throughout, or bf16 matrix products (fp32 accumulation, everything
+    /// else fp32) for the forward and the gradient GEMMs.
+    Cuda(Precision),
 }
 
 impl Device {
     fn backend(self) -> Result<Box<dyn TrainBackend>> {
         Ok(match self {
             Device::Cpu => Box::new(CpuBackend),
-            Device::Cuda => Box::new(CudaBackend::new(0, Precision::F32)?),
+            Device::Cuda(p) => Box::new(CudaBackend::new(0, p)?),
         })
     }
 }

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, ensure, Result};
 use cudarc::driver::{CudaSlice, DevicePtr, PushKernelArg};
 
-use super::launch::{self, StridedGemm};
-use super::{CudaBackend, CudaBuf};
+use super::launch::{self, GemmArgs, StridedGemm};
+use super::{CudaBackend, CudaBuf, Precision};
 use crate::backend::backward::{Backward, NormGrads, ScoredRows};
 use crate::backend::{Activation, Backend, ConvGeometry, LinearMask, NormParams, Seqs};
 use crate::dropout::{Dropout, ProbDropout};
@@ -36,10 +36,94 @@ impl CudaBackend {
         })
     }
 
-    /// Weights the training kernels read: fp32 in the `[out, in]` layout.
-    fn train_weight(&self, w: &Tensor) -> Result<u64> {
-        ensure!(w.dtype() == DType::F32, "training on the GPU runs in fp32 (--precision f32); this weight is {:?}", w.dtype());
-        self.ptr(w)
+    /// A weight as the fp32 training kernels read it (`[out, in]`, or a conv's time-major
+    /// layout): itself, or an fp32 copy of a bf16 one.
+    fn f32_weight(&self, w: &Tensor) -> Result<Tensor> {
+        match w.dtype() {
+            DType::F32 => Ok(w.clone()),
+            DType::BF16 => {
+                let out = self.empty(w.shape(), DType::F32)?;
+                let (pw, po, n) = (self.ptr(w)?, self.ptr(&out)?, w.numel() as i64);
+                self.launcher().elementwise(self.func("bf16_to_f32"), w.numel(), |b| {
+                    b.arg(&pw).arg(&po).arg(&n);
+                })?;
+                Ok(out)
+            }
+            other => bail!("training weights in {other:?} are not supported"),
+        }
+    }
+
+    /// `[cols, rows]` bf16 transpose of an fp32 `[rows, cols]` activation, rows padded with
+    /// zeros to a multiple of 8 (the tensor-core GEMM's K); returns it and the padded length.
+    fn transposed_bf16(&self, x: &Tensor) -> Result<(Tensor, usize)> {
+        let (rows, cols) = matrix(x);
+        let padded = rows.div_ceil(8).max(1) * 8;
+        let out = self.empty(&[cols, padded], DType::BF16)?;
+        let (px, po, rows_i, cols_i, padded_i) = (self.ptr(x)?, self.ptr(&out)?, rows as i32, cols as i32, padded as i32);
+        let grid = (cols.div_ceil(32) as u32, padded.div_ceil(32) as u32, 1);
+        self.launcher().launch(
+            self.func("transpose_to_bf16"),
+            cudarc::driver::LaunchConfig { grid_dim: grid, block_dim: (32, 8, 1), shared_mem_bytes: 0 },
+            |b| {
+                b.arg(&px).arg(&po).arg(&rows_i).arg(&cols_i).arg(&padded_i);
+            },
+        )?;
+        Ok((out, padded))
+    }
+
+    /// `dx = dy · (W ⊙ M)` on tensor cores: `(W ⊙ M)ᵀ` in bf16, built per call (cheap next to
+    /// the product), so the mask needs no transposed copy.
+    fn linear_input_grad_bf16(&self, dy: &Tensor, w: &Tensor, mask: u64) -> Result<Tensor> {
+        let &[d_out, d_in] = w.shape() else { bail!("linear weight must be 2-D, found {:?}", w.shape()) };
+        let (n, _) = matrix(dy);
+        let wt = self.empty(&[d_in, d_out], DType::BF16)?;
+        let (pw, pm, pwt, d_out_i, d_in_i) = (self.ptr(w)?, mask, self.ptr(&wt)?, d_out as i32, d_in as i32);
+        let grid = (d_in.div_ceil(32) as u32, d_out.div_ceil(32) as u32, 1);
+        self.launcher().launch(
+            self.func("transpose_mask_bf16"),
+            cudarc::driver::LaunchConfig { grid_dim: grid, block_dim: (32, 8, 1), shared_mem_bytes: 0 },
+            |b| {
+                b.arg(&pw).arg(&pm).arg(&pwt).arg(&d_out_i).arg(&d_in_i);
+            },
+        )?;
+        let out = self.empty(&[n, d_in], DType::F32)?;
+        let dy16 = self.bf16_operand(dy, d_out)?;
+        let args = GemmArgs {
+            a: self.ptr(dy)?,
+            lda: d_out as i64,
+            b: pwt,
+            ldb: d_out as i64,
+            c: self.ptr(&out)?,
+            ldc: d_in as i64,
+            m: n as i32,
+            n: d_in as i32,
+            k: d_out as i32,
+            ..GemmArgs::default()
+        };
+        self.gemm(args, dy16.as_ref().map(|t| self.ptr(t)).transpose()?, DType::BF16, 1)?;
+        Ok(out)
+    }
+
+    /// `dW = dyᵀ · x` on tensor cores: both operands transposed to bf16 with K padded to 8.
+    fn linear_weight_grad_bf16(&self, dy: &Tensor, x: &Tensor) -> Result<Tensor> {
+        let ((_, d_out), (_, d_in)) = (matrix(dy), matrix(x));
+        let ((dyt, k), (xt, _)) = (self.transposed_bf16(dy)?, self.transposed_bf16(x)?);
+        let out = self.empty(&[d_out, d_in], DType::F32)?;
+        let args = GemmArgs {
+            a: self.ptr(&dyt)?,
+            lda: k as i64,
+            b: self.ptr(&xt)?,
+            ldb: k as i64,
+            c: self.ptr(&out)?,
+            ldc: d_in as i64,
+            m: d_out as i32,
+            n: d_in as i32,
+            k: k as i32,
+            ..GemmArgs::default()
+        };
+        ensure!(args.tensor_core_ok(), "bf16 weight gradient: operands not aligned for the tensor-core GEMM");
+        self.gemm(args, Some(args.a), DType::BF16, 1)?;
+        Ok(out)
     }
 
     fn copy_to_device<T: cudarc::driver::DeviceRepr>(&self, v: &[T]) -> Result<CudaSlice<T>> {
@@ -150,12 +234,17 @@ impl Backward for CudaBackend {
             Some(LinearMask::Cuda(bits)) => bits.0.device_ptr(&self.stream).0,
             Some(LinearMask::Host(_) | LinearMask::Applied(_)) => bail!("a mask prepared for the CPU was given to the CUDA backend"),
         };
+        match w.dtype() {
+            DType::BF16 => return self.linear_input_grad_bf16(dy, w, mask),
+            DType::F32 => {}
+            other => bail!("training weights in {other:?} are not supported"),
+        }
         let out = self.empty(&[n, d_in], DType::F32)?;
         let g = StridedGemm {
             a: self.ptr(dy)?,
             a_sm: d_out as i64,
             a_sk: 1,
-            b: self.train_weight(w)?,
+            b: self.ptr(w)?,
             b_sk: d_in as i64,
             b_sn: 1,
             mask,
@@ -174,6 +263,9 @@ impl Backward for CudaBackend {
     fn linear_weight_grad(&self, dy: &Tensor, x: &Tensor) -> Result<Tensor> {
         let ((n, d_out), (rows, d_in)) = (matrix(dy), matrix(x));
         ensure!(n == rows, "linear weight gradient: {n} gradient rows for {rows} input rows");
+        if self.precision() == Precision::Bf16 {
+            return self.linear_weight_grad_bf16(dy, x);
+        }
         let out = self.empty(&[d_out, d_in], DType::F32)?;
         let g = StridedGemm {
             a: self.ptr(dy)?,
@@ -230,7 +322,12 @@ impl Backward for CudaBackend {
     }
 
     fn attention_dropout(&self, qkv: &Tensor, seqs: &Seqs, heads: usize, scale: f32, dropout: Option<ProbDropout>) -> Result<Tensor> {
-        let Some(dropout) = dropout.filter(|d| d.dropout.is_active()) else { return self.attention(qkv, seqs, heads, scale) };
+        // Without dropout in fp32 the fused kernel gives what the backward recomputes; in bf16
+        // the forward takes the same fp32 path as the backward, so the two agree.
+        let dropout = dropout.filter(|d| d.dropout.is_active());
+        if dropout.is_none() && self.precision() == Precision::F32 {
+            return self.attention(qkv, seqs, heads, scale);
+        }
         let (rows, c3) = matrix(qkv);
         ensure!(rows == seqs.total() && c3 % 3 == 0, "attention: {:?} does not hold q, k, v of {} frames", qkv.shape(), seqs.total());
         let c = c3 / 3;
@@ -241,7 +338,7 @@ impl Backward for CudaBackend {
             let (r0, t) = (seqs.range(u).start as u64, seqs.lens()[u]);
             let (s, pd) = (self.empty(&[heads, t, t], DType::F32)?, self.empty(&[heads, t, t], DType::F32)?);
             let (ps, ppd) = (self.ptr(&s)?, self.ptr(&pd)?);
-            self.attention_probs(pq, seqs, u, heads, c, scale, Some(dropout), ps, ppd)?;
+            self.attention_probs(pq, seqs, u, heads, c, scale, dropout, ps, ppd)?;
             // O = (P ⊙ D) V per head.
             let g = StridedGemm {
                 a: ppd,
@@ -348,7 +445,8 @@ impl Backward for CudaBackend {
         ensure!(kernel == geom.kernel && c_out % geom.groups == 0, "conv weight {:?} does not fit the geometry {geom:?}", w.shape());
         let groups = geom.groups;
         let c_in = cg * groups;
-        let pw = self.train_weight(w)?;
+        let w = self.f32_weight(w)?;
+        let pw = self.ptr(&w)?;
         if geom.stride == 1 && seqs_in == seqs_out && geom.pad_left < kernel {
             // Same length (the positional conv): the conv of dy with the kernel flipped in time
             // and in/out swapped per group, on the implicit-GEMM conv.
@@ -500,9 +598,9 @@ impl Backward for CudaBackend {
             w.shape()
         );
         let out = self.empty(block.scores.shape(), DType::F32)?;
+        let w = self.f32_weight(w)?;
         let offset = (block.row0 * d_in * 4) as u64;
-        let (pdw, pw, ps, po, n_i) =
-            (self.ptr(dw)? + offset, self.train_weight(w)? + offset, self.ptr(block.scores)?, self.ptr(&out)?, n as i64);
+        let (pdw, pw, ps, po, n_i) = (self.ptr(dw)? + offset, self.ptr(&w)? + offset, self.ptr(block.scores)?, self.ptr(&out)?, n as i64);
         self.launcher().elementwise(self.func("score_grad_f32"), n, |b| {
             b.arg(&pdw).arg(&pw).arg(&ps).arg(&po).arg(&n_i);
         })?;
