@@ -223,3 +223,56 @@ impl Backward for CpuBackend {
         Ok((Tensor::from_vec(v, &shape), embedding.map(|g| Tensor::from_vec(g, &[c]))))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Backend;
+    use crate::rng::SplitMix;
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = SplitMix(seed);
+        // Every fifth value exactly 0: sign(0) = 0 must zero the score gradient.
+        (0..n).map(|i| if i % 5 == 0 { 0.0 } else { rng.symmetric() }).collect()
+    }
+
+    /// A stacked q/k/v-like weight with more rows per block than one gather tile.
+    const H: usize = 70;
+    const D_IN: usize = 13;
+
+    #[test]
+    fn score_gradient_reads_its_block_of_the_stacked_weight() {
+        let be = CpuBackend;
+        let w = random(3 * H * D_IN, 1);
+        let dw = random(3 * H * D_IN, 2);
+        let scores = Tensor::from_vec(random(H * D_IN, 3), &[H, D_IN]);
+        let prepared = be.prepare_linear_weight(&Tensor::from_vec(w.clone(), &[3 * H, D_IN])).unwrap();
+        let block = ScoredRows { row0: H, scores: &scores };
+        let got = be.score_grad(&Tensor::from_vec(dw.clone(), &[3 * H, D_IN]), &prepared, &block).unwrap();
+        let rows = H * D_IN..2 * H * D_IN;
+        assert_eq!(got.f32s().unwrap(), score_grad(&dw[rows.clone()], &w[rows], scores.f32s().unwrap()).as_slice());
+    }
+
+    #[test]
+    fn scored_mask_zeroes_exactly_the_dropped_entries_of_each_block() {
+        let be = CpuBackend;
+        let w: Vec<f32> = (0..3 * H * D_IN).map(|i| 1.0 + i as f32).collect();
+        let prepared = be.prepare_linear_weight(&Tensor::from_vec(w.clone(), &[3 * H, D_IN])).unwrap();
+        let (q, v) = (Tensor::from_vec(random(H * D_IN, 4), &[H, D_IN]), Tensor::from_vec(random(H * D_IN, 5), &[H, D_IN]));
+        let blocks = [ScoredRows { row0: 0, scores: &q }, ScoredRows { row0: 2 * H, scores: &v }];
+        let LinearMask::Applied(masked) = be.scored_mask(&prepared, &blocks, 0.3).unwrap() else { panic!("the CPU applies its masks") };
+        let masked = masked.f32s().unwrap();
+        let (keep_q, keep_v) = (top_k_mask(q.f32s().unwrap(), 0.3), top_k_mask(v.f32s().unwrap(), 0.3));
+        for o in 0..3 * H {
+            for i in 0..D_IN {
+                let keep = match o / H {
+                    0 => keep_q[o * D_IN + i],
+                    1 => true,
+                    _ => keep_v[(o - 2 * H) * D_IN + i],
+                };
+                // [in, out] layout: entry (o, i) of the [out, in] weight sits at i * out + o.
+                assert_eq!(masked[i * 3 * H + o], if keep { w[o * D_IN + i] } else { 0.0 }, "({o}, {i})");
+            }
+        }
+    }
+}
