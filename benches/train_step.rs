@@ -18,7 +18,8 @@ use s3router::model::config::Config;
 use s3router::model::Wav2Vec2;
 use s3router::rng::SplitMix;
 use s3router::router::{init_scores, Init};
-use s3router::train::adam::Adam;
+use s3router::tensor::Tensor;
+use s3router::train::adam::{Adam, TensorAdam};
 use s3router::train::finetune::Overlay;
 use s3router::train::masked::{step, Features, MaskScope, MaskedWeight, Regularisers, Weights, POS_CONV_WEIGHT};
 
@@ -42,7 +43,8 @@ fn bench_device(c: &mut Criterion, be: &dyn TrainBackend, device: &str, batch: u
         .flat_map(|i| MaskScope::Ffn.parts().iter().map(move |&p| (i, p)))
         .map(|(i, p)| {
             let mut m = MaskedWeight::load(&RandomWeights { seed: 0 }, &model.config, i, p, Vec::new()).unwrap();
-            m.scores = init_scores(&m.weight, m.d_in, Init::WeightRank, 0.1, &mut rng);
+            let scores = init_scores(&m.weight, m.d_in, Init::WeightRank, 0.1, &mut rng);
+            m.scores = be.upload(&Tensor::from_vec(scores, &[m.d_out, m.d_in])).unwrap();
             m
         })
         .collect();
@@ -59,19 +61,18 @@ fn bench_device(c: &mut Criterion, be: &dyn TrainBackend, device: &str, batch: u
     g.bench_function(format!("s3router step {shape}"), |b| {
         b.iter(|| step(be, &model, &masks, 0.1, head, Features::Audio(&inputs), &targets, Reduction::Sum, &reg, Weights::Frozen).unwrap())
     });
-    let mut sizes: Vec<usize> = masks.iter().map(|m| m.scores.len()).collect();
-    sizes.extend([head.weight.numel(), head.bias.numel()]);
-    let mut adam = Adam::new(&sizes);
+    // As `engine train` updates: the scores' Adam on the backend, the head's on the host.
+    let mut score_adam = TensorAdam::new(be, &masks.iter().map(|m| vec![m.d_out, m.d_in]).collect::<Vec<_>>()).unwrap();
+    let mut adam = Adam::new(&[head.weight.numel(), head.bias.numel()]);
     let (mut head_w, mut head_b) = (vec![0.0f32; head.weight.numel()], vec![0.0f32; head.bias.numel()]);
     g.bench_function(format!("s3router update (step + Adam) {shape}"), |b| {
         b.iter(|| {
             let out =
                 step(be, &model, &masks, 0.1, head, Features::Audio(&inputs), &targets, Reduction::Sum, &reg, Weights::Frozen).unwrap();
-            let mut grads: Vec<Option<&[f32]>> = out.scores.iter().map(|g| g.as_deref()).collect();
-            grads.extend([Some(out.head_weight.as_slice()), Some(out.head_bias.as_slice())]);
-            let mut params: Vec<&mut [f32]> = masks.iter_mut().map(|m| m.scores.as_mut_slice()).collect();
-            params.extend([head_w.as_mut_slice(), head_b.as_mut_slice()]);
-            adam.update(&mut params, &grads, 5e-5);
+            let mut scores: Vec<&mut Tensor> = masks.iter_mut().map(|m| &mut m.scores).collect();
+            score_adam.update(be, &mut scores, &out.scores, 5e-5).unwrap();
+            let grads = [Some(out.head_weight.as_slice()), Some(out.head_bias.as_slice())];
+            adam.update(&mut [head_w.as_mut_slice(), head_b.as_mut_slice()], &grads, 5e-5);
         })
     });
     g.bench_function(format!("finetune step (every weight's gradient) {shape}"), |b| {

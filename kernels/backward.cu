@@ -550,3 +550,30 @@ extern "C" __global__ void transpose_mask_bf16(const __nv_bfloat16* w, const uin
 extern "C" __global__ void bf16_to_f32(const __nv_bfloat16* x, float* y, long n) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) y[i] = __bfloat162float(x[i]);
 }
+
+// ---- optimiser: the scores' Adam state lives on the device --------------------------------------
+
+extern "C" __global__ void scale_f32(const float* x, float* out, long n, float s) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) out[i] = x[i] * s;
+}
+
+extern "C" __global__ void count_nonfinite_f32(const float* x, long n, unsigned* count) {
+    unsigned local = 0;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) local += !isfinite(x[i]);
+    if (local) atomicAdd(count, local);
+}
+
+// Adam in f64 per element, as src/train/adam.rs (AdamStep::apply) computes it: moments rounded
+// to f32 when stored, the parameter updated from the stored moments.
+extern "C" __global__ void adam_f32(float* p, const float* g, float* m, float* v, long n, double b1, double b2, double step_size,
+                                    double c2_sqrt, double eps) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        double gi = g[i];
+        float mi = (float)(b1 * (double)m[i] + (1.0 - b1) * gi);
+        float vi = (float)(b2 * (double)v[i] + (1.0 - b2) * gi * gi);
+        m[i] = mi;
+        v[i] = vi;
+        double denom = sqrt((double)vi) / c2_sqrt + eps;
+        p[i] = (float)((double)p[i] - step_size * (double)mi / denom);
+    }
+}

@@ -23,6 +23,7 @@ use s3router::model::Wav2Vec2;
 use s3router::rng::SplitMix;
 use s3router::router::{init_scores, Init};
 use s3router::tensor::Tensor;
+use s3router::train::adam::TensorAdam;
 use s3router::train::masked::{step, Features, MaskScope, MaskedWeight, Regularisers, StepGrads, TimeMask, Weights};
 
 const TOL: f64 = 1e-5;
@@ -59,6 +60,37 @@ fn elementwise_ops_and_dropout_match_cpu() {
     let got = be.gelu_grad(&up(&be, &dy), &up(&be, &x)).unwrap();
     assert_close("gelu grad", &back(&be, &got), cpu.gelu_grad(&dy, &x).unwrap().f32s().unwrap(), TOL);
     assert_close("column sum", &back(&be, &be.column_sum(&up(&be, &dy)).unwrap()), cpu.column_sum(&dy).unwrap().f32s().unwrap(), TOL);
+    assert_eq!(back(&be, &be.scale(up(&be, &x), 0.25).unwrap()), cpu.scale(x.clone(), 0.25).unwrap().to_vec().unwrap());
+    assert!(be.all_finite(&up(&be, &x)).unwrap());
+    let mut bad = x.to_vec().unwrap();
+    bad[rows * c - 1] = f32::INFINITY;
+    assert!(!be.all_finite(&up(&be, &t(bad, &[rows, c]))).unwrap());
+}
+
+#[test]
+fn the_optimiser_on_the_device_follows_the_host_adam() {
+    let Some(be) = gpu(Precision::F32) else { return };
+    let shapes = vec![vec![37, 19], vec![5]];
+    let (mut gpu_adam, mut cpu_adam) = (TensorAdam::new(&be, &shapes).unwrap(), TensorAdam::new(&CpuBackend, &shapes).unwrap());
+    let mut cpu_p: Vec<Tensor> = shapes.iter().enumerate().map(|(i, s)| t(random(s.iter().product(), 70 + i as u64, 1.0), s)).collect();
+    let mut gpu_p: Vec<Tensor> = cpu_p.iter().map(|p| up(&be, p)).collect();
+    for k in 0..5u64 {
+        // The second tensor skips every other update (LayerDrop): its step count must lag.
+        let grads: Vec<Option<Tensor>> =
+            shapes.iter().enumerate().map(|(i, s)| (i == 0 || k % 2 == 0).then(|| t(random(s.iter().product(), 80 + k, 0.1), s))).collect();
+        let gpu_grads: Vec<Option<Tensor>> = grads.iter().map(|g| g.as_ref().map(|g| up(&be, g))).collect();
+        cpu_adam.update(&CpuBackend, &mut cpu_p.iter_mut().collect::<Vec<_>>(), &grads, 1e-2).unwrap();
+        gpu_adam.update(&be, &mut gpu_p.iter_mut().collect::<Vec<_>>(), &gpu_grads, 1e-2).unwrap();
+    }
+    for (g, c) in gpu_p.iter().zip(&cpu_p) {
+        assert_close("Adam parameters", &back(&be, g), c.f32s().unwrap(), 1e-6);
+    }
+    let (g, c) = (gpu_adam.to_host(&be).unwrap(), cpu_adam.to_host(&CpuBackend).unwrap());
+    assert_eq!(g.steps, vec![5, 3]);
+    assert_eq!(g.steps, c.steps);
+    for (gm, cm) in g.m.iter().chain(&g.v).zip(c.m.iter().chain(&c.v)) {
+        assert_close("Adam moments", gm, cm, 1e-6);
+    }
 }
 
 #[test]
@@ -243,13 +275,13 @@ fn step_case(dir: &std::path::Path, be: &dyn TrainBackend) -> StepCase {
 
 /// A GPU step's loss and gradients against the CPU's, each within relative L2 `tol` (the loss
 /// within a tenth of it).
-fn compare(what: &str, got: &StepGrads, want: &StepGrads, tol: f64) {
+fn compare(what: &str, be: &CudaBackend, got: &StepGrads, want: &StepGrads, tol: f64) {
     let loss_err = ((got.loss - want.loss) / want.loss).abs() as f64;
     assert!(loss_err <= tol / 10.0, "{what}: loss {} vs {}", got.loss, want.loss);
     for (k, (g, w)) in got.scores.iter().zip(&want.scores).enumerate() {
         assert_eq!(g.is_some(), w.is_some(), "{what}: score gradient {k} present on one side only");
         if let (Some(g), Some(w)) = (g, w) {
-            assert_close(&format!("{what}: scores {k}"), g, w, tol);
+            assert_close(&format!("{what}: scores {k}"), &back(be, g), w.f32s().unwrap(), tol);
         }
     }
     assert_close(&format!("{what}: head weight"), &got.head_weight, &want.head_weight, tol);
@@ -291,7 +323,7 @@ fn training_steps_match_cpu_with_every_regulariser() {
             .flat_map(|i| MaskScope::All.parts().iter().map(move |&p| (i, p)))
             .map(|(i, p)| {
                 let mut m = MaskedWeight::load(&ck, c, i, p, Vec::new()).unwrap();
-                m.scores = init_scores(&m.weight, m.d_in, Init::WeightRank, 0.3, &mut rng);
+                m.scores = t(init_scores(&m.weight, m.d_in, Init::WeightRank, 0.3, &mut rng), &[m.d_out, m.d_in]);
                 m
             })
             .collect();
@@ -317,7 +349,7 @@ fn training_steps_match_cpu_with_every_regulariser() {
             let run = |be: &dyn TrainBackend, case: &StepCase| {
                 step(be, &case.model, masks, 0.3, &case.head, Features::Audio(&inputs), &targets, Reduction::Sum, &reg, trained).unwrap()
             };
-            compare(&format!("{model} {what} {:?}", gpu_be.precision()), &run(gpu_be, &dev), &run(&CpuBackend, &cpu), tol);
+            compare(&format!("{model} {what} {:?}", gpu_be.precision()), gpu_be, &run(gpu_be, &dev), &run(&CpuBackend, &cpu), tol);
         }
     }
 }

@@ -112,7 +112,7 @@ impl Case {
         for (mw, g) in masks.iter().zip(&out.scores) {
             match (g, self.grads.tensor(&format!("{key}/{}.scores_grad", mw.name()))) {
                 (Some(g), Ok(want)) => {
-                    let err = rel_l2(g, &want.to_vec().unwrap());
+                    let err = rel_l2(g.f32s().unwrap(), &want.to_vec().unwrap());
                     assert!(err <= 1e-4, "{key} {}: score gradient rel L2 {err:.2e}", mw.name());
                     worst = worst.max(err);
                 }

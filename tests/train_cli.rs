@@ -158,7 +158,7 @@ fn a_killed_and_resumed_run_ends_bit_identical() {
     let straight = kill_and_resume(tmp.path(), args, 40, &files);
     // The regularisers were live: some updates saw layers dropped (no gradient for their scores).
     let st = TrainState::load(&straight.join("checkpoint.safetensors")).unwrap();
-    let steps: Vec<u64> = st.meta["adam.steps"].split(',').map(|x| x.parse().unwrap()).collect();
+    let steps: Vec<u64> = st.meta["score_adam.steps"].split(',').map(|x| x.parse().unwrap()).collect();
     assert!(steps.iter().any(|&n| n < 40) && steps.contains(&40), "Adam step counts {steps:?}");
 }
 

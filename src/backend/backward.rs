@@ -12,6 +12,7 @@ use anyhow::Result;
 use super::{Backend, ConvGeometry, LinearMask, NormParams, Seqs};
 use crate::dropout::{Dropout, ProbDropout};
 use crate::tensor::Tensor;
+use crate::train::adam::AdamStep;
 
 /// The scores of one masked projection inside a (possibly stacked) linear weight: rows
 /// `row0 .. row0 + scores.rows` of the `[out, in]` weight.
@@ -90,6 +91,17 @@ pub trait Backward {
     /// SpecAugment on packed features: rows flagged in `time` become `embedding`, then channels
     /// flagged in `channels` (`[utterances, c]`) are zeroed over the utterance.
     fn mask_features(&self, x: Tensor, seqs: &Seqs, time: Option<(&[bool], &Tensor)>, channels: Option<&[bool]>) -> Result<Tensor>;
+
+    /// `x · s` elementwise (gradient averaging).
+    fn scale(&self, x: Tensor, s: f32) -> Result<Tensor>;
+
+    /// Whether every element is finite (a non-finite gradient skips the update).
+    fn all_finite(&self, x: &Tensor) -> Result<bool>;
+
+    /// One Adam update of parameter `p` with gradient `g` and moments `m`, `v` (all on this
+    /// backend, taken and returned so they are updated in place): optimiser state of trained
+    /// tensors never leaves the device.
+    fn adam_update(&self, p: Tensor, g: &Tensor, m: Tensor, v: Tensor, step: AdamStep) -> Result<(Tensor, Tensor, Tensor)>;
 
     /// Backward of [`Backward::mask_features`]: the input gradient (zero where masked) and, with
     /// a time mask, the embedding's gradient.

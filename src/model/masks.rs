@@ -22,6 +22,9 @@ pub const FORMAT: &str = "s3router-masks-v1";
 /// Packed masks by weight name: (weight shape, bits LSB first over the row-major weight).
 pub type PackedMasks = BTreeMap<String, (Vec<usize>, Vec<u8>)>;
 
+/// One weight's keep-flags: (name, `[out, in]` shape, one flag per weight, row-major).
+pub type KeepFlags = (String, Vec<usize>, Vec<bool>);
+
 pub struct MaskSet {
     pub dir: PathBuf,
     /// Weight name -> (weight shape, packed bits), in name order (deterministic messages).
@@ -86,12 +89,12 @@ impl MaskSet {
     }
 
     /// Writes a mask set (tests, mask learning): masks from keep-flags, atomically.
-    pub fn save(dir: &Path, masks: &[(String, Vec<usize>, Vec<bool>)], sparsity: f64) -> Result<()> {
+    pub fn save(dir: &Path, masks: &[KeepFlags], sparsity: f64) -> Result<()> {
         MaskSet::save_as(&dir.join("masks.safetensors"), masks, sparsity)
     }
 
     /// [`MaskSet::save`] to a named file (e.g. a run's `initial_masks.safetensors`).
-    pub fn save_as(path: &Path, masks: &[(String, Vec<usize>, Vec<bool>)], sparsity: f64) -> Result<()> {
+    pub fn save_as(path: &Path, masks: &[KeepFlags], sparsity: f64) -> Result<()> {
         let packed: Vec<(String, Vec<u8>)> = masks.iter().map(|(n, _, keep)| (n.clone(), mask::pack(keep))).collect();
         let mut meta = BTreeMap::from([("format".to_string(), FORMAT.to_string()), ("sparsity".to_string(), sparsity.to_string())]);
         for (name, shape, _) in masks {

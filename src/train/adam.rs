@@ -1,7 +1,11 @@
 //! Adam (Kingma & Ba), as `torch.optim.Adam` computes it, with S3-Router's betas (0.9, 0.98) and
 //! eps 1e-8 by default. State is plain vectors so checkpoints can store and restore it exactly.
 
+use anyhow::{ensure, Result};
 use rayon::prelude::*;
+
+use crate::backend::backward::TrainBackend;
+use crate::tensor::Tensor;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Adam {
@@ -32,26 +36,107 @@ impl Adam {
     /// One update of every parameter tensor with its gradient at learning rate `lr`.
     pub fn update(&mut self, params: &mut [&mut [f32]], grads: &[Option<&[f32]>], lr: f64) {
         assert_eq!(params.len(), self.m.len(), "one parameter tensor per moment buffer");
-        let (b1, b2) = (self.beta1, self.beta2);
-        let tensors = params.iter_mut().zip(grads).zip(&mut self.m).zip(&mut self.v).zip(&mut self.steps);
-        for ((((p, g), m), v), step) in tensors {
+        for (i, (p, g)) in params.iter_mut().zip(grads).enumerate() {
             let Some(g) = g else { continue };
-            *step += 1;
-            let c1 = 1.0 - b1.powi(*step as i32);
-            let c2 = 1.0 - b2.powi(*step as i32);
-            let step_size = lr / c1;
-            // Elementwise, so splitting over threads changes nothing in the result.
-            let eps = self.eps;
-            p.par_iter_mut().zip(g.par_iter()).zip(m.par_iter_mut()).zip(v.par_iter_mut()).with_min_len(1 << 14).for_each(
-                |(((p, &g), m), v)| {
-                    let g = g as f64;
-                    *m = (b1 * *m as f64 + (1.0 - b1) * g) as f32;
-                    *v = (b2 * *v as f64 + (1.0 - b2) * g * g) as f32;
-                    let denom = (*v as f64).sqrt() / c2.sqrt() + eps;
-                    *p = (*p as f64 - step_size * *m as f64 / denom) as f32;
-                },
-            );
+            let s = self.next_step(self.steps[i], lr);
+            self.steps[i] += 1;
+            s.apply(p, g, &mut self.m[i], &mut self.v[i]);
         }
+    }
+
+    /// The coefficients of the next update of a tensor that has taken `steps` updates so far.
+    pub fn next_step(&self, steps: u64, lr: f64) -> AdamStep {
+        let t = steps as i32 + 1;
+        let (c1, c2) = (1.0 - self.beta1.powi(t), 1.0 - self.beta2.powi(t));
+        AdamStep { beta1: self.beta1, beta2: self.beta2, step_size: lr / c1, c2_sqrt: c2.sqrt(), eps: self.eps }
+    }
+}
+
+/// [`Adam`] over tensors that live on a training backend (the scores): moments beside them and
+/// the update run there, so on the GPU neither the scores nor their optimiser state cross the
+/// bus between checkpoints. `host` carries the coefficients and step counts; its own moment
+/// buffers stay empty except while a checkpoint is written or read.
+pub struct TensorAdam {
+    host: Adam,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+}
+
+impl TensorAdam {
+    /// Zero moments for tensors of `shapes` on `be`.
+    pub fn new(be: &dyn TrainBackend, shapes: &[Vec<usize>]) -> Result<TensorAdam> {
+        let zeros = |s: &Vec<usize>| be.upload(&Tensor::zeros(s));
+        Ok(TensorAdam {
+            host: Adam::new(&vec![0; shapes.len()]),
+            m: shapes.iter().map(zeros).collect::<Result<_>>()?,
+            v: shapes.iter().map(zeros).collect::<Result<_>>()?,
+        })
+    }
+
+    /// One update of every tensor with its gradient (`None`: left alone, as in [`Adam::update`]).
+    pub fn update(&mut self, be: &dyn TrainBackend, params: &mut [&mut Tensor], grads: &[Option<Tensor>], lr: f64) -> Result<()> {
+        ensure!(params.len() == self.m.len() && grads.len() == self.m.len(), "one parameter and gradient per moment buffer");
+        for (i, (p, g)) in params.iter_mut().zip(grads).enumerate() {
+            let Some(g) = g else { continue };
+            let s = self.host.next_step(self.host.steps[i], lr);
+            self.host.steps[i] += 1;
+            // Moved out and back so each buffer is updated in place (nothing else holds it).
+            let take = |t: &mut Tensor| std::mem::replace(t, Tensor::zeros(&[0]));
+            let (np, nm, nv) = be.adam_update(take(p), g, take(&mut self.m[i]), take(&mut self.v[i]), s)?;
+            (**p, self.m[i], self.v[i]) = (np, nm, nv);
+        }
+        Ok(())
+    }
+
+    /// The state as a host [`Adam`] (for checkpoints).
+    pub fn to_host(&self, be: &dyn TrainBackend) -> Result<Adam> {
+        let host = |t: &Tensor| be.to_host(t)?.into_f32_vec();
+        Ok(Adam {
+            m: self.m.iter().map(host).collect::<Result<_>>()?,
+            v: self.v.iter().map(host).collect::<Result<_>>()?,
+            ..self.host.clone()
+        })
+    }
+
+    /// Replaces the state with `host`'s (a restored checkpoint), onto `be`.
+    pub fn load(&mut self, be: &dyn TrainBackend, host: &Adam) -> Result<()> {
+        ensure!(host.m.len() == self.m.len(), "optimiser state for {} tensors, the run has {}", host.m.len(), self.m.len());
+        let up = |t: &Tensor, v: &[f32]| be.upload(&Tensor::from_vec(v.to_vec(), t.shape()));
+        self.m = self.m.iter().zip(&host.m).map(|(t, v)| up(t, v)).collect::<Result<_>>()?;
+        self.v = self.v.iter().zip(&host.v).map(|(t, v)| up(t, v)).collect::<Result<_>>()?;
+        self.host = Adam { m: vec![Vec::new(); host.m.len()], v: vec![Vec::new(); host.v.len()], ..host.clone() };
+        Ok(())
+    }
+}
+
+/// One Adam update's coefficients for one tensor (bias corrections folded in): what
+/// [`crate::backend::backward::Backward::adam_update`] applies on the device the tensor lives on.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamStep {
+    pub beta1: f64,
+    pub beta2: f64,
+    /// `lr / (1 - beta1^t)`.
+    pub step_size: f64,
+    /// `sqrt(1 - beta2^t)`.
+    pub c2_sqrt: f64,
+    pub eps: f64,
+}
+
+impl AdamStep {
+    /// `m, v` ← moments with gradient `g`; `p` ← `p - step_size · m / (sqrt(v) / c2_sqrt + eps)`,
+    /// in f64 per element (as the GPU kernel computes it).
+    pub fn apply(&self, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+        let (b1, b2) = (self.beta1, self.beta2);
+        // Elementwise, so splitting over threads changes nothing in the result.
+        p.par_iter_mut().zip(g.par_iter()).zip(m.par_iter_mut()).zip(v.par_iter_mut()).with_min_len(1 << 14).for_each(
+            |(((p, &g), m), v)| {
+                let g = g as f64;
+                *m = (b1 * *m as f64 + (1.0 - b1) * g) as f32;
+                *v = (b2 * *v as f64 + (1.0 - b2) * g * g) as f32;
+                let denom = (*v as f64).sqrt() / self.c2_sqrt + self.eps;
+                *p = (*p as f64 - self.step_size * *m as f64 / denom) as f32;
+            },
+        );
     }
 }
 
@@ -77,6 +162,29 @@ mod tests {
         for (got, want) in p.iter().zip([0.9f32, 1.1, 0.9]) {
             assert!((got - want).abs() < 1e-5, "{got} vs {want}");
         }
+    }
+
+    #[test]
+    fn tensor_adam_is_the_host_adam_and_round_trips_through_a_checkpoint() {
+        let be = crate::backend::cpu::CpuBackend;
+        let shapes = vec![vec![3], vec![2]];
+        let mut tensor_adam = TensorAdam::new(&be, &shapes).unwrap();
+        let mut host_adam = Adam::new(&[3, 2]);
+        let (mut a, mut b) = (vec![1.0f32, -2.0, 0.5], vec![0.25f32, 4.0]);
+        let mut params = [Tensor::from_vec(a.clone(), &[3]), Tensor::from_vec(b.clone(), &[2])];
+        for k in 0..4 {
+            let ga = vec![0.1f32 * k as f32, -0.3, 2.0];
+            let gb = (k % 2 == 0).then(|| vec![1.0f32, -1.0]);
+            host_adam.update(&mut [&mut a, &mut b], &[Some(&ga), gb.as_deref()], 0.05);
+            let grads = [Some(Tensor::from_vec(ga, &[3])), gb.map(|g| Tensor::from_vec(g, &[2]))];
+            tensor_adam.update(&be, &mut params.iter_mut().collect::<Vec<_>>(), &grads, 0.05).unwrap();
+        }
+        assert_eq!((params[0].to_vec().unwrap(), params[1].to_vec().unwrap()), (a, b));
+        let saved = tensor_adam.to_host(&be).unwrap();
+        assert_eq!(saved, host_adam);
+        let mut restored = TensorAdam::new(&be, &shapes).unwrap();
+        restored.load(&be, &saved).unwrap();
+        assert_eq!(restored.to_host(&be).unwrap(), host_adam);
     }
 
     #[test]

@@ -60,6 +60,7 @@ impl TrainState {
         let steps = self.meta(&key)?;
         let parsed: Vec<u64> = steps
             .split(',')
+            .filter(|s| !s.is_empty()) // no tensors: an empty list
             .map(str::parse)
             .collect::<Result<_, _>>()
             .with_context(|| format!("checkpoint \"{key}\" = {steps:?} is not a list of counts"))?;

@@ -100,14 +100,15 @@ impl Part {
     }
 }
 
-/// A masked weight: its frozen values in PyTorch's `[out, in]` layout and its scores.
+/// A masked weight: its frozen values in PyTorch's `[out, in]` layout (on the host, for score
+/// initialisation) and its scores (`[out, in]`, on the backend that trains them).
 pub struct MaskedWeight {
     pub layer: usize,
     pub part: Part,
     pub d_out: usize,
     pub d_in: usize,
     pub weight: Vec<f32>,
-    pub scores: Vec<f32>,
+    pub scores: Tensor,
 }
 
 impl MaskedWeight {
@@ -121,7 +122,7 @@ impl MaskedWeight {
         let weight = src.get(&name, &[d_out, d_in])?.to_vec().with_context(|| name.clone())?;
         let scores = if scores.is_empty() { vec![0.0; weight.len()] } else { scores };
         ensure!(scores.len() == weight.len(), "{name}: {} scores for a {d_out} x {d_in} weight", scores.len());
-        Ok(MaskedWeight { layer, part, d_out, d_in, weight, scores })
+        Ok(MaskedWeight { layer, part, d_out, d_in, weight, scores: Tensor::from_vec(scores, &[d_out, d_in]) })
     }
 
     pub fn name(&self) -> String {
@@ -175,8 +176,9 @@ const SITE_FFN_OUT: u64 = 3;
 pub struct StepGrads {
     pub loss: f32,
     pub losses: Vec<f32>,
-    /// Per masked weight, in the order given; `None` for a weight in a layer LayerDrop skipped.
-    pub scores: Vec<Option<Vec<f32>>>,
+    /// Per masked weight, in the order given, on the step's backend (they feed the optimiser
+    /// there); `None` for a weight in a layer LayerDrop skipped.
+    pub scores: Vec<Option<Tensor>>,
     /// Head gradients, `[vocab, hidden]` and `[vocab]`.
     pub head_weight: Vec<f32>,
     pub head_bias: Vec<f32>,
@@ -311,8 +313,8 @@ pub fn step(
     let scale = 1.0 / (c.head_dim() as f32).sqrt();
     let eps = c.layer_norm_eps;
     let id = Activation::Identity;
-    let scores: Vec<Tensor> =
-        masks.iter().map(|m| be.upload(&Tensor::from_vec(m.scores.clone(), &[m.d_out, m.d_in]))).collect::<Result<_>>()?;
+    // Already on the backend in a training run (no copy then); uploaded otherwise.
+    let scores: Vec<Tensor> = masks.iter().map(|m| be.upload(&m.scores)).collect::<Result<_>>()?;
     // The per-matrix top-k selections are independent: one task per layer.
     let weights: Vec<LayerWeights> =
         model.layers.par_iter().enumerate().map(|(i, l)| layer_weights(be, l, i, masks, &scores, sparsity)).collect::<Result<_>>()?;
@@ -551,7 +553,7 @@ pub fn step(
     Ok(StepGrads {
         loss: out.loss,
         losses: out.losses,
-        scores: score_grads.iter().map(|g| g.as_ref().map(host).transpose()).collect::<Result<_>>()?,
+        scores: score_grads,
         head_weight: host(&head_weight)?,
         head_bias: host(&head_bias)?,
         embedding: embedding.as_ref().map(host).transpose()?,

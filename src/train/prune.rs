@@ -17,6 +17,7 @@ use super::masked::MaskScope;
 use super::run::{train, Learn, Recipe, RunOptions, Summary};
 use crate::model::checkpoint::{Checkpoint, WeightSource};
 use crate::model::config::Config;
+use crate::model::masks::KeepFlags;
 use crate::model::wav2vec2::maskable_shape;
 use crate::router::global_magnitude_keep;
 use crate::router::Init;
@@ -225,7 +226,7 @@ impl Pruner {
     }
 
     /// The mask as a mask set's entries (name, `[out, in]` shape, keep flags).
-    pub fn mask_entries(&self, weights: &[NamedWeight], keep: Keep) -> Vec<(String, Vec<usize>, Vec<bool>)> {
+    pub fn mask_entries(&self, weights: &[NamedWeight], keep: Keep) -> Vec<KeepFlags> {
         self.indices.iter().zip(keep).map(|(&i, k)| (weights[i].name.clone(), weights[i].shape.clone(), k)).collect()
     }
 }

@@ -18,7 +18,7 @@ use anyhow::{bail, ensure, Context, Result};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::adam::Adam;
+use super::adam::{Adam, TensorAdam};
 use super::checkpoint::TrainState;
 use super::feed::{Feed, Position};
 use super::finetune::{self, NamedWeight, Overlay, EMBEDDING, HEAD_BIAS, HEAD_WEIGHT};
@@ -40,7 +40,7 @@ use crate::infer::{BatchLimits, Recognizer};
 use crate::mask;
 use crate::model::checkpoint::Checkpoint;
 use crate::model::config::Config;
-use crate::model::masks::{MaskSet, Masked};
+use crate::model::masks::{KeepFlags, MaskSet, Masked};
 use crate::model::preprocess::Preprocessor;
 use crate::model::vocab::Vocab;
 use crate::model::wav2vec2::Linear;
@@ -378,29 +378,41 @@ struct Params {
 }
 
 impl Params {
-    /// Adam's parameter order: every score tensor, head weight, head bias, embedding, weights.
+    /// The host-side Adam's parameter order: head weight, head bias, embedding, weights (the
+    /// scores have their own optimiser on the training backend).
     fn sizes(&self) -> Vec<usize> {
-        let mut s: Vec<usize> = self.masks.iter().map(|m| m.scores.len()).collect();
-        s.extend([self.head_weight.len(), self.head_bias.len(), self.embedding.len()]);
+        let mut s = vec![self.head_weight.len(), self.head_bias.len(), self.embedding.len()];
         s.extend(self.weights.iter().map(|w| w.data.len()));
         s
     }
 
     fn slices_mut(&mut self) -> Vec<&mut [f32]> {
-        let mut v: Vec<&mut [f32]> = self.masks.iter_mut().map(|m| m.scores.as_mut_slice()).collect();
-        v.extend([self.head_weight.as_mut_slice(), self.head_bias.as_mut_slice(), self.embedding.as_mut_slice()]);
+        let mut v: Vec<&mut [f32]> = vec![self.head_weight.as_mut_slice(), self.head_bias.as_mut_slice(), self.embedding.as_mut_slice()];
         v.extend(self.weights.iter_mut().map(|w| w.data.as_mut_slice()));
         v
     }
 
-    /// A step's gradients in [`Params::sizes`] order (`None`: no gradient this step).
-    fn grad_parts(&self, g: StepGrads) -> Result<Vec<Option<Vec<f32>>>> {
+    fn score_shapes(&self) -> Vec<Vec<usize>> {
+        self.masks.iter().map(|m| vec![m.d_out, m.d_in]).collect()
+    }
+
+    fn scores_mut(&mut self) -> Vec<&mut Tensor> {
+        self.masks.iter_mut().map(|m| &mut m.scores).collect()
+    }
+
+    /// A step's gradients: the scores' (on the backend) and the rest in [`Params::sizes`] order
+    /// (`None`: no gradient this step).
+    fn grad_parts(&self, g: StepGrads) -> Result<Grads> {
         let mut weights = g.weights;
         finetune::unfold_pos_conv_grad(&mut weights, &self.weights)?;
-        let mut parts = g.scores;
-        parts.extend([Some(g.head_weight), Some(g.head_bias), g.embedding]);
-        parts.extend(self.weights.iter().map(|w| weights.remove(&w.name)));
-        Ok(parts)
+        let mut host = vec![Some(g.head_weight), Some(g.head_bias), g.embedding];
+        host.extend(self.weights.iter().map(|w| weights.remove(&w.name)));
+        Ok(Grads { scores: g.scores, host })
+    }
+
+    /// Every score tensor on the host.
+    fn host_scores(&self, be: &dyn Backend) -> Result<Vec<Vec<f32>>> {
+        self.masks.iter().map(|m| be.to_host(&m.scores)?.into_f32_vec()).collect()
     }
 
     /// The trained head, embedding and weights as checkpoint tensors (name, shape, values).
@@ -422,30 +434,32 @@ impl Params {
     }
 
     /// Each masked weight's name, `[out, in]` shape and keep flags (the top-k of its scores).
-    fn keep(&self, sparsity: f64) -> Vec<(String, Vec<usize>, Vec<bool>)> {
-        self.masks.iter().map(|m| (m.name(), vec![m.d_out, m.d_in], top_k_mask(&m.scores, sparsity))).collect()
+    fn keep(&self, be: &dyn Backend, sparsity: f64) -> Result<Vec<KeepFlags>> {
+        let scores = self.host_scores(be)?;
+        Ok(self.masks.iter().zip(&scores).map(|(m, s)| (m.name(), vec![m.d_out, m.d_in], top_k_mask(s, sparsity))).collect())
     }
 
     /// This state as a mask set over the model (for validation and the outputs).
-    fn mask_set(&self, dir: &Path, sparsity: f64) -> MaskSet {
-        let masks = self.keep(sparsity).into_iter().map(|(name, shape, keep)| (name, (shape, mask::pack(&keep)))).collect();
+    fn mask_set(&self, be: &dyn Backend, dir: &Path, sparsity: f64) -> Result<MaskSet> {
+        let masks = self.keep(be, sparsity)?.into_iter().map(|(name, shape, keep)| (name, (shape, mask::pack(&keep)))).collect();
         let vocab = self.head_bias.len();
         let head = (
             Tensor::from_vec(self.head_weight.clone(), &[vocab, self.head_weight.len() / vocab]),
             Tensor::from_vec(self.head_bias.clone(), &[vocab]),
         );
-        MaskSet { dir: dir.to_path_buf(), masks, sparsity: Some(sparsity), head: Some(head) }
+        Ok(MaskSet { dir: dir.to_path_buf(), masks, sparsity: Some(sparsity), head: Some(head) })
     }
 
     /// Mask learning's outputs: `scores.safetensors`, `masks.safetensors`, `head.safetensors` and
     /// `vocab.json` in `dir`.
-    fn write_masks(&self, dir: &Path, sparsity: f64, vocab: &Vocab) -> Result<()> {
+    fn write_masks(&self, be: &dyn Backend, dir: &Path, sparsity: f64, vocab: &Vocab) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let names: Vec<(String, [usize; 2])> = self.masks.iter().map(|m| (m.name(), [m.d_out, m.d_in])).collect();
-        let scores = names.iter().zip(&self.masks).map(|((n, shape), m)| (n.as_str(), shape.as_slice(), m.scores.as_slice()));
+        let host = self.host_scores(be)?;
+        let scores = names.iter().zip(&host).map(|((n, shape), s)| (n.as_str(), shape.as_slice(), s.as_slice()));
         let meta = BTreeMap::from([("sparsity".to_string(), sparsity.to_string())]);
         crate::fsio::write_f32_safetensors(&dir.join("scores.safetensors"), scores, &meta)?;
-        MaskSet::save(dir, &self.keep(sparsity), sparsity)?;
+        MaskSet::save(dir, &self.keep(be, sparsity)?, sparsity)?;
         self.write_head(dir)?;
         vocab.save(&dir.join("vocab.json"))
     }
@@ -458,39 +472,60 @@ impl Params {
     }
 }
 
+/// One step's gradients: the scores' on the training backend, the rest on the host in
+/// [`Params::sizes`] order (`None`: no gradient).
+struct Grads {
+    scores: Vec<Option<Tensor>>,
+    host: Vec<Option<Vec<f32>>>,
+}
+
 /// The sum of a sub-batch's gradients over an update (fairseq's `sentence_avg`: divided by the
 /// update's utterance count before the optimiser sees them).
 struct Accumulated {
     loss: f64,
     utterances: usize,
     samples: usize,
-    tensors: Vec<Option<Vec<f32>>>,
+    grads: Grads,
 }
 
 impl Accumulated {
-    fn new(n: usize) -> Accumulated {
-        Accumulated { loss: 0.0, utterances: 0, samples: 0, tensors: vec![None; n] }
+    fn new(scores: usize, host: usize) -> Accumulated {
+        Accumulated { loss: 0.0, utterances: 0, samples: 0, grads: Grads { scores: vec![None; scores], host: vec![None; host] } }
     }
 
-    /// Adds a step's loss and gradients (in parameter order; `None` for an absent gradient).
-    fn add(&mut self, loss: f32, parts: Vec<Option<Vec<f32>>>) {
+    /// Adds a step's loss and gradients (absent gradients are skipped).
+    fn add(&mut self, be: &dyn TrainBackend, loss: f32, parts: Grads) -> Result<()> {
         self.loss += loss as f64;
-        for (acc, part) in self.tensors.iter_mut().zip(parts) {
+        for (acc, part) in self.grads.scores.iter_mut().zip(parts.scores) {
+            *acc = match (acc.take(), part) {
+                (Some(a), Some(p)) => Some(be.add(a, &p)?),
+                (a, p) => a.or(p),
+            };
+        }
+        for (acc, part) in self.grads.host.iter_mut().zip(parts.host) {
             match (acc.as_mut(), part) {
                 (Some(a), Some(p)) => add_assign(a, &p),
                 (None, Some(p)) => *acc = Some(p),
                 (_, None) => {}
             }
         }
+        Ok(())
     }
 
-    fn is_finite(&self) -> bool {
-        self.loss.is_finite() && self.tensors.iter().flatten().all(|t| t.iter().all(|v| v.is_finite()))
+    fn is_finite(&self, be: &dyn TrainBackend) -> Result<bool> {
+        let host = self.loss.is_finite() && self.grads.host.iter().flatten().all(|t| t.iter().all(|v| v.is_finite()));
+        Ok(host && self.grads.scores.iter().flatten().map(|t| be.all_finite(t)).collect::<Result<Vec<_>>>()?.into_iter().all(|f| f))
     }
 
-    fn scale_to_mean(&mut self) {
+    fn scale_to_mean(&mut self, be: &dyn TrainBackend) -> Result<()> {
         let s = 1.0 / self.utterances.max(1) as f32;
-        self.tensors.iter_mut().flatten().for_each(|t| t.iter_mut().for_each(|v| *v *= s));
+        self.grads.host.iter_mut().flatten().for_each(|t| t.iter_mut().for_each(|v| *v *= s));
+        for g in self.grads.scores.iter_mut() {
+            if let Some(t) = g.take() {
+                *g = Some(be.scale(t, s)?);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -656,7 +691,8 @@ impl Trainer<'_> {
             .map(|(k, (i, p))| {
                 let mut m = MaskedWeight::load(&self.ck, &self.model.config, i, p, Vec::new())?;
                 let mut rng = SplitMix(mix(r.seed ^ mix(0x5c0e_0000 + k as u64)));
-                m.scores = init_scores(&m.weight, m.d_in, r.init, r.sparsity(), &mut rng);
+                let scores = init_scores(&m.weight, m.d_in, r.init, r.sparsity(), &mut rng);
+                m.scores = self.be.upload(&Tensor::from_vec(scores, &[m.d_out, m.d_in]))?;
                 Ok(m)
             })
             .collect::<Result<Vec<_>>>()?;
@@ -739,7 +775,7 @@ impl Trainer<'_> {
         let model = match self.recipe.learn {
             Learn::Weights { .. } => self.finetuned_model(params)?,
             Learn::Masks => {
-                let set = params.mask_set(&self.opts.out, self.recipe.sparsity());
+                let set = params.mask_set(&*self.be, &self.opts.out, self.recipe.sparsity())?;
                 let mut config = self.model.config.clone();
                 config.vocab_size = self.vocab.len();
                 Wav2Vec2::from_weights(config, &Masked { inner: &self.ck, masks: &set }, &*self.be)?
@@ -754,7 +790,7 @@ impl Trainer<'_> {
     /// (pruning runs: plus the mask set of their `mask`, over the pruned weights).
     fn write_outputs(&self, params: &Params, dir: &Path, mask: Option<(&Pruner, Keep)>) -> Result<()> {
         match &self.recipe.learn {
-            Learn::Masks => params.write_masks(dir, self.recipe.sparsity(), &self.vocab),
+            Learn::Masks => params.write_masks(&*self.be, dir, self.recipe.sparsity(), &self.vocab),
             Learn::Weights { .. } => {
                 finetune::write_model_folder(dir, &self.source, &self.ck, &params.named(), &self.vocab)?;
                 if let Some((pruner, keep)) = mask {
@@ -766,10 +802,10 @@ impl Trainer<'_> {
         }
     }
 
-    fn save(&self, params: &Params, adam: &Adam, s: &RunState) -> Result<()> {
+    fn save(&self, params: &Params, adam: &Adam, score_adam: &TensorAdam, s: &RunState) -> Result<()> {
         let mut st = TrainState::default();
-        for m in &params.masks {
-            st.put(&format!("scores/{}", m.name()), &[m.d_out, m.d_in], m.scores.clone());
+        for (m, scores) in params.masks.iter().zip(params.host_scores(&*self.be)?) {
+            st.put(&format!("scores/{}", m.name()), &[m.d_out, m.d_in], scores);
         }
         let (v, h) = (params.head_bias.len(), self.model.config.hidden_size);
         st.put("head/weight", &[v, h], params.head_weight.clone());
@@ -779,16 +815,18 @@ impl Trainer<'_> {
             st.put(&format!("weights/{}", w.name), &w.shape, w.data.clone());
         }
         st.put_adam("adam", adam);
+        st.put_adam("score_adam", &score_adam.to_host(&*self.be)?);
         s.store(&mut st);
         st.save(&self.opts.out.join(CHECKPOINT))
     }
 
-    fn restore(&self, params: &mut Params, adam: &mut Adam) -> Result<RunState> {
+    fn restore(&self, params: &mut Params, adam: &mut Adam, score_adam: &mut TensorAdam) -> Result<RunState> {
         let path = self.opts.out.join(CHECKPOINT);
         let st = TrainState::load(&path).with_context(|| format!("--resume: {} has no usable checkpoint", self.opts.out.display()))?;
         for m in &mut params.masks {
-            let (name, n) = (format!("scores/{}", m.name()), m.scores.len());
-            m.scores.copy_from_slice(st.take(&name, n)?);
+            let name = format!("scores/{}", m.name());
+            let shape = [m.d_out, m.d_in];
+            m.scores = self.be.upload(&Tensor::from_vec(st.take(&name, shape[0] * shape[1])?.to_vec(), &shape))?;
         }
         let (w, b, e) = (params.head_weight.len(), params.head_bias.len(), params.embedding.len());
         params.head_weight.copy_from_slice(st.take("head/weight", w)?);
@@ -799,6 +837,9 @@ impl Trainer<'_> {
             w.data.copy_from_slice(st.take(&format!("weights/{}", w.name), n)?);
         }
         st.restore_adam("adam", adam)?;
+        let mut host = Adam::new(&params.masks.iter().map(|m| m.d_out * m.d_in).collect::<Vec<_>>());
+        st.restore_adam("score_adam", &mut host)?;
+        score_adam.load(&*self.be, &host)?;
         RunState::load(&st)
     }
 
@@ -807,7 +848,8 @@ impl Trainer<'_> {
         let out = &self.opts.out;
         let mut params = self.init_params()?;
         let mut adam = Adam::new(&params.sizes());
-        let mut state = if self.opts.resume { self.restore(&mut params, &mut adam)? } else { RunState::default() };
+        let mut score_adam = TensorAdam::new(&*self.be, &params.score_shapes())?;
+        let mut state = if self.opts.resume { self.restore(&mut params, &mut adam, &mut score_adam)? } else { RunState::default() };
         let pruner = match &r.learn {
             Learn::Weights { prune: Some(p), .. } => Some(Pruner::new(p.clone(), &self.model.config, &params.weights)?),
             _ => None,
@@ -821,7 +863,7 @@ impl Trainer<'_> {
         if !self.opts.resume {
             if r.learn == Learn::Masks {
                 // The starting masks, for `engine masks stats` (bits flipped by learning).
-                MaskSet::save_as(&out.join(INITIAL_MASKS), &params.keep(r.sparsity()), r.sparsity())?;
+                MaskSet::save_as(&out.join(INITIAL_MASKS), &params.keep(&*self.be, r.sparsity())?, r.sparsity())?;
             }
             log.write(&serde_json::json!({
                 "event": "start",
@@ -838,7 +880,7 @@ impl Trainer<'_> {
         let batches = self.feed.stream(state.position, self.pre);
         let mut last_loss = f64::NAN;
         let mut audio_seconds = 0.0;
-        let n_params = params.sizes().len();
+        let (n_scores, n_host) = (params.masks.len(), params.sizes().len());
         let finetuning = matches!(r.learn, Learn::Weights { .. });
         // A trained feature encoder changes its output: nothing below the layers is cached then.
         let encoder_trains = matches!(r.learn, Learn::Weights { train_feature_encoder: true, .. });
@@ -846,7 +888,7 @@ impl Trainer<'_> {
         while state.update < r.steps {
             let update = state.update;
             let lr = r.lr(update);
-            let mut acc = Accumulated::new(n_params);
+            let mut acc = Accumulated::new(n_scores, n_host);
             // Finetuning steps run the model as trained so far; its weights train once the
             // head-only phase is over (the time-mask embedding with them, as in fairseq).
             let (finetuned, trained) = match &r.learn {
@@ -887,18 +929,19 @@ impl Trainer<'_> {
                 }
                 acc.utterances += idx.len();
                 acc.samples += audio.iter().map(Vec::len).sum::<usize>();
-                acc.add(grads.loss, params.grad_parts(grads)?);
+                acc.add(&*self.be, grads.loss, params.grad_parts(grads)?)?;
             }
             audio_seconds += acc.samples as f64 / 16_000.0;
             state.update += 1;
             let loss = acc.loss / acc.utterances as f64;
-            if acc.is_finite() {
-                acc.scale_to_mean();
+            if acc.is_finite(&*self.be)? {
+                acc.scale_to_mean(&*self.be)?;
                 if let Some(p) = &pruner {
-                    p.mask_grads(&mut acc.tensors[params.masks.len() + 3..]);
+                    p.mask_grads(&mut acc.grads.host[3..]);
                 }
-                let grads: Vec<Option<&[f32]>> = acc.tensors.iter().map(|t| t.as_deref()).collect();
+                let grads: Vec<Option<&[f32]>> = acc.grads.host.iter().map(|t| t.as_deref()).collect();
                 adam.update(&mut params.slices_mut(), &grads, lr);
+                score_adam.update(&*self.be, &mut params.scores_mut(), &acc.grads.scores, lr)?;
                 state.consecutive_nonfinite = 0;
                 last_loss = loss;
                 log.write(&serde_json::json!({"step": state.update, "loss": loss, "lr": lr, "utterances": acc.utterances, "audio_seconds": acc.samples as f64 / 16_000.0, "epoch": state.position.epoch}))?;
@@ -958,7 +1001,7 @@ impl Trainer<'_> {
                 }
             }
             if last || (self.opts.save_every > 0 && state.update.is_multiple_of(self.opts.save_every)) {
-                self.save(&params, &adam, &state)?;
+                self.save(&params, &adam, &score_adam, &state)?;
             }
         }
         let mask = pruner.as_ref().map(|p| (p, p.keep(&params.weights)));
@@ -1163,16 +1206,21 @@ mod tests {
 
     #[test]
     fn accumulation_sums_present_gradients_and_skips_absent_ones() {
-        let mut acc = Accumulated::new(3);
-        let g = |e: Option<Vec<f32>>| vec![Some(vec![1.0]), Some(vec![2.0]), e];
-        acc.add(1.5, g(Some(vec![4.0])));
-        acc.add(1.5, g(None));
+        let be = CpuBackend;
+        let mut acc = Accumulated::new(2, 3);
+        let score = |v: f32| Some(Tensor::from_vec(vec![v, 2.0 * v], &[2]));
+        let g =
+            |e: Option<Vec<f32>>, s: Option<Tensor>| Grads { scores: vec![score(1.0), s], host: vec![Some(vec![1.0]), Some(vec![2.0]), e] };
+        acc.add(&be, 1.5, g(Some(vec![4.0]), score(3.0))).unwrap();
+        acc.add(&be, 1.5, g(None, None)).unwrap();
         acc.utterances = 2;
-        assert!(acc.is_finite());
-        acc.scale_to_mean();
-        assert_eq!(acc.tensors, vec![Some(vec![1.0]), Some(vec![2.0]), Some(vec![2.0])]);
-        acc.add(1.5, g(Some(vec![f32::NAN])));
-        assert!(!acc.is_finite());
+        assert!(acc.is_finite(&be).unwrap());
+        acc.scale_to_mean(&be).unwrap();
+        assert_eq!(acc.grads.host, vec![Some(vec![1.0]), Some(vec![2.0]), Some(vec![2.0])]);
+        let scores: Vec<Vec<f32>> = acc.grads.scores.iter().map(|t| t.as_ref().unwrap().to_vec().unwrap()).collect();
+        assert_eq!(scores, vec![vec![1.0, 2.0], vec![1.5, 3.0]]);
+        acc.add(&be, 1.5, g(None, score(f32::NAN))).unwrap();
+        assert!(!acc.is_finite(&be).unwrap());
     }
 
     #[test]

@@ -11,6 +11,7 @@ use crate::backend::{ConvGeometry, LinearMask, NormParams, Seqs};
 use crate::dropout::{Dropout, ProbDropout};
 use crate::router::{score_grad, top_k_mask};
 use crate::tensor::Tensor;
+use crate::train::adam::AdamStep;
 
 /// `(c_out, c_in)` of a time-major conv weight `[c_out, kernel, c_in / groups]`.
 fn conv_channels(w: &Tensor, geom: ConvGeometry) -> Result<(usize, usize)> {
@@ -188,6 +189,32 @@ impl Backward for CpuBackend {
             }
         }
         Ok(Tensor::from_vec(v, &shape))
+    }
+
+    fn scale(&self, x: Tensor, s: f32) -> Result<Tensor> {
+        let shape = x.shape().to_vec();
+        let mut v = x.into_f32_vec()?;
+        v.par_iter_mut().for_each(|x| *x *= s);
+        Ok(Tensor::from_vec(v, &shape))
+    }
+
+    fn all_finite(&self, x: &Tensor) -> Result<bool> {
+        Ok(data(x)?.par_iter().all(|v| v.is_finite()))
+    }
+
+    fn adam_update(&self, p: Tensor, g: &Tensor, m: Tensor, v: Tensor, step: AdamStep) -> Result<(Tensor, Tensor, Tensor)> {
+        ensure!(
+            p.shape() == g.shape() && p.shape() == m.shape() && p.shape() == v.shape(),
+            "Adam: parameter {:?}, gradient {:?}, moments {:?} {:?}",
+            p.shape(),
+            g.shape(),
+            m.shape(),
+            v.shape()
+        );
+        let shape = p.shape().to_vec();
+        let (mut p, mut m, mut v) = (p.into_f32_vec()?, m.into_f32_vec()?, v.into_f32_vec()?);
+        step.apply(&mut p, data(g)?, &mut m, &mut v);
+        Ok((Tensor::from_vec(p, &shape), Tensor::from_vec(m, &shape), Tensor::from_vec(v, &shape)))
     }
 
     fn mask_features_grad(

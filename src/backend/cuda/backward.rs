@@ -15,6 +15,7 @@ use crate::backend::{Activation, Backend, ConvGeometry, LinearMask, NormParams, 
 use crate::dropout::{Dropout, ProbDropout};
 use crate::router::kept;
 use crate::tensor::{DType, Tensor};
+use crate::train::adam::AdamStep;
 
 /// Scores per block of the top-k tie kernels (32 per thread, 256 threads; kernels/backward.cu).
 const TOPK_PER_BLOCK: usize = 32 * 256;
@@ -621,6 +622,41 @@ impl Backward for CudaBackend {
             b.arg(&px).arg(&po).arg(&rows_i).arg(&c_i).arg(&pt).arg(&pe).arg(&pc).arg(&pr);
         })?;
         Ok(out)
+    }
+
+    fn scale(&self, x: Tensor, s: f32) -> Result<Tensor> {
+        let out = self.empty(x.shape(), DType::F32)?;
+        let (px, po, n) = (self.ptr(&x)?, self.ptr(&out)?, x.numel() as i64);
+        self.launcher().elementwise(self.func("scale_f32"), x.numel(), |b| {
+            b.arg(&px).arg(&po).arg(&n).arg(&s);
+        })?;
+        Ok(out)
+    }
+
+    fn all_finite(&self, x: &Tensor) -> Result<bool> {
+        let count = self.stream.alloc_zeros::<u32>(1).map_err(|e| anyhow!("GPU allocation: {e}"))?;
+        let (px, pc, n) = (self.ptr(x)?, self.slice_ptr(&count), x.numel() as i64);
+        self.launcher().elementwise(self.func("count_nonfinite_f32"), x.numel(), |b| {
+            b.arg(&px).arg(&n).arg(&pc);
+        })?;
+        Ok(self.stream.clone_dtoh(&count).map_err(|e| anyhow!("CUDA copy: {e}"))?[0] == 0)
+    }
+
+    fn adam_update(&self, p: Tensor, g: &Tensor, m: Tensor, v: Tensor, step: AdamStep) -> Result<(Tensor, Tensor, Tensor)> {
+        ensure!(
+            p.shape() == g.shape() && p.shape() == m.shape() && p.shape() == v.shape(),
+            "Adam: parameter {:?}, gradient {:?}, moments {:?} {:?}",
+            p.shape(),
+            g.shape(),
+            m.shape(),
+            v.shape()
+        );
+        let (pp, pg, pm, pv, n) = (self.ptr(&p)?, self.ptr(g)?, self.ptr(&m)?, self.ptr(&v)?, p.numel() as i64);
+        let AdamStep { beta1, beta2, step_size, c2_sqrt, eps } = step;
+        self.launcher().elementwise(self.func("adam_f32"), p.numel(), |b| {
+            b.arg(&pp).arg(&pg).arg(&pm).arg(&pv).arg(&n).arg(&beta1).arg(&beta2).arg(&step_size).arg(&c2_sqrt).arg(&eps);
+        })?;
+        Ok((p, m, v))
     }
 
     fn mask_features_grad(
