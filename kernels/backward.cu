@@ -20,12 +20,8 @@ struct StridedGemm {
     int accumulate;  // 1: C += alpha * A·B (sums over utterances)
 };
 
-namespace sg {
-constexpr int BM = 64, BN = 64, BK = 16;
-}
-
 extern "C" __global__ void __launch_bounds__(256) gemm_strided_f32(StridedGemm p) {
-    using namespace sg;
+    using namespace fp32_tile;
     __shared__ float As[BK][BM + 4];
     __shared__ float Bs[BK][BN + 4];
     const int z = blockIdx.z;

@@ -21,6 +21,12 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
+// Tile shape of the fp32 GEMMs (gemm_f32, gemm_strided_f32): 64x64 outputs per block of 256
+// threads (4x4 each), a K depth of 16 per staged tile.
+namespace fp32_tile {
+constexpr int BM = 64, BN = 64, BK = 16;
+}
+
 // The fp32 GEMMs' inner loop over one staged tile: each thread's 4x4 outputs (rows ty*4.., columns
 // tx*4..) accumulate As[k][row] * Bs[k][col] over the tile's BK depth.
 template <int BK, int LD>

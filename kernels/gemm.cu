@@ -42,12 +42,8 @@ __device__ __forceinline__ long a_offset(const GemmArgs& p, int gm, int gk) {
     return (s >= 0 && s < p.conv_tin) ? (long)s * p.lda + ci : -1;
 }
 
-namespace f32 {
-constexpr int BM = 64, BN = 64, BK = 16;
-}
-
 extern "C" __global__ void __launch_bounds__(256) gemm_f32(GemmArgs p) {
-    using namespace f32;
+    using namespace fp32_tile;
     __shared__ float As[BK][BM + 4];
     __shared__ float Bs[BK][BN + 4];
     const int z = blockIdx.z;

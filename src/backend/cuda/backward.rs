@@ -61,14 +61,9 @@ impl CudaBackend {
         let padded = rows.div_ceil(8).max(1) * 8;
         let out = self.empty(&[cols, padded], DType::BF16)?;
         let (px, po, rows_i, cols_i, padded_i) = (self.ptr(x)?, self.ptr(&out)?, rows as i32, cols as i32, padded as i32);
-        let grid = (cols.div_ceil(32) as u32, padded.div_ceil(32) as u32, 1);
-        self.launcher().launch(
-            self.func("transpose_to_bf16"),
-            cudarc::driver::LaunchConfig { grid_dim: grid, block_dim: (32, 8, 1), shared_mem_bytes: 0 },
-            |b| {
-                b.arg(&px).arg(&po).arg(&rows_i).arg(&cols_i).arg(&padded_i);
-            },
-        )?;
+        self.launcher().tiles_32(self.func("transpose_to_bf16"), padded, cols, |b| {
+            b.arg(&px).arg(&po).arg(&rows_i).arg(&cols_i).arg(&padded_i);
+        })?;
         Ok((out, padded))
     }
 
@@ -79,14 +74,9 @@ impl CudaBackend {
         let (n, _) = matrix(dy);
         let wt = self.empty(&[d_in, d_out], DType::BF16)?;
         let (pw, pm, pwt, d_out_i, d_in_i) = (self.ptr(w)?, mask, self.ptr(&wt)?, d_out as i32, d_in as i32);
-        let grid = (d_in.div_ceil(32) as u32, d_out.div_ceil(32) as u32, 1);
-        self.launcher().launch(
-            self.func("transpose_mask_bf16"),
-            cudarc::driver::LaunchConfig { grid_dim: grid, block_dim: (32, 8, 1), shared_mem_bytes: 0 },
-            |b| {
-                b.arg(&pw).arg(&pm).arg(&pwt).arg(&d_out_i).arg(&d_in_i);
-            },
-        )?;
+        self.launcher().tiles_32(self.func("transpose_mask_bf16"), d_out, d_in, |b| {
+            b.arg(&pw).arg(&pm).arg(&pwt).arg(&d_out_i).arg(&d_in_i);
+        })?;
         let out = self.empty(&[n, d_in], DType::F32)?;
         let dy16 = self.bf16_operand(dy, d_out)?;
         let args = GemmArgs {

@@ -89,6 +89,12 @@ impl<'s> Launch<'s> {
         self.launch(f, config((blocks, 1, 1), 256), push)
     }
 
+    /// Transpose kernels: one 32 x 32 tile of a `[rows, cols]` matrix per block of 32 x 8 threads.
+    pub fn tiles_32<'a>(&'a self, f: &'a CudaFunction, rows: usize, cols: usize, push: impl FnOnce(&mut LaunchArgs<'a>)) -> Result<()> {
+        let grid = (cols.div_ceil(32).max(1) as u32, rows.div_ceil(32).max(1) as u32, 1);
+        self.launch(f, LaunchConfig { grid_dim: grid, block_dim: (32, 8, 1), shared_mem_bytes: 0 }, push)
+    }
+
     /// Kernels with one warp per row, eight rows per block.
     pub fn rows_per_warp<'a>(&'a self, f: &'a CudaFunction, rows: usize, push: impl FnOnce(&mut LaunchArgs<'a>)) -> Result<()> {
         self.launch(f, config((rows.div_ceil(8).max(1) as u32, 1, 1), 256), push)
