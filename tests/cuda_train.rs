@@ -61,10 +61,11 @@ fn elementwise_ops_and_dropout_match_cpu() {
     assert_close("gelu grad", &back(&be, &got), cpu.gelu_grad(&dy, &x).unwrap().f32s().unwrap(), TOL);
     assert_close("column sum", &back(&be, &be.column_sum(&up(&be, &dy)).unwrap()), cpu.column_sum(&dy).unwrap().f32s().unwrap(), TOL);
     assert_eq!(back(&be, &be.scale(up(&be, &x), 0.25).unwrap()), cpu.scale(x.clone(), 0.25).unwrap().to_vec().unwrap());
-    assert!(be.all_finite(&up(&be, &x)).unwrap());
+    let (gx, gdy) = (up(&be, &x), up(&be, &dy));
+    assert!(be.all_finite(&[&gx, &gdy]).unwrap());
     let mut bad = x.to_vec().unwrap();
     bad[rows * c - 1] = f32::INFINITY;
-    assert!(!be.all_finite(&up(&be, &t(bad, &[rows, c]))).unwrap());
+    assert!(!be.all_finite(&[&gdy, &up(&be, &t(bad, &[rows, c]))]).unwrap());
 }
 
 #[test]

@@ -95,8 +95,9 @@ pub trait Backward {
     /// `x · s` elementwise (gradient averaging).
     fn scale(&self, x: Tensor, s: f32) -> Result<Tensor>;
 
-    /// Whether every element is finite (a non-finite gradient skips the update).
-    fn all_finite(&self, x: &Tensor) -> Result<bool>;
+    /// Whether every element of every tensor is finite (a non-finite gradient skips the
+    /// update); one answer for them all, so the GPU waits once.
+    fn all_finite(&self, xs: &[&Tensor]) -> Result<bool>;
 
     /// One Adam update of parameter `p` with gradient `g` and moments `m`, `v` (all on this
     /// backend, taken and returned so they are updated in place): optimiser state of trained

@@ -514,7 +514,7 @@ impl Accumulated {
 
     fn is_finite(&self, be: &dyn TrainBackend) -> Result<bool> {
         let host = self.loss.is_finite() && self.grads.host.iter().flatten().all(|t| t.iter().all(|v| v.is_finite()));
-        Ok(host && self.grads.scores.iter().flatten().map(|t| be.all_finite(t)).collect::<Result<Vec<_>>>()?.into_iter().all(|f| f))
+        Ok(host && be.all_finite(&self.grads.scores.iter().flatten().collect::<Vec<_>>())?)
     }
 
     fn scale_to_mean(&mut self, be: &dyn TrainBackend) -> Result<()> {

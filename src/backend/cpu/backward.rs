@@ -198,8 +198,13 @@ impl Backward for CpuBackend {
         Ok(Tensor::from_vec(v, &shape))
     }
 
-    fn all_finite(&self, x: &Tensor) -> Result<bool> {
-        Ok(data(x)?.par_iter().all(|v| v.is_finite()))
+    fn all_finite(&self, xs: &[&Tensor]) -> Result<bool> {
+        for x in xs {
+            if !data(x)?.par_iter().all(|v| v.is_finite()) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     fn adam_update(&self, p: Tensor, g: &Tensor, m: Tensor, v: Tensor, step: AdamStep) -> Result<(Tensor, Tensor, Tensor)> {

@@ -623,12 +623,15 @@ impl Backward for CudaBackend {
         Ok(out)
     }
 
-    fn all_finite(&self, x: &Tensor) -> Result<bool> {
+    fn all_finite(&self, xs: &[&Tensor]) -> Result<bool> {
         let count = self.stream.alloc_zeros::<u32>(1).map_err(|e| anyhow!("GPU allocation: {e}"))?;
-        let (px, pc, n) = (self.ptr(x)?, self.slice_ptr(&count), x.numel() as i64);
-        self.launcher().elementwise(self.func("count_nonfinite_f32"), x.numel(), |b| {
-            b.arg(&px).arg(&n).arg(&pc);
-        })?;
+        let pc = self.slice_ptr(&count);
+        for x in xs {
+            let (px, n) = (self.ptr(x)?, x.numel() as i64);
+            self.launcher().elementwise(self.func("count_nonfinite_f32"), x.numel(), |b| {
+                b.arg(&px).arg(&n).arg(&pc);
+            })?;
+        }
         Ok(self.stream.clone_dtoh(&count).map_err(|e| anyhow!("CUDA copy: {e}"))?[0] == 0)
     }
 
