@@ -24,6 +24,7 @@ use s3router::train::finetune::Overlay;
 use s3router::train::masked::{step, Features, MaskScope, MaskedWeight, Regularisers, Weights, POS_CONV_WEIGHT};
 
 fn train_step_base(c: &mut Criterion) {
+    s3router::keep_freed_memory();
     bench_device(c, &CpuBackend, "cpu", 2, 5, 60);
     match unavailable_reason() {
         None => {
