@@ -43,9 +43,9 @@ fn bench_device(c: &mut Criterion, be: &dyn TrainBackend, device: &str, batch: u
     let mut masks: Vec<MaskedWeight> = (0..model.layers.len())
         .flat_map(|i| MaskScope::Ffn.parts().iter().map(move |&p| (i, p)))
         .map(|(i, p)| {
-            let mut m = MaskedWeight::load(&RandomWeights { seed: 0 }, &model.config, i, p, Vec::new()).unwrap();
-            let scores = init_scores(&m.weight, m.d_in, Init::WeightRank, 0.1, &mut rng);
-            m.scores = be.upload(&Tensor::from_vec(scores, &[m.d_out, m.d_in])).unwrap();
+            let init = |w: &[f32], fan_in| init_scores(w, fan_in, Init::WeightRank, 0.1, &mut rng);
+            let mut m = MaskedWeight::load(&RandomWeights { seed: 0 }, &model.config, i, p, init).unwrap();
+            m.scores = be.upload(&m.scores).unwrap();
             m
         })
         .collect();

@@ -322,11 +322,7 @@ fn training_steps_match_cpu_with_every_regulariser() {
         let mut rng = SplitMix(3);
         let masks: Vec<MaskedWeight> = (0..c.num_hidden_layers)
             .flat_map(|i| MaskScope::All.parts().iter().map(move |&p| (i, p)))
-            .map(|(i, p)| {
-                let mut m = MaskedWeight::load(&ck, c, i, p, Vec::new()).unwrap();
-                m.scores = t(init_scores(&m.weight, m.d_in, Init::WeightRank, 0.3, &mut rng), &[m.d_out, m.d_in]);
-                m
-            })
+            .map(|(i, p)| MaskedWeight::load(&ck, c, i, p, |w, fan_in| init_scores(w, fan_in, Init::WeightRank, 0.3, &mut rng)).unwrap())
             .collect();
         let time: Vec<bool> = (0..total).map(|i| i % 7 < 2).collect();
         let channels: Vec<bool> = (0..frames.len() * c.hidden_size).map(|i| i % 11 == 3).collect();

@@ -77,7 +77,7 @@ impl Case {
             .flat_map(|i| scope.parts().iter().map(move |&p| (i, p)))
             .map(|(i, p)| {
                 let scores = self.grads.tensor(&format!("{}/{}.scores", self.key, p.weight_name(i))).unwrap().to_vec().unwrap();
-                MaskedWeight::load(&self.source, &self.model.config, i, p, scores).unwrap()
+                MaskedWeight::load(&self.source, &self.model.config, i, p, |_, _| scores).unwrap()
             })
             .collect()
     }

@@ -130,8 +130,8 @@ pub trait Backend: Send + Sync {
 
     /// [`Backend::linear`] over consecutive row segments of `x`, each `(rows, mask)` with its own
     /// keep-mask over `w` (or none): one batch served for several tasks that share the weights.
-    /// `W * M` is never kept (the CUDA GEMM applies the bits while loading weight tiles; the
-    /// CPU masks into scratch per segment).
+    /// `W * M` is never kept for bits (the CUDA GEMM applies them while loading weight tiles;
+    /// the CPU masks into scratch per segment); a training step's CPU masks arrive applied.
     fn linear_segments(
         &self,
         x: &Tensor,

@@ -7,8 +7,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use s3router::analysis::{self, mask_stats, StatsSummary};
-use s3router::backend::cpu::CpuBackend;
-use s3router::backend::cuda::{CudaBackend, Precision as CudaPrecision};
+use s3router::backend::cuda::Precision as CudaPrecision;
 use s3router::backend::Backend;
 use s3router::bench;
 use s3router::data::dataset::{self, DatasetOptions, Format, LabelKind, Subset};
@@ -156,12 +155,7 @@ impl RunArgs {
             save_every: self.save_every,
             progress: !self.quiet,
             feature_cache_bytes: self.feature_cache_mb << 20,
-            device: match (self.device, self.precision) {
-                (Device::Cpu, Precision::F32) => TrainDevice::Cpu,
-                (Device::Cpu, Precision::Bf16) => bail!("--precision bf16 needs --device cuda (the CPU computes in f32)"),
-                (Device::Cuda, Precision::F32) => TrainDevice::Cuda(CudaPrecision::F32),
-                (Device::Cuda, Precision::Bf16) => TrainDevice::Cuda(CudaPrecision::Bf16),
-            },
+            device: compute_device(self.device, self.precision)?,
         })
     }
 }
@@ -397,15 +391,18 @@ enum Command {
     },
 }
 
-fn backend(d: DeviceArgs) -> Result<Box<dyn Backend>> {
-    match (d.device, d.precision) {
-        (Device::Cpu, Precision::F32) => Ok(Box::new(CpuBackend)),
+/// The device `--device` and `--precision` name together.
+fn compute_device(device: Device, precision: Precision) -> Result<TrainDevice> {
+    Ok(match (device, precision) {
+        (Device::Cpu, Precision::F32) => TrainDevice::Cpu,
         (Device::Cpu, Precision::Bf16) => bail!("--precision bf16 needs --device cuda (the CPU computes in f32)"),
-        (Device::Cuda, p) => {
-            let precision = if matches!(p, Precision::Bf16) { CudaPrecision::Bf16 } else { CudaPrecision::F32 };
-            Ok(Box::new(CudaBackend::new(0, precision)?))
-        }
-    }
+        (Device::Cuda, Precision::F32) => TrainDevice::Cuda(CudaPrecision::F32),
+        (Device::Cuda, Precision::Bf16) => TrainDevice::Cuda(CudaPrecision::Bf16),
+    })
+}
+
+fn backend(d: DeviceArgs) -> Result<Box<dyn Backend>> {
+    Ok(compute_device(d.device, d.precision)?.backend()?)
 }
 
 /// What `engine infer` prints and keeps: each transcript as it comes, and with `--out` the

@@ -100,29 +100,34 @@ impl Part {
     }
 }
 
-/// A masked weight: its frozen values in PyTorch's `[out, in]` layout (on the host, for score
-/// initialisation) and its scores (`[out, in]`, on the backend that trains them).
+/// A masked weight: where it sits and its scores (`[out, in]`, on the backend that trains them;
+/// the frozen weight itself is the model's).
 pub struct MaskedWeight {
     pub layer: usize,
     pub part: Part,
     pub d_out: usize,
     pub d_in: usize,
-    pub weight: Vec<f32>,
     pub scores: Tensor,
 }
 
 impl MaskedWeight {
-    /// The frozen `[out, in]` weight of `part` of layer `layer` read from `src` (a checkpoint,
-    /// whatever device the model runs on), with `scores` (empty: zeros, to be initialised by
-    /// the caller).
-    pub fn load(src: &dyn WeightSource, config: &Config, layer: usize, part: Part, scores: Vec<f32>) -> Result<MaskedWeight> {
+    /// `part` of layer `layer` with host scores `init(weight, fan_in)` from its frozen `[out, in]`
+    /// weight, read from `src` (a checkpoint, whatever device the model runs on) and dropped
+    /// once the scores exist.
+    pub fn load(
+        src: &dyn WeightSource,
+        config: &Config,
+        layer: usize,
+        part: Part,
+        init: impl FnOnce(&[f32], usize) -> Vec<f32>,
+    ) -> Result<MaskedWeight> {
         let name = part.weight_name(layer);
         ensure!(layer < config.num_hidden_layers, "{name}: the model has {} layers", config.num_hidden_layers);
         let [d_out, d_in] = part.shape(config);
         let weight = src.get(&name, &[d_out, d_in])?.to_vec().with_context(|| name.clone())?;
-        let scores = if scores.is_empty() { vec![0.0; weight.len()] } else { scores };
+        let scores = init(&weight, d_in);
         ensure!(scores.len() == weight.len(), "{name}: {} scores for a {d_out} x {d_in} weight", scores.len());
-        Ok(MaskedWeight { layer, part, d_out, d_in, weight, scores: Tensor::from_vec(scores, &[d_out, d_in]) })
+        Ok(MaskedWeight { layer, part, d_out, d_in, scores: Tensor::from_vec(scores, &[d_out, d_in]) })
     }
 
     pub fn name(&self) -> String {

@@ -254,7 +254,8 @@ pub enum Device {
 }
 
 impl Device {
-    fn backend(self) -> Result<Box<dyn TrainBackend>> {
+    /// The backend this device names (errors when it has no GPU or kernels, saying why).
+    pub fn backend(self) -> Result<Box<dyn TrainBackend>> {
         Ok(match self {
             Device::Cpu => Box::new(CpuBackend),
             Device::Cuda(p) => Box::new(CudaBackend::new(0, p)?),
@@ -433,15 +434,16 @@ impl Params {
         Ok(Linear::prepared(be.prepare_linear_weight(&w)?, be.upload(&Tensor::from_vec(self.head_bias.clone(), &[vocab]))?))
     }
 
-    /// Each masked weight's name, `[out, in]` shape and keep flags (the top-k of its scores).
-    fn keep(&self, be: &dyn Backend, sparsity: f64) -> Result<Vec<KeepFlags>> {
-        let scores = self.host_scores(be)?;
-        Ok(self.masks.iter().zip(&scores).map(|(m, s)| (m.name(), vec![m.d_out, m.d_in], top_k_mask(s, sparsity))).collect())
+    /// Each masked weight's name, `[out, in]` shape and keep flags (the top-k of its scores,
+    /// `host_scores` in mask order).
+    fn keep(&self, host_scores: &[Vec<f32>], sparsity: f64) -> Vec<KeepFlags> {
+        self.masks.iter().zip(host_scores).map(|(m, s)| (m.name(), vec![m.d_out, m.d_in], top_k_mask(s, sparsity))).collect()
     }
 
     /// This state as a mask set over the model (for validation and the outputs).
     fn mask_set(&self, be: &dyn Backend, dir: &Path, sparsity: f64) -> Result<MaskSet> {
-        let masks = self.keep(be, sparsity)?.into_iter().map(|(name, shape, keep)| (name, (shape, mask::pack(&keep)))).collect();
+        let masks =
+            self.keep(&self.host_scores(be)?, sparsity).into_iter().map(|(name, shape, keep)| (name, (shape, mask::pack(&keep)))).collect();
         let vocab = self.head_bias.len();
         let head = (
             Tensor::from_vec(self.head_weight.clone(), &[vocab, self.head_weight.len() / vocab]),
@@ -459,7 +461,7 @@ impl Params {
         let scores = names.iter().zip(&host).map(|((n, shape), s)| (n.as_str(), shape.as_slice(), s.as_slice()));
         let meta = BTreeMap::from([("sparsity".to_string(), sparsity.to_string())]);
         crate::fsio::write_f32_safetensors(&dir.join("scores.safetensors"), scores, &meta)?;
-        MaskSet::save(dir, &self.keep(be, sparsity)?, sparsity)?;
+        MaskSet::save(dir, &self.keep(&host, sparsity), sparsity)?;
         self.write_head(dir)?;
         vocab.save(&dir.join("vocab.json"))
     }
@@ -689,10 +691,10 @@ impl Trainer<'_> {
             .into_par_iter()
             .enumerate()
             .map(|(k, (i, p))| {
-                let mut m = MaskedWeight::load(&self.ck, &self.model.config, i, p, Vec::new())?;
                 let mut rng = SplitMix(mix(r.seed ^ mix(0x5c0e_0000 + k as u64)));
-                let scores = init_scores(&m.weight, m.d_in, r.init, r.sparsity(), &mut rng);
-                m.scores = self.be.upload(&Tensor::from_vec(scores, &[m.d_out, m.d_in]))?;
+                let init = |w: &[f32], fan_in| init_scores(w, fan_in, r.init, r.sparsity(), &mut rng);
+                let mut m = MaskedWeight::load(&self.ck, &self.model.config, i, p, init)?;
+                m.scores = self.be.upload(&m.scores)?;
                 Ok(m)
             })
             .collect::<Result<Vec<_>>>()?;
@@ -863,7 +865,7 @@ impl Trainer<'_> {
         if !self.opts.resume {
             if r.learn == Learn::Masks {
                 // The starting masks, for `engine masks stats` (bits flipped by learning).
-                MaskSet::save_as(&out.join(INITIAL_MASKS), &params.keep(&*self.be, r.sparsity())?, r.sparsity())?;
+                MaskSet::save_as(&out.join(INITIAL_MASKS), &params.keep(&params.host_scores(&*self.be)?, r.sparsity()), r.sparsity())?;
             }
             log.write(&serde_json::json!({
                 "event": "start",
