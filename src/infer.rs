@@ -101,12 +101,12 @@ pub struct Recognizer<'a> {
 impl<'a> Recognizer<'a> {
     /// Loads a model folder, optionally with a mask set (`--masks DIR`) whose head and
     /// `vocab.json` then define the task. With `sparse`, linears that are mostly zeros (masked or
-    /// pruned) skip them on the CPU where that is faster ([`Wav2Vec2::prepare_sparse`]).
+    /// pruned) skip them where that is faster ([`Wav2Vec2::prepare_sparse`]).
     pub fn load(dir: &Path, masks: Option<&Path>, backend: &'a dyn Backend, sparse: bool) -> Result<Recognizer<'a>> {
         let masks = masks.map(MaskSet::load).transpose()?;
         let mut model = Wav2Vec2::load_masked(dir, masks.as_ref(), backend)?;
         if sparse {
-            model.prepare_sparse();
+            model.prepare_sparse(backend)?;
         }
         let vocab_path = masks.as_ref().and_then(MaskSet::vocab_path).unwrap_or_else(|| dir.join("vocab.json"));
         let vocab = Vocab::load(&vocab_path, model.config.vocab_size, model.config.pad_token_id)?;

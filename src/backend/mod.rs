@@ -98,6 +98,23 @@ pub enum LinearMask {
     Applied(Tensor),
 }
 
+/// A linear weight with its zeros removed ([`Backend::prepare_sparse`]), in the layout of
+/// [`cpu::sparse`] (CSR over `[out, in]`, panel by panel) on the backend that built it.
+pub enum SparseWeight {
+    Cpu(cpu::sparse::SparseLinear),
+    Cuda(cuda::SparseCuda),
+}
+
+impl SparseWeight {
+    /// The fraction of weights kept.
+    pub fn density(&self) -> f64 {
+        match self {
+            SparseWeight::Cpu(s) => s.density(),
+            SparseWeight::Cuda(s) => s.density(),
+        }
+    }
+}
+
 /// Operations a compute device provides. Every tensor argument must live on this backend
 /// (see [`Backend::upload`]); weights use the layouts named in each method.
 pub trait Backend: Send + Sync {
@@ -140,6 +157,18 @@ pub trait Backend: Send + Sync {
         act: Activation,
         segments: &[(usize, Option<&LinearMask>)],
     ) -> Result<Tensor>;
+
+    /// A prepared linear weight ([`Backend::prepare_linear_weight`]) without its zeros, when
+    /// enough are dropped for [`Backend::linear_sparse`] to beat the dense GEMM at some batch
+    /// size on this backend; `None` otherwise. Built once, at load.
+    fn prepare_sparse(&self, w: &Tensor) -> Result<Option<SparseWeight>>;
+
+    /// Whether [`Backend::linear_sparse`] beats [`Backend::linear`] for `sp` over `rows` input
+    /// rows (this backend's measured crossovers, docs/PERF.md).
+    fn sparse_pays(&self, sp: &SparseWeight, rows: usize) -> bool;
+
+    /// [`Backend::linear`] through a [`SparseWeight`]: only the kept weights are read.
+    fn linear_sparse(&self, x: &Tensor, sp: &SparseWeight, b: Option<&Tensor>, act: Activation) -> Result<Tensor>;
 
     /// `act(layer_norm(x + residual))` over the last dimension (residual optional). Takes `x` by
     /// value so its buffer can be reused.

@@ -13,8 +13,7 @@ use super::checkpoint::{Checkpoint, WeightSource};
 use super::config::{Config, FeatNorm};
 use super::masks::{MaskSet, Masked};
 use super::tasks::Routing;
-use crate::backend::cpu::sparse::SparseLinear;
-use crate::backend::{Activation, Backend, ConvGeometry, NormParams, Seqs};
+use crate::backend::{Activation, Backend, ConvGeometry, NormParams, Seqs, SparseWeight};
 use crate::tensor::Tensor;
 
 /// `y = x · wᵀ + b` for a PyTorch `[out, in]` weight.
@@ -22,9 +21,9 @@ pub struct Linear {
     /// In the backend's layout (see [`Backend::prepare_linear_weight`]).
     pub weight: Tensor,
     pub bias: Tensor,
-    /// The same weight without its zeros, when a masked or pruned model runs on the CPU and
-    /// enough of them are dropped for skipping them to pay ([`Wav2Vec2::prepare_sparse`]).
-    pub sparse: Option<SparseLinear>,
+    /// The same weight without its zeros, when the model is masked or pruned and enough of them
+    /// are dropped for skipping them to pay ([`Wav2Vec2::prepare_sparse`]).
+    pub sparse: Option<SparseWeight>,
 }
 
 impl Linear {
@@ -66,30 +65,13 @@ impl Linear {
     }
 
     fn forward(&self, be: &dyn Backend, x: &Tensor, act: Activation) -> Result<Tensor> {
-        if let Some(sp) = self.sparse.as_ref().filter(|sp| sparse_pays(1.0 - sp.density(), x.numel() / sp.d_in)) {
-            let mut shape = x.shape().to_vec();
-            *shape.last_mut().expect("a linear input has dimensions") = sp.d_out;
-            return Ok(Tensor::from_vec(sp.forward(x.f32s()?, Some(self.bias.f32s()?), act == Activation::Gelu), &shape));
+        let rows = x.numel() / x.shape().last().copied().unwrap_or(1).max(1);
+        if let Some(sp) = self.sparse.as_ref().filter(|sp| be.sparse_pays(sp, rows)) {
+            return be.linear_sparse(x, sp, Some(&self.bias), act);
         }
         be.linear(x, &self.weight, Some(&self.bias), act)
     }
 }
-
-/// Whether the sparse CPU product beats the dense GEMM for a weight with `dropped` of its
-/// entries zero, over `frames` frames. Measured crossovers (docs/PERF.md, `cargo bench --bench
-/// sparse`, wav2vec2-base FFN shapes): with 49 frames (batch 1 x 1 s) sparse wins from about
-/// 80% dropped (3.1x at 90% for 768->3072, 1.4x for 3072->768); with 5992 frames (batch 8 x 15 s)
-/// the dense GEMM keeps up until about 90% and wins at 90% for 3072->768.
-fn sparse_pays(dropped: f64, frames: usize) -> bool {
-    if frames <= 256 {
-        dropped >= SPARSE_MIN_DROPPED
-    } else {
-        dropped >= 0.95
-    }
-}
-
-/// The fewest dropped weights for which a linear gets a sparse copy at all.
-const SPARSE_MIN_DROPPED: f64 = 0.8;
 
 pub struct Norm {
     pub gamma: Tensor,
@@ -350,22 +332,18 @@ impl Wav2Vec2 {
         })
     }
 
-    /// Gives every encoder linear whose weight has at least 80% zeros (a masked or pruned
-    /// model) a sparse copy that [`Linear`] uses where it beats the dense GEMM. CPU only (a no-op
-    /// for weights on a device); returns how many linears got one.
-    pub fn prepare_sparse(&mut self) -> usize {
+    /// Gives every encoder linear whose weight is mostly zeros (a masked or pruned model) a
+    /// sparse copy on `be` ([`Backend::prepare_sparse`]), which [`Linear`] uses where it beats the
+    /// dense GEMM; returns how many linears got one.
+    pub fn prepare_sparse(&mut self, be: &dyn Backend) -> Result<usize> {
         let mut count = 0;
         for layer in &mut self.layers {
             for lin in [&mut layer.qkv_proj, &mut layer.out_proj, &mut layer.intermediate_dense, &mut layer.output_dense] {
-                let (Ok(w), &[d_in, d_out]) = (lin.weight.f32s(), lin.weight.shape()) else { continue };
-                let zeros = w.iter().filter(|&&v| v == 0.0).count();
-                if zeros as f64 >= SPARSE_MIN_DROPPED * w.len() as f64 {
-                    lin.sparse = SparseLinear::from_in_out(w, d_in, d_out);
-                    count += lin.sparse.is_some() as usize;
-                }
+                lin.sparse = be.prepare_sparse(&lin.weight)?;
+                count += lin.sparse.is_some() as usize;
             }
         }
-        count
+        Ok(count)
     }
 
     /// Checks every utterance is long enough and returns the encoder frame count of each.

@@ -8,11 +8,13 @@ pub mod cli;
 
 use s3router::backend::cpu::CpuBackend;
 use s3router::backend::cuda::{unavailable_reason, CudaBackend, Precision};
-use s3router::backend::Seqs;
+use s3router::backend::{Backend, Seqs};
 use s3router::ctc::CtcTargets;
+use s3router::data::audio;
 use s3router::fsio::write_f32_safetensors;
 use s3router::model::checkpoint::Checkpoint;
 use s3router::model::masks::MaskSet;
+use s3router::model::preprocess::Preprocessor;
 use s3router::model::wav2vec2::maskable_shape;
 use s3router::model::Wav2Vec2;
 use s3router::rng::SplitMix;
@@ -158,4 +160,22 @@ pub fn gpu(precision: Precision) -> Option<CudaBackend> {
 pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64) {
     let err = rel_l2(got, want);
     assert!(err <= tol, "{what}: rel L2 {err:.3e} > {tol:.0e}");
+}
+
+/// The base-like fixture with random 90% masks on all six linears of every layer, loaded twice
+/// on `be` (dense, and with sparse copies of its linears), run on the committed utterances:
+/// returns (dense logits, sparse logits, linears that got a sparse copy, linears in the model).
+pub fn sparse_and_dense_logits(be: &dyn Backend) -> (Vec<f32>, Vec<f32>, usize, usize) {
+    let dir = fixtures().join("base-like");
+    let tmp = tempfile::tempdir().unwrap();
+    mask_set(tmp.path(), MaskScope::All, 0.9, 4);
+    let set = MaskSet::load(tmp.path()).unwrap();
+    let dense = Wav2Vec2::load_masked(&dir, Some(&set), be).unwrap();
+    let mut sparse = Wav2Vec2::load_masked(&dir, Some(&set), be).unwrap();
+    let count = sparse.prepare_sparse(be).unwrap();
+    let pre = Preprocessor::load(&dir).unwrap();
+    let clips: Vec<Vec<f32>> = utterances().iter().map(|p| pre.apply(audio::load(p).unwrap())).collect();
+    let inputs: Vec<&[f32]> = clips.iter().map(Vec::as_slice).collect();
+    let logits = |m: &Wav2Vec2| be.to_host(&m.logits(be, &inputs, None).unwrap().0).unwrap().to_vec().unwrap();
+    (logits(&dense), logits(&sparse), count, 4 * dense.layers.len())
 }

@@ -16,7 +16,8 @@ use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
 use self::gemm::{matmul_blocked, MatRef};
-use super::{Activation, Backend, ConvGeometry, LinearMask, NormParams, Seqs};
+use self::sparse::SparseLinear;
+use super::{Activation, Backend, ConvGeometry, LinearMask, NormParams, Seqs, SparseWeight};
 use crate::tensor::{Storage, Tensor};
 
 /// Rows handed to one rayon task by row-wise kernels; large enough to amortise scheduling.
@@ -125,6 +126,33 @@ impl Backend for CpuBackend {
         ensure!(bits.len() * 8 >= d_out * d_in, "mask has {} bits for a {d_out} x {d_in} weight", bits.len() * 8);
         let keep = crate::mask::unpack(bits, d_out * d_in);
         Ok(LinearMask::Host(crate::mask::pack(&(0..d_in * d_out).map(|j| keep[(j % d_out) * d_in + j / d_out]).collect::<Vec<_>>())))
+    }
+
+    fn prepare_sparse(&self, w: &Tensor) -> Result<Option<SparseWeight>> {
+        let &[d_in, d_out] = w.shape() else { bail!("linear weight must be 2-D, found {:?}", w.shape()) };
+        let values = data(w)?;
+        let zeros = values.iter().filter(|&&v| v == 0.0).count();
+        if (zeros as f64) < sparse::MIN_DROPPED * values.len() as f64 {
+            return Ok(None);
+        }
+        Ok(SparseLinear::from_in_out(values, d_in, d_out).map(SparseWeight::Cpu))
+    }
+
+    fn sparse_pays(&self, sp: &SparseWeight, rows: usize) -> bool {
+        sparse::sparse_pays(1.0 - sp.density(), rows)
+    }
+
+    fn linear_sparse(&self, x: &Tensor, sp: &SparseWeight, b: Option<&Tensor>, act: Activation) -> Result<Tensor> {
+        let SparseWeight::Cpu(sp) = sp else { bail!("a sparse weight built on the GPU was given to the CPU backend") };
+        let d_in = as_matrix(x).1;
+        ensure!(d_in == sp.d_in, "sparse linear: input has {d_in} features, the weight expects {}", sp.d_in);
+        if let Some(b) = b {
+            ensure!(b.numel() == sp.d_out, "sparse linear bias has {} values for {} outputs", b.numel(), sp.d_out);
+        }
+        let y = sp.forward(data(x)?, b.map(data).transpose()?, act == Activation::Gelu);
+        let mut shape = x.shape().to_vec();
+        *shape.last_mut().expect("a linear input has dimensions") = sp.d_out;
+        Ok(Tensor::from_vec(y, &shape))
     }
 
     fn linear_segments(

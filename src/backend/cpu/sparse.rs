@@ -19,12 +19,28 @@ use super::math::{gelu, multiversion};
 /// Frames per block: two AVX-512 registers of f32 (four AVX2 ones), so each kept weight's index
 /// and value load is shared by two multiply-adds.
 const LANES: usize = 32;
-/// Input features per panel.
-const PANEL: usize = 256;
+/// Input features per panel (the CUDA kernel's `SP_PANEL` too: both read the same layout).
+pub const PANEL: usize = 256;
 /// Output rows per task, and blocks of frames per task (the group's transposed input,
 /// `BLOCKS_PER_TASK * LANES * d_in` floats, stays in L2 while the task's rows stream past).
 const ROWS_PER_TASK: usize = 64;
 const BLOCKS_PER_TASK: usize = 8;
+
+/// Whether the sparse product beats the dense GEMM for a weight with `dropped` of its entries
+/// zero, over `frames` frames. Measured crossovers (docs/PERF.md, `cargo bench --bench sparse`,
+/// wav2vec2-base FFN shapes): with 49 frames (batch 1 x 1 s) sparse wins from about 80% dropped
+/// (3.1x at 90% for 768->3072, 1.4x for 3072->768); with 5992 frames (batch 8 x 15 s) the dense
+/// GEMM keeps up until about 90% and wins at 90% for 3072->768.
+pub fn sparse_pays(dropped: f64, frames: usize) -> bool {
+    if frames <= 256 {
+        dropped >= MIN_DROPPED
+    } else {
+        dropped >= 0.95
+    }
+}
+
+/// The fewest dropped weights for which a linear gets a sparse copy at all.
+pub const MIN_DROPPED: f64 = 0.8;
 
 /// A weight with its zeros removed, `[out, in]` row by row within each input panel.
 #[derive(Clone, Debug)]
@@ -42,7 +58,24 @@ impl SparseLinear {
     /// The non-zero weights of a CPU-layout `[in, out]` weight; `None` when the weight has 2^32
     /// or more entries.
     pub fn from_in_out(w_t: &[f32], d_in: usize, d_out: usize) -> Option<SparseLinear> {
-        if w_t.len() != d_in * d_out || w_t.len() >= u32::MAX as usize {
+        if w_t.len() != d_in * d_out {
+            return None;
+        }
+        SparseLinear::build(d_in, d_out, |o, i| w_t[i * d_out + o])
+    }
+
+    /// The non-zero weights of a PyTorch-layout `[out, in]` weight (what a device holds); `None`
+    /// when the weight has 2^32 or more entries.
+    pub fn from_out_in(w: &[f32], d_out: usize, d_in: usize) -> Option<SparseLinear> {
+        if w.len() != d_in * d_out {
+            return None;
+        }
+        SparseLinear::build(d_in, d_out, |o, i| w[o * d_in + i])
+    }
+
+    /// The layout from `weight(o, i)`, panel by panel, row by row.
+    fn build(d_in: usize, d_out: usize, weight: impl Fn(usize, usize) -> f32) -> Option<SparseLinear> {
+        if d_in * d_out >= u32::MAX as usize {
             return None;
         }
         let panels = d_in.div_ceil(PANEL);
@@ -52,7 +85,7 @@ impl SparseLinear {
             row_start.push(vals.len() as u32);
             for o in 0..d_out {
                 for i in p * PANEL..((p + 1) * PANEL).min(d_in) {
-                    let v = w_t[i * d_out + o];
+                    let v = weight(o, i);
                     if v != 0.0 {
                         cols.push((i - p * PANEL) as u16);
                         vals.push(v);
@@ -62,6 +95,11 @@ impl SparseLinear {
             }
         }
         Some(SparseLinear { d_in, d_out, row_start, cols, vals })
+    }
+
+    /// The layout's arrays `(row_start, cols, vals)` (see the fields), for a device to copy.
+    pub fn parts(&self) -> (&[u32], &[u16], &[f32]) {
+        (&self.row_start, &self.cols, &self.vals)
     }
 
     /// The fraction of weights kept.

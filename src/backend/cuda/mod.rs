@@ -9,6 +9,7 @@
 
 mod backward;
 mod launch;
+mod sparse;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,9 +18,10 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use cudarc::driver::{sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, PushKernelArg};
 use cudarc::nvrtc::Ptx;
 
-use super::{Activation, Backend, ConvGeometry, LinearMask, NormParams, Seqs};
-use crate::tensor::{DType, Storage, Tensor};
+use super::{Activation, Backend, ConvGeometry, LinearMask, NormParams, Seqs, SparseWeight};
+use crate::tensor::{DType, HostBytes, Storage, Tensor};
 use launch::{GemmArgs, Launch};
+pub use sparse::SparseCuda;
 
 mod kernels {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
@@ -63,6 +65,8 @@ const FUNCTIONS: &[(&str, &str)] = &[
     ("ctc", "ctc_loss"),
     ("mask", "pack_mask"),
     ("mask", "unpack_mask"),
+    ("sparse", "sparse_linear_f32"),
+    ("sparse", "sparse_linear_bf16"),
     ("backward", "gemm_strided_f32"),
     ("backward", "dropout_f32"),
     ("backward", "gelu_f32"),
@@ -422,10 +426,13 @@ impl Backend for CudaBackend {
 
     fn to_host(&self, t: &Tensor) -> Result<Tensor> {
         let Storage::Cuda(b) = t.storage() else { return t.to_f32() };
-        Self::expect_dtype(t, DType::F32, "to_host")?;
         let bytes = self.stream.clone_dtoh(b.0.as_ref()).map_err(|e| anyhow!("CUDA copy: {e}"))?;
-        let data: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes[..t.numel() * 4]);
-        Ok(Tensor::from_vec(data, t.shape()))
+        let bytes = &bytes[..t.numel() * t.dtype().size_of()];
+        match t.dtype() {
+            DType::F32 => Ok(Tensor::from_vec(bytemuck::pod_collect_to_vec(bytes), t.shape())),
+            // bf16 weights (`--precision bf16`), widened exactly.
+            dtype => Tensor::from_host_bytes(HostBytes::Half(Arc::new(bytemuck::pod_collect_to_vec(bytes))), dtype, t.shape())?.to_f32(),
+        }
     }
 
     fn prepare_conv_weight(&self, w: &Tensor) -> Result<Tensor> {
@@ -445,6 +452,20 @@ impl Backend for CudaBackend {
     fn prepare_mask(&self, bits: &[u8], d_out: usize, d_in: usize) -> Result<LinearMask> {
         ensure!(bits.len() * 8 >= d_out * d_in, "mask has {} bits for a {d_out} x {d_in} weight", bits.len() * 8);
         Ok(LinearMask::Cuda(CudaBuf(Arc::new(self.upload_mask(bits)?))))
+    }
+
+    fn prepare_sparse(&self, w: &Tensor) -> Result<Option<SparseWeight>> {
+        self.prepare_sparse_weight(w)
+    }
+
+    /// Provisional until measured on a GPU (`cargo bench --bench sparse`): the CPU's rule, sparse
+    /// for small batches (memory-bound, where the bytes saved count) from 80% dropped.
+    fn sparse_pays(&self, sp: &SparseWeight, rows: usize) -> bool {
+        crate::backend::cpu::sparse::sparse_pays(1.0 - sp.density(), rows)
+    }
+
+    fn linear_sparse(&self, x: &Tensor, sp: &SparseWeight, b: Option<&Tensor>, act: Activation) -> Result<Tensor> {
+        self.sparse_linear(x, sp, b, act)
     }
 
     fn linear_segments(
