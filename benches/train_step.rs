@@ -1,12 +1,15 @@
 //! One S3-Router forward/backward at full wav2vec2-base size (random weights), on the CPU (batch
 //! 2 x 5 s, 60 labels per utterance) and, where there is one, the GPU in fp32 and bf16 (batch
 //! 8 x 15 s, 220 labels: the shape of ../shared/bench/torch_w2v2_anchor.py); masks on the 24 FFN matrices
-//! at sparsity 0.1. GPU gradients come back to the host, and Adam runs there.
+//! at sparsity 0.1. Scores, finetuned weights and their Adam stay on the device; the head's
+//! Adam runs on the host.
 //! "step" is the forward/backward (masks from the scores included); "update" adds the Adam update
 //! of the 56.6M scores and the head, which is what the PyTorch anchor
 //! (../shared/bench/torch_w2v2_cpu_anchor.py) times. "finetune step" is weight finetuning's
 //! forward/backward (no masks, every weight above the feature encoder trains).
 //! `cargo bench --bench train_step` (`-- cuda` for the GPU ones only).
+
+use std::sync::Mutex;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use s3router::backend::backward::TrainBackend;
@@ -20,8 +23,8 @@ use s3router::rng::SplitMix;
 use s3router::router::{init_scores, Init};
 use s3router::tensor::Tensor;
 use s3router::train::adam::{Adam, TensorAdam};
-use s3router::train::finetune::Overlay;
-use s3router::train::masked::{step, Features, MaskScope, MaskedWeight, Regularisers, Weights, POS_CONV_WEIGHT};
+use s3router::train::finetune::{unfold_pos_conv_grad, NamedWeight, Overlay, Resident};
+use s3router::train::masked::{step, Features, MaskScope, MaskedWeight, Regularisers, Weights};
 
 fn train_step_base(c: &mut Criterion) {
     s3router::keep_freed_memory();
@@ -82,32 +85,41 @@ fn bench_device(c: &mut Criterion, be: &dyn TrainBackend, device: &str, batch: u
         })
     });
     // The finetuning update as `engine finetune` runs it: the model rebuilt from the trained
-    // tensors, the step, and Adam over every trained tensor (what tools/torch_finetune_cpu_anchor.py times).
+    // tensors where they live (the frozen feature encoder uploaded once), the step, the
+    // weight-norm gradients, and Adam over every trained tensor on the backend (what
+    // tools/torch_finetune_cpu_anchor.py times).
     let source = RandomWeights { seed: 0 };
     let config = Config::preset("base").unwrap();
-    let names: Vec<(String, Vec<usize>)> = trained_shapes(&config);
-    let mut weights: Vec<Vec<f32>> = names.iter().map(|(n, shape)| source.get(n, shape).unwrap().to_vec().unwrap()).collect();
-    let mut adam = Adam::new(&weights.iter().map(Vec::len).collect::<Vec<_>>());
+    let mut weights: Vec<NamedWeight> = trained_shapes(&config)
+        .into_iter()
+        .map(|(name, shape)| {
+            let data = be.upload(&source.get(&name, &shape).unwrap()).unwrap();
+            NamedWeight { name, shape, data }
+        })
+        .collect();
+    let mut adam = TensorAdam::new(be, &weights.iter().map(|w| w.shape.clone()).collect::<Vec<_>>()).unwrap();
+    let frozen = Mutex::default();
     g.bench_function(format!("finetune update (rebuild + step + Adam) {shape}"), |b| {
         b.iter(|| {
-            let overlay = Overlay::new(&source, names.iter().zip(&weights).map(|((n, s), w)| (n.as_str(), s.as_slice(), w.as_slice())));
-            let model = Wav2Vec2::from_weights(config.clone(), &overlay, be).unwrap();
-            let head = model.lm_head.as_ref().unwrap();
-            let mut out =
-                step(be, &model, &[], 0.0, head, Features::Audio(&inputs), &targets, Reduction::Sum, &reg, Weights::AboveEncoder).unwrap();
-            let folded = out.weights.remove(POS_CONV_WEIGHT);
-            let grads: Vec<Option<Vec<f32>>> =
-                names.iter().map(|(n, _)| if n == POS_CONV_V { folded.clone() } else { out.weights.remove(n) }).collect();
-            let grads: Vec<Option<&[f32]>> = grads.iter().map(|g| g.as_deref()).collect();
-            adam.update(&mut weights.iter_mut().map(Vec::as_mut_slice).collect::<Vec<_>>(), &grads, 5e-5);
+            // The model (and the overlay it was built from) share the trained tensors' buffers:
+            // gone before Adam, so it updates them in place.
+            let mut out = {
+                let resident = Resident { inner: &source, be, cache: &frozen };
+                let overlay = Overlay::new(&resident, weights.iter().map(|w| (w.name.as_str(), w.data.clone())));
+                let model = Wav2Vec2::from_weights(config.clone(), &overlay, be).unwrap();
+                let head = model.lm_head.as_ref().unwrap();
+                step(be, &model, &[], 0.0, head, Features::Audio(&inputs), &targets, Reduction::Sum, &reg, Weights::AboveEncoder).unwrap()
+            };
+            unfold_pos_conv_grad(be, &mut out.weights, &weights).unwrap();
+            let grads: Vec<Option<Tensor>> = weights.iter().map(|w| out.weights.remove(&w.name)).collect();
+            adam.update(be, &mut weights.iter_mut().map(|w| &mut w.data).collect::<Vec<_>>(), &grads, 5e-5).unwrap();
+            be.synchronize().unwrap();
         })
     });
     g.finish();
 }
 
-/// Name and shape of every tensor weight finetuning trains in `config`'s model (the positional
-/// conv's weight-norm direction stands for the pair: its gradient arrives folded, and the bench
-/// gives Adam the folded gradient, the same size).
+/// Name and shape of every tensor weight finetuning trains in `config`'s model.
 fn trained_shapes(config: &Config) -> Vec<(String, Vec<usize>)> {
     let (h, i, c) = (config.hidden_size, config.intermediate_size, *config.conv_dim.last().unwrap());
     let (k, g) = (config.num_conv_pos_embeddings, config.num_conv_pos_embedding_groups);
@@ -119,7 +131,8 @@ fn trained_shapes(config: &Config) -> Vec<(String, Vec<usize>)> {
         ("wav2vec2.encoder.layer_norm.weight".to_string(), vec![h]),
         ("wav2vec2.encoder.layer_norm.bias".to_string(), vec![h]),
         ("wav2vec2.encoder.pos_conv_embed.conv.bias".to_string(), vec![h]),
-        (POS_CONV_V.to_string(), vec![h, h / g, k]),
+        (format!("{POS_CONV}.original0"), vec![1, 1, k]),
+        (format!("{POS_CONV}.original1"), vec![h, h / g, k]),
     ];
     for l in 0..config.num_hidden_layers {
         let p = format!("wav2vec2.encoder.layers.{l}");
@@ -142,7 +155,8 @@ fn trained_shapes(config: &Config) -> Vec<(String, Vec<usize>)> {
     v
 }
 
-const POS_CONV_V: &str = "wav2vec2.encoder.pos_conv_embed.conv.parametrizations.weight.original1";
+/// The positional conv's weight-norm pair, in the spelling [`RandomWeights`] serves.
+const POS_CONV: &str = "wav2vec2.encoder.pos_conv_embed.conv.parametrizations.weight";
 
 criterion_group!(benches, train_step_base);
 criterion_main!(benches);

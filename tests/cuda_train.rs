@@ -290,7 +290,7 @@ fn compare(what: &str, be: &CudaBackend, got: &StepGrads, want: &StepGrads, tol:
     assert_close(&format!("{what}: embedding"), got.embedding.as_ref().unwrap(), want.embedding.as_ref().unwrap(), tol);
     assert_eq!(got.weights.keys().collect::<Vec<_>>(), want.weights.keys().collect::<Vec<_>>(), "{what}: weight gradients");
     for (name, w) in &want.weights {
-        assert_close(&format!("{what}: {name}"), &got.weights[name], w, tol);
+        assert_close(&format!("{what}: {name}"), &back(be, &got.weights[name]), w.f32s().unwrap(), tol);
     }
 }
 
@@ -349,4 +349,117 @@ fn training_steps_match_cpu_with_every_regulariser() {
             compare(&format!("{model} {what} {:?}", gpu_be.precision()), gpu_be, &run(gpu_be, &dev), &run(&CpuBackend, &cpu), tol);
         }
     }
+}
+
+/// The layout and weight-norm ops weight finetuning rebuilds its model with every update, on
+/// host and device inputs: pure copies bit for bit, weight norm (f64 sums) to fp32 accuracy.
+#[test]
+fn weight_layout_ops_match_cpu() {
+    let Some(be) = gpu(Precision::F32) else { return };
+    let bf16 = gpu(Precision::Bf16).unwrap();
+    let cpu = CpuBackend;
+    for (i, shape) in [[1, 1, 1], [3, 5, 7], [2, 33, 17], [4, 1, 9]].iter().enumerate() {
+        let x = t(random(shape.iter().product(), 700 + i as u64, 1.0), shape);
+        let want = cpu.swap_last_two(&x).unwrap();
+        for input in [x.clone(), up(&be, &x)] {
+            let got = be.swap_last_two(&input).unwrap();
+            assert_eq!((got.shape(), back(&be, &got)), (want.shape(), want.to_vec().unwrap()), "swap_last_two {shape:?}");
+        }
+    }
+    for (i, &(out, cin, kernel)) in [(1, 1, 1), (12, 8, 9), (33, 5, 128)].iter().enumerate() {
+        let v = t(random(out * cin * kernel, 710 + i as u64, 1.0), &[out, cin, kernel]);
+        let g = t(random(kernel, 720 + i as u64, 2.0), &[1, 1, kernel]);
+        let dw = t(random(out * cin * kernel, 730 + i as u64, 1.0), &[out, cin, kernel]);
+        let what = format!("weight norm {out}x{cin}x{kernel}");
+        let want = cpu.weight_norm(&g, &v).unwrap();
+        assert_close(&what, &back(&be, &be.weight_norm(&up(&be, &g), &up(&be, &v)).unwrap()), want.f32s().unwrap(), TOL);
+        let (dg, dv) = cpu.weight_norm_grads(&dw, &g, &v).unwrap();
+        let (gdg, gdv) = be.weight_norm_grads(&up(&be, &dw), &up(&be, &g), &up(&be, &v)).unwrap();
+        assert_close(&format!("{what}: dg"), &back(&be, &gdg), dg.f32s().unwrap(), TOL);
+        assert_close(&format!("{what}: dv"), &back(&be, &gdv), dv.f32s().unwrap(), TOL);
+    }
+    let parts = [t(random(6, 740, 1.0), &[2, 3]), t(random(15, 741, 1.0), &[5, 3]), t(random(3, 742, 1.0), &[1, 3])];
+    let want = cpu.concat_rows(&parts.iter().collect::<Vec<_>>()).unwrap();
+    let mixed = [parts[0].clone(), up(&be, &parts[1]), parts[2].clone()];
+    let got = be.concat_rows(&mixed.iter().collect::<Vec<_>>()).unwrap();
+    assert_eq!((got.shape(), back(&be, &got)), (want.shape(), want.to_vec().unwrap()), "concat_rows");
+    let x = t(random(36, 743, 1.0), &[9, 4]);
+    let got = be.rows(&up(&be, &x), 2, 5).unwrap();
+    assert_eq!((got.shape(), back(&be, &got)), (&[5, 4][..], x.to_vec().unwrap()[8..28].to_vec()), "rows");
+    let (a, b) = (t(random(37, 744, 1.0), &[37]), t(random(37, 745, 1.0), &[37]));
+    let got = be.mul(up(&be, &a), &up(&be, &b)).unwrap();
+    assert_eq!(back(&be, &got), cpu.mul(a.clone(), &b).unwrap().to_vec().unwrap(), "mul");
+    // A weight already on the device prepares to what the host path makes of it.
+    let w = t(random(35, 746, 1.0), &[5, 7]);
+    for b in [&be, &bf16] {
+        let (host, device) = (b.prepare_linear_weight(&w).unwrap(), b.prepare_linear_weight(&up(b, &w)).unwrap());
+        assert_eq!(host.dtype(), device.dtype());
+        assert_eq!(back(b, &device), back(b, &host), "prepare_linear_weight of a device tensor ({:?})", b.precision());
+    }
+}
+
+/// The model finetuning rebuilds every update, from trained tensors that live on the GPU (the
+/// feature encoder's too), gives the logits of the model loaded from the checkpoint.
+#[test]
+fn a_model_rebuilt_from_device_tensors_matches_the_loaded_one() {
+    let Some(f32_be) = gpu(Precision::F32) else { return };
+    let bf16_be = gpu(Precision::Bf16).unwrap();
+    for name in ["base-like", "large-like"] {
+        let dir = fixtures().join(name);
+        let ck = Checkpoint::open_dir(&dir).unwrap();
+        let config = s3router::model::config::Config::load(&dir.join("config.json")).unwrap();
+        let pre = Preprocessor::load(&dir).unwrap();
+        let clips: Vec<Vec<f32>> = utterances().iter().map(|p| pre.apply(audio::load(p).unwrap())).collect();
+        let inputs: Vec<&[f32]> = clips.iter().map(Vec::as_slice).collect();
+        for be in [&f32_be, &bf16_be] {
+            let trained = s3router::train::finetune::trainable(&ck, true, be).unwrap();
+            let overlay = s3router::train::finetune::Overlay::new(&ck, trained.iter().map(|w| (w.name.as_str(), w.data.clone())));
+            let rebuilt = Wav2Vec2::from_weights(config.clone(), &overlay, be).unwrap();
+            let loaded = Wav2Vec2::load(&dir, be).unwrap();
+            let logits = |m: &Wav2Vec2| back(be, &m.logits(be, &inputs, None).unwrap().0);
+            assert_close(&format!("{name} {:?}: rebuilt vs loaded logits", be.precision()), &logits(&rebuilt), &logits(&loaded), 1e-6);
+        }
+    }
+}
+
+/// `engine finetune --device cuda` (weights, their Adam and the pruning masks on the GPU) moves
+/// every trained tensor as the CPU run does, over a few updates with every regulariser off.
+/// Compared as the change from the source weights; the key biases, whose gradient is zero up
+/// to rounding (the softmax ignores them), move by rounding noise that Adam normalises, and are
+/// left out.
+#[test]
+fn a_finetuning_run_on_the_gpu_follows_the_cpu_run() {
+    use clap::{Args, FromArgMatches};
+    use s3router::train::run::{train, Device, Learn, Recipe, RunOptions};
+    if gpu(Precision::F32).is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let train_tsv = common::cli::small_manifest(tmp.path(), 4);
+    let source = fixtures().join("base-like");
+    let words: Vec<&str> = ["--model", source.to_str().unwrap(), "--train", train_tsv.to_str().unwrap(), "--steps", "3", "--lr", "1e-3"]
+        .into_iter()
+        .chain(common::cli::PLAIN.iter().copied())
+        .chain(["--skip-unknown"])
+        .collect();
+    let m = Recipe::augment_args(clap::Command::new("t").no_binary_name(true)).try_get_matches_from(words).unwrap();
+    let mut recipe = Recipe::from_arg_matches(&m).unwrap();
+    recipe.learn = Learn::Weights { freeze_updates: 0, train_feature_encoder: false, prune: None };
+    let run = |device: Device, dir: &str| {
+        let out = tmp.path().join(dir);
+        let opts =
+            RunOptions { out: out.clone(), resume: false, overwrite: true, save_every: 0, progress: false, feature_cache_bytes: 0, device };
+        train(&recipe, &opts).unwrap();
+        Checkpoint::open_dir(&out).unwrap()
+    };
+    let (cpu, cuda) = (run(Device::Cpu, "cpu"), run(Device::Cuda(Precision::F32), "cuda"));
+    let src = Checkpoint::open_dir(&source).unwrap();
+    let mut compared = 0;
+    for name in src.names().filter(|n| n.starts_with("wav2vec2.encoder.") && !n.ends_with("k_proj.bias")) {
+        let s = src.tensor(name).unwrap().to_vec().unwrap();
+        let delta = |ck: &Checkpoint| ck.tensor(name).unwrap().to_vec().unwrap().iter().zip(&s).map(|(a, b)| a - b).collect::<Vec<f32>>();
+        assert_close(&format!("finetuned {name}: change from the source"), &delta(&cuda), &delta(&cpu), 1e-2);
+        compared += 1;
+    }
+    assert!(compared > 20, "only {compared} tensors compared");
 }

@@ -3,7 +3,7 @@
 mod common;
 
 use common::{fixtures, rel_l2, utterances};
-use s3router::backend::cpu::grad::weight_norm_grads;
+use s3router::backend::backward::Backward;
 use s3router::backend::cpu::CpuBackend;
 use s3router::ctc::{CtcTargets, Reduction};
 use s3router::data::audio;
@@ -229,8 +229,9 @@ fn finetune_step_gradients_match_pytorch() {
         assert!(((out.loss - want_loss) / want_loss).abs() <= 1e-4, "{key}: loss {} vs torch {want_loss}", out.loss);
         let ck = Checkpoint::open_dir(&fixtures().join(key.trim_end_matches("-encoder").trim_end_matches("-finetune"))).unwrap();
         let pc = "wav2vec2.encoder.pos_conv_embed.conv.parametrizations.weight";
-        let (g, v) = (ck.tensor(&format!("{pc}.original0")).unwrap().to_vec().unwrap(), ck.tensor(&format!("{pc}.original1")).unwrap());
-        let (dg, dv) = weight_norm_grads(&out.weights[POS_CONV_WEIGHT], &g, &v.to_vec().unwrap());
+        let (g, v) = (ck.tensor(&format!("{pc}.original0")).unwrap(), ck.tensor(&format!("{pc}.original1")).unwrap());
+        let (dg, dv) = CpuBackend.weight_norm_grads(&out.weights[POS_CONV_WEIGHT], &g, &v).unwrap();
+        let (dg, dv) = (dg.to_vec().unwrap(), dv.to_vec().unwrap());
         let prefix = format!("{key}/grad/");
         let names: Vec<String> = case.grads.names().filter_map(|n| n.strip_prefix(&prefix).map(str::to_string)).collect();
         let mut worst = (0.0f64, String::new());
@@ -241,14 +242,14 @@ fn finetune_step_gradients_match_pytorch() {
                 "wav2vec2.masked_spec_embed" => out.embedding.as_deref().unwrap(),
                 n if n == format!("{pc}.original0") => &dg,
                 n if n == format!("{pc}.original1") => &dv,
-                n => out.weights.get(n).unwrap_or_else(|| panic!("{key}: no gradient for {n}")),
+                n => out.weights.get(n).unwrap_or_else(|| panic!("{key}: no gradient for {n}")).f32s().unwrap(),
             };
             let want = case.grads.tensor(&format!("{prefix}{name}")).unwrap().to_vec().unwrap();
             if let Some(layer) = name.strip_suffix("k_proj.bias") {
                 // Zero in exact arithmetic (a key bias adds the same q·b to a whole row of scores,
                 // which the softmax ignores): both sides hold only rounding noise.
                 let norm = |x: &[f32]| x.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
-                let scale = norm(&out.weights[&format!("{layer}q_proj.bias")]);
+                let scale = norm(out.weights[&format!("{layer}q_proj.bias")].f32s().unwrap());
                 assert!(
                     norm(got) <= 1e-5 * scale && norm(&want) <= 1e-5 * scale,
                     "{key} {name}: not ~0 ({}, torch {})",

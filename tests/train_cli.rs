@@ -158,7 +158,7 @@ fn a_killed_and_resumed_run_ends_bit_identical() {
     let straight = kill_and_resume(tmp.path(), args, 40, &files);
     // The regularisers were live: some updates saw layers dropped (no gradient for their scores).
     let st = TrainState::load(&straight.join("checkpoint.safetensors")).unwrap();
-    let steps: Vec<u64> = st.meta["score_adam.steps"].split(',').map(|x| x.parse().unwrap()).collect();
+    let steps: Vec<u64> = st.meta["tensor_adam.steps"].split(',').map(|x| x.parse().unwrap()).collect();
     assert!(steps.iter().any(|&n| n < 40) && steps.contains(&40), "Adam step counts {steps:?}");
 }
 
@@ -333,6 +333,10 @@ fn bad_input_is_refused_with_a_named_reason() {
     // Without a GPU (or kernels), --device cuda names why before touching the output folder.
     if let Some(why) = s3router::backend::cuda::unavailable_reason() {
         fails_with(&base(&["--device", "cuda"]), &why);
+        // The demo too, before it announces its first run.
+        let demo = engine(&["train", "--device", "cuda", "--out", s(&tmp.path().join("demo"))]);
+        fails_with(&demo, &why);
+        assert!(!String::from_utf8_lossy(&demo.stderr).contains("[1/2]"), "the demo started before checking the GPU");
     }
     let mut finetune = vec!["finetune", "--model", "tests/fixtures/base-like", "--train", s(&train), "--out", s(&out)];
     finetune.extend(["--overwrite", "--sparsity", "0.5"]);

@@ -92,6 +92,19 @@ pub trait Backward {
     /// flagged in `channels` (`[utterances, c]`) are zeroed over the utterance.
     fn mask_features(&self, x: Tensor, seqs: &Seqs, time: Option<(&[bool], &Tensor)>, channels: Option<&[bool]>) -> Result<Tensor>;
 
+    /// Rows `start .. start + count` of `t`'s first dimension, copied (the q, k and v parts of a
+    /// stacked gradient).
+    fn rows(&self, t: &Tensor, start: usize, count: usize) -> Result<Tensor>;
+
+    /// Gradients of [`Backend::weight_norm`]'s magnitude `g` and direction `v` from the folded
+    /// weight's gradient `dw` (v's layout): `dg[k] = Σ dw·v / ‖v‖`, `dv = g/‖v‖ · (dw − dg[k] ·
+    /// v/‖v‖)` per kernel position `k` (f64 sums).
+    fn weight_norm_grads(&self, dw: &Tensor, g: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)>;
+
+    /// `a ⊙ b` elementwise (a pruning mask on weights or gradients); `a`'s buffer is reused
+    /// only where nothing else holds it.
+    fn mul(&self, a: Tensor, b: &Tensor) -> Result<Tensor>;
+
     /// `x · s` elementwise (gradient averaging).
     fn scale(&self, x: Tensor, s: f32) -> Result<Tensor>;
 

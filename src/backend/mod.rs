@@ -134,8 +134,24 @@ pub trait Backend: Send + Sync {
     /// (the CUDA backend's bf16 mode stores it in bf16).
     fn prepare_conv_weight(&self, w: &Tensor) -> Result<Tensor>;
 
+    /// `[a, b, c]` to `[a, c, b]`: a PyTorch conv weight `[out, in / groups, kernel]` to the
+    /// time-major layout [`Backend::prepare_conv_weight`] takes, and a time-major conv gradient
+    /// back. Host or device input; the result lives on this backend.
+    fn swap_last_two(&self, t: &Tensor) -> Result<Tensor>;
+
+    /// `weight_norm(dim=2)` folded, as the positional conv applies it: `W[:, :, k] = g[k] ·
+    /// v[:, :, k] / ‖v[:, :, k]‖₂` (norms and products in f64) for `g [1, 1, kernel]` and `v
+    /// [out, in / groups, kernel]`, in v's layout, on this backend.
+    fn weight_norm(&self, g: &Tensor, v: &Tensor) -> Result<Tensor>;
+
+    /// Tensors stacked along their first dimension (the others must agree), on this backend:
+    /// the q, k and v projections into one.
+    fn concat_rows(&self, parts: &[&Tensor]) -> Result<Tensor>;
+
     /// Converts a PyTorch `nn.Linear` weight `[out, in]` into the layout [`Backend::linear`]
-    /// takes (done once at load; the CPU stores `[in, out]`, which its GEMM streams fastest).
+    /// takes (done once at load; the CPU stores `[in, out]`, which its GEMM streams fastest). The weight
+    /// may already live on this backend (weight finetuning rebuilds the model from the trained
+    /// tensors every update, without a round trip through the host).
     fn prepare_linear_weight(&self, w: &Tensor) -> Result<Tensor>;
 
     /// `act(x · wᵀ + b)` for `x [n, in]`, `w` from [`Backend::prepare_linear_weight`], `b [out]`.

@@ -41,14 +41,14 @@ impl Linear {
     fn load_stacked(ck: &dyn WeightSource, be: &dyn Backend, prefixes: &[String], d_in: usize, d_out: usize) -> Result<Linear> {
         let (mut w, mut b) = (Vec::new(), Vec::new());
         for p in prefixes {
-            let name = format!("{p}.weight");
-            w.extend(ck.get(&name, &[d_out, d_in])?.to_vec()?);
-            ck.release(&name);
-            b.extend(ck.get(&format!("{p}.bias"), &[d_out])?.to_vec()?);
+            w.push(ck.get(&format!("{p}.weight"), &[d_out, d_in])?);
+            b.push(ck.get(&format!("{p}.bias"), &[d_out])?);
         }
-        let n = prefixes.len() * d_out;
-        let weight = be.prepare_linear_weight(&Tensor::from_vec(w, &[n, d_in]))?;
-        Ok(Linear { weight, bias: be.upload(&Tensor::from_vec(b, &[n]))?, sparse: None })
+        let weight = be.prepare_linear_weight(&be.concat_rows(&w.iter().collect::<Vec<_>>())?)?;
+        for p in prefixes {
+            ck.release(&format!("{p}.weight"));
+        }
+        Ok(Linear { weight, bias: be.concat_rows(&b.iter().collect::<Vec<_>>())?, sparse: None })
     }
 
     fn load(ck: &dyn WeightSource, be: &dyn Backend, prefix: &str, d_in: usize, d_out: usize) -> Result<Linear> {
@@ -204,33 +204,6 @@ pub fn maskable_shape(c: &Config, name: &str) -> Option<Vec<usize>> {
     }
 }
 
-/// Reorders a PyTorch conv weight `[out, in, kernel]` to the time-major `[out, kernel, in]`.
-fn time_major(w: &[f32], out: usize, cin: usize, kernel: usize) -> Vec<f32> {
-    let mut t = vec![0.0; w.len()];
-    for o in 0..out {
-        for c in 0..cin {
-            for k in 0..kernel {
-                t[(o * kernel + k) * cin + c] = w[(o * cin + c) * kernel + k];
-            }
-        }
-    }
-    t
-}
-
-/// The inverse of [`time_major`]: a time-major `[out, kernel, in]` conv weight (or its gradient)
-/// in PyTorch's `[out, in, kernel]` layout.
-pub fn torch_layout(w: &[f32], out: usize, cin: usize, kernel: usize) -> Vec<f32> {
-    let mut t = vec![0.0; w.len()];
-    for o in 0..out {
-        for c in 0..cin {
-            for k in 0..kernel {
-                t[(o * cin + c) * kernel + k] = w[(o * kernel + k) * cin + c];
-            }
-        }
-    }
-    t
-}
-
 /// The positional conv's weight-norm magnitude and direction, in both spellings transformers
 /// writes: `weight_g`/`weight_v`, and the newer parametrizations.
 pub const POS_CONV_NORM_NAMES: [[&str; 2]; 2] = [
@@ -244,15 +217,6 @@ pub const POS_CONV_NORM_NAMES: [[&str; 2]; 2] = [
 /// The spelling of [`POS_CONV_NORM_NAMES`] whose magnitude tensor `present` finds.
 pub fn pos_conv_norm_names(present: impl Fn(&str) -> bool) -> Option<[&'static str; 2]> {
     POS_CONV_NORM_NAMES.into_iter().find(|[g, _]| present(g))
-}
-
-/// Folds `weight_norm(dim=2)`: `W[:, :, k] = g[k] · v[:, :, k] / ‖v[:, :, k]‖₂`.
-fn fold_weight_norm(g: &[f32], v: &[f32], kernel: usize) -> Vec<f32> {
-    let mut norm = vec![0.0f64; kernel];
-    for (i, x) in v.iter().enumerate() {
-        norm[i % kernel] += (*x as f64) * (*x as f64);
-    }
-    v.iter().enumerate().map(|(i, x)| (g[i % kernel] as f64 * *x as f64 / norm[i % kernel].sqrt()) as f32).collect()
 }
 
 impl Wav2Vec2 {
@@ -287,12 +251,12 @@ impl Wav2Vec2 {
         for (i, ((&dim, &kernel), &stride)) in c.conv_dim.iter().zip(&c.conv_kernel).zip(&c.conv_stride).enumerate() {
             let prefix = format!("{p}.feature_extractor.conv_layers.{i}");
             let w_name = format!("{prefix}.conv.weight");
-            let w = ck.get(&w_name, &[dim, cin, kernel])?.to_vec()?;
-            ck.release(&w_name);
+            let w = ck.get(&w_name, &[dim, cin, kernel])?;
             let bias = if c.conv_bias { Some(be.upload(&ck.get(&format!("{prefix}.conv.bias"), &[dim])?)?) } else { None };
             let has_norm = c.feat_extract_norm == FeatNorm::Layer || i == 0;
             let norm = if has_norm { Some(Norm::load(ck, be, &format!("{prefix}.layer_norm"), dim)?) } else { None };
-            let weight = be.prepare_conv_weight(&Tensor::from_vec(time_major(&w, dim, cin, kernel), &[dim, kernel, cin]))?;
+            let weight = be.prepare_conv_weight(&be.swap_last_two(&w)?)?;
+            ck.release(&w_name);
             conv_layers.push(ConvLayer { weight, bias, norm, kernel, stride });
             cin = dim;
         }
@@ -300,11 +264,9 @@ impl Wav2Vec2 {
         let (k, groups) = (c.num_conv_pos_embeddings, c.num_conv_pos_embedding_groups);
         let pc = format!("{p}.encoder.pos_conv_embed.conv");
         let [g_name, v_name] = pos_conv_norm_names(|name| ck.contains(name)).unwrap_or(POS_CONV_NORM_NAMES[1]);
-        let g = ck.get(g_name, &[1, 1, k])?.to_vec()?;
-        let v = ck.get(v_name, &[h, h / groups, k])?.to_vec()?;
+        let folded = be.weight_norm(&ck.get(g_name, &[1, 1, k])?, &ck.get(v_name, &[h, h / groups, k])?)?;
         ck.release(v_name);
-        let pos_conv_weight =
-            be.prepare_conv_weight(&Tensor::from_vec(time_major(&fold_weight_norm(&g, &v, k), h, h / groups, k), &[h, k, h / groups]))?;
+        let pos_conv_weight = be.prepare_conv_weight(&be.swap_last_two(&folded)?)?;
         let mut layers = Vec::new();
         for i in 0..c.num_hidden_layers {
             let l = format!("{p}.encoder.layers.{i}");
@@ -530,20 +492,24 @@ impl Wav2Vec2 {
 mod tests {
     use super::*;
 
+    use crate::backend::cpu::CpuBackend;
+
     #[test]
     fn weight_norm_fold_gives_unit_direction_times_g() {
         // Two output/input rows, kernel 2: column norms are 5 and 1.
-        let v = [3.0, 1.0, 4.0, 0.0];
-        let w = fold_weight_norm(&[2.0, 3.0], &v, 2);
-        assert_eq!(w, vec![1.2, 3.0, 1.6, 0.0]);
+        let v = Tensor::from_vec(vec![3.0, 1.0, 4.0, 0.0], &[2, 1, 2]);
+        let w = CpuBackend.weight_norm(&Tensor::from_vec(vec![2.0, 3.0], &[1, 1, 2]), &v).unwrap();
+        assert_eq!(w.to_vec().unwrap(), vec![1.2, 3.0, 1.6, 0.0]);
     }
 
     #[test]
-    fn time_major_moves_kernel_before_input_channels() {
+    fn swapping_the_last_two_dimensions_moves_kernel_before_input_channels() {
         // out=1, in=2, kernel=3: w[0, c, k] = 10c + k.
-        let w = [0.0, 1.0, 2.0, 10.0, 11.0, 12.0];
-        assert_eq!(time_major(&w, 1, 2, 3), vec![0.0, 10.0, 1.0, 11.0, 2.0, 12.0]);
-        let w: Vec<f32> = (0..2 * 3 * 4).map(|i| i as f32).collect();
-        assert_eq!(torch_layout(&time_major(&w, 2, 3, 4), 2, 3, 4), w);
+        let be = CpuBackend;
+        let w = Tensor::from_vec(vec![0.0, 1.0, 2.0, 10.0, 11.0, 12.0], &[1, 2, 3]);
+        let t = be.swap_last_two(&w).unwrap();
+        assert_eq!((t.shape(), t.to_vec().unwrap()), (&[1, 3, 2][..], vec![0.0, 10.0, 1.0, 11.0, 2.0, 12.0]));
+        let w = Tensor::from_vec((0..2 * 3 * 4).map(|i| i as f32).collect(), &[2, 3, 4]);
+        assert_eq!(be.swap_last_two(&be.swap_last_two(&w).unwrap()).unwrap().to_vec().unwrap(), w.to_vec().unwrap());
     }
 }

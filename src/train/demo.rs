@@ -66,6 +66,7 @@ pub struct DemoReport {
 
 /// Runs both trainings into `out/head-only` and `out/s3router` (replacing earlier demo runs).
 pub fn run(out: &Path, opts: &RunOptions) -> Result<DemoReport> {
+    opts.device.check()?;
     let (model, corpus) = (locate(BACKBONE), locate(CORPUS));
     anyhow::ensure!(
         model.join("model.safetensors").is_file() && corpus.join("train.tsv").is_file(),

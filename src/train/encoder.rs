@@ -10,7 +10,6 @@ use anyhow::Result;
 use crate::backend::backward::TrainBackend;
 use crate::backend::{Activation, ConvGeometry, Seqs};
 use crate::model::config::FeatNorm;
-use crate::model::wav2vec2::torch_layout;
 use crate::model::Wav2Vec2;
 use crate::tensor::Tensor;
 
@@ -59,9 +58,8 @@ pub fn forward(be: &dyn TrainBackend, model: &Wav2Vec2, audio: &[&[f32]]) -> Res
 }
 
 /// From the gradient at the encoder's output down to its first conv, collecting every conv
-/// weight, bias and norm gradient into `grads` (on the host).
-pub fn backward(be: &dyn TrainBackend, model: &Wav2Vec2, tape: &Tape, mut d: Tensor, grads: &mut BTreeMap<String, Vec<f32>>) -> Result<()> {
-    let host = |t: &Tensor| be.to_host(t)?.into_f32_vec();
+/// weight, bias and norm gradient into `grads` (PyTorch layouts, on the backend).
+pub fn backward(be: &dyn TrainBackend, model: &Wav2Vec2, tape: &Tape, mut d: Tensor, grads: &mut BTreeMap<String, Tensor>) -> Result<()> {
     for (i, (step, layer)) in tape.steps.iter().zip(&model.conv_layers).enumerate().rev() {
         let prefix = format!("wav2vec2.feature_extractor.conv_layers.{i}");
         d = be.gelu_grad(&d, &step.pre_gelu)?;
@@ -75,16 +73,15 @@ pub fn backward(be: &dyn TrainBackend, model: &Wav2Vec2, tape: &Tape, mut d: Ten
                     (dx, dg, db)
                 }
             };
-            grads.insert(format!("{prefix}.layer_norm.weight"), host(&dgamma)?);
-            grads.insert(format!("{prefix}.layer_norm.bias"), host(&dbeta)?);
+            grads.insert(format!("{prefix}.layer_norm.weight"), dgamma);
+            grads.insert(format!("{prefix}.layer_norm.bias"), dbeta);
             d = dx;
         }
         let geom = geometry(model, i);
-        let dw = host(&be.conv1d_weight_grad(&d, &step.input, &step.seqs_in, &step.seqs_out, geom)?)?;
-        let (c_out, c_in) = (layer.weight.shape()[0], step.input.shape()[1]);
-        grads.insert(format!("{prefix}.conv.weight"), torch_layout(&dw, c_out, c_in, geom.kernel));
+        let dw = be.conv1d_weight_grad(&d, &step.input, &step.seqs_in, &step.seqs_out, geom)?;
+        grads.insert(format!("{prefix}.conv.weight"), be.swap_last_two(&dw)?);
         if layer.bias.is_some() {
-            grads.insert(format!("{prefix}.conv.bias"), host(&be.column_sum(&d)?)?);
+            grads.insert(format!("{prefix}.conv.bias"), be.column_sum(&d)?);
         }
         if i > 0 {
             d = be.conv1d_input_grad(&d, &layer.weight, &step.seqs_in, &step.seqs_out, geom)?;

@@ -7,13 +7,15 @@
 //! unless asked to train; the head and the time-mask embedding are kept beside, as in mask
 //! learning.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Mutex;
 
 use anyhow::{ensure, Context, Result};
 
 use super::masked::POS_CONV_WEIGHT;
-use crate::backend::cpu::grad::weight_norm_grads;
+use crate::backend::backward::TrainBackend;
+use crate::backend::Backend;
 use crate::fsio::{atomic_write, write_f32_safetensors};
 use crate::model::checkpoint::{Checkpoint, WeightSource};
 use crate::model::preprocess::Preprocessor;
@@ -21,12 +23,13 @@ use crate::model::vocab::Vocab;
 use crate::model::wav2vec2::pos_conv_norm_names;
 use crate::tensor::Tensor;
 
-/// One trained tensor, by checkpoint name, in PyTorch's layout.
+/// One trained tensor, by checkpoint name, in PyTorch's layout, on the training backend (with
+/// its optimiser state there: on the GPU a finetuning update never crosses the bus).
 #[derive(Clone, Debug)]
 pub struct NamedWeight {
     pub name: String,
     pub shape: Vec<usize>,
-    pub data: Vec<f32>,
+    pub data: Tensor,
 }
 
 /// The head and time-mask embedding names (trained beside the weights).
@@ -41,8 +44,8 @@ pub fn trains(name: &str, encoder: bool) -> bool {
     (above || (encoder && name.starts_with("wav2vec2.feature_extractor."))) && name != EMBEDDING
 }
 
-/// The checkpoint's trainable tensors as f32, in name order.
-pub fn trainable(ck: &Checkpoint, encoder: bool) -> Result<Vec<NamedWeight>> {
+/// The checkpoint's trainable tensors as f32 on `be`, in name order.
+pub fn trainable(ck: &Checkpoint, encoder: bool, be: &dyn Backend) -> Result<Vec<NamedWeight>> {
     let mut names: Vec<&str> = ck.names().filter(|n| trains(n, encoder)).collect();
     names.sort_unstable();
     ensure!(!names.is_empty(), "the checkpoint has no wav2vec2.encoder.* tensors to finetune");
@@ -50,20 +53,22 @@ pub fn trainable(ck: &Checkpoint, encoder: bool) -> Result<Vec<NamedWeight>> {
         .into_iter()
         .map(|name| {
             let t = ck.tensor(name)?;
-            Ok(NamedWeight { name: name.to_string(), shape: t.shape().to_vec(), data: t.to_vec()? })
+            Ok(NamedWeight { name: name.to_string(), shape: t.shape().to_vec(), data: be.upload(&t.to_f32()?)? })
         })
         .collect()
 }
 
-/// Tensors by name laid over another source: the model as training has changed it.
+/// Tensors by name laid over another source: the model as training has changed it. The
+/// tensors may live on the training backend ([`crate::backend::Backend::prepare_linear_weight`]
+/// and the other preparations take them there as they are).
 pub struct Overlay<'a> {
     pub inner: &'a dyn WeightSource,
-    pub tensors: BTreeMap<&'a str, (&'a [usize], &'a [f32])>,
+    pub tensors: BTreeMap<&'a str, Tensor>,
 }
 
 impl<'a> Overlay<'a> {
-    pub fn new(inner: &'a dyn WeightSource, tensors: impl IntoIterator<Item = (&'a str, &'a [usize], &'a [f32])>) -> Overlay<'a> {
-        Overlay { inner, tensors: tensors.into_iter().map(|(n, s, d)| (n, (s, d))).collect() }
+    pub fn new(inner: &'a dyn WeightSource, tensors: impl IntoIterator<Item = (&'a str, Tensor)>) -> Overlay<'a> {
+        Overlay { inner, tensors: tensors.into_iter().collect() }
     }
 }
 
@@ -73,13 +78,38 @@ impl WeightSource for Overlay<'_> {
     }
 
     fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let Some(&(stored, data)) = self.tensors.get(name) else { return self.inner.get(name, shape) };
-        ensure!(stored == shape, "trained tensor \"{name}\" is {stored:?}, the model expects {shape:?}");
-        Ok(Tensor::from_vec(data.to_vec(), shape))
+        let Some(t) = self.tensors.get(name) else { return self.inner.get(name, shape) };
+        ensure!(t.shape() == shape, "trained tensor \"{name}\" is {:?}, the model expects {shape:?}", t.shape());
+        Ok(t.clone())
     }
 
     fn release(&self, name: &str) {
         self.inner.release(name)
+    }
+}
+
+/// A source whose tensors are uploaded to a backend on first use and served from there after:
+/// the frozen part of a model that finetuning rebuilds every update (on the GPU, the frozen
+/// feature encoder crosses the bus once, not once per update).
+pub struct Resident<'a> {
+    pub inner: &'a dyn WeightSource,
+    pub be: &'a dyn Backend,
+    pub cache: &'a Mutex<HashMap<String, Tensor>>,
+}
+
+impl WeightSource for Resident<'_> {
+    fn contains(&self, name: &str) -> bool {
+        self.inner.contains(name)
+    }
+
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let mut cache = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(t) = cache.get(name).filter(|t| t.shape() == shape) {
+            return Ok(t.clone());
+        }
+        let t = self.be.upload(&self.inner.get(name, shape)?)?;
+        cache.insert(name.to_string(), t.clone());
+        Ok(t)
     }
 }
 
@@ -93,11 +123,11 @@ fn pos_conv_parts(weights: &[NamedWeight]) -> Result<(usize, usize)> {
 }
 
 /// Replaces the folded positional-conv gradient in `grads` by the gradients of its weight-norm
-/// magnitude `g` and direction `v` (the tensors that train).
-pub fn unfold_pos_conv_grad(grads: &mut BTreeMap<String, Vec<f32>>, weights: &[NamedWeight]) -> Result<()> {
+/// magnitude `g` and direction `v` (the tensors that train), on the training backend.
+pub fn unfold_pos_conv_grad(be: &dyn TrainBackend, grads: &mut BTreeMap<String, Tensor>, weights: &[NamedWeight]) -> Result<()> {
     let Some(dw) = grads.remove(POS_CONV_WEIGHT) else { return Ok(()) };
     let (gi, vi) = pos_conv_parts(weights)?;
-    let (dg, dv) = weight_norm_grads(&dw, &weights[gi].data, &weights[vi].data);
+    let (dg, dv) = be.weight_norm_grads(&dw, &weights[gi].data, &weights[vi].data)?;
     grads.insert(weights[gi].name.clone(), dg);
     grads.insert(weights[vi].name.clone(), dv);
     Ok(())

@@ -23,7 +23,7 @@ use crate::ctc::{ctc_loss, CtcTargets, Reduction};
 use crate::dropout::{Dropout, ProbDropout};
 use crate::model::checkpoint::WeightSource;
 use crate::model::config::Config;
-use crate::model::wav2vec2::{torch_layout, EncoderLayer, Linear, Norm};
+use crate::model::wav2vec2::{EncoderLayer, Linear, Norm};
 use crate::model::Wav2Vec2;
 use crate::tensor::Tensor;
 
@@ -190,10 +190,11 @@ pub struct StepGrads {
     /// Gradient of the time-mask embedding, when a [`TimeMask`] was given.
     pub embedding: Option<Vec<f32>>,
     /// With `train_weights`: the gradient of every weight, bias and norm the step used, by its
-    /// checkpoint name in PyTorch's layout; the positional conv's as the folded
-    /// `...pos_conv_embed.conv.weight` `[out, in/groups, kernel]` (see
-    /// [`crate::backend::cpu::grad::weight_norm_grads`]). Skipped layers have none.
-    pub weights: BTreeMap<String, Vec<f32>>,
+    /// checkpoint name in PyTorch's layout, on the step's backend (they feed the optimiser
+    /// there); the positional conv's as the folded `...pos_conv_embed.conv.weight` `[out,
+    /// in/groups, kernel]` (see [`crate::backend::backward::Backward::weight_norm_grads`]).
+    /// Skipped layers have none.
+    pub weights: BTreeMap<String, Tensor>,
 }
 
 /// The checkpoint name of the folded positional-conv weight in [`StepGrads::weights`].
@@ -551,7 +552,7 @@ pub fn step(
         }
     }
     let host = |t: &Tensor| be.to_host(t)?.into_f32_vec();
-    let mut weight_grads = wgrads.into_host(h)?;
+    let mut weight_grads = wgrads.into_named(h)?;
     if let (Some(tape), Some(d)) = (encoder_tape, d_features) {
         encoder::backward(be, model, &tape, d, &mut weight_grads)?;
     }
@@ -574,7 +575,7 @@ struct Grads<'b> {
     on: bool,
     map: BTreeMap<String, Tensor>,
     /// `(prefix, dW, db)` of each stacked q/k/v projection, split into `q_proj`, `k_proj` and
-    /// `v_proj` on the host.
+    /// `v_proj` when the step ends.
     stacked: Vec<(String, Tensor, Tensor)>,
 }
 
@@ -600,18 +601,13 @@ impl Grads<'_> {
         Ok(())
     }
 
-    /// Every collected gradient on the host; the stacked q/k/v ones split (`h` rows each).
-    fn into_host(self, h: usize) -> Result<BTreeMap<String, Vec<f32>>> {
-        let host = |t: &Tensor| self.be.to_host(t)?.into_f32_vec();
-        let mut out = BTreeMap::new();
-        for (name, t) in &self.map {
-            out.insert(name.clone(), host(t)?);
-        }
+    /// Every collected gradient by checkpoint name; the stacked q/k/v ones split (`h` rows each).
+    fn into_named(self, h: usize) -> Result<BTreeMap<String, Tensor>> {
+        let mut out = self.map;
         for (prefix, dw, db) in &self.stacked {
-            let (dw, db) = (host(dw)?, host(db)?);
             for (p, proj) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
-                out.insert(format!("{prefix}.{proj}.weight"), dw[p * h * h..(p + 1) * h * h].to_vec());
-                out.insert(format!("{prefix}.{proj}.bias"), db[p * h..(p + 1) * h].to_vec());
+                out.insert(format!("{prefix}.{proj}.weight"), self.be.rows(dw, p * h, h)?);
+                out.insert(format!("{prefix}.{proj}.bias"), self.be.rows(db, p * h, h)?);
             }
         }
         Ok(out)
@@ -651,7 +647,6 @@ struct Below<'a> {
 /// collecting the norm's and the positional conv's gradients on the way.
 fn encoder_input_grad(be: &dyn TrainBackend, model: &Wav2Vec2, dx: Tensor, below: &Below, wgrads: &mut Grads) -> Result<Tensor> {
     let c = &model.config;
-    let h = c.hidden_size;
     let d_sum = if c.do_stable_layer_norm {
         dx
     } else {
@@ -660,9 +655,8 @@ fn encoder_input_grad(be: &dyn TrainBackend, model: &Wav2Vec2, dx: Tensor, below
     let d_pre = be.gelu_grad(&d_sum, below.pos_pre)?;
     let geom = model.pos_conv_geometry();
     if wgrads.on {
-        let dw = be.to_host(&be.conv1d_weight_grad(&d_pre, below.projected, below.seqs, below.seqs, geom)?)?;
-        let weight = torch_layout(dw.f32s()?, h, h / geom.groups, geom.kernel);
-        wgrads.map.insert(POS_CONV_WEIGHT.to_string(), Tensor::from_vec(weight, &[h, h / geom.groups, geom.kernel]));
+        let dw = be.conv1d_weight_grad(&d_pre, below.projected, below.seqs, below.seqs, geom)?;
+        wgrads.map.insert(POS_CONV_WEIGHT.to_string(), be.swap_last_two(&dw)?);
         wgrads.map.insert("wav2vec2.encoder.pos_conv_embed.conv.bias".to_string(), be.column_sum(&d_pre)?);
     }
     be.add(d_sum, &be.conv1d_input_grad(&d_pre, &model.pos_conv_weight, below.seqs, below.seqs, geom)?)

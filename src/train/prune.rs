@@ -15,12 +15,14 @@ use serde::Serialize;
 use super::finetune::NamedWeight;
 use super::masked::MaskScope;
 use super::run::{train, Learn, Recipe, RunOptions, Summary};
+use crate::backend::backward::TrainBackend;
 use crate::model::checkpoint::{Checkpoint, WeightSource};
 use crate::model::config::Config;
 use crate::model::masks::KeepFlags;
 use crate::model::wav2vec2::maskable_shape;
 use crate::router::global_magnitude_keep;
 use crate::router::Init;
+use crate::tensor::Tensor;
 
 /// `engine prune --method`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -154,13 +156,19 @@ pub struct Pruner {
     pub prune: Prune,
     /// Index into the run's trained weights of each pruned one.
     indices: Vec<usize>,
-    fixed: Option<Keep>,
+    /// OMP: the keep flags, and the same as 0/1 tensors on the training backend (for gradients).
+    fixed: Option<(Keep, Vec<Tensor>)>,
+}
+
+/// Keep flags as a 0/1 tensor of `shape` on `be`.
+fn keep_tensor(be: &dyn TrainBackend, keep: &[bool], shape: &[usize]) -> Result<Tensor> {
+    be.upload(&Tensor::from_vec(keep.iter().map(|&k| k as u8 as f32).collect(), shape))
 }
 
 impl Pruner {
     /// The pruned weights among `weights` (the maskable ones of `config`); OMP's mask from its
     /// finetuned model, which must have the same weights.
-    pub fn new(prune: Prune, config: &Config, weights: &[NamedWeight]) -> Result<Pruner> {
+    pub fn new(prune: Prune, config: &Config, weights: &[NamedWeight], be: &dyn TrainBackend) -> Result<Pruner> {
         let indices: Vec<usize> = (0..weights.len()).filter(|&i| maskable_shape(config, &weights[i].name).is_some()).collect();
         ensure!(!indices.is_empty(), "the model has no q/k/v/out or FFN weights to prune");
         let fixed = match &prune {
@@ -183,38 +191,44 @@ impl Pruner {
                         t.to_vec()
                     })
                     .collect::<Result<_>>()?;
-                Some(global_magnitude_keep(&tuned.iter().map(Vec::as_slice).collect::<Vec<_>>(), *sparsity))
+                let keep = global_magnitude_keep(&tuned.iter().map(Vec::as_slice).collect::<Vec<_>>(), *sparsity);
+                let masks = indices.iter().zip(&keep).map(|(&i, k)| keep_tensor(be, k, &weights[i].shape)).collect::<Result<_>>()?;
+                Some((keep, masks))
             }
         };
         Ok(Pruner { prune, indices, fixed })
     }
 
-    /// The mask now: OMP's fixed one, or PARP's global magnitude mask of the current weights.
-    pub fn keep(&self, weights: &[NamedWeight]) -> Keep {
-        match &self.fixed {
-            Some(k) => k.clone(),
-            None => {
-                global_magnitude_keep(&self.indices.iter().map(|&i| weights[i].data.as_slice()).collect::<Vec<_>>(), self.prune.sparsity())
-            }
+    /// The mask now: OMP's fixed one, or PARP's global magnitude mask of the current weights
+    /// (brought to the host for the global ranking).
+    pub fn keep(&self, be: &dyn TrainBackend, weights: &[NamedWeight]) -> Result<Keep> {
+        if let Some((keep, _)) = &self.fixed {
+            return Ok(keep.clone());
         }
+        let host: Vec<Vec<f32>> = self.indices.iter().map(|&i| be.to_host(&weights[i].data)?.into_f32_vec()).collect::<Result<_>>()?;
+        Ok(global_magnitude_keep(&host.iter().map(Vec::as_slice).collect::<Vec<_>>(), self.prune.sparsity()))
     }
 
     /// Zeroes the dropped weights.
-    pub fn apply(&self, weights: &mut [NamedWeight], keep: &Keep) {
+    pub fn apply(&self, be: &dyn TrainBackend, weights: &mut [NamedWeight], keep: &Keep) -> Result<()> {
         for (&i, k) in self.indices.iter().zip(keep) {
-            weights[i].data.iter_mut().zip(k).filter(|(_, &k)| !k).for_each(|(w, _)| *w = 0.0);
+            let w = &mut weights[i];
+            let data = std::mem::replace(&mut w.data, Tensor::zeros(&[0]));
+            w.data = be.mul(data, &keep_tensor(be, k, &w.shape)?)?;
         }
+        Ok(())
     }
 
     /// OMP: zeroes the gradients of dropped weights, so they stay zero under Adam. `grads` are
-    /// per trained weight, in order. PARP's zeros train.
-    pub fn mask_grads(&self, grads: &mut [Option<Vec<f32>>]) {
-        let Some(fixed) = &self.fixed else { return };
-        for (&i, k) in self.indices.iter().zip(fixed) {
-            if let Some(g) = &mut grads[i] {
-                g.iter_mut().zip(k).filter(|(_, &k)| !k).for_each(|(g, _)| *g = 0.0);
+    /// per trained weight, in order, on the training backend. PARP's zeros train.
+    pub fn mask_grads(&self, be: &dyn TrainBackend, grads: &mut [Option<Tensor>]) -> Result<()> {
+        let Some((_, masks)) = &self.fixed else { return Ok(()) };
+        for (&i, m) in self.indices.iter().zip(masks) {
+            if let Some(g) = grads[i].take() {
+                grads[i] = Some(be.mul(g, m)?);
             }
         }
+        Ok(())
     }
 
     /// Whether PARP re-prunes after update `update` of `steps`.
@@ -234,6 +248,7 @@ impl Pruner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::cpu::CpuBackend;
 
     fn parp(every: usize) -> Pruner {
         Pruner { prune: Prune::Parp { sparsity: 0.5, every }, indices: vec![0], fixed: None }
@@ -245,19 +260,41 @@ mod tests {
         assert_eq!(after(&parp(3)), vec![3, 6, 9, 10]);
         assert_eq!(after(&parp(5)), vec![5, 10]);
         assert_eq!(after(&parp(0)), vec![10]);
-        let omp = Pruner { prune: Prune::Omp { sparsity: 0.5, from: PathBuf::new() }, indices: vec![0], fixed: Some(vec![vec![true]]) };
+        let omp =
+            Pruner { prune: Prune::Omp { sparsity: 0.5, from: PathBuf::new() }, indices: vec![0], fixed: Some((vec![vec![true]], vec![])) };
         assert!(after(&omp).is_empty());
     }
 
     #[test]
     fn omp_gradients_of_dropped_weights_are_zeroed_and_parp_ones_kept() {
+        let be = CpuBackend;
         let keep = vec![vec![true, false, true]];
-        let omp = Pruner { prune: Prune::Omp { sparsity: 0.3, from: PathBuf::new() }, indices: vec![1], fixed: Some(keep) };
-        let mut grads = vec![Some(vec![1.0; 2]), Some(vec![1.0, 2.0, 3.0])];
-        omp.mask_grads(&mut grads);
-        assert_eq!(grads, vec![Some(vec![1.0; 2]), Some(vec![1.0, 0.0, 3.0])]);
-        let mut grads = vec![Some(vec![1.0; 2]), Some(vec![1.0, 2.0, 3.0])];
-        parp(1).mask_grads(&mut grads);
-        assert_eq!(grads[1], Some(vec![1.0, 2.0, 3.0]));
+        let masks = vec![keep_tensor(&be, &keep[0], &[3]).unwrap()];
+        let omp = Pruner { prune: Prune::Omp { sparsity: 0.3, from: PathBuf::new() }, indices: vec![1], fixed: Some((keep, masks)) };
+        let grads = || vec![Some(Tensor::from_vec(vec![1.0; 2], &[2])), Some(Tensor::from_vec(vec![1.0, 2.0, 3.0], &[3]))];
+        let values = |g: &[Option<Tensor>]| g.iter().map(|t| t.as_ref().unwrap().to_vec().unwrap()).collect::<Vec<_>>();
+        let mut g = grads();
+        omp.mask_grads(&be, &mut g).unwrap();
+        assert_eq!(values(&g), vec![vec![1.0; 2], vec![1.0, 0.0, 3.0]]);
+        let mut g = grads();
+        parp(1).mask_grads(&be, &mut g).unwrap();
+        assert_eq!(values(&g)[1], vec![1.0, 2.0, 3.0]);
+    }
+
+    #[test]
+    fn parp_keeps_the_global_largest_magnitudes_and_zeroes_the_rest() {
+        let be = CpuBackend;
+        let weight = |name: &str, v: Vec<f32>| NamedWeight {
+            name: name.into(),
+            shape: vec![v.len()],
+            data: Tensor::from_vec(v.clone(), &[v.len()]),
+        };
+        let mut weights = vec![weight("a", vec![0.1, -3.0, 0.2]), weight("b", vec![2.0, -0.05, 1.0])];
+        let p = Pruner { prune: Prune::Parp { sparsity: 0.5, every: 1 }, indices: vec![0, 1], fixed: None };
+        let keep = p.keep(&be, &weights).unwrap();
+        assert_eq!(keep, vec![vec![false, true, false], vec![true, false, true]]);
+        p.apply(&be, &mut weights, &keep).unwrap();
+        assert_eq!(weights[0].data.to_vec().unwrap(), vec![0.0, -3.0, 0.0]);
+        assert_eq!(weights[1].data.to_vec().unwrap(), vec![2.0, 0.0, 1.0]);
     }
 }

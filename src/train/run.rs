@@ -12,6 +12,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -21,7 +22,7 @@ use serde::Serialize;
 use super::adam::{Adam, TensorAdam};
 use super::checkpoint::TrainState;
 use super::feed::{Feed, Position};
-use super::finetune::{self, NamedWeight, Overlay, EMBEDDING, HEAD_BIAS, HEAD_WEIGHT};
+use super::finetune::{self, NamedWeight, Overlay, Resident, EMBEDDING, HEAD_BIAS, HEAD_WEIGHT};
 use super::masked::{step, Features, MaskScope, MaskedWeight, Regularisers, StepGrads, TimeMask, Weights};
 use super::prune::{Keep, Prune, Pruner};
 use super::schedule::TriStage;
@@ -261,6 +262,14 @@ impl Device {
             Device::Cuda(p) => Box::new(CudaBackend::new(0, p)?),
         })
     }
+
+    /// Fails, saying why, when this device cannot run here (before any work starts).
+    pub fn check(self) -> Result<()> {
+        if let (Device::Cuda(_), Some(why)) = (self, crate::backend::cuda::unavailable_reason()) {
+            bail!("--device cuda: {why}");
+        }
+        Ok(())
+    }
 }
 
 impl Recipe {
@@ -374,41 +383,44 @@ struct Params {
     head_weight: Vec<f32>,
     head_bias: Vec<f32>,
     embedding: Vec<f32>,
-    /// Weight finetuning: every trained checkpoint tensor (empty for mask learning).
+    /// Weight finetuning: every trained checkpoint tensor, on the training backend (empty for
+    /// mask learning).
     weights: Vec<NamedWeight>,
 }
 
 impl Params {
-    /// The host-side Adam's parameter order: head weight, head bias, embedding, weights (the
-    /// scores have their own optimiser on the training backend).
+    /// The host-side Adam's parameter order: head weight, head bias, embedding (scores and
+    /// weights have their optimiser on the training backend, [`Params::tensors_mut`]).
     fn sizes(&self) -> Vec<usize> {
-        let mut s = vec![self.head_weight.len(), self.head_bias.len(), self.embedding.len()];
-        s.extend(self.weights.iter().map(|w| w.data.len()));
-        s
+        vec![self.head_weight.len(), self.head_bias.len(), self.embedding.len()]
     }
 
     fn slices_mut(&mut self) -> Vec<&mut [f32]> {
-        let mut v: Vec<&mut [f32]> = vec![self.head_weight.as_mut_slice(), self.head_bias.as_mut_slice(), self.embedding.as_mut_slice()];
-        v.extend(self.weights.iter_mut().map(|w| w.data.as_mut_slice()));
-        v
+        vec![self.head_weight.as_mut_slice(), self.head_bias.as_mut_slice(), self.embedding.as_mut_slice()]
     }
 
-    fn score_shapes(&self) -> Vec<Vec<usize>> {
-        self.masks.iter().map(|m| vec![m.d_out, m.d_in]).collect()
+    /// Shapes of the tensors trained on the backend: the scores, then the weights.
+    fn tensor_shapes(&self) -> Vec<Vec<usize>> {
+        self.masks.iter().map(|m| vec![m.d_out, m.d_in]).chain(self.weights.iter().map(|w| w.shape.clone())).collect()
     }
 
-    fn scores_mut(&mut self) -> Vec<&mut Tensor> {
-        self.masks.iter_mut().map(|m| &mut m.scores).collect()
+    fn tensors_mut(&mut self) -> Vec<&mut Tensor> {
+        self.masks.iter_mut().map(|m| &mut m.scores).chain(self.weights.iter_mut().map(|w| &mut w.data)).collect()
     }
 
-    /// A step's gradients: the scores' (on the backend) and the rest in [`Params::sizes`] order
-    /// (`None`: no gradient this step).
-    fn grad_parts(&self, g: StepGrads) -> Result<Grads> {
+    /// A step's gradients: the scores' and weights' (on the backend, [`Params::tensor_shapes`]
+    /// order) and the rest in [`Params::sizes`] order (`None`: no gradient this step).
+    fn grad_parts(&self, be: &dyn TrainBackend, g: StepGrads) -> Result<Grads> {
         let mut weights = g.weights;
-        finetune::unfold_pos_conv_grad(&mut weights, &self.weights)?;
-        let mut host = vec![Some(g.head_weight), Some(g.head_bias), g.embedding];
-        host.extend(self.weights.iter().map(|w| weights.remove(&w.name)));
-        Ok(Grads { scores: g.scores, host })
+        finetune::unfold_pos_conv_grad(be, &mut weights, &self.weights)?;
+        let mut tensors = g.scores;
+        tensors.extend(self.weights.iter().map(|w| weights.remove(&w.name)));
+        Ok(Grads { tensors, host: vec![Some(g.head_weight), Some(g.head_bias), g.embedding] })
+    }
+
+    /// Every trained weight on the host, in order.
+    fn host_weights(&self, be: &dyn Backend) -> Result<Vec<Vec<f32>>> {
+        self.weights.iter().map(|w| be.to_host(&w.data)?.into_f32_vec()).collect()
     }
 
     /// Every score tensor on the host.
@@ -416,15 +428,16 @@ impl Params {
         self.masks.iter().map(|m| be.to_host(&m.scores)?.into_f32_vec()).collect()
     }
 
-    /// The trained head, embedding and weights as checkpoint tensors (name, shape, values).
-    fn named(&self) -> Vec<(&str, Vec<usize>, &[f32])> {
+    /// The trained head, embedding and weights (`weights`: [`Params::host_weights`]) as
+    /// checkpoint tensors (name, shape, values).
+    fn named<'a>(&'a self, weights: &'a [Vec<f32>]) -> Vec<(&'a str, Vec<usize>, &'a [f32])> {
         let (v, h) = (self.head_bias.len(), self.embedding.len());
         let mut t = vec![
             (HEAD_WEIGHT, vec![v, h], self.head_weight.as_slice()),
             (HEAD_BIAS, vec![v], self.head_bias.as_slice()),
             (EMBEDDING, vec![h], self.embedding.as_slice()),
         ];
-        t.extend(self.weights.iter().map(|w| (w.name.as_str(), w.shape.clone(), w.data.as_slice())));
+        t.extend(self.weights.iter().zip(weights).map(|(w, data)| (w.name.as_str(), w.shape.clone(), data.as_slice())));
         t
     }
 
@@ -474,10 +487,10 @@ impl Params {
     }
 }
 
-/// One step's gradients: the scores' on the training backend, the rest on the host in
-/// [`Params::sizes`] order (`None`: no gradient).
+/// One step's gradients: the scores' and weights' on the training backend, the rest on the
+/// host in [`Params::sizes`] order (`None`: no gradient).
 struct Grads {
-    scores: Vec<Option<Tensor>>,
+    tensors: Vec<Option<Tensor>>,
     host: Vec<Option<Vec<f32>>>,
 }
 
@@ -491,14 +504,14 @@ struct Accumulated {
 }
 
 impl Accumulated {
-    fn new(scores: usize, host: usize) -> Accumulated {
-        Accumulated { loss: 0.0, utterances: 0, samples: 0, grads: Grads { scores: vec![None; scores], host: vec![None; host] } }
+    fn new(tensors: usize, host: usize) -> Accumulated {
+        Accumulated { loss: 0.0, utterances: 0, samples: 0, grads: Grads { tensors: vec![None; tensors], host: vec![None; host] } }
     }
 
     /// Adds a step's loss and gradients (absent gradients are skipped).
     fn add(&mut self, be: &dyn TrainBackend, loss: f32, parts: Grads) -> Result<()> {
         self.loss += loss as f64;
-        for (acc, part) in self.grads.scores.iter_mut().zip(parts.scores) {
+        for (acc, part) in self.grads.tensors.iter_mut().zip(parts.tensors) {
             *acc = match (acc.take(), part) {
                 (Some(a), Some(p)) => Some(be.add(a, &p)?),
                 (a, p) => a.or(p),
@@ -516,13 +529,13 @@ impl Accumulated {
 
     fn is_finite(&self, be: &dyn TrainBackend) -> Result<bool> {
         let host = self.loss.is_finite() && self.grads.host.iter().flatten().all(|t| t.iter().all(|v| v.is_finite()));
-        Ok(host && be.all_finite(&self.grads.scores.iter().flatten().collect::<Vec<_>>())?)
+        Ok(host && be.all_finite(&self.grads.tensors.iter().flatten().collect::<Vec<_>>())?)
     }
 
     fn scale_to_mean(&mut self, be: &dyn TrainBackend) -> Result<()> {
         let s = 1.0 / self.utterances.max(1) as f32;
         self.grads.host.iter_mut().flatten().for_each(|t| t.iter_mut().for_each(|v| *v *= s));
-        for g in self.grads.scores.iter_mut() {
+        for g in self.grads.tensors.iter_mut() {
             if let Some(t) = g.take() {
                 *g = Some(be.scale(t, s)?);
             }
@@ -560,6 +573,8 @@ struct Trainer<'a> {
     valid: Option<(Dataset, Vec<Vec<u32>>)>,
     /// The model folder (finetuning copies its config and preprocessor settings).
     source: PathBuf,
+    /// Finetuning: the checkpoint tensors that do not train, once uploaded ([`Resident`]).
+    frozen: Mutex<HashMap<String, Tensor>>,
 }
 
 /// Runs (or resumes) mask learning as `recipe` says, writing into `opts.out`.
@@ -593,7 +608,7 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<Summary> {
     if !opts.resume {
         start_out(&opts.out, &recipe.json())?;
     }
-    let t = Trainer { recipe, opts, be, ck, model, pre, vocab, feed, valid, source: dir.to_path_buf() };
+    let t = Trainer { recipe, opts, be, ck, model, pre, vocab, feed, valid, source: dir.to_path_buf(), frozen: Mutex::default() };
     t.run()
 }
 
@@ -716,7 +731,7 @@ impl Trainer<'_> {
         };
         let weights = match r.learn {
             Learn::Masks => Vec::new(),
-            Learn::Weights { train_feature_encoder, .. } => finetune::trainable(&self.ck, train_feature_encoder)?,
+            Learn::Weights { train_feature_encoder, .. } => finetune::trainable(&self.ck, train_feature_encoder, &*self.be)?,
         };
         Ok(Params { masks, head_weight, head_bias, embedding, weights })
     }
@@ -748,20 +763,27 @@ impl Trainer<'_> {
         }
     }
 
-    /// The model as `params` make it, with their head: finetuned weights laid over the checkpoint.
+    /// The model as `params` make it, with their head: finetuned weights laid over the checkpoint,
+    /// built where they live (on the GPU: device copies and conversions only).
     fn finetuned_model(&self, params: &Params) -> Result<Wav2Vec2> {
         let mut config = self.model.config.clone();
         config.vocab_size = self.vocab.len();
-        let named = params.named();
-        Wav2Vec2::from_weights(config, &Overlay::new(&self.ck, named.iter().map(|(n, s, d)| (*n, s.as_slice(), *d))), &*self.be)
+        let (v, h) = (params.head_bias.len(), params.embedding.len());
+        let head = [
+            (HEAD_WEIGHT, Tensor::from_vec(params.head_weight.clone(), &[v, h])),
+            (HEAD_BIAS, Tensor::from_vec(params.head_bias.clone(), &[v])),
+        ];
+        let weights = params.weights.iter().map(|w| (w.name.as_str(), w.data.clone()));
+        let frozen = Resident { inner: &self.ck, be: &*self.be, cache: &self.frozen };
+        Wav2Vec2::from_weights(config, &Overlay::new(&frozen, head.into_iter().chain(weights)), &*self.be)
     }
 
     /// What a pruning run would output now: the weights with the current mask applied (PARP's
     /// zeros regrow between re-prunes), and that mask.
-    fn pruned(&self, params: &Params, pruner: &Pruner) -> (Params, Keep) {
-        let keep = pruner.keep(&params.weights);
+    fn pruned(&self, params: &Params, pruner: &Pruner) -> Result<(Params, Keep)> {
+        let keep = pruner.keep(&*self.be, &params.weights)?;
         let mut weights = params.weights.clone();
-        pruner.apply(&mut weights, &keep);
+        pruner.apply(&*self.be, &mut weights, &keep)?;
         let p = Params {
             masks: Vec::new(),
             head_weight: params.head_weight.clone(),
@@ -769,7 +791,7 @@ impl Trainer<'_> {
             embedding: params.embedding.clone(),
             weights,
         };
-        (p, keep)
+        Ok((p, keep))
     }
 
     fn validate(&self, params: &Params) -> Result<Option<EvalReport>> {
@@ -794,7 +816,8 @@ impl Trainer<'_> {
         match &self.recipe.learn {
             Learn::Masks => params.write_masks(&*self.be, dir, self.recipe.sparsity(), &self.vocab),
             Learn::Weights { .. } => {
-                finetune::write_model_folder(dir, &self.source, &self.ck, &params.named(), &self.vocab)?;
+                let weights = params.host_weights(&*self.be)?;
+                finetune::write_model_folder(dir, &self.source, &self.ck, &params.named(&weights), &self.vocab)?;
                 if let Some((pruner, keep)) = mask {
                     MaskSet::save(dir, &pruner.mask_entries(&params.weights, keep), pruner.prune.sparsity())?;
                     params.write_head(dir)?;
@@ -804,7 +827,7 @@ impl Trainer<'_> {
         }
     }
 
-    fn save(&self, params: &Params, adam: &Adam, score_adam: &TensorAdam, s: &RunState) -> Result<()> {
+    fn save(&self, params: &Params, adam: &Adam, tensor_adam: &TensorAdam, s: &RunState) -> Result<()> {
         let mut st = TrainState::default();
         for (m, scores) in params.masks.iter().zip(params.host_scores(&*self.be)?) {
             st.put(&format!("scores/{}", m.name()), &[m.d_out, m.d_in], scores);
@@ -813,35 +836,35 @@ impl Trainer<'_> {
         st.put("head/weight", &[v, h], params.head_weight.clone());
         st.put("head/bias", &[v], params.head_bias.clone());
         st.put("embedding", &[h], params.embedding.clone());
-        for w in &params.weights {
-            st.put(&format!("weights/{}", w.name), &w.shape, w.data.clone());
+        for (w, data) in params.weights.iter().zip(params.host_weights(&*self.be)?) {
+            st.put(&format!("weights/{}", w.name), &w.shape, data);
         }
         st.put_adam("adam", adam);
-        st.put_adam("score_adam", &score_adam.to_host(&*self.be)?);
+        st.put_adam("tensor_adam", &tensor_adam.to_host(&*self.be)?);
         s.store(&mut st);
         st.save(&self.opts.out.join(CHECKPOINT))
     }
 
-    fn restore(&self, params: &mut Params, adam: &mut Adam, score_adam: &mut TensorAdam) -> Result<RunState> {
+    fn restore(&self, params: &mut Params, adam: &mut Adam, tensor_adam: &mut TensorAdam) -> Result<RunState> {
         let path = self.opts.out.join(CHECKPOINT);
         let st = TrainState::load(&path).with_context(|| format!("--resume: {} has no usable checkpoint", self.opts.out.display()))?;
+        let take = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            self.be.upload(&Tensor::from_vec(st.take(name, shape.iter().product())?.to_vec(), shape))
+        };
         for m in &mut params.masks {
-            let name = format!("scores/{}", m.name());
-            let shape = [m.d_out, m.d_in];
-            m.scores = self.be.upload(&Tensor::from_vec(st.take(&name, shape[0] * shape[1])?.to_vec(), &shape))?;
+            m.scores = take(&format!("scores/{}", m.name()), &[m.d_out, m.d_in])?;
+        }
+        for w in &mut params.weights {
+            w.data = take(&format!("weights/{}", w.name), &w.shape)?;
         }
         let (w, b, e) = (params.head_weight.len(), params.head_bias.len(), params.embedding.len());
         params.head_weight.copy_from_slice(st.take("head/weight", w)?);
         params.head_bias.copy_from_slice(st.take("head/bias", b)?);
         params.embedding.copy_from_slice(st.take("embedding", e)?);
-        for w in &mut params.weights {
-            let n = w.data.len();
-            w.data.copy_from_slice(st.take(&format!("weights/{}", w.name), n)?);
-        }
         st.restore_adam("adam", adam)?;
-        let mut host = Adam::new(&params.masks.iter().map(|m| m.d_out * m.d_in).collect::<Vec<_>>());
-        st.restore_adam("score_adam", &mut host)?;
-        score_adam.load(&*self.be, &host)?;
+        let mut host = Adam::new(&params.tensor_shapes().iter().map(|s| s.iter().product()).collect::<Vec<_>>());
+        st.restore_adam("tensor_adam", &mut host)?;
+        tensor_adam.load(&*self.be, &host)?;
         RunState::load(&st)
     }
 
@@ -850,16 +873,16 @@ impl Trainer<'_> {
         let out = &self.opts.out;
         let mut params = self.init_params()?;
         let mut adam = Adam::new(&params.sizes());
-        let mut score_adam = TensorAdam::new(&*self.be, &params.score_shapes())?;
-        let mut state = if self.opts.resume { self.restore(&mut params, &mut adam, &mut score_adam)? } else { RunState::default() };
+        let mut tensor_adam = TensorAdam::new(&*self.be, &params.tensor_shapes())?;
+        let mut state = if self.opts.resume { self.restore(&mut params, &mut adam, &mut tensor_adam)? } else { RunState::default() };
         let pruner = match &r.learn {
-            Learn::Weights { prune: Some(p), .. } => Some(Pruner::new(p.clone(), &self.model.config, &params.weights)?),
+            Learn::Weights { prune: Some(p), .. } => Some(Pruner::new(p.clone(), &self.model.config, &params.weights, &*self.be)?),
             _ => None,
         };
         if let (Some(p), false) = (&pruner, self.opts.resume) {
             // OMP: the finetuned model's mask on the (rewound) weights; PARP: the first prune.
-            let keep = p.keep(&params.weights);
-            p.apply(&mut params.weights, &keep);
+            let keep = p.keep(&*self.be, &params.weights)?;
+            p.apply(&*self.be, &mut params.weights, &keep)?;
         }
         let mut log = Log::open(&out.join(LOG), state.update)?;
         if !self.opts.resume {
@@ -873,7 +896,7 @@ impl Trainer<'_> {
                 "too_short": self.feed.too_short,
                 "hours": self.feed.total_samples() as f64 / 16_000.0 / 3600.0,
                 "masked_weights": params.masks.len(),
-                "trained_weights": params.weights.iter().map(|w| w.data.len()).sum::<usize>(),
+                "trained_weights": params.weights.iter().map(|w| w.data.numel()).sum::<usize>(),
                 "vocab": self.vocab.len(),
             }))?;
         }
@@ -882,7 +905,7 @@ impl Trainer<'_> {
         let batches = self.feed.stream(state.position, self.pre);
         let mut last_loss = f64::NAN;
         let mut audio_seconds = 0.0;
-        let (n_scores, n_host) = (params.masks.len(), params.sizes().len());
+        let (n_tensors, n_host) = (params.tensor_shapes().len(), params.sizes().len());
         let finetuning = matches!(r.learn, Learn::Weights { .. });
         // A trained feature encoder changes its output: nothing below the layers is cached then.
         let encoder_trains = matches!(r.learn, Learn::Weights { train_feature_encoder: true, .. });
@@ -890,7 +913,7 @@ impl Trainer<'_> {
         while state.update < r.steps {
             let update = state.update;
             let lr = r.lr(update);
-            let mut acc = Accumulated::new(n_scores, n_host);
+            let mut acc = Accumulated::new(n_tensors, n_host);
             // Finetuning steps run the model as trained so far; its weights train once the
             // head-only phase is over (the time-mask embedding with them, as in fairseq).
             let (finetuned, trained) = match &r.learn {
@@ -931,7 +954,7 @@ impl Trainer<'_> {
                 }
                 acc.utterances += idx.len();
                 acc.samples += audio.iter().map(Vec::len).sum::<usize>();
-                acc.add(&*self.be, grads.loss, params.grad_parts(grads)?)?;
+                acc.add(&*self.be, grads.loss, params.grad_parts(&*self.be, grads)?)?;
             }
             audio_seconds += acc.samples as f64 / 16_000.0;
             state.update += 1;
@@ -939,11 +962,14 @@ impl Trainer<'_> {
             if acc.is_finite(&*self.be)? {
                 acc.scale_to_mean(&*self.be)?;
                 if let Some(p) = &pruner {
-                    p.mask_grads(&mut acc.grads.host[3..]);
+                    // The weights follow the scores (none when weights train).
+                    p.mask_grads(&*self.be, &mut acc.grads.tensors[params.masks.len()..])?;
                 }
                 let grads: Vec<Option<&[f32]>> = acc.grads.host.iter().map(|t| t.as_deref()).collect();
                 adam.update(&mut params.slices_mut(), &grads, lr);
-                score_adam.update(&*self.be, &mut params.scores_mut(), &acc.grads.scores, lr)?;
+                // The step's model shares the trained tensors' buffers: let Adam update them in place.
+                drop(finetuned);
+                tensor_adam.update(&*self.be, &mut params.tensors_mut(), &acc.grads.tensors, lr)?;
                 state.consecutive_nonfinite = 0;
                 last_loss = loss;
                 log.write(&serde_json::json!({"step": state.update, "loss": loss, "lr": lr, "utterances": acc.utterances, "audio_seconds": acc.samples as f64 / 16_000.0, "epoch": state.position.epoch}))?;
@@ -961,16 +987,18 @@ impl Trainer<'_> {
                 }
             }
             if let Some(p) = pruner.as_ref().filter(|p| p.reprunes_after(state.update, r.steps)) {
-                let keep = p.keep(&params.weights);
-                let nonzero = |w: &[NamedWeight]| w.iter().map(|w| w.data.iter().filter(|&&v| v != 0.0).count()).sum::<usize>();
-                let before = nonzero(&params.weights);
-                p.apply(&mut params.weights, &keep);
-                log.write(&serde_json::json!({"step": state.update, "event": "reprune", "zeroed": before - nonzero(&params.weights)}))?;
+                let keep = p.keep(&*self.be, &params.weights)?;
+                let nonzero = |w: &[NamedWeight]| -> Result<usize> {
+                    w.iter().map(|w| Ok(self.be.to_host(&w.data)?.f32s()?.iter().filter(|&&v| v != 0.0).count())).sum()
+                };
+                let before = nonzero(&params.weights)?;
+                p.apply(&*self.be, &mut params.weights, &keep)?;
+                log.write(&serde_json::json!({"step": state.update, "event": "reprune", "zeroed": before - nonzero(&params.weights)?}))?;
             }
             progress.show(state.update, loss, lr, audio_seconds / started.elapsed().as_secs_f64());
             let last = state.update == r.steps;
             if self.valid.is_some() && (last || (r.valid_every > 0 && state.update.is_multiple_of(r.valid_every))) {
-                let view = pruner.as_ref().map(|p| self.pruned(&params, p));
+                let view = pruner.as_ref().map(|p| self.pruned(&params, p)).transpose()?;
                 let shown = view.as_ref().map_or(&params, |(v, _)| v);
                 let report = self.validate(shown)?.expect("validation data is loaded");
                 let value = r.best_metric.of(&report);
@@ -1003,10 +1031,10 @@ impl Trainer<'_> {
                 }
             }
             if last || (self.opts.save_every > 0 && state.update.is_multiple_of(self.opts.save_every)) {
-                self.save(&params, &adam, &score_adam, &state)?;
+                self.save(&params, &adam, &tensor_adam, &state)?;
             }
         }
-        let mask = pruner.as_ref().map(|p| (p, p.keep(&params.weights)));
+        let mask = pruner.as_ref().map(|p| Ok::<_, anyhow::Error>((p, p.keep(&*self.be, &params.weights)?))).transpose()?;
         self.write_outputs(&params, out, mask)?;
         progress.finish();
         Ok(Summary {
@@ -1211,15 +1239,17 @@ mod tests {
         let be = CpuBackend;
         let mut acc = Accumulated::new(2, 3);
         let score = |v: f32| Some(Tensor::from_vec(vec![v, 2.0 * v], &[2]));
-        let g =
-            |e: Option<Vec<f32>>, s: Option<Tensor>| Grads { scores: vec![score(1.0), s], host: vec![Some(vec![1.0]), Some(vec![2.0]), e] };
+        let g = |e: Option<Vec<f32>>, s: Option<Tensor>| Grads {
+            tensors: vec![score(1.0), s],
+            host: vec![Some(vec![1.0]), Some(vec![2.0]), e],
+        };
         acc.add(&be, 1.5, g(Some(vec![4.0]), score(3.0))).unwrap();
         acc.add(&be, 1.5, g(None, None)).unwrap();
         acc.utterances = 2;
         assert!(acc.is_finite(&be).unwrap());
         acc.scale_to_mean(&be).unwrap();
         assert_eq!(acc.grads.host, vec![Some(vec![1.0]), Some(vec![2.0]), Some(vec![2.0])]);
-        let scores: Vec<Vec<f32>> = acc.grads.scores.iter().map(|t| t.as_ref().unwrap().to_vec().unwrap()).collect();
+        let scores: Vec<Vec<f32>> = acc.grads.tensors.iter().map(|t| t.as_ref().unwrap().to_vec().unwrap()).collect();
         assert_eq!(scores, vec![vec![1.0, 2.0], vec![1.5, 3.0]]);
         acc.add(&be, 1.5, g(None, score(f32::NAN))).unwrap();
         assert!(!acc.is_finite(&be).unwrap());

@@ -191,6 +191,30 @@ impl Backward for CpuBackend {
         Ok(Tensor::from_vec(v, &shape))
     }
 
+    fn rows(&self, t: &Tensor, start: usize, count: usize) -> Result<Tensor> {
+        let rows = *t.shape().first().unwrap_or(&0);
+        ensure!(start + count <= rows, "rows {start}..{} of a tensor with {rows}", start + count);
+        let width = t.numel() / rows.max(1);
+        let mut shape = t.shape().to_vec();
+        shape[0] = count;
+        Ok(Tensor::from_vec(data(t)?[start * width..(start + count) * width].to_vec(), &shape))
+    }
+
+    fn weight_norm_grads(&self, dw: &Tensor, g: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        ensure!(dw.shape() == v.shape(), "weight norm gradient {:?} for a direction {:?}", dw.shape(), v.shape());
+        ensure!(g.numel() == *v.shape().last().unwrap_or(&0), "weight norm: {} magnitudes for {:?}", g.numel(), v.shape());
+        let (dg, dv) = grad::weight_norm_grads(data(dw)?, data(g)?, data(v)?);
+        Ok((Tensor::from_vec(dg, g.shape()), Tensor::from_vec(dv, v.shape())))
+    }
+
+    fn mul(&self, a: Tensor, b: &Tensor) -> Result<Tensor> {
+        ensure!(a.shape() == b.shape(), "mul: {:?} by {:?}", a.shape(), b.shape());
+        let shape = a.shape().to_vec();
+        let mut v = a.into_f32_vec()?;
+        v.par_iter_mut().zip(data(b)?.par_iter()).for_each(|(x, y)| *x *= y);
+        Ok(Tensor::from_vec(v, &shape))
+    }
+
     fn scale(&self, x: Tensor, s: f32) -> Result<Tensor> {
         let shape = x.shape().to_vec();
         let mut v = x.into_f32_vec()?;

@@ -109,6 +109,46 @@ impl Backend for CpuBackend {
         self.upload(w)
     }
 
+    fn swap_last_two(&self, t: &Tensor) -> Result<Tensor> {
+        let &[a, b, c] = t.shape() else { bail!("swap_last_two: expected a 3-D tensor, found {:?}", t.shape()) };
+        let src = t.to_f32()?;
+        let x = data(&src)?;
+        let mut y = vec![0.0f32; x.len()];
+        y.par_chunks_mut((b * c).max(1)).zip(x.par_chunks((b * c).max(1))).for_each(|(y, x)| {
+            for (j, row) in x.chunks_exact(c.max(1)).enumerate() {
+                row.iter().enumerate().for_each(|(k, &v)| y[k * b + j] = v);
+            }
+        });
+        Ok(Tensor::from_vec(y, &[a, c, b]))
+    }
+
+    fn weight_norm(&self, g: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let kernel = *v.shape().last().unwrap_or(&0);
+        ensure!(g.numel() == kernel, "weight norm: {} magnitudes for a kernel of {kernel}", g.numel());
+        let (g, v_host) = (g.to_f32()?, v.to_f32()?);
+        let (g, x) = (data(&g)?, data(&v_host)?);
+        let mut norm = vec![0.0f64; kernel];
+        for (i, &e) in x.iter().enumerate() {
+            norm[i % kernel] += e as f64 * e as f64;
+        }
+        let w = x.iter().enumerate().map(|(i, &e)| (g[i % kernel] as f64 * e as f64 / norm[i % kernel].sqrt()) as f32).collect();
+        Ok(Tensor::from_vec(w, v.shape()))
+    }
+
+    fn concat_rows(&self, parts: &[&Tensor]) -> Result<Tensor> {
+        let Some(first) = parts.first() else { bail!("concat_rows: nothing to stack") };
+        let inner = &first.shape()[1..];
+        let mut rows = 0;
+        let mut out = Vec::new();
+        for p in parts {
+            ensure!(&p.shape()[1..] == inner, "concat_rows: {:?} does not stack with {:?}", p.shape(), first.shape());
+            rows += p.shape()[0];
+            out.extend_from_slice(data(&p.to_f32()?)?);
+        }
+        let shape: Vec<usize> = std::iter::once(rows).chain(inner.iter().copied()).collect();
+        Ok(Tensor::from_vec(out, &shape))
+    }
+
     fn prepare_linear_weight(&self, w: &Tensor) -> Result<Tensor> {
         let &[d_out, d_in] = w.shape() else { bail!("linear weight must be 2-D, found {:?}", w.shape()) };
         let src = w.to_f32()?;

@@ -635,6 +635,18 @@ impl Backward for CudaBackend {
         Ok(self.stream.clone_dtoh(&count).map_err(|e| anyhow!("CUDA copy: {e}"))?[0] == 0)
     }
 
+    fn rows(&self, t: &Tensor, start: usize, count: usize) -> Result<Tensor> {
+        self.rows_f32(t, start, count)
+    }
+
+    fn weight_norm_grads(&self, dw: &Tensor, g: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.weight_norm_grad(dw, g, v)
+    }
+
+    fn mul(&self, a: Tensor, b: &Tensor) -> Result<Tensor> {
+        self.mul_f32(a, b)
+    }
+
     fn adam_update(&self, p: Tensor, g: &Tensor, m: Tensor, v: Tensor, step: AdamStep) -> Result<(Tensor, Tensor, Tensor)> {
         ensure!(
             p.shape() == g.shape() && p.shape() == m.shape() && p.shape() == v.shape(),

@@ -10,6 +10,7 @@
 mod backward;
 mod launch;
 mod sparse;
+mod weights;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -65,6 +66,11 @@ const FUNCTIONS: &[(&str, &str)] = &[
     ("ctc", "ctc_loss"),
     ("mask", "pack_mask"),
     ("mask", "unpack_mask"),
+    ("weights", "swap_last_two_f32"),
+    ("weights", "weight_norm_sums"),
+    ("weights", "weight_norm_fold"),
+    ("weights", "weight_norm_grad"),
+    ("weights", "mul_f32"),
     ("sparse", "sparse_linear_f32"),
     ("sparse", "sparse_linear_bf16"),
     ("backward", "gemm_strided_f32"),
@@ -231,6 +237,14 @@ impl CudaBackend {
     fn ptr(&self, t: &Tensor) -> Result<u64> {
         match t.storage() {
             Storage::Cuda(b) => Ok(b.0.device_ptr(&self.stream).0),
+            Storage::Host(_) => bail!("a host tensor {:?} was passed to the CUDA backend (upload it first)", t.shape()),
+        }
+    }
+
+    /// The device buffer behind a GPU tensor.
+    fn buffer(t: &Tensor) -> Result<&CudaSlice<u8>> {
+        match t.storage() {
+            Storage::Cuda(b) => Ok(&b.0),
             Storage::Host(_) => bail!("a host tensor {:?} was passed to the CUDA backend (upload it first)", t.shape()),
         }
     }
@@ -439,8 +453,33 @@ impl Backend for CudaBackend {
         self.prepare_linear_weight(w)
     }
 
+    fn swap_last_two(&self, t: &Tensor) -> Result<Tensor> {
+        self.swap_last_two_f32(t)
+    }
+
+    fn weight_norm(&self, g: &Tensor, v: &Tensor) -> Result<Tensor> {
+        self.weight_norm_fold(g, v)
+    }
+
+    fn concat_rows(&self, parts: &[&Tensor]) -> Result<Tensor> {
+        self.concat_rows_f32(parts)
+    }
+
     fn prepare_linear_weight(&self, w: &Tensor) -> Result<Tensor> {
         let dtype = self.weight_dtype();
+        if let Storage::Cuda(_) = w.storage() {
+            // Already here (a finetuned weight): shared as it is in fp32, converted on the device for bf16.
+            Self::expect_dtype(w, DType::F32, "linear weight")?;
+            if dtype == DType::F32 {
+                return Ok(w.clone());
+            }
+            let out = self.empty(w.shape(), DType::BF16)?;
+            let (px, po, n) = (self.ptr(w)?, self.ptr(&out)?, w.numel() as i64);
+            self.launcher().elementwise(self.func("to_bf16"), w.numel(), |b| {
+                b.arg(&px).arg(&po).arg(&n);
+            })?;
+            return Ok(out);
+        }
         let host = w.to_f32()?.to_dtype(dtype)?;
         let bytes: Vec<u8> = match dtype {
             DType::F32 => bytemuck::cast_slice(host.f32s()?).to_vec(),
