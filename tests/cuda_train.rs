@@ -422,38 +422,88 @@ fn a_model_rebuilt_from_device_tensors_matches_the_loaded_one() {
     }
 }
 
-/// `engine finetune --device cuda` (weights, their Adam and the pruning masks on the GPU) moves
-/// every trained tensor as the CPU run does, over a few updates with every regulariser off.
+/// The same short training run (3 updates on 4 English utterances, regularisers off, one
+/// validation) on the CPU and on the GPU in fp32, into `tmp/cpu` and `tmp/cuda`.
+fn run_on_both(tmp: &std::path::Path, extra: &[&str], learn: s3router::train::run::Learn) -> [std::path::PathBuf; 2] {
+    use clap::{Args, FromArgMatches};
+    use s3router::train::run::{train, Device, Recipe, RunOptions};
+    let train_tsv = common::cli::small_manifest(tmp, 4);
+    let (source, valid) = (fixtures().join("base-like"), fixtures().join("corpus/en/dev.tsv"));
+    let paths = [source.to_str().unwrap(), train_tsv.to_str().unwrap(), valid.to_str().unwrap()];
+    let words: Vec<&str> = ["--model", paths[0], "--train", paths[1], "--valid", paths[2], "--steps", "3", "--lr", "1e-3"]
+        .into_iter()
+        .chain(common::cli::PLAIN.iter().copied().filter(|&w| w != "--quiet")) // --quiet is the CLI's, not the recipe's
+        .chain(["--skip-unknown"])
+        .chain(extra.iter().copied())
+        .collect();
+    let m = Recipe::augment_args(clap::Command::new("t").no_binary_name(true)).try_get_matches_from(words).unwrap();
+    let mut recipe = Recipe::from_arg_matches(&m).unwrap();
+    recipe.learn = learn;
+    [(Device::Cpu, "cpu"), (Device::Cuda(Precision::F32), "cuda")].map(|(device, dir)| {
+        let out = tmp.join(dir);
+        let opts = RunOptions {
+            out: out.clone(),
+            resume: false,
+            overwrite: true,
+            save_every: 0,
+            progress: false,
+            feature_cache_bytes: 1 << 30,
+            device,
+        };
+        train(&recipe, &opts).unwrap();
+        out
+    })
+}
+
+/// The losses a run logged (one per update, then the validation's).
+fn logged_losses(out: &std::path::Path) -> Vec<f64> {
+    let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
+    log.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).filter_map(|v| v["loss"].as_f64()).collect()
+}
+
+/// `engine train --device cuda` end to end (features cached in GPU memory, scores and their Adam
+/// on the GPU, validation there): the losses of every update and of the validation are the CPU
+/// run's, and so are the learned scores.
+#[test]
+fn a_mask_learning_run_on_the_gpu_follows_the_cpu_run() {
+    if gpu(Precision::F32).is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let [cpu, cuda] = run_on_both(tmp.path(), &["--sparsity", "0.1"], s3router::train::run::Learn::Masks);
+    let (a, b) = (logged_losses(&cuda), logged_losses(&cpu));
+    assert_eq!(a.len(), 4, "3 updates and a validation logged");
+    for (k, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!(((x - y) / y).abs() <= 1e-4, "loss {k}: GPU {x} vs CPU {y}");
+    }
+    let scores = |dir: &std::path::Path| {
+        let ck = Checkpoint::open(&[dir.join("scores.safetensors")]).unwrap();
+        let mut names: Vec<String> = ck.names().map(str::to_string).collect();
+        names.sort();
+        names.iter().flat_map(|n| ck.tensor(n).unwrap().to_vec().unwrap()).collect::<Vec<f32>>()
+    };
+    assert_close("learned scores", &scores(&cuda), &scores(&cpu), 1e-4);
+}
+
+/// `engine finetune --device cuda` (weights and their Adam on the GPU, the model rebuilt there
+/// every update) moves every trained tensor as the CPU run does, and logs the same losses.
 /// Compared as the change from the source weights; the key biases, whose gradient is zero up
 /// to rounding (the softmax ignores them), move by rounding noise that Adam normalises, and are
 /// left out.
 #[test]
 fn a_finetuning_run_on_the_gpu_follows_the_cpu_run() {
-    use clap::{Args, FromArgMatches};
-    use s3router::train::run::{train, Device, Learn, Recipe, RunOptions};
+    use s3router::train::run::Learn;
     if gpu(Precision::F32).is_none() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let train_tsv = common::cli::small_manifest(tmp.path(), 4);
-    let source = fixtures().join("base-like");
-    let words: Vec<&str> = ["--model", source.to_str().unwrap(), "--train", train_tsv.to_str().unwrap(), "--steps", "3", "--lr", "1e-3"]
-        .into_iter()
-        .chain(common::cli::PLAIN.iter().copied())
-        .chain(["--skip-unknown"])
-        .collect();
-    let m = Recipe::augment_args(clap::Command::new("t").no_binary_name(true)).try_get_matches_from(words).unwrap();
-    let mut recipe = Recipe::from_arg_matches(&m).unwrap();
-    recipe.learn = Learn::Weights { freeze_updates: 0, train_feature_encoder: false, prune: None };
-    let run = |device: Device, dir: &str| {
-        let out = tmp.path().join(dir);
-        let opts =
-            RunOptions { out: out.clone(), resume: false, overwrite: true, save_every: 0, progress: false, feature_cache_bytes: 0, device };
-        train(&recipe, &opts).unwrap();
-        Checkpoint::open_dir(&out).unwrap()
-    };
-    let (cpu, cuda) = (run(Device::Cpu, "cpu"), run(Device::Cuda(Precision::F32), "cuda"));
-    let src = Checkpoint::open_dir(&source).unwrap();
+    let learn = Learn::Weights { freeze_updates: 0, train_feature_encoder: false, prune: None };
+    let [cpu_dir, cuda_dir] = run_on_both(tmp.path(), &[], learn);
+    for (k, (x, y)) in logged_losses(&cuda_dir).iter().zip(&logged_losses(&cpu_dir)).enumerate() {
+        assert!(((x - y) / y).abs() <= 1e-4, "loss {k}: GPU {x} vs CPU {y}");
+    }
+    let (cpu, cuda) = (Checkpoint::open_dir(&cpu_dir).unwrap(), Checkpoint::open_dir(&cuda_dir).unwrap());
+    let src = Checkpoint::open_dir(&fixtures().join("base-like")).unwrap();
     let mut compared = 0;
     for name in src.names().filter(|n| n.starts_with("wav2vec2.encoder.") && !n.ends_with("k_proj.bias")) {
         let s = src.tensor(name).unwrap().to_vec().unwrap();

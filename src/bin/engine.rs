@@ -129,7 +129,8 @@ struct RunArgs {
     /// No progress display on stderr.
     #[arg(long)]
     quiet: bool,
-    /// Memory (MB) for caching the frozen feature encoder's output per training utterance.
+    /// Memory (MB) for caching the frozen feature encoder's output per training utterance (on the
+    /// training device: GPU memory with --device cuda).
     #[arg(long, default_value_t = 2048)]
     feature_cache_mb: usize,
     /// Compute device: the CPU, or the first GPU (kernels built with nvcc, see README).

@@ -27,15 +27,6 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// Output rows `row0 .. row0 + rows` of a CPU-prepared weight (stored `[in, out]`) in
-    /// PyTorch's `[out, in]` layout.
-    pub fn rows_out_in(&self, row0: usize, rows: usize) -> Result<Vec<f32>> {
-        let &[d_in, d_out] = self.weight.shape() else { anyhow::bail!("a linear weight of shape {:?} is not 2-D", self.weight.shape()) };
-        ensure!(row0 + rows <= d_out, "rows {row0}..{} of a weight with {d_out} outputs", row0 + rows);
-        let w_t = self.weight.f32s()?;
-        Ok((0..rows * d_in).map(|j| w_t[(j % d_in) * d_out + row0 + j / d_in]).collect())
-    }
-
     /// Several `[d_out, d_in]` projections of the same input stacked into one (outputs side by
     /// side, in the order given), so one GEMM computes them all.
     fn load_stacked(ck: &dyn WeightSource, be: &dyn Backend, prefixes: &[String], d_in: usize, d_out: usize) -> Result<Linear> {

@@ -161,11 +161,12 @@ pub struct Regularisers<'a> {
 
 /// What a step starts from: raw audio, the frozen feature encoder's output of the packed batch
 /// (`[frames, conv_dim[-1]]`, what weight finetuning caches), or, when the projection is frozen
-/// too, the projected features (`[frames, hidden]`, what mask learning caches).
+/// too, the projected features (`[frames, hidden]`, what mask learning caches); features on the
+/// step's backend (host ones are uploaded).
 pub enum Features<'a> {
     Audio(&'a [&'a [f32]]),
-    Encoded(Vec<f32>, Seqs),
-    Projected(Vec<f32>, Seqs),
+    Encoded(Tensor, Seqs),
+    Projected(Tensor, Seqs),
 }
 
 /// Dropout sites: 0 is the encoder input; layer `i` owns `1 + 4i ..= 4 + 4i`.
@@ -353,14 +354,13 @@ pub fn step(
         }
         Features::Encoded(f, seqs) => {
             let width = *c.conv_dim.last().expect("a config has conv layers");
-            ensure!(f.len() == seqs.total() * width, "{} feature values for {} frames x {width} channels", f.len(), seqs.total());
-            let f = be.upload(&Tensor::from_vec(f, &[seqs.total(), width]))?;
-            project(be, model, f, seqs, &mut projection_tape)?
+            ensure!(f.shape() == [seqs.total(), width], "features {:?} for {} frames x {width} channels", f.shape(), seqs.total());
+            project(be, model, be.upload(&f)?, seqs, &mut projection_tape)?
         }
         Features::Projected(p, seqs) => {
             ensure!(!train_weights, "training the weights needs the feature encoder's output, not projected features");
-            ensure!(p.len() == seqs.total() * h, "{} projected values for {} frames x {h} channels", p.len(), seqs.total());
-            (be.upload(&Tensor::from_vec(p, &[seqs.total(), h]))?, seqs)
+            ensure!(p.shape() == [seqs.total(), h], "projected features {:?} for {} frames x {h} channels", p.shape(), seqs.total());
+            (be.upload(&p)?, seqs)
         }
     };
     if let Some(tm) = &reg.time_mask {

@@ -31,7 +31,7 @@ use crate::backend::backward::TrainBackend;
 use crate::backend::cpu::math::add_assign;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::{CudaBackend, Precision};
-use crate::backend::Backend;
+use crate::backend::{Backend, Seqs};
 use crate::ctc::{CtcTargets, Reduction};
 use crate::data::dataset::{self, Dataset, DatasetOptions, Format, LabelKind, Subset};
 use crate::data::labels::{symbols, Case, Labeler};
@@ -1054,7 +1054,9 @@ impl Trainer<'_> {
 /// concatenation of its utterances' (batching is exact), so cached and recomputed batches are
 /// bit-identical.
 struct FeatureCache {
-    features: HashMap<usize, Vec<f32>>,
+    /// Per utterance, `[frames, width]` on the training backend (device memory on the GPU: a
+    /// cached batch never crosses the bus).
+    features: HashMap<usize, Tensor>,
     bytes_left: usize,
     /// Cache the feature encoder's output rather than the projection's.
     encoded: bool,
@@ -1065,36 +1067,37 @@ impl FeatureCache {
         FeatureCache { features: HashMap::new(), bytes_left: bytes, encoded }
     }
 
-    /// The packed features of utterances `idx` (with their decoded `audio`).
-    fn features(&mut self, model: &Wav2Vec2, be: &dyn Backend, idx: &[usize], audio: &[Vec<f32>]) -> Result<Features<'static>> {
-        let h = if self.encoded { *model.config.conv_dim.last().expect("a config has conv layers") } else { model.config.hidden_size };
+    /// The packed features of utterances `idx` (with their decoded `audio`), on `be`.
+    fn features(&mut self, model: &Wav2Vec2, be: &dyn TrainBackend, idx: &[usize], audio: &[Vec<f32>]) -> Result<Features<'static>> {
+        let wrap = |f: Tensor, seqs: Seqs| if self.encoded { Features::Encoded(f, seqs) } else { Features::Projected(f, seqs) };
         let missing: Vec<usize> = (0..idx.len()).filter(|&k| !self.features.contains_key(&idx[k])).collect();
-        let mut fresh: HashMap<usize, Vec<f32>> = HashMap::new();
+        let mut fresh: HashMap<usize, Tensor> = HashMap::new();
         if !missing.is_empty() {
             let inputs: Vec<&[f32]> = missing.iter().map(|&k| audio[k].as_slice()).collect();
             let (p, seqs) = if self.encoded { model.feature_encoder(be, &inputs)? } else { model.projected(be, &inputs)? };
-            let p = p.to_vec()?;
+            let width = p.shape()[1];
+            // Computed whole, in order: the batch is `p` itself; only what the cache keeps is cut out.
+            let whole = missing.len() == idx.len();
             for (j, &k) in missing.iter().enumerate() {
                 let r = seqs.range(j);
-                fresh.insert(idx[k], p[r.start * h..r.end * h].to_vec());
+                let bytes = r.len() * width * 4;
+                let keep = bytes <= self.bytes_left && !self.features.contains_key(&idx[k]);
+                if keep || !whole {
+                    let part = be.rows(&p, r.start, r.len())?;
+                    if keep {
+                        self.bytes_left -= bytes;
+                        self.features.insert(idx[k], part.clone());
+                    }
+                    fresh.insert(idx[k], part);
+                }
+            }
+            if whole {
+                return Ok(wrap(p, seqs));
             }
         }
-        let mut rows = Vec::new();
-        let mut lens = Vec::with_capacity(idx.len());
-        for i in idx {
-            let f = self.features.get(i).or_else(|| fresh.get(i)).expect("computed above");
-            rows.extend_from_slice(f);
-            lens.push(f.len() / h);
-        }
-        for (i, f) in fresh {
-            let bytes = f.len() * 4;
-            if bytes <= self.bytes_left {
-                self.bytes_left -= bytes;
-                self.features.insert(i, f);
-            }
-        }
-        let seqs = crate::backend::Seqs::new(lens);
-        Ok(if self.encoded { Features::Encoded(rows, seqs) } else { Features::Projected(rows, seqs) })
+        let parts: Vec<&Tensor> = idx.iter().map(|i| self.features.get(i).or_else(|| fresh.get(i)).expect("computed above")).collect();
+        let seqs = Seqs::new(parts.iter().map(|t| t.shape()[0]).collect());
+        Ok(wrap(be.concat_rows(&parts)?, seqs))
     }
 }
 
