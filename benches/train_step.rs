@@ -62,9 +62,17 @@ fn bench_device(c: &mut Criterion, be: &dyn TrainBackend, device: &str, batch: u
     let mut g = c.benchmark_group("train");
     g.sample_size(10);
     let reg = Regularisers::default();
+    // Device memory at its highest during each bench (weights, scores, Adam state, activations).
+    let peak = |what: &str| {
+        if let Some(bytes) = be.take_peak_memory().unwrap() {
+            eprintln!("{what} {shape}: peak device memory {:.2} GB", bytes as f64 / 1e9);
+        }
+    };
+    peak("model and scores loaded");
     g.bench_function(format!("s3router step {shape}"), |b| {
         b.iter(|| step(be, &model, &masks, 0.1, head, Features::Audio(&inputs), &targets, Reduction::Sum, &reg, Weights::Frozen).unwrap())
     });
+    peak("s3router step");
     // As `engine train` updates: the scores' Adam on the backend, the head's on the host.
     let mut score_adam = TensorAdam::new(be, &masks.iter().map(|m| vec![m.d_out, m.d_in]).collect::<Vec<_>>()).unwrap();
     let mut adam = Adam::new(&[head.weight.numel(), head.bias.numel()]);
@@ -79,6 +87,7 @@ fn bench_device(c: &mut Criterion, be: &dyn TrainBackend, device: &str, batch: u
             adam.update(&mut [head_w.as_mut_slice(), head_b.as_mut_slice()], &grads, 5e-5);
         })
     });
+    peak("s3router update (scores' Adam moments added)");
     g.bench_function(format!("finetune step (every weight's gradient) {shape}"), |b| {
         b.iter(|| {
             step(be, &model, &[], 0.0, head, Features::Audio(&inputs), &targets, Reduction::Sum, &reg, Weights::AboveEncoder).unwrap()
@@ -116,6 +125,7 @@ fn bench_device(c: &mut Criterion, be: &dyn TrainBackend, device: &str, batch: u
             be.synchronize().unwrap();
         })
     });
+    peak("finetune update (the mask-learning model and its scores still held)");
     g.finish();
 }
 

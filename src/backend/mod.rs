@@ -124,6 +124,12 @@ pub trait Backend: Send + Sync {
     /// Waits until all queued work is done (devices that queue work asynchronously).
     fn synchronize(&self) -> Result<()>;
 
+    /// The most device memory in use (bytes) since the previous call, which starts a new
+    /// measurement; `None` where the backend does not track it (the CPU).
+    fn take_peak_memory(&self) -> Result<Option<u64>> {
+        Ok(None)
+    }
+
     /// Makes a host tensor usable by this backend (no copy on the CPU for f32).
     fn upload(&self, t: &Tensor) -> Result<Tensor>;
 

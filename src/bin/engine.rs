@@ -790,6 +790,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench { preset, batch, seconds, reps, profile, device } => {
             let be = backend(device)?;
             let r = bench::forward(be.as_ref(), &preset, batch, seconds, reps, profile)?;
+            let peak = be.take_peak_memory()?;
             println!(
                 "forward {} on {}: batch {} x {:.1} s, median {:.3} s over {} runs ({:.1}x real time, {} threads)",
                 r.preset,
@@ -801,6 +802,9 @@ fn run(cli: Cli) -> Result<()> {
                 r.realtime_factor(),
                 rayon::current_num_threads()
             );
+            if let Some(bytes) = peak {
+                println!("  peak device memory {:.2} GB (weights and activations)", bytes as f64 / 1e9);
+            }
             for (stage, secs) in &r.stages {
                 println!("  {stage:<30} {:9.3} ms", secs * 1e3);
             }

@@ -424,6 +424,23 @@ impl Backend for CudaBackend {
         CudaBackend::synchronize(self)
     }
 
+    /// The stream-ordered pool's high-water mark of memory in use (every allocation of this
+    /// backend comes from it), then reset.
+    fn take_peak_memory(&self) -> Result<Option<u64>> {
+        self.synchronize()?;
+        let mut peak = 0u64;
+        // SAFETY: driver calls on this context's default pool with valid in/out pointers.
+        unsafe {
+            let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+            cu(sys::cuDeviceGetDefaultMemPool(&mut pool, self.ctx.cu_device()), "cuDeviceGetDefaultMemPool")?;
+            let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+            cu(sys::cuMemPoolGetAttribute(pool, attr, &mut peak as *mut u64 as *mut std::ffi::c_void), "cuMemPoolGetAttribute")?;
+            let mut zero = 0u64;
+            cu(sys::cuMemPoolSetAttribute(pool, attr, &mut zero as *mut u64 as *mut std::ffi::c_void), "cuMemPoolSetAttribute")?;
+        }
+        Ok(Some(peak))
+    }
+
     fn name(&self) -> String {
         format!("cuda:{} ({:?})", self.ctx.ordinal(), self.precision)
     }
