@@ -6,8 +6,8 @@
 //! bias and norm above the frozen feature encoder (and of the feature encoder itself).
 //!
 //! Frozen stages run without a tape; masks live as bits (the top-k is taken on the device);
-//! each encoder layer keeps only what its backward needs (attention probabilities and dropout
-//! masks are recomputed), and the backward stops at the lowest trainable tensor: layer 0's
+//! each encoder layer keeps only what its backward needs (attention probabilities, dropout
+//! masks and the FFN's 4x-wide activation are recomputed), and the backward stops at the lowest trainable tensor: layer 0's
 //! lowest masked linear, the time-mask embedding when time masking is on, or the feature
 //! projection when weights train.
 
@@ -213,9 +213,9 @@ struct Tape {
     second: Option<Tensor>,
     /// The FFN's input (post-LN: = `second`; pre-LN: the second norm's output).
     ffn_in: Tensor,
+    /// The FFN's pre-activation; its post-activation (`output_dense`'s input, 4x hidden wide)
+    /// is recomputed in backward, an elementwise pass, instead of being kept for every layer.
     pre_gelu: Tensor,
-    /// After activation dropout: the input of `output_dense`.
-    post_gelu: Tensor,
     /// Post-LN: `ffn + second` before the final norm.
     residual2: Option<Tensor>,
 }
@@ -398,12 +398,12 @@ pub fn step(
             let o = drop(reg.dropout, site(i, SITE_ATTENTION_OUT), linear(lw.linear(1), &att)?)?;
             Ok((qkv, keep_attended.then_some(att), o))
         };
-        // The FFN: (pre-GELU, dropped post-GELU, dropped output).
-        let feed_forward = |inp: &Tensor| -> Result<(Tensor, Tensor, Tensor)> {
+        // The FFN: (pre-GELU, dropped output); the dropped post-GELU is freed here.
+        let feed_forward = |inp: &Tensor| -> Result<(Tensor, Tensor)> {
             let u = linear(lw.linear(2), inp)?;
             let g = drop(reg.activation_dropout, site(i, SITE_ACTIVATION), be.gelu(&u)?)?;
             let f2 = drop(reg.dropout, site(i, SITE_FFN_OUT), linear(lw.linear(3), &g)?)?;
-            Ok((u, g, f2))
+            Ok((u, f2))
         };
         let layer = lw.layer;
         let tape = if c.do_stable_layer_norm {
@@ -411,19 +411,19 @@ pub fn step(
             let (qkv, attended, o) = attend(&a)?;
             let x1 = be.add(x.clone(), &o)?;
             let b = norm(&layer.final_layer_norm, &x1)?;
-            let (u, g, f2) = feed_forward(&b)?;
+            let (u, f2) = feed_forward(&b)?;
             let out = be.add(x1.clone(), &f2)?;
             let input = std::mem::replace(&mut x, out);
-            Tape { input, qkv, attended, first: a, second: Some(x1), ffn_in: b, pre_gelu: u, post_gelu: g, residual2: None }
+            Tape { input, qkv, attended, first: a, second: Some(x1), ffn_in: b, pre_gelu: u, residual2: None }
         } else {
             let (qkv, attended, o) = attend(&x)?;
             let r1 = be.add(o, &x)?;
             let h1 = norm(&layer.layer_norm, &r1)?;
-            let (u, g, f2) = feed_forward(&h1)?;
+            let (u, f2) = feed_forward(&h1)?;
             let r2 = be.add(f2, &h1)?;
             let out = norm(&layer.final_layer_norm, &r2)?;
             let input = std::mem::replace(&mut x, out);
-            Tape { input, qkv, attended, first: r1, second: None, ffn_in: h1, pre_gelu: u, post_gelu: g, residual2: Some(r2) }
+            Tape { input, qkv, attended, first: r1, second: None, ffn_in: h1, pre_gelu: u, residual2: Some(r2) }
         };
         tapes.push(Some(tape));
     }
@@ -469,8 +469,9 @@ pub fn step(
         };
         let d_ffn_out = drop(reg.dropout, site(i, SITE_FFN_OUT), d_ffn_out)?;
         let (output_dense, out_mask) = lw.linear(3);
+        let post_gelu = || drop(reg.activation_dropout, site(i, SITE_ACTIVATION), be.gelu(&tape.pre_gelu)?);
         let dw =
-            (lw.part(Part::Output).is_some() || train_weights).then(|| be.linear_weight_grad(&d_ffn_out, &tape.post_gelu)).transpose()?;
+            (lw.part(Part::Output).is_some() || train_weights).then(|| be.linear_weight_grad(&d_ffn_out, &post_gelu()?)).transpose()?;
         if let Some(k) = lw.part(Part::Output) {
             score_grads[k] = Some(to_scores(k, dw.as_ref().expect("computed for a masked weight"), output_dense)?);
         }
