@@ -1,9 +1,11 @@
-//! CTC loss + gradient on the CPU at T = 749, B = 8, S = 220, C = 32 (8 x 15 s of speech,
-//! LibriSpeech-like transcript lengths). `cargo bench --bench ctc`.
+//! CTC loss + gradient at T = 749, B = 8, S = 220, C = 32 (8 x 15 s of speech, LibriSpeech-like
+//! transcript lengths), on the CPU and, when there is one, the GPU (each call returns the losses
+//! to the host, so a GPU iteration is complete). `cargo bench --bench ctc [-- cpu|cuda]`.
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use s3router::backend::cpu::CpuBackend;
-use s3router::backend::Seqs;
+use s3router::backend::cuda::{unavailable_reason, CudaBackend, Precision};
+use s3router::backend::{Backend, Seqs};
 use s3router::ctc::{ctc_loss, CtcTargets, Reduction};
 use s3router::tensor::Tensor;
 
@@ -14,10 +16,19 @@ fn ctc_b8(c: &mut Criterion) {
     let logits = Tensor::from_vec(logits, &[seqs.total(), vocab]);
     let labels = (0..8).map(|b| (0..220).map(|i| ((i * 7 + b * 3) % 31 + 1) as u32).collect()).collect();
     let targets = CtcTargets { labels, blank: 0, zero_infinity: true };
-    let be = CpuBackend;
     let mut g = c.benchmark_group("ctc");
     g.sample_size(10);
-    g.bench_function("loss+grad T749 B8 S220 C32 cpu", |b| b.iter(|| ctc_loss(&be, &logits, &seqs, &targets, Reduction::Sum).unwrap()));
+    let mut bench = |name: &str, be: &dyn Backend| {
+        let logits = be.upload(&logits).unwrap();
+        g.bench_function(format!("loss+grad T749 B8 S220 C32 {name}"), |b| {
+            b.iter(|| ctc_loss(be, &logits, &seqs, &targets, Reduction::Sum).unwrap())
+        });
+    };
+    bench("cpu", &CpuBackend);
+    match unavailable_reason() {
+        None => bench("cuda", &CudaBackend::new(0, Precision::F32).unwrap()),
+        Some(why) => eprintln!("ctc cuda: skipped ({why})"),
+    }
     g.finish();
 }
 

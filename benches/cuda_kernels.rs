@@ -8,7 +8,6 @@ use std::time::Instant;
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use s3router::backend::cuda::{unavailable_reason, CudaBackend, Precision};
 use s3router::backend::{Activation, Backend, ConvGeometry, NormParams, Seqs};
-use s3router::ctc::{ctc_loss, CtcTargets, Reduction};
 use s3router::rng::SplitMix;
 use s3router::tensor::Tensor;
 
@@ -126,14 +125,6 @@ fn main() {
         let pf = 2.0 * (FRAMES * 768 * 128 * 48) as f64;
         rows.push(Row(format!("pos conv (k128 g16) {p}"), ms, format!("{:.1} TFLOP/s", pf / ms / 1e9)));
     }
-    // CTC loss + gradient: T = 749, B = 8, S = 220, C = 32.
-    let seqs = Seqs::new(vec![749; 8]);
-    let logits = be.upload(&Tensor::from_vec(random(FRAMES * 32, 9).iter().map(|v| v * 6.0).collect(), &[FRAMES, 32])).unwrap();
-    let labels: Vec<Vec<u32>> = (0..8).map(|b| random(220, 10 + b).iter().map(|v| ((v + 0.5) * 30.99) as u32 + 1).collect()).collect();
-    let targets = CtcTargets { labels, blank: 0, zero_infinity: true };
-    let ms = time_ms(be, 20, || drop(ctc_loss(be, &logits, &seqs, &targets, Reduction::Sum).unwrap()));
-    rows.push(Row("ctc loss+grad T749 B8 S220 C32".into(), ms, String::new()));
-
     println!("\n| kernel (wav2vec2-base shapes, 8 x 15 s) | median ms | rate |\n|---|---|---|");
     for Row(name, ms, rate) in rows {
         println!("| {name} | {ms:.4} | {rate} |");

@@ -1,108 +1,176 @@
-// CTC loss and gradient with respect to the logits, log-softmax fused in. version 1.
-// One block per utterance. Pass 1: each frame's log-sum-exp (threads over frames; no separate
-// softmax kernel). Pass 2: alpha in log space, two rows in shared memory, all rows kept in a
-// global scratch for the backward pass. Pass 3: beta backwards, fused with the gradient: at each
-// frame the occupancy exp(alpha + beta - lp - log p) of every extended-label state (a probability,
-// so linear-space sums are safe) is added into a per-token shared array, and
-// grad[t][k] = (softmax[t][k] - occupancy[k]) * scale.
+// CTC loss and gradient with respect to the logits, log-softmax fused in. version 2.
+//
+// The recursions are inherently serial over frames (749 at 15 s), so what matters is the time of
+// one frame step; everything else runs wide:
+//   1. ctc_emissions (a warp per frame, all utterances at once): each frame's log-sum-exp and the
+//      log-probabilities of its extended-label states, E[t][s] = logit[t][l'(s)] - lse[t].
+//   2. ctc_recursions (one block per utterance and direction: alpha and beta run concurrently):
+//      a thread per state (several when the sequence is long), the previous frame in shared
+//      memory, one barrier per frame; E is read from registers loaded PREFETCH frames ahead, so
+//      no global-memory latency sits on the serial path. Alpha and beta go to global scratch.
+//   3. ctc_grad (a warp per frame): occupancies exp(alpha + beta - E - log p) summed per token
+//      in a fixed order (the blank over the even states by a warp reduction, each label token
+//      over its own positions), grad = (softmax - occupancy) * scale. Deterministic: no atomics.
+// Log space throughout, as in version 1 (accurate expf/log1pf: parity with the CPU's f64).
 #include "common.cuh"
+
+constexpr int CTC_PREFETCH = 4;   // frames of emissions in flight ahead of the recursion
+constexpr int CTC_MAX_SLOTS = 4;  // states per thread: L <= 4 * 1024 (src/backend/cuda/ctc.rs MAX_STATES)
 
 __device__ __forceinline__ float log_add(float a, float b) {
     float m = fmaxf(a, b);
     return m == -INFINITY ? m : m + log1pf(expf(-fabsf(a - b)));
 }
 
-extern "C" __global__ void ctc_loss(const float* logits, const int* frame_off, const int* labels, const int* label_off, const long* alpha_off,
-                                    int vocab, int blank, int zero_inf, float scale, float* lse, float* alpha_all, float* grad, float* losses) {
-    extern __shared__ float sm[];
-    const int u = blockIdx.x, tid = threadIdx.x, nt = blockDim.x;
-    const int f0 = frame_off[u], T = frame_off[u + 1] - f0;
-    const int* lab = labels + label_off[u];
-    const int S = label_off[u + 1] - label_off[u], L = 2 * S + 1;
-    float* buf0 = sm;
-    float* buf1 = sm + L;
-    int* ext = reinterpret_cast<int*>(sm + 2 * L);
-    float* occ = sm + 3 * L;
-    __shared__ float log_p_shared;
+// The per-batch index arrays, one upload (i64): see CtcMeta in src/backend/cuda/ctc.rs.
+struct CtcMeta {
+    const long* frame_off;  // [U + 1] packed frames of each utterance
+    const long* label_off;  // [U + 1] into labels
+    const long* state_off;  // [U + 1] into E / alpha / beta: sum of T * L
+    const long* labels;     // every utterance's label ids
+    const long* tok_off;    // [U * (vocab + 1)]: positions of token k in utterance u's labels,
+    const long* positions;  // positions[tok_off[u * (vocab + 1) + k] .. + k + 1] (label indices)
+    int vocab, blank;
+};
+
+// The token of extended-label state s (blanks at even s).
+__device__ __forceinline__ int ext_token(const long* lab, int s, int blank) { return (s & 1) ? (int)lab[s >> 1] : blank; }
+
+// May state s be entered from s - 2 (skipping a blank)?
+__device__ __forceinline__ bool can_skip(const long* lab, int s, int blank) {
+    return s >= 2 && (s & 1) && lab[s >> 1] != lab[(s >> 1) - 1] && lab[s >> 1] != blank;
+}
+
+// One warp per frame: lse[f] over the vocabulary, then E[t][s] for every state.
+extern "C" __global__ void ctc_emissions(const float* logits, CtcMeta m, float* lse, float* emit) {
+    const int u = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const long f0 = m.frame_off[u];
+    const int T = (int)(m.frame_off[u + 1] - f0), t = blockIdx.x * (blockDim.x / 32) + warp;
+    if (t >= T) return;
+    const long* lab = m.labels + m.label_off[u];
+    const int L = 2 * (int)(m.label_off[u + 1] - m.label_off[u]) + 1;
+    const float* row = logits + (f0 + t) * m.vocab;
+    float mx = -INFINITY;
+    for (int k = lane; k < m.vocab; k += 32) mx = fmaxf(mx, row[k]);
+    mx = warp_max(mx);
+    float sum = 0.0f;
+    for (int k = lane; k < m.vocab; k += 32) sum += expf(row[k] - mx);
+    const float z = mx + logf(warp_sum(sum));
+    if (lane == 0) lse[f0 + t] = z;
+    float* e = emit + m.state_off[u] + (long)t * L;
+    for (int s = lane; s < L; s += 32) e[s] = row[ext_token(lab, s, m.blank)] - z;
+}
+
+// blockIdx.x = 0: alpha forward; 1: beta backward (both include the frame's own emission, as in
+// version 1). blockIdx.y = utterance. Shared memory: two rows of max L floats.
+extern "C" __global__ void __launch_bounds__(1024) ctc_recursions(CtcMeta m, const float* emit, float* alpha, float* beta, int zero_inf, float* losses) {
+    extern __shared__ float rows[];
+    const int u = blockIdx.y, backward = blockIdx.x, tid = threadIdx.x, nt = blockDim.x;
+    const int T = (int)(m.frame_off[u + 1] - m.frame_off[u]);
+    const long* lab = m.labels + m.label_off[u];
+    const int L = 2 * (int)(m.label_off[u + 1] - m.label_off[u]) + 1;
     if (T == 0) {
-        if (tid == 0) losses[u] = 0.0f;
+        if (!backward && tid == 0) losses[u] = 0.0f;
         return;
     }
-    for (int s = tid; s < L; s += nt) ext[s] = (s % 2 == 0) ? blank : lab[s / 2];
-    for (int k = tid; k < vocab; k += nt) occ[k] = 0.0f;
-    const float* x = logits + (long)f0 * vocab;
-    float* lse_u = lse + f0;
-    for (int t = tid; t < T; t += nt) {
-        const float* row = x + (long)t * vocab;
-        float m = -INFINITY;
-        for (int k = 0; k < vocab; ++k) m = fmaxf(m, row[k]);
-        float sum = 0.0f;
-        for (int k = 0; k < vocab; ++k) sum += expf(row[k] - m);
-        lse_u[t] = m + logf(sum);
+    const float* e = emit + m.state_off[u];
+    float* out = (backward ? beta : alpha) + m.state_off[u];
+    float* prev = rows;
+    float* cur = rows + L;
+    // This thread's states s = tid + j * nt, whether each may skip (alpha: from s - 2; beta:
+    // to s + 2), and its ring of prefetched emissions.
+    bool skip[CTC_MAX_SLOTS];
+    float ring[CTC_PREFETCH][CTC_MAX_SLOTS];
+#pragma unroll
+    for (int j = 0; j < CTC_MAX_SLOTS; ++j) {
+        const int s = tid + j * nt;
+        skip[j] = s < L && (backward ? (s + 2 < L && can_skip(lab, s + 2, m.blank)) : can_skip(lab, s, m.blank));
     }
-    __syncthreads();
-#define LP(t, k) (x[(long)(t) * vocab + (k)] - lse_u[t])
-#define SKIP(s) ((s) >= 2 && ext[s] != blank && ext[s] != ext[(s) - 2])
-    float* alpha = alpha_all + alpha_off[u];
-    float *prev = buf0, *cur = buf1;
-    for (int s = tid; s < L; s += nt) {
-        float a = s < 2 ? LP(0, ext[s]) : -INFINITY;
-        prev[s] = a;
-        alpha[s] = a;
-    }
-    for (int t = 1; t < T; ++t) {
-        __syncthreads();
-        for (int s = tid; s < L; s += nt) {
-            float a = prev[s];
-            if (s >= 1) a = log_add(a, prev[s - 1]);
-            if (SKIP(s)) a = log_add(a, prev[s - 2]);
-            a += LP(t, ext[s]);
-            cur[s] = a;
-            alpha[(long)t * L + s] = a;
+    // Frame order: t(i) = i forward, T - 1 - i backward.
+#pragma unroll
+    for (int d = 0; d < CTC_PREFETCH; ++d) {
+        const int t = backward ? T - 1 - d : d;
+#pragma unroll
+        for (int j = 0; j < CTC_MAX_SLOTS; ++j) {
+            const int s = tid + j * nt;
+            ring[d][j] = (d < T && s < L) ? e[(long)t * L + s] : 0.0f;
         }
+    }
+    for (int i = 0; i < T; ++i) {
+        const int t = backward ? T - 1 - i : i;
+        float now[CTC_MAX_SLOTS];
+#pragma unroll
+        for (int j = 0; j < CTC_MAX_SLOTS; ++j) {
+            now[j] = ring[0][j];
+#pragma unroll
+            for (int d = 0; d + 1 < CTC_PREFETCH; ++d) ring[d][j] = ring[d + 1][j];
+            const int s = tid + j * nt, ahead = i + CTC_PREFETCH;
+            const int ta = backward ? T - 1 - ahead : ahead;
+            ring[CTC_PREFETCH - 1][j] = (ahead < T && s < L) ? e[(long)ta * L + s] : 0.0f;
+        }
+#pragma unroll
+        for (int j = 0; j < CTC_MAX_SLOTS; ++j) {
+            const int s = tid + j * nt;
+            if (s >= L) break;
+            float v;
+            if (i == 0) {
+                v = backward ? (s >= L - 2 ? 0.0f : -INFINITY) : (s < 2 ? 0.0f : -INFINITY);
+            } else if (backward) {
+                v = prev[s];
+                if (s + 1 < L) v = log_add(v, prev[s + 1]);
+                if (skip[j]) v = log_add(v, prev[s + 2]);
+            } else {
+                v = prev[s];
+                if (s >= 1) v = log_add(v, prev[s - 1]);
+                if (skip[j]) v = log_add(v, prev[s - 2]);
+            }
+            v += now[j];
+            cur[s] = v;
+            out[(long)t * L + s] = v;
+        }
+        __syncthreads();  // cur complete before it becomes prev; prev's readers done before it is overwritten
         float* tmp = prev;
         prev = cur;
         cur = tmp;
     }
-    __syncthreads();
-    if (tid == 0) log_p_shared = L > 1 ? log_add(prev[L - 1], prev[L - 2]) : prev[0];
-    __syncthreads();
-    const float log_p = log_p_shared;
-    float* g = grad + (long)f0 * vocab;
-    if (log_p == -INFINITY) {  // no alignment: zero_infinity gives 0 and 0; otherwise the host reports it
-        for (long i = tid; i < (long)T * vocab; i += nt) g[i] = zero_inf ? 0.0f : NAN;
-        if (tid == 0) losses[u] = zero_inf ? 0.0f : INFINITY;
+    if (!backward && tid == 0) {
+        const float log_p = L > 1 ? log_add(prev[L - 1], prev[L - 2]) : prev[0];
+        losses[u] = log_p == -INFINITY ? (zero_inf ? 0.0f : INFINITY) : -log_p;
+    }
+}
+
+// One warp per frame: grad[t][k] = (softmax[t][k] - sum of the occupancies of k's states) * scale.
+extern "C" __global__ void ctc_grad(const float* logits, CtcMeta m, const float* lse, const float* emit, const float* alpha,
+                                    const float* beta, int zero_inf, float scale, float* grad) {
+    const int u = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const long f0 = m.frame_off[u];
+    const int T = (int)(m.frame_off[u + 1] - f0), t = blockIdx.x * (blockDim.x / 32) + warp;
+    if (t >= T) return;
+    const int S = (int)(m.label_off[u + 1] - m.label_off[u]), L = 2 * S + 1;
+    const long base = m.state_off[u], row_t = base + (long)t * L, last = base + (long)(T - 1) * L;
+    const float log_p = L > 1 ? log_add(alpha[last + L - 1], alpha[last + L - 2]) : alpha[last];
+    float* g = grad + (f0 + t) * m.vocab;
+    if (log_p == -INFINITY) {  // no alignment: zero_infinity gives 0; otherwise the host reports it
+        for (int k = lane; k < m.vocab; k += 32) g[k] = zero_inf ? 0.0f : NAN;
         return;
     }
-    float *next = buf0, *bcur = buf1;
-    for (int t = T - 1; t >= 0; --t) {
-        for (int s = tid; s < L; s += nt) {
-            float b;
-            if (t == T - 1) {
-                b = s >= L - 2 ? 0.0f : -INFINITY;
-            } else {
-                b = next[s];
-                if (s + 1 < L) b = log_add(b, next[s + 1]);
-                if (s + 2 < L && SKIP(s + 2)) b = log_add(b, next[s + 2]);
-            }
-            b += LP(t, ext[s]);
-            bcur[s] = b;
+    auto occupancy = [&](int s) {
+        const float o = alpha[row_t + s] + beta[row_t + s] - emit[row_t + s] - log_p;
+        return o > -INFINITY ? expf(o) : 0.0f;
+    };
+    float blank_occ = 0.0f;
+    for (int s = 2 * lane; s < L; s += 64) blank_occ += occupancy(s);
+    blank_occ = warp_sum(blank_occ);
+    const float z = lse[f0 + t];
+    const float* row = logits + (f0 + t) * m.vocab;
+    const long* tok = m.tok_off + (long)u * (m.vocab + 1);
+    for (int k = lane; k < m.vocab; k += 32) {
+        float occ = 0.0f;
+        if (k == m.blank) {
+            occ = blank_occ;
+        } else {
+            for (long p = tok[k]; p < tok[k + 1]; ++p) occ += occupancy(2 * (int)m.positions[p] + 1);
         }
-        __syncthreads();
-        for (int s = tid; s < L; s += nt) {
-            float o = alpha[(long)t * L + s] + bcur[s] - LP(t, ext[s]) - log_p;
-            if (o > -INFINITY) atomicAdd(&occ[ext[s]], expf(o));
-        }
-        __syncthreads();
-        for (int k = tid; k < vocab; k += nt) {
-            g[(long)t * vocab + k] = (expf(LP(t, k)) - occ[k]) * scale;
-            occ[k] = 0.0f;
-        }
-        float* tmp = next;
-        next = bcur;
-        bcur = tmp;
+        g[k] = (expf(row[k] - z) - occ) * scale;
     }
-    if (tid == 0) losses[u] = -log_p;
-#undef LP
-#undef SKIP
 }

@@ -22,7 +22,7 @@ cargo build --release --bin engine
 cp target/release/engine "$out/bin/"
 # The GPU test suite (the CPU suites need cargo's build paths and run in CI anyway).
 cargo test --release --test cuda --test cuda_train --no-run --message-format=json 2>/dev/null | executables test | xargs -r cp -t "$out/tests/"
-cargo bench --no-run --bench cuda_kernels --bench train_step --bench sparse --message-format=json 2>/dev/null | executables bench | xargs -r cp -t "$out/bin/"
+cargo bench --no-run --bench cuda_kernels --bench train_step --bench sparse --bench ctc --message-format=json 2>/dev/null | executables bench | xargs -r cp -t "$out/bin/"
 strip "$out"/bin/* "$out"/tests/* 2>/dev/null || true
 anchor=../shared/bench/torch_w2v2_anchor.py
 [ -f "$anchor" ] && cp "$anchor" "$out/"
@@ -46,7 +46,9 @@ for t in "$b"/tests/*; do
 done
 # 2. Training step benches (criterion, GPU only), then the PyTorch anchor in the same call.
 "$b"/bin/train_step* --bench cuda --warm-up-time 1 --measurement-time 4 2>&1 | grep -E "cuda|time:" | tee "$out/train_step.txt"
-# Dense against sparse FFN linears (the crossovers that pick engine infer's path), GPU groups only.
+# CTC loss + gradient at 8 x 15 s (issue 4's goal: <= 0.1 ms), then dense against sparse FFN
+# linears (the crossovers that pick engine infer's path), GPU groups only.
+"$b"/bin/ctc* --bench cuda --warm-up-time 0.5 --measurement-time 1 2>&1 | grep -E "cuda|time:" | tee "$out/ctc.txt"
 "$b"/bin/sparse* --bench cuda --warm-up-time 0.5 --measurement-time 1 2>&1 | grep -E "cuda|time:" | tee "$out/sparse.txt"
 if [ -f "$b/torch_w2v2_anchor.py" ]; then
     t=$(( $(left) - 120 )); [ "$t" -gt 300 ] && t=300
@@ -69,7 +71,7 @@ if [ "${FULL:-0}" = 1 ]; then
 fi
 echo; echo "== summary ($SECONDS s)"; cat "$out/gpu.txt"; grep -h "^test result" "$out"/test-*.log | sort | uniq -c
 cat "$out/train_step.txt"
-cat "$out/sparse.txt"
+cat "$out/ctc.txt" "$out/sparse.txt"
 grep -hE "train_|infer_b8_15s" "$out/torch.log" 2>/dev/null
 tail -3 "$out/demo.txt" 2>/dev/null
 exit $fail

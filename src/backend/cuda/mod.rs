@@ -8,6 +8,7 @@
 //! tensor cores with bf16 operands and fp32 accumulation; everything else fp32).
 
 mod backward;
+mod ctc;
 mod launch;
 mod sparse;
 mod weights;
@@ -63,7 +64,9 @@ const FUNCTIONS: &[(&str, &str)] = &[
     ("attention", "attention_bf16_mma_hd32_smem"),
     ("attention", "attention_bf16_mma_hd64_smem"),
     ("attention", "attention_bf16_mma_hd128_smem"),
-    ("ctc", "ctc_loss"),
+    ("ctc", "ctc_emissions"),
+    ("ctc", "ctc_recursions"),
+    ("ctc", "ctc_grad"),
     ("mask", "pack_mask"),
     ("mask", "unpack_mask"),
     ("weights", "swap_last_two_f32"),
@@ -733,48 +736,7 @@ impl Backend for CudaBackend {
     }
 
     fn ctc_loss(&self, logits: &Tensor, seqs: &Seqs, targets: &crate::ctc::CtcTargets, grad_scale: f32) -> Result<(Vec<f32>, Tensor)> {
-        let vocab = *logits.shape().last().unwrap_or(&0);
-        let copy = |e| anyhow!("CUDA copy: {e}");
-        let mut label_off = vec![0i32];
-        let mut alpha_off = vec![0i64];
-        let mut flat = Vec::new();
-        for (u, labels) in targets.labels.iter().enumerate() {
-            flat.extend(labels.iter().map(|&l| l as i32));
-            label_off.push(flat.len() as i32);
-            alpha_off.push(alpha_off[u] + (seqs.lens()[u] * (2 * labels.len() + 1)) as i64);
-        }
-        flat.push(0); // never empty
-        let longest = targets.labels.iter().map(|l| 2 * l.len() + 1).max().unwrap_or(1);
-        let smem = ((3 * longest + vocab) * 4) as u32;
-        let f = self.func("ctc_loss");
-        if smem > 48 * 1024 {
-            f.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-                .map_err(|e| anyhow!("CTC: {longest} extended labels need {smem} bytes of shared memory: {e}"))?;
-        }
-        let frame_off = self.offsets(seqs)?;
-        let labels = self.stream.clone_htod(&flat).map_err(copy)?;
-        let label_off = self.stream.clone_htod(&label_off).map_err(copy)?;
-        let alpha_offsets = self.stream.clone_htod(&alpha_off).map_err(copy)?;
-        let lse = self.empty(&[seqs.total().max(1)], DType::F32)?;
-        let alpha = self.empty(&[(*alpha_off.last().unwrap() as usize).max(1)], DType::F32)?;
-        let grad = self.empty(logits.shape(), DType::F32)?;
-        let losses = self.empty(&[seqs.count().max(1)], DType::F32)?;
-        let p = |s: &CudaSlice<i32>| s.device_ptr(&self.stream).0;
-        let (pl, pf, plab, ploff) = (self.ptr(logits)?, p(&frame_off), p(&labels), p(&label_off));
-        let paoff = alpha_offsets.device_ptr(&self.stream).0;
-        let (plse, palpha, pg, plosses) = (self.ptr(&lse)?, self.ptr(&alpha)?, self.ptr(&grad)?, self.ptr(&losses)?);
-        let (vocab_i, blank_i, zero_i) = (vocab as i32, targets.blank as i32, targets.zero_infinity as i32);
-        let mut cfg = launch::config((seqs.count() as u32, 1, 1), 256);
-        cfg.shared_mem_bytes = smem;
-        self.launcher().launch(f, cfg, |b| {
-            b.arg(&pl).arg(&pf).arg(&plab).arg(&ploff).arg(&paoff).arg(&vocab_i).arg(&blank_i).arg(&zero_i).arg(&grad_scale);
-            b.arg(&plse).arg(&palpha).arg(&pg).arg(&plosses);
-        })?;
-        let losses = self.to_host(&losses)?.to_vec()?[..seqs.count()].to_vec();
-        if let Some(u) = losses.iter().position(|l| l.is_infinite()) {
-            bail!("utterance {u}: no CTC alignment of its {} labels fits its {} frames", targets.labels[u].len(), seqs.lens()[u]);
-        }
-        Ok((losses, grad))
+        self.ctc(logits, seqs, targets, grad_scale)
     }
 
     fn log_softmax(&self, x: &Tensor) -> Result<Tensor> {
