@@ -44,6 +44,13 @@ for t in "$b"/tests/*; do
     S3R_REQUIRE_GPU=1 "$t" >"$out/test-$(basename "$t").log" 2>&1 || { fail=1; echo "FAILED: $(basename "$t")"; grep -E "panicked|rel L2|left:|right:" "$out/test-$(basename "$t").log" | head -20; }
     grep -h "^test result" "$out/test-$(basename "$t").log"
 done
+# The command line on the GPU: engine infer must print the CPU's transcripts (plain and masked).
+wavs="tests/fixtures/audio/utt0.wav tests/fixtures/audio/utt1.wav tests/fixtures/audio/utt2.wav"
+for args in "--model tests/fixtures/base-like" "--model tests/fixtures/base-like --masks tests/fixtures/base-like-masks"; do
+    cpu=$("$b/bin/engine" infer $args $wavs 2>&1); gpu=$("$b/bin/engine" infer $args --device cuda $wavs 2>&1)
+    if [ -n "$cpu" ] && [ "$cpu" = "$gpu" ]; then echo "infer $args: GPU transcripts = CPU's"; else fail=1; echo "FAILED: infer $args: GPU gave: $gpu"; fi
+done | tee "$out/cli.txt"
+grep -q FAILED "$out/cli.txt" && fail=1
 # 2. Training step benches (criterion, GPU only), then the PyTorch anchor in the same call.
 "$b"/bin/train_step* --bench cuda --warm-up-time 1 --measurement-time 4 2>&1 | grep -E "cuda|time:" | tee "$out/train_step.txt"
 # CTC loss + gradient at 8 x 15 s (issue 4's goal: <= 0.1 ms), then dense against sparse FFN
@@ -70,6 +77,7 @@ if [ "${FULL:-0}" = 1 ]; then
     timeout 240 "$b/bin/engine" train --device cuda --precision bf16 --out "$out/demo-bf16" 2>&1 | tail -4 | tee -a "$out/demo.txt"
 fi
 echo; echo "== summary ($SECONDS s)"; cat "$out/gpu.txt"; grep -h "^test result" "$out"/test-*.log | sort | uniq -c
+cat "$out/cli.txt"
 cat "$out/train_step.txt"
 cat "$out/ctc.txt" "$out/sparse.txt"
 grep -hE "train_|infer_b8_15s" "$out/torch.log" 2>/dev/null
