@@ -157,6 +157,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_index_arrays_lie_end_to_end_with_their_starts() {
+        let targets = CtcTargets { labels: vec![vec![1, 2], vec![], vec![2]], blank: 0, zero_infinity: false };
+        let ix = indices(&Seqs::new(vec![5, 3, 4]), &targets, 3);
+        let part = |i: usize| ix.data[ix.starts[i]..ix.starts.get(i + 1).copied().unwrap_or(ix.data.len())].to_vec();
+        assert_eq!(part(0), vec![0, 5, 8, 12], "frame offsets");
+        assert_eq!(part(1), vec![0, 2, 2, 3], "label offsets");
+        assert_eq!(part(2), vec![0, 25, 28, 40], "state offsets: frames x (2S + 1)");
+        assert_eq!(part(3), vec![1, 2, 2], "labels");
+        assert_eq!(part(4), vec![0, 0, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3], "per utterance and token: where its positions start");
+        assert_eq!(part(5), vec![0, 1, 0], "label indices of each token");
+    }
+
+    #[test]
     fn token_positions_list_each_tokens_label_indices_in_order() {
         let (mut tok_off, mut positions) = (vec![], vec![7]); // an earlier utterance's entry
         token_positions(&[2, 1, 2, 3, 2], 4, &mut tok_off, &mut positions);
