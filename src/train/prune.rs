@@ -205,8 +205,27 @@ impl Pruner {
         if let Some((keep, _)) = &self.fixed {
             return Ok(keep.clone());
         }
-        let host: Vec<Vec<f32>> = self.indices.iter().map(|&i| be.to_host(&weights[i].data)?.into_f32_vec()).collect::<Result<_>>()?;
-        Ok(global_magnitude_keep(&host.iter().map(Vec::as_slice).collect::<Vec<_>>(), self.prune.sparsity()))
+        Ok(self.magnitude_keep(&self.host_pruned(be, weights)?))
+    }
+
+    /// The pruned weights on the host, in [`Pruner::keep`] order.
+    fn host_pruned(&self, be: &dyn TrainBackend, weights: &[NamedWeight]) -> Result<Vec<Vec<f32>>> {
+        self.indices.iter().map(|&i| be.to_host(&weights[i].data)?.into_f32_vec()).collect()
+    }
+
+    /// The global magnitude mask of `pruned` (host copies of the pruned weights).
+    fn magnitude_keep(&self, pruned: &[Vec<f32>]) -> Keep {
+        global_magnitude_keep(&pruned.iter().map(Vec::as_slice).collect::<Vec<_>>(), self.prune.sparsity())
+    }
+
+    /// PARP's re-prune: the global magnitude mask of the current weights, applied. Returns the
+    /// number of non-zero weights it zeroed (the pruned weights come to the host once).
+    pub fn reprune(&self, be: &dyn TrainBackend, weights: &mut [NamedWeight]) -> Result<usize> {
+        let host = self.host_pruned(be, weights)?;
+        let keep = self.magnitude_keep(&host);
+        let zeroed = host.iter().zip(&keep).map(|(w, k)| w.iter().zip(k).filter(|&(&v, &k)| !k && v != 0.0).count()).sum();
+        self.apply(be, weights, &keep)?;
+        Ok(zeroed)
     }
 
     /// Zeroes the dropped weights.
@@ -293,8 +312,9 @@ mod tests {
         let p = Pruner { prune: Prune::Parp { sparsity: 0.5, every: 1 }, indices: vec![0, 1], fixed: None };
         let keep = p.keep(&be, &weights).unwrap();
         assert_eq!(keep, vec![vec![false, true, false], vec![true, false, true]]);
-        p.apply(&be, &mut weights, &keep).unwrap();
+        assert_eq!(p.reprune(&be, &mut weights).unwrap(), 3, "every dropped weight was non-zero");
         assert_eq!(weights[0].data.to_vec().unwrap(), vec![0.0, -3.0, 0.0]);
         assert_eq!(weights[1].data.to_vec().unwrap(), vec![2.0, 0.0, 1.0]);
+        assert_eq!(p.reprune(&be, &mut weights).unwrap(), 0, "a second re-prune zeroes nothing new");
     }
 }

@@ -987,13 +987,8 @@ impl Trainer<'_> {
                 }
             }
             if let Some(p) = pruner.as_ref().filter(|p| p.reprunes_after(state.update, r.steps)) {
-                let keep = p.keep(&*self.be, &params.weights)?;
-                let nonzero = |w: &[NamedWeight]| -> Result<usize> {
-                    w.iter().map(|w| Ok(self.be.to_host(&w.data)?.f32s()?.iter().filter(|&&v| v != 0.0).count())).sum()
-                };
-                let before = nonzero(&params.weights)?;
-                p.apply(&*self.be, &mut params.weights, &keep)?;
-                log.write(&serde_json::json!({"step": state.update, "event": "reprune", "zeroed": before - nonzero(&params.weights)?}))?;
+                let zeroed = p.reprune(&*self.be, &mut params.weights)?;
+                log.write(&serde_json::json!({"step": state.update, "event": "reprune", "zeroed": zeroed}))?;
             }
             progress.show(state.update, loss, lr, audio_seconds / started.elapsed().as_secs_f64());
             let last = state.update == r.steps;

@@ -171,8 +171,7 @@ impl Backend for CpuBackend {
     fn prepare_sparse(&self, w: &Tensor) -> Result<Option<SparseWeight>> {
         let &[d_in, d_out] = w.shape() else { bail!("linear weight must be 2-D, found {:?}", w.shape()) };
         let values = data(w)?;
-        let zeros = values.iter().filter(|&&v| v == 0.0).count();
-        if (zeros as f64) < sparse::MIN_DROPPED * values.len() as f64 {
+        if !sparse::worth_compressing(values) {
             return Ok(None);
         }
         Ok(SparseLinear::from_in_out(values, d_in, d_out).map(SparseWeight::Cpu))

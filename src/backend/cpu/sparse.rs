@@ -40,7 +40,12 @@ pub fn sparse_pays(dropped: f64, frames: usize) -> bool {
 }
 
 /// The fewest dropped weights for which a linear gets a sparse copy at all.
-pub const MIN_DROPPED: f64 = 0.8;
+const MIN_DROPPED: f64 = 0.8;
+
+/// Whether a weight has enough zeros to get a sparse copy (on any device).
+pub fn worth_compressing(values: &[f32]) -> bool {
+    values.iter().filter(|&&v| v == 0.0).count() as f64 >= MIN_DROPPED * values.len() as f64
+}
 
 /// A weight with its zeros removed, `[out, in]` row by row within each input panel.
 #[derive(Clone, Debug)]

@@ -317,12 +317,17 @@ impl CudaBackend {
         if self.precision != Precision::Bf16 || !self.mma_sync || !row_len.is_multiple_of(8) {
             return Ok(None);
         }
+        self.to_bf16(x).map(Some)
+    }
+
+    /// A bf16 copy of an f32 device tensor.
+    fn to_bf16(&self, x: &Tensor) -> Result<Tensor> {
         let out = self.empty(x.shape(), DType::BF16)?;
         let (px, po, n) = (self.ptr(x)?, self.ptr(&out)?, x.numel() as i64);
         self.launcher().elementwise(self.func("to_bf16"), n as usize, |b| {
             b.arg(&px).arg(&po).arg(&n);
         })?;
-        Ok(Some(out))
+        Ok(out)
     }
 
     /// Packs a 0/1 f32 mask tensor on the device into bits (see [`crate::mask`]).
@@ -490,15 +495,7 @@ impl Backend for CudaBackend {
         if let Storage::Cuda(_) = w.storage() {
             // Already here (a finetuned weight): shared as it is in fp32, converted on the device for bf16.
             Self::expect_dtype(w, DType::F32, "linear weight")?;
-            if dtype == DType::F32 {
-                return Ok(w.clone());
-            }
-            let out = self.empty(w.shape(), DType::BF16)?;
-            let (px, po, n) = (self.ptr(w)?, self.ptr(&out)?, w.numel() as i64);
-            self.launcher().elementwise(self.func("to_bf16"), w.numel(), |b| {
-                b.arg(&px).arg(&po).arg(&n);
-            })?;
-            return Ok(out);
+            return if dtype == DType::F32 { Ok(w.clone()) } else { self.to_bf16(w) };
         }
         let host = w.to_f32()?.to_dtype(dtype)?;
         let bytes: Vec<u8> = match dtype {

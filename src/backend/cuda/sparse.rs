@@ -71,8 +71,7 @@ impl CudaBackend {
         let &[d_out, d_in] = w.shape() else { bail!("linear weight must be 2-D, found {:?}", w.shape()) };
         let host = self.to_host(w)?;
         let values = host.f32s()?;
-        let zeros = values.iter().filter(|&&v| v == 0.0).count();
-        if (zeros as f64) < sparse::MIN_DROPPED * values.len() as f64 {
+        if !sparse::worth_compressing(values) {
             return Ok(None);
         }
         self.sparse_weight(values, d_out, d_in).map(Some)
