@@ -95,6 +95,11 @@ impl CudaBackend {
                 (longest - 1) / 2
             );
         }
+        let longest_frames = seqs.lens().iter().copied().max().unwrap_or(0);
+        if longest_frames == 0 {
+            // No frames at all (or no utterances): nothing to align, nothing to upload.
+            return Ok((vec![0.0; seqs.count()], self.empty(logits.shape(), DType::F32)?));
+        }
         let index = indices(seqs, targets, vocab);
         let meta_buf = self.stream.clone_htod(&index.data).map_err(|e| anyhow!("CUDA copy: {e}"))?;
         let base = meta_buf.device_ptr(&self.stream).0;
@@ -111,8 +116,9 @@ impl CudaBackend {
         };
         let states = (index.data[index.starts[3] - 1] as usize).max(1); // state_off's last entry
         let lse = self.empty(&[seqs.total().max(1)], DType::F32)?;
-        let [emit, alpha, beta] = [(); 3].map(|_| self.empty(&[states], DType::F32));
-        let (emit, alpha, beta) = (emit?, alpha?, beta?);
+        let emit = self.empty(&[states], DType::F32)?;
+        let alpha = self.empty(&[states], DType::F32)?;
+        let beta = self.empty(&[states], DType::F32)?;
         let grad = self.empty(logits.shape(), DType::F32)?;
         let losses = self.empty(&[seqs.count().max(1)], DType::F32)?;
         let (pl, plse, pe, pa, pb, pg, ploss) = (
@@ -126,10 +132,6 @@ impl CudaBackend {
         );
         let zero_inf = targets.zero_infinity as i32;
         let utterances = seqs.count() as u32;
-        let longest_frames = seqs.lens().iter().copied().max().unwrap_or(0);
-        if utterances == 0 || longest_frames == 0 {
-            return Ok((vec![0.0; seqs.count()], grad));
-        }
         let per_frame = config((longest_frames.div_ceil(FRAMES_PER_BLOCK) as u32, utterances, 1), 32 * FRAMES_PER_BLOCK as u32);
         let launch = self.launcher();
         launch.launch(self.func("ctc_emissions"), per_frame, |b| {
