@@ -18,6 +18,7 @@ struct StridedGemm {
     int m, n, k;
     float alpha;
     int accumulate;  // 1: C += alpha * A·B (sums over utterances)
+    const float* st_w; const float* st_s;  // may be null: else C times straight_through(st_w, st_s) (batch 1, C's layout)
 };
 
 extern "C" __global__ void __launch_bounds__(256) gemm_strided_f32(StridedGemm p) {
@@ -58,7 +59,10 @@ extern "C" __global__ void __launch_bounds__(256) gemm_strided_f32(StridedGemm p
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
             int gn = n0 + tx * 4 + j;
-            if (gn < p.n) C[gm * p.ldc + gn] = p.alpha * acc[i][j] + (p.accumulate ? C[gm * p.ldc + gn] : 0.0f);
+            if (gn >= p.n) continue;
+            long o = (long)gm * p.ldc + gn;
+            float v = p.alpha * acc[i][j] + (p.accumulate ? C[o] : 0.0f);
+            C[o] = p.st_w ? v * straight_through(p.st_w[o], p.st_s[o]) : v;
         }
     }
 }
@@ -94,14 +98,6 @@ extern "C" __global__ void gelu_grad_f32(const float* dy, const float* x, float*
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         float v = x[i];
         out[i] = dy[i] * (0.5f * erfcf(-v * 0.70710678118654752440f) + v * 0.3989423f * expf(-0.5f * v * v));
-    }
-}
-
-// Straight-through score gradient: dW * W * sign(score) (0 where the score is 0).
-extern "C" __global__ void score_grad_f32(const float* dw, const float* w, const float* s, float* out, long n) {
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        float sv = s[i], sgn = sv > 0.0f ? 1.0f : (sv < 0.0f ? -1.0f : 0.0f);
-        out[i] = dw[i] * w[i] * sgn;
     }
 }
 

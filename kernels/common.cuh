@@ -45,6 +45,10 @@ __device__ __forceinline__ void fma_tile_4x4(const float (&As)[BK][LD], const fl
     }
 }
 
+// The straight-through factor turning an entry of dL/dW_eff into dL/dscore: W * sign(score), 0
+// where the score is 0 (src/router score_grad; the same product order, so the same bits).
+__device__ __forceinline__ float straight_through(float w, float s) { return w * (s > 0.0f ? 1.0f : (s < 0.0f ? -1.0f : 0.0f)); }
+
 // Bit `i` of a mask packed 8 weights per byte, least significant bit first.
 __device__ __forceinline__ bool mask_bit(const uint8_t* mask, long i) { return (mask[i >> 3] >> (i & 7)) & 1; }
 

@@ -1,4 +1,6 @@
-// GEMMs with a fused epilogue: C[m, n] = act(sum_k A[m, k] * B[n, k] * M[n, k] + bias[n]).
+// GEMMs with a fused epilogue: C[m, n] = act(sum_k A[m, k] * B[n, k] * M[n, k] + bias[n]), and
+// when st_w is set (batch 1) times straight_through(st_w[m, n], st_s[m, n]) (both with C's row
+// stride): a weight gradient leaving the GEMM as the S3-Router score gradient.
 //
 // A is fp32: a matrix with any row stride (a plain convolution's im2col is a strided view of its
 // input), or, in implicit-convolution mode (conv_cg > 0), the receptive fields of a grouped and
@@ -31,7 +33,18 @@ struct GemmArgs {
     int m, n, k, act;
     int conv_cg, conv_stride, conv_pad, conv_tin;  // implicit convolution when conv_cg > 0
     int vec;  // 1 when 16-byte vector loads are legal (checked by the host)
+    const float* st_w; const float* st_s;  // may be null
 };
+
+// Every kernel's output value at (gm, gn) from its accumulator.
+__device__ __forceinline__ float epilogue(const GemmArgs& p, const float* bias, float acc, int gm, int gn) {
+    float v = apply_act(acc + (bias ? bias[gn] : 0.0f), p.act);
+    if (p.st_w) {
+        long o = (long)gm * p.ldc + gn;
+        v *= straight_through(p.st_w[o], p.st_s[o]);
+    }
+    return v;
+}
 
 // Offset of A(gm, gk) from A's base, or -1 where it reads as zero (outside the matrix, or padding).
 __device__ __forceinline__ long a_offset(const GemmArgs& p, int gm, int gk) {
@@ -75,7 +88,7 @@ extern "C" __global__ void __launch_bounds__(256) gemm_f32(GemmArgs p) {
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
             int gn = n0 + tx * 4 + j;
-            if (gn < p.n) C[(long)gm * p.ldc + gn] = apply_act(acc[i][j] + (bias ? bias[gn] : 0.0f), p.act);
+            if (gn < p.n) C[(long)gm * p.ldc + gn] = epilogue(p, bias, acc[i][j], gm, gn);
         }
     }
 }
@@ -211,7 +224,7 @@ extern "C" __global__ void __launch_bounds__(256) gemm_bf16(GemmArgs p) {
             __syncwarp();
             for (int e = lane; e < 256; e += 32) {
                 int gm = m0 + wm + i * 16 + e / 16, gn = n0 + wn + j * 16 + e % 16;
-                if (gm < p.m && gn < p.n) C[(long)gm * p.ldc + gn] = apply_act(stage[e] + (bias ? bias[gn] : 0.0f), p.act);
+                if (gm < p.m && gn < p.n) C[(long)gm * p.ldc + gn] = epilogue(p, bias, stage[e], gm, gn);
             }
             __syncwarp();
         }
@@ -342,7 +355,8 @@ extern "C" __global__ void __launch_bounds__(128) gemm_bf16_mma(GemmArgs p) {
         float4 v = *reinterpret_cast<const float4*>(tile + r * LC + c4);
         float e[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
-        for (int q = 0; q < 4; ++q) e[q] = apply_act(e[q] + (bias && gn + q < p.n ? bias[gn + q] : 0.0f), p.act);
+        for (int q = 0; q < 4; ++q)
+            if (gn + q < p.n) e[q] = epilogue(p, bias, e[q], gm, gn + q);
         float* dst = C + (long)gm * p.ldc + gn;
         if (vec_out && gn + 3 < p.n) {
             *reinterpret_cast<float4*>(dst) = make_float4(e[0], e[1], e[2], e[3]);

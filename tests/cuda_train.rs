@@ -251,12 +251,35 @@ fn score_masks_are_the_cpu_top_k_bit_for_bit() {
             assert_eq!(mask_of(&be, 3 * h, d_in, &blocks, sparsity), want, "{h} x {d_in} at {sparsity}");
         }
     }
-    let scores = t(random(300 * 91, 40, 1.0), &[300, 91]);
-    let (w, dw) = (t(random(300 * 91, 41, 1.0), &[300, 91]), t(random(300 * 91, 42, 1.0), &[300, 91]));
-    let (cs, gs) = (ScoredRows { row0: 0, scores: &scores }, up(&be, &scores));
-    let want = cpu.score_grad(&dw, &cpu.prepare_linear_weight(&w).unwrap(), &cs).unwrap();
-    let got = be.score_grad(&up(&be, &dw), &be.prepare_linear_weight(&w).unwrap(), &ScoredRows { row0: 0, scores: &gs }).unwrap();
-    assert_eq!(back(&be, &got), want.to_vec().unwrap(), "straight-through score gradient");
+}
+
+/// The fused straight-through score gradients (rows of `dyᵀ·x` times `W ⊙ sign(score)`) of two
+/// blocks of a stacked weight, one at a row offset that is no multiple of 8, against the CPU,
+/// in fp32 and on the bf16 tensor-core path; every fifth score exactly 0.
+#[test]
+fn score_gradients_match_cpu() {
+    let cpu = CpuBackend;
+    for (i, &(n, h, d_in)) in [(1, 3, 5), (37, 29, 37), (300, 768, 768)].iter().enumerate() {
+        let seed = 40 + 10 * i as u64;
+        let (dy, x) = (t(random(n * 3 * h, seed, 1.0), &[n, 3 * h]), t(random(n * d_in, seed + 1, 1.0), &[n, d_in]));
+        let w = t(random(3 * h * d_in, seed + 2, 0.2), &[3 * h, d_in]);
+        let score = |k: u64| {
+            t(random(h * d_in, seed + k, 1.0).iter().enumerate().map(|(j, &v)| if j % 5 == 0 { 0.0 } else { v }).collect(), &[h, d_in])
+        };
+        let scores = [(0, score(3)), (2 * h, score(4))];
+        let blocks: Vec<ScoredRows> = scores.iter().map(|(row0, s)| ScoredRows { row0: *row0, scores: s }).collect();
+        let want = cpu.score_grads(&dy, &x, &cpu.prepare_linear_weight(&w).unwrap(), &blocks).unwrap();
+        for (precision, tol) in [(Precision::F32, TOL), (Precision::Bf16, BF16_TOL)] {
+            let Some(be) = gpu(precision) else { return };
+            let on_gpu: Vec<Tensor> = scores.iter().map(|(_, s)| up(&be, s)).collect();
+            let blocks: Vec<ScoredRows> = scores.iter().zip(&on_gpu).map(|((row0, _), s)| ScoredRows { row0: *row0, scores: s }).collect();
+            let got = be.score_grads(&up(&be, &dy), &up(&be, &x), &be.prepare_linear_weight(&w).unwrap(), &blocks).unwrap();
+            for (b, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g.shape(), w.shape());
+                assert_close(&format!("{precision:?} score gradient {n}x{h}x{d_in} block {b}"), &back(&be, g), w.f32s().unwrap(), tol);
+            }
+        }
+    }
 }
 
 /// One model on one device, with what a step needs.

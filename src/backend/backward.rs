@@ -84,9 +84,11 @@ pub trait Backward {
     /// are kept. The GPU writes bits; the CPU applies the mask to a copy of `w` once.
     fn scored_mask(&self, w: &Tensor, blocks: &[ScoredRows], sparsity: f64) -> Result<LinearMask>;
 
-    /// The straight-through score gradient `dW[row0..] ⊙ W[row0..] ⊙ sign(score)` of one
-    /// scored block, from `dw` (`[d_out, d_in]`, PyTorch layout) and the prepared weight `w`.
-    fn score_grad(&self, dw: &Tensor, w: &Tensor, block: &ScoredRows) -> Result<Tensor>;
+    /// The straight-through score gradients `dW_eff[rows] ⊙ W[rows] ⊙ sign(score)` of the scored
+    /// blocks of a linear with the prepared weight `w`, `dW_eff = dyᵀ · x` (`dy` the gradient at
+    /// its output, `x` its input): the GEMM producing a block's rows of `dW_eff` multiplies them
+    /// by `W ⊙ sign(score)` as they leave it, so `dW_eff` is never stored. One per block, in order.
+    fn score_grads(&self, dy: &Tensor, x: &Tensor, w: &Tensor, blocks: &[ScoredRows]) -> Result<Vec<Tensor>>;
 
     /// SpecAugment on packed features: rows flagged in `time` become `embedding`, then channels
     /// flagged in `channels` (`[utterances, c]`) are zeroed over the utterance.

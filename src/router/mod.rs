@@ -115,9 +115,12 @@ pub fn init_scores(weight: &[f32], fan_in: usize, init: Init, sparsity: f64, rng
     }
 }
 
-/// Straight-through gradient of the scores: `dL/dW_eff * W * sign(score)`.
-pub fn score_grad(grad_w_eff: &[f32], weight: &[f32], scores: &[f32]) -> Vec<f32> {
-    grad_w_eff.iter().zip(weight).zip(scores).map(|((g, w), s)| g * w * s.signum() * (*s != 0.0) as u8 as f32).collect()
+/// Straight-through gradient of the scores, `dL/dW_eff * W * sign(score)`, written over
+/// `grad` (which holds `dL/dW_eff`): the GEMM that produces `dL/dW_eff` finishes it in place.
+pub fn score_grad(grad: &mut [f32], weight: &[f32], scores: &[f32]) {
+    for ((g, w), s) in grad.iter_mut().zip(weight).zip(scores) {
+        *g *= w * s.signum() * (*s != 0.0) as u8 as f32;
+    }
 }
 
 #[cfg(test)]
@@ -165,7 +168,9 @@ mod tests {
 
     #[test]
     fn straight_through_gradient_follows_the_score_sign() {
-        assert_eq!(score_grad(&[2.0, 2.0, 2.0], &[3.0, 3.0, 3.0], &[0.5, -0.5, 0.0]), vec![6.0, -6.0, 0.0]);
+        let mut grad = [2.0, 2.0, 2.0, 2.0];
+        score_grad(&mut grad, &[3.0, 3.0, 3.0, 3.0], &[0.5, -0.5, 0.0, -0.0]);
+        assert_eq!(grad, [6.0, -6.0, 0.0, 0.0]);
     }
 
     #[test]

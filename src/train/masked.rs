@@ -250,7 +250,19 @@ impl LayerWeights<'_> {
     fn attention_masked(&self) -> bool {
         self.masked[..4].iter().any(Option::is_some)
     }
+
+    /// The scored row blocks of linear `which` (numbered as in [`Self::linear`]), each with the
+    /// index of its masked weight.
+    fn scored<'s>(&self, which: usize, scores: &'s [Tensor]) -> (Vec<usize>, Vec<ScoredRows<'s>>) {
+        LINEAR_PARTS[which]
+            .iter()
+            .filter_map(|&p| self.part(p).map(|k| (k, ScoredRows { row0: p.linear(self.layer).1, scores: &scores[k] })))
+            .unzip()
+    }
 }
+
+/// The projections each linear of a layer holds, numbered as in [`LayerWeights::linear`].
+const LINEAR_PARTS: [&[Part]; 4] = [&[Part::Query, Part::Key, Part::Value], &[Part::Out], &[Part::Intermediate], &[Part::Output]];
 
 /// The keep-masks (top-k of the scores) of every linear of `layer` with masked parts.
 fn layer_weights<'a>(
@@ -261,21 +273,17 @@ fn layer_weights<'a>(
     scores: &[Tensor],
     sparsity: f64,
 ) -> Result<LayerWeights<'a>> {
-    let mut masked = [None; 6];
+    let mut lw = LayerWeights { layer, masked: [None; 6], masks: Default::default() };
     for (k, m) in masks.iter().enumerate().filter(|(_, m)| m.layer == index) {
-        masked[m.part as usize] = Some(k);
+        lw.masked[m.part as usize] = Some(k);
     }
-    let groups: [&[Part]; 4] = [&[Part::Query, Part::Key, Part::Value], &[Part::Out], &[Part::Intermediate], &[Part::Output]];
-    let mut out: [Option<LinearMask>; 4] = Default::default();
-    for (slot, parts) in out.iter_mut().zip(groups) {
-        let blocks: Vec<ScoredRows> =
-            parts.iter().filter_map(|&p| masked[p as usize].map(|k| ScoredRows { row0: p.linear(layer).1, scores: &scores[k] })).collect();
-        if blocks.is_empty() {
-            continue;
+    for which in 0..LINEAR_PARTS.len() {
+        let (_, blocks) = lw.scored(which, scores);
+        if !blocks.is_empty() {
+            lw.masks[which] = Some(be.scored_mask(&lw.linear(which).0.weight, &blocks, sparsity)?);
         }
-        *slot = Some(be.scored_mask(&parts[0].linear(layer).0.weight, &blocks, sparsity)?);
     }
-    Ok(LayerWeights { layer, masked, masks: out })
+    Ok(lw)
 }
 
 /// Which weights a step returns gradients for, besides scores, head and time-mask embedding.
@@ -448,10 +456,19 @@ pub fn step(
     // Without masks, time masking or weight training only the head trains: no layer's backward runs.
     let lowest = if full { 0 } else { masks.iter().map(|m| m.layer).min().unwrap_or(n_layers) };
     let mut score_grads: Vec<Option<Tensor>> = vec![None; masks.len()];
-    // The straight-through score gradient of masked weight `k` from `dW_eff` of `lin`.
-    let to_scores = |k: usize, dw: &Tensor, lin: &Linear| -> Result<Tensor> {
-        be.score_grad(dw, &lin.weight, &ScoredRows { row0: masks[k].part.linear(&model.layers[masks[k].layer]).1, scores: &scores[k] })
+    // The straight-through score gradients of linear `which`'s scored parts, from the gradient
+    // `dy` at its output and its input `x` (nothing to do for a linear without scores).
+    let mut to_scores = |lw: &LayerWeights, which: usize, dy: &Tensor, x: &Tensor| -> Result<()> {
+        let (ks, blocks) = lw.scored(which, &scores);
+        if !blocks.is_empty() {
+            for (k, g) in ks.into_iter().zip(be.score_grads(dy, x, &lw.linear(which).0.weight, &blocks)?) {
+                score_grads[k] = Some(g);
+            }
+        }
+        Ok(())
     };
+    // The gradient of a linear's weight, when weights train.
+    let weight_grad = |dy: &Tensor, x: &Tensor| train_weights.then(|| be.linear_weight_grad(dy, x)).transpose();
     for (i, (lw, tape)) in weights.iter().zip(&tapes).enumerate().rev() {
         if i < lowest {
             break;
@@ -469,22 +486,17 @@ pub fn step(
         };
         let d_ffn_out = drop(reg.dropout, site(i, SITE_FFN_OUT), d_ffn_out)?;
         let (output_dense, out_mask) = lw.linear(3);
-        let post_gelu = || drop(reg.activation_dropout, site(i, SITE_ACTIVATION), be.gelu(&tape.pre_gelu)?);
-        let dw =
-            (lw.part(Part::Output).is_some() || train_weights).then(|| be.linear_weight_grad(&d_ffn_out, &post_gelu()?)).transpose()?;
-        if let Some(k) = lw.part(Part::Output) {
-            score_grads[k] = Some(to_scores(k, dw.as_ref().expect("computed for a masked weight"), output_dense)?);
+        if lw.part(Part::Output).is_some() || train_weights {
+            let post_gelu = drop(reg.activation_dropout, site(i, SITE_ACTIVATION), be.gelu(&tape.pre_gelu)?)?;
+            to_scores(lw, 3, &d_ffn_out, &post_gelu)?;
+            wgrads.linear(&name("feed_forward.output_dense"), weight_grad(&d_ffn_out, &post_gelu)?, &d_ffn_out)?;
         }
-        wgrads.linear(&name("feed_forward.output_dense"), dw, &d_ffn_out)?;
         let dg = be.linear_input_grad(&d_ffn_out, &output_dense.weight, out_mask)?;
         let dg = drop(reg.activation_dropout, site(i, SITE_ACTIVATION), dg)?;
         let du = be.gelu_grad(&dg, &tape.pre_gelu)?;
         let (intermediate, inter_mask) = lw.linear(2);
-        let dw = (lw.part(Part::Intermediate).is_some() || train_weights).then(|| be.linear_weight_grad(&du, &tape.ffn_in)).transpose()?;
-        if let Some(k) = lw.part(Part::Intermediate) {
-            score_grads[k] = Some(to_scores(k, dw.as_ref().expect("computed for a masked weight"), intermediate)?);
-        }
-        wgrads.linear(&name("feed_forward.intermediate_dense"), dw, &du)?;
+        to_scores(lw, 2, &du, &tape.ffn_in)?;
+        wgrads.linear(&name("feed_forward.intermediate_dense"), weight_grad(&du, &tape.ffn_in)?, &du)?;
         if i == lowest && !lw.attention_masked() && !full {
             break; // nothing below this FFN's weights is trained
         }
@@ -501,29 +513,18 @@ pub fn step(
         let d_input = d_attn_out.clone();
         let d_o = drop(reg.dropout, site(i, SITE_ATTENTION_OUT), d_attn_out)?;
         let (out_proj, out_proj_mask) = lw.linear(1);
-        let dw = match &tape.attended {
-            Some(att) => Some(be.linear_weight_grad(&d_o, att)?),
-            None => None,
-        };
-        if let Some(k) = lw.part(Part::Out) {
-            score_grads[k] = Some(to_scores(k, dw.as_ref().expect("computed for a masked weight"), out_proj)?);
+        // `attended` is kept exactly when out_proj is scored or weights train.
+        if let Some(att) = &tape.attended {
+            to_scores(lw, 1, &d_o, att)?;
+            wgrads.linear(&name("attention.out_proj"), weight_grad(&d_o, att)?, &d_o)?;
         }
-        wgrads.linear(&name("attention.out_proj"), dw, &d_o)?;
         let d_att = be.linear_input_grad(&d_o, &out_proj.weight, out_proj_mask)?;
         let d_qkv = be.attention_grad(&d_att, &tape.qkv, &seqs, heads, scale, probs_dropout(i))?;
         let attn_in = if c.do_stable_layer_norm { &tape.first } else { &tape.input };
         let (qkv_proj, qkv_mask) = lw.linear(0);
-        let qkv_parts = [Part::Query, Part::Key, Part::Value];
-        if qkv_parts.iter().any(|&p| lw.part(p).is_some()) || train_weights {
-            let dw = be.linear_weight_grad(&d_qkv, attn_in)?;
-            for p in qkv_parts {
-                if let Some(k) = lw.part(p) {
-                    score_grads[k] = Some(to_scores(k, &dw, qkv_proj)?);
-                }
-            }
-            if wgrads.on {
-                wgrads.stacked.push((name("attention"), dw, be.column_sum(&d_qkv)?));
-            }
+        to_scores(lw, 0, &d_qkv, attn_in)?;
+        if let Some(dw) = weight_grad(&d_qkv, attn_in)? {
+            wgrads.stacked.push((name("attention"), dw, be.column_sum(&d_qkv)?));
         }
         if i == lowest && !full {
             break;

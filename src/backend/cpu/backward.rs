@@ -9,7 +9,7 @@ use super::{as_matrix, data, grad, masked_weight, math, CpuBackend};
 use crate::backend::backward::{Backward, NormGrads, ScoredRows};
 use crate::backend::{ConvGeometry, LinearMask, NormParams, Seqs};
 use crate::dropout::{Dropout, ProbDropout};
-use crate::router::{score_grad, top_k_mask};
+use crate::router::top_k_mask;
 use crate::tensor::Tensor;
 use crate::train::adam::AdamStep;
 
@@ -143,33 +143,31 @@ impl Backward for CpuBackend {
         Ok(LinearMask::Applied(Tensor::from_vec(masked, w.shape())))
     }
 
-    fn score_grad(&self, dw: &Tensor, w: &Tensor, block: &ScoredRows) -> Result<Tensor> {
+    fn score_grads(&self, dy: &Tensor, x: &Tensor, w: &Tensor, blocks: &[ScoredRows]) -> Result<Vec<Tensor>> {
         let &[d_in, d_out] = w.shape() else { bail!("linear weight must be 2-D, found {:?}", w.shape()) };
-        let scores = data(block.scores)?;
-        let rows = scores.len() / d_in.max(1);
+        let ((n, dy_cols), (rows, x_cols)) = (as_matrix(dy), as_matrix(x));
         ensure!(
-            dw.shape() == [d_out, d_in] && block.row0 + rows <= d_out,
-            "score gradient: dW {:?} for a weight {:?}",
-            dw.shape(),
+            dy_cols == d_out && x_cols == d_in && n == rows && d_in > 0,
+            "score gradient: gradient {:?} and input {:?} for a weight {:?} ([in, out])",
+            dy.shape(),
+            x.shape(),
             w.shape()
         );
-        let (w_t, dw) = (data(w)?, &data(dw)?[block.row0 * d_in..(block.row0 + rows) * d_in]);
-        // `W` rows gathered from the [in, out] layout a tile of rows at a time (cache-friendly),
-        // then the product as the router defines it.
-        const TILE: usize = 64;
-        let mut out = vec![0.0f32; rows * d_in];
-        out.par_chunks_mut(TILE * d_in).enumerate().for_each(|(t, out)| {
-            let o0 = t * TILE;
-            let n = out.len() / d_in;
-            let mut weight = vec![0.0f32; n * d_in];
-            for i in 0..d_in {
-                let src = &w_t[i * d_out + block.row0 + o0..][..n];
-                src.iter().enumerate().for_each(|(o, &v)| weight[o * d_in + i] = v);
-            }
-            let span = o0 * d_in..(o0 + n) * d_in;
-            out.copy_from_slice(&score_grad(&dw[span.clone()], &weight, &scores[span]));
-        });
-        Ok(Tensor::from_vec(out, block.scores.shape()))
+        let (dy, x, w_t) = (data(dy)?, data(x)?, data(w)?);
+        blocks
+            .iter()
+            .map(|b| {
+                let scores = data(b.scores)?;
+                let rows = scores.len() / d_in;
+                ensure!(
+                    scores.len() == rows * d_in && b.row0 + rows <= d_out,
+                    "scores {:?} at row {} do not fit a {d_out} x {d_in} weight",
+                    b.scores.shape(),
+                    b.row0
+                );
+                Ok(Tensor::from_vec(grad::score_grad(dy, x, w_t, scores, b.row0, d_in, d_out), b.scores.shape()))
+            })
+            .collect()
     }
 
     fn mask_features(&self, x: Tensor, seqs: &Seqs, time: Option<(&[bool], &Tensor)>, channels: Option<&[bool]>) -> Result<Tensor> {
@@ -297,16 +295,30 @@ mod tests {
     const D_IN: usize = 13;
 
     #[test]
-    fn score_gradient_reads_its_block_of_the_stacked_weight() {
-        let be = CpuBackend;
-        let w = random(3 * H * D_IN, 1);
-        let dw = random(3 * H * D_IN, 2);
-        let scores = Tensor::from_vec(random(H * D_IN, 3), &[H, D_IN]);
-        let prepared = be.prepare_linear_weight(&Tensor::from_vec(w.clone(), &[3 * H, D_IN])).unwrap();
-        let block = ScoredRows { row0: H, scores: &scores };
-        let got = be.score_grad(&Tensor::from_vec(dw.clone(), &[3 * H, D_IN]), &prepared, &block).unwrap();
-        let rows = H * D_IN..2 * H * D_IN;
-        assert_eq!(got.f32s().unwrap(), score_grad(&dw[rows.clone()], &w[rows], scores.f32s().unwrap()).as_slice());
+    fn score_gradients_are_the_rows_of_dw_times_the_weight_and_the_score_sign() {
+        // More rows per block than one thread's share of the product and one weight-gather tile.
+        const ROWS: usize = 600;
+        let (be, n) = (CpuBackend, 37);
+        let w = random(3 * ROWS * D_IN, 1);
+        let (dy, x) = (random(n * 3 * ROWS, 2), random(n * D_IN, 3));
+        let (q, v) = (Tensor::from_vec(random(ROWS * D_IN, 4), &[ROWS, D_IN]), Tensor::from_vec(random(ROWS * D_IN, 5), &[ROWS, D_IN]));
+        let prepared = be.prepare_linear_weight(&Tensor::from_vec(w.clone(), &[3 * ROWS, D_IN])).unwrap();
+        let blocks = [ScoredRows { row0: 0, scores: &q }, ScoredRows { row0: 2 * ROWS, scores: &v }];
+        let (dy_t, x_t) = (Tensor::from_vec(dy.clone(), &[n, 3 * ROWS]), Tensor::from_vec(x.clone(), &[n, D_IN]));
+        let got = be.score_grads(&dy_t, &x_t, &prepared, &blocks).unwrap();
+        let dw = grad::linear_weight_grad(&dy, &x, D_IN, 3 * ROWS);
+        for (b, got) in blocks.iter().zip(&got) {
+            let rows = b.row0 * D_IN..(b.row0 + ROWS) * D_IN;
+            let mut want = dw[rows.clone()].to_vec();
+            crate::router::score_grad(&mut want, &w[rows], b.scores.f32s().unwrap());
+            assert_eq!(got.shape(), b.scores.shape());
+            for (i, (g, w)) in got.f32s().unwrap().iter().zip(&want).enumerate() {
+                assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "block at row {}: {i}: {g} vs {w}", b.row0);
+            }
+        }
+        // A block running past the weight's rows is refused, not read out of bounds.
+        let late = ScoredRows { row0: 2 * ROWS + 1, scores: &v };
+        assert!(be.score_grads(&dy_t, &x_t, &prepared, &[late]).is_err());
     }
 
     #[test]

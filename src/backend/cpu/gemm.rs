@@ -84,8 +84,9 @@ pub fn matmul(dst: &mut [f32], dst_stride: usize, a: MatRef, b: MatRef, accumula
 }
 
 /// `dst[m x n] = a · b` in blocks of rows spread over the rayon pool, each block multiplied on
-/// one thread and passed to `epilogue` (bias, activation) while it is still in cache.
-pub fn matmul_blocked(dst: &mut [f32], a: MatRef, b: MatRef, epilogue: impl Fn(&mut [f32]) + Sync) {
+/// one thread and passed to `epilogue` (bias, activation, the straight-through score product)
+/// with the index of its first row, while it is still in cache.
+pub fn matmul_blocked(dst: &mut [f32], a: MatRef, b: MatRef, epilogue: impl Fn(usize, &mut [f32]) + Sync) {
     let (m, n) = (a.rows, b.cols);
     assert_eq!(dst.len(), m * n, "destination must be exactly m x n");
     if m == 0 || n == 0 {
@@ -100,7 +101,7 @@ pub fn matmul_blocked(dst: &mut [f32], a: MatRef, b: MatRef, epilogue: impl Fn(&
         let first = i * block;
         let a_rows = MatRef { data: &a.data[first * a.row_stride..], rows: rows.len() / n, ..a };
         matmul(rows, n, a_rows, b, false, 1);
-        epilogue(rows);
+        epilogue(first, rows);
     });
 }
 
@@ -142,9 +143,12 @@ mod tests {
             }
         }
         let mut got = vec![f32::NAN; m * n];
-        matmul_blocked(&mut got, av, bv, |rows| rows.iter_mut().for_each(|v| *v += 1.0));
-        for (g, w) in got.iter().zip(&want) {
-            assert!((g - w - 1.0).abs() < 1e-5, "{g} vs {w} + 1");
+        // The epilogue adds each row's index: every block must be told where it starts.
+        matmul_blocked(&mut got, av, bv, |first, rows| {
+            rows.chunks_exact_mut(n).enumerate().for_each(|(r, row)| row.iter_mut().for_each(|v| *v += (first + r) as f32))
+        });
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!((g - w - (i / n) as f32).abs() < 1e-4, "{g} vs {w} + {}", i / n);
         }
     }
 }

@@ -6,10 +6,11 @@
 use rayon::prelude::*;
 
 use super::attention::head_view;
-use super::gemm::{matmul, MatRef};
+use super::gemm::{matmul, matmul_blocked, MatRef};
 use super::math;
 use crate::backend::{ConvGeometry, Seqs};
 use crate::dropout::ProbDropout;
+use crate::router;
 
 /// `dx = dy · W` for `y = x · Wᵀ`, with the CPU's `[in, out]` weight layout `w_t`.
 pub fn linear_input_grad(dy: &[f32], w_t: &[f32], d_in: usize, d_out: usize) -> Vec<f32> {
@@ -25,6 +26,29 @@ pub fn linear_weight_grad(dy: &[f32], x: &[f32], d_in: usize, d_out: usize) -> V
     let mut dw = vec![0.0; d_out * d_in];
     matmul(&mut dw, d_in, MatRef::row_major(dy, n, d_out).t(), MatRef::row_major(x, n, d_in), false, 0);
     dw
+}
+
+/// The straight-through score gradient of rows `row0 .. row0 + rows` of a masked linear with
+/// the `[in, out]` weight `w_t`: `(dyᵀ·x)[rows] ⊙ W[rows] ⊙ sign(score)`. Each thread's block of
+/// `dW_eff` rows becomes score gradients while it is still in cache, so `dW_eff` is never stored.
+pub fn score_grad(dy: &[f32], x: &[f32], w_t: &[f32], scores: &[f32], row0: usize, d_in: usize, d_out: usize) -> Vec<f32> {
+    const TILE: usize = 64;
+    let (n, rows) = (dy.len() / d_out, scores.len() / d_in);
+    let mut out = vec![0.0; rows * d_in];
+    let dy_t = MatRef { data: dy.get(row0..).unwrap_or(&[]), rows, cols: n, row_stride: 1, col_stride: d_out };
+    matmul_blocked(&mut out, dy_t, MatRef::row_major(x, n, d_in), |first, block| {
+        // W's rows gathered from the [in, out] layout a tile of rows at a time (contiguous reads).
+        let mut weight = vec![0.0f32; TILE * d_in];
+        for (t, grad) in block.chunks_mut(TILE * d_in).enumerate() {
+            let (o0, tile) = (first + t * TILE, grad.len() / d_in);
+            for i in 0..d_in {
+                let column = &w_t[i * d_out + row0 + o0..][..tile];
+                column.iter().enumerate().for_each(|(r, &v)| weight[r * d_in + i] = v);
+            }
+            router::score_grad(grad, &weight[..tile * d_in], &scores[o0 * d_in..(o0 + tile) * d_in]);
+        }
+    });
+    out
 }
 
 /// `db = Σ_rows dy`.

@@ -219,7 +219,7 @@ impl Backend for CpuBackend {
             let mut scratch = Vec::new();
             let weight = masked_weight(w, mask, &mut scratch)?;
             let (xs, os) = (&x[row * d_in..(row + rows) * d_in], &mut out[row * d_out..(row + rows) * d_out]);
-            matmul_blocked(os, MatRef::row_major(xs, rows, d_in), MatRef::row_major(weight, d_in, d_out), |r| {
+            matmul_blocked(os, MatRef::row_major(xs, rows, d_in), MatRef::row_major(weight, d_in, d_out), |_, r| {
                 math::bias_act_rows(r, d_out, bias, act == Activation::Gelu)
             });
             row += rows;

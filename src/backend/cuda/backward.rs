@@ -26,6 +26,13 @@ fn matrix(t: &Tensor) -> (usize, usize) {
     (t.numel() / cols.max(1), cols)
 }
 
+/// The operands of a weight gradient `dW = dyᵀ · x`: as they are for the fp32 strided GEMM, or
+/// transposed to bf16 once for the tensor-core GEMM (shared by the blocks of a stacked weight).
+enum WeightGradOperands<'t> {
+    F32 { dy: &'t Tensor, x: &'t Tensor },
+    Bf16 { dyt: Tensor, xt: Tensor, k: usize },
+}
+
 impl CudaBackend {
     fn strided_gemm(&self, g: StridedGemm, batch: usize) -> Result<()> {
         if g.m == 0 || g.n == 0 || batch == 0 {
@@ -95,26 +102,66 @@ impl CudaBackend {
         Ok(out)
     }
 
-    /// `dW = dyᵀ · x` on tensor cores: both operands transposed to bf16 with K padded to 8.
-    fn linear_weight_grad_bf16(&self, dy: &Tensor, x: &Tensor) -> Result<Tensor> {
-        let ((_, d_out), (_, d_in)) = (matrix(dy), matrix(x));
-        let ((dyt, k), (xt, _)) = (self.transposed_bf16(dy)?, self.transposed_bf16(x)?);
-        let out = self.empty(&[d_out, d_in], DType::F32)?;
-        let args = GemmArgs {
-            a: self.ptr(&dyt)?,
-            lda: k as i64,
-            b: self.ptr(&xt)?,
-            ldb: k as i64,
-            c: self.ptr(&out)?,
-            ldc: d_in as i64,
-            m: d_out as i32,
-            n: d_in as i32,
-            k: k as i32,
-            ..GemmArgs::default()
-        };
-        ensure!(args.tensor_core_ok(), "bf16 weight gradient: operands not aligned for the tensor-core GEMM");
-        self.gemm(args, Some(args.a), DType::BF16, 1)?;
-        Ok(out)
+    /// The operands of `dW = dyᵀ · x` as this precision's GEMM reads them.
+    fn weight_grad_operands<'t>(&self, dy: &'t Tensor, x: &'t Tensor) -> Result<WeightGradOperands<'t>> {
+        let ((n, _), (rows, _)) = (matrix(dy), matrix(x));
+        ensure!(n == rows, "linear weight gradient: {n} gradient rows for {rows} input rows");
+        Ok(if self.precision() == Precision::Bf16 {
+            let ((dyt, k), (xt, _)) = (self.transposed_bf16(dy)?, self.transposed_bf16(x)?);
+            WeightGradOperands::Bf16 { dyt, xt, k }
+        } else {
+            WeightGradOperands::F32 { dy, x }
+        })
+    }
+
+    /// Rows `row0 ..` of `dW = dyᵀ · x` into `out` (`[rows, d_in]`), each output finished with
+    /// the straight-through product when `st` gives the `(W, score)` device pointers of those rows.
+    fn weight_grad_rows(&self, ops: &WeightGradOperands, row0: usize, out: &Tensor, st: (u64, u64)) -> Result<()> {
+        let (rows, d_in) = matrix(out);
+        let (st_w, st_s) = st;
+        match ops {
+            WeightGradOperands::F32 { dy, x } => {
+                let (n, d_out) = matrix(dy);
+                let g = StridedGemm {
+                    a: self.ptr(dy)? + (row0 * 4) as u64,
+                    a_sm: 1,
+                    a_sk: d_out as i64,
+                    b: self.ptr(x)?,
+                    b_sk: d_in as i64,
+                    b_sn: 1,
+                    c: self.ptr(out)?,
+                    ldc: d_in as i64,
+                    m: rows as i32,
+                    n: d_in as i32,
+                    k: n as i32,
+                    alpha: 1.0,
+                    st_w,
+                    st_s,
+                    ..StridedGemm::default()
+                };
+                self.strided_gemm(g, 1)
+            }
+            // Tensor cores: both operands transposed to bf16 with K padded to 8; a row offset of
+            // the transposed `dy` keeps its 16-byte alignment.
+            WeightGradOperands::Bf16 { dyt, xt, k } => {
+                let args = GemmArgs {
+                    a: self.ptr(dyt)? + (row0 * k * 2) as u64,
+                    lda: *k as i64,
+                    b: self.ptr(xt)?,
+                    ldb: *k as i64,
+                    c: self.ptr(out)?,
+                    ldc: d_in as i64,
+                    m: rows as i32,
+                    n: d_in as i32,
+                    k: *k as i32,
+                    st_w,
+                    st_s,
+                    ..GemmArgs::default()
+                };
+                ensure!(args.tensor_core_ok(), "bf16 weight gradient: operands not aligned for the tensor-core GEMM");
+                self.gemm(args, Some(args.a), DType::BF16, 1)
+            }
+        }
     }
 
     fn copy_to_device<T: cudarc::driver::DeviceRepr>(&self, v: &[T]) -> Result<CudaSlice<T>> {
@@ -252,31 +299,9 @@ impl Backward for CudaBackend {
     }
 
     fn linear_weight_grad(&self, dy: &Tensor, x: &Tensor) -> Result<Tensor> {
-        let ((n, d_out), (rows, d_in)) = (matrix(dy), matrix(x));
-        ensure!(n == rows, "linear weight gradient: {n} gradient rows for {rows} input rows");
-        if self.precision() == Precision::Bf16 {
-            return self.linear_weight_grad_bf16(dy, x);
-        }
-        let out = self.empty(&[d_out, d_in], DType::F32)?;
-        let g = StridedGemm {
-            a: self.ptr(dy)?,
-            a_sm: 1,
-            a_sk: d_out as i64,
-            b: self.ptr(x)?,
-            b_sk: d_in as i64,
-            b_sn: 1,
-            c: self.ptr(&out)?,
-            ldc: d_in as i64,
-            m: d_out as i32,
-            n: d_in as i32,
-            k: n as i32,
-            alpha: 1.0,
-            ..StridedGemm::default()
-        };
-        if n == 0 {
-            self.fill(&out, 0.0)?;
-        }
-        self.strided_gemm(g, 1)?;
+        let ops = self.weight_grad_operands(dy, x)?;
+        let out = self.empty(&[matrix(dy).1, matrix(x).1], DType::F32)?;
+        self.weight_grad_rows(&ops, 0, &out, (0, 0))?;
         Ok(out)
     }
 
@@ -579,23 +604,32 @@ impl Backward for CudaBackend {
         Ok(LinearMask::Cuda(CudaBuf(Arc::new(bits))))
     }
 
-    fn score_grad(&self, dw: &Tensor, w: &Tensor, block: &ScoredRows) -> Result<Tensor> {
+    fn score_grads(&self, dy: &Tensor, x: &Tensor, w: &Tensor, blocks: &[ScoredRows]) -> Result<Vec<Tensor>> {
         let &[d_out, d_in] = w.shape() else { bail!("linear weight must be 2-D, found {:?}", w.shape()) };
-        let n = block.scores.numel();
         ensure!(
-            dw.shape() == [d_out, d_in] && n.is_multiple_of(d_in) && block.row0 + n / d_in <= d_out,
-            "score gradient: dW {:?} for a weight {:?}",
-            dw.shape(),
+            matrix(dy).1 == d_out && matrix(x).1 == d_in,
+            "score gradient: gradient {:?} and input {:?} for a weight {:?}",
+            dy.shape(),
+            x.shape(),
             w.shape()
         );
-        let out = self.empty(block.scores.shape(), DType::F32)?;
+        let ops = self.weight_grad_operands(dy, x)?;
         let w = self.f32_weight(w)?;
-        let offset = (block.row0 * d_in * 4) as u64;
-        let (pdw, pw, ps, po, n_i) = (self.ptr(dw)? + offset, self.ptr(&w)? + offset, self.ptr(block.scores)?, self.ptr(&out)?, n as i64);
-        self.launcher().elementwise(self.func("score_grad_f32"), n, |b| {
-            b.arg(&pdw).arg(&pw).arg(&ps).arg(&po).arg(&n_i);
-        })?;
-        Ok(out)
+        blocks
+            .iter()
+            .map(|b| {
+                let n = b.scores.numel();
+                ensure!(
+                    d_in > 0 && n.is_multiple_of(d_in) && b.row0 + n / d_in <= d_out,
+                    "scores {:?} at row {} do not fit a {d_out} x {d_in} weight",
+                    b.scores.shape(),
+                    b.row0
+                );
+                let out = self.empty(&[n / d_in, d_in], DType::F32)?;
+                self.weight_grad_rows(&ops, b.row0, &out, (self.ptr(&w)? + (b.row0 * d_in * 4) as u64, self.ptr(b.scores)?))?;
+                out.reshape(b.scores.shape())
+            })
+            .collect()
     }
 
     fn mask_features(&self, x: Tensor, seqs: &Seqs, time: Option<(&[bool], &Tensor)>, channels: Option<&[bool]>) -> Result<Tensor> {

@@ -33,6 +33,10 @@ pub struct GemmArgs {
     pub conv_tin: i32,
     /// 1 when 16-byte vector loads are legal; set by [`GemmArgs::with_vector_check`].
     pub vec: i32,
+    /// With batch 1: `W` and the scores (`C`'s layout) of the straight-through product each
+    /// output is finished with (`C ⊙ W ⊙ sign(S)`); 0: none.
+    pub st_w: u64,
+    pub st_s: u64,
 }
 
 impl GemmArgs {
@@ -139,6 +143,9 @@ pub struct StridedGemm {
     pub alpha: f32,
     /// 1: `C += alpha · A·B`.
     pub accumulate: i32,
+    /// As [`GemmArgs::st_w`] / [`GemmArgs::st_s`].
+    pub st_w: u64,
+    pub st_s: u64,
 }
 
 // SAFETY: plain-old-data with the C layout the kernel expects.

@@ -80,7 +80,6 @@ const FUNCTIONS: &[(&str, &str)] = &[
     ("backward", "dropout_f32"),
     ("backward", "gelu_f32"),
     ("backward", "gelu_grad_f32"),
-    ("backward", "score_grad_f32"),
     ("backward", "column_sum_f32"),
     ("backward", "layer_norm_grad_f32"),
     ("backward", "layer_norm_param_grad_f32"),
