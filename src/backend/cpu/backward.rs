@@ -29,7 +29,9 @@ impl Backward for CpuBackend {
     }
 
     fn gelu(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(Tensor::from_vec(data(x)?.par_iter().map(|&v| math::gelu(v)).collect(), x.shape()))
+        let mut y = data(x)?.to_vec();
+        y.par_chunks_mut(grad::ELEMENTWISE_CHUNK).for_each(|c| math::bias_act_rows(c, c.len(), None, true));
+        Ok(Tensor::from_vec(y, x.shape()))
     }
 
     fn gelu_grad(&self, dy: &Tensor, x: &Tensor) -> Result<Tensor> {

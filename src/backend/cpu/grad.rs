@@ -147,14 +147,17 @@ pub fn group_norm_time_grads(dy: &[f32], x: &[f32], seqs: &Seqs, gamma: &[f32], 
     (dx, dgamma.into_iter().map(|v| v as f32).collect(), dbeta.into_iter().map(|v| v as f32).collect())
 }
 
-/// `dx = dy · gelu'(x)` with `gelu'(x) = Φ(x) + x φ(x)` (exact erf form; Φ through erfc).
+/// `dx = dy · gelu'(x)` ([`math::gelu_grad`]), in parallel chunks.
 pub fn gelu_input_grad(dy: &[f32], x: &[f32]) -> Vec<f32> {
-    const INV_SQRT_2PI: f32 = 0.398_942_3;
-    dy.par_iter()
-        .zip(x.par_iter())
-        .map(|(&d, &v)| d * (0.5 * math::erfc(-v * std::f32::consts::FRAC_1_SQRT_2) + v * INV_SQRT_2PI * math::exp(-0.5 * v * v)))
-        .collect()
+    let mut dx = vec![0.0f32; x.len()];
+    dx.par_chunks_mut(ELEMENTWISE_CHUNK)
+        .zip(dy.par_chunks(ELEMENTWISE_CHUNK).zip(x.par_chunks(ELEMENTWISE_CHUNK)))
+        .for_each(|(dx, (dy, x))| math::gelu_grad(dx, dy, x));
+    dx
 }
+
+/// Elements per parallel task of an elementwise pass (large enough to amortise the dispatch).
+pub const ELEMENTWISE_CHUNK: usize = 1 << 14;
 
 /// Gradient of `softmax(q kᵀ · scale) v` per utterance and head with respect to the packed
 /// `qkv [frames, 3c]` (the probabilities are recomputed, never stored): with `P` the attention

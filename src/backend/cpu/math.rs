@@ -2,7 +2,10 @@
 //! a run-time choice, so a binary built for baseline x86-64 still uses the machine's vector units.
 
 /// Defines `pub fn $name(args)` that runs `$body` compiled for the best instruction set found at
-/// run time. The body must be branch-light straight-line code over slices so it autovectorises.
+/// run time. The body must be branch-light straight-line code over slices so it autovectorises,
+/// with plain `for` loops: a `for_each` / `fold` adaptor is a separate generic function that LLVM
+/// may leave out of line, and then it is compiled for baseline x86-64 (no vectors wider than
+/// SSE2, `floor` a libm call). That happened to the GELU once its erfc grew: 8% of the forward.
 macro_rules! multiversion {
     ($(#[$m:meta])* pub fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
         $(#[$m])*
@@ -83,10 +86,36 @@ multiversion! {
     /// `row = act(row + bias)` for each `width`-wide row (no bias: just the activation).
     pub fn bias_act_rows(x: &mut [f32], width: usize, bias: Option<&[f32]>, apply_gelu: bool) {
         match (bias, apply_gelu) {
-            (Some(b), true) => x.chunks_exact_mut(width).for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v = gelu(*v + b))),
-            (Some(b), false) => x.chunks_exact_mut(width).for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b)),
-            (None, true) => x.iter_mut().for_each(|v| *v = gelu(*v)),
+            (Some(b), true) => {
+                for row in x.chunks_exact_mut(width) {
+                    for (v, b) in row.iter_mut().zip(b) {
+                        *v = gelu(*v + b);
+                    }
+                }
+            }
+            (Some(b), false) => {
+                for row in x.chunks_exact_mut(width) {
+                    for (v, b) in row.iter_mut().zip(b) {
+                        *v += b;
+                    }
+                }
+            }
+            (None, true) => {
+                for v in x.iter_mut() {
+                    *v = gelu(*v);
+                }
+            }
             (None, false) => {}
+        }
+    }
+}
+
+multiversion! {
+    /// `dx = dy · gelu'(x)` with `gelu'(x) = Φ(x) + x φ(x)` (exact erf form; Φ through erfc).
+    pub fn gelu_grad(dx: &mut [f32], dy: &[f32], x: &[f32]) {
+        const INV_SQRT_2PI: f32 = 0.398_942_3;
+        for ((dx, &d), &v) in dx.iter_mut().zip(dy).zip(x) {
+            *dx = d * (0.5 * erfc(-v * std::f32::consts::FRAC_1_SQRT_2) + v * INV_SQRT_2PI * exp(-0.5 * v * v));
         }
     }
 }
@@ -94,7 +123,9 @@ multiversion! {
 multiversion! {
     /// `x += y` elementwise.
     pub fn add_assign(x: &mut [f32], y: &[f32]) {
-        x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
+        for (x, y) in x.iter_mut().zip(y) {
+            *x += y;
+        }
     }
 }
 

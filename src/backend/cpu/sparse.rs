@@ -14,7 +14,7 @@
 
 use rayon::prelude::*;
 
-use super::math::{gelu, multiversion};
+use super::math::{bias_act_rows, multiversion};
 
 /// Frames per block: two AVX-512 registers of f32 (four AVX2 ones), so each kept weight's index
 /// and value load is shared by two multiply-adds.
@@ -154,14 +154,7 @@ impl SparseLinear {
                     row[rows.clone()].copy_from_slice(vals);
                 }
             }
-            for row in frames.chunks_exact_mut(d_out) {
-                if let Some(b) = bias {
-                    row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
-                }
-                if apply_gelu {
-                    row.iter_mut().for_each(|v| *v = gelu(*v));
-                }
-            }
+            bias_act_rows(frames, d_out, bias, apply_gelu);
         });
         y
     }
