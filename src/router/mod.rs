@@ -5,6 +5,7 @@
 //! (The training loop around it comes with `engine train`.)
 
 use anyhow::{ensure, Result};
+use rayon::prelude::*;
 
 use crate::rng::SplitMix;
 
@@ -47,10 +48,10 @@ pub fn keep_largest(scores: &[f32], k: usize) -> Vec<bool> {
     if drop == 0 {
         return keep;
     }
-    let mut order: Vec<usize> = (0..scores.len()).collect();
-    order.select_nth_unstable_by(drop - 1, |&a, &b| by_magnitude(scores, a, b));
-    for &i in &order[..drop] {
-        keep[i] = false;
+    let mut order = magnitude_keys(scores);
+    order.select_nth_unstable(drop - 1);
+    for &key in &order[..drop] {
+        keep[position(key)] = false;
     }
     keep
 }
@@ -84,9 +85,17 @@ pub fn global_magnitude_keep(tensors: &[&[f32]], sparsity: f64) -> Vec<Vec<bool>
     keep
 }
 
-/// Orders positions by |value|, then by position (a total order: NaN sorts above infinity).
-fn by_magnitude(v: &[f32], a: usize, b: usize) -> std::cmp::Ordering {
-    v[a].abs().total_cmp(&v[b].abs()).then(a.cmp(&b))
+/// One key per entry that orders as |value|, then position (a total order: NaN above infinity):
+/// the bits of |value| (which order as the non-negative floats they are) above the position, so
+/// sorting and selecting compare plain integers instead of indexing `v` through a comparator.
+fn magnitude_keys(v: &[f32]) -> Vec<u64> {
+    assert!(u32::try_from(v.len()).is_ok(), "a matrix of {} entries exceeds the 2^32 a key can address", v.len());
+    v.iter().enumerate().map(|(i, x)| (u64::from(x.abs().to_bits()) << 32) | i as u64).collect()
+}
+
+/// The position a [`magnitude_keys`] key stands for.
+fn position(key: u64) -> usize {
+    (key & 0xffff_ffff) as usize
 }
 
 /// Initial scores for a weight matrix with `fan_in` inputs (see [`Init`]).
@@ -101,14 +110,14 @@ pub fn init_scores(weight: &[f32], fan_in: usize, init: Init, sparsity: f64, rng
             // s_new[argsort |W|] = s_old[argsort |s_old|]: the i-th smallest |W| receives the
             // i-th smallest |score| (ties by position, as top_k_mask breaks them).
             let by_abs = |v: &[f32]| {
-                let mut idx: Vec<usize> = (0..v.len()).collect();
-                idx.sort_by(|&a, &b| by_magnitude(v, a, b));
-                idx
+                let mut keys = magnitude_keys(v);
+                keys.par_sort_unstable();
+                keys
             };
-            let (w_order, s_order) = (by_abs(weight), by_abs(&random));
+            let (w_order, s_order) = rayon::join(|| by_abs(weight), || by_abs(&random));
             let mut scores = vec![0.0; weight.len()];
-            for (&wi, &si) in w_order.iter().zip(&s_order) {
-                scores[wi] = random[si];
+            for (&wk, &sk) in w_order.iter().zip(&s_order) {
+                scores[position(wk)] = random[position(sk)];
             }
             scores
         }
@@ -139,6 +148,18 @@ mod tests {
             let max_dropped = scores.iter().zip(&keep).filter(|(_, &k)| !k).map(|(v, _)| v.abs()).fold(0.0, f32::max);
             assert!(min_kept >= max_dropped);
         }
+    }
+
+    #[test]
+    fn magnitude_keys_order_as_magnitude_then_position() {
+        let mut rng = SplitMix(5);
+        let mut v: Vec<f32> = (0..5000).map(|_| (rng.symmetric() * 8.0).round() / 4.0).collect();
+        v.extend([0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, -f32::NAN, f32::MIN_POSITIVE / 4.0, -1e30]);
+        let mut want: Vec<usize> = (0..v.len()).collect();
+        want.sort_by(|&a, &b| v[a].abs().total_cmp(&v[b].abs()).then(a.cmp(&b)));
+        let mut keys = magnitude_keys(&v);
+        keys.sort_unstable();
+        assert_eq!(keys.into_iter().map(position).collect::<Vec<_>>(), want);
     }
 
     #[test]
