@@ -5,6 +5,7 @@ use anyhow::{ensure, Result};
 use rayon::prelude::*;
 
 use crate::backend::backward::TrainBackend;
+use crate::backend::cpu::math::multiversion;
 use crate::tensor::Tensor;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -126,17 +127,27 @@ impl AdamStep {
     /// `m, v` ← moments with gradient `g`; `p` ← `p - step_size · m / (sqrt(v) / c2_sqrt + eps)`,
     /// in f64 per element (as the GPU kernel computes it).
     pub fn apply(&self, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
-        let (b1, b2) = (self.beta1, self.beta2);
+        const CHUNK: usize = 1 << 14;
         // Elementwise, so splitting over threads changes nothing in the result.
-        p.par_iter_mut().zip(g.par_iter()).zip(m.par_iter_mut()).zip(v.par_iter_mut()).with_min_len(1 << 14).for_each(
-            |(((p, &g), m), v)| {
-                let g = g as f64;
-                *m = (b1 * *m as f64 + (1.0 - b1) * g) as f32;
-                *v = (b2 * *v as f64 + (1.0 - b2) * g * g) as f32;
-                let denom = (*v as f64).sqrt() / self.c2_sqrt + self.eps;
-                *p = (*p as f64 - self.step_size * *m as f64 / denom) as f32;
-            },
-        );
+        p.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+            .for_each(|((p, g), (m, v))| adam_chunk(self, p, g, m, v));
+    }
+}
+
+multiversion! {
+    /// [`AdamStep::apply`] on one chunk, vectorised (f64 lanes; IEEE operations, so the same
+    /// bits as the scalar code).
+    pub fn adam_chunk(s: &AdamStep, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+        let (b1, b2) = (s.beta1, s.beta2);
+        for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+            let g = g as f64;
+            *m = (b1 * *m as f64 + (1.0 - b1) * g) as f32;
+            *v = (b2 * *v as f64 + (1.0 - b2) * g * g) as f32;
+            let denom = (*v as f64).sqrt() / s.c2_sqrt + s.eps;
+            *p = (*p as f64 - s.step_size * *m as f64 / denom) as f32;
+        }
     }
 }
 
