@@ -37,11 +37,14 @@ out=${OUT:-/tmp/s3router-gpu}
 budget=${BUDGET:-540}
 mkdir -p "$out"
 left() { echo $((budget - SECONDS)); }
+# A step's time limit: at most $1 seconds, and never past the budget (a kernel that hangs, say
+# a barrier bug in one never run before, then costs one step, not the whole device call).
+cap() { local t=$(( $(left) - 30 )); [ "$t" -gt "$1" ] && t=$1; [ "$t" -lt 10 ] && t=10; echo "$t"; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 fail=0
 # 1. Correctness: forward ops, training ops and whole training steps against the CPU.
 for t in "$b"/tests/*; do
-    S3R_REQUIRE_GPU=1 "$t" >"$out/test-$(basename "$t").log" 2>&1 || { fail=1; echo "FAILED: $(basename "$t")"; grep -E "panicked|rel L2|left:|right:" "$out/test-$(basename "$t").log" | head -20; }
+    S3R_REQUIRE_GPU=1 timeout "$(cap 180)" "$t" >"$out/test-$(basename "$t").log" 2>&1 || { fail=1; echo "FAILED: $(basename "$t")"; grep -E "panicked|rel L2|left:|right:" "$out/test-$(basename "$t").log" | head -20; }
     grep -h "^test result" "$out/test-$(basename "$t").log"
 done
 # The command line on the GPU: engine infer must print the CPU's transcripts (plain and masked).
@@ -52,11 +55,11 @@ for args in "--model tests/fixtures/base-like" "--model tests/fixtures/base-like
 done | tee "$out/cli.txt"
 grep -q FAILED "$out/cli.txt" && fail=1
 # 2. Training step benches (criterion, GPU only), then the PyTorch anchor in the same call.
-"$b"/bin/train_step* --bench cuda --warm-up-time 1 --measurement-time 4 2>&1 | grep -E "cuda|time:" | tee "$out/train_step.txt"
+timeout "$(cap 150)" "$b"/bin/train_step* --bench cuda --warm-up-time 1 --measurement-time 4 2>&1 | grep -E "cuda|time:" | tee "$out/train_step.txt"
 # CTC loss + gradient at 8 x 15 s (issue 4's goal: <= 0.1 ms), then dense against sparse FFN
 # linears (the crossovers that pick engine infer's path), GPU groups only.
-"$b"/bin/ctc* --bench cuda --warm-up-time 0.5 --measurement-time 1 2>&1 | grep -E "cuda|time:" | tee "$out/ctc.txt"
-"$b"/bin/sparse* --bench cuda --warm-up-time 0.5 --measurement-time 1 2>&1 | grep -E "cuda|time:" | tee "$out/sparse.txt"
+timeout "$(cap 60)" "$b"/bin/ctc* --bench cuda --warm-up-time 0.5 --measurement-time 1 2>&1 | grep -E "cuda|time:" | tee "$out/ctc.txt"
+timeout "$(cap 90)" "$b"/bin/sparse* --bench cuda --warm-up-time 0.5 --measurement-time 1 2>&1 | grep -E "cuda|time:" | tee "$out/sparse.txt"
 if [ -f "$b/torch_w2v2_anchor.py" ]; then
     t=$(( $(left) - 120 )); [ "$t" -gt 300 ] && t=300
     if [ "$t" -gt 60 ]; then
