@@ -147,6 +147,10 @@ impl Trace {
     }
 }
 
+/// Most bytes a group of utterances' first-layer output may take in the feature encoder
+/// ([`Wav2Vec2::convolve`]): groups of about 40 s of audio at wav2vec2's 512 channels.
+const CONV_GROUP_BYTES: usize = 256 << 20;
+
 /// Profile stage names of the feature-encoder convolutions (deeper ones share the last).
 const CONV_STAGES: [&str; 8] = ["conv 0", "conv 1", "conv 2", "conv 3", "conv 4", "conv 5", "conv 6", "conv 7+"];
 
@@ -357,11 +361,11 @@ impl Wav2Vec2 {
     /// The convolutional feature encoder alone, `[frames, conv_dim[-1]]` per utterance, packed:
     /// what weight finetuning starts from (the feature encoder stays frozen there).
     pub fn feature_encoder(&self, be: &dyn Backend, audio: &[&[f32]]) -> Result<(Tensor, Seqs)> {
-        self.convolve(be, audio, &mut StageClock::new(be, false)?)
+        self.convolve(be, audio, CONV_GROUP_BYTES, &mut StageClock::new(be, false)?)
     }
 
     fn project(&self, be: &dyn Backend, audio: &[&[f32]], trace: Option<&mut Trace>, clock: &mut StageClock) -> Result<(Tensor, Seqs)> {
-        let (mut x, seqs) = self.convolve(be, audio, clock)?;
+        let (mut x, seqs) = self.convolve(be, audio, CONV_GROUP_BYTES, clock)?;
         if let Some(t) = trace {
             t.conv_features = t.keep(be, &x)?;
         }
@@ -371,9 +375,43 @@ impl Wav2Vec2 {
         Ok((x, seqs))
     }
 
-    fn convolve(&self, be: &dyn Backend, audio: &[&[f32]], clock: &mut StageClock) -> Result<(Tensor, Seqs)> {
-        let c = &self.config;
+    /// The convolutions over `audio`, a group of utterances at a time: each group's first-layer
+    /// output (the model's largest activation: 512 channels at a fifth of the audio rate, 786 MB
+    /// for 8 x 15 s) stays under `group_bytes` unless one utterance alone exceeds it, so the
+    /// encoder's peak memory does not grow with the batch. The groups' outputs are joined.
+    fn convolve(&self, be: &dyn Backend, audio: &[&[f32]], group_bytes: usize, clock: &mut StageClock) -> Result<(Tensor, Seqs)> {
         self.frame_counts(&audio.iter().map(|a| a.len()).collect::<Vec<_>>())?;
+        let first_bytes = |a: &[f32]| match self.conv_layers.first() {
+            Some(l) => ((a.len() - l.kernel) / l.stride + 1) * l.weight.shape()[0] * 4,
+            None => a.len() * 4,
+        };
+        let mut groups: Vec<&[&[f32]]> = Vec::new();
+        let (mut start, mut bytes) = (0, 0);
+        for (i, a) in audio.iter().enumerate() {
+            if i > start && bytes + first_bytes(a) > group_bytes {
+                groups.push(&audio[start..i]);
+                (start, bytes) = (i, 0);
+            }
+            bytes += first_bytes(a);
+        }
+        groups.push(&audio[start..]);
+        let mut outputs = Vec::with_capacity(groups.len());
+        let mut lens = Vec::with_capacity(audio.len());
+        for group in groups {
+            let (x, seqs) = self.convolve_group(be, group, clock)?;
+            outputs.push(x);
+            lens.extend_from_slice(seqs.lens());
+        }
+        let x = match outputs.len() {
+            1 => outputs.pop().expect("one group"),
+            _ => be.concat_rows(&outputs.iter().collect::<Vec<_>>())?,
+        };
+        Ok((x, Seqs::new(lens)))
+    }
+
+    /// The convolutions over one group of utterances, all at once.
+    fn convolve_group(&self, be: &dyn Backend, audio: &[&[f32]], clock: &mut StageClock) -> Result<(Tensor, Seqs)> {
+        let c = &self.config;
         let mut seqs = Seqs::new(audio.iter().map(|a| a.len()).collect());
         let mut x = be.upload(&Tensor::from_vec(audio.concat(), &[seqs.total(), 1]))?;
         clock.mark(be, "upload audio")?;
@@ -502,5 +540,27 @@ mod tests {
         assert_eq!((t.shape(), t.to_vec().unwrap()), (&[1, 3, 2][..], vec![0.0, 10.0, 1.0, 11.0, 2.0, 12.0]));
         let w = Tensor::from_vec((0..2 * 3 * 4).map(|i| i as f32).collect(), &[2, 3, 4]);
         assert_eq!(be.swap_last_two(&be.swap_last_two(&w).unwrap()).unwrap().to_vec().unwrap(), w.to_vec().unwrap());
+    }
+
+    #[test]
+    fn the_feature_encoder_gives_the_same_frames_in_groups_as_all_at_once() {
+        let be = CpuBackend;
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/base-like");
+        let model = Wav2Vec2::load(&dir, &be).unwrap();
+        let mut rng = crate::rng::SplitMix(7);
+        let audio: Vec<Vec<f32>> = [4000, 1000, 2500, 1733, 3000].iter().map(|&n| (0..n).map(|_| rng.symmetric()).collect()).collect();
+        let audio: Vec<&[f32]> = audio.iter().map(Vec::as_slice).collect();
+        let clock = || StageClock::new(&be, false).unwrap();
+        let (whole, seqs) = model.convolve(&be, &audio, usize::MAX, &mut clock()).unwrap();
+        // One byte per group: every utterance alone; a middling size: groups of one to three.
+        for group_bytes in [1, model.conv_layers[0].weight.shape()[0] * 4 * 1200] {
+            let (grouped, grouped_seqs) = model.convolve(&be, &audio, group_bytes, &mut clock()).unwrap();
+            assert_eq!(grouped_seqs.lens(), seqs.lens());
+            let (a, b) = (grouped.to_vec().unwrap(), whole.to_vec().unwrap());
+            assert_eq!(a.len(), b.len());
+            for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "groups of {group_bytes} bytes, element {i}: {x} vs {y}");
+            }
+        }
     }
 }
