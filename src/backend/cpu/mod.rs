@@ -11,6 +11,7 @@ pub mod gemm;
 pub mod grad;
 pub mod math;
 pub mod sparse;
+pub mod transpose;
 
 use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
@@ -114,11 +115,7 @@ impl Backend for CpuBackend {
         let src = t.to_f32()?;
         let x = data(&src)?;
         let mut y = vec![0.0f32; x.len()];
-        y.par_chunks_mut((b * c).max(1)).zip(x.par_chunks((b * c).max(1))).for_each(|(y, x)| {
-            for (j, row) in x.chunks_exact(c.max(1)).enumerate() {
-                row.iter().enumerate().for_each(|(k, &v)| y[k * b + j] = v);
-            }
-        });
+        y.par_chunks_mut((b * c).max(1)).zip(x.par_chunks((b * c).max(1))).for_each(|(y, x)| transpose::transpose_into(y, x, b, c));
         Ok(Tensor::from_vec(y, &[a, c, b]))
     }
 
@@ -152,10 +149,7 @@ impl Backend for CpuBackend {
     fn prepare_linear_weight(&self, w: &Tensor) -> Result<Tensor> {
         let &[d_out, d_in] = w.shape() else { bail!("linear weight must be 2-D, found {:?}", w.shape()) };
         let src = w.to_f32()?;
-        let src = data(&src)?;
-        let mut t = vec![0.0f32; src.len()];
-        t.par_chunks_mut(d_out).enumerate().for_each(|(i, row)| row.iter_mut().enumerate().for_each(|(o, v)| *v = src[o * d_in + i]));
-        Ok(Tensor::from_vec(t, &[d_in, d_out]))
+        Ok(Tensor::from_vec(transpose::transpose(data(&src)?, d_out, d_in), &[d_in, d_out]))
     }
 
     fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Activation) -> Result<Tensor> {
