@@ -134,7 +134,7 @@ impl Backward for CpuBackend {
         for b in blocks {
             let scores = data(b.scores)?;
             ensure!(
-                scores.len().is_multiple_of(d_in) && b.row0 + scores.len() / d_in <= d_out,
+                d_in > 0 && scores.len().is_multiple_of(d_in) && b.row0 + scores.len() / d_in <= d_out,
                 "scores {:?} do not fit a {d_out} x {d_in} weight",
                 b.scores.shape()
             );
