@@ -65,7 +65,7 @@ fn bench_device(c: &mut Criterion, be: &dyn TrainBackend, device: &str, batch: u
     // Device memory at its highest during each bench (weights, scores, Adam state, activations).
     let peak = |what: &str| {
         if let Some(bytes) = be.take_peak_memory().unwrap() {
-            eprintln!("{what} {shape}: peak device memory {:.2} GB", bytes as f64 / 1e9);
+            eprintln!("{what} {shape}: peak memory {:.2} GB", bytes as f64 / 1e9);
         }
     };
     peak("model and scores loaded");

@@ -124,8 +124,9 @@ pub trait Backend: Send + Sync {
     /// Waits until all queued work is done (devices that queue work asynchronously).
     fn synchronize(&self) -> Result<()>;
 
-    /// The most device memory in use (bytes) since the previous call, which starts a new
-    /// measurement; `None` where the backend does not track it (the CPU).
+    /// The most memory in use (bytes) since the previous call, which starts a new measurement:
+    /// device memory on a GPU, the process's resident set on the CPU; `None` where the backend
+    /// cannot tell.
     fn take_peak_memory(&self) -> Result<Option<u64>> {
         Ok(None)
     }

@@ -803,7 +803,7 @@ fn run(cli: Cli) -> Result<()> {
                 rayon::current_num_threads()
             );
             if let Some(bytes) = peak {
-                println!("  peak device memory {:.2} GB (weights and activations)", bytes as f64 / 1e9);
+                println!("  peak memory {:.2} GB (on a GPU its memory; on the CPU the whole process's resident set)", bytes as f64 / 1e9);
             }
             for (stage, secs) in &r.stages {
                 println!("  {stage:<30} {:9.3} ms", secs * 1e3);

@@ -13,7 +13,7 @@ pub mod math;
 pub mod sparse;
 pub mod transpose;
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use rayon::prelude::*;
 
 use self::gemm::{matmul_blocked, MatRef};
@@ -92,6 +92,20 @@ fn column_sums(x: &[f32], c: usize, f: impl Fn(f32, usize) -> f64 + Sync) -> Vec
 impl Backend for CpuBackend {
     fn synchronize(&self) -> Result<()> {
         Ok(())
+    }
+
+    /// The process's peak resident set (`VmHWM` in `/proc/self/status`, Linux), then reset to
+    /// the current one (`/proc/self/clear_refs`, Linux 4.0 and later). Where the reset is
+    /// refused the next reading covers the whole run so far; off Linux, `None`.
+    fn take_peak_memory(&self) -> Result<Option<u64>> {
+        if !cfg!(target_os = "linux") {
+            return Ok(None);
+        }
+        let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+        let kib =
+            status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+        let _refused = std::fs::write("/proc/self/clear_refs", "5").is_err();
+        Ok(kib.map(|k| k * 1024))
     }
 
     fn name(&self) -> String {
@@ -313,5 +327,22 @@ impl Backend for CpuBackend {
             row.iter_mut().for_each(|v| *v -= lse);
         });
         Ok(Tensor::from_vec(out, x.shape()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peak_memory_covers_what_was_just_touched() {
+        let be = CpuBackend;
+        be.take_peak_memory().unwrap();
+        let touched = std::hint::black_box(vec![1u8; 64 << 20]);
+        let peak = be.take_peak_memory().unwrap();
+        if cfg!(target_os = "linux") {
+            assert!(peak.is_some_and(|p| p >= 64 << 20), "peak {peak:?} is below the 64 MiB just touched");
+        }
+        drop(touched);
     }
 }
