@@ -10,7 +10,7 @@ pub mod backward;
 pub mod cpu;
 pub mod cuda;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Result};
 
 use crate::tensor::Tensor;
 
@@ -112,6 +112,28 @@ impl SparseWeight {
             SparseWeight::Cpu(s) => s.density(),
             SparseWeight::Cuda(s) => s.density(),
         }
+    }
+
+    /// `(d_in, d_out)`.
+    fn dims(&self) -> (usize, usize) {
+        match self {
+            SparseWeight::Cpu(s) => (s.d_in, s.d_out),
+            SparseWeight::Cuda(s) => s.dims(),
+        }
+    }
+
+    /// The shape [`Backend::linear_sparse`] gives for input `x` and bias `b`, or an error
+    /// saying which does not fit this weight.
+    pub fn output_shape(&self, x: &Tensor, b: Option<&Tensor>) -> Result<Vec<usize>> {
+        let (d_in, d_out) = self.dims();
+        let features = *x.shape().last().unwrap_or(&0);
+        ensure!(features == d_in, "sparse linear: input has {features} features, the weight expects {d_in}");
+        if let Some(b) = b {
+            ensure!(b.numel() == d_out, "sparse linear bias has {} values for {d_out} outputs", b.numel());
+        }
+        let mut shape = x.shape().to_vec();
+        *shape.last_mut().expect("a linear input has dimensions") = d_out;
+        Ok(shape)
     }
 }
 

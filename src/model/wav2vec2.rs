@@ -91,6 +91,18 @@ pub struct ConvLayer {
     pub stride: usize,
 }
 
+impl ConvLayer {
+    /// Output frames for `samples` input frames (no padding).
+    pub fn out_len(&self, samples: usize) -> usize {
+        (samples - self.kernel) / self.stride + 1
+    }
+
+    /// Output frames of each utterance of `seqs`.
+    pub fn out_seqs(&self, seqs: &Seqs) -> Seqs {
+        Seqs::new(seqs.lens().iter().map(|&n| self.out_len(n)).collect())
+    }
+}
+
 pub struct EncoderLayer {
     /// `attention.{q,k,v}_proj` stacked into one projection (q, k, v side by side in the output).
     pub qkv_proj: Linear,
@@ -382,17 +394,18 @@ impl Wav2Vec2 {
     fn convolve(&self, be: &dyn Backend, audio: &[&[f32]], group_bytes: usize, clock: &mut StageClock) -> Result<(Tensor, Seqs)> {
         self.frame_counts(&audio.iter().map(|a| a.len()).collect::<Vec<_>>())?;
         let first_bytes = |a: &[f32]| match self.conv_layers.first() {
-            Some(l) => ((a.len() - l.kernel) / l.stride + 1) * l.weight.shape()[0] * 4,
+            Some(l) => l.out_len(a.len()) * l.weight.shape()[0] * 4,
             None => a.len() * 4,
         };
         let mut groups: Vec<&[&[f32]]> = Vec::new();
         let (mut start, mut bytes) = (0, 0);
         for (i, a) in audio.iter().enumerate() {
-            if i > start && bytes + first_bytes(a) > group_bytes {
+            let a_bytes = first_bytes(a);
+            if i > start && bytes + a_bytes > group_bytes {
                 groups.push(&audio[start..i]);
                 (start, bytes) = (i, 0);
             }
-            bytes += first_bytes(a);
+            bytes += a_bytes;
         }
         groups.push(&audio[start..]);
         let mut outputs = Vec::with_capacity(groups.len());
@@ -416,7 +429,7 @@ impl Wav2Vec2 {
         let mut x = be.upload(&Tensor::from_vec(audio.concat(), &[seqs.total(), 1]))?;
         clock.mark(be, "upload audio")?;
         for (i, layer) in self.conv_layers.iter().enumerate() {
-            let out = Seqs::new(seqs.lens().iter().map(|&n| (n - layer.kernel) / layer.stride + 1).collect());
+            let out = layer.out_seqs(&seqs);
             let geom = ConvGeometry { kernel: layer.kernel, stride: layer.stride, pad_left: 0, groups: 1 };
             // conv -> [norm] -> GELU, with the GELU fused into whichever op comes last.
             let conv_act = if layer.norm.is_some() { Activation::Identity } else { Activation::Gelu };

@@ -43,7 +43,7 @@ pub fn forward(be: &dyn TrainBackend, model: &Wav2Vec2, audio: &[&[f32]]) -> Res
     let mut x = be.upload(&Tensor::from_vec(audio.concat(), &[seqs.total(), 1]))?;
     let mut steps = Vec::with_capacity(model.conv_layers.len());
     for (i, layer) in model.conv_layers.iter().enumerate() {
-        let out = Seqs::new(seqs.lens().iter().map(|&n| (n - layer.kernel) / layer.stride + 1).collect());
+        let out = layer.out_seqs(&seqs);
         let conv = be.conv1d(&x, &seqs, &out, &layer.weight, layer.bias.as_ref(), geometry(model, i), Activation::Identity)?;
         let pre_gelu = match (&layer.norm, model.config.feat_extract_norm) {
             (None, _) => conv.clone(),

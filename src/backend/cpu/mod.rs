@@ -191,15 +191,9 @@ impl Backend for CpuBackend {
     }
 
     fn linear_sparse(&self, x: &Tensor, sp: &SparseWeight, b: Option<&Tensor>, act: Activation) -> Result<Tensor> {
+        let shape = sp.output_shape(x, b)?;
         let SparseWeight::Cpu(sp) = sp else { bail!("a sparse weight built on the GPU was given to the CPU backend") };
-        let d_in = as_matrix(x).1;
-        ensure!(d_in == sp.d_in, "sparse linear: input has {d_in} features, the weight expects {}", sp.d_in);
-        if let Some(b) = b {
-            ensure!(b.numel() == sp.d_out, "sparse linear bias has {} values for {} outputs", b.numel(), sp.d_out);
-        }
         let y = sp.forward(data(x)?, b.map(data).transpose()?, act == Activation::Gelu);
-        let mut shape = x.shape().to_vec();
-        *shape.last_mut().expect("a linear input has dimensions") = sp.d_out;
         Ok(Tensor::from_vec(y, &shape))
     }
 

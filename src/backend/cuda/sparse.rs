@@ -2,7 +2,7 @@
 //! the CPU's sparse layout ([`crate::backend::cpu::sparse`]), copied to the device once at load
 //! with values in the backend's weight precision.
 
-use anyhow::{anyhow, bail, ensure, Result};
+use anyhow::{anyhow, bail, Result};
 use cudarc::driver::{CudaSlice, DevicePtr, PushKernelArg};
 
 use super::launch::config;
@@ -30,6 +30,11 @@ impl SparseCuda {
     /// The fraction of weights kept.
     pub fn density(&self) -> f64 {
         self.kept as f64 / (self.d_in * self.d_out).max(1) as f64
+    }
+
+    /// `(d_in, d_out)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.d_in, self.d_out)
     }
 }
 
@@ -79,16 +84,11 @@ impl CudaBackend {
 
     /// [`crate::backend::Backend::linear_sparse`] on the device.
     pub(super) fn sparse_linear(&self, x: &Tensor, sp: &SparseWeight, b: Option<&Tensor>, act: Activation) -> Result<Tensor> {
+        let shape = sp.output_shape(x, b)?;
         let SparseWeight::Cuda(sp) = sp else { bail!("a sparse weight built on the CPU was given to the CUDA backend") };
         Self::expect_dtype(x, DType::F32, "sparse linear input")?;
-        let d_in = *x.shape().last().unwrap_or(&0);
-        ensure!(d_in == sp.d_in, "sparse linear: input has {d_in} features, the weight expects {}", sp.d_in);
-        if let Some(b) = b {
-            ensure!(b.numel() == sp.d_out, "sparse linear bias has {} values for {} outputs", b.numel(), sp.d_out);
-        }
+        let d_in = sp.d_in;
         let n = x.numel() / d_in.max(1);
-        let mut shape = x.shape().to_vec();
-        *shape.last_mut().expect("a linear input has dimensions") = sp.d_out;
         let out = self.empty(&shape, DType::F32)?;
         if n == 0 || sp.d_out == 0 {
             return Ok(out);
