@@ -7,9 +7,9 @@
 //!
 //! Frozen stages run without a tape; masks live as bits (the top-k is taken on the device);
 //! each encoder layer keeps only what its backward needs (attention probabilities, dropout
-//! masks and the FFN's 4x-wide activation are recomputed), and the backward stops at the lowest trainable tensor: layer 0's
-//! lowest masked linear, the time-mask embedding when time masking is on, or the feature
-//! projection when weights train.
+//! masks and the FFN's 4x-wide activation are recomputed), and the backward stops at the
+//! lowest trainable tensor: layer 0's lowest masked linear, the time-mask embedding when time
+//! masking is on, or the feature projection when weights train.
 
 use std::collections::BTreeMap;
 
