@@ -73,8 +73,6 @@ ATTENTION(32)
 ATTENTION(64)
 ATTENTION(128)
 
-#include <mma.h>
-
 // attention_bf16_mma_hd{16,32,64,128}: version 2 of the tensor-core path, FlashAttention-2 style.
 // (Version 1 used WMMA fragments with S and O staged in shared memory, since WMMA accumulators
 // cannot be rescaled row by row; 0.46 ms against this version's 0.23 ms on an H100 at b8 h12 t749.)
@@ -93,7 +91,7 @@ struct MmaAttnSmem {
 template <int HD>
 __device__ void attention_bf16_mma_impl(const float* qkv, float* out, const int* offsets, int c, int hd, float scale) {
     using L = MmaAttnSmem<HD>;
-    extern __shared__ __align__(128) unsigned char smem[];
+    DYNAMIC_SHARED(unsigned char, smem);
     __nv_bfloat16* Qs = reinterpret_cast<__nv_bfloat16*>(smem);
     __nv_bfloat16* Ks = Qs + L::BQ * L::LD;
     __nv_bfloat16* Vs = Ks + L::BKV * L::LD;
@@ -194,9 +192,7 @@ __device__ void attention_bf16_mma_impl(const float* qkv, float* out, const int*
 #pragma unroll
             for (int dj = 0; dj < HD / 16; ++dj) {
                 unsigned vf[4];
-                unsigned addr = (unsigned)__cvta_generic_to_shared(Vs + (kc * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * L::LD + dj * 16 + (lane / 16) * 8);
-                asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                             : "=r"(vf[0]), "=r"(vf[1]), "=r"(vf[2]), "=r"(vf[3]) : "r"(addr));
+                ldmatrix_x4_trans(vf, Vs + (kc * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * L::LD + dj * 16 + (lane / 16) * 8);
                 mma_bf16(o[2 * dj], pf[kc], vf[0], vf[1]);
                 mma_bf16(o[2 * dj + 1], pf[kc], vf[2], vf[3]);
             }

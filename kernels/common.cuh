@@ -1,7 +1,16 @@
-// Shared device helpers: GELU, warp reductions, launch-size constants.
+// Shared device helpers: GELU, warp reductions, launch-size constants, and the inline-PTX
+// helpers (ldmatrix, mma.sync, cp.async). Under S3R_CUEMU the kernels compile as host C++ for
+// the CPU emulator (tools/cuemu), which supplies the CUDA surface and those helpers itself.
 #pragma once
+#ifdef S3R_CUEMU
+#include "device.h"
+#else
 #include <cuda_bf16.h>
+#include <mma.h>
 #include <stdint.h>
+// Dynamic shared memory of a kernel, 128-byte aligned.
+#define DYNAMIC_SHARED(type, name) extern __shared__ __align__(128) type name[]
+#endif
 
 #define ACT_IDENTITY 0
 #define ACT_GELU 1
@@ -52,10 +61,18 @@ __device__ __forceinline__ float straight_through(float w, float s) { return w *
 // Bit `i` of a mask packed 8 weights per byte, least significant bit first.
 __device__ __forceinline__ bool mask_bit(const uint8_t* mask, long i) { return (mask[i >> 3] >> (i & 7)) & 1; }
 
+#ifndef S3R_CUEMU
 // Four 8x8 b16 matrices from shared memory (lane l gives the address of row l % 8 of matrix l / 8).
 __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* smem) {
     unsigned s = (unsigned)__cvta_generic_to_shared(smem);
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
+}
+
+// The same, transposed: register j holds rows 2(l % 4), +1 of column l / 4 of matrix j.
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* smem) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
 }
 
@@ -66,3 +83,17 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], const unsigned (&a)[4], 
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+
+// Asynchronous global -> shared copies of `bytes` (16 or 4), zero-filled when `pred` is false.
+__device__ __forceinline__ void cp_async(void* smem, const void* gmem, int bytes, bool pred) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    int src = pred ? bytes : 0;
+    if (bytes == 16)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src));
+    else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(gmem), "r"(src));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+#endif  // S3R_CUEMU

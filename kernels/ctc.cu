@@ -64,7 +64,7 @@ extern "C" __global__ void ctc_emissions(const float* logits, CtcMeta m, float* 
 // blockIdx.x = 0: alpha forward; 1: beta backward (both include the frame's own emission, as in
 // version 1). blockIdx.y = utterance. Shared memory: two rows of max L floats.
 extern "C" __global__ void __launch_bounds__(1024) ctc_recursions(CtcMeta m, const float* emit, float* alpha, float* beta, int zero_inf, float* losses) {
-    extern __shared__ float rows[];
+    DYNAMIC_SHARED(float, rows);
     const int u = blockIdx.y, backward = blockIdx.x, tid = threadIdx.x, nt = blockDim.x;
     const int T = (int)(m.frame_off[u + 1] - m.frame_off[u]);
     const long* lab = m.labels + m.label_off[u];

@@ -22,7 +22,6 @@
 //            bf16 as it is staged, B is stored in bf16, masks are applied a byte (8 weights) at a
 //            time. Version 1 (scalar loads, one buffer) reached 51 TFLOP/s on the FFN shape.
 #include "common.cuh"
-#include <mma.h>
 
 struct GemmArgs {
     const void* a; long lda; long batch_a;  // fp32, except bf16 for gemm_bf16_mma
@@ -238,17 +237,6 @@ constexpr int SMEM_BYTES = STAGES * STAGE_BYTES;  // also holds the 128 x 132 fp
 static_assert(SMEM_BYTES >= BM * (BN + 4) * 4, "epilogue tile must fit the pipeline buffers");
 }
 
-__device__ __forceinline__ void cp_async(void* smem, const void* gmem, int bytes, bool pred) {
-    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    int src = pred ? bytes : 0;
-    if (bytes == 16)
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src));
-    else
-        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(gmem), "r"(src));
-}
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 // Keep-mask for a register of two bf16 weights whose mask bits are the low two bits of `bits`.
 __device__ __forceinline__ unsigned pair_mask(unsigned bits) { return ((bits & 1) ? 0x0000FFFFu : 0u) | ((bits & 2) ? 0xFFFF0000u : 0u); }
@@ -277,7 +265,7 @@ __device__ __forceinline__ void v3_load_stage(const GemmArgs& p, const __nv_bflo
 
 extern "C" __global__ void __launch_bounds__(128) gemm_bf16_mma(GemmArgs p) {
     using namespace v3;
-    extern __shared__ __align__(128) unsigned char smem[];
+    DYNAMIC_SHARED(unsigned char, smem);
     const int z = blockIdx.z;
     const __nv_bfloat16* A = (const __nv_bfloat16*)p.a + z * p.batch_a;
     const __nv_bfloat16* B = (const __nv_bfloat16*)p.b + z * p.batch_b;

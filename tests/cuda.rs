@@ -320,14 +320,13 @@ fn sparse_linear_matches_the_dense_product_on_the_same_zeros() {
 }
 
 /// A masked model on the GPU gives the same logits through the sparse kernel as through the
-/// dense GEMM (fp32, rel L2 <= 1e-5), and every masked linear gets a sparse copy.
+/// dense GEMM (fp32, rel L2 <= 1e-5), and every masked linear runs its sparse copy.
 #[test]
 fn sparse_and_dense_models_give_the_same_logits() {
     let Some(be) = gpu(Precision::F32) else { return };
-    let (dense, sparse, count, linears) = sparse_and_dense_logits(&be);
-    assert_eq!(count, linears, "every masked linear gets a sparse copy");
+    let (dense, sparse, used, linears) = sparse_and_dense_logits(&be);
+    assert_eq!(used, linears, "every masked linear runs its sparse copy");
     assert_close("GPU sparse vs dense logits", &sparse, &dense, F32_TOL);
-    assert!(sparse != dense, "the sparse path did not run (bit-identical logits)");
 }
 
 /// Many masks, one model on the GPU: two tasks in one batch give the CPU's logits.

@@ -11,11 +11,10 @@ use s3router::model::Wav2Vec2;
 #[test]
 fn sparse_and_dense_paths_give_the_same_logits() {
     let be = CpuBackend;
-    let (dense, sparse, count, linears) = sparse_and_dense_logits(&be);
-    assert_eq!(count, linears, "every masked linear gets a sparse copy");
+    let (dense, sparse, used, linears) = sparse_and_dense_logits(&be);
+    assert_eq!(used, linears, "every masked linear runs its sparse copy");
     let err = rel_l2(&sparse, &dense);
     assert!(err <= 1e-5, "sparse vs dense logits rel L2 {err:.2e}");
-    assert!(sparse != dense, "the sparse path did not run (bit-identical logits)");
     // An unmasked model has nothing to skip.
     assert_eq!(Wav2Vec2::load(&fixtures().join("base-like"), &be).unwrap().prepare_sparse(&be).unwrap(), 0);
 }

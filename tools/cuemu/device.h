@@ -1,0 +1,551 @@
+// cuemu device side: the CUDA surface kernels/*.cu use, for compiling them as host C++ (g++) and
+// running them on the CPU, so the GPU tests check every kernel on machines without a GPU.
+//
+// Execution model. A launch runs its blocks one after another on the calling OS thread. Each
+// block's threads are fibers (own stacks, switched by a few instructions of assembly): a fiber
+// runs until it reaches a barrier (__syncthreads, or a warp collective such as a shuffle or an
+// mma), then the next one runs. So barriers mean what they mean on the GPU, shared memory is
+// per block, warp collectives exchange registers lane by lane with the PTX fragment layouts,
+// and a divergent barrier is reported as a deadlock instead of hanging. The order fibers run
+// in alternates between phases (ascending, then descending thread index), so a read that lacks
+// its barrier sees stale data in one phase or the other rather than passing by luck.
+//
+// What it does not model: timing, memory-model races between blocks, and arithmetic bit-exact to
+// the GPU's (expf, tensor-core accumulation order). Tests compare with tolerances, as on a GPU.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+using std::isfinite;
+using std::isinf;
+using std::isnan;
+
+// ---- declaration specifiers ---------------------------------------------------------------
+#ifdef CUEMU_LIST_KERNELS
+#define __global__ CUEMU_KERNEL
+#else
+#define __global__
+#endif
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+// One copy per OS thread; a block's fibers share their OS thread, so one copy per running block.
+#define __shared__ static thread_local
+#define DYNAMIC_SHARED(type, name) type* name = reinterpret_cast<type*>(::cuemu::dynamic_shared())
+
+// ---- vector types ---------------------------------------------------------------------------
+struct uint3 {
+    unsigned x, y, z;
+};
+struct __align__(8) float2 {
+    float x, y;
+};
+struct __align__(16) float4 {
+    float x, y, z, w;
+};
+struct __align__(8) uint2 {
+    unsigned x, y;
+};
+struct __align__(16) uint4 {
+    unsigned x, y, z, w;
+};
+struct __align__(8) int2 {
+    int x, y;
+};
+struct __align__(16) int4 {
+    int x, y, z, w;
+};
+struct __align__(16) double2 {
+    double x, y;
+};
+inline float2 make_float2(float x, float y) { return {x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+
+// ---- bf16 -----------------------------------------------------------------------------------
+struct __nv_bfloat16 {
+    uint16_t bits;
+};
+struct __align__(4) __nv_bfloat162 {
+    __nv_bfloat16 x, y;
+};
+inline __nv_bfloat16 __float2bfloat16(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return {uint16_t((u >> 16) | 0x40)};  // quiet NaN
+    u += 0x7fffu + ((u >> 16) & 1);                                               // nearest, ties to even
+    return {uint16_t(u >> 16)};
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __float2bfloat16(f); }
+inline float __bfloat162float(__nv_bfloat16 h) {
+    uint32_t u = uint32_t(h.bits) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) { return {__float2bfloat16(a), __float2bfloat16(b)}; }
+inline float __low2float(__nv_bfloat162 h) { return __bfloat162float(h.x); }
+inline float __high2float(__nv_bfloat162 h) { return __bfloat162float(h.y); }
+
+// ---- bit casts and math ---------------------------------------------------------------------
+inline unsigned __float_as_uint(float f) {
+    unsigned u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
+inline float __uint_as_float(unsigned u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline int __float_as_int(float f) { return int(__float_as_uint(f)); }
+inline float __int_as_float(int i) { return __uint_as_float(unsigned(i)); }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
+inline float __expf(float x) { return std::exp(x); }
+inline float __logf(float x) { return std::log(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+// CUDA's min / max take any mix of arithmetic types.
+template <class A, class B>
+inline std::common_type_t<A, B> min(A a, B b) {
+    return b < a ? b : a;
+}
+template <class A, class B>
+inline std::common_type_t<A, B> max(A a, B b) {
+    return a < b ? b : a;
+}
+inline int __popc(unsigned v) { return __builtin_popcount(v); }
+inline int __clz(unsigned v) { return v ? __builtin_clz(v) : 32; }
+inline int __ffs(unsigned v) { return __builtin_ffs(int(v)); }
+
+namespace cuemu {
+
+// ---- fibers ---------------------------------------------------------------------------------
+// cuemu_switch(&from_sp, to_sp): saves the callee-saved registers on the current stack, stores
+// the stack pointer, and resumes the other context (System V x86-64).
+extern "C" void cuemu_switch(void** from_sp, void* to_sp);
+asm(R"(
+    .text
+    .hidden cuemu_switch
+    .globl cuemu_switch
+    .type cuemu_switch,@function
+cuemu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size cuemu_switch, .-cuemu_switch
+)");
+
+enum State { READY, AT_BLOCK_BARRIER, AT_WARP_BARRIER, DONE };
+
+struct Fiber {
+    void* sp;
+    State state;
+    uint3 tid;
+    int lane, warp;
+};
+
+constexpr size_t STACK_BYTES = 256 * 1024;
+
+// A stack with an inaccessible guard page below it, so an overflow faults.
+struct Stack {
+    unsigned char* base;
+    unsigned char* top() const { return base + STACK_BYTES + 4096; }
+};
+
+struct Block {
+    std::vector<Fiber> fibers;
+    void* sched_sp = nullptr;
+    uint3 block_idx, block_dim, grid_dim;
+    std::vector<unsigned char> dynamic_smem;
+    std::vector<uint64_t> warp_slots;  // [warp][lane][8]
+    void (*call)(void**) = nullptr;
+    void** params = nullptr;
+};
+
+inline thread_local Block* g_block = nullptr;
+inline thread_local Fiber* g_fiber = nullptr;
+inline thread_local std::vector<Stack> g_stacks;
+
+inline void* dynamic_shared() { return g_block->dynamic_smem.data(); }
+
+inline void yield(State s) {
+    g_fiber->state = s;
+    cuemu_switch(&g_fiber->sp, g_block->sched_sp);
+}
+
+[[noreturn]] inline void fiber_main() {
+    g_block->call(g_block->params);
+    yield(DONE);
+    std::abort();  // a finished fiber is never resumed
+}
+
+inline void* fresh_context(const Stack& s) {
+    void** sp = reinterpret_cast<void**>(s.top());
+    *--sp = nullptr;                                      // fiber_main's (never used) return address
+    *--sp = reinterpret_cast<void*>(&fiber_main);         // where the first switch "returns" to
+    for (int i = 0; i < 6; ++i) *--sp = nullptr;          // rbp rbx r12 r13 r14 r15
+    return sp;
+}
+
+inline bool ensure_stacks(size_t n, char* err, size_t errlen) {
+    while (g_stacks.size() < n) {
+        void* p = mmap(nullptr, STACK_BYTES + 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (p == MAP_FAILED) {
+            snprintf(err, errlen, "cuemu: cannot map a fiber stack");
+            return false;
+        }
+        mprotect(p, 4096, PROT_NONE);
+        g_stacks.push_back({static_cast<unsigned char*>(p)});
+    }
+    return true;
+}
+
+// Runs one block to completion; false (with `err` said) on a deadlock.
+inline bool run_block(Block& b, const char* name, char* err, size_t errlen) {
+    const int n = int(b.fibers.size());
+    for (int i = 0; i < n; ++i) {
+        Fiber& f = b.fibers[i];
+        f.sp = fresh_context(g_stacks[i]);
+        f.state = READY;
+    }
+    std::fill(b.dynamic_smem.begin(), b.dynamic_smem.end(), 0xFF);  // unwritten floats read as NaN
+    for (unsigned phase = 0;; ++phase) {
+        for (int j = 0; j < n; ++j) {
+            Fiber& f = b.fibers[phase % 2 ? n - 1 - j : j];
+            if (f.state != READY) continue;
+            g_fiber = &f;
+            cuemu_switch(&b.sched_sp, f.sp);
+        }
+        bool all_done = true, released = false;
+        for (const Fiber& f : b.fibers) all_done &= f.state == DONE;
+        if (all_done) return true;
+        // A warp whose live lanes all wait at a warp collective goes on.
+        for (int w0 = 0; w0 < n; w0 += 32) {
+            int w1 = std::min(n, w0 + 32), waiting = 0, other = 0;
+            for (int i = w0; i < w1; ++i) {
+                State s = b.fibers[i].state;
+                waiting += s == AT_WARP_BARRIER;
+                other += s == AT_BLOCK_BARRIER;
+            }
+            if (waiting && !other) {
+                for (int i = w0; i < w1; ++i)
+                    if (b.fibers[i].state == AT_WARP_BARRIER) b.fibers[i].state = READY;
+                released = true;
+            }
+        }
+        if (released) continue;
+        bool block_ready = true;
+        for (const Fiber& f : b.fibers) block_ready &= f.state == AT_BLOCK_BARRIER || f.state == DONE;
+        if (!block_ready) {
+            snprintf(err, errlen, "cuemu: kernel %s, block (%u,%u,%u): divergent barrier (threads of one warp wait at different barriers)",
+                     name, b.block_idx.x, b.block_idx.y, b.block_idx.z);
+            return false;
+        }
+        for (Fiber& f : b.fibers)
+            if (f.state == AT_BLOCK_BARRIER) f.state = READY;
+    }
+}
+
+// Runs a whole launch; returns 0, or 1 with `err` said.
+inline int launch(void (*call)(void**), const char* name, const unsigned grid[3], const unsigned block[3], unsigned smem, void** params,
+                  char* err, size_t errlen) {
+    const size_t threads = size_t(block[0]) * block[1] * block[2];
+    if (!ensure_stacks(threads, err, errlen)) return 1;
+    Block b;
+    b.fibers.resize(threads);
+    b.block_dim = {block[0], block[1], block[2]};
+    b.grid_dim = {grid[0], grid[1], grid[2]};
+    b.dynamic_smem.resize(smem);
+    b.warp_slots.assign((threads + 31) / 32 * 32 * 8, 0);
+    b.call = call;
+    b.params = params;
+    for (size_t i = 0; i < threads; ++i) {
+        Fiber& f = b.fibers[i];
+        f.tid = {unsigned(i % block[0]), unsigned(i / block[0] % block[1]), unsigned(i / (size_t(block[0]) * block[1]))};
+        f.lane = int(i % 32);
+        f.warp = int(i / 32);
+    }
+    Block* outer_block = g_block;
+    Fiber* outer_fiber = g_fiber;
+    g_block = &b;
+    bool ok = true;
+    for (unsigned z = 0; z < grid[2] && ok; ++z)
+        for (unsigned y = 0; y < grid[1] && ok; ++y)
+            for (unsigned x = 0; x < grid[0] && ok; ++x) {
+                b.block_idx = {x, y, z};
+                ok = run_block(b, name, err, errlen);
+            }
+    g_block = outer_block;
+    g_fiber = outer_fiber;
+    return ok ? 0 : 1;
+}
+
+// ---- barriers and warp collectives ----------------------------------------------------------
+inline void sync_block() { yield(AT_BLOCK_BARRIER); }
+inline void sync_warp() { yield(AT_WARP_BARRIER); }
+inline uint64_t* lane_slots(int lane) { return &g_block->warp_slots[(size_t(g_fiber->warp) * 32 + lane) * 8]; }
+
+// Every lane publishes `v`, then reads lane `src`'s (its own where `src` has no thread).
+template <class T>
+inline T exchange(T v, int src) {
+    static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value, "shuffled values are at most 8 bytes");
+    uint64_t bits = 0;
+    std::memcpy(&bits, &v, sizeof(T));
+    lane_slots(g_fiber->lane)[0] = bits;
+    sync_warp();
+    int first = g_fiber->warp * 32;
+    if (first + src < int(g_block->fibers.size())) bits = lane_slots(src)[0];
+    sync_warp();
+    T r;
+    std::memcpy(&r, &bits, sizeof(T));
+    return r;
+}
+
+}  // namespace cuemu
+
+#define threadIdx (::cuemu::g_fiber->tid)
+#define blockIdx (::cuemu::g_block->block_idx)
+#define blockDim (::cuemu::g_block->block_dim)
+#define gridDim (::cuemu::g_block->grid_dim)
+#define warpSize 32
+
+inline void __syncthreads() { cuemu::sync_block(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { cuemu::sync_warp(); }
+inline void __threadfence() {}
+inline void __threadfence_block() {}
+
+template <class T>
+inline T __shfl_sync(unsigned, T v, int src, int width = 32) {
+    int lane = cuemu::g_fiber->lane;
+    return cuemu::exchange(v, (lane & ~(width - 1)) + (src & (width - 1)));
+}
+template <class T>
+inline T __shfl_xor_sync(unsigned, T v, int mask, int width = 32) {
+    int lane = cuemu::g_fiber->lane, src = lane ^ mask;
+    return cuemu::exchange(v, src / width == lane / width ? src : lane);
+}
+template <class T>
+inline T __shfl_up_sync(unsigned, T v, unsigned delta, int width = 32) {
+    int lane = cuemu::g_fiber->lane, src = lane - int(delta);
+    return cuemu::exchange(v, src >= (lane & ~(width - 1)) ? src : lane);
+}
+template <class T>
+inline T __shfl_down_sync(unsigned, T v, unsigned delta, int width = 32) {
+    int lane = cuemu::g_fiber->lane, src = lane + int(delta);
+    return cuemu::exchange(v, src < (lane & ~(width - 1)) + width ? src : lane);
+}
+
+// ---- atomics (global memory is shared with other host threads; a block's fibers never
+// interleave inside one) ------------------------------------------------------------------------
+inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
+inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
+inline float atomicAdd(float* p, float v) {
+    float old = *p, want;
+    do want = old + v;
+    while (!__atomic_compare_exchange(p, &old, &want, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+    return old;
+}
+inline double atomicAdd(double* p, double v) {
+    double old = *p, want;
+    do want = old + v;
+    while (!__atomic_compare_exchange(p, &old, &want, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+    return old;
+}
+inline unsigned atomicAnd(unsigned* p, unsigned v) { return __atomic_fetch_and(p, v, __ATOMIC_RELAXED); }
+inline unsigned atomicOr(unsigned* p, unsigned v) { return __atomic_fetch_or(p, v, __ATOMIC_RELAXED); }
+inline unsigned atomicMax(unsigned* p, unsigned v) {
+    unsigned old = *p;
+    while (old < v && !__atomic_compare_exchange_n(p, &old, v, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+    }
+    return old;
+}
+
+// ---- tensor-core fragments and async copies (the inline-PTX helpers of common.cuh) ------------
+namespace cuemu {
+inline float bf16_lo(unsigned r) { return __uint_as_float(r << 16); }
+inline float bf16_hi(unsigned r) { return __uint_as_float(r & 0xffff0000u); }
+}  // namespace cuemu
+
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 with the PTX ISA's fragment layouts: lane
+// l = 4g + t holds A rows g and g+8 at columns 2t, 2t+1 (a0, a1) and 2t+8, 2t+9 (a2, a3), B
+// (k x n) rows 2t, 2t+1 (b0) and 2t+8, 2t+9 (b1) of column g, and D rows g, g+8, columns 2t, 2t+1.
+inline void mma_bf16(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    const int lane = cuemu::g_fiber->lane, g = lane >> 2, t = lane & 3;
+    uint64_t* mine = cuemu::lane_slots(lane);
+    for (int i = 0; i < 4; ++i) mine[i] = a[i];
+    mine[4] = b0;
+    mine[5] = b1;
+    cuemu::sync_warp();
+    // This lane's outputs need A rows g and g+8 (held by lanes 4g..4g+3) and B columns 2t and
+    // 2t+1 (held by lanes 4(2t)+q and 4(2t+1)+q).
+    float A[2][16], B[2][16];
+    for (int q = 0; q < 4; ++q) {
+        const uint64_t* s = cuemu::lane_slots(4 * g + q);
+        for (int i = 0; i < 4; ++i) {
+            int half = i & 1, col = 2 * q + (i >> 1) * 8;
+            A[half][col] = cuemu::bf16_lo(unsigned(s[i]));
+            A[half][col + 1] = cuemu::bf16_hi(unsigned(s[i]));
+        }
+        for (int c = 0; c < 2; ++c) {
+            const uint64_t* sb = cuemu::lane_slots(4 * (2 * t + c) + q);
+            for (int j = 0; j < 2; ++j) {
+                B[c][2 * q + j * 8] = cuemu::bf16_lo(unsigned(sb[4 + j]));
+                B[c][2 * q + j * 8 + 1] = cuemu::bf16_hi(unsigned(sb[4 + j]));
+            }
+        }
+    }
+    cuemu::sync_warp();
+    for (int i = 0; i < 4; ++i) {
+        float acc = d[i];
+        for (int k = 0; k < 16; ++k) acc = std::fma(A[i >> 1][k], B[i & 1][k], acc);
+        d[i] = acc;
+    }
+}
+
+// ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16: lane l gives the address of row l % 8 of
+// matrix l / 8; register j receives, of matrix j, row l / 4 columns 2(l % 4), +1 (untransposed)
+// or rows 2(l % 4), +1 of column l / 4 (transposed).
+namespace cuemu {
+template <bool TRANS>
+inline void ldmatrix(unsigned (&r)[4], const void* smem) {
+    const int lane = g_fiber->lane;
+    lane_slots(lane)[0] = reinterpret_cast<uint64_t>(smem);
+    sync_warp();
+    auto row = [](int i) { return reinterpret_cast<const uint16_t*>(lane_slots(i)[0]); };
+    for (int j = 0; j < 4; ++j) {
+        uint16_t lo, hi;
+        if (TRANS) {
+            lo = row(j * 8 + (lane % 4) * 2)[lane / 4];
+            hi = row(j * 8 + (lane % 4) * 2 + 1)[lane / 4];
+        } else {
+            lo = row(j * 8 + lane / 4)[(lane % 4) * 2];
+            hi = row(j * 8 + lane / 4)[(lane % 4) * 2 + 1];
+        }
+        r[j] = unsigned(lo) | unsigned(hi) << 16;
+    }
+    sync_warp();
+}
+}  // namespace cuemu
+inline void ldmatrix_x4(unsigned (&r)[4], const void* smem) { cuemu::ldmatrix<false>(r, smem); }
+inline void ldmatrix_x4_trans(unsigned (&r)[4], const void* smem) { cuemu::ldmatrix<true>(r, smem); }
+
+// cp.async completes at once here (a legal schedule of an asynchronous copy): `bytes` copied
+// when `pred`, zeros otherwise.
+inline void cp_async(void* smem, const void* gmem, int bytes, bool pred) {
+    if (pred)
+        std::memcpy(smem, gmem, size_t(bytes));
+    else
+        std::memset(smem, 0, size_t(bytes));
+}
+inline void cp_commit() {}
+template <int N>
+inline void cp_wait() {}
+
+// WMMA: every lane loads the whole A / B fragment (in logical row-major order); of an
+// accumulator, lane l owns the elements e with e % 32 == l, and mma_sync / store_matrix_sync
+// compute and write only those, so a warp does the product once, as the hardware does.
+namespace nvcuda {
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+template <class Use, int M, int N, int K, class T, class Layout = void>
+struct fragment {
+    static constexpr int ROWS = std::is_same<Use, matrix_b>::value ? K : M;
+    static constexpr int COLS = std::is_same<Use, matrix_a>::value ? K : N;
+    static constexpr int num_elements = ROWS * COLS;
+    T x[ROWS * COLS];
+};
+template <class Use, int M, int N, int K, class T, class L>
+inline void fill_fragment(fragment<Use, M, N, K, T, L>& f, T v) {
+    for (auto& e : f.x) e = v;
+}
+template <class Use, int M, int N, int K, class T, class L>
+inline void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const T* p, unsigned ldm) {
+    using F = fragment<Use, M, N, K, T, L>;
+    for (int r = 0; r < F::ROWS; ++r)
+        for (int c = 0; c < F::COLS; ++c) f.x[r * F::COLS + c] = std::is_same<L, col_major>::value ? p[size_t(c) * ldm + r] : p[size_t(r) * ldm + c];
+}
+template <int M, int N, int K, class TA, class LA, class LB>
+inline void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, TA, LA>& a,
+                     const fragment<matrix_b, M, N, K, TA, LB>& b, const fragment<accumulator, M, N, K, float>& c) {
+    for (int e = cuemu::g_fiber->lane; e < M * N; e += 32) {
+        const int i = e / N, j = e % N;
+        float acc = c.x[e];
+        for (int k = 0; k < K; ++k) acc = std::fma(__bfloat162float(a.x[i * K + k]), __bfloat162float(b.x[k * N + j]), acc);
+        d.x[e] = acc;
+    }
+}
+template <int M, int N, int K>
+inline void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ldm, layout_t layout) {
+    for (int e = cuemu::g_fiber->lane; e < M * N; e += 32) {
+        const int r = e / N, c = e % N;
+        (layout == mem_row_major ? p[size_t(r) * ldm + c] : p[size_t(c) * ldm + r]) = f.x[e];
+    }
+}
+}  // namespace wmma
+}  // namespace nvcuda
+
+// ---- the module's exports (see kernels.cpp generated by build.rs) -----------------------------
+namespace cuemu {
+struct KernelEntry {
+    const char* name;
+    void (*call)(void**);
+};
+
+// `F(*(A0*)p[0], *(A1*)p[1], ...)`: a kernel called with cuLaunchKernel's parameter array.
+template <class Sig>
+struct Unpack;
+template <class... A>
+struct Unpack<void (*)(A...)> {
+    template <void (*F)(A...), size_t... I>
+    static void call(void** p, std::index_sequence<I...>) {
+        F(*static_cast<std::remove_cv_t<std::remove_reference_t<A>>*>(p[I])...);
+    }
+    static constexpr size_t ARITY = sizeof...(A);
+};
+template <auto F>
+void trampoline(void** p) {
+    using U = Unpack<decltype(F)>;
+    U::template call<F>(p, std::make_index_sequence<U::ARITY>{});
+}
+}  // namespace cuemu
+
+#define CUEMU_MODULE(entries)                                                                                                   \
+    extern "C" const cuemu::KernelEntry* cuemu_module_kernels(int* n) {                                                       \
+        *n = int(sizeof(entries) / sizeof(entries[0]));                                                                       \
+        return entries;                                                                                                       \
+    }                                                                                                                         \
+    extern "C" int cuemu_module_launch(void (*call)(void**), const char* name, const unsigned* grid, const unsigned* block, \
+                                       unsigned smem, void** params, char* err, size_t errlen) {                              \
+        return cuemu::launch(call, name, grid, block, smem, params, err, errlen);                                             \
+    }
