@@ -8,9 +8,10 @@
 //      a thread per state (several when the sequence is long), the previous frame in shared
 //      memory, one barrier per frame; E is read from registers loaded PREFETCH frames ahead, so
 //      no global-memory latency sits on the serial path. Alpha and beta go to global scratch.
-//   3. ctc_grad (a warp per frame): occupancies exp(alpha + beta - E - log p) summed per token
-//      in a fixed order (the blank over the even states by a warp reduction, each label token
-//      over its own positions), grad = (softmax - occupancy) * scale. Deterministic: no atomics.
+//   3. ctc_grad (a warp per frame): occupancies exp(alpha + beta - E - log p), normalised by the
+//      frame's total (1 in exact arithmetic), summed per token in a fixed order (the blank over
+//      the even states by a warp reduction, each label token over its own positions),
+//      grad = (softmax - occupancy) * scale. Deterministic: no atomics.
 // Log space throughout, as in version 1 (accurate expf/log1pf: parity with the CPU's f64).
 #include "common.cuh"
 
@@ -158,9 +159,20 @@ extern "C" __global__ void ctc_grad(const float* logits, CtcMeta m, const float*
         const float o = alpha[row_t + s] + beta[row_t + s] - emit[row_t + s] - log_p;
         return o > -INFINITY ? expf(o) : 0.0f;
     };
-    float blank_occ = 0.0f;
-    for (int s = 2 * lane; s < L; s += 64) blank_occ += occupancy(s);
+    // A frame's occupancies sum to 1 in exact arithmetic. In f32, alpha and beta carry rounding
+    // accumulated over hundreds of frames, nearly the same for every state of a frame, so each
+    // occupancy is off by a common factor (1e-4 and more at T = 2000, which the softmax minus
+    // occupancy of a confident frame turns into 1e-3 of the gradient). Dividing by the frame's
+    // own total cancels that factor.
+    float blank_occ = 0.0f, total = 0.0f;
+    for (int s = lane; s < L; s += 32) {
+        const float o = occupancy(s);
+        total += o;
+        if (!(s & 1)) blank_occ += o;
+    }
     blank_occ = warp_sum(blank_occ);
+    total = warp_sum(total);
+    const float inv_total = total > 0.0f ? 1.0f / total : 0.0f;
     const float z = lse[f0 + t];
     const float* row = logits + (f0 + t) * m.vocab;
     const long* tok = m.tok_off + (long)u * (m.vocab + 1);
@@ -171,6 +183,6 @@ extern "C" __global__ void ctc_grad(const float* logits, CtcMeta m, const float*
         } else {
             for (long p = tok[k]; p < tok[k + 1]; ++p) occ += occupancy(2 * (int)m.positions[p] + 1);
         }
-        g[k] = (expf(row[k] - z) - occ) * scale;
+        g[k] = (expf(row[k] - z) - occ * inv_total) * scale;
     }
 }

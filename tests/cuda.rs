@@ -358,8 +358,9 @@ fn ctc_kernel_matches_cpu() {
     let Some(be) = gpu(Precision::F32) else { return };
     let cpu = CpuBackend;
     // The kernel runs its log-space recursions in f32, the CPU reference in f64. Gradients are a
-    // difference of two near-equal probabilities on confident frames, so f32 rounding shows at
-    // ~1e-3 over 2000 frames (6.7e-4 measured on an H100 for the "long" case); losses agree to 1e-5.
+    // difference of two near-equal probabilities on confident frames; normalising each frame's
+    // occupancies by their own total keeps f32 rounding at ~5e-6 over 2000 frames (the "long"
+    // case; 6.7e-4 on an H100 before that normalisation). Losses agree to 1e-5.
     let mut failures = Vec::new();
     let mut check = |what: String, got: &[f32], want: &[f32], tol: f64| {
         let err = rel_l2(got, want);
@@ -371,7 +372,7 @@ fn ctc_kernel_matches_cpu() {
         let want = ctc_loss(&cpu, &c.logits, &c.seqs, &c.targets, Reduction::MeanPerUtterance).unwrap();
         let got = ctc_loss(&be, &be.upload(&c.logits).unwrap(), &c.seqs, &c.targets, Reduction::MeanPerUtterance).unwrap();
         check(format!("{} losses", c.name), &got.losses, &want.losses, 1e-5);
-        check(format!("{} gradient", c.name), &back(&be, &got.grad), &want.grad.to_vec().unwrap(), 2e-3);
+        check(format!("{} gradient", c.name), &back(&be, &got.grad), &want.grad.to_vec().unwrap(), 1e-4);
     }
     // A random batch: repeated labels, an empty transcript, a one-frame utterance, blank last.
     let seqs = Seqs::new(vec![200, 90, 1]);
@@ -382,6 +383,6 @@ fn ctc_kernel_matches_cpu() {
     let want = ctc_loss(&cpu, &logits, &seqs, &targets, Reduction::Sum).unwrap();
     let got = ctc_loss(&be, &be.upload(&logits).unwrap(), &seqs, &targets, Reduction::Sum).unwrap();
     check("random losses".into(), &got.losses, &want.losses, 1e-5);
-    check("random gradient".into(), &back(&be, &got.grad), &want.grad.to_vec().unwrap(), 2e-3);
+    check("random gradient".into(), &back(&be, &got.grad), &want.grad.to_vec().unwrap(), 1e-4);
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

@@ -487,6 +487,17 @@ fn run_on_both(tmp: &std::path::Path, extra: &[&str], learn: s3router::train::ru
     })
 }
 
+/// The Adam first moments a run's final checkpoint holds, by name: decayed sums of every
+/// gradient of the run, so two runs that compute the same gradients hold the same moments, even
+/// where Adam's normalised steps (±lr at the first update, whatever the gradient's size) turn
+/// rounding noise in a near-zero gradient into a visible difference in the trained tensor.
+fn first_moments(out: &std::path::Path) -> Vec<(String, Vec<f32>)> {
+    let ck = Checkpoint::open(&[out.join("checkpoint.safetensors")]).unwrap();
+    let mut names: Vec<String> = ck.names().filter(|n| n.contains(".m.")).map(str::to_string).collect();
+    names.sort();
+    names.into_iter().map(|n| (n.clone(), ck.tensor(&n).unwrap().to_vec().unwrap())).collect()
+}
+
 /// The losses a run logged (one per update, then the validation's).
 fn logged_losses(out: &std::path::Path) -> Vec<f64> {
     let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
@@ -495,7 +506,7 @@ fn logged_losses(out: &std::path::Path) -> Vec<f64> {
 
 /// `engine train --device cuda` end to end (features cached in GPU memory, scores and their Adam
 /// on the GPU, validation there): the losses of every update and of the validation are the CPU
-/// run's, and so are the learned scores.
+/// run's, and so are the learned scores and the optimiser's first moments.
 #[test]
 fn a_mask_learning_run_on_the_gpu_follows_the_cpu_run() {
     if gpu(Precision::F32).is_none() {
@@ -515,6 +526,9 @@ fn a_mask_learning_run_on_the_gpu_follows_the_cpu_run() {
         names.iter().flat_map(|n| ck.tensor(n).unwrap().to_vec().unwrap()).collect::<Vec<f32>>()
     };
     assert_close("learned scores", &scores(&cuda), &scores(&cpu), 1e-4);
+    for ((name, got), (_, want)) in first_moments(&cuda).iter().zip(&first_moments(&cpu)) {
+        assert_close(&format!("Adam first moment {name}"), got, want, 1e-4);
+    }
 }
 
 /// `engine finetune --device cuda` (weights and their Adam on the GPU, the model rebuilt there
@@ -540,7 +554,7 @@ fn a_finetuning_run_on_the_gpu_follows_the_cpu_run() {
     for name in src.names().filter(|n| n.starts_with("wav2vec2.encoder.") && !n.ends_with("k_proj.bias")) {
         let s = src.tensor(name).unwrap().to_vec().unwrap();
         let delta = |ck: &Checkpoint| ck.tensor(name).unwrap().to_vec().unwrap().iter().zip(&s).map(|(a, b)| a - b).collect::<Vec<f32>>();
-        assert_close(&format!("finetuned {name}: change from the source"), &delta(&cuda), &delta(&cpu), 1e-2);
+        assert_close(&format!("finetuned {name}: change from the source"), &delta(&cuda), &delta(&cpu), 1e-3);
         compared += 1;
     }
     assert!(compared > 20, "only {compared} tensors compared");
