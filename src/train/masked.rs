@@ -203,18 +203,22 @@ pub const POS_CONV_WEIGHT: &str = "wav2vec2.encoder.pos_conv_embed.conv.weight";
 
 /// What one encoder layer keeps for its backward pass.
 struct Tape {
-    input: Tensor,
+    /// The layer's input: pre-LN, the first norm's input (always kept); post-LN, the q/k/v
+    /// projection's input, kept only when their scores or weights train.
+    input: Option<Tensor>,
     qkv: Tensor,
     /// Attention output before `out_proj` (kept only when `out_proj` trains).
     attended: Option<Tensor>,
-    /// Post-LN: `attention + input` before the first norm; pre-LN: the first norm's output.
-    first: Tensor,
+    /// Post-LN: `attention + input` before the first norm (always kept); pre-LN: the first
+    /// norm's output, the q/k/v projection's input (kept only when it is needed, as `input`).
+    first: Option<Tensor>,
     /// Pre-LN: `input + attention`, the second norm's input (unused post-LN).
     second: Option<Tensor>,
-    /// The FFN's input (post-LN: = `second`; pre-LN: the second norm's output).
-    ffn_in: Tensor,
     /// The FFN's pre-activation; its post-activation (`output_dense`'s input, 4x hidden wide)
     /// is recomputed in backward, an elementwise pass, instead of being kept for every layer.
+    /// So is the FFN's input, the norm of `first` (post-LN) or `second` (pre-LN): one layer
+    /// norm per layer in backward instead of a `[frames, hidden]` tensor per layer held
+    /// through the whole step.
     pre_gelu: Tensor,
     /// Post-LN: `ffn + second` before the final norm.
     residual2: Option<Tensor>,
@@ -249,6 +253,10 @@ impl LayerWeights<'_> {
 
     fn attention_masked(&self) -> bool {
         self.masked[..4].iter().any(Option::is_some)
+    }
+
+    fn qkv_masked(&self) -> bool {
+        self.masked[..3].iter().any(Option::is_some)
     }
 
     /// The scored row blocks of linear `which` (numbered as in [`Self::linear`]), each with the
@@ -399,6 +407,7 @@ pub fn step(
             continue;
         }
         let keep_attended = lw.part(Part::Out).is_some() || train_weights;
+        let keep_qkv_input = lw.qkv_masked() || train_weights;
         // Attention: (qkv, attention output before out_proj, dropped out_proj output).
         let attend = |a: &Tensor| -> Result<(Tensor, Option<Tensor>, Tensor)> {
             let qkv = linear(lw.linear(0), a)?;
@@ -422,7 +431,7 @@ pub fn step(
             let (u, f2) = feed_forward(&b)?;
             let out = be.add(x1.clone(), &f2)?;
             let input = std::mem::replace(&mut x, out);
-            Tape { input, qkv, attended, first: a, second: Some(x1), ffn_in: b, pre_gelu: u, residual2: None }
+            Tape { input: Some(input), qkv, attended, first: keep_qkv_input.then_some(a), second: Some(x1), pre_gelu: u, residual2: None }
         } else {
             let (qkv, attended, o) = attend(&x)?;
             let r1 = be.add(o, &x)?;
@@ -431,7 +440,7 @@ pub fn step(
             let r2 = be.add(f2, &h1)?;
             let out = norm(&layer.final_layer_norm, &r2)?;
             let input = std::mem::replace(&mut x, out);
-            Tape { input, qkv, attended, first: r1, second: None, ffn_in: h1, pre_gelu: u, residual2: Some(r2) }
+            Tape { input: keep_qkv_input.then_some(input), qkv, attended, first: Some(r1), second: None, pre_gelu: u, residual2: Some(r2) }
         };
         tapes.push(Some(tape));
     }
@@ -495,8 +504,15 @@ pub fn step(
         let dg = drop(reg.activation_dropout, site(i, SITE_ACTIVATION), dg)?;
         let du = be.gelu_grad(&dg, &tape.pre_gelu)?;
         let (intermediate, inter_mask) = lw.linear(2);
-        to_scores(lw, 2, &du, &tape.ffn_in)?;
-        wgrads.linear(&name("feed_forward.intermediate_dense"), weight_grad(&du, &tape.ffn_in)?, &du)?;
+        if lw.part(Part::Intermediate).is_some() || train_weights {
+            let ffn_in = if c.do_stable_layer_norm {
+                norm(&layer.final_layer_norm, tape.second.as_ref().expect("pre-LN tapes keep the second norm's input"))?
+            } else {
+                norm(&layer.layer_norm, tape.first.as_ref().expect("post-LN tapes keep the first norm's input"))?
+            };
+            to_scores(lw, 2, &du, &ffn_in)?;
+            wgrads.linear(&name("feed_forward.intermediate_dense"), weight_grad(&du, &ffn_in)?, &du)?;
+        }
         if i == lowest && !lw.attention_masked() && !full {
             break; // nothing below this FFN's weights is trained
         }
@@ -508,8 +524,12 @@ pub fn step(
             be.add(d_skip, &d_ffn_in)?
         };
         // d_skip: gradient at `x1` (pre-LN) or at the first norm's output `h1` (post-LN).
-        let d_attn_out =
-            if c.do_stable_layer_norm { d_skip } else { wgrads.norm(&name("layer_norm"), &d_skip, &tape.first, &layer.layer_norm)? };
+        let d_attn_out = if c.do_stable_layer_norm {
+            d_skip
+        } else {
+            let r1 = tape.first.as_ref().expect("post-LN tapes keep the first norm's input");
+            wgrads.norm(&name("layer_norm"), &d_skip, r1, &layer.layer_norm)?
+        };
         let d_input = d_attn_out.clone();
         let d_o = drop(reg.dropout, site(i, SITE_ATTENTION_OUT), d_attn_out)?;
         let (out_proj, out_proj_mask) = lw.linear(1);
@@ -520,18 +540,21 @@ pub fn step(
         }
         let d_att = be.linear_input_grad(&d_o, &out_proj.weight, out_proj_mask)?;
         let d_qkv = be.attention_grad(&d_att, &tape.qkv, &seqs, heads, scale, probs_dropout(i))?;
-        let attn_in = if c.do_stable_layer_norm { &tape.first } else { &tape.input };
-        let (qkv_proj, qkv_mask) = lw.linear(0);
-        to_scores(lw, 0, &d_qkv, attn_in)?;
-        if let Some(dw) = weight_grad(&d_qkv, attn_in)? {
-            wgrads.stacked.push((name("attention"), dw, be.column_sum(&d_qkv)?));
+        // Kept exactly when q/k/v are scored or weights train.
+        if let Some(attn_in) = if c.do_stable_layer_norm { &tape.first } else { &tape.input } {
+            to_scores(lw, 0, &d_qkv, attn_in)?;
+            if let Some(dw) = weight_grad(&d_qkv, attn_in)? {
+                wgrads.stacked.push((name("attention"), dw, be.column_sum(&d_qkv)?));
+            }
         }
+        let (qkv_proj, qkv_mask) = lw.linear(0);
         if i == lowest && !full {
             break;
         }
         let d_attn_in = be.linear_input_grad(&d_qkv, &qkv_proj.weight, qkv_mask)?;
         dx = if c.do_stable_layer_norm {
-            be.add(d_input, &wgrads.norm(&name("layer_norm"), &d_attn_in, &tape.input, &layer.layer_norm)?)?
+            let input = tape.input.as_ref().expect("pre-LN tapes keep the layer input");
+            be.add(d_input, &wgrads.norm(&name("layer_norm"), &d_attn_in, input, &layer.layer_norm)?)?
         } else {
             be.add(d_input, &d_attn_in)?
         };

@@ -9,6 +9,14 @@
 // before), filled with 0xFF bytes (NaN as floats) when allocated, so an out-of-bounds access or
 // a read of never-written memory shows. Copies and memsets check that they stay inside one
 // allocation, and a fault inside a kernel names the kernel.
+//
+// CUEMU_SKIP_KERNELS=1 is a memory dry run, for shapes too large to emulate: allocations, frees
+// and the pool's counters as usual, but kernels (other than the `_smem` size queries), memsets
+// and the NaN fill are skipped, so device memory costs no host RAM until copied into. What
+// the program reads back is then meaningless; the pool's high-water mark is what it is for.
+// CUEMU_PEAK_REPORT=1 prints, whenever the program reads and resets that mark, what was live at
+// the peak (allocations grouped by size, largest total first): where the memory goes.
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -17,6 +25,7 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include <dlfcn.h>
 #include <signal.h>
@@ -71,6 +80,33 @@ uint64_t g_used = 0, g_high = 0;
 int g_context_token, g_stream_token, g_pool_token;
 thread_local void* g_current_ctx = nullptr;
 thread_local const char* g_running_kernel = nullptr;
+bool env_flag(const char* name) {
+    const char* v = getenv(name);
+    return v && *v && std::strcmp(v, "0") != 0;
+}
+const bool g_skip_kernels = env_flag("CUEMU_SKIP_KERNELS");
+const bool g_peak_report = env_flag("CUEMU_PEAK_REPORT");
+std::map<size_t, size_t> g_peak_sizes;  // size -> count of live allocations at the last peak
+uint64_t g_peak_snapshot = 0;           // g_used when g_peak_sizes was taken
+
+// Called with g_lock held after g_used grew: remembers what is live at a new peak (a snapshot
+// at most every MiB of growth, so ramping up stays cheap).
+void note_peak() {
+    if (!g_peak_report || g_used < g_peak_snapshot + (1 << 20)) return;
+    g_peak_sizes.clear();
+    for (const auto& a : g_allocations) ++g_peak_sizes[a.second.bytes];
+    g_peak_snapshot = g_used;
+}
+
+void print_peak_report() {
+    std::vector<std::pair<size_t, size_t>> rows(g_peak_sizes.begin(), g_peak_sizes.end());
+    std::sort(rows.begin(), rows.end(), [](auto& a, auto& b) { return a.first * a.second > b.first * b.second; });
+    fprintf(stderr, "cuemu: peak %.3f GB; live then, by size (largest total first):\n", g_peak_snapshot / 1e9);
+    for (size_t i = 0; i < rows.size() && i < 16; ++i)
+        fprintf(stderr, "cuemu:   %6zu x %12zu bytes = %8.3f GB\n", rows[i].second, rows[i].first, rows[i].first * rows[i].second / 1e9);
+    g_peak_sizes.clear();
+    g_peak_snapshot = 0;
+}
 
 size_t page() { return size_t(sysconf(_SC_PAGESIZE)); }
 
@@ -130,11 +166,14 @@ Result allocate(uint64_t* dptr, size_t bytes) {
     unsigned char* base = static_cast<unsigned char*>(m);
     mprotect(base + pg, data, PROT_READ | PROT_WRITE);
     unsigned char* p = base + pg + data - rounded;  // the end touches the guard page
-    std::memset(p, 0xFF, rounded);
+    if (!g_skip_kernels) std::memset(p, 0xFF, rounded);
     std::lock_guard<std::mutex> l(g_lock);
     g_allocations[uintptr_t(p)] = {base, mapped, bytes};
     g_used += bytes;
-    g_high = std::max(g_high, g_used);
+    if (g_used > g_high) {
+        g_high = g_used;
+        note_peak();
+    }
     *dptr = uintptr_t(p);
     return SUCCESS;
 }
@@ -159,6 +198,7 @@ Result copy(uintptr_t dst, uintptr_t src, size_t n, bool dst_device, bool src_de
 template <class T>
 Result fill(uint64_t dst, T value, size_t n) {
     if (checked(dst, n * sizeof(T), "memset")) return INVALID_VALUE;
+    if (g_skip_kernels) return SUCCESS;
     T* p = reinterpret_cast<T*>(dst);
     for (size_t i = 0; i < n; ++i) p[i] = value;
     return SUCCESS;
@@ -288,6 +328,7 @@ API int cuDeviceGetDefaultMemPool(void** pool, int) {
 API int cuMemPoolSetAttribute(void*, int attr, void* value) {
     if (attr == 8) {  // CU_MEMPOOL_ATTR_USED_MEM_HIGH: reset to the current use
         std::lock_guard<std::mutex> l(g_lock);
+        if (g_peak_report) print_peak_report();
         g_high = g_used;
     }
     (void)value;
@@ -364,6 +405,8 @@ API int cuLaunchKernel(void* func, unsigned gx, unsigned gy, unsigned gz, unsign
         fprintf(stderr, "cuemu: launch of %s (grid %u,%u,%u block %u,%u,%u, %u bytes shared): %s\n", f->name, gx, gy, gz, bx, by, bz, smem, bad);
         return INVALID_VALUE;
     }
+    const size_t len = std::strlen(f->name);
+    if (g_skip_kernels && !(len > 5 && std::strcmp(f->name + len - 5, "_smem") == 0)) return SUCCESS;
     install_fault_handler();
     char err[512] = {0};
     g_running_kernel = f->name;
