@@ -9,6 +9,8 @@
 // and a divergent barrier is reported as a deadlock instead of hanging. The order fibers run
 // in alternates between phases (ascending, then descending thread index), so a read that lacks
 // its barrier sees stale data in one phase or the other rather than passing by luck.
+// CUEMU_ORDER=reverse starts descending; CUEMU_ORDER=random shuffles every phase (seeded by
+// the block index, so a failure reproduces).
 //
 // What it does not model: timing, memory-model races between blocks, and arithmetic bit-exact to
 // the GPU's (expf, tensor-core accumulation order). Tests compare with tolerances, as on a GPU.
@@ -225,9 +227,41 @@ inline bool ensure_stacks(size_t n, char* err, size_t errlen) {
     return true;
 }
 
+enum class Order { ALTERNATE, REVERSE, RANDOM };
+
+inline Order fiber_order() {
+    static const Order order = [] {
+        const char* v = getenv("CUEMU_ORDER");
+        if (v && !std::strcmp(v, "reverse")) return Order::REVERSE;
+        if (v && !std::strcmp(v, "random")) return Order::RANDOM;
+        return Order::ALTERNATE;
+    }();
+    return order;
+}
+
+// The order a phase runs the block's fibers in.
+inline void phase_order(std::vector<int>& idx, unsigned phase, const uint3& block) {
+    const int n = int(idx.size());
+    const Order order = fiber_order();
+    if (order != Order::RANDOM) {
+        const bool descending = (phase + (order == Order::REVERSE)) % 2;
+        for (int j = 0; j < n; ++j) idx[j] = descending ? n - 1 - j : j;
+        return;
+    }
+    uint64_t x = (uint64_t(block.x) << 42 ^ uint64_t(block.y) << 21 ^ block.z ^ uint64_t(phase) << 50) * 0x9E3779B97F4A7C15ull + 1;
+    for (int j = 0; j < n; ++j) idx[j] = j;
+    for (int j = n - 1; j > 0; --j) {  // Fisher-Yates with xorshift64
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        std::swap(idx[j], idx[int(x % uint64_t(j + 1))]);
+    }
+}
+
 // Runs one block to completion; false (with `err` said) on a deadlock.
 inline bool run_block(Block& b, const char* name, char* err, size_t errlen) {
     const int n = int(b.fibers.size());
+    std::vector<int> order(n);
     for (int i = 0; i < n; ++i) {
         Fiber& f = b.fibers[i];
         f.sp = fresh_context(g_stacks[i]);
@@ -235,8 +269,9 @@ inline bool run_block(Block& b, const char* name, char* err, size_t errlen) {
     }
     std::fill(b.dynamic_smem.begin(), b.dynamic_smem.end(), 0xFF);  // unwritten floats read as NaN
     for (unsigned phase = 0;; ++phase) {
+        phase_order(order, phase, b.block_idx);
         for (int j = 0; j < n; ++j) {
-            Fiber& f = b.fibers[phase % 2 ? n - 1 - j : j];
+            Fiber& f = b.fibers[order[j]];
             if (f.state != READY) continue;
             g_fiber = &f;
             cuemu_switch(&b.sched_sp, f.sp);
