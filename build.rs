@@ -101,18 +101,42 @@ fn compile_fatbin(nvcc: &Path, src: &Path, out: &Path) -> (String, PathBuf, Stri
     (name, fatbin, log)
 }
 
-/// The names of a source's kernels: every `__global__ void NAME(` once macros are expanded
-/// (tools/cuemu/device.h turns `__global__` into the marker `CUEMU_KERNEL` for this pass).
-fn kernel_names(preprocessed: &str) -> Vec<String> {
-    let mut names = Vec::new();
+/// The kernels of a source, once macros are expanded: every `__global__ void [bounds] NAME(`
+/// (tools/cuemu/device.h turns `__global__` into the marker `CUEMU_KERNEL` and
+/// `__launch_bounds__(...)` into `CUEMU_BOUNDS(...)` for this pass), as (name, the C++
+/// expression of its maximum threads per block).
+fn kernel_names(preprocessed: &str) -> Vec<(String, String)> {
+    let mut kernels = Vec::new();
     for rest in preprocessed.split("CUEMU_KERNEL").skip(1) {
-        let Some(rest) = rest.trim_start().strip_prefix("void") else { continue };
+        let Some(mut rest) = rest.trim_start().strip_prefix("void") else { continue };
+        let mut max_threads = "(1024)".to_string();
+        if let Some(args) = rest.trim_start().strip_prefix("CUEMU_BOUNDS(") {
+            // The bounds' arguments run to the matching parenthesis; the first is the thread count.
+            let mut depth = 1;
+            let end = args
+                .char_indices()
+                .find(|&(_, ch)| {
+                    depth += (ch == '(') as i32 - (ch == ')') as i32;
+                    depth == 0
+                })
+                .map_or(args.len(), |(i, _)| i);
+            let mut level = 0;
+            let first_end = args[..end]
+                .char_indices()
+                .find(|&(_, ch)| {
+                    level += (ch == '(') as i32 - (ch == ')') as i32;
+                    ch == ',' && level == 0
+                })
+                .map_or(end, |(i, _)| i);
+            max_threads = format!("({})", args[..first_end].trim());
+            rest = &args[(end + 1).min(args.len())..];
+        }
         let name: String = rest.trim_start().chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
         if !name.is_empty() {
-            names.push(name);
+            kernels.push((name, max_threads));
         }
     }
-    names
+    kernels
 }
 
 /// Compiles one kernel source for the CPU emulator: a shared object exporting its kernels by
@@ -128,8 +152,8 @@ fn compile_emulated(root: &Path, src: &Path, out: &Path) -> (String, PathBuf, St
     let mut unit = format!("#include {:?}\nstatic const cuemu::KernelEntry cuemu_entries[] = {{\n", src.display().to_string());
     // The report names each entry point as ptxas's does, so the same checks read either.
     let mut report = String::new();
-    for k in kernel_names(&std::fs::read_to_string(&listed).unwrap()) {
-        writeln!(unit, "    {{{k:?}, &cuemu::trampoline<&{k}>}},").unwrap();
+    for (k, max_threads) in kernel_names(&std::fs::read_to_string(&listed).unwrap()) {
+        writeln!(unit, "    {{{k:?}, &cuemu::trampoline<&{k}>, int{max_threads}}},").unwrap();
         writeln!(report, "cuemu: compiled entry function '{k}' for the CPU").unwrap();
     }
     unit.push_str("};\nCUEMU_MODULE(cuemu_entries)\n");

@@ -41,7 +41,11 @@ using std::isnan;
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#ifdef CUEMU_LIST_KERNELS
+#define __launch_bounds__(...) CUEMU_BOUNDS(__VA_ARGS__)
+#else
 #define __launch_bounds__(...)
+#endif
 #define __align__(n) __attribute__((aligned(n)))
 // One copy per OS thread; a block's fibers share their OS thread, so one copy per running block.
 #define __shared__ static thread_local
@@ -555,6 +559,7 @@ namespace cuemu {
 struct KernelEntry {
     const char* name;
     void (*call)(void**);
+    int max_threads;  // __launch_bounds__'s first argument, else 1024
 };
 
 // `F(*(A0*)p[0], *(A1*)p[1], ...)`: a kernel called with cuLaunchKernel's parameter array.

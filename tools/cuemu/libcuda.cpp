@@ -49,6 +49,7 @@ using Call = void (*)(void**);
 struct KernelEntry {
     const char* name;
     Call call;
+    int max_threads;
 };
 using KernelsFn = const KernelEntry* (*)(int*);
 using LaunchFn = int (*)(Call, const char*, const unsigned*, const unsigned*, unsigned, void**, char*, size_t);
@@ -56,13 +57,14 @@ using LaunchFn = int (*)(Call, const char*, const unsigned*, const unsigned*, un
 struct Module {
     void* handle;
     LaunchFn launch;
-    std::map<std::string, Call> kernels;
+    std::map<std::string, KernelEntry> kernels;
 };
 
 struct Function {
     Module* module;
     const char* name;
     Call call;
+    int max_threads;
     int max_dynamic_smem = 48 * 1024;
 };
 
@@ -363,7 +365,7 @@ API int cuModuleLoadData(void** module, const void* image) {
     Module* m = new Module{h, launch, {}};
     int n = 0;
     const KernelEntry* e = kernels(&n);
-    for (int i = 0; i < n; ++i) m->kernels[e[i].name] = e[i].call;
+    for (int i = 0; i < n; ++i) m->kernels[e[i].name] = e[i];
     *module = m;
     return SUCCESS;
 }
@@ -372,7 +374,7 @@ API int cuModuleGetFunction(void** f, void* module, const char* name) {
     Module* m = static_cast<Module*>(module);
     auto it = m->kernels.find(name);
     if (it == m->kernels.end()) return NOT_FOUND;
-    *f = new Function{m, it->first.c_str(), it->second};
+    *f = new Function{m, it->first.c_str(), it->second.call, it->second.max_threads};
     return SUCCESS;
 }
 API int cuFuncSetAttribute(void* f, int attr, int value) {
@@ -384,7 +386,7 @@ API int cuFuncSetAttribute(void* f, int attr, int value) {
 }
 API int cuFuncGetAttribute(int* v, int attr, void* f) {
     switch (attr) {
-        case 0: *v = 1024; break;  // max threads per block
+        case 0: *v = static_cast<Function*>(f)->max_threads; break;
         case 8: *v = static_cast<Function*>(f)->max_dynamic_smem; break;
         default: *v = 0;
     }
@@ -399,6 +401,7 @@ API int cuLaunchKernel(void* func, unsigned gx, unsigned gy, unsigned gz, unsign
     if (extra) bad = "the `extra` parameter form is not supported";
     else if (!gx || !gy || !gz || !bx || !by || !bz) bad = "a zero grid or block dimension";
     else if (uint64_t(bx) * by * bz > 1024 || bz > 64) bad = "more than 1024 threads (or 64 in z) per block";
+    else if (uint64_t(bx) * by * bz > uint64_t(f->max_threads)) bad = "more threads per block than the kernel's __launch_bounds__";
     else if (gy > 65535 || gz > 65535) bad = "grid y or z above 65535";
     else if (int(smem) > f->max_dynamic_smem) bad = "more dynamic shared memory than the kernel's attribute allows";
     if (bad) {
