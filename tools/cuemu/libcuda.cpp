@@ -15,7 +15,9 @@
 // and the NaN fill are skipped, so device memory costs no host RAM until copied into. What
 // the program reads back is then meaningless; the pool's high-water mark is what it is for.
 // CUEMU_PEAK_REPORT=1 prints, whenever the program reads and resets that mark, what was live at
-// the peak (allocations grouped by size, largest total first): where the memory goes.
+// the peak (allocations grouped by size, largest total first): where the memory goes. With it,
+// the same report counts what happened since the last one: kernel launches (by kernel) and
+// copies between host and device, the costs a real GPU pays per call whatever the kernels do.
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -90,6 +92,9 @@ const bool g_skip_kernels = env_flag("CUEMU_SKIP_KERNELS");
 const bool g_peak_report = env_flag("CUEMU_PEAK_REPORT");
 std::map<size_t, size_t> g_peak_sizes;  // size -> count of live allocations at the last peak
 uint64_t g_peak_snapshot = 0;           // g_used when g_peak_sizes was taken
+std::map<std::string, uint64_t> g_launches;  // kernel -> launches since the last report
+uint64_t g_copies[2] = {0, 0}, g_copy_bytes[2] = {0, 0};  // host->device, device->host
+uint64_t g_allocs = 0, g_events = 0;                        // allocations; events created or recorded
 
 // Called with g_lock held after g_used grew: remembers what is live at a new peak (a snapshot
 // at most every MiB of growth, so ramping up stays cheap).
@@ -108,6 +113,21 @@ void print_peak_report() {
         fprintf(stderr, "cuemu:   %6zu x %12zu bytes = %8.3f GB\n", rows[i].second, rows[i].first, rows[i].first * rows[i].second / 1e9);
     g_peak_sizes.clear();
     g_peak_snapshot = 0;
+    uint64_t total = 0;
+    std::vector<std::pair<uint64_t, std::string>> counts;
+    for (const auto& l : g_launches) {
+        total += l.second;
+        counts.push_back({l.second, l.first});
+    }
+    std::sort(counts.rbegin(), counts.rend());
+    fprintf(stderr,
+            "cuemu: since the last report: %lu kernel launches; %lu allocations; %lu event creations or records; %lu copies host->device "
+            "(%.3f GB), %lu device->host (%.3f GB)\n",
+            (unsigned long)total, (unsigned long)g_allocs, (unsigned long)g_events, (unsigned long)g_copies[0], g_copy_bytes[0] / 1e9,
+            (unsigned long)g_copies[1], g_copy_bytes[1] / 1e9);
+    for (size_t i = 0; i < counts.size() && i < 12; ++i) fprintf(stderr, "cuemu:   %8lu x %s\n", (unsigned long)counts[i].first, counts[i].second.c_str());
+    g_launches.clear();
+    g_copies[0] = g_copies[1] = g_copy_bytes[0] = g_copy_bytes[1] = g_allocs = g_events = 0;
 }
 
 size_t page() { return size_t(sysconf(_SC_PAGESIZE)); }
@@ -172,6 +192,7 @@ Result allocate(uint64_t* dptr, size_t bytes) {
     std::lock_guard<std::mutex> l(g_lock);
     g_allocations[uintptr_t(p)] = {base, mapped, bytes};
     g_used += bytes;
+    ++g_allocs;
     if (g_used > g_high) {
         g_high = g_used;
         note_peak();
@@ -193,6 +214,11 @@ Result release(uint64_t dptr) {
 Result copy(uintptr_t dst, uintptr_t src, size_t n, bool dst_device, bool src_device) {
     if (dst_device && checked(dst, n, "copy destination")) return INVALID_VALUE;
     if (src_device && checked(src, n, "copy source")) return INVALID_VALUE;
+    if (g_peak_report && dst_device != src_device) {
+        std::lock_guard<std::mutex> l(g_lock);
+        ++g_copies[src_device];
+        g_copy_bytes[src_device] += n;
+    }
     std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n);
     return SUCCESS;
 }
@@ -287,7 +313,14 @@ API int cuStreamQuery(void*) { return SUCCESS; }
 API int cuStreamWaitEvent(void*, void*, unsigned) { return SUCCESS; }
 
 // An event is the host time it was recorded at.
+void count_event() {
+    if (!g_peak_report) return;
+    std::lock_guard<std::mutex> l(g_lock);
+    ++g_events;
+}
+
 API int cuEventCreate(void** e, unsigned) {
+    count_event();
     *e = new double(0.0);
     return SUCCESS;
 }
@@ -296,6 +329,7 @@ API int cuEventDestroy_v2(void* e) {
     return SUCCESS;
 }
 API int cuEventRecord(void* e, void*) {
+    count_event();
     *static_cast<double*>(e) = now_ms();
     return SUCCESS;
 }
@@ -407,6 +441,10 @@ API int cuLaunchKernel(void* func, unsigned gx, unsigned gy, unsigned gz, unsign
     if (bad) {
         fprintf(stderr, "cuemu: launch of %s (grid %u,%u,%u block %u,%u,%u, %u bytes shared): %s\n", f->name, gx, gy, gz, bx, by, bz, smem, bad);
         return INVALID_VALUE;
+    }
+    if (g_peak_report) {
+        std::lock_guard<std::mutex> l(g_lock);
+        ++g_launches[f->name];
     }
     const size_t len = std::strlen(f->name);
     if (g_skip_kernels && !(len > 5 && std::strcmp(f->name + len - 5, "_smem") == 0)) return SUCCESS;
