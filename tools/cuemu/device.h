@@ -136,6 +136,10 @@ inline int __popc(unsigned v) { return __builtin_popcount(v); }
 inline int __clz(unsigned v) { return v ? __builtin_clz(v) : 32; }
 inline int __ffs(unsigned v) { return __builtin_ffs(int(v)); }
 
+#if !defined(__x86_64__)
+#error "cuemu's fiber switch is written for x86-64 (System V); port cuemu_switch to run elsewhere"
+#endif
+
 namespace cuemu {
 
 // ---- fibers ---------------------------------------------------------------------------------

@@ -41,7 +41,6 @@ enum Result : int {
     INVALID_VALUE = 1,
     OUT_OF_MEMORY = 2,
     INVALID_IMAGE = 200,
-    INVALID_HANDLE = 400,
     NOT_FOUND = 500,
     LAUNCH_FAILED = 719,
     NOT_SUPPORTED = 801,
@@ -460,27 +459,34 @@ API int cuLaunchKernel(void* func, unsigned gx, unsigned gy, unsigned gz, unsign
     return SUCCESS;
 }
 
+namespace {
+// The results this driver returns: (code, name, description).
+struct ErrorText {
+    int code;
+    const char *name, *text;
+};
+constexpr ErrorText ERRORS[] = {
+    {SUCCESS, "CUDA_SUCCESS", "no error"},
+    {INVALID_VALUE, "CUDA_ERROR_INVALID_VALUE", "invalid argument (cuemu: see its message above)"},
+    {OUT_OF_MEMORY, "CUDA_ERROR_OUT_OF_MEMORY", "out of memory"},
+    {INVALID_IMAGE, "CUDA_ERROR_INVALID_IMAGE", "device kernel image is invalid (cuemu: see its message above)"},
+    {NOT_FOUND, "CUDA_ERROR_NOT_FOUND", "named symbol not found"},
+    {LAUNCH_FAILED, "CUDA_ERROR_LAUNCH_FAILED", "unspecified launch failure (cuemu: see its message above)"},
+    {NOT_SUPPORTED, "CUDA_ERROR_NOT_SUPPORTED", "cuemu: unsupported call"},
+};
+
+const ErrorText& error_text(int e) {
+    for (const ErrorText& t : ERRORS)
+        if (t.code == e) return t;
+    return ERRORS[sizeof ERRORS / sizeof ERRORS[0] - 1];
+}
+}  // namespace
+
 API int cuGetErrorString(int e, const char** s) {
-    switch (e) {
-        case SUCCESS: *s = "no error"; break;
-        case INVALID_VALUE: *s = "invalid argument (cuemu: see its message above)"; break;
-        case OUT_OF_MEMORY: *s = "out of memory"; break;
-        case INVALID_IMAGE: *s = "device kernel image is invalid (cuemu: see its message above)"; break;
-        case NOT_FOUND: *s = "named symbol not found"; break;
-        case LAUNCH_FAILED: *s = "unspecified launch failure (cuemu: see its message above)"; break;
-        default: *s = "cuemu: unsupported call";
-    }
+    *s = error_text(e).text;
     return SUCCESS;
 }
 API int cuGetErrorName(int e, const char** s) {
-    switch (e) {
-        case SUCCESS: *s = "CUDA_SUCCESS"; break;
-        case INVALID_VALUE: *s = "CUDA_ERROR_INVALID_VALUE"; break;
-        case OUT_OF_MEMORY: *s = "CUDA_ERROR_OUT_OF_MEMORY"; break;
-        case INVALID_IMAGE: *s = "CUDA_ERROR_INVALID_IMAGE"; break;
-        case NOT_FOUND: *s = "CUDA_ERROR_NOT_FOUND"; break;
-        case LAUNCH_FAILED: *s = "CUDA_ERROR_LAUNCH_FAILED"; break;
-        default: *s = "CUDA_ERROR_NOT_SUPPORTED";
-    }
+    *s = error_text(e).name;
     return SUCCESS;
 }
