@@ -67,6 +67,72 @@ extern "C" __global__ void __launch_bounds__(256) gemm_strided_f32(StridedGemm p
     }
 }
 
+// gemm_strided_bf16: version 1, the bf16 precision's gemm_strided_f32 (same arguments, same
+// result up to bf16 rounding of the operands): tiles staged through the same coalesced loader,
+// rounded to bf16 in shared memory, multiplied on tensor cores by WMMA 16x16x16 fragments with
+// fp32 accumulation. 64x64 tiles, BK 32, 8 warps of 16x32 outputs each; the epilogue stages
+// each fragment through shared memory to apply alpha, accumulation and the straight-through
+// product exactly as the fp32 kernel does.
+extern "C" __global__ void __launch_bounds__(256) gemm_strided_bf16(StridedGemm p) {
+    using namespace nvcuda;
+    constexpr int BM = 64, BN = 64, BK = 32, LD = BK + 8;  // 80-byte rows: fragment loads stay 32-byte aligned
+    __shared__ __align__(32) __nv_bfloat16 As[BM * LD];   // [m][k]
+    __shared__ __align__(32) __nv_bfloat16 Bs[BN * LD];   // [n][k]: B column-major for matrix_b
+    __shared__ __align__(32) float Cs[8][16 * 16];         // a fragment per warp on its way out
+    const int z = blockIdx.z;
+    const float* A = p.a + z * p.batch_a;
+    const float* B = p.b + z * p.batch_b;
+    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN, t = threadIdx.x;
+    const int warp = t / 32, lane = t % 32, wm = (warp / 2) * 16, wn = (warp % 2) * 32;
+    const bool a_k_contig = p.a_sk == 1, b_n_contig = p.b_sn == 1;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
+    wmma::fill_fragment(acc[0], 0.0f);
+    wmma::fill_fragment(acc[1], 0.0f);
+    for (int k0 = 0; k0 < p.k; k0 += BK) {
+        for (int i = t; i < BM * BK; i += 256) {
+            int r = a_k_contig ? i / BK : i % BM, kk = a_k_contig ? i % BK : i / BM;
+            int gm = m0 + r, gk = k0 + kk;
+            As[r * LD + kk] = __float2bfloat16((gm < p.m && gk < p.k) ? A[gm * p.a_sm + gk * p.a_sk] : 0.0f);
+            int cn = b_n_contig ? i % BN : i / BK, bk = b_n_contig ? i / BN : i % BK;
+            int gn = n0 + cn, gbk = k0 + bk;
+            float w = 0.0f;
+            if (gn < p.n && gbk < p.k) {
+                long off = gbk * p.b_sk + gn * p.b_sn;
+                w = B[off];
+                if (p.mask && !mask_bit(p.mask, off)) w = 0.0f;
+            }
+            Bs[cn * LD + bk] = __float2bfloat16(w);
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
+            wmma::load_matrix_sync(fa, As + wm * LD + kk, LD);
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> fb;
+                wmma::load_matrix_sync(fb, Bs + (wn + j * 16) * LD + kk, LD);
+                wmma::mma_sync(acc[j], fa, fb, acc[j]);
+            }
+        }
+        __syncthreads();
+    }
+    float* C = p.c + z * p.batch_c;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+        wmma::store_matrix_sync(Cs[warp], acc[j], 16, wmma::mem_row_major);
+        __syncwarp();
+        for (int e = lane; e < 256; e += 32) {
+            int gm = m0 + wm + e / 16, gn = n0 + wn + j * 16 + e % 16;
+            if (gm >= p.m || gn >= p.n) continue;
+            long o = (long)gm * p.ldc + gn;
+            float v = p.alpha * Cs[warp][e] + (p.accumulate ? C[o] : 0.0f);
+            C[o] = p.st_w ? v * straight_through(p.st_w[o], p.st_s[o]) : v;
+        }
+        __syncwarp();
+    }
+}
+
 // ---- dropout: the CPU's counter-based masks (src/dropout.rs), bit for bit -------------------
 
 __device__ __forceinline__ unsigned long long mix64(unsigned long long z) {

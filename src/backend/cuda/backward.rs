@@ -39,7 +39,12 @@ impl CudaBackend {
             return Ok(());
         }
         let grid = ((g.n as usize).div_ceil(64) as u32, (g.m as usize).div_ceil(64) as u32, batch as u32);
-        self.launcher().launch(self.func("gemm_strided_f32"), launch::config(grid, 256), |b| {
+        // Both kernels: 64 x 64 tiles, 256 threads; bf16 rounds the operands for the tensor cores.
+        let kernel = match self.precision() {
+            Precision::F32 => "gemm_strided_f32",
+            Precision::Bf16 => "gemm_strided_bf16",
+        };
+        self.launcher().launch(self.func(kernel), launch::config(grid, 256), |b| {
             b.arg(&g);
         })
     }

@@ -77,6 +77,7 @@ const FUNCTIONS: &[(&str, &str)] = &[
     ("sparse", "sparse_linear_f32"),
     ("sparse", "sparse_linear_bf16"),
     ("backward", "gemm_strided_f32"),
+    ("backward", "gemm_strided_bf16"),
     ("backward", "dropout_f32"),
     ("backward", "gelu_f32"),
     ("backward", "gelu_grad_f32"),
