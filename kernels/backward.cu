@@ -21,6 +21,34 @@ struct StridedGemm {
     const float* st_w; const float* st_s;  // may be null: else C times straight_through(st_w, st_s) (batch 1, C's layout)
 };
 
+// Element i of a tile's loading (BM x BK of A at (m0, k0), BK x BN of B at (k0, n0)), indexed
+// along whichever dimension of each operand is contiguous so a warp's reads coalesce: where it
+// goes in the tile and its value (0 outside the matrices or where B's mask drops it).
+struct TileElements {
+    int ar, ak;
+    float a;
+    int bk, bc;
+    float b;
+};
+template <int BM, int BN, int BK>
+__device__ __forceinline__ TileElements tile_elements(const StridedGemm& p, const float* A, const float* B, int m0, int n0, int k0, int i) {
+    TileElements e;
+    const bool a_k_contig = p.a_sk == 1, b_n_contig = p.b_sn == 1;
+    e.ar = a_k_contig ? i / BK : i % BM;
+    e.ak = a_k_contig ? i % BK : i / BM;
+    const int gm = m0 + e.ar, gk = k0 + e.ak;
+    e.a = (gm < p.m && gk < p.k) ? A[gm * p.a_sm + gk * p.a_sk] : 0.0f;
+    e.bc = b_n_contig ? i % BN : i / BK;
+    e.bk = b_n_contig ? i / BN : i % BK;
+    const int gn = n0 + e.bc, gbk = k0 + e.bk;
+    e.b = 0.0f;
+    if (gn < p.n && gbk < p.k) {
+        const long off = gbk * p.b_sk + gn * p.b_sn;
+        e.b = (p.mask && !mask_bit(p.mask, off)) ? 0.0f : B[off];
+    }
+    return e;
+}
+
 extern "C" __global__ void __launch_bounds__(256) gemm_strided_f32(StridedGemm p) {
     using namespace fp32_tile;
     __shared__ float As[BK][BM + 4];
@@ -30,22 +58,12 @@ extern "C" __global__ void __launch_bounds__(256) gemm_strided_f32(StridedGemm p
     const float* B = p.b + z * p.batch_b;
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN, t = threadIdx.x;
     const int ty = t / 16, tx = t % 16;
-    const bool a_k_contig = p.a_sk == 1, b_n_contig = p.b_sn == 1;
     float acc[4][4] = {};
     for (int k0 = 0; k0 < p.k; k0 += BK) {
         for (int i = t; i < BM * BK; i += 256) {
-            int r = a_k_contig ? i / BK : i % BM, kk = a_k_contig ? i % BK : i / BM;
-            int gm = m0 + r, gk = k0 + kk;
-            As[kk][r] = (gm < p.m && gk < p.k) ? A[gm * p.a_sm + gk * p.a_sk] : 0.0f;
-            int cn = b_n_contig ? i % BN : i / BK, bk = b_n_contig ? i / BN : i % BK;
-            int gn = n0 + cn, gbk = k0 + bk;
-            float w = 0.0f;
-            if (gn < p.n && gbk < p.k) {
-                long off = gbk * p.b_sk + gn * p.b_sn;
-                w = B[off];
-                if (p.mask && !mask_bit(p.mask, off)) w = 0.0f;
-            }
-            Bs[bk][cn] = w;
+            const TileElements e = tile_elements<BM, BN, BK>(p, A, B, m0, n0, k0, i);
+            As[e.ak][e.ar] = e.a;
+            Bs[e.bk][e.bc] = e.b;
         }
         __syncthreads();
         fma_tile_4x4(As, Bs, ty, tx, acc);
@@ -84,24 +102,14 @@ extern "C" __global__ void __launch_bounds__(256) gemm_strided_bf16(StridedGemm 
     const float* B = p.b + z * p.batch_b;
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN, t = threadIdx.x;
     const int warp = t / 32, lane = t % 32, wm = (warp / 2) * 16, wn = (warp % 2) * 32;
-    const bool a_k_contig = p.a_sk == 1, b_n_contig = p.b_sn == 1;
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
     wmma::fill_fragment(acc[0], 0.0f);
     wmma::fill_fragment(acc[1], 0.0f);
     for (int k0 = 0; k0 < p.k; k0 += BK) {
         for (int i = t; i < BM * BK; i += 256) {
-            int r = a_k_contig ? i / BK : i % BM, kk = a_k_contig ? i % BK : i / BM;
-            int gm = m0 + r, gk = k0 + kk;
-            As[r * LD + kk] = __float2bfloat16((gm < p.m && gk < p.k) ? A[gm * p.a_sm + gk * p.a_sk] : 0.0f);
-            int cn = b_n_contig ? i % BN : i / BK, bk = b_n_contig ? i / BN : i % BK;
-            int gn = n0 + cn, gbk = k0 + bk;
-            float w = 0.0f;
-            if (gn < p.n && gbk < p.k) {
-                long off = gbk * p.b_sk + gn * p.b_sn;
-                w = B[off];
-                if (p.mask && !mask_bit(p.mask, off)) w = 0.0f;
-            }
-            Bs[cn * LD + bk] = __float2bfloat16(w);
+            const TileElements e = tile_elements<BM, BN, BK>(p, A, B, m0, n0, k0, i);
+            As[e.ar * LD + e.ak] = __float2bfloat16(e.a);
+            Bs[e.bc * LD + e.bk] = __float2bfloat16(e.b);
         }
         __syncthreads();
 #pragma unroll
