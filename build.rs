@@ -111,24 +111,21 @@ fn kernel_names(preprocessed: &str) -> Vec<(String, String)> {
         let Some(mut rest) = rest.trim_start().strip_prefix("void") else { continue };
         let mut max_threads = "(1024)".to_string();
         if let Some(args) = rest.trim_start().strip_prefix("CUEMU_BOUNDS(") {
-            // The bounds' arguments run to the matching parenthesis; the first is the thread count.
-            let mut depth = 1;
-            let end = args
-                .char_indices()
-                .find(|&(_, ch)| {
-                    depth += (ch == '(') as i32 - (ch == ')') as i32;
-                    depth == 0
-                })
-                .map_or(args.len(), |(i, _)| i);
-            let mut level = 0;
-            let first_end = args[..end]
-                .char_indices()
-                .find(|&(_, ch)| {
-                    level += (ch == '(') as i32 - (ch == ')') as i32;
-                    ch == ',' && level == 0
-                })
-                .map_or(end, |(i, _)| i);
-            max_threads = format!("({})", args[..first_end].trim());
+            // One pass to the matching parenthesis; the first top-level argument is the thread count.
+            let (mut depth, mut first_end, mut end) = (0, None, args.len());
+            for (i, ch) in args.char_indices() {
+                match ch {
+                    '(' => depth += 1,
+                    ')' if depth == 0 => {
+                        end = i;
+                        break;
+                    }
+                    ')' => depth -= 1,
+                    ',' if depth == 0 && first_end.is_none() => first_end = Some(i),
+                    _ => {}
+                }
+            }
+            max_threads = format!("({})", args[..first_end.unwrap_or(end)].trim());
             rest = &args[(end + 1).min(args.len())..];
         }
         let name: String = rest.trim_start().chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();

@@ -237,7 +237,6 @@ constexpr int SMEM_BYTES = STAGES * STAGE_BYTES;  // also holds the 128 x 132 fp
 static_assert(SMEM_BYTES >= BM * (BN + 4) * 4, "epilogue tile must fit the pipeline buffers");
 }
 
-
 // Keep-mask for a register of two bf16 weights whose mask bits are the low two bits of `bits`.
 __device__ __forceinline__ unsigned pair_mask(unsigned bits) { return ((bits & 1) ? 0x0000FFFFu : 0u) | ((bits & 2) ? 0xFFFF0000u : 0u); }
 

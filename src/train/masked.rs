@@ -547,10 +547,10 @@ pub fn step(
                 wgrads.stacked.push((name("attention"), dw, be.column_sum(&d_qkv)?));
             }
         }
-        let (qkv_proj, qkv_mask) = lw.linear(0);
         if i == lowest && !full {
             break;
         }
+        let (qkv_proj, qkv_mask) = lw.linear(0);
         let d_attn_in = be.linear_input_grad(&d_qkv, &qkv_proj.weight, qkv_mask)?;
         dx = if c.do_stable_layer_norm {
             let input = tape.input.as_ref().expect("pre-LN tapes keep the layer input");

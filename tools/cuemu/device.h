@@ -408,14 +408,10 @@ inline T __shfl_down_sync(unsigned, T v, unsigned delta, int width = 32) {
 inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
 inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
 inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
-inline float atomicAdd(float* p, float v) {
-    float old = *p, want;
-    do want = old + v;
-    while (!__atomic_compare_exchange(p, &old, &want, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
-    return old;
-}
-inline double atomicAdd(double* p, double v) {
-    double old = *p, want;
+// Floating-point adds have no fetch-add: compare-and-swap until no other thread got between.
+template <class T>
+inline std::enable_if_t<std::is_floating_point<T>::value, T> atomicAdd(T* p, T v) {
+    T old = *p, want;
     do want = old + v;
     while (!__atomic_compare_exchange(p, &old, &want, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
     return old;
