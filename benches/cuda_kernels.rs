@@ -125,6 +125,34 @@ fn main() {
         let pf = 2.0 * (FRAMES * 768 * 128 * 48) as f64;
         rows.push(Row(format!("pos conv (k128 g16) {p}"), ms, format!("{:.1} TFLOP/s", pf / ms / 1e9)));
     }
+    // Feature-encoder layer 0 (conv k10 s5 1->512, group norm, GELU): stored conv output then
+    // the norm, against the conv computed where the norm reads it; and the audio's upload.
+    let audio: Vec<Vec<f32>> = (0..8).map(|u| random(240_000, 20 + u)).collect();
+    let parts: Vec<&[f32]> = audio.iter().map(|a| a.as_slice()).collect();
+    let seqs_in = Seqs::new(vec![240_000; 8]);
+    let seqs_out = Seqs::new(vec![(240_000 - 10) / 5 + 1; 8]);
+    let out_bytes = (seqs_out.total() * 512 * 4) as f64;
+    for (p, be) in [("f32", &f32_be), ("bf16", &bf16_be)] {
+        let x = be.upload_rows(&parts, 1).unwrap();
+        let w = be.prepare_conv_weight(&Tensor::from_vec(random(512 * 10, 21), &[512, 10, 1])).unwrap();
+        let (g, bta) =
+            (be.upload(&Tensor::from_vec(vec![1.0; 512], &[512])).unwrap(), be.upload(&Tensor::from_vec(vec![0.0; 512], &[512])).unwrap());
+        let norm = NormParams { gamma: &g, beta: &bta, eps: 1e-5 };
+        let geom = ConvGeometry { kernel: 10, stride: 5, pad_left: 0, groups: 1 };
+        let ms = time_ms(be, 10, || {
+            let y = be.conv1d(&x, &seqs_in, &seqs_out, &w, None, geom, Activation::Identity).unwrap();
+            drop(be.group_norm_time(y, &seqs_out, norm, Activation::Gelu).unwrap())
+        });
+        rows.push(Row(format!("conv0 then group norm + GELU {p} b8x15s"), ms, format!("{:.0} GB/s of output", out_bytes / ms / 1e6)));
+        let ms = time_ms(be, 10, || drop(be.conv1d_group_norm(&x, &seqs_in, &seqs_out, &w, None, geom, norm, Activation::Gelu).unwrap()));
+        rows.push(Row(format!("conv0 + group norm + GELU, fused {p} b8x15s"), ms, format!("{:.0} GB/s of output", out_bytes / ms / 1e6)));
+    }
+    let be = &f32_be;
+    let audio_bytes = (8 * 240_000 * 4) as f64;
+    let ms = time_ms(be, 10, || drop(be.upload(&Tensor::from_vec(parts.concat(), &[8 * 240_000, 1])).unwrap()));
+    rows.push(Row("audio upload, joined + pageable copy, 8 x 15 s".into(), ms, format!("{:.1} GB/s", audio_bytes / ms / 1e6)));
+    let ms = time_ms(be, 10, || drop(be.upload_rows(&parts, 1).unwrap()));
+    rows.push(Row("audio upload through pinned staging, 8 x 15 s".into(), ms, format!("{:.1} GB/s", audio_bytes / ms / 1e6)));
     println!("\n| kernel (wav2vec2-base shapes, 8 x 15 s) | median ms | rate |\n|---|---|---|");
     for Row(name, ms, rate) in rows {
         println!("| {name} | {ms:.4} | {rate} |");

@@ -203,6 +203,66 @@ fn conv1d_matches_cpu_for_encoder_and_positional_geometries() {
     }
 }
 
+/// Packed uploads through the pinned staging buffer: batches of several sizes in turn (the
+/// buffer reused, then grown) arrive exactly as joined on the host; small ones take the plain
+/// path; a part that is not whole rows is refused.
+#[test]
+fn upload_rows_packs_every_batch_exactly() {
+    let Some(be) = gpu(Precision::F32) else { return };
+    for (i, lens) in [vec![300_000, 1, 17_001], vec![5, 7], vec![200_000, 250_000], vec![1_000_000, 3, 600_000]].into_iter().enumerate() {
+        let parts: Vec<Vec<f32>> = lens.iter().enumerate().map(|(j, &n)| random(n, 1000 + 10 * i as u64 + j as u64, 1.0)).collect();
+        let views: Vec<&[f32]> = parts.iter().map(|p| p.as_slice()).collect();
+        let got = be.upload_rows(&views, 1).unwrap();
+        assert_eq!(got.shape(), [lens.iter().sum::<usize>(), 1], "batch {i}");
+        assert_eq!(back(&be, &got), views.concat(), "batch {i}");
+    }
+    let parts = [vec![0.5f32; 6], vec![1.5; 4]];
+    let got = be.upload_rows(&[&parts[0], &parts[1]], 2).unwrap();
+    assert_eq!(got.shape(), [5, 2]);
+    let err = be.upload_rows(&[&parts[0], &parts[1][..3]], 2).unwrap_err().to_string();
+    assert!(err.contains("not a whole number of 2-value rows"), "{err}");
+}
+
+/// The fused first layer (conv computed where the group norm reads it) against the CPU's conv
+/// then group norm: wav2vec2's geometry, a padded one, one-frame utterances, with and without a
+/// bias, f32 and bf16 weights; and a multi-channel input, which takes the unfused path.
+#[test]
+fn conv_group_norm_matches_cpu_conv_then_group_norm() {
+    let Some(f32_be) = gpu(Precision::F32) else { return };
+    let bf16 = bf16_backends();
+    let cpu = CpuBackend;
+    // (c_in, c_out, kernel, stride, pad, input lengths, bias)
+    let cases = [
+        (1, 512, 10, 5, 0, vec![400, 10, 1601, 3203], true),
+        (1, 33, 10, 5, 0, vec![14, 9001], false),
+        (1, 40, 7, 3, 2, vec![5, 300], true),
+        (16, 24, 3, 2, 0, vec![3, 97], true),
+    ];
+    for (i, (c_in, c_out, kernel, stride, pad, lens, with_bias)) in cases.into_iter().enumerate() {
+        let geom = ConvGeometry { kernel, stride, pad_left: pad, groups: 1 };
+        let seqs_in = Seqs::new(lens.clone());
+        let seqs_out = Seqs::new(lens.iter().map(|&n| (n + pad - kernel) / stride + 1).collect());
+        let x = host(random(seqs_in.total() * c_in, 70 + i as u64, 1.0), &[seqs_in.total(), c_in]);
+        let w = host(random(c_out * kernel * c_in, 80 + i as u64, 0.3), &[c_out, kernel, c_in]);
+        let b = host(random(c_out, 90 + i as u64, 0.3), &[c_out]);
+        let (g, beta) = (host(random(c_out, 100 + i as u64, 1.0), &[c_out]), host(random(c_out, 110 + i as u64, 1.0), &[c_out]));
+        let bias = with_bias.then_some(&b);
+        for act in [Activation::Identity, Activation::Gelu] {
+            let conv = cpu.conv1d(&x, &seqs_in, &seqs_out, &w, bias, geom, Activation::Identity).unwrap();
+            let want = cpu.group_norm_time(conv, &seqs_out, NormParams { gamma: &g, beta: &beta, eps: 1e-5 }, act).unwrap();
+            for (v, be) in std::iter::once(&f32_be).chain(&bf16).enumerate() {
+                let tol = if v == 0 { F32_TOL } else { 1e-2 };
+                let (gx, gw) = (be.upload(&x).unwrap(), be.prepare_conv_weight(&w).unwrap());
+                let gbias = bias.map(|b| be.upload(b).unwrap());
+                let (gg, gbeta) = (be.upload(&g).unwrap(), be.upload(&beta).unwrap());
+                let norm = NormParams { gamma: &gg, beta: &gbeta, eps: 1e-5 };
+                let got = be.conv1d_group_norm(&gx, &seqs_in, &seqs_out, &gw, gbias.as_ref(), geom, norm, act).unwrap();
+                assert_close(&format!("conv + group norm case {i} {act:?} backend {v}"), &back(be, &got), want.f32s().unwrap(), tol);
+            }
+        }
+    }
+}
+
 #[test]
 fn attention_matches_cpu_fp32_and_bf16() {
     let Some(f32_be) = gpu(Precision::F32) else { return };

@@ -156,6 +156,13 @@ pub trait Backend: Send + Sync {
     /// Makes a host tensor usable by this backend (no copy on the CPU for f32).
     fn upload(&self, t: &Tensor) -> Result<Tensor>;
 
+    /// `parts` (each `[len, cols]`, row-major) packed one after another into a `[Σ len, cols]`
+    /// tensor on this backend: a batch's raw audio. By default, joined on the host and uploaded.
+    fn upload_rows(&self, parts: &[&[f32]], cols: usize) -> Result<Tensor> {
+        let rows = packed_rows(parts, cols)?;
+        self.upload(&Tensor::from_vec(parts.concat(), &[rows, cols]))
+    }
+
     /// Brings a tensor back to host memory as f32.
     fn to_host(&self, t: &Tensor) -> Result<Tensor>;
 
@@ -240,6 +247,25 @@ pub trait Backend: Send + Sync {
         act: Activation,
     ) -> Result<Tensor>;
 
+    /// `act(group_norm_time(conv1d(x)))`, the first layer of a group-norm feature encoder, as
+    /// one op: a backend may compute the conv where the norm reads it instead of storing its
+    /// output (the model's largest activation). By default, the two ops in turn.
+    #[allow(clippy::too_many_arguments)]
+    fn conv1d_group_norm(
+        &self,
+        x: &Tensor,
+        seqs_in: &Seqs,
+        seqs_out: &Seqs,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        geom: ConvGeometry,
+        norm: NormParams,
+        act: Activation,
+    ) -> Result<Tensor> {
+        let y = self.conv1d(x, seqs_in, seqs_out, w, b, geom, Activation::Identity)?;
+        self.group_norm_time(y, seqs_out, norm, act)
+    }
+
     /// Multi-head self-attention within each utterance: `softmax(q kᵀ · scale) v` per head, for
     /// `qkv [seqs.total(), 3 * heads * head_dim]` holding q, k and v side by side (one fused
     /// projection); returns `[seqs.total(), heads * head_dim]`.
@@ -253,6 +279,15 @@ pub trait Backend: Send + Sync {
     /// `grad_scale`. Targets are already validated ([`crate::ctc::loss::validate`]); utterances
     /// with no alignment give loss 0 and gradient 0 under `zero_infinity`, else an error.
     fn ctc_loss(&self, logits: &Tensor, seqs: &Seqs, targets: &crate::ctc::CtcTargets, grad_scale: f32) -> Result<(Vec<f32>, Tensor)>;
+}
+
+/// Rows of [`Backend::upload_rows`]'s packed tensor: every part a whole number of `cols`-wide rows.
+pub fn packed_rows(parts: &[&[f32]], cols: usize) -> Result<usize> {
+    ensure!(cols > 0, "packing rows of 0 columns");
+    if let Some(p) = parts.iter().find(|p| p.len() % cols != 0) {
+        bail!("a part of {} values is not a whole number of {cols}-value rows", p.len());
+    }
+    Ok(parts.iter().map(|p| p.len()).sum::<usize>() / cols)
 }
 
 /// Checks that `t` has exactly `shape`, naming it in the error.

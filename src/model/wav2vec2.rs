@@ -426,23 +426,24 @@ impl Wav2Vec2 {
     fn convolve_group(&self, be: &dyn Backend, audio: &[&[f32]], clock: &mut StageClock) -> Result<(Tensor, Seqs)> {
         let c = &self.config;
         let mut seqs = Seqs::new(audio.iter().map(|a| a.len()).collect());
-        let mut x = be.upload(&Tensor::from_vec(audio.concat(), &[seqs.total(), 1]))?;
+        let mut x = be.upload_rows(audio, 1)?;
         clock.mark(be, "upload audio")?;
         for (i, layer) in self.conv_layers.iter().enumerate() {
             let out = layer.out_seqs(&seqs);
             let geom = ConvGeometry { kernel: layer.kernel, stride: layer.stride, pad_left: 0, groups: 1 };
-            // conv -> [norm] -> GELU, with the GELU fused into whichever op comes last.
-            let conv_act = if layer.norm.is_some() { Activation::Identity } else { Activation::Gelu };
-            x = be.conv1d(&x, &seqs, &out, &layer.weight, layer.bias.as_ref(), geom, conv_act)?;
+            let (w, b) = (&layer.weight, layer.bias.as_ref());
+            // conv -> [norm] -> GELU, with the GELU fused into whichever op comes last. Both conv
+            // norms use PyTorch's default epsilon (1e-5), not the config's layer_norm_eps:
+            // transformers builds them as nn.GroupNorm(...) / nn.LayerNorm(dim).
+            x = match (&layer.norm, c.feat_extract_norm) {
+                (None, _) => be.conv1d(&x, &seqs, &out, w, b, geom, Activation::Gelu)?,
+                (Some(n), FeatNorm::Group) => be.conv1d_group_norm(&x, &seqs, &out, w, b, geom, n.params(1e-5), Activation::Gelu)?,
+                (Some(n), FeatNorm::Layer) => {
+                    let y = be.conv1d(&x, &seqs, &out, w, b, geom, Activation::Identity)?;
+                    be.layer_norm(y, None, n.params(1e-5), Activation::Gelu)?
+                }
+            };
             seqs = out;
-            if let Some(n) = &layer.norm {
-                // Both conv norms use PyTorch's default epsilon (1e-5), not the config's
-                // layer_norm_eps: transformers builds them as nn.GroupNorm(...) / nn.LayerNorm(dim).
-                x = match c.feat_extract_norm {
-                    FeatNorm::Group => be.group_norm_time(x, &seqs, n.params(1e-5), Activation::Gelu)?,
-                    FeatNorm::Layer => be.layer_norm(x, None, n.params(1e-5), Activation::Gelu)?,
-                };
-            }
             clock.mark(be, CONV_STAGES[i.min(CONV_STAGES.len() - 1)])?;
         }
         Ok((x, seqs))

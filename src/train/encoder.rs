@@ -40,7 +40,7 @@ fn geometry(model: &Wav2Vec2, i: usize) -> ConvGeometry {
 pub fn forward(be: &dyn TrainBackend, model: &Wav2Vec2, audio: &[&[f32]]) -> Result<(Tensor, Seqs, Tape)> {
     model.frame_counts(&audio.iter().map(|a| a.len()).collect::<Vec<_>>())?;
     let mut seqs = Seqs::new(audio.iter().map(|a| a.len()).collect());
-    let mut x = be.upload(&Tensor::from_vec(audio.concat(), &[seqs.total(), 1]))?;
+    let mut x = be.upload_rows(audio, 1)?;
     let mut steps = Vec::with_capacity(model.conv_layers.len());
     for (i, layer) in model.conv_layers.iter().enumerate() {
         let out = layer.out_seqs(&seqs);

@@ -344,6 +344,19 @@ API int cuMemAlloc_v2(uint64_t* d, size_t bytes) { return allocate(d, bytes); }
 API int cuMemAllocAsync(uint64_t* d, size_t bytes, void*) { return allocate(d, bytes); }
 API int cuMemFree_v2(uint64_t d) { return release(d); }
 API int cuMemFreeAsync(uint64_t d, void*) { return release(d); }
+// Page-locked host memory is plain host memory here, filled with NaN bytes like device memory
+// so that reading what was never written shows.
+API int cuMemHostAlloc(void** p, size_t bytes, unsigned) {
+    size_t rounded = (bytes + 4095) / 4096 * 4096;
+    *p = aligned_alloc(4096, rounded ? rounded : 4096);
+    if (!*p) return OUT_OF_MEMORY;
+    memset(*p, 0xFF, rounded);
+    return SUCCESS;
+}
+API int cuMemFreeHost(void* p) {
+    free(p);
+    return SUCCESS;
+}
 API int cuMemcpyHtoD_v2(uint64_t dst, const void* src, size_t n) { return copy(dst, uintptr_t(src), n, true, false); }
 API int cuMemcpyHtoDAsync_v2(uint64_t dst, const void* src, size_t n, void*) { return copy(dst, uintptr_t(src), n, true, false); }
 API int cuMemcpyDtoH_v2(void* dst, uint64_t src, size_t n) { return copy(uintptr_t(dst), src, n, false, true); }

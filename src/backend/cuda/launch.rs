@@ -64,6 +64,29 @@ impl GemmArgs {
 // SAFETY: plain-old-data with the C layout the kernel expects.
 unsafe impl DeviceRepr for GemmArgs {}
 
+/// Where `group_norm_time` reads its input (`struct NormSource` in kernels/norm.cu, same
+/// layout): the stored tensor at `x`, or, when `audio` is set, a one-channel conv of the audio
+/// computed on the fly (`w` `[c, kernel]` in f32, or bf16 when `w_bf16` is 1; `bias` 0 for none).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NormSource {
+    pub x: u64,
+    pub audio: u64,
+    pub in_offsets: u64,
+    pub w: u64,
+    pub bias: u64,
+    pub kernel: i32,
+    pub stride: i32,
+    pub pad: i32,
+    pub w_bf16: i32,
+}
+
+/// The most conv taps `NormSource` computes on the fly (`MAX_SOURCE_TAPS` in kernels/norm.cu).
+pub const MAX_SOURCE_TAPS: usize = 16;
+
+// SAFETY: plain-old-data with the C layout the kernel expects.
+unsafe impl DeviceRepr for NormSource {}
+
 pub fn config(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: 0 }
 }

@@ -14,15 +14,16 @@ mod sparse;
 mod weights;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use cudarc::driver::{sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, PushKernelArg};
+use cudarc::driver::{sys, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice, PushKernelArg};
 use cudarc::nvrtc::Ptx;
+use rayon::prelude::*;
 
-use super::{Activation, Backend, ConvGeometry, LinearMask, NormParams, Seqs, SparseWeight};
+use super::{packed_rows, Activation, Backend, ConvGeometry, LinearMask, NormParams, Seqs, SparseWeight};
 use crate::tensor::{DType, HostBytes, Storage, Tensor};
-use launch::{GemmArgs, Launch};
+use launch::{GemmArgs, Launch, NormSource, MAX_SOURCE_TAPS};
 pub use sparse::SparseCuda;
 
 mod kernels {
@@ -119,7 +120,20 @@ pub struct CudaBackend {
     precision: Precision,
     /// Fill every new output with NaN first (tests: unwritten elements show).
     poison: bool,
+    /// Page-locked host memory that [`Backend::upload_rows`] packs a batch's audio into.
+    staging: Mutex<Option<Staging>>,
 }
+
+/// A page-locked host buffer the DMA engine reads at full bus speed (a pageable copy goes
+/// through the driver's own bounce buffers), reused from batch to batch.
+struct Staging {
+    host: PinnedHostSlice<f32>,
+    /// Recorded after the last copy out of `host`: it may be rewritten once this completes.
+    copied: CudaEvent,
+}
+
+/// Below this many bytes a plain upload costs no more than packing through [`Staging`].
+const STAGING_MIN_BYTES: usize = 1 << 20;
 
 /// Why the CUDA backend cannot start here, or `None` when it can.
 pub fn unavailable_reason() -> Option<String> {
@@ -182,7 +196,16 @@ impl CudaBackend {
             let m = modules.get(module).with_context(|| format!("kernel module {module} missing from this build"))?;
             funcs.insert(*func, m.load_function(func).map_err(|e| anyhow!("kernel {func}: {e}"))?);
         }
-        let mut be = CudaBackend { ctx, stream, funcs, dynamic_smem: HashMap::new(), mma_sync: true, precision, poison: false };
+        let mut be = CudaBackend {
+            ctx,
+            stream,
+            funcs,
+            dynamic_smem: HashMap::new(),
+            mma_sync: true,
+            precision,
+            poison: false,
+            staging: Mutex::new(None),
+        };
         be.size_dynamic_smem_kernels()?;
         Ok(be)
     }
@@ -322,6 +345,54 @@ impl CudaBackend {
             return Ok(None);
         }
         self.to_bf16(x).map(Some)
+    }
+
+    /// `act(group_norm_time(·))` over `c` channels of `seqs` read from `src` (a stored tensor, or
+    /// the first conv computed on the fly), into a fresh tensor. `bias` is the conv bias `src`
+    /// points at, checked here against `c`.
+    fn group_norm_from(
+        &self,
+        src: NormSource,
+        bias: Option<&Tensor>,
+        seqs: &Seqs,
+        c: usize,
+        norm: NormParams,
+        act: Activation,
+    ) -> Result<Tensor> {
+        ensure!(norm.gamma.numel() == c && norm.beta.numel() == c, "group norm over {c} channels got {} parameters", norm.gamma.numel());
+        ensure!(bias.is_none_or(|b| b.numel() == c), "conv bias of {} values for {c} channels", bias.map_or(0, Tensor::numel));
+        let out = self.empty(&[seqs.total(), c], DType::F32)?;
+        let offsets = self.offsets(seqs)?;
+        let utts = seqs.count();
+        let stats = self.stream.alloc_zeros::<f64>(2 * utts * c).map_err(|e| anyhow!("GPU allocation: {e}"))?;
+        let (po, poff, pstats, pg, pb) = (
+            self.ptr(&out)?,
+            offsets.device_ptr(&self.stream).0,
+            stats.device_ptr(&self.stream).0,
+            self.ptr(norm.gamma)?,
+            self.ptr(norm.beta)?,
+        );
+        let (c_i, utts_i, act_i) = (c as i32, utts as i32, act as i32);
+        let chunk_rows = 512i32;
+        let chunks = seqs.lens().iter().copied().max().unwrap_or(0).div_ceil(chunk_rows as usize).max(1);
+        let cfg = launch::config((c.div_ceil(32) as u32, utts as u32, chunks as u32), 256);
+        for pass in 0i32..3 {
+            self.launcher().launch(self.func("group_norm_time"), cfg, |b| {
+                b.arg(&src)
+                    .arg(&po)
+                    .arg(&poff)
+                    .arg(&pstats)
+                    .arg(&pg)
+                    .arg(&pb)
+                    .arg(&c_i)
+                    .arg(&utts_i)
+                    .arg(&norm.eps)
+                    .arg(&act_i)
+                    .arg(&pass)
+                    .arg(&chunk_rows);
+            })?;
+        }
+        Ok(out)
     }
 
     /// A bf16 copy of an f32 device tensor.
@@ -467,6 +538,49 @@ impl Backend for CudaBackend {
         }
     }
 
+    fn upload_rows(&self, parts: &[&[f32]], cols: usize) -> Result<Tensor> {
+        let rows = packed_rows(parts, cols)?;
+        let n = rows * cols;
+        if n * 4 < STAGING_MIN_BYTES {
+            return self.upload(&Tensor::from_vec(parts.concat(), &[rows, cols]));
+        }
+        let mut guard = self.staging.lock().map_err(|_| anyhow!("the upload staging buffer was poisoned by a panic"))?;
+        if let Some(st) = guard.as_ref() {
+            st.copied.synchronize().map_err(|e| anyhow!("CUDA event: {e}"))?;
+        }
+        if guard.as_ref().is_none_or(|st| st.host.len() < n) {
+            *guard = None; // free the old buffer first
+                           // SAFETY: page-locked memory of `n` (rounded up) f32s; every element read below is
+                           // written first.
+            let host =
+                unsafe { self.ctx.alloc_pinned::<f32>(n.next_power_of_two()) }.map_err(|e| anyhow!("pinned host allocation: {e}"))?;
+            let copied = self.ctx.new_event(None).map_err(|e| anyhow!("CUDA event: {e}"))?;
+            *guard = Some(Staging { host, copied });
+        }
+        let st = guard.as_mut().expect("allocated above");
+        let host = st.host.as_mut_slice().map_err(|e| anyhow!("pinned host buffer: {e}"))?;
+        // Each part into its own span, in parallel.
+        let mut spans = Vec::with_capacity(parts.len());
+        let mut rest = &mut host[..n];
+        for p in parts {
+            let (span, tail) = rest.split_at_mut(p.len());
+            spans.push(span);
+            rest = tail;
+        }
+        spans.into_par_iter().zip(parts.par_iter()).for_each(|(span, p)| span.copy_from_slice(p));
+        let out = self.empty(&[rows, cols], DType::F32)?;
+        // SAFETY: `out` holds n f32s on the device, `host` at least n on the host; the copy is
+        // queued on the one stream, and `copied` keeps `host` from being rewritten before it ends.
+        unsafe {
+            cu(
+                sys::cuMemcpyHtoDAsync_v2(self.ptr(&out)?, host.as_ptr() as *const std::ffi::c_void, n * 4, self.stream.cu_stream()),
+                "cuMemcpyHtoDAsync",
+            )?;
+        }
+        st.copied.record(&self.stream).map_err(|e| anyhow!("CUDA event: {e}"))?;
+        Ok(out)
+    }
+
     fn to_host(&self, t: &Tensor) -> Result<Tensor> {
         let Storage::Cuda(b) = t.storage() else { return t.to_f32() };
         let bytes = self.stream.clone_dtoh(b.0.as_ref()).map_err(|e| anyhow!("CUDA copy: {e}"))?;
@@ -580,55 +694,7 @@ impl Backend for CudaBackend {
     fn group_norm_time(&self, x: Tensor, seqs: &Seqs, norm: NormParams, act: Activation) -> Result<Tensor> {
         let c = *x.shape().last().unwrap_or(&1);
         ensure!(x.numel() / c.max(1) == seqs.total(), "group norm: {:?} does not hold {} frames", x.shape(), seqs.total());
-        ensure!(norm.gamma.numel() == c && norm.beta.numel() == c, "group norm over {c} channels got {} parameters", norm.gamma.numel());
-        // In place on a private copy.
-        let out = self.empty(x.shape(), DType::F32)?;
-        let (Storage::Cuda(src), Storage::Cuda(dst)) = (x.storage(), out.storage()) else {
-            bail!("group norm: tensors must be on the GPU")
-        };
-        // SAFETY: both buffers are live device allocations of the same size; the copy is queued
-        // on the one stream, before the kernel that reads it.
-        unsafe {
-            cu(
-                sys::cuMemcpyDtoDAsync_v2(
-                    dst.0.device_ptr(&self.stream).0,
-                    src.0.device_ptr(&self.stream).0,
-                    x.numel() * 4,
-                    self.stream.cu_stream(),
-                ),
-                "cuMemcpyDtoDAsync",
-            )?;
-        }
-        let offsets = self.offsets(seqs)?;
-        let utts = seqs.count();
-        let stats = self.stream.alloc_zeros::<f64>(2 * utts * c).map_err(|e| anyhow!("GPU allocation: {e}"))?;
-        let (po, poff, pstats, pg, pb) = (
-            self.ptr(&out)?,
-            offsets.device_ptr(&self.stream).0,
-            stats.device_ptr(&self.stream).0,
-            self.ptr(norm.gamma)?,
-            self.ptr(norm.beta)?,
-        );
-        let (c_i, utts_i, act_i) = (c as i32, utts as i32, act as i32);
-        let chunk_rows = 512i32;
-        let chunks = seqs.lens().iter().copied().max().unwrap_or(0).div_ceil(chunk_rows as usize).max(1);
-        let cfg = launch::config((c.div_ceil(32) as u32, utts as u32, chunks as u32), 256);
-        for pass in 0i32..3 {
-            self.launcher().launch(self.func("group_norm_time"), cfg, |b| {
-                b.arg(&po)
-                    .arg(&poff)
-                    .arg(&pstats)
-                    .arg(&pg)
-                    .arg(&pb)
-                    .arg(&c_i)
-                    .arg(&utts_i)
-                    .arg(&norm.eps)
-                    .arg(&act_i)
-                    .arg(&pass)
-                    .arg(&chunk_rows);
-            })?;
-        }
-        Ok(out)
+        self.group_norm_from(NormSource { x: self.ptr(&x)?, ..NormSource::default() }, None, seqs, c, norm, act)
     }
 
     fn add(&self, a: Tensor, b: &Tensor) -> Result<Tensor> {
@@ -695,6 +761,52 @@ impl Backend for CudaBackend {
             self.gemm(args, a16, w.dtype(), groups)?;
         }
         Ok(out)
+    }
+
+    fn conv1d_group_norm(
+        &self,
+        x: &Tensor,
+        seqs_in: &Seqs,
+        seqs_out: &Seqs,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        geom: ConvGeometry,
+        norm: NormParams,
+        act: Activation,
+    ) -> Result<Tensor> {
+        let &[c_out, kernel, c_in] = w.shape() else { bail!("conv1d weight must be [out, kernel, in/groups], found {:?}", w.shape()) };
+        let on_the_fly = x.shape() == [seqs_in.total(), 1]
+            && c_in == 1
+            && geom.groups == 1
+            && kernel == geom.kernel
+            && kernel <= MAX_SOURCE_TAPS
+            && seqs_in.count() == seqs_out.count()
+            && matches!(w.dtype(), DType::F32 | DType::BF16);
+        if !on_the_fly {
+            let y = self.conv1d(x, seqs_in, seqs_out, w, b, geom, Activation::Identity)?;
+            return self.group_norm_time(y, seqs_out, norm, act);
+        }
+        // Frames the conv gives each utterance (with zero padding on the left only).
+        let frames = |n: usize| (n + geom.pad_left).checked_sub(kernel).map_or(0, |d| d / geom.stride + 1);
+        ensure!(
+            seqs_in.lens().iter().zip(seqs_out.lens()).all(|(&n, &t)| t <= frames(n)),
+            "conv1d + group norm: output lengths {:?} exceed what inputs of {:?} samples give",
+            seqs_out.lens(),
+            seqs_in.lens()
+        );
+        let in_offsets = self.offsets(seqs_in)?;
+        let src = NormSource {
+            audio: self.ptr(x)?,
+            in_offsets: in_offsets.device_ptr(&self.stream).0,
+            w: self.ptr(w)?,
+            bias: b.map(|b| self.ptr(b)).transpose()?.unwrap_or(0),
+            kernel: kernel as i32,
+            stride: geom.stride as i32,
+            pad: geom.pad_left as i32,
+            w_bf16: (w.dtype() == DType::BF16) as i32,
+            ..NormSource::default()
+        };
+        self.group_norm_from(src, b, seqs_out, c_out, norm, act)
     }
 
     fn attention(&self, qkv: &Tensor, seqs: &Seqs, heads: usize, scale: f32) -> Result<Tensor> {
