@@ -88,6 +88,37 @@ struct MmaAttnSmem {
     static constexpr int BYTES = (BQ + 2 * BKV) * LD * 2;
 };
 
+// Stages rows r0 .. r0 + ROWS of one head's slice of qkv (columns col .. col + hd of each packed
+// row `start + r`) into shared memory as bf16 times `scale`: rows at or past `len` and columns at or
+// past `hd` as zeros. 16-byte loads (hd % 4 == 0 and c % 4 == 0), each thread issuing a batch of
+// them before converting any, from addresses clamped into the utterance and the head so none
+// needs a branch: one memory round trip per batch, not one per load.
+template <int ROWS, int HD>
+__device__ __forceinline__ void stage_rows_vec4(const float* qkv, long row3, int start, int r0, int len, int col, int hd, float scale,
+                                                __nv_bfloat16* dst, int ld, int t) {
+    // Batches of 8 loads (4 at HD 128, whose accumulators take twice the registers).
+    constexpr int PER = ROWS * HD / 4 / 128, MOST = HD >= 128 ? 2 : 8, BATCH = PER < MOST ? PER : MOST;
+    static_assert(PER * 4 * 128 == ROWS * HD && PER % BATCH == 0, "whole 16-byte loads per thread");
+#pragma unroll
+    for (int b0 = 0; b0 < PER; b0 += BATCH) {
+        float4 v[BATCH];
+#pragma unroll
+        for (int j = 0; j < BATCH; ++j) {
+            int i = t + (b0 + j) * 128, r = i / (HD / 4), d = (i % (HD / 4)) * 4;
+            int row = min(r0 + r, len - 1), dd = min(d, hd - 4);
+            v[j] = *reinterpret_cast<const float4*>(qkv + (long)(start + row) * row3 + col + dd);
+        }
+#pragma unroll
+        for (int j = 0; j < BATCH; ++j) {
+            int i = t + (b0 + j) * 128, r = i / (HD / 4), d = (i % (HD / 4)) * 4;
+            float4 x = (r0 + r < len && d < hd) ? v[j] : make_float4(0.f, 0.f, 0.f, 0.f);
+            __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(dst + r * ld + d);
+            o[0] = __floats2bfloat162_rn(x.x * scale, x.y * scale);
+            o[1] = __floats2bfloat162_rn(x.z * scale, x.w * scale);
+        }
+    }
+}
+
 template <int HD>
 __device__ void attention_bf16_mma_impl(const float* qkv, float* out, const int* offsets, int c, int hd, float scale) {
     using L = MmaAttnSmem<HD>;
@@ -101,10 +132,14 @@ __device__ void attention_bf16_mma_impl(const float* qkv, float* out, const int*
     const long row3 = 3L * c;
     // float4 loads when every head's rows start on 16-byte boundaries (qkv is 256-byte aligned).
     const bool vec4 = (hd % 4 == 0) && (c % 4 == 0);
-    for (int i = t; i < L::BQ * HD; i += 128) {
-        int r = i / HD, d = i % HD;
-        bool in = q0 + r < len && d < hd;
-        Qs[r * L::LD + d] = __float2bfloat16(in ? qkv[(start + q0 + r) * row3 + h * hd + d] * scale : 0.0f);
+    if (vec4) {
+        stage_rows_vec4<L::BQ, HD>(qkv, row3, start, q0, len, h * hd, hd, scale, Qs, L::LD, t);
+    } else {
+        for (int i = t; i < L::BQ * HD; i += 128) {
+            int r = i / HD, d = i % HD;
+            bool in = q0 + r < len && d < hd;
+            Qs[r * L::LD + d] = __float2bfloat16(in ? qkv[(start + q0 + r) * row3 + h * hd + d] * scale : 0.0f);
+        }
     }
     __syncthreads();
     unsigned qf[HD / 16][4];
@@ -114,20 +149,9 @@ __device__ void attention_bf16_mma_impl(const float* qkv, float* out, const int*
     float m_row[2] = {-INFINITY, -INFINITY}, l_row[2] = {0.0f, 0.0f};  // rows g and g + 8 (l: this lane's partial sum)
     for (int j0 = 0; j0 < len; j0 += L::BKV) {
         __syncthreads();  // everyone is done with the previous K and V tiles
-        if (vec4) {  // 16-byte loads of 4 consecutive head dimensions
-            for (int i = t; i < L::BKV * HD / 4; i += 128) {
-                int r = i / (HD / 4), d = (i % (HD / 4)) * 4;
-                bool in = j0 + r < len && d < hd;
-                long base = (long)(start + j0 + r) * row3 + h * hd + d;
-                float4 kv = in ? *reinterpret_cast<const float4*>(qkv + base + c) : make_float4(0.f, 0.f, 0.f, 0.f);
-                float4 vv = in ? *reinterpret_cast<const float4*>(qkv + base + 2 * c) : make_float4(0.f, 0.f, 0.f, 0.f);
-                __nv_bfloat162* kd = reinterpret_cast<__nv_bfloat162*>(Ks + r * L::LD + d);
-                __nv_bfloat162* vd = reinterpret_cast<__nv_bfloat162*>(Vs + r * L::LD + d);
-                kd[0] = __floats2bfloat162_rn(kv.x, kv.y);
-                kd[1] = __floats2bfloat162_rn(kv.z, kv.w);
-                vd[0] = __floats2bfloat162_rn(vv.x, vv.y);
-                vd[1] = __floats2bfloat162_rn(vv.z, vv.w);
-            }
+        if (vec4) {
+            stage_rows_vec4<L::BKV, HD>(qkv, row3, start, j0, len, c + h * hd, hd, 1.0f, Ks, L::LD, t);
+            stage_rows_vec4<L::BKV, HD>(qkv, row3, start, j0, len, 2 * c + h * hd, hd, 1.0f, Vs, L::LD, t);
         } else {
             for (int i = t; i < L::BKV * HD; i += 128) {
                 int r = i / HD, d = i % HD;
