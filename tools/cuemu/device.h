@@ -10,7 +10,7 @@
 // in alternates between phases (ascending, then descending thread index), so a read that lacks
 // its barrier sees stale data in one phase or the other rather than passing by luck.
 // CUEMU_ORDER=reverse starts descending; CUEMU_ORDER=random shuffles every phase (seeded by
-// the block index, so a failure reproduces).
+// the block index, so a failure reproduces). The same setting orders a launch's blocks.
 //
 // What it does not model: timing, memory-model races between blocks, and arithmetic bit-exact to
 // the GPU's (expf, tensor-core accumulation order). Tests compare with tolerances, as on a GPU.
@@ -336,13 +336,26 @@ inline int launch(void (*call)(void**), const char* name, const unsigned grid[3]
     Block* outer_block = g_block;
     Fiber* outer_fiber = g_fiber;
     g_block = &b;
+    // Blocks run in ascending order, or, under CUEMU_ORDER=reverse|random, descending or
+    // shuffled: a kernel that relies on one block of a launch running before another fails.
+    const size_t blocks = size_t(grid[0]) * grid[1] * grid[2];
+    std::vector<size_t> sequence(blocks);
+    for (size_t i = 0; i < blocks; ++i) sequence[i] = fiber_order() == Order::REVERSE ? blocks - 1 - i : i;
+    if (fiber_order() == Order::RANDOM) {
+        uint64_t x = (blocks * 0x9E3779B97F4A7C15ull) ^ 0xD1B54A32D192ED03ull;
+        for (size_t j = blocks; j > 1; --j) {  // Fisher-Yates with xorshift64
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            std::swap(sequence[j - 1], sequence[x % j]);
+        }
+    }
     bool ok = true;
-    for (unsigned z = 0; z < grid[2] && ok; ++z)
-        for (unsigned y = 0; y < grid[1] && ok; ++y)
-            for (unsigned x = 0; x < grid[0] && ok; ++x) {
-                b.block_idx = {x, y, z};
-                ok = run_block(b, name, err, errlen);
-            }
+    for (size_t i = 0; i < blocks && ok; ++i) {
+        size_t lin = sequence[i];
+        b.block_idx = {unsigned(lin % grid[0]), unsigned(lin / grid[0] % grid[1]), unsigned(lin / (size_t(grid[0]) * grid[1]))};
+        ok = run_block(b, name, err, errlen);
+    }
     g_block = outer_block;
     g_fiber = outer_fiber;
     return ok ? 0 : 1;
