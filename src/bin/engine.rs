@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use s3router::analysis::{self, mask_stats, StatsSummary};
 use s3router::backend::cuda::Precision as CudaPrecision;
 use s3router::backend::Backend;
@@ -255,7 +255,8 @@ enum Command {
     /// With neither --model nor --train, runs the demo: the small English-trained backbone in
     /// weights/s3r-demo-en adapted to Spanish phonemes (weights/demo-corpus/es), head only and
     /// with S3-Router masks at 10% sparsity, into runs/demo (or --out); prints both phoneme error
-    /// rates and where the masks went.
+    /// rates and where the masks went. Recipe flags given replace the demo's own settings
+    /// (e.g. --steps 50 for a shorter run; the head-only run keeps sparsity 0).
     Train {
         #[command(flatten)]
         recipe: Box<Recipe>,
@@ -687,7 +688,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli, demo_flags: &[demo::Word]) -> Result<()> {
     if let Some(n) = cli.threads {
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("cannot start the thread pool")?;
     }
@@ -757,7 +758,7 @@ fn run(cli: Cli) -> Result<()> {
             let out = opts.out.clone();
             if demo {
                 let started = std::time::Instant::now();
-                let report = demo::run(&out, &opts)?;
+                let report = demo::run(&out, &opts, demo_flags)?;
                 print!("{}", report.text());
                 println!(
                     "done in {:.0} s; mask sets in {1}/head-only/best and {1}/s3router/best",
@@ -815,7 +816,11 @@ fn run(cli: Cli) -> Result<()> {
 
 fn main() -> ExitCode {
     s3router::keep_freed_memory();
-    match run(Cli::parse()) {
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // The demo takes the recipe flags typed after `engine train` in place of its own.
+    let demo_flags = matches.subcommand_matches("train").map(demo::explicit_recipe_words).unwrap_or_default();
+    match run(cli, &demo_flags) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
