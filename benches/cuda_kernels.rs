@@ -46,6 +46,8 @@ fn main() {
     }
     let f32_be = CudaBackend::new(0, Precision::F32).unwrap();
     let bf16_be = CudaBackend::new(0, Precision::Bf16).unwrap();
+    let mut fma_be = CudaBackend::new(0, Precision::F32).unwrap();
+    fma_be.set_tf32x3(false);
     let mut wmma_be = CudaBackend::new(0, Precision::Bf16).unwrap();
     wmma_be.set_mma_sync(false);
     let mut rows = Vec::new();
@@ -56,7 +58,7 @@ fn main() {
     let w = Tensor::from_vec(random(n * k, 2), &[n, k]);
     let keep: Vec<bool> = random(n * k, 3).iter().map(|&v| v > -0.4).collect(); // 10% dropped
     let bits = s3router::mask::pack(&keep);
-    for (p, be) in [("f32", &f32_be), ("bf16 wmma (v2)", &wmma_be), ("bf16 mma.sync (v3)", &bf16_be)] {
+    for (p, be) in [("f32 FMA (v1)", &fma_be), ("f32 3xTF32", &f32_be), ("bf16 wmma (v2)", &wmma_be), ("bf16 mma.sync (v3)", &bf16_be)] {
         let (gx, gw) = (be.upload(&x).unwrap(), be.prepare_linear_weight(&w).unwrap());
         let gm = be.upload_mask(&bits).unwrap();
         let ms = time_ms(be, 20, || drop(be.linear(&gx, &gw, None, Activation::Identity).unwrap()));
@@ -109,7 +111,7 @@ fn main() {
         drop(be.layer_norm(h.clone(), Some(&h), NormParams { gamma: &g, beta: &bta, eps: 1e-5 }, Activation::Identity).unwrap())
     });
     rows.push(Row("layer_norm+residual 5992x768".into(), ms, format!("{:.0} GB/s", 3.0 * (FRAMES * 768 * 4) as f64 / ms / 1e6)));
-    for (p, be) in [("f32", &f32_be), ("bf16 wmma (v2)", &wmma_be), ("bf16 mma.sync (v3)", &bf16_be)] {
+    for (p, be) in [("f32 FMA", &fma_be), ("f32 3xTF32", &f32_be), ("bf16 wmma (v2)", &wmma_be), ("bf16 mma.sync (v3)", &bf16_be)] {
         let t_in = 47_999;
         let seqs_in = Seqs::new(vec![t_in; 8]);
         let seqs_out = Seqs::new(vec![(t_in - 3) / 2 + 1; 8]);

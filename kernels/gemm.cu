@@ -229,6 +229,47 @@ extern "C" __global__ void __launch_bounds__(256) gemm_bf16(GemmArgs p) {
         }
 }
 
+// The tensor-core kernels' epilogue, in two steps around a __syncthreads: each warp parks its
+// m16n8 accumulators acc[MI][NT] (rows wm + 16 mi + g and + 8, columns wn + 8 nt + 2 tq and + 1)
+// in an fp32 tile in shared memory (row stride LC; the pipeline buffers are free by then), then
+// the block writes the BM x BN tile row by row with float4 stores, bias, activation and
+// straight-through factor applied: full 128-byte lines instead of 8-byte pieces of eight rows.
+template <int MI, int NT, int LC>
+__device__ __forceinline__ void park_accumulators(float* tile, const float (&acc)[MI][NT][4], int wm, int wn, int g, int tq) {
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                float2 v = make_float2(acc[mi][nt][2 * half], acc[mi][nt][2 * half + 1]);
+                *reinterpret_cast<float2*>(tile + (wm + mi * 16 + g + half * 8) * LC + wn + nt * 8 + tq * 2) = v;
+            }
+}
+
+template <int BM, int BN, int LC, int THREADS>
+__device__ __forceinline__ void write_tile(const GemmArgs& p, const float* tile, int m0, int n0, int z, int t) {
+    float* C = p.c + z * p.batch_c;
+    const float* bias = p.bias ? p.bias + z * p.batch_bias : nullptr;
+    const bool vec_out = (p.ldc % 4 == 0) && (((unsigned long)C & 15) == 0);
+    for (int i = t; i < BM * BN / 4; i += THREADS) {
+        int r = i / (BN / 4), c4 = (i % (BN / 4)) * 4;
+        int gm = m0 + r, gn = n0 + c4;
+        if (gm >= p.m || gn >= p.n) continue;
+        float4 v = *reinterpret_cast<const float4*>(tile + r * LC + c4);
+        float e[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+            if (gn + q < p.n) e[q] = epilogue(p, bias, e[q], gm, gn + q);
+        float* dst = C + (long)gm * p.ldc + gn;
+        if (vec_out && gn + 3 < p.n) {
+            *reinterpret_cast<float4*>(dst) = make_float4(e[0], e[1], e[2], e[3]);
+        } else {
+            for (int q = 0; q < 4 && gn + q < p.n; ++q) dst[q] = e[q];
+        }
+    }
+}
+
 namespace v3 {
 constexpr int BM = 128, BN = 128, BK = 32, STAGES = 4, LDS = BK + 8;  // 80-byte rows: conflict-free ldmatrix
 constexpr int A_ELEMS = BM * LDS, B_ELEMS = BN * LDS;
@@ -315,42 +356,121 @@ extern "C" __global__ void __launch_bounds__(128) gemm_bf16_mma(GemmArgs p) {
                 }
         }
     }
-    // Epilogue: each warp parks its 64x64 accumulators in shared memory (the pipeline buffers are
-    // free now), then the block writes the 128x128 tile row by row with float4 stores, bias and
-    // activation applied: full 128-byte lines instead of 8-byte pieces of eight rows.
     cp_wait<0>();
     __syncthreads();
-    constexpr int LC = BN + 4;  // fp32 row stride of the staged tile
     float* tile = reinterpret_cast<float*>(smem);
-#pragma unroll
-    for (int mi = 0; mi < 4; ++mi)
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {
-                float2 v = make_float2(acc[mi][nt][2 * half], acc[mi][nt][2 * half + 1]);
-                *reinterpret_cast<float2*>(tile + (wm + mi * 16 + g + half * 8) * LC + wn + nt * 8 + tq * 2) = v;
-            }
+    park_accumulators<4, 8, BN + 4>(tile, acc, wm, wn, g, tq);
     __syncthreads();
-    float* C = p.c + z * p.batch_c;
-    const float* bias = p.bias ? p.bias + z * p.batch_bias : nullptr;
-    const bool vec_out = (p.ldc % 4 == 0) && (((unsigned long)C & 15) == 0);
-    for (int i = t; i < BM * BN / 4; i += 128) {
-        int r = i / (BN / 4), c4 = (i % (BN / 4)) * 4;
-        int gm = m0 + r, gn = n0 + c4;
-        if (gm >= p.m || gn >= p.n) continue;
-        float4 v = *reinterpret_cast<const float4*>(tile + r * LC + c4);
-        float e[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-        for (int q = 0; q < 4; ++q)
-            if (gn + q < p.n) e[q] = epilogue(p, bias, e[q], gm, gn + q);
-        float* dst = C + (long)gm * p.ldc + gn;
-        if (vec_out && gn + 3 < p.n) {
-            *reinterpret_cast<float4*>(dst) = make_float4(e[0], e[1], e[2], e[3]);
-        } else {
-            for (int q = 0; q < 4 && gn + q < p.n; ++q) dst[q] = e[q];
-        }
-    }
+    write_tile<BM, BN, BN + 4, 128>(p, tile, m0, n0, z, t);
 }
 
 extern "C" __global__ void gemm_bf16_mma_smem(int* bytes) { *bytes = v3::SMEM_BYTES; }
+
+// gemm_tf32x3: version 1 of the fp32-accurate tensor-core path (fp32 A and B, as gemm_f32). Each
+// operand x is split into TF32 parts, x = big + small with big = tf32(x) and small = tf32(x - big),
+// and each product is taken as big*big + big*small + small*big (the small*small term is below
+// fp32 rounding): three mma.sync m16n8k8 per product, fp32 accumulation, an accuracy on par with
+// FMA (CUTLASS's "3xTF32"). 128x128x32 tiles, 8 warps of 64x32, a 3-stage cp.async pipeline
+// (zero-filled out of bounds), masks as in gemm_bf16_mma (one 32-bit word per weight row and
+// stage, applied to the B values as they are split). Rows padded to 36 floats: every fragment
+// load of a warp hits 32 different banks.
+namespace x3 {
+constexpr int BM = 128, BN = 128, BK = 32, STAGES = 3, LDS = BK + 4;
+constexpr int A_ELEMS = BM * LDS, B_ELEMS = BN * LDS;
+constexpr int STAGE_BYTES = (A_ELEMS + B_ELEMS) * 4 + BN * 4;
+constexpr int SMEM_BYTES = STAGES * STAGE_BYTES;
+static_assert(SMEM_BYTES >= BM * (BN + 4) * 4, "epilogue tile must fit the pipeline buffers");
+}
+
+__device__ __forceinline__ void x3_load_stage(const GemmArgs& p, const float* A, const float* B, unsigned char* stage, int m0, int n0, int k0,
+                                              int t) {
+    using namespace x3;
+    float* As = reinterpret_cast<float*>(stage);
+    float* Bs = As + A_ELEMS;
+    unsigned* Ms = reinterpret_cast<unsigned*>(Bs + B_ELEMS);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {  // 4 + 4 chunks of 4 floats per thread
+        int idx = t + i * 256, r = idx / 8, ch = (idx % 8) * 4;
+        long ao = a_offset(p, m0 + r, k0 + ch);
+        cp_async(As + r * LDS + ch, ao >= 0 ? (const void*)(A + ao) : (const void*)A, 16, ao >= 0);
+        int gn = n0 + r, gk = k0 + ch;
+        bool bin = gn < p.n && gk < p.k;
+        cp_async(Bs + r * LDS + ch, bin ? (const void*)(B + (long)gn * p.ldb + gk) : (const void*)B, 16, bin);
+    }
+    if (p.mask && t < BN) {  // K % 32 == 0 here: a stage's 32 bits of row n are one aligned word
+        int gn = n0 + t;
+        bool in = gn < p.n && k0 < p.k;
+        cp_async(Ms + t, in ? (const void*)(p.mask + (((long)gn * p.k + k0) >> 3)) : (const void*)p.mask, 4, in);
+    }
+}
+
+// x as its TF32 parts: big = tf32(x), small = tf32(x - big).
+__device__ __forceinline__ void split_tf32(float x, unsigned& big, unsigned& small) {
+    big = to_tf32(x);
+    small = to_tf32(x - __uint_as_float(big));
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2) gemm_tf32x3(GemmArgs p) {
+    using namespace x3;
+    DYNAMIC_SHARED(unsigned char, smem);
+    const int z = blockIdx.z;
+    const float* A = (const float*)p.a + z * p.batch_a;
+    const float* B = (const float*)p.b + z * p.batch_b;
+    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN, t = threadIdx.x;
+    const int warp = t / 32, lane = t % 32, g = lane / 4, tq = lane % 4;
+    const int wm = (warp / 4) * 64, wn = (warp % 4) * 32;
+    float acc[4][4][4] = {};
+    const int kt_count = (p.k + BK - 1) / BK;
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < kt_count) x3_load_stage(p, A, B, smem + s * STAGE_BYTES, m0, n0, s * BK, t);
+        cp_commit();
+    }
+    for (int kt = 0; kt < kt_count; ++kt) {
+        cp_wait<STAGES - 2>();
+        __syncthreads();
+        const int next = kt + STAGES - 1;
+        if (next < kt_count) x3_load_stage(p, A, B, smem + (next % STAGES) * STAGE_BYTES, m0, n0, next * BK, t);
+        cp_commit();
+        const unsigned char* stage = smem + (kt % STAGES) * STAGE_BYTES;
+        const float* As = reinterpret_cast<const float*>(stage);
+        const float* Bs = As + A_ELEMS;
+        const unsigned* Ms = reinterpret_cast<const unsigned*>(Bs + B_ELEMS);
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += 8) {
+            // B fragments of the warp's four n8 tiles (b0: k = tq, b1: k = tq + 4; column g).
+            unsigned bb[4][2], bs[4][2];
+#pragma unroll
+            for (int nj = 0; nj < 4; ++nj) {
+                const int n = wn + nj * 8 + g;
+                const unsigned bits = p.mask ? Ms[n] : ~0u;
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int k = kk + tq + h * 4;
+                    split_tf32((bits >> k) & 1 ? Bs[n * LDS + k] : 0.0f, bb[nj][h], bs[nj][h]);
+                }
+            }
+#pragma unroll
+            for (int mi = 0; mi < 4; ++mi) {
+                // A fragment: rows g (a0, a2) and g + 8 (a1, a3), columns tq (a0, a1) and tq + 4.
+                unsigned ab[4], as[4];
+#pragma unroll
+                for (int i = 0; i < 4; ++i) split_tf32(As[(wm + mi * 16 + g + (i & 1) * 8) * LDS + kk + tq + (i >> 1) * 4], ab[i], as[i]);
+#pragma unroll
+                for (int nj = 0; nj < 4; ++nj) {  // small terms first: they are the least significant
+                    mma_tf32(acc[mi][nj], as, bb[nj][0], bb[nj][1]);
+                    mma_tf32(acc[mi][nj], ab, bs[nj][0], bs[nj][1]);
+                    mma_tf32(acc[mi][nj], ab, bb[nj][0], bb[nj][1]);
+                }
+            }
+        }
+    }
+    cp_wait<0>();
+    __syncthreads();
+    float* tile = reinterpret_cast<float*>(smem);
+    park_accumulators<4, 4, BN + 4>(tile, acc, wm, wn, g, tq);
+    __syncthreads();
+    write_tile<BM, BN, BN + 4, 256>(p, tile, m0, n0, z, t);
+}
+
+extern "C" __global__ void gemm_tf32x3_smem(int* bytes) { *bytes = x3::SMEM_BYTES; }

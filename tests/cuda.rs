@@ -27,6 +27,14 @@ fn bf16_backends() -> Vec<CudaBackend> {
     vec![fast, wmma]
 }
 
+/// The fp32 backend twice: with the 3xTF32 tensor-core GEMM (default) and with the FMA GEMM only.
+fn f32_backends() -> Vec<CudaBackend> {
+    let Some(tc) = gpu(Precision::F32) else { return vec![] };
+    let mut fma = gpu(Precision::F32).unwrap();
+    fma.set_tf32x3(false);
+    vec![tc, fma]
+}
+
 fn host(v: Vec<f32>, shape: &[usize]) -> Tensor {
     Tensor::from_vec(v, shape)
 }
@@ -37,24 +45,31 @@ fn back(be: &CudaBackend, t: &Tensor) -> Vec<f32> {
 
 #[test]
 fn linear_matches_cpu_for_awkward_shapes() {
-    let Some(be) = gpu(Precision::F32) else { return };
+    let backends = f32_backends();
     let cpu = CpuBackend;
-    for (i, &(n, d_in, d_out)) in [(1, 1, 1), (37, 19, 23), (129, 65, 67), (300, 768, 3072), (5, 3072, 768)].iter().enumerate() {
-        let x = host(random(n * d_in, i as u64, 1.0), &[n, d_in]);
-        let w = host(random(d_out * d_in, 100 + i as u64, 0.1), &[d_out, d_in]);
-        let b = host(random(d_out, 200 + i as u64, 0.5), &[d_out]);
-        for act in [Activation::Identity, Activation::Gelu] {
-            let want = cpu.linear(&x, &cpu.prepare_linear_weight(&w).unwrap(), Some(&b), act).unwrap();
-            let (gx, gw, gb) = (be.upload(&x).unwrap(), be.prepare_linear_weight(&w).unwrap(), be.upload(&b).unwrap());
-            let got = be.linear(&gx, &gw, Some(&gb), act).unwrap();
-            assert_close(&format!("linear {n}x{d_in}x{d_out} {act:?}"), &back(&be, &got), want.f32s().unwrap(), F32_TOL);
+    // K = 19, 65: the FMA kernel only; K = 16, 64, 768, 3072: 3xTF32 where it is on.
+    let shapes = [(1, 1, 1), (37, 19, 23), (129, 65, 67), (1, 16, 8), (129, 64, 130), (300, 768, 3072), (5, 3072, 768)];
+    for (v, be) in backends.iter().enumerate() {
+        for (i, &(n, d_in, d_out)) in shapes.iter().enumerate() {
+            let x = host(random(n * d_in, i as u64, 1.0), &[n, d_in]);
+            let w = host(random(d_out * d_in, 100 + i as u64, 0.1), &[d_out, d_in]);
+            let b = host(random(d_out, 200 + i as u64, 0.5), &[d_out]);
+            for act in [Activation::Identity, Activation::Gelu] {
+                let want = cpu.linear(&x, &cpu.prepare_linear_weight(&w).unwrap(), Some(&b), act).unwrap();
+                let (gx, gw, gb) = (be.upload(&x).unwrap(), be.prepare_linear_weight(&w).unwrap(), be.upload(&b).unwrap());
+                let got = be.linear(&gx, &gw, Some(&gb), act).unwrap();
+                assert_close(&format!("linear {n}x{d_in}x{d_out} {act:?} backend {v}"), &back(be, &got), want.f32s().unwrap(), F32_TOL);
+            }
         }
     }
 }
 
 #[test]
 fn masked_linear_equals_linear_on_masked_weights() {
-    let Some(f32_be) = gpu(Precision::F32) else { return };
+    let f32s = f32_backends();
+    if f32s.is_empty() {
+        return;
+    }
     let bf16 = bf16_backends();
     let cpu = CpuBackend;
     // K = 131: general kernels only; K = 96: the mma.sync kernel's masked path.
@@ -65,8 +80,8 @@ fn masked_linear_equals_linear_on_masked_weights() {
         let masked: Vec<f32> = w.iter().zip(&keep).map(|(w, &k)| if k { *w } else { 0.0 }).collect();
         let want = cpu.linear(&x, &cpu.prepare_linear_weight(&host(masked, &[d_out, d_in])).unwrap(), None, Activation::Gelu).unwrap();
         let bits = s3router::mask::pack(&keep);
-        for (i, be) in std::iter::once(&f32_be).chain(&bf16).enumerate() {
-            let tol = if i == 0 { F32_TOL } else { 1e-2 };
+        for (i, be) in f32s.iter().chain(&bf16).enumerate() {
+            let tol = if i < f32s.len() { F32_TOL } else { 1e-2 };
             let gw = be.prepare_linear_weight(&host(w.clone(), &[d_out, d_in])).unwrap();
             let got = be.linear_masked(&be.upload(&x).unwrap(), &gw, &be.upload_mask(&bits).unwrap(), None, Activation::Gelu).unwrap();
             assert_close(&format!("masked linear {n}x{d_in}x{d_out} backend {i}"), &back(be, &got), want.f32s().unwrap(), tol);
@@ -78,7 +93,10 @@ fn masked_linear_equals_linear_on_masked_weights() {
 /// them, against the CPU backend's segments (which mask into scratch).
 #[test]
 fn segmented_masked_linear_matches_cpu() {
-    let Some(f32_be) = gpu(Precision::F32) else { return };
+    let f32s = f32_backends();
+    if f32s.is_empty() {
+        return;
+    }
     let bf16 = bf16_backends();
     let cpu = CpuBackend;
     for (d_in, d_out) in [(131, 61), (768, 3072)] {
@@ -92,8 +110,8 @@ fn segmented_masked_linear_matches_cpu() {
         let want = cpu
             .linear_segments(&x, &cpu.prepare_linear_weight(&w).unwrap(), Some(&b), Activation::Gelu, &segments(&rows, &cpu_masks))
             .unwrap();
-        for (i, be) in std::iter::once(&f32_be).chain(&bf16).enumerate() {
-            let tol = if i == 0 { F32_TOL } else { 1e-2 };
+        for (i, be) in f32s.iter().chain(&bf16).enumerate() {
+            let tol = if i < f32s.len() { F32_TOL } else { 1e-2 };
             let masks: Vec<_> = bits.iter().map(|bb| be.prepare_mask(bb, d_out, d_in).unwrap()).collect();
             let gw = be.prepare_linear_weight(&w).unwrap();
             let got = be
@@ -171,7 +189,10 @@ fn norms_add_and_log_softmax_match_cpu() {
 
 #[test]
 fn conv1d_matches_cpu_for_encoder_and_positional_geometries() {
-    let Some(f32_be) = gpu(Precision::F32) else { return };
+    let f32s = f32_backends();
+    if f32s.is_empty() {
+        return;
+    }
     let bf16 = bf16_backends();
     let cpu = CpuBackend;
     // (c_in, c_out, kernel, stride, pad, groups, input lengths); the last two fit the mma.sync kernel.
@@ -193,8 +214,8 @@ fn conv1d_matches_cpu_for_encoder_and_positional_geometries() {
         let b = host(random(c_out, 60 + i as u64, 0.3), &[c_out]);
         for act in [Activation::Identity, Activation::Gelu] {
             let want = cpu.conv1d(&x, &seqs_in, &seqs_out, &w, Some(&b), geom, act).unwrap();
-            for (v, be) in std::iter::once(&f32_be).chain(&bf16).enumerate() {
-                let tol = if v == 0 { F32_TOL } else { 1e-2 };
+            for (v, be) in f32s.iter().chain(&bf16).enumerate() {
+                let tol = if v < f32s.len() { F32_TOL } else { 1e-2 };
                 let (gx, gw, gb) = (be.upload(&x).unwrap(), be.prepare_conv_weight(&w).unwrap(), be.upload(&b).unwrap());
                 let got = be.conv1d(&gx, &seqs_in, &seqs_out, &gw, Some(&gb), geom, act).unwrap();
                 assert_close(&format!("conv1d case {i} {act:?} backend {v}"), &back(be, &got), want.f32s().unwrap(), tol);

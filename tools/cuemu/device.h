@@ -480,6 +480,43 @@ inline void mma_bf16(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigne
     }
 }
 
+// cvt.rna.tf32.f32: round the magnitude to 10 mantissa bits, halves away from zero (NaN and
+// infinity kept).
+inline unsigned to_tf32(float x) {
+    unsigned bits = __float_as_uint(x);
+    if ((bits & 0x7f800000u) == 0x7f800000u) return bits;
+    return (bits + 0x1000u) & 0xffffe000u;
+}
+
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32: lane l = 4g + t holds A rows g (a0, a2)
+// and g+8 (a1, a3) at columns t (a0, a1) and t+4 (a2, a3), B (k x n) rows t (b0) and t+4 (b1)
+// of column g, and D as for the bf16 MMA. Operands are read as TF32 (the low 13 bits ignored).
+inline void mma_tf32(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    const int lane = cuemu::g_fiber->lane, g = lane >> 2, t = lane & 3;
+    uint64_t* mine = cuemu::lane_slots(lane);
+    for (int i = 0; i < 4; ++i) mine[i] = a[i];
+    mine[4] = b0;
+    mine[5] = b1;
+    cuemu::sync_warp();
+    auto tf32 = [](uint64_t r) { return __uint_as_float(unsigned(r) & 0xffffe000u); };
+    float A[2][8], B[2][8];
+    for (int q = 0; q < 4; ++q) {
+        const uint64_t* s = cuemu::lane_slots(4 * g + q);
+        for (int i = 0; i < 4; ++i) A[i & 1][q + (i >> 1) * 4] = tf32(s[i]);
+        for (int c = 0; c < 2; ++c) {
+            const uint64_t* sb = cuemu::lane_slots(4 * (2 * t + c) + q);
+            B[c][q] = tf32(sb[4]);
+            B[c][q + 4] = tf32(sb[5]);
+        }
+    }
+    cuemu::sync_warp();
+    for (int i = 0; i < 4; ++i) {
+        float acc = d[i];
+        for (int k = 0; k < 8; ++k) acc = std::fma(A[i >> 1][k], B[i & 1][k], acc);
+        d[i] = acc;
+    }
+}
+
 // ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16: lane l gives the address of row l % 8 of
 // matrix l / 8; register j receives, of matrix j, row l / 4 columns 2(l % 4), +1 (untransposed)
 // or rows 2(l % 4), +1 of column l / 4 (transposed).

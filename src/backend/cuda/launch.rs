@@ -51,13 +51,26 @@ impl GemmArgs {
         self
     }
 
-    /// Whether `gemm_bf16_mma` can run these arguments with `a` pointing at bf16 data: every
-    /// 8-element chunk of A and B 16-byte aligned (conv groups included), and a stage's mask
-    /// bits one aligned 32-bit word per weight row.
+    /// Whether `gemm_bf16_mma` can run these arguments with `a` pointing at bf16 data.
     pub fn tensor_core_ok(&self) -> bool {
-        let a_ok = self.a.is_multiple_of(16) && self.lda % 8 == 0 && self.batch_a % 8 == 0 && (self.conv_cg == 0 || self.conv_cg % 8 == 0);
-        let b_ok = self.b.is_multiple_of(16) && self.ldb % 8 == 0 && self.batch_b % 8 == 0;
-        self.k % 8 == 0 && a_ok && b_ok && (self.mask == 0 || self.k % 32 == 0)
+        self.async_chunks_ok(8)
+    }
+
+    /// Whether `gemm_tf32x3` can run these (fp32) arguments.
+    pub fn tf32x3_ok(&self) -> bool {
+        self.async_chunks_ok(4)
+    }
+
+    /// Whether a cp.async pipeline can stage A and B in 16-byte chunks of `chunk` elements: every
+    /// chunk 16-byte aligned and inside one conv group, and a stage's mask bits one aligned 32-bit
+    /// word per weight row.
+    fn async_chunks_ok(&self, chunk: i64) -> bool {
+        let a_ok = self.a.is_multiple_of(16)
+            && self.lda % chunk == 0
+            && self.batch_a % chunk == 0
+            && (self.conv_cg == 0 || i64::from(self.conv_cg) % chunk == 0);
+        let b_ok = self.b.is_multiple_of(16) && self.ldb % chunk == 0 && self.batch_b % chunk == 0;
+        i64::from(self.k) % chunk == 0 && a_ok && b_ok && (self.mask == 0 || self.k % 32 == 0)
     }
 }
 

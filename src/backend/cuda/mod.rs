@@ -47,6 +47,8 @@ const FUNCTIONS: &[(&str, &str)] = &[
     ("gemm", "gemm_bf16"),
     ("gemm", "gemm_bf16_mma"),
     ("gemm", "gemm_bf16_mma_smem"),
+    ("gemm", "gemm_tf32x3"),
+    ("gemm", "gemm_tf32x3_smem"),
     ("norm", "to_bf16"),
     ("norm", "layer_norm"),
     ("norm", "group_norm_time"),
@@ -117,6 +119,9 @@ pub struct CudaBackend {
     dynamic_smem: HashMap<&'static str, u32>,
     /// bf16 GEMMs: mma.sync (v3) where its alignment rules hold when on, always WMMA (v2) when off.
     mma_sync: bool,
+    /// fp32 GEMMs: 3xTF32 on tensor cores where its alignment rules hold when on, always FMA
+    /// (`gemm_f32`) when off.
+    tf32x3: bool,
     precision: Precision,
     /// Fill every new output with NaN first (tests: unwritten elements show).
     poison: bool,
@@ -202,6 +207,7 @@ impl CudaBackend {
             funcs,
             dynamic_smem: HashMap::new(),
             mma_sync: true,
+            tf32x3: true,
             precision,
             poison: false,
             staging: Mutex::new(None),
@@ -239,6 +245,12 @@ impl CudaBackend {
     /// the two).
     pub fn set_mma_sync(&mut self, on: bool) {
         self.mma_sync = on;
+    }
+
+    /// Chooses the fp32 GEMM: 3xTF32 tensor cores (on, the default; fp32-accurate) or FMA only
+    /// (benchmarks and tests compare both).
+    pub fn set_tf32x3(&mut self, on: bool) {
+        self.tf32x3 = on;
     }
 
     pub fn precision(&self) -> Precision {
@@ -324,6 +336,9 @@ impl CudaBackend {
     fn gemm(&self, args: GemmArgs, a16: Option<u64>, b_dtype: DType, batch: usize) -> Result<()> {
         let launcher = self.launcher();
         match b_dtype {
+            DType::F32 if self.tf32x3 && args.tf32x3_ok() => {
+                launcher.gemm(self.func("gemm_tf32x3"), args, 128, batch, 256, self.dynamic_smem["gemm_tf32x3"])
+            }
             DType::F32 => launcher.gemm(self.func("gemm_f32"), args, 64, batch, 256, 0),
             DType::BF16 => {
                 if let Some(a16) = a16 {
