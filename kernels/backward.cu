@@ -49,6 +49,14 @@ __device__ __forceinline__ TileElements tile_elements(const StridedGemm& p, cons
     return e;
 }
 
+// C(gm, gn) of a strided GEMM from its accumulator: alpha, the accumulation into C and the
+// straight-through factor applied.
+__device__ __forceinline__ void strided_store(const StridedGemm& p, float* C, int gm, int gn, float acc) {
+    long o = (long)gm * p.ldc + gn;
+    float v = p.alpha * acc + (p.accumulate ? C[o] : 0.0f);
+    C[o] = p.st_w ? v * straight_through(p.st_w[o], p.st_s[o]) : v;
+}
+
 extern "C" __global__ void __launch_bounds__(256) gemm_strided_f32(StridedGemm p) {
     using namespace fp32_tile;
     __shared__ float As[BK][BM + 4];
@@ -77,10 +85,7 @@ extern "C" __global__ void __launch_bounds__(256) gemm_strided_f32(StridedGemm p
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
             int gn = n0 + tx * 4 + j;
-            if (gn >= p.n) continue;
-            long o = (long)gm * p.ldc + gn;
-            float v = p.alpha * acc[i][j] + (p.accumulate ? C[o] : 0.0f);
-            C[o] = p.st_w ? v * straight_through(p.st_w[o], p.st_s[o]) : v;
+            if (gn < p.n) strided_store(p, C, gm, gn, acc[i][j]);
         }
     }
 }
@@ -132,13 +137,59 @@ extern "C" __global__ void __launch_bounds__(256) gemm_strided_bf16(StridedGemm 
         __syncwarp();
         for (int e = lane; e < 256; e += 32) {
             int gm = m0 + wm + e / 16, gn = n0 + wn + j * 16 + e % 16;
-            if (gm >= p.m || gn >= p.n) continue;
-            long o = (long)gm * p.ldc + gn;
-            float v = p.alpha * Cs[warp][e] + (p.accumulate ? C[o] : 0.0f);
-            C[o] = p.st_w ? v * straight_through(p.st_w[o], p.st_s[o]) : v;
+            if (gm < p.m && gn < p.n) strided_store(p, C, gm, gn, Cs[warp][e]);
         }
         __syncwarp();
     }
+}
+
+// gemm_strided_tf32x3: version 1, the fp32 precision's gemm_strided_f32 on tensor cores with
+// fp32 accuracy (3xTF32, as gemm_tf32x3 in gemm.cu): tiles staged through the same coalesced
+// loader into fp32 [m][k] and [n][k] rows of 36 floats (conflict-free fragment loads), each
+// operand split into its TF32 parts as its fragment is loaded, three mma.sync m16n8k8 per
+// product. 64x64 tiles, BK 32, 8 warps of 16x32 outputs each, written from the accumulators.
+extern "C" __global__ void __launch_bounds__(256) gemm_strided_tf32x3(StridedGemm p) {
+    constexpr int BM = 64, BN = 64, BK = 32, LD = BK + 4;
+    __shared__ float As[BM * LD];  // [m][k]
+    __shared__ float Bs[BN * LD];  // [n][k]
+    const int z = blockIdx.z;
+    const float* A = p.a + z * p.batch_a;
+    const float* B = p.b + z * p.batch_b;
+    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN, t = threadIdx.x;
+    const int warp = t / 32, lane = t % 32, g = lane / 4, tq = lane % 4, wm = (warp / 2) * 16, wn = (warp % 2) * 32;
+    float acc[4][4] = {};
+    for (int k0 = 0; k0 < p.k; k0 += BK) {
+        for (int i = t; i < BM * BK; i += 256) {
+            const TileElements e = tile_elements<BM, BN, BK>(p, A, B, m0, n0, k0, i);
+            As[e.ar * LD + e.ak] = e.a;
+            Bs[e.bc * LD + e.bk] = e.b;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += 8) {
+            unsigned ab[4], as[4];  // rows g (a0, a2) and g + 8 (a1, a3), columns tq (a0, a1) and tq + 4
+#pragma unroll
+            for (int i = 0; i < 4; ++i) split_tf32(As[(wm + g + (i & 1) * 8) * LD + kk + tq + (i >> 1) * 4], ab[i], as[i]);
+#pragma unroll
+            for (int nj = 0; nj < 4; ++nj) {
+                unsigned bb[2], bs[2];  // column g, rows tq (b0) and tq + 4 (b1)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) split_tf32(Bs[(wn + nj * 8 + g) * LD + kk + tq + h * 4], bb[h], bs[h]);
+                mma_tf32(acc[nj], as, bb[0], bb[1]);
+                mma_tf32(acc[nj], ab, bs[0], bs[1]);
+                mma_tf32(acc[nj], ab, bb[0], bb[1]);
+            }
+        }
+        __syncthreads();
+    }
+    float* C = p.c + z * p.batch_c;
+#pragma unroll
+    for (int nj = 0; nj < 4; ++nj)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            int gm = m0 + wm + g + (e / 2) * 8, gn = n0 + wn + nj * 8 + tq * 2 + e % 2;
+            if (gm < p.m && gn < p.n) strided_store(p, C, gm, gn, acc[nj][e]);
+        }
 }
 
 // ---- dropout: the CPU's counter-based masks (src/dropout.rs), bit for bit -------------------

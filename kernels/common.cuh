@@ -111,3 +111,10 @@ __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_grou
 template <int N>
 __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 #endif  // S3R_CUEMU
+
+// x as its TF32 parts for the 3xTF32 GEMMs: big = tf32(x), small = tf32(x - big), so that
+// big*big + big*small + small*big carries x*y to fp32 accuracy.
+__device__ __forceinline__ void split_tf32(float x, unsigned& big, unsigned& small) {
+    big = to_tf32(x);
+    small = to_tf32(x - __uint_as_float(big));
+}

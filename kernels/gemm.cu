@@ -404,12 +404,6 @@ __device__ __forceinline__ void x3_load_stage(const GemmArgs& p, const float* A,
     }
 }
 
-// x as its TF32 parts: big = tf32(x), small = tf32(x - big).
-__device__ __forceinline__ void split_tf32(float x, unsigned& big, unsigned& small) {
-    big = to_tf32(x);
-    small = to_tf32(x - __uint_as_float(big));
-}
-
 extern "C" __global__ void __launch_bounds__(256, 2) gemm_tf32x3(GemmArgs p) {
     using namespace x3;
     DYNAMIC_SHARED(unsigned char, smem);

@@ -5,7 +5,9 @@
 
 mod common;
 
-use common::{assert_close, ctc_cases, fixtures, gpu, random, reference, rel_l2, sparse_and_dense_logits, two_tasks, utterances};
+use common::{
+    assert_close, ctc_cases, f32_backends, fixtures, gpu, random, reference, rel_l2, sparse_and_dense_logits, two_tasks, utterances,
+};
 use s3router::backend::cpu::CpuBackend;
 use s3router::backend::cuda::{CudaBackend, Precision};
 use s3router::backend::{Activation, Backend, ConvGeometry, LinearMask, NormParams, Seqs};
@@ -25,14 +27,6 @@ fn bf16_backends() -> Vec<CudaBackend> {
     let mut wmma = gpu(Precision::Bf16).unwrap();
     wmma.set_mma_sync(false);
     vec![fast, wmma]
-}
-
-/// The fp32 backend twice: with the 3xTF32 tensor-core GEMM (default) and with the FMA GEMM only.
-fn f32_backends() -> Vec<CudaBackend> {
-    let Some(tc) = gpu(Precision::F32) else { return vec![] };
-    let mut fma = gpu(Precision::F32).unwrap();
-    fma.set_tf32x3(false);
-    vec![tc, fma]
 }
 
 fn host(v: Vec<f32>, shape: &[usize]) -> Tensor {

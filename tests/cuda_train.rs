@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{assert_close, assert_key_bias_negligible, fixtures, gpu, l2, random, utterances};
+use common::{assert_close, assert_key_bias_negligible, f32_backends, fixtures, gpu, l2, random, utterances};
 use s3router::backend::backward::{Backward, ScoredRows, TrainBackend};
 use s3router::backend::cpu::CpuBackend;
 use s3router::backend::cuda::{CudaBackend, Precision};
@@ -96,7 +96,8 @@ fn the_optimiser_on_the_device_follows_the_host_adam() {
 
 #[test]
 fn linear_and_norm_gradients_match_cpu() {
-    let Some(be) = gpu(Precision::F32) else { return };
+    let f32s = f32_backends();
+    let Some(be) = f32s.first() else { return };
     let cpu = CpuBackend;
     for (i, &(n, d_in, d_out)) in [(1, 1, 1), (37, 19, 23), (129, 65, 67), (300, 768, 3072)].iter().enumerate() {
         let seed = 10 * i as u64;
@@ -106,13 +107,16 @@ fn linear_and_norm_gradients_match_cpu() {
         let bits = s3router::mask::pack(&keep);
         let (cw, gw) = (cpu.prepare_linear_weight(&w).unwrap(), be.prepare_linear_weight(&w).unwrap());
         let (cm, gm) = (cpu.prepare_mask(&bits, d_out, d_in).unwrap(), be.prepare_mask(&bits, d_out, d_in).unwrap());
-        for (what, cmask, gmask) in [("unmasked", None, None), ("masked", Some(&cm), Some(&gm))] {
-            let want = cpu.linear_input_grad(&dy, &cw, cmask).unwrap();
-            let got = be.linear_input_grad(&up(&be, &dy), &gw, gmask).unwrap();
-            assert_close(&format!("dx {what} {n}x{d_in}x{d_out}"), &back(&be, &got), want.f32s().unwrap(), TOL);
+        for (v, be) in f32s.iter().enumerate() {
+            for (what, cmask, gmask) in [("unmasked", None, None), ("masked", Some(&cm), Some(&gm))] {
+                let want = cpu.linear_input_grad(&dy, &cw, cmask).unwrap();
+                let got = be.linear_input_grad(&up(be, &dy), &gw, gmask).unwrap();
+                assert_close(&format!("dx {what} {n}x{d_in}x{d_out} backend {v}"), &back(be, &got), want.f32s().unwrap(), TOL);
+            }
+            let want = cpu.linear_weight_grad(&dy, &x).unwrap();
+            let got = be.linear_weight_grad(&up(be, &dy), &up(be, &x)).unwrap();
+            assert_close(&format!("dW {n}x{d_in}x{d_out} backend {v}"), &back(be, &got), want.f32s().unwrap(), TOL);
         }
-        let got = be.linear_weight_grad(&up(&be, &dy), &up(&be, &x)).unwrap();
-        assert_close(&format!("dW {n}x{d_in}x{d_out}"), &back(&be, &got), cpu.linear_weight_grad(&dy, &x).unwrap().f32s().unwrap(), TOL);
         // bf16: the tensor-core gradient GEMMs (transposed, padded operands), masked too.
         let b16 = gpu(Precision::Bf16).unwrap();
         let (bw, bm) = (b16.prepare_linear_weight(&w).unwrap(), b16.prepare_mask(&bits, d_out, d_in).unwrap());
@@ -133,12 +137,12 @@ fn linear_and_norm_gradients_match_cpu() {
         let (x, dy) = (t(random(rows * c, 5, 2.0), &[rows, c]), t(random(rows * c, 6, 1.0), &[rows, c]));
         let (gamma, beta) = (t(random(c, 7, 1.0), &[c]), t(random(c, 8, 1.0), &[c]));
         let want = cpu.layer_norm_grads(&dy, &x, NormParams { gamma: &gamma, beta: &beta, eps: 1e-5 }, true).unwrap();
-        let (gg, gb) = (up(&be, &gamma), up(&be, &beta));
-        let got = be.layer_norm_grads(&up(&be, &dy), &up(&be, &x), NormParams { gamma: &gg, beta: &gb, eps: 1e-5 }, true).unwrap();
-        assert_close(&format!("layer norm dx {rows}x{c}"), &back(&be, &got.0), want.0.f32s().unwrap(), REDUCTION_TOL);
+        let (gg, gb) = (up(be, &gamma), up(be, &beta));
+        let got = be.layer_norm_grads(&up(be, &dy), &up(be, &x), NormParams { gamma: &gg, beta: &gb, eps: 1e-5 }, true).unwrap();
+        assert_close(&format!("layer norm dx {rows}x{c}"), &back(be, &got.0), want.0.f32s().unwrap(), REDUCTION_TOL);
         let ((wg, wb), (gg, gb)) = (want.1.unwrap(), got.1.unwrap());
-        assert_close(&format!("layer norm dgamma {rows}x{c}"), &back(&be, &gg), wg.f32s().unwrap(), REDUCTION_TOL);
-        assert_close(&format!("layer norm dbeta {rows}x{c}"), &back(&be, &gb), wb.f32s().unwrap(), REDUCTION_TOL);
+        assert_close(&format!("layer norm dgamma {rows}x{c}"), &back(be, &gg), wg.f32s().unwrap(), REDUCTION_TOL);
+        assert_close(&format!("layer norm dbeta {rows}x{c}"), &back(be, &gb), wb.f32s().unwrap(), REDUCTION_TOL);
     }
 }
 
@@ -146,7 +150,8 @@ fn linear_and_norm_gradients_match_cpu() {
 /// fp32, and in bf16, where its products run on tensor cores (`gemm_strided_bf16`).
 #[test]
 fn attention_with_dropout_and_its_gradient_match_cpu() {
-    let Some(f32_be) = gpu(Precision::F32) else { return };
+    let f32s = f32_backends();
+    let Some(f32_be) = f32s.first() else { return };
     let bf16_be = gpu(Precision::Bf16).unwrap();
     let cpu = CpuBackend;
     let (heads, hd) = (3, 12);
@@ -154,9 +159,11 @@ fn attention_with_dropout_and_its_gradient_match_cpu() {
     let seqs = Seqs::new(vec![1, 37, 70]);
     let qkv = t(random(seqs.total() * 3 * c, 11, 1.0), &[seqs.total(), 3 * c]);
     let d_out = t(random(seqs.total() * c, 12, 1.0), &[seqs.total(), c]);
-    for (be, tol, grad_tol) in [(&f32_be, TOL, REDUCTION_TOL), (&bf16_be, BF16_TOL, BF16_TOL)] {
+    for (v, (be, tol, grad_tol)) in
+        [(f32_be, TOL, REDUCTION_TOL), (&f32s[1], TOL, REDUCTION_TOL), (&bf16_be, BF16_TOL, BF16_TOL)].into_iter().enumerate()
+    {
         for dropout in [None, Some(ProbDropout { dropout: Dropout { p: 0.2, seed: 9 }, site: 3 })] {
-            let what = format!("{:?} attention, dropout {}", be.precision(), dropout.is_some());
+            let what = format!("{:?} attention (backend {v}), dropout {}", be.precision(), dropout.is_some());
             let want = cpu.attention_dropout(&qkv, &seqs, heads, 0.3, dropout).unwrap();
             let got = be.attention_dropout(&up(be, &qkv), &seqs, heads, 0.3, dropout).unwrap();
             assert_close(&what, &back(be, &got), want.f32s().unwrap(), tol);

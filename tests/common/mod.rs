@@ -161,6 +161,15 @@ pub fn gpu(precision: Precision) -> Option<CudaBackend> {
     Some(be)
 }
 
+/// The fp32 backend twice: with the 3xTF32 tensor-core GEMMs (the default) and with the FMA
+/// GEMMs only; empty without a GPU.
+pub fn f32_backends() -> Vec<CudaBackend> {
+    let Some(tc) = gpu(Precision::F32) else { return vec![] };
+    let mut fma = gpu(Precision::F32).unwrap();
+    fma.set_tf32x3(false);
+    vec![tc, fma]
+}
+
 /// The gradient of a key-projection bias is zero in exact arithmetic (a key bias adds the same
 /// q·b to a whole row of scores, which the softmax ignores), so both sides hold only rounding
 /// noise: fails unless each is below `noise` times `scale` (the norm of the layer's query-bias

@@ -39,8 +39,10 @@ impl CudaBackend {
             return Ok(());
         }
         let grid = ((g.n as usize).div_ceil(64) as u32, (g.m as usize).div_ceil(64) as u32, batch as u32);
-        // Both kernels: 64 x 64 tiles, 256 threads; bf16 rounds the operands for the tensor cores.
+        // Every kernel: 64 x 64 tiles, 256 threads; bf16 rounds the operands for the tensor
+        // cores, 3xTF32 keeps fp32 accuracy on them.
         let kernel = match self.precision() {
+            Precision::F32 if self.tf32x3() => "gemm_strided_tf32x3",
             Precision::F32 => "gemm_strided_f32",
             Precision::Bf16 => "gemm_strided_bf16",
         };

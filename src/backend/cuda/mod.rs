@@ -81,6 +81,7 @@ const FUNCTIONS: &[(&str, &str)] = &[
     ("sparse", "sparse_linear_bf16"),
     ("backward", "gemm_strided_f32"),
     ("backward", "gemm_strided_bf16"),
+    ("backward", "gemm_strided_tf32x3"),
     ("backward", "dropout_f32"),
     ("backward", "gelu_f32"),
     ("backward", "gelu_grad_f32"),
@@ -251,6 +252,11 @@ impl CudaBackend {
     /// (benchmarks and tests compare both).
     pub fn set_tf32x3(&mut self, on: bool) {
         self.tf32x3 = on;
+    }
+
+    /// Whether fp32 GEMMs run as 3xTF32 where they can.
+    pub fn tf32x3(&self) -> bool {
+        self.tf32x3
     }
 
     pub fn precision(&self) -> Precision {
