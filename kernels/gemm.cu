@@ -281,26 +281,53 @@ static_assert(SMEM_BYTES >= BM * (BN + 4) * 4, "epilogue tile must fit the pipel
 // Keep-mask for a register of two bf16 weights whose mask bits are the low two bits of `bits`.
 __device__ __forceinline__ unsigned pair_mask(unsigned bits) { return ((bits & 1) ? 0x0000FFFFu : 0u) | ((bits & 2) ? 0xFFFF0000u : 0u); }
 
-__device__ __forceinline__ void v3_load_stage(const GemmArgs& p, const __nv_bfloat16* A, const __nv_bfloat16* B, unsigned char* stage, int m0,
-                                              int n0, int k0, int t) {
-    using namespace v3;
-    __nv_bfloat16* As = reinterpret_cast<__nv_bfloat16*>(stage);
-    __nv_bfloat16* Bs = As + A_ELEMS;
-    unsigned* Ms = reinterpret_cast<unsigned*>(Bs + B_ELEMS);
+// One stage of the cp.async GEMMs: BM x BK of A and BN x BK of B (elements of T, shared-memory
+// rows of LDS) in 16-byte chunks, zero-filled outside the matrices, then, with a mask, one
+// 32-bit word per B row (K % 32 == 0 there: a stage's 32 bits of row n are one aligned word).
+template <class T, int BM, int BN, int BK, int LDS, int THREADS>
+__device__ __forceinline__ void load_stage(const GemmArgs& p, const T* A, const T* B, unsigned char* stage, int m0, int n0, int k0, int t) {
+    constexpr int CHUNK = 16 / sizeof(T), PER_ROW = BK / CHUNK;
+    static_assert(BM == BN && BM * PER_ROW % THREADS == 0 && BN <= THREADS, "whole chunks per thread, a thread per mask word");
+    T* As = reinterpret_cast<T*>(stage);
+    T* Bs = As + BM * LDS;
+    unsigned* Ms = reinterpret_cast<unsigned*>(Bs + BN * LDS);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        int idx = t + i * 128, r = idx / 4, ch = (idx % 4) * 8;
+    for (int i = 0; i < BM * PER_ROW / THREADS; ++i) {
+        int idx = t + i * THREADS, r = idx / PER_ROW, ch = (idx % PER_ROW) * CHUNK;
         long ao = a_offset(p, m0 + r, k0 + ch);
         cp_async(As + r * LDS + ch, ao >= 0 ? (const void*)(A + ao) : (const void*)A, 16, ao >= 0);
         int gn = n0 + r, gk = k0 + ch;
         bool bin = gn < p.n && gk < p.k;
         cp_async(Bs + r * LDS + ch, bin ? (const void*)(B + (long)gn * p.ldb + gk) : (const void*)B, 16, bin);
     }
-    if (p.mask) {  // K % 32 == 0 here: a stage's 32 bits of row n are one aligned word
+    if (p.mask && t < BN) {
         int gn = n0 + t;
         bool in = gn < p.n && k0 < p.k;
         cp_async(Ms + t, in ? (const void*)(p.mask + (((long)gn * p.k + k0) >> 3)) : (const void*)p.mask, 4, in);
     }
+}
+
+// The K loop of the cp.async GEMMs: STAGES - 1 stages in flight ahead of the one being
+// multiplied. `load(stage, k0)` queues a stage's copies, `compute(stage)` multiplies a resident
+// one; on return every copy has landed and the buffers are free for the epilogue.
+template <int STAGES, int STAGE_BYTES, int BK, class Load, class Compute>
+__device__ __forceinline__ void cp_async_k_loop(unsigned char* smem, int k, Load load, Compute compute) {
+    const int kt_count = (k + BK - 1) / BK;
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < kt_count) load(smem + s * STAGE_BYTES, s * BK);
+        cp_commit();
+    }
+    for (int kt = 0; kt < kt_count; ++kt) {
+        cp_wait<STAGES - 2>();
+        __syncthreads();
+        const int next = kt + STAGES - 1;
+        if (next < kt_count) load(smem + (next % STAGES) * STAGE_BYTES, next * BK);
+        cp_commit();
+        compute(static_cast<const unsigned char*>(smem + (kt % STAGES) * STAGE_BYTES));
+    }
+    cp_wait<0>();
+    __syncthreads();
 }
 
 extern "C" __global__ void __launch_bounds__(128) gemm_bf16_mma(GemmArgs p) {
@@ -313,19 +340,8 @@ extern "C" __global__ void __launch_bounds__(128) gemm_bf16_mma(GemmArgs p) {
     const int warp = t / 32, lane = t % 32, g = lane / 4, tq = lane % 4;
     const int wm = (warp / 2) * 64, wn = (warp % 2) * 64;
     float acc[4][8][4] = {};
-    const int kt_count = (p.k + BK - 1) / BK;
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < kt_count) v3_load_stage(p, A, B, smem + s * STAGE_BYTES, m0, n0, s * BK, t);
-        cp_commit();
-    }
-    for (int kt = 0; kt < kt_count; ++kt) {
-        cp_wait<STAGES - 2>();
-        __syncthreads();
-        const int next = kt + STAGES - 1;
-        if (next < kt_count) v3_load_stage(p, A, B, smem + (next % STAGES) * STAGE_BYTES, m0, n0, next * BK, t);
-        cp_commit();
-        const unsigned char* stage = smem + (kt % STAGES) * STAGE_BYTES;
+    auto load = [&](unsigned char* stage, int k0) { load_stage<__nv_bfloat16, BM, BN, BK, LDS, 128>(p, A, B, stage, m0, n0, k0, t); };
+    cp_async_k_loop<STAGES, STAGE_BYTES, BK>(smem, p.k, load, [&](const unsigned char* stage) {
         const __nv_bfloat16* As = reinterpret_cast<const __nv_bfloat16*>(stage);
         const __nv_bfloat16* Bs = As + A_ELEMS;
         const unsigned* Ms = reinterpret_cast<const unsigned*>(Bs + B_ELEMS);
@@ -355,9 +371,7 @@ extern "C" __global__ void __launch_bounds__(128) gemm_bf16_mma(GemmArgs p) {
                     mma_bf16(acc[mi][2 * nj + 1], af[mi], bfr[nj][2], bfr[nj][3]);
                 }
         }
-    }
-    cp_wait<0>();
-    __syncthreads();
+    });
     float* tile = reinterpret_cast<float*>(smem);
     park_accumulators<4, 8, BN + 4>(tile, acc, wm, wn, g, tq);
     __syncthreads();
@@ -382,28 +396,6 @@ constexpr int SMEM_BYTES = STAGES * STAGE_BYTES;
 static_assert(SMEM_BYTES >= BM * (BN + 4) * 4, "epilogue tile must fit the pipeline buffers");
 }
 
-__device__ __forceinline__ void x3_load_stage(const GemmArgs& p, const float* A, const float* B, unsigned char* stage, int m0, int n0, int k0,
-                                              int t) {
-    using namespace x3;
-    float* As = reinterpret_cast<float*>(stage);
-    float* Bs = As + A_ELEMS;
-    unsigned* Ms = reinterpret_cast<unsigned*>(Bs + B_ELEMS);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {  // 4 + 4 chunks of 4 floats per thread
-        int idx = t + i * 256, r = idx / 8, ch = (idx % 8) * 4;
-        long ao = a_offset(p, m0 + r, k0 + ch);
-        cp_async(As + r * LDS + ch, ao >= 0 ? (const void*)(A + ao) : (const void*)A, 16, ao >= 0);
-        int gn = n0 + r, gk = k0 + ch;
-        bool bin = gn < p.n && gk < p.k;
-        cp_async(Bs + r * LDS + ch, bin ? (const void*)(B + (long)gn * p.ldb + gk) : (const void*)B, 16, bin);
-    }
-    if (p.mask && t < BN) {  // K % 32 == 0 here: a stage's 32 bits of row n are one aligned word
-        int gn = n0 + t;
-        bool in = gn < p.n && k0 < p.k;
-        cp_async(Ms + t, in ? (const void*)(p.mask + (((long)gn * p.k + k0) >> 3)) : (const void*)p.mask, 4, in);
-    }
-}
-
 extern "C" __global__ void __launch_bounds__(256, 2) gemm_tf32x3(GemmArgs p) {
     using namespace x3;
     DYNAMIC_SHARED(unsigned char, smem);
@@ -414,19 +406,8 @@ extern "C" __global__ void __launch_bounds__(256, 2) gemm_tf32x3(GemmArgs p) {
     const int warp = t / 32, lane = t % 32, g = lane / 4, tq = lane % 4;
     const int wm = (warp / 4) * 64, wn = (warp % 4) * 32;
     float acc[4][4][4] = {};
-    const int kt_count = (p.k + BK - 1) / BK;
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < kt_count) x3_load_stage(p, A, B, smem + s * STAGE_BYTES, m0, n0, s * BK, t);
-        cp_commit();
-    }
-    for (int kt = 0; kt < kt_count; ++kt) {
-        cp_wait<STAGES - 2>();
-        __syncthreads();
-        const int next = kt + STAGES - 1;
-        if (next < kt_count) x3_load_stage(p, A, B, smem + (next % STAGES) * STAGE_BYTES, m0, n0, next * BK, t);
-        cp_commit();
-        const unsigned char* stage = smem + (kt % STAGES) * STAGE_BYTES;
+    auto load = [&](unsigned char* stage, int k0) { load_stage<float, BM, BN, BK, LDS, 256>(p, A, B, stage, m0, n0, k0, t); };
+    cp_async_k_loop<STAGES, STAGE_BYTES, BK>(smem, p.k, load, [&](const unsigned char* stage) {
         const float* As = reinterpret_cast<const float*>(stage);
         const float* Bs = As + A_ELEMS;
         const unsigned* Ms = reinterpret_cast<const unsigned*>(Bs + B_ELEMS);
@@ -458,9 +439,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) gemm_tf32x3(GemmArgs p) {
                 }
             }
         }
-    }
-    cp_wait<0>();
-    __syncthreads();
+    });
     float* tile = reinterpret_cast<float*>(smem);
     park_accumulators<4, 4, BN + 4>(tile, acc, wm, wn, g, tq);
     __syncthreads();

@@ -442,6 +442,16 @@ inline unsigned atomicMax(unsigned* p, unsigned v) {
 namespace cuemu {
 inline float bf16_lo(unsigned r) { return __uint_as_float(r << 16); }
 inline float bf16_hi(unsigned r) { return __uint_as_float(r & 0xffff0000u); }
+
+// Puts this lane's MMA operands (a0..a3 in slots 0-3, b0 and b1 in 4 and 5) where its warp can
+// read them, and returns once every lane has.
+inline void publish_mma_operands(const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    uint64_t* mine = lane_slots(g_fiber->lane);
+    for (int i = 0; i < 4; ++i) mine[i] = a[i];
+    mine[4] = b0;
+    mine[5] = b1;
+    sync_warp();
+}
 }  // namespace cuemu
 
 // mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 with the PTX ISA's fragment layouts: lane
@@ -449,11 +459,7 @@ inline float bf16_hi(unsigned r) { return __uint_as_float(r & 0xffff0000u); }
 // (k x n) rows 2t, 2t+1 (b0) and 2t+8, 2t+9 (b1) of column g, and D rows g, g+8, columns 2t, 2t+1.
 inline void mma_bf16(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
     const int lane = cuemu::g_fiber->lane, g = lane >> 2, t = lane & 3;
-    uint64_t* mine = cuemu::lane_slots(lane);
-    for (int i = 0; i < 4; ++i) mine[i] = a[i];
-    mine[4] = b0;
-    mine[5] = b1;
-    cuemu::sync_warp();
+    cuemu::publish_mma_operands(a, b0, b1);
     // This lane's outputs need A rows g and g+8 (held by lanes 4g..4g+3) and B columns 2t and
     // 2t+1 (held by lanes 4(2t)+q and 4(2t+1)+q).
     float A[2][16], B[2][16];
@@ -493,11 +499,7 @@ inline unsigned to_tf32(float x) {
 // of column g, and D as for the bf16 MMA. Operands are read as TF32 (the low 13 bits ignored).
 inline void mma_tf32(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
     const int lane = cuemu::g_fiber->lane, g = lane >> 2, t = lane & 3;
-    uint64_t* mine = cuemu::lane_slots(lane);
-    for (int i = 0; i < 4; ++i) mine[i] = a[i];
-    mine[4] = b0;
-    mine[5] = b1;
-    cuemu::sync_warp();
+    cuemu::publish_mma_operands(a, b0, b1);
     auto tf32 = [](uint64_t r) { return __uint_as_float(unsigned(r) & 0xffffe000u); };
     float A[2][8], B[2][8];
     for (int q = 0; q < 4; ++q) {
