@@ -623,14 +623,18 @@ extern "C" __global__ void fill_u32(unsigned* x, unsigned v, long n) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) x[i] = v;
 }
 
-// ---- bf16 training operands (tensor-core gradient GEMMs) -----------------------------------------
-// The mma.sync GEMM computes A·Bᵀ over row-major bf16 operands, so the weight gradient dyᵀ·x
-// takes both activations transposed (rows padded with zeros to a multiple of 8, keeping every
-// row 16-byte aligned) and the input gradient dy·(W⊙M) takes (W⊙M)ᵀ. 32x32 tiles through shared
-// memory keep both the reads and the writes coalesced.
+// ---- tensor-core gradient GEMM operands ---------------------------------------------------------
+// The cp.async GEMMs compute A·Bᵀ over row-major operands, so the weight gradient dyᵀ·x takes
+// both activations transposed (bf16 for gemm_bf16_mma, fp32 for gemm_tf32x3; rows padded with
+// zeros to a multiple of 8, keeping every row 16-byte aligned) and the bf16 input gradient
+// dy·(W⊙M) takes (W⊙M)ᵀ. 32x32 tiles through shared memory keep reads and writes coalesced.
+
+__device__ __forceinline__ void store_as(float* y, float v) { *y = v; }
+__device__ __forceinline__ void store_as(__nv_bfloat16* y, float v) { *y = __float2bfloat16(v); }
 
 // y[c, r] = x[r, c] for r < rows, 0 for rows <= r < rows_padded.
-extern "C" __global__ void transpose_to_bf16(const float* x, __nv_bfloat16* y, int rows, int cols, int rows_padded) {
+template <class T>
+__device__ __forceinline__ void transpose_padded(const float* x, T* y, int rows, int cols, int rows_padded) {
     __shared__ float tile[32][33];
     int c0 = blockIdx.x * 32, r0 = blockIdx.y * 32;
     for (int i = threadIdx.y; i < 32; i += blockDim.y) {
@@ -640,8 +644,14 @@ extern "C" __global__ void transpose_to_bf16(const float* x, __nv_bfloat16* y, i
     __syncthreads();
     for (int i = threadIdx.y; i < 32; i += blockDim.y) {
         int c = c0 + i, r = r0 + threadIdx.x;
-        if (c < cols && r < rows_padded) y[(long)c * rows_padded + r] = __float2bfloat16(tile[threadIdx.x][i]);
+        if (c < cols && r < rows_padded) store_as(y + (long)c * rows_padded + r, tile[threadIdx.x][i]);
     }
+}
+extern "C" __global__ void transpose_to_bf16(const float* x, __nv_bfloat16* y, int rows, int cols, int rows_padded) {
+    transpose_padded(x, y, rows, cols, rows_padded);
+}
+extern "C" __global__ void transpose_to_f32(const float* x, float* y, int rows, int cols, int rows_padded) {
+    transpose_padded(x, y, rows, cols, rows_padded);
 }
 
 // y[i, o] = w[o, i] where mask bit o*d_in + i is set (or no mask), else 0.

@@ -26,11 +26,12 @@ fn matrix(t: &Tensor) -> (usize, usize) {
     (t.numel() / cols.max(1), cols)
 }
 
-/// The operands of a weight gradient `dW = dyᵀ · x`: as they are for the fp32 strided GEMM, or
-/// transposed to bf16 once for the tensor-core GEMM (shared by the blocks of a stacked weight).
+/// The operands of a weight gradient `dW = dyᵀ · x`: as they are for the fp32 strided FMA GEMM,
+/// or transposed once (bf16, or fp32 for 3xTF32) for the cp.async tensor-core GEMMs, shared by
+/// the blocks of a stacked weight.
 enum WeightGradOperands<'t> {
     F32 { dy: &'t Tensor, x: &'t Tensor },
-    Bf16 { dyt: Tensor, xt: Tensor, k: usize },
+    Transposed { dyt: Tensor, xt: Tensor, k: usize },
 }
 
 impl CudaBackend {
@@ -68,14 +69,16 @@ impl CudaBackend {
         }
     }
 
-    /// `[cols, rows]` bf16 transpose of an fp32 `[rows, cols]` activation, rows padded with
-    /// zeros to a multiple of 8 (the tensor-core GEMM's K); returns it and the padded length.
-    fn transposed_bf16(&self, x: &Tensor) -> Result<(Tensor, usize)> {
+    /// `[cols, rows]` transpose of an fp32 `[rows, cols]` activation into `dtype` (bf16 or f32),
+    /// rows padded with zeros to a multiple of 8 (the tensor-core GEMMs' K); returns it and the
+    /// padded length.
+    fn transposed(&self, x: &Tensor, dtype: DType) -> Result<(Tensor, usize)> {
         let (rows, cols) = matrix(x);
         let padded = rows.div_ceil(8).max(1) * 8;
-        let out = self.empty(&[cols, padded], DType::BF16)?;
+        let out = self.empty(&[cols, padded], dtype)?;
+        let kernel = if dtype == DType::BF16 { "transpose_to_bf16" } else { "transpose_to_f32" };
         let (px, po, rows_i, cols_i, padded_i) = (self.ptr(x)?, self.ptr(&out)?, rows as i32, cols as i32, padded as i32);
-        self.launcher().tiles_32(self.func("transpose_to_bf16"), padded, cols, |b| {
+        self.launcher().tiles_32(self.func(kernel), padded, cols, |b| {
             b.arg(&px).arg(&po).arg(&rows_i).arg(&cols_i).arg(&padded_i);
         })?;
         Ok((out, padded))
@@ -113,12 +116,13 @@ impl CudaBackend {
     fn weight_grad_operands<'t>(&self, dy: &'t Tensor, x: &'t Tensor) -> Result<WeightGradOperands<'t>> {
         let ((n, _), (rows, _)) = (matrix(dy), matrix(x));
         ensure!(n == rows, "linear weight gradient: {n} gradient rows for {rows} input rows");
-        Ok(if self.precision() == Precision::Bf16 {
-            let ((dyt, k), (xt, _)) = (self.transposed_bf16(dy)?, self.transposed_bf16(x)?);
-            WeightGradOperands::Bf16 { dyt, xt, k }
-        } else {
-            WeightGradOperands::F32 { dy, x }
-        })
+        let dtype = match self.precision() {
+            Precision::Bf16 => DType::BF16,
+            Precision::F32 if self.tf32x3() => DType::F32,
+            Precision::F32 => return Ok(WeightGradOperands::F32 { dy, x }),
+        };
+        let ((dyt, k), (xt, _)) = (self.transposed(dy, dtype)?, self.transposed(x, dtype)?);
+        Ok(WeightGradOperands::Transposed { dyt, xt, k })
     }
 
     /// Rows `row0 ..` of `dW = dyᵀ · x` into `out` (`[rows, d_in]`), each output finished with
@@ -148,11 +152,12 @@ impl CudaBackend {
                 };
                 self.strided_gemm(g, 1)
             }
-            // Tensor cores: both operands transposed to bf16 with K padded to 8; a row offset of
-            // the transposed `dy` keeps its 16-byte alignment.
-            WeightGradOperands::Bf16 { dyt, xt, k } => {
+            // Tensor cores: both operands transposed with K padded to 8; a row offset of the
+            // transposed `dy` keeps its 16-byte alignment.
+            WeightGradOperands::Transposed { dyt, xt, k } => {
+                let dtype = dyt.dtype();
                 let args = GemmArgs {
-                    a: self.ptr(dyt)? + (row0 * k * 2) as u64,
+                    a: self.ptr(dyt)? + (row0 * k * dtype.size_of()) as u64,
                     lda: *k as i64,
                     b: self.ptr(xt)?,
                     ldb: *k as i64,
@@ -165,8 +170,9 @@ impl CudaBackend {
                     st_s,
                     ..GemmArgs::default()
                 };
-                ensure!(args.tensor_core_ok(), "bf16 weight gradient: operands not aligned for the tensor-core GEMM");
-                self.gemm(args, Some(args.a), DType::BF16, 1)
+                let aligned = if dtype == DType::BF16 { args.tensor_core_ok() } else { args.tf32x3_ok() };
+                ensure!(aligned, "{dtype:?} weight gradient: operands not aligned for the tensor-core GEMM");
+                self.gemm(args, (dtype == DType::BF16).then_some(args.a), dtype, 1)
             }
         }
     }

@@ -98,6 +98,7 @@ const FUNCTIONS: &[(&str, &str)] = &[
     ("backward", "conv_input_grad_f32"),
     ("backward", "group_norm_time_grad_f32"),
     ("backward", "transpose_to_bf16"),
+    ("backward", "transpose_to_f32"),
     ("backward", "transpose_mask_bf16"),
     ("backward", "bf16_to_f32"),
     ("backward", "scale_f32"),
