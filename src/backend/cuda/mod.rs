@@ -370,19 +370,9 @@ impl CudaBackend {
     }
 
     /// `act(group_norm_time(·))` over `c` channels of `seqs` read from `src` (a stored tensor, or
-    /// the first conv computed on the fly), into a fresh tensor. `bias` is the conv bias `src`
-    /// points at, checked here against `c`.
-    fn group_norm_from(
-        &self,
-        src: NormSource,
-        bias: Option<&Tensor>,
-        seqs: &Seqs,
-        c: usize,
-        norm: NormParams,
-        act: Activation,
-    ) -> Result<Tensor> {
+    /// the first conv computed on the fly), into a fresh tensor.
+    fn group_norm_from(&self, src: NormSource, seqs: &Seqs, c: usize, norm: NormParams, act: Activation) -> Result<Tensor> {
         ensure!(norm.gamma.numel() == c && norm.beta.numel() == c, "group norm over {c} channels got {} parameters", norm.gamma.numel());
-        ensure!(bias.is_none_or(|b| b.numel() == c), "conv bias of {} values for {c} channels", bias.map_or(0, Tensor::numel));
         let out = self.empty(&[seqs.total(), c], DType::F32)?;
         let offsets = self.offsets(seqs)?;
         let utts = seqs.count();
@@ -716,7 +706,7 @@ impl Backend for CudaBackend {
     fn group_norm_time(&self, x: Tensor, seqs: &Seqs, norm: NormParams, act: Activation) -> Result<Tensor> {
         let c = *x.shape().last().unwrap_or(&1);
         ensure!(x.numel() / c.max(1) == seqs.total(), "group norm: {:?} does not hold {} frames", x.shape(), seqs.total());
-        self.group_norm_from(NormSource { x: self.ptr(&x)?, ..NormSource::default() }, None, seqs, c, norm, act)
+        self.group_norm_from(NormSource { x: self.ptr(&x)?, ..NormSource::default() }, seqs, c, norm, act)
     }
 
     fn add(&self, a: Tensor, b: &Tensor) -> Result<Tensor> {
@@ -816,6 +806,7 @@ impl Backend for CudaBackend {
             seqs_out.lens(),
             seqs_in.lens()
         );
+        ensure!(b.is_none_or(|b| b.numel() == c_out), "conv bias of {} values for {c_out} channels", b.map_or(0, Tensor::numel));
         let in_offsets = self.offsets(seqs_in)?;
         let src = NormSource {
             audio: self.ptr(x)?,
@@ -828,7 +819,7 @@ impl Backend for CudaBackend {
             w_bf16: (w.dtype() == DType::BF16) as i32,
             ..NormSource::default()
         };
-        self.group_norm_from(src, b, seqs_out, c_out, norm, act)
+        self.group_norm_from(src, seqs_out, c_out, norm, act)
     }
 
     fn attention(&self, qkv: &Tensor, seqs: &Seqs, heads: usize, scale: f32) -> Result<Tensor> {
