@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
-use s3router::backend::cuda::{unavailable_reason, CudaBackend, Precision};
+use s3router::backend::cuda::{unavailable_reason, CudaBackend, Precision, BF16_MMA_KERNELS};
 use s3router::backend::{Activation, Backend, ConvGeometry, NormParams, Seqs};
 use s3router::rng::SplitMix;
 use s3router::tensor::Tensor;
@@ -58,7 +58,22 @@ fn main() {
     let w = Tensor::from_vec(random(n * k, 2), &[n, k]);
     let keep: Vec<bool> = random(n * k, 3).iter().map(|&v| v > -0.4).collect(); // 10% dropped
     let bits = s3router::mask::pack(&keep);
-    for (p, be) in [("f32 FMA (v1)", &fma_be), ("f32 3xTF32", &f32_be), ("bf16 wmma (v2)", &wmma_be), ("bf16 mma.sync (v3)", &bf16_be)] {
+    // The mma.sync GEMM in each tile shape, then as the backend runs it (the shape it timed
+    // fastest for this GEMM shape).
+    let tile_bes: Vec<(String, CudaBackend)> = BF16_MMA_KERNELS
+        .iter()
+        .enumerate()
+        .map(|(t, k)| {
+            let mut be = CudaBackend::new(0, Precision::Bf16).unwrap();
+            be.set_mma_tile(Some(t));
+            (format!("bf16 {} ({}x{})", k.name, k.tile_m, k.tile_n), be)
+        })
+        .collect();
+    let gemm_bes = [("f32 FMA (v1)".to_string(), &fma_be), ("f32 3xTF32".into(), &f32_be), ("bf16 wmma (v2)".into(), &wmma_be)]
+        .into_iter()
+        .chain(tile_bes.iter().map(|(p, be)| (p.clone(), be)))
+        .chain([("bf16 mma.sync, timed tile".to_string(), &bf16_be)]);
+    for (p, be) in gemm_bes {
         let (gx, gw) = (be.upload(&x).unwrap(), be.prepare_linear_weight(&w).unwrap());
         let gm = be.upload_mask(&bits).unwrap();
         let ms = time_ms(be, 20, || drop(be.linear(&gx, &gw, None, Activation::Identity).unwrap()));
@@ -111,7 +126,7 @@ fn main() {
         drop(be.layer_norm(h.clone(), Some(&h), NormParams { gamma: &g, beta: &bta, eps: 1e-5 }, Activation::Identity).unwrap())
     });
     rows.push(Row("layer_norm+residual 5992x768".into(), ms, format!("{:.0} GB/s", 3.0 * (FRAMES * 768 * 4) as f64 / ms / 1e6)));
-    for (p, be) in [("f32 FMA", &fma_be), ("f32 3xTF32", &f32_be), ("bf16 wmma (v2)", &wmma_be), ("bf16 mma.sync (v3)", &bf16_be)] {
+    for (p, be) in [("f32 FMA", &fma_be), ("f32 3xTF32", &f32_be), ("bf16 wmma (v2)", &wmma_be), ("bf16 mma.sync, timed tile", &bf16_be)] {
         let t_in = 47_999;
         let seqs_in = Seqs::new(vec![t_in; 8]);
         let seqs_out = Seqs::new(vec![(t_in - 3) / 2 + 1; 8]);
@@ -159,4 +174,5 @@ fn main() {
     for Row(name, ms, rate) in rows {
         println!("| {name} | {ms:.4} | {rate} |");
     }
+    println!("\nmma.sync tile shapes timed fastest (M up to, N, K, kernel): {:?}", bf16_be.mma_tile_choices());
 }

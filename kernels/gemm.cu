@@ -12,10 +12,10 @@
 //
 // gemm_f32:  version 1. 64x64 tiles, BK 16, 256 threads with 4x4 outputs each, fp32 FMA (the
 //            exact path).
-// gemm_bf16_mma: version 3, the fast path when A is already bf16 and rows are 16-byte aligned.
-//            128x128x32 tiles, 4 warps of 64x64, mma.sync m16n8k16 fed by ldmatrix, a 4-stage
-//            cp.async pipeline (zero-filled out of bounds); masks travel with each stage as one
-//            32-bit word per weight row and are applied to the B fragments in registers.
+// gemm_bf16_mma*: the fast path when A is already bf16 and rows are 16-byte aligned: warps of
+//            64x64 outputs, mma.sync m16n8k16 fed by ldmatrix, a cp.async pipeline; masks travel
+//            with each stage and are applied to the B fragments in registers. Four tile shapes
+//            (128x128x32 is version 3), timed against each other by the host per GEMM shape.
 // gemm_bf16: version 2, the general path (any K, fp32 A, layer 0's 1-channel conv). 128x128 tiles, BK 32, 8 warps of WMMA 16x16x16 bf16 fragments with fp32
 //            accumulation; tiles double-buffered in shared memory with the next tile's global
 //            loads (16-byte vectors) in flight during the current tile's MMAs; A is rounded to
@@ -270,40 +270,56 @@ __device__ __forceinline__ void write_tile(const GemmArgs& p, const float* tile,
     }
 }
 
-namespace v3 {
-constexpr int BM = 128, BN = 128, BK = 32, STAGES = 4, LDS = BK + 8;  // 80-byte rows: conflict-free ldmatrix
-constexpr int A_ELEMS = BM * LDS, B_ELEMS = BN * LDS;
-constexpr int STAGE_BYTES = (A_ELEMS + B_ELEMS) * 2 + BN * 4;       // A, B, one mask word per B row
-constexpr int SMEM_BYTES = STAGES * STAGE_BYTES;  // also holds the 128 x 132 fp32 epilogue tile
-static_assert(SMEM_BYTES >= BM * (BN + 4) * 4, "epilogue tile must fit the pipeline buffers");
-}
+// Shared-memory layouts of a staged operand tile, rows of BK elements, `at(r, c)` the offset of
+// element (r, c); `c` is a multiple of the 16-byte chunk wherever a chunk is addressed.
+// Padded<LDS>: rows of LDS elements, the padding placing the eight rows an ldmatrix (or a
+// fragment load) reads in different banks.
+template <int LDS>
+struct Padded {
+    static constexpr int ROW = LDS;
+    __device__ static __forceinline__ int at(int r, int c) { return r * LDS + c; }
+};
+// Swizzled128: 64 bf16 (128 bytes) per row, no padding, chunk j of row r stored at chunk
+// j ^ (r % 8): the eight rows an ldmatrix reads at one logical chunk sit in eight different
+// bank groups, and a BK = 64 stage is 20% smaller than padded rows would make it.
+struct Swizzled128 {
+    static constexpr int ROW = 64;
+    __device__ static __forceinline__ int at(int r, int c) { return r * 64 + ((((c >> 3) ^ r) & 7) << 3) + (c & 7); }
+};
 
 // Keep-mask for a register of two bf16 weights whose mask bits are the low two bits of `bits`.
 __device__ __forceinline__ unsigned pair_mask(unsigned bits) { return ((bits & 1) ? 0x0000FFFFu : 0u) | ((bits & 2) ? 0xFFFF0000u : 0u); }
 
-// One stage of the cp.async GEMMs: BM x BK of A and BN x BK of B (elements of T, shared-memory
-// rows of LDS) in 16-byte chunks, zero-filled outside the matrices, then, with a mask, one
-// 32-bit word per B row (K % 32 == 0 there: a stage's 32 bits of row n are one aligned word).
-template <class T, int BM, int BN, int BK, int LDS, int THREADS>
+// One stage of the cp.async GEMMs: BM x BK of A and BN x BK of B (elements of T, laid out by L)
+// in 16-byte chunks, zero-filled outside the matrices, then, with a mask, BK / 32 words per B
+// row (K % 32 == 0 there: each word is 32 aligned bits of row n; zero past K).
+template <class T, class L, int BM, int BN, int BK, int THREADS>
 __device__ __forceinline__ void load_stage(const GemmArgs& p, const T* A, const T* B, unsigned char* stage, int m0, int n0, int k0, int t) {
-    constexpr int CHUNK = 16 / sizeof(T), PER_ROW = BK / CHUNK;
-    static_assert(BM == BN && BM * PER_ROW % THREADS == 0 && BN <= THREADS, "whole chunks per thread, a thread per mask word");
+    constexpr int CHUNK = 16 / sizeof(T), PER_ROW = BK / CHUNK, WORDS = BK / 32;
+    static_assert(BM * PER_ROW % THREADS == 0 && BN * PER_ROW % THREADS == 0, "whole chunks per thread");
     T* As = reinterpret_cast<T*>(stage);
-    T* Bs = As + BM * LDS;
-    unsigned* Ms = reinterpret_cast<unsigned*>(Bs + BN * LDS);
+    T* Bs = As + BM * L::ROW;
+    unsigned* Ms = reinterpret_cast<unsigned*>(Bs + BN * L::ROW);
 #pragma unroll
     for (int i = 0; i < BM * PER_ROW / THREADS; ++i) {
         int idx = t + i * THREADS, r = idx / PER_ROW, ch = (idx % PER_ROW) * CHUNK;
         long ao = a_offset(p, m0 + r, k0 + ch);
-        cp_async(As + r * LDS + ch, ao >= 0 ? (const void*)(A + ao) : (const void*)A, 16, ao >= 0);
+        cp_async(As + L::at(r, ch), ao >= 0 ? (const void*)(A + ao) : (const void*)A, 16, ao >= 0);
+    }
+#pragma unroll
+    for (int i = 0; i < BN * PER_ROW / THREADS; ++i) {
+        int idx = t + i * THREADS, r = idx / PER_ROW, ch = (idx % PER_ROW) * CHUNK;
         int gn = n0 + r, gk = k0 + ch;
         bool bin = gn < p.n && gk < p.k;
-        cp_async(Bs + r * LDS + ch, bin ? (const void*)(B + (long)gn * p.ldb + gk) : (const void*)B, 16, bin);
+        cp_async(Bs + L::at(r, ch), bin ? (const void*)(B + (long)gn * p.ldb + gk) : (const void*)B, 16, bin);
     }
-    if (p.mask && t < BN) {
-        int gn = n0 + t;
-        bool in = gn < p.n && k0 < p.k;
-        cp_async(Ms + t, in ? (const void*)(p.mask + (((long)gn * p.k + k0) >> 3)) : (const void*)p.mask, 4, in);
+    if (p.mask) {
+#pragma unroll
+        for (int i = 0; i < (BN * WORDS + THREADS - 1) / THREADS; ++i) {
+            int idx = t + i * THREADS, gn = n0 + idx / WORDS, gk = k0 + (idx % WORDS) * 32;
+            bool in = gn < p.n && gk < p.k;
+            if (idx < BN * WORDS) cp_async(Ms + idx, in ? (const void*)(p.mask + (((long)gn * p.k + gk) >> 3)) : (const void*)p.mask, 4, in);
+        }
     }
 }
 
@@ -330,37 +346,63 @@ __device__ __forceinline__ void cp_async_k_loop(unsigned char* smem, int k, Load
     __syncthreads();
 }
 
-extern "C" __global__ void __launch_bounds__(128) gemm_bf16_mma(GemmArgs p) {
-    using namespace v3;
+// gemm_bf16_mma: the bf16 tensor-core GEMM (A already bf16, rows 16-byte aligned), in several
+// tile shapes the host picks from per GEMM shape by timing them (src/backend/cuda/tune.rs).
+// Every shape gives the same bits: each output adds the same m16n8k16 products in the same K
+// order, and only how the outputs are shared out among blocks and warps differs.
+// Warps own 64 x 64 outputs (mma.sync m16n8k16 fed by ldmatrix, 128 fp32 accumulators each);
+// a STAGES-deep cp.async pipeline (zero-filled out of bounds); masks travel with each stage as
+// BK / 32 words per weight row and are applied to the B fragments in registers.
+//   128x128x32, 4 stages, 4 warps (version 3: 2 blocks of 4 warps per SM);
+//   128x128x64, 3 stages, swizzled rows (half the barriers per K, still 2 blocks per SM);
+//   128x256x32 and 256x128x32, 4 stages, 8 warps (a quarter less operand traffic per output,
+//   one block per SM).
+template <int BM_, int BN_, int BK_, int STAGES_, class L_>
+struct MmaTile {
+    static constexpr int BM = BM_, BN = BN_, BK = BK_, STAGES = STAGES_;
+    using L = L_;
+    static constexpr int WARPS_N = BN / 64, THREADS = (BM / 64) * WARPS_N * 32;
+    static constexpr int STAGE_BYTES = (BM + BN) * L::ROW * 2 + BN * (BK / 32) * 4;  // A, B, mask words
+    static constexpr int PIPE_BYTES = STAGES * STAGE_BYTES, EPI_BYTES = BM * (BN + 4) * 4;
+    static constexpr int SMEM_BYTES = PIPE_BYTES > EPI_BYTES ? PIPE_BYTES : EPI_BYTES;  // the epilogue reuses the pipeline
+};
+using Mma128x128k32 = MmaTile<128, 128, 32, 4, Padded<40>>;  // 80-byte rows: conflict-free ldmatrix
+using Mma128x128k64 = MmaTile<128, 128, 64, 3, Swizzled128>;
+using Mma128x256k32 = MmaTile<128, 256, 32, 4, Padded<40>>;
+using Mma256x128k32 = MmaTile<256, 128, 32, 4, Padded<40>>;
+
+template <class Tile>
+__device__ __forceinline__ void gemm_bf16_mma_body(const GemmArgs& p) {
+    using L = typename Tile::L;
+    constexpr int BM = Tile::BM, BN = Tile::BN, BK = Tile::BK, WORDS = BK / 32;
     DYNAMIC_SHARED(unsigned char, smem);
     const int z = blockIdx.z;
     const __nv_bfloat16* A = (const __nv_bfloat16*)p.a + z * p.batch_a;
     const __nv_bfloat16* B = (const __nv_bfloat16*)p.b + z * p.batch_b;
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN, t = threadIdx.x;
     const int warp = t / 32, lane = t % 32, g = lane / 4, tq = lane % 4;
-    const int wm = (warp / 2) * 64, wn = (warp % 2) * 64;
+    const int wm = (warp / Tile::WARPS_N) * 64, wn = (warp % Tile::WARPS_N) * 64;
     float acc[4][8][4] = {};
-    auto load = [&](unsigned char* stage, int k0) { load_stage<__nv_bfloat16, BM, BN, BK, LDS, 128>(p, A, B, stage, m0, n0, k0, t); };
-    cp_async_k_loop<STAGES, STAGE_BYTES, BK>(smem, p.k, load, [&](const unsigned char* stage) {
+    auto load = [&](unsigned char* stage, int k0) { load_stage<__nv_bfloat16, L, BM, BN, BK, Tile::THREADS>(p, A, B, stage, m0, n0, k0, t); };
+    cp_async_k_loop<Tile::STAGES, Tile::STAGE_BYTES, BK>(smem, p.k, load, [&](const unsigned char* stage) {
         const __nv_bfloat16* As = reinterpret_cast<const __nv_bfloat16*>(stage);
-        const __nv_bfloat16* Bs = As + A_ELEMS;
-        const unsigned* Ms = reinterpret_cast<const unsigned*>(Bs + B_ELEMS);
+        const __nv_bfloat16* Bs = As + BM * L::ROW;
+        const unsigned* Ms = reinterpret_cast<const unsigned*>(Bs + BN * L::ROW);
 #pragma unroll
         for (int kk = 0; kk < BK; kk += 16) {
             unsigned af[4][4], bfr[4][4];
 #pragma unroll
-            for (int mi = 0; mi < 4; ++mi) ldmatrix_x4(af[mi], As + (wm + mi * 16 + lane % 16) * LDS + kk + (lane / 16) * 8);
+            for (int mi = 0; mi < 4; ++mi) ldmatrix_x4(af[mi], As + L::at(wm + mi * 16 + lane % 16, kk + (lane / 16) * 8));
 #pragma unroll
-            for (int nj = 0; nj < 4; ++nj)
-                ldmatrix_x4(bfr[nj], Bs + (wn + nj * 16 + (lane % 8) + (lane / 16) * 8) * LDS + kk + ((lane / 8) % 2) * 8);
+            for (int nj = 0; nj < 4; ++nj) ldmatrix_x4(bfr[nj], Bs + L::at(wn + nj * 16 + (lane % 8) + (lane / 16) * 8, kk + ((lane / 8) % 2) * 8));
             if (p.mask) {
 #pragma unroll
                 for (int nj = 0; nj < 4; ++nj)
 #pragma unroll
                     for (int h = 0; h < 2; ++h) {  // the two n8 tiles of this ldmatrix
-                        unsigned w = Ms[wn + nj * 16 + h * 8 + g];
-                        bfr[nj][2 * h] &= pair_mask(w >> (kk + tq * 2));
-                        bfr[nj][2 * h + 1] &= pair_mask(w >> (kk + 8 + tq * 2));
+                        unsigned w = Ms[(wn + nj * 16 + h * 8 + g) * WORDS + kk / 32] >> (kk % 32);
+                        bfr[nj][2 * h] &= pair_mask(w >> (tq * 2));
+                        bfr[nj][2 * h + 1] &= pair_mask(w >> (8 + tq * 2));
                     }
             }
 #pragma unroll
@@ -375,10 +417,18 @@ extern "C" __global__ void __launch_bounds__(128) gemm_bf16_mma(GemmArgs p) {
     float* tile = reinterpret_cast<float*>(smem);
     park_accumulators<4, 8, BN + 4>(tile, acc, wm, wn, g, tq);
     __syncthreads();
-    write_tile<BM, BN, BN + 4, 128>(p, tile, m0, n0, z, t);
+    write_tile<BM, BN, BN + 4, Tile::THREADS>(p, tile, m0, n0, z, t);
 }
 
-extern "C" __global__ void gemm_bf16_mma_smem(int* bytes) { *bytes = v3::SMEM_BYTES; }
+// One kernel per tile shape, plus a query of each one's dynamic shared memory (the host's
+// table in tune.rs lists the same names, tiles and thread counts).
+#define GEMM_BF16_MMA(name, Tile)                                                                   \
+    extern "C" __global__ void __launch_bounds__(Tile::THREADS) name(GemmArgs p) { gemm_bf16_mma_body<Tile>(p); } \
+    extern "C" __global__ void name##_smem(int* bytes) { *bytes = Tile::SMEM_BYTES; }
+GEMM_BF16_MMA(gemm_bf16_mma, Mma128x128k32)
+GEMM_BF16_MMA(gemm_bf16_mma_k64, Mma128x128k64)
+GEMM_BF16_MMA(gemm_bf16_mma_wide, Mma128x256k32)
+GEMM_BF16_MMA(gemm_bf16_mma_tall, Mma256x128k32)
 
 // gemm_tf32x3: version 1 of the fp32-accurate tensor-core path (fp32 A and B, as gemm_f32). Each
 // operand x is split into TF32 parts, x = big + small with big = tf32(x) and small = tf32(x - big),
@@ -406,7 +456,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) gemm_tf32x3(GemmArgs p) {
     const int warp = t / 32, lane = t % 32, g = lane / 4, tq = lane % 4;
     const int wm = (warp / 4) * 64, wn = (warp % 4) * 32;
     float acc[4][4][4] = {};
-    auto load = [&](unsigned char* stage, int k0) { load_stage<float, BM, BN, BK, LDS, 256>(p, A, B, stage, m0, n0, k0, t); };
+    auto load = [&](unsigned char* stage, int k0) { load_stage<float, Padded<LDS>, BM, BN, BK, 256>(p, A, B, stage, m0, n0, k0, t); };
     cp_async_k_loop<STAGES, STAGE_BYTES, BK>(smem, p.k, load, [&](const unsigned char* stage) {
         const float* As = reinterpret_cast<const float*>(stage);
         const float* Bs = As + A_ELEMS;

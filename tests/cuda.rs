@@ -140,7 +140,7 @@ fn mask_pack_and_unpack_match_the_cpu_format() {
 fn bf16_linear_is_close() {
     let cpu = CpuBackend;
     for (v, be) in bf16_backends().iter().enumerate() {
-        for (i, &(n, d_in, d_out)) in [(1, 16, 8), (300, 768, 3072), (129, 67, 130), (129, 64, 130), (5992, 3072, 768)].iter().enumerate() {
+        for (i, &(n, d_in, d_out)) in [(1, 16, 8), (300, 768, 3072), (129, 67, 130), (129, 64, 130), (1500, 3072, 768)].iter().enumerate() {
             let x = host(random(n * d_in, 10 + i as u64, 1.0), &[n, d_in]);
             let w = host(random(d_out * d_in, 20 + i as u64, 0.1), &[d_out, d_in]);
             let b = host(random(d_out, 30 + i as u64, 0.5), &[d_out]);
@@ -150,6 +150,79 @@ fn bf16_linear_is_close() {
                 .unwrap();
             assert_close(&format!("bf16 linear {n}x{d_in}x{d_out} variant {v}"), &back(be, &got), want.f32s().unwrap(), 1e-2);
         }
+    }
+}
+
+/// Runs `run` with the mma.sync GEMM forced into each tile shape in turn: each result within
+/// bf16 rounding of `want`, and all of them the same bits (they add the same products in the
+/// same K order, so anything else is a tile-edge or pipeline bug). Returns those bits.
+fn same_bits_in_every_tile(be: &mut CudaBackend, what: &str, want: &[f32], run: impl Fn(&CudaBackend) -> Vec<f32>) -> Vec<u32> {
+    let tiles = s3router::backend::cuda::BF16_MMA_KERNELS;
+    let mut first: Option<Vec<u32>> = None;
+    for (t, tile) in tiles.iter().enumerate() {
+        be.set_mma_tile(Some(t));
+        let got = run(be);
+        assert_close(&format!("{} {what}", tile.name), &got, want, 1e-2);
+        let bits: Vec<u32> = got.iter().map(|v| v.to_bits()).collect();
+        match &first {
+            None => first = Some(bits),
+            Some(f) => assert!(f == &bits, "{} {what}: bits differ from {}", tile.name, tiles[0].name),
+        }
+    }
+    be.set_mma_tile(None);
+    first.unwrap()
+}
+
+/// Every tile shape of the mma.sync GEMM against the CPU and each other: linears, masked and
+/// not, with ragged edges in M, N and K (K a multiple of 8 but not of 64; masks need K % 32 ==
+/// 0), and implicit-GEMM convolutions (strided; grouped and padded). Then the timed choice on a
+/// GEMM big enough to be tuned: the same bits again, and a choice recorded for its shape only.
+#[test]
+fn mma_tile_shapes_agree_bit_for_bit() {
+    let Some(mut be) = gpu(Precision::Bf16) else { return };
+    let cpu = CpuBackend;
+    for (i, &(n, d_in, d_out, masked)) in [(261, 200, 259, false), (77, 96, 300, true), (300, 768, 3072, true)].iter().enumerate() {
+        let x = host(random(n * d_in, 40 + i as u64, 1.0), &[n, d_in]);
+        let w = random(d_out * d_in, 50 + i as u64, 0.1);
+        let b = host(random(d_out, 60 + i as u64, 0.5), &[d_out]);
+        let keep: Vec<bool> = random(d_out * d_in, 70 + i as u64, 1.0).iter().map(|&v| !masked || v > -0.4).collect();
+        let kept: Vec<f32> = w.iter().zip(&keep).map(|(&w, &k)| if k { w } else { 0.0 }).collect();
+        let want = cpu.linear(&x, &cpu.prepare_linear_weight(&host(kept, &[d_out, d_in])).unwrap(), Some(&b), Activation::Gelu).unwrap();
+        let (gx, gb) = (be.upload(&x).unwrap(), be.upload(&b).unwrap());
+        let gw = be.prepare_linear_weight(&host(w, &[d_out, d_in])).unwrap();
+        let bits = be.upload_mask(&s3router::mask::pack(&keep)).unwrap();
+        let run = |be: &CudaBackend| {
+            let y = if masked {
+                be.linear_masked(&gx, &gw, &bits, Some(&gb), Activation::Gelu).unwrap()
+            } else {
+                be.linear(&gx, &gw, Some(&gb), Activation::Gelu).unwrap()
+            };
+            back(be, &y)
+        };
+        let what = format!("linear {n}x{d_in}x{d_out} masked {masked}");
+        let forced = same_bits_in_every_tile(&mut be, &what, want.f32s().unwrap(), run);
+        let tuned: Vec<u32> = run(&be).iter().map(|v| v.to_bits()).collect();
+        assert!(forced == tuned, "{what}: the timed choice gives other bits");
+    }
+    let choices = be.mma_tile_choices();
+    assert!(
+        choices.iter().any(|&(m, n, k, _)| m >= 300 && n == 3072 && k == 768),
+        "the 300x768x3072 GEMM (1.4 GFLOP) should have been timed: {choices:?}"
+    );
+    assert!(!choices.iter().any(|&(_, n, _, _)| n == 259 || n == 300), "small GEMMs are not worth timing: {choices:?}");
+    // (c_in, c_out, kernel, stride, pad, groups, input lengths), as the conv test's mma.sync cases.
+    for (i, (c_in, c_out, kernel, stride, pad, groups, lens)) in
+        [(64, 136, 3, 2, 0, 1, vec![9, 300]), (64, 64, 8, 1, 4, 4, vec![1, 270])].into_iter().enumerate()
+    {
+        let geom = ConvGeometry { kernel, stride, pad_left: pad, groups };
+        let seqs_in = Seqs::new(lens.clone());
+        let seqs_out = Seqs::new(if pad == 0 { lens.iter().map(|&n| (n - kernel) / stride + 1).collect() } else { lens });
+        let x = host(random(seqs_in.total() * c_in, 80 + i as u64, 1.0), &[seqs_in.total(), c_in]);
+        let w = host(random(c_out * kernel * (c_in / groups), 90 + i as u64, 0.3), &[c_out, kernel, c_in / groups]);
+        let want = cpu.conv1d(&x, &seqs_in, &seqs_out, &w, None, geom, Activation::Gelu).unwrap();
+        let (gx, gw) = (be.upload(&x).unwrap(), be.prepare_conv_weight(&w).unwrap());
+        let run = |be: &CudaBackend| back(be, &be.conv1d(&gx, &seqs_in, &seqs_out, &gw, None, geom, Activation::Gelu).unwrap());
+        same_bits_in_every_tile(&mut be, &format!("conv {geom:?}"), want.f32s().unwrap(), run);
     }
 }
 

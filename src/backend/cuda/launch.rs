@@ -140,13 +140,21 @@ impl<'s> Launch<'s> {
         self.launch(f, config((rows.div_ceil(8).max(1) as u32, 1, 1), 256), push)
     }
 
-    /// A GEMM with square `tile`s of C, `batch` products along z, `threads` per block and
-    /// `smem` bytes of dynamic shared memory.
-    pub fn gemm<'a>(&'a self, f: &'a CudaFunction, args: GemmArgs, tile: usize, batch: usize, threads: u32, smem: u32) -> Result<()> {
+    /// A GEMM with `(rows, columns)` tiles of C, `batch` products along z, `threads` per block
+    /// and `smem` bytes of dynamic shared memory.
+    pub fn gemm<'a>(
+        &'a self,
+        f: &'a CudaFunction,
+        args: GemmArgs,
+        tile: (usize, usize),
+        batch: usize,
+        threads: u32,
+        smem: u32,
+    ) -> Result<()> {
         if args.m == 0 || args.n == 0 {
             return Ok(());
         }
-        let grid = ((args.n as usize).div_ceil(tile) as u32, (args.m as usize).div_ceil(tile) as u32, batch as u32);
+        let grid = ((args.n as usize).div_ceil(tile.1) as u32, (args.m as usize).div_ceil(tile.0) as u32, batch as u32);
         let mut cfg = config(grid, threads);
         cfg.shared_mem_bytes = smem;
         self.launch(f, cfg, |b| {

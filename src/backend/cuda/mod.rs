@@ -11,6 +11,7 @@ mod backward;
 mod ctc;
 mod launch;
 mod sparse;
+mod tune;
 mod weights;
 
 use std::collections::HashMap;
@@ -25,6 +26,7 @@ use super::{packed_rows, Activation, Backend, ConvGeometry, LinearMask, NormPara
 use crate::tensor::{DType, HostBytes, Storage, Tensor};
 use launch::{GemmArgs, Launch, NormSource, MAX_SOURCE_TAPS};
 pub use sparse::SparseCuda;
+pub use tune::{MmaKernel, BF16_MMA_KERNELS};
 
 mod kernels {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
@@ -47,6 +49,12 @@ const FUNCTIONS: &[(&str, &str)] = &[
     ("gemm", "gemm_bf16"),
     ("gemm", "gemm_bf16_mma"),
     ("gemm", "gemm_bf16_mma_smem"),
+    ("gemm", "gemm_bf16_mma_k64"),
+    ("gemm", "gemm_bf16_mma_k64_smem"),
+    ("gemm", "gemm_bf16_mma_wide"),
+    ("gemm", "gemm_bf16_mma_wide_smem"),
+    ("gemm", "gemm_bf16_mma_tall"),
+    ("gemm", "gemm_bf16_mma_tall_smem"),
     ("gemm", "gemm_tf32x3"),
     ("gemm", "gemm_tf32x3_smem"),
     ("norm", "to_bf16"),
@@ -121,6 +129,8 @@ pub struct CudaBackend {
     dynamic_smem: HashMap<&'static str, u32>,
     /// bf16 GEMMs: mma.sync (v3) where its alignment rules hold when on, always WMMA (v2) when off.
     mma_sync: bool,
+    /// The mma.sync GEMM's tile shape for each GEMM shape met so far.
+    tuner: tune::Tuner,
     /// fp32 GEMMs: 3xTF32 on tensor cores where its alignment rules hold when on, always FMA
     /// (`gemm_f32`) when off.
     tf32x3: bool,
@@ -209,6 +219,7 @@ impl CudaBackend {
             funcs,
             dynamic_smem: HashMap::new(),
             mma_sync: true,
+            tuner: tune::Tuner::default(),
             tf32x3: true,
             precision,
             poison: false,
@@ -247,6 +258,19 @@ impl CudaBackend {
     /// the two).
     pub fn set_mma_sync(&mut self, on: bool) {
         self.mma_sync = on;
+    }
+
+    /// Makes the mma.sync GEMM always use tile shape `BF16_MMA_KERNELS[i]`, or (`None`, the
+    /// default) the fastest one timed for each GEMM shape.
+    pub fn set_mma_tile(&mut self, i: Option<usize>) {
+        assert!(i.is_none_or(|i| i < BF16_MMA_KERNELS.len()), "no mma.sync tile shape {i:?}");
+        self.tuner.force(i);
+    }
+
+    /// The mma.sync tile shape timed fastest for each class of GEMM shape met so far, as
+    /// (M up to, N, K, kernel).
+    pub fn mma_tile_choices(&self) -> Vec<(usize, i32, i32, &'static str)> {
+        self.tuner.choices()
     }
 
     /// Chooses the fp32 GEMM: 3xTF32 tensor cores (on, the default; fp32-accurate) or FMA only
@@ -344,17 +368,17 @@ impl CudaBackend {
         let launcher = self.launcher();
         match b_dtype {
             DType::F32 if self.tf32x3 && args.tf32x3_ok() => {
-                launcher.gemm(self.func("gemm_tf32x3"), args, 128, batch, 256, self.dynamic_smem["gemm_tf32x3"])
+                launcher.gemm(self.func("gemm_tf32x3"), args, (128, 128), batch, 256, self.dynamic_smem["gemm_tf32x3"])
             }
-            DType::F32 => launcher.gemm(self.func("gemm_f32"), args, 64, batch, 256, 0),
+            DType::F32 => launcher.gemm(self.func("gemm_f32"), args, (64, 64), batch, 256, 0),
             DType::BF16 => {
                 if let Some(a16) = a16 {
                     let fast = GemmArgs { a: a16, ..args };
                     if fast.tensor_core_ok() {
-                        return launcher.gemm(self.func("gemm_bf16_mma"), fast, 128, batch, 128, self.dynamic_smem["gemm_bf16_mma"]);
+                        return self.gemm_bf16_mma(fast, batch);
                     }
                 }
-                launcher.gemm(self.func("gemm_bf16"), args.with_vector_check(2), 128, batch, 256, 0)
+                launcher.gemm(self.func("gemm_bf16"), args.with_vector_check(2), (128, 128), batch, 256, 0)
             }
             other => bail!("GEMM weights in {other:?} are not supported"),
         }
