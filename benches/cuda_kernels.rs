@@ -65,7 +65,7 @@ fn main() {
         .enumerate()
         .map(|(t, k)| {
             let mut be = CudaBackend::new(0, Precision::Bf16).unwrap();
-            be.set_mma_tile(Some(t));
+            be.set_mma_tile(Some(t)).unwrap();
             (format!("bf16 {} ({}x{})", k.name, k.tile_m, k.tile_n), be)
         })
         .collect();

@@ -160,7 +160,7 @@ fn same_bits_in_every_tile(be: &mut CudaBackend, what: &str, want: &[f32], run: 
     let tiles = s3router::backend::cuda::BF16_MMA_KERNELS;
     let mut first: Option<Vec<u32>> = None;
     for (t, tile) in tiles.iter().enumerate() {
-        be.set_mma_tile(Some(t));
+        be.set_mma_tile(Some(t)).unwrap();
         let got = run(be);
         assert_close(&format!("{} {what}", tile.name), &got, want, 1e-2);
         let bits: Vec<u32> = got.iter().map(|v| v.to_bits()).collect();
@@ -169,7 +169,7 @@ fn same_bits_in_every_tile(be: &mut CudaBackend, what: &str, want: &[f32], run: 
             Some(f) => assert!(f == &bits, "{} {what}: bits differ from {}", tile.name, tiles[0].name),
         }
     }
-    be.set_mma_tile(None);
+    be.set_mma_tile(None).unwrap();
     first.unwrap()
 }
 

@@ -55,6 +55,8 @@ const FUNCTIONS: &[(&str, &str)] = &[
     ("gemm", "gemm_bf16_mma_wide_smem"),
     ("gemm", "gemm_bf16_mma_tall"),
     ("gemm", "gemm_bf16_mma_tall_smem"),
+    ("gemm", "gemm_bf16_mma_short"),
+    ("gemm", "gemm_bf16_mma_short_smem"),
     ("gemm", "gemm_tf32x3"),
     ("gemm", "gemm_tf32x3_smem"),
     ("norm", "to_bf16"),
@@ -262,9 +264,10 @@ impl CudaBackend {
 
     /// Makes the mma.sync GEMM always use tile shape `BF16_MMA_KERNELS[i]`, or (`None`, the
     /// default) the fastest one timed for each GEMM shape.
-    pub fn set_mma_tile(&mut self, i: Option<usize>) {
-        assert!(i.is_none_or(|i| i < BF16_MMA_KERNELS.len()), "no mma.sync tile shape {i:?}");
+    pub fn set_mma_tile(&mut self, i: Option<usize>) -> Result<()> {
+        ensure!(i.is_none_or(|i| i < BF16_MMA_KERNELS.len()), "no mma.sync tile shape {i:?} (there are {})", BF16_MMA_KERNELS.len());
         self.tuner.force(i);
+        Ok(())
     }
 
     /// The mma.sync tile shape timed fastest for each class of GEMM shape met so far, as
