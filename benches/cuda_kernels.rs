@@ -6,8 +6,10 @@
 use std::time::Instant;
 
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
+use s3router::backend::backward::Backward;
 use s3router::backend::cuda::{unavailable_reason, CudaBackend, Precision, BF16_MMA_KERNELS};
 use s3router::backend::{Activation, Backend, ConvGeometry, NormParams, Seqs};
+use s3router::dropout::{Dropout, ProbDropout};
 use s3router::rng::SplitMix;
 use s3router::tensor::Tensor;
 
@@ -112,11 +114,20 @@ fn main() {
     // Attention, layer norm, feature-encoder conv 1, positional conv.
     let seqs = Seqs::new(vec![749; 8]);
     let qkv_host = Tensor::from_vec(random(FRAMES * 3 * 768, 4), &[FRAMES, 3 * 768]);
+    let d_out_host = Tensor::from_vec(random(FRAMES * 768, 9), &[FRAMES, 768]);
+    let dropout = Some(ProbDropout { dropout: Dropout { p: 0.1, seed: 1 }, site: 1 });
     for (p, be) in [("f32", &f32_be), ("bf16 mma.sync (v2)", &bf16_be)] {
         let qkv = be.upload(&qkv_host).unwrap();
         let ms = time_ms(be, 10, || drop(be.attention(&qkv, &seqs, 12, 0.125).unwrap()));
         let att_flops = 4.0 * 8.0 * 12.0 * 749.0 * 749.0 * 64.0;
         rows.push(Row(format!("attention {p} b8 h12 t749 d64"), ms, format!("{:.1} TFLOP/s", att_flops / ms / 1e9)));
+        // Training: the gradient with respect to q, k, v (attention dropout 0.1, the default);
+        // fp32 through T x T probabilities per utterance, bf16 flash-style (forward run again
+        // for its log-sum-exp, then dK dV and dQ kernels). Rate: the backward's 5 products.
+        let d_out = be.upload(&d_out_host).unwrap();
+        let ms = time_ms(be, 5, || drop(be.attention_grad(&d_out, &qkv, &seqs, 12, 0.125, dropout).unwrap()));
+        let kind = if be.precision() == Precision::F32 { "T x T" } else { "flash" };
+        rows.push(Row(format!("attention gradient {p} ({kind}), dropout 0.1"), ms, format!("{:.1} TFLOP/s", 2.5 * att_flops / ms / 1e9)));
     }
     let be = &f32_be;
     let h = be.upload(&Tensor::from_vec(random(FRAMES * 768, 5), &[FRAMES, 768])).unwrap();

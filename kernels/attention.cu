@@ -82,20 +82,40 @@ ATTENTION(128)
 // the 4 lanes of a quad), P re-packed in registers as the A operand of P V, V fragments via
 // ldmatrix.trans, and the output accumulators rescaled per row. K and V tiles of 64 keys go
 // through shared memory (converted from fp32 as they are staged).
+// Training adds dropout on the probabilities (the CPU's masks: query row r, head h, key j use
+// index ((r * heads + h) << 24) | j) and, for the backward, each row's log-sum-exp.
+//
+// attention_bwd_{kv,q}_bf16_hd*: the backward, FlashAttention-2 style, from the forward's
+// log-sum-exp L and D = rowsum(dO ⊙ O): P = exp(S - L), dP = (dO Vᵀ) ⊙ Z (Z the dropout
+// factors), dS = P ⊙ (dP - D); dV = (P ⊙ Z)ᵀ dO, dK = dSᵀ (scale Q), dQ = scale dS K. Two
+// kernels, so every gradient row is written by one warp (no atomics, the same bits every run):
+// _kv walks the query tiles for 64 keys (each warp 16 keys: Sᵀ = K Qᵀ and dPᵀ = V dOᵀ, so Pᵀ
+// and dSᵀ are A operands in registers), _q walks the key tiles for 64 queries (S and dP recomputed,
+// dS the A operand of dS K). No T x T matrix exists in memory.
 template <int HD>
 struct MmaAttnSmem {
     static constexpr int BQ = 64, BKV = 64, LD = HD + 8;  // +8 bf16: conflict-free ldmatrix rows
     static constexpr int BYTES = (BQ + 2 * BKV) * LD * 2;
+    static constexpr int BWD_BYTES = 4 * 64 * LD * 2 + 2 * 64 * 4;  // four tiles, then L and D of 64 rows
 };
 
-// Stages rows r0 .. r0 + ROWS of one head's slice of qkv (columns col .. col + hd of each packed
-// row `start + r`) into shared memory as bf16 times `scale`: rows at or past `len` and columns at or
-// past `hd` as zeros. 16-byte loads (hd % 4 == 0 and c % 4 == 0), each thread issuing a batch of
-// them before converting any, from addresses clamped into the utterance and the head so none
-// needs a branch: one memory round trip per batch, not one per load.
+// Stages rows r0 .. r0 + ROWS of one head's slice of `src` (row stride `stride`, columns col ..
+// col + hd of each packed row `start + r`) into shared memory as bf16 times `scale`: rows at or
+// past `len` and columns at or past `hd` as zeros. With `vec4` (hd % 4 == 0, stride % 4 == 0),
+// 16-byte loads, each thread issuing a batch of them before converting any, from addresses clamped
+// into the utterance and the head so none needs a branch: one memory round trip per batch, not
+// one per load.
 template <int ROWS, int HD>
-__device__ __forceinline__ void stage_rows_vec4(const float* qkv, long row3, int start, int r0, int len, int col, int hd, float scale,
-                                                __nv_bfloat16* dst, int ld, int t) {
+__device__ __forceinline__ void stage_rows(const float* src, long stride, int start, int r0, int len, int col, int hd, float scale,
+                                           __nv_bfloat16* dst, int ld, int t, bool vec4) {
+    if (!vec4) {
+        for (int i = t; i < ROWS * HD; i += 128) {
+            int r = i / HD, d = i % HD;
+            bool in = r0 + r < len && d < hd;
+            dst[r * ld + d] = __float2bfloat16(in ? src[(long)(start + r0 + r) * stride + col + d] * scale : 0.0f);
+        }
+        return;
+    }
     // Batches of 8 loads (4 at HD 128, whose accumulators take twice the registers).
     constexpr int PER = ROWS * HD / 4 / 128, MOST = HD >= 128 ? 2 : 8, BATCH = PER < MOST ? PER : MOST;
     static_assert(PER * 4 * 128 == ROWS * HD && PER % BATCH == 0, "whole 16-byte loads per thread");
@@ -106,7 +126,7 @@ __device__ __forceinline__ void stage_rows_vec4(const float* qkv, long row3, int
         for (int j = 0; j < BATCH; ++j) {
             int i = t + (b0 + j) * 128, r = i / (HD / 4), d = (i % (HD / 4)) * 4;
             int row = min(r0 + r, len - 1), dd = min(d, hd - 4);
-            v[j] = *reinterpret_cast<const float4*>(qkv + (long)(start + row) * row3 + col + dd);
+            v[j] = *reinterpret_cast<const float4*>(src + (long)(start + row) * stride + col + dd);
         }
 #pragma unroll
         for (int j = 0; j < BATCH; ++j) {
@@ -119,59 +139,113 @@ __device__ __forceinline__ void stage_rows_vec4(const float* qkv, long row3, int
     }
 }
 
+// A fragments (16 rows from `row0`, K = HD) of a staged tile.
 template <int HD>
-__device__ void attention_bf16_mma_impl(const float* qkv, float* out, const int* offsets, int c, int hd, float scale) {
+__device__ __forceinline__ void load_a_rows(unsigned (&f)[HD / 16][4], const __nv_bfloat16* tile, int ld, int row0, int lane) {
+#pragma unroll
+    for (int kc = 0; kc < HD / 16; ++kc) ldmatrix_x4(f[kc], tile + (row0 + lane % 16) * ld + kc * 16 + (lane / 16) * 8);
+}
+
+// acc (16 x 64) += A Bᵀ over K = HD: A in fragments, B the 64 rows of a staged tile (Q Kᵀ, dO Vᵀ,
+// and in the backward K Qᵀ, V dOᵀ).
+template <int HD>
+__device__ __forceinline__ void mma_abt(float (&acc)[8][4], const unsigned (&a)[HD / 16][4], const __nv_bfloat16* tile, int ld, int lane) {
+#pragma unroll
+    for (int kc = 0; kc < HD / 16; ++kc)
+#pragma unroll
+        for (int nj = 0; nj < 4; ++nj) {
+            unsigned b[4];
+            ldmatrix_x4(b, tile + (nj * 16 + (lane % 8) + (lane / 16) * 8) * ld + kc * 16 + ((lane / 8) % 2) * 8);
+            mma_bf16(acc[2 * nj], a[kc], b[0], b[1]);
+            mma_bf16(acc[2 * nj + 1], a[kc], b[2], b[3]);
+        }
+}
+
+// acc (16 x HD) += A B over K = 64: A the 16 x 64 fragments a product's accumulators were packed
+// into (pack_a), B a staged 64 x HD tile read transposed (P V, and in the backward Pᵀ dO, dSᵀ Q,
+// dS K).
+template <int HD>
+__device__ __forceinline__ void mma_ab(float (&acc)[HD / 8][4], const unsigned (&a)[4][4], const __nv_bfloat16* tile, int ld, int lane) {
+#pragma unroll
+    for (int kc = 0; kc < 4; ++kc)
+#pragma unroll
+        for (int dj = 0; dj < HD / 16; ++dj) {
+            unsigned b[4];
+            ldmatrix_x4_trans(b, tile + (kc * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * ld + dj * 16 + (lane / 16) * 8);
+            mma_bf16(acc[2 * dj], a[kc], b[0], b[1]);
+            mma_bf16(acc[2 * dj + 1], a[kc], b[2], b[3]);
+        }
+}
+
+// Two floats as the bf16 pair of one fragment register.
+__device__ __forceinline__ unsigned bf16_pair(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<unsigned*>(&v);
+}
+
+// Accumulators of a 16 x 64 product as the A fragments of a product over those 64 columns:
+// column tile nt feeds K chunk nt / 2, its rows g and g + 8 registers 0 and 1 (even nt) or 2 and 3.
+__device__ __forceinline__ void pack_a(unsigned (&a)[4][4], const float (&x)[8][4]) {
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+        a[nt / 2][(nt % 2) * 2] = bf16_pair(x[nt][0], x[nt][1]);
+        a[nt / 2][(nt % 2) * 2 + 1] = bf16_pair(x[nt][2], x[nt][3]);
+    }
+}
+
+// Writes a warp's 16 x HD accumulators (this lane's rows g and g + 8, times f[0] and f[1]) to
+// base + (row0 + row) * stride, for rows before `len` and columns before `hd`.
+template <int HD>
+__device__ __forceinline__ void store_rows(const float (&acc)[HD / 8][4], float* base, long stride, int row0, int len, int hd, const float (&f)[2],
+                                           int g, int tq) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        int row = row0 + g + r * 8;
+        if (row >= len) continue;
+        float* dst = base + (long)row * stride;
+#pragma unroll
+        for (int dt = 0; dt < HD / 8; ++dt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                int d = dt * 8 + tq * 2 + e;
+                if (d < hd) dst[d] = acc[dt][r * 2 + e] * f[r];
+            }
+    }
+}
+
+// Dropout of the probability of (query row `row` of the packed batch, head h, key j of its
+// utterance), as the CPU draws it; 1 without dropout.
+__device__ __forceinline__ float prob_dropout(float p, unsigned long long site_key, int row, int heads, int h, int j) {
+    return p > 0.0f ? dropout_factor(p, site_key, (((unsigned long long)row * heads + h) << 24) | (unsigned long long)j) : 1.0f;
+}
+
+template <int HD>
+__device__ void attention_bf16_mma_impl(const float* qkv, float* out, const int* offsets, int c, int hd, float scale, float* lse, float p,
+                                        unsigned long long site_key) {
     using L = MmaAttnSmem<HD>;
     DYNAMIC_SHARED(unsigned char, smem);
     __nv_bfloat16* Qs = reinterpret_cast<__nv_bfloat16*>(smem);
     __nv_bfloat16* Ks = Qs + L::BQ * L::LD;
     __nv_bfloat16* Vs = Ks + L::BKV * L::LD;
     const int u = blockIdx.z, h = blockIdx.y, t = threadIdx.x, warp = t / 32, lane = t % 32, g = lane / 4, tq = lane % 4;
-    const int start = offsets[u], len = offsets[u + 1] - start, q0 = blockIdx.x * L::BQ;
+    const int start = offsets[u], len = offsets[u + 1] - start, q0 = blockIdx.x * L::BQ, heads = c / hd;
     if (q0 >= len) return;
     const long row3 = 3L * c;
     // float4 loads when every head's rows start on 16-byte boundaries (qkv is 256-byte aligned).
     const bool vec4 = (hd % 4 == 0) && (c % 4 == 0);
-    if (vec4) {
-        stage_rows_vec4<L::BQ, HD>(qkv, row3, start, q0, len, h * hd, hd, scale, Qs, L::LD, t);
-    } else {
-        for (int i = t; i < L::BQ * HD; i += 128) {
-            int r = i / HD, d = i % HD;
-            bool in = q0 + r < len && d < hd;
-            Qs[r * L::LD + d] = __float2bfloat16(in ? qkv[(start + q0 + r) * row3 + h * hd + d] * scale : 0.0f);
-        }
-    }
+    stage_rows<L::BQ, HD>(qkv, row3, start, q0, len, h * hd, hd, scale, Qs, L::LD, t, vec4);
     __syncthreads();
     unsigned qf[HD / 16][4];
-#pragma unroll
-    for (int kc = 0; kc < HD / 16; ++kc) ldmatrix_x4(qf[kc], Qs + (warp * 16 + lane % 16) * L::LD + kc * 16 + (lane / 16) * 8);
+    load_a_rows<HD>(qf, Qs, L::LD, warp * 16, lane);
     float o[HD / 8][4] = {};
     float m_row[2] = {-INFINITY, -INFINITY}, l_row[2] = {0.0f, 0.0f};  // rows g and g + 8 (l: this lane's partial sum)
     for (int j0 = 0; j0 < len; j0 += L::BKV) {
         __syncthreads();  // everyone is done with the previous K and V tiles
-        if (vec4) {
-            stage_rows_vec4<L::BKV, HD>(qkv, row3, start, j0, len, c + h * hd, hd, 1.0f, Ks, L::LD, t);
-            stage_rows_vec4<L::BKV, HD>(qkv, row3, start, j0, len, 2 * c + h * hd, hd, 1.0f, Vs, L::LD, t);
-        } else {
-            for (int i = t; i < L::BKV * HD; i += 128) {
-                int r = i / HD, d = i % HD;
-                bool in = j0 + r < len && d < hd;
-                long base = (long)(start + j0 + r) * row3 + h * hd + d;
-                Ks[r * L::LD + d] = __float2bfloat16(in ? qkv[base + c] : 0.0f);
-                Vs[r * L::LD + d] = __float2bfloat16(in ? qkv[base + 2 * c] : 0.0f);
-            }
-        }
+        stage_rows<L::BKV, HD>(qkv, row3, start, j0, len, c + h * hd, hd, 1.0f, Ks, L::LD, t, vec4);
+        stage_rows<L::BKV, HD>(qkv, row3, start, j0, len, 2 * c + h * hd, hd, 1.0f, Vs, L::LD, t, vec4);
         __syncthreads();
         float s[L::BKV / 8][4] = {};
-#pragma unroll
-        for (int kc = 0; kc < HD / 16; ++kc)
-#pragma unroll
-            for (int nj = 0; nj < L::BKV / 16; ++nj) {
-                unsigned kf[4];
-                ldmatrix_x4(kf, Ks + (nj * 16 + (lane % 8) + (lane / 16) * 8) * L::LD + kc * 16 + ((lane / 8) % 2) * 8);
-                mma_bf16(s[2 * nj], qf[kc], kf[0], kf[1]);
-                mma_bf16(s[2 * nj + 1], qf[kc], kf[2], kf[3]);
-            }
+        mma_abt<HD>(s, qf, Ks, L::LD, lane);
         // Online softmax: lane holds s[nt][0..1] (row g) and s[nt][2..3] (row g + 8).
         float tmax[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -199,56 +273,190 @@ __device__ void attention_bf16_mma_impl(const float* qkv, float* out, const int*
             o[dt][2] *= corr[1];
             o[dt][3] *= corr[1];
         }
-        // P = exp(S - m) in bf16, summed as rounded (what the MMA multiplies), packed as A fragments.
-        unsigned pf[L::BKV / 16][4];
+        // P = exp(S - m) rounded to bf16 and summed as rounded (what the MMA multiplies), then
+        // dropped (the sum is of the kept-and-dropped probabilities, as the softmax's).
 #pragma unroll
-        for (int nt = 0; nt < L::BKV / 8; ++nt) {
-            __nv_bfloat162 lo = __floats2bfloat162_rn(expf(s[nt][0] - m_row[0]), expf(s[nt][1] - m_row[0]));
-            __nv_bfloat162 hi = __floats2bfloat162_rn(expf(s[nt][2] - m_row[1]), expf(s[nt][3] - m_row[1]));
-            l_row[0] += __low2float(lo) + __high2float(lo);
-            l_row[1] += __low2float(hi) + __high2float(hi);
-            // Key chunk nt / 2: tile 2c gives registers 0 (row g) and 1 (row g + 8), tile 2c + 1 gives 2 and 3.
-            pf[nt / 2][(nt % 2) * 2] = *reinterpret_cast<unsigned*>(&lo);
-            pf[nt / 2][(nt % 2) * 2 + 1] = *reinterpret_cast<unsigned*>(&hi);
-        }
+        for (int nt = 0; nt < L::BKV / 8; ++nt)
 #pragma unroll
-        for (int kc = 0; kc < L::BKV / 16; ++kc)
-#pragma unroll
-            for (int dj = 0; dj < HD / 16; ++dj) {
-                unsigned vf[4];
-                ldmatrix_x4_trans(vf, Vs + (kc * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * L::LD + dj * 16 + (lane / 16) * 8);
-                mma_bf16(o[2 * dj], pf[kc], vf[0], vf[1]);
-                mma_bf16(o[2 * dj + 1], pf[kc], vf[2], vf[3]);
+            for (int e = 0; e < 4; ++e) {
+                float pr = __bfloat162float(__float2bfloat16(expf(s[nt][e] - m_row[e / 2])));
+                l_row[e / 2] += pr;
+                int key = j0 + nt * 8 + tq * 2 + (e & 1);
+                s[nt][e] = pr * prob_dropout(p, site_key, start + q0 + warp * 16 + g + (e / 2) * 8, heads, h, key);
             }
+        unsigned pf[4][4];
+        pack_a(pf, s);
+        mma_ab<HD>(o, pf, Vs, L::LD, lane);
     }
+    float inv[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         l_row[r] += __shfl_xor_sync(0xffffffffu, l_row[r], 1);
         l_row[r] += __shfl_xor_sync(0xffffffffu, l_row[r], 2);
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
+        inv[r] = 1.0f / l_row[r];
         int q = q0 + warp * 16 + g + r * 8;
-        if (q >= len) continue;
-        float inv = 1.0f / l_row[r];
-        float* dst = out + (long)(start + q) * c + h * hd;
-#pragma unroll
-        for (int dt = 0; dt < HD / 8; ++dt)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                int d = dt * 8 + tq * 2 + e;
-                if (d < hd) dst[d] = o[dt][r * 2 + e] * inv;
-            }
+        if (lse && tq == 0 && q < len) lse[(long)(start + q) * heads + h] = m_row[r] + logf(l_row[r]);
+    }
+    store_rows<HD>(o, out + (long)start * c + h * hd, c, q0 + warp * 16, len, hd, inv, g, tq);
+}
+
+// D = rowsum(dO ⊙ O) for each (row, head) of the packed batch: [total, heads].
+extern "C" __global__ void attention_bwd_dot(const float* d_out, const float* out, float* dot, long total, int c, int hd) {
+    const int heads = c / hd;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total * heads; i += (long)gridDim.x * blockDim.x) {
+        const long base = (i / heads) * c + (i % heads) * hd;
+        float acc = 0.0f;
+        for (int d = 0; d < hd; ++d) acc = fmaf(d_out[base + d], out[base + d], acc);
+        dot[i] = acc;
     }
 }
 
-#define ATTENTION_BF16_MMA(HD)                                                                                     \
-    extern "C" __global__ void __launch_bounds__(128) attention_bf16_mma_hd##HD(const float* qkv, float* out,      \
-                                                                                const int* offsets, int c, int hd, \
-                                                                                float scale) {                     \
-        attention_bf16_mma_impl<HD>(qkv, out, offsets, c, hd, scale);                                              \
-    }                                                                                                              \
-    extern "C" __global__ void attention_bf16_mma_hd##HD##_smem(int* bytes) { *bytes = MmaAttnSmem<HD>::BYTES; }
+// The probability terms of one (query, key) pair of the backward: from the score s and its row's
+// L and D, the dropout factor z and the gradient dP of the dropped probabilities, returns dS and
+// sets pz = P z (what V was multiplied by). Pairs outside the utterance give zeros.
+__device__ __forceinline__ float score_grad(float s, float dpz, float lse, float dot, float z, bool in, float& pz) {
+    float pr = in ? expf(s - lse) : 0.0f;
+    pz = pr * z;
+    return pr * (dpz * z - dot);
+}
+
+template <int HD>
+__device__ void attention_bwd_kv_impl(const float* qkv, const float* d_out, const float* lse, const float* dot, float* d_qkv, const int* offsets,
+                                      int c, int hd, float scale, float p, unsigned long long site_key) {
+    using L = MmaAttnSmem<HD>;
+    DYNAMIC_SHARED(unsigned char, smem);
+    __nv_bfloat16* Ks = reinterpret_cast<__nv_bfloat16*>(smem);
+    __nv_bfloat16* Vs = Ks + 64 * L::LD;
+    __nv_bfloat16* Qs = Vs + 64 * L::LD;
+    __nv_bfloat16* dOs = Qs + 64 * L::LD;
+    float* Ls = reinterpret_cast<float*>(dOs + 64 * L::LD);
+    float* Ds = Ls + 64;
+    const int u = blockIdx.z, h = blockIdx.y, t = threadIdx.x, warp = t / 32, lane = t % 32, g = lane / 4, tq = lane % 4;
+    const int start = offsets[u], len = offsets[u + 1] - start, j0 = blockIdx.x * 64, heads = c / hd;
+    if (j0 >= len) return;
+    const long row3 = 3L * c;
+    const bool vec4 = (hd % 4 == 0) && (c % 4 == 0);
+    stage_rows<64, HD>(qkv, row3, start, j0, len, c + h * hd, hd, 1.0f, Ks, L::LD, t, vec4);
+    stage_rows<64, HD>(qkv, row3, start, j0, len, 2 * c + h * hd, hd, 1.0f, Vs, L::LD, t, vec4);
+    float dk[HD / 8][4] = {}, dv[HD / 8][4] = {};
+    const int key0 = j0 + warp * 16 + g;  // this lane's keys: key0 (registers 0, 1) and key0 + 8 (2, 3)
+    for (int i0 = 0; i0 < len; i0 += 64) {
+        __syncthreads();  // everyone is done with the previous query tile
+        stage_rows<64, HD>(qkv, row3, start, i0, len, h * hd, hd, scale, Qs, L::LD, t, vec4);
+        stage_rows<64, HD>(d_out, c, start, i0, len, h * hd, hd, 1.0f, dOs, L::LD, t, vec4);
+        if (t < 64) {
+            bool in = i0 + t < len;
+            Ls[t] = in ? lse[(long)(start + i0 + t) * heads + h] : 0.0f;
+            Ds[t] = in ? dot[(long)(start + i0 + t) * heads + h] : 0.0f;
+        }
+        __syncthreads();
+        // Sᵀ and dPᵀ: rows keys, columns queries. The K and V fragments are read again for each
+        // query tile rather than held: the accumulators of dK and dV need the registers.
+        float st[8][4] = {}, dpt[8][4] = {};
+        {
+            unsigned kf[HD / 16][4];
+            load_a_rows<HD>(kf, Ks, L::LD, warp * 16, lane);
+            mma_abt<HD>(st, kf, Qs, L::LD, lane);
+        }
+        {
+            unsigned vf[HD / 16][4];
+            load_a_rows<HD>(vf, Vs, L::LD, warp * 16, lane);
+            mma_abt<HD>(dpt, vf, dOs, L::LD, lane);
+        }
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                int qi = nt * 8 + tq * 2 + (e & 1), q = i0 + qi, key = key0 + (e / 2) * 8;
+                bool in = q < len && key < len;
+                float z = prob_dropout(p, site_key, start + q, heads, h, key), pz;
+                dpt[nt][e] = score_grad(st[nt][e], dpt[nt][e], Ls[qi], Ds[qi], z, in, pz);
+                st[nt][e] = pz;
+            }
+        unsigned pf[4][4], dsf[4][4];
+        pack_a(pf, st);
+        pack_a(dsf, dpt);
+        mma_ab<HD>(dv, pf, dOs, L::LD, lane);
+        mma_ab<HD>(dk, dsf, Qs, L::LD, lane);
+    }
+    const float one[2] = {1.0f, 1.0f};
+    store_rows<HD>(dk, d_qkv + (long)start * row3 + c + h * hd, row3, j0 + warp * 16, len, hd, one, g, tq);
+    store_rows<HD>(dv, d_qkv + (long)start * row3 + 2 * c + h * hd, row3, j0 + warp * 16, len, hd, one, g, tq);
+}
+
+template <int HD>
+__device__ void attention_bwd_q_impl(const float* qkv, const float* d_out, const float* lse, const float* dot, float* d_qkv, const int* offsets,
+                                     int c, int hd, float scale, float p, unsigned long long site_key) {
+    using L = MmaAttnSmem<HD>;
+    DYNAMIC_SHARED(unsigned char, smem);
+    __nv_bfloat16* Qs = reinterpret_cast<__nv_bfloat16*>(smem);
+    __nv_bfloat16* dOs = Qs + 64 * L::LD;
+    __nv_bfloat16* Ks = dOs + 64 * L::LD;
+    __nv_bfloat16* Vs = Ks + 64 * L::LD;
+    const int u = blockIdx.z, h = blockIdx.y, t = threadIdx.x, warp = t / 32, lane = t % 32, g = lane / 4, tq = lane % 4;
+    const int start = offsets[u], len = offsets[u + 1] - start, q0 = blockIdx.x * 64, heads = c / hd;
+    if (q0 >= len) return;
+    const long row3 = 3L * c;
+    const bool vec4 = (hd % 4 == 0) && (c % 4 == 0);
+    stage_rows<64, HD>(qkv, row3, start, q0, len, h * hd, hd, scale, Qs, L::LD, t, vec4);
+    stage_rows<64, HD>(d_out, c, start, q0, len, h * hd, hd, 1.0f, dOs, L::LD, t, vec4);
+    __syncthreads();
+    unsigned qf[HD / 16][4], dof[HD / 16][4];
+    load_a_rows<HD>(qf, Qs, L::LD, warp * 16, lane);
+    load_a_rows<HD>(dof, dOs, L::LD, warp * 16, lane);
+    float row_lse[2], row_dot[2];
+    const int qr = q0 + warp * 16 + g;  // this lane's queries: qr (registers 0, 1) and qr + 8 (2, 3)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        bool in = qr + r * 8 < len;
+        row_lse[r] = in ? lse[(long)(start + qr + r * 8) * heads + h] : 0.0f;
+        row_dot[r] = in ? dot[(long)(start + qr + r * 8) * heads + h] : 0.0f;
+    }
+    float dq[HD / 8][4] = {};
+    for (int j0 = 0; j0 < len; j0 += 64) {
+        __syncthreads();  // everyone is done with the previous key tile
+        stage_rows<64, HD>(qkv, row3, start, j0, len, c + h * hd, hd, 1.0f, Ks, L::LD, t, vec4);
+        stage_rows<64, HD>(qkv, row3, start, j0, len, 2 * c + h * hd, hd, 1.0f, Vs, L::LD, t, vec4);
+        __syncthreads();
+        float s[8][4] = {}, dp[8][4] = {};
+        mma_abt<HD>(s, qf, Ks, L::LD, lane);
+        mma_abt<HD>(dp, dof, Vs, L::LD, lane);
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                int q = qr + (e / 2) * 8, key = j0 + nt * 8 + tq * 2 + (e & 1);
+                bool in = q < len && key < len;
+                float z = prob_dropout(p, site_key, start + q, heads, h, key), pz;
+                dp[nt][e] = score_grad(s[nt][e], dp[nt][e], row_lse[e / 2], row_dot[e / 2], z, in, pz);
+            }
+        unsigned dsf[4][4];
+        pack_a(dsf, dp);
+        mma_ab<HD>(dq, dsf, Ks, L::LD, lane);
+    }
+    const float f[2] = {scale, scale};
+    store_rows<HD>(dq, d_qkv + (long)start * row3 + h * hd, row3, q0 + warp * 16, len, hd, f, g, tq);
+}
+
+#define ATTENTION_BF16_MMA(HD)                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(128)                                                                                 \
+        attention_bf16_mma_hd##HD(const float* qkv, float* out, const int* offsets, int c, int hd, float scale, float* lse, float p,   \
+                                  unsigned long long site_key) {                                                                      \
+        attention_bf16_mma_impl<HD>(qkv, out, offsets, c, hd, scale, lse, p, site_key);                                                \
+    }                                                                                                                                   \
+    extern "C" __global__ void attention_bf16_mma_hd##HD##_smem(int* bytes) { *bytes = MmaAttnSmem<HD>::BYTES; }                      \
+    extern "C" __global__ void __launch_bounds__(128)                                                                                 \
+        attention_bwd_kv_bf16_hd##HD(const float* qkv, const float* d_out, const float* lse, const float* dot, float* d_qkv,           \
+                                     const int* offsets, int c, int hd, float scale, float p, unsigned long long site_key) {           \
+        attention_bwd_kv_impl<HD>(qkv, d_out, lse, dot, d_qkv, offsets, c, hd, scale, p, site_key);                                    \
+    }                                                                                                                                   \
+    extern "C" __global__ void attention_bwd_kv_bf16_hd##HD##_smem(int* bytes) { *bytes = MmaAttnSmem<HD>::BWD_BYTES; }               \
+    extern "C" __global__ void __launch_bounds__(128)                                                                                 \
+        attention_bwd_q_bf16_hd##HD(const float* qkv, const float* d_out, const float* lse, const float* dot, float* d_qkv,            \
+                                    const int* offsets, int c, int hd, float scale, float p, unsigned long long site_key) {            \
+        attention_bwd_q_impl<HD>(qkv, d_out, lse, dot, d_qkv, offsets, c, hd, scale, p, site_key);                                     \
+    }                                                                                                                                   \
+    extern "C" __global__ void attention_bwd_q_bf16_hd##HD##_smem(int* bytes) { *bytes = MmaAttnSmem<HD>::BWD_BYTES; }
 ATTENTION_BF16_MMA(16)
 ATTENTION_BF16_MMA(32)
 ATTENTION_BF16_MMA(64)

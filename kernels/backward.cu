@@ -192,19 +192,7 @@ extern "C" __global__ void __launch_bounds__(256) gemm_strided_tf32x3(StridedGem
         }
 }
 
-// ---- dropout: the CPU's counter-based masks (src/dropout.rs), bit for bit -------------------
-
-__device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
-// The factor element i of a site is multiplied by: 0 if dropped, else 1 / (1 - p).
-__device__ __forceinline__ float dropout_factor(float p, unsigned long long site_key, unsigned long long i) {
-    float u = (float)(mix64(site_key ^ i) >> 40) / 16777216.0f;
-    return u < p ? 0.0f : 1.0f / (1.0f - p);
-}
+// ---- dropout (dropout_factor in common.cuh) --------------------------------------------------
 
 // site_key = mix(seed ^ site * golden), computed once on the host.
 extern "C" __global__ void dropout_f32(const float* x, float* out, long n, float p, unsigned long long site_key) {

@@ -58,6 +58,19 @@ __device__ __forceinline__ void fma_tile_4x4(const float (&As)[BK][LD], const fl
 // where the score is 0 (src/router score_grad; the same product order, so the same bits).
 __device__ __forceinline__ float straight_through(float w, float s) { return w * (s > 0.0f ? 1.0f : (s < 0.0f ? -1.0f : 0.0f)); }
 
+// Dropout: the CPU's counter-based masks (src/dropout.rs), bit for bit.
+__device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+// The factor element i of a site is multiplied by: 0 if dropped, else 1 / (1 - p).
+__device__ __forceinline__ float dropout_factor(float p, unsigned long long site_key, unsigned long long i) {
+    float u = (float)(mix64(site_key ^ i) >> 40) / 16777216.0f;
+    return u < p ? 0.0f : 1.0f / (1.0f - p);
+}
+
 // Bit `i` of a mask packed 8 weights per byte, least significant bit first.
 __device__ __forceinline__ bool mask_bit(const uint8_t* mask, long i) { return (mask[i >> 3] >> (i & 7)) & 1; }
 

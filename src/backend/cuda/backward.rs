@@ -351,11 +351,14 @@ impl Backward for CudaBackend {
     }
 
     fn attention_dropout(&self, qkv: &Tensor, seqs: &Seqs, heads: usize, scale: f32, dropout: Option<ProbDropout>) -> Result<Tensor> {
-        // Without dropout in fp32 the fused kernel gives what the backward recomputes; in bf16
-        // the forward takes the same fp32 path as the backward, so the two agree.
+        // bf16: the flash-style kernel, whose backward (`attention_grad`) runs it again for its
+        // log-sum-exp. fp32 without dropout: the exact fused kernel, which gives what the
+        // backward's T x T recomputation does; with dropout, that recomputation's path.
         let dropout = dropout.filter(|d| d.dropout.is_active());
-        if dropout.is_none() && self.precision() == Precision::F32 {
-            return self.attention(qkv, seqs, heads, scale);
+        match self.precision() {
+            Precision::Bf16 => return self.fused_attention(qkv, seqs, heads, scale, None, dropout),
+            Precision::F32 if dropout.is_none() => return self.attention(qkv, seqs, heads, scale),
+            Precision::F32 => {}
         }
         let (rows, c3) = matrix(qkv);
         ensure!(rows == seqs.total() && c3 % 3 == 0, "attention: {:?} does not hold q, k, v of {} frames", qkv.shape(), seqs.total());
@@ -409,6 +412,9 @@ impl Backward for CudaBackend {
             qkv.shape()
         );
         let dropout = dropout.filter(|d| d.dropout.is_active());
+        if self.precision() == Precision::Bf16 {
+            return self.fused_attention_grad(d_out, qkv, seqs, heads, scale, dropout);
+        }
         let c = c3 / 3;
         let hd = (c / heads) as i64;
         let d_qkv = self.empty(qkv.shape(), DType::F32)?;

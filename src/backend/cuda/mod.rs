@@ -23,6 +23,7 @@ use cudarc::nvrtc::Ptx;
 use rayon::prelude::*;
 
 use super::{packed_rows, Activation, Backend, ConvGeometry, LinearMask, NormParams, Seqs, SparseWeight};
+use crate::dropout::ProbDropout;
 use crate::tensor::{DType, HostBytes, Storage, Tensor};
 use launch::{GemmArgs, Launch, NormSource, MAX_SOURCE_TAPS};
 pub use sparse::SparseCuda;
@@ -77,6 +78,23 @@ const FUNCTIONS: &[(&str, &str)] = &[
     ("attention", "attention_bf16_mma_hd32_smem"),
     ("attention", "attention_bf16_mma_hd64_smem"),
     ("attention", "attention_bf16_mma_hd128_smem"),
+    ("attention", "attention_bwd_dot"),
+    ("attention", "attention_bwd_kv_bf16_hd16"),
+    ("attention", "attention_bwd_kv_bf16_hd32"),
+    ("attention", "attention_bwd_kv_bf16_hd64"),
+    ("attention", "attention_bwd_kv_bf16_hd128"),
+    ("attention", "attention_bwd_kv_bf16_hd16_smem"),
+    ("attention", "attention_bwd_kv_bf16_hd32_smem"),
+    ("attention", "attention_bwd_kv_bf16_hd64_smem"),
+    ("attention", "attention_bwd_kv_bf16_hd128_smem"),
+    ("attention", "attention_bwd_q_bf16_hd16"),
+    ("attention", "attention_bwd_q_bf16_hd32"),
+    ("attention", "attention_bwd_q_bf16_hd64"),
+    ("attention", "attention_bwd_q_bf16_hd128"),
+    ("attention", "attention_bwd_q_bf16_hd16_smem"),
+    ("attention", "attention_bwd_q_bf16_hd32_smem"),
+    ("attention", "attention_bwd_q_bf16_hd64_smem"),
+    ("attention", "attention_bwd_q_bf16_hd128_smem"),
     ("ctc", "ctc_emissions"),
     ("ctc", "ctc_recursions"),
     ("ctc", "ctc_grad"),
@@ -442,6 +460,109 @@ impl CudaBackend {
             b.arg(&px).arg(&po).arg(&n);
         })?;
         Ok(out)
+    }
+
+    /// Splits qkv `[frames, 3c]` of `seqs` into (c, head size, the head-size class the
+    /// attention kernels are instantiated for: 16, 32, 64, 128).
+    fn attention_shape(qkv: &Tensor, seqs: &Seqs, heads: usize) -> Result<(usize, usize, usize)> {
+        let c3 = *qkv.shape().last().unwrap_or(&0);
+        ensure!(qkv.numel() / c3.max(1) == seqs.total(), "attention: {:?} does not hold {} frames", qkv.shape(), seqs.total());
+        ensure!(
+            c3.is_multiple_of(3) && heads > 0 && (c3 / 3).is_multiple_of(heads),
+            "attention: {c3} columns do not split into q, k, v of {heads} heads"
+        );
+        let (c, hd) = (c3 / 3, c3 / 3 / heads);
+        let class = match hd {
+            0..=16 => 0,
+            17..=32 => 1,
+            33..=64 => 2,
+            65..=128 => 3,
+            _ => bail!("attention: head size {hd} is larger than the kernels support (128)"),
+        };
+        Ok((c, hd, class))
+    }
+
+    /// The attention kernels' grid: 64 rows (queries, or keys in the backward) per block, for
+    /// every head of every utterance.
+    fn attention_config(seqs: &Seqs, heads: usize, threads: u32, smem: u32) -> cudarc::driver::LaunchConfig {
+        let longest = seqs.lens().iter().copied().max().unwrap_or(0);
+        let mut cfg = launch::config((longest.div_ceil(64).max(1) as u32, heads as u32, seqs.count() as u32), threads);
+        cfg.shared_mem_bytes = smem;
+        cfg
+    }
+
+    /// Flash-style attention of each utterance (no T x T matrix in memory). bf16 also takes
+    /// dropout on the probabilities and writes each row's log-sum-exp into `lse` (`[frames,
+    /// heads]`) for the backward; fp32 (one thread per query, the exact path) takes neither.
+    fn fused_attention(
+        &self,
+        qkv: &Tensor,
+        seqs: &Seqs,
+        heads: usize,
+        scale: f32,
+        lse: Option<&Tensor>,
+        dropout: Option<ProbDropout>,
+    ) -> Result<Tensor> {
+        let (c, hd, class) = Self::attention_shape(qkv, seqs, heads)?;
+        let out = self.empty(&[seqs.total(), c], DType::F32)?;
+        let offsets = self.offsets(seqs)?;
+        let (pq, po, poff) = (self.ptr(qkv)?, self.ptr(&out)?, offsets.device_ptr(&self.stream).0);
+        let (c_i, hd_i) = (c as i32, hd as i32);
+        match self.precision {
+            Precision::F32 => {
+                ensure!(lse.is_none() && dropout.is_none(), "the fp32 fused attention keeps no log-sum-exp and drops nothing");
+                let name = ["attention_hd16", "attention_hd32", "attention_hd64", "attention_hd128"][class];
+                self.launcher().launch(self.func(name), Self::attention_config(seqs, heads, 64, 0), |b| {
+                    b.arg(&pq).arg(&po).arg(&poff).arg(&c_i).arg(&hd_i).arg(&scale);
+                })?;
+            }
+            Precision::Bf16 => {
+                let name =
+                    ["attention_bf16_mma_hd16", "attention_bf16_mma_hd32", "attention_bf16_mma_hd64", "attention_bf16_mma_hd128"][class];
+                let plse = lse.map(|t| self.ptr(t)).transpose()?.unwrap_or(0);
+                let (p, key) = dropout.map_or((0.0f32, 0u64), |d| (d.dropout.p, d.dropout.site_key(d.site)));
+                self.launcher().launch(self.func(name), Self::attention_config(seqs, heads, 128, self.dynamic_smem[name]), |b| {
+                    b.arg(&pq).arg(&po).arg(&poff).arg(&c_i).arg(&hd_i).arg(&scale).arg(&plse).arg(&p).arg(&key);
+                })?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The gradient of [`Self::fused_attention`] (bf16) with respect to qkv: the forward run
+    /// again for its output and log-sum-exp, D = rowsum(dO ⊙ O), then the two flash-style
+    /// backward kernels (kernels/attention.cu): dK and dV per key tile, dQ per query tile.
+    fn fused_attention_grad(
+        &self,
+        d_out: &Tensor,
+        qkv: &Tensor,
+        seqs: &Seqs,
+        heads: usize,
+        scale: f32,
+        dropout: Option<ProbDropout>,
+    ) -> Result<Tensor> {
+        let (c, hd, class) = Self::attention_shape(qkv, seqs, heads)?;
+        ensure!(d_out.numel() == seqs.total() * c, "attention backward: gradient {:?} for qkv {:?}", d_out.shape(), qkv.shape());
+        let rows = seqs.total();
+        let lse = self.empty(&[rows, heads], DType::F32)?;
+        let out = self.fused_attention(qkv, seqs, heads, scale, Some(&lse), dropout)?;
+        let dot = self.empty(&[rows, heads], DType::F32)?;
+        let (pdo, pout, pdot, total, c_i, hd_i) = (self.ptr(d_out)?, self.ptr(&out)?, self.ptr(&dot)?, rows as i64, c as i32, hd as i32);
+        self.launcher().elementwise(self.func("attention_bwd_dot"), rows * heads, |b| {
+            b.arg(&pdo).arg(&pout).arg(&pdot).arg(&total).arg(&c_i).arg(&hd_i);
+        })?;
+        let d_qkv = self.empty(qkv.shape(), DType::F32)?;
+        let offsets = self.offsets(seqs)?;
+        let (pq, plse, pdq, poff) = (self.ptr(qkv)?, self.ptr(&lse)?, self.ptr(&d_qkv)?, offsets.device_ptr(&self.stream).0);
+        let (p, key) = dropout.map_or((0.0f32, 0u64), |d| (d.dropout.p, d.dropout.site_key(d.site)));
+        let kv = ["attention_bwd_kv_bf16_hd16", "attention_bwd_kv_bf16_hd32", "attention_bwd_kv_bf16_hd64", "attention_bwd_kv_bf16_hd128"];
+        let q = ["attention_bwd_q_bf16_hd16", "attention_bwd_q_bf16_hd32", "attention_bwd_q_bf16_hd64", "attention_bwd_q_bf16_hd128"];
+        for name in [kv[class], q[class]] {
+            self.launcher().launch(self.func(name), Self::attention_config(seqs, heads, 128, self.dynamic_smem[name]), |b| {
+                b.arg(&pq).arg(&pdo).arg(&plse).arg(&pdot).arg(&pdq).arg(&poff).arg(&c_i).arg(&hd_i).arg(&scale).arg(&p).arg(&key);
+            })?;
+        }
+        Ok(d_qkv)
     }
 
     /// Packs a 0/1 f32 mask tensor on the device into bits (see [`crate::mask`]).
@@ -850,42 +971,7 @@ impl Backend for CudaBackend {
     }
 
     fn attention(&self, qkv: &Tensor, seqs: &Seqs, heads: usize, scale: f32) -> Result<Tensor> {
-        let c3 = *qkv.shape().last().unwrap_or(&0);
-        ensure!(qkv.numel() / c3.max(1) == seqs.total(), "attention: {:?} does not hold {} frames", qkv.shape(), seqs.total());
-        ensure!(
-            c3.is_multiple_of(3) && heads > 0 && (c3 / 3).is_multiple_of(heads),
-            "attention: {c3} columns do not split into q, k, v of {heads} heads"
-        );
-        let c = c3 / 3;
-        let hd = c / heads;
-        // Kernels exist for head sizes padded to 16, 32, 64, 128.
-        let size_class = match hd {
-            0..=16 => 0,
-            17..=32 => 1,
-            33..=64 => 2,
-            65..=128 => 3,
-            _ => bail!("attention: head size {hd} is larger than the kernels support (128)"),
-        };
-        // fp32: one thread per query (exact path); bf16: tensor cores, 4 warps per 64 queries.
-        let (name, threads, smem): (&str, u32, u32) = match self.precision {
-            Precision::F32 => (["attention_hd16", "attention_hd32", "attention_hd64", "attention_hd128"][size_class], 64, 0),
-            Precision::Bf16 => {
-                let name = ["attention_bf16_mma_hd16", "attention_bf16_mma_hd32", "attention_bf16_mma_hd64", "attention_bf16_mma_hd128"]
-                    [size_class];
-                (name, 128, self.dynamic_smem[name])
-            }
-        };
-        let out = self.empty(&[seqs.total(), c], DType::F32)?;
-        let offsets = self.offsets(seqs)?;
-        let longest = seqs.lens().iter().copied().max().unwrap_or(0);
-        let (pq, po, poff) = (self.ptr(qkv)?, self.ptr(&out)?, offsets.device_ptr(&self.stream).0);
-        let (c_i, hd_i) = (c as i32, hd as i32);
-        let mut cfg = launch::config((longest.div_ceil(64).max(1) as u32, heads as u32, seqs.count() as u32), threads);
-        cfg.shared_mem_bytes = smem;
-        self.launcher().launch(self.func(name), cfg, |b| {
-            b.arg(&pq).arg(&po).arg(&poff).arg(&c_i).arg(&hd_i).arg(&scale);
-        })?;
-        Ok(out)
+        self.fused_attention(qkv, seqs, heads, scale, None, None)
     }
 
     fn ctc_loss(&self, logits: &Tensor, seqs: &Seqs, targets: &crate::ctc::CtcTargets, grad_scale: f32) -> Result<(Vec<f32>, Tensor)> {
