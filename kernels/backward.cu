@@ -505,44 +505,77 @@ extern "C" __global__ void group_norm_time_grad_f32(const float* dy, const float
 // Keys are |score| bit patterns (monotone in |score|; NaN above infinity, as total_cmp orders).
 // A radix select over 4 digits of 8 bits finds the drop-th smallest key T and how many keys equal
 // to T are dropped; ties are dropped in index order (the CPU's rule), then surviving bits are
-// cleared in a mask that starts all ones. state: {prefix, fixed-bits mask, remaining rank}.
+// cleared in a mask that starts all ones. Every scored block of every masked matrix of a step
+// is a segment of one batch (blockIdx.y, or blockIdx.x for the one-thread steps), so a step's
+// masks take the same dozen launches however many matrices it masks.
+// state, per segment: {prefix, fixed-bits mask, remaining rank}; hist: 256 counters per segment.
+
+struct TopkSegment {
+    const float* s;     // the block's scores
+    long n;             // how many
+    unsigned* bits;     // its matrix's mask words
+    long bit0;          // bit of the block's first score in them
+    unsigned rank;      // dropped count - 1
+    int nblocks;        // tie-count blocks of TOPK_PER_BLOCK scores
+    unsigned* counts;   // nblocks tie counts, then their exclusive prefix sums
+};
+
+// Mask words of one matrix, set to all ones before the drops are cleared.
+struct MaskWords {
+    unsigned* p;
+    long n;
+};
 
 __device__ __forceinline__ unsigned score_key(float s) { return __float_as_uint(s) & 0x7fffffffu; }
 
-extern "C" __global__ void topk_init(unsigned* state, unsigned* hist, unsigned rank) {
-    state[0] = 0;
-    state[1] = 0;
-    state[2] = rank;
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+extern "C" __global__ void topk_fill(const MaskWords* masks) {
+    const MaskWords m = masks[blockIdx.y];
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < m.n; i += (long)gridDim.x * blockDim.x) m.p[i] = ~0u;
 }
 
-extern "C" __global__ void topk_histogram(const float* s, long n, const unsigned* state, unsigned* hist, int shift) {
+extern "C" __global__ void topk_init(const TopkSegment* segs, unsigned* state, unsigned* hist) {
+    const int g = blockIdx.x;
+    if (threadIdx.x == 0) {
+        state[3 * g] = 0;
+        state[3 * g + 1] = 0;
+        state[3 * g + 2] = segs[g].rank;
+    }
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[256 * g + i] = 0;
+}
+
+extern "C" __global__ void topk_histogram(const TopkSegment* segs, const unsigned* state, unsigned* hist, int shift) {
     __shared__ unsigned local[256];
+    const int g = blockIdx.y;
     for (int i = threadIdx.x; i < 256; i += blockDim.x) local[i] = 0;
     __syncthreads();
-    unsigned prefix = state[0], fixed = state[1];
+    const float* s = segs[g].s;
+    const long n = segs[g].n;
+    unsigned prefix = state[3 * g], fixed = state[3 * g + 1];
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         unsigned key = score_key(s[i]);
         if ((key & fixed) == prefix) atomicAdd(&local[(key >> shift) & 255u], 1u);
     }
     __syncthreads();
     for (int i = threadIdx.x; i < 256; i += blockDim.x)
-        if (local[i]) atomicAdd(&hist[i], local[i]);
+        if (local[i]) atomicAdd(&hist[256 * g + i], local[i]);
 }
 
-// One thread: the digit holding the remaining rank; clears the histogram for the next digit.
+// One thread per segment: the digit holding the remaining rank; clears the histogram for the
+// next digit.
 extern "C" __global__ void topk_pick(unsigned* state, unsigned* hist, int shift) {
-    unsigned rank = state[2], below = 0;
+    unsigned* st = state + 3 * blockIdx.x;
+    unsigned* h = hist + 256 * blockIdx.x;
+    unsigned rank = st[2], below = 0;
     for (int b = 0; b < 256; ++b) {
-        if (below + hist[b] > rank) {
-            state[0] |= (unsigned)b << shift;
-            state[2] = rank - below;
+        if (below + h[b] > rank) {
+            st[0] |= (unsigned)b << shift;
+            st[2] = rank - below;
             break;
         }
-        below += hist[b];
+        below += h[b];
     }
-    state[1] |= 255u << shift;
-    for (int b = 0; b < 256; ++b) hist[b] = 0;
+    st[1] |= 255u << shift;
+    for (int b = 0; b < 256; ++b) h[b] = 0;
 }
 
 constexpr int TOPK_PER_THREAD = 32, TOPK_THREADS = 256, TOPK_PER_BLOCK = TOPK_PER_THREAD * TOPK_THREADS;
@@ -571,44 +604,45 @@ __device__ __forceinline__ unsigned block_tie_prefix(const float* s, long n, uns
     return before + incl - mine;
 }
 
-extern "C" __global__ void __launch_bounds__(256) topk_tie_counts(const float* s, long n, const unsigned* state, unsigned* counts) {
+extern "C" __global__ void __launch_bounds__(256) topk_tie_counts(const TopkSegment* segs, const unsigned* state) {
+    const TopkSegment sg = segs[blockIdx.y];
+    if ((int)blockIdx.x >= sg.nblocks) return;  // the whole block: segments differ in length
     unsigned total;
-    block_tie_prefix(s, n, state[0], &total);
-    if (threadIdx.x == 0) counts[blockIdx.x] = total;
+    block_tie_prefix(sg.s, sg.n, state[3 * blockIdx.y], &total);
+    if (threadIdx.x == 0) sg.counts[blockIdx.x] = total;
 }
 
-// One thread: exclusive prefix sums of the per-block tie counts.
-extern "C" __global__ void topk_tie_scan(unsigned* counts, int blocks) {
+// One thread per segment: exclusive prefix sums of its per-block tie counts.
+extern "C" __global__ void topk_tie_scan(const TopkSegment* segs) {
+    const TopkSegment sg = segs[blockIdx.x];
     unsigned run = 0;
-    for (int b = 0; b < blocks; ++b) {
-        unsigned c = counts[b];
-        counts[b] = run;
+    for (int b = 0; b < sg.nblocks; ++b) {
+        unsigned c = sg.counts[b];
+        sg.counts[b] = run;
         run += c;
     }
 }
 
 // Clears the bit of every dropped element: key < T, or a tie among the first (rank + 1) ties.
-// Element e of this block's scores is bit bit0 + e of the (stacked) weight's mask.
-extern "C" __global__ void __launch_bounds__(256) topk_write(const float* s, long n, const unsigned* state, const unsigned* counts,
-                                                             unsigned* bits, long bit0) {
-    unsigned thr = state[0], ties_dropped = state[2] + 1, total;
-    unsigned rank = counts[blockIdx.x] + block_tie_prefix(s, n, thr, &total);
+// Element e of a segment's scores is bit bit0 + e of its (stacked) weight's mask.
+extern "C" __global__ void __launch_bounds__(256) topk_write(const TopkSegment* segs, const unsigned* state) {
+    const TopkSegment sg = segs[blockIdx.y];
+    if ((int)blockIdx.x >= sg.nblocks) return;
+    const unsigned* st = state + 3 * blockIdx.y;
+    unsigned thr = st[0], ties_dropped = st[2] + 1, total;
+    unsigned rank = sg.counts[blockIdx.x] + block_tie_prefix(sg.s, sg.n, thr, &total);
     long e0 = (long)blockIdx.x * TOPK_PER_BLOCK + (long)threadIdx.x * TOPK_PER_THREAD;
     for (int j = 0; j < TOPK_PER_THREAD; ++j) {
         long e = e0 + j;
-        if (e >= n) break;
-        unsigned key = score_key(s[e]);
+        if (e >= sg.n) break;
+        unsigned key = score_key(sg.s[e]);
         bool dropped = key < thr;
         if (key == thr) dropped = rank++ < ties_dropped;
         if (dropped) {
-            long b = bit0 + e;
-            atomicAnd(&bits[b >> 5], ~(1u << (b & 31)));
+            long b = sg.bit0 + e;
+            atomicAnd(&sg.bits[b >> 5], ~(1u << (b & 31)));
         }
     }
-}
-
-extern "C" __global__ void fill_u32(unsigned* x, unsigned v, long n) {
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) x[i] = v;
 }
 
 // ---- tensor-core gradient GEMM operands ---------------------------------------------------------

@@ -9,7 +9,7 @@
 mod common;
 
 use common::{assert_close, assert_key_bias_negligible, f32_backends, fixtures, gpu, l2, random, utterances};
-use s3router::backend::backward::{Backward, ScoredRows, TrainBackend};
+use s3router::backend::backward::{Backward, ScoredLinear, ScoredRows, TrainBackend};
 use s3router::backend::cpu::CpuBackend;
 use s3router::backend::cuda::{CudaBackend, Precision};
 use s3router::backend::{Activation, Backend, ConvGeometry, NormParams, Seqs};
@@ -240,17 +240,35 @@ fn conv_grads_match(be: &CudaBackend, x: &Tensor, dy: &Tensor, w: &Tensor, seqs_
     assert_close(&format!("conv dW {geom:?}"), &back(be, &got), want.f32s().unwrap(), TOL);
 }
 
-/// `(W ⊙ M)ᵀ` read through a linear on the identity with all-ones weights: the mask itself,
-/// in `[in, out]` order, whatever layout the backend keeps its bits in.
-fn mask_of(be: &dyn TrainBackend, d_out: usize, d_in: usize, blocks: &[(usize, Tensor)], sparsity: f64) -> Vec<f32> {
-    let scores: Vec<Tensor> = blocks.iter().map(|(_, s)| be.upload(s).unwrap()).collect();
-    let rows: Vec<ScoredRows> = blocks.iter().zip(&scores).map(|((row0, _), s)| ScoredRows { row0: *row0, scores: s }).collect();
-    let w = be.prepare_linear_weight(&t(vec![1.0; d_out * d_in], &[d_out, d_in])).unwrap();
-    let mask = be.scored_mask(&w, &rows, sparsity).unwrap();
-    let eye: Vec<f32> = (0..d_in * d_in).map(|i| (i / d_in == i % d_in) as u8 as f32).collect();
-    let y =
-        be.linear_segments(&be.upload(&t(eye, &[d_in, d_in])).unwrap(), &w, None, Activation::Identity, &[(d_in, Some(&mask))]).unwrap();
-    be.to_host(&y).unwrap().to_vec().unwrap()
+/// A masked linear of the top-k test: out, in, its scored row blocks (first row, scores).
+type MaskCase = (usize, usize, Vec<(usize, Tensor)>);
+
+/// The masks of `linears` (all-ones weights), made in one
+/// `scored_masks` call, each read back as `(W ⊙ M)ᵀ` through a linear on the identity: the mask
+/// itself, in `[in, out]` order, whatever layout the backend keeps its bits in.
+fn masks_of(be: &dyn TrainBackend, linears: &[MaskCase], sparsity: f64) -> Vec<Vec<f32>> {
+    let weights: Vec<Tensor> =
+        linears.iter().map(|(d_out, d_in, _)| be.prepare_linear_weight(&t(vec![1.0; d_out * d_in], &[*d_out, *d_in])).unwrap()).collect();
+    let scores: Vec<Vec<Tensor>> =
+        linears.iter().map(|(_, _, blocks)| blocks.iter().map(|(_, s)| be.upload(s).unwrap()).collect()).collect();
+    let rows: Vec<Vec<ScoredRows>> = linears
+        .iter()
+        .zip(&scores)
+        .map(|((_, _, blocks), s)| blocks.iter().zip(s).map(|((row0, _), s)| ScoredRows { row0: *row0, scores: s }).collect())
+        .collect();
+    let request: Vec<ScoredLinear> = weights.iter().zip(&rows).map(|(w, r)| (w, r.as_slice())).collect();
+    let masks = be.scored_masks(&request, sparsity).unwrap();
+    assert_eq!(masks.len(), linears.len());
+    linears
+        .iter()
+        .zip(weights.iter().zip(&masks))
+        .map(|(&(_, d_in, _), (w, mask))| {
+            let eye: Vec<f32> = (0..d_in * d_in).map(|i| (i / d_in == i % d_in) as u8 as f32).collect();
+            let x = be.upload(&t(eye, &[d_in, d_in])).unwrap();
+            let y = be.linear_segments(&x, w, None, Activation::Identity, &[(d_in, Some(mask))]).unwrap();
+            be.to_host(&y).unwrap().to_vec().unwrap()
+        })
+        .collect()
 }
 
 #[test]
@@ -258,13 +276,21 @@ fn score_masks_are_the_cpu_top_k_bit_for_bit() {
     let Some(be) = gpu(Precision::F32) else { return };
     let cpu = CpuBackend;
     // Scores from a handful of values (ties everywhere, both signs, zeros), sizes spanning
-    // several top-k blocks, q/k/v stacked with a row offset that is no multiple of 8 or 32.
-    for (i, &(h, d_in)) in [(3, 5), (29, 37), (120, 91)].iter().enumerate() {
-        let block = |k: u64| t(random(h * d_in, 30 + 3 * i as u64 + k, 4.0).iter().map(|v| v.round() / 2.0).collect(), &[h, d_in]);
-        let blocks = vec![(0, block(0)), (2 * h, block(2))];
-        for sparsity in [0.0, 0.1, 0.5, 0.9] {
-            let want = mask_of(&cpu, 3 * h, d_in, &blocks, sparsity);
-            assert_eq!(mask_of(&be, 3 * h, d_in, &blocks, sparsity), want, "{h} x {d_in} at {sparsity}");
+    // several top-k blocks, q/k/v stacked with a row offset that is no multiple of 8 or 32; all
+    // matrices in one call (the GPU's batch of segments of different lengths), and each alone.
+    let linears: Vec<MaskCase> = [(3, 5), (29, 37), (120, 91)]
+        .iter()
+        .enumerate()
+        .map(|(i, &(h, d_in))| {
+            let block = |k: u64| t(random(h * d_in, 30 + 3 * i as u64 + k, 4.0).iter().map(|v| v.round() / 2.0).collect(), &[h, d_in]);
+            (3 * h, d_in, vec![(0, block(0)), (2 * h, block(2))])
+        })
+        .collect();
+    for sparsity in [0.0, 0.1, 0.5, 0.9] {
+        let want = masks_of(&cpu, &linears, sparsity);
+        assert_eq!(masks_of(&be, &linears, sparsity), want, "all together at {sparsity}");
+        for (l, w) in linears.iter().zip(&want) {
+            assert_eq!(&masks_of(&be, std::slice::from_ref(l), sparsity)[0], w, "{} x {} at {sparsity}", l.0, l.1);
         }
     }
 }

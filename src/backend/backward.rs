@@ -22,6 +22,10 @@ pub struct ScoredRows<'a> {
     pub scores: &'a Tensor,
 }
 
+/// One masked linear of a step: its prepared weight (the stacked q/k/v one included) and its
+/// scored row blocks.
+pub type ScoredLinear<'a> = (&'a Tensor, &'a [ScoredRows<'a>]);
+
 /// Layer-norm gradients: the input's, and `(dgamma, dbeta)` when asked for.
 pub type NormGrads = (Tensor, Option<(Tensor, Tensor)>);
 
@@ -37,7 +41,7 @@ pub trait Backward {
     fn gelu_grad(&self, dy: &Tensor, x: &Tensor) -> Result<Tensor>;
 
     /// `dx = dy · (W ⊙ M)` for `y = x · (W ⊙ M)ᵀ`: `w` as [`Backend::prepare_linear_weight`]
-    /// made it, `mask` as [`Backward::scored_mask`] or [`Backend::prepare_mask`] made it.
+    /// made it, `mask` as [`Backward::scored_masks`] or [`Backend::prepare_mask`] made it.
     fn linear_input_grad(&self, dy: &Tensor, w: &Tensor, mask: Option<&LinearMask>) -> Result<Tensor>;
 
     /// `dW = dyᵀ · x` in PyTorch's `[out, in]` layout.
@@ -78,11 +82,12 @@ pub trait Backward {
     /// its frames): `(dx, dgamma, dbeta)`.
     fn group_norm_time_grads(&self, dy: &Tensor, x: &Tensor, seqs: &Seqs, norm: NormParams) -> Result<(Tensor, Tensor, Tensor)>;
 
-    /// The keep-mask of the linear whose prepared weight is `w` (the stacked q/k/v one
-    /// included): in each scored row block the `numel - floor(sparsity * numel)` entries of
-    /// largest |score|, ties broken as [`crate::router::top_k_mask`] does; rows no block covers
-    /// are kept. The GPU writes bits; the CPU applies the mask to a copy of `w` once.
-    fn scored_mask(&self, w: &Tensor, blocks: &[ScoredRows], sparsity: f64) -> Result<LinearMask>;
+    /// The keep-masks of `linears`, one per linear in order: in each scored row block the
+    /// `numel - floor(sparsity * numel)` entries of largest |score|, ties broken as
+    /// [`crate::router::top_k_mask`] does; rows no block covers are kept. The GPU writes bits,
+    /// all of a step's matrices in one batch of launches; the CPU applies each mask to a copy
+    /// of its weight once.
+    fn scored_masks(&self, linears: &[ScoredLinear], sparsity: f64) -> Result<Vec<LinearMask>>;
 
     /// The straight-through score gradients `dW_eff[rows] ⊙ W[rows] ⊙ sign(score)` of the scored
     /// blocks of a linear with the prepared weight `w`, `dW_eff = dyᵀ · x` (`dy` the gradient at

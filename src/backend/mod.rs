@@ -94,7 +94,7 @@ pub enum LinearMask {
     /// Bits over the `[out, in]` weight on the device.
     Cuda(cuda::CudaBuf),
     /// `W ⊙ M` already applied to the CPU's `[in, out]` weight: a training step's masks, built
-    /// once per step and used by the forward and the backward products ([`backward::Backward::scored_mask`]).
+    /// once per step and used by the forward and the backward products ([`backward::Backward::scored_masks`]).
     Applied(Tensor),
 }
 

@@ -14,10 +14,9 @@
 use std::collections::BTreeMap;
 
 use anyhow::{bail, ensure, Context, Result};
-use rayon::prelude::*;
 
 use super::encoder;
-use crate::backend::backward::{ScoredRows, TrainBackend};
+use crate::backend::backward::{ScoredLinear, ScoredRows, TrainBackend};
 use crate::backend::{Activation, LinearMask, Seqs};
 use crate::ctc::{ctc_loss, CtcTargets, Reduction};
 use crate::dropout::{Dropout, ProbDropout};
@@ -224,6 +223,16 @@ struct Tape {
     residual2: Option<Tensor>,
 }
 
+/// Linear 0 = qkv, 1 = out, 2 = intermediate, 3 = output of `layer`.
+fn linear_of(layer: &EncoderLayer, which: usize) -> &Linear {
+    match which {
+        0 => &layer.qkv_proj,
+        1 => &layer.out_proj,
+        2 => &layer.intermediate_dense,
+        _ => &layer.output_dense,
+    }
+}
+
 /// The four linears of a layer as this step computes with them: the frozen weight under the
 /// keep-mask of its scored parts, if any.
 struct LayerWeights<'a> {
@@ -241,14 +250,7 @@ impl LayerWeights<'_> {
 
     /// Linear 0 = qkv, 1 = out, 2 = intermediate, 3 = output, and its mask.
     fn linear(&self, which: usize) -> (&Linear, Option<&LinearMask>) {
-        let l = self.layer;
-        let lin = match which {
-            0 => &l.qkv_proj,
-            1 => &l.out_proj,
-            2 => &l.intermediate_dense,
-            _ => &l.output_dense,
-        };
-        (lin, self.masks[which].as_ref())
+        (linear_of(self.layer, which), self.masks[which].as_ref())
     }
 
     fn attention_masked(&self) -> bool {
@@ -272,26 +274,40 @@ impl LayerWeights<'_> {
 /// The projections each linear of a layer holds, numbered as in [`LayerWeights::linear`].
 const LINEAR_PARTS: [&[Part]; 4] = [&[Part::Query, Part::Key, Part::Value], &[Part::Out], &[Part::Intermediate], &[Part::Output]];
 
-/// The keep-masks (top-k of the scores) of every linear of `layer` with masked parts.
+/// Every layer's linears with their keep-masks (top-k of the scores), the masks of all masked
+/// matrices made in one call.
 fn layer_weights<'a>(
     be: &dyn TrainBackend,
-    layer: &'a EncoderLayer,
-    index: usize,
+    layers: &'a [EncoderLayer],
     masks: &[MaskedWeight],
     scores: &[Tensor],
     sparsity: f64,
-) -> Result<LayerWeights<'a>> {
-    let mut lw = LayerWeights { layer, masked: [None; 6], masks: Default::default() };
-    for (k, m) in masks.iter().enumerate().filter(|(_, m)| m.layer == index) {
-        lw.masked[m.part as usize] = Some(k);
+) -> Result<Vec<LayerWeights<'a>>> {
+    let mut weights: Vec<LayerWeights> = layers
+        .iter()
+        .enumerate()
+        .map(|(index, layer)| {
+            let mut lw = LayerWeights { layer, masked: [None; 6], masks: Default::default() };
+            for (k, m) in masks.iter().enumerate().filter(|(_, m)| m.layer == index) {
+                lw.masked[m.part as usize] = Some(k);
+            }
+            lw
+        })
+        .collect();
+    // (layer, linear, its scored blocks) for every linear with masked parts.
+    let scored: Vec<(usize, usize, Vec<ScoredRows>)> = weights
+        .iter()
+        .enumerate()
+        .flat_map(|(i, lw)| (0..LINEAR_PARTS.len()).map(move |which| (i, which, lw.scored(which, scores).1)))
+        .filter(|(_, _, blocks)| !blocks.is_empty())
+        .collect();
+    let linears: Vec<ScoredLinear> =
+        scored.iter().map(|(i, which, blocks)| (&linear_of(&layers[*i], *which).weight, blocks.as_slice())).collect();
+    let made = be.scored_masks(&linears, sparsity)?;
+    for ((i, which, _), mask) in scored.iter().zip(made) {
+        weights[*i].masks[*which] = Some(mask);
     }
-    for which in 0..LINEAR_PARTS.len() {
-        let (_, blocks) = lw.scored(which, scores);
-        if !blocks.is_empty() {
-            lw.masks[which] = Some(be.scored_mask(&lw.linear(which).0.weight, &blocks, sparsity)?);
-        }
-    }
-    Ok(lw)
+    Ok(weights)
 }
 
 /// Which weights a step returns gradients for, besides scores, head and time-mask embedding.
@@ -338,9 +354,7 @@ pub fn step(
     let id = Activation::Identity;
     // Already on the backend in a training run (no copy then); uploaded otherwise.
     let scores: Vec<Tensor> = masks.iter().map(|m| be.upload(&m.scores)).collect::<Result<_>>()?;
-    // The per-matrix top-k selections are independent: one task per layer.
-    let weights: Vec<LayerWeights> =
-        model.layers.par_iter().enumerate().map(|(i, l)| layer_weights(be, l, i, masks, &scores, sparsity)).collect::<Result<_>>()?;
+    let weights = layer_weights(be, &model.layers, masks, &scores, sparsity)?;
     let linear = |(lin, mask): (&Linear, Option<&LinearMask>), x: &Tensor| -> Result<Tensor> {
         let rows = x.numel() / x.shape().last().copied().unwrap_or(1).max(1);
         be.linear_segments(x, &lin.weight, Some(&lin.bias), id, &[(rows, mask)])

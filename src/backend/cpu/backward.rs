@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use super::attention::attention;
 use super::{as_matrix, data, grad, masked_weight, math, CpuBackend};
-use crate::backend::backward::{Backward, NormGrads, ScoredRows};
+use crate::backend::backward::{Backward, NormGrads, ScoredLinear, ScoredRows};
 use crate::backend::{ConvGeometry, LinearMask, NormParams, Seqs};
 use crate::dropout::{Dropout, ProbDropout};
 use crate::router::top_k_mask;
@@ -126,23 +126,29 @@ impl Backward for CpuBackend {
         Ok((Tensor::from_vec(dx, x.shape()), Tensor::from_vec(dgamma, &[c]), Tensor::from_vec(dbeta, &[c])))
     }
 
-    fn scored_mask(&self, w: &Tensor, blocks: &[ScoredRows], sparsity: f64) -> Result<LinearMask> {
+    fn scored_masks(&self, linears: &[ScoredLinear], sparsity: f64) -> Result<Vec<LinearMask>> {
         // `W ⊙ M` in the CPU's [in, out] layout, built once per step for the forward and the
-        // backward product; only the dropped entries are visited (the fewer at learning sparsities).
-        let &[d_in, d_out] = w.shape() else { bail!("linear weight must be 2-D, found {:?}", w.shape()) };
-        let mut masked = data(w)?.to_vec();
-        for b in blocks {
-            let scores = data(b.scores)?;
-            ensure!(
-                d_in > 0 && scores.len().is_multiple_of(d_in) && b.row0 + scores.len() / d_in <= d_out,
-                "scores {:?} do not fit a {d_out} x {d_in} weight",
-                b.scores.shape()
-            );
-            for (j, _) in top_k_mask(scores, sparsity).into_iter().enumerate().filter(|(_, k)| !k) {
-                masked[(j % d_in) * d_out + b.row0 + j / d_in] = 0.0;
-            }
-        }
-        Ok(LinearMask::Applied(Tensor::from_vec(masked, w.shape())))
+        // backward product; only the dropped entries are visited (the fewer at learning
+        // sparsities). The matrices are independent: one task each.
+        linears
+            .par_iter()
+            .map(|&(w, blocks)| {
+                let &[d_in, d_out] = w.shape() else { bail!("linear weight must be 2-D, found {:?}", w.shape()) };
+                let mut masked = data(w)?.to_vec();
+                for b in blocks {
+                    let scores = data(b.scores)?;
+                    ensure!(
+                        d_in > 0 && scores.len().is_multiple_of(d_in) && b.row0 + scores.len() / d_in <= d_out,
+                        "scores {:?} do not fit a {d_out} x {d_in} weight",
+                        b.scores.shape()
+                    );
+                    for (j, _) in top_k_mask(scores, sparsity).into_iter().enumerate().filter(|(_, k)| !k) {
+                        masked[(j % d_in) * d_out + b.row0 + j / d_in] = 0.0;
+                    }
+                }
+                Ok(LinearMask::Applied(Tensor::from_vec(masked, w.shape())))
+            })
+            .collect()
     }
 
     fn score_grads(&self, dy: &Tensor, x: &Tensor, w: &Tensor, blocks: &[ScoredRows]) -> Result<Vec<Tensor>> {
@@ -330,7 +336,8 @@ mod tests {
         let prepared = be.prepare_linear_weight(&Tensor::from_vec(w.clone(), &[3 * H, D_IN])).unwrap();
         let (q, v) = (Tensor::from_vec(random(H * D_IN, 4), &[H, D_IN]), Tensor::from_vec(random(H * D_IN, 5), &[H, D_IN]));
         let blocks = [ScoredRows { row0: 0, scores: &q }, ScoredRows { row0: 2 * H, scores: &v }];
-        let LinearMask::Applied(masked) = be.scored_mask(&prepared, &blocks, 0.3).unwrap() else { panic!("the CPU applies its masks") };
+        let mut made = be.scored_masks(&[(&prepared, &blocks)], 0.3).unwrap();
+        let Some(LinearMask::Applied(masked)) = made.pop() else { panic!("the CPU applies its masks") };
         let masked = masked.f32s().unwrap();
         let (keep_q, keep_v) = (top_k_mask(q.f32s().unwrap(), 0.3), top_k_mask(v.f32s().unwrap(), 0.3));
         for o in 0..3 * H {

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, ensure, Result};
 use cudarc::driver::{CudaSlice, DevicePtr, PushKernelArg};
 
-use super::launch::{self, GemmArgs, StridedGemm};
+use super::launch::{self, GemmArgs, MaskWords, StridedGemm, TopkSegment};
 use super::{CudaBackend, CudaBuf, Precision};
-use crate::backend::backward::{Backward, NormGrads, ScoredRows};
+use crate::backend::backward::{Backward, NormGrads, ScoredLinear, ScoredRows};
 use crate::backend::{Activation, Backend, ConvGeometry, LinearMask, NormParams, Seqs};
 use crate::dropout::{Dropout, ProbDropout};
 use crate::router::kept;
@@ -573,54 +573,91 @@ impl Backward for CudaBackend {
         Ok((dx, self.column_sum(&dgamma_u)?, self.column_sum(&dbeta_u)?))
     }
 
-    fn scored_mask(&self, w: &Tensor, blocks: &[ScoredRows], sparsity: f64) -> Result<LinearMask> {
-        let &[d_out, d_in] = w.shape() else { bail!("linear weight must be 2-D, found {:?}", w.shape()) };
-        let words = (d_out * d_in).div_ceil(32).max(1);
-        // SAFETY: fill_u32 writes every word before anything reads them.
-        let bits = unsafe { self.stream.alloc::<u8>(words * 4) }.map_err(|e| anyhow!("GPU allocation: {e}"))?;
-        let pbits = self.slice_ptr(&bits);
-        let (all, words_i) = (u32::MAX, words as i64);
-        self.launcher().elementwise(self.func("fill_u32"), words, |b| {
-            b.arg(&pbits).arg(&all).arg(&words_i);
-        })?;
-        let state = self.stream.alloc_zeros::<u32>(3).map_err(|e| anyhow!("GPU allocation: {e}"))?;
-        let hist = self.stream.alloc_zeros::<u32>(256).map_err(|e| anyhow!("GPU allocation: {e}"))?;
-        let (pstate, phist) = (self.slice_ptr(&state), self.slice_ptr(&hist));
-        let one = launch::config((1, 1, 1), 1);
-        for blk in blocks {
-            let n = blk.scores.numel();
-            ensure!(n % d_in == 0 && blk.row0 + n / d_in <= d_out, "scores {:?} do not fit a {d_out} x {d_in} weight", blk.scores.shape());
-            let drop = n - kept(n, sparsity);
-            if drop == 0 {
-                continue;
+    fn scored_masks(&self, linears: &[ScoredLinear], sparsity: f64) -> Result<Vec<LinearMask>> {
+        // One bit buffer per matrix, all ones; then every scored block with something to drop
+        // is a segment of one batch through the radix select (kernels/backward.cu).
+        if linears.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (mut bufs, mut words, mut segs) = (Vec::new(), Vec::new(), Vec::new());
+        let mut tie_blocks = 0usize;
+        for &(w, blocks) in linears {
+            let &[d_out, d_in] = w.shape() else { bail!("linear weight must be 2-D, found {:?}", w.shape()) };
+            let n_words = (d_out * d_in).div_ceil(32).max(1);
+            // SAFETY: topk_fill writes every word before anything reads them.
+            let bits = unsafe { self.stream.alloc::<u8>(n_words * 4) }.map_err(|e| anyhow!("GPU allocation: {e}"))?;
+            let pbits = self.slice_ptr(&bits);
+            words.push(MaskWords { p: pbits, n: n_words as i64 });
+            for blk in blocks {
+                let n = blk.scores.numel();
+                ensure!(
+                    d_in > 0 && n % d_in == 0 && blk.row0 + n / d_in <= d_out,
+                    "scores {:?} do not fit a {d_out} x {d_in} weight",
+                    blk.scores.shape()
+                );
+                let drop = n - kept(n, sparsity);
+                if drop > 0 {
+                    let nblocks = n.div_ceil(TOPK_PER_BLOCK);
+                    let seg = TopkSegment {
+                        s: self.ptr(blk.scores)?,
+                        n: n as i64,
+                        bits: pbits,
+                        bit0: (blk.row0 * d_in) as i64,
+                        rank: (drop - 1) as u32,
+                        nblocks: nblocks as i32,
+                        counts: tie_blocks as u64, // an index until the counts are allocated
+                    };
+                    segs.push(seg);
+                    tie_blocks += nblocks;
+                }
             }
-            let (ps, n_i, rank) = (self.ptr(blk.scores)?, n as i64, (drop - 1) as u32);
-            self.launcher().launch(self.func("topk_init"), launch::config((1, 1, 1), 256), |b| {
-                b.arg(&pstate).arg(&phist).arg(&rank);
+            bufs.push(bits);
+        }
+        let longest_words = words.iter().map(|w| w.n as usize).max().unwrap_or(0);
+        let words_dev = self.copy_to_device(&words)?;
+        let pwords = self.slice_ptr(&words_dev);
+        let fill_grid = launch::config((longest_words.div_ceil(256).clamp(1, 1024) as u32, words.len() as u32, 1), 256);
+        self.launcher().launch(self.func("topk_fill"), fill_grid, |b| {
+            b.arg(&pwords);
+        })?;
+        if !segs.is_empty() {
+            let counts = self.stream.alloc_zeros::<u32>(tie_blocks).map_err(|e| anyhow!("GPU allocation: {e}"))?;
+            let pcounts = self.slice_ptr(&counts);
+            for seg in &mut segs {
+                seg.counts = pcounts + seg.counts * 4;
+            }
+            let n_segs = segs.len();
+            let segs_dev = self.copy_to_device(&segs)?;
+            let state = self.stream.alloc_zeros::<u32>(3 * n_segs).map_err(|e| anyhow!("GPU allocation: {e}"))?;
+            let hist = self.stream.alloc_zeros::<u32>(256 * n_segs).map_err(|e| anyhow!("GPU allocation: {e}"))?;
+            let (psegs, pstate, phist) = (self.slice_ptr(&segs_dev), self.slice_ptr(&state), self.slice_ptr(&hist));
+            let per_segment = launch::config((n_segs as u32, 1, 1), 1);
+            let longest = segs.iter().map(|s| s.n as usize).max().unwrap_or(0);
+            let longest_blocks = segs.iter().map(|s| s.nblocks as u32).max().unwrap_or(1);
+            self.launcher().launch(self.func("topk_init"), launch::config((n_segs as u32, 1, 1), 256), |b| {
+                b.arg(&psegs).arg(&pstate).arg(&phist);
             })?;
             for shift in [24i32, 16, 8, 0] {
-                self.launcher().elementwise(self.func("topk_histogram"), n, |b| {
-                    b.arg(&ps).arg(&n_i).arg(&pstate).arg(&phist).arg(&shift);
+                let grid = launch::config((longest.div_ceil(256).clamp(1, 1024) as u32, n_segs as u32, 1), 256);
+                self.launcher().launch(self.func("topk_histogram"), grid, |b| {
+                    b.arg(&psegs).arg(&pstate).arg(&phist).arg(&shift);
                 })?;
-                self.launcher().launch(self.func("topk_pick"), one, |b| {
+                self.launcher().launch(self.func("topk_pick"), per_segment, |b| {
                     b.arg(&pstate).arg(&phist).arg(&shift);
                 })?;
             }
-            let nblocks = n.div_ceil(TOPK_PER_BLOCK);
-            let counts = self.stream.alloc_zeros::<u32>(nblocks).map_err(|e| anyhow!("GPU allocation: {e}"))?;
-            let (pc, nblocks_i, bit0) = (self.slice_ptr(&counts), nblocks as i32, (blk.row0 * d_in) as i64);
-            let grid = launch::config((nblocks as u32, 1, 1), 256);
-            self.launcher().launch(self.func("topk_tie_counts"), grid, |b| {
-                b.arg(&ps).arg(&n_i).arg(&pstate).arg(&pc);
+            let tie_grid = launch::config((longest_blocks, n_segs as u32, 1), 256);
+            self.launcher().launch(self.func("topk_tie_counts"), tie_grid, |b| {
+                b.arg(&psegs).arg(&pstate);
             })?;
-            self.launcher().launch(self.func("topk_tie_scan"), one, |b| {
-                b.arg(&pc).arg(&nblocks_i);
+            self.launcher().launch(self.func("topk_tie_scan"), per_segment, |b| {
+                b.arg(&psegs);
             })?;
-            self.launcher().launch(self.func("topk_write"), grid, |b| {
-                b.arg(&ps).arg(&n_i).arg(&pstate).arg(&pc).arg(&pbits).arg(&bit0);
+            self.launcher().launch(self.func("topk_write"), tie_grid, |b| {
+                b.arg(&psegs).arg(&pstate);
             })?;
         }
-        Ok(LinearMask::Cuda(CudaBuf(Arc::new(bits))))
+        Ok(bufs.into_iter().map(|b| LinearMask::Cuda(CudaBuf(Arc::new(b)))).collect())
     }
 
     fn score_grads(&self, dy: &Tensor, x: &Tensor, w: &Tensor, blocks: &[ScoredRows]) -> Result<Vec<Tensor>> {

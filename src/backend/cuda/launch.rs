@@ -194,3 +194,33 @@ pub struct StridedGemm {
 
 // SAFETY: plain-old-data with the C layout the kernel expects.
 unsafe impl DeviceRepr for StridedGemm {}
+
+/// One scored block of a step's top-k batch (`struct TopkSegment` in kernels/backward.cu, same
+/// layout): `n` scores at `s` whose drops clear bits `bit0 ..` of the words at `bits`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TopkSegment {
+    pub s: u64,
+    pub n: i64,
+    pub bits: u64,
+    pub bit0: i64,
+    /// Dropped count - 1.
+    pub rank: u32,
+    /// Tie-count blocks of the segment, and where their counts live.
+    pub nblocks: i32,
+    pub counts: u64,
+}
+
+// SAFETY: plain-old-data with the C layout the kernel expects.
+unsafe impl DeviceRepr for TopkSegment {}
+
+/// The `n` mask words of one matrix at `p` (`struct MaskWords` in kernels/backward.cu).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MaskWords {
+    pub p: u64,
+    pub n: i64,
+}
+
+// SAFETY: plain-old-data with the C layout the kernel expects.
+unsafe impl DeviceRepr for MaskWords {}

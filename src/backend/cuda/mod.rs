@@ -132,13 +132,13 @@ const FUNCTIONS: &[(&str, &str)] = &[
     ("backward", "scale_f32"),
     ("backward", "count_nonfinite_f32"),
     ("backward", "adam_f32"),
+    ("backward", "topk_fill"),
     ("backward", "topk_init"),
     ("backward", "topk_histogram"),
     ("backward", "topk_pick"),
     ("backward", "topk_tie_counts"),
     ("backward", "topk_tie_scan"),
     ("backward", "topk_write"),
-    ("backward", "fill_u32"),
 ];
 
 pub struct CudaBackend {
