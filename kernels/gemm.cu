@@ -14,7 +14,7 @@
 //            exact path).
 // gemm_bf16_mma*: the fast path when A is already bf16 and rows are 16-byte aligned: warps of
 //            64x64 outputs, mma.sync m16n8k16 fed by ldmatrix, a cp.async pipeline; masks travel
-//            with each stage and are applied to the B fragments in registers. Five tile shapes
+//            with each stage and are applied to the B fragments in registers. Six tile shapes
 //            (128x128x32 is version 3), timed against each other by the host per GEMM shape.
 // gemm_bf16: version 2, the general path (any K, fp32 A, layer 0's 1-channel conv). 128x128 tiles, BK 32, 8 warps of WMMA 16x16x16 bf16 fragments with fp32
 //            accumulation; tiles double-buffered in shared memory with the next tile's global
@@ -358,7 +358,9 @@ __device__ __forceinline__ void cp_async_k_loop(unsigned char* smem, int k, Load
 //   128x256x32 and 256x128x32, 4 stages, 8 warps (a quarter less operand traffic per output,
 //   one block per SM);
 //   64x128x32, 4 stages, 2 warps (twice the blocks where M is a few hundred rows: 1 x 10 s of
-//   speech is 499 frames, 4 rows of 128-row tiles, fewer blocks than the H100 has SMs).
+//   speech is 499 frames, 4 rows of 128-row tiles, fewer blocks than the H100 has SMs);
+//   128x64x32, 4 stages, 2 warps (narrow N: the positional conv's groups have 48 output
+//   channels, 37% of a 128-wide tile, 75% of this one).
 template <int BM_, int BN_, int BK_, int STAGES_, class L_>
 struct MmaTile {
     static constexpr int BM = BM_, BN = BN_, BK = BK_, STAGES = STAGES_;
@@ -373,6 +375,7 @@ using Mma128x128k64 = MmaTile<128, 128, 64, 3, Swizzled128>;
 using Mma128x256k32 = MmaTile<128, 256, 32, 4, Padded<40>>;
 using Mma256x128k32 = MmaTile<256, 128, 32, 4, Padded<40>>;
 using Mma64x128k32 = MmaTile<64, 128, 32, 4, Padded<40>>;
+using Mma128x64k32 = MmaTile<128, 64, 32, 4, Padded<40>>;
 
 template <class Tile>
 __device__ __forceinline__ void gemm_bf16_mma_body(const GemmArgs& p) {
@@ -433,6 +436,7 @@ GEMM_BF16_MMA(gemm_bf16_mma_k64, Mma128x128k64)
 GEMM_BF16_MMA(gemm_bf16_mma_wide, Mma128x256k32)
 GEMM_BF16_MMA(gemm_bf16_mma_tall, Mma256x128k32)
 GEMM_BF16_MMA(gemm_bf16_mma_short, Mma64x128k32)
+GEMM_BF16_MMA(gemm_bf16_mma_narrow, Mma128x64k32)
 
 // gemm_tf32x3: version 1 of the fp32-accurate tensor-core path (fp32 A and B, as gemm_f32). Each
 // operand x is split into TF32 parts, x = big + small with big = tf32(x) and small = tf32(x - big),

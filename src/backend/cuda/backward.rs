@@ -1,7 +1,10 @@
-//! The GPU's training ops (kernels/backward.cu), each the counterpart of the CPU adapter in
-//! `cpu/backward.rs`. Training runs in fp32 (`--precision f32`): the gradients go through the
-//! strided fp32 GEMM, which reads weights in the forward's `[out, in]` layout, masks included,
-//! so no transposed or masked copy of a weight is ever made.
+//! The GPU's training ops (kernels/backward.cu, and the attention backward in
+//! kernels/attention.cu), each the counterpart of the CPU adapter in `cpu/backward.rs`. Weight
+//! and score gradients take their activations transposed once and run through the cp.async
+//! tensor-core GEMMs (3xTF32 in fp32, mma.sync in bf16); input gradients read the weight in the
+//! forward's `[out, in]` layout through the strided GEMM in fp32, or a masked transposed bf16
+//! copy in bf16. Attention: T x T probabilities per utterance in fp32 (the exact path),
+//! flash-style kernels in bf16.
 
 use std::sync::Arc;
 

@@ -58,6 +58,8 @@ const FUNCTIONS: &[(&str, &str)] = &[
     ("gemm", "gemm_bf16_mma_tall_smem"),
     ("gemm", "gemm_bf16_mma_short"),
     ("gemm", "gemm_bf16_mma_short_smem"),
+    ("gemm", "gemm_bf16_mma_narrow"),
+    ("gemm", "gemm_bf16_mma_narrow_smem"),
     ("gemm", "gemm_tf32x3"),
     ("gemm", "gemm_tf32x3_smem"),
     ("norm", "to_bf16"),

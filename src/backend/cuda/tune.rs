@@ -24,12 +24,13 @@ pub struct MmaKernel {
 }
 
 /// The shapes, the first being the one GEMMs too small to be worth timing run.
-pub const BF16_MMA_KERNELS: [MmaKernel; 5] = [
+pub const BF16_MMA_KERNELS: [MmaKernel; 6] = [
     MmaKernel { name: "gemm_bf16_mma", tile_m: 128, tile_n: 128, threads: 128 },
     MmaKernel { name: "gemm_bf16_mma_k64", tile_m: 128, tile_n: 128, threads: 128 },
     MmaKernel { name: "gemm_bf16_mma_wide", tile_m: 128, tile_n: 256, threads: 256 },
     MmaKernel { name: "gemm_bf16_mma_tall", tile_m: 256, tile_n: 128, threads: 256 },
     MmaKernel { name: "gemm_bf16_mma_short", tile_m: 64, tile_n: 128, threads: 64 },
+    MmaKernel { name: "gemm_bf16_mma_narrow", tile_m: 128, tile_n: 64, threads: 64 },
 ];
 
 /// GEMMs of fewer flops run the first shape untimed: a few microseconds each, where timing
