@@ -202,15 +202,19 @@ extern "C" __global__ void dropout_f32(const float* x, float* out, long n, float
 
 // ---- elementwise -----------------------------------------------------------------------------
 
-extern "C" __global__ void gelu_f32(const float* x, float* y, long n) {
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) y[i] = gelu_erf(x[i]);
+// GELU, then (p > 0) dropout of the result: the two passes of the CPU in one, the same values.
+extern "C" __global__ void gelu_f32(const float* x, float* y, long n, float p, unsigned long long site_key) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        float g = gelu_erf(x[i]);
+        y[i] = p > 0.0f ? g * dropout_factor(p, site_key, (unsigned long long)i) : g;
+    }
 }
 
-// dy * (Phi(x) + x phi(x)), Phi through erfc as the CPU computes it.
-extern "C" __global__ void gelu_grad_f32(const float* dy, const float* x, float* out, long n) {
+// (dy * dropout factor) * (Phi(x) + x phi(x)), Phi through erfc as the CPU computes it.
+extern "C" __global__ void gelu_grad_f32(const float* dy, const float* x, float* out, long n, float p, unsigned long long site_key) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        float v = x[i];
-        out[i] = dy[i] * (0.5f * erfcf(-v * 0.70710678118654752440f) + v * 0.3989423f * expf(-0.5f * v * v));
+        float v = x[i], d = p > 0.0f ? dy[i] * dropout_factor(p, site_key, (unsigned long long)i) : dy[i];
+        out[i] = d * (0.5f * erfcf(-v * 0.70710678118654752440f) + v * 0.3989423f * expf(-0.5f * v * v));
     }
 }
 

@@ -48,6 +48,20 @@ impl Dropout {
     }
 }
 
+/// Dropout at one site of a step, for ops that fuse it (an inactive dropout is `None` there).
+#[derive(Clone, Copy, Debug)]
+pub struct SiteDropout {
+    pub dropout: Dropout,
+    pub site: u64,
+}
+
+impl SiteDropout {
+    /// `dropout` at `site`, or `None` when it drops nothing.
+    pub fn at(dropout: Option<Dropout>, site: u64) -> Option<SiteDropout> {
+        dropout.filter(Dropout::is_active).map(|dropout| SiteDropout { dropout, site })
+    }
+}
+
 /// Dropout on the attention probabilities of one layer (training only).
 #[derive(Clone, Copy)]
 pub struct ProbDropout {

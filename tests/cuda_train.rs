@@ -15,7 +15,7 @@ use s3router::backend::cuda::{CudaBackend, Precision};
 use s3router::backend::{Activation, Backend, ConvGeometry, NormParams, Seqs};
 use s3router::ctc::{CtcTargets, Reduction};
 use s3router::data::audio;
-use s3router::dropout::{Dropout, ProbDropout};
+use s3router::dropout::{Dropout, ProbDropout, SiteDropout};
 use s3router::model::checkpoint::Checkpoint;
 use s3router::model::preprocess::Preprocessor;
 use s3router::model::wav2vec2::Linear;
@@ -56,9 +56,23 @@ fn elementwise_ops_and_dropout_match_cpu() {
     let d = Dropout { p: 0.3, seed: 77 };
     // Dropout masks are a pure function of (seed, site, index): bit-identical on both devices.
     assert_eq!(back(&be, &be.dropout(up(&be, &x), d, 5).unwrap()), cpu.dropout(x.clone(), d, 5).unwrap().to_vec().unwrap());
-    assert_close("gelu", &back(&be, &be.gelu(&up(&be, &x)).unwrap()), cpu.gelu(&x).unwrap().f32s().unwrap(), TOL);
-    let got = be.gelu_grad(&up(&be, &dy), &up(&be, &x)).unwrap();
-    assert_close("gelu grad", &back(&be, &got), cpu.gelu_grad(&dy, &x).unwrap().f32s().unwrap(), TOL);
+    // GELU with dropout fused: the CPU's GELU then its dropout, on both devices.
+    for dropout in [None, SiteDropout::at(Some(d), 6)] {
+        let what = format!("gelu, dropout {}", dropout.is_some());
+        let want = cpu.gelu(&x, dropout).unwrap();
+        if dropout.is_some() {
+            let composed = cpu.dropout(cpu.gelu(&x, None).unwrap(), d, 6).unwrap();
+            assert_eq!(want.f32s().unwrap(), composed.f32s().unwrap(), "{what}: fused = GELU then dropout");
+        }
+        assert_close(&what, &back(&be, &be.gelu(&up(&be, &x), dropout).unwrap()), want.f32s().unwrap(), TOL);
+        let want = cpu.gelu_grad(&dy, &x, dropout).unwrap();
+        if dropout.is_some() {
+            let composed = cpu.gelu_grad(&cpu.dropout(dy.clone(), d, 6).unwrap(), &x, None).unwrap();
+            assert_eq!(want.f32s().unwrap(), composed.f32s().unwrap(), "{what}: fused grad = dropout then GELU'");
+        }
+        let got = be.gelu_grad(&up(&be, &dy), &up(&be, &x), dropout).unwrap();
+        assert_close(&format!("{what}: grad"), &back(&be, &got), want.f32s().unwrap(), TOL);
+    }
     assert_close("column sum", &back(&be, &be.column_sum(&up(&be, &dy)).unwrap()), cpu.column_sum(&dy).unwrap().f32s().unwrap(), TOL);
     assert_eq!(back(&be, &be.scale(up(&be, &x), 0.25).unwrap()), cpu.scale(x.clone(), 0.25).unwrap().to_vec().unwrap());
     let (gx, gdy) = (up(&be, &x), up(&be, &dy));

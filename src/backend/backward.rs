@@ -10,7 +10,7 @@
 use anyhow::Result;
 
 use super::{Backend, ConvGeometry, LinearMask, NormParams, Seqs};
-use crate::dropout::{Dropout, ProbDropout};
+use crate::dropout::{Dropout, ProbDropout, SiteDropout};
 use crate::tensor::Tensor;
 use crate::train::adam::AdamStep;
 
@@ -34,11 +34,13 @@ pub trait Backward {
     /// backend): the forward mask, and on a gradient the backward (the same diagonal).
     fn dropout(&self, x: Tensor, d: Dropout, site: u64) -> Result<Tensor>;
 
-    /// `GELU(x)` elementwise (exact erf form).
-    fn gelu(&self, x: &Tensor) -> Result<Tensor>;
+    /// `GELU(x)` elementwise (exact erf form), then `dropout`'s mask at its site when given: one
+    /// pass, the same values as [`Backward::dropout`] of the GELU.
+    fn gelu(&self, x: &Tensor, dropout: Option<SiteDropout>) -> Result<Tensor>;
 
-    /// `dy · GELU'(x)`.
-    fn gelu_grad(&self, dy: &Tensor, x: &Tensor) -> Result<Tensor>;
+    /// `(dy ⊙ mask) · GELU'(x)`, the mask `dropout`'s at its site when given (the backward of
+    /// [`Backward::gelu`] with the same dropout).
+    fn gelu_grad(&self, dy: &Tensor, x: &Tensor, dropout: Option<SiteDropout>) -> Result<Tensor>;
 
     /// `dx = dy · (W ⊙ M)` for `y = x · (W ⊙ M)ᵀ`: `w` as [`Backend::prepare_linear_weight`]
     /// made it, `mask` as [`Backward::scored_masks`] or [`Backend::prepare_mask`] made it.

@@ -50,7 +50,7 @@ pub fn forward(be: &dyn TrainBackend, model: &Wav2Vec2, audio: &[&[f32]]) -> Res
             (Some(n), FeatNorm::Group) => be.group_norm_time(conv.clone(), &out, n.params(NORM_EPS), Activation::Identity)?,
             (Some(n), FeatNorm::Layer) => be.layer_norm(conv.clone(), None, n.params(NORM_EPS), Activation::Identity)?,
         };
-        let input = std::mem::replace(&mut x, be.gelu(&pre_gelu)?);
+        let input = std::mem::replace(&mut x, be.gelu(&pre_gelu, None)?);
         steps.push(Step { input, seqs_in: seqs, seqs_out: out.clone(), conv, pre_gelu });
         seqs = out;
     }
@@ -62,7 +62,7 @@ pub fn forward(be: &dyn TrainBackend, model: &Wav2Vec2, audio: &[&[f32]]) -> Res
 pub fn backward(be: &dyn TrainBackend, model: &Wav2Vec2, tape: &Tape, mut d: Tensor, grads: &mut BTreeMap<String, Tensor>) -> Result<()> {
     for (i, (step, layer)) in tape.steps.iter().zip(&model.conv_layers).enumerate().rev() {
         let prefix = format!("wav2vec2.feature_extractor.conv_layers.{i}");
-        d = be.gelu_grad(&d, &step.pre_gelu)?;
+        d = be.gelu_grad(&d, &step.pre_gelu, None)?;
         if let Some(n) = &layer.norm {
             let params = n.params(NORM_EPS);
             let (dx, dgamma, dbeta) = match model.config.feat_extract_norm {

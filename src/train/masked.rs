@@ -19,7 +19,7 @@ use super::encoder;
 use crate::backend::backward::{ScoredLinear, ScoredRows, TrainBackend};
 use crate::backend::{Activation, LinearMask, Seqs};
 use crate::ctc::{ctc_loss, CtcTargets, Reduction};
-use crate::dropout::{Dropout, ProbDropout};
+use crate::dropout::{Dropout, ProbDropout, SiteDropout};
 use crate::model::checkpoint::WeightSource;
 use crate::model::config::Config;
 use crate::model::wav2vec2::{EncoderLayer, Linear, Norm};
@@ -365,6 +365,7 @@ pub fn step(
         None => Ok(x),
     };
     let probs_dropout = |i: usize| reg.attention_dropout.map(|dropout| ProbDropout { dropout, site: site(i, SITE_ATTENTION_PROBS) });
+    let activation_dropout = |i: usize| SiteDropout::at(reg.activation_dropout, site(i, SITE_ACTIVATION));
 
     // Forward: projected features, time and channel masking, positional conv, then the layers.
     let (mut projection_tape, mut encoder_tape) = (None, None);
@@ -411,7 +412,7 @@ pub fn step(
         if time.is_some() || reg.channel_mask.is_some() { be.mask_features(projected, &seqs, time, reg.channel_mask)? } else { projected };
     let geom = model.pos_conv_geometry();
     let pos_pre = be.conv1d(&projected, &seqs, &seqs, &model.pos_conv_weight, Some(&model.pos_conv_bias), geom, id)?;
-    let summed = be.add(projected.clone(), &be.gelu(&pos_pre)?)?;
+    let summed = be.add(projected.clone(), &be.gelu(&pos_pre, None)?)?;
     let x = if c.do_stable_layer_norm { summed.clone() } else { norm(&model.encoder_layer_norm, &summed)? };
     let mut x = drop(reg.dropout, 0, x)?;
     let mut tapes: Vec<Option<Tape>> = Vec::with_capacity(n_layers);
@@ -432,7 +433,7 @@ pub fn step(
         // The FFN: (pre-GELU, dropped output); the dropped post-GELU is freed here.
         let feed_forward = |inp: &Tensor| -> Result<(Tensor, Tensor)> {
             let u = linear(lw.linear(2), inp)?;
-            let g = drop(reg.activation_dropout, site(i, SITE_ACTIVATION), be.gelu(&u)?)?;
+            let g = be.gelu(&u, activation_dropout(i))?;
             let f2 = drop(reg.dropout, site(i, SITE_FFN_OUT), linear(lw.linear(3), &g)?)?;
             Ok((u, f2))
         };
@@ -510,13 +511,12 @@ pub fn step(
         let d_ffn_out = drop(reg.dropout, site(i, SITE_FFN_OUT), d_ffn_out)?;
         let (output_dense, out_mask) = lw.linear(3);
         if lw.part(Part::Output).is_some() || train_weights {
-            let post_gelu = drop(reg.activation_dropout, site(i, SITE_ACTIVATION), be.gelu(&tape.pre_gelu)?)?;
+            let post_gelu = be.gelu(&tape.pre_gelu, activation_dropout(i))?;
             to_scores(lw, 3, &d_ffn_out, &post_gelu)?;
             wgrads.linear(&name("feed_forward.output_dense"), weight_grad(&d_ffn_out, &post_gelu)?, &d_ffn_out)?;
         }
         let dg = be.linear_input_grad(&d_ffn_out, &output_dense.weight, out_mask)?;
-        let dg = drop(reg.activation_dropout, site(i, SITE_ACTIVATION), dg)?;
-        let du = be.gelu_grad(&dg, &tape.pre_gelu)?;
+        let du = be.gelu_grad(&dg, &tape.pre_gelu, activation_dropout(i))?;
         let (intermediate, inter_mask) = lw.linear(2);
         if lw.part(Part::Intermediate).is_some() || train_weights {
             let ffn_in = if c.do_stable_layer_norm {
@@ -691,7 +691,7 @@ fn encoder_input_grad(be: &dyn TrainBackend, model: &Wav2Vec2, dx: Tensor, below
     } else {
         wgrads.norm("wav2vec2.encoder.layer_norm", &dx, below.summed, &model.encoder_layer_norm)?
     };
-    let d_pre = be.gelu_grad(&d_sum, below.pos_pre)?;
+    let d_pre = be.gelu_grad(&d_sum, below.pos_pre, None)?;
     let geom = model.pos_conv_geometry();
     if wgrads.on {
         let dw = be.conv1d_weight_grad(&d_pre, below.projected, below.seqs, below.seqs, geom)?;

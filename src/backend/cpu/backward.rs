@@ -8,7 +8,7 @@ use super::attention::attention;
 use super::{as_matrix, data, grad, masked_weight, math, CpuBackend};
 use crate::backend::backward::{Backward, NormGrads, ScoredLinear, ScoredRows};
 use crate::backend::{ConvGeometry, LinearMask, NormParams, Seqs};
-use crate::dropout::{Dropout, ProbDropout};
+use crate::dropout::{Dropout, ProbDropout, SiteDropout};
 use crate::router::top_k_mask;
 use crate::tensor::Tensor;
 use crate::train::adam::AdamStep;
@@ -28,15 +28,26 @@ impl Backward for CpuBackend {
         Ok(Tensor::from_vec(v, &shape))
     }
 
-    fn gelu(&self, x: &Tensor) -> Result<Tensor> {
+    fn gelu(&self, x: &Tensor, dropout: Option<SiteDropout>) -> Result<Tensor> {
         let mut y = data(x)?.to_vec();
         y.par_chunks_mut(grad::ELEMENTWISE_CHUNK).for_each(|c| math::bias_act_rows(c, c.len(), None, true));
+        if let Some(d) = dropout {
+            d.dropout.apply(d.site, &mut y);
+        }
         Ok(Tensor::from_vec(y, x.shape()))
     }
 
-    fn gelu_grad(&self, dy: &Tensor, x: &Tensor) -> Result<Tensor> {
+    fn gelu_grad(&self, dy: &Tensor, x: &Tensor, dropout: Option<SiteDropout>) -> Result<Tensor> {
         ensure!(dy.shape() == x.shape(), "GELU backward: gradient {:?} for an input {:?}", dy.shape(), x.shape());
-        Ok(Tensor::from_vec(grad::gelu_input_grad(data(dy)?, data(x)?), x.shape()))
+        let dx = match dropout {
+            Some(d) => {
+                let mut dropped = data(dy)?.to_vec();
+                d.dropout.apply(d.site, &mut dropped);
+                grad::gelu_input_grad(&dropped, data(x)?)
+            }
+            None => grad::gelu_input_grad(data(dy)?, data(x)?),
+        };
+        Ok(Tensor::from_vec(dx, x.shape()))
     }
 
     fn linear_input_grad(&self, dy: &Tensor, w: &Tensor, mask: Option<&LinearMask>) -> Result<Tensor> {
@@ -296,6 +307,24 @@ mod tests {
         let mut rng = SplitMix(seed);
         // Every fifth value exactly 0: sign(0) = 0 must zero the score gradient.
         (0..n).map(|i| if i % 5 == 0 { 0.0 } else { rng.symmetric() }).collect()
+    }
+
+    /// The fused GELU + dropout (and its backward) give exactly the separate passes' values:
+    /// the mask applied once, after the GELU (before GELU' on the way back), at its own site.
+    #[test]
+    fn gelu_with_dropout_is_gelu_then_dropout() {
+        let be = CpuBackend;
+        let x = Tensor::from_vec(random(3000, 1), &[100, 30]);
+        let dy = Tensor::from_vec(random(3000, 2), &[100, 30]);
+        let d = Dropout { p: 0.3, seed: 5 };
+        let fused = be.gelu(&x, SiteDropout::at(Some(d), 9)).unwrap();
+        let composed = be.dropout(be.gelu(&x, None).unwrap(), d, 9).unwrap();
+        assert_eq!(fused.f32s().unwrap(), composed.f32s().unwrap());
+        assert_ne!(fused.f32s().unwrap(), be.gelu(&x, None).unwrap().f32s().unwrap(), "the mask dropped something");
+        let fused = be.gelu_grad(&dy, &x, SiteDropout::at(Some(d), 9)).unwrap();
+        let composed = be.gelu_grad(&be.dropout(dy.clone(), d, 9).unwrap(), &x, None).unwrap();
+        assert_eq!(fused.f32s().unwrap(), composed.f32s().unwrap());
+        assert!(SiteDropout::at(Some(Dropout { p: 0.0, seed: 5 }), 9).is_none(), "p = 0 fuses nothing");
     }
 
     /// A stacked q/k/v-like weight with more rows per block than one gather tile.

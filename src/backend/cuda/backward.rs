@@ -15,7 +15,7 @@ use super::launch::{self, GemmArgs, MaskWords, StridedGemm, TopkSegment};
 use super::{CudaBackend, CudaBuf, Precision};
 use crate::backend::backward::{Backward, NormGrads, ScoredLinear, ScoredRows};
 use crate::backend::{Activation, Backend, ConvGeometry, LinearMask, NormParams, Seqs};
-use crate::dropout::{Dropout, ProbDropout};
+use crate::dropout::{Dropout, ProbDropout, SiteDropout};
 use crate::router::kept;
 use crate::tensor::{DType, Tensor};
 use crate::train::adam::AdamStep;
@@ -198,16 +198,18 @@ impl CudaBackend {
         s.device_ptr(&self.stream).0
     }
 
-    /// One kernel over `n` elements `(in, out, n, extra...)` into a fresh output shaped like `x`.
-    fn map_elements(&self, name: &str, inputs: &[&Tensor], shape: &[usize]) -> Result<Tensor> {
+    /// One elementwise kernel `(inputs..., out, n, p, site key)` into a fresh output of `shape`,
+    /// the dropout's mask fused in (p = 0: none).
+    fn map_elements_dropped(&self, name: &str, inputs: &[&Tensor], shape: &[usize], dropout: Option<SiteDropout>) -> Result<Tensor> {
         let out = self.empty(shape, DType::F32)?;
         let ptrs: Vec<u64> = inputs.iter().map(|t| self.ptr(t)).collect::<Result<_>>()?;
         let (po, n) = (self.ptr(&out)?, out.numel() as i64);
+        let (p, key) = dropout.map_or((0.0f32, 0u64), |d| (d.dropout.p, d.dropout.site_key(d.site)));
         self.launcher().elementwise(self.func(name), n as usize, |b| {
             for p in &ptrs {
                 b.arg(p);
             }
-            b.arg(&po).arg(&n);
+            b.arg(&po).arg(&n).arg(&p).arg(&key);
         })?;
         Ok(out)
     }
@@ -270,13 +272,13 @@ impl Backward for CudaBackend {
         Ok(out)
     }
 
-    fn gelu(&self, x: &Tensor) -> Result<Tensor> {
-        self.map_elements("gelu_f32", &[x], x.shape())
+    fn gelu(&self, x: &Tensor, dropout: Option<SiteDropout>) -> Result<Tensor> {
+        self.map_elements_dropped("gelu_f32", &[x], x.shape(), dropout)
     }
 
-    fn gelu_grad(&self, dy: &Tensor, x: &Tensor) -> Result<Tensor> {
+    fn gelu_grad(&self, dy: &Tensor, x: &Tensor, dropout: Option<SiteDropout>) -> Result<Tensor> {
         ensure!(dy.shape() == x.shape(), "GELU backward: gradient {:?} for an input {:?}", dy.shape(), x.shape());
-        self.map_elements("gelu_grad_f32", &[dy, x], x.shape())
+        self.map_elements_dropped("gelu_grad_f32", &[dy, x], x.shape(), dropout)
     }
 
     fn linear_input_grad(&self, dy: &Tensor, w: &Tensor, mask: Option<&LinearMask>) -> Result<Tensor> {
