@@ -33,6 +33,7 @@ struct GemmArgs {
     int conv_cg, conv_stride, conv_pad, conv_tin;  // implicit convolution when conv_cg > 0
     int vec;  // 1 when 16-byte vector loads are legal (checked by the host)
     const float* st_w; const float* st_s;  // may be null
+    int c_bf16;  // C is bf16 (the operand of a following bf16 GEMM); write_tile's kernels only
 };
 
 // Every kernel's output value at (gm, gn) from its accumulator.
@@ -249,9 +250,12 @@ __device__ __forceinline__ void park_accumulators(float* tile, const float (&acc
 
 template <int BM, int BN, int LC, int THREADS>
 __device__ __forceinline__ void write_tile(const GemmArgs& p, const float* tile, int m0, int n0, int z, int t) {
-    float* C = p.c + z * p.batch_c;
+    // C in fp32, or (c_bf16) in bf16 rounded to nearest even; 16-byte (8-byte) stores of 4
+    // values where aligned.
+    const long c_offset = (long)z * p.batch_c;
+    const unsigned long c_addr = (unsigned long)p.c + (unsigned long)c_offset * (p.c_bf16 ? 2 : 4);
+    const bool vec_out = (p.ldc % 4 == 0) && (c_addr & (p.c_bf16 ? 7 : 15)) == 0;
     const float* bias = p.bias ? p.bias + z * p.batch_bias : nullptr;
-    const bool vec_out = (p.ldc % 4 == 0) && (((unsigned long)C & 15) == 0);
     for (int i = t; i < BM * BN / 4; i += THREADS) {
         int r = i / (BN / 4), c4 = (i % (BN / 4)) * 4;
         int gm = m0 + r, gn = n0 + c4;
@@ -261,11 +265,26 @@ __device__ __forceinline__ void write_tile(const GemmArgs& p, const float* tile,
 #pragma unroll
         for (int q = 0; q < 4; ++q)
             if (gn + q < p.n) e[q] = epilogue(p, bias, e[q], gm, gn + q);
-        float* dst = C + (long)gm * p.ldc + gn;
-        if (vec_out && gn + 3 < p.n) {
-            *reinterpret_cast<float4*>(dst) = make_float4(e[0], e[1], e[2], e[3]);
+        const long at = c_offset + (long)gm * p.ldc + gn;
+        const bool whole = vec_out && gn + 3 < p.n;
+        if (p.c_bf16) {
+            __nv_bfloat16* dst = reinterpret_cast<__nv_bfloat16*>(p.c) + at;
+            if (whole) {
+                __nv_bfloat162 lo = __floats2bfloat162_rn(e[0], e[1]), hi = __floats2bfloat162_rn(e[2], e[3]);
+                uint2 packed;
+                packed.x = *reinterpret_cast<unsigned*>(&lo);
+                packed.y = *reinterpret_cast<unsigned*>(&hi);
+                *reinterpret_cast<uint2*>(dst) = packed;
+            } else {
+                for (int q = 0; q < 4 && gn + q < p.n; ++q) dst[q] = __float2bfloat16(e[q]);
+            }
         } else {
-            for (int q = 0; q < 4 && gn + q < p.n; ++q) dst[q] = e[q];
+            float* dst = p.c + at;
+            if (whole) {
+                *reinterpret_cast<float4*>(dst) = make_float4(e[0], e[1], e[2], e[3]);
+            } else {
+                for (int q = 0; q < 4 && gn + q < p.n; ++q) dst[q] = e[q];
+            }
         }
     }
 }

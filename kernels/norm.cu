@@ -60,11 +60,12 @@ __device__ __forceinline__ float conv_value(const NormSource& s, const float* w,
 // thousands of blocks:
 //   pass 0: per-channel sums, pass 1: sums of squared deviations from the mean (two-pass
 //   variance), both accumulated in double (block partials, then atomics into stats[2][utts][c]);
-//   pass 2: normalise into `out`, with an optional GELU.
+//   pass 2: normalise into `out` (fp32, or bf16 when out_bf16: the operand of the next conv's
+//   tensor-core GEMM), with an optional GELU.
 // version 3 (version 2 ran in place on a copy of x; version 1, one block per 32 channels of a
 // whole utterance, read at ~150 GB/s).
-extern "C" __global__ void group_norm_time(NormSource src, float* out, const int* offsets, double* stats, const float* gamma, const float* beta,
-                                           int c, int utts, float eps, int act, int pass, int chunk_rows) {
+extern "C" __global__ void group_norm_time(NormSource src, void* out, const int* offsets, double* stats, const float* gamma, const float* beta,
+                                           int c, int utts, float eps, int act, int pass, int chunk_rows, int out_bf16) {
     __shared__ double red[8][33];
     int u = blockIdx.y, tx = threadIdx.x % 32, ty = threadIdx.x / 32;
     int ch = blockIdx.x * 32 + tx;
@@ -96,7 +97,13 @@ extern "C" __global__ void group_norm_time(NormSource src, float* out, const int
         if (ch >= c) return;
         float scale = (float)(1.0 / sqrt(sq[ch] / n + (double)eps)) * gamma[ch];
         float shift = beta[ch] - (float)mean * scale;
-        for (int r = r0 + ty; r < r1; r += 8) out[(long)r * c + ch] = apply_act(value(r) * scale + shift, act);
+        for (int r = r0 + ty; r < r1; r += 8) {
+            float v = apply_act(value(r) * scale + shift, act);
+            if (out_bf16)
+                static_cast<__nv_bfloat16*>(out)[(long)r * c + ch] = __float2bfloat16(v);
+            else
+                static_cast<float*>(out)[(long)r * c + ch] = v;
+        }
         return;
     }
     double acc = 0.0;

@@ -17,7 +17,7 @@ use s3router::infer::BatchLimits;
 use s3router::model::preprocess::Preprocessor;
 use s3router::model::Wav2Vec2;
 use s3router::multitask::MultiRecognizer;
-use s3router::tensor::Tensor;
+use s3router::tensor::{DType, Tensor};
 
 const F32_TOL: f64 = 1e-5;
 
@@ -288,6 +288,46 @@ fn conv1d_matches_cpu_for_encoder_and_positional_geometries() {
                 assert_close(&format!("conv1d case {i} {act:?} backend {v}"), &back(be, &got), want.f32s().unwrap(), tol);
             }
         }
+    }
+}
+
+/// Feature-encoder layers that feed a conv: bf16 out of the tensor-core path (the group-normed
+/// layer 0 and a plain conv), read as they are by the next conv; the chain against the CPU's.
+#[test]
+fn conv_layers_feeding_convs_match_cpu() {
+    let bf16 = bf16_backends();
+    let cpu = CpuBackend;
+    let seqs0 = Seqs::new(vec![400, 1601, 97]);
+    let geom0 = ConvGeometry { kernel: 10, stride: 5, pad_left: 0, groups: 1 };
+    let geom = ConvGeometry { kernel: 3, stride: 2, pad_left: 0, groups: 1 };
+    let seqs1 = Seqs::new(seqs0.lens().iter().map(|&n| (n - 10) / 5 + 1).collect());
+    let seqs2 = Seqs::new(seqs1.lens().iter().map(|&n| (n - 3) / 2 + 1).collect());
+    let seqs3 = Seqs::new(seqs2.lens().iter().map(|&n| (n - 3) / 2 + 1).collect());
+    let c = 32;
+    let audio = host(random(seqs0.total(), 1, 1.0), &[seqs0.total(), 1]);
+    let w0 = host(random(c * 10, 2, 0.3), &[c, 10, 1]);
+    let (w1, w2) = (host(random(c * 3 * c, 3, 0.2), &[c, 3, c]), host(random(c * 3 * c, 4, 0.2), &[c, 3, c]));
+    let (gamma, beta, b1) = (host(random(c, 5, 1.0), &[c]), host(random(c, 6, 0.5), &[c]), host(random(c, 7, 0.5), &[c]));
+    let gelu = Activation::Gelu;
+    let h0 = cpu
+        .conv1d_group_norm(&audio, &seqs0, &seqs1, &w0, None, geom0, NormParams { gamma: &gamma, beta: &beta, eps: 1e-5 }, gelu)
+        .unwrap();
+    let h1 = cpu.conv1d(&h0, &seqs1, &seqs2, &w1, Some(&b1), geom, gelu).unwrap();
+    let want = cpu.conv1d(&h1, &seqs2, &seqs3, &w2, None, geom, gelu).unwrap();
+    for (v, be) in bf16.iter().enumerate() {
+        let (ga, gb, gb1) = (be.upload(&gamma).unwrap(), be.upload(&beta).unwrap(), be.upload(&b1).unwrap());
+        let (g0, g1, g2) =
+            (be.prepare_conv_weight(&w0).unwrap(), be.prepare_conv_weight(&w1).unwrap(), be.prepare_conv_weight(&w2).unwrap());
+        let x = be.upload_rows(&[audio.f32s().unwrap()], 1).unwrap();
+        let norm = NormParams { gamma: &ga, beta: &gb, eps: 1e-5 };
+        let h0 = be.conv_layer_into_conv(&x, &seqs0, &seqs1, &g0, None, geom0, Some(norm), gelu).unwrap();
+        let h1 = be.conv_layer_into_conv(&h0, &seqs1, &seqs2, &g1, Some(&gb1), geom, None, gelu).unwrap();
+        // The mma.sync backend (0) hands bf16 along; the WMMA one (1) stays in f32.
+        let handed = if v == 0 { DType::BF16 } else { DType::F32 };
+        assert_eq!((h0.dtype(), h1.dtype()), (handed, handed), "backend {v}");
+        let got = be.conv1d(&h1, &seqs2, &seqs3, &g2, None, geom, gelu).unwrap();
+        assert_eq!(got.dtype(), DType::F32);
+        assert_close(&format!("conv chain backend {v}"), &back(be, &got), want.f32s().unwrap(), 2e-2);
     }
 }
 

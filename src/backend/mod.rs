@@ -266,6 +266,29 @@ pub trait Backend: Send + Sync {
         self.group_norm_time(y, seqs_out, norm, act)
     }
 
+    /// A feature-encoder layer whose output only the next layer's conv reads: `conv1d`, or with
+    /// `norm` `conv1d_group_norm`. A backend may return it in its conv operand format instead
+    /// of f32 (the CUDA backend at bf16: bf16, sparing the next conv a conversion pass over the
+    /// largest activations of the model); its `conv1d` and `conv1d_group_norm` read either. By
+    /// default, the f32 op.
+    #[allow(clippy::too_many_arguments)]
+    fn conv_layer_into_conv(
+        &self,
+        x: &Tensor,
+        seqs_in: &Seqs,
+        seqs_out: &Seqs,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        geom: ConvGeometry,
+        norm: Option<NormParams>,
+        act: Activation,
+    ) -> Result<Tensor> {
+        match norm {
+            None => self.conv1d(x, seqs_in, seqs_out, w, b, geom, act),
+            Some(norm) => self.conv1d_group_norm(x, seqs_in, seqs_out, w, b, geom, norm, act),
+        }
+    }
+
     /// Multi-head self-attention within each utterance: `softmax(q kᵀ · scale) v` per head, for
     /// `qkv [seqs.total(), 3 * heads * head_dim]` holding q, k and v side by side (one fused
     /// projection); returns `[seqs.total(), heads * head_dim]`.

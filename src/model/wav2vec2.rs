@@ -428,14 +428,20 @@ impl Wav2Vec2 {
         let mut seqs = Seqs::new(audio.iter().map(|a| a.len()).collect());
         let mut x = be.upload_rows(audio, 1)?;
         clock.mark(be, "upload audio")?;
+        let last = self.conv_layers.len().saturating_sub(1);
         for (i, layer) in self.conv_layers.iter().enumerate() {
             let out = layer.out_seqs(&seqs);
             let geom = ConvGeometry { kernel: layer.kernel, stride: layer.stride, pad_left: 0, groups: 1 };
             let (w, b) = (&layer.weight, layer.bias.as_ref());
             // conv -> [norm] -> GELU, with the GELU fused into whichever op comes last. Both conv
             // norms use PyTorch's default epsilon (1e-5), not the config's layer_norm_eps:
-            // transformers builds them as nn.GroupNorm(...) / nn.LayerNorm(dim).
+            // transformers builds them as nn.GroupNorm(...) / nn.LayerNorm(dim). Below the last
+            // layer, the output only feeds the next conv (in the backend's operand format).
             x = match (&layer.norm, c.feat_extract_norm) {
+                (None, _) if i < last => be.conv_layer_into_conv(&x, &seqs, &out, w, b, geom, None, Activation::Gelu)?,
+                (Some(n), FeatNorm::Group) if i < last => {
+                    be.conv_layer_into_conv(&x, &seqs, &out, w, b, geom, Some(n.params(1e-5)), Activation::Gelu)?
+                }
                 (None, _) => be.conv1d(&x, &seqs, &out, w, b, geom, Activation::Gelu)?,
                 (Some(n), FeatNorm::Group) => be.conv1d_group_norm(&x, &seqs, &out, w, b, geom, n.params(1e-5), Activation::Gelu)?,
                 (Some(n), FeatNorm::Layer) => {

@@ -49,7 +49,7 @@ pub fn conv1d(
         if t_out == 0 {
             continue;
         }
-        let fits = stride * (t_out - 1) + kernel <= t_in;
+        let fits = (t_out - 1).checked_mul(stride).and_then(|s| s.checked_add(kernel)).is_some_and(|end| end <= t_in);
         let epilogue = |rows: &mut [f32]| bias_act_rows(rows, c_out, bias, act == Activation::Gelu);
         if groups == 1 && pad_left == 0 && fits {
             // im2col as a view: row t = x[stride*t .. stride*t + kernel, :] flattened.

@@ -24,12 +24,16 @@ impl<'a> MatRef<'a> {
         MatRef { rows: self.cols, cols: self.rows, row_stride: self.col_stride, col_stride: self.row_stride, ..self }
     }
 
-    /// Index one past the last element this view touches (0 for an empty view).
+    /// Index one past the last element this view touches (0 for an empty view; `usize::MAX`
+    /// when that overflows, so an absurd view fails the bounds check instead of wrapping past it).
     fn extent(&self) -> usize {
         if self.rows == 0 || self.cols == 0 {
             0
         } else {
-            (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride + 1
+            (self.rows - 1)
+                .saturating_mul(self.row_stride)
+                .saturating_add((self.cols - 1).saturating_mul(self.col_stride))
+                .saturating_add(1)
         }
     }
 }
@@ -121,6 +125,17 @@ mod tests {
             }
         }
         out
+    }
+
+    /// A view whose extent overflows `usize` (a conv asked for absurd output lengths) must fail
+    /// the bounds check, not wrap around it into an out-of-bounds read.
+    #[test]
+    #[should_panic(expected = "operand view exceeds its slice")]
+    fn a_view_whose_extent_overflows_is_refused() {
+        let data = vec![0.0f32; 16];
+        let huge = MatRef { data: &data, rows: usize::MAX / 2, cols: 4, row_stride: 4, col_stride: 1 };
+        let mut dst = vec![0.0f32; 4];
+        matmul(&mut dst, 1, huge, MatRef::row_major(&data, 4, 1), false, 1);
     }
 
     #[test]

@@ -60,14 +60,7 @@ impl CudaBackend {
     fn f32_weight(&self, w: &Tensor) -> Result<Tensor> {
         match w.dtype() {
             DType::F32 => Ok(w.clone()),
-            DType::BF16 => {
-                let out = self.empty(w.shape(), DType::F32)?;
-                let (pw, po, n) = (self.ptr(w)?, self.ptr(&out)?, w.numel() as i64);
-                self.launcher().elementwise(self.func("bf16_to_f32"), w.numel(), |b| {
-                    b.arg(&pw).arg(&po).arg(&n);
-                })?;
-                Ok(out)
-            }
+            DType::BF16 => self.to_f32(w),
             other => bail!("training weights in {other:?} are not supported"),
         }
     }

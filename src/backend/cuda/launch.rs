@@ -37,6 +37,8 @@ pub struct GemmArgs {
     /// output is finished with (`C ⊙ W ⊙ sign(S)`); 0: none.
     pub st_w: u64,
     pub st_s: u64,
+    /// 1: `c` is bf16 (written by the tensor-core kernels' shared epilogue only).
+    pub c_bf16: i32,
 }
 
 impl GemmArgs {

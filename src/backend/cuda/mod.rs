@@ -388,6 +388,12 @@ impl CudaBackend {
     /// `a16`, when given, is the address of a bf16 copy of A laid out like A; with bf16 weights
     /// the mma.sync kernel then runs wherever its alignment rules hold.
     fn gemm(&self, args: GemmArgs, a16: Option<u64>, b_dtype: DType, batch: usize) -> Result<()> {
+        if args.c_bf16 != 0 {
+            // Only the mma.sync kernels write bf16; callers ask for it only where they run.
+            let fast = GemmArgs { a: a16.unwrap_or(0), ..args };
+            ensure!(b_dtype == DType::BF16 && a16.is_some() && fast.tensor_core_ok(), "a bf16 GEMM output needs the mma.sync GEMM");
+            return self.gemm_bf16_mma(fast, batch);
+        }
         let launcher = self.launcher();
         match b_dtype {
             DType::F32 if self.tf32x3 && args.tf32x3_ok() => {
@@ -418,9 +424,17 @@ impl CudaBackend {
 
     /// `act(group_norm_time(·))` over `c` channels of `seqs` read from `src` (a stored tensor, or
     /// the first conv computed on the fly), into a fresh tensor.
-    fn group_norm_from(&self, src: NormSource, seqs: &Seqs, c: usize, norm: NormParams, act: Activation) -> Result<Tensor> {
+    fn group_norm_from(
+        &self,
+        src: NormSource,
+        seqs: &Seqs,
+        c: usize,
+        norm: NormParams,
+        act: Activation,
+        out_dtype: DType,
+    ) -> Result<Tensor> {
         ensure!(norm.gamma.numel() == c && norm.beta.numel() == c, "group norm over {c} channels got {} parameters", norm.gamma.numel());
-        let out = self.empty(&[seqs.total(), c], DType::F32)?;
+        let out = self.empty(&[seqs.total(), c], out_dtype)?;
         let offsets = self.offsets(seqs)?;
         let utts = seqs.count();
         let stats = self.stream.alloc_zeros::<f64>(2 * utts * c).map_err(|e| anyhow!("GPU allocation: {e}"))?;
@@ -431,7 +445,7 @@ impl CudaBackend {
             self.ptr(norm.gamma)?,
             self.ptr(norm.beta)?,
         );
-        let (c_i, utts_i, act_i) = (c as i32, utts as i32, act as i32);
+        let (c_i, utts_i, act_i, out_bf16) = (c as i32, utts as i32, act as i32, (out_dtype == DType::BF16) as i32);
         let chunk_rows = 512i32;
         let chunks = seqs.lens().iter().copied().max().unwrap_or(0).div_ceil(chunk_rows as usize).max(1);
         let cfg = launch::config((c.div_ceil(32) as u32, utts as u32, chunks as u32), 256);
@@ -448,7 +462,8 @@ impl CudaBackend {
                     .arg(&norm.eps)
                     .arg(&act_i)
                     .arg(&pass)
-                    .arg(&chunk_rows);
+                    .arg(&chunk_rows)
+                    .arg(&out_bf16);
             })?;
         }
         Ok(out)
@@ -565,6 +580,151 @@ impl CudaBackend {
             })?;
         }
         Ok(d_qkv)
+    }
+
+    /// An fp32 copy of a bf16 device tensor.
+    fn to_f32(&self, x: &Tensor) -> Result<Tensor> {
+        let out = self.empty(x.shape(), DType::F32)?;
+        let (px, po, n) = (self.ptr(x)?, self.ptr(&out)?, x.numel() as i64);
+        self.launcher().elementwise(self.func("bf16_to_f32"), x.numel(), |b| {
+            b.arg(&px).arg(&po).arg(&n);
+        })?;
+        Ok(out)
+    }
+
+    /// Whether a conv with weight `w` over `c_in` channels in groups of `cg` runs on the
+    /// mma.sync GEMM (bf16 weights, that kernel on, rows keeping its 16-byte alignment): only
+    /// there do its input and output exist in bf16.
+    fn conv_on_tensor_cores(&self, w: &Tensor, c_in: usize, cg: usize) -> bool {
+        self.precision == Precision::Bf16 && self.mma_sync && w.dtype() == DType::BF16 && c_in.is_multiple_of(8) && cg.is_multiple_of(8)
+    }
+
+    /// [`Backend::conv1d`] of an f32 or bf16 input (bf16: the output of a conv that fed this
+    /// one), into `out_dtype` where the tensor-core path runs (f32 elsewhere).
+    #[allow(clippy::too_many_arguments)]
+    fn conv1d_as(
+        &self,
+        x: &Tensor,
+        seqs_in: &Seqs,
+        seqs_out: &Seqs,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        geom: ConvGeometry,
+        act: Activation,
+        out_dtype: DType,
+    ) -> Result<Tensor> {
+        let ConvGeometry { kernel, stride, pad_left, groups } = geom;
+        let &[rows, c_in] = x.shape() else { bail!("conv1d input must be [frames, channels], found {:?}", x.shape()) };
+        let &[c_out, w_k, cg] = w.shape() else { bail!("conv1d weight must be [out, kernel, in/groups], found {:?}", w.shape()) };
+        ensure!(rows == seqs_in.total() && seqs_in.count() == seqs_out.count(), "conv1d: input does not match its batch");
+        ensure!(
+            groups > 0 && c_in % groups == 0 && c_out % groups == 0 && w_k == kernel && cg == c_in / groups,
+            "conv1d: weight {:?} does not fit the geometry {geom:?}",
+            w.shape()
+        );
+        let tensor_cores = self.conv_on_tensor_cores(w, c_in, cg);
+        // A bf16 input is the tensor-core GEMM's operand as it is; any other path reads f32.
+        let widened;
+        let x = if x.dtype() == DType::BF16 && !tensor_cores {
+            widened = self.to_f32(x)?;
+            &widened
+        } else {
+            x
+        };
+        let out_dtype = if tensor_cores { out_dtype } else { DType::F32 };
+        let og = c_out / groups;
+        let out = self.empty(&[seqs_out.total(), c_out], out_dtype)?;
+        let (px, pw, po) = (self.ptr(x)?, self.ptr(w)?, self.ptr(&out)?);
+        let (in_size, out_size) = (x.dtype().size_of(), out_dtype.size_of());
+        let kc = (kernel * cg) as i64;
+        let x16 = if w.dtype() == DType::BF16 && x.dtype() == DType::F32 { self.bf16_operand(x, c_in)? } else { None };
+        let px16 = match &x16 {
+            Some(t) => Some(self.ptr(t)?),
+            None => (x.dtype() == DType::BF16).then_some(px),
+        };
+        // One implicit-GEMM launch per utterance, the groups along z: no im2col buffer.
+        for u in 0..seqs_in.count() {
+            let t_out = seqs_out.lens()[u];
+            let args = GemmArgs {
+                a: px + (seqs_in.range(u).start * c_in * in_size) as u64,
+                lda: c_in as i64,
+                batch_a: cg as i64,
+                b: pw,
+                ldb: kc,
+                batch_b: og as i64 * kc,
+                bias: b.map(|b| self.ptr(b)).transpose()?.unwrap_or(0),
+                batch_bias: og as i64,
+                c: po + (seqs_out.range(u).start * c_out * out_size) as u64,
+                ldc: c_out as i64,
+                batch_c: og as i64,
+                m: t_out as i32,
+                n: og as i32,
+                k: kc as i32,
+                act: act as i32,
+                conv_cg: cg as i32,
+                conv_stride: stride as i32,
+                conv_pad: pad_left as i32,
+                conv_tin: seqs_in.lens()[u] as i32,
+                c_bf16: (out_dtype == DType::BF16) as i32,
+                ..GemmArgs::default()
+            };
+            let a16 = px16.map(|p| p + (seqs_in.range(u).start * c_in * 2) as u64);
+            self.gemm(args, a16, w.dtype(), groups)?;
+        }
+        Ok(out)
+    }
+
+    /// [`Backend::conv1d_group_norm`] into `out_dtype` (bf16 for a conv reading it on tensor
+    /// cores).
+    #[allow(clippy::too_many_arguments)]
+    fn conv1d_group_norm_as(
+        &self,
+        x: &Tensor,
+        seqs_in: &Seqs,
+        seqs_out: &Seqs,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        geom: ConvGeometry,
+        norm: NormParams,
+        act: Activation,
+        out_dtype: DType,
+    ) -> Result<Tensor> {
+        let &[c_out, kernel, c_in] = w.shape() else { bail!("conv1d weight must be [out, kernel, in/groups], found {:?}", w.shape()) };
+        let on_the_fly = x.shape() == [seqs_in.total(), 1]
+            && x.dtype() == DType::F32
+            && c_in == 1
+            && geom.groups == 1
+            && kernel == geom.kernel
+            && kernel <= MAX_SOURCE_TAPS
+            && seqs_in.count() == seqs_out.count()
+            && matches!(w.dtype(), DType::F32 | DType::BF16);
+        if !on_the_fly {
+            let y = self.conv1d(x, seqs_in, seqs_out, w, b, geom, Activation::Identity)?;
+            let c = *y.shape().last().unwrap_or(&1);
+            return self.group_norm_from(NormSource { x: self.ptr(&y)?, ..NormSource::default() }, seqs_out, c, norm, act, out_dtype);
+        }
+        // Frames the conv gives each utterance (with zero padding on the left only).
+        let frames = |n: usize| (n + geom.pad_left).checked_sub(kernel).map_or(0, |d| d / geom.stride + 1);
+        ensure!(
+            seqs_in.lens().iter().zip(seqs_out.lens()).all(|(&n, &t)| t <= frames(n)),
+            "conv1d + group norm: output lengths {:?} exceed what inputs of {:?} samples give",
+            seqs_out.lens(),
+            seqs_in.lens()
+        );
+        ensure!(b.is_none_or(|b| b.numel() == c_out), "conv bias of {} values for {c_out} channels", b.map_or(0, Tensor::numel));
+        let in_offsets = self.offsets(seqs_in)?;
+        let src = NormSource {
+            audio: self.ptr(x)?,
+            in_offsets: in_offsets.device_ptr(&self.stream).0,
+            w: self.ptr(w)?,
+            bias: b.map(|b| self.ptr(b)).transpose()?.unwrap_or(0),
+            kernel: kernel as i32,
+            stride: geom.stride as i32,
+            pad: geom.pad_left as i32,
+            w_bf16: (w.dtype() == DType::BF16) as i32,
+            ..NormSource::default()
+        };
+        self.group_norm_from(src, seqs_out, c_out, norm, act, out_dtype)
     }
 
     /// Packs a 0/1 f32 mask tensor on the device into bits (see [`crate::mask`]).
@@ -832,6 +992,7 @@ impl Backend for CudaBackend {
     }
 
     fn layer_norm(&self, x: Tensor, residual: Option<&Tensor>, norm: NormParams, act: Activation) -> Result<Tensor> {
+        Self::expect_dtype(&x, DType::F32, "layer norm input")?;
         let c = *x.shape().last().unwrap_or(&1);
         let rows = x.numel() / c.max(1);
         ensure!(norm.gamma.numel() == c && norm.beta.numel() == c, "layer norm over {c} channels got {} parameters", norm.gamma.numel());
@@ -854,9 +1015,10 @@ impl Backend for CudaBackend {
     }
 
     fn group_norm_time(&self, x: Tensor, seqs: &Seqs, norm: NormParams, act: Activation) -> Result<Tensor> {
+        Self::expect_dtype(&x, DType::F32, "group norm input")?;
         let c = *x.shape().last().unwrap_or(&1);
         ensure!(x.numel() / c.max(1) == seqs.total(), "group norm: {:?} does not hold {} frames", x.shape(), seqs.total());
-        self.group_norm_from(NormSource { x: self.ptr(&x)?, ..NormSource::default() }, seqs, c, norm, act)
+        self.group_norm_from(NormSource { x: self.ptr(&x)?, ..NormSource::default() }, seqs, c, norm, act, DType::F32)
     }
 
     fn add(&self, a: Tensor, b: &Tensor) -> Result<Tensor> {
@@ -879,50 +1041,7 @@ impl Backend for CudaBackend {
         geom: ConvGeometry,
         act: Activation,
     ) -> Result<Tensor> {
-        let ConvGeometry { kernel, stride, pad_left, groups } = geom;
-        let &[rows, c_in] = x.shape() else { bail!("conv1d input must be [frames, channels], found {:?}", x.shape()) };
-        let &[c_out, w_k, cg] = w.shape() else { bail!("conv1d weight must be [out, kernel, in/groups], found {:?}", w.shape()) };
-        ensure!(rows == seqs_in.total() && seqs_in.count() == seqs_out.count(), "conv1d: input does not match its batch");
-        ensure!(
-            groups > 0 && c_in % groups == 0 && c_out % groups == 0 && w_k == kernel && cg == c_in / groups,
-            "conv1d: weight {:?} does not fit the geometry {geom:?}",
-            w.shape()
-        );
-        let og = c_out / groups;
-        let out = self.empty(&[seqs_out.total(), c_out], DType::F32)?;
-        let (px, pw, po) = (self.ptr(x)?, self.ptr(w)?, self.ptr(&out)?);
-        let kc = (kernel * cg) as i64;
-        let x16 = if w.dtype() == DType::BF16 { self.bf16_operand(x, c_in)? } else { None };
-        let px16 = x16.as_ref().map(|t| self.ptr(t)).transpose()?;
-        // One implicit-GEMM launch per utterance, the groups along z: no im2col buffer.
-        for u in 0..seqs_in.count() {
-            let t_out = seqs_out.lens()[u];
-            let args = GemmArgs {
-                a: px + (seqs_in.range(u).start * c_in * 4) as u64,
-                lda: c_in as i64,
-                batch_a: cg as i64,
-                b: pw,
-                ldb: kc,
-                batch_b: og as i64 * kc,
-                bias: b.map(|b| self.ptr(b)).transpose()?.unwrap_or(0),
-                batch_bias: og as i64,
-                c: po + (seqs_out.range(u).start * c_out * 4) as u64,
-                ldc: c_out as i64,
-                batch_c: og as i64,
-                m: t_out as i32,
-                n: og as i32,
-                k: kc as i32,
-                act: act as i32,
-                conv_cg: cg as i32,
-                conv_stride: stride as i32,
-                conv_pad: pad_left as i32,
-                conv_tin: seqs_in.lens()[u] as i32,
-                ..GemmArgs::default()
-            };
-            let a16 = px16.map(|p| p + (seqs_in.range(u).start * c_in * 2) as u64);
-            self.gemm(args, a16, w.dtype(), groups)?;
-        }
-        Ok(out)
+        self.conv1d_as(x, seqs_in, seqs_out, w, b, geom, act, DType::F32)
     }
 
     fn conv1d_group_norm(
@@ -936,40 +1055,26 @@ impl Backend for CudaBackend {
         norm: NormParams,
         act: Activation,
     ) -> Result<Tensor> {
-        let &[c_out, kernel, c_in] = w.shape() else { bail!("conv1d weight must be [out, kernel, in/groups], found {:?}", w.shape()) };
-        let on_the_fly = x.shape() == [seqs_in.total(), 1]
-            && c_in == 1
-            && geom.groups == 1
-            && kernel == geom.kernel
-            && kernel <= MAX_SOURCE_TAPS
-            && seqs_in.count() == seqs_out.count()
-            && matches!(w.dtype(), DType::F32 | DType::BF16);
-        if !on_the_fly {
-            let y = self.conv1d(x, seqs_in, seqs_out, w, b, geom, Activation::Identity)?;
-            return self.group_norm_time(y, seqs_out, norm, act);
+        self.conv1d_group_norm_as(x, seqs_in, seqs_out, w, b, geom, norm, act, DType::F32)
+    }
+
+    fn conv_layer_into_conv(
+        &self,
+        x: &Tensor,
+        seqs_in: &Seqs,
+        seqs_out: &Seqs,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        geom: ConvGeometry,
+        norm: Option<NormParams>,
+        act: Activation,
+    ) -> Result<Tensor> {
+        // bf16 where the next conv reads bf16: it then needs no conversion pass of its own.
+        let out = if self.precision == Precision::Bf16 && self.mma_sync { DType::BF16 } else { DType::F32 };
+        match norm {
+            None => self.conv1d_as(x, seqs_in, seqs_out, w, b, geom, act, out),
+            Some(norm) => self.conv1d_group_norm_as(x, seqs_in, seqs_out, w, b, geom, norm, act, out),
         }
-        // Frames the conv gives each utterance (with zero padding on the left only).
-        let frames = |n: usize| (n + geom.pad_left).checked_sub(kernel).map_or(0, |d| d / geom.stride + 1);
-        ensure!(
-            seqs_in.lens().iter().zip(seqs_out.lens()).all(|(&n, &t)| t <= frames(n)),
-            "conv1d + group norm: output lengths {:?} exceed what inputs of {:?} samples give",
-            seqs_out.lens(),
-            seqs_in.lens()
-        );
-        ensure!(b.is_none_or(|b| b.numel() == c_out), "conv bias of {} values for {c_out} channels", b.map_or(0, Tensor::numel));
-        let in_offsets = self.offsets(seqs_in)?;
-        let src = NormSource {
-            audio: self.ptr(x)?,
-            in_offsets: in_offsets.device_ptr(&self.stream).0,
-            w: self.ptr(w)?,
-            bias: b.map(|b| self.ptr(b)).transpose()?.unwrap_or(0),
-            kernel: kernel as i32,
-            stride: geom.stride as i32,
-            pad: geom.pad_left as i32,
-            w_bf16: (w.dtype() == DType::BF16) as i32,
-            ..NormSource::default()
-        };
-        self.group_norm_from(src, seqs_out, c_out, norm, act)
     }
 
     fn attention(&self, qkv: &Tensor, seqs: &Seqs, heads: usize, scale: f32) -> Result<Tensor> {
