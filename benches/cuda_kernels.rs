@@ -116,7 +116,7 @@ fn main() {
     let qkv_host = Tensor::from_vec(random(FRAMES * 3 * 768, 4), &[FRAMES, 3 * 768]);
     let d_out_host = Tensor::from_vec(random(FRAMES * 768, 9), &[FRAMES, 768]);
     let dropout = Some(ProbDropout { dropout: Dropout { p: 0.1, seed: 1 }, site: 1 });
-    for (p, be) in [("f32", &f32_be), ("bf16 mma.sync (v2)", &bf16_be)] {
+    for (p, be) in [("f32 FMA (v1)", &fma_be), ("f32 3xTF32", &f32_be), ("bf16 mma.sync (v2)", &bf16_be)] {
         let qkv = be.upload(&qkv_host).unwrap();
         let ms = time_ms(be, 10, || drop(be.attention(&qkv, &seqs, 12, 0.125).unwrap()));
         let att_flops = 4.0 * 8.0 * 12.0 * 749.0 * 749.0 * 64.0;

@@ -300,6 +300,136 @@ __device__ void attention_bf16_mma_impl(const float* qkv, float* out, const int*
     store_rows<HD>(o, out + (long)start * c + h * hd, c, q0 + warp * 16, len, hd, inv, g, tq);
 }
 
+// attention_tf32x3_hd{16,32,64,128}: the fp32 path on tensor cores, FlashAttention-2 style as
+// the bf16 kernel above, with fp32 operands split into TF32 parts (x = big + small) and each
+// product taken as three mma.sync m16n8k8 (small terms first), so scores and outputs keep fp32
+// accuracy (the GEMMs' 3xTF32). One block of 4 warps per (64 queries, head, utterance), each warp
+// 16 query rows: Q fragments split once and held in registers; K and V tiles of 64 keys staged
+// in fp32 (rows padded so the fragment loads of a warp hit 32 different banks: K's read along
+// rows, V's down columns); P moved from the accumulator layout into the A layout with quad
+// shuffles (lane t holds columns 2t, 2t+1; the A operand wants t and t + 4).
+template <int HD>
+struct Tf32AttnSmem {
+    static constexpr int LDK = HD + 4, LDV = HD + 8;  // Q and K: rows read at column tq; V: columns read at row tq
+    static constexpr int BYTES = (2 * 64 * LDK + 64 * LDV) * 4;
+};
+
+template <int HD>
+__device__ void attention_tf32x3_impl(const float* qkv, float* out, const int* offsets, int c, int hd, float scale) {
+    using L = Tf32AttnSmem<HD>;
+    DYNAMIC_SHARED(unsigned char, smem);
+    float* Qs = reinterpret_cast<float*>(smem);
+    float* Ks = Qs + 64 * L::LDK;
+    float* Vs = Ks + 64 * L::LDK;
+    const int u = blockIdx.z, h = blockIdx.y, t = threadIdx.x, warp = t / 32, lane = t % 32, g = lane / 4, tq = lane % 4;
+    const int start = offsets[u], len = offsets[u + 1] - start, q0 = blockIdx.x * 64;
+    if (q0 >= len) return;
+    const long row3 = 3L * c;
+    // Rows r0 .. r0 + 64 of one head's slice (columns col ..) into a tile, times `f`; zeros
+    // past the utterance and past the head size.
+    auto stage = [&](float* dst, int ld, int r0, int col, float f) {
+        for (int i = t; i < 64 * HD; i += 128) {
+            int r = i / HD, d = i % HD;
+            bool in = r0 + r < len && d < hd;
+            dst[r * ld + d] = in ? qkv[(long)(start + r0 + r) * row3 + col + d] * f : 0.0f;
+        }
+    };
+    stage(Qs, L::LDK, q0, h * hd, scale);
+    __syncthreads();
+    // Q's A fragments for each 8-column chunk: rows g (0, 2) and g + 8 (1, 3), columns tq (0, 1) and tq + 4.
+    unsigned qb[HD / 8][4], qs[HD / 8][4];
+#pragma unroll
+    for (int kc = 0; kc < HD / 8; ++kc)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) split_tf32(Qs[(warp * 16 + g + (i & 1) * 8) * L::LDK + kc * 8 + tq + (i >> 1) * 4], qb[kc][i], qs[kc][i]);
+    float o[HD / 8][4] = {};
+    float m_row[2] = {-INFINITY, -INFINITY}, l_row[2] = {0.0f, 0.0f};
+    const int quad = lane & ~3, src_lo = quad | (tq >> 1), src_hi = quad | ((tq >> 1) + 2);
+    for (int j0 = 0; j0 < len; j0 += 64) {
+        __syncthreads();  // everyone is done with the previous K and V tiles
+        stage(Ks, L::LDK, j0, c + h * hd, 1.0f);
+        stage(Vs, L::LDV, j0, 2 * c + h * hd, 1.0f);
+        __syncthreads();
+        float s[8][4] = {};
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+            for (int kc = 0; kc < HD / 8; ++kc) {
+                unsigned bb[2], bs[2];
+#pragma unroll
+                for (int e = 0; e < 2; ++e) split_tf32(Ks[(nt * 8 + g) * L::LDK + kc * 8 + tq + e * 4], bb[e], bs[e]);
+                mma_tf32(s[nt], qs[kc], bb[0], bb[1]);
+                mma_tf32(s[nt], qb[kc], bs[0], bs[1]);
+                mma_tf32(s[nt], qb[kc], bb[0], bb[1]);
+            }
+        float tmax[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                if (j0 + nt * 8 + tq * 2 + (e & 1) >= len) s[nt][e] = -INFINITY;
+                tmax[e / 2] = fmaxf(tmax[e / 2], s[nt][e]);
+            }
+        float corr[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 1));
+            tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 2));
+            float m_new = fmaxf(m_row[r], tmax[r]);
+            corr[r] = expf(m_row[r] - m_new);
+            m_row[r] = m_new;
+            l_row[r] *= corr[r];
+        }
+#pragma unroll
+        for (int dt = 0; dt < HD / 8; ++dt) {
+            o[dt][0] *= corr[0];
+            o[dt][1] *= corr[0];
+            o[dt][2] *= corr[1];
+            o[dt][3] *= corr[1];
+        }
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                s[nt][e] = expf(s[nt][e] - m_row[e / 2]);
+                l_row[e / 2] += s[nt][e];
+            }
+        // O += P V, key chunk nt: P's A fragment (columns tq and tq + 4 of the chunk) gathered
+        // from the lanes of the quad holding them, V's B fragment (keys tq, tq + 4; column g).
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+            float p[4];
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                float lo0 = __shfl_sync(0xffffffffu, s[nt][2 * r], src_lo), lo1 = __shfl_sync(0xffffffffu, s[nt][2 * r + 1], src_lo);
+                float hi0 = __shfl_sync(0xffffffffu, s[nt][2 * r], src_hi), hi1 = __shfl_sync(0xffffffffu, s[nt][2 * r + 1], src_hi);
+                p[r] = (tq & 1) ? lo1 : lo0;      // row g + 8r, column tq
+                p[2 + r] = (tq & 1) ? hi1 : hi0;  // row g + 8r, column tq + 4
+            }
+            unsigned pb[4], ps[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) split_tf32(p[i], pb[i], ps[i]);
+#pragma unroll
+            for (int dt = 0; dt < HD / 8; ++dt) {
+                unsigned vb[2], vs[2];
+#pragma unroll
+                for (int e = 0; e < 2; ++e) split_tf32(Vs[(nt * 8 + tq + e * 4) * L::LDV + dt * 8 + g], vb[e], vs[e]);
+                mma_tf32(o[dt], ps, vb[0], vb[1]);
+                mma_tf32(o[dt], pb, vs[0], vs[1]);
+                mma_tf32(o[dt], pb, vb[0], vb[1]);
+            }
+        }
+    }
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        l_row[r] += __shfl_xor_sync(0xffffffffu, l_row[r], 1);
+        l_row[r] += __shfl_xor_sync(0xffffffffu, l_row[r], 2);
+        inv[r] = 1.0f / l_row[r];
+    }
+    store_rows<HD>(o, out + (long)start * c + h * hd, c, q0 + warp * 16, len, hd, inv, g, tq);
+}
+
 // D = rowsum(dO ⊙ O) for each (row, head) of the packed batch: [total, heads].
 extern "C" __global__ void attention_bwd_dot(const float* d_out, const float* out, float* dot, long total, int c, int hd) {
     const int heads = c / hd;
@@ -461,3 +591,14 @@ ATTENTION_BF16_MMA(16)
 ATTENTION_BF16_MMA(32)
 ATTENTION_BF16_MMA(64)
 ATTENTION_BF16_MMA(128)
+
+#define ATTENTION_TF32X3(HD)                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(128)                                                                                 \
+        attention_tf32x3_hd##HD(const float* qkv, float* out, const int* offsets, int c, int hd, float scale) {                      \
+        attention_tf32x3_impl<HD>(qkv, out, offsets, c, hd, scale);                                                                  \
+    }                                                                                                                                   \
+    extern "C" __global__ void attention_tf32x3_hd##HD##_smem(int* bytes) { *bytes = Tf32AttnSmem<HD>::BYTES; }
+ATTENTION_TF32X3(16)
+ATTENTION_TF32X3(32)
+ATTENTION_TF32X3(64)
+ATTENTION_TF32X3(128)

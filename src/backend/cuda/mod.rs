@@ -80,6 +80,14 @@ const FUNCTIONS: &[(&str, &str)] = &[
     ("attention", "attention_bf16_mma_hd32_smem"),
     ("attention", "attention_bf16_mma_hd64_smem"),
     ("attention", "attention_bf16_mma_hd128_smem"),
+    ("attention", "attention_tf32x3_hd16"),
+    ("attention", "attention_tf32x3_hd32"),
+    ("attention", "attention_tf32x3_hd64"),
+    ("attention", "attention_tf32x3_hd128"),
+    ("attention", "attention_tf32x3_hd16_smem"),
+    ("attention", "attention_tf32x3_hd32_smem"),
+    ("attention", "attention_tf32x3_hd64_smem"),
+    ("attention", "attention_tf32x3_hd128_smem"),
     ("attention", "attention_bwd_dot"),
     ("attention", "attention_bwd_kv_bf16_hd16"),
     ("attention", "attention_bwd_kv_bf16_hd32"),
@@ -528,8 +536,14 @@ impl CudaBackend {
         match self.precision {
             Precision::F32 => {
                 ensure!(lse.is_none() && dropout.is_none(), "the fp32 fused attention keeps no log-sum-exp and drops nothing");
-                let name = ["attention_hd16", "attention_hd32", "attention_hd64", "attention_hd128"][class];
-                self.launcher().launch(self.func(name), Self::attention_config(seqs, heads, 64, 0), |b| {
+                // 3xTF32 tensor cores (fp32-accurate) where they are on, else one thread per query.
+                let (name, threads) = if self.tf32x3 {
+                    (["attention_tf32x3_hd16", "attention_tf32x3_hd32", "attention_tf32x3_hd64", "attention_tf32x3_hd128"][class], 128)
+                } else {
+                    (["attention_hd16", "attention_hd32", "attention_hd64", "attention_hd128"][class], 64)
+                };
+                let smem = self.dynamic_smem.get(name).copied().unwrap_or(0);
+                self.launcher().launch(self.func(name), Self::attention_config(seqs, heads, threads, smem), |b| {
                     b.arg(&pq).arg(&po).arg(&poff).arg(&c_i).arg(&hd_i).arg(&scale);
                 })?;
             }
