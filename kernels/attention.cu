@@ -213,6 +213,40 @@ __device__ __forceinline__ void store_rows(const float (&acc)[HD / 8][4], float*
     }
 }
 
+// The online softmax's step for a tile of 64 keys from j0 (the flash kernels' score
+// accumulators: this lane's rows g in registers 0, 1 and g + 8 in 2, 3): keys past `len` masked
+// to -inf, each row's running maximum m updated over the quad, and the running sum l and output
+// accumulators o rescaled to it.
+template <int HD>
+__device__ __forceinline__ void online_softmax_step(float (&s)[8][4], int j0, int len, int tq, float (&m_row)[2], float (&l_row)[2],
+                                                    float (&o)[HD / 8][4]) {
+    float tmax[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            if (j0 + nt * 8 + tq * 2 + (e & 1) >= len) s[nt][e] = -INFINITY;
+            tmax[e / 2] = fmaxf(tmax[e / 2], s[nt][e]);
+        }
+    float corr[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 1));
+        tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 2));
+        float m_new = fmaxf(m_row[r], tmax[r]);
+        corr[r] = expf(m_row[r] - m_new);
+        m_row[r] = m_new;
+        l_row[r] *= corr[r];
+    }
+#pragma unroll
+    for (int dt = 0; dt < HD / 8; ++dt) {
+        o[dt][0] *= corr[0];
+        o[dt][1] *= corr[0];
+        o[dt][2] *= corr[1];
+        o[dt][3] *= corr[1];
+    }
+}
+
 // Dropout of the probability of (query row `row` of the packed batch, head h, key j of its
 // utterance), as the CPU draws it; 1 without dropout.
 __device__ __forceinline__ float prob_dropout(float p, unsigned long long site_key, int row, int heads, int h, int j) {
@@ -247,32 +281,7 @@ __device__ void attention_bf16_mma_impl(const float* qkv, float* out, const int*
         float s[L::BKV / 8][4] = {};
         mma_abt<HD>(s, qf, Ks, L::LD, lane);
         // Online softmax: lane holds s[nt][0..1] (row g) and s[nt][2..3] (row g + 8).
-        float tmax[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-        for (int nt = 0; nt < L::BKV / 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                int key = j0 + nt * 8 + tq * 2 + (e & 1);
-                if (key >= len) s[nt][e] = -INFINITY;
-                tmax[e / 2] = fmaxf(tmax[e / 2], s[nt][e]);
-            }
-        float corr[2];
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 1));
-            tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 2));
-            float m_new = fmaxf(m_row[r], tmax[r]);
-            corr[r] = expf(m_row[r] - m_new);
-            m_row[r] = m_new;
-            l_row[r] *= corr[r];
-        }
-#pragma unroll
-        for (int dt = 0; dt < HD / 8; ++dt) {
-            o[dt][0] *= corr[0];
-            o[dt][1] *= corr[0];
-            o[dt][2] *= corr[1];
-            o[dt][3] *= corr[1];
-        }
+        online_softmax_step<HD>(s, j0, len, tq, m_row, l_row, o);
         // P = exp(S - m) rounded to bf16 and summed as rounded (what the MMA multiplies), then
         // dropped (the sum is of the kept-and-dropped probabilities, as the softmax's).
 #pragma unroll
@@ -362,31 +371,7 @@ __device__ void attention_tf32x3_impl(const float* qkv, float* out, const int* o
                 mma_tf32(s[nt], qb[kc], bs[0], bs[1]);
                 mma_tf32(s[nt], qb[kc], bb[0], bb[1]);
             }
-        float tmax[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                if (j0 + nt * 8 + tq * 2 + (e & 1) >= len) s[nt][e] = -INFINITY;
-                tmax[e / 2] = fmaxf(tmax[e / 2], s[nt][e]);
-            }
-        float corr[2];
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 1));
-            tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 2));
-            float m_new = fmaxf(m_row[r], tmax[r]);
-            corr[r] = expf(m_row[r] - m_new);
-            m_row[r] = m_new;
-            l_row[r] *= corr[r];
-        }
-#pragma unroll
-        for (int dt = 0; dt < HD / 8; ++dt) {
-            o[dt][0] *= corr[0];
-            o[dt][1] *= corr[0];
-            o[dt][2] *= corr[1];
-            o[dt][3] *= corr[1];
-        }
+        online_softmax_step<HD>(s, j0, len, tq, m_row, l_row, o);
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
