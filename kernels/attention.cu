@@ -367,9 +367,7 @@ __device__ void attention_tf32x3_impl(const float* qkv, float* out, const int* o
                 unsigned bb[2], bs[2];
 #pragma unroll
                 for (int e = 0; e < 2; ++e) split_tf32(Ks[(nt * 8 + g) * L::LDK + kc * 8 + tq + e * 4], bb[e], bs[e]);
-                mma_tf32(s[nt], qs[kc], bb[0], bb[1]);
-                mma_tf32(s[nt], qb[kc], bs[0], bs[1]);
-                mma_tf32(s[nt], qb[kc], bb[0], bb[1]);
+                mma_tf32x3(s[nt], qb[kc], qs[kc], bb, bs);
             }
         online_softmax_step<HD>(s, j0, len, tq, m_row, l_row, o);
 #pragma unroll
@@ -399,9 +397,7 @@ __device__ void attention_tf32x3_impl(const float* qkv, float* out, const int* o
                 unsigned vb[2], vs[2];
 #pragma unroll
                 for (int e = 0; e < 2; ++e) split_tf32(Vs[(nt * 8 + tq + e * 4) * L::LDV + dt * 8 + g], vb[e], vs[e]);
-                mma_tf32(o[dt], ps, vb[0], vb[1]);
-                mma_tf32(o[dt], pb, vs[0], vs[1]);
-                mma_tf32(o[dt], pb, vb[0], vb[1]);
+                mma_tf32x3(o[dt], pb, ps, vb, vs);
             }
         }
     }

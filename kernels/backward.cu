@@ -175,9 +175,7 @@ extern "C" __global__ void __launch_bounds__(256) gemm_strided_tf32x3(StridedGem
                 unsigned bb[2], bs[2];  // column g, rows tq (b0) and tq + 4 (b1)
 #pragma unroll
                 for (int h = 0; h < 2; ++h) split_tf32(Bs[(wn + nj * 8 + g) * LD + kk + tq + h * 4], bb[h], bs[h]);
-                mma_tf32(acc[nj], as, bb[0], bb[1]);
-                mma_tf32(acc[nj], ab, bs[0], bs[1]);
-                mma_tf32(acc[nj], ab, bb[0], bb[1]);
+                mma_tf32x3(acc[nj], ab, as, bb, bs);
             }
         }
         __syncthreads();

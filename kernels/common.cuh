@@ -131,3 +131,12 @@ __device__ __forceinline__ void split_tf32(float x, unsigned& big, unsigned& sma
     big = to_tf32(x);
     small = to_tf32(x - __uint_as_float(big));
 }
+
+// D += A B to fp32 accuracy from split operands (a = ab + as, b = bb + bs): the three products
+// that matter, small terms first (they are the least significant).
+__device__ __forceinline__ void mma_tf32x3(float (&d)[4], const unsigned (&ab)[4], const unsigned (&as)[4], const unsigned (&bb)[2],
+                                           const unsigned (&bs)[2]) {
+    mma_tf32(d, as, bb[0], bb[1]);
+    mma_tf32(d, ab, bs[0], bs[1]);
+    mma_tf32(d, ab, bb[0], bb[1]);
+}

@@ -509,11 +509,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) gemm_tf32x3(GemmArgs p) {
 #pragma unroll
                 for (int i = 0; i < 4; ++i) split_tf32(As[(wm + mi * 16 + g + (i & 1) * 8) * LDS + kk + tq + (i >> 1) * 4], ab[i], as[i]);
 #pragma unroll
-                for (int nj = 0; nj < 4; ++nj) {  // small terms first: they are the least significant
-                    mma_tf32(acc[mi][nj], as, bb[nj][0], bb[nj][1]);
-                    mma_tf32(acc[mi][nj], ab, bs[nj][0], bs[nj][1]);
-                    mma_tf32(acc[mi][nj], ab, bb[nj][0], bb[nj][1]);
-                }
+                for (int nj = 0; nj < 4; ++nj) mma_tf32x3(acc[mi][nj], ab, as, bb[nj], bs[nj]);
             }
         }
     });
