@@ -9,7 +9,7 @@ use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use s3router::backend::backward::Backward;
 use s3router::backend::cuda::{unavailable_reason, CudaBackend, Precision, BF16_MMA_KERNELS};
 use s3router::backend::{Activation, Backend, ConvGeometry, NormParams, Seqs};
-use s3router::dropout::{Dropout, ProbDropout};
+use s3router::dropout::{Dropout, SiteDropout};
 use s3router::rng::SplitMix;
 use s3router::tensor::Tensor;
 
@@ -115,7 +115,7 @@ fn main() {
     let seqs = Seqs::new(vec![749; 8]);
     let qkv_host = Tensor::from_vec(random(FRAMES * 3 * 768, 4), &[FRAMES, 3 * 768]);
     let d_out_host = Tensor::from_vec(random(FRAMES * 768, 9), &[FRAMES, 768]);
-    let dropout = Some(ProbDropout { dropout: Dropout { p: 0.1, seed: 1 }, site: 1 });
+    let dropout = Some(SiteDropout { dropout: Dropout { p: 0.1, seed: 1 }, site: 1 });
     for (p, be) in [("f32 FMA (v1)", &fma_be), ("f32 3xTF32", &f32_be), ("bf16 mma.sync (v2)", &bf16_be)] {
         let qkv = be.upload(&qkv_host).unwrap();
         let ms = time_ms(be, 10, || drop(be.attention(&qkv, &seqs, 12, 0.125).unwrap()));

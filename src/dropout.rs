@@ -48,7 +48,8 @@ impl Dropout {
     }
 }
 
-/// Dropout at one site of a step, for ops that fuse it (an inactive dropout is `None` there).
+/// Dropout at one site of a step, for the ops that take it fused: the FFN's GELU (elementwise,
+/// as [`Dropout::apply`]) and attention (its probabilities, as [`SiteDropout::apply_to_probs`]).
 #[derive(Clone, Copy, Debug)]
 pub struct SiteDropout {
     pub dropout: Dropout,
@@ -60,19 +61,10 @@ impl SiteDropout {
     pub fn at(dropout: Option<Dropout>, site: u64) -> Option<SiteDropout> {
         dropout.filter(Dropout::is_active).map(|dropout| SiteDropout { dropout, site })
     }
-}
 
-/// Dropout on the attention probabilities of one layer (training only).
-#[derive(Clone, Copy)]
-pub struct ProbDropout {
-    pub dropout: Dropout,
-    pub site: u64,
-}
-
-impl ProbDropout {
-    /// Applies the mask to the probabilities of query `row` (packed index) of head `h`, whose
-    /// keys are the utterance's frames in order.
-    pub fn apply(&self, heads: usize, h: usize, row: usize, probs: &mut [f32]) {
+    /// Applies the mask to the attention probabilities of query `row` (packed index) of head
+    /// `h`, whose keys are the utterance's frames in order.
+    pub fn apply_to_probs(&self, heads: usize, h: usize, row: usize, probs: &mut [f32]) {
         let base = ((row * heads + h) as u64) << 24;
         probs.iter_mut().enumerate().for_each(|(j, p)| *p *= self.dropout.factor(self.site, base | j as u64));
     }

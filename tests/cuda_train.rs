@@ -15,7 +15,7 @@ use s3router::backend::cuda::{CudaBackend, Precision};
 use s3router::backend::{Activation, Backend, ConvGeometry, NormParams, Seqs};
 use s3router::ctc::{CtcTargets, Reduction};
 use s3router::data::audio;
-use s3router::dropout::{Dropout, ProbDropout, SiteDropout};
+use s3router::dropout::{Dropout, SiteDropout};
 use s3router::model::checkpoint::Checkpoint;
 use s3router::model::preprocess::Preprocessor;
 use s3router::model::wav2vec2::Linear;
@@ -178,7 +178,7 @@ fn attention_with_dropout_and_its_gradient_match_cpu() {
         for (v, (be, tol, grad_tol)) in
             [(f32_be, TOL, REDUCTION_TOL), (&f32s[1], TOL, REDUCTION_TOL), (&bf16_be, BF16_TOL, BF16_TOL)].into_iter().enumerate()
         {
-            for dropout in [None, Some(ProbDropout { dropout: Dropout { p: 0.2, seed: 9 }, site: 3 })] {
+            for dropout in [None, Some(SiteDropout { dropout: Dropout { p: 0.2, seed: 9 }, site: 3 })] {
                 let what = format!("{:?} attention (backend {v}) h{heads} d{hd}, dropout {}", be.precision(), dropout.is_some());
                 let want = cpu.attention_dropout(&qkv, &seqs, heads, 0.3, dropout).unwrap();
                 let got = be.attention_dropout(&up(be, &qkv), &seqs, heads, 0.3, dropout).unwrap();

@@ -10,7 +10,7 @@
 use anyhow::Result;
 
 use super::{Backend, ConvGeometry, LinearMask, NormParams, Seqs};
-use crate::dropout::{Dropout, ProbDropout, SiteDropout};
+use crate::dropout::{Dropout, SiteDropout};
 use crate::tensor::Tensor;
 use crate::train::adam::AdamStep;
 
@@ -56,8 +56,8 @@ pub trait Backward {
     fn layer_norm_grads(&self, dy: &Tensor, x: &Tensor, norm: NormParams, params: bool) -> Result<NormGrads>;
 
     /// [`Backend::attention`] with dropout on the probabilities (keys of query row `r`, head `h`
-    /// drop as [`ProbDropout::apply`] says), the training forward pass.
-    fn attention_dropout(&self, qkv: &Tensor, seqs: &Seqs, heads: usize, scale: f32, dropout: Option<ProbDropout>) -> Result<Tensor>;
+    /// drop as [`SiteDropout::apply_to_probs`] says), the training forward pass.
+    fn attention_dropout(&self, qkv: &Tensor, seqs: &Seqs, heads: usize, scale: f32, dropout: Option<SiteDropout>) -> Result<Tensor>;
 
     /// Gradient of [`Backward::attention_dropout`] with respect to the packed `qkv`, the
     /// probabilities recomputed.
@@ -69,7 +69,7 @@ pub trait Backward {
         seqs: &Seqs,
         heads: usize,
         scale: f32,
-        dropout: Option<ProbDropout>,
+        dropout: Option<SiteDropout>,
     ) -> Result<Tensor>;
 
     /// Input gradient of [`Backend::conv1d`] (input frames `seqs_in`, output frames `seqs_out`),

@@ -19,7 +19,7 @@ use super::encoder;
 use crate::backend::backward::{ScoredLinear, ScoredRows, TrainBackend};
 use crate::backend::{Activation, LinearMask, Seqs};
 use crate::ctc::{ctc_loss, CtcTargets, Reduction};
-use crate::dropout::{Dropout, ProbDropout, SiteDropout};
+use crate::dropout::{Dropout, SiteDropout};
 use crate::model::checkpoint::WeightSource;
 use crate::model::config::Config;
 use crate::model::wav2vec2::{EncoderLayer, Linear, Norm};
@@ -364,7 +364,7 @@ pub fn step(
         Some(d) => be.dropout(x, d, site),
         None => Ok(x),
     };
-    let probs_dropout = |i: usize| reg.attention_dropout.map(|dropout| ProbDropout { dropout, site: site(i, SITE_ATTENTION_PROBS) });
+    let probs_dropout = |i: usize| reg.attention_dropout.map(|dropout| SiteDropout { dropout, site: site(i, SITE_ATTENTION_PROBS) });
     let activation_dropout = |i: usize| SiteDropout::at(reg.activation_dropout, site(i, SITE_ACTIVATION));
 
     // Forward: projected features, time and channel masking, positional conv, then the layers.

@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use super::gemm::{matmul, MatRef};
 use super::math::softmax_scaled;
 use crate::backend::Seqs;
-use crate::dropout::ProbDropout;
+use crate::dropout::SiteDropout;
 
 const QUERIES_PER_BLOCK: usize = 256;
 
@@ -20,7 +20,7 @@ pub(super) fn head_view(t: &[f32], stride: usize, col: usize, first: usize, n: u
 }
 
 /// `dropout(softmax(q kᵀ · scale)) v` per utterance and head, for packed `qkv [total, 3c]`.
-pub fn attention(qkv: &[f32], c: usize, seqs: &Seqs, heads: usize, scale: f32, dropout: Option<ProbDropout>) -> Vec<f32> {
+pub fn attention(qkv: &[f32], c: usize, seqs: &Seqs, heads: usize, scale: f32, dropout: Option<SiteDropout>) -> Vec<f32> {
     let hd = c / heads;
     let tasks: Vec<(usize, usize, usize)> = (0..seqs.count())
         .flat_map(|u| (0..heads).flat_map(move |h| (0..seqs.lens()[u]).step_by(QUERIES_PER_BLOCK).map(move |q0| (u, h, q0))))
@@ -37,7 +37,7 @@ pub fn attention(qkv: &[f32], c: usize, seqs: &Seqs, heads: usize, scale: f32, d
             for (i, row) in scores.chunks_exact_mut(len).enumerate() {
                 softmax_scaled(row, scale);
                 if let Some(d) = dropout {
-                    d.apply(heads, h, start + q0 + i, row);
+                    d.apply_to_probs(heads, h, start + q0 + i, row);
                 }
             }
             let mut tile = vec![0.0f32; nq * hd];

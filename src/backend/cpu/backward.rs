@@ -8,7 +8,7 @@ use super::attention::attention;
 use super::{as_matrix, data, grad, masked_weight, math, CpuBackend};
 use crate::backend::backward::{Backward, NormGrads, ScoredLinear, ScoredRows};
 use crate::backend::{ConvGeometry, LinearMask, NormParams, Seqs};
-use crate::dropout::{Dropout, ProbDropout, SiteDropout};
+use crate::dropout::{Dropout, SiteDropout};
 use crate::router::top_k_mask;
 use crate::tensor::Tensor;
 use crate::train::adam::AdamStep;
@@ -79,7 +79,7 @@ impl Backward for CpuBackend {
         Ok((Tensor::from_vec(dx, x.shape()), p.map(|(g, b)| (Tensor::from_vec(g, &[c]), Tensor::from_vec(b, &[c])))))
     }
 
-    fn attention_dropout(&self, qkv: &Tensor, seqs: &Seqs, heads: usize, scale: f32, dropout: Option<ProbDropout>) -> Result<Tensor> {
+    fn attention_dropout(&self, qkv: &Tensor, seqs: &Seqs, heads: usize, scale: f32, dropout: Option<SiteDropout>) -> Result<Tensor> {
         let (rows, c3) = as_matrix(qkv);
         ensure!(rows == seqs.total() && c3 % 3 == 0, "attention: {:?} does not hold q, k, v of {} frames", qkv.shape(), seqs.total());
         Ok(Tensor::from_vec(attention(data(qkv)?, c3 / 3, seqs, heads, scale, dropout), &[rows, c3 / 3]))
@@ -92,7 +92,7 @@ impl Backward for CpuBackend {
         seqs: &Seqs,
         heads: usize,
         scale: f32,
-        dropout: Option<ProbDropout>,
+        dropout: Option<SiteDropout>,
     ) -> Result<Tensor> {
         let (rows, c3) = as_matrix(qkv);
         ensure!(d_out.numel() * 3 == qkv.numel(), "attention backward: gradient {:?} for qkv {:?}", d_out.shape(), qkv.shape());

@@ -9,7 +9,7 @@ use super::attention::head_view;
 use super::gemm::{matmul, matmul_blocked, MatRef};
 use super::math;
 use crate::backend::{ConvGeometry, Seqs};
-use crate::dropout::ProbDropout;
+use crate::dropout::SiteDropout;
 use crate::router;
 
 /// `dx = dy · W` for `y = x · Wᵀ`, with the CPU's `[in, out]` weight layout `w_t`.
@@ -170,7 +170,7 @@ pub fn attention_grad(
     seqs: &Seqs,
     heads: usize,
     scale: f32,
-    dropout: Option<ProbDropout>,
+    dropout: Option<SiteDropout>,
 ) -> Vec<f32> {
     let hd = c / heads;
     let tasks: Vec<(usize, usize)> = (0..seqs.count()).flat_map(|u| (0..heads).map(move |h| (u, h))).collect();
@@ -191,8 +191,8 @@ pub fn attention_grad(
             matmul(&mut dp, len, d_o, v.t(), false, 1);
             if let Some(d) = dropout {
                 for (i, (pd_row, dp_row)) in p_dropped.chunks_exact_mut(len).zip(dp.chunks_exact_mut(len)).enumerate() {
-                    d.apply(heads, h, start + i, pd_row);
-                    d.apply(heads, h, start + i, dp_row);
+                    d.apply_to_probs(heads, h, start + i, pd_row);
+                    d.apply_to_probs(heads, h, start + i, dp_row);
                 }
             }
             for (dp_row, p_row) in dp.chunks_exact_mut(len).zip(p.chunks_exact(len)) {
@@ -435,11 +435,11 @@ mod tests {
         let seqs = Seqs::new(vec![5, 1, 3]);
         let (qkv, dy) = (random(seqs.total() * 3 * c, 8), random(seqs.total() * c, 9));
         let scale = 0.5;
-        for dropout in [None, Some(ProbDropout { dropout: Dropout { p: 0.3, seed: 5 }, site: 2 })] {
+        for dropout in [None, Some(SiteDropout { dropout: Dropout { p: 0.3, seed: 5 }, site: 2 })] {
             let f = |x: &[f32]| attention::attention(x, c, &seqs, heads, scale, dropout);
             check("attention", &qkv, &dy, &attention_grad(&dy, &qkv, c, &seqs, heads, scale, dropout), f);
         }
-        let dropout = Some(ProbDropout { dropout: Dropout { p: 0.3, seed: 5 }, site: 2 });
+        let dropout = Some(SiteDropout { dropout: Dropout { p: 0.3, seed: 5 }, site: 2 });
         assert_ne!(attention::attention(&qkv, c, &seqs, heads, scale, dropout), attention::attention(&qkv, c, &seqs, heads, scale, None));
     }
 }

@@ -12,10 +12,10 @@ use anyhow::{anyhow, bail, ensure, Result};
 use cudarc::driver::{CudaSlice, DevicePtr, PushKernelArg};
 
 use super::launch::{self, GemmArgs, MaskWords, StridedGemm, TopkSegment};
-use super::{CudaBackend, CudaBuf, Precision};
+use super::{dropout_args, CudaBackend, CudaBuf, Precision};
 use crate::backend::backward::{Backward, NormGrads, ScoredLinear, ScoredRows};
 use crate::backend::{Activation, Backend, ConvGeometry, LinearMask, NormParams, Seqs};
-use crate::dropout::{Dropout, ProbDropout, SiteDropout};
+use crate::dropout::{Dropout, SiteDropout};
 use crate::router::kept;
 use crate::tensor::{DType, Tensor};
 use crate::train::adam::AdamStep;
@@ -197,7 +197,7 @@ impl CudaBackend {
         let out = self.empty(shape, DType::F32)?;
         let ptrs: Vec<u64> = inputs.iter().map(|t| self.ptr(t)).collect::<Result<_>>()?;
         let (po, n) = (self.ptr(&out)?, out.numel() as i64);
-        let (p, key) = dropout.map_or((0.0f32, 0u64), |d| (d.dropout.p, d.dropout.site_key(d.site)));
+        let (p, key) = dropout_args(dropout);
         self.launcher().elementwise(self.func(name), n as usize, |b| {
             for p in &ptrs {
                 b.arg(p);
@@ -218,7 +218,7 @@ impl CudaBackend {
         heads: usize,
         c: usize,
         scale: f32,
-        dropout: Option<ProbDropout>,
+        dropout: Option<SiteDropout>,
         s: u64,
         pd: u64,
     ) -> Result<()> {
@@ -247,7 +247,7 @@ impl CudaBackend {
             },
             heads,
         )?;
-        let (p, key) = dropout.map_or((0.0f32, 0u64), |d| (d.dropout.p, d.dropout.site_key(d.site)));
+        let (p, key) = dropout_args(dropout);
         let (t_i, heads_i, r0_i) = (t as i32, heads as i32, r0 as i32);
         self.launcher().rows_per_warp(self.func("attention_softmax_f32"), heads * t, |b| {
             b.arg(&s).arg(&pd).arg(&t_i).arg(&heads_i).arg(&r0_i).arg(&scale).arg(&p).arg(&key);
@@ -348,7 +348,7 @@ impl Backward for CudaBackend {
         Ok((dx, Some((dgamma, dbeta))))
     }
 
-    fn attention_dropout(&self, qkv: &Tensor, seqs: &Seqs, heads: usize, scale: f32, dropout: Option<ProbDropout>) -> Result<Tensor> {
+    fn attention_dropout(&self, qkv: &Tensor, seqs: &Seqs, heads: usize, scale: f32, dropout: Option<SiteDropout>) -> Result<Tensor> {
         // bf16: the flash-style kernel, whose backward (`attention_grad`) runs it again for its
         // log-sum-exp. fp32 without dropout: the exact fused kernel, which gives what the
         // backward's T x T recomputation does; with dropout, that recomputation's path.
@@ -400,7 +400,7 @@ impl Backward for CudaBackend {
         seqs: &Seqs,
         heads: usize,
         scale: f32,
-        dropout: Option<ProbDropout>,
+        dropout: Option<SiteDropout>,
     ) -> Result<Tensor> {
         let (rows, c3) = matrix(qkv);
         ensure!(
@@ -461,7 +461,7 @@ impl Backward for CudaBackend {
             self.strided_gemm(per_head(ppd, 1, ti, tt, d_o, c as i64, 1, hd, dv, c3_i, hd, hd, ti), heads)?;
             // G = dO Vᵀ into pd, then dS in place.
             self.strided_gemm(per_head(d_o, c as i64, 1, hd, v, 1, c3_i, hd, ppd, ti, tt, ti, hd), heads)?;
-            let (p, key) = dropout.map_or((0.0f32, 0u64), |d| (d.dropout.p, d.dropout.site_key(d.site)));
+            let (p, key) = dropout_args(dropout);
             let (t_i, heads_i, r0_i) = (t as i32, heads as i32, r0 as i32);
             self.launcher().rows_per_warp(self.func("attention_softmax_grad_f32"), heads * t, |b| {
                 b.arg(&ps).arg(&ppd).arg(&t_i).arg(&heads_i).arg(&r0_i).arg(&scale).arg(&p).arg(&key);

@@ -23,7 +23,7 @@ use cudarc::nvrtc::Ptx;
 use rayon::prelude::*;
 
 use super::{packed_rows, Activation, Backend, ConvGeometry, LinearMask, NormParams, Seqs, SparseWeight};
-use crate::dropout::ProbDropout;
+use crate::dropout::SiteDropout;
 use crate::tensor::{DType, HostBytes, Storage, Tensor};
 use launch::{GemmArgs, Launch, NormSource, MAX_SOURCE_TAPS};
 pub use sparse::SparseCuda;
@@ -200,6 +200,11 @@ pub fn unavailable_reason() -> Option<String> {
         Ok(_) => Some("the CUDA driver reports no GPU".into()),
         Err(e) => Some(format!("the CUDA driver reports no usable GPU ({e})")),
     }
+}
+
+/// The (probability, site key) a dropout-fusing kernel takes: (0, 0) drops nothing.
+fn dropout_args(dropout: Option<SiteDropout>) -> (f32, u64) {
+    dropout.map_or((0.0, 0), |d| (d.dropout.p, d.dropout.site_key(d.site)))
 }
 
 fn cu(r: sys::CUresult, what: &str) -> Result<()> {
@@ -391,32 +396,25 @@ impl CudaBackend {
 
     /// `act(a · bᵀ + bias)` on raw device addresses: `a` is `[m, k]` with row stride `lda` (f32),
     /// `b` is `[n, k]` with row stride `ldb` (f32 or bf16 as `b_dtype`), `mask` optional bits over
-    /// `b`, `c` is written `[m, n]` with row stride `ldc`; `batch` products along blockIdx.z.
+    /// `b`, `c` is written `[m, n]` with row stride `ldc` (in bf16 with `c_bf16`, which only the
+    /// mma.sync kernel writes); `batch` products along blockIdx.z.
     ///
     /// `a16`, when given, is the address of a bf16 copy of A laid out like A; with bf16 weights
     /// the mma.sync kernel then runs wherever its alignment rules hold.
     fn gemm(&self, args: GemmArgs, a16: Option<u64>, b_dtype: DType, batch: usize) -> Result<()> {
-        if args.c_bf16 != 0 {
-            // Only the mma.sync kernels write bf16; callers ask for it only where they run.
-            let fast = GemmArgs { a: a16.unwrap_or(0), ..args };
-            ensure!(b_dtype == DType::BF16 && a16.is_some() && fast.tensor_core_ok(), "a bf16 GEMM output needs the mma.sync GEMM");
+        let fast = a16.map(|a| GemmArgs { a, ..args }).filter(|f| b_dtype == DType::BF16 && f.tensor_core_ok());
+        if let Some(fast) = fast {
             return self.gemm_bf16_mma(fast, batch);
         }
+        // Only the mma.sync kernels write bf16; callers ask for it only where they run.
+        ensure!(args.c_bf16 == 0, "a bf16 GEMM output needs the mma.sync GEMM");
         let launcher = self.launcher();
         match b_dtype {
             DType::F32 if self.tf32x3 && args.tf32x3_ok() => {
                 launcher.gemm(self.func("gemm_tf32x3"), args, (128, 128), batch, 256, self.dynamic_smem["gemm_tf32x3"])
             }
             DType::F32 => launcher.gemm(self.func("gemm_f32"), args, (64, 64), batch, 256, 0),
-            DType::BF16 => {
-                if let Some(a16) = a16 {
-                    let fast = GemmArgs { a: a16, ..args };
-                    if fast.tensor_core_ok() {
-                        return self.gemm_bf16_mma(fast, batch);
-                    }
-                }
-                launcher.gemm(self.func("gemm_bf16"), args.with_vector_check(2), (128, 128), batch, 256, 0)
-            }
+            DType::BF16 => launcher.gemm(self.func("gemm_bf16"), args.with_vector_check(2), (128, 128), batch, 256, 0),
             other => bail!("GEMM weights in {other:?} are not supported"),
         }
     }
@@ -518,7 +516,8 @@ impl CudaBackend {
 
     /// Flash-style attention of each utterance (no T x T matrix in memory). bf16 also takes
     /// dropout on the probabilities and writes each row's log-sum-exp into `lse` (`[frames,
-    /// heads]`) for the backward; fp32 (one thread per query, the exact path) takes neither.
+    /// heads]`) for the backward; fp32 (3xTF32 tensor cores, or one thread per query with
+    /// `tf32x3` off) takes neither.
     fn fused_attention(
         &self,
         qkv: &Tensor,
@@ -526,7 +525,7 @@ impl CudaBackend {
         heads: usize,
         scale: f32,
         lse: Option<&Tensor>,
-        dropout: Option<ProbDropout>,
+        dropout: Option<SiteDropout>,
     ) -> Result<Tensor> {
         let (c, hd, class) = Self::attention_shape(qkv, seqs, heads)?;
         let out = self.empty(&[seqs.total(), c], DType::F32)?;
@@ -551,7 +550,7 @@ impl CudaBackend {
                 let name =
                     ["attention_bf16_mma_hd16", "attention_bf16_mma_hd32", "attention_bf16_mma_hd64", "attention_bf16_mma_hd128"][class];
                 let plse = lse.map(|t| self.ptr(t)).transpose()?.unwrap_or(0);
-                let (p, key) = dropout.map_or((0.0f32, 0u64), |d| (d.dropout.p, d.dropout.site_key(d.site)));
+                let (p, key) = dropout_args(dropout);
                 self.launcher().launch(self.func(name), Self::attention_config(seqs, heads, 128, self.dynamic_smem[name]), |b| {
                     b.arg(&pq).arg(&po).arg(&poff).arg(&c_i).arg(&hd_i).arg(&scale).arg(&plse).arg(&p).arg(&key);
                 })?;
@@ -570,7 +569,7 @@ impl CudaBackend {
         seqs: &Seqs,
         heads: usize,
         scale: f32,
-        dropout: Option<ProbDropout>,
+        dropout: Option<SiteDropout>,
     ) -> Result<Tensor> {
         let (c, hd, class) = Self::attention_shape(qkv, seqs, heads)?;
         ensure!(d_out.numel() == seqs.total() * c, "attention backward: gradient {:?} for qkv {:?}", d_out.shape(), qkv.shape());
@@ -585,7 +584,7 @@ impl CudaBackend {
         let d_qkv = self.empty(qkv.shape(), DType::F32)?;
         let offsets = self.offsets(seqs)?;
         let (pq, plse, pdq, poff) = (self.ptr(qkv)?, self.ptr(&lse)?, self.ptr(&d_qkv)?, offsets.device_ptr(&self.stream).0);
-        let (p, key) = dropout.map_or((0.0f32, 0u64), |d| (d.dropout.p, d.dropout.site_key(d.site)));
+        let (p, key) = dropout_args(dropout);
         let kv = ["attention_bwd_kv_bf16_hd16", "attention_bwd_kv_bf16_hd32", "attention_bwd_kv_bf16_hd64", "attention_bwd_kv_bf16_hd128"];
         let q = ["attention_bwd_q_bf16_hd16", "attention_bwd_q_bf16_hd32", "attention_bwd_q_bf16_hd64", "attention_bwd_q_bf16_hd128"];
         for name in [kv[class], q[class]] {
