@@ -122,11 +122,12 @@ fn main() {
         let att_flops = 4.0 * 8.0 * 12.0 * 749.0 * 749.0 * 64.0;
         rows.push(Row(format!("attention {p} b8 h12 t749 d64"), ms, format!("{:.1} TFLOP/s", att_flops / ms / 1e9)));
         // Training: the gradient with respect to q, k, v (attention dropout 0.1, the default);
-        // fp32 through T x T probabilities per utterance, bf16 flash-style (forward run again
-        // for its log-sum-exp, then dK dV and dQ kernels). Rate: the backward's 5 products.
+        // flash-style on tensor cores (forward run again for its log-sum-exp, then dK dV and dQ
+        // kernels), fp32 FMA through T x T probabilities per utterance. Rate: the backward's 5
+        // products.
         let d_out = be.upload(&d_out_host).unwrap();
         let ms = time_ms(be, 5, || drop(be.attention_grad(&d_out, &qkv, &seqs, 12, 0.125, dropout).unwrap()));
-        let kind = if be.precision() == Precision::F32 { "T x T" } else { "flash" };
+        let kind = if be.precision() == Precision::F32 && !be.tf32x3() { "T x T" } else { "flash" };
         rows.push(Row(format!("attention gradient {p} ({kind}), dropout 0.1"), ms, format!("{:.1} TFLOP/s", 2.5 * att_flops / ms / 1e9)));
     }
     let be = &f32_be;

@@ -73,50 +73,57 @@ ATTENTION(32)
 ATTENTION(64)
 ATTENTION(128)
 
-// attention_bf16_mma_hd{16,32,64,128}: version 2 of the tensor-core path, FlashAttention-2 style.
-// (Version 1 used WMMA fragments with S and O staged in shared memory, since WMMA accumulators
-// cannot be rescaled row by row; 0.46 ms against this version's 0.23 ms on an H100 at b8 h12 t749.)
+// The flash-style kernels, FlashAttention-2 style, written once over two operand flavours:
+//   attention_bf16_mma_hd*, attention_bwd_{kv,q}_bf16_hd*: bf16 tiles, mma.sync m16n8k16 with
+//     ldmatrix fragments (version 2 of the bf16 path; version 1 used WMMA fragments with S and O
+//     staged in shared memory, since WMMA accumulators cannot be rescaled row by row: 0.46 ms
+//     against 0.23 ms on an H100 at b8 h12 t749).
+//   attention_tf32x3_hd*, attention_bwd_{kv,q}_tf32x3_hd*: the fp32 path. fp32 tiles, each
+//     product as three mma.sync m16n8k8 over operands split into TF32 parts (x = big + small,
+//     small terms first), so scores, outputs and gradients keep fp32 accuracy (the GEMMs' 3xTF32).
 // One block of 4 warps per (64 queries, head, utterance); each warp owns 16 query rows and keeps
-// everything in registers: S = Q Kᵀ from mma.sync m16n8k16 (Q and K fragments via ldmatrix),
-// the online softmax on the S accumulators (each lane holds two rows; row statistics reduced over
-// the 4 lanes of a quad), P re-packed in registers as the A operand of P V, V fragments via
-// ldmatrix.trans, and the output accumulators rescaled per row. K and V tiles of 64 keys go
-// through shared memory (converted from fp32 as they are staged).
+// everything in registers: S = Q Kᵀ, the online softmax on the S accumulators (each lane holds
+// two rows; row statistics reduced over the 4 lanes of a quad), P re-packed in registers as the A
+// operand of P V, and the output accumulators rescaled per row. K and V tiles of 64 keys go
+// through shared memory (converted from fp32 as they are staged, for bf16).
 // Training adds dropout on the probabilities (the CPU's masks: query row r, head h, key j use
 // index ((r * heads + h) << 24) | j) and, for the backward, each row's log-sum-exp.
 //
-// attention_bwd_{kv,q}_bf16_hd*: the backward, FlashAttention-2 style, from the forward's
-// log-sum-exp L and D = rowsum(dO ⊙ O): P = exp(S - L), dP = (dO Vᵀ) ⊙ Z (Z the dropout
-// factors), dS = P ⊙ (dP - D); dV = (P ⊙ Z)ᵀ dO, dK = dSᵀ (scale Q), dQ = scale dS K. Two
-// kernels, so every gradient row is written by one warp (no atomics, the same bits every run):
-// _kv walks the query tiles for 64 keys (each warp 16 keys: Sᵀ = K Qᵀ and dPᵀ = V dOᵀ, so Pᵀ
-// and dSᵀ are A operands in registers), _q walks the key tiles for 64 queries (S and dP recomputed,
-// dS the A operand of dS K). No T x T matrix exists in memory.
-template <int HD>
-struct MmaAttnSmem {
-    static constexpr int BQ = 64, BKV = 64, LD = HD + 8;  // +8 bf16: conflict-free ldmatrix rows
-    static constexpr int BYTES = (BQ + 2 * BKV) * LD * 2;
-    static constexpr int BWD_BYTES = 4 * 64 * LD * 2 + 2 * 64 * 4;  // four tiles, then L and D of 64 rows
-};
+// The backward, from the forward's log-sum-exp L and D = rowsum(dO ⊙ O): P = exp(S - L), dP =
+// (dO Vᵀ) ⊙ Z (Z the dropout factors), dS = P ⊙ (dP - D); dV = (P ⊙ Z)ᵀ dO, dK = dSᵀ (scale Q),
+// dQ = scale dS K. Two kernels, so every gradient row is written by one warp (no atomics, the
+// same bits every run): _kv walks the query tiles for 64 keys (each warp 16 keys: Sᵀ = K Qᵀ and
+// dPᵀ = V dOᵀ, so Pᵀ and dSᵀ are A operands in registers), _q walks the key tiles for 64 queries
+// (S and dP recomputed, dS the A operand of dS K). No T x T matrix exists in memory.
+
+// Staged values into a tile: bf16 for the bf16 kernels, fp32 for the 3xTF32 ones.
+__device__ __forceinline__ void put(__nv_bfloat16* dst, float x) { *dst = __float2bfloat16(x); }
+__device__ __forceinline__ void put(float* dst, float x) { *dst = x; }
+__device__ __forceinline__ void put4(__nv_bfloat16* dst, float4 x) {
+    __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(dst);
+    o[0] = __floats2bfloat162_rn(x.x, x.y);
+    o[1] = __floats2bfloat162_rn(x.z, x.w);
+}
+__device__ __forceinline__ void put4(float* dst, float4 x) { *reinterpret_cast<float4*>(dst) = x; }
 
 // Stages rows r0 .. r0 + ROWS of one head's slice of `src` (row stride `stride`, columns col ..
-// col + hd of each packed row `start + r`) into shared memory as bf16 times `scale`: rows at or
-// past `len` and columns at or past `hd` as zeros. With `vec4` (hd % 4 == 0, stride % 4 == 0),
-// 16-byte loads, each thread issuing a batch of them before converting any, from addresses clamped
+// col + hd of each packed row `start + r`) into shared memory times `scale`: rows at or past
+// `len` and columns at or past `hd` as zeros. With `vec4` (hd % 4 == 0, stride % 4 == 0),
+// 16-byte loads, each thread issuing a batch of them before storing any, from addresses clamped
 // into the utterance and the head so none needs a branch: one memory round trip per batch, not
 // one per load.
-template <int ROWS, int HD>
-__device__ __forceinline__ void stage_rows(const float* src, long stride, int start, int r0, int len, int col, int hd, float scale,
-                                           __nv_bfloat16* dst, int ld, int t, bool vec4) {
+template <int ROWS, int HD, class T>
+__device__ __forceinline__ void stage_rows(const float* src, long stride, int start, int r0, int len, int col, int hd, float scale, T* dst,
+                                           int ld, int t, bool vec4) {
     if (!vec4) {
         for (int i = t; i < ROWS * HD; i += 128) {
             int r = i / HD, d = i % HD;
             bool in = r0 + r < len && d < hd;
-            dst[r * ld + d] = __float2bfloat16(in ? src[(long)(start + r0 + r) * stride + col + d] * scale : 0.0f);
+            put(dst + r * ld + d, in ? src[(long)(start + r0 + r) * stride + col + d] * scale : 0.0f);
         }
         return;
     }
-    // Batches of 8 loads (4 at HD 128, whose accumulators take twice the registers).
+    // Batches of 8 loads (2 at HD 128, whose accumulators take twice the registers).
     constexpr int PER = ROWS * HD / 4 / 128, MOST = HD >= 128 ? 2 : 8, BATCH = PER < MOST ? PER : MOST;
     static_assert(PER * 4 * 128 == ROWS * HD && PER % BATCH == 0, "whole 16-byte loads per thread");
 #pragma unroll
@@ -132,49 +139,9 @@ __device__ __forceinline__ void stage_rows(const float* src, long stride, int st
         for (int j = 0; j < BATCH; ++j) {
             int i = t + (b0 + j) * 128, r = i / (HD / 4), d = (i % (HD / 4)) * 4;
             float4 x = (r0 + r < len && d < hd) ? v[j] : make_float4(0.f, 0.f, 0.f, 0.f);
-            __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(dst + r * ld + d);
-            o[0] = __floats2bfloat162_rn(x.x * scale, x.y * scale);
-            o[1] = __floats2bfloat162_rn(x.z * scale, x.w * scale);
+            put4(dst + r * ld + d, make_float4(x.x * scale, x.y * scale, x.z * scale, x.w * scale));
         }
     }
-}
-
-// A fragments (16 rows from `row0`, K = HD) of a staged tile.
-template <int HD>
-__device__ __forceinline__ void load_a_rows(unsigned (&f)[HD / 16][4], const __nv_bfloat16* tile, int ld, int row0, int lane) {
-#pragma unroll
-    for (int kc = 0; kc < HD / 16; ++kc) ldmatrix_x4(f[kc], tile + (row0 + lane % 16) * ld + kc * 16 + (lane / 16) * 8);
-}
-
-// acc (16 x 64) += A Bᵀ over K = HD: A in fragments, B the 64 rows of a staged tile (Q Kᵀ, dO Vᵀ,
-// and in the backward K Qᵀ, V dOᵀ).
-template <int HD>
-__device__ __forceinline__ void mma_abt(float (&acc)[8][4], const unsigned (&a)[HD / 16][4], const __nv_bfloat16* tile, int ld, int lane) {
-#pragma unroll
-    for (int kc = 0; kc < HD / 16; ++kc)
-#pragma unroll
-        for (int nj = 0; nj < 4; ++nj) {
-            unsigned b[4];
-            ldmatrix_x4(b, tile + (nj * 16 + (lane % 8) + (lane / 16) * 8) * ld + kc * 16 + ((lane / 8) % 2) * 8);
-            mma_bf16(acc[2 * nj], a[kc], b[0], b[1]);
-            mma_bf16(acc[2 * nj + 1], a[kc], b[2], b[3]);
-        }
-}
-
-// acc (16 x HD) += A B over K = 64: A the 16 x 64 fragments a product's accumulators were packed
-// into (pack_a), B a staged 64 x HD tile read transposed (P V, and in the backward Pᵀ dO, dSᵀ Q,
-// dS K).
-template <int HD>
-__device__ __forceinline__ void mma_ab(float (&acc)[HD / 8][4], const unsigned (&a)[4][4], const __nv_bfloat16* tile, int ld, int lane) {
-#pragma unroll
-    for (int kc = 0; kc < 4; ++kc)
-#pragma unroll
-        for (int dj = 0; dj < HD / 16; ++dj) {
-            unsigned b[4];
-            ldmatrix_x4_trans(b, tile + (kc * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * ld + dj * 16 + (lane / 16) * 8);
-            mma_bf16(acc[2 * dj], a[kc], b[0], b[1]);
-            mma_bf16(acc[2 * dj + 1], a[kc], b[2], b[3]);
-        }
 }
 
 // Two floats as the bf16 pair of one fragment register.
@@ -183,15 +150,149 @@ __device__ __forceinline__ unsigned bf16_pair(float lo, float hi) {
     return *reinterpret_cast<unsigned*>(&v);
 }
 
-// Accumulators of a 16 x 64 product as the A fragments of a product over those 64 columns:
-// column tile nt feeds K chunk nt / 2, its rows g and g + 8 registers 0 and 1 (even nt) or 2 and 3.
-__device__ __forceinline__ void pack_a(unsigned (&a)[4][4], const float (&x)[8][4]) {
+// The operand flavours. Each gives the tile element type T and row strides (LD_ROWS for tiles
+// read along rows, LD_COLS for those read down columns only), and a warp's products on 16 rows:
+//   load_a(a, tile, ld, row0): A operand = rows row0 .. row0 + 16 of a tile, K = HD;
+//   mma_abt(acc, a, tile, ld): acc (16 x 64) += A Bᵀ, B the 64 rows of a tile (Q Kᵀ, dO Vᵀ, and
+//     in the backward K Qᵀ, V dOᵀ);
+//   pack(pa, x): a product's 16 x 64 accumulators as the A operand of a product over those 64;
+//   mma_ab(acc, pa, tile, ld): acc (16 x HD) += A B, B a 64 x HD tile (P V, and in the backward
+//     Pᵀ dO, dSᵀ Q, dS K);
+//   round_p(x): a probability as the MMA multiplies it (the softmax sums those).
+template <int HD_>
+struct Bf16Ops {
+    static constexpr int HD = HD_, LD_ROWS = HD + 8, LD_COLS = HD + 8;  // +8 bf16: conflict-free ldmatrix rows
+    using T = __nv_bfloat16;
+    struct ARows {  // ldmatrix fragments, held in registers
+        unsigned f[HD / 16][4];
+    };
+    struct PackedA {
+        unsigned f[4][4];
+    };
+
+    static __device__ __forceinline__ float round_p(float x) { return __bfloat162float(__float2bfloat16(x)); }
+
+    static __device__ __forceinline__ void load_a(ARows& a, const T* tile, int ld, int row0, int lane) {
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-        a[nt / 2][(nt % 2) * 2] = bf16_pair(x[nt][0], x[nt][1]);
-        a[nt / 2][(nt % 2) * 2 + 1] = bf16_pair(x[nt][2], x[nt][3]);
+        for (int kc = 0; kc < HD / 16; ++kc) ldmatrix_x4(a.f[kc], tile + (row0 + lane % 16) * ld + kc * 16 + (lane / 16) * 8);
     }
-}
+
+    static __device__ __forceinline__ void mma_abt(float (&acc)[8][4], const ARows& a, const T* tile, int ld, int lane) {
+#pragma unroll
+        for (int kc = 0; kc < HD / 16; ++kc)
+#pragma unroll
+            for (int nj = 0; nj < 4; ++nj) {
+                unsigned b[4];
+                ldmatrix_x4(b, tile + (nj * 16 + (lane % 8) + (lane / 16) * 8) * ld + kc * 16 + ((lane / 8) % 2) * 8);
+                mma_bf16(acc[2 * nj], a.f[kc], b[0], b[1]);
+                mma_bf16(acc[2 * nj + 1], a.f[kc], b[2], b[3]);
+            }
+    }
+
+    // Column tile nt feeds K chunk nt / 2, its rows g and g + 8 registers 0 and 1 (even nt) or 2 and 3.
+    static __device__ __forceinline__ void pack(PackedA& a, const float (&x)[8][4]) {
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+            a.f[nt / 2][(nt % 2) * 2] = bf16_pair(x[nt][0], x[nt][1]);
+            a.f[nt / 2][(nt % 2) * 2 + 1] = bf16_pair(x[nt][2], x[nt][3]);
+        }
+    }
+
+    static __device__ __forceinline__ void mma_ab(float (&acc)[HD / 8][4], const PackedA& a, const T* tile, int ld, int lane) {
+#pragma unroll
+        for (int kc = 0; kc < 4; ++kc)
+#pragma unroll
+            for (int dj = 0; dj < HD / 16; ++dj) {
+                unsigned b[4];
+                ldmatrix_x4_trans(b, tile + (kc * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * ld + dj * 16 + (lane / 16) * 8);
+                mma_bf16(acc[2 * dj], a.f[kc], b[0], b[1]);
+                mma_bf16(acc[2 * dj + 1], a.f[kc], b[2], b[3]);
+            }
+    }
+};
+
+// fp32 tiles, rows padded so a warp's fragment loads hit 32 different banks: LD_ROWS = 4 mod 32
+// for element (row g, column tq), LD_COLS = 8 mod 32 for (row tq, column g). Tiles read both
+// ways in the backward take LD_ROWS (their column reads conflict two ways). A operands stay in
+// shared memory and are split per K chunk as they are used: split fragments held for all of K
+// would take four times the registers of bf16 ones.
+template <int HD_>
+struct Tf32x3Ops {
+    static constexpr int HD = HD_, LD_ROWS = HD + 4, LD_COLS = HD + 8;
+    using T = float;
+    struct ARows {
+        const float* tile;
+        int ld, row0;
+    };
+    struct PackedA {  // the accumulators themselves: moved into the A layout chunk by chunk
+        float x[8][4];
+    };
+
+    static __device__ __forceinline__ float round_p(float x) { return x; }
+
+    static __device__ __forceinline__ void load_a(ARows& a, const T* tile, int ld, int row0, int) { a = ARows{tile, ld, row0}; }
+
+    // A's fragment of chunk kc: rows g (registers 0, 2) and g + 8 (1, 3), columns tq (0, 1) and
+    // tq + 4; B's: row n = g of each 8-row tile, columns tq and tq + 4.
+    static __device__ __forceinline__ void mma_abt(float (&acc)[8][4], const ARows& a, const T* tile, int ld, int lane) {
+        const int g = lane / 4, tq = lane % 4;
+#pragma unroll
+        for (int kc = 0; kc < HD / 8; ++kc) {
+            unsigned ab[4], as[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) split_tf32(a.tile[(a.row0 + g + (i & 1) * 8) * a.ld + kc * 8 + tq + (i >> 1) * 4], ab[i], as[i]);
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt) {
+                unsigned bb[2], bs[2];
+#pragma unroll
+                for (int e = 0; e < 2; ++e) split_tf32(tile[(nt * 8 + g) * ld + kc * 8 + tq + e * 4], bb[e], bs[e]);
+                mma_tf32x3(acc[nt], ab, as, bb, bs);
+            }
+        }
+    }
+
+    static __device__ __forceinline__ void pack(PackedA& a, const float (&x)[8][4]) {
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) a.x[nt][e] = x[nt][e];
+    }
+
+    // Key chunk nt: A's fragment (columns tq and tq + 4 of the chunk) gathered from the lanes of
+    // the quad holding them (lane t holds columns 2t, 2t + 1), B's (rows tq, tq + 4; column g).
+    static __device__ __forceinline__ void mma_ab(float (&acc)[HD / 8][4], const PackedA& a, const T* tile, int ld, int lane) {
+        const int g = lane / 4, tq = lane % 4, quad = lane & ~3, src_lo = quad | (tq >> 1), src_hi = quad | ((tq >> 1) + 2);
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+            float p[4];
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                float lo0 = __shfl_sync(0xffffffffu, a.x[nt][2 * r], src_lo), lo1 = __shfl_sync(0xffffffffu, a.x[nt][2 * r + 1], src_lo);
+                float hi0 = __shfl_sync(0xffffffffu, a.x[nt][2 * r], src_hi), hi1 = __shfl_sync(0xffffffffu, a.x[nt][2 * r + 1], src_hi);
+                p[r] = (tq & 1) ? lo1 : lo0;      // row g + 8r, column tq
+                p[2 + r] = (tq & 1) ? hi1 : hi0;  // row g + 8r, column tq + 4
+            }
+            unsigned pb[4], ps[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) split_tf32(p[i], pb[i], ps[i]);
+#pragma unroll
+            for (int dt = 0; dt < HD / 8; ++dt) {
+                unsigned vb[2], vs[2];
+#pragma unroll
+                for (int e = 0; e < 2; ++e) split_tf32(tile[(nt * 8 + tq + e * 4) * ld + dt * 8 + g], vb[e], vs[e]);
+                mma_tf32x3(acc[dt], pb, ps, vb, vs);
+            }
+        }
+    }
+};
+
+// Shared memory of the flash kernels: forward Q, K (rows) and V (columns); backward four tiles,
+// then L and D of 64 rows.
+template <class F>
+struct FlashSmem {
+    static constexpr int FWD = (2 * 64 * F::LD_ROWS + 64 * F::LD_COLS) * (int)sizeof(typename F::T);
+    static constexpr int BWD = 4 * 64 * F::LD_ROWS * (int)sizeof(typename F::T) + 2 * 64 * 4;
+};
 
 // Writes a warp's 16 x HD accumulators (this lane's rows g and g + 8, times f[0] and f[1]) to
 // base + (row0 + row) * stride, for rows before `len` and columns before `hd`.
@@ -212,7 +313,6 @@ __device__ __forceinline__ void store_rows(const float (&acc)[HD / 8][4], float*
             }
     }
 }
-
 // The online softmax's step for a tile of 64 keys from j0 (the flash kernels' score
 // accumulators: this lane's rows g in registers 0, 1 and g + 8 in 2, 3): keys past `len` masked
 // to -inf, each row's running maximum m updated over the quad, and the running sum l and output
@@ -253,49 +353,50 @@ __device__ __forceinline__ float prob_dropout(float p, unsigned long long site_k
     return p > 0.0f ? dropout_factor(p, site_key, (((unsigned long long)row * heads + h) << 24) | (unsigned long long)j) : 1.0f;
 }
 
-template <int HD>
-__device__ void attention_bf16_mma_impl(const float* qkv, float* out, const int* offsets, int c, int hd, float scale, float* lse, float p,
-                                        unsigned long long site_key) {
-    using L = MmaAttnSmem<HD>;
+template <class F>
+__device__ void attention_flash_impl(const float* qkv, float* out, const int* offsets, int c, int hd, float scale, float* lse, float p,
+                                     unsigned long long site_key) {
+    using T = typename F::T;
+    constexpr int HD = F::HD;
     DYNAMIC_SHARED(unsigned char, smem);
-    __nv_bfloat16* Qs = reinterpret_cast<__nv_bfloat16*>(smem);
-    __nv_bfloat16* Ks = Qs + L::BQ * L::LD;
-    __nv_bfloat16* Vs = Ks + L::BKV * L::LD;
+    T* Qs = reinterpret_cast<T*>(smem);
+    T* Ks = Qs + 64 * F::LD_ROWS;
+    T* Vs = Ks + 64 * F::LD_ROWS;
     const int u = blockIdx.z, h = blockIdx.y, t = threadIdx.x, warp = t / 32, lane = t % 32, g = lane / 4, tq = lane % 4;
-    const int start = offsets[u], len = offsets[u + 1] - start, q0 = blockIdx.x * L::BQ, heads = c / hd;
+    const int start = offsets[u], len = offsets[u + 1] - start, q0 = blockIdx.x * 64, heads = c / hd;
     if (q0 >= len) return;
     const long row3 = 3L * c;
     // float4 loads when every head's rows start on 16-byte boundaries (qkv is 256-byte aligned).
     const bool vec4 = (hd % 4 == 0) && (c % 4 == 0);
-    stage_rows<L::BQ, HD>(qkv, row3, start, q0, len, h * hd, hd, scale, Qs, L::LD, t, vec4);
+    stage_rows<64, HD>(qkv, row3, start, q0, len, h * hd, hd, scale, Qs, F::LD_ROWS, t, vec4);
     __syncthreads();
-    unsigned qf[HD / 16][4];
-    load_a_rows<HD>(qf, Qs, L::LD, warp * 16, lane);
+    typename F::ARows qa;
+    F::load_a(qa, Qs, F::LD_ROWS, warp * 16, lane);
     float o[HD / 8][4] = {};
     float m_row[2] = {-INFINITY, -INFINITY}, l_row[2] = {0.0f, 0.0f};  // rows g and g + 8 (l: this lane's partial sum)
-    for (int j0 = 0; j0 < len; j0 += L::BKV) {
+    for (int j0 = 0; j0 < len; j0 += 64) {
         __syncthreads();  // everyone is done with the previous K and V tiles
-        stage_rows<L::BKV, HD>(qkv, row3, start, j0, len, c + h * hd, hd, 1.0f, Ks, L::LD, t, vec4);
-        stage_rows<L::BKV, HD>(qkv, row3, start, j0, len, 2 * c + h * hd, hd, 1.0f, Vs, L::LD, t, vec4);
+        stage_rows<64, HD>(qkv, row3, start, j0, len, c + h * hd, hd, 1.0f, Ks, F::LD_ROWS, t, vec4);
+        stage_rows<64, HD>(qkv, row3, start, j0, len, 2 * c + h * hd, hd, 1.0f, Vs, F::LD_COLS, t, vec4);
         __syncthreads();
-        float s[L::BKV / 8][4] = {};
-        mma_abt<HD>(s, qf, Ks, L::LD, lane);
+        float s[8][4] = {};
+        F::mma_abt(s, qa, Ks, F::LD_ROWS, lane);
         // Online softmax: lane holds s[nt][0..1] (row g) and s[nt][2..3] (row g + 8).
         online_softmax_step<HD>(s, j0, len, tq, m_row, l_row, o);
-        // P = exp(S - m) rounded to bf16 and summed as rounded (what the MMA multiplies), then
-        // dropped (the sum is of the kept-and-dropped probabilities, as the softmax's).
+        // P = exp(S - m) as the MMA multiplies it, summed as such, then dropped (the sum is of
+        // the kept-and-dropped probabilities, as the softmax's).
 #pragma unroll
-        for (int nt = 0; nt < L::BKV / 8; ++nt)
+        for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                float pr = __bfloat162float(__float2bfloat16(expf(s[nt][e] - m_row[e / 2])));
+                float pr = F::round_p(expf(s[nt][e] - m_row[e / 2]));
                 l_row[e / 2] += pr;
                 int key = j0 + nt * 8 + tq * 2 + (e & 1);
                 s[nt][e] = pr * prob_dropout(p, site_key, start + q0 + warp * 16 + g + (e / 2) * 8, heads, h, key);
             }
-        unsigned pf[4][4];
-        pack_a(pf, s);
-        mma_ab<HD>(o, pf, Vs, L::LD, lane);
+        typename F::PackedA pa;
+        F::pack(pa, s);
+        F::mma_ab(o, pa, Vs, F::LD_COLS, lane);
     }
     float inv[2];
 #pragma unroll
@@ -305,108 +406,6 @@ __device__ void attention_bf16_mma_impl(const float* qkv, float* out, const int*
         inv[r] = 1.0f / l_row[r];
         int q = q0 + warp * 16 + g + r * 8;
         if (lse && tq == 0 && q < len) lse[(long)(start + q) * heads + h] = m_row[r] + logf(l_row[r]);
-    }
-    store_rows<HD>(o, out + (long)start * c + h * hd, c, q0 + warp * 16, len, hd, inv, g, tq);
-}
-
-// attention_tf32x3_hd{16,32,64,128}: the fp32 path on tensor cores, FlashAttention-2 style as
-// the bf16 kernel above, with fp32 operands split into TF32 parts (x = big + small) and each
-// product taken as three mma.sync m16n8k8 (small terms first), so scores and outputs keep fp32
-// accuracy (the GEMMs' 3xTF32). One block of 4 warps per (64 queries, head, utterance), each warp
-// 16 query rows: Q fragments split once and held in registers; K and V tiles of 64 keys staged
-// in fp32 (rows padded so the fragment loads of a warp hit 32 different banks: K's read along
-// rows, V's down columns); P moved from the accumulator layout into the A layout with quad
-// shuffles (lane t holds columns 2t, 2t+1; the A operand wants t and t + 4).
-template <int HD>
-struct Tf32AttnSmem {
-    static constexpr int LDK = HD + 4, LDV = HD + 8;  // Q and K: rows read at column tq; V: columns read at row tq
-    static constexpr int BYTES = (2 * 64 * LDK + 64 * LDV) * 4;
-};
-
-template <int HD>
-__device__ void attention_tf32x3_impl(const float* qkv, float* out, const int* offsets, int c, int hd, float scale) {
-    using L = Tf32AttnSmem<HD>;
-    DYNAMIC_SHARED(unsigned char, smem);
-    float* Qs = reinterpret_cast<float*>(smem);
-    float* Ks = Qs + 64 * L::LDK;
-    float* Vs = Ks + 64 * L::LDK;
-    const int u = blockIdx.z, h = blockIdx.y, t = threadIdx.x, warp = t / 32, lane = t % 32, g = lane / 4, tq = lane % 4;
-    const int start = offsets[u], len = offsets[u + 1] - start, q0 = blockIdx.x * 64;
-    if (q0 >= len) return;
-    const long row3 = 3L * c;
-    // Rows r0 .. r0 + 64 of one head's slice (columns col ..) into a tile, times `f`; zeros
-    // past the utterance and past the head size.
-    auto stage = [&](float* dst, int ld, int r0, int col, float f) {
-        for (int i = t; i < 64 * HD; i += 128) {
-            int r = i / HD, d = i % HD;
-            bool in = r0 + r < len && d < hd;
-            dst[r * ld + d] = in ? qkv[(long)(start + r0 + r) * row3 + col + d] * f : 0.0f;
-        }
-    };
-    stage(Qs, L::LDK, q0, h * hd, scale);
-    __syncthreads();
-    // Q's A fragments for each 8-column chunk: rows g (0, 2) and g + 8 (1, 3), columns tq (0, 1) and tq + 4.
-    unsigned qb[HD / 8][4], qs[HD / 8][4];
-#pragma unroll
-    for (int kc = 0; kc < HD / 8; ++kc)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) split_tf32(Qs[(warp * 16 + g + (i & 1) * 8) * L::LDK + kc * 8 + tq + (i >> 1) * 4], qb[kc][i], qs[kc][i]);
-    float o[HD / 8][4] = {};
-    float m_row[2] = {-INFINITY, -INFINITY}, l_row[2] = {0.0f, 0.0f};
-    const int quad = lane & ~3, src_lo = quad | (tq >> 1), src_hi = quad | ((tq >> 1) + 2);
-    for (int j0 = 0; j0 < len; j0 += 64) {
-        __syncthreads();  // everyone is done with the previous K and V tiles
-        stage(Ks, L::LDK, j0, c + h * hd, 1.0f);
-        stage(Vs, L::LDV, j0, 2 * c + h * hd, 1.0f);
-        __syncthreads();
-        float s[8][4] = {};
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-            for (int kc = 0; kc < HD / 8; ++kc) {
-                unsigned bb[2], bs[2];
-#pragma unroll
-                for (int e = 0; e < 2; ++e) split_tf32(Ks[(nt * 8 + g) * L::LDK + kc * 8 + tq + e * 4], bb[e], bs[e]);
-                mma_tf32x3(s[nt], qb[kc], qs[kc], bb, bs);
-            }
-        online_softmax_step<HD>(s, j0, len, tq, m_row, l_row, o);
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                s[nt][e] = expf(s[nt][e] - m_row[e / 2]);
-                l_row[e / 2] += s[nt][e];
-            }
-        // O += P V, key chunk nt: P's A fragment (columns tq and tq + 4 of the chunk) gathered
-        // from the lanes of the quad holding them, V's B fragment (keys tq, tq + 4; column g).
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
-            float p[4];
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                float lo0 = __shfl_sync(0xffffffffu, s[nt][2 * r], src_lo), lo1 = __shfl_sync(0xffffffffu, s[nt][2 * r + 1], src_lo);
-                float hi0 = __shfl_sync(0xffffffffu, s[nt][2 * r], src_hi), hi1 = __shfl_sync(0xffffffffu, s[nt][2 * r + 1], src_hi);
-                p[r] = (tq & 1) ? lo1 : lo0;      // row g + 8r, column tq
-                p[2 + r] = (tq & 1) ? hi1 : hi0;  // row g + 8r, column tq + 4
-            }
-            unsigned pb[4], ps[4];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) split_tf32(p[i], pb[i], ps[i]);
-#pragma unroll
-            for (int dt = 0; dt < HD / 8; ++dt) {
-                unsigned vb[2], vs[2];
-#pragma unroll
-                for (int e = 0; e < 2; ++e) split_tf32(Vs[(nt * 8 + tq + e * 4) * L::LDV + dt * 8 + g], vb[e], vs[e]);
-                mma_tf32x3(o[dt], pb, ps, vb, vs);
-            }
-        }
-    }
-    float inv[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        l_row[r] += __shfl_xor_sync(0xffffffffu, l_row[r], 1);
-        l_row[r] += __shfl_xor_sync(0xffffffffu, l_row[r], 2);
-        inv[r] = 1.0f / l_row[r];
     }
     store_rows<HD>(o, out + (long)start * c + h * hd, c, q0 + warp * 16, len, hd, inv, g, tq);
 }
@@ -431,30 +430,32 @@ __device__ __forceinline__ float score_grad(float s, float dpz, float lse, float
     return pr * (dpz * z - dot);
 }
 
-template <int HD>
+
+template <class F>
 __device__ void attention_bwd_kv_impl(const float* qkv, const float* d_out, const float* lse, const float* dot, float* d_qkv, const int* offsets,
                                       int c, int hd, float scale, float p, unsigned long long site_key) {
-    using L = MmaAttnSmem<HD>;
+    using T = typename F::T;
+    constexpr int HD = F::HD, LD = F::LD_ROWS;
     DYNAMIC_SHARED(unsigned char, smem);
-    __nv_bfloat16* Ks = reinterpret_cast<__nv_bfloat16*>(smem);
-    __nv_bfloat16* Vs = Ks + 64 * L::LD;
-    __nv_bfloat16* Qs = Vs + 64 * L::LD;
-    __nv_bfloat16* dOs = Qs + 64 * L::LD;
-    float* Ls = reinterpret_cast<float*>(dOs + 64 * L::LD);
+    T* Ks = reinterpret_cast<T*>(smem);
+    T* Vs = Ks + 64 * LD;
+    T* Qs = Vs + 64 * LD;
+    T* dOs = Qs + 64 * LD;
+    float* Ls = reinterpret_cast<float*>(dOs + 64 * LD);
     float* Ds = Ls + 64;
     const int u = blockIdx.z, h = blockIdx.y, t = threadIdx.x, warp = t / 32, lane = t % 32, g = lane / 4, tq = lane % 4;
     const int start = offsets[u], len = offsets[u + 1] - start, j0 = blockIdx.x * 64, heads = c / hd;
     if (j0 >= len) return;
     const long row3 = 3L * c;
     const bool vec4 = (hd % 4 == 0) && (c % 4 == 0);
-    stage_rows<64, HD>(qkv, row3, start, j0, len, c + h * hd, hd, 1.0f, Ks, L::LD, t, vec4);
-    stage_rows<64, HD>(qkv, row3, start, j0, len, 2 * c + h * hd, hd, 1.0f, Vs, L::LD, t, vec4);
+    stage_rows<64, HD>(qkv, row3, start, j0, len, c + h * hd, hd, 1.0f, Ks, LD, t, vec4);
+    stage_rows<64, HD>(qkv, row3, start, j0, len, 2 * c + h * hd, hd, 1.0f, Vs, LD, t, vec4);
     float dk[HD / 8][4] = {}, dv[HD / 8][4] = {};
     const int key0 = j0 + warp * 16 + g;  // this lane's keys: key0 (registers 0, 1) and key0 + 8 (2, 3)
     for (int i0 = 0; i0 < len; i0 += 64) {
         __syncthreads();  // everyone is done with the previous query tile
-        stage_rows<64, HD>(qkv, row3, start, i0, len, h * hd, hd, scale, Qs, L::LD, t, vec4);
-        stage_rows<64, HD>(d_out, c, start, i0, len, h * hd, hd, 1.0f, dOs, L::LD, t, vec4);
+        stage_rows<64, HD>(qkv, row3, start, i0, len, h * hd, hd, scale, Qs, LD, t, vec4);
+        stage_rows<64, HD>(d_out, c, start, i0, len, h * hd, hd, 1.0f, dOs, LD, t, vec4);
         if (t < 64) {
             bool in = i0 + t < len;
             Ls[t] = in ? lse[(long)(start + i0 + t) * heads + h] : 0.0f;
@@ -465,14 +466,14 @@ __device__ void attention_bwd_kv_impl(const float* qkv, const float* d_out, cons
         // query tile rather than held: the accumulators of dK and dV need the registers.
         float st[8][4] = {}, dpt[8][4] = {};
         {
-            unsigned kf[HD / 16][4];
-            load_a_rows<HD>(kf, Ks, L::LD, warp * 16, lane);
-            mma_abt<HD>(st, kf, Qs, L::LD, lane);
+            typename F::ARows ka;
+            F::load_a(ka, Ks, LD, warp * 16, lane);
+            F::mma_abt(st, ka, Qs, LD, lane);
         }
         {
-            unsigned vf[HD / 16][4];
-            load_a_rows<HD>(vf, Vs, L::LD, warp * 16, lane);
-            mma_abt<HD>(dpt, vf, dOs, L::LD, lane);
+            typename F::ARows va;
+            F::load_a(va, Vs, LD, warp * 16, lane);
+            F::mma_abt(dpt, va, dOs, LD, lane);
         }
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt)
@@ -484,37 +485,38 @@ __device__ void attention_bwd_kv_impl(const float* qkv, const float* d_out, cons
                 dpt[nt][e] = score_grad(st[nt][e], dpt[nt][e], Ls[qi], Ds[qi], z, in, pz);
                 st[nt][e] = pz;
             }
-        unsigned pf[4][4], dsf[4][4];
-        pack_a(pf, st);
-        pack_a(dsf, dpt);
-        mma_ab<HD>(dv, pf, dOs, L::LD, lane);
-        mma_ab<HD>(dk, dsf, Qs, L::LD, lane);
+        typename F::PackedA pa, dsa;
+        F::pack(pa, st);
+        F::pack(dsa, dpt);
+        F::mma_ab(dv, pa, dOs, LD, lane);
+        F::mma_ab(dk, dsa, Qs, LD, lane);
     }
     const float one[2] = {1.0f, 1.0f};
     store_rows<HD>(dk, d_qkv + (long)start * row3 + c + h * hd, row3, j0 + warp * 16, len, hd, one, g, tq);
     store_rows<HD>(dv, d_qkv + (long)start * row3 + 2 * c + h * hd, row3, j0 + warp * 16, len, hd, one, g, tq);
 }
 
-template <int HD>
+template <class F>
 __device__ void attention_bwd_q_impl(const float* qkv, const float* d_out, const float* lse, const float* dot, float* d_qkv, const int* offsets,
                                      int c, int hd, float scale, float p, unsigned long long site_key) {
-    using L = MmaAttnSmem<HD>;
+    using T = typename F::T;
+    constexpr int HD = F::HD, LD = F::LD_ROWS;
     DYNAMIC_SHARED(unsigned char, smem);
-    __nv_bfloat16* Qs = reinterpret_cast<__nv_bfloat16*>(smem);
-    __nv_bfloat16* dOs = Qs + 64 * L::LD;
-    __nv_bfloat16* Ks = dOs + 64 * L::LD;
-    __nv_bfloat16* Vs = Ks + 64 * L::LD;
+    T* Qs = reinterpret_cast<T*>(smem);
+    T* dOs = Qs + 64 * LD;
+    T* Ks = dOs + 64 * LD;
+    T* Vs = Ks + 64 * LD;
     const int u = blockIdx.z, h = blockIdx.y, t = threadIdx.x, warp = t / 32, lane = t % 32, g = lane / 4, tq = lane % 4;
     const int start = offsets[u], len = offsets[u + 1] - start, q0 = blockIdx.x * 64, heads = c / hd;
     if (q0 >= len) return;
     const long row3 = 3L * c;
     const bool vec4 = (hd % 4 == 0) && (c % 4 == 0);
-    stage_rows<64, HD>(qkv, row3, start, q0, len, h * hd, hd, scale, Qs, L::LD, t, vec4);
-    stage_rows<64, HD>(d_out, c, start, q0, len, h * hd, hd, 1.0f, dOs, L::LD, t, vec4);
+    stage_rows<64, HD>(qkv, row3, start, q0, len, h * hd, hd, scale, Qs, LD, t, vec4);
+    stage_rows<64, HD>(d_out, c, start, q0, len, h * hd, hd, 1.0f, dOs, LD, t, vec4);
     __syncthreads();
-    unsigned qf[HD / 16][4], dof[HD / 16][4];
-    load_a_rows<HD>(qf, Qs, L::LD, warp * 16, lane);
-    load_a_rows<HD>(dof, dOs, L::LD, warp * 16, lane);
+    typename F::ARows qa, doa;
+    F::load_a(qa, Qs, LD, warp * 16, lane);
+    F::load_a(doa, dOs, LD, warp * 16, lane);
     float row_lse[2], row_dot[2];
     const int qr = q0 + warp * 16 + g;  // this lane's queries: qr (registers 0, 1) and qr + 8 (2, 3)
 #pragma unroll
@@ -526,12 +528,12 @@ __device__ void attention_bwd_q_impl(const float* qkv, const float* d_out, const
     float dq[HD / 8][4] = {};
     for (int j0 = 0; j0 < len; j0 += 64) {
         __syncthreads();  // everyone is done with the previous key tile
-        stage_rows<64, HD>(qkv, row3, start, j0, len, c + h * hd, hd, 1.0f, Ks, L::LD, t, vec4);
-        stage_rows<64, HD>(qkv, row3, start, j0, len, 2 * c + h * hd, hd, 1.0f, Vs, L::LD, t, vec4);
+        stage_rows<64, HD>(qkv, row3, start, j0, len, c + h * hd, hd, 1.0f, Ks, LD, t, vec4);
+        stage_rows<64, HD>(qkv, row3, start, j0, len, 2 * c + h * hd, hd, 1.0f, Vs, LD, t, vec4);
         __syncthreads();
         float s[8][4] = {}, dp[8][4] = {};
-        mma_abt<HD>(s, qf, Ks, L::LD, lane);
-        mma_abt<HD>(dp, dof, Vs, L::LD, lane);
+        F::mma_abt(s, qa, Ks, LD, lane);
+        F::mma_abt(dp, doa, Vs, LD, lane);
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
@@ -541,45 +543,40 @@ __device__ void attention_bwd_q_impl(const float* qkv, const float* d_out, const
                 float z = prob_dropout(p, site_key, start + q, heads, h, key), pz;
                 dp[nt][e] = score_grad(s[nt][e], dp[nt][e], row_lse[e / 2], row_dot[e / 2], z, in, pz);
             }
-        unsigned dsf[4][4];
-        pack_a(dsf, dp);
-        mma_ab<HD>(dq, dsf, Ks, L::LD, lane);
+        typename F::PackedA dsa;
+        F::pack(dsa, dp);
+        F::mma_ab(dq, dsa, Ks, LD, lane);
     }
     const float f[2] = {scale, scale};
     store_rows<HD>(dq, d_qkv + (long)start * row3 + h * hd, row3, q0 + warp * 16, len, hd, f, g, tq);
 }
 
-#define ATTENTION_BF16_MMA(HD)                                                                                                          \
+// The kernels of one flavour and head-size class: forward `fwd`, backward attention_bwd_{kv,q}_`tag`,
+// each with a _smem kernel reporting its dynamic shared memory.
+#define ATTENTION_FLASH(fwd, tag, Ops, HD)                                                                                             \
     extern "C" __global__ void __launch_bounds__(128)                                                                                 \
-        attention_bf16_mma_hd##HD(const float* qkv, float* out, const int* offsets, int c, int hd, float scale, float* lse, float p,   \
-                                  unsigned long long site_key) {                                                                      \
-        attention_bf16_mma_impl<HD>(qkv, out, offsets, c, hd, scale, lse, p, site_key);                                                \
+        fwd##_hd##HD(const float* qkv, float* out, const int* offsets, int c, int hd, float scale, float* lse, float p,               \
+                     unsigned long long site_key) {                                                                                   \
+        attention_flash_impl<Ops<HD>>(qkv, out, offsets, c, hd, scale, lse, p, site_key);                                             \
     }                                                                                                                                   \
-    extern "C" __global__ void attention_bf16_mma_hd##HD##_smem(int* bytes) { *bytes = MmaAttnSmem<HD>::BYTES; }                      \
+    extern "C" __global__ void fwd##_hd##HD##_smem(int* bytes) { *bytes = FlashSmem<Ops<HD>>::FWD; }                                  \
     extern "C" __global__ void __launch_bounds__(128)                                                                                 \
-        attention_bwd_kv_bf16_hd##HD(const float* qkv, const float* d_out, const float* lse, const float* dot, float* d_qkv,           \
-                                     const int* offsets, int c, int hd, float scale, float p, unsigned long long site_key) {           \
-        attention_bwd_kv_impl<HD>(qkv, d_out, lse, dot, d_qkv, offsets, c, hd, scale, p, site_key);                                    \
+        attention_bwd_kv_##tag##_hd##HD(const float* qkv, const float* d_out, const float* lse, const float* dot, float* d_qkv,       \
+                                        const int* offsets, int c, int hd, float scale, float p, unsigned long long site_key) {       \
+        attention_bwd_kv_impl<Ops<HD>>(qkv, d_out, lse, dot, d_qkv, offsets, c, hd, scale, p, site_key);                              \
     }                                                                                                                                   \
-    extern "C" __global__ void attention_bwd_kv_bf16_hd##HD##_smem(int* bytes) { *bytes = MmaAttnSmem<HD>::BWD_BYTES; }               \
+    extern "C" __global__ void attention_bwd_kv_##tag##_hd##HD##_smem(int* bytes) { *bytes = FlashSmem<Ops<HD>>::BWD; }               \
     extern "C" __global__ void __launch_bounds__(128)                                                                                 \
-        attention_bwd_q_bf16_hd##HD(const float* qkv, const float* d_out, const float* lse, const float* dot, float* d_qkv,            \
-                                    const int* offsets, int c, int hd, float scale, float p, unsigned long long site_key) {            \
-        attention_bwd_q_impl<HD>(qkv, d_out, lse, dot, d_qkv, offsets, c, hd, scale, p, site_key);                                     \
+        attention_bwd_q_##tag##_hd##HD(const float* qkv, const float* d_out, const float* lse, const float* dot, float* d_qkv,        \
+                                       const int* offsets, int c, int hd, float scale, float p, unsigned long long site_key) {        \
+        attention_bwd_q_impl<Ops<HD>>(qkv, d_out, lse, dot, d_qkv, offsets, c, hd, scale, p, site_key);                               \
     }                                                                                                                                   \
-    extern "C" __global__ void attention_bwd_q_bf16_hd##HD##_smem(int* bytes) { *bytes = MmaAttnSmem<HD>::BWD_BYTES; }
-ATTENTION_BF16_MMA(16)
-ATTENTION_BF16_MMA(32)
-ATTENTION_BF16_MMA(64)
-ATTENTION_BF16_MMA(128)
-
-#define ATTENTION_TF32X3(HD)                                                                                                            \
-    extern "C" __global__ void __launch_bounds__(128)                                                                                 \
-        attention_tf32x3_hd##HD(const float* qkv, float* out, const int* offsets, int c, int hd, float scale) {                      \
-        attention_tf32x3_impl<HD>(qkv, out, offsets, c, hd, scale);                                                                  \
-    }                                                                                                                                   \
-    extern "C" __global__ void attention_tf32x3_hd##HD##_smem(int* bytes) { *bytes = Tf32AttnSmem<HD>::BYTES; }
-ATTENTION_TF32X3(16)
-ATTENTION_TF32X3(32)
-ATTENTION_TF32X3(64)
-ATTENTION_TF32X3(128)
+    extern "C" __global__ void attention_bwd_q_##tag##_hd##HD##_smem(int* bytes) { *bytes = FlashSmem<Ops<HD>>::BWD; }
+ATTENTION_FLASH(attention_bf16_mma, bf16, Bf16Ops, 16)
+ATTENTION_FLASH(attention_bf16_mma, bf16, Bf16Ops, 32)
+ATTENTION_FLASH(attention_bf16_mma, bf16, Bf16Ops, 64)
+ATTENTION_FLASH(attention_bf16_mma, bf16, Bf16Ops, 128)
+ATTENTION_FLASH(attention_tf32x3, tf32x3, Tf32x3Ops, 16)
+ATTENTION_FLASH(attention_tf32x3, tf32x3, Tf32x3Ops, 32)
+ATTENTION_FLASH(attention_tf32x3, tf32x3, Tf32x3Ops, 64)
+ATTENTION_FLASH(attention_tf32x3, tf32x3, Tf32x3Ops, 128)

@@ -3,8 +3,8 @@
 //! and score gradients take their activations transposed once and run through the cp.async
 //! tensor-core GEMMs (3xTF32 in fp32, mma.sync in bf16); input gradients read the weight in the
 //! forward's `[out, in]` layout through the strided GEMM in fp32, or a masked transposed bf16
-//! copy in bf16. Attention: T x T probabilities per utterance in fp32 (the exact path),
-//! flash-style kernels in bf16.
+//! copy in bf16. Attention: flash-style kernels on tensor cores (bf16, fp32 as 3xTF32); with
+//! `tf32x3` off, fp32 FMA through T x T probabilities per utterance.
 
 use std::sync::Arc;
 
@@ -349,14 +349,13 @@ impl Backward for CudaBackend {
     }
 
     fn attention_dropout(&self, qkv: &Tensor, seqs: &Seqs, heads: usize, scale: f32, dropout: Option<SiteDropout>) -> Result<Tensor> {
-        // bf16: the flash-style kernel, whose backward (`attention_grad`) runs it again for its
-        // log-sum-exp. fp32 without dropout: the exact fused kernel, which gives what the
-        // backward's T x T recomputation does; with dropout, that recomputation's path.
+        // On tensor cores (bf16, fp32 as 3xTF32): the flash-style kernel, whose backward
+        // (`attention_grad`) runs it again for its log-sum-exp. fp32 FMA without dropout: the
+        // exact fused kernel, which gives what the backward's T x T recomputation does; with
+        // dropout, that recomputation's path.
         let dropout = dropout.filter(|d| d.dropout.is_active());
-        match self.precision() {
-            Precision::Bf16 => return self.fused_attention(qkv, seqs, heads, scale, None, dropout),
-            Precision::F32 if dropout.is_none() => return self.attention(qkv, seqs, heads, scale),
-            Precision::F32 => {}
+        if self.flash_kernels().is_some() || dropout.is_none() {
+            return self.fused_attention(qkv, seqs, heads, scale, None, dropout);
         }
         let (rows, c3) = matrix(qkv);
         ensure!(rows == seqs.total() && c3 % 3 == 0, "attention: {:?} does not hold q, k, v of {} frames", qkv.shape(), seqs.total());
@@ -410,7 +409,7 @@ impl Backward for CudaBackend {
             qkv.shape()
         );
         let dropout = dropout.filter(|d| d.dropout.is_active());
-        if self.precision() == Precision::Bf16 {
+        if self.flash_kernels().is_some() {
             return self.fused_attention_grad(d_out, qkv, seqs, heads, scale, dropout);
         }
         let c = c3 / 3;

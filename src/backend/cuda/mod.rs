@@ -105,6 +105,22 @@ const FUNCTIONS: &[(&str, &str)] = &[
     ("attention", "attention_bwd_q_bf16_hd32_smem"),
     ("attention", "attention_bwd_q_bf16_hd64_smem"),
     ("attention", "attention_bwd_q_bf16_hd128_smem"),
+    ("attention", "attention_bwd_kv_tf32x3_hd16"),
+    ("attention", "attention_bwd_kv_tf32x3_hd16_smem"),
+    ("attention", "attention_bwd_kv_tf32x3_hd32"),
+    ("attention", "attention_bwd_kv_tf32x3_hd32_smem"),
+    ("attention", "attention_bwd_kv_tf32x3_hd64"),
+    ("attention", "attention_bwd_kv_tf32x3_hd64_smem"),
+    ("attention", "attention_bwd_kv_tf32x3_hd128"),
+    ("attention", "attention_bwd_kv_tf32x3_hd128_smem"),
+    ("attention", "attention_bwd_q_tf32x3_hd16"),
+    ("attention", "attention_bwd_q_tf32x3_hd16_smem"),
+    ("attention", "attention_bwd_q_tf32x3_hd32"),
+    ("attention", "attention_bwd_q_tf32x3_hd32_smem"),
+    ("attention", "attention_bwd_q_tf32x3_hd64"),
+    ("attention", "attention_bwd_q_tf32x3_hd64_smem"),
+    ("attention", "attention_bwd_q_tf32x3_hd128"),
+    ("attention", "attention_bwd_q_tf32x3_hd128_smem"),
     ("ctc", "ctc_emissions"),
     ("ctc", "ctc_recursions"),
     ("ctc", "ctc_grad"),
@@ -150,6 +166,26 @@ const FUNCTIONS: &[(&str, &str)] = &[
     ("backward", "topk_tie_scan"),
     ("backward", "topk_write"),
 ];
+
+/// The flash-style attention kernels of one operand flavour (kernels/attention.cu), by head-size
+/// class (16, 32, 64, 128): the forward, and the backward's dK dV and dQ kernels.
+struct FlashKernels {
+    forward: [&'static str; 4],
+    kv: [&'static str; 4],
+    q: [&'static str; 4],
+}
+
+const BF16_FLASH: FlashKernels = FlashKernels {
+    forward: ["attention_bf16_mma_hd16", "attention_bf16_mma_hd32", "attention_bf16_mma_hd64", "attention_bf16_mma_hd128"],
+    kv: ["attention_bwd_kv_bf16_hd16", "attention_bwd_kv_bf16_hd32", "attention_bwd_kv_bf16_hd64", "attention_bwd_kv_bf16_hd128"],
+    q: ["attention_bwd_q_bf16_hd16", "attention_bwd_q_bf16_hd32", "attention_bwd_q_bf16_hd64", "attention_bwd_q_bf16_hd128"],
+};
+
+const TF32X3_FLASH: FlashKernels = FlashKernels {
+    forward: ["attention_tf32x3_hd16", "attention_tf32x3_hd32", "attention_tf32x3_hd64", "attention_tf32x3_hd128"],
+    kv: ["attention_bwd_kv_tf32x3_hd16", "attention_bwd_kv_tf32x3_hd32", "attention_bwd_kv_tf32x3_hd64", "attention_bwd_kv_tf32x3_hd128"],
+    q: ["attention_bwd_q_tf32x3_hd16", "attention_bwd_q_tf32x3_hd32", "attention_bwd_q_tf32x3_hd64", "attention_bwd_q_tf32x3_hd128"],
+};
 
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
@@ -485,6 +521,16 @@ impl CudaBackend {
         Ok(out)
     }
 
+    /// The flash-style attention kernels this backend runs: bf16, or fp32 as 3xTF32; none for
+    /// fp32 with `tf32x3` off (the FMA kernel forward, T x T products in training).
+    fn flash_kernels(&self) -> Option<&'static FlashKernels> {
+        match self.precision {
+            Precision::Bf16 => Some(&BF16_FLASH),
+            Precision::F32 if self.tf32x3 => Some(&TF32X3_FLASH),
+            Precision::F32 => None,
+        }
+    }
+
     /// Splits qkv `[frames, 3c]` of `seqs` into (c, head size, the head-size class the
     /// attention kernels are instantiated for: 16, 32, 64, 128).
     fn attention_shape(qkv: &Tensor, seqs: &Seqs, heads: usize) -> Result<(usize, usize, usize)> {
@@ -514,10 +560,10 @@ impl CudaBackend {
         cfg
     }
 
-    /// Flash-style attention of each utterance (no T x T matrix in memory). bf16 also takes
-    /// dropout on the probabilities and writes each row's log-sum-exp into `lse` (`[frames,
-    /// heads]`) for the backward; fp32 (3xTF32 tensor cores, or one thread per query with
-    /// `tf32x3` off) takes neither.
+    /// Flash-style attention of each utterance (no T x T matrix in memory). The tensor-core
+    /// kernels (bf16, fp32 as 3xTF32) also take dropout on the probabilities and write each
+    /// row's log-sum-exp into `lse` (`[frames, heads]`) for the backward; the fp32 FMA kernel
+    /// (one thread per query, `tf32x3` off) takes neither.
     fn fused_attention(
         &self,
         qkv: &Tensor,
@@ -532,34 +578,27 @@ impl CudaBackend {
         let offsets = self.offsets(seqs)?;
         let (pq, po, poff) = (self.ptr(qkv)?, self.ptr(&out)?, offsets.device_ptr(&self.stream).0);
         let (c_i, hd_i) = (c as i32, hd as i32);
-        match self.precision {
-            Precision::F32 => {
-                ensure!(lse.is_none() && dropout.is_none(), "the fp32 fused attention keeps no log-sum-exp and drops nothing");
-                // 3xTF32 tensor cores (fp32-accurate) where they are on, else one thread per query.
-                let (name, threads) = if self.tf32x3 {
-                    (["attention_tf32x3_hd16", "attention_tf32x3_hd32", "attention_tf32x3_hd64", "attention_tf32x3_hd128"][class], 128)
-                } else {
-                    (["attention_hd16", "attention_hd32", "attention_hd64", "attention_hd128"][class], 64)
-                };
-                let smem = self.dynamic_smem.get(name).copied().unwrap_or(0);
-                self.launcher().launch(self.func(name), Self::attention_config(seqs, heads, threads, smem), |b| {
-                    b.arg(&pq).arg(&po).arg(&poff).arg(&c_i).arg(&hd_i).arg(&scale);
-                })?;
-            }
-            Precision::Bf16 => {
-                let name =
-                    ["attention_bf16_mma_hd16", "attention_bf16_mma_hd32", "attention_bf16_mma_hd64", "attention_bf16_mma_hd128"][class];
+        match self.flash_kernels() {
+            Some(k) => {
+                let name = k.forward[class];
                 let plse = lse.map(|t| self.ptr(t)).transpose()?.unwrap_or(0);
                 let (p, key) = dropout_args(dropout);
                 self.launcher().launch(self.func(name), Self::attention_config(seqs, heads, 128, self.dynamic_smem[name]), |b| {
                     b.arg(&pq).arg(&po).arg(&poff).arg(&c_i).arg(&hd_i).arg(&scale).arg(&plse).arg(&p).arg(&key);
                 })?;
             }
+            None => {
+                ensure!(lse.is_none() && dropout.is_none(), "the fp32 FMA attention keeps no log-sum-exp and drops nothing");
+                let name = ["attention_hd16", "attention_hd32", "attention_hd64", "attention_hd128"][class];
+                self.launcher().launch(self.func(name), Self::attention_config(seqs, heads, 64, 0), |b| {
+                    b.arg(&pq).arg(&po).arg(&poff).arg(&c_i).arg(&hd_i).arg(&scale);
+                })?;
+            }
         }
         Ok(out)
     }
 
-    /// The gradient of [`Self::fused_attention`] (bf16) with respect to qkv: the forward run
+    /// The gradient of [`Self::fused_attention`] (bf16 or 3xTF32) with respect to qkv: the forward run
     /// again for its output and log-sum-exp, D = rowsum(dO ⊙ O), then the two flash-style
     /// backward kernels (kernels/attention.cu): dK and dV per key tile, dQ per query tile.
     fn fused_attention_grad(
@@ -571,6 +610,7 @@ impl CudaBackend {
         scale: f32,
         dropout: Option<SiteDropout>,
     ) -> Result<Tensor> {
+        let k = self.flash_kernels().context("the flash-style attention backward runs on bf16 or 3xTF32 tensor cores (tf32x3 is off)")?;
         let (c, hd, class) = Self::attention_shape(qkv, seqs, heads)?;
         ensure!(d_out.numel() == seqs.total() * c, "attention backward: gradient {:?} for qkv {:?}", d_out.shape(), qkv.shape());
         let rows = seqs.total();
@@ -585,9 +625,7 @@ impl CudaBackend {
         let offsets = self.offsets(seqs)?;
         let (pq, plse, pdq, poff) = (self.ptr(qkv)?, self.ptr(&lse)?, self.ptr(&d_qkv)?, offsets.device_ptr(&self.stream).0);
         let (p, key) = dropout_args(dropout);
-        let kv = ["attention_bwd_kv_bf16_hd16", "attention_bwd_kv_bf16_hd32", "attention_bwd_kv_bf16_hd64", "attention_bwd_kv_bf16_hd128"];
-        let q = ["attention_bwd_q_bf16_hd16", "attention_bwd_q_bf16_hd32", "attention_bwd_q_bf16_hd64", "attention_bwd_q_bf16_hd128"];
-        for name in [kv[class], q[class]] {
+        for name in [k.kv[class], k.q[class]] {
             self.launcher().launch(self.func(name), Self::attention_config(seqs, heads, 128, self.dynamic_smem[name]), |b| {
                 b.arg(&pq).arg(&pdo).arg(&plse).arg(&pdot).arg(&pdq).arg(&poff).arg(&c_i).arg(&hd_i).arg(&scale).arg(&p).arg(&key);
             })?;
