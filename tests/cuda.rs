@@ -331,6 +331,71 @@ fn conv_layers_feeding_convs_match_cpu() {
     }
 }
 
+/// A linear's output handed to the next linear (`linear_into_linear`, the FFN's intermediate):
+/// bf16 from the mma.sync GEMM where it runs and the next GEMM keeps its 16-byte rows, f32
+/// elsewhere. Every linear reads it (dense, masked row segments, sparse; a masked GEMM whose
+/// width breaks the masked tensor-core path widens it back) and agrees with the CPU's f32 chain,
+/// as does a hand-over produced under masks.
+#[test]
+fn linear_outputs_handed_to_linears_match_cpu() {
+    let f32s = f32_backends();
+    if f32s.is_empty() {
+        return;
+    }
+    let bf16 = bf16_backends();
+    let cpu = CpuBackend;
+    let (gelu, id) = (Activation::Gelu, Activation::Identity);
+    // Intermediate widths: 96 (bf16, masked tensor-core path next), 40 (bf16, but the masked
+    // GEMM next needs a multiple of 32: widened), 36 (not a multiple of 8: f32).
+    for (i, (d_in, mid, d_out)) in [(64, 96, 48), (64, 40, 24), (64, 36, 24)].into_iter().enumerate() {
+        let seed = 10 * i as u64;
+        let rows = [5usize, 1, 64, 17];
+        let n: usize = rows.iter().sum();
+        let x = host(random(n * d_in, seed, 1.0), &[n, d_in]);
+        let (w1, b1) = (random(mid * d_in, seed + 1, 0.2), host(random(mid, seed + 2, 0.5), &[mid]));
+        let zeros = random(d_out * mid, seed + 3, 1.0);
+        let w2: Vec<f32> = random(d_out * mid, seed + 4, 0.2).iter().zip(&zeros).map(|(&w, &z)| if z > 0.0 { w } else { 0.0 }).collect();
+        let b2 = host(random(d_out, seed + 5, 0.5), &[d_out]);
+        let keep = |len: usize, s: u64| s3router::mask::pack(&random(len, s, 1.0).iter().map(|&v| v > -0.3).collect::<Vec<_>>());
+        let (bits1, bits2) =
+            ([keep(mid * d_in, seed + 6), keep(mid * d_in, seed + 7)], [keep(d_out * mid, seed + 8), keep(d_out * mid, seed + 9)]);
+        let (cw1, cw2) = (
+            cpu.prepare_linear_weight(&host(w1.clone(), &[mid, d_in])).unwrap(),
+            cpu.prepare_linear_weight(&host(w2.clone(), &[d_out, mid])).unwrap(),
+        );
+        let cpu_masks = |bits: &[Vec<u8>], o: usize, k: usize| bits.iter().map(|b| cpu.prepare_mask(b, o, k).unwrap()).collect::<Vec<_>>();
+        let (cm1, cm2) = (cpu_masks(&bits1, mid, d_in), cpu_masks(&bits2, d_out, mid));
+        let h = cpu.linear(&x, &cw1, Some(&b1), gelu).unwrap();
+        let h_routed = cpu.linear_segments(&x, &cw1, Some(&b1), gelu, &segments(&rows, &cm1)).unwrap();
+        let want_dense = cpu.linear(&h, &cw2, Some(&b2), id).unwrap();
+        let want_masked = cpu.linear_segments(&h, &cw2, Some(&b2), id, &segments(&rows, &cm2)).unwrap();
+        let want_routed = cpu.linear(&h_routed, &cw2, Some(&b2), id).unwrap();
+        for (v, be) in f32s.iter().chain(&bf16).enumerate() {
+            let tol = if v < f32s.len() { F32_TOL } else { 2e-2 };
+            let (gx, gb1, gb2) = (be.upload(&x).unwrap(), be.upload(&b1).unwrap(), be.upload(&b2).unwrap());
+            let gw1 = be.prepare_linear_weight(&host(w1.clone(), &[mid, d_in])).unwrap();
+            let gw2 = be.prepare_linear_weight(&host(w2.clone(), &[d_out, mid])).unwrap();
+            let dev_masks =
+                |bits: &[Vec<u8>], o: usize, k: usize| bits.iter().map(|b| be.prepare_mask(b, o, k).unwrap()).collect::<Vec<_>>();
+            let (gm1, gm2) = (dev_masks(&bits1, mid, d_in), dev_masks(&bits2, d_out, mid));
+            let h = be.linear_into_linear(&gx, &gw1, Some(&gb1), gelu, &[(n, None)]).unwrap();
+            let h_routed = be.linear_into_linear(&gx, &gw1, Some(&gb1), gelu, &segments(&rows, &gm1)).unwrap();
+            // Only the bf16 backend with the mma.sync GEMM (the first bf16 one) hands bf16 over.
+            let handed = if v == f32s.len() && mid % 8 == 0 { DType::BF16 } else { DType::F32 };
+            assert_eq!((h.dtype(), h_routed.dtype()), (handed, handed), "mid {mid} backend {v}");
+            let what = |op: &str| format!("{op} after a hand-over of width {mid}, backend {v}");
+            let got = be.linear(&h, &gw2, Some(&gb2), id).unwrap();
+            assert_close(&what("linear"), &back(be, &got), want_dense.f32s().unwrap(), tol);
+            let got = be.linear_segments(&h, &gw2, Some(&gb2), id, &segments(&rows, &gm2)).unwrap();
+            assert_close(&what("masked segments"), &back(be, &got), want_masked.f32s().unwrap(), tol);
+            let got = be.linear_sparse(&h, &be.sparse_weight(&w2, d_out, mid).unwrap(), Some(&gb2), id).unwrap();
+            assert_close(&what("sparse linear"), &back(be, &got), want_dense.f32s().unwrap(), tol);
+            let got = be.linear(&h_routed, &gw2, Some(&gb2), id).unwrap();
+            assert_close(&what("linear (routed hand-over)"), &back(be, &got), want_routed.f32s().unwrap(), tol);
+        }
+    }
+}
+
 /// Packed uploads through the pinned staging buffer: batches of several sizes in turn (the
 /// buffer reused, then grown) arrive exactly as joined on the host; small ones take the plain
 /// path; a part that is not whole rows is refused.

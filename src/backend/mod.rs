@@ -210,6 +210,22 @@ pub trait Backend: Send + Sync {
         segments: &[(usize, Option<&LinearMask>)],
     ) -> Result<Tensor>;
 
+    /// [`Backend::linear_segments`] for an output that only other linears read (the FFN's
+    /// intermediate activation). A backend may return it in its GEMM operand format instead of
+    /// f32 (the CUDA backend at bf16: bf16 from the GEMM's epilogue, sparing the next GEMM a
+    /// conversion pass over the largest activation of each layer); its `linear`,
+    /// `linear_segments` and `linear_sparse` read either. By default, the f32 op.
+    fn linear_into_linear(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        act: Activation,
+        segments: &[(usize, Option<&LinearMask>)],
+    ) -> Result<Tensor> {
+        self.linear_segments(x, w, b, act, segments)
+    }
+
     /// A prepared linear weight ([`Backend::prepare_linear_weight`]) without its zeros, when
     /// enough are dropped for [`Backend::linear_sparse`] to beat the dense GEMM at some batch
     /// size on this backend; `None` otherwise. Built once, at load.

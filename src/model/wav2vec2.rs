@@ -56,11 +56,21 @@ impl Linear {
     }
 
     fn forward(&self, be: &dyn Backend, x: &Tensor, act: Activation) -> Result<Tensor> {
+        self.forward_as(be, x, act, false)
+    }
+
+    /// The forward, sparse where that pays; `into_linear`: only another linear reads the
+    /// output (see [`Backend::linear_into_linear`]).
+    fn forward_as(&self, be: &dyn Backend, x: &Tensor, act: Activation, into_linear: bool) -> Result<Tensor> {
         let rows = x.numel() / x.shape().last().copied().unwrap_or(1).max(1);
         if let Some(sp) = self.sparse.as_ref().filter(|sp| be.sparse_pays(sp, rows)) {
             return be.linear_sparse(x, sp, Some(&self.bias), act);
         }
-        be.linear(x, &self.weight, Some(&self.bias), act)
+        if into_linear {
+            be.linear_into_linear(x, &self.weight, Some(&self.bias), act, &[(rows, None)])
+        } else {
+            be.linear(x, &self.weight, Some(&self.bias), act)
+        }
     }
 }
 
@@ -480,21 +490,23 @@ impl Wav2Vec2 {
             ensure!(r.tasks.len() == seqs.count(), "routing names tasks for {} of {} utterances", r.tasks.len(), seqs.count());
         }
         for (i, layer) in self.layers.iter().enumerate() {
-            // Linear `slot` of this layer (qkv, out, intermediate, output), routed when any task masks it.
-            let linear = |slot: usize, lin: &Linear, h: &Tensor, act: Activation| -> Result<Tensor> {
+            // Linear `slot` of this layer (qkv, out, intermediate, output), routed when any task
+            // masks it; `into_linear`: only the next linear reads its output.
+            let linear = |slot: usize, lin: &Linear, h: &Tensor, act: Activation, into_linear: bool| -> Result<Tensor> {
                 match routing.and_then(|r| r.segments(&seqs, i, slot)) {
+                    Some(segments) if into_linear => be.linear_into_linear(h, &lin.weight, Some(&lin.bias), act, &segments),
                     Some(segments) => be.linear_segments(h, &lin.weight, Some(&lin.bias), act, &segments),
-                    None => lin.forward(be, h, act),
+                    None => lin.forward_as(be, h, act, into_linear),
                 }
             };
             let attention = |h: &Tensor| -> Result<Tensor> {
-                let qkv = linear(0, &layer.qkv_proj, h, Activation::Identity)?;
+                let qkv = linear(0, &layer.qkv_proj, h, Activation::Identity, false)?;
                 let a = be.attention(&qkv, &seqs, c.num_attention_heads, scale)?;
-                linear(1, &layer.out_proj, &a, Activation::Identity)
+                linear(1, &layer.out_proj, &a, Activation::Identity, false)
             };
             let feed_forward = |h: &Tensor| -> Result<Tensor> {
-                let mid = linear(2, &layer.intermediate_dense, h, Activation::Gelu)?;
-                linear(3, &layer.output_dense, &mid, Activation::Identity)
+                let mid = linear(2, &layer.intermediate_dense, h, Activation::Gelu, true)?;
+                linear(3, &layer.output_dense, &mid, Activation::Identity, false)
             };
             let (ln, fln) = (layer.layer_norm.params(eps), layer.final_layer_norm.params(eps));
             let id = Activation::Identity;

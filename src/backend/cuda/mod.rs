@@ -442,6 +442,8 @@ impl CudaBackend {
         if let Some(fast) = fast {
             return self.gemm_bf16_mma(fast, batch);
         }
+        // A that exists only in bf16 (a conv's or linear's bf16 input) has no f32 for the others.
+        ensure!(a16 != Some(args.a), "a bf16 GEMM input needs the mma.sync GEMM, which cannot run {}x{}x{} here", args.m, args.n, args.k);
         // Only the mma.sync kernels write bf16; callers ask for it only where they run.
         ensure!(args.c_bf16 == 0, "a bf16 GEMM output needs the mma.sync GEMM");
         let launcher = self.launcher();
@@ -816,11 +818,23 @@ impl CudaBackend {
 
     fn linear_impl(&self, x: &Tensor, w: &Tensor, mask: Option<u64>, b: Option<&Tensor>, act: Activation) -> Result<Tensor> {
         let n = x.numel() / x.shape().last().copied().unwrap_or(1).max(1);
-        self.segmented_linear(x, w, b, act, &[(n, mask)])
+        self.segmented_linear(x, w, b, act, &[(n, mask)], DType::F32)
     }
 
-    /// `act(x · wᵀ + b)` over consecutive row segments of `x`, each GEMM with its own mask bits
-    /// (device addresses; `None`: unmasked).
+    /// Whether a linear with weight `w` over `d_in` features (masked or not) runs on the
+    /// mma.sync GEMM (bf16 weights, that kernel on, rows keeping its 16-byte alignment, a
+    /// mask's bits one aligned word per stage): only there do its input and output exist in bf16.
+    fn linear_on_tensor_cores(&self, w: &Tensor, d_in: usize, masked: bool) -> bool {
+        self.precision == Precision::Bf16
+            && self.mma_sync
+            && w.dtype() == DType::BF16
+            && d_in.is_multiple_of(8)
+            && (!masked || d_in.is_multiple_of(32))
+    }
+
+    /// `act(x · wᵀ + b)` over consecutive row segments of `x` (f32, or bf16 from
+    /// [`Backend::linear_into_linear`]), each GEMM with its own mask bits (device addresses;
+    /// `None`: unmasked), into `out_dtype` where the tensor-core path runs (f32 elsewhere).
     fn segmented_linear(
         &self,
         x: &Tensor,
@@ -828,8 +842,8 @@ impl CudaBackend {
         b: Option<&Tensor>,
         act: Activation,
         segments: &[(usize, Option<u64>)],
+        out_dtype: DType,
     ) -> Result<Tensor> {
-        Self::expect_dtype(x, DType::F32, "linear input")?;
         let n = x.numel() / x.shape().last().copied().unwrap_or(1).max(1);
         let d_in = *x.shape().last().unwrap_or(&0);
         let &[d_out, w_in] = w.shape() else { bail!("linear weight must be 2-D, found {:?}", w.shape()) };
@@ -838,32 +852,66 @@ impl CudaBackend {
         if let Some(b) = b {
             ensure!(b.numel() == d_out, "linear bias has {} values for {d_out} outputs", b.numel());
         }
+        let tensor_cores = self.linear_on_tensor_cores(w, d_in, segments.iter().any(|s| s.1.is_some()));
+        // A bf16 input is the tensor-core GEMM's operand as it is; any other path reads f32.
+        let widened;
+        let x = match x.dtype() {
+            DType::BF16 if !tensor_cores => {
+                widened = self.to_f32(x)?;
+                &widened
+            }
+            DType::F32 | DType::BF16 => x,
+            other => bail!("linear input: expected F32 or BF16, found {other:?}"),
+        };
+        let out_dtype = if tensor_cores { out_dtype } else { DType::F32 };
         let mut shape = x.shape().to_vec();
         *shape.last_mut().unwrap() = d_out;
-        let out = self.empty(&shape, DType::F32)?;
-        let a16 = if w.dtype() == DType::BF16 { self.bf16_operand(x, d_in)? } else { None };
-        let (pa, pa16, pc) = (self.ptr(x)?, a16.as_ref().map(|t| self.ptr(t)).transpose()?, self.ptr(&out)?);
+        let out = self.empty(&shape, out_dtype)?;
+        let a16 = if w.dtype() == DType::BF16 && x.dtype() == DType::F32 { self.bf16_operand(x, d_in)? } else { None };
+        let (pa, pc) = (self.ptr(x)?, self.ptr(&out)?);
+        let pa16 = match &a16 {
+            Some(t) => Some(self.ptr(t)?),
+            None => (x.dtype() == DType::BF16).then_some(pa),
+        };
+        let (in_size, out_size) = (x.dtype().size_of() as u64, out_dtype.size_of() as u64);
         let mut row = 0u64;
         for &(rows, mask) in segments.iter().filter(|s| s.0 > 0) {
             let args = GemmArgs {
-                a: pa + row * d_in as u64 * 4,
+                a: pa + row * d_in as u64 * in_size,
                 lda: d_in as i64,
                 b: self.ptr(w)?,
                 ldb: d_in as i64,
                 mask: mask.unwrap_or(0),
                 bias: b.map(|b| self.ptr(b)).transpose()?.unwrap_or(0),
-                c: pc + row * d_out as u64 * 4,
+                c: pc + row * d_out as u64 * out_size,
                 ldc: d_out as i64,
                 m: rows as i32,
                 n: d_out as i32,
                 k: d_in as i32,
                 act: act as i32,
+                c_bf16: (out_dtype == DType::BF16) as i32,
                 ..GemmArgs::default()
             };
             self.gemm(args, pa16.map(|p| p + row * d_in as u64 * 2), w.dtype(), 1)?;
             row += rows as u64;
         }
         Ok(out)
+    }
+
+    /// Routing segments with their masks as device addresses.
+    fn device_segments(&self, w: &Tensor, segments: &[(usize, Option<&LinearMask>)]) -> Result<Vec<(usize, Option<u64>)>> {
+        let [d_out, d_in] = w.shape() else { bail!("linear weight must be 2-D, found {:?}", w.shape()) };
+        segments
+            .iter()
+            .map(|&(rows, mask)| match mask {
+                None => Ok((rows, None)),
+                Some(LinearMask::Cuda(bits)) => {
+                    ensure!(bits.0.len() * 8 >= d_out * d_in, "mask has {} bits for a {:?} weight", bits.0.len() * 8, w.shape());
+                    Ok((rows, Some(bits.0.device_ptr(&self.stream).0)))
+                }
+                Some(LinearMask::Host(_) | LinearMask::Applied(_)) => bail!("a mask prepared for the CPU was given to the CUDA backend"),
+            })
+            .collect()
     }
 
     /// The weight dtype this backend's GEMMs take.
@@ -1023,19 +1071,21 @@ impl Backend for CudaBackend {
         act: Activation,
         segments: &[(usize, Option<&LinearMask>)],
     ) -> Result<Tensor> {
-        let [d_out, d_in] = w.shape() else { bail!("linear weight must be 2-D, found {:?}", w.shape()) };
-        let segs = segments
-            .iter()
-            .map(|&(rows, mask)| match mask {
-                None => Ok((rows, None)),
-                Some(LinearMask::Cuda(bits)) => {
-                    ensure!(bits.0.len() * 8 >= d_out * d_in, "mask has {} bits for a {:?} weight", bits.0.len() * 8, w.shape());
-                    Ok((rows, Some(bits.0.device_ptr(&self.stream).0)))
-                }
-                Some(LinearMask::Host(_) | LinearMask::Applied(_)) => bail!("a mask prepared for the CPU was given to the CUDA backend"),
-            })
-            .collect::<Result<Vec<_>>>()?;
-        self.segmented_linear(x, w, b, act, &segs)
+        self.segmented_linear(x, w, b, act, &self.device_segments(w, segments)?, DType::F32)
+    }
+
+    /// bf16 where the GEMM runs on tensor cores and the next one keeps its alignment (`out`
+    /// features a multiple of 8); f32 otherwise.
+    fn linear_into_linear(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        act: Activation,
+        segments: &[(usize, Option<&LinearMask>)],
+    ) -> Result<Tensor> {
+        let out_dtype = if w.shape().first().is_some_and(|d_out| d_out.is_multiple_of(8)) { DType::BF16 } else { DType::F32 };
+        self.segmented_linear(x, w, b, act, &self.device_segments(w, segments)?, out_dtype)
     }
 
     fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Activation) -> Result<Tensor> {
