@@ -83,6 +83,26 @@ fn main() {
         let ms = time_ms(be, 20, || drop(be.linear_masked(&gx, &gw, &gm, None, Activation::Identity).unwrap()));
         rows.push(Row(format!("ffn gemm masked(10%) {p}"), ms, tf(ms)));
     }
+    // A whole FFN (768 -> 3072 GELU -> 768), bf16: the intermediate in f32 then converted for
+    // the second GEMM (as before), against it handed over in bf16 (`linear_into_linear`).
+    {
+        let be = &bf16_be;
+        let (gx, gb1) = (be.upload(&x).unwrap(), be.upload(&Tensor::from_vec(random(n, 10), &[n])).unwrap());
+        let gw1 = be.prepare_linear_weight(&w).unwrap();
+        let gw2 = be.prepare_linear_weight(&Tensor::from_vec(random(k * n, 11), &[k, n])).unwrap();
+        let ffn_flops = 2.0 * flops;
+        for (how, handed) in [("f32 intermediate", false), ("bf16 hand-over", true)] {
+            let ms = time_ms(be, 20, || {
+                let mid = if handed {
+                    be.linear_into_linear(&gx, &gw1, Some(&gb1), Activation::Gelu, &[(m, None)]).unwrap()
+                } else {
+                    be.linear(&gx, &gw1, Some(&gb1), Activation::Gelu).unwrap()
+                };
+                drop(be.linear(&mid, &gw2, None, Activation::Identity).unwrap())
+            });
+            rows.push(Row(format!("ffn block bf16 ({how})"), ms, format!("{:.1} TFLOP/s", ffn_flops / ms / 1e9)));
+        }
+    }
     // cuBLAS at the same shape: row-major C = A·Bᵀ is column-major Cᵀ = B·Aᵀ.
     let stream = f32_be.stream().clone();
     let blas = CudaBlas::new(stream.clone()).unwrap();

@@ -96,9 +96,8 @@ ATTENTION(128)
 // dPᵀ = V dOᵀ, so Pᵀ and dSᵀ are A operands in registers), _q walks the key tiles for 64 queries
 // (S and dP recomputed, dS the A operand of dS K). No T x T matrix exists in memory.
 
-// Staged values into a tile: bf16 for the bf16 kernels, fp32 for the 3xTF32 ones.
-__device__ __forceinline__ void put(__nv_bfloat16* dst, float x) { *dst = __float2bfloat16(x); }
-__device__ __forceinline__ void put(float* dst, float x) { *dst = x; }
+// Four staged values into a tile (16 bytes of fp32, 8 of bf16): bf16 for the bf16 kernels,
+// fp32 for the 3xTF32 ones.
 __device__ __forceinline__ void put4(__nv_bfloat16* dst, float4 x) {
     __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(dst);
     o[0] = __floats2bfloat162_rn(x.x, x.y);
@@ -119,7 +118,7 @@ __device__ __forceinline__ void stage_rows(const float* src, long stride, int st
         for (int i = t; i < ROWS * HD; i += 128) {
             int r = i / HD, d = i % HD;
             bool in = r0 + r < len && d < hd;
-            put(dst + r * ld + d, in ? src[(long)(start + r0 + r) * stride + col + d] * scale : 0.0f);
+            store_as(dst + r * ld + d, in ? src[(long)(start + r0 + r) * stride + col + d] * scale : 0.0f);
         }
         return;
     }

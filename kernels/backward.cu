@@ -200,12 +200,20 @@ extern "C" __global__ void dropout_f32(const float* x, float* out, long n, float
 
 // ---- elementwise -----------------------------------------------------------------------------
 
-// GELU, then (p > 0) dropout of the result: the two passes of the CPU in one, the same values.
-extern "C" __global__ void gelu_f32(const float* x, float* y, long n, float p, unsigned long long site_key) {
+// GELU, then (p > 0) dropout of the result: the two passes of the CPU in one, the same values;
+// into f32, or bf16 for an activation only bf16 GEMMs read.
+template <class T>
+__device__ __forceinline__ void gelu_dropped(const float* x, T* y, long n, float p, unsigned long long site_key) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         float g = gelu_erf(x[i]);
-        y[i] = p > 0.0f ? g * dropout_factor(p, site_key, (unsigned long long)i) : g;
+        store_as(y + i, p > 0.0f ? g * dropout_factor(p, site_key, (unsigned long long)i) : g);
     }
+}
+extern "C" __global__ void gelu_f32(const float* x, float* y, long n, float p, unsigned long long site_key) {
+    gelu_dropped(x, y, n, p, site_key);
+}
+extern "C" __global__ void gelu_bf16(const float* x, __nv_bfloat16* y, long n, float p, unsigned long long site_key) {
+    gelu_dropped(x, y, n, p, site_key);
 }
 
 // (dy * dropout factor) * (Phi(x) + x phi(x)), Phi through erfc as the CPU computes it.
@@ -653,17 +661,14 @@ extern "C" __global__ void __launch_bounds__(256) topk_write(const TopkSegment* 
 // zeros to a multiple of 8, keeping every row 16-byte aligned) and the bf16 input gradient
 // dy·(W⊙M) takes (W⊙M)ᵀ. 32x32 tiles through shared memory keep reads and writes coalesced.
 
-__device__ __forceinline__ void store_as(float* y, float v) { *y = v; }
-__device__ __forceinline__ void store_as(__nv_bfloat16* y, float v) { *y = __float2bfloat16(v); }
-
 // y[c, r] = x[r, c] for r < rows, 0 for rows <= r < rows_padded.
-template <class T>
-__device__ __forceinline__ void transpose_padded(const float* x, T* y, int rows, int cols, int rows_padded) {
+template <class In, class Out>
+__device__ __forceinline__ void transpose_padded(const In* x, Out* y, int rows, int cols, int rows_padded) {
     __shared__ float tile[32][33];
     int c0 = blockIdx.x * 32, r0 = blockIdx.y * 32;
     for (int i = threadIdx.y; i < 32; i += blockDim.y) {
         int r = r0 + i, c = c0 + threadIdx.x;
-        tile[i][threadIdx.x] = (r < rows && c < cols) ? x[(long)r * cols + c] : 0.0f;
+        tile[i][threadIdx.x] = (r < rows && c < cols) ? load_as(x + (long)r * cols + c) : 0.0f;
     }
     __syncthreads();
     for (int i = threadIdx.y; i < 32; i += blockDim.y) {
@@ -675,6 +680,9 @@ extern "C" __global__ void transpose_to_bf16(const float* x, __nv_bfloat16* y, i
     transpose_padded(x, y, rows, cols, rows_padded);
 }
 extern "C" __global__ void transpose_to_f32(const float* x, float* y, int rows, int cols, int rows_padded) {
+    transpose_padded(x, y, rows, cols, rows_padded);
+}
+extern "C" __global__ void transpose_bf16(const __nv_bfloat16* x, __nv_bfloat16* y, int rows, int cols, int rows_padded) {
     transpose_padded(x, y, rows, cols, rows_padded);
 }
 

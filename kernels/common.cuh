@@ -20,6 +20,12 @@ __device__ __forceinline__ float gelu_erf(float x) { return 0.5f * x * (1.0f + e
 
 __device__ __forceinline__ float apply_act(float x, int act) { return act == ACT_GELU ? gelu_erf(x) : x; }
 
+// A value stored or loaded as f32 or bf16 (the operand of a bf16 GEMM), computed with in f32.
+__device__ __forceinline__ void store_as(float* y, float v) { *y = v; }
+__device__ __forceinline__ void store_as(__nv_bfloat16* y, float v) { *y = __float2bfloat16(v); }
+__device__ __forceinline__ float load_as(const float* x) { return *x; }
+__device__ __forceinline__ float load_as(const __nv_bfloat16* x) { return __bfloat162float(*x); }
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;

@@ -22,7 +22,7 @@ use s3router::model::wav2vec2::Linear;
 use s3router::model::Wav2Vec2;
 use s3router::rng::SplitMix;
 use s3router::router::{init_scores, Init};
-use s3router::tensor::Tensor;
+use s3router::tensor::{DType, Tensor};
 use s3router::train::adam::TensorAdam;
 use s3router::train::masked::{step, Features, MaskScope, MaskedWeight, Regularisers, StepGrads, TimeMask, Weights};
 
@@ -332,6 +332,49 @@ fn score_gradients_match_cpu() {
                 assert_eq!(g.shape(), w.shape());
                 assert_close(&format!("{precision:?} score gradient {n}x{h}x{d_in} block {b}"), &back(&be, g), w.f32s().unwrap(), tol);
             }
+        }
+    }
+}
+
+/// The FFN's dropped activation handed to its linears (`gelu_into_linear`): bf16 from the bf16
+/// backend where its width keeps the GEMMs' 16-byte rows (f32 otherwise, and on fp32); the
+/// forward product (plain and masked), the weight gradient and the score gradient read it and
+/// agree with the CPU's f32.
+#[test]
+fn activations_handed_to_linears_match_cpu() {
+    let Some(f32_be) = gpu(Precision::F32) else { return };
+    let bf16_be = gpu(Precision::Bf16).unwrap();
+    let cpu = CpuBackend;
+    let id = Activation::Identity;
+    let dropout = SiteDropout::at(Some(Dropout { p: 0.1, seed: 5 }), 3);
+    // Widths 96 (bf16, masked tensor-core path), 40 (bf16; masked GEMM widens it), 36 (f32).
+    for (i, (n, mid, d_out)) in [(37, 96, 48), (70, 40, 24), (9, 36, 24)].into_iter().enumerate() {
+        let seed = 70 + 10 * i as u64;
+        let (u, dy) = (t(random(n * mid, seed, 2.0), &[n, mid]), t(random(n * d_out, seed + 1, 1.0), &[n, d_out]));
+        let (w, b) = (t(random(d_out * mid, seed + 2, 0.2), &[d_out, mid]), t(random(d_out, seed + 3, 0.5), &[d_out]));
+        let scores = t(random(d_out * mid, seed + 4, 1.0), &[d_out, mid]);
+        let bits = s3router::mask::pack(&random(d_out * mid, seed + 5, 1.0).iter().map(|&v| v > -0.4).collect::<Vec<_>>());
+        let (cw, cm) = (cpu.prepare_linear_weight(&w).unwrap(), cpu.prepare_mask(&bits, d_out, mid).unwrap());
+        let g = cpu.gelu(&u, dropout).unwrap();
+        let want_y = cpu.linear(&g, &cw, Some(&b), id).unwrap();
+        let want_masked = cpu.linear_segments(&g, &cw, Some(&b), id, &[(n, Some(&cm))]).unwrap();
+        let want_dw = cpu.linear_weight_grad(&dy, &g).unwrap();
+        let want_ds = cpu.score_grads(&dy, &g, &cw, &[ScoredRows { row0: 0, scores: &scores }]).unwrap();
+        for (be, tol) in [(&f32_be, TOL), (&bf16_be, BF16_TOL)] {
+            let what = |op: &str| format!("{op} of a {:?} hand-over of width {mid}", be.precision());
+            let handed = be.gelu_into_linear(&up(be, &u), dropout).unwrap();
+            let bf16 = be.precision() == Precision::Bf16 && mid % 8 == 0;
+            assert_eq!(handed.dtype(), if bf16 { DType::BF16 } else { DType::F32 }, "{}", what("dtype"));
+            let (gw, gb, gdy) = (be.prepare_linear_weight(&w).unwrap(), up(be, &b), up(be, &dy));
+            let gm = be.prepare_mask(&bits, d_out, mid).unwrap();
+            assert_close(&what("linear"), &back(be, &be.linear(&handed, &gw, Some(&gb), id).unwrap()), want_y.f32s().unwrap(), tol);
+            let got = be.linear_segments(&handed, &gw, Some(&gb), id, &[(n, Some(&gm))]).unwrap();
+            assert_close(&what("masked linear"), &back(be, &got), want_masked.f32s().unwrap(), tol);
+            let got = be.linear_weight_grad(&gdy, &handed).unwrap();
+            assert_close(&what("weight gradient"), &back(be, &got), want_dw.f32s().unwrap(), tol);
+            let gs = up(be, &scores);
+            let got = be.score_grads(&gdy, &handed, &gw, &[ScoredRows { row0: 0, scores: &gs }]).unwrap();
+            assert_close(&what("score gradient"), &back(be, &got[0]), want_ds[0].f32s().unwrap(), tol);
         }
     }
 }

@@ -433,7 +433,7 @@ pub fn step(
         // The FFN: (pre-GELU, dropped output); the dropped post-GELU is freed here.
         let feed_forward = |inp: &Tensor| -> Result<(Tensor, Tensor)> {
             let u = linear(lw.linear(2), inp)?;
-            let g = be.gelu(&u, activation_dropout(i))?;
+            let g = be.gelu_into_linear(&u, activation_dropout(i))?;
             let f2 = drop(reg.dropout, site(i, SITE_FFN_OUT), linear(lw.linear(3), &g)?)?;
             Ok((u, f2))
         };
@@ -511,7 +511,7 @@ pub fn step(
         let d_ffn_out = drop(reg.dropout, site(i, SITE_FFN_OUT), d_ffn_out)?;
         let (output_dense, out_mask) = lw.linear(3);
         if lw.part(Part::Output).is_some() || train_weights {
-            let post_gelu = be.gelu(&tape.pre_gelu, activation_dropout(i))?;
+            let post_gelu = be.gelu_into_linear(&tape.pre_gelu, activation_dropout(i))?;
             to_scores(lw, 3, &d_ffn_out, &post_gelu)?;
             wgrads.linear(&name("feed_forward.output_dense"), weight_grad(&d_ffn_out, &post_gelu)?, &d_ffn_out)?;
         }

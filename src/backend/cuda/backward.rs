@@ -72,7 +72,12 @@ impl CudaBackend {
         let (rows, cols) = matrix(x);
         let padded = rows.div_ceil(8).max(1) * 8;
         let out = self.empty(&[cols, padded], dtype)?;
-        let kernel = if dtype == DType::BF16 { "transpose_to_bf16" } else { "transpose_to_f32" };
+        let kernel = match (x.dtype(), dtype) {
+            (DType::F32, DType::BF16) => "transpose_to_bf16",
+            (DType::F32, DType::F32) => "transpose_to_f32",
+            (DType::BF16, DType::BF16) => "transpose_bf16",
+            (from, to) => bail!("gradient operand: no transpose from {from:?} to {to:?}"),
+        };
         let (px, po, rows_i, cols_i, padded_i) = (self.ptr(x)?, self.ptr(&out)?, rows as i32, cols as i32, padded as i32);
         self.launcher().tiles_32(self.func(kernel), padded, cols, |b| {
             b.arg(&px).arg(&po).arg(&rows_i).arg(&cols_i).arg(&padded_i);
@@ -115,7 +120,10 @@ impl CudaBackend {
         let dtype = match self.precision() {
             Precision::Bf16 => DType::BF16,
             Precision::F32 if self.tf32x3() => DType::F32,
-            Precision::F32 => return Ok(WeightGradOperands::F32 { dy, x }),
+            Precision::F32 => {
+                ensure!(dy.dtype() == DType::F32 && x.dtype() == DType::F32, "the fp32 weight gradient reads f32 operands");
+                return Ok(WeightGradOperands::F32 { dy, x });
+            }
         };
         let ((dyt, k), (xt, _)) = (self.transposed(dy, dtype)?, self.transposed(x, dtype)?);
         Ok(WeightGradOperands::Transposed { dyt, xt, k })
@@ -191,10 +199,17 @@ impl CudaBackend {
         s.device_ptr(&self.stream).0
     }
 
-    /// One elementwise kernel `(inputs..., out, n, p, site key)` into a fresh output of `shape`,
-    /// the dropout's mask fused in (p = 0: none).
-    fn map_elements_dropped(&self, name: &str, inputs: &[&Tensor], shape: &[usize], dropout: Option<SiteDropout>) -> Result<Tensor> {
-        let out = self.empty(shape, DType::F32)?;
+    /// One elementwise kernel `(inputs..., out, n, p, site key)` into a fresh output of `shape`
+    /// and `dtype`, the dropout's mask fused in (p = 0: none).
+    fn map_elements_dropped(
+        &self,
+        name: &str,
+        inputs: &[&Tensor],
+        shape: &[usize],
+        dtype: DType,
+        dropout: Option<SiteDropout>,
+    ) -> Result<Tensor> {
+        let out = self.empty(shape, dtype)?;
         let ptrs: Vec<u64> = inputs.iter().map(|t| self.ptr(t)).collect::<Result<_>>()?;
         let (po, n) = (self.ptr(&out)?, out.numel() as i64);
         let (p, key) = dropout_args(dropout);
@@ -266,12 +281,21 @@ impl Backward for CudaBackend {
     }
 
     fn gelu(&self, x: &Tensor, dropout: Option<SiteDropout>) -> Result<Tensor> {
-        self.map_elements_dropped("gelu_f32", &[x], x.shape(), dropout)
+        self.map_elements_dropped("gelu_f32", &[x], x.shape(), DType::F32, dropout)
+    }
+
+    /// bf16 where the linears reading it run on tensor cores (their input width a multiple of 8).
+    fn gelu_into_linear(&self, x: &Tensor, dropout: Option<SiteDropout>) -> Result<Tensor> {
+        let cols = *x.shape().last().unwrap_or(&0);
+        if self.precision() == Precision::Bf16 && self.mma_sync && cols.is_multiple_of(8) {
+            return self.map_elements_dropped("gelu_bf16", &[x], x.shape(), DType::BF16, dropout);
+        }
+        self.gelu(x, dropout)
     }
 
     fn gelu_grad(&self, dy: &Tensor, x: &Tensor, dropout: Option<SiteDropout>) -> Result<Tensor> {
         ensure!(dy.shape() == x.shape(), "GELU backward: gradient {:?} for an input {:?}", dy.shape(), x.shape());
-        self.map_elements_dropped("gelu_grad_f32", &[dy, x], x.shape(), dropout)
+        self.map_elements_dropped("gelu_grad_f32", &[dy, x], x.shape(), DType::F32, dropout)
     }
 
     fn linear_input_grad(&self, dy: &Tensor, w: &Tensor, mask: Option<&LinearMask>) -> Result<Tensor> {
