@@ -65,7 +65,7 @@ impl CudaBackend {
         }
     }
 
-    /// `[cols, rows]` transpose of an fp32 `[rows, cols]` activation into `dtype` (bf16 or f32),
+    /// `[cols, rows]` transpose of an fp32 (or bf16, into bf16) `[rows, cols]` activation into `dtype`,
     /// rows padded with zeros to a multiple of 8 (the tensor-core GEMMs' K); returns it and the
     /// padded length.
     fn transposed(&self, x: &Tensor, dtype: DType) -> Result<(Tensor, usize)> {
