@@ -1,6 +1,7 @@
 // GEMMs with a fused epilogue: C[m, n] = act(sum_k A[m, k] * B[n, k] * M[n, k] + bias[n]), and
 // when st_w is set (batch 1) times straight_through(st_w[m, n], st_s[m, n]) (both with C's row
-// stride): a weight gradient leaving the GEMM as the S3-Router score gradient.
+// stride; the weight fp32 or bf16): a weight gradient leaving the GEMM as the S3-Router score
+// gradient.
 //
 // A is fp32: a matrix with any row stride (a plain convolution's im2col is a strided view of its
 // input), or, in implicit-convolution mode (conv_cg > 0), the receptive fields of a grouped and
@@ -32,8 +33,9 @@ struct GemmArgs {
     int m, n, k, act;
     int conv_cg, conv_stride, conv_pad, conv_tin;  // implicit convolution when conv_cg > 0
     int vec;  // 1 when 16-byte vector loads are legal (checked by the host)
-    const float* st_w; const float* st_s;  // may be null
+    const void* st_w; const float* st_s;  // may be null; st_w fp32, or bf16 with st_w_bf16
     int c_bf16;  // C is bf16 (the operand of a following bf16 GEMM); write_tile's kernels only
+    int st_w_bf16;
 };
 
 // Every kernel's output value at (gm, gn) from its accumulator.
@@ -41,7 +43,8 @@ __device__ __forceinline__ float epilogue(const GemmArgs& p, const float* bias, 
     float v = apply_act(acc + (bias ? bias[gn] : 0.0f), p.act);
     if (p.st_w) {
         long o = (long)gm * p.ldc + gn;
-        v *= straight_through(p.st_w[o], p.st_s[o]);
+        float w = p.st_w_bf16 ? load_as((const __nv_bfloat16*)p.st_w + o) : load_as((const float*)p.st_w + o);
+        v *= straight_through(w, p.st_s[o]);
     }
     return v;
 }

@@ -130,12 +130,19 @@ impl CudaBackend {
     }
 
     /// Rows `row0 ..` of `dW = dyᵀ · x` into `out` (`[rows, d_in]`), each output finished with
-    /// the straight-through product when `st` gives the `(W, score)` device pointers of those rows.
-    fn weight_grad_rows(&self, ops: &WeightGradOperands, row0: usize, out: &Tensor, st: (u64, u64)) -> Result<()> {
+    /// the straight-through product when `st` gives `W` and the scores from those rows on.
+    fn weight_grad_rows(&self, ops: &WeightGradOperands, row0: usize, out: &Tensor, st: Option<(&Tensor, &Tensor)>) -> Result<()> {
         let (rows, d_in) = matrix(out);
-        let (st_w, st_s) = st;
+        let (st_w, st_s, st_w_dtype) = match st {
+            Some((w, scores)) => {
+                let size = w.dtype().size_of();
+                (self.ptr(w)? + (row0 * d_in * size) as u64, self.ptr(scores)?, w.dtype())
+            }
+            None => (0, 0, DType::F32),
+        };
         match ops {
             WeightGradOperands::F32 { dy, x } => {
+                ensure!(st_w_dtype == DType::F32, "the fp32 score gradient reads an fp32 weight");
                 let (n, d_out) = matrix(dy);
                 let g = StridedGemm {
                     a: self.ptr(dy)? + (row0 * 4) as u64,
@@ -172,6 +179,7 @@ impl CudaBackend {
                     k: *k as i32,
                     st_w,
                     st_s,
+                    st_w_bf16: (st_w_dtype == DType::BF16) as i32,
                     ..GemmArgs::default()
                 };
                 let aligned = if dtype == DType::BF16 { args.tensor_core_ok() } else { args.tf32x3_ok() };
@@ -336,7 +344,7 @@ impl Backward for CudaBackend {
     fn linear_weight_grad(&self, dy: &Tensor, x: &Tensor) -> Result<Tensor> {
         let ops = self.weight_grad_operands(dy, x)?;
         let out = self.empty(&[matrix(dy).1, matrix(x).1], DType::F32)?;
-        self.weight_grad_rows(&ops, 0, &out, (0, 0))?;
+        self.weight_grad_rows(&ops, 0, &out, None)?;
         Ok(out)
     }
 
@@ -691,7 +699,11 @@ impl Backward for CudaBackend {
             w.shape()
         );
         let ops = self.weight_grad_operands(dy, x)?;
-        let w = self.f32_weight(w)?;
+        // The tensor-core GEMMs' epilogue reads a bf16 weight as it is; the fp32 strided one, f32.
+        let w = match ops {
+            WeightGradOperands::Transposed { .. } if w.dtype() == DType::BF16 => w.clone(),
+            _ => self.f32_weight(w)?,
+        };
         blocks
             .iter()
             .map(|b| {
@@ -703,7 +715,7 @@ impl Backward for CudaBackend {
                     b.row0
                 );
                 let out = self.empty(&[n / d_in, d_in], DType::F32)?;
-                self.weight_grad_rows(&ops, b.row0, &out, (self.ptr(&w)? + (b.row0 * d_in * 4) as u64, self.ptr(b.scores)?))?;
+                self.weight_grad_rows(&ops, b.row0, &out, Some((&w, b.scores)))?;
                 out.reshape(b.scores.shape())
             })
             .collect()

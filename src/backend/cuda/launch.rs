@@ -33,12 +33,14 @@ pub struct GemmArgs {
     pub conv_tin: i32,
     /// 1 when 16-byte vector loads are legal; set by [`GemmArgs::with_vector_check`].
     pub vec: i32,
-    /// With batch 1: `W` and the scores (`C`'s layout) of the straight-through product each
-    /// output is finished with (`C ⊙ W ⊙ sign(S)`); 0: none.
+    /// With batch 1: `W` (fp32, or bf16 with `st_w_bf16`) and the scores (`C`'s layout) of the
+    /// straight-through product each output is finished with (`C ⊙ W ⊙ sign(S)`); 0: none.
     pub st_w: u64,
     pub st_s: u64,
     /// 1: `c` is bf16 (written by the tensor-core kernels' shared epilogue only).
     pub c_bf16: i32,
+    /// 1: `st_w` is bf16 (the bf16 backend's weight, read as it is).
+    pub st_w_bf16: i32,
 }
 
 impl GemmArgs {
