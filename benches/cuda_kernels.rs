@@ -84,7 +84,7 @@ fn main() {
         rows.push(Row(format!("ffn gemm masked(10%) {p}"), ms, tf(ms)));
     }
     // A whole FFN (768 -> 3072 GELU -> 768), bf16: the intermediate in f32 then converted for
-    // the second GEMM (as before), against it handed over in bf16 (`linear_into_linear`).
+    // the second GEMM (as before), against it handed over in bf16 (`linear_as_operand`).
     {
         let be = &bf16_be;
         let (gx, gb1) = (be.upload(&x).unwrap(), be.upload(&Tensor::from_vec(random(n, 10), &[n])).unwrap());
@@ -94,7 +94,7 @@ fn main() {
         for (how, handed) in [("f32 intermediate", false), ("bf16 hand-over", true)] {
             let ms = time_ms(be, 20, || {
                 let mid = if handed {
-                    be.linear_into_linear(&gx, &gw1, Some(&gb1), Activation::Gelu, &[(m, None)]).unwrap()
+                    be.linear_as_operand(&gx, &gw1, Some(&gb1), Activation::Gelu, &[(m, None)]).unwrap()
                 } else {
                     be.linear(&gx, &gw1, Some(&gb1), Activation::Gelu).unwrap()
                 };

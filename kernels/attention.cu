@@ -105,39 +105,49 @@ __device__ __forceinline__ void put4(__nv_bfloat16* dst, float4 x) {
 }
 __device__ __forceinline__ void put4(float* dst, float4 x) { *reinterpret_cast<float4*>(dst) = x; }
 
-// Stages rows r0 .. r0 + ROWS of one head's slice of `src` (row stride `stride`, columns col ..
-// col + hd of each packed row `start + r`) into shared memory times `scale`: rows at or past
-// `len` and columns at or past `hd` as zeros. With `vec4` (hd % 4 == 0, stride % 4 == 0),
-// 16-byte loads, each thread issuing a batch of them before storing any, from addresses clamped
-// into the utterance and the head so none needs a branch: one memory round trip per batch, not
-// one per load.
-template <int ROWS, int HD, class T>
-__device__ __forceinline__ void stage_rows(const float* src, long stride, int start, int r0, int len, int col, int hd, float scale, T* dst,
+// Four consecutive values of a source row (16-byte aligned fp32, 8-byte aligned bf16), as
+// loaded and as converted to fp32: a bf16 source is the qkv a bf16 GEMM wrote.
+__device__ __forceinline__ float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+__device__ __forceinline__ uint2 load4(const __nv_bfloat16* p) { return *reinterpret_cast<const uint2*>(p); }
+__device__ __forceinline__ float4 widen4(float4 v) { return v; }
+__device__ __forceinline__ float4 widen4(uint2 v) {
+    const __nv_bfloat162 lo = *reinterpret_cast<const __nv_bfloat162*>(&v.x), hi = *reinterpret_cast<const __nv_bfloat162*>(&v.y);
+    return make_float4(__low2float(lo), __high2float(lo), __low2float(hi), __high2float(hi));
+}
+
+// Stages rows r0 .. r0 + ROWS of one head's slice of `src` (fp32 or bf16; row stride `stride`,
+// columns col .. col + hd of each packed row `start + r`) into shared memory times `scale`: rows
+// at or past `len` and columns at or past `hd` as zeros. With `vec4` (hd % 4 == 0, stride % 4 ==
+// 0), vector loads of 4 values, each thread issuing a batch of them before storing any, from
+// addresses clamped into the utterance and the head so none needs a branch: one memory round
+// trip per batch, not one per load.
+template <int ROWS, int HD, class T, class Src>
+__device__ __forceinline__ void stage_rows(const Src* src, long stride, int start, int r0, int len, int col, int hd, float scale, T* dst,
                                            int ld, int t, bool vec4) {
     if (!vec4) {
         for (int i = t; i < ROWS * HD; i += 128) {
             int r = i / HD, d = i % HD;
             bool in = r0 + r < len && d < hd;
-            store_as(dst + r * ld + d, in ? src[(long)(start + r0 + r) * stride + col + d] * scale : 0.0f);
+            store_as(dst + r * ld + d, in ? load_as(src + (long)(start + r0 + r) * stride + col + d) * scale : 0.0f);
         }
         return;
     }
     // Batches of 8 loads (2 at HD 128, whose accumulators take twice the registers).
     constexpr int PER = ROWS * HD / 4 / 128, MOST = HD >= 128 ? 2 : 8, BATCH = PER < MOST ? PER : MOST;
-    static_assert(PER * 4 * 128 == ROWS * HD && PER % BATCH == 0, "whole 16-byte loads per thread");
+    static_assert(PER * 4 * 128 == ROWS * HD && PER % BATCH == 0, "whole vector loads per thread");
 #pragma unroll
     for (int b0 = 0; b0 < PER; b0 += BATCH) {
-        float4 v[BATCH];
+        decltype(load4(src)) v[BATCH];
 #pragma unroll
         for (int j = 0; j < BATCH; ++j) {
             int i = t + (b0 + j) * 128, r = i / (HD / 4), d = (i % (HD / 4)) * 4;
             int row = min(r0 + r, len - 1), dd = min(d, hd - 4);
-            v[j] = *reinterpret_cast<const float4*>(src + (long)(start + row) * stride + col + dd);
+            v[j] = load4(src + (long)(start + row) * stride + col + dd);
         }
 #pragma unroll
         for (int j = 0; j < BATCH; ++j) {
             int i = t + (b0 + j) * 128, r = i / (HD / 4), d = (i % (HD / 4)) * 4;
-            float4 x = (r0 + r < len && d < hd) ? v[j] : make_float4(0.f, 0.f, 0.f, 0.f);
+            float4 x = (r0 + r < len && d < hd) ? widen4(v[j]) : make_float4(0.f, 0.f, 0.f, 0.f);
             put4(dst + r * ld + d, make_float4(x.x * scale, x.y * scale, x.z * scale, x.w * scale));
         }
     }
@@ -352,8 +362,8 @@ __device__ __forceinline__ float prob_dropout(float p, unsigned long long site_k
     return p > 0.0f ? dropout_factor(p, site_key, (((unsigned long long)row * heads + h) << 24) | (unsigned long long)j) : 1.0f;
 }
 
-template <class F>
-__device__ void attention_flash_impl(const float* qkv, float* out, const int* offsets, int c, int hd, float scale, float* lse, float p,
+template <class F, class Src>
+__device__ void attention_flash_impl(const Src* qkv, float* out, const int* offsets, int c, int hd, float scale, float* lse, float p,
                                      unsigned long long site_key) {
     using T = typename F::T;
     constexpr int HD = F::HD;
@@ -430,8 +440,8 @@ __device__ __forceinline__ float score_grad(float s, float dpz, float lse, float
 }
 
 
-template <class F>
-__device__ void attention_bwd_kv_impl(const float* qkv, const float* d_out, const float* lse, const float* dot, float* d_qkv, const int* offsets,
+template <class F, class Src>
+__device__ void attention_bwd_kv_impl(const Src* qkv, const float* d_out, const float* lse, const float* dot, float* d_qkv, const int* offsets,
                                       int c, int hd, float scale, float p, unsigned long long site_key) {
     using T = typename F::T;
     constexpr int HD = F::HD, LD = F::LD_ROWS;
@@ -495,8 +505,8 @@ __device__ void attention_bwd_kv_impl(const float* qkv, const float* d_out, cons
     store_rows<HD>(dv, d_qkv + (long)start * row3 + 2 * c + h * hd, row3, j0 + warp * 16, len, hd, one, g, tq);
 }
 
-template <class F>
-__device__ void attention_bwd_q_impl(const float* qkv, const float* d_out, const float* lse, const float* dot, float* d_qkv, const int* offsets,
+template <class F, class Src>
+__device__ void attention_bwd_q_impl(const Src* qkv, const float* d_out, const float* lse, const float* dot, float* d_qkv, const int* offsets,
                                      int c, int hd, float scale, float p, unsigned long long site_key) {
     using T = typename F::T;
     constexpr int HD = F::HD, LD = F::LD_ROWS;
@@ -550,32 +560,37 @@ __device__ void attention_bwd_q_impl(const float* qkv, const float* d_out, const
     store_rows<HD>(dq, d_qkv + (long)start * row3 + h * hd, row3, q0 + warp * 16, len, hd, f, g, tq);
 }
 
-// The kernels of one flavour and head-size class: forward `fwd`, backward attention_bwd_{kv,q}_`tag`,
-// each with a _smem kernel reporting its dynamic shared memory.
-#define ATTENTION_FLASH(fwd, tag, Ops, HD)                                                                                             \
+// The kernels of one flavour, qkv type and head-size class: forward `fwd`, backward
+// attention_bwd_{kv,q}_`tag`, each with a _smem kernel reporting its dynamic shared memory.
+#define ATTENTION_FLASH(fwd, tag, Ops, Src, HD)                                                                                        \
     extern "C" __global__ void __launch_bounds__(128)                                                                                 \
-        fwd##_hd##HD(const float* qkv, float* out, const int* offsets, int c, int hd, float scale, float* lse, float p,               \
+        fwd##_hd##HD(const Src* qkv, float* out, const int* offsets, int c, int hd, float scale, float* lse, float p,                 \
                      unsigned long long site_key) {                                                                                   \
         attention_flash_impl<Ops<HD>>(qkv, out, offsets, c, hd, scale, lse, p, site_key);                                             \
     }                                                                                                                                   \
     extern "C" __global__ void fwd##_hd##HD##_smem(int* bytes) { *bytes = FlashSmem<Ops<HD>>::FWD; }                                  \
     extern "C" __global__ void __launch_bounds__(128)                                                                                 \
-        attention_bwd_kv_##tag##_hd##HD(const float* qkv, const float* d_out, const float* lse, const float* dot, float* d_qkv,       \
+        attention_bwd_kv_##tag##_hd##HD(const Src* qkv, const float* d_out, const float* lse, const float* dot, float* d_qkv,         \
                                         const int* offsets, int c, int hd, float scale, float p, unsigned long long site_key) {       \
         attention_bwd_kv_impl<Ops<HD>>(qkv, d_out, lse, dot, d_qkv, offsets, c, hd, scale, p, site_key);                              \
     }                                                                                                                                   \
     extern "C" __global__ void attention_bwd_kv_##tag##_hd##HD##_smem(int* bytes) { *bytes = FlashSmem<Ops<HD>>::BWD; }               \
     extern "C" __global__ void __launch_bounds__(128)                                                                                 \
-        attention_bwd_q_##tag##_hd##HD(const float* qkv, const float* d_out, const float* lse, const float* dot, float* d_qkv,        \
+        attention_bwd_q_##tag##_hd##HD(const Src* qkv, const float* d_out, const float* lse, const float* dot, float* d_qkv,          \
                                        const int* offsets, int c, int hd, float scale, float p, unsigned long long site_key) {        \
         attention_bwd_q_impl<Ops<HD>>(qkv, d_out, lse, dot, d_qkv, offsets, c, hd, scale, p, site_key);                               \
     }                                                                                                                                   \
     extern "C" __global__ void attention_bwd_q_##tag##_hd##HD##_smem(int* bytes) { *bytes = FlashSmem<Ops<HD>>::BWD; }
-ATTENTION_FLASH(attention_bf16_mma, bf16, Bf16Ops, 16)
-ATTENTION_FLASH(attention_bf16_mma, bf16, Bf16Ops, 32)
-ATTENTION_FLASH(attention_bf16_mma, bf16, Bf16Ops, 64)
-ATTENTION_FLASH(attention_bf16_mma, bf16, Bf16Ops, 128)
-ATTENTION_FLASH(attention_tf32x3, tf32x3, Tf32x3Ops, 16)
-ATTENTION_FLASH(attention_tf32x3, tf32x3, Tf32x3Ops, 32)
-ATTENTION_FLASH(attention_tf32x3, tf32x3, Tf32x3Ops, 64)
-ATTENTION_FLASH(attention_tf32x3, tf32x3, Tf32x3Ops, 128)
+// bf16 from an fp32 qkv, and from a bf16 one (the output of a bf16 GEMM: half the bytes read).
+ATTENTION_FLASH(attention_bf16_mma, bf16, Bf16Ops, float, 16)
+ATTENTION_FLASH(attention_bf16_mma, bf16, Bf16Ops, float, 32)
+ATTENTION_FLASH(attention_bf16_mma, bf16, Bf16Ops, float, 64)
+ATTENTION_FLASH(attention_bf16_mma, bf16, Bf16Ops, float, 128)
+ATTENTION_FLASH(attention_bf16_mma_from_bf16, bf16_from_bf16, Bf16Ops, __nv_bfloat16, 16)
+ATTENTION_FLASH(attention_bf16_mma_from_bf16, bf16_from_bf16, Bf16Ops, __nv_bfloat16, 32)
+ATTENTION_FLASH(attention_bf16_mma_from_bf16, bf16_from_bf16, Bf16Ops, __nv_bfloat16, 64)
+ATTENTION_FLASH(attention_bf16_mma_from_bf16, bf16_from_bf16, Bf16Ops, __nv_bfloat16, 128)
+ATTENTION_FLASH(attention_tf32x3, tf32x3, Tf32x3Ops, float, 16)
+ATTENTION_FLASH(attention_tf32x3, tf32x3, Tf32x3Ops, float, 32)
+ATTENTION_FLASH(attention_tf32x3, tf32x3, Tf32x3Ops, float, 64)
+ATTENTION_FLASH(attention_tf32x3, tf32x3, Tf32x3Ops, float, 128)

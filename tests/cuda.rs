@@ -331,7 +331,7 @@ fn conv_layers_feeding_convs_match_cpu() {
     }
 }
 
-/// A linear's output handed to the next linear (`linear_into_linear`, the FFN's intermediate):
+/// A linear's output handed to the next linear (`linear_as_operand`, the FFN's intermediate):
 /// bf16 from the mma.sync GEMM where it runs and the next GEMM keeps its 16-byte rows, f32
 /// elsewhere. Every linear reads it (dense, masked row segments, sparse; a masked GEMM whose
 /// width breaks the masked tensor-core path widens it back) and agrees with the CPU's f32 chain,
@@ -378,8 +378,8 @@ fn linear_outputs_handed_to_linears_match_cpu() {
             let dev_masks =
                 |bits: &[Vec<u8>], o: usize, k: usize| bits.iter().map(|b| be.prepare_mask(b, o, k).unwrap()).collect::<Vec<_>>();
             let (gm1, gm2) = (dev_masks(&bits1, mid, d_in), dev_masks(&bits2, d_out, mid));
-            let h = be.linear_into_linear(&gx, &gw1, Some(&gb1), gelu, &[(n, None)]).unwrap();
-            let h_routed = be.linear_into_linear(&gx, &gw1, Some(&gb1), gelu, &segments(&rows, &gm1)).unwrap();
+            let h = be.linear_as_operand(&gx, &gw1, Some(&gb1), gelu, &[(n, None)]).unwrap();
+            let h_routed = be.linear_as_operand(&gx, &gw1, Some(&gb1), gelu, &segments(&rows, &gm1)).unwrap();
             // Only the bf16 backend with the mma.sync GEMM (the first bf16 one) hands bf16 over.
             let handed = if v == f32s.len() && mid % 8 == 0 { DType::BF16 } else { DType::F32 };
             assert_eq!((h.dtype(), h_routed.dtype()), (handed, handed), "mid {mid} backend {v}");
@@ -478,6 +478,17 @@ fn attention_matches_cpu_fp32_and_bf16() {
             let got = be.attention(&be.upload(&qkv).unwrap(), &seqs, heads, scale).unwrap();
             assert_close(&format!("attention heads={heads} hd={hd} backend {v}"), &back(be, &got), want.f32s().unwrap(), tol);
         }
+        // bf16 also reads a bf16 qkv (what its GEMM writes): against the CPU on the same values.
+        let rounded = qkv.to_dtype(DType::BF16).unwrap().to_f32().unwrap();
+        let want = cpu.attention(&rounded, &seqs, heads, scale).unwrap();
+        for be in &bf16 {
+            let qkv16 = be.to_bf16(&be.upload(&qkv).unwrap()).unwrap();
+            let got = be.attention(&qkv16, &seqs, heads, scale).unwrap();
+            assert_close(&format!("attention of a bf16 qkv, heads={heads} hd={hd}"), &back(be, &got), want.f32s().unwrap(), 2e-2);
+        }
+        // fp32 refuses one: it has no kernel reading bf16.
+        let err = f32s[0].attention(&bf16[0].to_bf16(&bf16[0].upload(&qkv).unwrap()).unwrap(), &seqs, heads, scale).unwrap_err();
+        assert!(err.to_string().contains("BF16 qkv"), "{err}");
     }
 }
 

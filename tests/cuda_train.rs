@@ -186,6 +186,18 @@ fn attention_with_dropout_and_its_gradient_match_cpu() {
                 assert_close(&format!("{what}: gradient"), &back(be, &got), want.f32s().unwrap(), grad_tol);
             }
         }
+        // bf16 from a bf16 qkv (what its GEMM writes in training): against the CPU on the same values.
+        let rounded = qkv.to_dtype(DType::BF16).unwrap().to_f32().unwrap();
+        let qkv16 = bf16_be.to_bf16(&up(&bf16_be, &qkv)).unwrap();
+        for dropout in [None, Some(SiteDropout { dropout: Dropout { p: 0.2, seed: 9 }, site: 3 })] {
+            let what = format!("bf16 attention of a bf16 qkv h{heads} d{hd}, dropout {}", dropout.is_some());
+            let want = cpu.attention_dropout(&rounded, &seqs, heads, 0.3, dropout).unwrap();
+            let got = bf16_be.attention_dropout(&qkv16, &seqs, heads, 0.3, dropout).unwrap();
+            assert_close(&what, &back(&bf16_be, &got), want.f32s().unwrap(), BF16_TOL);
+            let want = cpu.attention_grad(&d_out, &rounded, &seqs, heads, 0.3, dropout).unwrap();
+            let got = bf16_be.attention_grad(&up(&bf16_be, &d_out), &qkv16, &seqs, heads, 0.3, dropout).unwrap();
+            assert_close(&format!("{what}: gradient"), &back(&bf16_be, &got), want.f32s().unwrap(), BF16_TOL);
+        }
     }
 }
 
@@ -336,7 +348,7 @@ fn score_gradients_match_cpu() {
     }
 }
 
-/// The FFN's dropped activation handed to its linears (`gelu_into_linear`): bf16 from the bf16
+/// The FFN's dropped activation handed to its linears (`gelu_as_operand`): bf16 from the bf16
 /// backend where its width keeps the GEMMs' 16-byte rows (f32 otherwise, and on fp32); the
 /// forward product (plain and masked), the weight gradient and the score gradient read it and
 /// agree with the CPU's f32.
@@ -362,7 +374,7 @@ fn activations_handed_to_linears_match_cpu() {
         let want_ds = cpu.score_grads(&dy, &g, &cw, &[ScoredRows { row0: 0, scores: &scores }]).unwrap();
         for (be, tol) in [(&f32_be, TOL), (&bf16_be, BF16_TOL)] {
             let what = |op: &str| format!("{op} of a {:?} hand-over of width {mid}", be.precision());
-            let handed = be.gelu_into_linear(&up(be, &u), dropout).unwrap();
+            let handed = be.gelu_as_operand(&up(be, &u), dropout).unwrap();
             let bf16 = be.precision() == Precision::Bf16 && mid % 8 == 0;
             assert_eq!(handed.dtype(), if bf16 { DType::BF16 } else { DType::F32 }, "{}", what("dtype"));
             let (gw, gb, gdy) = (be.prepare_linear_weight(&w).unwrap(), up(be, &b), up(be, &dy));

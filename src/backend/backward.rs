@@ -42,7 +42,7 @@ pub trait Backward {
     /// and score gradients (the FFN's dropped activation). A backend may return it in its GEMM
     /// operand format instead of f32 (the CUDA backend at bf16: bf16, sparing those GEMMs a
     /// conversion pass each over the largest activation of each layer). By default, `gelu`.
-    fn gelu_into_linear(&self, x: &Tensor, dropout: Option<SiteDropout>) -> Result<Tensor> {
+    fn gelu_as_operand(&self, x: &Tensor, dropout: Option<SiteDropout>) -> Result<Tensor> {
         self.gelu(x, dropout)
     }
 

@@ -210,12 +210,12 @@ pub trait Backend: Send + Sync {
         segments: &[(usize, Option<&LinearMask>)],
     ) -> Result<Tensor>;
 
-    /// [`Backend::linear_segments`] for an output that only other linears read (the FFN's
-    /// intermediate activation). A backend may return it in its GEMM operand format instead of
-    /// f32 (the CUDA backend at bf16: bf16 from the GEMM's epilogue, sparing the next GEMM a
-    /// conversion pass over the largest activation of each layer); its `linear`,
-    /// `linear_segments` and `linear_sparse` read either. By default, the f32 op.
-    fn linear_into_linear(
+    /// [`Backend::linear_segments`] for an output that only matrix products read: other linears
+    /// (the FFN's intermediate activation) and attention (qkv). A backend may return it in its
+    /// operand format instead of f32 (the CUDA backend at bf16: bf16 from the GEMM's epilogue,
+    /// sparing the next kernel a conversion pass, or half its reads); its `linear`,
+    /// `linear_segments`, `linear_sparse` and `attention` read either. By default, the f32 op.
+    fn linear_as_operand(
         &self,
         x: &Tensor,
         w: &Tensor,

@@ -59,15 +59,15 @@ impl Linear {
         self.forward_as(be, x, act, false)
     }
 
-    /// The forward, sparse where that pays; `into_linear`: only another linear reads the
-    /// output (see [`Backend::linear_into_linear`]).
-    fn forward_as(&self, be: &dyn Backend, x: &Tensor, act: Activation, into_linear: bool) -> Result<Tensor> {
+    /// The forward, sparse where that pays; `as_operand`: only matrix products (another linear,
+    /// attention) read the output (see [`Backend::linear_as_operand`]).
+    fn forward_as(&self, be: &dyn Backend, x: &Tensor, act: Activation, as_operand: bool) -> Result<Tensor> {
         let rows = x.numel() / x.shape().last().copied().unwrap_or(1).max(1);
         if let Some(sp) = self.sparse.as_ref().filter(|sp| be.sparse_pays(sp, rows)) {
             return be.linear_sparse(x, sp, Some(&self.bias), act);
         }
-        if into_linear {
-            be.linear_into_linear(x, &self.weight, Some(&self.bias), act, &[(rows, None)])
+        if as_operand {
+            be.linear_as_operand(x, &self.weight, Some(&self.bias), act, &[(rows, None)])
         } else {
             be.linear(x, &self.weight, Some(&self.bias), act)
         }
@@ -491,16 +491,16 @@ impl Wav2Vec2 {
         }
         for (i, layer) in self.layers.iter().enumerate() {
             // Linear `slot` of this layer (qkv, out, intermediate, output), routed when any task
-            // masks it; `into_linear`: only the next linear reads its output.
-            let linear = |slot: usize, lin: &Linear, h: &Tensor, act: Activation, into_linear: bool| -> Result<Tensor> {
+            // masks it; `as_operand`: only matrix products read its output (attention, the next linear).
+            let linear = |slot: usize, lin: &Linear, h: &Tensor, act: Activation, as_operand: bool| -> Result<Tensor> {
                 match routing.and_then(|r| r.segments(&seqs, i, slot)) {
-                    Some(segments) if into_linear => be.linear_into_linear(h, &lin.weight, Some(&lin.bias), act, &segments),
+                    Some(segments) if as_operand => be.linear_as_operand(h, &lin.weight, Some(&lin.bias), act, &segments),
                     Some(segments) => be.linear_segments(h, &lin.weight, Some(&lin.bias), act, &segments),
-                    None => lin.forward_as(be, h, act, into_linear),
+                    None => lin.forward_as(be, h, act, as_operand),
                 }
             };
             let attention = |h: &Tensor| -> Result<Tensor> {
-                let qkv = linear(0, &layer.qkv_proj, h, Activation::Identity, false)?;
+                let qkv = linear(0, &layer.qkv_proj, h, Activation::Identity, true)?;
                 let a = be.attention(&qkv, &seqs, c.num_attention_heads, scale)?;
                 linear(1, &layer.out_proj, &a, Activation::Identity, false)
             };

@@ -355,9 +355,13 @@ pub fn step(
     // Already on the backend in a training run (no copy then); uploaded otherwise.
     let scores: Vec<Tensor> = masks.iter().map(|m| be.upload(&m.scores)).collect::<Result<_>>()?;
     let weights = layer_weights(be, &model.layers, masks, &scores, sparsity)?;
+    let rows = |x: &Tensor| x.numel() / x.shape().last().copied().unwrap_or(1).max(1);
     let linear = |(lin, mask): (&Linear, Option<&LinearMask>), x: &Tensor| -> Result<Tensor> {
-        let rows = x.numel() / x.shape().last().copied().unwrap_or(1).max(1);
-        be.linear_segments(x, &lin.weight, Some(&lin.bias), id, &[(rows, mask)])
+        be.linear_segments(x, &lin.weight, Some(&lin.bias), id, &[(rows(x), mask)])
+    };
+    // A linear whose output only matrix products read (qkv: attention and its backward).
+    let linear_as_operand = |(lin, mask): (&Linear, Option<&LinearMask>), x: &Tensor| -> Result<Tensor> {
+        be.linear_as_operand(x, &lin.weight, Some(&lin.bias), id, &[(rows(x), mask)])
     };
     let norm = |n: &Norm, x: &Tensor| be.layer_norm(x.clone(), None, n.params(eps), id);
     let drop = |d: Option<Dropout>, site: u64, x: Tensor| match d.filter(Dropout::is_active) {
@@ -425,7 +429,7 @@ pub fn step(
         let keep_qkv_input = lw.qkv_masked() || train_weights;
         // Attention: (qkv, attention output before out_proj, dropped out_proj output).
         let attend = |a: &Tensor| -> Result<(Tensor, Option<Tensor>, Tensor)> {
-            let qkv = linear(lw.linear(0), a)?;
+            let qkv = linear_as_operand(lw.linear(0), a)?;
             let att = be.attention_dropout(&qkv, &seqs, heads, scale, probs_dropout(i))?;
             let o = drop(reg.dropout, site(i, SITE_ATTENTION_OUT), linear(lw.linear(1), &att)?)?;
             Ok((qkv, keep_attended.then_some(att), o))
@@ -433,7 +437,7 @@ pub fn step(
         // The FFN: (pre-GELU, dropped output); the dropped post-GELU is freed here.
         let feed_forward = |inp: &Tensor| -> Result<(Tensor, Tensor)> {
             let u = linear(lw.linear(2), inp)?;
-            let g = be.gelu_into_linear(&u, activation_dropout(i))?;
+            let g = be.gelu_as_operand(&u, activation_dropout(i))?;
             let f2 = drop(reg.dropout, site(i, SITE_FFN_OUT), linear(lw.linear(3), &g)?)?;
             Ok((u, f2))
         };
@@ -511,7 +515,7 @@ pub fn step(
         let d_ffn_out = drop(reg.dropout, site(i, SITE_FFN_OUT), d_ffn_out)?;
         let (output_dense, out_mask) = lw.linear(3);
         if lw.part(Part::Output).is_some() || train_weights {
-            let post_gelu = be.gelu_into_linear(&tape.pre_gelu, activation_dropout(i))?;
+            let post_gelu = be.gelu_as_operand(&tape.pre_gelu, activation_dropout(i))?;
             to_scores(lw, 3, &d_ffn_out, &post_gelu)?;
             wgrads.linear(&name("feed_forward.output_dense"), weight_grad(&d_ffn_out, &post_gelu)?, &d_ffn_out)?;
         }

@@ -293,7 +293,7 @@ impl Backward for CudaBackend {
     }
 
     /// bf16 where the linears reading it run on tensor cores (their input width a multiple of 8).
-    fn gelu_into_linear(&self, x: &Tensor, dropout: Option<SiteDropout>) -> Result<Tensor> {
+    fn gelu_as_operand(&self, x: &Tensor, dropout: Option<SiteDropout>) -> Result<Tensor> {
         let cols = *x.shape().last().unwrap_or(&0);
         if self.precision() == Precision::Bf16 && self.mma_sync && cols.is_multiple_of(8) {
             return self.map_elements_dropped("gelu_bf16", &[x], x.shape(), DType::BF16, dropout);
@@ -386,7 +386,7 @@ impl Backward for CudaBackend {
         // exact fused kernel, which gives what the backward's T x T recomputation does; with
         // dropout, that recomputation's path.
         let dropout = dropout.filter(|d| d.dropout.is_active());
-        if self.flash_kernels().is_some() || dropout.is_none() {
+        if self.flash_kernels(qkv.dtype())?.is_some() || dropout.is_none() {
             return self.fused_attention(qkv, seqs, heads, scale, None, dropout);
         }
         let (rows, c3) = matrix(qkv);
@@ -441,7 +441,7 @@ impl Backward for CudaBackend {
             qkv.shape()
         );
         let dropout = dropout.filter(|d| d.dropout.is_active());
-        if self.flash_kernels().is_some() {
+        if self.flash_kernels(qkv.dtype())?.is_some() {
             return self.fused_attention_grad(d_out, qkv, seqs, heads, scale, dropout);
         }
         let c = c3 / 3;

@@ -105,6 +105,30 @@ const FUNCTIONS: &[(&str, &str)] = &[
     ("attention", "attention_bwd_q_bf16_hd32_smem"),
     ("attention", "attention_bwd_q_bf16_hd64_smem"),
     ("attention", "attention_bwd_q_bf16_hd128_smem"),
+    ("attention", "attention_bf16_mma_from_bf16_hd16"),
+    ("attention", "attention_bf16_mma_from_bf16_hd16_smem"),
+    ("attention", "attention_bf16_mma_from_bf16_hd32"),
+    ("attention", "attention_bf16_mma_from_bf16_hd32_smem"),
+    ("attention", "attention_bf16_mma_from_bf16_hd64"),
+    ("attention", "attention_bf16_mma_from_bf16_hd64_smem"),
+    ("attention", "attention_bf16_mma_from_bf16_hd128"),
+    ("attention", "attention_bf16_mma_from_bf16_hd128_smem"),
+    ("attention", "attention_bwd_kv_bf16_from_bf16_hd16"),
+    ("attention", "attention_bwd_kv_bf16_from_bf16_hd16_smem"),
+    ("attention", "attention_bwd_kv_bf16_from_bf16_hd32"),
+    ("attention", "attention_bwd_kv_bf16_from_bf16_hd32_smem"),
+    ("attention", "attention_bwd_kv_bf16_from_bf16_hd64"),
+    ("attention", "attention_bwd_kv_bf16_from_bf16_hd64_smem"),
+    ("attention", "attention_bwd_kv_bf16_from_bf16_hd128"),
+    ("attention", "attention_bwd_kv_bf16_from_bf16_hd128_smem"),
+    ("attention", "attention_bwd_q_bf16_from_bf16_hd16"),
+    ("attention", "attention_bwd_q_bf16_from_bf16_hd16_smem"),
+    ("attention", "attention_bwd_q_bf16_from_bf16_hd32"),
+    ("attention", "attention_bwd_q_bf16_from_bf16_hd32_smem"),
+    ("attention", "attention_bwd_q_bf16_from_bf16_hd64"),
+    ("attention", "attention_bwd_q_bf16_from_bf16_hd64_smem"),
+    ("attention", "attention_bwd_q_bf16_from_bf16_hd128"),
+    ("attention", "attention_bwd_q_bf16_from_bf16_hd128_smem"),
     ("attention", "attention_bwd_kv_tf32x3_hd16"),
     ("attention", "attention_bwd_kv_tf32x3_hd16_smem"),
     ("attention", "attention_bwd_kv_tf32x3_hd32"),
@@ -181,6 +205,28 @@ const BF16_FLASH: FlashKernels = FlashKernels {
     forward: ["attention_bf16_mma_hd16", "attention_bf16_mma_hd32", "attention_bf16_mma_hd64", "attention_bf16_mma_hd128"],
     kv: ["attention_bwd_kv_bf16_hd16", "attention_bwd_kv_bf16_hd32", "attention_bwd_kv_bf16_hd64", "attention_bwd_kv_bf16_hd128"],
     q: ["attention_bwd_q_bf16_hd16", "attention_bwd_q_bf16_hd32", "attention_bwd_q_bf16_hd64", "attention_bwd_q_bf16_hd128"],
+};
+
+/// bf16 from a bf16 qkv (a bf16 GEMM's output, [`Backend::linear_as_operand`]).
+const BF16_FLASH_FROM_BF16: FlashKernels = FlashKernels {
+    forward: [
+        "attention_bf16_mma_from_bf16_hd16",
+        "attention_bf16_mma_from_bf16_hd32",
+        "attention_bf16_mma_from_bf16_hd64",
+        "attention_bf16_mma_from_bf16_hd128",
+    ],
+    kv: [
+        "attention_bwd_kv_bf16_from_bf16_hd16",
+        "attention_bwd_kv_bf16_from_bf16_hd32",
+        "attention_bwd_kv_bf16_from_bf16_hd64",
+        "attention_bwd_kv_bf16_from_bf16_hd128",
+    ],
+    q: [
+        "attention_bwd_q_bf16_from_bf16_hd16",
+        "attention_bwd_q_bf16_from_bf16_hd32",
+        "attention_bwd_q_bf16_from_bf16_hd64",
+        "attention_bwd_q_bf16_from_bf16_hd128",
+    ],
 };
 
 const TF32X3_FLASH: FlashKernels = FlashKernels {
@@ -515,8 +561,8 @@ impl CudaBackend {
         Ok(out)
     }
 
-    /// A bf16 copy of an f32 device tensor.
-    fn to_bf16(&self, x: &Tensor) -> Result<Tensor> {
+    /// A bf16 copy of an f32 device tensor (the operand format of the bf16 kernels).
+    pub fn to_bf16(&self, x: &Tensor) -> Result<Tensor> {
         let out = self.empty(x.shape(), DType::BF16)?;
         let (px, po, n) = (self.ptr(x)?, self.ptr(&out)?, x.numel() as i64);
         self.launcher().elementwise(self.func("to_bf16"), n as usize, |b| {
@@ -525,14 +571,17 @@ impl CudaBackend {
         Ok(out)
     }
 
-    /// The flash-style attention kernels this backend runs: bf16, or fp32 as 3xTF32; none for
-    /// fp32 with `tf32x3` off (the FMA kernel forward, T x T products in training).
-    fn flash_kernels(&self) -> Option<&'static FlashKernels> {
-        match self.precision {
-            Precision::Bf16 => Some(&BF16_FLASH),
-            Precision::F32 if self.tf32x3 => Some(&TF32X3_FLASH),
-            Precision::F32 => None,
-        }
+    /// The flash-style attention kernels this backend runs on a qkv of `dtype`: bf16 (from an
+    /// fp32 or a bf16 qkv), or fp32 as 3xTF32; none for fp32 with `tf32x3` off (the FMA kernel
+    /// forward, T x T products in training).
+    fn flash_kernels(&self, dtype: DType) -> Result<Option<&'static FlashKernels>> {
+        Ok(match (self.precision, dtype) {
+            (Precision::Bf16, DType::F32) => Some(&BF16_FLASH),
+            (Precision::Bf16, DType::BF16) => Some(&BF16_FLASH_FROM_BF16),
+            (Precision::F32, DType::F32) if self.tf32x3 => Some(&TF32X3_FLASH),
+            (Precision::F32, DType::F32) => None,
+            (precision, dtype) => bail!("attention: a {dtype:?} qkv on the {precision:?} backend"),
+        })
     }
 
     /// Splits qkv `[frames, 3c]` of `seqs` into (c, head size, the head-size class the
@@ -582,7 +631,7 @@ impl CudaBackend {
         let offsets = self.offsets(seqs)?;
         let (pq, po, poff) = (self.ptr(qkv)?, self.ptr(&out)?, offsets.device_ptr(&self.stream).0);
         let (c_i, hd_i) = (c as i32, hd as i32);
-        match self.flash_kernels() {
+        match self.flash_kernels(qkv.dtype())? {
             Some(k) => {
                 let name = k.forward[class];
                 let plse = lse.map(|t| self.ptr(t)).transpose()?.unwrap_or(0);
@@ -614,7 +663,9 @@ impl CudaBackend {
         scale: f32,
         dropout: Option<SiteDropout>,
     ) -> Result<Tensor> {
-        let k = self.flash_kernels().context("the flash-style attention backward runs on bf16 or 3xTF32 tensor cores (tf32x3 is off)")?;
+        let k = self
+            .flash_kernels(qkv.dtype())?
+            .context("the flash-style attention backward runs on bf16 or 3xTF32 tensor cores (tf32x3 is off)")?;
         let (c, hd, class) = Self::attention_shape(qkv, seqs, heads)?;
         ensure!(d_out.numel() == seqs.total() * c, "attention backward: gradient {:?} for qkv {:?}", d_out.shape(), qkv.shape());
         let rows = seqs.total();
@@ -835,7 +886,7 @@ impl CudaBackend {
     }
 
     /// `act(x · wᵀ + b)` over consecutive row segments of `x` (f32, or bf16 from
-    /// [`Backend::linear_into_linear`]), each GEMM with its own mask bits (device addresses;
+    /// [`Backend::linear_as_operand`]), each GEMM with its own mask bits (device addresses;
     /// `None`: unmasked), into `out_dtype` where the tensor-core path runs (f32 elsewhere).
     fn segmented_linear(
         &self,
@@ -1076,9 +1127,9 @@ impl Backend for CudaBackend {
         self.segmented_linear(x, w, b, act, &self.device_segments(w, segments)?, DType::F32)
     }
 
-    /// bf16 where the GEMM runs on tensor cores and the next one keeps its alignment (`out`
-    /// features a multiple of 8); f32 otherwise.
-    fn linear_into_linear(
+    /// bf16 where the GEMM runs on tensor cores and the rows it writes stay 16-byte aligned for
+    /// the next GEMM (`out` features a multiple of 8); f32 otherwise.
+    fn linear_as_operand(
         &self,
         x: &Tensor,
         w: &Tensor,

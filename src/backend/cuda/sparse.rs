@@ -86,7 +86,7 @@ impl CudaBackend {
     pub(super) fn sparse_linear(&self, x: &Tensor, sp: &SparseWeight, b: Option<&Tensor>, act: Activation) -> Result<Tensor> {
         let shape = sp.output_shape(x, b)?;
         let SparseWeight::Cuda(sp) = sp else { bail!("a sparse weight built on the CPU was given to the CUDA backend") };
-        // A bf16 input (from `linear_into_linear`, whose dense GEMM wrote it) is read in f32.
+        // A bf16 input (from `linear_as_operand`, whose dense GEMM wrote it) is read in f32.
         let widened;
         let x = if x.dtype() == DType::BF16 {
             widened = self.to_f32(x)?;
