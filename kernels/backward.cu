@@ -216,12 +216,20 @@ extern "C" __global__ void gelu_bf16(const float* x, __nv_bfloat16* y, long n, f
     gelu_dropped(x, y, n, p, site_key);
 }
 
-// (dy * dropout factor) * (Phi(x) + x phi(x)), Phi through erfc as the CPU computes it.
-extern "C" __global__ void gelu_grad_f32(const float* dy, const float* x, float* out, long n, float p, unsigned long long site_key) {
+// (dy * dropout factor) * (Phi(x) + x phi(x)), Phi through erfc as the CPU computes it; into
+// f32, or bf16 for a gradient only bf16 GEMMs (and a bias's column sum) read.
+template <class T>
+__device__ __forceinline__ void gelu_grad_dropped(const float* dy, const float* x, T* out, long n, float p, unsigned long long site_key) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         float v = x[i], d = p > 0.0f ? dy[i] * dropout_factor(p, site_key, (unsigned long long)i) : dy[i];
-        out[i] = d * (0.5f * erfcf(-v * 0.70710678118654752440f) + v * 0.3989423f * expf(-0.5f * v * v));
+        store_as(out + i, d * (0.5f * erfcf(-v * 0.70710678118654752440f) + v * 0.3989423f * expf(-0.5f * v * v)));
     }
+}
+extern "C" __global__ void gelu_grad_f32(const float* dy, const float* x, float* out, long n, float p, unsigned long long site_key) {
+    gelu_grad_dropped(dy, x, out, n, p, site_key);
+}
+extern "C" __global__ void gelu_grad_bf16(const float* dy, const float* x, __nv_bfloat16* out, long n, float p, unsigned long long site_key) {
+    gelu_grad_dropped(dy, x, out, n, p, site_key);
 }
 
 // ---- column reductions (bias, layer-norm parameters, the time-mask embedding) ------------------
@@ -237,15 +245,19 @@ __device__ __forceinline__ double reduce_lanes(double v, double (&red)[8][32], i
     return total;
 }
 
-extern "C" __global__ void column_sum_f32(const float* x, float* out, int rows, int c) {
+// Column sums of an f32 or bf16 [rows, c] matrix.
+template <class T>
+__device__ __forceinline__ void column_sum(const T* x, float* out, int rows, int c) {
     __shared__ double red[8][32];
     int tx = threadIdx.x % 32, ty = threadIdx.x / 32, ch = blockIdx.x * 32 + tx;
     double acc = 0.0;
     if (ch < c)
-        for (int r = ty; r < rows; r += 8) acc += x[(long)r * c + ch];
+        for (int r = ty; r < rows; r += 8) acc += load_as(x + (long)r * c + ch);
     double total = reduce_lanes(acc, red, ty, tx);
     if (ty == 0 && ch < c) out[ch] = (float)total;
 }
+extern "C" __global__ void column_sum_f32(const float* x, float* out, int rows, int c) { column_sum(x, out, rows, c); }
+extern "C" __global__ void column_sum_bf16(const __nv_bfloat16* x, float* out, int rows, int c) { column_sum(x, out, rows, c); }
 
 // Layer-norm backward, one warp per row: the row's mean and 1/std recomputed (two passes, as the
 // forward), dx = inv/C * (C*g - sum(g) - xhat*sum(g*xhat)) with g = dy*gamma; the statistics are

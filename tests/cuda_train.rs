@@ -348,10 +348,10 @@ fn score_gradients_match_cpu() {
     }
 }
 
-/// The FFN's dropped activation handed to its linears (`gelu_as_operand`): bf16 from the bf16
-/// backend where its width keeps the GEMMs' 16-byte rows (f32 otherwise, and on fp32); the
-/// forward product (plain and masked), the weight gradient and the score gradient read it and
-/// agree with the CPU's f32.
+/// The FFN's dropped activation handed to its linears (`gelu_as_operand`), and the gradient at
+/// its pre-activation (`gelu_grad_as_operand`): bf16 from the bf16 backend where the width keeps
+/// the GEMMs' 16-byte rows (f32 otherwise, and on fp32). Everything reading them (products,
+/// input, weight and score gradients, a bias's column sum) agrees with the CPU's f32.
 #[test]
 fn activations_handed_to_linears_match_cpu() {
     let Some(f32_be) = gpu(Precision::F32) else { return };
@@ -387,6 +387,38 @@ fn activations_handed_to_linears_match_cpu() {
             let gs = up(be, &scores);
             let got = be.score_grads(&gdy, &handed, &gw, &[ScoredRows { row0: 0, scores: &gs }]).unwrap();
             assert_close(&what("score gradient"), &back(be, &got[0]), want_ds[0].f32s().unwrap(), tol);
+        }
+        // The gradient at the pre-activation (`gelu_grad_as_operand`), as the output gradient of
+        // the linear `x_in [n, 24] -> u`: its input, weight and score gradients, its bias's sum.
+        let d_in = 24;
+        let (x_in, dg) = (t(random(n * d_in, seed + 6, 1.0), &[n, d_in]), t(random(n * mid, seed + 7, 1.0), &[n, mid]));
+        let w_in = t(random(mid * d_in, seed + 8, 0.2), &[mid, d_in]);
+        let scores_in = t(random(mid * d_in, seed + 9, 1.0), &[mid, d_in]);
+        let bits_in = s3router::mask::pack(&random(mid * d_in, seed + 10, 1.0).iter().map(|&v| v > -0.4).collect::<Vec<_>>());
+        let (cw_in, cm_in) = (cpu.prepare_linear_weight(&w_in).unwrap(), cpu.prepare_mask(&bits_in, mid, d_in).unwrap());
+        let du = cpu.gelu_grad(&dg, &u, dropout).unwrap();
+        let want_dx = cpu.linear_input_grad(&du, &cw_in, Some(&cm_in)).unwrap();
+        let want_dw = cpu.linear_weight_grad(&du, &x_in).unwrap();
+        let want_ds = cpu.score_grads(&du, &x_in, &cw_in, &[ScoredRows { row0: 0, scores: &scores_in }]).unwrap();
+        let want_db = cpu.column_sum(&du).unwrap();
+        for (be, tol) in [(&f32_be, TOL), (&bf16_be, BF16_TOL)] {
+            let what = |op: &str| format!("{op} from a {:?} gradient hand-over of width {mid}", be.precision());
+            let handed = be.gelu_grad_as_operand(&up(be, &dg), &up(be, &u), dropout).unwrap();
+            let bf16 = be.precision() == Precision::Bf16 && mid % 8 == 0;
+            assert_eq!(handed.dtype(), if bf16 { DType::BF16 } else { DType::F32 }, "{}", what("dtype"));
+            let (gw, gm, gx) = (be.prepare_linear_weight(&w_in).unwrap(), be.prepare_mask(&bits_in, mid, d_in).unwrap(), up(be, &x_in));
+            assert_close(
+                &what("input gradient"),
+                &back(be, &be.linear_input_grad(&handed, &gw, Some(&gm)).unwrap()),
+                want_dx.f32s().unwrap(),
+                tol,
+            );
+            assert_close(&what("weight gradient"), &back(be, &be.linear_weight_grad(&handed, &gx).unwrap()), want_dw.f32s().unwrap(), tol);
+            let gs = up(be, &scores_in);
+            let got = be.score_grads(&handed, &gx, &gw, &[ScoredRows { row0: 0, scores: &gs }]).unwrap();
+            assert_close(&what("score gradient"), &back(be, &got[0]), want_ds[0].f32s().unwrap(), tol);
+            let sum_tol = if bf16 { BF16_TOL } else { REDUCTION_TOL };
+            assert_close(&what("bias gradient"), &back(be, &be.column_sum(&handed).unwrap()), want_db.f32s().unwrap(), sum_tol);
         }
     }
 }

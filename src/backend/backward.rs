@@ -50,6 +50,14 @@ pub trait Backward {
     /// [`Backward::gelu`] with the same dropout).
     fn gelu_grad(&self, dy: &Tensor, x: &Tensor, dropout: Option<SiteDropout>) -> Result<Tensor>;
 
+    /// [`Backward::gelu_grad`] for a gradient that only linears' backward reads (its input and
+    /// weight or score gradients, and a bias's column sum): the gradient at the FFN's
+    /// pre-activation. A backend may return it in its GEMM operand format (the CUDA backend at
+    /// bf16: bf16). By default, `gelu_grad`.
+    fn gelu_grad_as_operand(&self, dy: &Tensor, x: &Tensor, dropout: Option<SiteDropout>) -> Result<Tensor> {
+        self.gelu_grad(dy, x, dropout)
+    }
+
     /// `dx = dy · (W ⊙ M)` for `y = x · (W ⊙ M)ᵀ`: `w` as [`Backend::prepare_linear_weight`]
     /// made it, `mask` as [`Backward::scored_masks`] or [`Backend::prepare_mask`] made it.
     fn linear_input_grad(&self, dy: &Tensor, w: &Tensor, mask: Option<&LinearMask>) -> Result<Tensor>;

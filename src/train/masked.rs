@@ -520,7 +520,7 @@ pub fn step(
             wgrads.linear(&name("feed_forward.output_dense"), weight_grad(&d_ffn_out, &post_gelu)?, &d_ffn_out)?;
         }
         let dg = be.linear_input_grad(&d_ffn_out, &output_dense.weight, out_mask)?;
-        let du = be.gelu_grad(&dg, &tape.pre_gelu, activation_dropout(i))?;
+        let du = be.gelu_grad_as_operand(&dg, &tape.pre_gelu, activation_dropout(i))?;
         let (intermediate, inter_mask) = lw.linear(2);
         if lw.part(Part::Intermediate).is_some() || train_weights {
             let ffn_in = if c.do_stable_layer_norm {

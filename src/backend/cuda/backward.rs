@@ -55,6 +55,12 @@ impl CudaBackend {
         })
     }
 
+    /// Whether an activation shaped as `x` goes to the GEMMs that read it in bf16: the bf16
+    /// backend with the mma.sync GEMM, rows keeping its 16-byte alignment.
+    fn bf16_operands(&self, x: &Tensor) -> bool {
+        self.precision() == Precision::Bf16 && self.mma_sync && x.shape().last().is_some_and(|c| c.is_multiple_of(8))
+    }
+
     /// A weight as the fp32 training kernels read it (`[out, in]`, or a conv's time-major
     /// layout): itself, or an fp32 copy of a bf16 one.
     fn f32_weight(&self, w: &Tensor) -> Result<Tensor> {
@@ -96,7 +102,23 @@ impl CudaBackend {
             b.arg(&pw).arg(&pm).arg(&pwt).arg(&d_out_i).arg(&d_in_i);
         })?;
         let out = self.empty(&[n, d_in], DType::F32)?;
-        let dy16 = self.bf16_operand(dy, d_out)?;
+        // A bf16 `dy` (`gelu_grad_as_operand`) is the mma.sync GEMM's operand as it is; any
+        // other GEMM reads f32.
+        let widened;
+        let dy = if dy.dtype() == DType::BF16 && !(self.mma_sync && d_out.is_multiple_of(8)) {
+            widened = self.to_f32(dy)?;
+            &widened
+        } else {
+            dy
+        };
+        let dy16 = match dy.dtype() {
+            DType::BF16 => None,
+            _ => self.bf16_operand(dy, d_out)?,
+        };
+        let a16 = match &dy16 {
+            Some(t) => Some(self.ptr(t)?),
+            None => (dy.dtype() == DType::BF16).then_some(self.ptr(dy)?),
+        };
         let args = GemmArgs {
             a: self.ptr(dy)?,
             lda: d_out as i64,
@@ -109,7 +131,7 @@ impl CudaBackend {
             k: d_out as i32,
             ..GemmArgs::default()
         };
-        self.gemm(args, dy16.as_ref().map(|t| self.ptr(t)).transpose()?, DType::BF16, 1)?;
+        self.gemm(args, a16, DType::BF16, 1)?;
         Ok(out)
     }
 
@@ -294,8 +316,7 @@ impl Backward for CudaBackend {
 
     /// bf16 where the linears reading it run on tensor cores (their input width a multiple of 8).
     fn gelu_as_operand(&self, x: &Tensor, dropout: Option<SiteDropout>) -> Result<Tensor> {
-        let cols = *x.shape().last().unwrap_or(&0);
-        if self.precision() == Precision::Bf16 && self.mma_sync && cols.is_multiple_of(8) {
+        if self.bf16_operands(x) {
             return self.map_elements_dropped("gelu_bf16", &[x], x.shape(), DType::BF16, dropout);
         }
         self.gelu(x, dropout)
@@ -304,6 +325,15 @@ impl Backward for CudaBackend {
     fn gelu_grad(&self, dy: &Tensor, x: &Tensor, dropout: Option<SiteDropout>) -> Result<Tensor> {
         ensure!(dy.shape() == x.shape(), "GELU backward: gradient {:?} for an input {:?}", dy.shape(), x.shape());
         self.map_elements_dropped("gelu_grad_f32", &[dy, x], x.shape(), DType::F32, dropout)
+    }
+
+    /// bf16 where the GEMMs reading it run on tensor cores (its width a multiple of 8).
+    fn gelu_grad_as_operand(&self, dy: &Tensor, x: &Tensor, dropout: Option<SiteDropout>) -> Result<Tensor> {
+        ensure!(dy.shape() == x.shape(), "GELU backward: gradient {:?} for an input {:?}", dy.shape(), x.shape());
+        if self.bf16_operands(x) {
+            return self.map_elements_dropped("gelu_grad_bf16", &[dy, x], x.shape(), DType::BF16, dropout);
+        }
+        self.gelu_grad(dy, x, dropout)
     }
 
     fn linear_input_grad(&self, dy: &Tensor, w: &Tensor, mask: Option<&LinearMask>) -> Result<Tensor> {
@@ -317,7 +347,7 @@ impl Backward for CudaBackend {
         };
         match w.dtype() {
             DType::BF16 => return self.linear_input_grad_bf16(dy, w, mask),
-            DType::F32 => {}
+            DType::F32 => ensure!(dy.dtype() == DType::F32, "the fp32 input gradient reads an f32 output gradient"),
             other => bail!("training weights in {other:?} are not supported"),
         }
         let out = self.empty(&[n, d_in], DType::F32)?;
@@ -350,9 +380,14 @@ impl Backward for CudaBackend {
 
     fn column_sum(&self, x: &Tensor) -> Result<Tensor> {
         let (rows, c) = matrix(x);
+        let kernel = match x.dtype() {
+            DType::F32 => "column_sum_f32",
+            DType::BF16 => "column_sum_bf16",
+            other => bail!("column sum of a {other:?} matrix"),
+        };
         let out = self.empty(&[c], DType::F32)?;
         let (px, po, rows_i, c_i) = (self.ptr(x)?, self.ptr(&out)?, rows as i32, c as i32);
-        self.launcher().launch(self.func("column_sum_f32"), launch::config((c.div_ceil(32).max(1) as u32, 1, 1), 256), |b| {
+        self.launcher().launch(self.func(kernel), launch::config((c.div_ceil(32).max(1) as u32, 1, 1), 256), |b| {
             b.arg(&px).arg(&po).arg(&rows_i).arg(&c_i);
         })?;
         Ok(out)
