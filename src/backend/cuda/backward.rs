@@ -104,13 +104,7 @@ impl CudaBackend {
         let out = self.empty(&[n, d_in], DType::F32)?;
         // A bf16 `dy` (`gelu_grad_as_operand`) is the mma.sync GEMM's operand as it is; any
         // other GEMM reads f32.
-        let widened;
-        let dy = if dy.dtype() == DType::BF16 && !(self.mma_sync && d_out.is_multiple_of(8)) {
-            widened = self.to_f32(dy)?;
-            &widened
-        } else {
-            dy
-        };
+        let dy = &self.kernel_input(dy, self.mma_sync && d_out.is_multiple_of(8), "input gradient's output gradient")?;
         let dy16 = match dy.dtype() {
             DType::BF16 => None,
             _ => self.bf16_operand(dy, d_out)?,

@@ -690,6 +690,17 @@ impl CudaBackend {
         Ok(d_qkv)
     }
 
+    /// `x` as a kernel reads it: as it is, or, when it is bf16 (an operand a bf16 GEMM wrote)
+    /// and the kernel reads only f32 (`bf16_ok` false), widened to an f32 copy. Other dtypes
+    /// are refused.
+    fn kernel_input(&self, x: &Tensor, bf16_ok: bool, what: &str) -> Result<Tensor> {
+        match x.dtype() {
+            DType::BF16 if !bf16_ok => self.to_f32(x),
+            DType::F32 | DType::BF16 => Ok(x.clone()),
+            other => bail!("{what}: expected F32 or BF16, found {other:?}"),
+        }
+    }
+
     /// An fp32 copy of a bf16 device tensor.
     fn to_f32(&self, x: &Tensor) -> Result<Tensor> {
         let out = self.empty(x.shape(), DType::F32)?;
@@ -732,13 +743,7 @@ impl CudaBackend {
         );
         let tensor_cores = self.conv_on_tensor_cores(w, c_in, cg);
         // A bf16 input is the tensor-core GEMM's operand as it is; any other path reads f32.
-        let widened;
-        let x = if x.dtype() == DType::BF16 && !tensor_cores {
-            widened = self.to_f32(x)?;
-            &widened
-        } else {
-            x
-        };
+        let x = &self.kernel_input(x, tensor_cores, "conv1d input")?;
         let out_dtype = if tensor_cores { out_dtype } else { DType::F32 };
         let og = c_out / groups;
         let out = self.empty(&[seqs_out.total(), c_out], out_dtype)?;
@@ -909,15 +914,7 @@ impl CudaBackend {
         }
         let tensor_cores = self.linear_on_tensor_cores(w, d_in, segments.iter().any(|s| s.1.is_some()));
         // A bf16 input is the tensor-core GEMM's operand as it is; any other path reads f32.
-        let widened;
-        let x = match x.dtype() {
-            DType::BF16 if !tensor_cores => {
-                widened = self.to_f32(x)?;
-                &widened
-            }
-            DType::F32 | DType::BF16 => x,
-            other => bail!("linear input: expected F32 or BF16, found {other:?}"),
-        };
+        let x = &self.kernel_input(x, tensor_cores, "linear input")?;
         let out_dtype = if tensor_cores { out_dtype } else { DType::F32 };
         let mut shape = x.shape().to_vec();
         *shape.last_mut().unwrap() = d_out;

@@ -87,14 +87,7 @@ impl CudaBackend {
         let shape = sp.output_shape(x, b)?;
         let SparseWeight::Cuda(sp) = sp else { bail!("a sparse weight built on the CPU was given to the CUDA backend") };
         // A bf16 input (from `linear_as_operand`, whose dense GEMM wrote it) is read in f32.
-        let widened;
-        let x = if x.dtype() == DType::BF16 {
-            widened = self.to_f32(x)?;
-            &widened
-        } else {
-            x
-        };
-        Self::expect_dtype(x, DType::F32, "sparse linear input")?;
+        let x = &self.kernel_input(x, false, "sparse linear input")?;
         let d_in = sp.d_in;
         let n = x.numel() / d_in.max(1);
         let out = self.empty(&shape, DType::F32)?;
