@@ -2,28 +2,32 @@
 #include "common.cuh"
 
 // layer_norm: one warp per row, two-pass mean and variance in fp32, optional residual added
-// first, optional GELU after. version 1.
+// first, optional GELU after. version 1. Training's form: x dropped first (p > 0: the CPU's
+// masks, element index row * c + i, the product rounded on its own as the separate dropout
+// pass rounds it), and the sum x + residual kept in `sum` (the layer norm's backward input).
 extern "C" __global__ void layer_norm(const float* x, const float* residual, const float* gamma, const float* beta, float* out,
-                                      int rows, int c, float eps, int act) {
+                                      int rows, int c, float eps, int act, float* sum, float p, unsigned long long site_key) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= rows) return;
     const float* xr = x + (long)row * c;
     const float* rr = residual ? residual + (long)row * c : nullptr;
     float* o = out + (long)row * c;
+    float* t = sum ? sum + (long)row * c : o;  // the sum, kept or in the output until normalised
     float s = 0.0f;
     for (int i = lane; i < c; i += 32) {
-        float v = xr[i] + (rr ? rr[i] : 0.0f);
-        o[i] = v;
+        float xi = p > 0.0f ? __fmul_rn(xr[i], dropout_factor(p, site_key, (unsigned long long)(row * (long)c + i))) : xr[i];
+        float v = xi + (rr ? rr[i] : 0.0f);
+        t[i] = v;
         s += v;
     }
     float mean = warp_sum(s) / c;
     float q = 0.0f;
     for (int i = lane; i < c; i += 32) {
-        float d = o[i] - mean;
+        float d = t[i] - mean;
         q += d * d;
     }
     float inv = rsqrtf(warp_sum(q) / c + eps);
-    for (int i = lane; i < c; i += 32) o[i] = apply_act((o[i] - mean) * inv * gamma[i] + beta[i], act);
+    for (int i = lane; i < c; i += 32) o[i] = apply_act((t[i] - mean) * inv * gamma[i] + beta[i], act);
 }
 
 // Where group_norm_time reads its input: `x`, or, when `audio` is set, the first conv of a

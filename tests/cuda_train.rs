@@ -73,6 +73,21 @@ fn elementwise_ops_and_dropout_match_cpu() {
         let got = be.gelu_grad(&up(&be, &dy), &up(&be, &x), dropout).unwrap();
         assert_close(&format!("{what}: grad"), &back(&be, &got), want.f32s().unwrap(), TOL);
     }
+    // A block's residual join and layer norm in one pass, against the CPU's dropout, add and
+    // norm in turn (rows of 19 and of 768 channels).
+    for (rows, c) in [(rows, c), (300, 768)] {
+        let (y, r) = (t(random(rows * c, 20, 2.0), &[rows, c]), t(random(rows * c, 21, 2.0), &[rows, c]));
+        let (gamma, beta) = (t(random(c, 22, 1.0), &[c]), t(random(c, 23, 1.0), &[c]));
+        let (gg, gb) = (up(&be, &gamma), up(&be, &beta));
+        for dropout in [None, SiteDropout::at(Some(d), 7)] {
+            let what = format!("dropout + add + layer norm {rows}x{c}, dropout {}", dropout.is_some());
+            let (sum, normed) = cpu.dropout_add_norm(y.clone(), dropout, &r, NormParams { gamma: &gamma, beta: &beta, eps: 1e-5 }).unwrap();
+            let (gsum, gnormed) =
+                be.dropout_add_norm(up(&be, &y), dropout, &up(&be, &r), NormParams { gamma: &gg, beta: &gb, eps: 1e-5 }).unwrap();
+            assert_eq!(back(&be, &gsum), sum.to_vec().unwrap(), "{what}: the sum (rounded as the separate passes round it)");
+            assert_close(&what, &back(&be, &gnormed), normed.f32s().unwrap(), TOL);
+        }
+    }
     assert_close("column sum", &back(&be, &be.column_sum(&up(&be, &dy)).unwrap()), cpu.column_sum(&dy).unwrap().f32s().unwrap(), TOL);
     assert_eq!(back(&be, &be.scale(up(&be, &x), 0.25).unwrap()), cpu.scale(x.clone(), 0.25).unwrap().to_vec().unwrap());
     let (gx, gdy) = (up(&be, &x), up(&be, &dy));

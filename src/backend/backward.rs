@@ -38,6 +38,12 @@ pub trait Backward {
     /// pass, the same values as [`Backward::dropout`] of the GELU.
     fn gelu(&self, x: &Tensor, dropout: Option<SiteDropout>) -> Result<Tensor>;
 
+    /// `(r, LN(r))` for `r = drop(y) + residual`: a transformer block's residual join and the
+    /// layer norm after it, `dropout` at its site when given; the same values as
+    /// [`Backward::dropout`], [`Backend::add`] and [`Backend::layer_norm`] in turn (`r` is what
+    /// the norm's backward reads).
+    fn dropout_add_norm(&self, y: Tensor, dropout: Option<SiteDropout>, residual: &Tensor, norm: NormParams) -> Result<(Tensor, Tensor)>;
+
     /// [`Backward::gelu`] for an activation that only linears read, forward and in their weight
     /// and score gradients (the FFN's dropped activation). A backend may return it in its GEMM
     /// operand format instead of f32 (the CUDA backend at bf16: bf16, sparing those GEMMs a

@@ -427,37 +427,35 @@ pub fn step(
         }
         let keep_attended = lw.part(Part::Out).is_some() || train_weights;
         let keep_qkv_input = lw.qkv_masked() || train_weights;
-        // Attention: (qkv, attention output before out_proj, dropped out_proj output).
+        // Attention: (qkv, attention output before out_proj, out_proj output before its dropout).
         let attend = |a: &Tensor| -> Result<(Tensor, Option<Tensor>, Tensor)> {
             let qkv = linear_as_operand(lw.linear(0), a)?;
             let att = be.attention_dropout(&qkv, &seqs, heads, scale, probs_dropout(i))?;
-            let o = drop(reg.dropout, site(i, SITE_ATTENTION_OUT), linear(lw.linear(1), &att)?)?;
+            let o = linear(lw.linear(1), &att)?;
             Ok((qkv, keep_attended.then_some(att), o))
         };
-        // The FFN: (pre-GELU, dropped output); the dropped post-GELU is freed here.
+        // The FFN: (pre-GELU, output before its dropout); the dropped post-GELU is freed here.
         let feed_forward = |inp: &Tensor| -> Result<(Tensor, Tensor)> {
             let u = linear(lw.linear(2), inp)?;
             let g = be.gelu_as_operand(&u, activation_dropout(i))?;
-            let f2 = drop(reg.dropout, site(i, SITE_FFN_OUT), linear(lw.linear(3), &g)?)?;
-            Ok((u, f2))
+            Ok((u, linear(lw.linear(3), &g)?))
         };
+        let (attention_out, ffn_out) =
+            (SiteDropout::at(reg.dropout, site(i, SITE_ATTENTION_OUT)), SiteDropout::at(reg.dropout, site(i, SITE_FFN_OUT)));
         let layer = lw.layer;
         let tape = if c.do_stable_layer_norm {
             let a = norm(&layer.layer_norm, &x)?;
             let (qkv, attended, o) = attend(&a)?;
-            let x1 = be.add(x.clone(), &o)?;
-            let b = norm(&layer.final_layer_norm, &x1)?;
-            let (u, f2) = feed_forward(&b)?;
-            let out = be.add(x1.clone(), &f2)?;
+            let (x1, b) = be.dropout_add_norm(o, attention_out, &x, layer.final_layer_norm.params(eps))?;
+            let (u, f) = feed_forward(&b)?;
+            let out = be.add(x1.clone(), &drop(reg.dropout, site(i, SITE_FFN_OUT), f)?)?;
             let input = std::mem::replace(&mut x, out);
             Tape { input: Some(input), qkv, attended, first: keep_qkv_input.then_some(a), second: Some(x1), pre_gelu: u, residual2: None }
         } else {
             let (qkv, attended, o) = attend(&x)?;
-            let r1 = be.add(o, &x)?;
-            let h1 = norm(&layer.layer_norm, &r1)?;
-            let (u, f2) = feed_forward(&h1)?;
-            let r2 = be.add(f2, &h1)?;
-            let out = norm(&layer.final_layer_norm, &r2)?;
+            let (r1, h1) = be.dropout_add_norm(o, attention_out, &x, layer.layer_norm.params(eps))?;
+            let (u, f) = feed_forward(&h1)?;
+            let (r2, out) = be.dropout_add_norm(f, ffn_out, &h1, layer.final_layer_norm.params(eps))?;
             let input = std::mem::replace(&mut x, out);
             Tape { input: keep_qkv_input.then_some(input), qkv, attended, first: Some(r1), second: None, pre_gelu: u, residual2: Some(r2) }
         };

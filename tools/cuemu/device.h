@@ -121,6 +121,11 @@ inline float __int_as_float(int i) { return __uint_as_float(unsigned(i)); }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
 inline float __expf(float x) { return std::exp(x); }
+// A product rounded on its own (the device never fuses it into an FMA).
+inline float __fmul_rn(float a, float b) {
+    volatile float p = a * b;
+    return p;
+}
 inline float __logf(float x) { return std::log(x); }
 inline float __fdividef(float a, float b) { return a / b; }
 // CUDA's min / max take any mix of arithmetic types.

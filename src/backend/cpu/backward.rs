@@ -7,7 +7,7 @@ use rayon::prelude::*;
 use super::attention::attention;
 use super::{as_matrix, data, grad, masked_weight, math, CpuBackend};
 use crate::backend::backward::{Backward, NormGrads, ScoredLinear, ScoredRows};
-use crate::backend::{ConvGeometry, LinearMask, NormParams, Seqs};
+use crate::backend::{Activation, Backend, ConvGeometry, LinearMask, NormParams, Seqs};
 use crate::dropout::{Dropout, SiteDropout};
 use crate::router::top_k_mask;
 use crate::tensor::Tensor;
@@ -26,6 +26,16 @@ impl Backward for CpuBackend {
         let mut v = x.into_f32_vec()?;
         d.apply(site, &mut v);
         Ok(Tensor::from_vec(v, &shape))
+    }
+
+    fn dropout_add_norm(&self, y: Tensor, dropout: Option<SiteDropout>, residual: &Tensor, norm: NormParams) -> Result<(Tensor, Tensor)> {
+        let y = match dropout {
+            Some(d) => self.dropout(y, d.dropout, d.site)?,
+            None => y,
+        };
+        let sum = self.add(y, residual)?;
+        let normed = self.layer_norm(sum.clone(), None, norm, Activation::Identity)?;
+        Ok((sum, normed))
     }
 
     fn gelu(&self, x: &Tensor, dropout: Option<SiteDropout>) -> Result<Tensor> {

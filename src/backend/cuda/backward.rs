@@ -304,6 +304,13 @@ impl Backward for CudaBackend {
         Ok(out)
     }
 
+    /// One pass: the dropout, the join and the norm in the layer norm kernel, the sum kept.
+    fn dropout_add_norm(&self, y: Tensor, dropout: Option<SiteDropout>, residual: &Tensor, norm: NormParams) -> Result<(Tensor, Tensor)> {
+        let sum = self.empty(y.shape(), DType::F32)?;
+        let normed = self.layer_norm_kernel(&y, Some(residual), norm, Activation::Identity, Some(&sum), dropout)?;
+        Ok((sum, normed))
+    }
+
     fn gelu(&self, x: &Tensor, dropout: Option<SiteDropout>) -> Result<Tensor> {
         self.map_elements_dropped("gelu_f32", &[x], x.shape(), DType::F32, dropout)
     }

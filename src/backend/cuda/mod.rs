@@ -690,6 +690,37 @@ impl CudaBackend {
         Ok(d_qkv)
     }
 
+    /// `act(LN(drop(x) + residual))` (residual and dropout optional) in one pass, the sum
+    /// before the norm written to `sum` when given.
+    fn layer_norm_kernel(
+        &self,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        norm: NormParams,
+        act: Activation,
+        sum: Option<&Tensor>,
+        dropout: Option<SiteDropout>,
+    ) -> Result<Tensor> {
+        Self::expect_dtype(x, DType::F32, "layer norm input")?;
+        let c = *x.shape().last().unwrap_or(&1);
+        let rows = x.numel() / c.max(1);
+        ensure!(norm.gamma.numel() == c && norm.beta.numel() == c, "layer norm over {c} channels got {} parameters", norm.gamma.numel());
+        for r in residual.iter().chain(&sum) {
+            ensure!(r.shape() == x.shape(), "layer norm: {:?} does not match its input {:?}", r.shape(), x.shape());
+        }
+        let out = self.empty(x.shape(), DType::F32)?;
+        let optional = |t: Option<&Tensor>| t.map(|t| self.ptr(t)).transpose().map(|p| p.unwrap_or(0));
+        let (px, pr, pg, pb, po, ps) =
+            (self.ptr(x)?, optional(residual)?, self.ptr(norm.gamma)?, self.ptr(norm.beta)?, self.ptr(&out)?, optional(sum)?);
+        let (rows_i, c_i, act_i) = (rows as i32, c as i32, act as i32);
+        let (p, key) = dropout_args(dropout);
+        self.launcher().rows_per_warp(self.func("layer_norm"), rows, |b| {
+            b.arg(&px).arg(&pr).arg(&pg).arg(&pb).arg(&po).arg(&rows_i).arg(&c_i).arg(&norm.eps).arg(&act_i);
+            b.arg(&ps).arg(&p).arg(&key);
+        })?;
+        Ok(out)
+    }
+
     /// `x` as a kernel reads it: as it is, or, when it is bf16 (an operand a bf16 GEMM wrote)
     /// and the kernel reads only f32 (`bf16_ok` false), widened to an f32 copy. Other dtypes
     /// are refused.
@@ -1145,26 +1176,7 @@ impl Backend for CudaBackend {
     }
 
     fn layer_norm(&self, x: Tensor, residual: Option<&Tensor>, norm: NormParams, act: Activation) -> Result<Tensor> {
-        Self::expect_dtype(&x, DType::F32, "layer norm input")?;
-        let c = *x.shape().last().unwrap_or(&1);
-        let rows = x.numel() / c.max(1);
-        ensure!(norm.gamma.numel() == c && norm.beta.numel() == c, "layer norm over {c} channels got {} parameters", norm.gamma.numel());
-        if let Some(r) = residual {
-            ensure!(r.shape() == x.shape(), "residual {:?} does not match {:?}", r.shape(), x.shape());
-        }
-        let out = self.empty(x.shape(), DType::F32)?;
-        let (px, pr, pg, pb, po) = (
-            self.ptr(&x)?,
-            residual.map(|r| self.ptr(r)).transpose()?.unwrap_or(0),
-            self.ptr(norm.gamma)?,
-            self.ptr(norm.beta)?,
-            self.ptr(&out)?,
-        );
-        let (rows_i, c_i, act_i) = (rows as i32, c as i32, act as i32);
-        self.launcher().rows_per_warp(self.func("layer_norm"), rows, |b| {
-            b.arg(&px).arg(&pr).arg(&pg).arg(&pb).arg(&po).arg(&rows_i).arg(&c_i).arg(&norm.eps).arg(&act_i);
-        })?;
-        Ok(out)
+        self.layer_norm_kernel(&x, residual, norm, act, None, None)
     }
 
     fn group_norm_time(&self, x: Tensor, seqs: &Seqs, norm: NormParams, act: Activation) -> Result<Tensor> {
