@@ -368,7 +368,7 @@ pub fn step(
         Some(d) => be.dropout(x, d, site),
         None => Ok(x),
     };
-    let probs_dropout = |i: usize| reg.attention_dropout.map(|dropout| SiteDropout { dropout, site: site(i, SITE_ATTENTION_PROBS) });
+    let probs_dropout = |i: usize| SiteDropout::at(reg.attention_dropout, site(i, SITE_ATTENTION_PROBS));
     let activation_dropout = |i: usize| SiteDropout::at(reg.activation_dropout, site(i, SITE_ACTIVATION));
 
     // Forward: projected features, time and channel masking, positional conv, then the layers.

@@ -55,12 +55,6 @@ impl CudaBackend {
         })
     }
 
-    /// Whether an activation shaped as `x` goes to the GEMMs that read it in bf16: the bf16
-    /// backend with the mma.sync GEMM, rows keeping its 16-byte alignment.
-    fn bf16_operands(&self, x: &Tensor) -> bool {
-        self.precision() == Precision::Bf16 && self.mma_sync && x.shape().last().is_some_and(|c| c.is_multiple_of(8))
-    }
-
     /// A weight as the fp32 training kernels read it (`[out, in]`, or a conv's time-major
     /// layout): itself, or an fp32 copy of a bf16 one.
     fn f32_weight(&self, w: &Tensor) -> Result<Tensor> {
@@ -102,19 +96,10 @@ impl CudaBackend {
             b.arg(&pw).arg(&pm).arg(&pwt).arg(&d_out_i).arg(&d_in_i);
         })?;
         let out = self.empty(&[n, d_in], DType::F32)?;
-        // A bf16 `dy` (`gelu_grad_as_operand`) is the mma.sync GEMM's operand as it is; any
-        // other GEMM reads f32.
-        let dy = &self.kernel_input(dy, self.mma_sync && d_out.is_multiple_of(8), "input gradient's output gradient")?;
-        let dy16 = match dy.dtype() {
-            DType::BF16 => None,
-            _ => self.bf16_operand(dy, d_out)?,
-        };
-        let a16 = match &dy16 {
-            Some(t) => Some(self.ptr(t)?),
-            None => (dy.dtype() == DType::BF16).then_some(self.ptr(dy)?),
-        };
+        let (dy, dy16) = self.gemm_operand(dy, self.mma_rows(d_out), "input gradient's output gradient")?;
+        let a16 = dy16.as_ref().map(|t| self.ptr(t)).transpose()?;
         let args = GemmArgs {
-            a: self.ptr(dy)?,
+            a: self.ptr(&dy)?,
             lda: d_out as i64,
             b: pwt,
             ldb: d_out as i64,
@@ -317,7 +302,7 @@ impl Backward for CudaBackend {
 
     /// bf16 where the linears reading it run on tensor cores (their input width a multiple of 8).
     fn gelu_as_operand(&self, x: &Tensor, dropout: Option<SiteDropout>) -> Result<Tensor> {
-        if self.bf16_operands(x) {
+        if self.mma_rows(matrix(x).1) {
             return self.map_elements_dropped("gelu_bf16", &[x], x.shape(), DType::BF16, dropout);
         }
         self.gelu(x, dropout)
@@ -331,7 +316,7 @@ impl Backward for CudaBackend {
     /// bf16 where the GEMMs reading it run on tensor cores (its width a multiple of 8).
     fn gelu_grad_as_operand(&self, dy: &Tensor, x: &Tensor, dropout: Option<SiteDropout>) -> Result<Tensor> {
         ensure!(dy.shape() == x.shape(), "GELU backward: gradient {:?} for an input {:?}", dy.shape(), x.shape());
-        if self.bf16_operands(x) {
+        if self.mma_rows(matrix(x).1) {
             return self.map_elements_dropped("gelu_grad_bf16", &[dy, x], x.shape(), DType::BF16, dropout);
         }
         self.gelu_grad(dy, x, dropout)

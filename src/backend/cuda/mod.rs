@@ -507,13 +507,23 @@ impl CudaBackend {
         }
     }
 
-    /// A bf16 copy of an f32 activation for the mma.sync GEMM, when that kernel is in use and
-    /// rows of `row_len` elements keep its 16-byte alignment.
-    fn bf16_operand(&self, x: &Tensor, row_len: usize) -> Result<Option<Tensor>> {
-        if self.precision != Precision::Bf16 || !self.mma_sync || !row_len.is_multiple_of(8) {
-            return Ok(None);
-        }
-        self.to_bf16(x).map(Some)
+    /// Whether activations with rows of `row_len` elements go to the mma.sync GEMM in bf16: the
+    /// bf16 backend with that kernel on, each row 16-byte aligned in bf16.
+    fn mma_rows(&self, row_len: usize) -> bool {
+        self.precision == Precision::Bf16 && self.mma_sync && row_len.is_multiple_of(8)
+    }
+
+    /// A GEMM's A operand `x` (f32, or bf16 from an `_as_operand` op): `x` as every kernel but
+    /// the mma.sync one reads it (widened when bf16 and `tensor_cores` is false), and, where the
+    /// mma.sync kernel runs (`tensor_cores`), its bf16 form: `x` itself, or a bf16 copy.
+    fn gemm_operand(&self, x: &Tensor, tensor_cores: bool, what: &str) -> Result<(Tensor, Option<Tensor>)> {
+        let x = self.kernel_input(x, tensor_cores, what)?;
+        let x16 = match (tensor_cores, x.dtype()) {
+            (false, _) => None,
+            (true, DType::BF16) => Some(x.clone()),
+            (true, _) => Some(self.to_bf16(&x)?),
+        };
+        Ok((x, x16))
     }
 
     /// `act(group_norm_time(·))` over `c` channels of `seqs` read from `src` (a stored tensor, or
@@ -746,7 +756,7 @@ impl CudaBackend {
     /// mma.sync GEMM (bf16 weights, that kernel on, rows keeping its 16-byte alignment): only
     /// there do its input and output exist in bf16.
     fn conv_on_tensor_cores(&self, w: &Tensor, c_in: usize, cg: usize) -> bool {
-        self.precision == Precision::Bf16 && self.mma_sync && w.dtype() == DType::BF16 && c_in.is_multiple_of(8) && cg.is_multiple_of(8)
+        w.dtype() == DType::BF16 && self.mma_rows(c_in) && cg.is_multiple_of(8)
     }
 
     /// [`Backend::conv1d`] of an f32 or bf16 input (bf16: the output of a conv that fed this
@@ -773,19 +783,15 @@ impl CudaBackend {
             w.shape()
         );
         let tensor_cores = self.conv_on_tensor_cores(w, c_in, cg);
-        // A bf16 input is the tensor-core GEMM's operand as it is; any other path reads f32.
-        let x = &self.kernel_input(x, tensor_cores, "conv1d input")?;
+        let (x, x16) = self.gemm_operand(x, tensor_cores, "conv1d input")?;
+        let x = &x;
         let out_dtype = if tensor_cores { out_dtype } else { DType::F32 };
         let og = c_out / groups;
         let out = self.empty(&[seqs_out.total(), c_out], out_dtype)?;
         let (px, pw, po) = (self.ptr(x)?, self.ptr(w)?, self.ptr(&out)?);
         let (in_size, out_size) = (x.dtype().size_of(), out_dtype.size_of());
         let kc = (kernel * cg) as i64;
-        let x16 = if w.dtype() == DType::BF16 && x.dtype() == DType::F32 { self.bf16_operand(x, c_in)? } else { None };
-        let px16 = match &x16 {
-            Some(t) => Some(self.ptr(t)?),
-            None => (x.dtype() == DType::BF16).then_some(px),
-        };
+        let px16 = x16.as_ref().map(|t| self.ptr(t)).transpose()?;
         // One implicit-GEMM launch per utterance, the groups along z: no im2col buffer.
         for u in 0..seqs_in.count() {
             let t_out = seqs_out.lens()[u];
@@ -916,11 +922,7 @@ impl CudaBackend {
     /// mma.sync GEMM (bf16 weights, that kernel on, rows keeping its 16-byte alignment, a
     /// mask's bits one aligned word per stage): only there do its input and output exist in bf16.
     fn linear_on_tensor_cores(&self, w: &Tensor, d_in: usize, masked: bool) -> bool {
-        self.precision == Precision::Bf16
-            && self.mma_sync
-            && w.dtype() == DType::BF16
-            && d_in.is_multiple_of(8)
-            && (!masked || d_in.is_multiple_of(32))
+        w.dtype() == DType::BF16 && self.mma_rows(d_in) && (!masked || d_in.is_multiple_of(32))
     }
 
     /// `act(x · wᵀ + b)` over consecutive row segments of `x` (f32, or bf16 from
@@ -944,18 +946,13 @@ impl CudaBackend {
             ensure!(b.numel() == d_out, "linear bias has {} values for {d_out} outputs", b.numel());
         }
         let tensor_cores = self.linear_on_tensor_cores(w, d_in, segments.iter().any(|s| s.1.is_some()));
-        // A bf16 input is the tensor-core GEMM's operand as it is; any other path reads f32.
-        let x = &self.kernel_input(x, tensor_cores, "linear input")?;
+        let (x, x16) = self.gemm_operand(x, tensor_cores, "linear input")?;
+        let x = &x;
         let out_dtype = if tensor_cores { out_dtype } else { DType::F32 };
         let mut shape = x.shape().to_vec();
         *shape.last_mut().unwrap() = d_out;
         let out = self.empty(&shape, out_dtype)?;
-        let a16 = if w.dtype() == DType::BF16 && x.dtype() == DType::F32 { self.bf16_operand(x, d_in)? } else { None };
-        let (pa, pc) = (self.ptr(x)?, self.ptr(&out)?);
-        let pa16 = match &a16 {
-            Some(t) => Some(self.ptr(t)?),
-            None => (x.dtype() == DType::BF16).then_some(pa),
-        };
+        let (pa, pc, pa16) = (self.ptr(x)?, self.ptr(&out)?, x16.as_ref().map(|t| self.ptr(t)).transpose()?);
         let (in_size, out_size) = (x.dtype().size_of() as u64, out_dtype.size_of() as u64);
         let mut row = 0u64;
         for &(rows, mask) in segments.iter().filter(|s| s.0 > 0) {
@@ -1167,7 +1164,7 @@ impl Backend for CudaBackend {
         act: Activation,
         segments: &[(usize, Option<&LinearMask>)],
     ) -> Result<Tensor> {
-        let out_dtype = if w.shape().first().is_some_and(|d_out| d_out.is_multiple_of(8)) { DType::BF16 } else { DType::F32 };
+        let out_dtype = if w.shape().first().is_some_and(|&d_out| self.mma_rows(d_out)) { DType::BF16 } else { DType::F32 };
         self.segmented_linear(x, w, b, act, &self.device_segments(w, segments)?, out_dtype)
     }
 
