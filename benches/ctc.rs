@@ -1,12 +1,13 @@
 //! CTC loss + gradient at T = 749, B = 8, S = 220, C = 32 (8 x 15 s of speech, LibriSpeech-like
 //! transcript lengths), on the CPU and, when there is one, the GPU (each call returns the losses
-//! to the host, so a GPU iteration is complete). `cargo bench --bench ctc [-- cpu|cuda]`.
+//! to the host, so a GPU iteration is complete); and decoding the same batch greedily and by
+//! prefix beam search on the CPU. `cargo bench --bench ctc [-- cpu|cuda|decode]`.
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use s3router::backend::cpu::CpuBackend;
 use s3router::backend::cuda::{unavailable_reason, CudaBackend, Precision};
 use s3router::backend::{Backend, Seqs};
-use s3router::ctc::{ctc_loss, CtcTargets, Reduction};
+use s3router::ctc::{ctc_loss, CtcTargets, Decoder, Reduction};
 use s3router::tensor::Tensor;
 
 fn ctc_b8(c: &mut Criterion) {
@@ -28,6 +29,10 @@ fn ctc_b8(c: &mut Criterion) {
     match unavailable_reason() {
         None => bench("cuda", &CudaBackend::new(0, Precision::F32).unwrap()),
         Some(why) => eprintln!("ctc cuda: skipped ({why})"),
+    }
+    let scores = logits.f32s().unwrap();
+    for decoder in [Decoder::Greedy, Decoder::Beam(4), Decoder::Beam(16), Decoder::Beam(64)] {
+        g.bench_function(format!("decode T749 B8 C32 {}", decoder.name()), |b| b.iter(|| decoder.decode_batch(scores, &seqs, vocab, 0)));
     }
     g.finish();
 }

@@ -1,5 +1,5 @@
-//! Scoring a model on a dataset: greedy decoding, mean per-utterance CTC loss, and WER / CER /
-//! UER over the vocabulary's tokens.
+//! Scoring a model on a dataset: greedy or beam-search decoding, mean per-utterance CTC loss, and
+//! WER / CER / UER over the vocabulary's tokens.
 //!
 //! All three rates compare token sequences, blanks and special tokens removed:
 //! - CER: every token, the word delimiter `|` included (characters with spaces, for character
@@ -11,7 +11,7 @@ use anyhow::Result;
 
 use crate::backend::Seqs;
 use crate::ctc::loss::min_frames;
-use crate::ctc::{ctc_loss, greedy_ids, CtcTargets, Reduction};
+use crate::ctc::{ctc_loss, CtcTargets, Decoder, Reduction};
 use crate::data::dataset::Dataset;
 use crate::data::labels::{canonical, Labels, DELIMITER};
 use crate::infer::{decoded_batches, BatchLimits, Recognizer};
@@ -19,6 +19,7 @@ use crate::metrics::{align, Counts};
 
 #[derive(Debug, Default)]
 pub struct EvalReport {
+    pub decoder: Decoder,
     pub utterances: usize,
     /// Utterances whose reference needs more frames than the audio gives (loss counted as 0).
     pub infeasible: usize,
@@ -56,7 +57,7 @@ pub fn evaluate(
     let total = paths.len();
     let delimiter = rec.vocab.id(DELIMITER);
     let vocab = rec.vocab.len();
-    let mut report = EvalReport::default();
+    let mut report = EvalReport { decoder: rec.decoder, ..EvalReport::default() };
     let mut loss_sum = 0.0f64;
     for batch in decoded_batches(paths, rec.pre, rec.model.config.receptive_field(), limits) {
         let batch = batch?;
@@ -68,9 +69,7 @@ pub fn evaluate(
         let losses = ctc_loss(rec.backend, &logits, &seqs, &targets, Reduction::Sum)?.losses;
         loss_sum += losses.iter().map(|&l| l as f64).sum::<f64>();
         let host = rec.backend.to_host(&logits)?.to_vec()?;
-        for (u, reference) in targets.labels.iter().enumerate() {
-            let r = seqs.range(u);
-            let ids = greedy_ids(&host[r.start * vocab..r.end * vocab], vocab, rec.vocab.blank());
+        for (reference, ids) in targets.labels.iter().zip(rec.decoder.decode_batch(&host, &seqs, vocab, rec.vocab.blank())) {
             let hyp = canonical(ids.into_iter().filter(|&i| rec.vocab.is_content(i)).collect(), delimiter);
             score(reference, &hyp, delimiter, &mut report);
         }
@@ -82,10 +81,12 @@ pub fn evaluate(
 }
 
 impl EvalReport {
-    /// One JSON object: `utterances`, `loss`, `wer`, `cer`, `uer` (fractions), and for each rate
-    /// `<rate>_sub`, `<rate>_del`, `<rate>_ins`, `<rate>_ref_len`.
+    /// One JSON object: `decoder` ("greedy" or "beam N"), `utterances`, `loss`, `wer`, `cer`,
+    /// `uer` (fractions), and for each rate `<rate>_sub`, `<rate>_del`, `<rate>_ins`,
+    /// `<rate>_ref_len`.
     pub fn json(&self) -> serde_json::Value {
         let mut m = serde_json::Map::new();
+        m.insert("decoder".into(), self.decoder.name().into());
         m.insert("utterances".into(), self.utterances.into());
         m.insert("infeasible".into(), self.infeasible.into());
         m.insert("loss".into(), self.loss.into());

@@ -7,7 +7,7 @@ use std::sync::mpsc::{sync_channel, Receiver};
 use anyhow::Result;
 
 use crate::backend::Backend;
-use crate::ctc::greedy_ids;
+use crate::ctc::Decoder;
 use crate::data::audio;
 use crate::model::masks::MaskSet;
 use crate::model::preprocess::Preprocessor;
@@ -96,6 +96,8 @@ pub struct Recognizer<'a> {
     pub pre: Preprocessor,
     pub vocab: Vocab,
     pub backend: &'a dyn Backend,
+    /// Greedy unless set otherwise after [`Recognizer::load`].
+    pub decoder: Decoder,
 }
 
 impl<'a> Recognizer<'a> {
@@ -111,7 +113,7 @@ impl<'a> Recognizer<'a> {
         let vocab_path = masks.as_ref().and_then(MaskSet::vocab_path).unwrap_or_else(|| dir.join("vocab.json"));
         let vocab = Vocab::load(&vocab_path, model.config.vocab_size, model.config.pad_token_id)?;
         let pre = Preprocessor::load(dir)?;
-        Ok(Recognizer { model, pre, vocab, backend })
+        Ok(Recognizer { model, pre, vocab, backend, decoder: Decoder::Greedy })
     }
 
     /// Decodes, batches and recognises `paths` in order, calling `each` per utterance as soon as
@@ -129,10 +131,11 @@ impl<'a> Recognizer<'a> {
         let (logits, seqs) = self.model.logits(self.backend, &inputs, None)?;
         let logits = self.backend.to_host(&logits)?.to_vec()?;
         let v = self.vocab.len();
-        for (u, (index, _)) in batch.iter().enumerate() {
+        let decoded = self.decoder.decode_batch(&logits, &seqs, v, self.vocab.blank());
+        for ((u, (index, _)), ids) in batch.iter().enumerate().zip(decoded) {
             let r = seqs.range(u);
             let rows = logits[r.start * v..r.end * v].to_vec();
-            let transcript = self.vocab.text(&greedy_ids(&rows, v, self.vocab.blank()));
+            let transcript = self.vocab.text(&ids);
             each(Utterance { index: *index, path: paths[*index].clone(), logits: rows, frames: r.len(), transcript })?;
         }
         Ok(())

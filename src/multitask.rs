@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 
 use crate::backend::{Activation, Backend};
-use crate::ctc::greedy_ids;
+use crate::ctc::Decoder;
 use crate::infer::{decoded_batches, BatchLimits, Utterance};
 use crate::model::masks::MaskSet;
 use crate::model::preprocess::Preprocessor;
@@ -54,6 +54,8 @@ pub struct MultiRecognizer<'a> {
     pub pre: Preprocessor,
     pub tasks: Vec<Task>,
     pub backend: &'a dyn Backend,
+    /// Greedy unless set otherwise after [`MultiRecognizer::load`].
+    pub decoder: Decoder,
     model_bytes: u64,
 }
 
@@ -102,7 +104,7 @@ impl<'a> MultiRecognizer<'a> {
             };
             loaded.push(Task { name: name.clone(), masks, head, vocab, head_bytes });
         }
-        Ok(MultiRecognizer { model, pre: Preprocessor::load(dir)?, tasks: loaded, backend, model_bytes })
+        Ok(MultiRecognizer { model, pre: Preprocessor::load(dir)?, tasks: loaded, backend, decoder: Decoder::Greedy, model_bytes })
     }
 
     pub fn memory(&self) -> Memory {
@@ -141,7 +143,7 @@ impl<'a> MultiRecognizer<'a> {
                 for (u, (index, _)) in (first..).zip(group) {
                     let r = seqs.range(u);
                     let own = logits[(r.start - rows.start) * v..(r.end - rows.start) * v].to_vec();
-                    let transcript = task.vocab.text(&greedy_ids(&own, v, task.vocab.blank()));
+                    let transcript = task.vocab.text(&self.decoder.decode(&own, v, task.vocab.blank()));
                     results.push(Utterance { index: *index, path: paths[*index].clone(), logits: own, frames: r.len(), transcript });
                 }
                 first += group.len();

@@ -68,6 +68,36 @@ fn infer_prints_transformers_transcripts_and_writes_logits() {
     }
 }
 
+/// `--beam N` prints what the library's prefix beam search makes of the logits `--out` wrote,
+/// through the model's vocabulary; `--beam 0` is refused.
+#[test]
+fn infer_decodes_by_beam_search_when_asked() {
+    use s3router::ctc::beam::prefix_beam_search;
+    use s3router::model::vocab::Vocab;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("logits.safetensors");
+    let model = fixtures().join("base-like");
+    let wavs = utterances();
+    let mut args = vec!["infer", "--model", path_str(&model), "--out", path_str(&out), "--beam", "16"];
+    args.extend(wavs.iter().map(|p| path_str(p)));
+    let o = engine(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8(o.stdout).unwrap();
+    let logits = Checkpoint::open(&[out]).unwrap();
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    let (vocab_size, blank) = (config["vocab_size"].as_u64().unwrap() as usize, config["pad_token_id"].as_u64().unwrap() as usize);
+    let vocab = Vocab::load(&model.join("vocab.json"), vocab_size, blank).unwrap();
+    assert_eq!(stdout.lines().count(), wavs.len());
+    for (u, line) in stdout.lines().enumerate() {
+        let scores = logits.tensor(&format!("logits.{u}")).unwrap().to_vec().unwrap();
+        let best = prefix_beam_search(&scores, vocab_size, blank, 16).remove(0);
+        assert_eq!(line.split_once('\t').unwrap().1, vocab.text(&best.ids), "utterance {u}");
+    }
+    let o = engine(&["infer", "--model", path_str(&model), "--beam", "0", path_str(&wavs[0])]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("--beam"), "{e}");
+}
+
 /// Runs `engine infer` expecting failure: one-line error naming `needle`, no panic, no output file.
 fn assert_fails(model: &Path, audio: &[&Path], needle: &str) {
     let dir = tempfile::tempdir().unwrap();

@@ -158,6 +158,19 @@ fn eval_json_matches_transformers_and_jiwer() {
     }
 }
 
+/// `--beam` changes only the decoding: the same loss and reference lengths, and the JSON says
+/// which decoder ran.
+#[test]
+fn eval_reports_its_decoder() {
+    let data = datasets().join("librispeech");
+    let (greedy, beam) = (eval_json(&data, &[]), eval_json(&data, &["--beam", "8"]));
+    assert_eq!((greedy["decoder"].as_str(), beam["decoder"].as_str()), (Some("greedy"), Some("beam 8")));
+    assert_eq!(greedy["loss"], beam["loss"]);
+    for rate in ["wer_ref_len", "cer_ref_len", "uer_ref_len"] {
+        assert_eq!(greedy[rate], beam[rate]);
+    }
+}
+
 #[test]
 fn eval_names_symbols_missing_from_the_vocabulary() {
     let dir = tempfile::tempdir().unwrap();

@@ -10,6 +10,7 @@ use s3router::analysis::{self, mask_stats, StatsSummary};
 use s3router::backend::cuda::Precision as CudaPrecision;
 use s3router::backend::Backend;
 use s3router::bench;
+use s3router::ctc::Decoder;
 use s3router::data::dataset::{self, DatasetOptions, Format, LabelKind, Subset};
 use s3router::data::labels::{self, Case, Labeler};
 use s3router::eval::evaluate;
@@ -164,7 +165,8 @@ impl RunArgs {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Transcribe audio files with a Hugging Face wav2vec2 CTC folder (greedy CTC decoding).
+    /// Transcribe audio files with a Hugging Face wav2vec2 CTC folder (greedy CTC decoding, or
+    /// prefix beam search with --beam).
     ///
     /// Prints one line per file: the path, a tab, the transcript. WAV (8/16/24/32-bit integer,
     /// 32-bit float) and FLAC are read; stereo is averaged; any sample rate is resampled to 16 kHz.
@@ -187,6 +189,11 @@ enum Command {
         /// [frames_i, vocab] per input i, in argument order.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Decode with a CTC prefix beam search keeping this many prefixes (no language model)
+        /// instead of greedy decoding: it scores each labelling by all of its alignments, not
+        /// one path. Costs about frames x beam x vocabulary steps per utterance.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
+        beam: Option<u32>,
         /// Most seconds of audio in one forward pass (bounds memory).
         #[arg(long, default_value_t = 120.0)]
         batch_seconds: f64,
@@ -194,7 +201,7 @@ enum Command {
         #[arg(required = true)]
         audio: Vec<PathBuf>,
     },
-    /// Evaluate a model on a dataset: greedy decoding, mean CTC loss, WER / CER / UER.
+    /// Evaluate a model on a dataset: greedy (or --beam) decoding, mean CTC loss, WER / CER / UER.
     ///
     /// The dataset layout is detected from the path: a fairseq manifest (NAME.tsv with
     /// NAME.ltr/.wrd/.phn beside it), a LibriSpeech-style folder (*.trans.txt + FLAC; Libri-light
@@ -242,6 +249,11 @@ enum Command {
         /// Print one JSON object on stdout instead of the table.
         #[arg(long)]
         json: bool,
+        /// Decode with a CTC prefix beam search keeping this many prefixes (no language model)
+        /// instead of greedy decoding: it scores each labelling by all of its alignments, not
+        /// one path. Costs about frames x beam x vocabulary steps per utterance.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
+        beam: Option<u32>,
     },
     /// Learn S3-Router masks: per-matrix top-k of learned scores over the frozen model's weights
     /// (straight-through), plus a CTC head and the time-mask embedding, by CTC on a dataset.
@@ -436,11 +448,25 @@ impl<'a> InferOutput<'a> {
     }
 }
 
-fn infer(model: &Path, masks: Option<&Path>, device: DeviceArgs, out: Option<&Path>, limits: BatchLimits, audio: &[PathBuf]) -> Result<()> {
-    let be = backend(device)?;
-    let rec = Recognizer::load(model, masks, be.as_ref(), !device.dense)?;
-    let mut output = InferOutput::new(out);
-    rec.run(audio, limits, |u| output.take(u))?;
+/// How `engine infer` runs, whatever the model and masks.
+struct InferRun<'a> {
+    device: DeviceArgs,
+    out: Option<&'a Path>,
+    limits: BatchLimits,
+    decoder: Decoder,
+}
+
+/// `--beam N`: prefix beam search of width N; none: greedy.
+fn decoder(beam: Option<u32>) -> Decoder {
+    beam.map_or(Decoder::Greedy, |n| Decoder::Beam(n as usize))
+}
+
+fn infer(model: &Path, masks: Option<&Path>, run: InferRun, audio: &[PathBuf]) -> Result<()> {
+    let be = backend(run.device)?;
+    let mut rec = Recognizer::load(model, masks, be.as_ref(), !run.device.dense)?;
+    rec.decoder = run.decoder;
+    let mut output = InferOutput::new(run.out);
+    rec.run(audio, run.limits, |u| output.take(u))?;
     output.finish()
 }
 
@@ -646,6 +672,7 @@ fn score(reference: &Path, hyp: &Path, norm: &TextNorm, alignments: bool) -> Res
 }
 
 struct EvalArgs {
+    decoder: Decoder,
     model: PathBuf,
     masks: Option<PathBuf>,
     data: PathBuf,
@@ -660,7 +687,8 @@ struct EvalArgs {
 fn eval(a: EvalArgs) -> Result<()> {
     let data = dataset::open(&a.data, &a.opts)?;
     let be = backend(a.device)?;
-    let rec = Recognizer::load(&a.model, a.masks.as_deref(), be.as_ref(), !a.device.dense)?;
+    let mut rec = Recognizer::load(&a.model, a.masks.as_deref(), be.as_ref(), !a.device.dense)?;
+    rec.decoder = a.decoder;
     let labels = Labeler::new(&rec.vocab, data.labels, &a.chars_to_ignore, a.skip_unknown)
         .label_all(data.utterances.iter().map(|u| u.text.as_str()))?;
     if labels.skipped > 0 {
@@ -677,8 +705,9 @@ fn eval(a: EvalArgs) -> Result<()> {
         println!("{}", report.cer.sclite_row("tokens (CER)"));
         println!("{}", report.uer.sclite_row("units (UER)"));
         println!(
-            "utterances {}  mean CTC loss {:.4}  WER {:.2}%  CER {:.2}%  UER {:.2}%",
+            "utterances {}  decoding {}  mean CTC loss {:.4}  WER {:.2}%  CER {:.2}%  UER {:.2}%",
             report.utterances,
+            report.decoder.name(),
             report.loss,
             100.0 * report.wer.rate(),
             100.0 * report.cer.rate(),
@@ -693,15 +722,13 @@ fn run(cli: Cli, demo_flags: &[demo::Word]) -> Result<()> {
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("cannot start the thread pool")?;
     }
     match cli.command {
-        Command::Infer { model, masks, device, out, batch_seconds, audio } => {
-            let limits = BatchLimits::from_seconds(batch_seconds);
+        Command::Infer { model, masks, device, out, beam, batch_seconds, audio } => {
+            let run = InferRun { device, out: out.as_deref(), limits: BatchLimits::from_seconds(batch_seconds), decoder: decoder(beam) };
             match masks.as_slice() {
-                [] => infer(&model, None, device, out.as_deref(), limits, &audio),
+                [] => infer(&model, None, run, &audio),
                 // A folder whose name holds '=' is still one mask set.
-                [one] if !one.contains('=') || Path::new(one).is_dir() => {
-                    infer(&model, Some(Path::new(one)), device, out.as_deref(), limits, &audio)
-                }
-                many => infer_tasks(&model, many, device, out.as_deref(), limits, &audio),
+                [one] if !one.contains('=') || Path::new(one).is_dir() => infer(&model, Some(Path::new(one)), run, &audio),
+                many => infer_tasks(&model, many, run, &audio),
             }
         }
         Command::Eval {
@@ -719,6 +746,7 @@ fn run(cli: Cli, demo_flags: &[demo::Word]) -> Result<()> {
             device,
             batch_seconds,
             json,
+            beam,
         } => eval(EvalArgs {
             model,
             masks,
@@ -729,6 +757,7 @@ fn run(cli: Cli, demo_flags: &[demo::Word]) -> Result<()> {
             device,
             batch_seconds,
             json,
+            decoder: decoder(beam),
         }),
         Command::Vocab { data, dict, labels, format, split, chars_to_ignore, lowercase, uppercase, out } => {
             let vocab = match (data, dict) {
@@ -858,22 +887,16 @@ fn print_summary(recipe: &Recipe, opts: &RunOptions, s: &Summary, what: &str) {
 }
 
 /// `engine infer --masks NAME=DIR ... FILE@NAME ...`: several tasks over one loaded model.
-fn infer_tasks(
-    model: &Path,
-    masks: &[String],
-    device: DeviceArgs,
-    out: Option<&Path>,
-    limits: BatchLimits,
-    audio: &[PathBuf],
-) -> Result<()> {
+fn infer_tasks(model: &Path, masks: &[String], run: InferRun, audio: &[PathBuf]) -> Result<()> {
     let tasks: Vec<(String, PathBuf)> = masks.iter().map(|m| parse_task(m)).collect::<Result<_>>()?;
     let names: Vec<String> = tasks.iter().map(|t| t.0.clone()).collect();
     let (paths, task_of): (Vec<PathBuf>, Vec<usize>) =
         audio.iter().map(|a| parse_routed(a, &names)).collect::<Result<Vec<_>>>()?.into_iter().unzip();
-    let be = backend(device)?;
-    let rec = MultiRecognizer::load(model, &tasks, be.as_ref())?;
-    let mut output = InferOutput::new(out);
-    rec.run(&paths, &task_of, limits, |u| output.take(u))?;
+    let be = backend(run.device)?;
+    let mut rec = MultiRecognizer::load(model, &tasks, be.as_ref())?;
+    rec.decoder = run.decoder;
+    let mut output = InferOutput::new(run.out);
+    rec.run(&paths, &task_of, run.limits, |u| output.take(u))?;
     output.finish()?;
     let m = rec.memory();
     let mb = |b: u64| b as f64 / 1e6;

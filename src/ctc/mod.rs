@@ -1,7 +1,10 @@
-//! Connectionist temporal classification: greedy decoding, and the loss with its gradient.
+//! Connectionist temporal classification: greedy and prefix beam search decoding, and the loss
+//! with its gradient.
 
+pub mod beam;
 mod greedy;
 pub mod loss;
 
+pub use beam::Decoder;
 pub use greedy::greedy_ids;
 pub use loss::{ctc_loss, CtcOutput, CtcTargets, Reduction};
