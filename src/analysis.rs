@@ -74,7 +74,8 @@ impl StatsSummary {
 /// `model`, and against `initial` (the run's starting masks) where given.
 pub fn mask_stats(model: &Path, set: &MaskSet, initial: Option<&PackedMasks>) -> Result<Vec<MatrixStats>> {
     let ck = Checkpoint::open_dir(model)?;
-    set.masks
+    let stats = set
+        .masks
         .par_iter()
         .map(|(name, (shape, bits))| {
             let w = ck
@@ -98,11 +99,12 @@ pub fn mask_stats(model: &Path, set: &MaskSet, initial: Option<&PackedMasks>) ->
             };
             Ok(MatrixStats { name: name.clone(), layer: layer_of(name), numel, kept, flipped, flipped_from_initial })
         })
-        .collect::<Result<Vec<_>>>()
-        .map(|mut stats| {
-            stats.sort_by_key(|s| (s.layer, s.name.clone()));
-            stats
-        })
+        .collect::<Result<Vec<_>>>();
+    let mut stats = stats?;
+    // Distances from the magnitude mask of other weights would be silently meaningless.
+    set.check_base(&ck, model)?;
+    stats.sort_by_key(|s| (s.layer, s.name.clone()));
+    Ok(stats)
 }
 
 /// `|a ∧ b|`, `|a|` and `|b|` of two packed masks (LSB-first bytes, same length), by popcount.
@@ -144,6 +146,9 @@ pub fn compare(sets: &[(String, MaskSet)]) -> Result<Vec<PairSimilarity>> {
             names(s) == names(first),
             "mask sets {first_name} and {name} cover different matrices (or shapes): masks from different models or --mask choices"
         );
+        if let (Some(a), Some(b)) = (&first.base, &s.base) {
+            anyhow::ensure!(a == b, "mask sets {first_name} and {name} were learned over different weights (base_fingerprint {a} and {b})");
+        }
     }
     let mut out = Vec::new();
     for i in 0..sets.len() {
@@ -248,6 +253,21 @@ pub fn mantel_p(a: &[Vec<f64>], b: &[Vec<f64>], rounds: usize, seed: u64) -> f64
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Sets that record the weights they were learned over are compared only over the same ones.
+    #[test]
+    fn compare_refuses_sets_learned_over_different_weights() {
+        let set = |base: &str| MaskSet {
+            dir: std::path::PathBuf::from(base),
+            masks: PackedMasks::from([("w".to_string(), (vec![2, 4], vec![0b1011_0110]))]),
+            sparsity: Some(0.5),
+            base: Some(base.to_string()),
+            head: None,
+        };
+        assert!(compare(&[("a".into(), set("00ff")), ("b".into(), set("00ff"))]).is_ok());
+        let e = compare(&[("a".into(), set("00ff")), ("b".into(), set("ff00"))]).unwrap_err().to_string();
+        assert!(e.contains("learned over different weights") && e.contains("00ff") && e.contains("ff00"), "{e}");
+    }
 
     #[test]
     fn popcount_overlap_equals_the_unpacked_count() {

@@ -10,6 +10,7 @@ use anyhow::{bail, ensure, Context, Result};
 use crate::backend::{Activation, Backend};
 use crate::ctc::Decoder;
 use crate::infer::{decoded_batches, BatchLimits, Utterance};
+use crate::model::checkpoint::Checkpoint;
 use crate::model::masks::MaskSet;
 use crate::model::preprocess::Preprocessor;
 use crate::model::tasks::{Routing, TaskMasks};
@@ -83,6 +84,8 @@ impl<'a> MultiRecognizer<'a> {
     /// Loads the model in `dir` once and every task `(name, mask folder)` over it.
     pub fn load(dir: &Path, tasks: &[(String, PathBuf)], backend: &'a dyn Backend) -> Result<MultiRecognizer<'a>> {
         let model = Wav2Vec2::load(dir, backend)?;
+        // The frozen weights as stored, for each task's base fingerprint (mapped, read once each).
+        let ck = Checkpoint::open_dir(dir)?;
         let model_bytes = weights_bytes(dir)?;
         // The blank as the single-mask path has it: the model's pad token.
         let blank = model.config.pad_token_id;
@@ -91,6 +94,7 @@ impl<'a> MultiRecognizer<'a> {
             ensure!(loaded.iter().all(|t: &Task| &t.name != name), "--masks {name}= is given twice");
             let set = MaskSet::load(mask_dir).with_context(|| format!("task {name}"))?;
             let masks = TaskMasks::prepare(&set, &model, backend).with_context(|| format!("task {name}"))?;
+            set.check_base(&ck, dir).with_context(|| format!("task {name}"))?;
             let (head, vocab, head_bytes) = match &set.head {
                 Some((w, b)) => {
                     let vocab_path =

@@ -2,10 +2,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
-use common::{fixtures, reference, rel_l2, utterances};
+use common::{copy_model, fixtures, reference, rel_l2, rewrite_tensors, utterances};
 use s3router::model::checkpoint::Checkpoint;
 
 fn engine(args: &[&str]) -> Output {
@@ -14,17 +14,6 @@ fn engine(args: &[&str]) -> Output {
 
 fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-/// A writable copy of a fixture model folder.
-fn copy_model(name: &str) -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let dst = dir.path().join(name);
-    std::fs::create_dir(&dst).unwrap();
-    for f in ["config.json", "model.safetensors", "vocab.json", "preprocessor_config.json"] {
-        std::fs::copy(fixtures().join(name).join(f), dst.join(f)).unwrap();
-    }
-    (dir, dst)
 }
 
 /// transformers' tokenizer output with special-token strings removed and spaces tidied.
@@ -140,22 +129,6 @@ fn broken_config() {
 }
 
 /// Rewrites a model.safetensors through `edit` (name -> (shape, f32 data)).
-fn rewrite_tensors(m: &Path, edit: impl Fn(&mut Vec<(String, Vec<usize>, Vec<f32>)>)) {
-    let path = m.join("model.safetensors");
-    let ck = Checkpoint::open(std::slice::from_ref(&path)).unwrap();
-    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> =
-        ck.names().map(|n| (n.to_owned(), ck.tensor(n).unwrap().shape().to_vec(), ck.tensor(n).unwrap().to_vec().unwrap())).collect();
-    drop(ck);
-    edit(&mut tensors);
-    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-        .iter()
-        .map(|(n, s, d)| {
-            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), bytemuck::cast_slice(d)).unwrap())
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, &path).unwrap();
-}
-
 #[test]
 fn tensor_missing_or_misshapen() {
     let wav = &utterances()[0];

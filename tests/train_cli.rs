@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use common::cli::{engine, fails_with, file_hash, log, ok, s, small_manifest, PLAIN};
-use common::fixtures;
+use common::{copy_model, fixtures, rewrite_tensors};
 use s3router::model::checkpoint::Checkpoint;
 use s3router::model::masks::MaskSet;
 use s3router::router::{kept, top_k_mask};
@@ -330,6 +330,18 @@ fn bad_input_is_refused_with_a_named_reason() {
     // Masks from a different model: named by eval.
     let e = engine(&["infer", "--model", "tests/fixtures/large-like", "--masks", s(&out), "tests/fixtures/audio/utt0.wav"]);
     fails_with(&e, "mask \"wav2vec2.encoder.layers.0.feed_forward.intermediate_dense.weight\" is for a");
+    // The same architecture with other weights (the first value of one masked matrix changed):
+    // the base fingerprint the run recorded tells them apart, for one mask set and for several.
+    let (_d, other) = copy_model("base-like");
+    rewrite_tensors(&other, |t| {
+        let w = t.iter_mut().find(|(n, _, _)| n == "wav2vec2.encoder.layers.1.feed_forward.output_dense.weight").unwrap();
+        w.2[0] += 0.25;
+    });
+    let e = engine(&["infer", "--model", s(&other), "--masks", s(&out), "tests/fixtures/audio/utt0.wav"]);
+    fails_with(&e, "these masks were learned over other weights than");
+    let e = engine(&["infer", "--model", s(&other), "--masks", &format!("a={}", s(&out)), "tests/fixtures/audio/utt0.wav@a"]);
+    fails_with(&e, "these masks were learned over other weights than");
+    ok(&engine(&["infer", "--model", "tests/fixtures/base-like", "--masks", s(&out), "tests/fixtures/audio/utt0.wav"]));
     // Without a GPU (or kernels), --device cuda names why before touching the output folder.
     if let Some(why) = s3router::backend::cuda::unavailable_reason() {
         fails_with(&base(&["--device", "cuda"]), &why);

@@ -473,7 +473,7 @@ fn infer(model: &Path, masks: Option<&Path>, run: InferRun, audio: &[PathBuf]) -
 fn masks_stats(model: &Path, dir: &Path, json: bool) -> Result<()> {
     let set = MaskSet::load(dir)?;
     let initial_path = [dir.join(INITIAL_MASKS), dir.join("..").join(INITIAL_MASKS)].into_iter().find(|p| p.is_file());
-    let initial = initial_path.as_deref().map(MaskSet::read_bits).transpose()?.map(|(m, _)| m);
+    let initial = initial_path.as_deref().map(MaskSet::read_bits).transpose()?.map(|(m, _, _)| m);
     let rows = StatsSummary::rows(&mask_stats(model, &set, initial.as_ref())?);
     if json {
         let v: Vec<serde_json::Value> = rows

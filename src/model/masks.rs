@@ -1,7 +1,8 @@
 //! Mask sets (the output of mask learning): `masks.safetensors` with one U8 tensor per masked
 //! weight, named like the weight, bits packed 1 per weight LSB first over the row-major
-//! `[out, in]` matrix (metadata `format = s3router-masks-v1`, `sparsity`, and `<name>.shape`),
-//! plus `head.safetensors` (`lm_head.weight`, `lm_head.bias`) and `vocab.json` for the task.
+//! `[out, in]` matrix (metadata `format = s3router-masks-v1`, `sparsity`, `<name>.shape`, and
+//! optionally `base_fingerprint`, see [`base_fingerprint`]), plus `head.safetensors`
+//! (`lm_head.weight`, `lm_head.bias`) and `vocab.json` for the task.
 //!
 //! [`Masked`] puts a mask set over a model's weights: masked weights come out as `W * M`, the head
 //! from the mask set; everything else passes through.
@@ -19,6 +20,41 @@ use crate::tensor::Tensor;
 
 pub const FORMAT: &str = "s3router-masks-v1";
 
+/// Metadata key of the fingerprint of the weights a mask set was learned over.
+const BASE_KEY: &str = "base_fingerprint";
+
+/// Values of each masked weight the fingerprint reads.
+const FINGERPRINT_SAMPLES: usize = 64;
+
+/// A fingerprint of the weights `masks` (name, `[out, in]` shape) of `source`: FNV-1a (64-bit,
+/// as 16 hex digits) over, for each weight in name order, its name's bytes and the bits (f32,
+/// little-endian) of the values at the flat indices `⌊j · numel / 64⌋`, j = 0..64.
+///
+/// A mask is only meaningful over the weights it was learned on; another checkpoint of the same
+/// architecture (wav2vec2-base against wav2vec2-base-960h, say) passes every shape check and
+/// gives a silently wrong model. Sixty-four values a matrix tell two trained checkpoints apart
+/// and cost one read of the masked weights.
+pub fn base_fingerprint<'a>(source: &dyn WeightSource, masks: impl IntoIterator<Item = (&'a str, &'a [usize])>) -> Result<String> {
+    let mut masks: Vec<(&str, &[usize])> = masks.into_iter().collect();
+    masks.sort();
+    let mut hash = 0xcbf2_9ce4_8422_2325u64;
+    let mut eat = |bytes: &[u8]| {
+        for &b in bytes {
+            hash = (hash ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    for (name, shape) in masks {
+        let values = source.get(name, shape)?.to_vec().with_context(|| name.to_string())?;
+        eat(name.as_bytes());
+        if !values.is_empty() {
+            for j in 0..FINGERPRINT_SAMPLES {
+                eat(&values[j * values.len() / FINGERPRINT_SAMPLES].to_le_bytes());
+            }
+        }
+    }
+    Ok(format!("{hash:016x}"))
+}
+
 /// Packed masks by weight name: (weight shape, bits LSB first over the row-major weight).
 pub type PackedMasks = BTreeMap<String, (Vec<usize>, Vec<u8>)>;
 
@@ -30,13 +66,16 @@ pub struct MaskSet {
     /// Weight name -> (weight shape, packed bits), in name order (deterministic messages).
     pub masks: PackedMasks,
     pub sparsity: Option<f64>,
+    /// [`base_fingerprint`] of the weights the masks were learned over, where the set records it.
+    pub base: Option<String>,
     /// `lm_head.weight` `[vocab, hidden]` and `lm_head.bias`, if the set carries a head.
     pub head: Option<(Tensor, Tensor)>,
 }
 
 impl MaskSet {
-    /// The packed masks (name -> (shape, bits)) and the sparsity of one masks file.
-    pub fn read_bits(path: &Path) -> Result<(PackedMasks, Option<f64>)> {
+    /// The packed masks (name -> (shape, bits)), the sparsity and the base fingerprint of one
+    /// masks file.
+    pub fn read_bits(path: &Path) -> Result<(PackedMasks, Option<f64>, Option<String>)> {
         let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
         let (_, meta) =
             SafeTensors::read_metadata(&bytes).map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file ({e})", path.display()))?;
@@ -63,12 +102,12 @@ impl MaskSet {
             );
             masks.insert(name, (shape, view.data().to_vec()));
         }
-        Ok((masks, meta.get("sparsity").and_then(|s| s.parse().ok())))
+        Ok((masks, meta.get("sparsity").and_then(|s| s.parse().ok()), meta.get(BASE_KEY).cloned()))
     }
 
     pub fn load(dir: &Path) -> Result<MaskSet> {
         ensure!(dir.is_dir(), "mask folder {} does not exist", dir.display());
-        let (masks, sparsity) = MaskSet::read_bits(&dir.join("masks.safetensors"))?;
+        let (masks, sparsity, base) = MaskSet::read_bits(&dir.join("masks.safetensors"))?;
         let head_path = dir.join("head.safetensors");
         let head = if head_path.is_file() {
             let ck = Checkpoint::open(std::slice::from_ref(&head_path))?;
@@ -85,18 +124,22 @@ impl MaskSet {
         } else {
             None
         };
-        Ok(MaskSet { dir: dir.to_path_buf(), masks, sparsity, head })
+        Ok(MaskSet { dir: dir.to_path_buf(), masks, sparsity, base, head })
     }
 
-    /// Writes a mask set (tests, mask learning): masks from keep-flags, atomically.
-    pub fn save(dir: &Path, masks: &[KeepFlags], sparsity: f64) -> Result<()> {
-        MaskSet::save_as(&dir.join("masks.safetensors"), masks, sparsity)
+    /// Writes a mask set (tests, mask learning): masks from keep-flags, atomically, with the
+    /// [`base_fingerprint`] of the weights they were learned over where known.
+    pub fn save(dir: &Path, masks: &[KeepFlags], sparsity: f64, base: Option<&str>) -> Result<()> {
+        MaskSet::save_as(&dir.join("masks.safetensors"), masks, sparsity, base)
     }
 
     /// [`MaskSet::save`] to a named file (e.g. a run's `initial_masks.safetensors`).
-    pub fn save_as(path: &Path, masks: &[KeepFlags], sparsity: f64) -> Result<()> {
+    pub fn save_as(path: &Path, masks: &[KeepFlags], sparsity: f64, base: Option<&str>) -> Result<()> {
         let packed: Vec<(String, Vec<u8>)> = masks.iter().map(|(n, _, keep)| (n.clone(), mask::pack(keep))).collect();
         let mut meta = BTreeMap::from([("format".to_string(), FORMAT.to_string()), ("sparsity".to_string(), sparsity.to_string())]);
+        if let Some(base) = base {
+            meta.insert(BASE_KEY.to_string(), base.to_string());
+        }
         for (name, shape, _) in masks {
             meta.insert(format!("{name}.shape"), shape.iter().map(usize::to_string).collect::<Vec<_>>().join(","));
         }
@@ -130,6 +173,21 @@ impl MaskSet {
                 None => bail!("{}: mask \"{name}\" names no masked weight of this model", self.dir.display()),
             }
         }
+        Ok(())
+    }
+
+    /// Fails if the set records a [`base_fingerprint`] and `source`'s masked weights (`source_name`
+    /// in the message) give another: the masks were learned over other weights.
+    pub fn check_base(&self, source: &dyn WeightSource, source_name: &Path) -> Result<()> {
+        let Some(want) = &self.base else { return Ok(()) };
+        let got = base_fingerprint(source, self.masks.iter().map(|(n, (shape, _))| (n.as_str(), shape.as_slice())))?;
+        ensure!(
+            &got == want,
+            "{}: these masks were learned over other weights than {}'s (base_fingerprint {want}, this model's {got}); \
+             a mask only means something over the weights it was learned on",
+            self.dir.join("masks.safetensors").display(),
+            source_name.display()
+        );
         Ok(())
     }
 
@@ -173,5 +231,27 @@ impl WeightSource for Masked<'_> {
 
     fn release(&self, name: &str) {
         self.inner.release(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::checkpoint::RandomWeights;
+
+    /// The fingerprint names the weights, not the order they are listed in: equal for the same
+    /// values, different for another checkpoint of the same shapes.
+    #[test]
+    fn base_fingerprints_tell_checkpoints_apart() {
+        let a = "wav2vec2.encoder.layers.0.feed_forward.intermediate_dense.weight";
+        let b = "wav2vec2.encoder.layers.0.feed_forward.output_dense.weight";
+        let (sa, sb) = ([24usize, 8], [8usize, 24]);
+        let of = |seed, order: &[(&str, &[usize])]| base_fingerprint(&RandomWeights { seed }, order.iter().copied()).unwrap();
+        let listed: [(&str, &[usize]); 2] = [(a, &sa), (b, &sb)];
+        let reversed: [(&str, &[usize]); 2] = [(b, &sb), (a, &sa)];
+        assert_eq!(of(0, &listed), of(0, &reversed));
+        assert_ne!(of(0, &listed), of(1, &listed));
+        assert_ne!(of(0, &listed), of(0, &listed[..1]));
+        assert_eq!(of(0, &listed).len(), 16);
     }
 }

@@ -250,6 +250,7 @@ impl Wav2Vec2 {
         let ck = Checkpoint::open_dir(dir)?;
         let Some(masks) = masks else { return Wav2Vec2::from_weights(config, &ck, be) };
         masks.check(|name| maskable_shape(&config, name))?;
+        masks.check_base(&ck, dir)?;
         let masked = Masked { inner: &ck, masks };
         if let Some(v) = masks.head_vocab_size() {
             config.vocab_size = v;

@@ -41,7 +41,7 @@ use crate::infer::{BatchLimits, Recognizer};
 use crate::mask;
 use crate::model::checkpoint::Checkpoint;
 use crate::model::config::Config;
-use crate::model::masks::{KeepFlags, MaskSet, Masked};
+use crate::model::masks::{base_fingerprint, KeepFlags, MaskSet, Masked};
 use crate::model::preprocess::Preprocessor;
 use crate::model::vocab::Vocab;
 use crate::model::wav2vec2::Linear;
@@ -379,6 +379,8 @@ impl Recipe {
 /// The tensors being learned.
 struct Params {
     masks: Vec<MaskedWeight>,
+    /// [`base_fingerprint`] of the frozen weights under `masks` (none without masks).
+    base: Option<String>,
     /// `[vocab, hidden]` (PyTorch layout) and `[vocab]`.
     head_weight: Vec<f32>,
     head_bias: Vec<f32>,
@@ -462,7 +464,7 @@ impl Params {
             Tensor::from_vec(self.head_weight.clone(), &[vocab, self.head_weight.len() / vocab]),
             Tensor::from_vec(self.head_bias.clone(), &[vocab]),
         );
-        Ok(MaskSet { dir: dir.to_path_buf(), masks, sparsity: Some(sparsity), head: Some(head) })
+        Ok(MaskSet { dir: dir.to_path_buf(), masks, sparsity: Some(sparsity), base: self.base.clone(), head: Some(head) })
     }
 
     /// Mask learning's outputs: `scores.safetensors`, `masks.safetensors`, `head.safetensors` and
@@ -474,7 +476,7 @@ impl Params {
         let scores = names.iter().zip(&host).map(|((n, shape), s)| (n.as_str(), shape.as_slice(), s.as_slice()));
         let meta = BTreeMap::from([("sparsity".to_string(), sparsity.to_string())]);
         crate::fsio::write_f32_safetensors(&dir.join("scores.safetensors"), scores, &meta)?;
-        MaskSet::save(dir, &self.keep(&host, sparsity), sparsity)?;
+        MaskSet::save(dir, &self.keep(&host, sparsity), sparsity, self.base.as_deref())?;
         self.write_head(dir)?;
         vocab.save(&dir.join("vocab.json"))
     }
@@ -733,7 +735,9 @@ impl Trainer<'_> {
             Learn::Masks => Vec::new(),
             Learn::Weights { train_feature_encoder, .. } => finetune::trainable(&self.ck, train_feature_encoder, &*self.be)?,
         };
-        Ok(Params { masks, head_weight, head_bias, embedding, weights })
+        let names: Vec<(String, [usize; 2])> = masks.iter().map(|m| (m.name(), [m.d_out, m.d_in])).collect();
+        let base = if masks.is_empty() { None } else { Some(base_fingerprint(&self.ck, names.iter().map(|(n, s)| (n.as_str(), &s[..])))?) };
+        Ok(Params { masks, base, head_weight, head_bias, embedding, weights })
     }
 
     /// The regularisers of sub-batch `sub` of update `update` for utterances of `frames` frames.
@@ -786,6 +790,7 @@ impl Trainer<'_> {
         pruner.apply(&*self.be, &mut weights, &keep)?;
         let p = Params {
             masks: Vec::new(),
+            base: None,
             head_weight: params.head_weight.clone(),
             head_bias: params.head_bias.clone(),
             embedding: params.embedding.clone(),
@@ -819,7 +824,11 @@ impl Trainer<'_> {
                 let weights = params.host_weights(&*self.be)?;
                 finetune::write_model_folder(dir, &self.source, &self.ck, &params.named(&weights), &self.vocab)?;
                 if let Some((pruner, keep)) = mask {
-                    MaskSet::save(dir, &pruner.mask_entries(&params.weights, keep), pruner.prune.sparsity())?;
+                    let entries = pruner.mask_entries(&params.weights, keep);
+                    // Over the weights just written beside them.
+                    let written = Checkpoint::open_dir(dir)?;
+                    let base = base_fingerprint(&written, entries.iter().map(|(n, shape, _)| (n.as_str(), shape.as_slice())))?;
+                    MaskSet::save(dir, &entries, pruner.prune.sparsity(), Some(&base))?;
                     params.write_head(dir)?;
                 }
                 Ok(())
@@ -888,7 +897,8 @@ impl Trainer<'_> {
         if !self.opts.resume {
             if r.learn == Learn::Masks {
                 // The starting masks, for `engine masks stats` (bits flipped by learning).
-                MaskSet::save_as(&out.join(INITIAL_MASKS), &params.keep(&params.host_scores(&*self.be)?, r.sparsity()), r.sparsity())?;
+                let keep = params.keep(&params.host_scores(&*self.be)?, r.sparsity());
+                MaskSet::save_as(&out.join(INITIAL_MASKS), &keep, r.sparsity(), params.base.as_deref())?;
             }
             log.write(&serde_json::json!({
                 "event": "start",

@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 pub mod cli;
 
@@ -124,7 +124,7 @@ pub fn mask_set(dir: &std::path::Path, scope: MaskScope, sparsity: f64, seed: u6
         })
         .collect();
     std::fs::create_dir_all(dir).unwrap();
-    MaskSet::save(dir, &masks, sparsity).unwrap();
+    MaskSet::save(dir, &masks, sparsity, None).unwrap();
     let (v, h) = (c.vocab_size, c.hidden_size);
     let (w, b): (Vec<f32>, Vec<f32>) = ((0..v * h).map(|_| rng.symmetric() * 0.3).collect(), (0..v).map(|_| rng.symmetric()).collect());
     write_f32_safetensors(
@@ -210,4 +210,32 @@ pub fn sparse_and_dense_logits(be: &dyn Backend) -> (Vec<f32>, Vec<f32>, usize, 
         .count();
     let logits = |m: &Wav2Vec2| be.to_host(&m.logits(be, &inputs, None).unwrap().0).unwrap().to_vec().unwrap();
     (logits(&dense), logits(&sparse), used, 4 * dense.layers.len())
+}
+
+/// A writable copy of a fixture model folder.
+pub fn copy_model(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let dst = dir.path().join(name);
+    std::fs::create_dir(&dst).unwrap();
+    for f in ["config.json", "model.safetensors", "vocab.json", "preprocessor_config.json"] {
+        std::fs::copy(fixtures().join(name).join(f), dst.join(f)).unwrap();
+    }
+    (dir, dst)
+}
+
+/// Rewrites `m`/model.safetensors (as f32) after `edit` changes its (name, shape, values) list.
+pub fn rewrite_tensors(m: &Path, edit: impl Fn(&mut Vec<(String, Vec<usize>, Vec<f32>)>)) {
+    let path = m.join("model.safetensors");
+    let ck = Checkpoint::open(std::slice::from_ref(&path)).unwrap();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> =
+        ck.names().map(|n| (n.to_owned(), ck.tensor(n).unwrap().shape().to_vec(), ck.tensor(n).unwrap().to_vec().unwrap())).collect();
+    drop(ck);
+    edit(&mut tensors);
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, s, d)| {
+            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), bytemuck::cast_slice(d)).unwrap())
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &path).unwrap();
 }
