@@ -44,22 +44,12 @@ pub enum Precision {
     Bf16,
 }
 
-/// Kernels the backend uses, by (module, function).
+/// Kernels the backend launches by name, by (module, function). The flash-attention and
+/// mma.sync GEMM families are named once, in their tables ([`FlashKernels`],
+/// [`BF16_MMA_KERNELS`]); [`table_kernels`] adds them.
 const FUNCTIONS: &[(&str, &str)] = &[
     ("gemm", "gemm_f32"),
     ("gemm", "gemm_bf16"),
-    ("gemm", "gemm_bf16_mma"),
-    ("gemm", "gemm_bf16_mma_smem"),
-    ("gemm", "gemm_bf16_mma_k64"),
-    ("gemm", "gemm_bf16_mma_k64_smem"),
-    ("gemm", "gemm_bf16_mma_wide"),
-    ("gemm", "gemm_bf16_mma_wide_smem"),
-    ("gemm", "gemm_bf16_mma_tall"),
-    ("gemm", "gemm_bf16_mma_tall_smem"),
-    ("gemm", "gemm_bf16_mma_short"),
-    ("gemm", "gemm_bf16_mma_short_smem"),
-    ("gemm", "gemm_bf16_mma_narrow"),
-    ("gemm", "gemm_bf16_mma_narrow_smem"),
     ("gemm", "gemm_tf32x3"),
     ("gemm", "gemm_tf32x3_smem"),
     ("norm", "to_bf16"),
@@ -72,79 +62,7 @@ const FUNCTIONS: &[(&str, &str)] = &[
     ("attention", "attention_hd32"),
     ("attention", "attention_hd64"),
     ("attention", "attention_hd128"),
-    ("attention", "attention_bf16_mma_hd16"),
-    ("attention", "attention_bf16_mma_hd32"),
-    ("attention", "attention_bf16_mma_hd64"),
-    ("attention", "attention_bf16_mma_hd128"),
-    ("attention", "attention_bf16_mma_hd16_smem"),
-    ("attention", "attention_bf16_mma_hd32_smem"),
-    ("attention", "attention_bf16_mma_hd64_smem"),
-    ("attention", "attention_bf16_mma_hd128_smem"),
-    ("attention", "attention_tf32x3_hd16"),
-    ("attention", "attention_tf32x3_hd32"),
-    ("attention", "attention_tf32x3_hd64"),
-    ("attention", "attention_tf32x3_hd128"),
-    ("attention", "attention_tf32x3_hd16_smem"),
-    ("attention", "attention_tf32x3_hd32_smem"),
-    ("attention", "attention_tf32x3_hd64_smem"),
-    ("attention", "attention_tf32x3_hd128_smem"),
     ("attention", "attention_bwd_dot"),
-    ("attention", "attention_bwd_kv_bf16_hd16"),
-    ("attention", "attention_bwd_kv_bf16_hd32"),
-    ("attention", "attention_bwd_kv_bf16_hd64"),
-    ("attention", "attention_bwd_kv_bf16_hd128"),
-    ("attention", "attention_bwd_kv_bf16_hd16_smem"),
-    ("attention", "attention_bwd_kv_bf16_hd32_smem"),
-    ("attention", "attention_bwd_kv_bf16_hd64_smem"),
-    ("attention", "attention_bwd_kv_bf16_hd128_smem"),
-    ("attention", "attention_bwd_q_bf16_hd16"),
-    ("attention", "attention_bwd_q_bf16_hd32"),
-    ("attention", "attention_bwd_q_bf16_hd64"),
-    ("attention", "attention_bwd_q_bf16_hd128"),
-    ("attention", "attention_bwd_q_bf16_hd16_smem"),
-    ("attention", "attention_bwd_q_bf16_hd32_smem"),
-    ("attention", "attention_bwd_q_bf16_hd64_smem"),
-    ("attention", "attention_bwd_q_bf16_hd128_smem"),
-    ("attention", "attention_bf16_mma_from_bf16_hd16"),
-    ("attention", "attention_bf16_mma_from_bf16_hd16_smem"),
-    ("attention", "attention_bf16_mma_from_bf16_hd32"),
-    ("attention", "attention_bf16_mma_from_bf16_hd32_smem"),
-    ("attention", "attention_bf16_mma_from_bf16_hd64"),
-    ("attention", "attention_bf16_mma_from_bf16_hd64_smem"),
-    ("attention", "attention_bf16_mma_from_bf16_hd128"),
-    ("attention", "attention_bf16_mma_from_bf16_hd128_smem"),
-    ("attention", "attention_bwd_kv_bf16_from_bf16_hd16"),
-    ("attention", "attention_bwd_kv_bf16_from_bf16_hd16_smem"),
-    ("attention", "attention_bwd_kv_bf16_from_bf16_hd32"),
-    ("attention", "attention_bwd_kv_bf16_from_bf16_hd32_smem"),
-    ("attention", "attention_bwd_kv_bf16_from_bf16_hd64"),
-    ("attention", "attention_bwd_kv_bf16_from_bf16_hd64_smem"),
-    ("attention", "attention_bwd_kv_bf16_from_bf16_hd128"),
-    ("attention", "attention_bwd_kv_bf16_from_bf16_hd128_smem"),
-    ("attention", "attention_bwd_q_bf16_from_bf16_hd16"),
-    ("attention", "attention_bwd_q_bf16_from_bf16_hd16_smem"),
-    ("attention", "attention_bwd_q_bf16_from_bf16_hd32"),
-    ("attention", "attention_bwd_q_bf16_from_bf16_hd32_smem"),
-    ("attention", "attention_bwd_q_bf16_from_bf16_hd64"),
-    ("attention", "attention_bwd_q_bf16_from_bf16_hd64_smem"),
-    ("attention", "attention_bwd_q_bf16_from_bf16_hd128"),
-    ("attention", "attention_bwd_q_bf16_from_bf16_hd128_smem"),
-    ("attention", "attention_bwd_kv_tf32x3_hd16"),
-    ("attention", "attention_bwd_kv_tf32x3_hd16_smem"),
-    ("attention", "attention_bwd_kv_tf32x3_hd32"),
-    ("attention", "attention_bwd_kv_tf32x3_hd32_smem"),
-    ("attention", "attention_bwd_kv_tf32x3_hd64"),
-    ("attention", "attention_bwd_kv_tf32x3_hd64_smem"),
-    ("attention", "attention_bwd_kv_tf32x3_hd128"),
-    ("attention", "attention_bwd_kv_tf32x3_hd128_smem"),
-    ("attention", "attention_bwd_q_tf32x3_hd16"),
-    ("attention", "attention_bwd_q_tf32x3_hd16_smem"),
-    ("attention", "attention_bwd_q_tf32x3_hd32"),
-    ("attention", "attention_bwd_q_tf32x3_hd32_smem"),
-    ("attention", "attention_bwd_q_tf32x3_hd64"),
-    ("attention", "attention_bwd_q_tf32x3_hd64_smem"),
-    ("attention", "attention_bwd_q_tf32x3_hd128"),
-    ("attention", "attention_bwd_q_tf32x3_hd128_smem"),
     ("ctc", "ctc_emissions"),
     ("ctc", "ctc_recursions"),
     ("ctc", "ctc_grad"),
@@ -237,10 +155,24 @@ const TF32X3_FLASH: FlashKernels = FlashKernels {
     q: ["attention_bwd_q_tf32x3_hd16", "attention_bwd_q_tf32x3_hd32", "attention_bwd_q_tf32x3_hd64", "attention_bwd_q_tf32x3_hd128"],
 };
 
+/// The kernels of the flash-attention and mma.sync GEMM tables, by (module, function). Each
+/// has a `NAME_smem` companion that reports its dynamic shared memory.
+fn table_kernels() -> impl Iterator<Item = (&'static str, &'static str)> {
+    let flash = [&BF16_FLASH, &BF16_FLASH_FROM_BF16, &TF32X3_FLASH].into_iter().flat_map(|t| t.forward.iter().chain(&t.kv).chain(&t.q));
+    flash.map(|&f| ("attention", f)).chain(BF16_MMA_KERNELS.iter().map(|k| ("gemm", k.name)))
+}
+
+/// Every kernel the backend loads, by (module, function): [`FUNCTIONS`], then the tables' kernels
+/// and their `_smem` companions.
+fn loaded_kernels() -> impl Iterator<Item = (&'static str, String)> {
+    let listed = FUNCTIONS.iter().map(|&(m, f)| (m, f.to_string()));
+    listed.chain(table_kernels().flat_map(|(m, f)| [(m, f.to_string()), (m, format!("{f}_smem"))]))
+}
+
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    funcs: HashMap<&'static str, CudaFunction>,
+    funcs: HashMap<String, CudaFunction>,
     /// Dynamic shared memory of each kernel that takes some, by kernel name.
     dynamic_smem: HashMap<&'static str, u32>,
     /// bf16 GEMMs: mma.sync (v3) where its alignment rules hold when on, always WMMA (v2) when off.
@@ -330,9 +262,10 @@ impl CudaBackend {
             modules.insert(*name, m);
         }
         let mut funcs = HashMap::new();
-        for (module, func) in FUNCTIONS {
+        for (module, func) in loaded_kernels() {
             let m = modules.get(module).with_context(|| format!("kernel module {module} missing from this build"))?;
-            funcs.insert(*func, m.load_function(func).map_err(|e| anyhow!("kernel {func}: {e}"))?);
+            let f = m.load_function(&func).map_err(|e| anyhow!("kernel {func}: {e}"))?;
+            funcs.insert(func, f);
         }
         let mut be = CudaBackend {
             ctx,
@@ -353,7 +286,7 @@ impl CudaBackend {
     /// Asks each dynamic-shared-memory kernel's `_smem` companion for its layout size (defined
     /// once, in the .cu file) and allows the kernel that much.
     fn size_dynamic_smem_kernels(&mut self) -> Result<()> {
-        let names = FUNCTIONS.iter().filter_map(|(_, f)| f.strip_suffix("_smem"));
+        let names = FUNCTIONS.iter().filter_map(|(_, f)| f.strip_suffix("_smem")).chain(table_kernels().map(|(_, f)| f));
         for name in names {
             let out = self.stream.alloc_zeros::<i32>(1).map_err(|e| anyhow!("GPU allocation: {e}"))?;
             let p = out.device_ptr(&self.stream).0;
@@ -1272,8 +1205,8 @@ mod tests {
             return;
         }
         let report = include_str!(concat!(env!("OUT_DIR"), "/ptxas.txt"));
-        for (module, func) in FUNCTIONS {
-            assert!(kernels::MODULES.iter().any(|(m, _)| m == module), "module {module} not built");
+        for (module, func) in loaded_kernels() {
+            assert!(kernels::MODULES.iter().any(|(m, _)| *m == module), "module {module} not built");
             assert!(report.contains(&format!("entry function '{func}'")), "kernel {func} is not in kernels/{module}.cu");
         }
     }
