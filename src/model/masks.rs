@@ -33,7 +33,8 @@ const FINGERPRINT_SAMPLES: usize = 64;
 /// A mask is only meaningful over the weights it was learned on; another checkpoint of the same
 /// architecture (wav2vec2-base against wav2vec2-base-960h, say) passes every shape check and
 /// gives a silently wrong model. Sixty-four values a matrix tell two trained checkpoints apart
-/// and cost one read of the masked weights.
+/// and cost 64 reads a matrix where the weights are stored in f32 (a conversion of the whole
+/// matrix where they are not).
 pub fn base_fingerprint<'a>(source: &dyn WeightSource, masks: impl IntoIterator<Item = (&'a str, &'a [usize])>) -> Result<String> {
     let mut masks: Vec<(&str, &[usize])> = masks.into_iter().collect();
     masks.sort();
@@ -44,7 +45,9 @@ pub fn base_fingerprint<'a>(source: &dyn WeightSource, masks: impl IntoIterator<
         }
     };
     for (name, shape) in masks {
-        let values = source.get(name, shape)?.to_vec().with_context(|| name.to_string())?;
+        // f32 as stored (a mapped checkpoint) is read in place: only the sampled pages load.
+        let weight = source.get(name, shape)?.to_f32().with_context(|| name.to_string())?;
+        let values = weight.f32s()?;
         eat(name.as_bytes());
         if !values.is_empty() {
             for j in 0..FINGERPRINT_SAMPLES {

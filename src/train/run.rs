@@ -376,6 +376,11 @@ impl Recipe {
     }
 }
 
+/// Each masked weight's name and `[out, in]` shape.
+fn named_shapes(masks: &[MaskedWeight]) -> Vec<(String, [usize; 2])> {
+    masks.iter().map(|m| (m.name(), [m.d_out, m.d_in])).collect()
+}
+
 /// The tensors being learned.
 struct Params {
     masks: Vec<MaskedWeight>,
@@ -471,7 +476,7 @@ impl Params {
     /// `vocab.json` in `dir`.
     fn write_masks(&self, be: &dyn Backend, dir: &Path, sparsity: f64, vocab: &Vocab) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let names: Vec<(String, [usize; 2])> = self.masks.iter().map(|m| (m.name(), [m.d_out, m.d_in])).collect();
+        let names = named_shapes(&self.masks);
         let host = self.host_scores(be)?;
         let scores = names.iter().zip(&host).map(|((n, shape), s)| (n.as_str(), shape.as_slice(), s.as_slice()));
         let meta = BTreeMap::from([("sparsity".to_string(), sparsity.to_string())]);
@@ -735,7 +740,7 @@ impl Trainer<'_> {
             Learn::Masks => Vec::new(),
             Learn::Weights { train_feature_encoder, .. } => finetune::trainable(&self.ck, train_feature_encoder, &*self.be)?,
         };
-        let names: Vec<(String, [usize; 2])> = masks.iter().map(|m| (m.name(), [m.d_out, m.d_in])).collect();
+        let names = named_shapes(&masks);
         let base = if masks.is_empty() { None } else { Some(base_fingerprint(&self.ck, names.iter().map(|(n, s)| (n.as_str(), &s[..])))?) };
         Ok(Params { masks, base, head_weight, head_bias, embedding, weights })
     }
