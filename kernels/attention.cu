@@ -581,16 +581,13 @@ __device__ void attention_bwd_q_impl(const Src* qkv, const float* d_out, const f
         attention_bwd_q_impl<Ops<HD>>(qkv, d_out, lse, dot, d_qkv, offsets, c, hd, scale, p, site_key);                               \
     }                                                                                                                                   \
     extern "C" __global__ void attention_bwd_q_##tag##_hd##HD##_smem(int* bytes) { *bytes = FlashSmem<Ops<HD>>::BWD; }
+// Every head-size class of one flavour (the classes the host's FlashKernels tables name).
+#define ATTENTION_FLASH_CLASSES(fwd, tag, Ops, Src) \
+    ATTENTION_FLASH(fwd, tag, Ops, Src, 16)         \
+    ATTENTION_FLASH(fwd, tag, Ops, Src, 32)         \
+    ATTENTION_FLASH(fwd, tag, Ops, Src, 64)         \
+    ATTENTION_FLASH(fwd, tag, Ops, Src, 128)
 // bf16 from an fp32 qkv, and from a bf16 one (the output of a bf16 GEMM: half the bytes read).
-ATTENTION_FLASH(attention_bf16_mma, bf16, Bf16Ops, float, 16)
-ATTENTION_FLASH(attention_bf16_mma, bf16, Bf16Ops, float, 32)
-ATTENTION_FLASH(attention_bf16_mma, bf16, Bf16Ops, float, 64)
-ATTENTION_FLASH(attention_bf16_mma, bf16, Bf16Ops, float, 128)
-ATTENTION_FLASH(attention_bf16_mma_from_bf16, bf16_from_bf16, Bf16Ops, __nv_bfloat16, 16)
-ATTENTION_FLASH(attention_bf16_mma_from_bf16, bf16_from_bf16, Bf16Ops, __nv_bfloat16, 32)
-ATTENTION_FLASH(attention_bf16_mma_from_bf16, bf16_from_bf16, Bf16Ops, __nv_bfloat16, 64)
-ATTENTION_FLASH(attention_bf16_mma_from_bf16, bf16_from_bf16, Bf16Ops, __nv_bfloat16, 128)
-ATTENTION_FLASH(attention_tf32x3, tf32x3, Tf32x3Ops, float, 16)
-ATTENTION_FLASH(attention_tf32x3, tf32x3, Tf32x3Ops, float, 32)
-ATTENTION_FLASH(attention_tf32x3, tf32x3, Tf32x3Ops, float, 64)
-ATTENTION_FLASH(attention_tf32x3, tf32x3, Tf32x3Ops, float, 128)
+ATTENTION_FLASH_CLASSES(attention_bf16_mma, bf16, Bf16Ops, float)
+ATTENTION_FLASH_CLASSES(attention_bf16_mma_from_bf16, bf16_from_bf16, Bf16Ops, __nv_bfloat16)
+ATTENTION_FLASH_CLASSES(attention_tf32x3, tf32x3, Tf32x3Ops, float)
