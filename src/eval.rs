@@ -59,11 +59,12 @@ pub fn evaluate(
     let vocab = rec.vocab.len();
     let mut report = EvalReport { decoder: rec.decoder, ..EvalReport::default() };
     let mut loss_sum = 0.0f64;
-    for batch in decoded_batches(paths, rec.pre, rec.model.config.receptive_field(), limits) {
+    // Whole utterances, as the references were scored.
+    for batch in decoded_batches(paths, rec.pre, &rec.model.config, None, limits) {
         let batch = batch?;
-        let inputs: Vec<&[f32]> = batch.iter().map(|(_, a)| a.as_slice()).collect();
+        let inputs: Vec<&[f32]> = batch.iter().map(|p| p.samples.as_slice()).collect();
         let (logits, seqs): (_, Seqs) = rec.model.logits(rec.backend, &inputs, None)?;
-        let refs: Vec<Vec<u32>> = batch.iter().map(|(i, _)| labels.tokens[*i].clone()).collect();
+        let refs: Vec<Vec<u32>> = batch.iter().map(|p| labels.tokens[p.index].clone()).collect();
         report.infeasible += refs.iter().zip(seqs.lens()).filter(|(r, &n)| min_frames(r) > n).count();
         let targets = CtcTargets { labels: refs, blank: rec.vocab.blank(), zero_infinity: true };
         let losses = ctc_loss(rec.backend, &logits, &seqs, &targets, Reduction::Sum)?.losses;

@@ -9,7 +9,7 @@ use anyhow::{bail, ensure, Context, Result};
 
 use crate::backend::{Activation, Backend};
 use crate::ctc::Decoder;
-use crate::infer::{decoded_batches, BatchLimits, Utterance};
+use crate::infer::{decoded_batches, transcribe, BatchLimits, Chunking, Stitcher, Utterance};
 use crate::model::checkpoint::Checkpoint;
 use crate::model::masks::MaskSet;
 use crate::model::preprocess::Preprocessor;
@@ -57,6 +57,8 @@ pub struct MultiRecognizer<'a> {
     pub backend: &'a dyn Backend,
     /// Greedy unless set otherwise after [`MultiRecognizer::load`].
     pub decoder: Decoder,
+    /// Whole files unless set otherwise after [`MultiRecognizer::load`].
+    pub chunking: Option<Chunking>,
     model_bytes: u64,
 }
 
@@ -108,7 +110,15 @@ impl<'a> MultiRecognizer<'a> {
             };
             loaded.push(Task { name: name.clone(), masks, head, vocab, head_bytes });
         }
-        Ok(MultiRecognizer { model, pre: Preprocessor::load(dir)?, tasks: loaded, backend, decoder: Decoder::Greedy, model_bytes })
+        Ok(MultiRecognizer {
+            model,
+            pre: Preprocessor::load(dir)?,
+            tasks: loaded,
+            backend,
+            decoder: Decoder::Greedy,
+            chunking: None,
+            model_bytes,
+        })
     }
 
     pub fn memory(&self) -> Memory {
@@ -125,31 +135,36 @@ impl<'a> MultiRecognizer<'a> {
         limits: BatchLimits,
         mut each: impl FnMut(Utterance) -> Result<()>,
     ) -> Result<()> {
-        for batch in decoded_batches(paths.to_vec(), self.pre, self.model.config.receptive_field(), limits) {
+        let mut stitcher = Stitcher::default();
+        for batch in decoded_batches(paths.to_vec(), self.pre, &self.model.config, self.chunking, limits) {
             let mut batch = batch?;
-            // Utterances of a task side by side: one segment per task in every masked linear.
-            batch.sort_by_key(|(i, _)| (task_of[*i], *i));
-            let inputs: Vec<&[f32]> = batch.iter().map(|(_, a)| a.as_slice()).collect();
-            let routing = Routing { tasks: batch.iter().map(|(i, _)| &self.tasks[task_of[*i]].masks).collect() };
+            // Pieces of a task side by side (a file's windows stay in order: the sort is stable):
+            // one segment per task in every masked linear.
+            batch.sort_by_key(|p| task_of[p.index]);
+            let inputs: Vec<&[f32]> = batch.iter().map(|p| p.samples.as_slice()).collect();
+            let routing = Routing { tasks: batch.iter().map(|p| &self.tasks[task_of[p.index]].masks).collect() };
             let (hidden, seqs) = self.model.encode_routed(self.backend, &inputs, None, Some(&routing))?;
             let hidden = self.backend.to_host(&hidden)?.to_vec()?;
             let h = self.model.config.hidden_size;
             let mut results = Vec::with_capacity(batch.len());
-            // Each task's utterances are consecutive frames: one pass through its head.
+            // Each task's pieces are consecutive frames: one pass through its head.
             let mut first = 0;
-            for group in batch.chunk_by(|a, b| task_of[a.0] == task_of[b.0]) {
-                let task = &self.tasks[task_of[group[0].0]];
+            for group in batch.chunk_by(|a, b| task_of[a.index] == task_of[b.index]) {
+                let task = &self.tasks[task_of[group[0].index]];
                 let rows = seqs.range(first).start..seqs.range(first + group.len() - 1).end;
                 let x = self.backend.upload(&Tensor::from_vec(hidden[rows.start * h..rows.end * h].to_vec(), &[rows.len(), h]))?;
                 let logits = self.backend.linear(&x, &task.head.weight, Some(&task.head.bias), Activation::Identity)?;
                 let logits = self.backend.to_host(&logits)?.to_vec()?;
                 let v = task.vocab.len();
-                for (u, (index, _)) in (first..).zip(group) {
+                let mut done = Vec::new();
+                for (u, piece) in (first..).zip(group) {
                     let r = seqs.range(u);
-                    let own = logits[(r.start - rows.start) * v..(r.end - rows.start) * v].to_vec();
-                    let transcript = task.vocab.text(&self.decoder.decode(&own, v, task.vocab.blank()));
-                    results.push(Utterance { index: *index, path: paths[*index].clone(), logits: own, frames: r.len(), transcript });
+                    let own = &logits[(r.start - rows.start) * v..(r.end - rows.start) * v];
+                    if let Some(file) = stitcher.add(piece.index, &piece.window, own, v)? {
+                        done.push((piece.index, file));
+                    }
                 }
+                results.extend(transcribe(done, paths, &task.vocab, self.decoder));
                 first += group.len();
             }
             results.sort_by_key(|u| u.index);

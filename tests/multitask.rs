@@ -7,17 +7,29 @@ mod common;
 use common::cli::{engine, fails_with, ok, s};
 use common::{fixtures, rel_l2, two_tasks, utterances};
 use s3router::backend::cpu::CpuBackend;
-use s3router::infer::{BatchLimits, Recognizer};
+use s3router::infer::{BatchLimits, Chunking, Recognizer};
 use s3router::multitask::MultiRecognizer;
 
 #[test]
 fn mixed_task_batches_match_each_task_alone() {
+    mixed_batches_match_each_task_alone(false);
+}
+
+#[test]
+fn mixed_task_batches_of_windows_match_each_task_alone() {
+    mixed_batches_match_each_task_alone(true);
+}
+
+/// Whole files, or each file cut into windows (of 50 ms; the fixture model's frames are 2.5 ms).
+fn mixed_batches_match_each_task_alone(windows: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let (a, b) = two_tasks(tmp.path());
     let be = CpuBackend;
     let dir = fixtures().join("base-like");
     let tasks = vec![("a".to_string(), a.clone()), ("b".to_string(), b.clone())];
-    let multi = MultiRecognizer::load(&dir, &tasks, &be).unwrap();
+    let mut multi = MultiRecognizer::load(&dir, &tasks, &be).unwrap();
+    let chunking = windows.then(|| Chunking::from_seconds(0.05, 0.01, 0.015, &multi.model.config).unwrap());
+    multi.chunking = chunking;
     let paths = utterances();
     // Interleaved tasks in one batch: a, b, a.
     let task_of = [0, 1, 0];
@@ -29,8 +41,10 @@ fn mixed_task_batches_match_each_task_alone() {
         })
         .unwrap();
     assert_eq!(mixed.iter().map(|u| u.index).collect::<Vec<_>>(), vec![0, 1, 2], "results in input order");
+    assert!(mixed.iter().all(|u| (u.windows > 1) == windows), "{:?}", mixed.iter().map(|u| u.windows).collect::<Vec<_>>());
     for (task, set) in [(0, &a), (1, &b)] {
-        let alone = Recognizer::load(&dir, Some(set), &be, false).unwrap();
+        let mut alone = Recognizer::load(&dir, Some(set), &be, false).unwrap();
+        alone.chunking = chunking;
         let mut want = Vec::new();
         alone
             .run(&paths, BatchLimits::default(), |u| {

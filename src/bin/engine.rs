@@ -4,18 +4,20 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use s3router::analysis::{self, mask_stats, StatsSummary};
 use s3router::backend::cuda::Precision as CudaPrecision;
 use s3router::backend::Backend;
 use s3router::bench;
 use s3router::ctc::Decoder;
+use s3router::data::audio::SAMPLE_RATE;
 use s3router::data::dataset::{self, DatasetOptions, Format, LabelKind, Subset};
 use s3router::data::labels::{self, Case, Labeler};
 use s3router::eval::evaluate;
-use s3router::infer::{BatchLimits, Recognizer, Utterance};
+use s3router::infer::{BatchLimits, Chunking, Recognizer, Utterance};
 use s3router::metrics::{self, word_and_char_counts, Counts, TextNorm};
+use s3router::model::config::Config;
 use s3router::model::masks::MaskSet;
 use s3router::model::vocab::Vocab;
 use s3router::multitask::{parse_routed, parse_task, MultiRecognizer};
@@ -63,6 +65,60 @@ struct DeviceArgs {
     /// measured crossovers say that is faster).
     #[arg(long)]
     dense: bool,
+}
+
+/// How `engine infer` cuts long files.
+#[derive(clap::Args, Clone)]
+struct ChunkArgs {
+    /// Recognise files longer than this many seconds in windows this long with some context on
+    /// each side, and stitch their logits back together before decoding, as transformers' ASR
+    /// pipeline does with `chunk_length_s` (the same cuts and the same kept frames). Without it,
+    /// files longer than --batch-seconds run in 30 s windows; 0 runs every file whole, however
+    /// long (time and memory then grow with the square of its length).
+    #[arg(long, value_name = "SECONDS")]
+    chunk_seconds: Option<f64>,
+    /// Context on each side of a window, in seconds, whose frames are dropped: one number for
+    /// both sides or LEFT,RIGHT (transformers' `stride_length_s`; default: a sixth of the window).
+    #[arg(long, value_name = "SECONDS|LEFT,RIGHT")]
+    chunk_context: Option<String>,
+}
+
+/// Window length when long files are cut without --chunk-seconds.
+const AUTO_CHUNK_SECONDS: f64 = 30.0;
+
+impl ChunkArgs {
+    /// Windows chosen without --chunk-seconds.
+    fn automatic(&self) -> bool {
+        self.chunk_seconds.is_none()
+    }
+
+    /// The cuts for a model: --chunk-seconds windows, or 30 s ones for files over the batch limit.
+    fn chunking(&self, config: &Config, limits: BatchLimits) -> Result<Option<Chunking>> {
+        let batch_seconds = limits.max_samples as f64 / SAMPLE_RATE as f64;
+        let window = match self.chunk_seconds {
+            Some(0.0) => {
+                ensure!(self.chunk_context.is_none(), "--chunk-context: --chunk-seconds 0 runs every file whole, without windows");
+                return Ok(None);
+            }
+            Some(s) => s,
+            None => AUTO_CHUNK_SECONDS.min(batch_seconds),
+        };
+        let (left, right) = match self.chunk_context.as_deref() {
+            None => (window / 6.0, window / 6.0),
+            Some(text) => {
+                let number = |t: &str| t.trim().parse::<f64>().with_context(|| format!("--chunk-context {text}: {t:?} is not a number"));
+                match text.split_once(',') {
+                    Some((l, r)) => (number(l)?, number(r)?),
+                    None => (number(text)?, number(text)?),
+                }
+            }
+        };
+        let mut chunking = Chunking::from_seconds(window, left, right, config).with_context(|| format!("--chunk-seconds {window}"))?;
+        if self.automatic() {
+            chunking.whole_up_to = chunking.whole_up_to.max(limits.max_samples);
+        }
+        Ok(Some(chunking))
+    }
 }
 
 #[derive(Subcommand)]
@@ -171,6 +227,9 @@ enum Command {
     /// Prints one line per file: the path, a tab, the transcript. WAV (8/16/24/32-bit integer,
     /// 32-bit float) and FLAC are read; stereo is averaged; any sample rate is resampled to 16 kHz.
     ///
+    /// Long recordings run in overlapping windows whose logits are stitched back together before
+    /// decoding (--chunk-seconds); by default only files longer than --batch-seconds are cut.
+    ///
     /// Many masks, one model: give `--masks NAME=DIR` once per task and each file as FILE@NAME;
     /// the frozen weights load once, every task adds its packed masks and head, and files of
     /// different tasks share batches. The memory of that against one finetuned copy per task is
@@ -194,9 +253,12 @@ enum Command {
         /// one path. Costs about frames x beam x vocabulary steps per utterance.
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
         beam: Option<u32>,
-        /// Most seconds of audio in one forward pass (bounds memory).
+        /// Most seconds of audio in one forward pass (bounds memory; longer files are cut, see
+        /// --chunk-seconds).
         #[arg(long, default_value_t = 120.0)]
         batch_seconds: f64,
+        #[command(flatten)]
+        chunks: ChunkArgs,
         /// Audio files.
         #[arg(required = true)]
         audio: Vec<PathBuf>,
@@ -425,14 +487,27 @@ fn backend(d: DeviceArgs) -> Result<Box<dyn Backend>> {
 struct InferOutput<'a> {
     out: Option<&'a Path>,
     logits: HashMap<String, (Vec<f32>, Vec<usize>)>,
+    /// The window length in seconds, to say so the first time a file is cut into windows
+    /// nobody asked for.
+    note_cuts: Option<f64>,
 }
 
 impl<'a> InferOutput<'a> {
-    fn new(out: Option<&'a Path>) -> InferOutput<'a> {
-        InferOutput { out, logits: HashMap::new() }
+    fn new(run: &InferRun<'a>, chunking: Option<Chunking>) -> InferOutput<'a> {
+        let note_cuts = chunking.filter(|_| run.chunks.automatic()).map(|c| c.window as f64 / SAMPLE_RATE as f64);
+        InferOutput { out: run.out, logits: HashMap::new(), note_cuts }
     }
 
     fn take(&mut self, u: Utterance) -> Result<()> {
+        if let Some(window) = self.note_cuts.filter(|_| u.windows > 1) {
+            eprintln!(
+                "note: {} is longer than --batch-seconds: recognised in {} windows of {window} s, stitched \
+                 (--chunk-seconds chooses the windows; --chunk-seconds 0 runs files whole)",
+                u.path.display(),
+                u.windows
+            );
+            self.note_cuts = None;
+        }
         println!("{}\t{}", u.path.display(), u.transcript);
         if self.out.is_some() {
             let vocab = u.logits.len() / u.frames.max(1);
@@ -453,6 +528,7 @@ struct InferRun<'a> {
     device: DeviceArgs,
     out: Option<&'a Path>,
     limits: BatchLimits,
+    chunks: &'a ChunkArgs,
     decoder: Decoder,
 }
 
@@ -465,7 +541,8 @@ fn infer(model: &Path, masks: Option<&Path>, run: InferRun, audio: &[PathBuf]) -
     let be = backend(run.device)?;
     let mut rec = Recognizer::load(model, masks, be.as_ref(), !run.device.dense)?;
     rec.decoder = run.decoder;
-    let mut output = InferOutput::new(run.out);
+    rec.chunking = run.chunks.chunking(&rec.model.config, run.limits)?;
+    let mut output = InferOutput::new(&run, rec.chunking);
     rec.run(audio, run.limits, |u| output.take(u))?;
     output.finish()
 }
@@ -722,8 +799,9 @@ fn run(cli: Cli, demo_flags: &[demo::Word]) -> Result<()> {
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("cannot start the thread pool")?;
     }
     match cli.command {
-        Command::Infer { model, masks, device, out, beam, batch_seconds, audio } => {
-            let run = InferRun { device, out: out.as_deref(), limits: BatchLimits::from_seconds(batch_seconds), decoder: decoder(beam) };
+        Command::Infer { model, masks, device, out, beam, batch_seconds, chunks, audio } => {
+            let limits = BatchLimits::from_seconds(batch_seconds);
+            let run = InferRun { device, out: out.as_deref(), limits, chunks: &chunks, decoder: decoder(beam) };
             match masks.as_slice() {
                 [] => infer(&model, None, run, &audio),
                 // A folder whose name holds '=' is still one mask set.
@@ -895,7 +973,8 @@ fn infer_tasks(model: &Path, masks: &[String], run: InferRun, audio: &[PathBuf])
     let be = backend(run.device)?;
     let mut rec = MultiRecognizer::load(model, &tasks, be.as_ref())?;
     rec.decoder = run.decoder;
-    let mut output = InferOutput::new(run.out);
+    rec.chunking = run.chunks.chunking(&rec.model.config, run.limits)?;
+    let mut output = InferOutput::new(&run, rec.chunking);
     rec.run(&paths, &task_of, run.limits, |u| output.take(u))?;
     output.finish()?;
     let m = rec.memory();

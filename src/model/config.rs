@@ -143,6 +143,11 @@ impl Config {
         self.conv_kernel.iter().zip(&self.conv_stride).fold(samples, |len, (&k, &s)| if len < k { 0 } else { (len - k) / s + 1 })
     }
 
+    /// Input samples per output frame (320 for wav2vec2; transformers' `inputs_to_logits_ratio`).
+    pub fn frame_stride(&self) -> usize {
+        self.conv_stride.iter().product()
+    }
+
     /// The fewest input samples that give one output frame (400 for wav2vec2-base).
     pub fn receptive_field(&self) -> usize {
         self.conv_kernel.iter().zip(&self.conv_stride).rev().fold(1, |rf, (&k, &s)| (rf - 1) * s + k)

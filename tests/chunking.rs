@@ -1,0 +1,100 @@
+//! Long files in windows: `engine infer --chunk-seconds` gives transformers' ASR pipeline
+//! transcripts (`chunk_length_s`, `stride_length_s`) on the demo backbone over 15 s of English
+//! (tests/fixtures/chunking, from tools/make_chunking_fixtures.py); stitched logits keep the
+//! whole file's frame count; windows as long as the file change nothing; bad settings are refused.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::cli::{engine, fails_with, ok, s};
+use common::fixtures;
+use s3router::data::audio;
+use safetensors::SafeTensors;
+
+const MODEL: &str = "weights/s3r-demo-en";
+
+fn expected() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join("chunking/expected.json")).unwrap()).unwrap()
+}
+
+/// The fixture's utterances back to back, as a float WAV in `dir`.
+fn long_wav(dir: &Path) -> PathBuf {
+    let want = expected();
+    let samples: Vec<f32> =
+        want["audio"].as_array().unwrap().iter().flat_map(|f| audio::load(Path::new(f.as_str().unwrap())).unwrap()).collect();
+    assert_eq!(samples.len() as u64, want["samples"].as_u64().unwrap());
+    let path = dir.join("long.wav");
+    let spec = hound::WavSpec { channels: 1, sample_rate: 16_000, bits_per_sample: 32, sample_format: hound::SampleFormat::Float };
+    let mut w = hound::WavWriter::create(&path, spec).unwrap();
+    samples.iter().for_each(|&x| w.write_sample(x).unwrap());
+    w.finalize().unwrap();
+    path
+}
+
+/// `engine infer` on `wav` with `args`: the transcript and the logits `--out` wrote.
+fn infer(wav: &Path, args: &[&str]) -> (String, Vec<f32>, Vec<usize>) {
+    let out = wav.with_extension(format!("{}.safetensors", args.join("_").replace([',', '.', '-'], "")));
+    let mut all = vec!["infer", "--model", MODEL, "--out", s(&out)];
+    all.extend(args);
+    all.push(s(wav));
+    let run = engine(&all);
+    ok(&run);
+    let stdout = String::from_utf8(run.stdout).unwrap();
+    let (_, text) = stdout.trim_end_matches('\n').split_once('\t').unwrap();
+    let bytes = std::fs::read(&out).unwrap();
+    let t = SafeTensors::deserialize(&bytes).unwrap().tensor("logits.0").unwrap();
+    let logits = t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    (text.to_string(), logits, t.shape().to_vec())
+}
+
+#[test]
+fn windows_give_the_transformers_pipeline_transcripts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let wav = long_wav(tmp.path());
+    let want = expected();
+    let (whole, whole_logits, whole_shape) = infer(&wav, &["--chunk-seconds", "0"]);
+    assert_eq!(whole, want["whole"].as_str().unwrap(), "the whole file");
+    for case in want["cases"].as_array().unwrap() {
+        let seconds = case["chunk_seconds"].to_string();
+        let context: Vec<String> = case["context"].as_array().unwrap().iter().map(|c| c.to_string()).collect();
+        let context = context.join(",");
+        let (text, logits, shape) = infer(&wav, &["--chunk-seconds", &seconds, "--chunk-context", &context]);
+        assert_eq!(text, case["text"].as_str().unwrap(), "--chunk-seconds {seconds} --chunk-context {context}");
+        assert_eq!(shape, whole_shape, "stitched logits keep one row per frame of the whole file");
+        assert_ne!(logits, whole_logits, "windows see less context than the whole file");
+    }
+}
+
+#[test]
+fn a_window_longer_than_the_file_changes_nothing_and_the_default_cuts_only_past_the_batch_limit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let wav = long_wav(tmp.path());
+    let (_, whole, _) = infer(&wav, &["--chunk-seconds", "0"]);
+    assert_eq!(infer(&wav, &["--chunk-seconds", "16"]).1, whole, "one window holding the whole file");
+    assert_eq!(infer(&wav, &[]).1, whole, "15 s is within the default batch limit");
+    // Past --batch-seconds the default cuts 30 s windows, or the batch limit's length if shorter,
+    // and says so.
+    let cut = engine(&["infer", "--model", MODEL, "--batch-seconds", "4", s(&wav)]);
+    ok(&cut);
+    assert!(String::from_utf8_lossy(&cut.stderr).contains("windows of 4 s"), "{}", String::from_utf8_lossy(&cut.stderr));
+    let (text, _, _) = infer(&wav, &["--chunk-seconds", "4"]);
+    assert_eq!(String::from_utf8(cut.stdout).unwrap().trim_end().split_once('\t').unwrap().1, text);
+}
+
+#[test]
+fn bad_chunk_settings_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let wav = long_wav(tmp.path());
+    let run = |args: &[&str]| {
+        let mut all = vec!["infer", "--model", MODEL];
+        all.extend(args);
+        all.push(s(&wav));
+        engine(&all)
+    };
+    fails_with(&run(&["--chunk-seconds", "2", "--chunk-context", "1"]), "must be longer than their");
+    fails_with(&run(&["--chunk-seconds", "2", "--chunk-context", "0.001,0.5"]), "receptive field");
+    fails_with(&run(&["--chunk-seconds", "2", "--chunk-context", "a,0.5"]), "\"a\" is not a number");
+    fails_with(&run(&["--chunk-seconds=-1"]), "number of seconds");
+    fails_with(&run(&["--chunk-seconds", "0", "--chunk-context", "1"]), "runs every file whole");
+}
