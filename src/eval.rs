@@ -16,6 +16,21 @@ use crate::data::dataset::Dataset;
 use crate::data::labels::{canonical, Labels, DELIMITER};
 use crate::infer::{decoded_batches, BatchLimits, Recognizer};
 use crate::metrics::{align, Counts};
+use crate::model::vocab::Vocab;
+
+/// One utterance as scored.
+#[derive(Debug, Clone)]
+pub struct Scored {
+    /// Position in the dataset.
+    pub index: usize,
+    /// The decoded tokens as compared: content only, delimiters tidied.
+    pub hypothesis: Vec<u32>,
+    /// CTC loss summed over frames.
+    pub loss: f32,
+    pub wer: Counts,
+    pub cer: Counts,
+    pub uer: Counts,
+}
 
 #[derive(Debug, Default)]
 pub struct EvalReport {
@@ -28,20 +43,22 @@ pub struct EvalReport {
     pub wer: Counts,
     pub cer: Counts,
     pub uer: Counts,
+    /// Every utterance, in dataset order.
+    pub scored: Vec<Scored>,
 }
 
-/// Adds one utterance's comparison to the three rates.
-fn score(reference: &[u32], hyp: &[u32], delimiter: Option<u32>, report: &mut EvalReport) {
-    report.cer.add(&align(reference, hyp).0);
+/// One utterance's comparison under the three rates: (WER, CER, UER) counts.
+fn score(reference: &[u32], hyp: &[u32], delimiter: Option<u32>) -> (Counts, Counts, Counts) {
+    let cer = align(reference, hyp).0;
     let units = |t: &[u32]| t.iter().copied().filter(|&i| Some(i) != delimiter).collect::<Vec<_>>();
-    report.uer.add(&align(&units(reference), &units(hyp)).0);
+    let uer = align(&units(reference), &units(hyp)).0;
     let words = |t: &[u32]| -> Vec<Vec<u32>> {
         match delimiter {
             Some(d) => t.split(|&i| i == d).filter(|w| !w.is_empty()).map(<[u32]>::to_vec).collect(),
             None => vec![t.to_vec()],
         }
     };
-    report.wer.add(&align(&words(reference), &words(hyp)).0);
+    (align(&words(reference), &words(hyp)).0, cer, uer)
 }
 
 /// Runs `rec` over `data` (references already tokenised into `labels`), calling `progress`
@@ -70,9 +87,14 @@ pub fn evaluate(
         let losses = ctc_loss(rec.backend, &logits, &seqs, &targets, Reduction::Sum)?.losses;
         loss_sum += losses.iter().map(|&l| l as f64).sum::<f64>();
         let host = rec.backend.to_host(&logits)?.to_vec()?;
-        for (reference, ids) in targets.labels.iter().zip(rec.decoder.decode_batch(&host, &seqs, vocab, rec.vocab.blank())) {
-            let hyp = canonical(ids.into_iter().filter(|&i| rec.vocab.is_content(i)).collect(), delimiter);
-            score(reference, &hyp, delimiter, &mut report);
+        let decoded = rec.decoder.decode_batch(&host, &seqs, vocab, rec.vocab.blank());
+        for (((piece, reference), ids), &loss) in batch.iter().zip(&targets.labels).zip(decoded).zip(&losses) {
+            let hypothesis = canonical(ids.into_iter().filter(|&i| rec.vocab.is_content(i)).collect(), delimiter);
+            let (wer, cer, uer) = score(reference, &hypothesis, delimiter);
+            report.wer.add(&wer);
+            report.cer.add(&cer);
+            report.uer.add(&uer);
+            report.scored.push(Scored { index: piece.index, hypothesis, loss, wer, cer, uer });
         }
         report.utterances += batch.len();
         progress(report.utterances, total);
@@ -82,6 +104,27 @@ pub fn evaluate(
 }
 
 impl EvalReport {
+    /// One JSON line per utterance, in dataset order: `audio`, `reference` and `hypothesis` (the
+    /// token sequences compared, as text), `loss`, and for each rate `<rate>_errors` and
+    /// `<rate>_ref_len`, whose sums over the lines give the report's rates.
+    pub fn predictions(&self, data: &Dataset, labels: &Labels, vocab: &Vocab) -> String {
+        let mut out = String::new();
+        for s in &self.scored {
+            let mut m = serde_json::Map::new();
+            m.insert("audio".into(), data.utterances[s.index].audio.display().to_string().into());
+            m.insert("reference".into(), vocab.text(&labels.tokens[s.index]).into());
+            m.insert("hypothesis".into(), vocab.text(&s.hypothesis).into());
+            m.insert("loss".into(), s.loss.into());
+            for (name, c) in [("wer", &s.wer), ("cer", &s.cer), ("uer", &s.uer)] {
+                m.insert(format!("{name}_errors"), c.errors().into());
+                m.insert(format!("{name}_ref_len"), c.ref_len().into());
+            }
+            out.push_str(&serde_json::Value::Object(m).to_string());
+            out.push('\n');
+        }
+        out
+    }
+
     /// One JSON object: `decoder` ("greedy" or "beam N"), `utterances`, `loss`, `wer`, `cer`,
     /// `uer` (fractions), and for each rate `<rate>_sub`, `<rate>_del`, `<rate>_ins`,
     /// `<rate>_ref_len`.
@@ -109,12 +152,11 @@ mod tests {
     #[test]
     fn rates_split_tokens_words_and_units() {
         // Delimiter 1. Reference "2 3 | 4", hypothesis "2 | 4 5".
-        let mut r = EvalReport::default();
-        score(&[2, 3, 1, 4], &[2, 1, 4, 5], Some(1), &mut r);
-        assert_eq!((r.cer.hits, r.cer.del, r.cer.ins, r.cer.sub), (3, 1, 1, 0));
+        let (wer, cer, uer) = score(&[2, 3, 1, 4], &[2, 1, 4, 5], Some(1));
+        assert_eq!((cer.hits, cer.del, cer.ins, cer.sub), (3, 1, 1, 0));
         // Units [2 3 4] vs [2 4 5]: two edits either way (a tie between alignments).
-        assert_eq!((r.uer.errors(), r.uer.ref_len()), (2, 3));
+        assert_eq!((uer.errors(), uer.ref_len()), (2, 3));
         // Words [2 3] [4] vs [2] [4 5]: two substitutions.
-        assert_eq!((r.wer.sub, r.wer.ref_len()), (2, 2));
+        assert_eq!((wer.sub, wer.ref_len()), (2, 2));
     }
 }

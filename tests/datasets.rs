@@ -158,6 +158,45 @@ fn eval_json_matches_transformers_and_jiwer() {
     }
 }
 
+/// `--predictions`: one line per utterance in dataset order, whose hypotheses are transformers'
+/// transcripts and whose error counts sum to jiwer's totals.
+#[test]
+fn eval_predictions_hold_each_utterance_and_sum_to_the_report() {
+    let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(datasets().join("expected_eval.json")).unwrap()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("predictions.jsonl");
+    let report = eval_json(&datasets().join("librispeech"), &["--predictions", file.to_str().unwrap()]);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&file).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 3);
+    let hyps: Vec<&str> = lines.iter().map(|l| l["hypothesis"].as_str().unwrap()).collect();
+    let refs: Vec<&str> = lines.iter().map(|l| l["reference"].as_str().unwrap()).collect();
+    assert_eq!(serde_json::json!(hyps), want["hypotheses"]);
+    assert_eq!(refs, ["BAD CAFE", "DEAF", "FACE A BEE"], "the transcripts, in dataset order");
+    for rate in ["wer", "cer", "uer"] {
+        let sum = |key: &str| lines.iter().map(|l| l[format!("{rate}_{key}")].as_u64().unwrap()).sum::<u64>();
+        let c = &want[rate];
+        assert_eq!(sum("errors"), ["sub", "del", "ins"].iter().map(|k| c[k].as_u64().unwrap()).sum::<u64>(), "{rate}");
+        assert_eq!(sum("ref_len"), c["ref_len"].as_u64().unwrap(), "{rate}");
+    }
+    let mean_loss = lines.iter().map(|l| l["loss"].as_f64().unwrap()).sum::<f64>() / 3.0;
+    assert!((mean_loss - report["loss"].as_f64().unwrap()).abs() <= 1e-4 * mean_loss);
+    // A folder that is not there is refused before any work.
+    let o = Command::new(env!("CARGO_BIN_EXE_engine"))
+        .args([
+            "eval",
+            "--model",
+            "tests/fixtures/base-like",
+            "--data",
+            "tests/fixtures/datasets/librispeech",
+            "--predictions",
+            "/nonexistent/p.jsonl",
+        ])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("--predictions /nonexistent/p.jsonl") && !e.contains("evaluated"), "{e}");
+}
+
 /// `--beam` changes only the decoding: the same loss and reference lengths, and the JSON says
 /// which decoder ran.
 #[test]

@@ -311,6 +311,10 @@ enum Command {
         /// Print one JSON object on stdout instead of the table.
         #[arg(long)]
         json: bool,
+        /// Also write each utterance's reference, hypothesis, CTC loss and error counts to this
+        /// file, one JSON object per line in dataset order (for error analysis).
+        #[arg(long, value_name = "FILE.jsonl")]
+        predictions: Option<PathBuf>,
         /// Decode with a CTC prefix beam search keeping this many prefixes (no language model)
         /// instead of greedy decoding: it scores each labelling by all of its alignments, not
         /// one path. Costs about frames x beam x vocabulary steps per utterance.
@@ -759,9 +763,14 @@ struct EvalArgs {
     device: DeviceArgs,
     batch_seconds: f64,
     json: bool,
+    predictions: Option<PathBuf>,
 }
 
 fn eval(a: EvalArgs) -> Result<()> {
+    if let Some(p) = &a.predictions {
+        let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        ensure!(dir.is_dir(), "--predictions {}: folder {} does not exist", p.display(), dir.display());
+    }
     let data = dataset::open(&a.data, &a.opts)?;
     let be = backend(a.device)?;
     let mut rec = Recognizer::load(&a.model, a.masks.as_deref(), be.as_ref(), !a.device.dense)?;
@@ -774,6 +783,10 @@ fn eval(a: EvalArgs) -> Result<()> {
     let limits = BatchLimits::from_seconds(a.batch_seconds);
     let report = evaluate(&rec, &data, &labels, limits, |done, total| eprint!("\revaluated {done}/{total} utterances"))?;
     eprintln!();
+    if let Some(p) = &a.predictions {
+        let lines = report.predictions(&data, &labels, &rec.vocab);
+        s3router::fsio::atomic_write(p, |f| std::io::Write::write_all(f, lines.as_bytes()))?;
+    }
     if a.json {
         println!("{}", report.json());
     } else {
@@ -824,6 +837,7 @@ fn run(cli: Cli, demo_flags: &[demo::Word]) -> Result<()> {
             device,
             batch_seconds,
             json,
+            predictions,
             beam,
         } => eval(EvalArgs {
             model,
@@ -835,6 +849,7 @@ fn run(cli: Cli, demo_flags: &[demo::Word]) -> Result<()> {
             device,
             batch_seconds,
             json,
+            predictions,
             decoder: decoder(beam),
         }),
         Command::Vocab { data, dict, labels, format, split, chars_to_ignore, lowercase, uppercase, out } => {
