@@ -9,7 +9,7 @@ use anyhow::{bail, ensure, Context, Result};
 
 use crate::backend::{Activation, Backend};
 use crate::ctc::Decoder;
-use crate::infer::{decoded_batches, transcribe, BatchLimits, Chunking, Stitcher, Utterance};
+use crate::infer::{decoded_batches, transcribe, BatchLimits, Chunking, Stitcher, Transcribe, Utterance};
 use crate::model::checkpoint::Checkpoint;
 use crate::model::masks::MaskSet;
 use crate::model::preprocess::Preprocessor;
@@ -59,6 +59,8 @@ pub struct MultiRecognizer<'a> {
     pub decoder: Decoder,
     /// Whole files unless set otherwise after [`MultiRecognizer::load`].
     pub chunking: Option<Chunking>,
+    /// Whether utterances carry token times (off unless set after [`MultiRecognizer::load`]).
+    pub timestamps: bool,
     model_bytes: u64,
 }
 
@@ -117,6 +119,7 @@ impl<'a> MultiRecognizer<'a> {
             backend,
             decoder: Decoder::Greedy,
             chunking: None,
+            timestamps: false,
             model_bytes,
         })
     }
@@ -136,6 +139,7 @@ impl<'a> MultiRecognizer<'a> {
         mut each: impl FnMut(Utterance) -> Result<()>,
     ) -> Result<()> {
         let mut stitcher = Stitcher::default();
+        let how = Transcribe { decoder: self.decoder, timestamps: self.timestamps.then(|| self.model.config.seconds_per_frame()) };
         for batch in decoded_batches(paths.to_vec(), self.pre, &self.model.config, self.chunking, limits) {
             let mut batch = batch?;
             // Pieces of a task side by side (a file's windows stay in order: the sort is stable):
@@ -164,7 +168,7 @@ impl<'a> MultiRecognizer<'a> {
                         done.push((piece.index, file));
                     }
                 }
-                results.extend(transcribe(done, paths, &task.vocab, self.decoder));
+                results.extend(transcribe(done, paths, &task.vocab, how));
                 first += group.len();
             }
             results.sort_by_key(|u| u.index);

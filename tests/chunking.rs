@@ -2,6 +2,7 @@
 //! transcripts (`chunk_length_s`, `stride_length_s`) on the demo backbone over 15 s of English
 //! (tests/fixtures/chunking, from tools/make_chunking_fixtures.py); stitched logits keep the
 //! whole file's frame count; windows as long as the file change nothing; bad settings are refused.
+//! `--timestamps char|word` gives the pipeline's `return_timestamps` chunks, whole and in windows.
 
 mod common;
 
@@ -67,6 +68,39 @@ fn windows_give_the_transformers_pipeline_transcripts() {
 }
 
 #[test]
+fn timestamps_are_the_transformers_pipeline_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let wav = long_wav(tmp.path());
+    for case in expected()["timestamps"].as_array().unwrap() {
+        let level = case["level"].as_str().unwrap();
+        let mut args = vec!["infer".to_string(), "--model".into(), MODEL.into(), "--timestamps".into(), level.into()];
+        match case["chunk_length_s"].as_f64() {
+            Some(seconds) => {
+                let context: Vec<String> = case["stride_length_s"].as_array().unwrap().iter().map(|c| c.to_string()).collect();
+                args.extend(["--chunk-seconds".into(), seconds.to_string(), "--chunk-context".into(), context.join(",")]);
+            }
+            None => args.extend(["--chunk-seconds".into(), "0".into()]),
+        }
+        args.push(s(&wav).into());
+        let run = engine(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        ok(&run);
+        let got: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+        let what = format!("{level}, {:?}", case["chunk_length_s"]);
+        assert_eq!(got["audio"].as_str(), Some(s(&wav)));
+        assert_eq!(got["text"], case["text"], "{what}");
+        let (got, want) = (got["chunks"].as_array().unwrap(), case["chunks"].as_array().unwrap());
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (g, w) in got.iter().zip(want) {
+            assert_eq!(g["text"], w["text"], "{what}");
+            for i in 0..2 {
+                let (a, b) = (g["timestamp"][i].as_f64().unwrap(), w["timestamp"][i].as_f64().unwrap());
+                assert!((a - b).abs() < 1e-9, "{what}: {g} against {w}");
+            }
+        }
+    }
+}
+
+#[test]
 fn a_window_longer_than_the_file_changes_nothing_and_the_default_cuts_only_past_the_batch_limit() {
     let tmp = tempfile::tempdir().unwrap();
     let wav = long_wav(tmp.path());
@@ -97,4 +131,29 @@ fn bad_chunk_settings_are_refused_by_name() {
     fails_with(&run(&["--chunk-seconds", "2", "--chunk-context", "a,0.5"]), "\"a\" is not a number");
     fails_with(&run(&["--chunk-seconds=-1"]), "number of seconds");
     fails_with(&run(&["--chunk-seconds", "0", "--chunk-context", "1"]), "runs every file whole");
+}
+
+/// With --beam the words are those of the beam search's transcript, in order, each timed within
+/// the file.
+#[test]
+fn beam_search_timestamps_time_its_own_transcript() {
+    let tmp = tempfile::tempdir().unwrap();
+    let wav = long_wav(tmp.path());
+    let plain = engine(&["infer", "--model", MODEL, "--beam", "8", "--chunk-seconds", "4", s(&wav)]);
+    ok(&plain);
+    let text = String::from_utf8(plain.stdout).unwrap().trim_end().split_once('\t').unwrap().1.to_string();
+    let timed = engine(&["infer", "--model", MODEL, "--beam", "8", "--chunk-seconds", "4", "--timestamps", "word", s(&wav)]);
+    ok(&timed);
+    let got: serde_json::Value = serde_json::from_slice(&timed.stdout).unwrap();
+    assert_eq!(got["text"].as_str(), Some(text.as_str()));
+    let words: Vec<&str> = got["chunks"].as_array().unwrap().iter().map(|c| c["text"].as_str().unwrap()).collect();
+    assert_eq!(words.join(" "), text);
+    let times: Vec<f64> = got["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|c| [c["timestamp"][0].as_f64().unwrap(), c["timestamp"][1].as_f64().unwrap()])
+        .collect();
+    let seconds = expected()["samples"].as_f64().unwrap() / 16_000.0;
+    assert!(times.windows(2).all(|w| w[0] <= w[1]) && times[0] >= 0.0 && *times.last().unwrap() <= seconds, "{times:?}");
 }

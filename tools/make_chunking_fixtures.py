@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""Reference transcripts of long audio cut into windows by transformers' ASR pipeline
-(tests/fixtures/chunking/expected.json).
+"""Reference transcripts of long audio cut into windows by transformers' ASR pipeline, and its
+token and word timestamps (tests/fixtures/chunking/expected.json).
 
 The input is the committed demo backbone (weights/s3r-demo-en) and eight English corpus
 utterances played back to back (about 15 s); the test rebuilds the same samples from the same
 FLAC files. For several window / context settings the pipeline's transcript is recorded
 (`chunk_length_s`, `stride_length_s`, batch size 1, greedy CTC), with the whole-file transcript
-of the same model for comparison.
+of the same model for comparison. `return_timestamps="char"` and `"word"` are recorded for the
+whole file and for the first setting.
 
     pip install torch transformers soundfile numpy
     python3 tools/make_chunking_fixtures.py
@@ -46,6 +47,12 @@ def main():
             {"chunk_seconds": c, "context": s, "text": asr(audio.copy(), chunk_length_s=c, stride_length_s=s)["text"]}
             for c, s in SETTINGS
         ]
+        timestamps = []
+        for chunking in [{}, {"chunk_length_s": SETTINGS[0][0], "stride_length_s": SETTINGS[0][1]}]:
+            for level in ["char", "word"]:
+                out = asr(audio.copy(), return_timestamps=level, **chunking)
+                chunks = [{"text": c["text"], "timestamp": list(c["timestamp"])} for c in out["chunks"]]
+                timestamps.append({"level": level, **chunking, "text": out["text"], "chunks": chunks})
     os.makedirs(OUT, exist_ok=True)
     expected = {
         "model": "weights/s3r-demo-en",
@@ -53,6 +60,7 @@ def main():
         "samples": int(len(audio)),
         "whole": whole,
         "cases": cases,
+        "timestamps": timestamps,
         "versions": {"transformers": transformers.__version__, "torch": torch.__version__},
     }
     with open(os.path.join(OUT, "expected.json"), "w") as f:

@@ -15,7 +15,7 @@ use s3router::data::audio::SAMPLE_RATE;
 use s3router::data::dataset::{self, DatasetOptions, Format, LabelKind, Subset};
 use s3router::data::labels::{self, Case, Labeler};
 use s3router::eval::evaluate;
-use s3router::infer::{BatchLimits, Chunking, Recognizer, Utterance};
+use s3router::infer::{word_stamps, BatchLimits, Chunking, Recognizer, Utterance};
 use s3router::metrics::{self, word_and_char_counts, Counts, TextNorm};
 use s3router::model::config::Config;
 use s3router::model::masks::MaskSet;
@@ -65,6 +65,15 @@ struct DeviceArgs {
     /// measured crossovers say that is faster).
     #[arg(long)]
     dense: bool,
+}
+
+/// What `engine infer --timestamps` times.
+#[derive(Clone, Copy, ValueEnum)]
+enum Timestamps {
+    /// Every token of the transcript (a word delimiter as a space).
+    Char,
+    /// Every word: the tokens between delimiters.
+    Word,
 }
 
 /// How `engine infer` cuts long files.
@@ -253,6 +262,13 @@ enum Command {
         /// one path. Costs about frames x beam x vocabulary steps per utterance.
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
         beam: Option<u32>,
+        /// Print one JSON object per file instead of the tab-separated line, as transformers' ASR
+        /// pipeline returns it with `return_timestamps`: {"audio", "text", "chunks": [{"text",
+        /// "timestamp": [start, end]}]}, times in seconds from the file's start. A token's time is
+        /// the run of frames the decoding path spends on it (with --beam, the most probable path
+        /// of the labelling found).
+        #[arg(long, value_enum)]
+        timestamps: Option<Timestamps>,
         /// Most seconds of audio in one forward pass (bounds memory; longer files are cut, see
         /// --chunk-seconds).
         #[arg(long, default_value_t = 120.0)]
@@ -494,12 +510,13 @@ struct InferOutput<'a> {
     /// The window length in seconds, to say so the first time a file is cut into windows
     /// nobody asked for.
     note_cuts: Option<f64>,
+    timestamps: Option<Timestamps>,
 }
 
 impl<'a> InferOutput<'a> {
     fn new(run: &InferRun<'a>, chunking: Option<Chunking>) -> InferOutput<'a> {
         let note_cuts = chunking.filter(|_| run.chunks.automatic()).map(|c| c.window as f64 / SAMPLE_RATE as f64);
-        InferOutput { out: run.out, logits: HashMap::new(), note_cuts }
+        InferOutput { out: run.out, logits: HashMap::new(), note_cuts, timestamps: run.timestamps }
     }
 
     fn take(&mut self, u: Utterance) -> Result<()> {
@@ -512,7 +529,18 @@ impl<'a> InferOutput<'a> {
             );
             self.note_cuts = None;
         }
-        println!("{}\t{}", u.path.display(), u.transcript);
+        match (self.timestamps, &u.tokens) {
+            (Some(level), Some(tokens)) => {
+                let stamps = match level {
+                    Timestamps::Char => tokens.clone(),
+                    Timestamps::Word => word_stamps(tokens),
+                };
+                let chunks: Vec<serde_json::Value> =
+                    stamps.iter().map(|s| serde_json::json!({"text": s.text, "timestamp": [s.start, s.end]})).collect();
+                println!("{}", serde_json::json!({"audio": u.path.display().to_string(), "text": u.transcript, "chunks": chunks}));
+            }
+            _ => println!("{}\t{}", u.path.display(), u.transcript),
+        }
         if self.out.is_some() {
             let vocab = u.logits.len() / u.frames.max(1);
             self.logits.insert(format!("logits.{}", u.index), (u.logits, vec![u.frames, vocab]));
@@ -534,6 +562,7 @@ struct InferRun<'a> {
     limits: BatchLimits,
     chunks: &'a ChunkArgs,
     decoder: Decoder,
+    timestamps: Option<Timestamps>,
 }
 
 /// `--beam N`: prefix beam search of width N; none: greedy.
@@ -546,6 +575,7 @@ fn infer(model: &Path, masks: Option<&Path>, run: InferRun, audio: &[PathBuf]) -
     let mut rec = Recognizer::load(model, masks, be.as_ref(), !run.device.dense)?;
     rec.decoder = run.decoder;
     rec.chunking = run.chunks.chunking(&rec.model.config, run.limits)?;
+    rec.timestamps = run.timestamps.is_some();
     let mut output = InferOutput::new(&run, rec.chunking);
     rec.run(audio, run.limits, |u| output.take(u))?;
     output.finish()
@@ -812,9 +842,9 @@ fn run(cli: Cli, demo_flags: &[demo::Word]) -> Result<()> {
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("cannot start the thread pool")?;
     }
     match cli.command {
-        Command::Infer { model, masks, device, out, beam, batch_seconds, chunks, audio } => {
+        Command::Infer { model, masks, device, out, beam, timestamps, batch_seconds, chunks, audio } => {
             let limits = BatchLimits::from_seconds(batch_seconds);
-            let run = InferRun { device, out: out.as_deref(), limits, chunks: &chunks, decoder: decoder(beam) };
+            let run = InferRun { device, out: out.as_deref(), limits, chunks: &chunks, decoder: decoder(beam), timestamps };
             match masks.as_slice() {
                 [] => infer(&model, None, run, &audio),
                 // A folder whose name holds '=' is still one mask set.
@@ -989,6 +1019,7 @@ fn infer_tasks(model: &Path, masks: &[String], run: InferRun, audio: &[PathBuf])
     let mut rec = MultiRecognizer::load(model, &tasks, be.as_ref())?;
     rec.decoder = run.decoder;
     rec.chunking = run.chunks.chunking(&rec.model.config, run.limits)?;
+    rec.timestamps = run.timestamps.is_some();
     let mut output = InferOutput::new(&run, rec.chunking);
     rec.run(&paths, &task_of, run.limits, |u| output.take(u))?;
     output.finish()?;

@@ -14,6 +14,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 
 use rayon::prelude::*;
 
+use super::align::{forced_path, greedy_path, path_spans, Span};
 use crate::backend::Seqs;
 
 /// How frame scores become a token sequence.
@@ -33,6 +34,21 @@ impl Decoder {
             Decoder::Greedy => super::greedy_ids(logits, vocab, blank),
             Decoder::Beam(beam) => prefix_beam_search(logits, vocab, blank, beam).into_iter().next().map(|h| h.ids).unwrap_or_default(),
         }
+    }
+
+    /// Where each token of [`Decoder::decode`]'s labelling sits: the greedy path's runs, or those
+    /// of the most probable path of the beam search's labelling.
+    pub fn spans(self, logits: &[f32], vocab: usize, blank: usize) -> Vec<Span> {
+        let path = match self {
+            Decoder::Greedy => greedy_path(logits, vocab),
+            Decoder::Beam(_) => {
+                let ids = self.decode(logits, vocab, blank);
+                // The search only extends a prefix by a frame that can emit the token, so its
+                // labelling always fits the frames.
+                forced_path(logits, vocab, &ids, blank as u32).expect("a beam search labelling has an alignment")
+            }
+        };
+        path_spans(&path, blank as u32)
     }
 
     /// [`Decoder::decode`] of each utterance of a packed `[seqs.total(), vocab]` batch, in
@@ -328,6 +344,22 @@ mod tests {
         assert!((best.log_prob.exp() - 0.243).abs() < 1e-6, "{}", best.log_prob.exp());
         // The two tokens tie; the smaller id wins, as documented.
         assert_eq!(Decoder::Beam(8).decode(&logits, 3, 0), vec![1]);
+        // Its span: the best single path of [1] puts it on one frame (ties: the first).
+        let spans = Decoder::Beam(8).spans(&logits, 3, 0);
+        assert_eq!(spans.iter().map(|s| s.token).collect::<Vec<_>>(), [1]);
+        assert_eq!(spans[0].frames.len(), 1);
+        assert!(Decoder::Greedy.spans(&logits, 3, 0).is_empty());
+    }
+
+    #[test]
+    fn spans_hold_the_decoded_tokens_in_order() {
+        let mut rng = SplitMix(11);
+        for decoder in [Decoder::Greedy, Decoder::Beam(4)] {
+            let logits = random_logits(&mut rng, 60, 5, 3.0);
+            let spans = decoder.spans(&logits, 5, 0);
+            assert_eq!(spans.iter().map(|s| s.token).collect::<Vec<_>>(), decoder.decode(&logits, 5, 0), "{decoder:?}");
+            assert!(spans.windows(2).all(|w| w[0].frames.end <= w[1].frames.start && !w[0].frames.is_empty()));
+        }
     }
 
     /// Prefix scores agree with the CTC loss (checked against PyTorch elsewhere): the loss of

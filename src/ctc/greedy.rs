@@ -1,19 +1,11 @@
 //! Greedy (best-path) CTC decoding.
 
+use super::align::{greedy_path, path_spans};
+
 /// Greedy (best-path) decoding of one utterance's `[frames, vocab]` scores: the argmax token of
 /// each frame, repeats collapsed, blanks dropped.
 pub fn greedy_ids(logits: &[f32], vocab: usize, blank: usize) -> Vec<u32> {
-    let mut out = Vec::new();
-    let mut prev = usize::MAX;
-    for frame in logits.chunks_exact(vocab) {
-        // First maximum wins ties, as torch.argmax does.
-        let best = frame.iter().enumerate().fold(0, |b, (i, &v)| if v > frame[b] { i } else { b });
-        if best != prev && best != blank {
-            out.push(best as u32);
-        }
-        prev = best;
-    }
-    out
+    path_spans(&greedy_path(logits, vocab), blank as u32).into_iter().map(|s| s.token).collect()
 }
 
 #[cfg(test)]

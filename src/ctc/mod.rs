@@ -1,6 +1,7 @@
 //! Connectionist temporal classification: greedy and prefix beam search decoding, and the loss
 //! with its gradient.
 
+pub mod align;
 pub mod beam;
 mod greedy;
 pub mod loss;

@@ -1,6 +1,7 @@
 //! Running a model over audio files: batching, long files in windows, logits, transcripts.
 
 mod chunking;
+mod timestamps;
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver};
@@ -9,6 +10,7 @@ use anyhow::Result;
 use rayon::prelude::*;
 
 pub use chunking::{Chunking, Stitched, Stitcher, Window};
+pub use timestamps::{token_stamps, word_stamps, Stamp};
 
 use crate::backend::Backend;
 use crate::ctc::Decoder;
@@ -118,6 +120,8 @@ pub struct Utterance {
     /// Windows the file was recognised in (1: whole).
     pub windows: usize,
     pub transcript: String,
+    /// The transcript's tokens with their times, where asked for.
+    pub tokens: Option<Vec<Stamp>>,
 }
 
 /// A loaded model folder: weights on a backend, feature extractor, vocabulary.
@@ -130,6 +134,8 @@ pub struct Recognizer<'a> {
     pub decoder: Decoder,
     /// Whole files unless set otherwise after [`Recognizer::load`].
     pub chunking: Option<Chunking>,
+    /// Whether utterances carry token times (off unless set after [`Recognizer::load`]).
+    pub timestamps: bool,
 }
 
 impl<'a> Recognizer<'a> {
@@ -145,7 +151,7 @@ impl<'a> Recognizer<'a> {
         let vocab_path = masks.as_ref().and_then(MaskSet::vocab_path).unwrap_or_else(|| dir.join("vocab.json"));
         let vocab = Vocab::load(&vocab_path, model.config.vocab_size, model.config.pad_token_id)?;
         let pre = Preprocessor::load(dir)?;
-        Ok(Recognizer { model, pre, vocab, backend, decoder: Decoder::Greedy, chunking: None })
+        Ok(Recognizer { model, pre, vocab, backend, decoder: Decoder::Greedy, chunking: None, timestamps: false })
     }
 
     /// Decodes, batches and recognises `paths` in order, calling `each` per utterance as soon as
@@ -153,6 +159,7 @@ impl<'a> Recognizer<'a> {
     /// stays bounded and the compute device does not wait for the decoder.
     pub fn run(&self, paths: &[PathBuf], limits: BatchLimits, mut each: impl FnMut(Utterance) -> Result<()>) -> Result<()> {
         let mut stitcher = Stitcher::default();
+        let how = Transcribe { decoder: self.decoder, timestamps: self.timestamps.then(|| self.model.config.seconds_per_frame()) };
         for batch in decoded_batches(paths.to_vec(), self.pre, &self.model.config, self.chunking, limits) {
             let batch = batch?;
             let inputs: Vec<&[f32]> = batch.iter().map(|p| p.samples.as_slice()).collect();
@@ -166,20 +173,35 @@ impl<'a> Recognizer<'a> {
                     done.push((piece.index, file));
                 }
             }
-            transcribe(done, paths, &self.vocab, self.decoder).into_iter().try_for_each(&mut each)?;
+            transcribe(done, paths, &self.vocab, how).into_iter().try_for_each(&mut each)?;
         }
         Ok(())
     }
 }
 
+/// How logits become transcripts.
+#[derive(Clone, Copy, Debug)]
+pub struct Transcribe {
+    pub decoder: Decoder,
+    /// With token times: the seconds per frame.
+    pub timestamps: Option<f64>,
+}
+
 /// Decodes whole files' logits, each with its index in `paths`, in parallel into utterances.
-pub fn transcribe(files: Vec<(usize, Stitched)>, paths: &[PathBuf], vocab: &Vocab, decoder: Decoder) -> Vec<Utterance> {
-    let v = vocab.len();
+pub fn transcribe(files: Vec<(usize, Stitched)>, paths: &[PathBuf], vocab: &Vocab, how: Transcribe) -> Vec<Utterance> {
+    let (v, blank) = (vocab.len(), vocab.blank());
     files
         .into_par_iter()
         .map(|(index, Stitched { logits, windows })| {
-            let transcript = vocab.text(&decoder.decode(&logits, v, vocab.blank()));
-            Utterance { index, path: paths[index].clone(), frames: logits.len() / v, logits, windows, transcript }
+            let (transcript, tokens) = match how.timestamps {
+                None => (vocab.text(&how.decoder.decode(&logits, v, blank)), None),
+                Some(seconds) => {
+                    let spans = how.decoder.spans(&logits, v, blank);
+                    let ids: Vec<u32> = spans.iter().map(|s| s.token).collect();
+                    (vocab.text(&ids), Some(token_stamps(&spans, vocab, seconds)))
+                }
+            };
+            Utterance { index, path: paths[index].clone(), frames: logits.len() / v, logits, windows, transcript, tokens }
         })
         .collect()
 }

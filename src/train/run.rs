@@ -815,8 +815,15 @@ impl Trainer<'_> {
                 Wav2Vec2::from_weights(config, &Masked { inner: &self.ck, masks: &set }, &*self.be)?
             }
         };
-        let rec =
-            Recognizer { model, pre: self.pre, vocab: self.vocab.clone(), backend: &*self.be, decoder: Decoder::Greedy, chunking: None };
+        let rec = Recognizer {
+            model,
+            pre: self.pre,
+            vocab: self.vocab.clone(),
+            backend: &*self.be,
+            decoder: Decoder::Greedy,
+            chunking: None,
+            timestamps: false,
+        };
         let labels = crate::data::labels::Labels { tokens: labels.clone(), skipped: 0 };
         Ok(Some(evaluate(&rec, data, &labels, BatchLimits::from_seconds(self.recipe.valid_batch_seconds), |_, _| {})?))
     }
