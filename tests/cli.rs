@@ -57,6 +57,38 @@ fn infer_prints_transformers_transcripts_and_writes_logits() {
     }
 }
 
+/// `--files-from LIST` (or standard input) adds to the files named on the command line, in order;
+/// MP3 is read like the rest; an empty list is refused by name.
+#[test]
+fn infer_reads_file_lists() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = path_str(&fixtures().join("base-like")).to_string();
+    let wavs: Vec<String> = utterances().iter().map(|p| path_str(p).to_string()).collect();
+    let mp3 = path_str(&fixtures().join("datasets/commonvoice/clips/cv_1.mp3")).to_string();
+    let mut args = vec!["infer", "--model", &model, &wavs[0], &wavs[1], &wavs[2], &mp3];
+    let direct = engine(&args);
+    assert!(direct.status.success(), "{}", String::from_utf8_lossy(&direct.stderr));
+    let list = dir.path().join("list.txt");
+    std::fs::write(&list, format!("{}\n\n{}\n{}\n", wavs[1], wavs[2], mp3)).unwrap();
+    let listed = engine(&["infer", "--model", &model, &wavs[0], "--files-from", path_str(&list)]);
+    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    assert_eq!(listed.stdout, direct.stdout);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_engine"))
+        .args(["infer", "--model", &model, "--files-from", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(format!("{}\n{}\n{}\n{}\n", wavs[0], wavs[1], wavs[2], mp3).as_bytes()).unwrap();
+    assert_eq!(child.wait_with_output().unwrap().stdout, direct.stdout);
+    std::fs::write(&list, "\n  \n").unwrap();
+    args = vec!["infer", "--model", &model, "--files-from", path_str(&list)];
+    let empty = engine(&args);
+    let e = String::from_utf8_lossy(&empty.stderr);
+    assert!(!empty.status.success() && e.contains("list.txt: the list names no files"), "{e}");
+}
+
 /// `--beam N` prints what the library's prefix beam search makes of the logits `--out` wrote,
 /// through the model's vocabulary; `--beam 0` is refused.
 #[test]

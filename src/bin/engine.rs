@@ -234,7 +234,7 @@ enum Command {
     /// prefix beam search with --beam).
     ///
     /// Prints one line per file: the path, a tab, the transcript. WAV (8/16/24/32-bit integer,
-    /// 32-bit float) and FLAC are read; stereo is averaged; any sample rate is resampled to 16 kHz.
+    /// 32-bit float), FLAC and MP3 are read; stereo is averaged; any sample rate is resampled to 16 kHz.
     ///
     /// Long recordings run in overlapping windows whose logits are stitched back together before
     /// decoding (--chunk-seconds); by default only files longer than --batch-seconds are cut.
@@ -275,9 +275,13 @@ enum Command {
         batch_seconds: f64,
         #[command(flatten)]
         chunks: ChunkArgs,
-        /// Audio files.
-        #[arg(required = true)]
+        /// Audio files (FILE@NAME with several tasks).
+        #[arg(required_unless_present = "files_from")]
         audio: Vec<PathBuf>,
+        /// Also read audio files from this list, one per line (blank lines skipped; - reads
+        /// standard input): for more files than a command line holds.
+        #[arg(long, value_name = "LIST")]
+        files_from: Option<PathBuf>,
     },
     /// Evaluate a model on a dataset: greedy (or --beam) decoding, mean CTC loss, WER / CER / UER.
     ///
@@ -553,6 +557,18 @@ impl<'a> InferOutput<'a> {
         let views = self.logits.iter().map(|(name, (data, shape))| (name.as_str(), shape.as_slice(), data.as_slice()));
         s3router::fsio::write_f32_safetensors(path, views, &Default::default())
     }
+}
+
+/// The paths listed in `list`, one per line (`-`: standard input).
+fn read_file_list(list: &Path) -> Result<Vec<PathBuf>> {
+    let text = if list == Path::new("-") {
+        std::io::read_to_string(std::io::stdin()).context("cannot read the file list from standard input")?
+    } else {
+        std::fs::read_to_string(list).with_context(|| format!("--files-from {}: cannot read the list", list.display()))?
+    };
+    let files: Vec<PathBuf> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(PathBuf::from).collect();
+    ensure!(!files.is_empty(), "--files-from {}: the list names no files", list.display());
+    Ok(files)
 }
 
 /// How `engine infer` runs, whatever the model and masks.
@@ -842,7 +858,10 @@ fn run(cli: Cli, demo_flags: &[demo::Word]) -> Result<()> {
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("cannot start the thread pool")?;
     }
     match cli.command {
-        Command::Infer { model, masks, device, out, beam, timestamps, batch_seconds, chunks, audio } => {
+        Command::Infer { model, masks, device, out, beam, timestamps, batch_seconds, chunks, mut audio, files_from } => {
+            if let Some(list) = files_from {
+                audio.extend(read_file_list(&list)?);
+            }
             let limits = BatchLimits::from_seconds(batch_seconds);
             let run = InferRun { device, out: out.as_deref(), limits, chunks: &chunks, decoder: decoder(beam), timestamps };
             match masks.as_slice() {
