@@ -1,5 +1,6 @@
 //! s3router: wav2vec2 / XLS-R inference and S3-Router mask learning, on CPU and GPU.
 
+pub mod alignment;
 pub mod analysis;
 pub mod backend;
 pub mod bench;

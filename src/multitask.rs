@@ -139,7 +139,7 @@ impl<'a> MultiRecognizer<'a> {
         mut each: impl FnMut(Utterance) -> Result<()>,
     ) -> Result<()> {
         let mut stitcher = Stitcher::default();
-        let how = Transcribe { decoder: self.decoder, timestamps: self.timestamps.then(|| self.model.config.seconds_per_frame()) };
+        let how = Transcribe { decoder: self.decoder, timestamps: self.timestamps.then(|| self.model.config.frame_stride()) };
         for batch in decoded_batches(paths.to_vec(), self.pre, &self.model.config, self.chunking, limits) {
             let mut batch = batch?;
             // Pieces of a task side by side (a file's windows stay in order: the sort is stable):

@@ -94,7 +94,7 @@ fn timestamps_are_the_transformers_pipeline_ones() {
             assert_eq!(g["text"], w["text"], "{what}");
             for i in 0..2 {
                 let (a, b) = (g["timestamp"][i].as_f64().unwrap(), w["timestamp"][i].as_f64().unwrap());
-                assert!((a - b).abs() < 1e-9, "{what}: {g} against {w}");
+                assert_eq!(a, b, "{what}: {g} against {w}");
             }
         }
     }

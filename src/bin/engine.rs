@@ -6,16 +6,17 @@ use std::process::ExitCode;
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use s3router::alignment::{align_dataset, TooShort};
 use s3router::analysis::{self, mask_stats, StatsSummary};
 use s3router::backend::cuda::Precision as CudaPrecision;
 use s3router::backend::Backend;
 use s3router::bench;
 use s3router::ctc::Decoder;
 use s3router::data::audio::SAMPLE_RATE;
-use s3router::data::dataset::{self, DatasetOptions, Format, LabelKind, Subset};
-use s3router::data::labels::{self, Case, Labeler};
+use s3router::data::dataset::{self, Dataset, DatasetOptions, Format, LabelKind, Subset};
+use s3router::data::labels::{self, Case, Labeler, Labels};
 use s3router::eval::evaluate;
-use s3router::infer::{word_stamps, BatchLimits, Chunking, Recognizer, Utterance};
+use s3router::infer::{word_stamps, BatchLimits, Chunking, Recognizer, Stamp, Utterance};
 use s3router::metrics::{self, word_and_char_counts, Counts, TextNorm};
 use s3router::model::config::Config;
 use s3router::model::masks::MaskSet;
@@ -65,6 +66,62 @@ struct DeviceArgs {
     /// measured crossovers say that is faster).
     #[arg(long)]
     dense: bool,
+}
+
+/// A dataset with transcripts, as `engine eval` and `engine align` read it.
+#[derive(clap::Args)]
+struct DataArgs {
+    /// Dataset: a .tsv, a .jsonl, or a folder.
+    #[arg(long)]
+    data: PathBuf,
+    /// Force the dataset layout instead of detecting it.
+    #[arg(long, value_enum)]
+    format: Option<Format>,
+    /// fairseq label file to read beside the manifest.
+    #[arg(long, value_enum, default_value = "ltr")]
+    labels: LabelKind,
+    /// Libri-light limited-supervision subset under librispeech_finetuning/.
+    #[arg(long, value_enum)]
+    subset: Option<Subset>,
+    /// CommonVoice split (a <split>.tsv in the folder).
+    #[arg(long, default_value = "test")]
+    split: String,
+    /// Skip utterances shorter than this (seconds).
+    #[arg(long)]
+    min_duration: Option<f64>,
+    /// Skip utterances longer than this (seconds).
+    #[arg(long)]
+    max_duration: Option<f64>,
+    /// Characters removed from transcripts before tokenising (e.g. punctuation: ",.?!;:").
+    #[arg(long, default_value = "")]
+    chars_to_ignore: String,
+    /// Drop symbols the vocabulary lacks (counted) instead of stopping with a list of them.
+    #[arg(long)]
+    skip_unknown: bool,
+}
+
+impl DataArgs {
+    fn open(&self) -> Result<Dataset> {
+        let opts = DatasetOptions {
+            format: self.format,
+            labels: self.labels,
+            subset: self.subset,
+            split: self.split.clone(),
+            min_duration: self.min_duration,
+            max_duration: self.max_duration,
+        };
+        dataset::open(&self.data, &opts)
+    }
+
+    /// The dataset's transcripts as tokens of `vocab`.
+    fn labels(&self, data: &Dataset, vocab: &Vocab) -> Result<Labels> {
+        let labels = Labeler::new(vocab, data.labels, &self.chars_to_ignore, self.skip_unknown)
+            .label_all(data.utterances.iter().map(|u| u.text.as_str()))?;
+        if labels.skipped > 0 {
+            eprintln!("skipped {} symbols missing from the vocabulary", labels.skipped);
+        }
+        Ok(labels)
+    }
 }
 
 /// What `engine infer --timestamps` times.
@@ -296,33 +353,8 @@ enum Command {
         /// A mask set (masks.safetensors, head.safetensors, vocab.json) to run the model with.
         #[arg(long)]
         masks: Option<PathBuf>,
-        /// Dataset: a .tsv, a .jsonl, or a folder.
-        #[arg(long)]
-        data: PathBuf,
-        /// Force the dataset layout instead of detecting it.
-        #[arg(long, value_enum)]
-        format: Option<Format>,
-        /// fairseq label file to read beside the manifest.
-        #[arg(long, value_enum, default_value = "ltr")]
-        labels: LabelKind,
-        /// Libri-light limited-supervision subset under librispeech_finetuning/.
-        #[arg(long, value_enum)]
-        subset: Option<Subset>,
-        /// CommonVoice split (a <split>.tsv in the folder).
-        #[arg(long, default_value = "test")]
-        split: String,
-        /// Skip utterances shorter than this (seconds).
-        #[arg(long)]
-        min_duration: Option<f64>,
-        /// Skip utterances longer than this (seconds).
-        #[arg(long)]
-        max_duration: Option<f64>,
-        /// Characters removed from transcripts before tokenising (e.g. punctuation: ",.?!;:").
-        #[arg(long, default_value = "")]
-        chars_to_ignore: String,
-        /// Drop symbols the vocabulary lacks (counted) instead of stopping with a list of them.
-        #[arg(long)]
-        skip_unknown: bool,
+        #[command(flatten)]
+        dataset: DataArgs,
         #[command(flatten)]
         device: DeviceArgs,
         /// Most seconds of audio in one forward pass (bounds memory).
@@ -340,6 +372,37 @@ enum Command {
         /// one path. Costs about frames x beam x vocabulary steps per utterance.
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
         beam: Option<u32>,
+    },
+    /// Place a dataset's transcripts in time by CTC forced alignment: for each utterance, the
+    /// most probable path of the model that spells its transcript exactly, and the run of frames
+    /// it spends on each token.
+    ///
+    /// Prints one JSON object per utterance in the shape of `engine infer --timestamps`:
+    /// {"audio", "text", "score", "chunks": [{"text", "timestamp": [start, end]}]}, times in
+    /// seconds; "score" is the path's mean log-probability per frame (near 0 where the model
+    /// agrees with the transcript; low values flag wrong or mismatched transcripts). An
+    /// utterance whose transcript needs more frames than its audio gives is skipped, with a
+    /// line on stderr.
+    Align {
+        /// Model folder (config.json, model.safetensors, vocab.json, preprocessor_config.json).
+        #[arg(long)]
+        model: PathBuf,
+        /// A mask set (masks.safetensors, head.safetensors, vocab.json) to run the model with.
+        #[arg(long)]
+        masks: Option<PathBuf>,
+        #[command(flatten)]
+        dataset: DataArgs,
+        /// Time words or every token.
+        #[arg(long, value_enum, default_value = "word")]
+        level: Timestamps,
+        #[command(flatten)]
+        device: DeviceArgs,
+        /// Most seconds of audio in one forward pass (bounds memory; longer files are cut, see
+        /// --chunk-seconds).
+        #[arg(long, default_value_t = 120.0)]
+        batch_seconds: f64,
+        #[command(flatten)]
+        chunks: ChunkArgs,
     },
     /// Learn S3-Router masks: per-matrix top-k of learned scores over the frozen model's weights
     /// (straight-through), plus a CTC head and the time-mask embedding, by CTC on a dataset.
@@ -539,9 +602,10 @@ impl<'a> InferOutput<'a> {
                     Timestamps::Char => tokens.clone(),
                     Timestamps::Word => word_stamps(tokens),
                 };
-                let chunks: Vec<serde_json::Value> =
-                    stamps.iter().map(|s| serde_json::json!({"text": s.text, "timestamp": [s.start, s.end]})).collect();
-                println!("{}", serde_json::json!({"audio": u.path.display().to_string(), "text": u.transcript, "chunks": chunks}));
+                println!(
+                    "{}",
+                    serde_json::json!({"audio": u.path.display().to_string(), "text": u.transcript, "chunks": stamp_json(&stamps)})
+                );
             }
             _ => println!("{}\t{}", u.path.display(), u.transcript),
         }
@@ -802,10 +866,7 @@ struct EvalArgs {
     decoder: Decoder,
     model: PathBuf,
     masks: Option<PathBuf>,
-    data: PathBuf,
-    opts: DatasetOptions,
-    chars_to_ignore: String,
-    skip_unknown: bool,
+    dataset: DataArgs,
     device: DeviceArgs,
     batch_seconds: f64,
     json: bool,
@@ -817,15 +878,11 @@ fn eval(a: EvalArgs) -> Result<()> {
         let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
         ensure!(dir.is_dir(), "--predictions {}: folder {} does not exist", p.display(), dir.display());
     }
-    let data = dataset::open(&a.data, &a.opts)?;
+    let data = a.dataset.open()?;
     let be = backend(a.device)?;
     let mut rec = Recognizer::load(&a.model, a.masks.as_deref(), be.as_ref(), !a.device.dense)?;
     rec.decoder = a.decoder;
-    let labels = Labeler::new(&rec.vocab, data.labels, &a.chars_to_ignore, a.skip_unknown)
-        .label_all(data.utterances.iter().map(|u| u.text.as_str()))?;
-    if labels.skipped > 0 {
-        eprintln!("skipped {} symbols missing from the vocabulary", labels.skipped);
-    }
+    let labels = a.dataset.labels(&data, &rec.vocab)?;
     let limits = BatchLimits::from_seconds(a.batch_seconds);
     let report = evaluate(&rec, &data, &labels, limits, |done, total| eprint!("\revaluated {done}/{total} utterances"))?;
     eprintln!();
@@ -853,6 +910,50 @@ fn eval(a: EvalArgs) -> Result<()> {
     Ok(())
 }
 
+/// `engine align`: JSON lines on stdout, skipped utterances and a count on stderr.
+fn align(
+    model: &Path,
+    masks: Option<&Path>,
+    dataset: &DataArgs,
+    level: Timestamps,
+    device: DeviceArgs,
+    limits: BatchLimits,
+    chunks: &ChunkArgs,
+) -> Result<()> {
+    let data = dataset.open()?;
+    let be = backend(device)?;
+    let mut rec = Recognizer::load(model, masks, be.as_ref(), !device.dense)?;
+    rec.chunking = chunks.chunking(&rec.model.config, limits)?;
+    let labels = dataset.labels(&data, &rec.vocab)?;
+    let (mut aligned, total) = (0, data.utterances.len());
+    align_dataset(&rec, &data, &labels, limits, |result| {
+        match result {
+            Ok(a) => {
+                let stamps = match level {
+                    Timestamps::Char => a.tokens,
+                    Timestamps::Word => word_stamps(&a.tokens),
+                };
+                let audio = data.utterances[a.index].audio.display().to_string();
+                let text = rec.vocab.text(&labels.tokens[a.index]);
+                println!("{}", serde_json::json!({"audio": audio, "text": text, "score": a.score, "chunks": stamp_json(&stamps)}));
+                aligned += 1;
+            }
+            Err(TooShort { index, needed, frames }) => eprintln!(
+                "{}: skipped: its transcript needs at least {needed} frames, the audio gives {frames}",
+                data.utterances[index].audio.display()
+            ),
+        }
+        Ok(())
+    })?;
+    eprintln!("aligned {aligned} of {total} utterances");
+    Ok(())
+}
+
+/// Timed pieces as transformers' ASR pipeline lists them: [{"text", "timestamp": [start, end]}].
+fn stamp_json(stamps: &[Stamp]) -> Vec<serde_json::Value> {
+    stamps.iter().map(|s| serde_json::json!({"text": s.text, "timestamp": [s.start, s.end]})).collect()
+}
+
 fn run(cli: Cli, demo_flags: &[demo::Word]) -> Result<()> {
     if let Some(n) = cli.threads {
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("cannot start the thread pool")?;
@@ -871,36 +972,12 @@ fn run(cli: Cli, demo_flags: &[demo::Word]) -> Result<()> {
                 many => infer_tasks(&model, many, run, &audio),
             }
         }
-        Command::Eval {
-            model,
-            masks,
-            data,
-            format,
-            labels,
-            subset,
-            split,
-            min_duration,
-            max_duration,
-            chars_to_ignore,
-            skip_unknown,
-            device,
-            batch_seconds,
-            json,
-            predictions,
-            beam,
-        } => eval(EvalArgs {
-            model,
-            masks,
-            data,
-            opts: DatasetOptions { format, labels, subset, split, min_duration, max_duration },
-            chars_to_ignore,
-            skip_unknown,
-            device,
-            batch_seconds,
-            json,
-            predictions,
-            decoder: decoder(beam),
-        }),
+        Command::Align { model, masks, dataset, level, device, batch_seconds, chunks } => {
+            align(&model, masks.as_deref(), &dataset, level, device, BatchLimits::from_seconds(batch_seconds), &chunks)
+        }
+        Command::Eval { model, masks, dataset, device, batch_seconds, json, predictions, beam } => {
+            eval(EvalArgs { model, masks, dataset, device, batch_seconds, json, predictions, decoder: decoder(beam) })
+        }
         Command::Vocab { data, dict, labels, format, split, chars_to_ignore, lowercase, uppercase, out } => {
             let vocab = match (data, dict) {
                 (_, Some(dict)) => Vocab::from_fairseq_dict(&dict)?,

@@ -159,7 +159,7 @@ impl<'a> Recognizer<'a> {
     /// stays bounded and the compute device does not wait for the decoder.
     pub fn run(&self, paths: &[PathBuf], limits: BatchLimits, mut each: impl FnMut(Utterance) -> Result<()>) -> Result<()> {
         let mut stitcher = Stitcher::default();
-        let how = Transcribe { decoder: self.decoder, timestamps: self.timestamps.then(|| self.model.config.seconds_per_frame()) };
+        let how = Transcribe { decoder: self.decoder, timestamps: self.timestamps.then(|| self.model.config.frame_stride()) };
         for batch in decoded_batches(paths.to_vec(), self.pre, &self.model.config, self.chunking, limits) {
             let batch = batch?;
             let inputs: Vec<&[f32]> = batch.iter().map(|p| p.samples.as_slice()).collect();
@@ -183,8 +183,8 @@ impl<'a> Recognizer<'a> {
 #[derive(Clone, Copy, Debug)]
 pub struct Transcribe {
     pub decoder: Decoder,
-    /// With token times: the seconds per frame.
-    pub timestamps: Option<f64>,
+    /// With token times: the samples per frame.
+    pub timestamps: Option<usize>,
 }
 
 /// Decodes whole files' logits, each with its index in `paths`, in parallel into utterances.
@@ -195,10 +195,10 @@ pub fn transcribe(files: Vec<(usize, Stitched)>, paths: &[PathBuf], vocab: &Voca
         .map(|(index, Stitched { logits, windows })| {
             let (transcript, tokens) = match how.timestamps {
                 None => (vocab.text(&how.decoder.decode(&logits, v, blank)), None),
-                Some(seconds) => {
+                Some(stride) => {
                     let spans = how.decoder.spans(&logits, v, blank);
                     let ids: Vec<u32> = spans.iter().map(|s| s.token).collect();
-                    (vocab.text(&ids), Some(token_stamps(&spans, vocab, seconds)))
+                    (vocab.text(&ids), Some(token_stamps(&spans, vocab, stride)))
                 }
             };
             Utterance { index, path: paths[index].clone(), frames: logits.len() / v, logits, windows, transcript, tokens }

@@ -3,6 +3,7 @@
 //! spends on it ([`crate::ctc::align`]), at the model's frame stride (20 ms for wav2vec2).
 
 use crate::ctc::align::Span;
+use crate::data::audio::SAMPLE_RATE;
 use crate::data::labels::DELIMITER;
 use crate::model::vocab::Vocab;
 
@@ -14,9 +15,11 @@ pub struct Stamp {
     pub end: f64,
 }
 
-/// The transcript's tokens with their times: special tokens left out (as from the transcript),
-/// the word delimiter as a space.
-pub fn token_stamps(spans: &[Span], vocab: &Vocab, seconds_per_frame: f64) -> Vec<Stamp> {
+/// The transcript's tokens with their times, for frames `frame_stride` samples apart: special
+/// tokens left out (as from the transcript), the word delimiter as a space.
+pub fn token_stamps(spans: &[Span], vocab: &Vocab, frame_stride: usize) -> Vec<Stamp> {
+    // Sample counts divided once, as transformers computes them (no drift from adding up 0.02).
+    let seconds = |frame: usize| (frame * frame_stride) as f64 / SAMPLE_RATE as f64;
     spans
         .iter()
         .filter(|s| vocab.is_content(s.token))
@@ -24,8 +27,8 @@ pub fn token_stamps(spans: &[Span], vocab: &Vocab, seconds_per_frame: f64) -> Ve
             let token = vocab.token(s.token as usize);
             Stamp {
                 text: if token == DELIMITER { " ".into() } else { token.into() },
-                start: s.frames.start as f64 * seconds_per_frame,
-                end: s.frames.end as f64 * seconds_per_frame,
+                start: seconds(s.frames.start),
+                end: seconds(s.frames.end),
             }
         })
         .collect()
@@ -52,11 +55,12 @@ mod tests {
             .into_iter()
             .map(|(token, frames)| Span { token, frames })
             .collect();
-        let tokens = token_stamps(&spans, &vocab, 0.02);
+        let tokens = token_stamps(&spans, &vocab, 320);
         let texts: Vec<&str> = tokens.iter().map(|t| t.text.as_str()).collect();
         assert_eq!(texts, ["a", "b", " ", " ", "b"], "<unk> left out as from the transcript");
         let words = word_stamps(&tokens);
-        let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
+        // Exactly the nearest doubles of the sample counts over 16 kHz.
+        let close = |a: f64, b: f64| a == b;
         assert_eq!(words.iter().map(|w| w.text.as_str()).collect::<Vec<_>>(), ["ab", "b"]);
         assert!(close(words[0].start, 0.02) && close(words[0].end, 0.10) && close(words[1].start, 0.18) && close(words[1].end, 0.24));
     }

@@ -148,11 +148,6 @@ impl Config {
         self.conv_stride.iter().product()
     }
 
-    /// Seconds between output frames (0.02 for wav2vec2).
-    pub fn seconds_per_frame(&self) -> f64 {
-        self.frame_stride() as f64 / crate::data::audio::SAMPLE_RATE as f64
-    }
-
     /// The fewest input samples that give one output frame (400 for wav2vec2-base).
     pub fn receptive_field(&self) -> usize {
         self.conv_kernel.iter().zip(&self.conv_stride).rev().fold(1, |rf, (&k, &s)| (rf - 1) * s + k)
