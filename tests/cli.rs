@@ -252,3 +252,43 @@ fn infer_with_a_mask_set_uses_its_head_and_vocabulary() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("is not \"s3router-masks-v1\""), "{e}");
 }
+
+/// `engine masks apply`: the folder it writes runs, unmasked, as transformers ran the masked
+/// model (the fixture's reference logits), and holds exactly the mask's zeros in each masked
+/// weight; an occupied output folder or a model the masks do not fit is refused.
+#[test]
+fn masks_apply_writes_the_masked_model_as_a_plain_folder() {
+    let model = fixtures().join("base-like");
+    let masks = fixtures().join("base-like-masks");
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("masked");
+    let o = engine(&["masks", "apply", "--model", path_str(&model), "--masks", path_str(&masks), "--out", path_str(&folder)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let logits = dir.path().join("logits.safetensors");
+    let wavs = utterances();
+    let mut args = vec!["infer", "--model", path_str(&folder), "--out", path_str(&logits)];
+    args.extend(wavs.iter().map(|p| path_str(p)));
+    let o = engine(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = Checkpoint::open(&[logits]).unwrap();
+    for u in 0..wavs.len() {
+        let (want, shape) = reference("base-like-masks", &format!("utt{u}.logits"));
+        let t = got.tensor(&format!("logits.{u}")).unwrap();
+        assert_eq!(t.shape(), &shape[..]);
+        assert!(rel_l2(&t.to_vec().unwrap(), &want) <= 1e-4, "utterance {u}");
+    }
+    let set = s3router::model::masks::MaskSet::load(&masks).unwrap();
+    let (written, base) = (Checkpoint::open_dir(&folder).unwrap(), Checkpoint::open_dir(&model).unwrap());
+    for (name, (_, bits)) in &set.masks {
+        let (w, b) = (written.tensor(name).unwrap().to_vec().unwrap(), base.tensor(name).unwrap().to_vec().unwrap());
+        let keep = s3router::mask::unpack(bits, w.len());
+        assert!(w.iter().zip(&b).zip(&keep).all(|((&w, &b), &k)| w == if k { b } else { 0.0 }), "{name}");
+    }
+    let o = engine(&["masks", "apply", "--model", path_str(&model), "--masks", path_str(&masks), "--out", path_str(&folder)]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("exists and is not empty"));
+    let other = fixtures().join("large-like");
+    let out = dir.path().join("other");
+    let o = engine(&["masks", "apply", "--model", path_str(&other), "--masks", path_str(&masks), "--out", path_str(&out)]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("base-like-masks") && !out.exists(), "{e}");
+}

@@ -19,6 +19,7 @@ use s3router::eval::evaluate;
 use s3router::infer::{word_stamps, BatchLimits, Chunking, Recognizer, Stamp, Utterance};
 use s3router::metrics::{self, word_and_char_counts, Counts, TextNorm};
 use s3router::model::config::Config;
+use s3router::model::folder::write_masked_folder;
 use s3router::model::masks::MaskSet;
 use s3router::model::vocab::Vocab;
 use s3router::multitask::{parse_routed, parse_task, MultiRecognizer};
@@ -193,6 +194,22 @@ enum MasksCommand {
     /// differs from the magnitude mask of the same weights (where S3-Router's default
     /// weight-rank initialisation starts), and the share flipped from the run's initial masks
     /// (initial_masks.safetensors in DIR or, for a run's best/, the run folder).
+    /// Write the model with a mask set applied as a new Hugging Face Wav2Vec2ForCTC folder
+    /// (config.json, model.safetensors, vocab.json, preprocessor_config.json): each masked
+    /// weight multiplied by its mask, the set's head and vocabulary in place of the model's.
+    /// transformers, its pipelines and `engine infer --model OUT` then run the masked model
+    /// without the engine's mask format (the masks stay recoverable as the zeros).
+    Apply {
+        /// The model folder the masks were learned on.
+        #[arg(long)]
+        model: PathBuf,
+        /// The mask set (masks.safetensors, head.safetensors, vocab.json).
+        #[arg(long)]
+        masks: PathBuf,
+        /// The new folder (absent or empty).
+        #[arg(long)]
+        out: PathBuf,
+    },
     Stats {
         /// The model folder the masks were learned on.
         #[arg(long)]
@@ -1030,6 +1047,12 @@ fn run(cli: Cli, demo_flags: &[demo::Word]) -> Result<()> {
             run_training(&recipe, &run.options(None)?, "model")
         }
         Command::Masks(MasksCommand::Stats { model, json, dir }) => masks_stats(&model, &dir, json),
+        Command::Masks(MasksCommand::Apply { model, masks, out }) => {
+            let set = MaskSet::load(&masks)?;
+            let dropped = write_masked_folder(&out, &model, &set)?;
+            eprintln!("wrote {} with {dropped} weights of {} masked matrices dropped", out.display(), set.masks.len());
+            Ok(())
+        }
         Command::Masks(MasksCommand::Compare { json, csv, permutations, plots, inventory, sets }) => {
             masks_compare(&sets, &inventory, json, csv.as_deref(), plots.as_deref(), permutations)
         }

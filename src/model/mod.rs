@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod folder;
 pub mod masks;
 pub mod preprocess;
 pub mod tasks;

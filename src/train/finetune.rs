@@ -1,6 +1,7 @@
 //! Weight finetuning's side of a training run: which checkpoint tensors train, a weight source
 //! that lays the trained values over the checkpoint, the weight-norm chain rule for the
-//! positional conv, and the Hugging Face folder a finetuning run writes.
+//! positional conv (the Hugging Face folder a finetuning run writes is
+//! [`crate::model::folder::write_model_folder`]).
 //!
 //! Everything of the transformer encoder and the feature projection trains (as in fairseq's
 //! `wav2vec_ctc` with `feature_grad_mult 0`); the convolutional feature encoder stays frozen
@@ -8,7 +9,6 @@
 //! learning.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
 use std::sync::Mutex;
 
 use anyhow::{ensure, Context, Result};
@@ -16,10 +16,7 @@ use anyhow::{ensure, Context, Result};
 use super::masked::POS_CONV_WEIGHT;
 use crate::backend::backward::TrainBackend;
 use crate::backend::Backend;
-use crate::fsio::{atomic_write, write_f32_safetensors};
 use crate::model::checkpoint::{Checkpoint, WeightSource};
-use crate::model::preprocess::Preprocessor;
-use crate::model::vocab::Vocab;
 use crate::model::wav2vec2::pos_conv_norm_names;
 use crate::tensor::Tensor;
 
@@ -131,55 +128,4 @@ pub fn unfold_pos_conv_grad(be: &dyn TrainBackend, grads: &mut BTreeMap<String, 
     grads.insert(weights[gi].name.clone(), dg);
     grads.insert(weights[vi].name.clone(), dv);
     Ok(())
-}
-
-/// A Hugging Face `Wav2Vec2ForCTC` folder that transformers and `engine infer` load:
-/// `config.json` (the source's, with the task vocabulary's size and blank), `model.safetensors`
-/// (every `wav2vec2.*` tensor of the source, the trained ones replaced, and the head),
-/// `vocab.json` and `preprocessor_config.json`. `trained` holds the weights, head and embedding
-/// as (name, shape, values).
-pub fn write_model_folder(dir: &Path, source: &Path, ck: &Checkpoint, trained: &[(&str, Vec<usize>, &[f32])], vocab: &Vocab) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let config_path = source.join("config.json");
-    let text = std::fs::read_to_string(&config_path).with_context(|| format!("cannot read {}", config_path.display()))?;
-    let mut config: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", config_path.display()))?;
-    config["vocab_size"] = vocab.len().into();
-    config["pad_token_id"] = vocab.blank().into();
-    config["architectures"] = serde_json::json!(["Wav2Vec2ForCTC"]);
-    let frozen: Vec<(String, Tensor)> = ck
-        .names()
-        .filter(|n| n.starts_with("wav2vec2.") && !trained.iter().any(|(name, ..)| name == n))
-        .map(|n| Ok((n.to_string(), ck.tensor(n)?)))
-        .collect::<Result<_>>()?;
-    let frozen_values: Vec<Vec<f32>> = frozen.iter().map(|(_, t)| t.to_vec()).collect::<Result<_>>()?;
-    let tensors = frozen
-        .iter()
-        .zip(&frozen_values)
-        .map(|((n, t), v)| (n.as_str(), t.shape(), v.as_slice()))
-        .chain(trained.iter().map(|(name, shape, data)| (*name, shape.as_slice(), *data)));
-    let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
-    write_f32_safetensors(&dir.join("model.safetensors"), tensors, &meta)?;
-    let text = serde_json::to_string_pretty(&config)?;
-    atomic_write(&dir.join("config.json"), |f| std::io::Write::write_all(f, text.as_bytes()))?;
-    let pre = source.join("preprocessor_config.json");
-    let pre_text = match std::fs::read_to_string(&pre) {
-        Ok(t) => t,
-        Err(_) => serde_json::to_string_pretty(&preprocessor_json(Preprocessor::load(source)?))?,
-    };
-    atomic_write(&dir.join("preprocessor_config.json"), |f| std::io::Write::write_all(f, pre_text.as_bytes()))?;
-    vocab.save(&dir.join("vocab.json"))
-}
-
-/// transformers' `Wav2Vec2FeatureExtractor` settings for a folder that had none.
-fn preprocessor_json(pre: Preprocessor) -> serde_json::Value {
-    serde_json::json!({
-        "feature_extractor_type": "Wav2Vec2FeatureExtractor",
-        "feature_size": 1,
-        "sampling_rate": 16000,
-        "padding_value": 0.0,
-        "padding_side": "right",
-        "do_normalize": pre.do_normalize,
-        "return_attention_mask": true,
-    })
 }

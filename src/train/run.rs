@@ -835,7 +835,7 @@ impl Trainer<'_> {
             Learn::Masks => params.write_masks(&*self.be, dir, self.recipe.sparsity(), &self.vocab),
             Learn::Weights { .. } => {
                 let weights = params.host_weights(&*self.be)?;
-                finetune::write_model_folder(dir, &self.source, &self.ck, &params.named(&weights), &self.vocab)?;
+                crate::model::folder::write_model_folder(dir, &self.source, &self.ck, &params.named(&weights), &self.vocab)?;
                 if let Some((pruner, keep)) = mask {
                     let entries = pruner.mask_entries(&params.weights, keep);
                     // Over the weights just written beside them.

@@ -1,0 +1,105 @@
+//! Hugging Face `Wav2Vec2ForCTC` folders the engine writes: a finetuned model, or a frozen model
+//! with a mask set applied (`engine masks apply`), which transformers then loads like any other.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{ensure, Context, Result};
+
+use crate::fsio::{atomic_write, write_f32_safetensors};
+use crate::mask::{apply_bits, unpack};
+use crate::model::checkpoint::Checkpoint;
+use crate::model::masks::MaskSet;
+use crate::model::preprocess::Preprocessor;
+use crate::model::vocab::Vocab;
+use crate::tensor::Tensor;
+
+/// A Hugging Face `Wav2Vec2ForCTC` folder that transformers and `engine infer` load:
+/// `config.json` (the source's, with the task vocabulary's size and blank), `model.safetensors`
+/// (every `wav2vec2.*` tensor of the source, the trained ones replaced, and the head),
+/// `vocab.json` and `preprocessor_config.json`. `trained` holds the weights, head and embedding
+/// as (name, shape, values).
+pub fn write_model_folder(dir: &Path, source: &Path, ck: &Checkpoint, trained: &[(&str, Vec<usize>, &[f32])], vocab: &Vocab) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let config_path = source.join("config.json");
+    let text = std::fs::read_to_string(&config_path).with_context(|| format!("cannot read {}", config_path.display()))?;
+    let mut config: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", config_path.display()))?;
+    config["vocab_size"] = vocab.len().into();
+    config["pad_token_id"] = vocab.blank().into();
+    config["architectures"] = serde_json::json!(["Wav2Vec2ForCTC"]);
+    let frozen: Vec<(String, Tensor)> = ck
+        .names()
+        .filter(|n| n.starts_with("wav2vec2.") && !trained.iter().any(|(name, ..)| name == n))
+        .map(|n| Ok((n.to_string(), ck.tensor(n)?)))
+        .collect::<Result<_>>()?;
+    let frozen_values: Vec<Vec<f32>> = frozen.iter().map(|(_, t)| t.to_vec()).collect::<Result<_>>()?;
+    let tensors = frozen
+        .iter()
+        .zip(&frozen_values)
+        .map(|((n, t), v)| (n.as_str(), t.shape(), v.as_slice()))
+        .chain(trained.iter().map(|(name, shape, data)| (*name, shape.as_slice(), *data)));
+    let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    write_f32_safetensors(&dir.join("model.safetensors"), tensors, &meta)?;
+    let text = serde_json::to_string_pretty(&config)?;
+    atomic_write(&dir.join("config.json"), |f| std::io::Write::write_all(f, text.as_bytes()))?;
+    let pre = source.join("preprocessor_config.json");
+    let pre_text = match std::fs::read_to_string(&pre) {
+        Ok(t) => t,
+        Err(_) => serde_json::to_string_pretty(&preprocessor_json(Preprocessor::load(source)?))?,
+    };
+    atomic_write(&dir.join("preprocessor_config.json"), |f| std::io::Write::write_all(f, pre_text.as_bytes()))?;
+    vocab.save(&dir.join("vocab.json"))
+}
+
+/// transformers' `Wav2Vec2FeatureExtractor` settings for a folder that had none.
+fn preprocessor_json(pre: Preprocessor) -> serde_json::Value {
+    serde_json::json!({
+        "feature_extractor_type": "Wav2Vec2FeatureExtractor",
+        "feature_size": 1,
+        "sampling_rate": 16000,
+        "padding_value": 0.0,
+        "padding_side": "right",
+        "do_normalize": pre.do_normalize,
+        "return_attention_mask": true,
+    })
+}
+
+/// Writes the model in `source` with the mask set `set` applied into the new folder `dir`: every
+/// masked weight multiplied by its mask (dropped weights stored as zeros), the set's head and
+/// vocabulary in place of the model's (its own where the set carries none). Returns the number
+/// of weights the masks drop.
+pub fn write_masked_folder(dir: &Path, source: &Path, set: &MaskSet) -> Result<usize> {
+    ensure!(
+        !dir.exists() || std::fs::read_dir(dir).map(|mut d| d.next().is_none()).unwrap_or(false),
+        "{}: the folder exists and is not empty; choose a new one",
+        dir.display()
+    );
+    let ck = Checkpoint::open_dir(source)?;
+    set.check_base(&ck, source)?;
+    let mut values: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    let mut dropped = 0;
+    for (name, (shape, bits)) in &set.masks {
+        let w = ck.tensor(name).with_context(|| format!("{}: masks a weight the model lacks", set.dir.display()))?;
+        ensure!(w.shape() == &shape[..], "{}: mask of {name} is {shape:?} but the weight is {:?}", set.dir.display(), w.shape());
+        dropped += unpack(bits, w.numel()).iter().filter(|&&keep| !keep).count();
+        values.push((name.clone(), shape.clone(), apply_bits(&w.to_vec()?, bits)));
+    }
+    let config = crate::model::config::Config::load(&source.join("config.json"))?;
+    let (head, vocab) = match &set.head {
+        Some((w, b)) => {
+            let path = set.vocab_path().with_context(|| format!("{}: the set has a head but no vocab.json", set.dir.display()))?;
+            ((w.clone(), b.clone()), Vocab::load(&path, b.numel(), config.pad_token_id)?)
+        }
+        None => {
+            let vocab = Vocab::load(&source.join("vocab.json"), config.vocab_size, config.pad_token_id)?;
+            ((ck.tensor("lm_head.weight")?, ck.tensor("lm_head.bias")?), vocab)
+        }
+    };
+    let head_values = [head.0.to_vec()?, head.1.to_vec()?];
+    let mut trained: Vec<(&str, Vec<usize>, &[f32])> = values.iter().map(|(n, s, v)| (n.as_str(), s.clone(), v.as_slice())).collect();
+    trained.push(("lm_head.weight", head.0.shape().to_vec(), &head_values[0]));
+    trained.push(("lm_head.bias", head.1.shape().to_vec(), &head_values[1]));
+    write_model_folder(dir, source, &ck, &trained, &vocab)?;
+    Ok(dropped)
+}
