@@ -1,5 +1,6 @@
 //! The CPU model against transformers' outputs (tools/make_fixtures.py), for both architectures,
-//! both weight-norm spellings, f16-stored weights, and batched against alone.
+//! both weight-norm spellings, f16-stored weights, HuBERT (tools/make_hubert_fixtures.py), and
+//! batched against alone.
 
 mod common;
 
@@ -75,6 +76,34 @@ fn pretraining_checkpoint_loads_and_encodes_without_a_head() {
     assert!(rel_l2(&enc.to_vec().unwrap(), &want) <= TOL);
     let err = model.logits(&be, &[x], None).unwrap_err().to_string();
     assert!(err.contains("lm_head"), "{err}");
+}
+
+#[test]
+fn hubert_matches_transformers() {
+    check_alone("hubert-like", "hubert-like");
+}
+
+/// A bare `HubertModel` checkpoint (no `hubert.` prefix, no head), as facebook/hubert-base-ls960
+/// is stored, holds hubert-like's encoder; a tensor it lacks is named as it would store it.
+#[test]
+fn bare_hubert_checkpoint_loads_and_encodes_without_a_head() {
+    let be = CpuBackend;
+    let model = Wav2Vec2::load(&fixtures().join("hubert-bare"), &be).unwrap();
+    assert!(model.lm_head.is_none());
+    let x = &inputs("hubert-bare")[0];
+    let (enc, _) = model.encode(&be, &[x], None).unwrap();
+    let (want, _) = reference("hubert-like", "utt0.encoder_out");
+    assert!(rel_l2(&enc.to_vec().unwrap(), &want) <= TOL);
+    for (name, drop) in [("hubert-bare", "encoder.layers.1.final_layer_norm.weight"), ("hubert-like", "hubert.encoder.layer_norm.bias")] {
+        let (_dir, copy) = common::copy_model(name);
+        let path = copy.join("model.safetensors");
+        let bytes = std::fs::read(&path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let kept: Vec<_> = st.tensors().into_iter().filter(|(n, _)| n != drop).collect();
+        safetensors::serialize_to_file(kept, None, &path).unwrap();
+        let err = format!("{:#}", Wav2Vec2::load(&copy, &be).err().unwrap());
+        assert!(err.contains(&format!("tensor \"{drop}\" is missing")), "{err}");
+    }
 }
 
 /// An utterance's logits do not depend on the batch it shares (padding never leaks).

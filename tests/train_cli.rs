@@ -499,3 +499,29 @@ fn masks_compare_reports_similarity_chance_and_correlation() {
     ok(&engine(&args));
     fails_with(&engine(&["masks", "compare", s(&en), s(&attention)]), "cover different matrices");
 }
+
+/// HuBERT: masks learned over a bare `HubertModel` checkpoint (how facebook/hubert-base-ls960 is
+/// stored) with a fresh head, and `masks apply` writes a `HubertForCTC` folder under HuBERT's own
+/// tensor names that runs as the masked model.
+#[test]
+fn masks_learned_on_hubert_apply_to_a_hubert_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train = small_manifest(tmp.path(), 4);
+    let run = tmp.path().join("run");
+    let mut args = vec!["train", "--model", "tests/fixtures/hubert-bare", "--train", s(&train), "--out", s(&run), "--steps", "3"];
+    args.extend(PLAIN);
+    ok(&engine(&args));
+    let folder = tmp.path().join("hubert-masked");
+    ok(&engine(&["masks", "apply", "--model", "tests/fixtures/hubert-bare", "--masks", s(&run), "--out", s(&folder)]));
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(folder.join("config.json")).unwrap()).unwrap();
+    assert_eq!((config["model_type"].as_str(), config["architectures"][0].as_str()), (Some("hubert"), Some("HubertForCTC")));
+    let bytes = std::fs::read(folder.join("model.safetensors")).unwrap();
+    let names: Vec<String> = safetensors::SafeTensors::deserialize(&bytes).unwrap().names().into_iter().map(str::to_string).collect();
+    assert!(names.iter().all(|n| n.starts_with("hubert.") || n.starts_with("lm_head.")), "{names:?}");
+    let wav = "tests/fixtures/corpus/en/audio/en_dev_00000.flac";
+    let applied = engine(&["infer", "--model", s(&folder), wav]);
+    let masked = engine(&["infer", "--model", "tests/fixtures/hubert-bare", "--masks", s(&run), wav]);
+    ok(&applied);
+    ok(&masked);
+    assert_eq!(applied.stdout, masked.stdout);
+}

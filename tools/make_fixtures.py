@@ -89,9 +89,10 @@ def perturb(model, seed):
 def reference_outputs(model, cfg, audio):
     """transformers' outputs for each utterance alone, with hooks on the intermediates."""
     captured = {}
-    hooks = [model.wav2vec2.feature_extractor.register_forward_hook(
+    encoder = model.base_model  # model.wav2vec2, or model.hubert
+    hooks = [encoder.feature_extractor.register_forward_hook(
         lambda m, i, o: captured.__setitem__("conv_features", o[0].transpose(0, 1)))]
-    for j, layer in enumerate(model.wav2vec2.encoder.layers):
+    for j, layer in enumerate(encoder.encoder.layers):
         hooks.append(layer.register_forward_hook(
             lambda m, i, o, j=j: captured.__setitem__(f"layer{j}", (o[0] if isinstance(o, tuple) else o)[0])))
     out = {}
@@ -102,7 +103,7 @@ def reference_outputs(model, cfg, audio):
         captured.clear()
         with torch.no_grad():
             res = model(x[None], output_hidden_states=False)
-            enc = model.wav2vec2(x[None]).last_hidden_state[0]
+            enc = encoder(x[None]).last_hidden_state[0]
         out[f"utt{u}.logits"] = res.logits[0]
         out[f"utt{u}.encoder_out"] = enc
         for k, v in captured.items():
@@ -130,18 +131,19 @@ def swap_weight_norm_spelling(path):
     return sorted(k for k in out if "pos_conv" in k)
 
 
-def build(name, spec, audio, seed):
+def build(name, spec, audio, seed, classes=(Wav2Vec2Config, Wav2Vec2ForCTC)):
+    config_class, model_class = classes
     spec = dict(spec)
     vocab = spec.pop("vocab")
     do_normalize = spec.pop("do_normalize")
-    cfg = Wav2Vec2Config(**spec, hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+    cfg = config_class(**spec, hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
                          feat_proj_dropout=0.0, final_dropout=0.0, layerdrop=0.0, mask_time_prob=0.0)
     # Random models put many frames near an argmax tie, where a 1e-6 rounding difference flips the
     # greedy transcript. Spread the logits (scaled head) and take the first seed whose top-2
     # margin is at least 2e-3 on every frame, so transcripts are a fair comparison.
     for attempt in range(200):
         torch.manual_seed(seed + 1000 * attempt)
-        model = Wav2Vec2ForCTC(cfg).eval()
+        model = model_class(cfg).eval()
         perturb(model, seed + 1000 * attempt)
         with torch.no_grad():
             model.lm_head.weight.mul_(30.0)

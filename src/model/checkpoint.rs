@@ -2,6 +2,10 @@
 //!
 //! Tensors come back as views into the mapping, so a frozen f32 model is never copied on the
 //! CPU. Every lookup checks the stored shape against what the model expects and names the tensor.
+//!
+//! Tensors are looked up by their wav2vec2 names: a HuBERT checkpoint's `hubert.X` and a bare
+//! encoder's `X` (`Wav2Vec2Model` / `HubertModel`, saved without a task head) are `wav2vec2.X`
+//! here, so one model definition serves all of them; messages give the stored name.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -16,6 +20,8 @@ use crate::rng::SplitMix;
 use crate::tensor::{DType, HostBytes, Tensor};
 
 struct Entry {
+    /// The name in the file.
+    stored: String,
     file: usize,
     dtype: DType,
     shape: Vec<usize>,
@@ -26,6 +32,8 @@ struct Entry {
 pub struct Checkpoint {
     files: Vec<(PathBuf, Arc<Mmap>)>,
     entries: HashMap<String, Entry>,
+    /// What this checkpoint stores in place of `wav2vec2.` (`hubert.`, or nothing), if anything.
+    stored_prefix: Option<&'static str>,
 }
 
 fn dtype_of(d: Dtype, name: &str, file: &Path) -> Result<DType> {
@@ -66,6 +74,7 @@ impl Checkpoint {
     pub fn open(paths: &[PathBuf]) -> Result<Checkpoint> {
         let mut files = Vec::new();
         let mut entries = HashMap::new();
+        let mut stored_prefix = None;
         for (i, path) in paths.iter().enumerate() {
             let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
             // SAFETY: the mapping is read-only; a checkpoint modified while loaded is outside our
@@ -74,20 +83,29 @@ impl Checkpoint {
             let st =
                 SafeTensors::deserialize(&map).map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file ({e})", path.display()))?;
             let base = map.as_ptr() as usize;
-            for (name, view) in st.tensors() {
-                let dtype = dtype_of(view.dtype(), &name, path)?;
+            for (stored, view) in st.tensors() {
+                let dtype = dtype_of(view.dtype(), &stored, path)?;
                 let bytes = view.data();
-                entries.insert(
-                    name,
-                    Entry { file: i, dtype, shape: view.shape().to_vec(), offset: bytes.as_ptr() as usize - base, len: bytes.len() },
-                );
+                let (name, replaced) = wav2vec2_name(&stored);
+                stored_prefix = stored_prefix.or(replaced);
+                let entry = Entry {
+                    file: i,
+                    dtype,
+                    shape: view.shape().to_vec(),
+                    offset: bytes.as_ptr() as usize - base,
+                    len: bytes.len(),
+                    stored,
+                };
+                if let Some(other) = entries.insert(name.clone(), entry) {
+                    bail!("{}: tensors \"{}\" and \"{}\" are both {name}", path.display(), other.stored, entries[&name].stored);
+                }
             }
             files.push((path.clone(), map));
         }
-        Ok(Checkpoint { files, entries })
+        Ok(Checkpoint { files, entries, stored_prefix })
     }
 
-    /// Names of all stored tensors.
+    /// Names of all stored tensors (wav2vec2 names for the encoder's).
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.entries.keys().map(String::as_str)
     }
@@ -100,11 +118,31 @@ impl Checkpoint {
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
         let e = self.entry(name)?;
         let bytes = HostBytes::Mapped { map: self.files[e.file].1.clone(), offset: e.offset, len: e.len };
-        Tensor::from_host_bytes(bytes, e.dtype, &e.shape).with_context(|| format!("{}: tensor \"{name}\"", self.path_of(e).display()))
+        Tensor::from_host_bytes(bytes, e.dtype, &e.shape).with_context(|| format!("{}: tensor \"{}\"", self.path_of(e).display(), e.stored))
     }
 
     fn entry(&self, name: &str) -> Result<&Entry> {
-        self.entries.get(name).with_context(|| format!("{}: tensor \"{name}\" is missing", self.files[0].0.display()))
+        self.entries.get(name).with_context(|| {
+            // Named as this checkpoint would store it.
+            let stored = match (self.stored_prefix, name.strip_prefix("wav2vec2.")) {
+                (Some(prefix), Some(rest)) => format!("{prefix}{rest}"),
+                _ => name.to_string(),
+            };
+            format!("{}: tensor \"{stored}\" is missing", self.files[0].0.display())
+        })
+    }
+}
+
+/// The wav2vec2 name of a stored tensor name, and the prefix it replaced: `hubert.X` and a bare
+/// encoder's `X` are `wav2vec2.X`; anything else is itself.
+fn wav2vec2_name(stored: &str) -> (String, Option<&'static str>) {
+    const BARE: [&str; 4] = ["feature_extractor.", "feature_projection.", "encoder.", "masked_spec_embed"];
+    if let Some(rest) = stored.strip_prefix("hubert.") {
+        (format!("wav2vec2.{rest}"), Some("hubert."))
+    } else if BARE.iter().any(|b| stored.starts_with(b)) {
+        (format!("wav2vec2.{stored}"), Some(""))
+    } else {
+        (stored.to_string(), None)
     }
 }
 
@@ -116,7 +154,7 @@ impl WeightSource for Checkpoint {
     fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let e = self.entry(name)?;
         if e.shape != shape {
-            bail!("{}: tensor \"{name}\" has shape {:?}, but the config implies {shape:?}", self.path_of(e).display(), e.shape);
+            bail!("{}: tensor \"{}\" has shape {:?}, but the config implies {shape:?}", self.path_of(e).display(), e.stored, e.shape);
         }
         self.tensor(name)
     }

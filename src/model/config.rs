@@ -5,6 +5,34 @@ use std::path::Path;
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 
+/// Which transformers model family a folder holds (`model_type`). HuBERT's modules are
+/// wav2vec2's, stored under `hubert.` (bare `HubertModel` checkpoints: no prefix); the engine
+/// names every tensor by its wav2vec2 name ([`crate::model::checkpoint`]) and writes each family's
+/// own names back ([`crate::model::folder`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    Wav2Vec2,
+    Hubert,
+}
+
+impl Family {
+    /// The prefix of the encoder's tensors in a `*ForCTC` checkpoint.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Family::Wav2Vec2 => "wav2vec2",
+            Family::Hubert => "hubert",
+        }
+    }
+
+    /// transformers' CTC model class.
+    pub fn ctc_class(self) -> &'static str {
+        match self {
+            Family::Wav2Vec2 => "Wav2Vec2ForCTC",
+            Family::Hubert => "HubertForCTC",
+        }
+    }
+}
+
 /// Where conv-layer normalisation goes (`feat_extract_norm`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FeatNorm {
@@ -16,6 +44,7 @@ pub enum FeatNorm {
 
 #[derive(Clone, Debug)]
 pub struct Config {
+    pub family: Family,
     pub conv_dim: Vec<usize>,
     pub conv_kernel: Vec<usize>,
     pub conv_stride: Vec<usize>,
@@ -74,7 +103,23 @@ impl Config {
             _ => bail!("{}: \"feat_extract_norm\" must be \"group\" or \"layer\", found {norm}", file.display()),
         };
         let eps = key(json, "layer_norm_eps", file)?;
+        let family = match json.get("model_type").and_then(Value::as_str) {
+            None | Some("wav2vec2") => Family::Wav2Vec2,
+            Some("hubert") => {
+                // HuBERT options whose modules wav2vec2 lacks.
+                let flag = |name: &str| json.get(name).and_then(Value::as_bool);
+                ensure!(
+                    flag("feat_proj_layer_norm") != Some(false),
+                    "{}: \"feat_proj_layer_norm\": false is not supported",
+                    file.display()
+                );
+                ensure!(flag("conv_pos_batch_norm") != Some(true), "{}: \"conv_pos_batch_norm\": true is not supported", file.display());
+                Family::Hubert
+            }
+            Some(other) => bail!("{}: \"model_type\" {other:?} is not supported (wav2vec2 and hubert are)", file.display()),
+        };
         let cfg = Config {
+            family,
             conv_dim: list_key(json, "conv_dim", file)?,
             conv_kernel: list_key(json, "conv_kernel", file)?,
             conv_stride: list_key(json, "conv_stride", file)?,
@@ -157,6 +202,7 @@ impl Config {
     /// (wav2vec2-base) and `large` (wav2vec2-large-lv60 / XLS-R 300M).
     pub fn preset(name: &str) -> Result<Config> {
         let base = Config {
+            family: Family::Wav2Vec2,
             conv_dim: vec![512; 7],
             conv_kernel: vec![10, 3, 3, 3, 3, 2, 2],
             conv_stride: vec![5, 2, 2, 2, 2, 2, 2],

@@ -9,14 +9,16 @@ use anyhow::{ensure, Context, Result};
 use crate::fsio::{atomic_write, write_f32_safetensors};
 use crate::mask::{apply_bits, unpack};
 use crate::model::checkpoint::Checkpoint;
+use crate::model::config::Config;
 use crate::model::masks::MaskSet;
 use crate::model::preprocess::Preprocessor;
 use crate::model::vocab::Vocab;
 use crate::tensor::Tensor;
 
-/// A Hugging Face `Wav2Vec2ForCTC` folder that transformers and `engine infer` load:
-/// `config.json` (the source's, with the task vocabulary's size and blank), `model.safetensors`
-/// (every `wav2vec2.*` tensor of the source, the trained ones replaced, and the head),
+/// A Hugging Face `Wav2Vec2ForCTC` (or `HubertForCTC`) folder that transformers and `engine
+/// infer` load: `config.json` (the source's, with the task vocabulary's size and blank),
+/// `model.safetensors` (every encoder tensor of the source, the trained ones replaced, and the
+/// head, under the family's names),
 /// `vocab.json` and `preprocessor_config.json`. `trained` holds the weights, head and embedding
 /// as (name, shape, values).
 pub fn write_model_folder(dir: &Path, source: &Path, ck: &Checkpoint, trained: &[(&str, Vec<usize>, &[f32])], vocab: &Vocab) -> Result<()> {
@@ -25,20 +27,26 @@ pub fn write_model_folder(dir: &Path, source: &Path, ck: &Checkpoint, trained: &
     let text = std::fs::read_to_string(&config_path).with_context(|| format!("cannot read {}", config_path.display()))?;
     let mut config: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", config_path.display()))?;
+    let family = Config::from_json(&config, &config_path)?.family;
     config["vocab_size"] = vocab.len().into();
     config["pad_token_id"] = vocab.blank().into();
-    config["architectures"] = serde_json::json!(["Wav2Vec2ForCTC"]);
+    config["architectures"] = serde_json::json!([family.ctc_class()]);
     let frozen: Vec<(String, Tensor)> = ck
         .names()
         .filter(|n| n.starts_with("wav2vec2.") && !trained.iter().any(|(name, ..)| name == n))
         .map(|n| Ok((n.to_string(), ck.tensor(n)?)))
         .collect::<Result<_>>()?;
     let frozen_values: Vec<Vec<f32>> = frozen.iter().map(|(_, t)| t.to_vec()).collect::<Result<_>>()?;
-    let tensors = frozen
+    let all: Vec<(&str, &[usize], &[f32])> = frozen
         .iter()
         .zip(&frozen_values)
         .map(|((n, t), v)| (n.as_str(), t.shape(), v.as_slice()))
-        .chain(trained.iter().map(|(name, shape, data)| (*name, shape.as_slice(), *data)));
+        .chain(trained.iter().map(|(name, shape, data)| (*name, shape.as_slice(), *data)))
+        .collect();
+    // The family's own names (the engine's are wav2vec2's; see crate::model::checkpoint).
+    let stored: Vec<String> =
+        all.iter().map(|(n, ..)| n.strip_prefix("wav2vec2.").map_or(n.to_string(), |rest| format!("{}.{rest}", family.prefix()))).collect();
+    let tensors = all.iter().zip(&stored).map(|((_, shape, data), name)| (name.as_str(), *shape, *data));
     let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     write_f32_safetensors(&dir.join("model.safetensors"), tensors, &meta)?;
     let text = serde_json::to_string_pretty(&config)?;
@@ -85,7 +93,7 @@ pub fn write_masked_folder(dir: &Path, source: &Path, set: &MaskSet) -> Result<u
         dropped += unpack(bits, w.numel()).iter().filter(|&&keep| !keep).count();
         values.push((name.clone(), shape.clone(), apply_bits(&w.to_vec()?, bits)));
     }
-    let config = crate::model::config::Config::load(&source.join("config.json"))?;
+    let config = Config::load(&source.join("config.json"))?;
     let (head, vocab) = match &set.head {
         Some((w, b)) => {
             let path = set.vocab_path().with_context(|| format!("{}: the set has a head but no vocab.json", set.dir.display()))?;
