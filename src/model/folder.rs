@@ -78,6 +78,7 @@ fn preprocessor_json(pre: Preprocessor) -> serde_json::Value {
 /// vocabulary in place of the model's (its own where the set carries none). Returns the number
 /// of weights the masks drop.
 pub fn write_masked_folder(dir: &Path, source: &Path, set: &MaskSet) -> Result<usize> {
+    ensure!(!dir.exists() || dir.is_dir(), "{}: a file of that name exists; choose a new folder", dir.display());
     ensure!(
         !dir.exists() || std::fs::read_dir(dir).map(|mut d| d.next().is_none()).unwrap_or(false),
         "{}: the folder exists and is not empty; choose a new one",
