@@ -157,3 +157,30 @@ fn beam_search_timestamps_time_its_own_transcript() {
     let seconds = expected()["samples"].as_f64().unwrap() / 16_000.0;
     assert!(times.windows(2).all(|w| w[0] <= w[1]) && times[0] >= 0.0 && *times.last().unwrap() <= seconds, "{times:?}");
 }
+
+/// A file cut into windows that span several batches reports its progress after each batch:
+/// windows done so far, out of the windows it has in all.
+#[test]
+fn progress_counts_a_files_windows_across_batches() {
+    use s3router::backend::cpu::CpuBackend;
+    use s3router::infer::{BatchLimits, Chunking, Recognizer};
+    let tmp = tempfile::tempdir().unwrap();
+    let wav = long_wav(tmp.path());
+    let be = CpuBackend;
+    let mut rec = Recognizer::load(Path::new(MODEL), None, &be, false).unwrap();
+    rec.chunking = Some(Chunking::from_seconds(2.0, 0.25, 0.25, &rec.model.config).unwrap());
+    let reports = std::sync::Mutex::new(Vec::new());
+    let record = |p: &Path, done: usize, total: usize| reports.lock().unwrap().push((p.to_path_buf(), done, total));
+    rec.progress = Some(&record);
+    let mut windows = 0;
+    rec.run(std::slice::from_ref(&wav), BatchLimits { max_utterances: 2, ..BatchLimits::default() }, |u| {
+        windows = u.windows;
+        Ok(())
+    })
+    .unwrap();
+    let reports = reports.into_inner().unwrap();
+    // 15.3 s in 1.5 s steps: 10 windows, 2 per batch, the last batch finishing the file.
+    assert_eq!(windows, 10);
+    let want: Vec<(PathBuf, usize, usize)> = (1..5).map(|b| (wav.clone(), 2 * b, 10)).collect();
+    assert_eq!(reports, want);
+}

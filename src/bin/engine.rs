@@ -1,6 +1,7 @@
 //! The `engine` command line: parse, call the library, print.
 
 use std::collections::{BTreeSet, HashMap};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -16,7 +17,7 @@ use s3router::data::audio::SAMPLE_RATE;
 use s3router::data::dataset::{self, Dataset, DatasetOptions, Format, LabelKind, Subset};
 use s3router::data::labels::{self, Case, Labeler, Labels};
 use s3router::eval::evaluate;
-use s3router::infer::{word_stamps, BatchLimits, Chunking, Recognizer, Stamp, Utterance};
+use s3router::infer::{word_stamps, BatchLimits, Chunking, Recognizer, Stamp, Utterance, WindowProgress};
 use s3router::metrics::{self, word_and_char_counts, Counts, TextNorm};
 use s3router::model::config::Config;
 use s3router::model::folder::write_masked_folder;
@@ -604,6 +605,9 @@ impl<'a> InferOutput<'a> {
     }
 
     fn take(&mut self, u: Utterance) -> Result<()> {
+        if u.windows > 1 && window_progress().is_some() {
+            eprint!("\r\x1b[2K");
+        }
         if let Some(window) = self.note_cuts.filter(|_| u.windows > 1) {
             eprintln!(
                 "note: {} is longer than --batch-seconds: recognised in {} windows of {window} s, stitched \
@@ -640,6 +644,14 @@ impl<'a> InferOutput<'a> {
     }
 }
 
+/// On a terminal, a line on stderr saying how far a file cut into windows has got (rewritten in
+/// place, cleared when the file is done).
+fn window_progress() -> Option<&'static WindowProgress<'static>> {
+    std::io::stderr()
+        .is_terminal()
+        .then_some(&|path: &Path, done: usize, total: usize| eprint!("\r{}: {done} of {total} windows", path.display()))
+}
+
 /// The paths listed in `list`, one per line (`-`: standard input).
 fn read_file_list(list: &Path) -> Result<Vec<PathBuf>> {
     let text = if list == Path::new("-") {
@@ -673,6 +685,7 @@ fn infer(model: &Path, masks: Option<&Path>, run: InferRun, audio: &[PathBuf]) -
     rec.decoder = run.decoder;
     rec.chunking = run.chunks.chunking(&rec.model.config, run.limits)?;
     rec.timestamps = run.timestamps.is_some();
+    rec.progress = window_progress();
     let mut output = InferOutput::new(&run, rec.chunking);
     rec.run(audio, run.limits, |u| output.take(u))?;
     output.finish()
@@ -941,6 +954,7 @@ fn align(
     let be = backend(device)?;
     let mut rec = Recognizer::load(model, masks, be.as_ref(), !device.dense)?;
     rec.chunking = chunks.chunking(&rec.model.config, limits)?;
+    rec.progress = window_progress();
     let labels = dataset.labels(&data, &rec.vocab)?;
     let (mut aligned, total) = (0, data.utterances.len());
     align_dataset(&rec, &data, &labels, limits, |result| {
@@ -952,6 +966,9 @@ fn align(
                 };
                 let audio = data.utterances[a.index].audio.display().to_string();
                 let text = rec.vocab.text(&labels.tokens[a.index]);
+                if rec.progress.is_some() {
+                    eprint!("\r\x1b[2K");
+                }
                 println!("{}", serde_json::json!({"audio": audio, "text": text, "score": a.score, "chunks": stamp_json(&stamps)}));
                 aligned += 1;
             }

@@ -108,6 +108,11 @@ pub struct Stitched {
 }
 
 impl Stitcher {
+    /// Windows of `file` taken so far, while it has more to come.
+    pub fn windows_of(&self, file: usize) -> usize {
+        self.open.get(&file).map_or(0, |(_, n)| *n)
+    }
+
     /// Takes window `w` of file `file` with its logits (`[frames, vocab]` row-major); after the
     /// file's last window, gives back the file's logits.
     pub fn add(&mut self, file: usize, w: &Window, logits: &[f32], vocab: usize) -> Result<Option<Stitched>> {

@@ -42,11 +42,16 @@ impl Default for BatchLimits {
     }
 }
 
+/// A report on a file cut into windows: its path, the windows done, the windows in all.
+pub type WindowProgress<'a> = dyn Fn(&Path, usize, usize) + Sync + 'a;
+
 /// One window of an input file (the whole file unless it was cut), normalised.
 pub struct Piece {
     /// Position of the file in the input list.
     pub index: usize,
     pub window: Window,
+    /// How many windows the file has.
+    pub windows: usize,
     pub samples: Vec<f32>,
 }
 
@@ -89,6 +94,7 @@ pub fn decoded_batches(
                 Some(c) => c.windows(samples.len(), &config),
                 None => vec![Window::whole(samples.len(), &config)],
             };
+            let count = windows.len();
             for window in windows {
                 let len = window.samples.len();
                 if !pending.is_empty() && (pending_samples + len > limits.max_samples || pending.len() >= limits.max_utterances) {
@@ -99,7 +105,7 @@ pub fn decoded_batches(
                 }
                 pending_samples += len;
                 let piece = pre.apply(samples[window.samples.clone()].to_vec());
-                pending.push(Piece { index, window, samples: piece });
+                pending.push(Piece { index, window, windows: count, samples: piece });
             }
         }
         if !pending.is_empty() {
@@ -136,6 +142,9 @@ pub struct Recognizer<'a> {
     pub chunking: Option<Chunking>,
     /// Whether utterances carry token times (off unless set after [`Recognizer::load`]).
     pub timestamps: bool,
+    /// Called after each batch that leaves a file cut into windows unfinished (none unless set
+    /// after [`Recognizer::load`]).
+    pub progress: Option<&'a WindowProgress<'a>>,
 }
 
 impl<'a> Recognizer<'a> {
@@ -150,8 +159,12 @@ impl<'a> Recognizer<'a> {
         }
         let vocab_path = masks.as_ref().and_then(MaskSet::vocab_path).unwrap_or_else(|| dir.join("vocab.json"));
         let vocab = Vocab::load(&vocab_path, model.config.vocab_size, model.config.pad_token_id)?;
-        let pre = Preprocessor::load(dir)?;
-        Ok(Recognizer { model, pre, vocab, backend, decoder: Decoder::Greedy, chunking: None, timestamps: false })
+        Ok(Recognizer::new(model, Preprocessor::load(dir)?, vocab, backend))
+    }
+
+    /// A loaded model with greedy decoding of whole files, without times or progress reports.
+    pub fn new(model: Wav2Vec2, pre: Preprocessor, vocab: Vocab, backend: &'a dyn Backend) -> Recognizer<'a> {
+        Recognizer { model, pre, vocab, backend, decoder: Decoder::Greedy, chunking: None, timestamps: false, progress: None }
     }
 
     /// Decodes, batches and recognises `paths` in order, calling `each` per utterance as soon as
@@ -174,6 +187,10 @@ impl<'a> Recognizer<'a> {
                 }
             }
             transcribe(done, paths, &self.vocab, how).into_iter().try_for_each(&mut each)?;
+            // Only the batch's last file can still have windows to come.
+            if let (Some(report), Some(p)) = (self.progress, batch.last().filter(|p| !p.window.last)) {
+                report(&paths[p.index], stitcher.windows_of(p.index), p.windows);
+            }
         }
         Ok(())
     }

@@ -32,7 +32,7 @@ use crate::backend::cpu::math::add_assign;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::{CudaBackend, Precision};
 use crate::backend::{Backend, Seqs};
-use crate::ctc::{CtcTargets, Decoder, Reduction};
+use crate::ctc::{CtcTargets, Reduction};
 use crate::data::dataset::{self, Dataset, DatasetOptions, Format, LabelKind, Subset};
 use crate::data::labels::{symbols, Case, Labeler};
 use crate::dropout::Dropout;
@@ -815,15 +815,7 @@ impl Trainer<'_> {
                 Wav2Vec2::from_weights(config, &Masked { inner: &self.ck, masks: &set }, &*self.be)?
             }
         };
-        let rec = Recognizer {
-            model,
-            pre: self.pre,
-            vocab: self.vocab.clone(),
-            backend: &*self.be,
-            decoder: Decoder::Greedy,
-            chunking: None,
-            timestamps: false,
-        };
+        let rec = Recognizer::new(model, self.pre, self.vocab.clone(), &*self.be);
         let labels = crate::data::labels::Labels { tokens: labels.clone(), skipped: 0 };
         Ok(Some(evaluate(&rec, data, &labels, BatchLimits::from_seconds(self.recipe.valid_batch_seconds), |_, _| {})?))
     }
