@@ -70,6 +70,23 @@ struct DeviceArgs {
     dense: bool,
 }
 
+/// A model, masked or not, as `engine eval` and `engine align` run it.
+#[derive(clap::Args)]
+struct ModelArgs {
+    /// Model folder (config.json, model.safetensors, vocab.json, preprocessor_config.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// A mask set (masks.safetensors, head.safetensors, vocab.json) to run the model with.
+    #[arg(long)]
+    masks: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    fn load<'a>(&self, be: &'a dyn Backend, device: DeviceArgs) -> Result<Recognizer<'a>> {
+        Recognizer::load(&self.model, self.masks.as_deref(), be, !device.dense)
+    }
+}
+
 /// A dataset with transcripts, as `engine eval` and `engine align` read it.
 #[derive(clap::Args)]
 struct DataArgs {
@@ -365,12 +382,8 @@ enum Command {
     /// subsets with --subset), a CommonVoice language folder (clips/ + <split>.tsv) or NeMo JSON
     /// lines (.jsonl). Transcripts are normalised to the model's vocabulary.
     Eval {
-        /// Model folder (config.json, model.safetensors, vocab.json, preprocessor_config.json).
-        #[arg(long)]
-        model: PathBuf,
-        /// A mask set (masks.safetensors, head.safetensors, vocab.json) to run the model with.
-        #[arg(long)]
-        masks: Option<PathBuf>,
+        #[command(flatten)]
+        model: ModelArgs,
         #[command(flatten)]
         dataset: DataArgs,
         #[command(flatten)]
@@ -402,12 +415,8 @@ enum Command {
     /// utterance whose transcript needs more frames than its audio gives is skipped, with a
     /// line on stderr.
     Align {
-        /// Model folder (config.json, model.safetensors, vocab.json, preprocessor_config.json).
-        #[arg(long)]
-        model: PathBuf,
-        /// A mask set (masks.safetensors, head.safetensors, vocab.json) to run the model with.
-        #[arg(long)]
-        masks: Option<PathBuf>,
+        #[command(flatten)]
+        model: ModelArgs,
         #[command(flatten)]
         dataset: DataArgs,
         /// Time words or every token.
@@ -894,8 +903,7 @@ fn score(reference: &Path, hyp: &Path, norm: &TextNorm, alignments: bool) -> Res
 
 struct EvalArgs {
     decoder: Decoder,
-    model: PathBuf,
-    masks: Option<PathBuf>,
+    model: ModelArgs,
     dataset: DataArgs,
     device: DeviceArgs,
     batch_seconds: f64,
@@ -910,7 +918,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     }
     let data = a.dataset.open()?;
     let be = backend(a.device)?;
-    let mut rec = Recognizer::load(&a.model, a.masks.as_deref(), be.as_ref(), !a.device.dense)?;
+    let mut rec = a.model.load(be.as_ref(), a.device)?;
     rec.decoder = a.decoder;
     let labels = a.dataset.labels(&data, &rec.vocab)?;
     let limits = BatchLimits::from_seconds(a.batch_seconds);
@@ -942,8 +950,7 @@ fn eval(a: EvalArgs) -> Result<()> {
 
 /// `engine align`: JSON lines on stdout, skipped utterances and a count on stderr.
 fn align(
-    model: &Path,
-    masks: Option<&Path>,
+    model: &ModelArgs,
     dataset: &DataArgs,
     level: Timestamps,
     device: DeviceArgs,
@@ -952,7 +959,7 @@ fn align(
 ) -> Result<()> {
     let data = dataset.open()?;
     let be = backend(device)?;
-    let mut rec = Recognizer::load(model, masks, be.as_ref(), !device.dense)?;
+    let mut rec = model.load(be.as_ref(), device)?;
     rec.chunking = chunks.chunking(&rec.model.config, limits)?;
     rec.progress = window_progress();
     let labels = dataset.labels(&data, &rec.vocab)?;
@@ -1006,11 +1013,11 @@ fn run(cli: Cli, demo_flags: &[demo::Word]) -> Result<()> {
                 many => infer_tasks(&model, many, run, &audio),
             }
         }
-        Command::Align { model, masks, dataset, level, device, batch_seconds, chunks } => {
-            align(&model, masks.as_deref(), &dataset, level, device, BatchLimits::from_seconds(batch_seconds), &chunks)
+        Command::Align { model, dataset, level, device, batch_seconds, chunks } => {
+            align(&model, &dataset, level, device, BatchLimits::from_seconds(batch_seconds), &chunks)
         }
-        Command::Eval { model, masks, dataset, device, batch_seconds, json, predictions, beam } => {
-            eval(EvalArgs { model, masks, dataset, device, batch_seconds, json, predictions, decoder: decoder(beam) })
+        Command::Eval { model, dataset, device, batch_seconds, json, predictions, beam } => {
+            eval(EvalArgs { model, dataset, device, batch_seconds, json, predictions, decoder: decoder(beam) })
         }
         Command::Vocab { data, dict, labels, format, split, chars_to_ignore, lowercase, uppercase, out } => {
             let vocab = match (data, dict) {
