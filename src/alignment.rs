@@ -6,6 +6,7 @@
 use anyhow::Result;
 
 use crate::ctc::align::{forced_path, path_spans};
+use crate::ctc::log_partition;
 use crate::ctc::loss::min_frames;
 use crate::data::dataset::Dataset;
 use crate::data::labels::Labels;
@@ -57,15 +58,7 @@ pub fn align_dataset(
 
 /// Σ_t log softmax(logits_t)[path_t].
 fn path_log_prob(logits: &[f32], vocab: usize, path: &[u32]) -> f64 {
-    logits
-        .chunks_exact(vocab)
-        .zip(path)
-        .map(|(frame, &k)| {
-            let max = frame.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-            let sum: f64 = frame.iter().map(|&x| (x as f64 - max).exp()).sum();
-            frame[k as usize] as f64 - max - sum.ln()
-        })
-        .sum()
+    logits.chunks_exact(vocab).zip(path).map(|(frame, &k)| frame[k as usize] as f64 - log_partition(frame)).sum()
 }
 
 #[cfg(test)]

@@ -266,9 +266,7 @@ fn log_add(a: f64, b: f64) -> f64 {
 }
 
 fn log_softmax(frame: &[f32], out: &mut [f64]) {
-    let max = frame.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
-    let sum: f64 = frame.iter().map(|&v| (v as f64 - max).exp()).sum();
-    let log_z = max + sum.ln();
+    let log_z = super::log_partition(frame);
     for (o, &v) in out.iter_mut().zip(frame) {
         *o = v as f64 - log_z;
     }
