@@ -7,10 +7,10 @@ use std::path::Path;
 use anyhow::{ensure, Context, Result};
 
 use crate::fsio::{atomic_write, write_f32_safetensors};
-use crate::mask::{apply_bits, unpack};
-use crate::model::checkpoint::Checkpoint;
+use crate::mask::unpack;
+use crate::model::checkpoint::{Checkpoint, WeightSource};
 use crate::model::config::Config;
-use crate::model::masks::MaskSet;
+use crate::model::masks::{MaskSet, Masked};
 use crate::model::preprocess::Preprocessor;
 use crate::model::vocab::Vocab;
 use crate::tensor::Tensor;
@@ -86,29 +86,25 @@ pub fn write_masked_folder(dir: &Path, source: &Path, set: &MaskSet) -> Result<u
     );
     let ck = Checkpoint::open_dir(source)?;
     set.check_base(&ck, source)?;
-    let mut values: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
-    let mut dropped = 0;
-    for (name, (shape, bits)) in &set.masks {
-        let w = ck.tensor(name).with_context(|| format!("{}: masks a weight the model lacks", set.dir.display()))?;
-        ensure!(w.shape() == &shape[..], "{}: mask of {name} is {shape:?} but the weight is {:?}", set.dir.display(), w.shape());
-        dropped += unpack(bits, w.numel()).iter().filter(|&&keep| !keep).count();
-        values.push((name.clone(), shape.clone(), apply_bits(&w.to_vec()?, bits)));
-    }
     let config = Config::load(&source.join("config.json"))?;
-    let (head, vocab) = match &set.head {
-        Some((w, b)) => {
+    // The weights as `engine infer --masks` runs them: masked, the set's head where it has one.
+    let masked = Masked { inner: &ck, masks: set };
+    let classes = set.head_vocab_size().unwrap_or(config.vocab_size);
+    let head = [("lm_head.weight", vec![classes, config.hidden_size]), ("lm_head.bias", vec![classes])];
+    let mut written: Vec<(&str, Vec<usize>, Vec<f32>)> = Vec::new();
+    for (name, shape) in set.masks.iter().map(|(n, (s, _))| (n.as_str(), s.clone())).chain(head) {
+        let t =
+            masked.get(name, &shape).with_context(|| format!("{}: does not fit the model in {}", set.dir.display(), source.display()))?;
+        written.push((name, shape, t.to_vec()?));
+    }
+    let vocab = match set.head {
+        Some(_) => {
             let path = set.vocab_path().with_context(|| format!("{}: the set has a head but no vocab.json", set.dir.display()))?;
-            ((w.clone(), b.clone()), Vocab::load(&path, b.numel(), config.pad_token_id)?)
+            Vocab::load(&path, classes, config.pad_token_id)?
         }
-        None => {
-            let vocab = Vocab::load(&source.join("vocab.json"), config.vocab_size, config.pad_token_id)?;
-            ((ck.tensor("lm_head.weight")?, ck.tensor("lm_head.bias")?), vocab)
-        }
+        None => Vocab::load(&source.join("vocab.json"), classes, config.pad_token_id)?,
     };
-    let head_values = [head.0.to_vec()?, head.1.to_vec()?];
-    let mut trained: Vec<(&str, Vec<usize>, &[f32])> = values.iter().map(|(n, s, v)| (n.as_str(), s.clone(), v.as_slice())).collect();
-    trained.push(("lm_head.weight", head.0.shape().to_vec(), &head_values[0]));
-    trained.push(("lm_head.bias", head.1.shape().to_vec(), &head_values[1]));
+    let trained: Vec<(&str, Vec<usize>, &[f32])> = written.iter().map(|(n, s, v)| (*n, s.clone(), v.as_slice())).collect();
     write_model_folder(dir, source, &ck, &trained, &vocab)?;
-    Ok(dropped)
+    Ok(set.masks.iter().map(|(_, (shape, bits))| unpack(bits, shape.iter().product()).iter().filter(|&&keep| !keep).count()).sum())
 }
