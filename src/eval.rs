@@ -74,7 +74,7 @@ pub fn evaluate(
     let total = paths.len();
     let delimiter = rec.vocab.id(DELIMITER);
     let vocab = rec.vocab.len();
-    let mut report = EvalReport { decoder: rec.decoder, ..EvalReport::default() };
+    let mut report = EvalReport { decoder: rec.decoding.decoder, ..EvalReport::default() };
     let mut loss_sum = 0.0f64;
     // Whole utterances, as the references were scored.
     for batch in decoded_batches(paths, rec.pre, &rec.model.config, None, limits) {
@@ -87,7 +87,7 @@ pub fn evaluate(
         let losses = ctc_loss(rec.backend, &logits, &seqs, &targets, Reduction::Sum)?.losses;
         loss_sum += losses.iter().map(|&l| l as f64).sum::<f64>();
         let host = rec.backend.to_host(&logits)?.to_vec()?;
-        let decoded = rec.decoder.decode_batch(&host, &seqs, vocab, rec.vocab.blank());
+        let decoded = rec.decoding.decoder.decode_batch(&host, &seqs, vocab, rec.vocab.blank());
         for (((piece, reference), ids), &loss) in batch.iter().zip(&targets.labels).zip(decoded).zip(&losses) {
             let hypothesis = canonical(ids.into_iter().filter(|&i| rec.vocab.is_content(i)).collect(), delimiter);
             let (wer, cer, uer) = score(reference, &hypothesis, delimiter);

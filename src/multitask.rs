@@ -8,8 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 
 use crate::backend::{Activation, Backend};
-use crate::ctc::Decoder;
-use crate::infer::{decoded_batches, transcribe, BatchLimits, Chunking, Stitcher, Transcribe, Utterance};
+use crate::infer::{decoded_batches, transcribe, BatchLimits, Decoding, Stitcher, Utterance};
 use crate::model::checkpoint::Checkpoint;
 use crate::model::masks::MaskSet;
 use crate::model::preprocess::Preprocessor;
@@ -55,12 +54,9 @@ pub struct MultiRecognizer<'a> {
     pub pre: Preprocessor,
     pub tasks: Vec<Task>,
     pub backend: &'a dyn Backend,
-    /// Greedy unless set otherwise after [`MultiRecognizer::load`].
-    pub decoder: Decoder,
-    /// Whole files unless set otherwise after [`MultiRecognizer::load`].
-    pub chunking: Option<Chunking>,
-    /// Whether utterances carry token times (off unless set after [`MultiRecognizer::load`]).
-    pub timestamps: bool,
+    /// Greedy decoding of whole files without times unless set otherwise after
+    /// [`MultiRecognizer::load`].
+    pub decoding: Decoding,
     model_bytes: u64,
 }
 
@@ -112,16 +108,7 @@ impl<'a> MultiRecognizer<'a> {
             };
             loaded.push(Task { name: name.clone(), masks, head, vocab, head_bytes });
         }
-        Ok(MultiRecognizer {
-            model,
-            pre: Preprocessor::load(dir)?,
-            tasks: loaded,
-            backend,
-            decoder: Decoder::Greedy,
-            chunking: None,
-            timestamps: false,
-            model_bytes,
-        })
+        Ok(MultiRecognizer { model, pre: Preprocessor::load(dir)?, tasks: loaded, backend, decoding: Decoding::default(), model_bytes })
     }
 
     pub fn memory(&self) -> Memory {
@@ -139,8 +126,8 @@ impl<'a> MultiRecognizer<'a> {
         mut each: impl FnMut(Utterance) -> Result<()>,
     ) -> Result<()> {
         let mut stitcher = Stitcher::default();
-        let how = Transcribe { decoder: self.decoder, timestamps: self.timestamps.then(|| self.model.config.frame_stride()) };
-        for batch in decoded_batches(paths.to_vec(), self.pre, &self.model.config, self.chunking, limits) {
+        let config = &self.model.config;
+        for batch in decoded_batches(paths.to_vec(), self.pre, config, self.decoding.chunking, limits) {
             let mut batch = batch?;
             // Pieces of a task side by side (a file's windows stay in order: the sort is stable):
             // one segment per task in every masked linear.
@@ -168,7 +155,7 @@ impl<'a> MultiRecognizer<'a> {
                         done.push((piece.index, file));
                     }
                 }
-                results.extend(transcribe(done, paths, &task.vocab, how));
+                results.extend(transcribe(done, paths, &task.vocab, self.decoding, config));
                 first += group.len();
             }
             results.sort_by_key(|u| u.index);

@@ -29,7 +29,7 @@ fn mixed_batches_match_each_task_alone(windows: bool) {
     let tasks = vec![("a".to_string(), a.clone()), ("b".to_string(), b.clone())];
     let mut multi = MultiRecognizer::load(&dir, &tasks, &be).unwrap();
     let chunking = windows.then(|| Chunking::from_seconds(0.05, 0.01, 0.015, &multi.model.config).unwrap());
-    multi.chunking = chunking;
+    multi.decoding.chunking = chunking;
     let paths = utterances();
     // Interleaved tasks in one batch: a, b, a.
     let task_of = [0, 1, 0];
@@ -44,7 +44,7 @@ fn mixed_batches_match_each_task_alone(windows: bool) {
     assert!(mixed.iter().all(|u| (u.windows > 1) == windows), "{:?}", mixed.iter().map(|u| u.windows).collect::<Vec<_>>());
     for (task, set) in [(0, &a), (1, &b)] {
         let mut alone = Recognizer::load(&dir, Some(set), &be, false).unwrap();
-        alone.chunking = chunking;
+        alone.decoding.chunking = chunking;
         let mut want = Vec::new();
         alone
             .run(&paths, BatchLimits::default(), |u| {

@@ -17,7 +17,7 @@ use s3router::data::audio::SAMPLE_RATE;
 use s3router::data::dataset::{self, Dataset, DatasetOptions, Format, LabelKind, Subset};
 use s3router::data::labels::{self, Case, Labeler, Labels};
 use s3router::eval::evaluate;
-use s3router::infer::{word_stamps, BatchLimits, Chunking, Recognizer, Stamp, Utterance, WindowProgress};
+use s3router::infer::{word_stamps, BatchLimits, Chunking, Decoding, Recognizer, Stamp, Utterance, WindowProgress};
 use s3router::metrics::{self, word_and_char_counts, Counts, TextNorm};
 use s3router::model::config::Config;
 use s3router::model::folder::write_masked_folder;
@@ -150,6 +150,18 @@ enum Timestamps {
     Char,
     /// Every word: the tokens between delimiters.
     Word,
+}
+
+impl Timestamps {
+    /// A transcript's timed tokens, or its words, as transformers' ASR pipeline lists them:
+    /// [{"text", "timestamp": [start, end]}].
+    fn chunks(self, tokens: &[Stamp]) -> Vec<serde_json::Value> {
+        let stamps = match self {
+            Timestamps::Char => tokens.to_vec(),
+            Timestamps::Word => word_stamps(tokens),
+        };
+        stamps.iter().map(|s| serde_json::json!({"text": s.text, "timestamp": [s.start, s.end]})).collect()
+    }
 }
 
 /// How `engine infer` cuts long files.
@@ -615,7 +627,7 @@ impl<'a> InferOutput<'a> {
 
     fn take(&mut self, u: Utterance) -> Result<()> {
         if u.windows > 1 && window_progress().is_some() {
-            eprint!("\r\x1b[2K");
+            clear_progress_line();
         }
         if let Some(window) = self.note_cuts.filter(|_| u.windows > 1) {
             eprintln!(
@@ -628,13 +640,9 @@ impl<'a> InferOutput<'a> {
         }
         match (self.timestamps, &u.tokens) {
             (Some(level), Some(tokens)) => {
-                let stamps = match level {
-                    Timestamps::Char => tokens.clone(),
-                    Timestamps::Word => word_stamps(tokens),
-                };
                 println!(
                     "{}",
-                    serde_json::json!({"audio": u.path.display().to_string(), "text": u.transcript, "chunks": stamp_json(&stamps)})
+                    serde_json::json!({"audio": u.path.display().to_string(), "text": u.transcript, "chunks": level.chunks(tokens)})
                 );
             }
             _ => println!("{}\t{}", u.path.display(), u.transcript),
@@ -661,6 +669,11 @@ fn window_progress() -> Option<&'static WindowProgress<'static>> {
         .then_some(&|path: &Path, done: usize, total: usize| eprint!("\r{}: {done} of {total} windows", path.display()))
 }
 
+/// Clears the line [`window_progress`] writes, before a result goes out.
+fn clear_progress_line() {
+    eprint!("\r\x1b[2K");
+}
+
 /// The paths listed in `list`, one per line (`-`: standard input).
 fn read_file_list(list: &Path) -> Result<Vec<PathBuf>> {
     let text = if list == Path::new("-") {
@@ -683,6 +696,13 @@ struct InferRun<'a> {
     timestamps: Option<Timestamps>,
 }
 
+impl InferRun<'_> {
+    /// The decoder, windows and times asked for, for a model of `config`.
+    fn decoding(&self, config: &Config) -> Result<Decoding> {
+        Ok(Decoding { decoder: self.decoder, chunking: self.chunks.chunking(config, self.limits)?, timestamps: self.timestamps.is_some() })
+    }
+}
+
 /// `--beam N`: prefix beam search of width N; none: greedy.
 fn decoder(beam: Option<u32>) -> Decoder {
     beam.map_or(Decoder::Greedy, |n| Decoder::Beam(n as usize))
@@ -691,11 +711,9 @@ fn decoder(beam: Option<u32>) -> Decoder {
 fn infer(model: &Path, masks: Option<&Path>, run: InferRun, audio: &[PathBuf]) -> Result<()> {
     let be = backend(run.device)?;
     let mut rec = Recognizer::load(model, masks, be.as_ref(), !run.device.dense)?;
-    rec.decoder = run.decoder;
-    rec.chunking = run.chunks.chunking(&rec.model.config, run.limits)?;
-    rec.timestamps = run.timestamps.is_some();
+    rec.decoding = run.decoding(&rec.model.config)?;
     rec.progress = window_progress();
-    let mut output = InferOutput::new(&run, rec.chunking);
+    let mut output = InferOutput::new(&run, rec.decoding.chunking);
     rec.run(audio, run.limits, |u| output.take(u))?;
     output.finish()
 }
@@ -919,7 +937,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     let data = a.dataset.open()?;
     let be = backend(a.device)?;
     let mut rec = a.model.load(be.as_ref(), a.device)?;
-    rec.decoder = a.decoder;
+    rec.decoding.decoder = a.decoder;
     let labels = a.dataset.labels(&data, &rec.vocab)?;
     let limits = BatchLimits::from_seconds(a.batch_seconds);
     let report = evaluate(&rec, &data, &labels, limits, |done, total| eprint!("\revaluated {done}/{total} utterances"))?;
@@ -960,23 +978,19 @@ fn align(
     let data = dataset.open()?;
     let be = backend(device)?;
     let mut rec = model.load(be.as_ref(), device)?;
-    rec.chunking = chunks.chunking(&rec.model.config, limits)?;
+    rec.decoding.chunking = chunks.chunking(&rec.model.config, limits)?;
     rec.progress = window_progress();
     let labels = dataset.labels(&data, &rec.vocab)?;
     let (mut aligned, total) = (0, data.utterances.len());
     align_dataset(&rec, &data, &labels, limits, |result| {
         match result {
             Ok(a) => {
-                let stamps = match level {
-                    Timestamps::Char => a.tokens,
-                    Timestamps::Word => word_stamps(&a.tokens),
-                };
                 let audio = data.utterances[a.index].audio.display().to_string();
                 let text = rec.vocab.text(&labels.tokens[a.index]);
                 if rec.progress.is_some() {
-                    eprint!("\r\x1b[2K");
+                    clear_progress_line();
                 }
-                println!("{}", serde_json::json!({"audio": audio, "text": text, "score": a.score, "chunks": stamp_json(&stamps)}));
+                println!("{}", serde_json::json!({"audio": audio, "text": text, "score": a.score, "chunks": level.chunks(&a.tokens)}));
                 aligned += 1;
             }
             Err(TooShort { index, needed, frames }) => eprintln!(
@@ -988,11 +1002,6 @@ fn align(
     })?;
     eprintln!("aligned {aligned} of {total} utterances");
     Ok(())
-}
-
-/// Timed pieces as transformers' ASR pipeline lists them: [{"text", "timestamp": [start, end]}].
-fn stamp_json(stamps: &[Stamp]) -> Vec<serde_json::Value> {
-    stamps.iter().map(|s| serde_json::json!({"text": s.text, "timestamp": [s.start, s.end]})).collect()
 }
 
 fn run(cli: Cli, demo_flags: &[demo::Word]) -> Result<()> {
@@ -1160,10 +1169,8 @@ fn infer_tasks(model: &Path, masks: &[String], run: InferRun, audio: &[PathBuf])
         audio.iter().map(|a| parse_routed(a, &names)).collect::<Result<Vec<_>>>()?.into_iter().unzip();
     let be = backend(run.device)?;
     let mut rec = MultiRecognizer::load(model, &tasks, be.as_ref())?;
-    rec.decoder = run.decoder;
-    rec.chunking = run.chunks.chunking(&rec.model.config, run.limits)?;
-    rec.timestamps = run.timestamps.is_some();
-    let mut output = InferOutput::new(&run, rec.chunking);
+    rec.decoding = run.decoding(&rec.model.config)?;
+    let mut output = InferOutput::new(&run, rec.decoding.chunking);
     rec.run(&paths, &task_of, run.limits, |u| output.take(u))?;
     output.finish()?;
     let m = rec.memory();

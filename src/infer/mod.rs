@@ -136,12 +136,9 @@ pub struct Recognizer<'a> {
     pub pre: Preprocessor,
     pub vocab: Vocab,
     pub backend: &'a dyn Backend,
-    /// Greedy unless set otherwise after [`Recognizer::load`].
-    pub decoder: Decoder,
-    /// Whole files unless set otherwise after [`Recognizer::load`].
-    pub chunking: Option<Chunking>,
-    /// Whether utterances carry token times (off unless set after [`Recognizer::load`]).
-    pub timestamps: bool,
+    /// Greedy decoding of whole files without times unless set otherwise after
+    /// [`Recognizer::load`].
+    pub decoding: Decoding,
     /// Called after each batch that leaves a file cut into windows unfinished (none unless set
     /// after [`Recognizer::load`]).
     pub progress: Option<&'a WindowProgress<'a>>,
@@ -164,7 +161,7 @@ impl<'a> Recognizer<'a> {
 
     /// A loaded model with greedy decoding of whole files, without times or progress reports.
     pub fn new(model: Wav2Vec2, pre: Preprocessor, vocab: Vocab, backend: &'a dyn Backend) -> Recognizer<'a> {
-        Recognizer { model, pre, vocab, backend, decoder: Decoder::Greedy, chunking: None, timestamps: false, progress: None }
+        Recognizer { model, pre, vocab, backend, decoding: Decoding::default(), progress: None }
     }
 
     /// Decodes, batches and recognises `paths` in order, calling `each` per utterance as soon as
@@ -172,8 +169,8 @@ impl<'a> Recognizer<'a> {
     /// stays bounded and the compute device does not wait for the decoder.
     pub fn run(&self, paths: &[PathBuf], limits: BatchLimits, mut each: impl FnMut(Utterance) -> Result<()>) -> Result<()> {
         let mut stitcher = Stitcher::default();
-        let how = Transcribe { decoder: self.decoder, timestamps: self.timestamps.then(|| self.model.config.frame_stride()) };
-        for batch in decoded_batches(paths.to_vec(), self.pre, &self.model.config, self.chunking, limits) {
+        let config = &self.model.config;
+        for batch in decoded_batches(paths.to_vec(), self.pre, config, self.decoding.chunking, limits) {
             let batch = batch?;
             let inputs: Vec<&[f32]> = batch.iter().map(|p| p.samples.as_slice()).collect();
             let (logits, seqs) = self.model.logits(self.backend, &inputs, None)?;
@@ -186,7 +183,7 @@ impl<'a> Recognizer<'a> {
                     done.push((piece.index, file));
                 }
             }
-            transcribe(done, paths, &self.vocab, how).into_iter().try_for_each(&mut each)?;
+            transcribe(done, paths, &self.vocab, self.decoding, config).into_iter().try_for_each(&mut each)?;
             // Only the batch's last file can still have windows to come.
             if let (Some(report), Some(p)) = (self.progress, batch.last().filter(|p| !p.window.last)) {
                 report(&paths[p.index], stitcher.windows_of(p.index), p.windows);
@@ -196,27 +193,29 @@ impl<'a> Recognizer<'a> {
     }
 }
 
-/// How logits become transcripts.
-#[derive(Clone, Copy, Debug)]
-pub struct Transcribe {
+/// How a recogniser goes from audio files to transcripts, beyond the model itself.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Decoding {
     pub decoder: Decoder,
-    /// With token times: the samples per frame.
-    pub timestamps: Option<usize>,
+    /// Where long files are cut (none: every file whole).
+    pub chunking: Option<Chunking>,
+    /// Whether utterances carry token times.
+    pub timestamps: bool,
 }
 
-/// Decodes whole files' logits, each with its index in `paths`, in parallel into utterances.
-pub fn transcribe(files: Vec<(usize, Stitched)>, paths: &[PathBuf], vocab: &Vocab, how: Transcribe) -> Vec<Utterance> {
-    let (v, blank) = (vocab.len(), vocab.blank());
+/// Decodes whole files' logits, each with its index in `paths`, in parallel into utterances
+/// (times at `config`'s frame stride).
+pub fn transcribe(files: Vec<(usize, Stitched)>, paths: &[PathBuf], vocab: &Vocab, decoding: Decoding, config: &Config) -> Vec<Utterance> {
+    let (v, blank, decoder) = (vocab.len(), vocab.blank(), decoding.decoder);
     files
         .into_par_iter()
         .map(|(index, Stitched { logits, windows })| {
-            let (transcript, tokens) = match how.timestamps {
-                None => (vocab.text(&how.decoder.decode(&logits, v, blank)), None),
-                Some(stride) => {
-                    let spans = how.decoder.spans(&logits, v, blank);
-                    let ids: Vec<u32> = spans.iter().map(|s| s.token).collect();
-                    (vocab.text(&ids), Some(token_stamps(&spans, vocab, stride)))
-                }
+            let (transcript, tokens) = if decoding.timestamps {
+                let spans = decoder.spans(&logits, v, blank);
+                let ids: Vec<u32> = spans.iter().map(|s| s.token).collect();
+                (vocab.text(&ids), Some(token_stamps(&spans, vocab, config.frame_stride())))
+            } else {
+                (vocab.text(&decoder.decode(&logits, v, blank)), None)
             };
             Utterance { index, path: paths[index].clone(), frames: logits.len() / v, logits, windows, transcript, tokens }
         })
