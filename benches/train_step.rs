@@ -132,7 +132,7 @@ fn bench_device(c: &mut Criterion, be: &dyn TrainBackend, device: &str, batch: u
 /// Name and shape of every tensor weight finetuning trains in `config`'s model.
 fn trained_shapes(config: &Config) -> Vec<(String, Vec<usize>)> {
     let (h, i, c) = (config.hidden_size, config.intermediate_size, *config.conv_dim.last().unwrap());
-    let (k, g) = (config.num_conv_pos_embeddings, config.num_conv_pos_embedding_groups);
+    let (k, g) = (config.pos_conv.kernel, config.pos_conv.groups);
     let mut v = vec![
         ("wav2vec2.feature_projection.layer_norm.weight".to_string(), vec![c]),
         ("wav2vec2.feature_projection.layer_norm.bias".to_string(), vec![c]),

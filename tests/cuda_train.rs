@@ -488,9 +488,12 @@ fn compare(what: &str, be: &CudaBackend, got: &StepGrads, want: &StepGrads, tol:
 fn training_steps_match_cpu_with_every_regulariser() {
     let Some(f32_be) = gpu(Precision::F32) else { return };
     let bf16_be = gpu(Precision::Bf16).unwrap();
-    for (model, gpu_be, tol) in
-        [("base-like", &f32_be, REDUCTION_TOL), ("large-like", &f32_be, REDUCTION_TOL), ("base-like", &bf16_be, BF16_STEP_TOL)]
-    {
+    for (model, gpu_be, tol) in [
+        ("base-like", &f32_be, REDUCTION_TOL),
+        ("large-like", &f32_be, REDUCTION_TOL),
+        ("data2vec-like", &f32_be, REDUCTION_TOL),
+        ("base-like", &bf16_be, BF16_STEP_TOL),
+    ] {
         let dir = fixtures().join(model);
         let (cpu, dev) = (step_case(&dir, &CpuBackend), step_case(&dir, gpu_be));
         let c = &cpu.model.config;

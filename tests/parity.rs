@@ -1,6 +1,6 @@
 //! The CPU model against transformers' outputs (tools/make_fixtures.py), for both architectures,
-//! both weight-norm spellings, f16-stored weights, HuBERT (tools/make_hubert_fixtures.py), and
-//! batched against alone.
+//! both weight-norm spellings, f16-stored weights, HuBERT (tools/make_hubert_fixtures.py),
+//! data2vec-audio (tools/make_data2vec_fixtures.py), and batched against alone.
 
 mod common;
 
@@ -107,11 +107,25 @@ fn bare_hubert_checkpoint_loads_and_encodes_without_a_head() {
     }
 }
 
+/// data2vec-audio: layer norm in every conv, a stack of positional convs with parameter-free
+/// norms (even kernel), conv bias, `data2vec_audio.` names.
+#[test]
+fn data2vec_audio_matches_transformers() {
+    check_alone("data2vec-like", "data2vec-like");
+}
+
+/// A bare `Data2VecAudioModel` checkpoint (no prefix, no head), as facebook/data2vec-audio-base
+/// is stored, holds data2vec-like's encoder.
+#[test]
+fn bare_data2vec_audio_checkpoint_loads_and_encodes_without_a_head() {
+    encodes_without_a_head("data2vec-bare", "data2vec-like");
+}
+
 /// An utterance's logits do not depend on the batch it shares (padding never leaks).
 #[test]
 fn batched_equals_alone() {
     let be = CpuBackend;
-    for name in ["base-like", "large-like"] {
+    for name in ["base-like", "large-like", "data2vec-like"] {
         let model = Wav2Vec2::load(&fixtures().join(name), &be).unwrap();
         let xs = inputs(name);
         let refs: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();

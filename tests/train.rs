@@ -46,16 +46,31 @@ struct Case {
     key: String,
 }
 
+fn json(path: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join(path)).unwrap()).unwrap()
+}
+
 impl Case {
+    /// Case `key` of tools/make_train_fixtures.py (over base-like or large-like).
     fn load(key: &str) -> Case {
-        let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("train.json")).unwrap()).unwrap();
         let grads = Checkpoint::open(&[fixtures().join("train_grads.safetensors")]).unwrap();
         let name = key.split("-like").next().unwrap().to_string() + "-like";
-        let dir = fixtures().join(&name);
+        Case::of(&name, &json("train.json")["masked"], grads, key)
+    }
+
+    /// Case `key` of tools/make_data2vec_fixtures.py (`masked` or `finetune`).
+    fn data2vec(key: &str) -> Case {
+        let grads = Checkpoint::open(&[fixtures().join("data2vec-like/grads.safetensors")]).unwrap();
+        Case::of("data2vec-like", &json("data2vec-like/grads.json"), grads, key)
+    }
+
+    /// Fixture model `name` and the case `cases[key]` whose reference values `grads` holds.
+    fn of(name: &str, cases: &serde_json::Value, grads: Checkpoint, key: &str) -> Case {
+        let dir = fixtures().join(name);
         let model = Wav2Vec2::load(&dir, &CpuBackend).unwrap();
         let vocab = Vocab::load(&dir.join("vocab.json"), model.config.vocab_size, model.config.pad_token_id).unwrap();
         let pre = Preprocessor::load(&dir).unwrap();
-        let m = meta["masked"][key].clone();
+        let m = cases[key].clone();
         let texts: Vec<&str> = m["transcripts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
         let labels = Labeler::new(&vocab, LabelKind::Wrd, "", false).label_all(texts.into_iter()).unwrap();
         let audio: Vec<Vec<f32>> = utterances().iter().map(|p| pre.apply(audio::load(p).unwrap())).collect();
@@ -208,61 +223,82 @@ fn finetune_step_gradients_match_pytorch() {
         ("large-like-finetune-encoder", Weights::All),
     ];
     for (key, trained) in cases {
-        let case = Case::load(key);
-        let fixture = FixtureRegularisers::of(&case);
-        let inputs: Vec<&[f32]> = case.audio.iter().map(Vec::as_slice).collect();
-        let head = case.model.lm_head.as_ref().unwrap();
-        let out = step(
-            &CpuBackend,
-            &case.model,
-            &[],
-            0.0,
-            head,
-            Features::Audio(&inputs),
-            &case.targets,
-            Reduction::Sum,
-            &fixture.get(&case),
-            trained,
-        )
-        .unwrap();
-        let want_loss = case.meta["loss"].as_f64().unwrap() as f32;
-        assert!(((out.loss - want_loss) / want_loss).abs() <= 1e-4, "{key}: loss {} vs torch {want_loss}", out.loss);
-        let ck = Checkpoint::open_dir(&fixtures().join(key.trim_end_matches("-encoder").trim_end_matches("-finetune"))).unwrap();
-        let pc = "wav2vec2.encoder.pos_conv_embed.conv.parametrizations.weight";
-        let (g, v) = (ck.tensor(&format!("{pc}.original0")).unwrap(), ck.tensor(&format!("{pc}.original1")).unwrap());
-        let (dg, dv) = CpuBackend.weight_norm_grads(&out.weights[POS_CONV_WEIGHT], &g, &v).unwrap();
-        let (dg, dv) = (dg.to_vec().unwrap(), dv.to_vec().unwrap());
-        let prefix = format!("{key}/grad/");
-        let names: Vec<String> = case.grads.names().filter_map(|n| n.strip_prefix(&prefix).map(str::to_string)).collect();
-        let mut worst = (0.0f64, String::new());
-        for name in &names {
-            let got: &[f32] = match name.as_str() {
-                "lm_head.weight" => &out.head_weight,
-                "lm_head.bias" => &out.head_bias,
-                "wav2vec2.masked_spec_embed" => out.embedding.as_deref().unwrap(),
-                n if n == format!("{pc}.original0") => &dg,
-                n if n == format!("{pc}.original1") => &dv,
-                n => out.weights.get(n).unwrap_or_else(|| panic!("{key}: no gradient for {n}")).f32s().unwrap(),
-            };
-            let want = case.grads.tensor(&format!("{prefix}{name}")).unwrap().to_vec().unwrap();
-            if let Some(layer) = name.strip_suffix("k_proj.bias") {
-                let q_bias = out.weights[&format!("{layer}q_proj.bias")].f32s().unwrap();
-                assert_key_bias_negligible(&format!("{key} {name}"), got, &want, l2(q_bias), 1e-5);
-                continue;
-            }
-            let err = rel_l2(got, &want);
-            assert!(err <= 1e-4, "{key} {name}: gradient rel L2 {err:.2e}");
-            if err > worst.0 {
-                worst = (err, name.clone());
-            }
-        }
-        // Every engine gradient is one PyTorch has (the folded conv weight stands for g and v).
-        for name in out.weights.keys().filter(|n| n.as_str() != POS_CONV_WEIGHT) {
-            assert!(names.contains(name), "{key}: the engine returned a gradient for {name}, PyTorch has none");
-        }
-        assert!(names.len() > 20, "{key}: only {} reference gradients", names.len());
-        eprintln!("{key}: {} gradients, worst rel L2 {:.1e} ({})", names.len(), worst.0, worst.1);
+        check_finetune(&Case::load(key), trained);
     }
+}
+
+/// data2vec-audio (tools/make_data2vec_fixtures.py), time and channel masking on, in float64:
+/// S3-Router's score, head and embedding gradients, and every parameter's under weight
+/// finetuning, the stacked positional convs' (no weight norm) among them.
+#[test]
+fn data2vec_audio_step_gradients_match_pytorch() {
+    let case = Case::data2vec("masked");
+    let fixture = FixtureRegularisers::of(&case);
+    case.check(&case.masks(MaskScope::Ffn), &fixture.get(&case));
+    check_finetune(&Case::data2vec("finetune"), Weights::All);
+}
+
+/// One weight-finetuning step of `case` with `trained` weights against its reference gradients.
+fn check_finetune(case: &Case, trained: Weights) {
+    let key = &case.key;
+    let fixture = FixtureRegularisers::of(case);
+    let inputs: Vec<&[f32]> = case.audio.iter().map(Vec::as_slice).collect();
+    let head = case.model.lm_head.as_ref().unwrap();
+    let out = step(
+        &CpuBackend,
+        &case.model,
+        &[],
+        0.0,
+        head,
+        Features::Audio(&inputs),
+        &case.targets,
+        Reduction::Sum,
+        &fixture.get(case),
+        trained,
+    )
+    .unwrap();
+    let want_loss = case.meta["loss"].as_f64().unwrap() as f32;
+    assert!(((out.loss - want_loss) / want_loss).abs() <= 1e-4, "{key}: loss {} vs torch {want_loss}", out.loss);
+    // The weight-normed positional conv (wav2vec2): the folded weight's gradient stands for g and v.
+    let pc = "wav2vec2.encoder.pos_conv_embed.conv.parametrizations.weight";
+    let (dg, dv) = match out.weights.get(POS_CONV_WEIGHT) {
+        Some(dw) => {
+            let (g, v) = (case.source.tensor(&format!("{pc}.original0")).unwrap(), case.source.tensor(&format!("{pc}.original1")).unwrap());
+            let (dg, dv) = CpuBackend.weight_norm_grads(dw, &g, &v).unwrap();
+            (dg.to_vec().unwrap(), dv.to_vec().unwrap())
+        }
+        None => (Vec::new(), Vec::new()),
+    };
+    let prefix = format!("{key}/grad/");
+    let names: Vec<String> = case.grads.names().filter_map(|n| n.strip_prefix(&prefix).map(str::to_string)).collect();
+    let mut worst = (0.0f64, String::new());
+    for name in &names {
+        let got: &[f32] = match name.as_str() {
+            "lm_head.weight" => &out.head_weight,
+            "lm_head.bias" => &out.head_bias,
+            "wav2vec2.masked_spec_embed" => out.embedding.as_deref().unwrap(),
+            n if n == format!("{pc}.original0") => &dg,
+            n if n == format!("{pc}.original1") => &dv,
+            n => out.weights.get(n).unwrap_or_else(|| panic!("{key}: no gradient for {n}")).f32s().unwrap(),
+        };
+        let want = case.grads.tensor(&format!("{prefix}{name}")).unwrap().to_vec().unwrap();
+        if let Some(layer) = name.strip_suffix("k_proj.bias") {
+            let q_bias = out.weights[&format!("{layer}q_proj.bias")].f32s().unwrap();
+            assert_key_bias_negligible(&format!("{key} {name}"), got, &want, l2(q_bias), 1e-5);
+            continue;
+        }
+        let err = rel_l2(got, &want);
+        assert!(err <= 1e-4, "{key} {name}: gradient rel L2 {err:.2e}");
+        if err > worst.0 {
+            worst = (err, name.clone());
+        }
+    }
+    // Every engine gradient is one PyTorch has (the folded conv weight stands for g and v).
+    for name in out.weights.keys().filter(|n| n.as_str() != POS_CONV_WEIGHT) {
+        assert!(names.contains(name), "{key}: the engine returned a gradient for {name}, PyTorch has none");
+    }
+    assert!(names.len() > 20, "{key}: only {} reference gradients", names.len());
+    eprintln!("{key}: {} gradients, worst rel L2 {:.1e} ({})", names.len(), worst.0, worst.1);
 }
 
 #[test]

@@ -500,28 +500,35 @@ fn masks_compare_reports_similarity_chance_and_correlation() {
     fails_with(&engine(&["masks", "compare", s(&en), s(&attention)]), "cover different matrices");
 }
 
-/// HuBERT: masks learned over a bare `HubertModel` checkpoint (how facebook/hubert-base-ls960 is
-/// stored) with a fresh head, and `masks apply` writes a `HubertForCTC` folder under HuBERT's own
-/// tensor names that runs as the masked model.
+/// HuBERT and data2vec-audio: masks learned over a bare encoder checkpoint (how
+/// facebook/hubert-base-ls960 and facebook/data2vec-audio-base are stored) with a fresh head, and
+/// `masks apply` writes a `*ForCTC` folder of the family, under its own tensor names, that runs
+/// as the masked model.
 #[test]
-fn masks_learned_on_hubert_apply_to_a_hubert_folder() {
-    let tmp = tempfile::tempdir().unwrap();
-    let train = small_manifest(tmp.path(), 4);
-    let run = tmp.path().join("run");
-    let mut args = vec!["train", "--model", "tests/fixtures/hubert-bare", "--train", s(&train), "--out", s(&run), "--steps", "3"];
-    args.extend(PLAIN);
-    ok(&engine(&args));
-    let folder = tmp.path().join("hubert-masked");
-    ok(&engine(&["masks", "apply", "--model", "tests/fixtures/hubert-bare", "--masks", s(&run), "--out", s(&folder)]));
-    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(folder.join("config.json")).unwrap()).unwrap();
-    assert_eq!((config["model_type"].as_str(), config["architectures"][0].as_str()), (Some("hubert"), Some("HubertForCTC")));
-    let bytes = std::fs::read(folder.join("model.safetensors")).unwrap();
-    let names: Vec<String> = safetensors::SafeTensors::deserialize(&bytes).unwrap().names().into_iter().map(str::to_string).collect();
-    assert!(names.iter().all(|n| n.starts_with("hubert.") || n.starts_with("lm_head.")), "{names:?}");
-    let wav = "tests/fixtures/corpus/en/audio/en_dev_00000.flac";
-    let applied = engine(&["infer", "--model", s(&folder), wav]);
-    let masked = engine(&["infer", "--model", "tests/fixtures/hubert-bare", "--masks", s(&run), wav]);
-    ok(&applied);
-    ok(&masked);
-    assert_eq!(applied.stdout, masked.stdout);
+fn masks_learned_on_other_families_apply_to_a_folder_of_that_family() {
+    for (model, model_type, class, prefix) in [
+        ("hubert-bare", "hubert", "HubertForCTC", "hubert."),
+        ("data2vec-bare", "data2vec-audio", "Data2VecAudioForCTC", "data2vec_audio."),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let model = format!("tests/fixtures/{model}");
+        let train = small_manifest(tmp.path(), 4);
+        let run = tmp.path().join("run");
+        let mut args = vec!["train", "--model", &model, "--train", s(&train), "--out", s(&run), "--steps", "3"];
+        args.extend(PLAIN);
+        ok(&engine(&args));
+        let folder = tmp.path().join("masked");
+        ok(&engine(&["masks", "apply", "--model", &model, "--masks", s(&run), "--out", s(&folder)]));
+        let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(folder.join("config.json")).unwrap()).unwrap();
+        assert_eq!((config["model_type"].as_str(), config["architectures"][0].as_str()), (Some(model_type), Some(class)));
+        let bytes = std::fs::read(folder.join("model.safetensors")).unwrap();
+        let names: Vec<String> = safetensors::SafeTensors::deserialize(&bytes).unwrap().names().into_iter().map(str::to_string).collect();
+        assert!(names.iter().all(|n| n.starts_with(prefix) || n.starts_with("lm_head.")), "{names:?}");
+        let wav = "tests/fixtures/corpus/en/audio/en_dev_00000.flac";
+        let applied = engine(&["infer", "--model", s(&folder), wav]);
+        let masked = engine(&["infer", "--model", &model, "--masks", s(&run), wav]);
+        ok(&applied);
+        ok(&masked);
+        assert_eq!(applied.stdout, masked.stdout, "{model}");
+    }
 }

@@ -161,7 +161,7 @@ def build(name, spec, audio, seed, classes=(Wav2Vec2Config, Wav2Vec2ForCTC)):
     with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
         json.dump({"do_normalize": do_normalize, "feature_extractor_type": "Wav2Vec2FeatureExtractor",
                    "feature_size": 1, "padding_side": "right", "padding_value": 0.0,
-                   "return_attention_mask": spec["feat_extract_norm"] == "layer", "sampling_rate": 16000}, f, indent=1)
+                   "return_attention_mask": spec.get("feat_extract_norm", "layer") == "layer", "sampling_rate": 16000}, f, indent=1)
     ref = reference_outputs(model, {"do_normalize": do_normalize}, audio)
     safetensors.torch.save_file(ref, os.path.join(folder, "reference.safetensors"))
     # Greedy transcripts as transformers' own CTC tokenizer writes them (default decode: special

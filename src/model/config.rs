@@ -6,13 +6,16 @@ use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 
 /// Which transformers model family a folder holds (`model_type`). HuBERT's modules are
-/// wav2vec2's, stored under `hubert.` (bare `HubertModel` checkpoints: no prefix); the engine
-/// names every tensor by its wav2vec2 name ([`crate::model::checkpoint`]) and writes each family's
-/// own names back ([`crate::model::folder`]).
+/// wav2vec2's, stored under `hubert.`; data2vec-audio's are wav2vec2's post-LN encoder with
+/// layer norm in every conv and a stack of positional convs ([`PosConv`]), stored under
+/// `data2vec_audio.` (bare `*Model` checkpoints: no prefix). The engine names every tensor by its
+/// wav2vec2 name ([`crate::model::checkpoint`]) and writes each family's own names back
+/// ([`crate::model::folder`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Family {
     Wav2Vec2,
     Hubert,
+    Data2VecAudio,
 }
 
 impl Family {
@@ -21,6 +24,7 @@ impl Family {
         match self {
             Family::Wav2Vec2 => "wav2vec2",
             Family::Hubert => "hubert",
+            Family::Data2VecAudio => "data2vec_audio",
         }
     }
 
@@ -29,6 +33,7 @@ impl Family {
         match self {
             Family::Wav2Vec2 => "Wav2Vec2ForCTC",
             Family::Hubert => "HubertForCTC",
+            Family::Data2VecAudio => "Data2VecAudioForCTC",
         }
     }
 }
@@ -40,6 +45,18 @@ pub enum FeatNorm {
     Group,
     /// LayerNorm over channels after every conv layer (large, XLS-R).
     Layer,
+}
+
+/// The convolutional positional embedding added to the encoder's input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PosConv {
+    /// Time steps each conv sees ("same" padding; an even kernel's extra output frame dropped).
+    pub kernel: usize,
+    /// Channel groups of each conv (`num_conv_pos_embedding_groups`).
+    pub groups: usize,
+    /// data2vec-audio: this many convs in a row, each followed by a layer norm without
+    /// parameters and GELU. `None`: wav2vec2 and HuBERT's one weight-normed conv and GELU.
+    pub stacked: Option<usize>,
 }
 
 #[derive(Clone, Debug)]
@@ -56,8 +73,7 @@ pub struct Config {
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
     pub intermediate_size: usize,
-    pub num_conv_pos_embeddings: usize,
-    pub num_conv_pos_embedding_groups: usize,
+    pub pos_conv: PosConv,
     pub layer_norm_eps: f32,
     pub vocab_size: usize,
     /// The CTC blank.
@@ -96,12 +112,6 @@ impl Config {
     }
 
     pub fn from_json(json: &Value, file: &Path) -> Result<Config> {
-        let norm = key(json, "feat_extract_norm", file)?;
-        let feat_extract_norm = match norm.as_str() {
-            Some("group") => FeatNorm::Group,
-            Some("layer") => FeatNorm::Layer,
-            _ => bail!("{}: \"feat_extract_norm\" must be \"group\" or \"layer\", found {norm}", file.display()),
-        };
         let eps = key(json, "layer_norm_eps", file)?;
         let family = match json.get("model_type").and_then(Value::as_str) {
             None | Some("wav2vec2") => Family::Wav2Vec2,
@@ -116,7 +126,24 @@ impl Config {
                 ensure!(flag("conv_pos_batch_norm") != Some(true), "{}: \"conv_pos_batch_norm\": true is not supported", file.display());
                 Family::Hubert
             }
-            Some(other) => bail!("{}: \"model_type\" {other:?} is not supported (wav2vec2 and hubert are)", file.display()),
+            Some("data2vec-audio") => Family::Data2VecAudio,
+            Some(other) => bail!("{}: \"model_type\" {other:?} is not supported (wav2vec2, hubert and data2vec-audio are)", file.display()),
+        };
+        // data2vec-audio has one architecture (transformers' config has neither key): layer norm
+        // after every conv, post-LN blocks, `num_conv_pos_embeddings` positional convs of
+        // `conv_pos_kernel_size` steps.
+        let (feat_extract_norm, do_stable_layer_norm, pos_kernel, pos_stack) = if family == Family::Data2VecAudio {
+            let layers = usize_key(json, "num_conv_pos_embeddings", file)?;
+            (FeatNorm::Layer, false, usize_key(json, "conv_pos_kernel_size", file)?, Some(layers))
+        } else {
+            let norm = key(json, "feat_extract_norm", file)?;
+            let feat_extract_norm = match norm.as_str() {
+                Some("group") => FeatNorm::Group,
+                Some("layer") => FeatNorm::Layer,
+                _ => bail!("{}: \"feat_extract_norm\" must be \"group\" or \"layer\", found {norm}", file.display()),
+            };
+            let stable = bool_key(json, "do_stable_layer_norm", file)?;
+            (feat_extract_norm, stable, usize_key(json, "num_conv_pos_embeddings", file)?, None)
         };
         let cfg = Config {
             family,
@@ -125,13 +152,12 @@ impl Config {
             conv_stride: list_key(json, "conv_stride", file)?,
             conv_bias: bool_key(json, "conv_bias", file)?,
             feat_extract_norm,
-            do_stable_layer_norm: bool_key(json, "do_stable_layer_norm", file)?,
+            do_stable_layer_norm,
             hidden_size: usize_key(json, "hidden_size", file)?,
             num_hidden_layers: usize_key(json, "num_hidden_layers", file)?,
             num_attention_heads: usize_key(json, "num_attention_heads", file)?,
             intermediate_size: usize_key(json, "intermediate_size", file)?,
-            num_conv_pos_embeddings: usize_key(json, "num_conv_pos_embeddings", file)?,
-            num_conv_pos_embedding_groups: usize_key(json, "num_conv_pos_embedding_groups", file)?,
+            pos_conv: PosConv { kernel: pos_kernel, groups: usize_key(json, "num_conv_pos_embedding_groups", file)?, stacked: pos_stack },
             layer_norm_eps: eps.as_f64().with_context(|| format!("{}: \"layer_norm_eps\" must be a number, found {eps}", file.display()))?
                 as f32,
             vocab_size: usize_key(json, "vocab_size", file)?,
@@ -167,13 +193,16 @@ impl Config {
             self.hidden_size,
             self.num_attention_heads
         );
+        let pc = self.pos_conv;
         ensure!(
-            self.num_conv_pos_embedding_groups > 0 && self.hidden_size.is_multiple_of(self.num_conv_pos_embedding_groups),
+            pc.groups > 0 && self.hidden_size.is_multiple_of(pc.groups),
             "{f}: hidden_size {} is not divisible by num_conv_pos_embedding_groups {}",
             self.hidden_size,
-            self.num_conv_pos_embedding_groups
+            pc.groups
         );
-        ensure!(self.num_conv_pos_embeddings > 0, "{f}: num_conv_pos_embeddings must be positive");
+        let kernel_key = if pc.stacked.is_some() { "conv_pos_kernel_size" } else { "num_conv_pos_embeddings" };
+        ensure!(pc.kernel > 0, "{f}: {kernel_key} must be positive");
+        ensure!(pc.stacked != Some(0), "{f}: num_conv_pos_embeddings (the number of positional convs) must be positive");
         ensure!(
             self.vocab_size > 0 && self.pad_token_id < self.vocab_size,
             "{f}: pad_token_id {} is outside vocab_size {}",
@@ -213,8 +242,7 @@ impl Config {
             num_hidden_layers: 12,
             num_attention_heads: 12,
             intermediate_size: 3072,
-            num_conv_pos_embeddings: 128,
-            num_conv_pos_embedding_groups: 16,
+            pos_conv: PosConv { kernel: 128, groups: 16, stacked: None },
             layer_norm_eps: 1e-5,
             vocab_size: 32,
             pad_token_id: 0,
@@ -268,6 +296,31 @@ mod tests {
     fn base_preset_equals_the_base_config_file() {
         let file = Config::from_json(&base(), Path::new("config.json")).unwrap();
         assert_eq!(format!("{file:?}"), format!("{:?}", Config::preset("base").unwrap()));
+    }
+
+    /// data2vec-audio: the positional convs' kernel is `conv_pos_kernel_size` and their number
+    /// `num_conv_pos_embeddings`; the architecture keys its config lacks are implied.
+    #[test]
+    fn data2vec_audio_reads_its_positional_stack_and_implied_architecture() {
+        let mut j = base();
+        let o = j.as_object_mut().unwrap();
+        o.remove("feat_extract_norm");
+        o.remove("do_stable_layer_norm");
+        o.insert("model_type".into(), "data2vec-audio".into());
+        o.insert("num_conv_pos_embeddings".into(), 5.into());
+        o.insert("conv_pos_kernel_size".into(), 19.into());
+        let cfg = Config::from_json(&j, Path::new("c")).unwrap();
+        assert_eq!(cfg.pos_conv, PosConv { kernel: 19, groups: 16, stacked: Some(5) });
+        assert_eq!((cfg.family, cfg.feat_extract_norm, cfg.do_stable_layer_norm), (Family::Data2VecAudio, FeatNorm::Layer, false));
+        for (key, value) in [("conv_pos_kernel_size", None), ("num_conv_pos_embeddings", Some(0))] {
+            let mut bad = j.clone();
+            match value {
+                None => drop(bad.as_object_mut().unwrap().remove(key)),
+                Some(v) => bad[key] = v.into(),
+            }
+            let e = Config::from_json(&bad, Path::new("c")).unwrap_err().to_string();
+            assert!(e.contains(key), "{e}");
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::model::preprocess::Preprocessor;
 use crate::model::vocab::Vocab;
 use crate::tensor::Tensor;
 
-/// A Hugging Face `Wav2Vec2ForCTC` (or `HubertForCTC`) folder that transformers and `engine
+/// A Hugging Face `Wav2Vec2ForCTC` (`HubertForCTC`, `Data2VecAudioForCTC`) folder that transformers and `engine
 /// infer` load: `config.json` (the source's, with the task vocabulary's size and blank),
 /// `model.safetensors` (every encoder tensor of the source, the trained ones replaced, and the
 /// head, under the family's names),

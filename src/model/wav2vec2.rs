@@ -3,14 +3,15 @@
 //! Field and tensor names follow transformers' `modeling_wav2vec2.py` so the two can be read
 //! side by side. Both block orders are supported: post-LN (wav2vec2-base: group norm in conv 0,
 //! encoder layer norm *before* layer 0) and pre-LN "stable layer norm" (large / XLS-R: layer norm
-//! after every conv, encoder layer norm *after* the last layer).
+//! after every conv, encoder layer norm *after* the last layer). HuBERT is the same model;
+//! data2vec-audio is too, but for its positional embedding ([`PosConvLayer`]).
 
 use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
 
 use super::checkpoint::{Checkpoint, WeightSource};
-use super::config::{Config, FeatNorm};
+use super::config::{Config, FeatNorm, PosConv};
 use super::masks::{MaskSet, Masked};
 use super::tasks::Routing;
 use crate::backend::{Activation, Backend, ConvGeometry, NormParams, Seqs, SparseWeight};
@@ -74,6 +75,11 @@ impl Linear {
     }
 }
 
+/// PyTorch's default layer- and group-norm epsilon, which transformers keeps (instead of the
+/// config's `layer_norm_eps`) where it builds a norm as `nn.LayerNorm(dim)`: the conv
+/// feature encoder's norms and data2vec-audio's positional-conv norms.
+pub const DEFAULT_NORM_EPS: f32 = 1e-5;
+
 pub struct Norm {
     pub gamma: Tensor,
     pub beta: Tensor,
@@ -113,6 +119,15 @@ impl ConvLayer {
     }
 }
 
+/// One conv of the positional embedding: wav2vec2's single conv (weight norm folded), or one
+/// of data2vec-audio's stack (`pos_conv_embed.layers.{i}.conv`, each followed by a layer norm
+/// without parameters; see [`crate::model::config::PosConv`]).
+pub struct PosConvLayer {
+    /// Time-major `[hidden, kernel, hidden / groups]`.
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
 pub struct EncoderLayer {
     /// `attention.{q,k,v}_proj` stacked into one projection (q, k, v side by side in the output).
     pub qkv_proj: Linear,
@@ -128,9 +143,10 @@ pub struct Wav2Vec2 {
     pub conv_layers: Vec<ConvLayer>,
     pub feature_projection_norm: Norm,
     pub feature_projection: Linear,
-    /// Weight norm folded, time-major `[hidden, kernel, hidden / groups]`.
-    pub pos_conv_weight: Tensor,
-    pub pos_conv_bias: Tensor,
+    pub pos_conv: Vec<PosConvLayer>,
+    /// data2vec-audio's parameter-free layer norm after each positional conv (unit gain, zero
+    /// bias; PyTorch's default epsilon).
+    pub pos_conv_norm: Option<Norm>,
     pub encoder_layer_norm: Norm,
     pub layers: Vec<EncoderLayer>,
     /// Absent in `Wav2Vec2ForPreTraining` checkpoints.
@@ -231,6 +247,11 @@ pub const POS_CONV_NORM_NAMES: [[&str; 2]; 2] = [
     ],
 ];
 
+/// data2vec-audio's positional conv `i`: weight and bias names.
+pub fn pos_conv_layer_names(i: usize) -> [String; 2] {
+    ["weight", "bias"].map(|t| format!("wav2vec2.encoder.pos_conv_embed.layers.{i}.conv.{t}"))
+}
+
 /// The spelling of [`POS_CONV_NORM_NAMES`] whose magnitude tensor `present` finds.
 pub fn pos_conv_norm_names(present: impl Fn(&str) -> bool) -> Option<[&'static str; 2]> {
     POS_CONV_NORM_NAMES.into_iter().find(|[g, _]| present(g))
@@ -279,12 +300,7 @@ impl Wav2Vec2 {
             cin = dim;
         }
         let h = c.hidden_size;
-        let (k, groups) = (c.num_conv_pos_embeddings, c.num_conv_pos_embedding_groups);
-        let pc = format!("{p}.encoder.pos_conv_embed.conv");
-        let [g_name, v_name] = pos_conv_norm_names(|name| ck.contains(name)).unwrap_or(POS_CONV_NORM_NAMES[1]);
-        let folded = be.weight_norm(&ck.get(g_name, &[1, 1, k])?, &ck.get(v_name, &[h, h / groups, k])?)?;
-        ck.release(v_name);
-        let pos_conv_weight = be.prepare_conv_weight(&be.swap_last_two(&folded)?)?;
+        let (pos_conv, pos_conv_norm) = Wav2Vec2::load_pos_conv(c, ck, be)?;
         let mut layers = Vec::new();
         for i in 0..c.num_hidden_layers {
             let l = format!("{p}.encoder.layers.{i}");
@@ -302,14 +318,39 @@ impl Wav2Vec2 {
         Ok(Wav2Vec2 {
             feature_projection_norm: Norm::load(ck, be, &format!("{p}.feature_projection.layer_norm"), last)?,
             feature_projection: Linear::load(ck, be, &format!("{p}.feature_projection.projection"), last, h)?,
-            pos_conv_bias: be.upload(&ck.get(&format!("{pc}.bias"), &[h])?)?,
             encoder_layer_norm: Norm::load(ck, be, &format!("{p}.encoder.layer_norm"), h)?,
-            pos_conv_weight,
+            pos_conv,
+            pos_conv_norm,
             conv_layers,
             layers,
             lm_head,
             config,
         })
+    }
+
+    /// The positional convs, and data2vec-audio's norm between them.
+    fn load_pos_conv(c: &Config, ck: &dyn WeightSource, be: &dyn Backend) -> Result<(Vec<PosConvLayer>, Option<Norm>)> {
+        let (h, PosConv { kernel: k, groups, stacked }) = (c.hidden_size, c.pos_conv);
+        let shape = [h, h / groups, k];
+        let Some(n) = stacked else {
+            let [g_name, v_name] = pos_conv_norm_names(|name| ck.contains(name)).unwrap_or(POS_CONV_NORM_NAMES[1]);
+            let folded = be.weight_norm(&ck.get(g_name, &[1, 1, k])?, &ck.get(v_name, &shape)?)?;
+            ck.release(v_name);
+            let weight = be.prepare_conv_weight(&be.swap_last_two(&folded)?)?;
+            let bias = be.upload(&ck.get("wav2vec2.encoder.pos_conv_embed.conv.bias", &[h])?)?;
+            return Ok((vec![PosConvLayer { weight, bias }], None));
+        };
+        let layers = (0..n)
+            .map(|i| {
+                let [w_name, b_name] = pos_conv_layer_names(i);
+                let weight = be.prepare_conv_weight(&be.swap_last_two(&ck.get(&w_name, &shape)?)?)?;
+                ck.release(&w_name);
+                Ok(PosConvLayer { weight, bias: be.upload(&ck.get(&b_name, &[h])?)? })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let unit =
+            Norm { gamma: be.upload(&Tensor::from_vec(vec![1.0; h], &[h]))?, beta: be.upload(&Tensor::from_vec(vec![0.0; h], &[h]))? };
+        Ok((layers, Some(unit)))
     }
 
     /// Gives every encoder linear whose weight is mostly zeros (a masked or pruned model) a
@@ -355,13 +396,23 @@ impl Wav2Vec2 {
         self.project(be, audio, None, &mut StageClock::new(be, false)?)
     }
 
-    /// `x + GELU(pos_conv(x))`, then (post-LN) the encoder layer norm: projected features to the
-    /// input of encoder layer 0.
+    /// `x + pos(x)`, then (post-LN) the encoder layer norm: projected features to the input of
+    /// encoder layer 0. `pos` is `GELU(conv(x))` (wav2vec2), or data2vec-audio's stack of
+    /// `GELU(LayerNorm(conv(.)))`.
     pub fn positional(&self, be: &dyn Backend, x: Tensor, seqs: &Seqs) -> Result<Tensor> {
         let c = &self.config;
-        // Positional conv: "same" padding, the extra frame of an even kernel dropped, then GELU.
-        let pos =
-            be.conv1d(&x, seqs, seqs, &self.pos_conv_weight, Some(&self.pos_conv_bias), self.pos_conv_geometry(), Activation::Gelu)?;
+        // Each conv: "same" padding, the extra frame of an even kernel dropped.
+        let geom = self.pos_conv_geometry();
+        let mut pos = x.clone();
+        for layer in &self.pos_conv {
+            pos = match &self.pos_conv_norm {
+                None => be.conv1d(&pos, seqs, seqs, &layer.weight, Some(&layer.bias), geom, Activation::Gelu)?,
+                Some(n) => {
+                    let y = be.conv1d(&pos, seqs, seqs, &layer.weight, Some(&layer.bias), geom, Activation::Identity)?;
+                    be.layer_norm(y, None, n.params(DEFAULT_NORM_EPS), Activation::Gelu)?
+                }
+            };
+        }
         let x = be.add(x, &pos)?;
         if c.do_stable_layer_norm {
             return Ok(x);
@@ -370,8 +421,8 @@ impl Wav2Vec2 {
     }
 
     pub fn pos_conv_geometry(&self) -> ConvGeometry {
-        let k = self.config.num_conv_pos_embeddings;
-        ConvGeometry { kernel: k, stride: 1, pad_left: k / 2, groups: self.config.num_conv_pos_embedding_groups }
+        let PosConv { kernel, groups, .. } = self.config.pos_conv;
+        ConvGeometry { kernel, stride: 1, pad_left: kernel / 2, groups }
     }
 
     fn embed(&self, be: &dyn Backend, audio: &[&[f32]], trace: Option<&mut Trace>, clock: &mut StageClock) -> Result<(Tensor, Seqs)> {
@@ -445,19 +496,20 @@ impl Wav2Vec2 {
             let geom = ConvGeometry { kernel: layer.kernel, stride: layer.stride, pad_left: 0, groups: 1 };
             let (w, b) = (&layer.weight, layer.bias.as_ref());
             // conv -> [norm] -> GELU, with the GELU fused into whichever op comes last. Both conv
-            // norms use PyTorch's default epsilon (1e-5), not the config's layer_norm_eps:
-            // transformers builds them as nn.GroupNorm(...) / nn.LayerNorm(dim). Below the last
-            // layer, the output only feeds the next conv (in the backend's operand format).
+            // norms use DEFAULT_NORM_EPS. Below the last layer, the output only feeds the next
+            // conv (in the backend's operand format).
             x = match (&layer.norm, c.feat_extract_norm) {
                 (None, _) if i < last => be.conv_layer_into_conv(&x, &seqs, &out, w, b, geom, None, Activation::Gelu)?,
                 (Some(n), FeatNorm::Group) if i < last => {
-                    be.conv_layer_into_conv(&x, &seqs, &out, w, b, geom, Some(n.params(1e-5)), Activation::Gelu)?
+                    be.conv_layer_into_conv(&x, &seqs, &out, w, b, geom, Some(n.params(DEFAULT_NORM_EPS)), Activation::Gelu)?
                 }
                 (None, _) => be.conv1d(&x, &seqs, &out, w, b, geom, Activation::Gelu)?,
-                (Some(n), FeatNorm::Group) => be.conv1d_group_norm(&x, &seqs, &out, w, b, geom, n.params(1e-5), Activation::Gelu)?,
+                (Some(n), FeatNorm::Group) => {
+                    be.conv1d_group_norm(&x, &seqs, &out, w, b, geom, n.params(DEFAULT_NORM_EPS), Activation::Gelu)?
+                }
                 (Some(n), FeatNorm::Layer) => {
                     let y = be.conv1d(&x, &seqs, &out, w, b, geom, Activation::Identity)?;
-                    be.layer_norm(y, None, n.params(1e-5), Activation::Gelu)?
+                    be.layer_norm(y, None, n.params(DEFAULT_NORM_EPS), Activation::Gelu)?
                 }
             };
             seqs = out;

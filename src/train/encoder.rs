@@ -10,11 +10,9 @@ use anyhow::Result;
 use crate::backend::backward::TrainBackend;
 use crate::backend::{Activation, ConvGeometry, Seqs};
 use crate::model::config::FeatNorm;
+use crate::model::wav2vec2::DEFAULT_NORM_EPS;
 use crate::model::Wav2Vec2;
 use crate::tensor::Tensor;
-
-/// Both conv norms use PyTorch's default epsilon, as transformers builds them.
-const NORM_EPS: f32 = 1e-5;
 
 /// What one conv layer's backward needs.
 struct Step {
@@ -47,8 +45,8 @@ pub fn forward(be: &dyn TrainBackend, model: &Wav2Vec2, audio: &[&[f32]]) -> Res
         let conv = be.conv1d(&x, &seqs, &out, &layer.weight, layer.bias.as_ref(), geometry(model, i), Activation::Identity)?;
         let pre_gelu = match (&layer.norm, model.config.feat_extract_norm) {
             (None, _) => conv.clone(),
-            (Some(n), FeatNorm::Group) => be.group_norm_time(conv.clone(), &out, n.params(NORM_EPS), Activation::Identity)?,
-            (Some(n), FeatNorm::Layer) => be.layer_norm(conv.clone(), None, n.params(NORM_EPS), Activation::Identity)?,
+            (Some(n), FeatNorm::Group) => be.group_norm_time(conv.clone(), &out, n.params(DEFAULT_NORM_EPS), Activation::Identity)?,
+            (Some(n), FeatNorm::Layer) => be.layer_norm(conv.clone(), None, n.params(DEFAULT_NORM_EPS), Activation::Identity)?,
         };
         let input = std::mem::replace(&mut x, be.gelu(&pre_gelu, None)?);
         steps.push(Step { input, seqs_in: seqs, seqs_out: out.clone(), conv, pre_gelu });
@@ -64,7 +62,7 @@ pub fn backward(be: &dyn TrainBackend, model: &Wav2Vec2, tape: &Tape, mut d: Ten
         let prefix = format!("wav2vec2.feature_extractor.conv_layers.{i}");
         d = be.gelu_grad(&d, &step.pre_gelu, None)?;
         if let Some(n) = &layer.norm {
-            let params = n.params(NORM_EPS);
+            let params = n.params(DEFAULT_NORM_EPS);
             let (dx, dgamma, dbeta) = match model.config.feat_extract_norm {
                 FeatNorm::Group => be.group_norm_time_grads(&d, &step.conv, &step.seqs_out, params)?,
                 FeatNorm::Layer => {

@@ -22,7 +22,7 @@ use crate::ctc::{ctc_loss, CtcTargets, Reduction};
 use crate::dropout::{Dropout, SiteDropout};
 use crate::model::checkpoint::WeightSource;
 use crate::model::config::Config;
-use crate::model::wav2vec2::{EncoderLayer, Linear, Norm};
+use crate::model::wav2vec2::{pos_conv_layer_names, EncoderLayer, Linear, Norm, DEFAULT_NORM_EPS};
 use crate::model::Wav2Vec2;
 use crate::tensor::Tensor;
 
@@ -197,8 +197,11 @@ pub struct StepGrads {
     pub weights: BTreeMap<String, Tensor>,
 }
 
-/// The checkpoint name of the folded positional-conv weight in [`StepGrads::weights`].
+/// The checkpoint name of the folded positional-conv weight in [`StepGrads::weights`]
+/// (wav2vec2 and HuBERT; data2vec-audio's convs have no weight norm and train under their own
+/// names, [`pos_conv_layer_names`]).
 pub const POS_CONV_WEIGHT: &str = "wav2vec2.encoder.pos_conv_embed.conv.weight";
+const POS_CONV_BIAS: &str = "wav2vec2.encoder.pos_conv_embed.conv.bias";
 
 /// What one encoder layer keeps for its backward pass.
 struct Tape {
@@ -414,9 +417,8 @@ pub fn step(
     let time = reg.time_mask.as_ref().zip(embedding.as_ref()).map(|(tm, e)| (tm.frames, e));
     let projected =
         if time.is_some() || reg.channel_mask.is_some() { be.mask_features(projected, &seqs, time, reg.channel_mask)? } else { projected };
-    let geom = model.pos_conv_geometry();
-    let pos_pre = be.conv1d(&projected, &seqs, &seqs, &model.pos_conv_weight, Some(&model.pos_conv_bias), geom, id)?;
-    let summed = be.add(projected.clone(), &be.gelu(&pos_pre, None)?)?;
+    let (pos, pos_tapes) = positional(be, model, &projected, &seqs)?;
+    let summed = be.add(projected.clone(), &pos)?;
     let x = if c.do_stable_layer_norm { summed.clone() } else { norm(&model.encoder_layer_norm, &summed)? };
     let mut x = drop(reg.dropout, 0, x)?;
     let mut tapes: Vec<Option<Tape>> = Vec::with_capacity(n_layers);
@@ -578,7 +580,7 @@ pub fn step(
     let mut embedding = None;
     let mut d_features = None;
     if full {
-        let below = Below { summed: &summed, pos_pre: &pos_pre, projected: &projected, seqs: &seqs };
+        let below = Below { summed: &summed, pos: &pos_tapes, seqs: &seqs };
         let d_proj = encoder_input_grad(be, model, drop(reg.dropout, 0, dx)?, &below, &mut wgrads)?;
         let frames = reg.time_mask.as_ref().map(|tm| tm.frames);
         let d_proj = if frames.is_some() || reg.channel_mask.is_some() {
@@ -673,19 +675,44 @@ fn project(
     Ok((projected, seqs))
 }
 
+/// What one positional conv keeps for its backward pass.
+struct PosTape {
+    input: Tensor,
+    /// The conv's output.
+    conv: Tensor,
+    /// data2vec-audio: the norm of `conv`, GELU's input.
+    normed: Option<Tensor>,
+}
+
+/// The positional embedding of the masked projected features `x` (see
+/// [`Wav2Vec2::positional`]), and what each conv keeps for backward.
+fn positional(be: &dyn TrainBackend, model: &Wav2Vec2, x: &Tensor, seqs: &Seqs) -> Result<(Tensor, Vec<PosTape>)> {
+    let geom = model.pos_conv_geometry();
+    let mut y = x.clone();
+    let mut tapes = Vec::with_capacity(model.pos_conv.len());
+    for layer in &model.pos_conv {
+        let conv = be.conv1d(&y, seqs, seqs, &layer.weight, Some(&layer.bias), geom, Activation::Identity)?;
+        let normed = match &model.pos_conv_norm {
+            Some(n) => Some(be.layer_norm(conv.clone(), None, n.params(DEFAULT_NORM_EPS), Activation::Identity)?),
+            None => None,
+        };
+        let out = be.gelu(normed.as_ref().unwrap_or(&conv), None)?;
+        tapes.push(PosTape { input: std::mem::replace(&mut y, out), conv, normed });
+    }
+    Ok((y, tapes))
+}
+
 /// What the stages below layer 0 computed in the forward pass.
 struct Below<'a> {
-    /// `projected + GELU(pos_conv(projected))`, before the encoder norm (post-LN).
+    /// `projected + pos(projected)`, before the encoder norm (post-LN).
     summed: &'a Tensor,
-    pos_pre: &'a Tensor,
-    /// The positional conv's input: projected features after time and channel masking.
-    projected: &'a Tensor,
+    pos: &'a [PosTape],
     seqs: &'a Seqs,
 }
 
 /// From `dx` below the encoder's input dropout down to the masked projected features: through
-/// the encoder's input norm (post-LN), the residual and the positional conv (per utterance),
-/// collecting the norm's and the positional conv's gradients on the way.
+/// the encoder's input norm (post-LN), the residual and the positional convs (per utterance),
+/// collecting the norm's and the positional convs' gradients on the way.
 fn encoder_input_grad(be: &dyn TrainBackend, model: &Wav2Vec2, dx: Tensor, below: &Below, wgrads: &mut Grads) -> Result<Tensor> {
     let c = &model.config;
     let d_sum = if c.do_stable_layer_norm {
@@ -693,14 +720,26 @@ fn encoder_input_grad(be: &dyn TrainBackend, model: &Wav2Vec2, dx: Tensor, below
     } else {
         wgrads.norm("wav2vec2.encoder.layer_norm", &dx, below.summed, &model.encoder_layer_norm)?
     };
-    let d_pre = be.gelu_grad(&d_sum, below.pos_pre, None)?;
-    let geom = model.pos_conv_geometry();
-    if wgrads.on {
-        let dw = be.conv1d_weight_grad(&d_pre, below.projected, below.seqs, below.seqs, geom)?;
-        wgrads.map.insert(POS_CONV_WEIGHT.to_string(), be.swap_last_two(&dw)?);
-        wgrads.map.insert("wav2vec2.encoder.pos_conv_embed.conv.bias".to_string(), be.column_sum(&d_pre)?);
+    let (geom, seqs) = (model.pos_conv_geometry(), below.seqs);
+    let mut d = d_sum.clone();
+    for (i, (layer, tape)) in model.pos_conv.iter().zip(below.pos).enumerate().rev() {
+        let d_act = be.gelu_grad(&d, tape.normed.as_ref().unwrap_or(&tape.conv), None)?;
+        let d_conv = match &model.pos_conv_norm {
+            Some(n) => be.layer_norm_grads(&d_act, &tape.conv, n.params(DEFAULT_NORM_EPS), false)?.0,
+            None => d_act,
+        };
+        if wgrads.on {
+            let [w_name, b_name] = match c.pos_conv.stacked {
+                Some(_) => pos_conv_layer_names(i),
+                None => [POS_CONV_WEIGHT, POS_CONV_BIAS].map(str::to_string),
+            };
+            let dw = be.conv1d_weight_grad(&d_conv, &tape.input, seqs, seqs, geom)?;
+            wgrads.map.insert(w_name, be.swap_last_two(&dw)?);
+            wgrads.map.insert(b_name, be.column_sum(&d_conv)?);
+        }
+        d = be.conv1d_input_grad(&d_conv, &layer.weight, seqs, seqs, geom)?;
     }
-    be.add(d_sum, &be.conv1d_input_grad(&d_pre, &model.pos_conv_weight, below.seqs, below.seqs, geom)?)
+    be.add(d_sum, &d)
 }
 
 /// The feature projection's gradients from the gradient at its output (zero already where
