@@ -292,3 +292,29 @@ fn masks_apply_writes_the_masked_model_as_a_plain_folder() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("base-like-masks") && !out.exists(), "{e}");
 }
+
+/// Every subcommand, nested ones too, says in `--help` what it does (a doc comment clap
+/// attaches to the wrong variant leaves one without and another with both).
+#[test]
+fn every_subcommand_has_a_description() {
+    let mut pending = vec![Vec::<String>::new()];
+    let mut seen = 0;
+    while let Some(path) = pending.pop() {
+        let mut args: Vec<&str> = path.iter().map(String::as_str).collect();
+        args.push("--help");
+        let o = engine(&args);
+        assert!(o.status.success(), "engine {}", args.join(" "));
+        let help = String::from_utf8(o.stdout).unwrap();
+        let listed = help.lines().skip_while(|l| *l != "Commands:").skip(1).take_while(|l| l.starts_with("  "));
+        for line in listed {
+            let (name, about) = line.trim_start().split_once(' ').unwrap_or((line.trim(), ""));
+            if name == "help" {
+                continue;
+            }
+            assert!(!about.trim().is_empty(), "engine {} {name}: no description in --help", path.join(" "));
+            pending.push(path.iter().cloned().chain([name.to_string()]).collect());
+            seen += 1;
+        }
+    }
+    assert!(seen >= 13, "only {seen} subcommands found");
+}

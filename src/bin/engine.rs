@@ -30,7 +30,7 @@ use s3router::train::prune::{prune, Method as PruneMethod, PruneArgs};
 use s3router::train::run::{train, Device as TrainDevice, Learn, Recipe, RunOptions, Summary, INITIAL_MASKS};
 
 #[derive(Parser)]
-#[command(name = "engine", version, about = "S3-Router engine: wav2vec2 / XLS-R inference and mask learning")]
+#[command(name = "engine", version, about = "S3-Router engine: wav2vec2 / XLS-R / HuBERT / data2vec-audio inference and mask learning")]
 struct Cli {
     /// Worker threads for CPU compute (default: all cores).
     #[arg(long, global = true)]
@@ -220,15 +220,12 @@ impl ChunkArgs {
 
 #[derive(Subcommand)]
 enum MasksCommand {
-    /// Per masked matrix, per layer and overall: sparsity, the share of weights whose mask
-    /// differs from the magnitude mask of the same weights (where S3-Router's default
-    /// weight-rank initialisation starts), and the share flipped from the run's initial masks
-    /// (initial_masks.safetensors in DIR or, for a run's best/, the run folder).
-    /// Write the model with a mask set applied as a new Hugging Face Wav2Vec2ForCTC folder
-    /// (config.json, model.safetensors, vocab.json, preprocessor_config.json): each masked
-    /// weight multiplied by its mask, the set's head and vocabulary in place of the model's.
-    /// transformers, its pipelines and `engine infer --model OUT` then run the masked model
-    /// without the engine's mask format (the masks stay recoverable as the zeros).
+    /// Write the model with a mask set applied as a new Hugging Face CTC folder of the model's
+    /// family (Wav2Vec2ForCTC, HubertForCTC, Data2VecAudioForCTC: config.json,
+    /// model.safetensors, vocab.json, preprocessor_config.json): each masked weight multiplied
+    /// by its mask, the set's head and vocabulary in place of the model's. transformers, its
+    /// pipelines and `engine infer --model OUT` then run the masked model without the engine's
+    /// mask format (the masks stay recoverable as the zeros).
     Apply {
         /// The model folder the masks were learned on.
         #[arg(long)]
@@ -240,6 +237,10 @@ enum MasksCommand {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Per masked matrix, per layer and overall: sparsity, the share of weights whose mask
+    /// differs from the magnitude mask of the same weights (where S3-Router's default
+    /// weight-rank initialisation starts), and the share flipped from the run's initial masks
+    /// (initial_masks.safetensors in DIR or, for a run's best/, the run folder).
     Stats {
         /// The model folder the masks were learned on.
         #[arg(long)]
@@ -334,8 +335,8 @@ impl RunArgs {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Transcribe audio files with a Hugging Face wav2vec2 CTC folder (greedy CTC decoding, or
-    /// prefix beam search with --beam).
+    /// Transcribe audio files with a Hugging Face wav2vec2, HuBERT or data2vec-audio CTC folder
+    /// (greedy CTC decoding, or prefix beam search with --beam).
     ///
     /// Prints one line per file: the path, a tab, the transcript. WAV (8/16/24/32-bit integer,
     /// 32-bit float), FLAC and MP3 are read; stereo is averaged; any sample rate is resampled to 16 kHz.
