@@ -14,9 +14,10 @@ use crate::ctc::loss::min_frames;
 use crate::ctc::{ctc_loss, CtcTargets, Decoder, Reduction};
 use crate::data::dataset::Dataset;
 use crate::data::labels::{canonical, Labels, DELIMITER};
-use crate::infer::{decoded_batches, BatchLimits, Recognizer};
+use crate::infer::{decoded_batches, BatchLimits, Recognizer, Stitcher};
 use crate::metrics::{align, Counts};
 use crate::model::vocab::Vocab;
+use crate::tensor::Tensor;
 
 /// One utterance as scored.
 #[derive(Debug, Clone)]
@@ -38,6 +39,9 @@ pub struct EvalReport {
     pub utterances: usize,
     /// Utterances whose reference needs more frames than the audio gives (loss counted as 0).
     pub infeasible: usize,
+    /// Utterances recognised in windows, their logits stitched (long ones; see
+    /// [`crate::infer::Chunking`]).
+    pub windowed: usize,
     /// Mean over utterances of the CTC loss summed over frames.
     pub loss: f64,
     pub wer: Counts,
@@ -62,7 +66,9 @@ fn score(reference: &[u32], hyp: &[u32], delimiter: Option<u32>) -> (Counts, Cou
 }
 
 /// Runs `rec` over `data` (references already tokenised into `labels`), calling `progress`
-/// with (utterances done, total) after each batch.
+/// with (utterances done, total) after each batch. Utterances run whole, as references are
+/// scored, unless the recogniser cuts long ones into windows (`rec.decoding.chunking`): their
+/// loss and hypothesis then come from the stitched logits.
 pub fn evaluate(
     rec: &Recognizer,
     data: &Dataset,
@@ -72,35 +78,70 @@ pub fn evaluate(
 ) -> Result<EvalReport> {
     let paths: Vec<_> = data.utterances.iter().map(|u| u.audio.clone()).collect();
     let total = paths.len();
-    let delimiter = rec.vocab.id(DELIMITER);
     let vocab = rec.vocab.len();
     let mut report = EvalReport { decoder: rec.decoding.decoder, ..EvalReport::default() };
     let mut loss_sum = 0.0f64;
-    // Whole utterances, as the references were scored.
-    for batch in decoded_batches(paths, rec.pre, &rec.model.config, None, limits) {
+    let mut stitcher = Stitcher::default();
+    for batch in decoded_batches(paths, rec.pre, &rec.model.config, rec.decoding.chunking, limits) {
         let batch = batch?;
         let inputs: Vec<&[f32]> = batch.iter().map(|p| p.samples.as_slice()).collect();
-        let (logits, seqs): (_, Seqs) = rec.model.logits(rec.backend, &inputs, None)?;
-        let refs: Vec<Vec<u32>> = batch.iter().map(|p| labels.tokens[p.index].clone()).collect();
-        report.infeasible += refs.iter().zip(seqs.lens()).filter(|(r, &n)| min_frames(r) > n).count();
-        let targets = CtcTargets { labels: refs, blank: rec.vocab.blank(), zero_infinity: true };
-        let losses = ctc_loss(rec.backend, &logits, &seqs, &targets, Reduction::Sum)?.losses;
-        loss_sum += losses.iter().map(|&l| l as f64).sum::<f64>();
-        let host = rec.backend.to_host(&logits)?.to_vec()?;
-        let decoded = rec.decoding.decoder.decode_batch(&host, &seqs, vocab, rec.vocab.blank());
-        for (((piece, reference), ids), &loss) in batch.iter().zip(&targets.labels).zip(decoded).zip(&losses) {
-            let hypothesis = canonical(ids.into_iter().filter(|&i| rec.vocab.is_content(i)).collect(), delimiter);
-            let (wer, cer, uer) = score(reference, &hypothesis, delimiter);
-            report.wer.add(&wer);
-            report.cer.add(&cer);
-            report.uer.add(&uer);
-            report.scored.push(Scored { index: piece.index, hypothesis, loss, wer, cer, uer });
+        let (logits, seqs) = rec.model.logits(rec.backend, &inputs, None)?;
+        if batch.iter().all(|p| p.windows == 1) {
+            let files: Vec<(usize, usize)> = batch.iter().map(|p| (p.index, 1)).collect();
+            loss_sum += score_files(rec, &files, &logits, &seqs, labels, &mut report)?;
+        } else {
+            // Windows: stitch on the host, score the files this batch finished.
+            let host = rec.backend.to_host(&logits)?.to_vec()?;
+            let (mut files, mut rows, mut frames) = (Vec::new(), Vec::new(), Vec::new());
+            for (u, piece) in batch.iter().enumerate() {
+                let r = seqs.range(u);
+                if let Some(done) = stitcher.add(piece.index, &piece.window, &host[r.start * vocab..r.end * vocab], vocab)? {
+                    files.push((piece.index, done.windows));
+                    frames.push(done.logits.len() / vocab);
+                    rows.extend(done.logits);
+                }
+            }
+            if files.is_empty() {
+                continue;
+            }
+            let logits = rec.backend.upload(&Tensor::from_vec(rows, &[frames.iter().sum(), vocab]))?;
+            loss_sum += score_files(rec, &files, &logits, &Seqs::new(frames), labels, &mut report)?;
         }
-        report.utterances += batch.len();
         progress(report.utterances, total);
     }
     report.loss = loss_sum / report.utterances.max(1) as f64;
     Ok(report)
+}
+
+/// Scores whole utterances `files` ((index in the dataset, windows it ran in)) from their
+/// logits `[frames, vocab]` packed by `seqs` on the recogniser's backend; returns their summed
+/// CTC loss.
+fn score_files(
+    rec: &Recognizer,
+    files: &[(usize, usize)],
+    logits: &Tensor,
+    seqs: &Seqs,
+    labels: &Labels,
+    report: &mut EvalReport,
+) -> Result<f64> {
+    let (vocab, blank, delimiter) = (rec.vocab.len(), rec.vocab.blank(), rec.vocab.id(DELIMITER));
+    let refs: Vec<Vec<u32>> = files.iter().map(|&(i, _)| labels.tokens[i].clone()).collect();
+    report.infeasible += refs.iter().zip(seqs.lens()).filter(|(r, &n)| min_frames(r) > n).count();
+    let targets = CtcTargets { labels: refs, blank, zero_infinity: true };
+    let losses = ctc_loss(rec.backend, logits, seqs, &targets, Reduction::Sum)?.losses;
+    let host = rec.backend.to_host(logits)?.to_vec()?;
+    let decoded = rec.decoding.decoder.decode_batch(&host, seqs, vocab, blank);
+    for (((&(index, windows), reference), ids), &loss) in files.iter().zip(&targets.labels).zip(decoded).zip(&losses) {
+        let hypothesis = canonical(ids.into_iter().filter(|&i| rec.vocab.is_content(i)).collect(), delimiter);
+        let (wer, cer, uer) = score(reference, &hypothesis, delimiter);
+        report.wer.add(&wer);
+        report.cer.add(&cer);
+        report.uer.add(&uer);
+        report.windowed += (windows > 1) as usize;
+        report.scored.push(Scored { index, hypothesis, loss, wer, cer, uer });
+    }
+    report.utterances += files.len();
+    Ok(losses.iter().map(|&l| l as f64).sum())
 }
 
 impl EvalReport {
@@ -125,14 +166,15 @@ impl EvalReport {
         out
     }
 
-    /// One JSON object: `decoder` ("greedy" or "beam N"), `utterances`, `loss`, `wer`, `cer`,
-    /// `uer` (fractions), and for each rate `<rate>_sub`, `<rate>_del`, `<rate>_ins`,
+    /// One JSON object: `decoder` ("greedy" or "beam N"), `utterances`, `infeasible`,
+    /// `windowed`, `loss`, `wer`, `cer`, `uer` (fractions), and for each rate `<rate>_sub`, `<rate>_del`, `<rate>_ins`,
     /// `<rate>_ref_len`.
     pub fn json(&self) -> serde_json::Value {
         let mut m = serde_json::Map::new();
         m.insert("decoder".into(), self.decoder.name().into());
         m.insert("utterances".into(), self.utterances.into());
         m.insert("infeasible".into(), self.infeasible.into());
+        m.insert("windowed".into(), self.windowed.into());
         m.insert("loss".into(), self.loss.into());
         for (name, c) in [("wer", &self.wer), ("cer", &self.cer), ("uer", &self.uer)] {
             m.insert(name.into(), c.rate().into());

@@ -184,3 +184,62 @@ fn progress_counts_a_files_windows_across_batches() {
     let want: Vec<(PathBuf, usize, usize)> = (1..5).map(|b| (wav.clone(), 2 * b, 10)).collect();
     assert_eq!(reports, want);
 }
+
+/// `engine eval` over a dataset holding the long file, with `args`: the JSON report and the
+/// one predictions line.
+fn eval(dir: &Path, wav: &Path, args: &[&str]) -> (serde_json::Value, serde_json::Value, String) {
+    let manifest = dir.join("long.tsv");
+    let samples = expected()["samples"].as_u64().unwrap();
+    std::fs::write(&manifest, format!("{}\n{}\t{samples}\n", dir.display(), wav.file_name().unwrap().to_str().unwrap())).unwrap();
+    std::fs::write(dir.join("long.phn"), REFERENCE.to_string() + "\n").unwrap();
+    let predictions = dir.join("predictions.jsonl");
+    let mut all = vec!["eval", "--model", MODEL, "--data", s(&manifest), "--labels", "phn", "--json", "--predictions", s(&predictions)];
+    all.extend(args);
+    let run = engine(&all);
+    ok(&run);
+    let line = std::fs::read_to_string(&predictions).unwrap();
+    (serde_json::from_slice(&run.stdout).unwrap(), serde_json::from_str(&line).unwrap(), String::from_utf8(run.stderr).unwrap())
+}
+
+/// A phonemic reference for the long file (its first utterance's; the rates do not matter here).
+const REFERENCE: &str = "ʌ ð ɚ z | j ɛ h";
+
+/// Eval cuts long utterances as infer does: hypotheses are the pipeline's transcripts, the loss
+/// is the CTC loss of the stitched logits, and the report counts the utterances it cut.
+#[test]
+fn eval_scores_long_utterances_in_the_pipelines_windows() {
+    use s3router::backend::cpu::CpuBackend;
+    use s3router::backend::Seqs;
+    use s3router::ctc::{ctc_loss, CtcTargets, Reduction};
+    use s3router::data::dataset::LabelKind;
+    use s3router::data::labels::Labeler;
+    use s3router::model::vocab::Vocab;
+    use s3router::tensor::Tensor;
+    let tmp = tempfile::tempdir().unwrap();
+    let wav = long_wav(tmp.path());
+    let want = expected();
+    let (whole, line, _) = eval(tmp.path(), &wav, &["--chunk-seconds", "0"]);
+    assert_eq!((line["hypothesis"].as_str(), whole["windowed"].as_u64()), (want["whole"].as_str(), Some(0)));
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(Path::new(MODEL).join("config.json")).unwrap()).unwrap();
+    let vocab = Vocab::load(&Path::new(MODEL).join("vocab.json"), config["vocab_size"].as_u64().unwrap() as usize, 0).unwrap();
+    let labels = Labeler::new(&vocab, LabelKind::Phn, "", false).label_all([REFERENCE].into_iter()).unwrap().tokens;
+    for case in want["cases"].as_array().unwrap() {
+        let seconds = case["chunk_seconds"].to_string();
+        let context: Vec<String> = case["context"].as_array().unwrap().iter().map(|c| c.to_string()).collect();
+        let args = ["--chunk-seconds", &seconds, "--chunk-context", &context.join(",")];
+        let (report, line, _) = eval(tmp.path(), &wav, &args);
+        assert_eq!(line["hypothesis"], case["text"], "{args:?}");
+        assert_eq!(report["windowed"].as_u64(), Some(1), "{args:?}");
+        let (_, logits, shape) = infer(&wav, &args);
+        let targets = CtcTargets { labels: labels.clone(), blank: 0, zero_infinity: true };
+        let stitched = Tensor::from_vec(logits, &shape);
+        let loss = ctc_loss(&CpuBackend, &stitched, &Seqs::new(vec![shape[0]]), &targets, Reduction::Sum).unwrap().losses[0];
+        assert_eq!(line["loss"].as_f64().unwrap() as f32, loss, "{args:?}");
+        assert_ne!(line["loss"], whole["loss"], "{args:?}: windows see less context");
+    }
+    // By default only utterances past --batch-seconds are cut, and the report says so.
+    let (report, _, stderr) = eval(tmp.path(), &wav, &["--batch-seconds", "4"]);
+    assert_eq!(report["windowed"].as_u64(), Some(1));
+    assert!(stderr.contains("1 utterances longer than --batch-seconds were recognised in windows of 4 s"), "{stderr}");
+    assert_eq!(eval(tmp.path(), &wav, &[]).0, whole, "15 s is within the default batch limit");
+}

@@ -164,7 +164,7 @@ impl Timestamps {
     }
 }
 
-/// How `engine infer` cuts long files.
+/// How `engine infer`, `eval` and `align` cut long files.
 #[derive(clap::Args, Clone)]
 struct ChunkArgs {
     /// Recognise files longer than this many seconds in windows this long with some context on
@@ -401,9 +401,12 @@ enum Command {
         dataset: DataArgs,
         #[command(flatten)]
         device: DeviceArgs,
-        /// Most seconds of audio in one forward pass (bounds memory).
+        /// Most seconds of audio in one forward pass (bounds memory; longer utterances are cut,
+        /// see --chunk-seconds, and counted as "windowed" in the report).
         #[arg(long, default_value_t = 120.0)]
         batch_seconds: f64,
+        #[command(flatten)]
+        chunks: ChunkArgs,
         /// Print one JSON object on stdout instead of the table.
         #[arg(long)]
         json: bool,
@@ -926,6 +929,7 @@ struct EvalArgs {
     dataset: DataArgs,
     device: DeviceArgs,
     batch_seconds: f64,
+    chunks: ChunkArgs,
     json: bool,
     predictions: Option<PathBuf>,
 }
@@ -941,8 +945,18 @@ fn eval(a: EvalArgs) -> Result<()> {
     rec.decoding.decoder = a.decoder;
     let labels = a.dataset.labels(&data, &rec.vocab)?;
     let limits = BatchLimits::from_seconds(a.batch_seconds);
+    rec.decoding.chunking = a.chunks.chunking(&rec.model.config, limits)?;
     let report = evaluate(&rec, &data, &labels, limits, |done, total| eprint!("\revaluated {done}/{total} utterances"))?;
     eprintln!();
+    if let Some(c) = rec.decoding.chunking.filter(|_| report.windowed > 0) {
+        let how = if a.chunks.automatic() { "longer than --batch-seconds" } else { "longer than --chunk-seconds" };
+        eprintln!(
+            "note: {} utterances {how} were recognised in windows of {} s, their logits stitched \
+             (--chunk-seconds 0 runs every utterance whole)",
+            report.windowed,
+            c.window as f64 / SAMPLE_RATE as f64
+        );
+    }
     if let Some(p) = &a.predictions {
         let lines = report.predictions(&data, &labels, &rec.vocab);
         s3router::fsio::atomic_write(p, |f| std::io::Write::write_all(f, lines.as_bytes()))?;
@@ -1026,8 +1040,8 @@ fn run(cli: Cli, demo_flags: &[demo::Word]) -> Result<()> {
         Command::Align { model, dataset, level, device, batch_seconds, chunks } => {
             align(&model, &dataset, level, device, BatchLimits::from_seconds(batch_seconds), &chunks)
         }
-        Command::Eval { model, dataset, device, batch_seconds, json, predictions, beam } => {
-            eval(EvalArgs { model, dataset, device, batch_seconds, json, predictions, decoder: decoder(beam) })
+        Command::Eval { model, dataset, device, batch_seconds, chunks, json, predictions, beam } => {
+            eval(EvalArgs { model, dataset, device, batch_seconds, chunks, json, predictions, decoder: decoder(beam) })
         }
         Command::Vocab { data, dict, labels, format, split, chars_to_ignore, lowercase, uppercase, out } => {
             let vocab = match (data, dict) {
