@@ -1,6 +1,7 @@
 //! The CPU model against transformers' outputs (tools/make_fixtures.py), for both architectures,
 //! both weight-norm spellings, f16-stored weights, HuBERT (tools/make_hubert_fixtures.py),
-//! data2vec-audio (tools/make_data2vec_fixtures.py), and batched against alone.
+//! data2vec-audio (tools/make_data2vec_fixtures.py), `pytorch_model.bin` files
+//! (tools/make_torch_bin_fixtures.py), and batched against alone.
 
 mod common;
 
@@ -63,6 +64,14 @@ fn f16_stored_weights_match_transformers() {
 #[test]
 fn bf16_stored_weights_match_transformers() {
     check_alone("base-like-bf16", "base-like-bf16");
+}
+
+/// `pytorch_model.bin` (`torch.save` of a state dict) instead of safetensors: f32 in one file;
+/// bf16 in two shards with an index, q/k/v weights at offsets into one storage.
+#[test]
+fn pytorch_weight_files_match_transformers() {
+    check_alone("base-like-bin", "base-like");
+    check_alone("base-like-bf16-bin-sharded", "base-like-bf16");
 }
 
 /// A checkpoint without a CTC head loads, encodes utterance 0 as `reference_dir`'s model does,

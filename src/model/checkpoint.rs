@@ -1,4 +1,5 @@
-//! Memory-mapped safetensors checkpoints (single file or sharded with an index).
+//! Memory-mapped checkpoints: safetensors, or PyTorch's `pytorch_model.bin`
+//! ([`crate::model::torch_bin`]), single files or sharded with an index.
 //!
 //! Tensors come back as views into the mapping, so a frozen f32 model is never copied on the
 //! CPU. Every lookup checks the stored shape against what the model expects and names the tensor.
@@ -17,6 +18,7 @@ use anyhow::{bail, Context, Result};
 use memmap2::{Mmap, UncheckedAdvice};
 use safetensors::{Dtype, SafeTensors};
 
+use super::torch_bin;
 use crate::rng::SplitMix;
 use crate::tensor::{DType, HostBytes, Tensor};
 
@@ -47,13 +49,14 @@ fn dtype_of(d: Dtype, name: &str, file: &Path) -> Result<DType> {
     })
 }
 
-impl Checkpoint {
-    /// Opens `model.safetensors` in `dir`, or the shards listed by `model.safetensors.index.json`.
-    pub fn open_dir(dir: &Path) -> Result<Checkpoint> {
-        let single = dir.join("model.safetensors");
-        let index = dir.join("model.safetensors.index.json");
+/// The weights of a model folder, as transformers looks for them: `model.safetensors`, the
+/// shards `model.safetensors.index.json` lists, `pytorch_model.bin`, or the shards
+/// `pytorch_model.bin.index.json` lists. Returns the weight files and the index, if any.
+pub fn weight_files(dir: &Path) -> Result<(Vec<PathBuf>, Option<PathBuf>)> {
+    for name in ["model.safetensors", "pytorch_model.bin"] {
+        let (single, index) = (dir.join(name), dir.join(format!("{name}.index.json")));
         if single.is_file() {
-            return Checkpoint::open(&[single]);
+            return Ok((vec![single], None));
         }
         if index.is_file() {
             let text = std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))?;
@@ -65,14 +68,19 @@ impl Checkpoint {
             let mut shards: Vec<PathBuf> = map.values().filter_map(|v| v.as_str()).map(|s| dir.join(s)).collect();
             shards.sort();
             shards.dedup();
-            return Checkpoint::open(&shards);
+            return Ok((shards, Some(index)));
         }
-        if dir.join("pytorch_model.bin").is_file() {
-            bail!("{}: only pytorch_model.bin found; convert it to model.safetensors (e.g. with transformers: model.save_pretrained(dir, safe_serialization=True))", dir.display());
-        }
-        bail!("{}: no model.safetensors (or model.safetensors.index.json) in this folder", dir.display())
+    }
+    bail!("{}: no model.safetensors or pytorch_model.bin (nor a sharded index of either) in this folder", dir.display())
+}
+
+impl Checkpoint {
+    /// Opens the weights of a model folder ([`weight_files`]).
+    pub fn open_dir(dir: &Path) -> Result<Checkpoint> {
+        Checkpoint::open(&weight_files(dir)?.0)
     }
 
+    /// Opens weight files together: `*.safetensors`, or PyTorch archives (any other name).
     pub fn open(paths: &[PathBuf]) -> Result<Checkpoint> {
         let mut files = Vec::new();
         let mut entries = HashMap::new();
@@ -82,22 +90,11 @@ impl Checkpoint {
             // SAFETY: the mapping is read-only; a checkpoint modified while loaded is outside our
             // contract, as for every mmap-based loader.
             let map = Arc::new(unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?);
-            let st =
-                SafeTensors::deserialize(&map).map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file ({e})", path.display()))?;
-            let base = map.as_ptr() as usize;
-            for (stored, view) in st.tensors() {
-                let dtype = dtype_of(view.dtype(), &stored, path)?;
-                let bytes = view.data();
-                let (name, replaced) = wav2vec2_name(&stored);
+            let safetensors = path.extension().is_some_and(|e| e == "safetensors");
+            let tensors = if safetensors { safetensors_entries(&map, path, i)? } else { torch_entries(&map, path, i)? };
+            for entry in tensors {
+                let (name, replaced) = wav2vec2_name(&entry.stored);
                 stored_prefix = stored_prefix.or(replaced);
-                let entry = Entry {
-                    file: i,
-                    dtype,
-                    shape: view.shape().to_vec(),
-                    offset: bytes.as_ptr() as usize - base,
-                    len: bytes.len(),
-                    stored,
-                };
                 if let Some(other) = entries.insert(name.clone(), entry) {
                     bail!("{}: tensors \"{}\" and \"{}\" are both {name}", path.display(), other.stored, entries[&name].stored);
                 }
@@ -133,6 +130,34 @@ impl Checkpoint {
             format!("{}: tensor \"{stored}\" is missing", self.files[0].0.display())
         })
     }
+}
+
+/// The tensors of safetensors file number `file` (its bytes `map`).
+fn safetensors_entries(map: &[u8], path: &Path, file: usize) -> Result<Vec<Entry>> {
+    let st = SafeTensors::deserialize(map).map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file ({e})", path.display()))?;
+    let base = map.as_ptr() as usize;
+    st.tensors()
+        .into_iter()
+        .map(|(stored, view)| {
+            let bytes = view.data();
+            Ok(Entry {
+                file,
+                dtype: dtype_of(view.dtype(), &stored, path)?,
+                shape: view.shape().to_vec(),
+                offset: bytes.as_ptr() as usize - base,
+                len: bytes.len(),
+                stored,
+            })
+        })
+        .collect()
+}
+
+/// The tensors of PyTorch archive number `file` (its bytes `map`).
+fn torch_entries(map: &[u8], path: &Path, file: usize) -> Result<Vec<Entry>> {
+    Ok(torch_bin::state_dict(map, path)?
+        .into_iter()
+        .map(|t| Entry { file, dtype: t.dtype, shape: t.shape, offset: t.offset, len: t.len, stored: t.name })
+        .collect())
 }
 
 /// The wav2vec2 name of a stored tensor name, and the prefix it replaced: `hubert.X`,

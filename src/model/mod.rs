@@ -4,8 +4,10 @@ pub mod checkpoint;
 pub mod config;
 pub mod folder;
 pub mod masks;
+pub mod pickle;
 pub mod preprocess;
 pub mod tasks;
+pub mod torch_bin;
 pub mod vocab;
 pub mod wav2vec2;
 

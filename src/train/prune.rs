@@ -16,7 +16,7 @@ use super::finetune::NamedWeight;
 use super::masked::MaskScope;
 use super::run::{train, Learn, Recipe, RunOptions, Summary};
 use crate::backend::backward::TrainBackend;
-use crate::model::checkpoint::{Checkpoint, WeightSource};
+use crate::model::checkpoint::{weight_files, Checkpoint, WeightSource};
 use crate::model::config::Config;
 use crate::model::masks::KeepFlags;
 use crate::model::wav2vec2::maskable_shape;
@@ -114,8 +114,10 @@ pub fn prune(mut recipe: Recipe, a: &PruneArgs, opts: &RunOptions) -> Result<Sum
 /// Puts the model folder S3-Router-P's masks apply to beside them (hard links where the file
 /// system allows, else copies).
 fn link_model(model: &Path, out: &Path) -> Result<()> {
-    for f in ["config.json", "model.safetensors", "preprocessor_config.json"] {
-        let (from, to) = (model.join(f), out.join(f));
+    let (weights, index) = weight_files(model)?;
+    let sidecars = ["config.json", "preprocessor_config.json"].map(|f| model.join(f));
+    for from in weights.into_iter().chain(index).chain(sidecars) {
+        let to = out.join(from.file_name().expect("a file in the model folder"));
         if !from.exists() {
             continue;
         }
