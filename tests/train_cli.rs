@@ -532,3 +532,53 @@ fn masks_learned_on_other_families_apply_to_a_folder_of_that_family() {
         assert_eq!(applied.stdout, masked.stdout, "{model}");
     }
 }
+
+/// `--init-scores`: a run started from another run's scores starts from its masks exactly (the
+/// matrices it masked; the others by --init), and refuses a run over other weights, a folder
+/// without scores, and weight finetuning.
+#[test]
+fn init_scores_carry_a_runs_masks_over() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train = small_manifest(tmp.path(), 3);
+    let run = |out: &Path, model: &str, extra: &[&str]| {
+        let mut args = vec!["train", "--model", model, "--train", s(&train), "--out", s(out), "--steps", "2", "--sparsity", "0.3"];
+        args.extend(PLAIN);
+        args.extend(extra);
+        engine(&args)
+    };
+    let first = tmp.path().join("first");
+    ok(&run(&first, "tests/fixtures/base-like", &[]));
+    let masks = |path: &Path| {
+        let bytes = std::fs::read(path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut named: Vec<(String, Vec<u8>)> = st.tensors().into_iter().map(|(n, t)| (n, t.data().to_vec())).collect();
+        named.sort();
+        named
+    };
+    let learned = masks(&first.join("masks.safetensors"));
+    assert_eq!(learned.len(), 4);
+
+    let second = tmp.path().join("second");
+    let o = run(&second, "tests/fixtures/base-like", &["--init-scores", s(&first), "--mask", "all"]);
+    ok(&o);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("scores of 4 of 12 masked matrices"), "{}", String::from_utf8_lossy(&o.stderr));
+    let initial = masks(&second.join("initial_masks.safetensors"));
+    assert_eq!(initial.len(), 12);
+    for (name, bits) in &learned {
+        let carried = &initial.iter().find(|(n, _)| n == name).unwrap().1;
+        assert_eq!(carried, bits, "{name}: the second run starts from the first's mask");
+    }
+
+    // Another architecture, and the same one with other weights.
+    fails_with(&run(&tmp.path().join("large"), "tests/fixtures/large-like", &["--init-scores", s(&first)]), "masks from another model");
+    fails_with(&run(&tmp.path().join("hubert"), "tests/fixtures/hubert-like", &["--init-scores", s(&first)]), "other weights");
+    fails_with(
+        &run(&tmp.path().join("none"), "tests/fixtures/base-like", &["--init-scores", "tests/fixtures/base-like-masks"]),
+        "no scores",
+    );
+    let mut ft = vec!["finetune", "--model", "tests/fixtures/base-like", "--train", s(&train), "--out"];
+    let ft_out = tmp.path().join("ft");
+    ft.extend([s(&ft_out), "--init-scores", s(&first)]);
+    ft.extend(PLAIN);
+    fails_with(&engine(&ft), "this run trains weights");
+}

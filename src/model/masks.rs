@@ -183,12 +183,15 @@ impl MaskSet {
     /// in the message) give another: the masks were learned over other weights.
     pub fn check_base(&self, source: &dyn WeightSource, source_name: &Path) -> Result<()> {
         let Some(want) = &self.base else { return Ok(()) };
-        let got = base_fingerprint(source, self.masks.iter().map(|(n, (shape, _))| (n.as_str(), shape.as_slice())))?;
+        let file = self.dir.join("masks.safetensors");
+        let got = base_fingerprint(source, self.masks.iter().map(|(n, (shape, _))| (n.as_str(), shape.as_slice()))).with_context(|| {
+            format!("{}: these masks do not fit {}'s weights (masks from another model?)", file.display(), source_name.display())
+        })?;
         ensure!(
             &got == want,
             "{}: these masks were learned over other weights than {}'s (base_fingerprint {want}, this model's {got}); \
              a mask only means something over the weights it was learned on",
-            self.dir.join("masks.safetensors").display(),
+            file.display(),
             source_name.display()
         );
         Ok(())

@@ -39,7 +39,7 @@ use crate::dropout::Dropout;
 use crate::eval::{evaluate, EvalReport};
 use crate::infer::{BatchLimits, Recognizer};
 use crate::mask;
-use crate::model::checkpoint::Checkpoint;
+use crate::model::checkpoint::{Checkpoint, WeightSource};
 use crate::model::config::Config;
 use crate::model::masks::{base_fingerprint, KeepFlags, MaskSet, Masked};
 use crate::model::preprocess::Preprocessor;
@@ -160,6 +160,12 @@ pub struct Recipe {
     /// Score initialisation (mask learning only).
     #[arg(long, value_enum, default_value = "weight-rank")]
     pub init: Init,
+    /// Start the scores from another mask learning run over the same model (its folder or
+    /// best/: scores.safetensors beside masks.safetensors) instead of --init: masks carried
+    /// over from another language or task and adapted (the official code's load_mask_only).
+    /// Matrices that run did not mask start from --init. Mask learning only.
+    #[arg(long, value_name = "DIR")]
+    pub init_scores: Option<PathBuf>,
     /// Which linears of every encoder layer get masks (mask learning only).
     #[arg(long, value_enum, default_value = "ffn")]
     pub mask: MaskScope,
@@ -315,6 +321,10 @@ impl Recipe {
         self.model()?;
         self.train()?;
         check_sparsity(self.sparsity())?;
+        if let Some(dir) = &self.init_scores {
+            ensure!(self.learn == Learn::Masks, "--init-scores {}: scores start mask learning; this run trains weights", dir.display());
+            ensure!(self.sparsity() > 0.0, "--init-scores {}: at --sparsity 0 nothing is masked", dir.display());
+        }
         if let Learn::Weights { prune: Some(p), .. } = &self.learn {
             check_sparsity(p.sparsity())?;
         }
@@ -709,17 +719,34 @@ impl Trainer<'_> {
         } else {
             (0..self.model.layers.len()).flat_map(|i| r.mask.parts().iter().map(move |&p| (i, p))).collect()
         };
+        // --init-scores: (the run folder, its scores).
+        let carried = r.init_scores.as_deref().map(|dir| Ok::<_, anyhow::Error>((dir, self.carried_scores(dir)?))).transpose()?;
+        let carries = |name: &str| carried.as_ref().is_some_and(|(_, c)| c.contains(name));
         let masks = slots
             .into_par_iter()
             .enumerate()
             .map(|(k, (i, p))| {
                 let mut rng = SplitMix(mix(r.seed ^ mix(0x5c0e_0000 + k as u64)));
-                let init = |w: &[f32], fan_in| init_scores(w, fan_in, r.init, r.sparsity(), &mut rng);
-                let mut m = MaskedWeight::load(&self.ck, &self.model.config, i, p, init)?;
+                let mut m = match &carried {
+                    Some((dir, c)) if carries(&p.weight_name(i)) => {
+                        let scores = c.tensor(&p.weight_name(i))?.to_vec()?;
+                        // MaskedWeight::load checks they fit the weight.
+                        MaskedWeight::load(&self.ck, &self.model.config, i, p, |_, _| scores)
+                            .with_context(|| format!("--init-scores {}", dir.display()))?
+                    }
+                    _ => {
+                        let init = |w: &[f32], fan_in| init_scores(w, fan_in, r.init, r.sparsity(), &mut rng);
+                        MaskedWeight::load(&self.ck, &self.model.config, i, p, init)?
+                    }
+                };
                 m.scores = self.be.upload(&m.scores)?;
                 Ok(m)
             })
             .collect::<Result<Vec<_>>>()?;
+        if let Some((dir, _)) = &carried {
+            let from = masks.iter().filter(|m| carries(&m.name())).count();
+            eprintln!("scores of {from} of {} masked matrices from {} (the rest by --init)", masks.len(), dir.display());
+        }
         let v = self.vocab.len();
         let (head_weight, head_bias) = match (&self.model.lm_head, r.keep_head) {
             (Some(_), true) => (self.ck.tensor(HEAD_WEIGHT)?.to_vec()?, self.ck.tensor(HEAD_BIAS)?.to_vec()?),
@@ -743,6 +770,16 @@ impl Trainer<'_> {
         let names = named_shapes(&masks);
         let base = if masks.is_empty() { None } else { Some(base_fingerprint(&self.ck, names.iter().map(|(n, s)| (n.as_str(), &s[..])))?) };
         Ok(Params { masks, base, head_weight, head_bias, embedding, weights })
+    }
+
+    /// The scores of the mask learning run in `dir` (`--init-scores`), once its masks are known to
+    /// cover this model's weights.
+    fn carried_scores(&self, dir: &Path) -> Result<Checkpoint> {
+        let set = MaskSet::load(dir).with_context(|| format!("--init-scores {}", dir.display()))?;
+        set.check_base(&self.ck, self.recipe.model()?)?;
+        let path = dir.join("scores.safetensors");
+        ensure!(path.is_file(), "--init-scores {}: no scores.safetensors (a mask set alone has no scores to carry over)", dir.display());
+        Checkpoint::open(&[path])
     }
 
     /// The regularisers of sub-batch `sub` of update `update` for utterances of `frames` frames.
