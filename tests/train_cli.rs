@@ -582,3 +582,38 @@ fn init_scores_carry_a_runs_masks_over() {
     ft.extend(PLAIN);
     fails_with(&engine(&ft), "this run trains weights");
 }
+
+/// `--config`: a run's train_config.json replays the run bit for bit; flags after it override
+/// it; a recipe of the other subcommand is refused.
+#[test]
+fn config_replays_a_recipe_and_flags_override_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train = small_manifest(tmp.path(), 3);
+    let first = tmp.path().join("first");
+    let mut args = vec!["train", "--model", "tests/fixtures/base-like", "--train", s(&train), "--out", s(&first)];
+    args.extend(["--steps", "2", "--sparsity", "0.3", "--seed", "5", "--init", "random", "--mask", "all"]);
+    args.extend(PLAIN);
+    ok(&engine(&args));
+    let recipe = first.join("train_config.json");
+    let json = |dir: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join("train_config.json")).unwrap()).unwrap()
+    };
+
+    let replay = tmp.path().join("replay");
+    let o = engine(&["train", "--config", s(&recipe), "--out", s(&replay)]);
+    ok(&o);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("recipe from"));
+    assert_eq!(json(&replay), json(&first));
+    for f in ["scores.safetensors", "masks.safetensors", "head.safetensors"] {
+        assert!(std::fs::read(first.join(f)).unwrap() == std::fs::read(replay.join(f)).unwrap(), "{f} differs in the replay");
+    }
+
+    let changed = tmp.path().join("changed");
+    ok(&engine(&["train", "--config", s(&recipe), "--out", s(&changed), "--seed", "9", "--steps=1"]));
+    let (mut want, got) = (json(&first), json(&changed));
+    want["seed"] = 9.into();
+    want["steps"] = 1.into();
+    assert_eq!(got, want, "only the flags typed after --config change");
+
+    fails_with(&engine(&["finetune", "--config", s(&recipe), "--out", s(&tmp.path().join("ft"))]), "engine train");
+}

@@ -1,6 +1,7 @@
 //! The `engine` command line: parse, call the library, print.
 
 use std::collections::{BTreeSet, HashMap};
+use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -27,6 +28,7 @@ use s3router::multitask::{parse_routed, parse_task, MultiRecognizer};
 use s3router::plot;
 use s3router::train::demo;
 use s3router::train::prune::{prune, Method as PruneMethod, PruneArgs};
+use s3router::train::recipe_file::recipe_flags;
 use s3router::train::run::{train, Device as TrainDevice, Learn, Recipe, RunOptions, Summary, INITIAL_MASKS};
 
 #[derive(Parser)]
@@ -282,6 +284,64 @@ enum MasksCommand {
     },
 }
 
+/// `--config` of `engine train` and `engine finetune` (read before the flags are parsed; see
+/// [`with_recipe_file`]).
+#[derive(clap::Args)]
+struct RecipeFile {
+    /// Start from the recipe in FILE: a run's train_config.json, or any JSON object of flag names
+    /// (with _ or -) and values (null and false set nothing). Flags on the command line override
+    /// it, e.g. `--config runs/a/train_config.json --out runs/b --seed 2`.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+impl RecipeFile {
+    /// Says where the recipe came from.
+    fn note(&self) {
+        if let Some(file) = &self.config {
+            eprintln!("recipe from {} (flags on the command line override it)", file.display());
+        }
+    }
+}
+
+/// `engine train|finetune ... --config FILE ...`: the recipe's flags go in right after the
+/// subcommand, so the flags typed on the command line come later and override them.
+fn with_recipe_file(mut args: Vec<OsString>) -> Result<Vec<OsString>> {
+    // The subcommand: the first word after the global --threads.
+    let mut i = 1;
+    while args.get(i).is_some_and(|a| a == "--threads") {
+        i += 2;
+    }
+    while args.get(i).and_then(|a| a.to_str()).is_some_and(|a| a.starts_with("--threads=")) {
+        i += 1;
+    }
+    let Some(sub) = args.get(i).and_then(|a| a.to_str()).filter(|s| *s == "train" || *s == "finetune").map(str::to_string) else {
+        return Ok(args);
+    };
+    let Some(at) = args[i..].iter().position(|a| a == "--config" || a.to_str().is_some_and(|a| a.starts_with("--config="))) else {
+        return Ok(args);
+    };
+    let path = match args[i + at].to_str().and_then(|a| a.strip_prefix("--config=")) {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(args.get(i + at + 1).context("--config needs a file")?),
+    };
+    let text = std::fs::read_to_string(&path).with_context(|| format!("--config: cannot read {}", path.display()))?;
+    let recipe: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("--config {}: not valid JSON", path.display()))?;
+    let command = Cli::command();
+    let longs: Vec<String> = command
+        .find_subcommand(&sub)
+        .expect("train and finetune are subcommands")
+        .get_arguments()
+        .filter_map(|a| a.get_long())
+        .filter(|l| *l != "config")
+        .map(str::to_string)
+        .collect();
+    let learn = if sub == "train" { "masks" } else { "weights" };
+    let flags = recipe_flags(&recipe, learn, |f| longs.iter().any(|l| l == f), &path)?;
+    args.splice(i + 1..i + 1, flags.into_iter().map(OsString::from));
+    Ok(args)
+}
+
 /// How `engine train` and `engine finetune` run (not part of the recipe).
 #[derive(clap::Args)]
 struct RunArgs {
@@ -461,9 +521,12 @@ enum Command {
     /// with S3-Router masks at 10% sparsity, into runs/demo (or --out); prints both phoneme error
     /// rates and where the masks went. Recipe flags given replace the demo's own settings
     /// (e.g. --steps 50 for a shorter run; the head-only run keeps sparsity 0).
+    #[command(args_override_self = true)]
     Train {
         #[command(flatten)]
         recipe: Box<Recipe>,
+        #[command(flatten)]
+        file: RecipeFile,
         #[command(flatten)]
         run: RunArgs,
     },
@@ -473,13 +536,17 @@ enum Command {
     /// SpecAugment, dropout, logging and checkpoints as `engine train` (its mask options do not
     /// apply).
     ///
-    /// Writes into --out a Hugging Face Wav2Vec2ForCTC folder (config.json, model.safetensors,
-    /// vocab.json, preprocessor_config.json) that transformers and `engine infer|eval --model`
-    /// load, plus train_config.json, train_log.jsonl, checkpoint.safetensors and best/ (the
-    /// model folder with the best validation --best-metric).
+    /// Writes into --out a Hugging Face CTC folder of the model's family (Wav2Vec2ForCTC,
+    /// HubertForCTC, Data2VecAudioForCTC: config.json, model.safetensors, vocab.json,
+    /// preprocessor_config.json) that transformers and `engine infer|eval --model` load, plus
+    /// train_config.json, train_log.jsonl, checkpoint.safetensors and best/ (the model folder
+    /// with the best validation --best-metric).
+    #[command(args_override_self = true)]
     Finetune {
         #[command(flatten)]
         recipe: Box<Recipe>,
+        #[command(flatten)]
+        file: RecipeFile,
         /// Train only the head for this many updates first (fairseq's freeze_finetune_updates;
         /// its wav2vec2-base 1h/10h recipes use 10000 of 13000/20000).
         #[arg(long, default_value_t = 0)]
@@ -1065,7 +1132,8 @@ fn run(cli: Cli, demo_flags: &[demo::Word]) -> Result<()> {
             println!("{}: {} tokens, blank <pad> = 0", out.display(), vocab.len());
             Ok(())
         }
-        Command::Train { recipe, run } => {
+        Command::Train { recipe, file, run } => {
+            file.note();
             let demo = recipe.model.is_none() && recipe.train.is_none();
             let opts = run.options(demo.then_some("runs/demo"))?;
             let out = opts.out.clone();
@@ -1090,7 +1158,8 @@ fn run(cli: Cli, demo_flags: &[demo::Word]) -> Result<()> {
             print_summary(&recipe, &opts, &s, "masks and the model they apply to");
             Ok(())
         }
-        Command::Finetune { mut recipe, freeze_updates, train_feature_encoder, run } => {
+        Command::Finetune { mut recipe, file, freeze_updates, train_feature_encoder, run } => {
+            file.note();
             recipe.learn = Learn::Weights { freeze_updates, train_feature_encoder, prune: None };
             run_training(&recipe, &run.options(None)?, "model")
         }
@@ -1135,7 +1204,14 @@ fn run(cli: Cli, demo_flags: &[demo::Word]) -> Result<()> {
 
 fn main() -> ExitCode {
     s3router::keep_freed_memory();
-    let matches = Cli::command().get_matches();
+    let args = match with_recipe_file(std::env::args_os().collect()) {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let matches = Cli::command().get_matches_from(args);
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // The demo takes the recipe flags typed after `engine train` in place of its own.
     let demo_flags = matches.subcommand_matches("train").map(demo::explicit_recipe_words).unwrap_or_default();

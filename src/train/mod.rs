@@ -9,6 +9,7 @@ pub mod feed;
 pub mod finetune;
 pub mod masked;
 pub mod prune;
+pub mod recipe_file;
 pub mod run;
 pub mod schedule;
 pub mod specaugment;
