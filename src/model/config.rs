@@ -163,8 +163,8 @@ impl Config {
             vocab_size: usize_key(json, "vocab_size", file)?,
             pad_token_id: usize_key(json, "pad_token_id", file)?,
         };
-        // Activation functions other than GELU and the adapter stack are not implemented: refuse
-        // them rather than compute something else.
+        // Activation functions other than GELU and the adapters are not implemented: refuse them
+        // rather than compute something else.
         for act in ["hidden_act", "feat_extract_activation"] {
             if let Some(v) = json.get(act) {
                 ensure!(v == "gelu", "{}: \"{act}\" = {v} is not supported (only \"gelu\")", file.display());
@@ -172,6 +172,10 @@ impl Config {
         }
         if json.get("add_adapter").and_then(Value::as_bool) == Some(true) {
             bail!("{}: \"add_adapter\": true is not supported", file.display());
+        }
+        // MMS's per-language attention adapters, which transformers adds to pre-LN layers only.
+        if cfg.do_stable_layer_norm && json.get("adapter_attn_dim").is_some_and(|v| !v.is_null()) {
+            bail!("{}: \"adapter_attn_dim\": the adapter after each layer (MMS checkpoints) is not supported", file.display());
         }
         cfg.validate(file)?;
         Ok(cfg)
@@ -335,5 +339,11 @@ mod tests {
         let mut j = base();
         j["num_attention_heads"] = 7.into();
         assert!(Config::from_json(&j, Path::new("c")).is_err());
+        // MMS adapters exist only in pre-LN layers (transformers ignores the key post-LN).
+        let mut j = base();
+        j["adapter_attn_dim"] = 16.into();
+        assert!(Config::from_json(&j, Path::new("c")).is_ok());
+        j["do_stable_layer_norm"] = true.into();
+        assert!(Config::from_json(&j, Path::new("c")).unwrap_err().to_string().contains("adapter_attn_dim"));
     }
 }
