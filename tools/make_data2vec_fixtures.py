@@ -31,13 +31,12 @@ import sys
 
 import safetensors.torch
 import torch
-import transformers
 from transformers import Data2VecAudioConfig, Data2VecAudioForCTC
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from make_fixtures import MODELS, ROOT, build  # noqa: E402
+from make_fixtures import MODELS, ROOT, build, record_versions  # noqa: E402
 from make_hubert_fixtures import committed_audio  # noqa: E402
-from make_train_fixtures import TIME_MASKS, TRANSCRIPTS, MaskedLinear, ctc_sum, utterances  # noqa: E402
+from make_train_fixtures import TIME_MASKS, TRANSCRIPTS, MaskedLinear, spec_augmented_loss, utterances  # noqa: E402
 
 NAME = "data2vec-like"
 SPEC = dict(
@@ -77,16 +76,7 @@ def gradients():
         inputs, vocab = utterances(NAME, torch.float64)
         total = 0.0
         for u, text, x in inputs:
-            d2v = model.data2vec_audio
-            features = d2v.feature_extractor(x[None]).transpose(1, 2)
-            hidden, _ = d2v.feature_projection(features)
-            hidden = hidden.clone()
-            for a, b in TIME_MASKS[u]:
-                hidden[0, a:b] = d2v.masked_spec_embed
-            for a, b in CHANNEL_MASKS[u]:
-                hidden[0, :, a:b] = 0
-            logits = model.lm_head(d2v.encoder(hidden).last_hidden_state)[0]
-            loss, _ = ctc_sum(logits, text, vocab, model.config.pad_token_id)
+            loss, _ = spec_augmented_loss(model, u, text, x, vocab, CHANNEL_MASKS)
             loss.backward()
             total += loss.item()
         meta[case] = {"loss": total, "transcripts": TRANSCRIPTS[NAME], "time_masks": TIME_MASKS, "channel_masks": CHANNEL_MASKS,
@@ -118,12 +108,7 @@ def main():
     model.data2vec_audio.save_pretrained(bare)
     shutil.copy(os.path.join(folder, "preprocessor_config.json"), bare)
     gradients()
-    path = os.path.join(ROOT, "VERSIONS.json")
-    with open(path) as f:
-        versions = json.load(f)
-    versions["make_data2vec_fixtures.py"] = {"torch": torch.__version__, "transformers": transformers.__version__}
-    with open(path, "w") as f:
-        json.dump(versions, f, indent=1)
+    record_versions("make_data2vec_fixtures.py")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,17 @@ MODELS = {
 UTTERANCE_SAMPLES = [3203, 1601, 4799]
 
 
+def record_versions(tool):
+    """Adds the torch and transformers versions `tool` (a script that adds fixtures) ran with to
+    VERSIONS.json."""
+    path = os.path.join(ROOT, "VERSIONS.json")
+    with open(path) as f:
+        versions = json.load(f)
+    versions[tool] = {"torch": torch.__version__, "transformers": transformers.__version__}
+    with open(path, "w") as f:
+        json.dump(versions, f, indent=1)
+
+
 def write_wav(path, samples_i16, rate=16000):
     with wave.open(path, "wb") as w:
         w.setnchannels(1)

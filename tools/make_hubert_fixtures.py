@@ -11,19 +11,16 @@ hubert-like's encoder outputs are its reference.
     pip install torch transformers safetensors numpy soundfile jiwer
     python3 tools/make_hubert_fixtures.py
 """
-import json
 import os
 import shutil
 import sys
 import wave
 
 import numpy as np
-import torch
-import transformers
 from transformers import HubertConfig, HubertForCTC
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from make_fixtures import MODELS, ROOT, build  # noqa: E402
+from make_fixtures import MODELS, ROOT, build, record_versions  # noqa: E402
 
 
 def committed_audio():
@@ -42,12 +39,7 @@ def main():
     bare = os.path.join(ROOT, "hubert-bare")
     model.hubert.save_pretrained(bare)
     shutil.copy(os.path.join(folder, "preprocessor_config.json"), bare)
-    path = os.path.join(ROOT, "VERSIONS.json")
-    with open(path) as f:
-        versions = json.load(f)
-    versions["make_hubert_fixtures.py"] = {"torch": torch.__version__, "transformers": transformers.__version__}
-    with open(path, "w") as f:
-        json.dump(versions, f, indent=1)
+    record_versions("make_hubert_fixtures.py")
 
 
 if __name__ == "__main__":

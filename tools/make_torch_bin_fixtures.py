@@ -17,13 +17,15 @@ outputs from them:
 import json
 import os
 import shutil
+import sys
 
 import safetensors.torch
 import torch
-import transformers
 from transformers import Wav2Vec2ForCTC
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_fixtures import ROOT, record_versions  # noqa: E402
+
 SIDECARS = ("config.json", "vocab.json", "preprocessor_config.json")
 
 
@@ -60,12 +62,7 @@ def main():
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     with open(os.path.join(out, "pytorch_model.bin.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
-    path = os.path.join(ROOT, "VERSIONS.json")
-    with open(path) as f:
-        versions = json.load(f)
-    versions["make_torch_bin_fixtures.py"] = {"torch": torch.__version__, "transformers": transformers.__version__}
-    with open(path, "w") as f:
-        json.dump(versions, f, indent=1)
+    record_versions("make_torch_bin_fixtures.py")
 
 
 if __name__ == "__main__":

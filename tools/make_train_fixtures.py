@@ -90,6 +90,22 @@ def ctc_sum(logits, text, vocab, blank):
 TIME_MASKS = [[(3, 13)], [(20, 25)], [(50, 60), (100, 104)]]
 
 
+def spec_augmented_loss(model, u, text, x, vocab, channel_masks):
+    """CTC loss of utterance `u` (waveform `x`) through a `*ForCTC` model, its projected features'
+    TIME_MASKS spans replaced by `masked_spec_embed` and its `channel_masks` spans zeroed; and
+    its frame count."""
+    base = model.base_model
+    features = base.feature_extractor(x[None]).transpose(1, 2)
+    hidden, _ = base.feature_projection(features)
+    hidden = hidden.clone()
+    for a, b in TIME_MASKS[u]:
+        hidden[0, a:b] = base.masked_spec_embed
+    for a, b in channel_masks[u]:
+        hidden[0, :, a:b] = 0
+    logits = model.lm_head(base.encoder(hidden).last_hidden_state)[0]
+    return ctc_sum(logits, text, vocab, model.config.pad_token_id)
+
+
 def masked_gradients(tensors, meta, dtype=torch.float64, specaug=False):
     """In float64: the fp32 engine is compared with the exact values. (An fp32 reference carries
     ~1.5e-4 relative error of its own in these gradients: the CTC gradient subtracts two nearly
@@ -239,16 +255,7 @@ def regularised_gradients(tensors, meta, dtype=torch.float64, finetune=False, en
         inputs, vocab = utterances(name, dtype)
         total = 0.0
         for u, text, x in inputs:
-            w2v = model.wav2vec2
-            features = w2v.feature_extractor(x[None]).transpose(1, 2)
-            hidden, _ = w2v.feature_projection(features)
-            hidden = hidden.clone()
-            for a, b in TIME_MASKS[u]:
-                hidden[0, a:b] = w2v.masked_spec_embed
-            for a, b in REG["channel_masks"][u]:
-                hidden[0, :, a:b] = 0
-            logits = model.lm_head(w2v.encoder(hidden).last_hidden_state)[0]
-            loss, frames = ctc_sum(logits, text, vocab, model.config.pad_token_id)
+            loss, frames = spec_augmented_loss(model, u, text, x, vocab, REG["channel_masks"])
             loss.backward()
             total += loss.item()
             state["offset"] += frames
