@@ -243,3 +243,23 @@ fn eval_scores_long_utterances_in_the_pipelines_windows() {
     assert!(stderr.contains("1 utterances longer than --batch-seconds were recognised in windows of 4 s"), "{stderr}");
     assert_eq!(eval(tmp.path(), &wav, &[]).0, whole, "15 s is within the default batch limit");
 }
+
+/// Validation during training cuts utterances past --valid-batch-seconds as eval does, and its
+/// log line counts them.
+#[test]
+fn validation_cuts_utterances_past_its_batch_limit() {
+    use common::cli::{log, small_manifest};
+    let tmp = tempfile::tempdir().unwrap();
+    let wav = long_wav(tmp.path());
+    eval(tmp.path(), &wav, &[]); // writes long.tsv and long.phn beside the file
+    let train = small_manifest(tmp.path(), 2);
+    let (out, valid) = (tmp.path().join("run"), tmp.path().join("long.tsv"));
+    let run = |batch: &str| {
+        let mut args = vec!["train", "--model", MODEL, "--keep-head", "--train", s(&train), "--labels", "phn", "--steps", "1"];
+        args.extend(["--valid", s(&valid), "--valid-batch-seconds", batch, "--out", s(&out), "--overwrite"]);
+        ok(&engine(&args));
+        log(&out).into_iter().find(|l| l["event"] == "valid").unwrap()
+    };
+    assert_eq!(run("4")["windowed"].as_u64(), Some(1));
+    assert_eq!(run("120")["windowed"].as_u64(), Some(0));
+}

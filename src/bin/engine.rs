@@ -182,9 +182,6 @@ struct ChunkArgs {
     chunk_context: Option<String>,
 }
 
-/// Window length when long files are cut without --chunk-seconds.
-const AUTO_CHUNK_SECONDS: f64 = 30.0;
-
 impl ChunkArgs {
     /// Windows chosen without --chunk-seconds.
     fn automatic(&self) -> bool {
@@ -193,30 +190,27 @@ impl ChunkArgs {
 
     /// The cuts for a model: --chunk-seconds windows, or 30 s ones for files over the batch limit.
     fn chunking(&self, config: &Config, limits: BatchLimits) -> Result<Option<Chunking>> {
-        let batch_seconds = limits.max_samples as f64 / SAMPLE_RATE as f64;
-        let window = match self.chunk_seconds {
-            Some(0.0) => {
-                ensure!(self.chunk_context.is_none(), "--chunk-context: --chunk-seconds 0 runs every file whole, without windows");
-                return Ok(None);
-            }
-            Some(s) => s,
-            None => AUTO_CHUNK_SECONDS.min(batch_seconds),
-        };
-        let (left, right) = match self.chunk_context.as_deref() {
-            None => (window / 6.0, window / 6.0),
+        let context = match self.chunk_context.as_deref() {
+            None => None,
             Some(text) => {
                 let number = |t: &str| t.trim().parse::<f64>().with_context(|| format!("--chunk-context {text}: {t:?} is not a number"));
-                match text.split_once(',') {
+                Some(match text.split_once(',') {
                     Some((l, r)) => (number(l)?, number(r)?),
                     None => (number(text)?, number(text)?),
-                }
+                })
             }
         };
-        let mut chunking = Chunking::from_seconds(window, left, right, config).with_context(|| format!("--chunk-seconds {window}"))?;
-        if self.automatic() {
-            chunking.whole_up_to = chunking.whole_up_to.max(limits.max_samples);
-        }
-        Ok(Some(chunking))
+        Ok(Some(match self.chunk_seconds {
+            Some(0.0) => {
+                ensure!(context.is_none(), "--chunk-context: --chunk-seconds 0 runs every file whole, without windows");
+                return Ok(None);
+            }
+            Some(window) => {
+                let (left, right) = context.unwrap_or((window / 6.0, window / 6.0));
+                Chunking::from_seconds(window, left, right, config).with_context(|| format!("--chunk-seconds {window}"))?
+            }
+            None => Chunking::past_limit(limits.max_samples, context, config).context("windows for files over --batch-seconds")?,
+        }))
     }
 }
 

@@ -28,6 +28,9 @@ pub struct Chunking {
     stride: usize,
 }
 
+/// Window length when long files are cut without being asked to ([`Chunking::past_limit`]).
+pub const AUTO_WINDOW_SECONDS: f64 = 30.0;
+
 /// One window of a file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Window {
@@ -66,6 +69,17 @@ impl Chunking {
         );
         ensure!(l + r < w, "chunking: {window} s windows must be longer than their {left} s + {right} s of context");
         Ok(Chunking { window: w, left: l, right: r, whole_up_to: w, stride })
+    }
+
+    /// The cuts that keep every forward pass within `max_samples` (a batch limit): longer files
+    /// in [`AUTO_WINDOW_SECONDS`] windows (or the limit's length if shorter) with `context`
+    /// seconds each side (default a sixth of the window); files within the limit whole.
+    pub fn past_limit(max_samples: usize, context: Option<(f64, f64)>, config: &Config) -> Result<Chunking> {
+        let window = AUTO_WINDOW_SECONDS.min(max_samples as f64 / SAMPLE_RATE as f64);
+        let (left, right) = context.unwrap_or((window / 6.0, window / 6.0));
+        let mut chunking = Chunking::from_seconds(window, left, right, config)?;
+        chunking.whole_up_to = chunking.whole_up_to.max(max_samples);
+        Ok(chunking)
     }
 
     /// The windows of a file of `n` samples, in order: the whole file if it is short enough.

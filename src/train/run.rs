@@ -37,7 +37,7 @@ use crate::data::dataset::{self, Dataset, DatasetOptions, Format, LabelKind, Sub
 use crate::data::labels::{symbols, Case, Labeler};
 use crate::dropout::Dropout;
 use crate::eval::{evaluate, EvalReport};
-use crate::infer::{BatchLimits, Recognizer};
+use crate::infer::{BatchLimits, Chunking, Recognizer};
 use crate::mask;
 use crate::model::checkpoint::{Checkpoint, WeightSource};
 use crate::model::config::Config;
@@ -231,7 +231,8 @@ pub struct Recipe {
     /// Stop after this many updates in a row with a non-finite loss or gradient (each is skipped).
     #[arg(long, default_value_t = 5)]
     pub max_nonfinite: usize,
-    /// Most seconds of audio per validation forward pass.
+    /// Most seconds of audio per validation forward pass (longer utterances are validated in
+    /// windows, as `engine eval` does).
     #[arg(long, default_value_t = 120.0)]
     pub valid_batch_seconds: f64,
 }
@@ -852,9 +853,12 @@ impl Trainer<'_> {
                 Wav2Vec2::from_weights(config, &Masked { inner: &self.ck, masks: &set }, &*self.be)?
             }
         };
-        let rec = Recognizer::new(model, self.pre, self.vocab.clone(), &*self.be);
+        let mut rec = Recognizer::new(model, self.pre, self.vocab.clone(), &*self.be);
+        // As `engine eval`: utterances over the batch limit in windows, so it bounds memory.
+        let limits = BatchLimits::from_seconds(self.recipe.valid_batch_seconds);
+        rec.decoding.chunking = Some(Chunking::past_limit(limits.max_samples, None, &rec.model.config)?);
         let labels = crate::data::labels::Labels { tokens: labels.clone(), skipped: 0 };
-        Ok(Some(evaluate(&rec, data, &labels, BatchLimits::from_seconds(self.recipe.valid_batch_seconds), |_, _| {})?))
+        Ok(Some(evaluate(&rec, data, &labels, limits, |_, _| {})?))
     }
 
     /// The run's outputs in `dir`: a mask set, or a Hugging Face model folder when weights train
