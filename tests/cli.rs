@@ -30,7 +30,7 @@ fn expected_transcripts(model: &str) -> Vec<String> {
 
 #[test]
 fn infer_prints_transformers_transcripts_and_writes_logits() {
-    for model in ["base-like", "large-like", "hubert-like", "data2vec-like"] {
+    for model in ["base-like", "large-like", "hubert-like", "unispeech-sat-like", "data2vec-like"] {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("logits.safetensors");
         let wavs = utterances();

@@ -1,6 +1,7 @@
 //! The CPU model against transformers' outputs (tools/make_fixtures.py), for both architectures,
 //! both weight-norm spellings, f16-stored weights, HuBERT (tools/make_hubert_fixtures.py),
-//! data2vec-audio (tools/make_data2vec_fixtures.py), `pytorch_model.bin` files
+//! UniSpeech and UniSpeech-SAT (tools/make_unispeech_fixtures.py), data2vec-audio
+//! (tools/make_data2vec_fixtures.py), `pytorch_model.bin` files
 //! (tools/make_torch_bin_fixtures.py), and batched against alone.
 
 mod common;
@@ -114,6 +115,13 @@ fn bare_hubert_checkpoint_loads_and_encodes_without_a_head() {
         let err = format!("{:#}", Wav2Vec2::load(&copy, &be).err().unwrap());
         assert!(err.contains(&format!("tensor \"{drop}\" is missing")), "{err}");
     }
+}
+
+/// UniSpeech (post-LN) and UniSpeech-SAT (pre-LN): wav2vec2's modules under their own names.
+#[test]
+fn unispeech_families_match_transformers() {
+    check_alone("unispeech-like", "unispeech-like");
+    check_alone("unispeech-sat-like", "unispeech-sat-like");
 }
 
 /// data2vec-audio: layer norm in every conv, a stack of positional convs with parameter-free

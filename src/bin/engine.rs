@@ -32,7 +32,11 @@ use s3router::train::recipe_file::recipe_flags;
 use s3router::train::run::{train, Device as TrainDevice, Learn, Recipe, RunOptions, Summary, INITIAL_MASKS};
 
 #[derive(Parser)]
-#[command(name = "engine", version, about = "S3-Router engine: wav2vec2 / XLS-R / HuBERT / data2vec-audio inference and mask learning")]
+#[command(
+    name = "engine",
+    version,
+    about = "S3-Router engine: inference and mask learning over wav2vec2 / XLS-R, HuBERT, UniSpeech(-SAT) and data2vec-audio"
+)]
 struct Cli {
     /// Worker threads for CPU compute (default: all cores).
     #[arg(long, global = true)]
@@ -217,7 +221,7 @@ impl ChunkArgs {
 #[derive(Subcommand)]
 enum MasksCommand {
     /// Write the model with a mask set applied as a new Hugging Face CTC folder of the model's
-    /// family (Wav2Vec2ForCTC, HubertForCTC, Data2VecAudioForCTC: config.json,
+    /// family (Wav2Vec2ForCTC, HubertForCTC, Data2VecAudioForCTC, ...: config.json,
     /// model.safetensors, vocab.json, preprocessor_config.json): each masked weight multiplied
     /// by its mask, the set's head and vocabulary in place of the model's. transformers, its
     /// pipelines and `engine infer --model OUT` then run the masked model without the engine's
@@ -389,8 +393,8 @@ impl RunArgs {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Transcribe audio files with a Hugging Face wav2vec2, HuBERT or data2vec-audio CTC folder
-    /// (greedy CTC decoding, or prefix beam search with --beam).
+    /// Transcribe audio files with a Hugging Face CTC folder of wav2vec2, HuBERT, UniSpeech or
+    /// data2vec-audio: greedy CTC decoding, or prefix beam search with --beam.
     ///
     /// Prints one line per file: the path, a tab, the transcript. WAV (8/16/24/32-bit integer,
     /// 32-bit float), FLAC and MP3 are read; stereo is averaged; any sample rate is resampled to 16 kHz.
@@ -531,7 +535,7 @@ enum Command {
     /// apply).
     ///
     /// Writes into --out a Hugging Face CTC folder of the model's family (Wav2Vec2ForCTC,
-    /// HubertForCTC, Data2VecAudioForCTC: config.json, model.safetensors, vocab.json,
+    /// HubertForCTC, Data2VecAudioForCTC, ...: config.json, model.safetensors, vocab.json,
     /// preprocessor_config.json) that transformers and `engine infer|eval --model` load, plus
     /// train_config.json, train_log.jsonl, checkpoint.safetensors and best/ (the model folder
     /// with the best validation --best-metric).

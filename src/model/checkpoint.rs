@@ -4,9 +4,9 @@
 //! Tensors come back as views into the mapping, so a frozen f32 model is never copied on the
 //! CPU. Every lookup checks the stored shape against what the model expects and names the tensor.
 //!
-//! Tensors are looked up by their wav2vec2 names: a HuBERT checkpoint's `hubert.X`, a
-//! data2vec-audio one's `data2vec_audio.X` and a bare encoder's `X` (`Wav2Vec2Model`,
-//! `HubertModel`, `Data2VecAudioModel`, saved without a task head) are `wav2vec2.X` here, so one
+//! Tensors are looked up by their wav2vec2 names: the other families' `hubert.X`,
+//! `unispeech.X`, `unispeech_sat.X` and `data2vec_audio.X` and a bare encoder's `X`
+//! (`Wav2Vec2Model`, `HubertModel`, ..., saved without a task head) are `wav2vec2.X` here, so one
 //! model definition serves all of them; messages give the stored name.
 
 use std::collections::HashMap;
@@ -35,8 +35,8 @@ struct Entry {
 pub struct Checkpoint {
     files: Vec<(PathBuf, Arc<Mmap>)>,
     entries: HashMap<String, Entry>,
-    /// What this checkpoint stores in place of `wav2vec2.` (`hubert.`, `data2vec_audio.`, or
-    /// nothing), if anything.
+    /// What this checkpoint stores in place of `wav2vec2.` (another family's prefix, or nothing),
+    /// if anything.
     stored_prefix: Option<&'static str>,
 }
 
@@ -160,11 +160,11 @@ fn torch_entries(map: &[u8], path: &Path, file: usize) -> Result<Vec<Entry>> {
         .collect())
 }
 
-/// The wav2vec2 name of a stored tensor name, and the prefix it replaced: `hubert.X`,
-/// `data2vec_audio.X` and a bare encoder's `X` are `wav2vec2.X`; anything else is itself.
+/// The wav2vec2 name of a stored tensor name, and the prefix it replaced: another family's
+/// `<prefix>.X` and a bare encoder's `X` are `wav2vec2.X`; anything else is itself.
 fn wav2vec2_name(stored: &str) -> (String, Option<&'static str>) {
     const BARE: [&str; 4] = ["feature_extractor.", "feature_projection.", "encoder.", "masked_spec_embed"];
-    const OTHER_FAMILIES: [&str; 2] = ["hubert.", "data2vec_audio."];
+    const OTHER_FAMILIES: [&str; 4] = ["hubert.", "unispeech.", "unispeech_sat.", "data2vec_audio."];
     if let Some((prefix, rest)) = OTHER_FAMILIES.iter().find_map(|&p| stored.strip_prefix(p).map(|rest| (p, rest))) {
         (format!("wav2vec2.{rest}"), Some(prefix))
     } else if BARE.iter().any(|b| stored.starts_with(b)) {

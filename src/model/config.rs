@@ -5,8 +5,9 @@ use std::path::Path;
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 
-/// Which transformers model family a folder holds (`model_type`). HuBERT's modules are
-/// wav2vec2's, stored under `hubert.`; data2vec-audio's are wav2vec2's post-LN encoder with
+/// Which transformers model family a folder holds (`model_type`). HuBERT's, UniSpeech's and
+/// UniSpeech-SAT's modules are wav2vec2's, stored under `hubert.`, `unispeech.` and
+/// `unispeech_sat.`; data2vec-audio's are wav2vec2's post-LN encoder with
 /// layer norm in every conv and a stack of positional convs ([`PosConv`]), stored under
 /// `data2vec_audio.` (bare `*Model` checkpoints: no prefix). The engine names every tensor by its
 /// wav2vec2 name ([`crate::model::checkpoint`]) and writes each family's own names back
@@ -15,6 +16,8 @@ use serde_json::Value;
 pub enum Family {
     Wav2Vec2,
     Hubert,
+    UniSpeech,
+    UniSpeechSat,
     Data2VecAudio,
 }
 
@@ -24,6 +27,8 @@ impl Family {
         match self {
             Family::Wav2Vec2 => "wav2vec2",
             Family::Hubert => "hubert",
+            Family::UniSpeech => "unispeech",
+            Family::UniSpeechSat => "unispeech_sat",
             Family::Data2VecAudio => "data2vec_audio",
         }
     }
@@ -33,6 +38,8 @@ impl Family {
         match self {
             Family::Wav2Vec2 => "Wav2Vec2ForCTC",
             Family::Hubert => "HubertForCTC",
+            Family::UniSpeech => "UniSpeechForCTC",
+            Family::UniSpeechSat => "UniSpeechSatForCTC",
             Family::Data2VecAudio => "Data2VecAudioForCTC",
         }
     }
@@ -126,8 +133,13 @@ impl Config {
                 ensure!(flag("conv_pos_batch_norm") != Some(true), "{}: \"conv_pos_batch_norm\": true is not supported", file.display());
                 Family::Hubert
             }
+            Some("unispeech") => Family::UniSpeech,
+            Some("unispeech-sat") => Family::UniSpeechSat,
             Some("data2vec-audio") => Family::Data2VecAudio,
-            Some(other) => bail!("{}: \"model_type\" {other:?} is not supported (wav2vec2, hubert and data2vec-audio are)", file.display()),
+            Some(other) => bail!(
+                "{}: \"model_type\" {other:?} is not supported (wav2vec2, hubert, unispeech, unispeech-sat and data2vec-audio are)",
+                file.display()
+            ),
         };
         // data2vec-audio has one architecture (transformers' config has neither key): layer norm
         // after every conv, post-LN blocks, `num_conv_pos_embeddings` positional convs of
