@@ -14,11 +14,14 @@
 
 #define ACT_IDENTITY 0
 #define ACT_GELU 1
+#define ACT_RELU 2
 
 // Exact (erf) GELU, as torch.nn.functional.gelu by default. No fast-math: parity with the CPU.
 __device__ __forceinline__ float gelu_erf(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752440f)); }
 
-__device__ __forceinline__ float apply_act(float x, int act) { return act == ACT_GELU ? gelu_erf(x) : x; }
+__device__ __forceinline__ float apply_act(float x, int act) {
+    return act == ACT_GELU ? gelu_erf(x) : act == ACT_RELU ? fmaxf(x, 0.0f) : x;
+}
 
 // A value stored or loaded as f32 or bf16 (the operand of a bf16 GEMM), computed with in f32.
 __device__ __forceinline__ void store_as(float* y, float v) { *y = v; }

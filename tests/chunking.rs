@@ -167,7 +167,7 @@ fn progress_counts_a_files_windows_across_batches() {
     let tmp = tempfile::tempdir().unwrap();
     let wav = long_wav(tmp.path());
     let be = CpuBackend;
-    let mut rec = Recognizer::load(Path::new(MODEL), None, &be, false).unwrap();
+    let mut rec = Recognizer::load(Path::new(MODEL), None, None, &be, false).unwrap();
     rec.decoding.chunking = Some(Chunking::from_seconds(2.0, 0.25, 0.25, &rec.model.config).unwrap());
     let reports = std::sync::Mutex::new(Vec::new());
     let record = |p: &Path, done: usize, total: usize| reports.lock().unwrap().push((p.to_path_buf(), done, total));

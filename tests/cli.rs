@@ -318,3 +318,34 @@ fn every_subcommand_has_a_description() {
     }
     assert!(seen >= 13, "only {seen} subcommands found");
 }
+
+/// MMS folders: one vocabulary per language, so a language must be chosen; with `--target-lang`
+/// its adapters, head and vocabulary run (transformers' transcripts for the default language);
+/// training through the adapters is refused by name.
+#[test]
+fn mms_folders_run_the_chosen_language() {
+    let dir = fixtures().join("mms-like");
+    let wavs = utterances();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["infer", "--model", path_str(&dir)];
+        args.extend(extra);
+        args.extend(wavs.iter().map(|p| path_str(p)));
+        engine(&args)
+    };
+    let o = run(&[]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--target-lang"), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = run(&["--target-lang", "eng"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let texts: Vec<String> = String::from_utf8(o.stdout).unwrap().lines().map(|l| l.split_once('\t').unwrap().1.to_string()).collect();
+    assert_eq!(texts, expected_transcripts("mms-like"));
+    let o = run(&["--target-lang", "xyz"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let xyz = String::from_utf8(o.stdout).unwrap();
+    assert!(xyz.lines().all(|l| l.split_once('\t').unwrap().1.chars().all(|c| "xy ".contains(c))), "{xyz}");
+    let o = run(&["--target-lang", "abc"]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("adapter.abc.safetensors"));
+    let tmp = tempfile::tempdir().unwrap();
+    let o =
+        engine(&["train", "--model", path_str(&dir), "--train", "tests/fixtures/datasets/fairseq/test.tsv", "--out", path_str(tmp.path())]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("adapter"), "{}", String::from_utf8_lossy(&o.stderr));
+}

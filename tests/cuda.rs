@@ -520,7 +520,7 @@ fn argmax_disagreements(got: &[f32], want: &[f32], vocab: usize) -> (usize, usiz
 fn whole_model_matches_transformers_fp32_and_bf16() {
     let Some(f32_be) = gpu(Precision::F32) else { return };
     let bf16 = bf16_backends();
-    for name in ["base-like", "large-like", "data2vec-like"] {
+    for name in ["base-like", "large-like", "data2vec-like", "mms-like"] {
         let xs = inputs(name);
         let refs: Vec<&[f32]> = xs.iter().map(Vec::as_slice).collect();
         for (v, be) in std::iter::once(&f32_be).chain(&bf16).enumerate() {

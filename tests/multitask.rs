@@ -43,7 +43,7 @@ fn mixed_batches_match_each_task_alone(windows: bool) {
     assert_eq!(mixed.iter().map(|u| u.index).collect::<Vec<_>>(), vec![0, 1, 2], "results in input order");
     assert!(mixed.iter().all(|u| (u.windows > 1) == windows), "{:?}", mixed.iter().map(|u| u.windows).collect::<Vec<_>>());
     for (task, set) in [(0, &a), (1, &b)] {
-        let mut alone = Recognizer::load(&dir, Some(set), &be, false).unwrap();
+        let mut alone = Recognizer::load(&dir, None, Some(set), &be, false).unwrap();
         alone.decoding.chunking = chunking;
         let mut want = Vec::new();
         alone

@@ -124,6 +124,25 @@ fn unispeech_families_match_transformers() {
     check_alone("unispeech-sat-like", "unispeech-sat-like");
 }
 
+/// MMS: the attention adapter after every pre-LN layer (the default language's, in the
+/// weights), and another language's adapters and head from adapter.xyz.safetensors, as
+/// transformers' load_adapter swaps them in (tools/make_mms_fixtures.py).
+#[test]
+fn mms_adapters_match_transformers() {
+    check_alone("mms-like", "mms-like");
+    let be = CpuBackend;
+    let dir = fixtures().join("mms-like");
+    let model = Wav2Vec2::load_language(&dir, Some("xyz"), None, &be).unwrap();
+    let xyz = s3router::model::checkpoint::Checkpoint::open(&[dir.join("reference-xyz.safetensors")]).unwrap();
+    for (u, x) in inputs("mms-like").iter().enumerate() {
+        let (logits, _) = model.logits(&be, &[x], None).unwrap();
+        let want = xyz.tensor(&format!("utt{u}.logits")).unwrap();
+        assert_eq!(logits.shape(), want.shape());
+        let err = rel_l2(&logits.to_vec().unwrap(), &want.to_vec().unwrap());
+        assert!(err <= TOL, "xyz utt{u}: rel L2 {err:.2e}");
+    }
+}
+
 /// data2vec-audio: layer norm in every conv, a stack of positional convs with parameter-free
 /// norms (even kernel), conv bias, `data2vec_audio.` names.
 #[test]

@@ -64,6 +64,8 @@ pub enum Activation {
     Identity = 0,
     /// GELU with the exact erf form, as `torch.nn.functional.gelu` by default.
     Gelu = 1,
+    /// max(x, 0) (MMS's attention adapters).
+    Relu = 2,
 }
 
 /// Geometry of a 1-D convolution over each utterance of a packed batch.

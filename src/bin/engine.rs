@@ -85,11 +85,15 @@ struct ModelArgs {
     /// A mask set (masks.safetensors, head.safetensors, vocab.json) to run the model with.
     #[arg(long)]
     masks: Option<PathBuf>,
+    /// MMS models: the language whose adapters and head (adapter.<LANG>.safetensors) and
+    /// vocabulary (vocab.json holds one per language) to use, as transformers' target_lang.
+    #[arg(long, value_name = "LANG")]
+    target_lang: Option<String>,
 }
 
 impl ModelArgs {
     fn load<'a>(&self, be: &'a dyn Backend, device: DeviceArgs) -> Result<Recognizer<'a>> {
-        Recognizer::load(&self.model, self.masks.as_deref(), be, !device.dense)
+        Recognizer::load(&self.model, self.target_lang.as_deref(), self.masks.as_deref(), be, !device.dense)
     }
 }
 
@@ -414,6 +418,10 @@ enum Command {
         /// NAME=DIR, repeated, for several tasks at once.
         #[arg(long)]
         masks: Vec<String>,
+        /// MMS models: the language whose adapters and head (adapter.<LANG>.safetensors) and
+        /// vocabulary (vocab.json holds one per language) to use, as transformers' target_lang.
+        #[arg(long, value_name = "LANG")]
+        target_lang: Option<String>,
         #[command(flatten)]
         device: DeviceArgs,
         /// Also write the logits to this .safetensors file: one f32 tensor `logits.<i>` of shape
@@ -777,9 +785,9 @@ fn decoder(beam: Option<u32>) -> Decoder {
     beam.map_or(Decoder::Greedy, |n| Decoder::Beam(n as usize))
 }
 
-fn infer(model: &Path, masks: Option<&Path>, run: InferRun, audio: &[PathBuf]) -> Result<()> {
+fn infer(model: &Path, lang: Option<&str>, masks: Option<&Path>, run: InferRun, audio: &[PathBuf]) -> Result<()> {
     let be = backend(run.device)?;
-    let mut rec = Recognizer::load(model, masks, be.as_ref(), !run.device.dense)?;
+    let mut rec = Recognizer::load(model, lang, masks, be.as_ref(), !run.device.dense)?;
     rec.decoding = run.decoding(&rec.model.config)?;
     rec.progress = window_progress();
     let mut output = InferOutput::new(&run, rec.decoding.chunking);
@@ -1089,16 +1097,18 @@ fn run(cli: Cli, demo_flags: &[demo::Word]) -> Result<()> {
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("cannot start the thread pool")?;
     }
     match cli.command {
-        Command::Infer { model, masks, device, out, beam, timestamps, batch_seconds, chunks, mut audio, files_from } => {
+        Command::Infer { model, masks, target_lang, device, out, beam, timestamps, batch_seconds, chunks, mut audio, files_from } => {
             if let Some(list) = files_from {
                 audio.extend(read_file_list(&list)?);
             }
             let limits = BatchLimits::from_seconds(batch_seconds);
             let run = InferRun { device, out: out.as_deref(), limits, chunks: &chunks, decoder: decoder(beam), timestamps };
+            let lang = target_lang.as_deref();
             match masks.as_slice() {
-                [] => infer(&model, None, run, &audio),
+                [] => infer(&model, lang, None, run, &audio),
                 // A folder whose name holds '=' is still one mask set.
-                [one] if !one.contains('=') || Path::new(one).is_dir() => infer(&model, Some(Path::new(one)), run, &audio),
+                [one] if !one.contains('=') || Path::new(one).is_dir() => infer(&model, lang, Some(Path::new(one)), run, &audio),
+                _ if lang.is_some() => bail!("--target-lang picks one language: not with several --masks tasks"),
                 many => infer_tasks(&model, many, run, &audio),
             }
         }

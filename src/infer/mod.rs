@@ -145,17 +145,21 @@ pub struct Recognizer<'a> {
 }
 
 impl<'a> Recognizer<'a> {
-    /// Loads a model folder, optionally with a mask set (`--masks DIR`) whose head and
-    /// `vocab.json` then define the task. With `sparse`, linears that are mostly zeros (masked or
-    /// pruned) skip them where that is faster ([`Wav2Vec2::prepare_sparse`]).
-    pub fn load(dir: &Path, masks: Option<&Path>, backend: &'a dyn Backend, sparse: bool) -> Result<Recognizer<'a>> {
+    /// Loads a model folder, optionally with an MMS language's adapters and vocabulary (`lang`,
+    /// `--target-lang`) and a mask set (`--masks DIR`) whose head and `vocab.json` then define
+    /// the task. With `sparse`, linears that are mostly zeros (masked or pruned) skip them where
+    /// that is faster ([`Wav2Vec2::prepare_sparse`]).
+    pub fn load(dir: &Path, lang: Option<&str>, masks: Option<&Path>, backend: &'a dyn Backend, sparse: bool) -> Result<Recognizer<'a>> {
         let masks = masks.map(MaskSet::load).transpose()?;
-        let mut model = Wav2Vec2::load_masked(dir, masks.as_ref(), backend)?;
+        let mut model = Wav2Vec2::load_language(dir, lang, masks.as_ref(), backend)?;
         if sparse {
             model.prepare_sparse(backend)?;
         }
-        let vocab_path = masks.as_ref().and_then(MaskSet::vocab_path).unwrap_or_else(|| dir.join("vocab.json"));
-        let vocab = Vocab::load(&vocab_path, model.config.vocab_size, model.config.pad_token_id)?;
+        let (c, set_vocab) = (&model.config, masks.as_ref().and_then(MaskSet::vocab_path));
+        let vocab = match set_vocab {
+            Some(path) => Vocab::load(&path, c.vocab_size, c.pad_token_id)?,
+            None => Vocab::load_language(&dir.join("vocab.json"), lang, c.vocab_size, c.pad_token_id)?,
+        };
         Ok(Recognizer::new(model, Preprocessor::load(dir)?, vocab, backend))
     }
 

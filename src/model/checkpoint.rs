@@ -9,12 +9,12 @@
 //! (`Wav2Vec2Model`, `HubertModel`, ..., saved without a task head) are `wav2vec2.X` here, so one
 //! model definition serves all of them; messages give the stored name.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use memmap2::{Mmap, UncheckedAdvice};
 use safetensors::{Dtype, SafeTensors};
 
@@ -205,6 +205,37 @@ pub trait WeightSource {
     /// Says the host copy of `name` is no longer needed (it was converted into another layout),
     /// so a mapped file's pages can leave memory: peak memory stays one copy of the weights.
     fn release(&self, _name: &str) {}
+}
+
+/// Tensors by name laid over another source: the model as training has changed it, or an MMS
+/// language's adapters and head over the model's. The
+/// tensors may live on the training backend ([`crate::backend::Backend::prepare_linear_weight`]
+/// and the other preparations take them there as they are).
+pub struct Overlay<'a> {
+    pub inner: &'a dyn WeightSource,
+    pub tensors: BTreeMap<&'a str, Tensor>,
+}
+
+impl<'a> Overlay<'a> {
+    pub fn new(inner: &'a dyn WeightSource, tensors: impl IntoIterator<Item = (&'a str, Tensor)>) -> Overlay<'a> {
+        Overlay { inner, tensors: tensors.into_iter().collect() }
+    }
+}
+
+impl WeightSource for Overlay<'_> {
+    fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name) || self.inner.contains(name)
+    }
+
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let Some(t) = self.tensors.get(name) else { return self.inner.get(name, shape) };
+        ensure!(t.shape() == shape, "tensor \"{name}\" is {:?} where laid over the model, which expects {shape:?}", t.shape());
+        Ok(t.clone())
+    }
+
+    fn release(&self, name: &str) {
+        self.inner.release(name)
+    }
 }
 
 /// Deterministic random weights for any config: uniform in ±1/√fan_in (fan_in = product of all

@@ -81,6 +81,9 @@ pub struct Config {
     pub num_attention_heads: usize,
     pub intermediate_size: usize,
     pub pos_conv: PosConv,
+    /// MMS: the bottleneck width of the adapter after every pre-LN layer (`adapter_attn_dim`;
+    /// transformers ignores it post-LN).
+    pub adapter_attn_dim: Option<usize>,
     pub layer_norm_eps: f32,
     pub vocab_size: usize,
     /// The CTC blank.
@@ -170,6 +173,10 @@ impl Config {
             num_attention_heads: usize_key(json, "num_attention_heads", file)?,
             intermediate_size: usize_key(json, "intermediate_size", file)?,
             pos_conv: PosConv { kernel: pos_kernel, groups: usize_key(json, "num_conv_pos_embedding_groups", file)?, stacked: pos_stack },
+            adapter_attn_dim: match json.get("adapter_attn_dim") {
+                Some(v) if do_stable_layer_norm && !v.is_null() => Some(usize_key(json, "adapter_attn_dim", file)?),
+                _ => None,
+            },
             layer_norm_eps: eps.as_f64().with_context(|| format!("{}: \"layer_norm_eps\" must be a number, found {eps}", file.display()))?
                 as f32,
             vocab_size: usize_key(json, "vocab_size", file)?,
@@ -184,10 +191,6 @@ impl Config {
         }
         if json.get("add_adapter").and_then(Value::as_bool) == Some(true) {
             bail!("{}: \"add_adapter\": true is not supported", file.display());
-        }
-        // MMS's per-language attention adapters, which transformers adds to pre-LN layers only.
-        if cfg.do_stable_layer_norm && json.get("adapter_attn_dim").is_some_and(|v| !v.is_null()) {
-            bail!("{}: \"adapter_attn_dim\": the adapter after each layer (MMS checkpoints) is not supported", file.display());
         }
         cfg.validate(file)?;
         Ok(cfg)
@@ -259,6 +262,7 @@ impl Config {
             num_attention_heads: 12,
             intermediate_size: 3072,
             pos_conv: PosConv { kernel: 128, groups: 16, stacked: None },
+            adapter_attn_dim: None,
             layer_norm_eps: 1e-5,
             vocab_size: 32,
             pad_token_id: 0,
@@ -354,8 +358,10 @@ mod tests {
         // MMS adapters exist only in pre-LN layers (transformers ignores the key post-LN).
         let mut j = base();
         j["adapter_attn_dim"] = 16.into();
-        assert!(Config::from_json(&j, Path::new("c")).is_ok());
+        assert_eq!(Config::from_json(&j, Path::new("c")).unwrap().adapter_attn_dim, None);
         j["do_stable_layer_norm"] = true.into();
+        assert_eq!(Config::from_json(&j, Path::new("c")).unwrap().adapter_attn_dim, Some(16));
+        j["adapter_attn_dim"] = "x".into();
         assert!(Config::from_json(&j, Path::new("c")).unwrap_err().to_string().contains("adapter_attn_dim"));
     }
 }

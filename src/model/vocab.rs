@@ -18,11 +18,24 @@ const SPECIALS: [&str; 4] = ["<pad>", "<s>", "</s>", "<unk>"];
 
 /// `vocab.json` as its token -> id object.
 fn read_map(path: &Path) -> Result<serde_json::Map<String, serde_json::Value>> {
+    read_language_map(path, None)
+}
+
+/// The token -> id object of `path`; with `lang`, the one of that language in a vocab.json that
+/// holds one per language (MMS's, read as transformers' tokenizer does with `target_lang`).
+fn read_language_map(path: &Path, lang: Option<&str>) -> Result<serde_json::Map<String, serde_json::Value>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let json: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
-    match json {
-        serde_json::Value::Object(map) => Ok(map),
-        _ => bail!("{}: expected an object of token -> id", path.display()),
+    let serde_json::Value::Object(map) = json else { bail!("{}: expected an object of token -> id", path.display()) };
+    let per_language = map.values().next().is_some_and(serde_json::Value::is_object);
+    match (lang, per_language) {
+        (None, false) => Ok(map),
+        (None, true) => bail!("{}: one vocabulary per language ({} of them): choose one with --target-lang", path.display(), map.len()),
+        (Some(l), true) => match map.get(l) {
+            Some(serde_json::Value::Object(m)) => Ok(m.clone()),
+            _ => bail!("{}: no vocabulary for language {l:?}", path.display()),
+        },
+        (Some(l), false) => bail!("{}: a single vocabulary, not one per language (--target-lang {l})", path.display()),
     }
 }
 
@@ -77,7 +90,12 @@ impl Vocab {
 
     /// Reads `vocab.json`, which must give each id in `0..vocab_size` exactly one token.
     pub fn load(path: &Path, vocab_size: usize, blank: usize) -> Result<Vocab> {
-        Vocab::from_map(path, &read_map(path)?, vocab_size, blank)
+        Vocab::load_language(path, None, vocab_size, blank)
+    }
+
+    /// [`Vocab::load`] of language `lang`'s vocabulary in a per-language vocab.json (MMS).
+    pub fn load_language(path: &Path, lang: Option<&str>, vocab_size: usize, blank: usize) -> Result<Vocab> {
+        Vocab::from_map(path, &read_language_map(path, lang)?, vocab_size, blank)
     }
 
     /// Reads a task's `vocab.json` (as `engine train` and `engine vocab` write it) whatever its

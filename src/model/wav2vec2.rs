@@ -10,7 +10,7 @@ use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
 
-use super::checkpoint::{Checkpoint, WeightSource};
+use super::checkpoint::{Checkpoint, Overlay, WeightSource};
 use super::config::{Config, FeatNorm, PosConv};
 use super::masks::{MaskSet, Masked};
 use super::tasks::Routing;
@@ -128,6 +128,23 @@ pub struct PosConvLayer {
     pub bias: Tensor,
 }
 
+/// MMS's attention adapter after a pre-LN layer: `x + linear_2(ReLU(linear_1(LayerNorm(x))))`
+/// (`adapter_layer.*`; its norm has PyTorch's default epsilon).
+pub struct Adapter {
+    pub norm: Norm,
+    pub linear_1: Linear,
+    pub linear_2: Linear,
+}
+
+impl Adapter {
+    /// `x` with the adapter's output added.
+    fn forward(&self, be: &dyn Backend, x: Tensor) -> Result<Tensor> {
+        let normed = be.layer_norm(x.clone(), None, self.norm.params(DEFAULT_NORM_EPS), Activation::Identity)?;
+        let down = self.linear_1.forward(be, &normed, Activation::Relu)?;
+        be.add(x, &self.linear_2.forward(be, &down, Activation::Identity)?)
+    }
+}
+
 pub struct EncoderLayer {
     /// `attention.{q,k,v}_proj` stacked into one projection (q, k, v side by side in the output).
     pub qkv_proj: Linear,
@@ -136,6 +153,8 @@ pub struct EncoderLayer {
     pub intermediate_dense: Linear,
     pub output_dense: Linear,
     pub final_layer_norm: Norm,
+    /// MMS checkpoints (`adapter_attn_dim`).
+    pub adapter: Option<Adapter>,
 }
 
 pub struct Wav2Vec2 {
@@ -266,9 +285,36 @@ impl Wav2Vec2 {
     /// Loads a model folder with a mask set over it: masked weights become `W * M`, and the mask
     /// set's head (and its vocabulary size) replaces the checkpoint's.
     pub fn load_masked(dir: &Path, masks: Option<&MaskSet>, be: &dyn Backend) -> Result<Wav2Vec2> {
+        Wav2Vec2::load_language(dir, None, masks, be)
+    }
+
+    /// [`Wav2Vec2::load_masked`] of an MMS folder with language `lang`'s adapters and head
+    /// (`adapter.<lang>.safetensors`, as transformers' `load_adapter`) in place of the default ones.
+    pub fn load_language(dir: &Path, lang: Option<&str>, masks: Option<&MaskSet>, be: &dyn Backend) -> Result<Wav2Vec2> {
         ensure!(dir.is_dir(), "model folder {} does not exist", dir.display());
         let mut config = Config::load(&dir.join("config.json"))?;
-        let ck = Checkpoint::open_dir(dir)?;
+        let model_ck = Checkpoint::open_dir(dir)?;
+        let language = match lang {
+            Some(l) => {
+                ensure!(
+                    config.adapter_attn_dim.is_some(),
+                    "--target-lang {l}: {} has no language adapters (adapter_attn_dim)",
+                    dir.display()
+                );
+                let path = dir.join(format!("adapter.{l}.safetensors"));
+                ensure!(path.is_file(), "--target-lang {l}: no {} in the model folder", path.display());
+                Some(Checkpoint::open(&[path])?)
+            }
+            None => None,
+        };
+        let tensors = match &language {
+            Some(a) => a.names().map(|n| Ok((n, a.tensor(n)?))).collect::<Result<Vec<_>>>()?,
+            None => Vec::new(),
+        };
+        if let Some((_, head)) = tensors.iter().find(|(n, _)| *n == "lm_head.weight") {
+            config.vocab_size = head.shape()[0];
+        }
+        let ck = Overlay::new(&model_ck, tensors);
         let Some(masks) = masks else { return Wav2Vec2::from_weights(config, &ck, be) };
         masks.check(|name| maskable_shape(&config, name))?;
         masks.check_base(&ck, dir)?;
@@ -311,6 +357,14 @@ impl Wav2Vec2 {
                 intermediate_dense: Linear::load(ck, be, &format!("{l}.feed_forward.intermediate_dense"), h, c.intermediate_size)?,
                 output_dense: Linear::load(ck, be, &format!("{l}.feed_forward.output_dense"), c.intermediate_size, h)?,
                 final_layer_norm: Norm::load(ck, be, &format!("{l}.final_layer_norm"), h)?,
+                adapter: match c.adapter_attn_dim {
+                    Some(d) => Some(Adapter {
+                        norm: Norm::load(ck, be, &format!("{l}.adapter_layer.norm"), h)?,
+                        linear_1: Linear::load(ck, be, &format!("{l}.adapter_layer.linear_1"), h, d)?,
+                        linear_2: Linear::load(ck, be, &format!("{l}.adapter_layer.linear_2"), d, h)?,
+                    }),
+                    None => None,
+                },
             });
         }
         let lm_head = if ck.contains("lm_head.weight") { Some(Linear::load(ck, be, "lm_head", h, c.vocab_size)?) } else { None };
@@ -569,6 +623,9 @@ impl Wav2Vec2 {
                 clock.mark(be, "attention blocks")?;
                 let f = feed_forward(&be.layer_norm(x.clone(), None, fln, id)?)?;
                 x = be.add(x, &f)?;
+                if let Some(adapter) = &layer.adapter {
+                    x = adapter.forward(be, x)?;
+                }
             } else {
                 x = be.layer_norm(attention(&x)?, Some(&x), ln, id)?;
                 clock.mark(be, "attention blocks")?;

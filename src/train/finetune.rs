@@ -16,6 +16,7 @@ use anyhow::{ensure, Context, Result};
 use super::masked::POS_CONV_WEIGHT;
 use crate::backend::backward::TrainBackend;
 use crate::backend::Backend;
+pub use crate::model::checkpoint::Overlay;
 use crate::model::checkpoint::{Checkpoint, WeightSource};
 use crate::model::wav2vec2::pos_conv_norm_names;
 use crate::tensor::Tensor;
@@ -53,36 +54,6 @@ pub fn trainable(ck: &Checkpoint, encoder: bool, be: &dyn Backend) -> Result<Vec
             Ok(NamedWeight { name: name.to_string(), shape: t.shape().to_vec(), data: be.upload(&t.to_f32()?)? })
         })
         .collect()
-}
-
-/// Tensors by name laid over another source: the model as training has changed it. The
-/// tensors may live on the training backend ([`crate::backend::Backend::prepare_linear_weight`]
-/// and the other preparations take them there as they are).
-pub struct Overlay<'a> {
-    pub inner: &'a dyn WeightSource,
-    pub tensors: BTreeMap<&'a str, Tensor>,
-}
-
-impl<'a> Overlay<'a> {
-    pub fn new(inner: &'a dyn WeightSource, tensors: impl IntoIterator<Item = (&'a str, Tensor)>) -> Overlay<'a> {
-        Overlay { inner, tensors: tensors.into_iter().collect() }
-    }
-}
-
-impl WeightSource for Overlay<'_> {
-    fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name) || self.inner.contains(name)
-    }
-
-    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let Some(t) = self.tensors.get(name) else { return self.inner.get(name, shape) };
-        ensure!(t.shape() == shape, "trained tensor \"{name}\" is {:?}, the model expects {shape:?}", t.shape());
-        Ok(t.clone())
-    }
-
-    fn release(&self, name: &str) {
-        self.inner.release(name)
-    }
 }
 
 /// A source whose tensors are uploaded to a backend on first use and served from there after:

@@ -40,7 +40,7 @@ impl Backward for CpuBackend {
 
     fn gelu(&self, x: &Tensor, dropout: Option<SiteDropout>) -> Result<Tensor> {
         let mut y = data(x)?.to_vec();
-        y.par_chunks_mut(grad::ELEMENTWISE_CHUNK).for_each(|c| math::bias_act_rows(c, c.len(), None, true));
+        y.par_chunks_mut(grad::ELEMENTWISE_CHUNK).for_each(|c| math::bias_act_rows(c, c.len(), None, Activation::Gelu));
         if let Some(d) = dropout {
             d.dropout.apply(d.site, &mut y);
         }

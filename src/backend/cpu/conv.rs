@@ -50,7 +50,7 @@ pub fn conv1d(
             continue;
         }
         let fits = (t_out - 1).checked_mul(stride).and_then(|s| s.checked_add(kernel)).is_some_and(|end| end <= t_in);
-        let epilogue = |rows: &mut [f32]| bias_act_rows(rows, c_out, bias, act == Activation::Gelu);
+        let epilogue = |rows: &mut [f32]| bias_act_rows(rows, c_out, bias, act);
         if groups == 1 && pad_left == 0 && fits {
             // im2col as a view: row t = x[stride*t .. stride*t + kernel, :] flattened.
             let cols = MatRef { data: src, rows: t_out, cols: kernel * c_in, row_stride: stride * c_in, col_stride: 1 };

@@ -34,6 +34,8 @@ macro_rules! multiversion {
 
 pub(crate) use multiversion;
 
+use crate::backend::Activation;
+
 /// e^x with relative error below 2e-7 over the f32 range; branch-free so loops vectorise.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
@@ -82,30 +84,40 @@ pub fn gelu(x: f32) -> f32 {
     0.5 * x * erfc(-x * std::f32::consts::FRAC_1_SQRT_2)
 }
 
+/// `act(x)`.
+#[inline(always)]
+pub fn activate(x: f32, act: Activation) -> f32 {
+    match act {
+        Activation::Identity => x,
+        Activation::Gelu => gelu(x),
+        Activation::Relu => x.max(0.0),
+    }
+}
+
 multiversion! {
     /// `row = act(row + bias)` for each `width`-wide row (no bias: just the activation).
-    pub fn bias_act_rows(x: &mut [f32], width: usize, bias: Option<&[f32]>, apply_gelu: bool) {
-        match (bias, apply_gelu) {
-            (Some(b), true) => {
-                for row in x.chunks_exact_mut(width) {
-                    for (v, b) in row.iter_mut().zip(b) {
-                        *v = gelu(*v + b);
-                    }
-                }
-            }
-            (Some(b), false) => {
+    pub fn bias_act_rows(x: &mut [f32], width: usize, bias: Option<&[f32]>, act: Activation) {
+        match (bias, act) {
+            (Some(b), Activation::Identity) => {
                 for row in x.chunks_exact_mut(width) {
                     for (v, b) in row.iter_mut().zip(b) {
                         *v += b;
                     }
                 }
             }
-            (None, true) => {
-                for v in x.iter_mut() {
-                    *v = gelu(*v);
+            (Some(b), _) => {
+                for row in x.chunks_exact_mut(width) {
+                    for (v, b) in row.iter_mut().zip(b) {
+                        *v = activate(*v + b, act);
+                    }
                 }
             }
-            (None, false) => {}
+            (None, Activation::Identity) => {}
+            (None, _) => {
+                for v in x.iter_mut() {
+                    *v = activate(*v, act);
+                }
+            }
         }
     }
 }
@@ -131,11 +143,10 @@ multiversion! {
 
 multiversion! {
     /// `row = act(row * scale + shift)` for each `scale.len()`-wide row (a folded affine norm).
-    pub fn scale_shift_act_rows(x: &mut [f32], scale: &[f32], shift: &[f32], apply_gelu: bool) {
+    pub fn scale_shift_act_rows(x: &mut [f32], scale: &[f32], shift: &[f32], act: Activation) {
         for row in x.chunks_exact_mut(scale.len()) {
             for ((v, s), t) in row.iter_mut().zip(scale).zip(shift) {
-                let y = *v * s + t;
-                *v = if apply_gelu { gelu(y) } else { y };
+                *v = activate(*v * s + t, act);
             }
         }
     }
@@ -256,7 +267,7 @@ mod tests {
     fn dispatched_gelu_equals_scalar_gelu() {
         let mut xs: Vec<f32> = (-300..300).map(|i| i as f32 * 0.037).collect();
         let want: Vec<f32> = xs.iter().map(|&x| gelu(x)).collect();
-        bias_act_rows(&mut xs, 600, None, true);
+        bias_act_rows(&mut xs, 600, None, Activation::Gelu);
         for (g, w) in xs.iter().zip(&want) {
             assert!((g - w).abs() <= 1e-6 * w.abs().max(1.0));
         }

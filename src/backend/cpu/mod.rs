@@ -193,7 +193,7 @@ impl Backend for CpuBackend {
     fn linear_sparse(&self, x: &Tensor, sp: &SparseWeight, b: Option<&Tensor>, act: Activation) -> Result<Tensor> {
         let shape = sp.output_shape(x, b)?;
         let SparseWeight::Cpu(sp) = sp else { bail!("a sparse weight built on the GPU was given to the CPU backend") };
-        let y = sp.forward(data(x)?, b.map(data).transpose()?, act == Activation::Gelu);
+        let y = sp.forward(data(x)?, b.map(data).transpose()?, act);
         Ok(Tensor::from_vec(y, &shape))
     }
 
@@ -223,7 +223,7 @@ impl Backend for CpuBackend {
             let weight = masked_weight(w, mask, &mut scratch)?;
             let (xs, os) = (&x[row * d_in..(row + rows) * d_in], &mut out[row * d_out..(row + rows) * d_out]);
             matmul_blocked(os, MatRef::row_major(xs, rows, d_in), MatRef::row_major(weight, d_in, d_out), |_, r| {
-                math::bias_act_rows(r, d_out, bias, act == Activation::Gelu)
+                math::bias_act_rows(r, d_out, bias, act)
             });
             row += rows;
         }
@@ -249,7 +249,7 @@ impl Backend for CpuBackend {
                 math::add_assign(rows, &r[start..start + rows.len()]);
             }
             math::layer_norm_rows(rows, g, b, norm.eps);
-            math::bias_act_rows(rows, c, None, act == Activation::Gelu);
+            math::bias_act_rows(rows, c, None, act);
         });
         Ok(Tensor::from_vec(out, &shape))
     }
@@ -270,9 +270,7 @@ impl Backend for CpuBackend {
             let var = column_sums(frames, c, |v, ch| (v as f64 - mean[ch]).powi(2));
             let scale: Vec<f32> = var.iter().zip(g).map(|(v, g)| (1.0 / (v / n + norm.eps as f64).sqrt()) as f32 * g).collect();
             let shift: Vec<f32> = mean.iter().zip(&scale).zip(b).map(|((m, s), b)| b - *m as f32 * s).collect();
-            frames
-                .par_chunks_mut(ROWS_PER_TASK * c)
-                .for_each(|rows| math::scale_shift_act_rows(rows, &scale, &shift, act == Activation::Gelu));
+            frames.par_chunks_mut(ROWS_PER_TASK * c).for_each(|rows| math::scale_shift_act_rows(rows, &scale, &shift, act));
         }
         Ok(Tensor::from_vec(out, &shape))
     }

@@ -15,6 +15,7 @@
 use rayon::prelude::*;
 
 use super::math::{bias_act_rows, multiversion};
+use crate::backend::Activation;
 
 /// Frames per block: two AVX-512 registers of f32 (four AVX2 ones), so each kept weight's index
 /// and value load is shared by two multiply-adds.
@@ -113,7 +114,7 @@ impl SparseLinear {
     }
 
     /// `act(x · Wᵀ + b)` for `x [n, d_in]`, as [`crate::backend::Backend::linear`].
-    pub fn forward(&self, x: &[f32], bias: Option<&[f32]>, apply_gelu: bool) -> Vec<f32> {
+    pub fn forward(&self, x: &[f32], bias: Option<&[f32]>, act: Activation) -> Vec<f32> {
         let (d_in, d_out) = (self.d_in, self.d_out);
         let n = x.len() / d_in;
         let blocks = n.div_ceil(LANES);
@@ -154,7 +155,7 @@ impl SparseLinear {
                     row[rows.clone()].copy_from_slice(vals);
                 }
             }
-            bias_act_rows(frames, d_out, bias, apply_gelu);
+            bias_act_rows(frames, d_out, bias, act);
         });
         y
     }
@@ -209,7 +210,7 @@ mod tests {
                     .unwrap()
                     .to_vec()
                     .unwrap();
-                let got = sp.forward(&x, Some(&bias), act == Activation::Gelu);
+                let got = sp.forward(&x, Some(&bias), act);
                 let (num, den) = got
                     .iter()
                     .zip(&dense)
