@@ -389,7 +389,8 @@ fn call(callable: Value, args: Value) -> Result<Value> {
                 stride: usizes(stride, "tensor stride")?,
             })
         }
-        ("torch._utils", "_rebuild_parameter", [tensor @ Value::Tensor { .. }, ..]) => Ok(tensor.clone()),
+        // An nn.Parameter (with its Python attributes, `_with_state`): its tensor.
+        ("torch._utils", "_rebuild_parameter" | "_rebuild_parameter_with_state", [tensor @ Value::Tensor { .. }, ..]) => Ok(tensor.clone()),
         _ => bail!(
             "the pickle calls {module}.{name}, which a file of weights does not need; it is not run (only tensors in \
              dicts are read, as torch.load(weights_only=True) reads them)"
@@ -416,6 +417,22 @@ mod tests {
         ]);
         assert_eq!(unpickle(p2).unwrap(), want);
         assert_eq!(unpickle(p4).unwrap(), want);
+    }
+
+    /// `torch.save({"w": nn.Parameter(torch.arange(6.).reshape(2, 3))})`'s data.pkl, plain and
+    /// with an attribute set on the parameter (`_rebuild_parameter_with_state`): the tensor over
+    /// storage "0".
+    #[test]
+    fn parameters_are_their_tensors() {
+        let plain: &[u8] = b"\x80\x02}q\x00X\x01\x00\x00\x00wq\x01ctorch._utils\x0a_rebuild_parameter\x0aq\x02ctorch._utils\x0a_rebuild_tensor_v2\x0aq\x03((X\x07\x00\x00\x00storageq\x04ctorch\x0aFloatStorage\x0aq\x05X\x01\x00\x00\x000q\x06X\x03\x00\x00\x00cpuq\x07K\x06tq\x08QK\x00K\x02K\x03\x86q\x09K\x03K\x01\x86q\x0a\x89ccollections\x0aOrderedDict\x0aq\x0b)Rq\x0ctq\x0dRq\x0e\x88h\x0b)Rq\x0f\x87q\x10Rq\x11s.";
+        let with_state: &[u8] = b"\x80\x02}q\x00X\x01\x00\x00\x00wq\x01ctorch._utils\x0a_rebuild_parameter_with_state\x0aq\x02(ctorch._utils\x0a_rebuild_tensor_v2\x0aq\x03((X\x07\x00\x00\x00storageq\x04ctorch\x0aFloatStorage\x0aq\x05X\x01\x00\x00\x000q\x06X\x03\x00\x00\x00cpuq\x07K\x06tq\x08QK\x00K\x02K\x03\x86q\x09K\x03K\x01\x86q\x0a\x89ccollections\x0aOrderedDict\x0aq\x0b)Rq\x0ctq\x0dRq\x0e\x88h\x0b)Rq\x0f}q\x10X\x05\x00\x00\x00extraq\x11K\x01stq\x12Rq\x13s.";
+        let storage = Value::Storage { class: "FloatStorage".into(), key: "0".into(), numel: 6 };
+        let want = Value::Dict(vec![(
+            Value::Str("w".into()),
+            Value::Tensor { storage: Box::new(storage), offset: 0, shape: vec![2, 3], stride: vec![3, 1] },
+        )]);
+        assert_eq!(unpickle(plain).unwrap(), want);
+        assert_eq!(unpickle(with_state).unwrap(), want);
     }
 
     /// A pickle that calls anything outside the state-dict allowlist is refused by name.
