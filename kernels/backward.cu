@@ -232,6 +232,13 @@ extern "C" __global__ void gelu_grad_bf16(const float* dy, const float* x, __nv_
     gelu_grad_dropped(dy, x, out, n, p, site_key);
 }
 
+// dy where ReLU's output y > 0, else 0 (MMS's adapters; never dropped: p is unused).
+extern "C" __global__ void relu_grad_f32(const float* dy, const float* y, float* out, long n, float p, unsigned long long site_key) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        out[i] = y[i] > 0.0f ? dy[i] : 0.0f;
+    }
+}
+
 // ---- column reductions (bias, layer-norm parameters, the time-mask embedding) ------------------
 // 256 threads = 32 columns x 8 row lanes; each block owns 32 columns and all rows, so sums are
 // deterministic (no atomics), accumulated in f64 as the CPU does.

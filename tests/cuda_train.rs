@@ -492,6 +492,7 @@ fn training_steps_match_cpu_with_every_regulariser() {
         ("base-like", &f32_be, REDUCTION_TOL),
         ("large-like", &f32_be, REDUCTION_TOL),
         ("data2vec-like", &f32_be, REDUCTION_TOL),
+        ("mms-like", &f32_be, REDUCTION_TOL),
         ("base-like", &bf16_be, BF16_STEP_TOL),
     ] {
         let dir = fixtures().join(model);

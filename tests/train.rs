@@ -58,17 +58,20 @@ impl Case {
         Case::of(&name, &json("train.json")["masked"], grads, key)
     }
 
-    /// Case `key` of tools/make_data2vec_fixtures.py (`masked` or `finetune`).
-    fn data2vec(key: &str) -> Case {
-        let grads = Checkpoint::open(&[fixtures().join("data2vec-like/grads.safetensors")]).unwrap();
-        Case::of("data2vec-like", &json("data2vec-like/grads.json"), grads, key)
+    /// Case `key` (`masked` or `finetune`) of the gradients tools/make_train_fixtures.py's
+    /// `family_gradients` wrote into fixture model `name`'s folder.
+    fn family(name: &str, key: &str) -> Case {
+        let grads = Checkpoint::open(&[fixtures().join(name).join("grads.safetensors")]).unwrap();
+        Case::of(name, &json(&format!("{name}/grads.json")), grads, key)
     }
 
     /// Fixture model `name` and the case `cases[key]` whose reference values `grads` holds.
     fn of(name: &str, cases: &serde_json::Value, grads: Checkpoint, key: &str) -> Case {
         let dir = fixtures().join(name);
         let model = Wav2Vec2::load(&dir, &CpuBackend).unwrap();
-        let vocab = Vocab::load(&dir.join("vocab.json"), model.config.vocab_size, model.config.pad_token_id).unwrap();
+        // MMS folders hold one vocabulary per language; the weights' adapters are "eng"'s.
+        let lang = model.layers[0].adapter.as_ref().map(|_| "eng");
+        let vocab = Vocab::load_language(&dir.join("vocab.json"), lang, model.config.vocab_size, model.config.pad_token_id).unwrap();
         let pre = Preprocessor::load(&dir).unwrap();
         let m = cases[key].clone();
         let texts: Vec<&str> = m["transcripts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
@@ -227,15 +230,18 @@ fn finetune_step_gradients_match_pytorch() {
     }
 }
 
-/// data2vec-audio (tools/make_data2vec_fixtures.py), time and channel masking on, in float64:
-/// S3-Router's score, head and embedding gradients, and every parameter's under weight
-/// finetuning, the stacked positional convs' (no weight norm) among them.
+/// data2vec-audio (tools/make_data2vec_fixtures.py) and MMS (tools/make_mms_fixtures.py), time
+/// and channel masking on, in float64: S3-Router's score, head and embedding gradients, and
+/// every parameter's under weight finetuning: data2vec's stacked positional convs (no weight
+/// norm), MMS's attention adapters among them.
 #[test]
-fn data2vec_audio_step_gradients_match_pytorch() {
-    let case = Case::data2vec("masked");
-    let fixture = FixtureRegularisers::of(&case);
-    case.check(&case.masks(MaskScope::Ffn), &fixture.get(&case));
-    check_finetune(&Case::data2vec("finetune"), Weights::All);
+fn data2vec_and_mms_step_gradients_match_pytorch() {
+    for name in ["data2vec-like", "mms-like"] {
+        let case = Case::family(name, "masked");
+        let fixture = FixtureRegularisers::of(&case);
+        case.check(&case.masks(MaskScope::Ffn), &fixture.get(&case));
+        check_finetune(&Case::family(name, "finetune"), Weights::All);
+    }
 }
 
 /// One weight-finetuning step of `case` with `trained` weights against its reference gradients.

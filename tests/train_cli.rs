@@ -500,8 +500,9 @@ fn masks_compare_reports_similarity_chance_and_correlation() {
     fails_with(&engine(&["masks", "compare", s(&en), s(&attention)]), "cover different matrices");
 }
 
-/// HuBERT, UniSpeech-SAT and data2vec-audio: masks learned (over bare encoder checkpoints, as
-/// facebook/hubert-base-ls960 and facebook/data2vec-audio-base are stored) with a fresh head, and
+/// HuBERT, UniSpeech-SAT, MMS (through its adapters) and data2vec-audio: masks learned (over
+/// bare encoder checkpoints, as facebook/hubert-base-ls960 and facebook/data2vec-audio-base are
+/// stored) with a fresh head, and
 /// `masks apply` writes a `*ForCTC` folder of the family, under its own tensor names, that runs
 /// as the masked model.
 #[test]
@@ -509,6 +510,7 @@ fn masks_learned_on_other_families_apply_to_a_folder_of_that_family() {
     for (model, model_type, class, prefix) in [
         ("hubert-bare", "hubert", "HubertForCTC", "hubert."),
         ("unispeech-sat-like", "unispeech-sat", "UniSpeechSatForCTC", "unispeech_sat."),
+        ("mms-like", "wav2vec2", "Wav2Vec2ForCTC", "wav2vec2."),
         ("data2vec-bare", "data2vec-audio", "Data2VecAudioForCTC", "data2vec_audio."),
     ] {
         let tmp = tempfile::tempdir().unwrap();

@@ -7,7 +7,9 @@ weights hold the default ("eng") adapters and head; like the hub's MMS folders i
 and a head over a 7-token vocabulary)
 and a `vocab.json` with one vocabulary per language. `reference.safetensors` has transformers'
 outputs with the default adapters, `reference-xyz.safetensors` the logits after
-`model.load_adapter("xyz")`.
+`model.load_adapter("xyz")`. `grads.safetensors` / `grads.json`: the float64 training references
+of tools/make_train_fixtures.py's `family_gradients` (S3-Router and weight finetuning through the
+default adapters).
 
     pip install torch transformers safetensors numpy soundfile jiwer
     python3 tools/make_mms_fixtures.py
@@ -24,6 +26,7 @@ from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from make_fixtures import MODELS, ROOT, build, record_versions, reference_outputs  # noqa: E402
 from make_hubert_fixtures import committed_audio  # noqa: E402
+from make_train_fixtures import family_gradients  # noqa: E402
 
 NAME = "mms-like"
 XYZ = ["<pad>", "<s>", "</s>", "<unk>", "|", "x", "y"]
@@ -52,6 +55,7 @@ def main():
     model.load_adapter("xyz")
     ref = reference_outputs(model, {"do_normalize": MODELS["large-like"]["do_normalize"]}, committed_audio())
     safetensors.torch.save_file({k: v for k, v in ref.items() if k.endswith("logits")}, os.path.join(folder, "reference-xyz.safetensors"))
+    family_gradients(NAME, Wav2Vec2Config, Wav2Vec2ForCTC, "large-like")
     record_versions("make_mms_fixtures.py")
 
 

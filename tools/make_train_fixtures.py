@@ -159,6 +159,70 @@ def masked_gradients(tensors, meta, dtype=torch.float64, specaug=False):
             tensors[f"{key}/masked_spec_embed_grad"] = model.wav2vec2.masked_spec_embed.grad.detach().float().contiguous()
 
 
+# SpecAugment channel masks for family_gradients: channel spans per utterance.
+CHANNEL_MASKS = [[(0, 4)], [(10, 14), (30, 34)], []]
+
+
+def family_gradients(name, config_class, model_class, like):
+    """Two float64 training references for fixture model `name` (a `model_class` with `like`'s
+    vocabulary and transcripts) on the three test utterances, CTC loss summed (zero_infinity),
+    SpecAugment time spans replaced by `masked_spec_embed` and CHANNEL_MASKS spans zeroed, into
+    `name/grads.safetensors` and `name/grads.json` (each case described in this script's terms:
+    no dropout, no layer skipped):
+    - `masked/`: S3-Router, every FFN linear masked; the scores', head's and embedding's gradients;
+    - `finetune/`: every parameter trains (the feature encoder too); each one's gradient.
+    Tensors are named as the engine reads them (`wav2vec2.` for the family's prefix)."""
+    tensors, meta = {}, {}
+    TRANSCRIPTS[name] = TRANSCRIPTS[like]
+    folder = os.path.join(ROOT, name)
+    vocab = json.load(open(os.path.join(folder, "vocab.json")))
+    vocab = vocab.get("eng", vocab)  # MMS: one vocabulary per language, the default's
+    for case in ("masked", "finetune"):
+        torch.manual_seed(23)
+        config = config_class.from_pretrained(folder)
+        config.mask_time_prob = 0.05  # makes transformers create masked_spec_embed (seeded above)
+        model = model_class.from_pretrained(folder, config=config).eval().to(torch.float64)
+        prefix = model.base_model_prefix + "."
+        for p in model.parameters():
+            p.requires_grad_(case == "finetune")
+        names = {id(p): n for n, p in model.named_parameters()}
+        g = torch.Generator().manual_seed(17)
+        masked = []
+        for i, layer in enumerate(model.base_model.encoder.layers if case == "masked" else []):
+            for part in ("intermediate_dense", "output_dense"):
+                lin = getattr(layer.feed_forward, part)
+                bound = 1.0 / lin.weight.shape[1] ** 0.5
+                m = MaskedLinear(lin, ((torch.rand(lin.weight.shape, generator=g) * 2 - 1) * bound).double(), SPARSITY)
+                setattr(layer.feed_forward, part, m)
+                masked.append((f"wav2vec2.encoder.layers.{i}.feed_forward.{part}.weight", m))
+        for p in list(model.lm_head.parameters()) + [model.base_model.masked_spec_embed]:
+            p.requires_grad_(True)
+        inputs, _ = utterances(name, torch.float64)
+        total = 0.0
+        for u, text, x in inputs:
+            loss, _ = spec_augmented_loss(model, u, text, x, vocab, CHANNEL_MASKS)
+            loss.backward()
+            total += loss.item()
+        meta[case] = {"loss": total, "transcripts": TRANSCRIPTS[name], "time_masks": TIME_MASKS, "channel_masks": CHANNEL_MASKS,
+                      "sparsity": SPARSITY if case == "masked" else 0.0, "seed": 0, "dropout": 0.0, "attention_dropout": 0.0,
+                      "activation_dropout": 0.0, "skip_layers": [False] * config.num_hidden_layers}
+        grad = lambda t: t.grad.detach().float().contiguous()  # noqa: E731
+        if case == "finetune":
+            for p in model.parameters():
+                if p.grad is not None:
+                    tensors[f"finetune/grad/{names[id(p)].replace(prefix, 'wav2vec2.', 1)}"] = grad(p)
+        for wname, m in masked:
+            tensors[f"masked/{wname}.scores"] = m.scores.detach().float().contiguous()
+            tensors[f"masked/{wname}.scores_grad"] = grad(m.scores)
+        tensors[f"{case}/lm_head.weight_grad"] = grad(model.lm_head.weight)
+        tensors[f"{case}/lm_head.bias_grad"] = grad(model.lm_head.bias)
+        tensors[f"{case}/masked_spec_embed"] = model.base_model.masked_spec_embed.detach().float().contiguous()
+        tensors[f"{case}/masked_spec_embed_grad"] = grad(model.base_model.masked_spec_embed)
+    safetensors.torch.save_file(tensors, os.path.join(folder, "grads.safetensors"))
+    with open(os.path.join(folder, "grads.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+
+
 MASK64 = (1 << 64) - 1
 GOLDEN = 0x9E3779B97F4A7C15
 

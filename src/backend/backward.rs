@@ -64,6 +64,9 @@ pub trait Backward {
         self.gelu_grad(dy, x, dropout)
     }
 
+    /// `dy` where `y = ReLU(x) > 0`, else 0: ReLU's backward from its output `y` (MMS's adapters).
+    fn relu_grad(&self, dy: &Tensor, y: &Tensor) -> Result<Tensor>;
+
     /// `dx = dy · (W ⊙ M)` for `y = x · (W ⊙ M)ᵀ`: `w` as [`Backend::prepare_linear_weight`]
     /// made it, `mask` as [`Backward::scored_masks`] or [`Backend::prepare_mask`] made it.
     fn linear_input_grad(&self, dy: &Tensor, w: &Tensor, mask: Option<&LinearMask>) -> Result<Tensor>;

@@ -22,7 +22,7 @@ use crate::ctc::{ctc_loss, CtcTargets, Reduction};
 use crate::dropout::{Dropout, SiteDropout};
 use crate::model::checkpoint::WeightSource;
 use crate::model::config::Config;
-use crate::model::wav2vec2::{pos_conv_layer_names, EncoderLayer, Linear, Norm, DEFAULT_NORM_EPS};
+use crate::model::wav2vec2::{pos_conv_layer_names, Adapter, EncoderLayer, Linear, Norm, DEFAULT_NORM_EPS};
 use crate::model::Wav2Vec2;
 use crate::tensor::Tensor;
 
@@ -224,6 +224,47 @@ struct Tape {
     pre_gelu: Tensor,
     /// Post-LN: `ffn + second` before the final norm.
     residual2: Option<Tensor>,
+    /// MMS's adapter after the layer, where it has one.
+    adapter: Option<AdapterTape>,
+}
+
+/// What an adapter `x + linear_2(ReLU(linear_1(LayerNorm(x))))` keeps for backward: `x`, its
+/// norm (linear_1's input) and the ReLU's output (linear_2's input; its sign is ReLU's mask).
+struct AdapterTape {
+    input: Tensor,
+    normed: Tensor,
+    relu: Tensor,
+}
+
+/// The adapter of `layer` over the layer's output `x`: its output and its tape.
+fn adapter_forward(be: &dyn TrainBackend, adapter: &Adapter, x: Tensor) -> Result<(Tensor, AdapterTape)> {
+    let normed = be.layer_norm(x.clone(), None, adapter.norm.params(DEFAULT_NORM_EPS), Activation::Identity)?;
+    let (l1, l2) = (&adapter.linear_1, &adapter.linear_2);
+    let relu = be.linear(&normed, &l1.weight, Some(&l1.bias), Activation::Relu)?;
+    let out = be.add(x.clone(), &be.linear(&relu, &l2.weight, Some(&l2.bias), Activation::Identity)?)?;
+    Ok((out, AdapterTape { input: x, normed, relu }))
+}
+
+/// From `dy` at an adapter's output to its input (the residual and the adapter's path),
+/// collecting its weight and norm gradients under `prefix` (`...adapter_layer`).
+fn adapter_grad(
+    be: &dyn TrainBackend,
+    adapter: &Adapter,
+    tape: &AdapterTape,
+    dy: Tensor,
+    wgrads: &mut Grads,
+    prefix: &str,
+) -> Result<Tensor> {
+    if wgrads.on {
+        wgrads.linear(&format!("{prefix}.linear_2"), Some(be.linear_weight_grad(&dy, &tape.relu)?), &dy)?;
+    }
+    let d_pre = be.relu_grad(&be.linear_input_grad(&dy, &adapter.linear_2.weight, None)?, &tape.relu)?;
+    if wgrads.on {
+        wgrads.linear(&format!("{prefix}.linear_1"), Some(be.linear_weight_grad(&d_pre, &tape.normed)?), &d_pre)?;
+    }
+    let d_normed = be.linear_input_grad(&d_pre, &adapter.linear_1.weight, None)?;
+    let d_input = wgrads.norm_eps(&format!("{prefix}.norm"), &d_normed, &tape.input, &adapter.norm, DEFAULT_NORM_EPS)?;
+    be.add(dy, &d_input)
 }
 
 /// Linear 0 = qkv, 1 = out, 2 = intermediate, 3 = output of `layer`.
@@ -451,15 +492,37 @@ pub fn step(
             let (x1, b) = be.dropout_add_norm(o, attention_out, &x, layer.final_layer_norm.params(eps))?;
             let (u, f) = feed_forward(&b)?;
             let out = be.add(x1.clone(), &drop(reg.dropout, site(i, SITE_FFN_OUT), f)?)?;
+            let (out, adapter) = match &layer.adapter {
+                Some(ad) => adapter_forward(be, ad, out).map(|(out, tape)| (out, Some(tape)))?,
+                None => (out, None),
+            };
             let input = std::mem::replace(&mut x, out);
-            Tape { input: Some(input), qkv, attended, first: keep_qkv_input.then_some(a), second: Some(x1), pre_gelu: u, residual2: None }
+            Tape {
+                input: Some(input),
+                qkv,
+                attended,
+                first: keep_qkv_input.then_some(a),
+                second: Some(x1),
+                pre_gelu: u,
+                residual2: None,
+                adapter,
+            }
         } else {
             let (qkv, attended, o) = attend(&x)?;
             let (r1, h1) = be.dropout_add_norm(o, attention_out, &x, layer.layer_norm.params(eps))?;
             let (u, f) = feed_forward(&h1)?;
             let (r2, out) = be.dropout_add_norm(f, ffn_out, &h1, layer.final_layer_norm.params(eps))?;
             let input = std::mem::replace(&mut x, out);
-            Tape { input: keep_qkv_input.then_some(input), qkv, attended, first: Some(r1), second: None, pre_gelu: u, residual2: Some(r2) }
+            Tape {
+                input: keep_qkv_input.then_some(input),
+                qkv,
+                attended,
+                first: Some(r1),
+                second: None,
+                pre_gelu: u,
+                residual2: Some(r2),
+                adapter: None,
+            }
         };
         tapes.push(Some(tape));
     }
@@ -504,6 +567,9 @@ pub fn step(
         let Some(tape) = tape else { continue }; // a skipped layer is the identity
         let layer = lw.layer;
         let name = |suffix: &str| format!("wav2vec2.encoder.layers.{i}.{suffix}");
+        if let (Some(ad), Some(ad_tape)) = (&layer.adapter, &tape.adapter) {
+            dx = adapter_grad(be, ad, ad_tape, dx, &mut wgrads, &name("adapter_layer"))?;
+        }
         // The FFN: gradient at its (dropped) output, after the residual path is split off.
         let (d_ffn_out, d_skip) = if c.do_stable_layer_norm {
             (dx.clone(), dx.clone())
@@ -626,7 +692,12 @@ impl Grads<'_> {
     /// Back through layer norm `norm` (input `x`, output gradient `dy`): returns the input's
     /// gradient and collects `{prefix}.weight` / `.bias`.
     fn norm(&mut self, prefix: &str, dy: &Tensor, x: &Tensor, norm: &Norm) -> Result<Tensor> {
-        let (dx, params) = self.be.layer_norm_grads(dy, x, norm.params(self.eps), self.on)?;
+        self.norm_eps(prefix, dy, x, norm, self.eps)
+    }
+
+    /// [`Grads::norm`] of a norm with its own epsilon.
+    fn norm_eps(&mut self, prefix: &str, dy: &Tensor, x: &Tensor, norm: &Norm, eps: f32) -> Result<Tensor> {
+        let (dx, params) = self.be.layer_norm_grads(dy, x, norm.params(eps), self.on)?;
         if let Some((dgamma, dbeta)) = params {
             self.map.insert(format!("{prefix}.weight"), dgamma);
             self.map.insert(format!("{prefix}.bias"), dbeta);

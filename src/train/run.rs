@@ -605,12 +605,6 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<Summary> {
     ensure!(dir.is_dir(), "model folder {} does not exist", dir.display());
     let ck = Checkpoint::open_dir(dir)?;
     let model = Wav2Vec2::from_weights(Config::load(&dir.join("config.json"))?, &ck, &*be)?;
-    ensure!(
-        model.layers.iter().all(|l| l.adapter.is_none()),
-        "{}: training through MMS attention adapters (adapter_attn_dim) is not implemented; the engine runs such models for \
-         inference and evaluation only",
-        dir.display()
-    );
     let pre = Preprocessor::load(dir)?;
     let train_path = recipe.train()?;
     let train_data = recipe.dataset(train_path, &recipe.train_split, true)?;

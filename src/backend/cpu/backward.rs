@@ -47,6 +47,12 @@ impl Backward for CpuBackend {
         Ok(Tensor::from_vec(y, x.shape()))
     }
 
+    fn relu_grad(&self, dy: &Tensor, y: &Tensor) -> Result<Tensor> {
+        ensure!(dy.shape() == y.shape(), "ReLU backward: gradient {:?} for an output {:?}", dy.shape(), y.shape());
+        let dx = data(dy)?.iter().zip(data(y)?).map(|(&d, &v)| if v > 0.0 { d } else { 0.0 }).collect();
+        Ok(Tensor::from_vec(dx, y.shape()))
+    }
+
     fn gelu_grad(&self, dy: &Tensor, x: &Tensor, dropout: Option<SiteDropout>) -> Result<Tensor> {
         ensure!(dy.shape() == x.shape(), "GELU backward: gradient {:?} for an input {:?}", dy.shape(), x.shape());
         let dx = match dropout {

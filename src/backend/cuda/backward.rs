@@ -308,6 +308,11 @@ impl Backward for CudaBackend {
         self.gelu(x, dropout)
     }
 
+    fn relu_grad(&self, dy: &Tensor, y: &Tensor) -> Result<Tensor> {
+        ensure!(dy.shape() == y.shape(), "ReLU backward: gradient {:?} for an output {:?}", dy.shape(), y.shape());
+        self.map_elements_dropped("relu_grad_f32", &[dy, y], y.shape(), DType::F32, None)
+    }
+
     fn gelu_grad(&self, dy: &Tensor, x: &Tensor, dropout: Option<SiteDropout>) -> Result<Tensor> {
         ensure!(dy.shape() == x.shape(), "GELU backward: gradient {:?} for an input {:?}", dy.shape(), x.shape());
         self.map_elements_dropped("gelu_grad_f32", &[dy, x], x.shape(), DType::F32, dropout)

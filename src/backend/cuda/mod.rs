@@ -83,6 +83,7 @@ const FUNCTIONS: &[(&str, &str)] = &[
     ("backward", "gelu_bf16"),
     ("backward", "gelu_grad_f32"),
     ("backward", "gelu_grad_bf16"),
+    ("backward", "relu_grad_f32"),
     ("backward", "column_sum_f32"),
     ("backward", "column_sum_bf16"),
     ("backward", "layer_norm_grad_f32"),
