@@ -137,11 +137,13 @@ pub struct Adapter {
 }
 
 impl Adapter {
-    /// `x` with the adapter's output added.
-    fn forward(&self, be: &dyn Backend, x: Tensor) -> Result<Tensor> {
+    /// `x` with the adapter's output added, and what training's backward reads: the norm of
+    /// `x` (linear_1's input) and the ReLU's output (linear_2's input; its sign is ReLU's mask).
+    pub fn forward(&self, be: &dyn Backend, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let normed = be.layer_norm(x.clone(), None, self.norm.params(DEFAULT_NORM_EPS), Activation::Identity)?;
-        let down = self.linear_1.forward(be, &normed, Activation::Relu)?;
-        be.add(x, &self.linear_2.forward(be, &down, Activation::Identity)?)
+        let relu = self.linear_1.forward(be, &normed, Activation::Relu)?;
+        let out = be.add(x.clone(), &self.linear_2.forward(be, &relu, Activation::Identity)?)?;
+        Ok((out, normed, relu))
     }
 }
 
@@ -624,7 +626,7 @@ impl Wav2Vec2 {
                 let f = feed_forward(&be.layer_norm(x.clone(), None, fln, id)?)?;
                 x = be.add(x, &f)?;
                 if let Some(adapter) = &layer.adapter {
-                    x = adapter.forward(be, x)?;
+                    x = adapter.forward(be, &x)?.0;
                 }
             } else {
                 x = be.layer_norm(attention(&x)?, Some(&x), ln, id)?;

@@ -236,15 +236,6 @@ struct AdapterTape {
     relu: Tensor,
 }
 
-/// The adapter of `layer` over the layer's output `x`: its output and its tape.
-fn adapter_forward(be: &dyn TrainBackend, adapter: &Adapter, x: Tensor) -> Result<(Tensor, AdapterTape)> {
-    let normed = be.layer_norm(x.clone(), None, adapter.norm.params(DEFAULT_NORM_EPS), Activation::Identity)?;
-    let (l1, l2) = (&adapter.linear_1, &adapter.linear_2);
-    let relu = be.linear(&normed, &l1.weight, Some(&l1.bias), Activation::Relu)?;
-    let out = be.add(x.clone(), &be.linear(&relu, &l2.weight, Some(&l2.bias), Activation::Identity)?)?;
-    Ok((out, AdapterTape { input: x, normed, relu }))
-}
-
 /// From `dy` at an adapter's output to its input (the residual and the adapter's path),
 /// collecting its weight and norm gradients under `prefix` (`...adapter_layer`).
 fn adapter_grad(
@@ -493,7 +484,10 @@ pub fn step(
             let (u, f) = feed_forward(&b)?;
             let out = be.add(x1.clone(), &drop(reg.dropout, site(i, SITE_FFN_OUT), f)?)?;
             let (out, adapter) = match &layer.adapter {
-                Some(ad) => adapter_forward(be, ad, out).map(|(out, tape)| (out, Some(tape)))?,
+                Some(ad) => {
+                    let (with_adapter, normed, relu) = ad.forward(be, &out)?;
+                    (with_adapter, Some(AdapterTape { input: out, normed, relu }))
+                }
                 None => (out, None),
             };
             let input = std::mem::replace(&mut x, out);
