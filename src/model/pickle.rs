@@ -25,20 +25,23 @@ pub enum Value {
     Dict(Vec<(Value, Value)>),
     /// A module attribute named by `GLOBAL` (only ever used as a storage's type, or called).
     Global(String, String),
-    /// `('storage', torch.<Type>Storage, key, location, numel)`: the `numel` elements of the
-    /// storage type's dtype in the archive's record `data/<key>`.
-    Storage {
-        class: String,
-        key: String,
-        numel: usize,
-    },
+    Storage(Storage),
     /// `_rebuild_tensor_v2(storage, offset, size, stride, ...)`, in elements.
     Tensor {
-        storage: Box<Value>,
+        storage: Storage,
         offset: usize,
         shape: Vec<usize>,
         stride: Vec<usize>,
     },
+}
+
+/// A persistent id `('storage', torch.<Type>Storage, key, location, numel)`: the `numel`
+/// elements of the storage type's dtype (`class`) in the archive's record `data/<key>`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Storage {
+    pub class: String,
+    pub key: String,
+    pub numel: usize,
 }
 
 /// The stack holds values and the marks `MARK` pushes.
@@ -62,7 +65,8 @@ struct Machine<'a> {
 
 impl Machine<'_> {
     fn take(&mut self, n: usize) -> Result<&[u8]> {
-        ensure!(self.pos + n <= self.data.len(), "the pickle ends inside an instruction at byte {}", self.pos);
+        // pos never passes the end; a length read from the file may be anything.
+        ensure!(n <= self.data.len() - self.pos, "the pickle ends inside an instruction at byte {}", self.pos);
         let out = &self.data[self.pos..self.pos + n];
         self.pos += n;
         Ok(out)
@@ -344,7 +348,7 @@ fn kind(v: &Value) -> &'static str {
         Value::List(_) => "a list",
         Value::Dict(_) => "a dict",
         Value::Global(..) => "a global",
-        Value::Storage { .. } => "a storage",
+        Value::Storage(_) => "a storage",
         Value::Tensor { .. } => "a tensor",
     }
 }
@@ -368,7 +372,7 @@ fn storage(pid: Value) -> Result<Value> {
     let Value::Tuple(items) = pid else { bail!("a persistent id that is not a tuple") };
     match items.as_slice() {
         [Value::Str(tag), Value::Global(module, class), Value::Str(key), _location, numel] if tag == "storage" && module == "torch" => {
-            Ok(Value::Storage { class: class.clone(), key: key.clone(), numel: usize_of(numel, "storage size")? })
+            Ok(Value::Storage(Storage { class: class.clone(), key: key.clone(), numel: usize_of(numel, "storage size")? }))
         }
         _ => bail!("a persistent id other than a torch storage"),
     }
@@ -381,9 +385,9 @@ fn call(callable: Value, args: Value) -> Result<Value> {
     match (module.as_str(), name.as_str(), args.as_slice()) {
         ("collections", "OrderedDict", []) => Ok(Value::Dict(Vec::new())),
         ("torch._utils", "_rebuild_tensor_v2", [storage, offset, size, stride, ..]) => {
-            ensure!(matches!(storage, Value::Storage { .. }), "_rebuild_tensor_v2 of {}", kind(storage));
+            let Value::Storage(storage) = storage else { bail!("_rebuild_tensor_v2 of {}", kind(storage)) };
             Ok(Value::Tensor {
-                storage: Box::new(storage.clone()),
+                storage: storage.clone(),
                 offset: usize_of(offset, "tensor storage offset")?,
                 shape: usizes(size, "tensor size")?,
                 stride: usizes(stride, "tensor stride")?,
@@ -426,11 +430,8 @@ mod tests {
     fn parameters_are_their_tensors() {
         let plain: &[u8] = b"\x80\x02}q\x00X\x01\x00\x00\x00wq\x01ctorch._utils\x0a_rebuild_parameter\x0aq\x02ctorch._utils\x0a_rebuild_tensor_v2\x0aq\x03((X\x07\x00\x00\x00storageq\x04ctorch\x0aFloatStorage\x0aq\x05X\x01\x00\x00\x000q\x06X\x03\x00\x00\x00cpuq\x07K\x06tq\x08QK\x00K\x02K\x03\x86q\x09K\x03K\x01\x86q\x0a\x89ccollections\x0aOrderedDict\x0aq\x0b)Rq\x0ctq\x0dRq\x0e\x88h\x0b)Rq\x0f\x87q\x10Rq\x11s.";
         let with_state: &[u8] = b"\x80\x02}q\x00X\x01\x00\x00\x00wq\x01ctorch._utils\x0a_rebuild_parameter_with_state\x0aq\x02(ctorch._utils\x0a_rebuild_tensor_v2\x0aq\x03((X\x07\x00\x00\x00storageq\x04ctorch\x0aFloatStorage\x0aq\x05X\x01\x00\x00\x000q\x06X\x03\x00\x00\x00cpuq\x07K\x06tq\x08QK\x00K\x02K\x03\x86q\x09K\x03K\x01\x86q\x0a\x89ccollections\x0aOrderedDict\x0aq\x0b)Rq\x0ctq\x0dRq\x0e\x88h\x0b)Rq\x0f}q\x10X\x05\x00\x00\x00extraq\x11K\x01stq\x12Rq\x13s.";
-        let storage = Value::Storage { class: "FloatStorage".into(), key: "0".into(), numel: 6 };
-        let want = Value::Dict(vec![(
-            Value::Str("w".into()),
-            Value::Tensor { storage: Box::new(storage), offset: 0, shape: vec![2, 3], stride: vec![3, 1] },
-        )]);
+        let storage = Storage { class: "FloatStorage".into(), key: "0".into(), numel: 6 };
+        let want = Value::Dict(vec![(Value::Str("w".into()), Value::Tensor { storage, offset: 0, shape: vec![2, 3], stride: vec![3, 1] })]);
         assert_eq!(unpickle(plain).unwrap(), want);
         assert_eq!(unpickle(with_state).unwrap(), want);
     }
@@ -451,5 +452,7 @@ mod tests {
         for n in 0..p2.len() - 1 {
             assert!(unpickle(&p2[..n]).is_err(), "{n} bytes");
         }
+        // A string claiming 2^64 - 1 bytes (BINUNICODE8).
+        assert!(unpickle(b"\x80\x04\x8d\xff\xff\xff\xff\xff\xff\xff\xff.").is_err());
     }
 }

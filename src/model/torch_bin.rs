@@ -11,7 +11,7 @@ use std::path::Path;
 use anyhow::{bail, ensure, Context, Result};
 use zip::{CompressionMethod, ZipArchive};
 
-use super::pickle::{unpickle, Value};
+use super::pickle::{unpickle, Storage, Value};
 use crate::tensor::DType;
 
 /// One tensor of the state dict: its bytes are `len` bytes from `offset` in the file.
@@ -48,22 +48,28 @@ pub fn state_dict(file: &[u8], path: &Path) -> Result<Vec<TorchTensor>> {
     let mut out = Vec::new();
     for (key, value) in items {
         let (Value::Str(name), Value::Tensor { storage, offset, shape, stride }) = (key, value) else { continue };
-        let Value::Storage { class, key, numel } = *storage else { unreachable!("the unpickler builds tensors over storages") };
+        let Storage { class, key, numel } = storage;
         let dtype = match class.as_str() {
             "FloatStorage" => DType::F32,
             "HalfStorage" => DType::F16,
             "BFloat16Storage" => DType::BF16,
             other => bail!("{p}: tensor \"{name}\" is stored as {other} (expected FloatStorage, HalfStorage or BFloat16Storage)"),
         };
+        // Sizes come from the file: products that overflow are refused, not wrapped.
+        let product = |dims: &[usize]| dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        let impossible = || format!("{p}: tensor \"{name}\" has an impossible shape {shape:?}");
+        let elems = product(&shape).with_context(impossible)?;
         // Row-major strides; a dimension of size 1 may carry any stride.
-        let contiguous: Vec<usize> = (0..shape.len()).map(|i| shape[i + 1..].iter().product()).collect();
+        let contiguous: Vec<usize> = (0..shape.len()).map(|i| product(&shape[i + 1..])).collect::<Option<_>>().with_context(impossible)?;
         let dims_that_matter = |s: &[usize]| s.iter().zip(&shape).filter(|(_, &n)| n > 1).map(|(&s, _)| s).collect::<Vec<_>>();
         ensure!(
             dims_that_matter(&stride) == dims_that_matter(&contiguous),
             "{p}: tensor \"{name}\" is not contiguous (stride {stride:?} for shape {shape:?}); save it with .contiguous()"
         );
-        let elems: usize = shape.iter().product();
-        ensure!(offset + elems <= numel, "{p}: tensor \"{name}\" reads past its storage ({offset} + {elems} of {numel} elements)");
+        ensure!(
+            offset.checked_add(elems).is_some_and(|end| end <= numel),
+            "{p}: tensor \"{name}\" reads past its storage ({offset} + {elems} of {numel} elements)"
+        );
         let record = format!("{prefix}data/{key}");
         let index = zip.index_for_name(&record).with_context(|| format!("{p}: tensor \"{name}\": no record {record}"))?;
         let entry = zip.by_index_raw(index)?;
@@ -71,10 +77,11 @@ pub fn state_dict(file: &[u8], path: &Path) -> Result<Vec<TorchTensor>> {
         let start = entry.data_start().context("zip: record without a data offset")? as usize;
         let size = dtype.size_of();
         ensure!(
-            numel * size <= entry.size() as usize,
+            numel.checked_mul(size).is_some_and(|bytes| bytes <= entry.size() as usize),
             "{p}: storage {record} holds {} bytes, not the {numel} elements its tensors say",
             entry.size()
         );
+        // Within the record now (offset + elems <= numel, numel * size <= its size): no overflow.
         out.push(TorchTensor { name, dtype, shape, offset: start + offset * size, len: elems * size });
     }
     Ok(out)
