@@ -178,21 +178,25 @@ fn batched_equals_alone() {
 }
 
 /// A mask set (s3router-masks-v1) over base-like: masked FFN weights and a new head, against
-/// transformers running the same masked model.
+/// transformers running the same masked model; also over the same weights stored with the old
+/// weight-norm spelling (`weight_g`/`weight_v`, as facebook/wav2vec2-base stores them), which the
+/// set's head must not hide.
 #[test]
 fn masked_model_matches_transformers() {
     let be = CpuBackend;
     let masks = MaskSet::load(&fixtures().join("base-like-masks")).unwrap();
     assert_eq!(masks.masks.len(), 4);
     assert_eq!(masks.sparsity, Some(0.1));
-    let model = Wav2Vec2::load_masked(&fixtures().join("base-like"), Some(&masks), &be).unwrap();
-    assert_eq!(model.config.vocab_size, 9);
-    for (u, x) in inputs("base-like").iter().enumerate() {
-        let (logits, _) = model.logits(&be, &[x], None).unwrap();
-        let (want, shape) = reference("base-like-masks", &format!("utt{u}.logits"));
-        assert_eq!(logits.shape(), &shape[..]);
-        let err = rel_l2(&logits.to_vec().unwrap(), &want);
-        assert!(err <= TOL, "masked utt{u}: rel L2 {err:.2e}");
+    for model_dir in ["base-like", "base-like-other-wn"] {
+        let model = Wav2Vec2::load_masked(&fixtures().join(model_dir), Some(&masks), &be).unwrap();
+        assert_eq!(model.config.vocab_size, 9);
+        for (u, x) in inputs("base-like").iter().enumerate() {
+            let (logits, _) = model.logits(&be, &[x], None).unwrap();
+            let (want, shape) = reference("base-like-masks", &format!("utt{u}.logits"));
+            assert_eq!(logits.shape(), &shape[..]);
+            let err = rel_l2(&logits.to_vec().unwrap(), &want);
+            assert!(err <= TOL, "{model_dir} masked utt{u}: rel L2 {err:.2e}");
+        }
     }
 }
 

@@ -216,7 +216,7 @@ pub struct Masked<'a> {
 
 impl WeightSource for Masked<'_> {
     fn contains(&self, name: &str) -> bool {
-        self.masks.head_tensor(name).is_some() || (self.masks.head.is_none() && self.inner.contains(name))
+        self.masks.head_tensor(name).is_some() || self.inner.contains(name)
     }
 
     fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
