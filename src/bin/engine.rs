@@ -21,6 +21,7 @@ use s3router::eval::evaluate;
 use s3router::infer::{word_stamps, BatchLimits, Chunking, Decoding, Recognizer, Stamp, Utterance, WindowProgress};
 use s3router::metrics::{self, word_and_char_counts, Counts, TextNorm};
 use s3router::model::config::Config;
+use s3router::model::fairseq;
 use s3router::model::folder::write_masked_folder;
 use s3router::model::masks::MaskSet;
 use s3router::model::vocab::Vocab;
@@ -628,6 +629,29 @@ enum Command {
     /// Inspect mask sets.
     #[command(subcommand)]
     Masks(MasksCommand),
+    /// Convert a fairseq wav2vec 2.0 checkpoint (.pt) into a Hugging Face folder the engine and
+    /// transformers load: what S3-Router's own code starts from and writes.
+    ///
+    /// - pretrained (wav2vec_small.pt, xlsr2_300m.pt): the encoder (quantizer and other
+    ///   pretraining-only modules dropped), ready for `engine train --model OUT`;
+    /// - finetuned (wav2vec_ctc): encoder, CTC head and vocab.json from --dict;
+    /// - S3-Router (wav2vec_ctc_st, with scores): the frozen encoder in OUT, and in OUT/masks the
+    ///   mask set its scores make at the run's prune_rate (fix_attn respected), with head and
+    ///   vocabulary: `engine infer --model OUT --masks OUT/masks`.
+    ///
+    /// Both PyTorch formats are read, and no code in the file is run. The folder is written
+    /// beside OUT and moved into place only once it loads.
+    Convert {
+        /// The fairseq checkpoint.
+        checkpoint: PathBuf,
+        /// The fairseq dictionary (dict.ltr.txt, dict.phn.txt) a finetuned or S3-Router model's
+        /// labels come from: <pad> (blank), <s>, </s>, <unk>, then its symbols.
+        #[arg(long)]
+        dict: Option<PathBuf>,
+        /// The new folder.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Score hypotheses against references: WER and CER, sclite style.
     ///
     /// Substitution / deletion / insertion counts per rate. Each file holds one transcript per
@@ -1138,6 +1162,24 @@ fn run(cli: Cli, demo_flags: &[demo::Word]) -> Result<()> {
             };
             vocab.save(&out)?;
             println!("{}: {} tokens, blank <pad> = 0", out.display(), vocab.len());
+            Ok(())
+        }
+        Command::Convert { checkpoint, dict, out } => {
+            let c = fairseq::convert(&checkpoint, dict.as_deref(), &out)?;
+            let what = match &c.kind {
+                fairseq::Kind::Pretrained => "pretrained encoder".to_string(),
+                fairseq::Kind::Finetuned { classes } => format!("CTC model with {classes} labels"),
+                fairseq::Kind::S3Router { sparsity, masked, .. } => {
+                    format!("S3-Router encoder; {masked} matrices masked at sparsity {sparsity:.4}")
+                }
+            };
+            println!("{}: {what}, {} tensors", out.display(), c.tensors);
+            if !c.dropped.is_empty() {
+                println!("left out {} pretraining-only tensors ({}, ...)", c.dropped.len(), c.dropped[0]);
+            }
+            if let fairseq::Kind::S3Router { masks, .. } = &c.kind {
+                println!("masks: {}  (engine infer --model {} --masks {} AUDIO)", masks.display(), out.display(), masks.display());
+            }
             Ok(())
         }
         Command::Train { recipe, file, run } => {

@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod fairseq;
 pub mod folder;
 pub mod masks;
 pub mod pickle;

@@ -1,0 +1,513 @@
+//! fairseq wav2vec 2.0 checkpoints (`.pt`), converted into Hugging Face folders.
+//!
+//! S3-Router is a fairseq fork: the models the paper masks (`wav2vec_small.pt`,
+//! `xlsr2_300m.pt`), finetuned baselines, and the runs its training writes are all fairseq
+//! checkpoints. [`convert`] reads one (`torch.save` of fairseq's training state, either PyTorch
+//! format, its configuration as a dict or an old `argparse.Namespace`) without running any of its
+//! pickled code, and writes a folder the engine and transformers load:
+//!
+//! - a pretrained model (`wav2vec2`): the encoder, pretraining-only modules (quantizer, target
+//!   projections) dropped;
+//! - a finetuned one (`wav2vec_ctc`): the encoder and the CTC head, with the vocabulary of the
+//!   `dict.ltr.txt` it was trained with;
+//! - an S3-Router one (`wav2vec_ctc_st`, `scores` beside the masked weights): the frozen encoder,
+//!   and in `masks/` a mask set ([`MaskSet`]: each matrix's top-k of |scores| at the run's
+//!   `prune_rate`, as S3-Router's `GetSubnet` takes it, the scores, the head and the vocabulary).
+//!
+//! Names follow the table of transformers' `convert_wav2vec2_original_pytorch_checkpoint_to_pytorch.py`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use memmap2::Mmap;
+
+use super::masks::{base_fingerprint, KeepFlags, MaskSet};
+use super::pickle::{Calls, Value};
+use super::torch_bin::TorchFile;
+use super::vocab::Vocab;
+use crate::backend::cpu::CpuBackend;
+use crate::fsio::{atomic_write, write_f32_safetensors};
+use crate::model::checkpoint::Checkpoint;
+use crate::model::Wav2Vec2;
+use crate::router::top_k_mask;
+use crate::tensor::{HostBytes, Tensor};
+
+/// What kind of checkpoint was converted, and what came out.
+#[derive(Debug)]
+pub struct Converted {
+    pub kind: Kind,
+    /// Tensors written into the model folder.
+    pub tensors: usize,
+    /// The fairseq tensors left out (pretraining-only modules).
+    pub dropped: Vec<String>,
+}
+
+#[derive(Debug, PartialEq)]
+pub enum Kind {
+    Pretrained,
+    /// A CTC model with a head of `classes` outputs.
+    Finetuned {
+        classes: usize,
+    },
+    /// S3-Router: masks at `sparsity` over `masked` matrices, written to `masks`.
+    S3Router {
+        sparsity: f64,
+        masked: usize,
+        masks: PathBuf,
+    },
+}
+
+/// Where a fairseq tensor goes.
+enum Target {
+    /// The Hugging Face tensor of this name.
+    Tensor(String),
+    /// The S3-Router scores of this Hugging Face weight.
+    Scores(String),
+    /// A pretraining-only module.
+    Drop,
+}
+
+/// The Hugging Face name of an encoder tensor under fairseq's `name` (finetuned prefix removed).
+fn target(name: &str) -> Option<Target> {
+    const PRETRAINING_ONLY: [&str; 5] = ["quantizer.", "project_q.", "final_proj.", "target_glu.", "input_quantizer."];
+    /// Parameters of a linear, conv or norm, and of the weight-normed positional conv.
+    const PARAMS: [&str; 6] =
+        ["weight", "bias", "weight_g", "weight_v", "parametrizations.weight.original0", "parametrizations.weight.original1"];
+    if PRETRAINING_ONLY.iter().any(|p| name.starts_with(p)) {
+        return Some(Target::Drop);
+    }
+    if name == "mask_emb" {
+        return Some(Target::Tensor("wav2vec2.masked_spec_embed".to_string()));
+    }
+    if let Some(module) = name.strip_suffix(".scores") {
+        return Some(Target::Scores(format!("wav2vec2.{}.weight", module_target(module)?)));
+    }
+    let (module, param) = PARAMS.iter().find_map(|p| Some((name.strip_suffix(p)?.strip_suffix('.')?, p)))?;
+    Some(Target::Tensor(format!("wav2vec2.{}.{param}", module_target(module)?)))
+}
+
+/// The Hugging Face module (under `wav2vec2.`) of the fairseq encoder module `module`.
+fn module_target(module: &str) -> Option<String> {
+    Some(if let Some(rest) = module.strip_prefix("feature_extractor.conv_layers.") {
+        // Sequential(conv, dropout, norm, GELU); in layer-norm mode the norm is
+        // Sequential(transpose, LayerNorm, transpose).
+        match rest.split_once('.')? {
+            (layer, "0") => format!("feature_extractor.conv_layers.{layer}.conv"),
+            (layer, "2" | "2.1") => format!("feature_extractor.conv_layers.{layer}.layer_norm"),
+            _ => return None,
+        }
+    } else if module == "encoder.pos_conv.0" {
+        "encoder.pos_conv_embed.conv".to_string()
+    } else if let Some(rest) = module.strip_prefix("encoder.layers.") {
+        let (layer, sub) = rest.split_once('.')?;
+        let sub = match sub {
+            "self_attn_layer_norm" => "layer_norm",
+            "self_attn.q_proj" => "attention.q_proj",
+            "self_attn.k_proj" => "attention.k_proj",
+            "self_attn.v_proj" => "attention.v_proj",
+            "self_attn.out_proj" => "attention.out_proj",
+            "fc1" => "feed_forward.intermediate_dense",
+            "fc2" => "feed_forward.output_dense",
+            "final_layer_norm" => "final_layer_norm",
+            _ => return None,
+        };
+        format!("encoder.layers.{layer}.{sub}")
+    } else {
+        match module {
+            "post_extract_proj" => "feature_projection.projection",
+            "layer_norm" => "feature_projection.layer_norm",
+            "encoder.layer_norm" => "encoder.layer_norm",
+            _ => return None,
+        }
+        .to_string()
+    })
+}
+
+/// The settings of the run that wrote the checkpoint.
+struct Run<'a> {
+    /// The model's settings (`cfg.model`, or the old flat `args`).
+    model: &'a Value,
+    /// The wav2vec 2.0 architecture's settings: the model's own, or for a finetuned model those
+    /// of the pretrained one it wraps (`w2v_args`).
+    arch: &'a Value,
+    /// The model's registered name (`_name`, or the old `arch`).
+    name: String,
+    /// Whether the task normalised the audio.
+    normalize: bool,
+}
+
+fn present<'a>(v: &'a Value, name: &str) -> Option<&'a Value> {
+    v.field(name).filter(|v| **v != Value::None)
+}
+
+impl<'a> Run<'a> {
+    fn of(root: &'a Value, p: &str) -> Result<Run<'a>> {
+        let (model, task) = if let Some(cfg) = present(root, "cfg") {
+            (present(cfg, "model").with_context(|| format!("{p}: \"cfg\" has no \"model\" settings"))?, present(cfg, "task"))
+        } else if let Some(args) = present(root, "args") {
+            (args, Some(args))
+        } else {
+            bail!("{p}: neither \"cfg\" nor \"args\" in the checkpoint (not a fairseq checkpoint)")
+        };
+        let name = ["_name", "arch"]
+            .iter()
+            .find_map(|k| present(model, k).and_then(text))
+            .with_context(|| format!("{p}: the model settings do not name the model"))?
+            .to_string();
+        let arch = match present(model, "w2v_args") {
+            // A whole run's settings (a dict with "model"), or an old flat Namespace.
+            Some(w2v) => present(w2v, "model").unwrap_or(w2v),
+            None => model,
+        };
+        let normalize = task.and_then(|t| present(t, "normalize")).or_else(|| present(model, "normalize"));
+        let normalize = match normalize {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(other) => bail!("{p}: \"normalize\" is {other:?}, not true or false"),
+        };
+        Ok(Run { model, arch, name, normalize })
+    }
+}
+
+/// A string setting; an enum member pickled by value (`ChoiceEnum("layer_norm")`) too.
+fn text(v: &Value) -> Option<&str> {
+    match v {
+        Value::Str(s) => Some(s),
+        Value::Object { args, .. } => match args.as_slice() {
+            [Value::Str(s)] => Some(s),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Typed reads of fairseq settings, with `Wav2Vec2Config`'s defaults for those an older
+/// checkpoint lacks.
+struct Settings<'a> {
+    v: &'a Value,
+    p: &'a str,
+}
+
+impl Settings<'_> {
+    fn int(&self, name: &str, default: usize) -> Result<usize> {
+        match present(self.v, name) {
+            None => Ok(default),
+            Some(Value::Int(i)) if *i > 0 => Ok(*i as usize),
+            Some(other) => bail!("{}: setting \"{name}\" is {other:?}, not a positive integer", self.p),
+        }
+    }
+
+    fn flag(&self, name: &str, default: bool) -> Result<bool> {
+        match present(self.v, name) {
+            None => Ok(default),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(other) => bail!("{}: setting \"{name}\" is {other:?}, not true or false", self.p),
+        }
+    }
+
+    fn float(&self, name: &str) -> Result<Option<f64>> {
+        match present(self.v, name) {
+            None => Ok(None),
+            Some(Value::Float(x)) => Ok(Some(*x)),
+            Some(Value::Int(i)) => Ok(Some(*i as f64)),
+            Some(other) => bail!("{}: setting \"{name}\" is {other:?}, not a number", self.p),
+        }
+    }
+
+    fn text(&self, name: &str, default: &str) -> Result<String> {
+        match present(self.v, name) {
+            None => Ok(default.to_string()),
+            Some(v) => Ok(text(v).with_context(|| format!("{}: setting \"{name}\" is {v:?}, not a string", self.p))?.to_string()),
+        }
+    }
+}
+
+/// fairseq's `conv_feature_layers`, a Python expression of (dim, kernel, stride) tuples such as
+/// `[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512,2,2)] * 2`: sums of lists, each optionally
+/// repeated.
+pub fn conv_layers(expr: &str) -> Result<Vec<(usize, usize, usize)>> {
+    let bad = || format!("conv_feature_layers {expr:?} is not a sum of lists of (dim, kernel, stride) tuples");
+    let mut out = Vec::new();
+    for term in expr.split('+') {
+        let (list, times) = match term.rsplit_once('*') {
+            Some((list, n)) => (list, n.trim().parse::<usize>().with_context(bad)?),
+            None => (term, 1),
+        };
+        let inner = list.trim().strip_prefix('[').and_then(|l| l.strip_suffix(']')).with_context(bad)?;
+        let mut tuples = Vec::new();
+        for tuple in inner.split(')').map(str::trim).filter(|t| !t.is_empty()) {
+            let nums = tuple.trim_start_matches(',').trim().strip_prefix('(').with_context(bad)?;
+            let nums: Vec<usize> = nums.split(',').map(|n| n.trim().parse::<usize>()).collect::<Result<_, _>>().ok().with_context(bad)?;
+            let [dim, kernel, stride] = nums[..] else { bail!(bad()) };
+            ensure!(dim > 0 && kernel > 0 && stride > 0, bad());
+            tuples.push((dim, kernel, stride));
+        }
+        for _ in 0..times {
+            out.extend_from_slice(&tuples);
+        }
+    }
+    ensure!(!out.is_empty(), bad());
+    Ok(out)
+}
+
+/// The Hugging Face `config.json` of the architecture `arch` describes, with a head of
+/// `classes` outputs whose blank is `blank` (the encoder alone: `None`).
+fn hf_config(arch: &Settings, head: Option<(usize, usize)>) -> Result<serde_json::Value> {
+    let p = arch.p;
+    let layer_type = arch.text("layer_type", "transformer")?;
+    ensure!(layer_type == "transformer", "{p}: layer_type {layer_type:?} (wav2vec2-conformer) is not supported");
+    let depth = arch.int("pos_conv_depth", 1)?;
+    ensure!(depth == 1, "{p}: pos_conv_depth {depth} (a stack of positional convs) is not supported in wav2vec2");
+    let act = arch.text("activation_fn", "gelu")?;
+    ensure!(act == "gelu", "{p}: activation_fn {act:?} is not supported (only gelu)");
+    let norm = match arch.text("extractor_mode", "default")?.as_str() {
+        "default" => "group",
+        "layer_norm" => "layer",
+        other => bail!("{p}: extractor_mode {other:?} (expected \"default\" or \"layer_norm\")"),
+    };
+    let conv = conv_layers(&arch.text("conv_feature_layers", "[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512,2,2)] + [(512,2,2)]")?)
+        .with_context(|| p.to_string())?;
+    let (classes, blank) = head.unwrap_or((32, 0));
+    Ok(serde_json::json!({
+        "model_type": "wav2vec2",
+        "architectures": [if head.is_some() { "Wav2Vec2ForCTC" } else { "Wav2Vec2Model" }],
+        "conv_dim": conv.iter().map(|c| c.0).collect::<Vec<_>>(),
+        "conv_kernel": conv.iter().map(|c| c.1).collect::<Vec<_>>(),
+        "conv_stride": conv.iter().map(|c| c.2).collect::<Vec<_>>(),
+        "conv_bias": arch.flag("conv_bias", false)?,
+        "feat_extract_norm": norm,
+        "feat_extract_activation": "gelu",
+        "do_stable_layer_norm": arch.flag("layer_norm_first", false)?,
+        "hidden_size": arch.int("encoder_embed_dim", 768)?,
+        "num_hidden_layers": arch.int("encoder_layers", 12)?,
+        "num_attention_heads": arch.int("encoder_attention_heads", 12)?,
+        "intermediate_size": arch.int("encoder_ffn_embed_dim", 3072)?,
+        "hidden_act": "gelu",
+        "num_conv_pos_embeddings": arch.int("conv_pos", 128)?,
+        "num_conv_pos_embedding_groups": arch.int("conv_pos_groups", 16)?,
+        "layer_norm_eps": 1e-5,
+        "vocab_size": classes,
+        "pad_token_id": blank,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }))
+}
+
+/// S3-Router's masking settings: the fraction of weights kept (`prune_rate`) and whether
+/// attention stays unmasked (`fix_attn`).
+fn s3router_keep(model: &Settings) -> Result<(f64, bool)> {
+    let p = model.p;
+    for per_layer in ["layerwise_prune_rate", "fc_attn_prune_rate"] {
+        if let Some(v) = present(model.v, per_layer).filter(|v| !matches!(v, Value::List(l) | Value::Tuple(l) if l.is_empty())) {
+            bail!("{p}: {per_layer} = {v:?}: masks of several keep ratios in one set are not supported");
+        }
+    }
+    let keep = model.float("prune_rate")?.with_context(|| format!("{p}: an S3-Router checkpoint without \"prune_rate\""))?;
+    ensure!(keep > 0.0 && keep <= 1.0, "{p}: prune_rate {keep} (the fraction of weights kept) is outside (0, 1]");
+    Ok((keep, model.flag("fix_attn", false)?))
+}
+
+/// Converts the fairseq checkpoint `pt` into the new folder `out` (see the module docs). A
+/// finetuned or S3-Router checkpoint needs the fairseq dictionary `dict` its labels came from.
+pub fn convert(pt: &Path, dict: Option<&Path>, out: &Path) -> Result<Converted> {
+    let p = pt.display().to_string();
+    ensure!(
+        !out.exists() || std::fs::read_dir(out).map(|mut d| d.next().is_none()).unwrap_or(false),
+        "{}: exists and is not an empty folder; choose a new one",
+        out.display()
+    );
+    let file = std::fs::File::open(pt).with_context(|| format!("cannot open {p}"))?;
+    // SAFETY: read-only mapping of a file we do not modify (as in Checkpoint::open).
+    let map = std::sync::Arc::new(unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {p}"))?);
+    let torch = TorchFile::parse(&map, pt, Calls::Record)?;
+    let run = Run::of(&torch.root, &p)?;
+    ensure!(
+        run.name.starts_with("wav2vec2") || run.name.starts_with("wav2vec_ctc"),
+        "{p}: model {:?} is not a wav2vec 2.0 pretraining or CTC model (wav2vec2, wav2vec_ctc, wav2vec_ctc_st)",
+        run.name
+    );
+    let weights = present(&torch.root, "model").with_context(|| format!("{p}: no \"model\" weights in the checkpoint"))?;
+    let Value::Dict(entries) = weights else { bail!("{p}: \"model\" is not a dict of tensors") };
+
+    let mut encoder: Vec<(String, Tensor)> = Vec::new();
+    let mut scores: Vec<(String, Tensor)> = Vec::new();
+    let mut head: Vec<(String, Tensor)> = Vec::new();
+    let mut dropped = Vec::new();
+    for (key, value) in entries {
+        let Value::Str(name) = key else { bail!("{p}: a weight name that is not a string") };
+        let t = torch.tensor(name, value)?.with_context(|| format!("{p}: \"{name}\" is not a tensor"))?;
+        let bytes = HostBytes::Mapped { map: map.clone(), offset: t.offset, len: t.len };
+        let tensor = Tensor::from_host_bytes(bytes, t.dtype, &t.shape).with_context(|| format!("{p}: tensor \"{name}\""))?;
+        if let Some(part) = name.strip_prefix("w2v_encoder.proj.") {
+            head.push((format!("lm_head.{part}"), tensor));
+            continue;
+        }
+        let inner = name.strip_prefix("w2v_encoder.w2v_model.").unwrap_or(name);
+        match target(inner).with_context(|| format!("{p}: tensor \"{name}\" is not part of a wav2vec 2.0 model"))? {
+            Target::Tensor(hf) => encoder.push((hf, tensor)),
+            Target::Scores(hf) => scores.push((hf, tensor)),
+            Target::Drop => dropped.push(name.clone()),
+        }
+    }
+
+    let vocab = match (head.is_empty(), dict) {
+        (true, Some(d)) => bail!("{p}: a pretrained model has no CTC head for the labels of --dict {}", d.display()),
+        (true, None) => None,
+        (false, None) => bail!("{p}: a finetuned model: give --dict, the fairseq dict.*.txt its labels were trained with"),
+        (false, Some(d)) => Some(Vocab::from_fairseq_dict(d)?),
+    };
+    let classes = head.iter().find(|(n, _)| n == "lm_head.bias").map(|(_, t)| t.shape()[0]);
+    if let (Some(v), Some(c)) = (&vocab, classes) {
+        ensure!(
+            v.len() == c,
+            "{p}: the head has {c} outputs, but {} gives {} labels (4 specials and its symbols)",
+            dict.unwrap().display(),
+            v.len()
+        );
+    }
+    let arch = Settings { v: run.arch, p: &p };
+    let s3router = !scores.is_empty();
+    // S3-Router's folder is the frozen encoder; its head goes with the masks.
+    let folder_head = vocab.as_ref().filter(|_| !s3router).map(|v| (v.len(), v.blank()));
+    let config = hf_config(&arch, folder_head)?;
+
+    // Written beside `out`, checked, then renamed into place: no half-written folder.
+    let staging = out.with_file_name(format!(".{}.converting", out.file_name().and_then(|n| n.to_str()).unwrap_or("out")));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging).with_context(|| format!("cannot create {}", staging.display()))?;
+    let result = (|| {
+        let tensors = if s3router { encoder.len() } else { encoder.len() + head.len() };
+        let mut folder: Vec<&(String, Tensor)> = encoder.iter().collect();
+        if !s3router {
+            folder.extend(&head);
+        }
+        write_tensors(&staging.join("model.safetensors"), &folder, &[("format", "pt")])?;
+        write_json(&staging.join("config.json"), &config)?;
+        let pre = serde_json::json!({
+            "feature_extractor_type": "Wav2Vec2FeatureExtractor",
+            "feature_size": 1,
+            "sampling_rate": 16000,
+            "padding_value": 0.0,
+            "padding_side": "right",
+            "do_normalize": run.normalize,
+            "return_attention_mask": config["feat_extract_norm"] == "layer",
+        });
+        write_json(&staging.join("preprocessor_config.json"), &pre)?;
+        if let (Some(v), false) = (&vocab, s3router) {
+            v.save(&staging.join("vocab.json"))?;
+        }
+        // The folder must load: every tensor the config implies, with its shape.
+        let be = CpuBackend;
+        Wav2Vec2::load(&staging, &be).with_context(|| format!("{p}: the converted model does not load"))?;
+        let kind = if s3router {
+            let (keep, fix_attn) = s3router_keep(&Settings { v: run.model, p: &p })?;
+            let dir = staging.join("masks");
+            let masked =
+                write_mask_set(&staging, &dir, &scores, 1.0 - keep, fix_attn, &head, vocab.as_ref().expect("a head needs --dict"))?;
+            Kind::S3Router { sparsity: 1.0 - keep, masked, masks: out.join("masks") }
+        } else {
+            match classes {
+                Some(classes) => Kind::Finetuned { classes },
+                None => Kind::Pretrained,
+            }
+        };
+        Ok(Converted { kind, tensors, dropped })
+    })();
+    match result {
+        Ok(converted) => {
+            if out.exists() {
+                std::fs::remove_dir(out).with_context(|| format!("cannot replace the empty folder {}", out.display()))?;
+            }
+            std::fs::rename(&staging, out).with_context(|| format!("cannot move {} to {}", staging.display(), out.display()))?;
+            Ok(converted)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            Err(e)
+        }
+    }
+}
+
+/// The mask set of an S3-Router checkpoint in `dir`: per matrix, the top `1 - sparsity` of
+/// |scores| (FFN matrices, and attention's unless `fix_attn`), over the encoder in `model_dir`;
+/// the scores, the head and the vocabulary. Returns the number of masked matrices.
+fn write_mask_set(
+    model_dir: &Path,
+    dir: &Path,
+    scores: &[(String, Tensor)],
+    sparsity: f64,
+    fix_attn: bool,
+    head: &[(String, Tensor)],
+    vocab: &Vocab,
+) -> Result<usize> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let masked: Vec<&(String, Tensor)> = scores.iter().filter(|(n, _)| !(fix_attn && n.contains(".attention."))).collect();
+    let keep: Vec<KeepFlags> =
+        masked.iter().map(|(name, s)| Ok((name.clone(), s.shape().to_vec(), top_k_mask(&s.to_vec()?, sparsity)))).collect::<Result<_>>()?;
+    let written = Checkpoint::open_dir(model_dir)?;
+    let base = base_fingerprint(&written, keep.iter().map(|(n, shape, _)| (n.as_str(), shape.as_slice())))?;
+    MaskSet::save(dir, &keep, sparsity, Some(&base))?;
+    let all: Vec<&(String, Tensor)> = scores.iter().collect();
+    write_tensors(&dir.join("scores.safetensors"), &all, &[("sparsity", &sparsity.to_string())])?;
+    write_tensors(&dir.join("head.safetensors"), &head.iter().collect::<Vec<_>>(), &[])?;
+    vocab.save(&dir.join("vocab.json"))?;
+    Ok(masked.len())
+}
+
+fn write_tensors(path: &Path, tensors: &[&(String, Tensor)], meta: &[(&str, &str)]) -> Result<()> {
+    let values: Vec<Vec<f32>> = tensors.iter().map(|(n, t)| t.to_vec().with_context(|| n.clone())).collect::<Result<_>>()?;
+    let meta = meta.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    write_f32_safetensors(path, tensors.iter().zip(&values).map(|((n, t), v)| (n.as_str(), t.shape(), v.as_slice())), &meta)
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)?;
+    atomic_write(path, |f| std::io::Write::write_all(f, text.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conv_layer_expressions_read_as_fairseq_evaluates_them() {
+        let base = conv_layers("[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512,2,2)] + [(512,2,2)]").unwrap();
+        let want: Vec<_> = [(512, 10, 5)].into_iter().chain([(512, 3, 2); 4]).chain([(512, 2, 2); 2]).collect();
+        assert_eq!(base, want);
+        assert_eq!(conv_layers("[(8,3,1),(4,2,2)]*2").unwrap(), [(8, 3, 1), (4, 2, 2), (8, 3, 1), (4, 2, 2)]);
+        for bad in ["", "[]", "[(1, 2)]", "[(1, 2, 3)] * x", "(1,2,3)", "[(0, 2, 2)]"] {
+            assert!(conv_layers(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn fairseq_names_map_to_transformers_names() {
+        let hf = |n: &str| match target(n) {
+            Some(Target::Tensor(t)) => t,
+            Some(Target::Scores(t)) => format!("scores of {t}"),
+            Some(Target::Drop) => "dropped".into(),
+            None => "unknown".into(),
+        };
+        let cases = [
+            ("feature_extractor.conv_layers.0.0.weight", "wav2vec2.feature_extractor.conv_layers.0.conv.weight"),
+            ("feature_extractor.conv_layers.0.2.bias", "wav2vec2.feature_extractor.conv_layers.0.layer_norm.bias"),
+            ("feature_extractor.conv_layers.3.2.1.weight", "wav2vec2.feature_extractor.conv_layers.3.layer_norm.weight"),
+            ("encoder.pos_conv.0.weight_g", "wav2vec2.encoder.pos_conv_embed.conv.weight_g"),
+            ("encoder.layers.11.self_attn.out_proj.bias", "wav2vec2.encoder.layers.11.attention.out_proj.bias"),
+            ("encoder.layers.0.self_attn_layer_norm.weight", "wav2vec2.encoder.layers.0.layer_norm.weight"),
+            ("encoder.layers.2.fc2.scores", "scores of wav2vec2.encoder.layers.2.feed_forward.output_dense.weight"),
+            ("encoder.layers.2.final_layer_norm.bias", "wav2vec2.encoder.layers.2.final_layer_norm.bias"),
+            ("layer_norm.weight", "wav2vec2.feature_projection.layer_norm.weight"),
+            ("encoder.layer_norm.weight", "wav2vec2.encoder.layer_norm.weight"),
+            ("mask_emb", "wav2vec2.masked_spec_embed"),
+            ("quantizer.vars", "dropped"),
+            ("encoder.layers.0.fc1.thres", "unknown"),
+            ("encoder.layers.0.conv_module.weight", "unknown"),
+            ("encoder.layers.0.fc1.weight.extra", "unknown"),
+            ("feature_extractor.conv_layers.1.1.weight", "unknown"),
+        ];
+        for (fairseq, want) in cases {
+            assert_eq!(hf(fairseq), want, "{fairseq}");
+        }
+    }
+}
