@@ -11,6 +11,7 @@ use s3router::backend::cpu::CpuBackend;
 use s3router::data::audio;
 use s3router::mask::unpack;
 use s3router::model::checkpoint::Checkpoint;
+use s3router::model::config::Family;
 use s3router::model::fairseq::{convert, Kind};
 use s3router::model::masks::MaskSet;
 use s3router::model::preprocess::Preprocessor;
@@ -46,17 +47,29 @@ fn converted(checkpoint: &str, dict: Option<&Path>) -> (tempfile::TempDir, PathB
     (tmp, out, c.kind)
 }
 
-/// Pretrained models, base (group norm, post-LN, raw audio; saved by fairseq's trainer, a
-/// quantizer to drop) and large (layer norm in every conv, pre-LN, conv bias, normalised audio;
-/// an old `args` Namespace in PyTorch's format before 1.6), encode as fairseq encodes.
+/// Pretrained models encode as fairseq encodes: wav2vec 2.0 base (group norm, post-LN, raw
+/// audio; saved by fairseq's trainer, a quantizer to drop) and large (layer norm in every conv,
+/// pre-LN, conv bias, normalised audio; an old `args` Namespace in PyTorch's format before 1.6),
+/// HuBERT, and data2vec-audio (a stack of positional convs; its EMA teacher dropped), each
+/// stored under its family's names.
 #[test]
 fn pretrained_checkpoints_encode_as_fairseq() {
     let be = CpuBackend;
-    for (name, normalize) in [("pretrained-base", false), ("pretrained-large-legacy", true)] {
+    let cases = [
+        ("pretrained-base", false, Family::Wav2Vec2),
+        ("pretrained-large-legacy", true, Family::Wav2Vec2),
+        ("pretrained-hubert", false, Family::Hubert),
+        ("pretrained-data2vec", true, Family::Data2VecAudio),
+    ];
+    for (name, normalize, family) in cases {
         let (_tmp, out, kind) = converted(&format!("{name}.pt"), None);
         assert_eq!(kind, Kind::Pretrained);
         assert_eq!(Preprocessor::load(&out).unwrap().do_normalize, normalize, "{name}");
         let model = Wav2Vec2::load(&out, &be).unwrap();
+        assert_eq!(model.config.family, family, "{name}");
+        let stored = format!("{}.encoder.layer_norm.weight", family.prefix());
+        let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+        assert!(safetensors::SafeTensors::deserialize(&bytes).unwrap().names().contains(&stored.as_str()), "{name}: no {stored}");
         assert!(model.lm_head.is_none());
         for (u, x) in inputs(&out).iter().enumerate() {
             let (enc, _) = model.encode(&be, &[x], None).unwrap();
@@ -87,11 +100,11 @@ fn finetuned_checkpoint_gives_fairseq_logits_and_labels() {
 
 /// S3-Router checkpoints: the masks are S3-Router's own top-k of |scores| at the run's
 /// prune_rate (attention unmasked under fix_attn), and the masked model gives the logits fairseq
-/// gives with those masks applied.
+/// gives with those masks applied; over wav2vec 2.0 and over data2vec-audio (its recipe).
 #[test]
 fn s3router_checkpoints_give_their_masked_models_logits() {
     let be = CpuBackend;
-    for (name, sparsity, masked) in [("s3router-ctc", 0.1, 4), ("s3router-p", 0.7, 12)] {
+    for (name, sparsity, masked) in [("s3router-ctc", 0.1, 4), ("s3router-p", 0.7, 12), ("s3router-data2vec", 0.1, 4)] {
         let (_tmp, out, kind) = converted(&format!("{name}.pt"), Some(&dict()));
         let Kind::S3Router { sparsity: got, masked: got_masked, masks } = kind else { panic!("{name}: {kind:?}") };
         assert!((got - sparsity).abs() < 1e-12 && got_masked == masked, "{name}: {got} {got_masked}");

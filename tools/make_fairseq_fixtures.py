@@ -19,11 +19,20 @@ outputs under fairseq 0.12.2, the version those recipes pin:
   tensor beside each q/k/v/out and fc1/fc2 weight, `prune_rate` 0.9 (fraction kept) and
   `fix_attn` true (attention unmasked), as its README runs it.
 - `s3router-p.pt`: the same with `prune_rate` 0.3 and `fix_attn` false (S3-Router-P).
+- `pretrained-hubert.pt`: `HubertModel` (base architecture; label embeddings and a target
+  projection the conversion drops).
+- `pretrained-data2vec.pt`: data2vec's `Data2VecAudioModel` (layer norm in every conv, conv bias,
+  three positional convs of even kernel 4, normalised audio) with its EMA teacher under `_ema`.
+- `s3router-data2vec.pt`: S3-Router over it, as its data2vec recipe runs (`wav2vec_ctc_st` whose
+  `w2v_args` name `data2vec_audio`; prune_rate 0.9, fix_attn).
 
 `reference.safetensors` holds, per checkpoint and utterance (tests/fixtures/audio), fairseq's
 encoder output (`extract_features`) or CTC logits, the S3-Router ones with each masked weight
 multiplied by the mask `GetSubnet` makes from its scores (S3-Router's `operation_st.py`: of the
 |scores| sorted, the `int((1 - prune_rate) * numel)` smallest are dropped).
+
+The weights and references are the same on every run; the `.pt` files are not quite (the
+legacy format names storages by memory address, the trainer's stopwatch holds real time).
 
 fairseq 0.12.2 needs Python 3.10 or older (its dataclasses fail on 3.11):
 
@@ -44,6 +53,10 @@ import torch
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.models.wav2vec.wav2vec2 import Wav2Vec2Config, Wav2Vec2Model
 from fairseq.models.wav2vec.wav2vec2_asr import Wav2VecCtc, Wav2VecEncoder
+from fairseq.models.hubert.hubert import HubertConfig, HubertModel
+from fairseq.tasks.hubert_pretraining import HubertPretrainingConfig
+from fairseq.data import Dictionary
+from fairseq.examples.data2vec.models.data2vec_audio import Data2VecAudioConfig, Data2VecAudioModel
 from fairseq.logging.meters import AverageMeter, StopwatchMeter
 from omegaconf import OmegaConf
 
@@ -63,6 +76,7 @@ SMALL = dict(
 )
 BASE = dict(SMALL, extractor_mode="default", layer_norm_first=False, conv_bias=False, quantize_targets=True, latent_vars=8, final_dim=16)
 LARGE = dict(SMALL, extractor_mode="layer_norm", layer_norm_first=True, conv_bias=True, final_dim=16)
+DATA2VEC = dict(SMALL, extractor_mode="layer_norm", conv_bias=True, pos_conv_depth=3, conv_pos=12, max_update=10)
 SYMBOLS = ["|", "E", "T", "A", "O", "N", "I", "'"]
 
 
@@ -101,11 +115,11 @@ def pretrained(arch, gen):
     return model
 
 
-def full_cfg(model_cfg, normalize):
+def full_cfg(model_cfg, normalize, config=Wav2Vec2Config, name="wav2vec2"):
     """A training run's whole configuration, as `fairseq-hydra-train` holds it."""
     cfg = convert_namespace_to_omegaconf(argparse.Namespace(task="audio_pretraining", arch="wav2vec2", data="/data", normalize=normalize))
-    cfg.model = OmegaConf.merge(OmegaConf.structured(Wav2Vec2Config), model_cfg)
-    cfg.model._name = "wav2vec2"
+    cfg.model = OmegaConf.merge(OmegaConf.structured(config), model_cfg)
+    cfg.model._name = name
     cfg.task.normalize = normalize
     return cfg
 
@@ -136,10 +150,16 @@ def trainer_state(cfg, model):
     }
 
 
-def ctc_run(base_cfg):
+def plain_state(cfg, model):
+    """A checkpoint saved without optimiser state (`checkpoint.no_save_optimizer_state`)."""
+    container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    return {"args": None, "cfg": container, "model": model.state_dict(), "optimizer_history": [], "extra_state": {}}
+
+
+def ctc_run(base_cfg, normalize=False):
     """The configuration of a finetuning run over the model `base_cfg` describes, as
     `fairseq-hydra-train` holds it: the pretraining run's under `model.w2v_args`."""
-    args = argparse.Namespace(task="audio_finetuning", arch="wav2vec_ctc", data="/data", w2v_path="unused.pt", labels="ltr", normalize=False)
+    args = argparse.Namespace(task="audio_finetuning", arch="wav2vec_ctc", data="/data", w2v_path="unused.pt", labels="ltr", normalize=normalize)
     run = convert_namespace_to_omegaconf(args)
     run.model.w2v_args = base_cfg
     return run
@@ -165,6 +185,43 @@ def logits(model, x):
 def encoder_out(model, x):
     with torch.no_grad():
         return model.extract_features(x[None], padding_mask=None, mask=False)["x"][0].contiguous()
+
+
+def labels(n):
+    """A fairseq Dictionary of `n` cluster labels (HuBERT's targets)."""
+    d = Dictionary()
+    for i in range(n):
+        d.add_symbol(str(i))
+    return d
+
+
+def s3router(name, ctc, run, classes, prune_rate, fix_attn, gen, audio, ref):
+    """Saves `ctc` (run settings `run`) as S3-Router's `wav2vec_ctc_st` stores it, with random
+    scores beside each q/k/v/out and fc1/fc2 weight, and records the logits of the model with
+    `GetSubnet`'s masks applied, and those masks."""
+    layers = len(ctc.w2v_encoder.w2v_model.encoder.layers)
+    masked_names = [f"encoder.layers.{i}.{m}" for i in range(layers) for m in ("fc1", "fc2", *(f"self_attn.{p}_proj" for p in ("q", "k", "v", "out")))]
+    state = ctc.state_dict()
+    masked = Wav2VecCtc(run.model, Wav2VecEncoder(run.model, output_size=classes)).eval()
+    masked.load_state_dict(state)
+    masks = {}
+    for n in masked_names:
+        w = state[f"w2v_encoder.w2v_model.{n}.weight"]
+        scores = torch.empty(w.shape).uniform_(-1, 1, generator=gen) / w.shape[1] ** 0.5
+        state[f"w2v_encoder.w2v_model.{n}.scores"] = scores
+        if fix_attn and "self_attn" in n:
+            continue
+        keep = keep_mask(scores, prune_rate)
+        masks[n] = keep
+        with torch.no_grad():
+            masked.get_parameter(f"w2v_encoder.w2v_model.{n}.weight").mul_(keep)
+    checkpoint = plain_state(run, ctc) | {"model": state}
+    checkpoint["cfg"]["model"] |= {"_name": "wav2vec_ctc_st", "prune_rate": prune_rate, "fix_attn": fix_attn, "init_score": "weight_rank"}
+    torch.save(checkpoint, os.path.join(OUT, f"{name}.pt"))
+    for u, x in enumerate(audio):
+        ref[f"{name}.utt{u}.logits"] = logits(masked, x)
+    for n, keep in masks.items():
+        ref[f"{name}.keep.{n}"] = keep
 
 
 def keep_mask(scores, prune_rate):
@@ -211,30 +268,31 @@ def main():
         ref[f"finetuned-ctc.utt{u}.logits"] = logits(ctc, x)
 
     # S3-Router checkpoints: scores beside the masked weights; the masked model's logits.
-    masked_names = [f"encoder.layers.{i}.{m}" for i in range(BASE["encoder_layers"]) for m in ("fc1", "fc2", *(f"self_attn.{p}_proj" for p in "qkvo"))]
-    masked_names = [n.replace("o_proj", "out_proj") for n in masked_names]
     for name, prune_rate, fix_attn in [("s3router-ctc", 0.9, True), ("s3router-p", 0.3, False)]:
-        state = ctc.state_dict()
-        masked = Wav2VecCtc(run.model, Wav2VecEncoder(run.model, output_size=classes)).eval()
-        masked.load_state_dict(state)
-        masks = {}
-        for n in masked_names:
-            w = state[f"w2v_encoder.w2v_model.{n}.weight"]
-            scores = torch.empty(w.shape).uniform_(-1, 1, generator=gen) / w.shape[1] ** 0.5
-            state[f"w2v_encoder.w2v_model.{n}.scores"] = scores
-            if fix_attn and "self_attn" in n:
-                continue
-            keep = keep_mask(scores, prune_rate)
-            masks[n] = keep
-            with torch.no_grad():
-                masked.get_parameter(f"w2v_encoder.w2v_model.{n}.weight").mul_(keep)
-        cfg = OmegaConf.to_container(run, resolve=True, enum_to_str=True)
-        cfg["model"] |= {"_name": "wav2vec_ctc_st", "prune_rate": prune_rate, "fix_attn": fix_attn, "init_score": "weight_rank"}
-        torch.save({"args": None, "cfg": cfg, "model": state, "optimizer_history": [], "extra_state": {}}, os.path.join(OUT, f"{name}.pt"))
-        for u, x in enumerate(audio):
-            ref[f"{name}.utt{u}.logits"] = logits(masked, x)
-        for n, keep in masks.items():
-            ref[f"{name}.keep.{n}"] = keep
+        s3router(name, ctc, run, classes, prune_rate, fix_attn, gen, audio, ref)
+
+    # HuBERT.
+    hubert = HubertModel(HubertConfig(**SMALL, label_rate=50, final_dim=16), HubertPretrainingConfig(label_rate=50), [labels(20)]).eval()
+    perturb(hubert, gen)
+    hubert_cfg = full_cfg(dict(SMALL, final_dim=16, label_rate=50), normalize=False, config=HubertConfig, name="hubert")
+    torch.save(plain_state(hubert_cfg, hubert), os.path.join(OUT, "pretrained-hubert.pt"))
+    for u, x in enumerate(audio):
+        with torch.no_grad():
+            ref[f"pretrained-hubert.utt{u}.encoder_out"] = hubert.extract_features(x[None], padding_mask=None, mask=False)[0][0].contiguous()
+
+    # data2vec-audio, with its EMA teacher, and S3-Router over it.
+    d2v = Data2VecAudioModel(Data2VecAudioConfig(**DATA2VEC)).eval()
+    perturb(d2v, gen)
+    d2v.make_ema_teacher()
+    d2v_cfg = full_cfg(DATA2VEC, normalize=True, config=Data2VecAudioConfig, name="data2vec_audio")
+    torch.save(plain_state(d2v_cfg, d2v), os.path.join(OUT, "pretrained-data2vec.pt"))
+    assert "_ema" in torch.load(os.path.join(OUT, "pretrained-data2vec.pt"), weights_only=False)["model"]
+    for u, x in enumerate(audio):
+        ref[f"pretrained-data2vec.utt{u}.encoder_out"] = encoder_out(d2v, normalized(x))
+    d2v.ema = None
+    d2v_run = ctc_run(d2v_cfg, normalize=True)
+    d2v_ctc = ctc_model(d2v, d2v_run.model, classes, gen)
+    s3router("s3router-data2vec", d2v_ctc, d2v_run, classes, 0.9, True, gen, [normalized(x) for x in audio], ref)
 
     safetensors.torch.save_file(ref, os.path.join(OUT, "reference.safetensors"))
     path = os.path.join(FIXTURES, "VERSIONS.json")

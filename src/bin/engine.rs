@@ -629,11 +629,13 @@ enum Command {
     /// Inspect mask sets.
     #[command(subcommand)]
     Masks(MasksCommand),
-    /// Convert a fairseq wav2vec 2.0 checkpoint (.pt) into a Hugging Face folder the engine and
-    /// transformers load: what S3-Router's own code starts from and writes.
+    /// Convert a fairseq wav2vec 2.0, HuBERT or data2vec-audio checkpoint (.pt) into a Hugging
+    /// Face folder the engine and transformers load: what S3-Router's own code starts from and
+    /// writes.
     ///
-    /// - pretrained (wav2vec_small.pt, xlsr2_300m.pt): the encoder (quantizer and other
-    ///   pretraining-only modules dropped), ready for `engine train --model OUT`;
+    /// - pretrained (wav2vec_small.pt, xlsr2_300m.pt, hubert_base_ls960.pt, data2vec's
+    ///   audio_base_ls.pt): the encoder (quantizer, target projections, label embeddings and EMA
+    ///   teacher dropped), ready for `engine train --model OUT`;
     /// - finetuned (wav2vec_ctc): encoder, CTC head and vocab.json from --dict;
     /// - S3-Router (wav2vec_ctc_st, with scores): the frozen encoder in OUT, and in OUT/masks the
     ///   mask set its scores make at the run's prune_rate (fix_attn respected), with head and

@@ -1,26 +1,32 @@
-//! fairseq wav2vec 2.0 checkpoints (`.pt`), converted into Hugging Face folders.
+//! fairseq wav2vec 2.0, HuBERT and data2vec-audio checkpoints (`.pt`), converted into Hugging
+//! Face folders.
 //!
 //! S3-Router is a fairseq fork: the models the paper masks (`wav2vec_small.pt`,
-//! `xlsr2_300m.pt`), finetuned baselines, and the runs its training writes are all fairseq
+//! `xlsr2_300m.pt`; its recipes also take `hubert_base_ls960.pt` and data2vec's
+//! `audio_base_ls.pt`), finetuned baselines, and the runs its training writes are all fairseq
 //! checkpoints. [`convert`] reads one (`torch.save` of fairseq's training state, either PyTorch
 //! format, its configuration as a dict or an old `argparse.Namespace`) without running any of its
 //! pickled code, and writes a folder the engine and transformers load:
 //!
-//! - a pretrained model (`wav2vec2`): the encoder, pretraining-only modules (quantizer, target
-//!   projections) dropped;
+//! - a pretrained model (`wav2vec2`, `hubert`, `data2vec_audio`): the encoder, pretraining-only
+//!   modules (quantizer, target projections, label embeddings, the EMA teacher) dropped;
 //! - a finetuned one (`wav2vec_ctc`): the encoder and the CTC head, with the vocabulary of the
 //!   `dict.ltr.txt` it was trained with;
 //! - an S3-Router one (`wav2vec_ctc_st`, `scores` beside the masked weights): the frozen encoder,
 //!   and in `masks/` a mask set ([`MaskSet`]: each matrix's top-k of |scores| at the run's
 //!   `prune_rate`, as S3-Router's `GetSubnet` takes it, the scores, the head and the vocabulary).
 //!
-//! Names follow the table of transformers' `convert_wav2vec2_original_pytorch_checkpoint_to_pytorch.py`.
+//! Names follow the tables of transformers' `convert_wav2vec2_original_pytorch_checkpoint_to_pytorch.py`
+//! and its HuBERT and data2vec-audio counterparts; the folder stores them under the family's
+//! prefix (`wav2vec2.`, `hubert.`, `data2vec_audio.`), the mask set under the engine's wav2vec2
+//! names, as `engine train` writes them.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 use memmap2::Mmap;
 
+use super::config::Family;
 use super::masks::{base_fingerprint, KeepFlags, MaskSet};
 use super::pickle::{Calls, Value};
 use super::torch_bin::TorchFile;
@@ -59,8 +65,10 @@ pub enum Kind {
 
 /// Where a fairseq tensor goes.
 enum Target {
-    /// The Hugging Face tensor of this name.
+    /// The Hugging Face encoder tensor of this name.
     Tensor(String),
+    /// The CTC head's tensor of this name.
+    Head(String),
     /// The S3-Router scores of this Hugging Face weight.
     Scores(String),
     /// A pretraining-only module.
@@ -69,7 +77,8 @@ enum Target {
 
 /// The Hugging Face name of an encoder tensor under fairseq's `name` (finetuned prefix removed).
 fn target(name: &str) -> Option<Target> {
-    const PRETRAINING_ONLY: [&str; 5] = ["quantizer.", "project_q.", "final_proj.", "target_glu.", "input_quantizer."];
+    const PRETRAINING_ONLY: [&str; 7] =
+        ["quantizer.", "project_q.", "final_proj.", "target_glu.", "input_quantizer.", "label_embs_concat", "_ema"];
     /// Parameters of a linear, conv or norm, and of the weight-normed positional conv.
     const PARAMS: [&str; 6] =
         ["weight", "bias", "weight_g", "weight_v", "parametrizations.weight.original0", "parametrizations.weight.original1"];
@@ -96,8 +105,14 @@ fn module_target(module: &str) -> Option<String> {
             (layer, "2" | "2.1") => format!("feature_extractor.conv_layers.{layer}.layer_norm"),
             _ => return None,
         }
-    } else if module == "encoder.pos_conv.0" {
-        "encoder.pos_conv_embed.conv".to_string()
+    } else if let Some(rest) = module.strip_prefix("encoder.pos_conv.") {
+        // One weight-normed conv: Sequential(conv, SamePad, GELU). A stack (data2vec-audio):
+        // Sequential(Sequential(conv, SamePad, transpose, LayerNorm, transpose, GELU), ...).
+        match rest.split_once('.') {
+            None if rest == "0" => "encoder.pos_conv_embed.conv".to_string(),
+            Some((layer, "0")) if layer.parse::<usize>().is_ok() => format!("encoder.pos_conv_embed.layers.{layer}.conv"),
+            _ => return None,
+        }
     } else if let Some(rest) = module.strip_prefix("encoder.layers.") {
         let (layer, sub) = rest.split_once('.')?;
         let sub = match sub {
@@ -132,6 +147,8 @@ struct Run<'a> {
     arch: &'a Value,
     /// The model's registered name (`_name`, or the old `arch`).
     name: String,
+    /// The pretrained model's family (the registered name of `arch`).
+    family: Family,
     /// Whether the task normalised the audio.
     normalize: bool,
 }
@@ -159,13 +176,20 @@ impl<'a> Run<'a> {
             Some(w2v) => present(w2v, "model").unwrap_or(w2v),
             None => model,
         };
+        let arch_name = ["_name", "arch"].iter().find_map(|k| present(arch, k).and_then(text)).unwrap_or(&name);
+        let family = match arch_name {
+            n if n.starts_with("wav2vec2") => Family::Wav2Vec2,
+            "hubert" => Family::Hubert,
+            "data2vec_audio" => Family::Data2VecAudio,
+            other => bail!("{p}: model {other:?} is not a wav2vec 2.0, HuBERT or data2vec-audio model"),
+        };
         let normalize = task.and_then(|t| present(t, "normalize")).or_else(|| present(model, "normalize"));
         let normalize = match normalize {
             None => false,
             Some(Value::Bool(b)) => *b,
             Some(other) => bail!("{p}: \"normalize\" is {other:?}, not true or false"),
         };
-        Ok(Run { model, arch, name, normalize })
+        Ok(Run { model, arch, name, family, normalize })
     }
 }
 
@@ -250,47 +274,74 @@ pub fn conv_layers(expr: &str) -> Result<Vec<(usize, usize, usize)>> {
     Ok(out)
 }
 
-/// The Hugging Face `config.json` of the architecture `arch` describes, with a head of
+/// The Hugging Face `config.json` of the `family` model `arch` describes, with a head of
 /// `classes` outputs whose blank is `blank` (the encoder alone: `None`).
-fn hf_config(arch: &Settings, head: Option<(usize, usize)>) -> Result<serde_json::Value> {
+fn hf_config(family: Family, arch: &Settings, head: Option<(usize, usize)>) -> Result<serde_json::Value> {
     let p = arch.p;
     let layer_type = arch.text("layer_type", "transformer")?;
-    ensure!(layer_type == "transformer", "{p}: layer_type {layer_type:?} (wav2vec2-conformer) is not supported");
-    let depth = arch.int("pos_conv_depth", 1)?;
-    ensure!(depth == 1, "{p}: pos_conv_depth {depth} (a stack of positional convs) is not supported in wav2vec2");
+    ensure!(layer_type == "transformer", "{p}: layer_type {layer_type:?} (conformer layers) is not supported");
     let act = arch.text("activation_fn", "gelu")?;
     ensure!(act == "gelu", "{p}: activation_fn {act:?} is not supported (only gelu)");
-    let norm = match arch.text("extractor_mode", "default")?.as_str() {
+    let extractor = arch.text("extractor_mode", "default")?;
+    let norm = match extractor.as_str() {
         "default" => "group",
         "layer_norm" => "layer",
         other => bail!("{p}: extractor_mode {other:?} (expected \"default\" or \"layer_norm\")"),
     };
+    let layer_norm_first = arch.flag("layer_norm_first", false)?;
+    let (depth, conv_pos) = (arch.int("pos_conv_depth", 1)?, arch.int("conv_pos", 128)?);
+    // data2vec-audio is one architecture: layer norm in every conv, post-LN, a stack of
+    // positional convs of kernel max(3, conv_pos / depth) (fairseq's TransformerEncoder).
+    if family == Family::Data2VecAudio {
+        ensure!(
+            norm == "layer" && !layer_norm_first && depth > 1,
+            "{p}: a data2vec_audio model with extractor_mode {extractor:?}, layer_norm_first {layer_norm_first} and \
+             pos_conv_depth {depth} is not the architecture transformers' Data2VecAudio implements (layer_norm, false, > 1)"
+        );
+    } else {
+        ensure!(depth == 1, "{p}: pos_conv_depth {depth} (a stack of positional convs) is only supported in data2vec_audio models");
+    }
     let conv = conv_layers(&arch.text("conv_feature_layers", "[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512,2,2)] + [(512,2,2)]")?)
         .with_context(|| p.to_string())?;
     let (classes, blank) = head.unwrap_or((32, 0));
-    Ok(serde_json::json!({
-        "model_type": "wav2vec2",
-        "architectures": [if head.is_some() { "Wav2Vec2ForCTC" } else { "Wav2Vec2Model" }],
+    let (model_type, bare) = match family {
+        Family::Wav2Vec2 => ("wav2vec2", "Wav2Vec2Model"),
+        Family::Hubert => ("hubert", "HubertModel"),
+        Family::Data2VecAudio => ("data2vec-audio", "Data2VecAudioModel"),
+        other => bail!("{p}: {other:?} checkpoints do not come from fairseq"),
+    };
+    let mut config = serde_json::json!({
+        "model_type": model_type,
+        "architectures": [if head.is_some() { family.ctc_class() } else { bare }],
         "conv_dim": conv.iter().map(|c| c.0).collect::<Vec<_>>(),
         "conv_kernel": conv.iter().map(|c| c.1).collect::<Vec<_>>(),
         "conv_stride": conv.iter().map(|c| c.2).collect::<Vec<_>>(),
         "conv_bias": arch.flag("conv_bias", false)?,
         "feat_extract_norm": norm,
         "feat_extract_activation": "gelu",
-        "do_stable_layer_norm": arch.flag("layer_norm_first", false)?,
+        "do_stable_layer_norm": layer_norm_first,
         "hidden_size": arch.int("encoder_embed_dim", 768)?,
         "num_hidden_layers": arch.int("encoder_layers", 12)?,
         "num_attention_heads": arch.int("encoder_attention_heads", 12)?,
         "intermediate_size": arch.int("encoder_ffn_embed_dim", 3072)?,
         "hidden_act": "gelu",
-        "num_conv_pos_embeddings": arch.int("conv_pos", 128)?,
+        "num_conv_pos_embeddings": conv_pos,
         "num_conv_pos_embedding_groups": arch.int("conv_pos_groups", 16)?,
         "layer_norm_eps": 1e-5,
         "vocab_size": classes,
         "pad_token_id": blank,
         "bos_token_id": 1,
         "eos_token_id": 2,
-    }))
+    });
+    match family {
+        Family::Hubert => config["feat_proj_layer_norm"] = true.into(),
+        Family::Data2VecAudio => {
+            config["num_conv_pos_embeddings"] = depth.into();
+            config["conv_pos_kernel_size"] = (conv_pos / depth).max(3).into();
+        }
+        _ => {}
+    }
+    Ok(config)
 }
 
 /// S3-Router's masking settings: the fraction of weights kept (`prune_rate`) and whether
@@ -321,11 +372,6 @@ pub fn convert(pt: &Path, dict: Option<&Path>, out: &Path) -> Result<Converted> 
     let map = std::sync::Arc::new(unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {p}"))?);
     let torch = TorchFile::parse(&map, pt, Calls::Record)?;
     let run = Run::of(&torch.root, &p)?;
-    ensure!(
-        run.name.starts_with("wav2vec2") || run.name.starts_with("wav2vec_ctc"),
-        "{p}: model {:?} is not a wav2vec 2.0 pretraining or CTC model (wav2vec2, wav2vec_ctc, wav2vec_ctc_st)",
-        run.name
-    );
     let weights = present(&torch.root, "model").with_context(|| format!("{p}: no \"model\" weights in the checkpoint"))?;
     let Value::Dict(entries) = weights else { bail!("{p}: \"model\" is not a dict of tensors") };
 
@@ -335,19 +381,26 @@ pub fn convert(pt: &Path, dict: Option<&Path>, out: &Path) -> Result<Converted> 
     let mut dropped = Vec::new();
     for (key, value) in entries {
         let Value::Str(name) = key else { bail!("{p}: a weight name that is not a string") };
+        let inner = name.strip_prefix("w2v_encoder.w2v_model.").unwrap_or(name);
+        let what = || format!("{p}: tensor \"{name}\" is not part of a {:?} encoder (model {:?})", run.family, run.name);
+        let to = match name.strip_prefix("w2v_encoder.proj.") {
+            Some(part) => Target::Head(format!("lm_head.{part}")),
+            None => target(inner).with_context(what)?,
+        };
+        let (into, hf) = match to {
+            Target::Head(hf) => (&mut head, hf),
+            Target::Tensor(hf) => (&mut encoder, hf),
+            Target::Scores(hf) => (&mut scores, hf),
+            // Not read at all: data2vec's EMA teacher (`_ema`) is a dict, not a tensor.
+            Target::Drop => {
+                dropped.push(name.clone());
+                continue;
+            }
+        };
         let t = torch.tensor(name, value)?.with_context(|| format!("{p}: \"{name}\" is not a tensor"))?;
         let bytes = HostBytes::Mapped { map: map.clone(), offset: t.offset, len: t.len };
         let tensor = Tensor::from_host_bytes(bytes, t.dtype, &t.shape).with_context(|| format!("{p}: tensor \"{name}\""))?;
-        if let Some(part) = name.strip_prefix("w2v_encoder.proj.") {
-            head.push((format!("lm_head.{part}"), tensor));
-            continue;
-        }
-        let inner = name.strip_prefix("w2v_encoder.w2v_model.").unwrap_or(name);
-        match target(inner).with_context(|| format!("{p}: tensor \"{name}\" is not part of a wav2vec 2.0 model"))? {
-            Target::Tensor(hf) => encoder.push((hf, tensor)),
-            Target::Scores(hf) => scores.push((hf, tensor)),
-            Target::Drop => dropped.push(name.clone()),
-        }
+        into.push((hf, tensor));
     }
 
     let vocab = match (head.is_empty(), dict) {
@@ -369,7 +422,7 @@ pub fn convert(pt: &Path, dict: Option<&Path>, out: &Path) -> Result<Converted> 
     let s3router = !scores.is_empty();
     // S3-Router's folder is the frozen encoder; its head goes with the masks.
     let folder_head = vocab.as_ref().filter(|_| !s3router).map(|v| (v.len(), v.blank()));
-    let config = hf_config(&arch, folder_head)?;
+    let config = hf_config(run.family, &arch, folder_head)?;
 
     // Written beside `out`, checked, then renamed into place: no half-written folder.
     let staging = out.with_file_name(format!(".{}.converting", out.file_name().and_then(|n| n.to_str()).unwrap_or("out")));
@@ -377,7 +430,13 @@ pub fn convert(pt: &Path, dict: Option<&Path>, out: &Path) -> Result<Converted> 
     std::fs::create_dir_all(&staging).with_context(|| format!("cannot create {}", staging.display()))?;
     let result = (|| {
         let tensors = if s3router { encoder.len() } else { encoder.len() + head.len() };
-        let mut folder: Vec<&(String, Tensor)> = encoder.iter().collect();
+        // The family's own names (the engine's are wav2vec2's; see crate::model::checkpoint).
+        let prefix = format!("{}.", run.family.prefix());
+        let stored: Vec<(String, Tensor)> = encoder
+            .iter()
+            .map(|(n, t)| (n.strip_prefix("wav2vec2.").map_or(n.clone(), |rest| format!("{prefix}{rest}")), t.clone()))
+            .collect();
+        let mut folder: Vec<&(String, Tensor)> = stored.iter().collect();
         if !s3router {
             folder.extend(&head);
         }
@@ -483,7 +542,7 @@ mod tests {
     #[test]
     fn fairseq_names_map_to_transformers_names() {
         let hf = |n: &str| match target(n) {
-            Some(Target::Tensor(t)) => t,
+            Some(Target::Tensor(t) | Target::Head(t)) => t,
             Some(Target::Scores(t)) => format!("scores of {t}"),
             Some(Target::Drop) => "dropped".into(),
             None => "unknown".into(),
@@ -493,6 +552,9 @@ mod tests {
             ("feature_extractor.conv_layers.0.2.bias", "wav2vec2.feature_extractor.conv_layers.0.layer_norm.bias"),
             ("feature_extractor.conv_layers.3.2.1.weight", "wav2vec2.feature_extractor.conv_layers.3.layer_norm.weight"),
             ("encoder.pos_conv.0.weight_g", "wav2vec2.encoder.pos_conv_embed.conv.weight_g"),
+            ("encoder.pos_conv.2.0.bias", "wav2vec2.encoder.pos_conv_embed.layers.2.conv.bias"),
+            ("encoder.pos_conv.1.3.weight", "unknown"),
+            ("label_embs_concat", "dropped"),
             ("encoder.layers.11.self_attn.out_proj.bias", "wav2vec2.encoder.layers.11.attention.out_proj.bias"),
             ("encoder.layers.0.self_attn_layer_norm.weight", "wav2vec2.encoder.layers.0.layer_norm.weight"),
             ("encoder.layers.2.fc2.scores", "scores of wav2vec2.encoder.layers.2.feed_forward.output_dense.weight"),
