@@ -200,3 +200,23 @@ fn bad_conversions_are_refused_and_leave_nothing() {
     fails_with(&run(&fairseq("pretrained-base.pt"), None), "not an empty folder");
     assert_eq!(std::fs::read_to_string(out.join("keep.txt")).unwrap(), "mine");
 }
+
+/// Damaged checkpoints, cut short or with bytes changed anywhere (pickles, zip directory,
+/// storage headers), give an error or a folder, never a panic; in both PyTorch formats.
+#[test]
+fn damaged_checkpoints_never_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["pretrained-large-legacy.pt", "finetuned-ctc.pt"] {
+        let bytes = std::fs::read(fairseq(name)).unwrap();
+        let damaged = tmp.path().join(name);
+        let step = bytes.len() / 120;
+        for (i, at) in (0..bytes.len()).step_by(step).enumerate() {
+            for variant in [&bytes[..at], &[&bytes[..at], &[bytes[at] ^ 0x5a], &bytes[at + 1..]].concat()] {
+                std::fs::write(&damaged, variant).unwrap();
+                let out = tmp.path().join(format!("out{i}"));
+                let _ = convert(&damaged, Some(&dict()), &out);
+                let _ = std::fs::remove_dir_all(&out);
+            }
+        }
+    }
+}
