@@ -88,7 +88,8 @@ pub fn evaluate(
         let (logits, seqs) = rec.model.logits(rec.backend, &inputs, None)?;
         if batch.iter().all(|p| p.windows == 1) {
             let files: Vec<(usize, usize)> = batch.iter().map(|p| (p.index, 1)).collect();
-            loss_sum += score_files(rec, &files, &logits, &seqs, labels, &mut report)?;
+            let host = rec.backend.to_host(&logits)?.to_vec()?;
+            loss_sum += score_files(rec, &files, (&logits, &host), &seqs, labels, &mut report)?;
         } else {
             // Windows: stitch on the host, score the files this batch finished.
             let host = rec.backend.to_host(&logits)?.to_vec()?;
@@ -104,8 +105,9 @@ pub fn evaluate(
             if files.is_empty() {
                 continue;
             }
-            let logits = rec.backend.upload(&Tensor::from_vec(rows, &[frames.iter().sum(), vocab]))?;
-            loss_sum += score_files(rec, &files, &logits, &Seqs::new(frames), labels, &mut report)?;
+            let stitched = Tensor::from_vec(rows, &[frames.iter().sum(), vocab]);
+            let logits = rec.backend.upload(&stitched)?;
+            loss_sum += score_files(rec, &files, (&logits, stitched.f32s()?), &Seqs::new(frames), labels, &mut report)?;
         }
         progress(report.utterances, total);
     }
@@ -114,12 +116,12 @@ pub fn evaluate(
 }
 
 /// Scores whole utterances `files` ((index in the dataset, windows it ran in)) from their
-/// logits `[frames, vocab]` packed by `seqs` on the recogniser's backend; returns their summed
-/// CTC loss.
+/// logits `[frames, vocab]` packed by `seqs`, on the recogniser's backend and their host copy
+/// (the loss runs on the backend, decoding on the host); returns their summed CTC loss.
 fn score_files(
     rec: &Recognizer,
     files: &[(usize, usize)],
-    logits: &Tensor,
+    (logits, host): (&Tensor, &[f32]),
     seqs: &Seqs,
     labels: &Labels,
     report: &mut EvalReport,
@@ -129,8 +131,7 @@ fn score_files(
     report.infeasible += refs.iter().zip(seqs.lens()).filter(|(r, &n)| min_frames(r) > n).count();
     let targets = CtcTargets { labels: refs, blank, zero_infinity: true };
     let losses = ctc_loss(rec.backend, logits, seqs, &targets, Reduction::Sum)?.losses;
-    let host = rec.backend.to_host(logits)?.to_vec()?;
-    let decoded = rec.decoding.decoder.decode_batch(&host, seqs, vocab, blank);
+    let decoded = rec.decoding.decoder.decode_batch(host, seqs, vocab, blank);
     for (((&(index, windows), reference), ids), &loss) in files.iter().zip(&targets.labels).zip(decoded).zip(&losses) {
         let hypothesis = canonical(ids.into_iter().filter(|&i| rec.vocab.is_content(i)).collect(), delimiter);
         let (wer, cer, uer) = score(reference, &hypothesis, delimiter);
