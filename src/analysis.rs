@@ -262,7 +262,9 @@ mod tests {
             masks: PackedMasks::from([("w".to_string(), (vec![2, 4], vec![0b1011_0110]))]),
             sparsity: Some(0.5),
             base: Some(base.to_string()),
+            target_lang: None,
             head: None,
+            blank: None,
         };
         assert!(compare(&[("a".into(), set("00ff")), ("b".into(), set("00ff"))]).is_ok());
         let e = compare(&[("a".into(), set("00ff")), ("b".into(), set("ff00"))]).unwrap_err().to_string();

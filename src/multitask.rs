@@ -87,19 +87,25 @@ impl<'a> MultiRecognizer<'a> {
         // The frozen weights as stored, for each task's base fingerprint (mapped, read once each).
         let ck = Checkpoint::open_dir(dir)?;
         let model_bytes = weights_bytes(dir)?;
-        // The blank as the single-mask path has it: the model's pad token.
-        let blank = model.config.pad_token_id;
         let mut loaded = Vec::new();
         for (name, mask_dir) in tasks {
             ensure!(loaded.iter().all(|t: &Task| &t.name != name), "--masks {name}= is given twice");
             let set = MaskSet::load(mask_dir).with_context(|| format!("task {name}"))?;
+            if let Some(lang) = &set.target_lang {
+                bail!(
+                    "task {name}: {} was learned with --target-lang {lang}; several tasks share the default adapters (run it alone)",
+                    mask_dir.display()
+                );
+            }
             let masks = TaskMasks::prepare(&set, &model, backend).with_context(|| format!("task {name}"))?;
             set.check_base(&ck, dir).with_context(|| format!("task {name}"))?;
             let (head, vocab, head_bytes) = match &set.head {
                 Some((w, b)) => {
+                    // The blank as the single-mask path has it: the head's, else the model's pad token.
+                    let blank = set.blank.unwrap_or(model.config.pad_token_id);
                     let vocab_path =
                         set.vocab_path().with_context(|| format!("task {name}: {} has a head but no vocab.json", mask_dir.display()))?;
-                    ensure!(blank < b.numel(), "task {name}: the head has {} outputs but the model's pad_token_id is {blank}", b.numel());
+                    ensure!(blank < b.numel(), "task {name}: the head has {} outputs but its blank is {blank}", b.numel());
                     let vocab = Vocab::load(&vocab_path, b.numel(), blank).with_context(|| format!("task {name}"))?;
                     let head = Linear::prepared(backend.prepare_linear_weight(w)?, backend.upload(b)?);
                     (head, vocab, (w.numel() + b.numel()) * 4)

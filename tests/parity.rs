@@ -213,7 +213,7 @@ fn saved_mask_sets_load_back() {
     let dir = tempfile::tempdir().unwrap();
     let keep: Vec<bool> = (0..50 * 36).map(|i| i % 7 != 0).collect();
     let name = "wav2vec2.encoder.layers.1.feed_forward.intermediate_dense.weight".to_string();
-    MaskSet::save(dir.path(), &[(name.clone(), vec![50, 36], keep.clone())], 0.143, None).unwrap();
+    MaskSet::save(dir.path(), &[(name.clone(), vec![50, 36], keep.clone())], 0.143, &Default::default()).unwrap();
     let back = MaskSet::load(dir.path()).unwrap();
     let (shape, bits) = &back.masks[&name];
     assert_eq!(shape, &vec![50, 36]);

@@ -620,3 +620,55 @@ fn config_replays_a_recipe_and_flags_override_it() {
 
     fails_with(&engine(&["finetune", "--config", s(&recipe), "--out", s(&tmp.path().join("ft"))]), "engine train");
 }
+
+/// MMS `--target-lang`: masks learned over language xyz's adapters record it, and `eval`,
+/// `infer` and `masks apply` run them over xyz's adapters without being told (`eval` measures the
+/// run's own validation numbers), refuse the other adapters, and refuse to share a batch with
+/// other tasks; a run over the default adapters learns over another model (other numbers).
+#[test]
+fn mms_masks_remember_their_language() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = "tests/fixtures/mms-like";
+    let train = small_manifest(tmp.path(), 4);
+    let run = |out: &Path, extra: &[&str]| {
+        let mut args = vec!["train", "--model", model, "--train", s(&train), "--valid", s(&train), "--out", s(out), "--steps", "2"];
+        args.extend(PLAIN);
+        args.extend(extra);
+        ok(&engine(&args));
+        serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(out.join("best/valid.json")).unwrap()).unwrap()
+    };
+    let (xyz, default) = (tmp.path().join("xyz"), tmp.path().join("default"));
+    let (valid_xyz, valid_default) = (run(&xyz, &["--target-lang", "xyz"]), run(&default, &[]));
+    assert_eq!(MaskSet::load(&xyz).unwrap().target_lang.as_deref(), Some("xyz"));
+    assert_eq!(MaskSet::load(&default).unwrap().target_lang, None);
+    assert_ne!(valid_xyz["loss"], valid_default["loss"], "the two runs ran the same adapters");
+    let eval = |masks: &Path, extra: &[&str]| {
+        let mut args = vec!["eval", "--model", model, "--masks", s(masks), "--data", s(&train), "--labels", "phn", "--json"];
+        args.extend(extra);
+        engine(&args)
+    };
+    for (masks, valid) in [(&default, &valid_default), (&xyz, &valid_xyz)] {
+        let e = eval(&masks.join("best"), &[]);
+        ok(&e);
+        let report: serde_json::Value = serde_json::from_slice(&e.stdout).unwrap();
+        for key in ["wer", "uer", "loss"] {
+            assert_eq!(report[key], valid[key], "{}: {key}", masks.display());
+        }
+    }
+    fails_with(&eval(&xyz, &["--target-lang", "eng"]), "learned with --target-lang xyz");
+    fails_with(&eval(&default, &["--target-lang", "xyz"]), "default adapters");
+
+    // masks apply: xyz's adapters become the folder's own.
+    let folder = tmp.path().join("applied");
+    ok(&engine(&["masks", "apply", "--model", model, "--masks", s(&xyz), "--out", s(&folder)]));
+    let wav = "tests/fixtures/corpus/en/audio/en_dev_00000.flac";
+    let applied = engine(&["infer", "--model", s(&folder), wav]);
+    let masked = engine(&["infer", "--model", model, "--masks", s(&xyz), wav]);
+    ok(&applied);
+    ok(&masked);
+    assert_eq!(applied.stdout, masked.stdout);
+
+    let tasks = [format!("x={}", xyz.display()), format!("d={}", default.display())];
+    let multi = engine(&["infer", "--model", model, "--masks", &tasks[0], "--masks", &tasks[1], &format!("{wav}@x")]);
+    fails_with(&multi, "--target-lang xyz");
+}

@@ -104,6 +104,30 @@ impl Checkpoint {
         Ok(Checkpoint { files, entries, stored_prefix })
     }
 
+    /// The weights of a model folder with MMS language `lang`'s adapters and head
+    /// (`adapter.<lang>.safetensors`, as transformers' `load_adapter` reads it) in place of the
+    /// default ones; `None`: the folder's weights as they are.
+    pub fn open_language(dir: &Path, lang: Option<&str>) -> Result<Checkpoint> {
+        let mut ck = Checkpoint::open_dir(dir)?;
+        let Some(l) = lang else { return Ok(ck) };
+        let path = dir.join(format!("adapter.{l}.safetensors"));
+        ensure!(path.is_file(), "--target-lang {l}: no {} in the model folder", path.display());
+        let language = Checkpoint::open(std::slice::from_ref(&path))?;
+        let file = ck.files.len();
+        for (name, mut entry) in language.entries {
+            ensure!(
+                ck.entries.contains_key(&name),
+                "--target-lang {l}: {} holds \"{}\", which the model does not have (not an MMS model's adapters?)",
+                path.display(),
+                entry.stored
+            );
+            entry.file = file;
+            ck.entries.insert(name, entry);
+        }
+        ck.files.extend(language.files);
+        Ok(ck)
+    }
+
     /// Names of all stored tensors (wav2vec2 names for the encoder's).
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.entries.keys().map(String::as_str)

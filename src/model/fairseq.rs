@@ -27,7 +27,7 @@ use anyhow::{bail, ensure, Context, Result};
 use memmap2::Mmap;
 
 use super::config::Family;
-use super::masks::{base_fingerprint, KeepFlags, MaskSet};
+use super::masks::{base_fingerprint, KeepFlags, MaskSet, Origin, BLANK_KEY};
 use super::pickle::{Calls, Value};
 use super::torch_bin::TorchFile;
 use super::vocab::Vocab;
@@ -505,10 +505,11 @@ fn write_mask_set(
         masked.iter().map(|(name, s)| Ok((name.clone(), s.shape().to_vec(), top_k_mask(&s.to_vec()?, sparsity)))).collect::<Result<_>>()?;
     let written = Checkpoint::open_dir(model_dir)?;
     let base = base_fingerprint(&written, keep.iter().map(|(n, shape, _)| (n.as_str(), shape.as_slice())))?;
-    MaskSet::save(dir, &keep, sparsity, Some(&base))?;
+    MaskSet::save(dir, &keep, sparsity, &Origin { base: Some(base), target_lang: None })?;
     let all: Vec<&(String, Tensor)> = scores.iter().collect();
     write_tensors(&dir.join("scores.safetensors"), &all, &[("sparsity", &sparsity.to_string())])?;
-    write_tensors(&dir.join("head.safetensors"), &head.iter().collect::<Vec<_>>(), &[])?;
+    let blank = vocab.blank().to_string();
+    write_tensors(&dir.join("head.safetensors"), &head.iter().collect::<Vec<_>>(), &[(BLANK_KEY, &blank)])?;
     vocab.save(&dir.join("vocab.json"))?;
     Ok(masked.len())
 }

@@ -13,6 +13,7 @@ use crate::model::config::Config;
 use crate::model::masks::{MaskSet, Masked};
 use crate::model::preprocess::Preprocessor;
 use crate::model::vocab::Vocab;
+use crate::model::wav2vec2::open_language;
 use crate::tensor::Tensor;
 
 /// A Hugging Face `Wav2Vec2ForCTC` (`HubertForCTC`, `Data2VecAudioForCTC`) folder that transformers and `engine
@@ -84,9 +85,9 @@ pub fn write_masked_folder(dir: &Path, source: &Path, set: &MaskSet) -> Result<u
         "{}: the folder exists and is not empty; choose a new one",
         dir.display()
     );
-    let ck = Checkpoint::open_dir(source)?;
+    // An MMS model runs with the adapters the masks were learned with; written as the defaults.
+    let (config, ck) = open_language(source, set.target_lang.as_deref())?;
     set.check_base(&ck, source)?;
-    let config = Config::load(&source.join("config.json"))?;
     // The weights as `engine infer --masks` runs them: masked, the set's head where it has one.
     let masked = Masked { inner: &ck, masks: set };
     let classes = set.head_vocab_size().unwrap_or(config.vocab_size);
@@ -100,9 +101,9 @@ pub fn write_masked_folder(dir: &Path, source: &Path, set: &MaskSet) -> Result<u
     let vocab = match set.head {
         Some(_) => {
             let path = set.vocab_path().with_context(|| format!("{}: the set has a head but no vocab.json", set.dir.display()))?;
-            Vocab::load(&path, classes, config.pad_token_id)?
+            Vocab::load(&path, classes, set.blank.unwrap_or(config.pad_token_id))?
         }
-        None => Vocab::load(&source.join("vocab.json"), classes, config.pad_token_id)?,
+        None => Vocab::load_language(&source.join("vocab.json"), set.target_lang.as_deref(), classes, config.pad_token_id)?,
     };
     let trained: Vec<(&str, Vec<usize>, &[f32])> = written.iter().map(|(n, s, v)| (*n, s.clone(), v.as_slice())).collect();
     write_model_folder(dir, source, &ck, &trained, &vocab)?;

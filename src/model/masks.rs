@@ -22,6 +22,7 @@ pub const FORMAT: &str = "s3router-masks-v1";
 
 /// Metadata key of the fingerprint of the weights a mask set was learned over.
 const BASE_KEY: &str = "base_fingerprint";
+const LANG_KEY: &str = "target_lang";
 
 /// Values of each masked weight the fingerprint reads.
 const FINGERPRINT_SAMPLES: usize = 64;
@@ -58,11 +59,37 @@ pub fn base_fingerprint<'a>(source: &dyn WeightSource, masks: impl IntoIterator<
     Ok(format!("{hash:016x}"))
 }
 
+/// The blank of the head in `head_path`: as its metadata records it, or for sets written before
+/// it did, the id of `<pad>` in the set's `vocab` (what `engine train` made the blank); `None`
+/// if neither says.
+fn head_blank(head_path: &Path, vocab: &Path) -> Result<Option<usize>> {
+    let bytes = std::fs::read(head_path).with_context(|| format!("cannot read {}", head_path.display()))?;
+    let (_, meta) =
+        SafeTensors::read_metadata(&bytes).map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file ({e})", head_path.display()))?;
+    if let Some(text) = meta.metadata().as_ref().and_then(|m| m.get(BLANK_KEY)) {
+        let blank = text.parse().with_context(|| format!("{}: blank {text:?} is not a token id", head_path.display()))?;
+        return Ok(Some(blank));
+    }
+    let Ok(text) = std::fs::read_to_string(vocab) else { return Ok(None) };
+    let json: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", vocab.display()))?;
+    Ok(json.get("<pad>").and_then(serde_json::Value::as_u64).map(|id| id as usize))
+}
+
 /// Packed masks by weight name: (weight shape, bits LSB first over the row-major weight).
 pub type PackedMasks = BTreeMap<String, (Vec<usize>, Vec<u8>)>;
 
 /// One weight's keep-flags: (name, `[out, in]` shape, one flag per weight, row-major).
 pub type KeepFlags = (String, Vec<usize>, Vec<bool>);
+
+/// What a mask set records of the model its masks were learned over.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Origin {
+    /// [`base_fingerprint`] of the masked weights, where known.
+    pub base: Option<String>,
+    /// MMS: the language whose adapters the model ran with (`--target-lang`); `None`: the
+    /// default ones in its weights.
+    pub target_lang: Option<String>,
+}
 
 pub struct MaskSet {
     pub dir: PathBuf,
@@ -71,14 +98,20 @@ pub struct MaskSet {
     pub sparsity: Option<f64>,
     /// [`base_fingerprint`] of the weights the masks were learned over, where the set records it.
     pub base: Option<String>,
+    /// MMS: the language whose adapters the masks were learned with ([`Origin::target_lang`]).
+    pub target_lang: Option<String>,
     /// `lm_head.weight` `[vocab, hidden]` and `lm_head.bias`, if the set carries a head.
     pub head: Option<(Tensor, Tensor)>,
+    /// The head's CTC blank (its vocabulary's; the model's `pad_token_id` may be another).
+    pub blank: Option<usize>,
 }
 
+/// The metadata key of the head's blank in `head.safetensors`.
+pub const BLANK_KEY: &str = "blank";
+
 impl MaskSet {
-    /// The packed masks (name -> (shape, bits)), the sparsity and the base fingerprint of one
-    /// masks file.
-    pub fn read_bits(path: &Path) -> Result<(PackedMasks, Option<f64>, Option<String>)> {
+    /// The packed masks (name -> (shape, bits)), the sparsity and the origin of one masks file.
+    pub fn read_bits(path: &Path) -> Result<(PackedMasks, Option<f64>, Origin)> {
         let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
         let (_, meta) =
             SafeTensors::read_metadata(&bytes).map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file ({e})", path.display()))?;
@@ -105,13 +138,15 @@ impl MaskSet {
             );
             masks.insert(name, (shape, view.data().to_vec()));
         }
-        Ok((masks, meta.get("sparsity").and_then(|s| s.parse().ok()), meta.get(BASE_KEY).cloned()))
+        let origin = Origin { base: meta.get(BASE_KEY).cloned(), target_lang: meta.get(LANG_KEY).cloned() };
+        Ok((masks, meta.get("sparsity").and_then(|s| s.parse().ok()), origin))
     }
 
     pub fn load(dir: &Path) -> Result<MaskSet> {
         ensure!(dir.is_dir(), "mask folder {} does not exist", dir.display());
-        let (masks, sparsity, base) = MaskSet::read_bits(&dir.join("masks.safetensors"))?;
+        let (masks, sparsity, Origin { base, target_lang }) = MaskSet::read_bits(&dir.join("masks.safetensors"))?;
         let head_path = dir.join("head.safetensors");
+        let blank = if head_path.is_file() { head_blank(&head_path, &dir.join("vocab.json"))? } else { None };
         let head = if head_path.is_file() {
             let ck = Checkpoint::open(std::slice::from_ref(&head_path))?;
             let (w, b) = (ck.tensor("lm_head.weight")?, ck.tensor("lm_head.bias")?);
@@ -127,21 +162,23 @@ impl MaskSet {
         } else {
             None
         };
-        Ok(MaskSet { dir: dir.to_path_buf(), masks, sparsity, base, head })
+        Ok(MaskSet { dir: dir.to_path_buf(), masks, sparsity, base, target_lang, head, blank })
     }
 
-    /// Writes a mask set (tests, mask learning): masks from keep-flags, atomically, with the
-    /// [`base_fingerprint`] of the weights they were learned over where known.
-    pub fn save(dir: &Path, masks: &[KeepFlags], sparsity: f64, base: Option<&str>) -> Result<()> {
-        MaskSet::save_as(&dir.join("masks.safetensors"), masks, sparsity, base)
+    /// Writes a mask set (tests, mask learning): masks from keep-flags, atomically, with what
+    /// is known of the model they were learned over.
+    pub fn save(dir: &Path, masks: &[KeepFlags], sparsity: f64, origin: &Origin) -> Result<()> {
+        MaskSet::save_as(&dir.join("masks.safetensors"), masks, sparsity, origin)
     }
 
     /// [`MaskSet::save`] to a named file (e.g. a run's `initial_masks.safetensors`).
-    pub fn save_as(path: &Path, masks: &[KeepFlags], sparsity: f64, base: Option<&str>) -> Result<()> {
+    pub fn save_as(path: &Path, masks: &[KeepFlags], sparsity: f64, origin: &Origin) -> Result<()> {
         let packed: Vec<(String, Vec<u8>)> = masks.iter().map(|(n, _, keep)| (n.clone(), mask::pack(keep))).collect();
         let mut meta = BTreeMap::from([("format".to_string(), FORMAT.to_string()), ("sparsity".to_string(), sparsity.to_string())]);
-        if let Some(base) = base {
-            meta.insert(BASE_KEY.to_string(), base.to_string());
+        for (key, value) in [(BASE_KEY, &origin.base), (LANG_KEY, &origin.target_lang)] {
+            if let Some(v) = value {
+                meta.insert(key.to_string(), v.clone());
+            }
         }
         for (name, shape, _) in masks {
             meta.insert(format!("{name}.shape"), shape.iter().map(usize::to_string).collect::<Vec<_>>().join(","));
@@ -177,6 +214,26 @@ impl MaskSet {
             }
         }
         Ok(())
+    }
+
+    /// The set's origin, as [`MaskSet::save`] takes it.
+    pub fn origin(&self) -> Origin {
+        Origin { base: self.base.clone(), target_lang: self.target_lang.clone() }
+    }
+
+    /// Fails unless the model runs with the language adapters the masks were learned with:
+    /// `lang` is its `--target-lang` (`None`: the default adapters).
+    pub fn check_language(&self, lang: Option<&str>) -> Result<()> {
+        let file = self.dir.join("masks.safetensors");
+        match (self.target_lang.as_deref(), lang) {
+            (want, got) if want == got => Ok(()),
+            (Some(want), _) => bail!("{}: these masks were learned with --target-lang {want}; run them with it", file.display()),
+            (None, got) => bail!(
+                "{}: these masks were learned with the model's default adapters, not --target-lang {}",
+                file.display(),
+                got.unwrap_or_default()
+            ),
+        }
     }
 
     /// Fails if the set records a [`base_fingerprint`] and `source`'s masked weights (`source_name`
@@ -244,6 +301,26 @@ impl WeightSource for Masked<'_> {
 mod tests {
     use super::*;
     use crate::model::checkpoint::RandomWeights;
+
+    /// A head's blank: as head.safetensors records it; for sets from before it did, `<pad>`'s
+    /// id in the set's vocab.json (what training made the blank); else unknown.
+    #[test]
+    fn head_blanks_come_from_the_metadata_or_the_pad_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let (head, vocab) = (dir.path().join("head.safetensors"), dir.path().join("vocab.json"));
+        let write = |meta: &[(&str, &str)]| {
+            let meta = meta.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            crate::fsio::write_f32_safetensors(&head, [("lm_head.bias", &[2usize][..], &[0.0f32, 1.0][..])], &meta).unwrap();
+        };
+        write(&[]);
+        assert_eq!(head_blank(&head, &vocab).unwrap(), None);
+        std::fs::write(&vocab, r#"{"a": 0, "<pad>": 1}"#).unwrap();
+        assert_eq!(head_blank(&head, &vocab).unwrap(), Some(1));
+        write(&[(BLANK_KEY, "0")]);
+        assert_eq!(head_blank(&head, &vocab).unwrap(), Some(0));
+        write(&[(BLANK_KEY, "x")]);
+        assert!(head_blank(&head, &vocab).unwrap_err().to_string().contains("blank"));
+    }
 
     /// The fingerprint names the weights, not the order they are listed in: equal for the same
     /// values, different for another checkpoint of the same shapes.

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
 
-use super::checkpoint::{Checkpoint, Overlay, WeightSource};
+use super::checkpoint::{Checkpoint, WeightSource};
 use super::config::{Config, FeatNorm, PosConv};
 use super::masks::{MaskSet, Masked};
 use super::tasks::Routing;
@@ -278,6 +278,22 @@ pub fn pos_conv_norm_names(present: impl Fn(&str) -> bool) -> Option<[&'static s
     POS_CONV_NORM_NAMES.into_iter().find(|[g, _]| present(g))
 }
 
+/// The config and weights of a model folder, with MMS language `lang`'s adapters and head in
+/// place of the default ones ([`Checkpoint::open_language`]; the config's vocabulary is then the
+/// language's head's).
+pub fn open_language(dir: &Path, lang: Option<&str>) -> Result<(Config, Checkpoint)> {
+    ensure!(dir.is_dir(), "model folder {} does not exist", dir.display());
+    let mut config = Config::load(&dir.join("config.json"))?;
+    if let Some(l) = lang {
+        ensure!(config.adapter_attn_dim.is_some(), "--target-lang {l}: {} has no language adapters (adapter_attn_dim)", dir.display());
+    }
+    let ck = Checkpoint::open_language(dir, lang)?;
+    if lang.is_some() && ck.contains("lm_head.weight") {
+        config.vocab_size = ck.tensor("lm_head.weight")?.shape()[0];
+    }
+    Ok((config, ck))
+}
+
 impl Wav2Vec2 {
     /// Loads a Hugging Face folder (`config.json` + safetensors) onto `be`.
     pub fn load(dir: &Path, be: &dyn Backend) -> Result<Wav2Vec2> {
@@ -293,38 +309,17 @@ impl Wav2Vec2 {
     /// [`Wav2Vec2::load_masked`] of an MMS folder with language `lang`'s adapters and head
     /// (`adapter.<lang>.safetensors`, as transformers' `load_adapter`) in place of the default ones.
     pub fn load_language(dir: &Path, lang: Option<&str>, masks: Option<&MaskSet>, be: &dyn Backend) -> Result<Wav2Vec2> {
-        ensure!(dir.is_dir(), "model folder {} does not exist", dir.display());
-        let mut config = Config::load(&dir.join("config.json"))?;
-        let model_ck = Checkpoint::open_dir(dir)?;
-        let language = match lang {
-            Some(l) => {
-                ensure!(
-                    config.adapter_attn_dim.is_some(),
-                    "--target-lang {l}: {} has no language adapters (adapter_attn_dim)",
-                    dir.display()
-                );
-                let path = dir.join(format!("adapter.{l}.safetensors"));
-                ensure!(path.is_file(), "--target-lang {l}: no {} in the model folder", path.display());
-                Some(Checkpoint::open(&[path])?)
-            }
-            None => None,
-        };
-        let tensors = match &language {
-            Some(a) => a.names().map(|n| Ok((n, a.tensor(n)?))).collect::<Result<Vec<_>>>()?,
-            None => Vec::new(),
-        };
-        if let Some((_, head)) = tensors.iter().find(|(n, _)| *n == "lm_head.weight") {
-            config.vocab_size = head.shape()[0];
-        }
-        let ck = Overlay::new(&model_ck, tensors);
+        let (mut config, ck) = open_language(dir, lang)?;
         let Some(masks) = masks else { return Wav2Vec2::from_weights(config, &ck, be) };
+        masks.check_language(lang)?;
         masks.check(|name| maskable_shape(&config, name))?;
         masks.check_base(&ck, dir)?;
         let masked = Masked { inner: &ck, masks };
         if let Some(v) = masks.head_vocab_size() {
             config.vocab_size = v;
+            config.pad_token_id = masks.blank.unwrap_or(config.pad_token_id);
             if config.pad_token_id >= v {
-                bail!("{}: the head has {v} outputs but the model's pad_token_id is {}", masks.dir.display(), config.pad_token_id);
+                bail!("{}: the head has {v} outputs but its blank is {}", masks.dir.display(), config.pad_token_id);
             }
         }
         Wav2Vec2::from_weights(config, &masked, be)

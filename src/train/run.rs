@@ -40,10 +40,10 @@ use crate::eval::{evaluate, EvalReport};
 use crate::infer::{BatchLimits, Chunking, Recognizer};
 use crate::mask;
 use crate::model::checkpoint::{Checkpoint, WeightSource};
-use crate::model::config::Config;
-use crate::model::masks::{base_fingerprint, KeepFlags, MaskSet, Masked};
+use crate::model::masks::{base_fingerprint, KeepFlags, MaskSet, Masked, Origin, BLANK_KEY};
 use crate::model::preprocess::Preprocessor;
 use crate::model::vocab::Vocab;
+use crate::model::wav2vec2::open_language;
 use crate::model::wav2vec2::Linear;
 use crate::model::Wav2Vec2;
 use crate::rng::{mix, SplitMix};
@@ -148,6 +148,11 @@ pub struct Recipe {
     /// xavier-uniform head with zero bias.
     #[arg(long)]
     pub keep_head: bool,
+    /// MMS models: run the frozen model with this language's adapters (and, with --keep-head,
+    /// its head and vocabulary: adapter.<LANG>.safetensors) instead of the default ones. Mask
+    /// sets record it, so `engine infer|eval --masks` use the same adapters.
+    #[arg(long, value_name = "LANG")]
+    pub target_lang: Option<String>,
     /// Fraction of each masked matrix's weights dropped (per matrix, in [0, 1); default 0.1). 0
     /// trains only the head (and the time-mask embedding) on the frozen model: the head-only
     /// baseline. Mask learning only.
@@ -395,8 +400,9 @@ fn named_shapes(masks: &[MaskedWeight]) -> Vec<(String, [usize; 2])> {
 /// The tensors being learned.
 struct Params {
     masks: Vec<MaskedWeight>,
-    /// [`base_fingerprint`] of the frozen weights under `masks` (none without masks).
-    base: Option<String>,
+    /// The [`base_fingerprint`] of the frozen weights under `masks` (none without masks) and
+    /// the language adapters they ran with.
+    origin: Origin,
     /// `[vocab, hidden]` (PyTorch layout) and `[vocab]`.
     head_weight: Vec<f32>,
     head_bias: Vec<f32>,
@@ -472,7 +478,7 @@ impl Params {
     }
 
     /// This state as a mask set over the model (for validation and the outputs).
-    fn mask_set(&self, be: &dyn Backend, dir: &Path, sparsity: f64) -> Result<MaskSet> {
+    fn mask_set(&self, be: &dyn Backend, dir: &Path, sparsity: f64, task: &Vocab) -> Result<MaskSet> {
         let masks =
             self.keep(&self.host_scores(be)?, sparsity).into_iter().map(|(name, shape, keep)| (name, (shape, mask::pack(&keep)))).collect();
         let vocab = self.head_bias.len();
@@ -480,7 +486,9 @@ impl Params {
             Tensor::from_vec(self.head_weight.clone(), &[vocab, self.head_weight.len() / vocab]),
             Tensor::from_vec(self.head_bias.clone(), &[vocab]),
         );
-        Ok(MaskSet { dir: dir.to_path_buf(), masks, sparsity: Some(sparsity), base: self.base.clone(), head: Some(head) })
+        let Origin { base, target_lang } = self.origin.clone();
+        let blank = Some(task.blank());
+        Ok(MaskSet { dir: dir.to_path_buf(), masks, sparsity: Some(sparsity), base, target_lang, head: Some(head), blank })
     }
 
     /// Mask learning's outputs: `scores.safetensors`, `masks.safetensors`, `head.safetensors` and
@@ -492,16 +500,17 @@ impl Params {
         let scores = names.iter().zip(&host).map(|((n, shape), s)| (n.as_str(), shape.as_slice(), s.as_slice()));
         let meta = BTreeMap::from([("sparsity".to_string(), sparsity.to_string())]);
         crate::fsio::write_f32_safetensors(&dir.join("scores.safetensors"), scores, &meta)?;
-        MaskSet::save(dir, &self.keep(&host, sparsity), sparsity, self.base.as_deref())?;
-        self.write_head(dir)?;
+        MaskSet::save(dir, &self.keep(&host, sparsity), sparsity, &self.origin)?;
+        self.write_head(dir, vocab)?;
         vocab.save(&dir.join("vocab.json"))
     }
 
-    /// `head.safetensors` in `dir` (the head of a mask set).
-    fn write_head(&self, dir: &Path) -> Result<()> {
+    /// `head.safetensors` in `dir` (the head of a mask set), recording `vocab`'s blank.
+    fn write_head(&self, dir: &Path, vocab: &Vocab) -> Result<()> {
         let (v, h) = (self.head_bias.len(), self.head_weight.len() / self.head_bias.len());
         let head = [(HEAD_WEIGHT, &[v, h][..], self.head_weight.as_slice()), (HEAD_BIAS, &[v][..], self.head_bias.as_slice())];
-        crate::fsio::write_f32_safetensors(&dir.join("head.safetensors"), head, &BTreeMap::new())
+        let meta = BTreeMap::from([(BLANK_KEY.to_string(), vocab.blank().to_string())]);
+        crate::fsio::write_f32_safetensors(&dir.join("head.safetensors"), head, &meta)
     }
 }
 
@@ -602,9 +611,8 @@ pub fn train(recipe: &Recipe, opts: &RunOptions) -> Result<Summary> {
     let be = opts.device.backend()?;
     check_out(&opts.out, opts, &recipe.json())?;
     let dir = recipe.model()?;
-    ensure!(dir.is_dir(), "model folder {} does not exist", dir.display());
-    let ck = Checkpoint::open_dir(dir)?;
-    let model = Wav2Vec2::from_weights(Config::load(&dir.join("config.json"))?, &ck, &*be)?;
+    let (config, ck) = open_language(dir, recipe.target_lang.as_deref())?;
+    let model = Wav2Vec2::from_weights(config, &ck, &*be)?;
     let pre = Preprocessor::load(dir)?;
     let train_path = recipe.train()?;
     let train_data = recipe.dataset(train_path, &recipe.train_split, true)?;
@@ -643,7 +651,8 @@ fn check_out(out: &Path, opts: &RunOptions, recipe: &serde_json::Value) -> Resul
             .as_object()
             .expect("the recipe is an object")
             .iter()
-            .filter(|(k, v)| saved.get(k.as_str()) != Some(v))
+            // A setting the run's file predates is its default, null.
+            .filter(|(k, v)| saved.get(k.as_str()).unwrap_or(&serde_json::Value::Null) != *v)
             .map(|(k, v)| format!("{} (run: {}, now: {v})", k.replace('_', "-"), saved.get(k.as_str()).unwrap_or(&serde_json::Value::Null)))
             .collect();
         ensure!(differing.is_empty(), "--resume: the options differ from the run in {}: {}", out.display(), differing.join("; "));
@@ -697,8 +706,11 @@ fn task_vocab(recipe: &Recipe, dir: &Path, model: &Wav2Vec2, data: &Dataset) -> 
     let c = &model.config;
     if recipe.keep_head {
         ensure!(model.lm_head.is_some(), "--keep-head: {} has no CTC head (lm_head); drop --keep-head", dir.display());
-        let path = recipe.vocab.clone().unwrap_or_else(|| dir.join("vocab.json"));
-        return Vocab::load(&path, c.vocab_size, c.pad_token_id).with_context(|| "--keep-head needs the head's vocabulary");
+        let vocab = match &recipe.vocab {
+            Some(path) => Vocab::load(path, c.vocab_size, c.pad_token_id),
+            None => Vocab::load_language(&dir.join("vocab.json"), recipe.target_lang.as_deref(), c.vocab_size, c.pad_token_id),
+        };
+        return vocab.with_context(|| "--keep-head needs the head's vocabulary");
     }
     if let Some(path) = &recipe.vocab {
         return Vocab::load_task(path, 0);
@@ -770,7 +782,8 @@ impl Trainer<'_> {
         };
         let names = named_shapes(&masks);
         let base = if masks.is_empty() { None } else { Some(base_fingerprint(&self.ck, names.iter().map(|(n, s)| (n.as_str(), &s[..])))?) };
-        Ok(Params { masks, base, head_weight, head_bias, embedding, weights })
+        let origin = Origin { base, target_lang: r.target_lang.clone() };
+        Ok(Params { masks, origin, head_weight, head_bias, embedding, weights })
     }
 
     /// The scores of the mask learning run in `dir` (`--init-scores`), once its masks are known to
@@ -833,7 +846,7 @@ impl Trainer<'_> {
         pruner.apply(&*self.be, &mut weights, &keep)?;
         let p = Params {
             masks: Vec::new(),
-            base: None,
+            origin: Origin::default(),
             head_weight: params.head_weight.clone(),
             head_bias: params.head_bias.clone(),
             embedding: params.embedding.clone(),
@@ -847,7 +860,7 @@ impl Trainer<'_> {
         let model = match self.recipe.learn {
             Learn::Weights { .. } => self.finetuned_model(params)?,
             Learn::Masks => {
-                let set = params.mask_set(&*self.be, &self.opts.out, self.recipe.sparsity())?;
+                let set = params.mask_set(&*self.be, &self.opts.out, self.recipe.sparsity(), &self.vocab)?;
                 let mut config = self.model.config.clone();
                 config.vocab_size = self.vocab.len();
                 Wav2Vec2::from_weights(config, &Masked { inner: &self.ck, masks: &set }, &*self.be)?
@@ -874,8 +887,9 @@ impl Trainer<'_> {
                     // Over the weights just written beside them.
                     let written = Checkpoint::open_dir(dir)?;
                     let base = base_fingerprint(&written, entries.iter().map(|(n, shape, _)| (n.as_str(), shape.as_slice())))?;
-                    MaskSet::save(dir, &entries, pruner.prune.sparsity(), Some(&base))?;
-                    params.write_head(dir)?;
+                    // Over the folder just written, whose default adapters are the run's language's.
+                    MaskSet::save(dir, &entries, pruner.prune.sparsity(), &Origin { base: Some(base), target_lang: None })?;
+                    params.write_head(dir, &self.vocab)?;
                 }
                 Ok(())
             }
@@ -944,7 +958,7 @@ impl Trainer<'_> {
             if r.learn == Learn::Masks {
                 // The starting masks, for `engine masks stats` (bits flipped by learning).
                 let keep = params.keep(&params.host_scores(&*self.be)?, r.sparsity());
-                MaskSet::save_as(&out.join(INITIAL_MASKS), &keep, r.sparsity(), params.base.as_deref())?;
+                MaskSet::save_as(&out.join(INITIAL_MASKS), &keep, r.sparsity(), &params.origin)?;
             }
             log.write(&serde_json::json!({
                 "event": "start",

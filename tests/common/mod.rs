@@ -124,7 +124,7 @@ pub fn mask_set(dir: &std::path::Path, scope: MaskScope, sparsity: f64, seed: u6
         })
         .collect();
     std::fs::create_dir_all(dir).unwrap();
-    MaskSet::save(dir, &masks, sparsity, None).unwrap();
+    MaskSet::save(dir, &masks, sparsity, &Default::default()).unwrap();
     let (v, h) = (c.vocab_size, c.hidden_size);
     let (w, b): (Vec<f32>, Vec<f32>) = ((0..v * h).map(|_| rng.symmetric() * 0.3).collect(), (0..v).map(|_| rng.symmetric()).collect());
     write_f32_safetensors(
