@@ -39,6 +39,20 @@ fn inputs(folder: &Path) -> Vec<Vec<f32>> {
     utterances().iter().map(|p| pre.apply(audio::load(p).unwrap())).collect()
 }
 
+/// Runs each test utterance through `model` (preprocessed as the converted folder `out` says)
+/// and compares its `what` (`encoder_out` or `logits`) with fairseq's `name.utt<i>.<what>`.
+fn matches_fairseq(model: &Wav2Vec2, out: &Path, name: &str, what: &str) {
+    let be = CpuBackend;
+    for (u, x) in inputs(out).iter().enumerate() {
+        let got = match what {
+            "logits" => model.logits(&be, &[x], None).unwrap().0,
+            _ => model.encode(&be, &[x], None).unwrap().0,
+        };
+        let err = rel_l2(&got.to_vec().unwrap(), &reference(&format!("{name}.utt{u}.{what}")));
+        assert!(err <= TOL, "{name} utt{u} {what}: rel L2 {err:.2e}");
+    }
+}
+
 /// Converts `checkpoint` into a new folder in a temporary directory.
 fn converted(checkpoint: &str, dict: Option<&Path>) -> (tempfile::TempDir, PathBuf, Kind) {
     let tmp = tempfile::tempdir().unwrap();
@@ -71,11 +85,7 @@ fn pretrained_checkpoints_encode_as_fairseq() {
         let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
         assert!(safetensors::SafeTensors::deserialize(&bytes).unwrap().names().contains(&stored.as_str()), "{name}: no {stored}");
         assert!(model.lm_head.is_none());
-        for (u, x) in inputs(&out).iter().enumerate() {
-            let (enc, _) = model.encode(&be, &[x], None).unwrap();
-            let err = rel_l2(&enc.to_vec().unwrap(), &reference(&format!("{name}.utt{u}.encoder_out")));
-            assert!(err <= TOL, "{name} utt{u}: rel L2 {err:.2e}");
-        }
+        matches_fairseq(&model, &out, name, "encoder_out");
     }
 }
 
@@ -87,11 +97,7 @@ fn finetuned_checkpoint_gives_fairseq_logits_and_labels() {
     let (_tmp, out, kind) = converted("finetuned-ctc.pt", Some(&dict()));
     assert_eq!(kind, Kind::Finetuned { classes: 12 });
     let model = Wav2Vec2::load(&out, &be).unwrap();
-    for (u, x) in inputs(&out).iter().enumerate() {
-        let (logits, _) = model.logits(&be, &[x], None).unwrap();
-        let err = rel_l2(&logits.to_vec().unwrap(), &reference(&format!("finetuned-ctc.utt{u}.logits")));
-        assert!(err <= TOL, "utt{u}: rel L2 {err:.2e}");
-    }
+    matches_fairseq(&model, &out, "finetuned-ctc", "logits");
     let vocab = Vocab::load(&out.join("vocab.json"), 12, 0).unwrap();
     let symbols: Vec<String> = std::fs::read_to_string(dict()).unwrap().lines().map(|l| l.split(' ').next().unwrap().to_string()).collect();
     assert_eq!(&vocab.tokens()[4..], &symbols[..]);
@@ -127,11 +133,7 @@ fn s3router_checkpoints_give_their_masked_models_logits() {
             }
         }
         let model = Wav2Vec2::load_masked(&out, Some(&set), &be).unwrap();
-        for (u, x) in inputs(&out).iter().enumerate() {
-            let (logits, _) = model.logits(&be, &[x], None).unwrap();
-            let err = rel_l2(&logits.to_vec().unwrap(), &reference(&format!("{name}.utt{u}.logits")));
-            assert!(err <= TOL, "{name} utt{u}: rel L2 {err:.2e}");
-        }
+        matches_fairseq(&model, &out, name, "logits");
     }
 }
 
