@@ -14,7 +14,8 @@ outputs under fairseq 0.12.2, the version those recipes pin:
   bias) with the configuration in an `argparse.Namespace` under `args` and no `cfg`, in PyTorch's
   format before 1.6 (`_use_new_zipfile_serialization=False`), as checkpoints from 2020 are.
 - `finetuned-ctc.pt` + `dict.ltr.txt`: `Wav2VecCtc` (prefix `w2v_encoder.w2v_model.`, head
-  `w2v_encoder.proj`) over pretrained-base; its `cfg` holds pretrained-base's under `w2v_args`.
+  `w2v_encoder.proj`) over pretrained-base; its `cfg` holds pretrained-base's under `w2v_args`,
+  and names tests/fixtures/fairseq as its data folder (where dict.ltr.txt is).
 - `s3router-ctc.pt`: the finetuned model as S3-Router's `wav2vec_ctc_st` stores it: a `scores`
   tensor beside each q/k/v/out and fc1/fc2 weight, `prune_rate` 0.9 (fraction kept) and
   `fix_attn` true (attention unmasked), as its README runs it.
@@ -156,10 +157,11 @@ def plain_state(cfg, model):
     return {"args": None, "cfg": container, "model": model.state_dict(), "optimizer_history": [], "extra_state": {}}
 
 
-def ctc_run(base_cfg, normalize=False):
+def ctc_run(base_cfg, normalize=False, data="/data"):
     """The configuration of a finetuning run over the model `base_cfg` describes, as
-    `fairseq-hydra-train` holds it: the pretraining run's under `model.w2v_args`."""
-    args = argparse.Namespace(task="audio_finetuning", arch="wav2vec_ctc", data="/data", w2v_path="unused.pt", labels="ltr", normalize=normalize)
+    `fairseq-hydra-train` holds it: the pretraining run's under `model.w2v_args`; its data
+    folder `data` (where fairseq finds dict.ltr.txt)."""
+    args = argparse.Namespace(task="audio_finetuning", arch="wav2vec_ctc", data=data, w2v_path="unused.pt", labels="ltr", normalize=normalize)
     run = convert_namespace_to_omegaconf(args)
     run.model.w2v_args = base_cfg
     return run
@@ -261,7 +263,9 @@ def main():
     with open(os.path.join(OUT, "dict.ltr.txt"), "w") as f:
         f.writelines(f"{s} {1000 - i}\n" for i, s in enumerate(SYMBOLS))
     classes = 4 + len(SYMBOLS)
-    run = ctc_run(base_cfg)
+    # Trained on data in tests/fixtures/fairseq (relative to the repository root, where the tests
+    # run), so the conversion finds dict.ltr.txt there without --dict.
+    run = ctc_run(base_cfg, data="tests/fixtures/fairseq")
     ctc = ctc_model(base, run.model, classes, gen)
     torch.save(trainer_state(run, ctc), os.path.join(OUT, "finetuned-ctc.pt"))
     for u, x in enumerate(audio):

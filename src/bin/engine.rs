@@ -647,7 +647,9 @@ enum Command {
         /// The fairseq checkpoint.
         checkpoint: PathBuf,
         /// The fairseq dictionary (dict.ltr.txt, dict.phn.txt) a finetuned or S3-Router model's
-        /// labels come from: <pad> (blank), <s>, </s>, <unk>, then its symbols.
+        /// labels come from: <pad> (blank), <s>, </s>, <unk>, then its symbols. Default:
+        /// dict.<labels>.txt in the data folder the run trained on (its cfg.task.data, relative
+        /// paths from here), if it is there.
         #[arg(long)]
         dict: Option<PathBuf>,
         /// The new folder.
@@ -1176,6 +1178,9 @@ fn run(cli: Cli, demo_flags: &[demo::Word]) -> Result<()> {
                 }
             };
             println!("{}: {what}, {} tensors", out.display(), c.tensors);
+            if let Some(d) = &c.dict {
+                println!("labels from {}", d.display());
+            }
             if !c.dropped.is_empty() {
                 println!("left out {} pretraining-only tensors ({}, ...)", c.dropped.len(), c.dropped[0]);
             }

@@ -46,6 +46,8 @@ pub struct Converted {
     pub tensors: usize,
     /// The fairseq tensors left out (pretraining-only modules).
     pub dropped: Vec<String>,
+    /// The dictionary the labels came from (--dict, or the run's own).
+    pub dict: Option<PathBuf>,
 }
 
 #[derive(Debug, PartialEq)]
@@ -151,6 +153,8 @@ struct Run<'a> {
     family: Family,
     /// Whether the task normalised the audio.
     normalize: bool,
+    /// Where fairseq read the labels' dictionary: `dict.<labels>.txt` in the task's data folder.
+    dict: Option<PathBuf>,
 }
 
 fn present<'a>(v: &'a Value, name: &str) -> Option<&'a Value> {
@@ -189,7 +193,11 @@ impl<'a> Run<'a> {
             Some(Value::Bool(b)) => *b,
             Some(other) => bail!("{p}: \"normalize\" is {other:?}, not true or false"),
         };
-        Ok(Run { model, arch, name, family, normalize })
+        let dict = task.and_then(|t| present(t, "data")).and_then(text).map(|data| {
+            let labels = task.and_then(|t| present(t, "labels")).and_then(text).unwrap_or("ltr");
+            Path::new(data).join(format!("dict.{labels}.txt"))
+        });
+        Ok(Run { model, arch, name, family, normalize, dict })
     }
 }
 
@@ -403,20 +411,24 @@ pub fn convert(pt: &Path, dict: Option<&Path>, out: &Path) -> Result<Converted> 
         into.push((hf, tensor));
     }
 
-    let vocab = match (head.is_empty(), dict) {
+    // A finetuned model's labels: --dict, or the dictionary where its run read it.
+    let dict = match (head.is_empty(), dict) {
         (true, Some(d)) => bail!("{p}: a pretrained model has no CTC head for the labels of --dict {}", d.display()),
         (true, None) => None,
-        (false, None) => bail!("{p}: a finetuned model: give --dict, the fairseq dict.*.txt its labels were trained with"),
-        (false, Some(d)) => Some(Vocab::from_fairseq_dict(d)?),
+        (false, Some(d)) => Some(d.to_path_buf()),
+        (false, None) => match &run.dict {
+            Some(found) if found.is_file() => Some(found.clone()),
+            _ => bail!(
+                "{p}: a finetuned model: give --dict, the fairseq dict.*.txt its labels were trained with{}",
+                run.dict.as_ref().map(|d| format!(" (it is not at {}, where its run read it)", d.display())).unwrap_or_default()
+            ),
+        },
     };
+    let vocab = dict.as_deref().map(Vocab::from_fairseq_dict).transpose()?;
     let classes = head.iter().find(|(n, _)| n == "lm_head.bias").map(|(_, t)| t.shape()[0]);
-    if let (Some(v), Some(c)) = (&vocab, classes) {
-        ensure!(
-            v.len() == c,
-            "{p}: the head has {c} outputs, but {} gives {} labels (4 specials and its symbols)",
-            dict.unwrap().display(),
-            v.len()
-        );
+    if let (Some(v), Some(c), Some(d)) = (&vocab, classes, &dict) {
+        let d = d.display();
+        ensure!(v.len() == c, "{p}: the head has {c} outputs, but {d} gives {} labels (4 specials and its symbols)", v.len());
     }
     let arch = Settings { v: run.arch, p: &p };
     let s3router = !scores.is_empty();
@@ -470,7 +482,7 @@ pub fn convert(pt: &Path, dict: Option<&Path>, out: &Path) -> Result<Converted> 
                 None => Kind::Pretrained,
             }
         };
-        Ok(Converted { kind, tensors, dropped })
+        Ok(Converted { kind, tensors, dropped, dict: dict.clone() })
     })();
     match result {
         Ok(converted) => {
