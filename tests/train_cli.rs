@@ -672,3 +672,29 @@ fn mms_masks_remember_their_language() {
     let multi = engine(&["infer", "--model", model, "--masks", &tasks[0], "--masks", &tasks[1], &format!("{wav}@x")]);
     fails_with(&multi, "--target-lang xyz");
 }
+
+/// `--vocab dict.phn.txt`: a fairseq dictionary gives the task vocabulary `engine vocab --dict`
+/// makes of it (the specials, then its symbols in file order).
+#[test]
+fn a_fairseq_dictionary_is_a_task_vocabulary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train = small_manifest(tmp.path(), 3);
+    let built = tmp.path().join("built.json");
+    ok(&engine(&["vocab", "--data", s(&train), "--labels", "phn", "--out", s(&built)]));
+    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(&built).unwrap()).unwrap();
+    let mut symbols: Vec<(&String, u64)> = map.iter().map(|(t, id)| (t, id.as_u64().unwrap())).filter(|(_, id)| *id >= 4).collect();
+    // Another order than the built one: the dictionary's order must be the one kept.
+    symbols.sort_by_key(|&(_, id)| std::cmp::Reverse(id));
+    let dict = tmp.path().join("dict.phn.txt");
+    std::fs::write(&dict, symbols.iter().map(|(t, _)| format!("{t} 1\n")).collect::<String>()).unwrap();
+    let out = tmp.path().join("run");
+    let mut args = vec!["train", "--model", "tests/fixtures/base-like", "--train", s(&train), "--out", s(&out), "--steps", "1"];
+    args.extend(["--vocab", s(&dict)]);
+    args.extend(PLAIN);
+    ok(&engine(&args));
+    let converted = tmp.path().join("converted.json");
+    ok(&engine(&["vocab", "--dict", s(&dict), "--out", s(&converted)]));
+    let read = |p: &Path| serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(p).unwrap()).unwrap();
+    assert_eq!(read(&out.join("vocab.json")), read(&converted));
+    assert_ne!(read(&out.join("vocab.json")), read(&built));
+}

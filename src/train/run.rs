@@ -140,8 +140,10 @@ pub struct Recipe {
     /// Drop symbols the vocabulary lacks (counted) instead of stopping with a list of them.
     #[arg(long)]
     pub skip_unknown: bool,
-    /// Task vocabulary (vocab.json). Default: the model's with --keep-head, else built from the
-    /// training transcripts (blank <pad> = 0, <s>, </s>, <unk>, |, symbols by frequency).
+    /// Task vocabulary: a vocab.json, or a fairseq dict.*.txt (<pad> = blank = 0, <s>, </s>,
+    /// <unk>, then its symbols in order, as the official recipes label). Default: the model's
+    /// with --keep-head, else built from the training transcripts (blank <pad> = 0, <s>, </s>,
+    /// <unk>, |, symbols by frequency).
     #[arg(long)]
     pub vocab: Option<PathBuf>,
     /// Start from the checkpoint's CTC head (vocabularies must match) instead of a new
@@ -713,7 +715,8 @@ fn task_vocab(recipe: &Recipe, dir: &Path, model: &Wav2Vec2, data: &Dataset) -> 
         return vocab.with_context(|| "--keep-head needs the head's vocabulary");
     }
     if let Some(path) = &recipe.vocab {
-        return Vocab::load_task(path, 0);
+        // A fairseq dictionary (dict.ltr.txt: the official recipes' labels) or a vocab.json.
+        return if path.extension().is_some_and(|e| e == "txt") { Vocab::from_fairseq_dict(path) } else { Vocab::load_task(path, 0) };
     }
     let symbols: Vec<String> =
         data.utterances.iter().flat_map(|u| symbols(&u.text, data.labels, &recipe.chars_to_ignore, Case::Mixed)).collect();
