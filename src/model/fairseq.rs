@@ -29,6 +29,7 @@ use memmap2::Mmap;
 use super::config::Family;
 use super::masks::{base_fingerprint, KeepFlags, MaskSet, Origin, BLANK_KEY};
 use super::pickle::{Calls, Value};
+use super::preprocess::Preprocessor;
 use super::torch_bin::TorchFile;
 use super::vocab::Vocab;
 use crate::backend::cpu::CpuBackend;
@@ -367,7 +368,8 @@ fn s3router_keep(model: &Settings) -> Result<(f64, bool)> {
 }
 
 /// Converts the fairseq checkpoint `pt` into the new folder `out` (see the module docs). A
-/// finetuned or S3-Router checkpoint needs the fairseq dictionary `dict` its labels came from.
+/// finetuned or S3-Router checkpoint's labels come from the fairseq dictionary `dict`, or from
+/// the one its run read.
 pub fn convert(pt: &Path, dict: Option<&Path>, out: &Path) -> Result<Converted> {
     let p = pt.display().to_string();
     ensure!(
@@ -380,123 +382,147 @@ pub fn convert(pt: &Path, dict: Option<&Path>, out: &Path) -> Result<Converted> 
     let map = std::sync::Arc::new(unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {p}"))?);
     let torch = TorchFile::parse(&map, pt, Calls::Record)?;
     let run = Run::of(&torch.root, &p)?;
-    let weights = present(&torch.root, "model").with_context(|| format!("{p}: no \"model\" weights in the checkpoint"))?;
-    let Value::Dict(entries) = weights else { bail!("{p}: \"model\" is not a dict of tensors") };
-
-    let mut encoder: Vec<(String, Tensor)> = Vec::new();
-    let mut scores: Vec<(String, Tensor)> = Vec::new();
-    let mut head: Vec<(String, Tensor)> = Vec::new();
-    let mut dropped = Vec::new();
-    for (key, value) in entries {
-        let Value::Str(name) = key else { bail!("{p}: a weight name that is not a string") };
-        let inner = name.strip_prefix("w2v_encoder.w2v_model.").unwrap_or(name);
-        let what = || format!("{p}: tensor \"{name}\" is not part of a {:?} encoder (model {:?})", run.family, run.name);
-        let to = match name.strip_prefix("w2v_encoder.proj.") {
-            Some(part) => Target::Head(format!("lm_head.{part}")),
-            None => target(inner).with_context(what)?,
-        };
-        let (into, hf) = match to {
-            Target::Head(hf) => (&mut head, hf),
-            Target::Tensor(hf) => (&mut encoder, hf),
-            Target::Scores(hf) => (&mut scores, hf),
-            // Not read at all: data2vec's EMA teacher (`_ema`) is a dict, not a tensor.
-            Target::Drop => {
-                dropped.push(name.clone());
-                continue;
-            }
-        };
-        let t = torch.tensor(name, value)?.with_context(|| format!("{p}: \"{name}\" is not a tensor"))?;
-        let bytes = HostBytes::Mapped { map: map.clone(), offset: t.offset, len: t.len };
-        let tensor = Tensor::from_host_bytes(bytes, t.dtype, &t.shape).with_context(|| format!("{p}: tensor \"{name}\""))?;
-        into.push((hf, tensor));
-    }
-
-    // A finetuned model's labels: --dict, or the dictionary where its run read it.
-    let dict = match (head.is_empty(), dict) {
-        (true, Some(d)) => bail!("{p}: a pretrained model has no CTC head for the labels of --dict {}", d.display()),
-        (true, None) => None,
-        (false, Some(d)) => Some(d.to_path_buf()),
-        (false, None) => match &run.dict {
-            Some(found) if found.is_file() => Some(found.clone()),
-            _ => bail!(
-                "{p}: a finetuned model: give --dict, the fairseq dict.*.txt its labels were trained with{}",
-                run.dict.as_ref().map(|d| format!(" (it is not at {}, where its run read it)", d.display())).unwrap_or_default()
-            ),
-        },
-    };
-    let vocab = dict.as_deref().map(Vocab::from_fairseq_dict).transpose()?;
-    let classes = head.iter().find(|(n, _)| n == "lm_head.bias").map(|(_, t)| t.shape()[0]);
-    if let (Some(v), Some(c), Some(d)) = (&vocab, classes, &dict) {
-        let d = d.display();
-        ensure!(v.len() == c, "{p}: the head has {c} outputs, but {d} gives {} labels (4 specials and its symbols)", v.len());
-    }
-    let arch = Settings { v: run.arch, p: &p };
-    let s3router = !scores.is_empty();
+    let parts = Parts::of(&torch, &map, &run, &p)?;
+    let labels = labels(&p, &run, &parts, dict)?;
+    let s3router = !parts.scores.is_empty();
     // S3-Router's folder is the frozen encoder; its head goes with the masks.
-    let folder_head = vocab.as_ref().filter(|_| !s3router).map(|v| (v.len(), v.blank()));
-    let config = hf_config(run.family, &arch, folder_head)?;
+    let folder_head = labels.as_ref().filter(|_| !s3router).map(|(_, v)| (v.len(), v.blank()));
+    let config = hf_config(run.family, &Settings { v: run.arch, p: &p }, folder_head)?;
+    staged(out, |staging| {
+        let head: &[(String, Tensor)] = if s3router { &[] } else { &parts.head };
+        write_folder(staging, &run, &config, &parts.encoder, head, labels.as_ref().filter(|_| !s3router).map(|(_, v)| v))?;
+        // The folder must load: every tensor the config implies, with its shape.
+        Wav2Vec2::load(staging, &CpuBackend).with_context(|| format!("{p}: the converted model does not load"))?;
+        let kind = match (s3router, &labels) {
+            (true, Some((_, vocab))) => {
+                let (keep, fix_attn) = s3router_keep(&Settings { v: run.model, p: &p })?;
+                let masked = write_mask_set(staging, &staging.join("masks"), &parts.scores, 1.0 - keep, fix_attn, &parts.head, vocab)?;
+                Kind::S3Router { sparsity: 1.0 - keep, masked, masks: out.join("masks") }
+            }
+            (true, None) => bail!("{p}: scores without a CTC head: not an S3-Router CTC checkpoint (wav2vec_ctc_st)"),
+            (false, Some((_, vocab))) => Kind::Finetuned { classes: vocab.len() },
+            (false, None) => Kind::Pretrained,
+        };
+        let tensors = parts.encoder.len() + head.len();
+        Ok(Converted { kind, tensors, dropped: parts.dropped.clone(), dict: labels.as_ref().map(|(d, _)| d.clone()) })
+    })
+}
 
-    // Written beside `out`, checked, then renamed into place: no half-written folder.
+/// A fairseq checkpoint's tensors, sorted by where they go.
+struct Parts {
+    /// Encoder tensors under their (engine) Hugging Face names.
+    encoder: Vec<(String, Tensor)>,
+    /// S3-Router scores under their weight's name.
+    scores: Vec<(String, Tensor)>,
+    /// `lm_head.weight` and `lm_head.bias`, if the model has a CTC head.
+    head: Vec<(String, Tensor)>,
+    /// The fairseq names of pretraining-only tensors left out.
+    dropped: Vec<String>,
+}
+
+impl Parts {
+    fn of(torch: &TorchFile, map: &std::sync::Arc<Mmap>, run: &Run, p: &str) -> Result<Parts> {
+        let weights = present(&torch.root, "model").with_context(|| format!("{p}: no \"model\" weights in the checkpoint"))?;
+        let Value::Dict(entries) = weights else { bail!("{p}: \"model\" is not a dict of tensors") };
+        let mut parts = Parts { encoder: Vec::new(), scores: Vec::new(), head: Vec::new(), dropped: Vec::new() };
+        for (key, value) in entries {
+            let Value::Str(name) = key else { bail!("{p}: a weight name that is not a string") };
+            let inner = name.strip_prefix("w2v_encoder.w2v_model.").unwrap_or(name);
+            let what = || format!("{p}: tensor \"{name}\" is not part of a {:?} encoder (model {:?})", run.family, run.name);
+            let to = match name.strip_prefix("w2v_encoder.proj.") {
+                Some(part) => Target::Head(format!("lm_head.{part}")),
+                None => target(inner).with_context(what)?,
+            };
+            let (into, hf) = match to {
+                Target::Head(hf) => (&mut parts.head, hf),
+                Target::Tensor(hf) => (&mut parts.encoder, hf),
+                Target::Scores(hf) => (&mut parts.scores, hf),
+                // Not read at all: data2vec's EMA teacher (`_ema`) is a dict, not a tensor.
+                Target::Drop => {
+                    parts.dropped.push(name.clone());
+                    continue;
+                }
+            };
+            let t = torch.tensor(name, value)?.with_context(|| format!("{p}: \"{name}\" is not a tensor"))?;
+            let bytes = HostBytes::Mapped { map: map.clone(), offset: t.offset, len: t.len };
+            let tensor = Tensor::from_host_bytes(bytes, t.dtype, &t.shape).with_context(|| format!("{p}: tensor \"{name}\""))?;
+            into.push((hf, tensor));
+        }
+        Ok(parts)
+    }
+}
+
+/// A finetuned model's labels, and the dictionary they came from: `dict` (--dict), or the
+/// dictionary where its run read it; `None` for a model without a head.
+fn labels(p: &str, run: &Run, parts: &Parts, dict: Option<&Path>) -> Result<Option<(PathBuf, Vocab)>> {
+    let Some((_, bias)) = parts.head.iter().find(|(n, _)| n == "lm_head.bias") else {
+        ensure!(
+            dict.is_none(),
+            "{p}: a pretrained model has no CTC head for the labels of --dict {}",
+            dict.unwrap_or(Path::new("")).display()
+        );
+        return Ok(None);
+    };
+    let path = match (dict, &run.dict) {
+        (Some(d), _) => d.to_path_buf(),
+        (None, Some(found)) if found.is_file() => found.clone(),
+        (None, found) => bail!(
+            "{p}: a finetuned model: give --dict, the fairseq dict.*.txt its labels were trained with{}",
+            found.as_ref().map(|d| format!(" (it is not at {}, where its run read it)", d.display())).unwrap_or_default()
+        ),
+    };
+    let vocab = Vocab::from_fairseq_dict(&path)?;
+    let classes = bias.shape()[0];
+    ensure!(
+        vocab.len() == classes,
+        "{p}: the head has {classes} outputs, but {} gives {} labels (4 specials and its symbols)",
+        path.display(),
+        vocab.len()
+    );
+    Ok(Some((path, vocab)))
+}
+
+/// Runs `write` on a new folder beside `out` and moves it into place only if it succeeds (an
+/// empty `out` is replaced): no half-written folder is left either way.
+fn staged<T>(out: &Path, write: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
     let staging = out.with_file_name(format!(".{}.converting", out.file_name().and_then(|n| n.to_str()).unwrap_or("out")));
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging).with_context(|| format!("cannot create {}", staging.display()))?;
-    let result = (|| {
-        let tensors = if s3router { encoder.len() } else { encoder.len() + head.len() };
-        // The family's own names (the engine's are wav2vec2's; see crate::model::checkpoint).
-        let prefix = format!("{}.", run.family.prefix());
-        let stored: Vec<(String, Tensor)> = encoder
-            .iter()
-            .map(|(n, t)| (n.strip_prefix("wav2vec2.").map_or(n.clone(), |rest| format!("{prefix}{rest}")), t.clone()))
-            .collect();
-        let mut folder: Vec<&(String, Tensor)> = stored.iter().collect();
-        if !s3router {
-            folder.extend(&head);
-        }
-        write_tensors(&staging.join("model.safetensors"), &folder, &[("format", "pt")])?;
-        write_json(&staging.join("config.json"), &config)?;
-        let pre = serde_json::json!({
-            "feature_extractor_type": "Wav2Vec2FeatureExtractor",
-            "feature_size": 1,
-            "sampling_rate": 16000,
-            "padding_value": 0.0,
-            "padding_side": "right",
-            "do_normalize": run.normalize,
-            "return_attention_mask": config["feat_extract_norm"] == "layer",
-        });
-        write_json(&staging.join("preprocessor_config.json"), &pre)?;
-        if let (Some(v), false) = (&vocab, s3router) {
-            v.save(&staging.join("vocab.json"))?;
-        }
-        // The folder must load: every tensor the config implies, with its shape.
-        let be = CpuBackend;
-        Wav2Vec2::load(&staging, &be).with_context(|| format!("{p}: the converted model does not load"))?;
-        let kind = if s3router {
-            let (keep, fix_attn) = s3router_keep(&Settings { v: run.model, p: &p })?;
-            let dir = staging.join("masks");
-            let masked =
-                write_mask_set(&staging, &dir, &scores, 1.0 - keep, fix_attn, &head, vocab.as_ref().expect("a head needs --dict"))?;
-            Kind::S3Router { sparsity: 1.0 - keep, masked, masks: out.join("masks") }
-        } else {
-            match classes {
-                Some(classes) => Kind::Finetuned { classes },
-                None => Kind::Pretrained,
-            }
-        };
-        Ok(Converted { kind, tensors, dropped, dict: dict.clone() })
-    })();
-    match result {
-        Ok(converted) => {
+    match write(&staging) {
+        Ok(value) => {
             if out.exists() {
                 std::fs::remove_dir(out).with_context(|| format!("cannot replace the empty folder {}", out.display()))?;
             }
             std::fs::rename(&staging, out).with_context(|| format!("cannot move {} to {}", staging.display(), out.display()))?;
-            Ok(converted)
+            Ok(value)
         }
         Err(e) => {
             let _ = std::fs::remove_dir_all(&staging);
             Err(e)
         }
     }
+}
+
+/// The Hugging Face folder in `dir`: `config.json`, `model.safetensors` (the encoder under the
+/// family's own names, and `head`), `preprocessor_config.json`, and `vocab.json` if given.
+fn write_folder(
+    dir: &Path,
+    run: &Run,
+    config: &serde_json::Value,
+    encoder: &[(String, Tensor)],
+    head: &[(String, Tensor)],
+    vocab: Option<&Vocab>,
+) -> Result<()> {
+    // The family's own names (the engine's are wav2vec2's; see crate::model::checkpoint).
+    let prefix = format!("{}.", run.family.prefix());
+    let stored: Vec<(String, Tensor)> =
+        encoder.iter().map(|(n, t)| (n.strip_prefix("wav2vec2.").map_or(n.clone(), |rest| format!("{prefix}{rest}")), t.clone())).collect();
+    let tensors: Vec<&(String, Tensor)> = stored.iter().chain(head).collect();
+    write_tensors(&dir.join("model.safetensors"), &tensors, &[("format", "pt")])?;
+    write_json(&dir.join("config.json"), config)?;
+    let layer_norm = config["feat_extract_norm"] == "layer";
+    write_json(&dir.join("preprocessor_config.json"), &Preprocessor { do_normalize: run.normalize }.config_json(layer_norm))?;
+    vocab.map_or(Ok(()), |v| v.save(&dir.join("vocab.json")))
 }
 
 /// The mask set of an S3-Router checkpoint in `dir`: per matrix, the top `1 - sparsity` of

@@ -55,23 +55,10 @@ pub fn write_model_folder(dir: &Path, source: &Path, ck: &Checkpoint, trained: &
     let pre = source.join("preprocessor_config.json");
     let pre_text = match std::fs::read_to_string(&pre) {
         Ok(t) => t,
-        Err(_) => serde_json::to_string_pretty(&preprocessor_json(Preprocessor::load(source)?))?,
+        Err(_) => serde_json::to_string_pretty(&Preprocessor::load(source)?.config_json(true))?,
     };
     atomic_write(&dir.join("preprocessor_config.json"), |f| std::io::Write::write_all(f, pre_text.as_bytes()))?;
     vocab.save(&dir.join("vocab.json"))
-}
-
-/// transformers' `Wav2Vec2FeatureExtractor` settings for a folder that had none.
-fn preprocessor_json(pre: Preprocessor) -> serde_json::Value {
-    serde_json::json!({
-        "feature_extractor_type": "Wav2Vec2FeatureExtractor",
-        "feature_size": 1,
-        "sampling_rate": 16000,
-        "padding_value": 0.0,
-        "padding_side": "right",
-        "do_normalize": pre.do_normalize,
-        "return_attention_mask": true,
-    })
 }
 
 /// Writes the model in `source` with the mask set `set` applied into the new folder `dir`: every

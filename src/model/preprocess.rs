@@ -31,6 +31,21 @@ impl Preprocessor {
         Ok(Preprocessor { do_normalize })
     }
 
+    /// transformers' `Wav2Vec2FeatureExtractor` settings (`preprocessor_config.json`) for these,
+    /// saying whether the model takes an attention mask (transformers' convention: models with
+    /// layer norm in their convs do, group-norm ones do not).
+    pub fn config_json(&self, return_attention_mask: bool) -> serde_json::Value {
+        serde_json::json!({
+            "feature_extractor_type": "Wav2Vec2FeatureExtractor",
+            "feature_size": 1,
+            "sampling_rate": 16000,
+            "padding_value": 0.0,
+            "padding_side": "right",
+            "do_normalize": self.do_normalize,
+            "return_attention_mask": return_attention_mask,
+        })
+    }
+
     /// Applies the feature extractor to one utterance: `(x - mean) / sqrt(var + 1e-7)` over its
     /// own samples when `do_normalize` is set, as transformers does.
     pub fn apply(&self, mut audio: Vec<f32>) -> Vec<f32> {
