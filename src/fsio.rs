@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
+use std::io::Write;
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -32,6 +33,29 @@ pub struct RawTensor<'a> {
 /// same bytes (the safetensors crate keeps metadata in a HashMap, whose order varies per run;
 /// resumed training must write files byte-identical to an uninterrupted run).
 pub fn safetensors_bytes(tensors: &[RawTensor], meta: &BTreeMap<String, String>) -> Result<Vec<u8>> {
+    let (header, order) = layout(tensors, meta)?;
+    let mut out = Vec::with_capacity(header.len() + order.iter().map(|t| t.bytes.len()).sum::<usize>());
+    out.extend(header);
+    order.iter().for_each(|t| out.extend_from_slice(t.bytes));
+    Ok(out)
+}
+
+/// [`safetensors_bytes`] written to `path` atomically, each tensor's bytes streamed to the file
+/// from where they lie (no copy of the whole file in memory: a model's weights, say).
+pub fn write_safetensors(path: &Path, tensors: &[RawTensor], meta: &BTreeMap<String, String>) -> Result<()> {
+    let (header, order) = layout(tensors, meta)?;
+    atomic_write(path, |f| {
+        let mut w = std::io::BufWriter::new(f);
+        w.write_all(&header)?;
+        for t in order {
+            w.write_all(t.bytes)?;
+        }
+        w.flush()
+    })
+}
+
+/// The safetensors header of `tensors` (its length first) and the tensors in file order.
+fn layout<'t, 'a>(tensors: &'t [RawTensor<'a>], meta: &BTreeMap<String, String>) -> Result<(Vec<u8>, Vec<&'t RawTensor<'a>>)> {
     let mut order: Vec<&RawTensor> = tensors.iter().collect();
     order.sort_by_key(|t| t.name);
     let mut header = serde_json::Map::new();
@@ -54,11 +78,10 @@ pub fn safetensors_bytes(tensors: &[RawTensor], meta: &BTreeMap<String, String>)
     // serde_json's map keeps keys sorted; the header is padded with spaces to 8-byte alignment.
     let mut text = serde_json::to_string(&header)?.into_bytes();
     text.resize(text.len().next_multiple_of(8), b' ');
-    let mut out = Vec::with_capacity(8 + text.len() + offset);
+    let mut out = Vec::with_capacity(8 + text.len());
     out.extend((text.len() as u64).to_le_bytes());
     out.extend(text);
-    order.iter().for_each(|t| out.extend_from_slice(t.bytes));
-    Ok(out)
+    Ok((out, order))
 }
 
 /// Named f32 tensors (name, shape, values) written to `path` atomically as safetensors.
@@ -69,8 +92,7 @@ pub fn write_f32_safetensors<'a>(
 ) -> Result<()> {
     let raw: Vec<RawTensor> =
         tensors.into_iter().map(|(name, shape, v)| RawTensor { name, dtype: "F32", shape, bytes: bytemuck::cast_slice(v) }).collect();
-    let bytes = safetensors_bytes(&raw, meta)?;
-    atomic_write(path, |f| std::io::Write::write_all(f, &bytes))
+    write_safetensors(path, &raw, meta)
 }
 
 #[cfg(test)]
@@ -87,6 +109,10 @@ mod tests {
         ];
         let bytes = safetensors_bytes(&tensors, &meta).unwrap();
         assert_eq!(bytes, safetensors_bytes(&tensors, &meta).unwrap());
+        // Streamed to a file: the same bytes.
+        let dir = tempfile::tempdir().unwrap();
+        write_safetensors(&dir.path().join("t.safetensors"), &tensors, &meta).unwrap();
+        assert_eq!(std::fs::read(dir.path().join("t.safetensors")).unwrap(), bytes);
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         let w = st.tensor("w").unwrap();
         assert_eq!((w.dtype(), w.shape(), w.data()), (safetensors::Dtype::F32, &[3usize, 1][..], bytemuck::cast_slice::<f32, u8>(&a)));

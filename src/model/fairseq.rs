@@ -553,9 +553,11 @@ fn write_mask_set(
 }
 
 fn write_tensors(path: &Path, tensors: &[&(String, Tensor)], meta: &[(&str, &str)]) -> Result<()> {
-    let values: Vec<Vec<f32>> = tensors.iter().map(|(n, t)| t.to_vec().with_context(|| n.clone())).collect::<Result<_>>()?;
+    // f32 weights are written from the checkpoint's mapping; others converted first.
+    let values: Vec<Tensor> = tensors.iter().map(|(n, t)| t.to_f32().with_context(|| n.clone())).collect::<Result<_>>()?;
+    let slices: Vec<&[f32]> = values.iter().map(Tensor::f32s).collect::<Result<_>>()?;
     let meta = meta.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    write_f32_safetensors(path, tensors.iter().zip(&values).map(|((n, t), v)| (n.as_str(), t.shape(), v.as_slice())), &meta)
+    write_f32_safetensors(path, tensors.iter().zip(slices).map(|((n, t), v)| (n.as_str(), t.shape(), v)), &meta)
 }
 
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {

@@ -37,13 +37,13 @@ pub fn write_model_folder(dir: &Path, source: &Path, ck: &Checkpoint, trained: &
         .filter(|n| n.starts_with("wav2vec2.") && !trained.iter().any(|(name, ..)| name == n))
         .map(|n| Ok((n.to_string(), ck.tensor(n)?)))
         .collect::<Result<_>>()?;
-    let frozen_values: Vec<Vec<f32>> = frozen.iter().map(|(_, t)| t.to_vec()).collect::<Result<_>>()?;
-    let all: Vec<(&str, &[usize], &[f32])> = frozen
-        .iter()
-        .zip(&frozen_values)
-        .map(|((n, t), v)| (n.as_str(), t.shape(), v.as_slice()))
-        .chain(trained.iter().map(|(name, shape, data)| (*name, shape.as_slice(), *data)))
-        .collect();
+    // f32 weights are written from the checkpoint's mapping; others converted first.
+    let frozen_values: Vec<Tensor> = frozen.iter().map(|(_, t)| t.to_f32()).collect::<Result<_>>()?;
+    let mut all: Vec<(&str, &[usize], &[f32])> = Vec::new();
+    for ((n, t), v) in frozen.iter().zip(&frozen_values) {
+        all.push((n.as_str(), t.shape(), v.f32s()?));
+    }
+    all.extend(trained.iter().map(|(name, shape, data)| (*name, shape.as_slice(), *data)));
     // The family's own names (the engine's are wav2vec2's; see crate::model::checkpoint).
     let stored: Vec<String> =
         all.iter().map(|(n, ..)| n.strip_prefix("wav2vec2.").map_or(n.to_string(), |rest| format!("{}.{rest}", family.prefix()))).collect();

@@ -186,8 +186,7 @@ impl MaskSet {
         let lens: Vec<[usize; 1]> = packed.iter().map(|(_, bits)| [bits.len()]).collect();
         let raw: Vec<RawTensor> =
             packed.iter().zip(&lens).map(|((name, bits), len)| RawTensor { name, dtype: "U8", shape: len, bytes: bits }).collect();
-        let bytes = crate::fsio::safetensors_bytes(&raw, &meta)?;
-        crate::fsio::atomic_write(path, |f| std::io::Write::write_all(f, &bytes))
+        crate::fsio::write_safetensors(path, &raw, &meta)
     }
 
     /// The task vocabulary shipped with the masks, if any.
