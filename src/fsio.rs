@@ -19,6 +19,17 @@ pub fn atomic_write(path: &Path, write: impl FnOnce(&mut File) -> std::io::Resul
     Ok(())
 }
 
+/// Fails unless `dir` is absent or an empty folder: a new output never mixes with old files.
+pub fn ensure_new_folder(dir: &Path) -> Result<()> {
+    anyhow::ensure!(!dir.exists() || dir.is_dir(), "{}: a file of that name exists; choose a new folder", dir.display());
+    anyhow::ensure!(
+        !dir.exists() || std::fs::read_dir(dir).map(|mut d| d.next().is_none()).unwrap_or(false),
+        "{}: the folder exists and is not empty; choose a new one",
+        dir.display()
+    );
+    Ok(())
+}
+
 /// One tensor to serialise: name, safetensors dtype name (`"F32"`, `"U8"`), shape, raw
 /// little-endian bytes.
 pub struct RawTensor<'a> {

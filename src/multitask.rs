@@ -91,12 +91,7 @@ impl<'a> MultiRecognizer<'a> {
         for (name, mask_dir) in tasks {
             ensure!(loaded.iter().all(|t: &Task| &t.name != name), "--masks {name}= is given twice");
             let set = MaskSet::load(mask_dir).with_context(|| format!("task {name}"))?;
-            if let Some(lang) = &set.target_lang {
-                bail!(
-                    "task {name}: {} was learned with --target-lang {lang}; several tasks share the default adapters (run it alone)",
-                    mask_dir.display()
-                );
-            }
+            set.check_language(None).with_context(|| format!("task {name}: several tasks share the default adapters (run it alone)"))?;
             let masks = TaskMasks::prepare(&set, &model, backend).with_context(|| format!("task {name}"))?;
             set.check_base(&ck, dir).with_context(|| format!("task {name}"))?;
             let (head, vocab, head_bytes) = match &set.head {

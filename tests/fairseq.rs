@@ -201,7 +201,7 @@ fn bad_conversions_are_refused_and_leave_nothing() {
     // A folder that holds something is not overwritten.
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("keep.txt"), "mine").unwrap();
-    fails_with(&run(&fairseq("pretrained-base.pt"), None), "not an empty folder");
+    fails_with(&run(&fairseq("pretrained-base.pt"), None), "exists and is not empty");
     assert_eq!(std::fs::read_to_string(out.join("keep.txt")).unwrap(), "mine");
 }
 

@@ -147,8 +147,9 @@ pub struct Recognizer<'a> {
 impl<'a> Recognizer<'a> {
     /// Loads a model folder, optionally with an MMS language's adapters and vocabulary (`lang`,
     /// `--target-lang`; by default the one the mask set was learned with) and a mask set
-    /// (`--masks DIR`) whose head and `vocab.json` then define the task. With `sparse`, linears that are mostly zeros (masked or pruned) skip them where
-    /// that is faster ([`Wav2Vec2::prepare_sparse`]).
+    /// (`--masks DIR`) whose head and `vocab.json` then define the task. With `sparse`, linears
+    /// that are mostly zeros (masked or pruned) skip them where that is faster
+    /// ([`Wav2Vec2::prepare_sparse`]).
     pub fn load(dir: &Path, lang: Option<&str>, masks: Option<&Path>, backend: &'a dyn Backend, sparse: bool) -> Result<Recognizer<'a>> {
         let masks = masks.map(MaskSet::load).transpose()?;
         let lang = lang.or(masks.as_ref().and_then(|m| m.target_lang.as_deref()));

@@ -33,7 +33,7 @@ use super::preprocess::Preprocessor;
 use super::torch_bin::TorchFile;
 use super::vocab::Vocab;
 use crate::backend::cpu::CpuBackend;
-use crate::fsio::{atomic_write, write_f32_safetensors};
+use crate::fsio::{atomic_write, ensure_new_folder, write_f32_safetensors};
 use crate::model::checkpoint::Checkpoint;
 use crate::model::Wav2Vec2;
 use crate::router::top_k_mask;
@@ -372,11 +372,7 @@ fn s3router_keep(model: &Settings) -> Result<(f64, bool)> {
 /// the one its run read.
 pub fn convert(pt: &Path, dict: Option<&Path>, out: &Path) -> Result<Converted> {
     let p = pt.display().to_string();
-    ensure!(
-        !out.exists() || std::fs::read_dir(out).map(|mut d| d.next().is_none()).unwrap_or(false),
-        "{}: exists and is not an empty folder; choose a new one",
-        out.display()
-    );
+    ensure_new_folder(out)?;
     let file = std::fs::File::open(pt).with_context(|| format!("cannot open {p}"))?;
     // SAFETY: read-only mapping of a file we do not modify (as in Checkpoint::open).
     let map = std::sync::Arc::new(unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {p}"))?);

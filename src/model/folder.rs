@@ -4,9 +4,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{Context, Result};
 
-use crate::fsio::{atomic_write, write_f32_safetensors};
+use crate::fsio::{atomic_write, ensure_new_folder, write_f32_safetensors};
 use crate::mask::unpack;
 use crate::model::checkpoint::{Checkpoint, WeightSource};
 use crate::model::config::Config;
@@ -66,12 +66,7 @@ pub fn write_model_folder(dir: &Path, source: &Path, ck: &Checkpoint, trained: &
 /// vocabulary in place of the model's (its own where the set carries none). Returns the number
 /// of weights the masks drop.
 pub fn write_masked_folder(dir: &Path, source: &Path, set: &MaskSet) -> Result<usize> {
-    ensure!(!dir.exists() || dir.is_dir(), "{}: a file of that name exists; choose a new folder", dir.display());
-    ensure!(
-        !dir.exists() || std::fs::read_dir(dir).map(|mut d| d.next().is_none()).unwrap_or(false),
-        "{}: the folder exists and is not empty; choose a new one",
-        dir.display()
-    );
+    ensure_new_folder(dir)?;
     // An MMS model runs with the adapters the masks were learned with; written as the defaults.
     let (config, ck) = open_language(source, set.target_lang.as_deref())?;
     set.check_base(&ck, source)?;

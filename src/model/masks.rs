@@ -215,11 +215,6 @@ impl MaskSet {
         Ok(())
     }
 
-    /// The set's origin, as [`MaskSet::save`] takes it.
-    pub fn origin(&self) -> Origin {
-        Origin { base: self.base.clone(), target_lang: self.target_lang.clone() }
-    }
-
     /// Fails unless the model runs with the language adapters the masks were learned with:
     /// `lang` is its `--target-lang` (`None`: the default adapters).
     pub fn check_language(&self, lang: Option<&str>) -> Result<()> {
