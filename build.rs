@@ -1,5 +1,5 @@
 //! Compiles every `kernels/*.cu` with nvcc into a fatbin (SASS for sm_80 and sm_90, PTX for
-//! compute_90) and embeds them through `$OUT_DIR/kernels.rs`. Without nvcc the crate still builds:
+//! compute_90; `*_sm90a.cu`, Hopper-only code, SASS for sm_90a alone) and embeds them through `$OUT_DIR/kernels.rs`. Without nvcc the crate still builds:
 //! the generated module list is empty and the CUDA backend says how to get the kernels.
 //! ptxas register/spill reports land in `$OUT_DIR/ptxas.txt` (CI prints them).
 //!
@@ -84,15 +84,23 @@ fn run(cmd: &mut Command, what: &Path) -> String {
     log
 }
 
+/// The nvcc targets of a kernel source: SASS for sm_80 and sm_90 and PTX for compute_90, or,
+/// for a `*_sm90a.cu` source (Hopper-only instructions such as wgmma), SASS for sm_90a alone.
+fn gencodes(name: &str) -> &'static [&'static str] {
+    if name.ends_with("_sm90a") {
+        &["-gencode", "arch=compute_90a,code=sm_90a"]
+    } else {
+        &["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90", "-gencode", "arch=compute_90,code=compute_90"]
+    }
+}
+
 fn compile_fatbin(nvcc: &Path, src: &Path, out: &Path) -> (String, PathBuf, String) {
     let name = src.file_stem().unwrap().to_string_lossy().into_owned();
     let fatbin = out.join(format!("{name}.fatbin"));
     let log = run(
         Command::new(nvcc)
             .args(["-std=c++17", "-O3", "--fatbin", "--threads", "0", "-Xptxas", "-v"])
-            .args(["-gencode", "arch=compute_80,code=sm_80"])
-            .args(["-gencode", "arch=compute_90,code=sm_90"])
-            .args(["-gencode", "arch=compute_90,code=compute_90"])
+            .args(gencodes(&name))
             .arg("-o")
             .arg(&fatbin)
             .arg(src),

@@ -61,10 +61,11 @@ fn main() {
     let keep: Vec<bool> = random(n * k, 3).iter().map(|&v| v > -0.4).collect(); // 10% dropped
     let bits = s3router::mask::pack(&keep);
     // The mma.sync GEMM in each tile shape, then as the backend runs it (the shape it timed
-    // fastest for this GEMM shape).
+    // fastest for this GEMM shape). The wgmma shapes come last, in wgmma_rows.
     let tile_bes: Vec<(String, CudaBackend)> = BF16_MMA_KERNELS
         .iter()
         .enumerate()
+        .filter(|(_, k)| !k.is_wgmma())
         .map(|(t, k)| {
             let mut be = CudaBackend::new(0, Precision::Bf16).unwrap();
             be.set_mma_tile(Some(t)).unwrap();
@@ -128,8 +129,8 @@ fn main() {
     let (ab, wb) = (stream.clone_htod(&to_bf(x.f32s().unwrap())).unwrap(), stream.clone_htod(&to_bf(w.f32s().unwrap())).unwrap());
     let mut cb = stream.alloc_zeros::<half::bf16>(m * n).unwrap();
     let one = half::bf16::from_f32(1.0);
-    let ms = time_ms(&f32_be, 20, || unsafe { blas.gemm(cfg(m, n, k, one, half::bf16::ZERO), &wb, &ab, &mut cb).unwrap() });
-    rows.push(Row("cuBLAS gemm bf16".into(), ms, tf(ms)));
+    let cublas_bf16_ms = time_ms(&f32_be, 20, || unsafe { blas.gemm(cfg(m, n, k, one, half::bf16::ZERO), &wb, &ab, &mut cb).unwrap() });
+    rows.push(Row("cuBLAS gemm bf16".into(), cublas_bf16_ms, tf(cublas_bf16_ms)));
 
     // Attention, layer norm, feature-encoder conv 1, positional conv.
     let seqs = Seqs::new(vec![749; 8]);
@@ -159,20 +160,7 @@ fn main() {
     });
     rows.push(Row("layer_norm+residual 5992x768".into(), ms, format!("{:.0} GB/s", 3.0 * (FRAMES * 768 * 4) as f64 / ms / 1e6)));
     for (p, be) in [("f32 FMA", &fma_be), ("f32 3xTF32", &f32_be), ("bf16 wmma (v2)", &wmma_be), ("bf16 mma.sync, timed tile", &bf16_be)] {
-        let t_in = 47_999;
-        let seqs_in = Seqs::new(vec![t_in; 8]);
-        let seqs_out = Seqs::new(vec![(t_in - 3) / 2 + 1; 8]);
-        let xin = be.upload(&Tensor::from_vec(random(8 * t_in * 512, 6), &[8 * t_in, 512])).unwrap();
-        let wc = be.prepare_conv_weight(&Tensor::from_vec(random(512 * 3 * 512, 7), &[512, 3, 512])).unwrap();
-        let geom = ConvGeometry { kernel: 3, stride: 2, pad_left: 0, groups: 1 };
-        let ms = time_ms(be, 10, || drop(be.conv1d(&xin, &seqs_in, &seqs_out, &wc, None, geom, Activation::Gelu).unwrap()));
-        let cf = 2.0 * (seqs_out.total() * 512 * 1536) as f64;
-        rows.push(Row(format!("conv1 (k3 s2 512->512) {p} b8x15s"), ms, format!("{:.1} TFLOP/s", cf / ms / 1e9)));
-        let wp = be.prepare_conv_weight(&Tensor::from_vec(random(768 * 128 * 48, 8), &[768, 128, 48])).unwrap();
-        let geom = ConvGeometry { kernel: 128, stride: 1, pad_left: 64, groups: 16 };
-        let ms = time_ms(be, 10, || drop(be.conv1d(&h, &seqs, &seqs, &wp, None, geom, Activation::Gelu).unwrap()));
-        let pf = 2.0 * (FRAMES * 768 * 128 * 48) as f64;
-        rows.push(Row(format!("pos conv (k128 g16) {p}"), ms, format!("{:.1} TFLOP/s", pf / ms / 1e9)));
+        rows.extend(conv_rows(p, be));
     }
     // Feature-encoder layer 0 (conv k10 s5 1->512, group norm, GELU): stored conv output then
     // the norm, against the conv computed where the norm reads it; and the audio's upload.
@@ -207,4 +195,61 @@ fn main() {
         println!("| {name} | {ms:.4} | {rate} |");
     }
     println!("\nmma.sync tile shapes timed fastest (M up to, N, K, kernel): {:?}", bf16_be.mma_tile_choices());
+    wgmma_rows(&x, &w, &bits, cublas_bf16_ms);
+}
+
+/// The feature encoder's conv 1 (k3 s2 512 -> 512) and the positional conv (k128, 16 groups)
+/// at 8 x 15 s through `be`.
+fn conv_rows(p: &str, be: &CudaBackend) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let t_in = 47_999;
+    let seqs_in = Seqs::new(vec![t_in; 8]);
+    let seqs_out = Seqs::new(vec![(t_in - 3) / 2 + 1; 8]);
+    let xin = be.upload(&Tensor::from_vec(random(8 * t_in * 512, 6), &[8 * t_in, 512])).unwrap();
+    let wc = be.prepare_conv_weight(&Tensor::from_vec(random(512 * 3 * 512, 7), &[512, 3, 512])).unwrap();
+    let geom = ConvGeometry { kernel: 3, stride: 2, pad_left: 0, groups: 1 };
+    let ms = time_ms(be, 10, || drop(be.conv1d(&xin, &seqs_in, &seqs_out, &wc, None, geom, Activation::Gelu).unwrap()));
+    let cf = 2.0 * (seqs_out.total() * 512 * 1536) as f64;
+    rows.push(Row(format!("conv1 (k3 s2 512->512) {p} b8x15s"), ms, format!("{:.1} TFLOP/s", cf / ms / 1e9)));
+    let seqs = Seqs::new(vec![749; 8]);
+    let h = be.upload(&Tensor::from_vec(random(FRAMES * 768, 5), &[FRAMES, 768])).unwrap();
+    let wp = be.prepare_conv_weight(&Tensor::from_vec(random(768 * 128 * 48, 8), &[768, 128, 48])).unwrap();
+    let geom = ConvGeometry { kernel: 128, stride: 1, pad_left: 64, groups: 16 };
+    let ms = time_ms(be, 10, || drop(be.conv1d(&h, &seqs, &seqs, &wp, None, geom, Activation::Gelu).unwrap()));
+    let pf = 2.0 * (FRAMES * 768 * 128 * 48) as f64;
+    rows.push(Row(format!("pos conv (k128 g16) {p}"), ms, format!("{:.1} TFLOP/s", pf / ms / 1e9)));
+    rows
+}
+
+/// Hopper's warpgroup-MMA GEMMs (kernels/gemm_sm90a.cu), measured last and printed row by row:
+/// no GPU had run them when this bench was written, so a fault costs only these rows. The FFN
+/// GEMM in each wgmma tile shape (dense, then masked, against cuBLAS), then the timed choice
+/// with the wgmma shapes among the candidates on the FFN GEMM and the two convolutions.
+fn wgmma_rows(x: &Tensor, w: &Tensor, bits: &[u8], cublas_bf16_ms: f64) {
+    let (m, k, n) = (FRAMES, 768, 3072);
+    let rate = |ms: f64| format!("{:.1} TFLOP/s, {:.0}% of cuBLAS bf16", 2.0 * (m * n * k) as f64 / ms / 1e9, 100.0 * cublas_bf16_ms / ms);
+    let mut timed = CudaBackend::new(0, Precision::Bf16).unwrap();
+    if timed.set_wgmma_tuning(true).is_err() {
+        println!("\nwgmma: skipped (needs a compute capability 9.0 GPU)");
+        return;
+    }
+    println!("\n| Hopper wgmma (kernels/gemm_sm90a.cu) | median ms | rate |\n|---|---|---|");
+    let forced = BF16_MMA_KERNELS.iter().enumerate().filter(|(_, t)| t.is_wgmma()).map(|(i, t)| {
+        let mut be = CudaBackend::new(0, Precision::Bf16).unwrap();
+        be.set_mma_tile(Some(i)).unwrap();
+        (format!("{} ({}x{})", t.name, t.tile_m, t.tile_n), be)
+    });
+    for (p, be) in forced.chain([("timed tile, wgmma included".to_string(), timed)]) {
+        let (gx, gw, gm) = (be.upload(x).unwrap(), be.prepare_linear_weight(w).unwrap(), be.upload_mask(bits).unwrap());
+        let ms = time_ms(&be, 20, || drop(be.linear(&gx, &gw, None, Activation::Identity).unwrap()));
+        println!("| ffn gemm dense bf16 {p} {m}x{k}x{n} | {ms:.4} | {} |", rate(ms));
+        let ms = time_ms(&be, 20, || drop(be.linear_masked(&gx, &gw, &gm, None, Activation::Identity).unwrap()));
+        println!("| ffn gemm masked(10%) bf16 {p} | {ms:.4} | {} |", rate(ms));
+        if p.starts_with("timed") {
+            for Row(name, ms, rate) in conv_rows(&format!("bf16 {p}"), &be) {
+                println!("| {name} | {ms:.4} | {rate} |");
+            }
+            println!("\ntile shapes timed fastest with wgmma (M up to, N, K, kernel): {:?}", be.mma_tile_choices());
+        }
+    }
 }

@@ -153,27 +153,40 @@ fn bf16_linear_is_close() {
     }
 }
 
-/// Runs `run` with the mma.sync GEMM forced into each tile shape in turn: each result within
-/// bf16 rounding of `want`, and all of them the same bits (they add the same products in the
-/// same K order, so anything else is a tile-edge or pipeline bug). Returns those bits.
-fn same_bits_in_every_tile(be: &mut CudaBackend, what: &str, want: &[f32], run: impl Fn(&CudaBackend) -> Vec<f32>) -> Vec<u32> {
+/// Runs `run` with the bf16 tensor-core GEMM forced into each tile shape this GPU has, in turn:
+/// each result within bf16 rounding of `want`, and within each family (mma.sync; wgmma on
+/// Hopper) all of them the same bits (they add the same products in the same K order, so
+/// anything else is a tile-edge or pipeline bug). Whether the two families agree bit for bit is
+/// the card's to say; it is printed. Returns each family's bits (wgmma's when it ran).
+fn same_bits_in_every_tile(
+    be: &mut CudaBackend,
+    what: &str,
+    want: &[f32],
+    run: impl Fn(&CudaBackend) -> Vec<f32>,
+) -> [Option<Vec<u32>>; 2] {
     let tiles = s3router::backend::cuda::BF16_MMA_KERNELS;
-    let mut first: Option<Vec<u32>> = None;
-    for (t, tile) in tiles.iter().enumerate() {
+    let mut first: [Option<(usize, Vec<u32>)>; 2] = [None, None];
+    let available: Vec<usize> = (0..tiles.len()).filter(|&t| be.mma_tile_available(t)).collect();
+    for (t, tile) in available.into_iter().map(|t| (t, &tiles[t])) {
         be.set_mma_tile(Some(t)).unwrap();
         let got = run(be);
         assert_close(&format!("{} {what}", tile.name), &got, want, 1e-2);
         let bits: Vec<u32> = got.iter().map(|v| v.to_bits()).collect();
-        match &first {
-            None => first = Some(bits),
-            Some(f) => assert!(f == &bits, "{} {what}: bits differ from {}", tile.name, tiles[0].name),
+        match &first[usize::from(tile.is_wgmma())] {
+            None => first[usize::from(tile.is_wgmma())] = Some((t, bits)),
+            Some((f, family)) => assert!(family == &bits, "{} {what}: bits differ from {}", tile.name, tiles[*f].name),
         }
     }
     be.set_mma_tile(None).unwrap();
-    first.unwrap()
+    if let [Some((_, mma)), Some((_, wgmma))] = &first {
+        let same = mma.iter().zip(wgmma).filter(|(a, b)| a == b).count();
+        eprintln!("{what}: wgmma and mma.sync give the same bits on {same} of {} outputs", mma.len());
+    }
+    first.map(|f| f.map(|(_, bits)| bits))
 }
 
-/// Every tile shape of the mma.sync GEMM against the CPU and each other: linears, masked and
+/// Every tile shape of the bf16 tensor-core GEMM (mma.sync; wgmma where the GPU has it, as under
+/// tools/cuemu) against the CPU and each other: linears, masked and
 /// not, with ragged edges in M, N and K (K a multiple of 8 but not of 64; masks need K % 32 ==
 /// 0), and implicit-GEMM convolutions (strided; grouped and padded). Then the timed choice on a
 /// GEMM big enough to be tuned: the same bits again, and a choice recorded for its shape only.
@@ -202,7 +215,7 @@ fn mma_tile_shapes_agree_bit_for_bit() {
         let what = format!("linear {n}x{d_in}x{d_out} masked {masked}");
         let forced = same_bits_in_every_tile(&mut be, &what, want.f32s().unwrap(), run);
         let tuned: Vec<u32> = run(&be).iter().map(|v| v.to_bits()).collect();
-        assert!(forced == tuned, "{what}: the timed choice gives other bits");
+        assert!(forced.contains(&Some(tuned)), "{what}: the timed choice gives other bits than its family's");
     }
     let choices = be.mma_tile_choices();
     assert!(

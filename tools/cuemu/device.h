@@ -177,11 +177,19 @@ cuemu_switch:
 
 enum State { READY, AT_BLOCK_BARRIER, AT_WARP_BARRIER, DONE };
 
+// A warpgroup MMA issued but not yet retired by a wait_group (see wgmma_m64n128k16).
+struct WgmmaOp {
+    float* d;
+    uint64_t desc_a, desc_b;
+};
+
 struct Fiber {
     void* sp;
     State state;
     uint3 tid;
     int lane, warp;
+    std::vector<WgmmaOp> wgmma_ops;       // issued, oldest first
+    std::vector<size_t> wgmma_group_ends;  // committed groups, as ends in wgmma_ops
 };
 
 constexpr size_t STACK_BYTES = 256 * 1024;
@@ -197,6 +205,8 @@ struct Block {
     void* sched_sp = nullptr;
     uint3 block_idx, block_dim, grid_dim;
     std::vector<unsigned char> dynamic_smem;
+    unsigned char* smem_base = nullptr;  // dynamic_smem's first 1024-byte boundary: the shared window
+    size_t smem_bytes = 0;
     std::vector<uint64_t> warp_slots;  // [warp][lane][8]
     void (*call)(void**) = nullptr;
     void** params = nullptr;
@@ -206,7 +216,7 @@ inline thread_local Block* g_block = nullptr;
 inline thread_local Fiber* g_fiber = nullptr;
 inline thread_local std::vector<Stack> g_stacks;
 
-inline void* dynamic_shared() { return g_block->dynamic_smem.data(); }
+inline void* dynamic_shared() { return g_block->smem_base; }
 
 inline void yield(State s) {
     g_fiber->state = s;
@@ -279,8 +289,10 @@ inline bool run_block(Block& b, const char* name, char* err, size_t errlen) {
         Fiber& f = b.fibers[i];
         f.sp = fresh_context(g_stacks[i]);
         f.state = READY;
+        f.wgmma_ops.clear();
+        f.wgmma_group_ends.clear();
     }
-    std::fill(b.dynamic_smem.begin(), b.dynamic_smem.end(), 0xFF);  // unwritten floats read as NaN
+    std::fill(b.smem_base, b.smem_base + b.smem_bytes, 0xFF);  // unwritten floats read as NaN
     for (unsigned phase = 0;; ++phase) {
         phase_order(order, phase, b.block_idx);
         for (int j = 0; j < n; ++j) {
@@ -328,7 +340,11 @@ inline int launch(void (*call)(void**), const char* name, const unsigned grid[3]
     b.fibers.resize(threads);
     b.block_dim = {block[0], block[1], block[2]};
     b.grid_dim = {grid[0], grid[1], grid[2]};
-    b.dynamic_smem.resize(smem);
+    // Aligned as the GPU's shared window is (far beyond 1024 bytes): the 128-byte swizzle of
+    // wgmma operands is a function of address bits 4-9.
+    b.dynamic_smem.resize(size_t(smem) + 1024);
+    b.smem_base = b.dynamic_smem.data() + (-reinterpret_cast<uintptr_t>(b.dynamic_smem.data()) & 1023);
+    b.smem_bytes = smem;
     b.warp_slots.assign((threads + 31) / 32 * 32 * 8, 0);
     b.call = call;
     b.params = params;
@@ -562,6 +578,71 @@ inline void cp_async(void* smem, const void* gmem, int bytes, bool pred) {
 inline void cp_commit() {}
 template <int N>
 inline void cp_wait() {}
+
+// Hopper warpgroup MMA (kernels/gemm_sm90a.cu). Descriptors hold offsets into the block's
+// shared window (dynamic shared memory, 1024-byte aligned). wgmma.mma_async is asynchronous: an
+// issued MMA is recorded here and runs when a wait_group retires its group, reading shared
+// memory only then, so a kernel that overwrites an operand tile before waiting for the MMAs
+// reading it computes garbage here too. Each thread computes only its own accumulators (every
+// operand is in shared memory, nothing passes between lanes), adding the 16 products of a k16
+// step in order with fma, as the mma.sync emulation does.
+inline uint64_t wgmma_desc_sw128(const void* smem) {
+    const uint64_t addr = uint64_t(static_cast<const unsigned char*>(smem) - cuemu::g_block->smem_base);
+    return ((addr & 0x3FFFF) >> 4) | (1ull << 16) | ((1024ull >> 4) << 32) | (1ull << 62);
+}
+inline void wgmma_fence() {}
+inline void fence_proxy_async() {}
+namespace cuemu {
+// Element (row, k) of a K-major bf16 operand in the 128-byte swizzle: rows of 128 bytes in atoms
+// of 8, atoms `stride` bytes apart; the hardware XORs address bits 4-6 with bits 7-9.
+inline float wgmma_operand(uint64_t desc, int row, int k) {
+    if ((desc >> 62) != 1) {
+        fprintf(stderr, "cuemu: wgmma descriptor %#llx: only the 128-byte swizzle is emulated\n", (unsigned long long)desc);
+        std::abort();
+    }
+    const size_t start = size_t(desc & 0x3FFF) << 4, stride = size_t((desc >> 32) & 0x3FFF) << 4;
+    size_t addr = start + size_t(row / 8) * stride + size_t(row % 8) * 128 + size_t(k) * 2;
+    addr ^= ((addr >> 7) & 7) << 4;
+    if (addr + 2 > g_block->smem_bytes) {
+        fprintf(stderr, "cuemu: wgmma operand byte %zu outside %zu bytes of shared memory\n", addr, g_block->smem_bytes);
+        std::abort();
+    }
+    uint16_t bits;
+    std::memcpy(&bits, g_block->smem_base + addr, 2);
+    return __uint_as_float(unsigned(bits) << 16);
+}
+// Runs one m64n128k16 for the calling thread's accumulators (layout as in kernels/gemm_sm90a.cu).
+inline void run_wgmma(const WgmmaOp& op) {
+    const int w = g_fiber->warp % 4, g = g_fiber->lane >> 2, t = g_fiber->lane & 3;
+    float a[2][16], b[32][16];  // this thread's two rows of A and 32 columns of B
+    for (int h = 0; h < 2; ++h)
+        for (int k = 0; k < 16; ++k) a[h][k] = wgmma_operand(op.desc_a, 16 * w + g + 8 * h, k);
+    for (int c = 0; c < 32; ++c)
+        for (int k = 0; k < 16; ++k) b[c][k] = wgmma_operand(op.desc_b, 8 * (c / 2) + 2 * t + c % 2, k);
+    for (int j = 0; j < 16; ++j)
+        for (int q = 0; q < 4; ++q) {
+            float acc = op.d[4 * j + q];
+            for (int k = 0; k < 16; ++k) acc = std::fma(a[q >> 1][k], b[2 * j + (q & 1)][k], acc);
+            op.d[4 * j + q] = acc;
+        }
+}
+}  // namespace cuemu
+inline void wgmma_m64n128k16(float (&d)[16][4], uint64_t desc_a, uint64_t desc_b) {
+    cuemu::g_fiber->wgmma_ops.push_back({&d[0][0], desc_a, desc_b});
+}
+inline void wgmma_commit() { cuemu::g_fiber->wgmma_group_ends.push_back(cuemu::g_fiber->wgmma_ops.size()); }
+// Retires committed groups, oldest first, until at most N remain pending.
+template <int N>
+inline void wgmma_wait() {
+    auto& f = *cuemu::g_fiber;
+    while (f.wgmma_group_ends.size() > size_t(N)) {
+        const size_t end = f.wgmma_group_ends.front();
+        for (size_t i = 0; i < end; ++i) cuemu::run_wgmma(f.wgmma_ops[i]);
+        f.wgmma_ops.erase(f.wgmma_ops.begin(), f.wgmma_ops.begin() + long(end));
+        f.wgmma_group_ends.erase(f.wgmma_group_ends.begin());
+        for (size_t& e : f.wgmma_group_ends) e -= end;
+    }
+}
 
 // WMMA: every lane loads the whole A / B fragment (in logical row-major order); of an
 // accumulator, lane l owns the elements e with e % 32 == l, and mma_sync / store_matrix_sync

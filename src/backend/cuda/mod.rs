@@ -160,7 +160,7 @@ const TF32X3_FLASH: FlashKernels = FlashKernels {
 /// has a `NAME_smem` companion that reports its dynamic shared memory.
 fn table_kernels() -> impl Iterator<Item = (&'static str, &'static str)> {
     let flash = [&BF16_FLASH, &BF16_FLASH_FROM_BF16, &TF32X3_FLASH].into_iter().flat_map(|t| t.forward.iter().chain(&t.kv).chain(&t.q));
-    flash.map(|&f| ("attention", f)).chain(BF16_MMA_KERNELS.iter().map(|k| ("gemm", k.name)))
+    flash.map(|&f| ("attention", f)).chain(BF16_MMA_KERNELS.iter().map(|k| (k.module, k.name)))
 }
 
 /// Every kernel the backend loads, by (module, function): [`FUNCTIONS`], then the tables' kernels
@@ -257,24 +257,33 @@ impl CudaBackend {
                 "cuMemPoolSetAttribute",
             )?;
         }
+        // The sm_90a module holds SASS for compute capability 9.0 alone (H100, H200).
+        let hopper = ctx.compute_capability().map_err(|e| anyhow!("CUDA: {e}"))? == (9, 0);
         let mut modules = HashMap::new();
         for (name, image) in kernels::MODULES {
+            if *name == tune::SM90A_MODULE && !hopper {
+                continue;
+            }
             let m = ctx.load_module(Ptx::from_binary(image.to_vec())).map_err(|e| anyhow!("loading kernels/{name}.cu: {e}"))?;
             modules.insert(*name, m);
         }
         let mut funcs = HashMap::new();
         for (module, func) in loaded_kernels() {
-            let m = modules.get(module).with_context(|| format!("kernel module {module} missing from this build"))?;
+            let Some(m) = modules.get(module) else {
+                ensure!(module == tune::SM90A_MODULE, "kernel module {module} missing from this build");
+                continue;
+            };
             let f = m.load_function(&func).map_err(|e| anyhow!("kernel {func}: {e}"))?;
             funcs.insert(func, f);
         }
+        let wgmma = modules.contains_key(tune::SM90A_MODULE);
         let mut be = CudaBackend {
             ctx,
             stream,
             funcs,
             dynamic_smem: HashMap::new(),
             mma_sync: true,
-            tuner: tune::Tuner::default(),
+            tuner: tune::Tuner::new(wgmma),
             tf32x3: true,
             precision,
             poison: false,
@@ -288,7 +297,7 @@ impl CudaBackend {
     /// once, in the .cu file) and allows the kernel that much.
     fn size_dynamic_smem_kernels(&mut self) -> Result<()> {
         let names = FUNCTIONS.iter().filter_map(|(_, f)| f.strip_suffix("_smem")).chain(table_kernels().map(|(_, f)| f));
-        for name in names {
+        for name in names.filter(|name| self.funcs.contains_key(*name)) {
             let out = self.stream.alloc_zeros::<i32>(1).map_err(|e| anyhow!("GPU allocation: {e}"))?;
             let p = out.device_ptr(&self.stream).0;
             let query = self.funcs.get(format!("{name}_smem").as_str()).with_context(|| format!("kernel {name}_smem missing"))?;
@@ -315,12 +324,30 @@ impl CudaBackend {
         self.mma_sync = on;
     }
 
-    /// Makes the mma.sync GEMM always use tile shape `BF16_MMA_KERNELS[i]`, or (`None`, the
-    /// default) the fastest one timed for each GEMM shape.
+    /// Makes the bf16 tensor-core GEMM always use tile shape `BF16_MMA_KERNELS[i]`, or (`None`,
+    /// the default) the fastest one timed for each GEMM shape.
     pub fn set_mma_tile(&mut self, i: Option<usize>) -> Result<()> {
         ensure!(i.is_none_or(|i| i < BF16_MMA_KERNELS.len()), "no mma.sync tile shape {i:?} (there are {})", BF16_MMA_KERNELS.len());
+        if let Some(i) = i {
+            ensure!(self.mma_tile_available(i), "{} needs a compute capability 9.0 GPU (H100, H200)", BF16_MMA_KERNELS[i].name);
+        }
         self.tuner.force(i);
         Ok(())
+    }
+
+    /// Times the wgmma tile shapes with the others when choosing a GEMM's kernel (what
+    /// `S3R_WGMMA=1` sets), or leaves them out (the default).
+    pub fn set_wgmma_tuning(&mut self, on: bool) -> Result<()> {
+        let loaded = (0..BF16_MMA_KERNELS.len()).any(|i| BF16_MMA_KERNELS[i].is_wgmma() && self.mma_tile_available(i));
+        ensure!(loaded || !on, "the wgmma GEMMs need a compute capability 9.0 GPU (H100, H200)");
+        self.tuner.with_wgmma = on;
+        Ok(())
+    }
+
+    /// Whether tile shape `BF16_MMA_KERNELS[i]` runs on this GPU (the wgmma ones need compute
+    /// capability 9.0).
+    pub fn mma_tile_available(&self, i: usize) -> bool {
+        self.funcs.contains_key(BF16_MMA_KERNELS[i].name)
     }
 
     /// The mma.sync tile shape timed fastest for each class of GEMM shape met so far, as

@@ -1,8 +1,12 @@
-//! The bf16 tensor-core GEMM comes in several tile shapes (kernels/gemm.cu, `gemm_bf16_mma*`).
+//! The bf16 tensor-core GEMM comes in several tile shapes (kernels/gemm.cu, `gemm_bf16_mma*`,
+//! mma.sync) and, on Hopper, as warpgroup MMAs (kernels/gemm_sm90a.cu, `gemm_bf16_wgmma*`).
 //! Which one is fastest depends on the card and the GEMM's shape (wave quantisation, occupancy,
 //! barriers per K), so the backend times them on the shapes a run meets, once per shape class,
-//! and keeps the winner. All shapes give the same bits (each output sums the same products in
-//! the same K order), so the choice never changes a result, only its speed.
+//! and keeps the winner. All mma.sync shapes give the same bits (each output sums the same
+//! products in the same K order), so choosing among them never changes a result, only its
+//! speed; the same holds among the wgmma shapes. Whether wgmma rounds as mma.sync does is for
+//! the card to say (the tests print it), so the wgmma kernels join the timing only when asked:
+//! `S3R_WGMMA=1`, until an H100 run has checked them (their tests force them explicitly).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -13,24 +17,46 @@ use cudarc::driver::sys::CUevent_flags;
 use super::launch::GemmArgs;
 use super::CudaBackend;
 
-/// One tile shape of the bf16 mma.sync GEMM: its kernel and launch geometry (the kernel's tile
-/// type in kernels/gemm.cu says the same).
+/// One tile shape of the bf16 tensor-core GEMM: its kernel, module and launch geometry (the
+/// kernel's tile type in kernels/gemm.cu or kernels/gemm_sm90a.cu says the same).
 #[derive(Clone, Copy, Debug)]
 pub struct MmaKernel {
     pub name: &'static str,
+    pub module: &'static str,
     pub tile_m: usize,
     pub tile_n: usize,
     pub threads: u32,
 }
 
+impl MmaKernel {
+    /// A Hopper-only warpgroup-MMA kernel (loaded on compute capability 9.0 alone).
+    pub fn is_wgmma(&self) -> bool {
+        self.module == SM90A_MODULE
+    }
+}
+
+/// The module of the Hopper-only kernels (kernels/gemm_sm90a.cu, built for sm_90a alone).
+pub const SM90A_MODULE: &str = "gemm_sm90a";
+
+const fn mma(name: &'static str, tile_m: usize, tile_n: usize, threads: u32) -> MmaKernel {
+    MmaKernel { name, module: "gemm", tile_m, tile_n, threads }
+}
+
+const fn wgmma(name: &'static str, tile_n: usize) -> MmaKernel {
+    MmaKernel { name, module: SM90A_MODULE, tile_m: 128, tile_n, threads: 256 }
+}
+
 /// The shapes, the first being the one GEMMs too small to be worth timing run.
-pub const BF16_MMA_KERNELS: [MmaKernel; 6] = [
-    MmaKernel { name: "gemm_bf16_mma", tile_m: 128, tile_n: 128, threads: 128 },
-    MmaKernel { name: "gemm_bf16_mma_k64", tile_m: 128, tile_n: 128, threads: 128 },
-    MmaKernel { name: "gemm_bf16_mma_wide", tile_m: 128, tile_n: 256, threads: 256 },
-    MmaKernel { name: "gemm_bf16_mma_tall", tile_m: 256, tile_n: 128, threads: 256 },
-    MmaKernel { name: "gemm_bf16_mma_short", tile_m: 64, tile_n: 128, threads: 64 },
-    MmaKernel { name: "gemm_bf16_mma_narrow", tile_m: 128, tile_n: 64, threads: 64 },
+pub const BF16_MMA_KERNELS: [MmaKernel; 9] = [
+    mma("gemm_bf16_mma", 128, 128, 128),
+    mma("gemm_bf16_mma_k64", 128, 128, 128),
+    mma("gemm_bf16_mma_wide", 128, 256, 256),
+    mma("gemm_bf16_mma_tall", 256, 128, 256),
+    mma("gemm_bf16_mma_short", 64, 128, 64),
+    mma("gemm_bf16_mma_narrow", 128, 64, 64),
+    wgmma("gemm_bf16_wgmma", 128),
+    wgmma("gemm_bf16_wgmma_s3", 128),
+    wgmma("gemm_bf16_wgmma_wide", 256),
 ];
 
 /// GEMMs of fewer flops run the first shape untimed: a few microseconds each, where timing
@@ -67,9 +93,17 @@ impl ShapeClass {
 pub struct Tuner {
     chosen: Mutex<HashMap<ShapeClass, usize>>,
     forced: Option<usize>,
+    /// Whether the wgmma kernels are timed with the others (loaded, and `S3R_WGMMA=1`).
+    pub(super) with_wgmma: bool,
 }
 
 impl Tuner {
+    /// A tuner that times the wgmma kernels too when `wgmma_loaded` and the user opted in.
+    pub fn new(wgmma_loaded: bool) -> Tuner {
+        let opted_in = std::env::var("S3R_WGMMA").is_ok_and(|v| v == "1");
+        Tuner { with_wgmma: wgmma_loaded && opted_in, ..Tuner::default() }
+    }
+
     /// Makes every bf16 tensor-core GEMM use `BF16_MMA_KERNELS[i]`, or (`None`) the timed choice.
     pub fn force(&mut self, i: Option<usize>) {
         self.forced = i;
@@ -100,16 +134,24 @@ impl CudaBackend {
         if let Some(i) = known {
             return self.launch_mma(i, args, batch);
         }
-        // Each timed launch writes the whole output with the same bits, so the last one leaves
-        // the result in place: the tuning is this GEMM's own computation, repeated.
+        // Each timed launch writes the whole output, so the last one leaves the result in place:
+        // the tuning is this GEMM's own computation, repeated. Where that last one is of the
+        // other family than the winner (wgmma may round otherwise than mma.sync), the winner
+        // runs once more, so that every result of a class comes from the same kernel.
+        let candidates: Vec<usize> =
+            (0..BF16_MMA_KERNELS.len()).filter(|&i| self.tuner.with_wgmma || !BF16_MMA_KERNELS[i].is_wgmma()).collect();
         let mut best = (f32::INFINITY, 0);
-        for i in 0..BF16_MMA_KERNELS.len() {
+        for &i in &candidates {
             let ms = self.time_mma(i, args, batch)?;
             if ms < best.0 {
                 best = (ms, i);
             }
         }
         self.tuner.chosen.lock().unwrap_or_else(|e| e.into_inner()).insert(class, best.1);
+        let last = candidates[candidates.len() - 1];
+        if BF16_MMA_KERNELS[last].is_wgmma() != BF16_MMA_KERNELS[best.1].is_wgmma() {
+            self.launch_mma(best.1, args, batch)?;
+        }
         Ok(())
     }
 

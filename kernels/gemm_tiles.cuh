@@ -1,0 +1,174 @@
+// Pieces shared by the tensor-core GEMMs of kernels/gemm.cu and kernels/gemm_sm90a.cu: the
+// argument struct, the epilogue, the operand addressing, the staged-tile layouts, the cp.async
+// stage loader and K loop, and the shared-memory write-out of accumulator tiles.
+#pragma once
+#include "common.cuh"
+
+struct GemmArgs {
+    const void* a; long lda; long batch_a;  // fp32, except bf16 for gemm_bf16_mma
+    const void* b; long ldb; long batch_b;
+    const uint8_t* mask;  // may be null
+    const float* bias; long batch_bias;  // may be null
+    float* c; long ldc; long batch_c;
+    int m, n, k, act;
+    int conv_cg, conv_stride, conv_pad, conv_tin;  // implicit convolution when conv_cg > 0
+    int vec;  // 1 when 16-byte vector loads are legal (checked by the host)
+    const void* st_w; const float* st_s;  // may be null; st_w fp32, or bf16 with st_w_bf16
+    int c_bf16;  // C is bf16 (the operand of a following bf16 GEMM); write_tile's kernels only
+    int st_w_bf16;
+};
+
+// Every kernel's output value at (gm, gn) from its accumulator.
+__device__ __forceinline__ float epilogue(const GemmArgs& p, const float* bias, float acc, int gm, int gn) {
+    float v = apply_act(acc + (bias ? bias[gn] : 0.0f), p.act);
+    if (p.st_w) {
+        long o = (long)gm * p.ldc + gn;
+        float w = p.st_w_bf16 ? load_as((const __nv_bfloat16*)p.st_w + o) : load_as((const float*)p.st_w + o);
+        v *= straight_through(w, p.st_s[o]);
+    }
+    return v;
+}
+
+// Offset of A(gm, gk) from A's base, or -1 where it reads as zero (outside the matrix, or padding).
+__device__ __forceinline__ long a_offset(const GemmArgs& p, int gm, int gk) {
+    if (gm >= p.m || gk >= p.k) return -1;
+    if (p.conv_cg == 0) return (long)gm * p.lda + gk;
+    int tap = gk / p.conv_cg, ci = gk - tap * p.conv_cg;
+    int s = gm * p.conv_stride + tap - p.conv_pad;
+    return (s >= 0 && s < p.conv_tin) ? (long)s * p.lda + ci : -1;
+}
+
+// The tensor-core kernels' epilogue, in two steps around a __syncthreads: each warp parks its
+// m16n8 accumulators acc[MI][NT] (rows wm + 16 mi + g and + 8, columns wn + 8 nt + 2 tq and + 1)
+// in an fp32 tile in shared memory (row stride LC; the pipeline buffers are free by then), then
+// the block writes the BM x BN tile row by row with float4 stores, bias, activation and
+// straight-through factor applied: full 128-byte lines instead of 8-byte pieces of eight rows.
+template <int MI, int NT, int LC>
+__device__ __forceinline__ void park_accumulators(float* tile, const float (&acc)[MI][NT][4], int wm, int wn, int g, int tq) {
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                float2 v = make_float2(acc[mi][nt][2 * half], acc[mi][nt][2 * half + 1]);
+                *reinterpret_cast<float2*>(tile + (wm + mi * 16 + g + half * 8) * LC + wn + nt * 8 + tq * 2) = v;
+            }
+}
+
+template <int BM, int BN, int LC, int THREADS>
+__device__ __forceinline__ void write_tile(const GemmArgs& p, const float* tile, int m0, int n0, int z, int t) {
+    // C in fp32, or (c_bf16) in bf16 rounded to nearest even; 16-byte (8-byte) stores of 4
+    // values where aligned.
+    const long c_offset = (long)z * p.batch_c;
+    const unsigned long c_addr = (unsigned long)p.c + (unsigned long)c_offset * (p.c_bf16 ? 2 : 4);
+    const bool vec_out = (p.ldc % 4 == 0) && (c_addr & (p.c_bf16 ? 7 : 15)) == 0;
+    const float* bias = p.bias ? p.bias + z * p.batch_bias : nullptr;
+    for (int i = t; i < BM * BN / 4; i += THREADS) {
+        int r = i / (BN / 4), c4 = (i % (BN / 4)) * 4;
+        int gm = m0 + r, gn = n0 + c4;
+        if (gm >= p.m || gn >= p.n) continue;
+        float4 v = *reinterpret_cast<const float4*>(tile + r * LC + c4);
+        float e[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+            if (gn + q < p.n) e[q] = epilogue(p, bias, e[q], gm, gn + q);
+        const long at = c_offset + (long)gm * p.ldc + gn;
+        const bool whole = vec_out && gn + 3 < p.n;
+        if (p.c_bf16) {
+            __nv_bfloat16* dst = reinterpret_cast<__nv_bfloat16*>(p.c) + at;
+            if (whole) {
+                __nv_bfloat162 lo = __floats2bfloat162_rn(e[0], e[1]), hi = __floats2bfloat162_rn(e[2], e[3]);
+                uint2 packed;
+                packed.x = *reinterpret_cast<unsigned*>(&lo);
+                packed.y = *reinterpret_cast<unsigned*>(&hi);
+                *reinterpret_cast<uint2*>(dst) = packed;
+            } else {
+                for (int q = 0; q < 4 && gn + q < p.n; ++q) dst[q] = __float2bfloat16(e[q]);
+            }
+        } else {
+            float* dst = p.c + at;
+            if (whole) {
+                *reinterpret_cast<float4*>(dst) = make_float4(e[0], e[1], e[2], e[3]);
+            } else {
+                for (int q = 0; q < 4 && gn + q < p.n; ++q) dst[q] = e[q];
+            }
+        }
+    }
+}
+
+// Shared-memory layouts of a staged operand tile, rows of BK elements, `at(r, c)` the offset of
+// element (r, c); `c` is a multiple of the 16-byte chunk wherever a chunk is addressed.
+// Padded<LDS>: rows of LDS elements, the padding placing the eight rows an ldmatrix (or a
+// fragment load) reads in different banks.
+template <int LDS>
+struct Padded {
+    static constexpr int ROW = LDS;
+    __device__ static __forceinline__ int at(int r, int c) { return r * LDS + c; }
+};
+// Swizzled128: 64 bf16 (128 bytes) per row, no padding, chunk j of row r stored at chunk
+// j ^ (r % 8): the eight rows an ldmatrix reads at one logical chunk sit in eight different
+// bank groups, and a BK = 64 stage is 20% smaller than padded rows would make it.
+struct Swizzled128 {
+    static constexpr int ROW = 64;
+    __device__ static __forceinline__ int at(int r, int c) { return r * 64 + ((((c >> 3) ^ r) & 7) << 3) + (c & 7); }
+};
+
+// Keep-mask for a register of two bf16 weights whose mask bits are the low two bits of `bits`.
+__device__ __forceinline__ unsigned pair_mask(unsigned bits) { return ((bits & 1) ? 0x0000FFFFu : 0u) | ((bits & 2) ? 0xFFFF0000u : 0u); }
+
+// One stage of the cp.async GEMMs: BM x BK of A and BN x BK of B (elements of T, laid out by L)
+// in 16-byte chunks, zero-filled outside the matrices, then, with a mask, BK / 32 words per B
+// row (K % 32 == 0 there: each word is 32 aligned bits of row n; zero past K).
+template <class T, class L, int BM, int BN, int BK, int THREADS>
+__device__ __forceinline__ void load_stage(const GemmArgs& p, const T* A, const T* B, unsigned char* stage, int m0, int n0, int k0, int t) {
+    constexpr int CHUNK = 16 / sizeof(T), PER_ROW = BK / CHUNK, WORDS = BK / 32;
+    static_assert(BM * PER_ROW % THREADS == 0 && BN * PER_ROW % THREADS == 0, "whole chunks per thread");
+    T* As = reinterpret_cast<T*>(stage);
+    T* Bs = As + BM * L::ROW;
+    unsigned* Ms = reinterpret_cast<unsigned*>(Bs + BN * L::ROW);
+#pragma unroll
+    for (int i = 0; i < BM * PER_ROW / THREADS; ++i) {
+        int idx = t + i * THREADS, r = idx / PER_ROW, ch = (idx % PER_ROW) * CHUNK;
+        long ao = a_offset(p, m0 + r, k0 + ch);
+        cp_async(As + L::at(r, ch), ao >= 0 ? (const void*)(A + ao) : (const void*)A, 16, ao >= 0);
+    }
+#pragma unroll
+    for (int i = 0; i < BN * PER_ROW / THREADS; ++i) {
+        int idx = t + i * THREADS, r = idx / PER_ROW, ch = (idx % PER_ROW) * CHUNK;
+        int gn = n0 + r, gk = k0 + ch;
+        bool bin = gn < p.n && gk < p.k;
+        cp_async(Bs + L::at(r, ch), bin ? (const void*)(B + (long)gn * p.ldb + gk) : (const void*)B, 16, bin);
+    }
+    if (p.mask) {
+#pragma unroll
+        for (int i = 0; i < (BN * WORDS + THREADS - 1) / THREADS; ++i) {
+            int idx = t + i * THREADS, gn = n0 + idx / WORDS, gk = k0 + (idx % WORDS) * 32;
+            bool in = gn < p.n && gk < p.k;
+            if (idx < BN * WORDS) cp_async(Ms + idx, in ? (const void*)(p.mask + (((long)gn * p.k + gk) >> 3)) : (const void*)p.mask, 4, in);
+        }
+    }
+}
+
+// The K loop of the cp.async GEMMs: STAGES - 1 stages in flight ahead of the one being
+// multiplied. `load(stage, k0)` queues a stage's copies, `compute(stage)` multiplies a resident
+// one; on return every copy has landed and the buffers are free for the epilogue.
+template <int STAGES, int STAGE_BYTES, int BK, class Load, class Compute>
+__device__ __forceinline__ void cp_async_k_loop(unsigned char* smem, int k, Load load, Compute compute) {
+    const int kt_count = (k + BK - 1) / BK;
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < kt_count) load(smem + s * STAGE_BYTES, s * BK);
+        cp_commit();
+    }
+    for (int kt = 0; kt < kt_count; ++kt) {
+        cp_wait<STAGES - 2>();
+        __syncthreads();
+        const int next = kt + STAGES - 1;
+        if (next < kt_count) load(smem + (next % STAGES) * STAGE_BYTES, next * BK);
+        cp_commit();
+        compute(static_cast<const unsigned char*>(smem + (kt % STAGES) * STAGE_BYTES));
+    }
+    cp_wait<0>();
+    __syncthreads();
+}
