@@ -273,23 +273,15 @@ __device__ __forceinline__ void gemm_bf16_mma_body(const GemmArgs& p) {
                 }
         }
     });
-    float* tile = reinterpret_cast<float*>(smem);
-    park_accumulators<4, 8, BN + 4>(tile, acc, wm, wn, g, tq);
-    __syncthreads();
-    write_tile<BM, BN, BN + 4, Tile::THREADS>(p, tile, m0, n0, z, t);
+    store_accumulators<BM, BN, Tile::THREADS>(p, smem, acc, wm, wn, lane, m0, n0, z);
 }
 
-// One kernel per tile shape, plus a query of each one's dynamic shared memory (the host's
-// table in tune.rs lists the same names, tiles and thread counts).
-#define GEMM_BF16_MMA(name, Tile)                                                                   \
-    extern "C" __global__ void __launch_bounds__(Tile::THREADS) name(GemmArgs p) { gemm_bf16_mma_body<Tile>(p); } \
-    extern "C" __global__ void name##_smem(int* bytes) { *bytes = Tile::SMEM_BYTES; }
-GEMM_BF16_MMA(gemm_bf16_mma, Mma128x128k32)
-GEMM_BF16_MMA(gemm_bf16_mma_k64, Mma128x128k64)
-GEMM_BF16_MMA(gemm_bf16_mma_wide, Mma128x256k32)
-GEMM_BF16_MMA(gemm_bf16_mma_tall, Mma256x128k32)
-GEMM_BF16_MMA(gemm_bf16_mma_short, Mma64x128k32)
-GEMM_BF16_MMA(gemm_bf16_mma_narrow, Mma128x64k32)
+GEMM_TILE_KERNEL(gemm_bf16_mma, Mma128x128k32, gemm_bf16_mma_body)
+GEMM_TILE_KERNEL(gemm_bf16_mma_k64, Mma128x128k64, gemm_bf16_mma_body)
+GEMM_TILE_KERNEL(gemm_bf16_mma_wide, Mma128x256k32, gemm_bf16_mma_body)
+GEMM_TILE_KERNEL(gemm_bf16_mma_tall, Mma256x128k32, gemm_bf16_mma_body)
+GEMM_TILE_KERNEL(gemm_bf16_mma_short, Mma64x128k32, gemm_bf16_mma_body)
+GEMM_TILE_KERNEL(gemm_bf16_mma_narrow, Mma128x64k32, gemm_bf16_mma_body)
 
 // gemm_tf32x3: version 1 of the fp32-accurate tensor-core path (fp32 A and B, as gemm_f32). Each
 // operand x is split into TF32 parts, x = big + small with big = tf32(x) and small = tf32(x - big),
@@ -347,10 +339,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) gemm_tf32x3(GemmArgs p) {
             }
         }
     });
-    float* tile = reinterpret_cast<float*>(smem);
-    park_accumulators<4, 4, BN + 4>(tile, acc, wm, wn, g, tq);
-    __syncthreads();
-    write_tile<BM, BN, BN + 4, 256>(p, tile, m0, n0, z, t);
+    store_accumulators<BM, BN, 256>(p, smem, acc, wm, wn, lane, m0, n0, z);
 }
 
 extern "C" __global__ void gemm_tf32x3_smem(int* bytes) { *bytes = x3::SMEM_BYTES; }

@@ -20,7 +20,7 @@
 // hands the stage to the MMAs; `fence.proxy.async` makes those ordinary shared-memory writes
 // (and cp.async's) visible to wgmma, which reads through the async proxy.
 // Output: the accumulators (per warp, the m16n8 layout of mma.sync, repeated over N / 8) leave
-// through park_accumulators and write_tile as the mma.sync kernels' do.
+// through store_accumulators as the mma.sync kernels' do.
 #include "gemm_tiles.cuh"
 
 #ifndef S3R_CUEMU
@@ -152,17 +152,9 @@ __device__ __forceinline__ void gemm_bf16_wgmma_body(const GemmArgs& p) {
     wgmma_wait<0>();
     cp_wait<0>();
     __syncthreads();
-    float* tile = reinterpret_cast<float*>(smem);
-    park_accumulators<1, BN / 8, BN + 4>(tile, acc, wg * 64 + (warp % 4) * 16, 0, lane / 4, lane % 4);
-    __syncthreads();
-    write_tile<BM, BN, BN + 4, Tile::THREADS>(p, tile, m0, n0, z, t);
+    store_accumulators<BM, BN, Tile::THREADS>(p, smem, acc, wg * 64 + (warp % 4) * 16, 0, lane, m0, n0, z);
 }
 
-// One kernel per tile shape and its shared-memory query, as GEMM_BF16_MMA in kernels/gemm.cu
-// (the host's table in src/backend/cuda/tune.rs lists the same names, tiles and thread counts).
-#define GEMM_BF16_WGMMA(name, Tile)                                                                 \
-    extern "C" __global__ void __launch_bounds__(Tile::THREADS) name(GemmArgs p) { gemm_bf16_wgmma_body<Tile>(p); } \
-    extern "C" __global__ void name##_smem(int* bytes) { *bytes = Tile::SMEM_BYTES; }
-GEMM_BF16_WGMMA(gemm_bf16_wgmma, Wgmma128x128)
-GEMM_BF16_WGMMA(gemm_bf16_wgmma_s3, Wgmma128x128s3)
-GEMM_BF16_WGMMA(gemm_bf16_wgmma_wide, Wgmma128x256)
+GEMM_TILE_KERNEL(gemm_bf16_wgmma, Wgmma128x128, gemm_bf16_wgmma_body)
+GEMM_TILE_KERNEL(gemm_bf16_wgmma_s3, Wgmma128x128s3, gemm_bf16_wgmma_body)
+GEMM_TILE_KERNEL(gemm_bf16_wgmma_wide, Wgmma128x256, gemm_bf16_wgmma_body)

@@ -97,6 +97,24 @@ __device__ __forceinline__ void write_tile(const GemmArgs& p, const float* tile,
     }
 }
 
+// The two steps of the epilogue for a BM x BN block whose warps hold m16n8 accumulators
+// acc[MI][NT] at (wm, wn): parked in `smem` (fp32, row stride BN + 4), then written out.
+template <int BM, int BN, int THREADS, int MI, int NT>
+__device__ __forceinline__ void store_accumulators(const GemmArgs& p, unsigned char* smem, const float (&acc)[MI][NT][4], int wm, int wn,
+                                                   int lane, int m0, int n0, int z) {
+    float* tile = reinterpret_cast<float*>(smem);
+    park_accumulators<MI, NT, BN + 4>(tile, acc, wm, wn, lane / 4, lane % 4);
+    __syncthreads();
+    write_tile<BM, BN, BN + 4, THREADS>(p, tile, m0, n0, z, threadIdx.x);
+}
+
+// One kernel per tile shape of a tensor-core GEMM whose body is `body<Tile>`, plus a query of
+// its dynamic shared memory (the host's table in src/backend/cuda/tune.rs lists the same names,
+// tiles and thread counts).
+#define GEMM_TILE_KERNEL(name, Tile, body)                                                          \
+    extern "C" __global__ void __launch_bounds__(Tile::THREADS) name(GemmArgs p) { body<Tile>(p); } \
+    extern "C" __global__ void name##_smem(int* bytes) { *bytes = Tile::SMEM_BYTES; }
+
 // Shared-memory layouts of a staged operand tile, rows of BK elements, `at(r, c)` the offset of
 // element (r, c); `c` is a multiple of the 16-byte chunk wherever a chunk is addressed.
 // Padded<LDS>: rows of LDS elements, the padding placing the eight rows an ldmatrix (or a
