@@ -10,7 +10,9 @@
 //! The product takes frames in blocks of [`LANES`]: each block is transposed so the lanes of
 //! one input feature are contiguous, and each kept weight costs one broadcast multiply-add over
 //! a block (vectorised over frames). A panel of a block is `PANEL * LANES` floats (32 KB), so the
-//! gathered rows come from L1 while every output row's entries of that panel stream past.
+//! gathered rows come from L1 while every output row's entries of that panel stream past. An
+//! output row's lanes add up over the panels in a row-major tile (two vector adds per row and
+//! panel), which goes into the frames' rows once, at the end.
 
 use rayon::prelude::*;
 
@@ -29,19 +31,19 @@ const BLOCKS_PER_TASK: usize = 8;
 
 /// Whether the sparse product beats the dense GEMM for a weight with `dropped` of its entries
 /// zero, over `frames` frames. Measured crossovers (docs/PERF.md, `cargo bench --bench sparse`,
-/// wav2vec2-base FFN shapes): with 49 frames (batch 1 x 1 s) sparse wins from about 80% dropped
-/// (3.1x at 90% for 768->3072, 1.4x for 3072->768); with 5992 frames (batch 8 x 15 s) the dense
-/// GEMM keeps up until about 90% and wins at 90% for 3072->768.
+/// wav2vec2-base FFN shapes, 2 vCPUs): with 49 frames (batch 1 x 1 s) sparse wins at 70%
+/// dropped for 768->3072 and ties there for 3072->768, hence from [`MIN_DROPPED`] (3x and 2.3x
+/// at 90%); with 5992 frames (batch 8 x 15 s) the dense GEMM still wins at 70% for 3072->768
+/// and loses at 90% for both shapes.
 pub fn sparse_pays(dropped: f64, frames: usize) -> bool {
-    if frames <= 256 {
-        dropped >= MIN_DROPPED
-    } else {
-        dropped >= 0.95
-    }
+    dropped >= if frames <= SMALL_BATCH_FRAMES { MIN_DROPPED } else { 0.9 }
 }
 
+/// Products over up to this many frames are memory-bound: the weight's bytes dominate.
+pub const SMALL_BATCH_FRAMES: usize = 256;
+
 /// The fewest dropped weights for which a linear gets a sparse copy at all.
-const MIN_DROPPED: f64 = 0.8;
+pub const MIN_DROPPED: f64 = 0.8;
 
 /// Whether a weight has enough zeros to get a sparse copy (on any device).
 pub fn worth_compressing(values: &[f32]) -> bool {
@@ -129,15 +131,17 @@ impl SparseLinear {
         });
         let row_tasks = d_out.div_ceil(ROWS_PER_TASK);
         let block_tasks = blocks.div_ceil(BLOCKS_PER_TASK);
-        // Each task computes a frame-major [frames, rows] tile of one block group.
+        // Each task computes, per block of its group, a row-major [rows, LANES] tile: the
+        // panels add into a row's lanes with vector adds, and the transposition into frames
+        // happens once, below, instead of once per panel.
         let tiles: Vec<(std::ops::Range<usize>, Vec<f32>)> = (0..row_tasks * block_tasks)
             .into_par_iter()
             .map(|task| {
                 let (rt, bt) = (task % row_tasks, task / row_tasks);
                 let rows = rt * ROWS_PER_TASK..((rt + 1) * ROWS_PER_TASK).min(d_out);
                 let bs = bt * BLOCKS_PER_TASK..((bt + 1) * BLOCKS_PER_TASK).min(blocks);
-                let mut tile = vec![0.0f32; bs.len() * LANES * rows.len()];
-                for (b, out) in bs.zip(tile.chunks_exact_mut(LANES * rows.len())) {
+                let mut tile = vec![0.0f32; bs.len() * rows.len() * LANES];
+                for (b, out) in bs.zip(tile.chunks_exact_mut(rows.len() * LANES)) {
                     let block = &xt[b * d_in * LANES..(b + 1) * d_in * LANES];
                     for (p, panel) in block.chunks(PANEL * LANES).enumerate() {
                         let starts = &self.row_start[p * (d_out + 1) + rows.start..=p * (d_out + 1) + rows.end];
@@ -151,8 +155,15 @@ impl SparseLinear {
         let mut y = vec![0.0f32; n * d_out];
         y.par_chunks_mut(BLOCKS_PER_TASK * LANES * d_out).zip(tiles.par_chunks(row_tasks)).for_each(|(frames, group)| {
             for (rows, tile) in group {
-                for (row, vals) in frames.chunks_exact_mut(d_out).zip(tile.chunks_exact(rows.len())) {
-                    row[rows.clone()].copy_from_slice(vals);
+                // Frame by frame, so that writes run along y's rows (strided reads stay in the
+                // tile, a few KB; strided writes of y would collide in cache sets when d_out is
+                // a multiple of 1024).
+                for (block, lanes) in frames.chunks_mut(LANES * d_out).zip(tile.chunks_exact(rows.len() * LANES)) {
+                    for (lane, frame) in block.chunks_exact_mut(d_out).enumerate() {
+                        for (y, row_lanes) in frame[rows.clone()].iter_mut().zip(lanes.chunks_exact(LANES)) {
+                            *y = row_lanes[lane];
+                        }
+                    }
                 }
             }
             bias_act_rows(frames, d_out, bias, act);
@@ -163,10 +174,9 @@ impl SparseLinear {
 
 multiversion! {
     /// One panel of a block of [`LANES`] transposed frames against the rows whose entries start
-    /// at `row_start` (one more start than rows): `out[lane][r] += Σ_k vals[k] · panel[cols[k]][lane]`.
+    /// at `row_start` (one more start than rows): `out[r][lane] += Σ_k vals[k] · panel[cols[k]][lane]`.
     pub fn panel_rows(row_start: &[u32], cols: &[u16], vals: &[f32], panel: &[f32], out: &mut [f32]) {
-        let width = row_start.len() - 1;
-        for (r, range) in row_start.windows(2).enumerate() {
+        for (range, out) in row_start.windows(2).zip(out.chunks_exact_mut(LANES)) {
             let (a, b) = (range[0] as usize, range[1] as usize);
             let mut acc = [0.0f32; LANES];
             for (&c, &v) in cols[a..b].iter().zip(&vals[a..b]) {
@@ -175,8 +185,8 @@ multiversion! {
                     *a += v * x;
                 }
             }
-            for (lane, v) in acc.iter().enumerate() {
-                out[lane * width + r] += *v;
+            for (o, v) in out.iter_mut().zip(acc) {
+                *o += v;
             }
         }
     }
