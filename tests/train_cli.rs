@@ -299,6 +299,33 @@ fn a_killed_and_resumed_finetuning_ends_bit_identical() {
     kill_and_resume(tmp.path(), args, 12, &["model.safetensors", "config.json", "vocab.json", "preprocessor_config.json"]);
 }
 
+/// --keep-head with the head's vocabulary as a fairseq dictionary (what the official recipes and
+/// `engine convert` read): the demo model's vocab.json written as dict.phn.txt trains with its
+/// head and ends with the same vocab.json; a dictionary one symbol short is refused by size.
+#[test]
+fn keep_head_takes_a_fairseq_dictionary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train = small_manifest(tmp.path(), 2);
+    let model_vocab: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string("weights/s3r-demo-en/vocab.json").unwrap()).unwrap();
+    let mut by_id: Vec<(u64, &str)> = model_vocab.iter().map(|(t, id)| (id.as_u64().unwrap(), t.as_str())).collect();
+    by_id.sort();
+    let symbols: Vec<&str> = by_id.iter().map(|&(_, t)| t).filter(|t| !["<pad>", "<s>", "</s>", "<unk>"].contains(t)).collect();
+    let (dict, short) = (tmp.path().join("dict.phn.txt"), tmp.path().join("short.phn.txt"));
+    std::fs::write(&dict, symbols.iter().map(|t| format!("{t} 1\n")).collect::<String>()).unwrap();
+    std::fs::write(&short, symbols[..symbols.len() - 1].iter().map(|t| format!("{t} 1\n")).collect::<String>()).unwrap();
+    let out = tmp.path().join("run");
+    let run = |vocab: &Path| {
+        let args = ["train", "--model", "weights/s3r-demo-en", "--keep-head", "--vocab", s(vocab), "--train", s(&train), "--labels", "phn"];
+        engine(&[&args[..], &["--steps", "1", "--out", s(&out), "--overwrite", "--quiet"]].concat())
+    };
+    ok(&run(&dict));
+    let written: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(out.join("vocab.json")).unwrap()).unwrap();
+    assert_eq!(written, model_vocab, "the run's vocabulary is not the head's");
+    fails_with(&run(&short), &format!("{} symbols with the blank at 0, but the head of", model_vocab.len() - 1));
+}
+
 #[test]
 fn bad_input_is_refused_with_a_named_reason() {
     let tmp = tempfile::tempdir().unwrap();

@@ -141,8 +141,9 @@ pub struct Recipe {
     #[arg(long)]
     pub skip_unknown: bool,
     /// Task vocabulary: a vocab.json, or a fairseq dict.*.txt (<pad> = blank = 0, <s>, </s>,
-    /// <unk>, then its symbols in order, as the official recipes label). Default: the model's
-    /// with --keep-head, else built from the training transcripts (blank <pad> = 0, <s>, </s>,
+    /// <unk>, then its symbols in order, as the official recipes label). With --keep-head it
+    /// names the head's outputs (as many as the head has). Default: the model's vocab.json with
+    /// --keep-head, else built from the training transcripts (blank <pad> = 0, <s>, </s>,
     /// <unk>, |, symbols by frequency).
     #[arg(long)]
     pub vocab: Option<PathBuf>,
@@ -702,6 +703,12 @@ fn start_out(out: &Path, recipe: &serde_json::Value) -> Result<()> {
     crate::fsio::atomic_write(&out.join(CONFIG), |f| f.write_all(text.as_bytes()))
 }
 
+/// Whether `--vocab` names a fairseq dictionary (dict.ltr.txt: the official recipes' labels, one
+/// symbol and its count per line) rather than a vocab.json.
+fn is_fairseq_dict(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "txt")
+}
+
 /// The task vocabulary: `--vocab`, the model's with `--keep-head`, or built from the training
 /// transcripts.
 fn task_vocab(recipe: &Recipe, dir: &Path, model: &Wav2Vec2, data: &Dataset) -> Result<Vocab> {
@@ -709,14 +716,26 @@ fn task_vocab(recipe: &Recipe, dir: &Path, model: &Wav2Vec2, data: &Dataset) -> 
     if recipe.keep_head {
         ensure!(model.lm_head.is_some(), "--keep-head: {} has no CTC head (lm_head); drop --keep-head", dir.display());
         let vocab = match &recipe.vocab {
+            Some(path) if is_fairseq_dict(path) => Vocab::from_fairseq_dict(path).and_then(|v| {
+                ensure!(
+                    v.len() == c.vocab_size && v.blank() == c.pad_token_id,
+                    "{}: {} symbols with the blank at {}, but the head of {} has {} outputs and its blank (pad_token_id) at {}",
+                    path.display(),
+                    v.len(),
+                    v.blank(),
+                    dir.display(),
+                    c.vocab_size,
+                    c.pad_token_id
+                );
+                Ok(v)
+            }),
             Some(path) => Vocab::load(path, c.vocab_size, c.pad_token_id),
             None => Vocab::load_language(&dir.join("vocab.json"), recipe.target_lang.as_deref(), c.vocab_size, c.pad_token_id),
         };
         return vocab.with_context(|| "--keep-head needs the head's vocabulary");
     }
     if let Some(path) = &recipe.vocab {
-        // A fairseq dictionary (dict.ltr.txt: the official recipes' labels) or a vocab.json.
-        return if path.extension().is_some_and(|e| e == "txt") { Vocab::from_fairseq_dict(path) } else { Vocab::load_task(path, 0) };
+        return if is_fairseq_dict(path) { Vocab::from_fairseq_dict(path) } else { Vocab::load_task(path, 0) };
     }
     let symbols: Vec<String> =
         data.utterances.iter().flat_map(|u| symbols(&u.text, data.labels, &recipe.chars_to_ignore, Case::Mixed)).collect();
