@@ -77,12 +77,9 @@ fn main() {
         .chain(tile_bes.iter().map(|(p, be)| (p.clone(), be)))
         .chain([("bf16 mma.sync, timed tile".to_string(), &bf16_be)]);
     for (p, be) in gemm_bes {
-        let (gx, gw) = (be.upload(&x).unwrap(), be.prepare_linear_weight(&w).unwrap());
-        let gm = be.upload_mask(&bits).unwrap();
-        let ms = time_ms(be, 20, || drop(be.linear(&gx, &gw, None, Activation::Identity).unwrap()));
-        rows.push(Row(format!("ffn gemm dense {p} {m}x{k}x{n}"), ms, tf(ms)));
-        let ms = time_ms(be, 20, || drop(be.linear_masked(&gx, &gw, &gm, None, Activation::Identity).unwrap()));
-        rows.push(Row(format!("ffn gemm masked(10%) {p}"), ms, tf(ms)));
+        let (dense, masked) = ffn_gemm_ms(be, &x, &w, &bits);
+        rows.push(Row(format!("ffn gemm dense {p} {m}x{k}x{n}"), dense, tf(dense)));
+        rows.push(Row(format!("ffn gemm masked(10%) {p}"), masked, tf(masked)));
     }
     // A whole FFN (768 -> 3072 GELU -> 768), bf16: the intermediate in f32 then converted for
     // the second GEMM (as before), against it handed over in bf16 (`linear_as_operand`).
@@ -198,6 +195,14 @@ fn main() {
     wgmma_rows(&x, &w, &bits, cublas_bf16_ms);
 }
 
+/// Median milliseconds of the FFN GEMM `x · wᵀ` through `be`, dense and with the mask `bits`.
+fn ffn_gemm_ms(be: &CudaBackend, x: &Tensor, w: &Tensor, bits: &[u8]) -> (f64, f64) {
+    let (gx, gw, gm) = (be.upload(x).unwrap(), be.prepare_linear_weight(w).unwrap(), be.upload_mask(bits).unwrap());
+    let dense = time_ms(be, 20, || drop(be.linear(&gx, &gw, None, Activation::Identity).unwrap()));
+    let masked = time_ms(be, 20, || drop(be.linear_masked(&gx, &gw, &gm, None, Activation::Identity).unwrap()));
+    (dense, masked)
+}
+
 /// The feature encoder's conv 1 (k3 s2 512 -> 512) and the positional conv (k128, 16 groups)
 /// at 8 x 15 s through `be`.
 fn conv_rows(p: &str, be: &CudaBackend) -> Vec<Row> {
@@ -239,13 +244,12 @@ fn wgmma_rows(x: &Tensor, w: &Tensor, bits: &[u8], cublas_bf16_ms: f64) {
         be.set_mma_tile(Some(i)).unwrap();
         (format!("{} ({}x{})", t.name, t.tile_m, t.tile_n), be)
     });
-    for (p, be) in forced.chain([("timed tile, wgmma included".to_string(), timed)]) {
-        let (gx, gw, gm) = (be.upload(x).unwrap(), be.prepare_linear_weight(w).unwrap(), be.upload_mask(bits).unwrap());
-        let ms = time_ms(&be, 20, || drop(be.linear(&gx, &gw, None, Activation::Identity).unwrap()));
-        println!("| ffn gemm dense bf16 {p} {m}x{k}x{n} | {ms:.4} | {} |", rate(ms));
-        let ms = time_ms(&be, 20, || drop(be.linear_masked(&gx, &gw, &gm, None, Activation::Identity).unwrap()));
-        println!("| ffn gemm masked(10%) bf16 {p} | {ms:.4} | {} |", rate(ms));
-        if p.starts_with("timed") {
+    let timed_name = "timed tile, wgmma included";
+    for (p, be) in forced.chain([(timed_name.to_string(), timed)]) {
+        let (dense, masked) = ffn_gemm_ms(&be, x, w, bits);
+        println!("| ffn gemm dense bf16 {p} {m}x{k}x{n} | {dense:.4} | {} |", rate(dense));
+        println!("| ffn gemm masked(10%) bf16 {p} | {masked:.4} | {} |", rate(masked));
+        if p == timed_name {
             for Row(name, ms, rate) in conv_rows(&format!("bf16 {p}"), &be) {
                 println!("| {name} | {ms:.4} | {rate} |");
             }

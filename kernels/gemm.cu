@@ -99,16 +99,8 @@ __device__ __forceinline__ void load_tile(const GemmArgs& p, const float* A, con
         if (p.vec) {
             if (gn < p.n && gk < p.k) {
                 w = *reinterpret_cast<const uint4*>(B + (long)gn * p.ldb + gk);
-                if (p.mask) {
-                    // k % 8 == 0 (vec), so these 8 weights are exactly one mask byte.
-                    uint32_t bits = p.mask[((long)gn * p.k + gk) >> 3];
-                    uint32_t* words = reinterpret_cast<uint32_t*>(&w);
-#pragma unroll
-                    for (int q = 0; q < 4; ++q) {
-                        uint32_t keep = ((bits >> (2 * q)) & 1 ? 0x0000FFFFu : 0u) | ((bits >> (2 * q + 1)) & 1 ? 0xFFFF0000u : 0u);
-                        words[q] &= keep;
-                    }
-                }
+                // k % 8 == 0 (vec), so these 8 weights are exactly one mask byte.
+                if (p.mask) w = mask_eight(w, p.mask[((long)gn * p.k + gk) >> 3]);
             }
         } else {
             __nv_bfloat16* h = reinterpret_cast<__nv_bfloat16*>(&w);

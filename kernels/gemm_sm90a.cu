@@ -23,14 +23,17 @@
 // through store_accumulators as the mma.sync kernels' do.
 #include "gemm_tiles.cuh"
 
-#ifndef S3R_CUEMU
 // A matrix descriptor (PTX ISA, "matrix descriptor format") of a K-major operand tile in the
 // 128-byte swizzle: start address, leading byte offset (unused by swizzled K-major layouts; 1 by
-// convention), stride byte offset 1024 (from one 8-row atom to the next), swizzle mode 1.
+// convention), stride byte offset 1024 (from one 8-row atom to the next), swizzle mode 1. The
+// emulator decodes this same descriptor (its __cvta_generic_to_shared gives offsets into its
+// shared window).
 __device__ __forceinline__ uint64_t wgmma_desc_sw128(const void* smem) {
     uint64_t addr = (uint64_t)__cvta_generic_to_shared(smem);
     return ((addr & 0x3FFFF) >> 4) | (1ull << 16) | ((1024ull >> 4) << 32) | (1ull << 62);
 }
+
+#ifndef S3R_CUEMU
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
@@ -92,14 +95,8 @@ __device__ __forceinline__ void mask_own_chunks(const GemmArgs& p, __nv_bfloat16
         int idx = t + i * Tile::THREADS, r = idx / PER_ROW, ch = (idx % PER_ROW) * 8;
         int gn = n0 + r, gk = k0 + ch;
         if (gn >= p.n || gk >= p.k) continue;  // zero-filled already
-        unsigned bits = p.mask[((long)gn * p.k + gk) >> 3];
         uint4* chunk = reinterpret_cast<uint4*>(Bs + Swizzled128::at(r, ch));
-        uint4 v = *chunk;
-        v.x &= pair_mask(bits);
-        v.y &= pair_mask(bits >> 2);
-        v.z &= pair_mask(bits >> 4);
-        v.w &= pair_mask(bits >> 6);
-        *chunk = v;
+        *chunk = mask_eight(*chunk, p.mask[((long)gn * p.k + gk) >> 3]);
     }
 }
 

@@ -135,6 +135,16 @@ struct Swizzled128 {
 // Keep-mask for a register of two bf16 weights whose mask bits are the low two bits of `bits`.
 __device__ __forceinline__ unsigned pair_mask(unsigned bits) { return ((bits & 1) ? 0x0000FFFFu : 0u) | ((bits & 2) ? 0xFFFF0000u : 0u); }
 
+// Eight consecutive bf16 weights (16 bytes) with their mask byte applied: where K % 8 == 0, the
+// eight weights from a multiple of 8 along a row are exactly one byte of the packed mask.
+__device__ __forceinline__ uint4 mask_eight(uint4 w, unsigned bits) {
+    w.x &= pair_mask(bits);
+    w.y &= pair_mask(bits >> 2);
+    w.z &= pair_mask(bits >> 4);
+    w.w &= pair_mask(bits >> 6);
+    return w;
+}
+
 // One stage of the cp.async GEMMs: BM x BK of A and BN x BK of B (elements of T, laid out by L)
 // in 16-byte chunks, zero-filled outside the matrices, then, with a mask, BK / 32 words per B
 // row (K % 32 == 0 there: each word is 32 aligned bits of row n; zero past K).

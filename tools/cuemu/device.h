@@ -586,10 +586,9 @@ inline void cp_wait() {}
 // reading it computes garbage here too. Each thread computes only its own accumulators (every
 // operand is in shared memory, nothing passes between lanes), adding the 16 products of a k16
 // step in order with fma, as the mma.sync emulation does.
-inline uint64_t wgmma_desc_sw128(const void* smem) {
-    const uint64_t addr = uint64_t(static_cast<const unsigned char*>(smem) - cuemu::g_block->smem_base);
-    return ((addr & 0x3FFFF) >> 4) | (1ull << 16) | ((1024ull >> 4) << 32) | (1ull << 62);
-}
+// The shared-window address of a shared-memory pointer: its offset in the block's window, so
+// the kernels' own descriptor encoding (wgmma_desc_sw128) runs here as on the GPU.
+inline size_t __cvta_generic_to_shared(const void* smem) { return size_t(static_cast<const unsigned char*>(smem) - cuemu::g_block->smem_base); }
 inline void wgmma_fence() {}
 inline void fence_proxy_async() {}
 namespace cuemu {

@@ -187,7 +187,7 @@ impl Backend for CpuBackend {
     }
 
     fn sparse_pays(&self, sp: &SparseWeight, rows: usize) -> bool {
-        sparse::sparse_pays(1.0 - sp.density(), rows)
+        sparse::sparse_pays(1.0 - sp.density(), rows, sparse::CPU_LARGE_BATCH_DROPPED)
     }
 
     fn linear_sparse(&self, x: &Tensor, sp: &SparseWeight, b: Option<&Tensor>, act: Activation) -> Result<Tensor> {

@@ -30,20 +30,25 @@ const ROWS_PER_TASK: usize = 64;
 const BLOCKS_PER_TASK: usize = 8;
 
 /// Whether the sparse product beats the dense GEMM for a weight with `dropped` of its entries
-/// zero, over `frames` frames. Measured crossovers (docs/PERF.md, `cargo bench --bench sparse`,
-/// wav2vec2-base FFN shapes, 2 vCPUs): with 49 frames (batch 1 x 1 s) sparse wins at 70%
-/// dropped for 768->3072 and ties there for 3072->768, hence from [`MIN_DROPPED`] (3x and 2.3x
-/// at 90%); with 5992 frames (batch 8 x 15 s) the dense GEMM still wins at 70% for 3072->768
-/// and loses at 90% for both shapes.
-pub fn sparse_pays(dropped: f64, frames: usize) -> bool {
-    dropped >= if frames <= SMALL_BATCH_FRAMES { MIN_DROPPED } else { 0.9 }
+/// zero, over `frames` frames, on a device whose dense GEMM keeps up with it over large
+/// batches until `large_batch_dropped`. Small batches (memory-bound: the weight's bytes
+/// dominate) take it from [`MIN_DROPPED`].
+pub fn sparse_pays(dropped: f64, frames: usize, large_batch_dropped: f64) -> bool {
+    dropped >= if frames <= SMALL_BATCH_FRAMES { MIN_DROPPED } else { large_batch_dropped }
 }
 
-/// Products over up to this many frames are memory-bound: the weight's bytes dominate.
-pub const SMALL_BATCH_FRAMES: usize = 256;
+/// The CPU's `large_batch_dropped`. Measured crossovers (docs/PERF.md, `cargo bench --bench
+/// sparse`, wav2vec2-base FFN shapes, 2 vCPUs): with 49 frames (batch 1 x 1 s) sparse wins at
+/// 70% dropped for 768->3072 and ties there for 3072->768, hence [`MIN_DROPPED`] (3x and 2.3x
+/// at 90%); with 5992 frames (batch 8 x 15 s) the dense GEMM still wins at 70% for 3072->768
+/// and loses at 90% for both shapes.
+pub const CPU_LARGE_BATCH_DROPPED: f64 = 0.9;
+
+/// Products over up to this many frames count as small batches.
+const SMALL_BATCH_FRAMES: usize = 256;
 
 /// The fewest dropped weights for which a linear gets a sparse copy at all.
-pub const MIN_DROPPED: f64 = 0.8;
+const MIN_DROPPED: f64 = 0.8;
 
 /// Whether a weight has enough zeros to get a sparse copy (on any device).
 pub fn worth_compressing(values: &[f32]) -> bool {

@@ -1102,12 +1102,11 @@ impl Backend for CudaBackend {
         self.prepare_sparse_weight(w)
     }
 
-    /// Provisional until measured on a GPU (`cargo bench --bench sparse`): sparse for small
-    /// batches (memory-bound, where the bytes saved count) from the CPU's 80% dropped, for
-    /// larger ones only from 95%, against a dense tensor-core GEMM far ahead of the CPU's.
+    /// Provisional until measured on a GPU (`cargo bench --bench sparse`): the CPU's rule for
+    /// small batches (memory-bound, where the bytes saved count), larger ones only from 95%
+    /// dropped, against a dense tensor-core GEMM far ahead of the CPU's.
     fn sparse_pays(&self, sp: &SparseWeight, rows: usize) -> bool {
-        use crate::backend::cpu::sparse::{MIN_DROPPED, SMALL_BATCH_FRAMES};
-        1.0 - sp.density() >= if rows <= SMALL_BATCH_FRAMES { MIN_DROPPED } else { 0.95 }
+        crate::backend::cpu::sparse::sparse_pays(1.0 - sp.density(), rows, 0.95)
     }
 
     fn linear_sparse(&self, x: &Tensor, sp: &SparseWeight, b: Option<&Tensor>, act: Activation) -> Result<Tensor> {
