@@ -139,6 +139,16 @@ impl Tensor {
         }
     }
 
+    /// The elements' bits as a u16 slice (host f16 / bf16 tensors only).
+    pub fn halves(&self) -> Result<&[u16]> {
+        match (&self.storage, self.dtype) {
+            (Storage::Host(b), DType::F16 | DType::BF16) => {
+                bytemuck::try_cast_slice(b.as_slice()).map_err(|e| anyhow::anyhow!("a half-precision tensor's bytes: {e}"))
+            }
+            (_, dt) => bail!("expected a host f16 / bf16 tensor, found {dt:?}"),
+        }
+    }
+
     /// Converts a host tensor of any dtype to an f32 host tensor (no copy if already f32).
     pub fn to_f32(&self) -> Result<Tensor> {
         let Storage::Host(b) = &self.storage else { bail!("tensor {:?} is in GPU memory; copy it to the host first", self.shape) };

@@ -344,3 +344,21 @@ fn mms_folders_run_the_chosen_language() {
     let o = run(&["--target-lang", "abc"]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("adapter.abc.safetensors"));
 }
+
+/// `--precision bf16` on the CPU: the demo backbone's transcripts as in f32 where the CPU has
+/// AVX512-BF16, a refusal naming it where not; training refuses it on the CPU either way.
+#[test]
+fn cpu_bf16_inference_transcribes_as_f32() {
+    let audio = ["weights/demo-corpus/es/audio/es_dev_00017.flac", "weights/demo-corpus/es/audio/es_dev_00035.flac"];
+    let run = |precision: &str| engine(&[&["infer", "--model", "weights/s3r-demo-en", "--precision", precision][..], &audio].concat());
+    let (f32_run, bf16_run) = (run("f32"), run("bf16"));
+    assert!(f32_run.status.success(), "{}", String::from_utf8_lossy(&f32_run.stderr));
+    if s3router::backend::cpu::gemm_bf16::available() {
+        assert!(bf16_run.status.success(), "{}", String::from_utf8_lossy(&bf16_run.stderr));
+        assert_eq!(String::from_utf8_lossy(&bf16_run.stdout), String::from_utf8_lossy(&f32_run.stdout));
+    } else {
+        assert!(!bf16_run.status.success() && String::from_utf8_lossy(&bf16_run.stderr).contains("AVX512-BF16"));
+    }
+    let train = engine(&["train", "--precision", "bf16", "--steps", "1"]);
+    assert!(!train.status.success() && String::from_utf8_lossy(&train.stderr).contains("needs --device cuda"));
+}

@@ -6,15 +6,14 @@
 mod common;
 
 use common::{
-    assert_close, ctc_cases, f32_backends, fixtures, gpu, random, reference, rel_l2, sparse_and_dense_logits, two_tasks, utterances,
+    argmax_disagreements, assert_close, ctc_cases, f32_backends, fixtures, gpu, inputs, random, reference, rel_l2, sparse_and_dense_logits,
+    two_tasks, utterances,
 };
 use s3router::backend::cpu::CpuBackend;
 use s3router::backend::cuda::{CudaBackend, Precision};
 use s3router::backend::{Activation, Backend, ConvGeometry, LinearMask, NormParams, Seqs};
 use s3router::ctc::{ctc_loss, greedy_ids, CtcTargets, Reduction};
-use s3router::data::audio;
 use s3router::infer::BatchLimits;
-use s3router::model::preprocess::Preprocessor;
 use s3router::model::Wav2Vec2;
 use s3router::multitask::MultiRecognizer;
 use s3router::tensor::{DType, Tensor};
@@ -510,30 +509,6 @@ fn attention_matches_cpu_fp32_and_bf16() {
         let err = f32s[0].attention(&bf16[0].to_bf16(&bf16[0].upload(&qkv).unwrap()).unwrap(), &seqs, heads, scale).unwrap_err();
         assert!(err.to_string().contains("BF16 qkv"), "{err}");
     }
-}
-
-fn inputs(model: &str) -> Vec<Vec<f32>> {
-    let pre = Preprocessor::load(&fixtures().join(model)).unwrap();
-    utterances().iter().map(|p| pre.apply(audio::load(p).unwrap())).collect()
-}
-
-/// Frames where two greedy decodings pick different tokens, and how many of them the reference
-/// called clearly: a top-2 margin of at least 5% of its logit range.
-fn argmax_disagreements(got: &[f32], want: &[f32], vocab: usize) -> (usize, usize) {
-    let range = want.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) - want.iter().fold(f32::INFINITY, |m, &v| m.min(v));
-    let argmax = |f: &[f32]| f.iter().enumerate().fold(0, |b, (i, &v)| if v > f[b] { i } else { b });
-    let (mut all, mut clear) = (0, 0);
-    for (g, w) in got.chunks_exact(vocab).zip(want.chunks_exact(vocab)) {
-        if argmax(g) != argmax(w) {
-            all += 1;
-            let mut sorted = w.to_vec();
-            sorted.sort_by(|a, b| b.total_cmp(a));
-            if sorted[0] - sorted[1] >= 0.05 * range {
-                clear += 1;
-            }
-        }
-    }
-    (all, clear)
 }
 
 #[test]

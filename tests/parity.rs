@@ -6,19 +6,12 @@
 
 mod common;
 
-use common::{fixtures, reference, rel_l2, utterances};
+use common::{fixtures, inputs, reference, rel_l2};
 use s3router::backend::cpu::CpuBackend;
-use s3router::data::audio;
 use s3router::model::masks::MaskSet;
-use s3router::model::preprocess::Preprocessor;
 use s3router::model::{Trace, Wav2Vec2};
 
 const TOL: f64 = 1e-4;
-
-fn inputs(model: &str) -> Vec<Vec<f32>> {
-    let pre = Preprocessor::load(&fixtures().join(model)).unwrap();
-    utterances().iter().map(|p| pre.apply(audio::load(p).unwrap())).collect()
-}
 
 /// Runs each utterance alone and compares logits and every recorded intermediate.
 fn check_alone(model_dir: &str, reference_dir: &str) {

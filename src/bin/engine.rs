@@ -10,6 +10,7 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use s3router::alignment::{align_dataset, TooShort};
 use s3router::analysis::{self, mask_stats, StatsSummary};
+use s3router::backend::cpu::bf16::CpuBf16Backend;
 use s3router::backend::cuda::Precision as CudaPrecision;
 use s3router::backend::Backend;
 use s3router::bench;
@@ -57,7 +58,8 @@ enum Device {
 enum Precision {
     /// fp32 everywhere (matches transformers to ~1e-5).
     F32,
-    /// bf16 matrix products with fp32 accumulation on GPU tensor cores (CUDA only).
+    /// bf16 matrix products with fp32 accumulation: on GPU tensor cores, or on the CPU with
+    /// AVX512-BF16 (Zen 4, Sapphire Rapids and later; its linear layers, for inference only).
     Bf16,
 }
 
@@ -703,14 +705,18 @@ enum Command {
 fn compute_device(device: Device, precision: Precision) -> Result<TrainDevice> {
     Ok(match (device, precision) {
         (Device::Cpu, Precision::F32) => TrainDevice::Cpu,
-        (Device::Cpu, Precision::Bf16) => bail!("--precision bf16 needs --device cuda (the CPU computes in f32)"),
+        (Device::Cpu, Precision::Bf16) => bail!("training at --precision bf16 needs --device cuda (the CPU trains in f32)"),
         (Device::Cuda, Precision::F32) => TrainDevice::Cuda(CudaPrecision::F32),
         (Device::Cuda, Precision::Bf16) => TrainDevice::Cuda(CudaPrecision::Bf16),
     })
 }
 
+/// The backend inference runs on: the training device, or the CPU's bf16 linears.
 fn backend(d: DeviceArgs) -> Result<Box<dyn Backend>> {
-    Ok(compute_device(d.device, d.precision)?.backend()?)
+    match (d.device, d.precision) {
+        (Device::Cpu, Precision::Bf16) => Ok(Box::new(CpuBf16Backend::new()?)),
+        _ => Ok(compute_device(d.device, d.precision)?.backend()?),
+    }
 }
 
 /// What `engine infer` prints and keeps: each transcript as it comes, and with `--out` the

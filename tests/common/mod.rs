@@ -33,6 +33,31 @@ pub fn utterances() -> Vec<PathBuf> {
     (0..3).map(|i| fixtures().join(format!("audio/utt{i}.wav"))).collect()
 }
 
+/// The committed utterances, preprocessed as the fixture model `model` says.
+pub fn inputs(model: &str) -> Vec<Vec<f32>> {
+    let pre = Preprocessor::load(&fixtures().join(model)).unwrap();
+    utterances().iter().map(|p| pre.apply(audio::load(p).unwrap())).collect()
+}
+
+/// Frames where two greedy decodings pick different tokens, and how many of them the reference
+/// called clearly: a top-2 margin of at least 5% of its logit range.
+pub fn argmax_disagreements(got: &[f32], want: &[f32], vocab: usize) -> (usize, usize) {
+    let range = want.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) - want.iter().fold(f32::INFINITY, |m, &v| m.min(v));
+    let argmax = |f: &[f32]| f.iter().enumerate().fold(0, |b, (i, &v)| if v > f[b] { i } else { b });
+    let (mut all, mut clear) = (0, 0);
+    for (g, w) in got.chunks_exact(vocab).zip(want.chunks_exact(vocab)) {
+        if argmax(g) != argmax(w) {
+            all += 1;
+            let mut sorted = w.to_vec();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            if sorted[0] - sorted[1] >= 0.05 * range {
+                clear += 1;
+            }
+        }
+    }
+    (all, clear)
+}
+
 /// ‖x‖₂ (in f64).
 pub fn l2(x: &[f32]) -> f64 {
     x.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt()

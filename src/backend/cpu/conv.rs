@@ -10,12 +10,16 @@ use anyhow::{ensure, Result};
 use rayon::prelude::*;
 
 use super::gemm::{matmul, MatRef};
+use super::gemm_bf16::{self, PairRows};
 use super::math::bias_act_rows;
 use crate::backend::{Activation, ConvGeometry, Seqs};
 
 /// Output frames per im2col block, bounding scratch memory for long utterances.
 const FRAMES_PER_BLOCK: usize = 256;
 
+/// `act(conv(x) + b)` per utterance. With `bf16`, the weight packed by
+/// [`super::gemm_bf16::pack_weight`] as `[c_out, kernel * c_in]`, the one-group unpadded
+/// convolutions run through the bf16 GEMM (see [`packs`]).
 #[allow(clippy::too_many_arguments)]
 pub fn conv1d(
     x: &[f32],
@@ -27,6 +31,7 @@ pub fn conv1d(
     bias: Option<&[f32]>,
     geom: ConvGeometry,
     act: Activation,
+    bf16: Option<&[u32]>,
 ) -> Result<crate::tensor::Tensor> {
     let ConvGeometry { kernel, stride, pad_left, groups } = geom;
     let &[rows, c_in] = x_shape else { anyhow::bail!("conv1d input must be [frames, channels], found {x_shape:?}") };
@@ -53,14 +58,35 @@ pub fn conv1d(
         let epilogue = |rows: &mut [f32]| bias_act_rows(rows, c_out, bias, act);
         if groups == 1 && pad_left == 0 && fits {
             // im2col as a view: row t = x[stride*t .. stride*t + kernel, :] flattened.
-            let cols = MatRef { data: src, rows: t_out, cols: kernel * c_in, row_stride: stride * c_in, col_stride: 1 };
-            matmul(dst, c_out, cols, MatRef::row_major(w, c_out, kernel * c_in).t(), false, 0);
+            match bf16 {
+                Some(packed) => {
+                    let pairs = gemm_bf16::to_pairs(src, c_in);
+                    let view = PairRows { data: &pairs, rows: t_out, stride: stride * c_in / 2, pairs: kernel * c_in / 2 };
+                    gemm_bf16::matmul(dst, view, packed, c_out, |_, _, _| {})
+                }
+                None => {
+                    let cols = MatRef { data: src, rows: t_out, cols: kernel * c_in, row_stride: stride * c_in, col_stride: 1 };
+                    matmul(dst, c_out, cols, MatRef::row_major(w, c_out, kernel * c_in).t(), false, 0);
+                }
+            }
         } else {
             conv_im2col(src, t_in, c_in, dst, t_out, c_out, w, geom);
         }
         dst.par_chunks_mut(c_out * 64).for_each(epilogue);
     }
     Ok(crate::tensor::Tensor::from_vec(out, &[seqs_out.total(), c_out]))
+}
+
+/// Whether a convolution of `c_in` channels with the `[c_out, kernel, c_in / groups]` weight
+/// takes the bf16 GEMM: one group, no padding, whole panels of outputs, and receptive fields
+/// that start and end on whole pairs of inputs.
+pub fn packs(w_shape: &[usize], c_in: usize, geom: ConvGeometry) -> bool {
+    let &[c_out, kernel, cg] = w_shape else { return false };
+    geom.groups == 1
+        && geom.pad_left == 0
+        && cg == c_in
+        && (geom.stride * c_in).is_multiple_of(2)
+        && gemm_bf16::packable(c_out, kernel * c_in)
 }
 
 /// General path: per group and per block of output frames, gather the receptive fields into a

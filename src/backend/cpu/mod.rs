@@ -1,13 +1,16 @@
-//! The CPU backend: f32 throughout, multi-threaded with rayon, GEMMs through the `gemm` crate.
+//! The CPU backend: f32 throughout, multi-threaded with rayon, GEMMs through the `gemm` crate
+//! ([`bf16::CpuBf16Backend`] runs its linears in bf16).
 //!
 //! This is the readable reference every other backend is checked against, and fast enough to be
 //! a real engine on a laptop.
 
 pub mod attention;
 mod backward;
-mod conv;
+pub mod bf16;
+pub(crate) mod conv;
 mod ctc;
 pub mod gemm;
+pub mod gemm_bf16;
 pub mod grad;
 pub mod math;
 pub mod sparse;
@@ -294,7 +297,7 @@ impl Backend for CpuBackend {
         geom: ConvGeometry,
         act: Activation,
     ) -> Result<Tensor> {
-        conv::conv1d(data(x)?, x.shape(), seqs_in, seqs_out, data(w)?, w.shape(), b.map(data).transpose()?, geom, act)
+        conv::conv1d(data(x)?, x.shape(), seqs_in, seqs_out, data(w)?, w.shape(), b.map(data).transpose()?, geom, act, None)
     }
 
     fn attention(&self, qkv: &Tensor, seqs: &Seqs, heads: usize, scale: f32) -> Result<Tensor> {
