@@ -30,6 +30,27 @@ pub fn ensure_new_folder(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Runs `write` on a new folder beside `out` and moves it into place only if it succeeds (an
+/// empty `out` is replaced): no half-written folder is left either way.
+pub fn staged_folder<T>(out: &Path, write: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
+    let staging = out.with_file_name(format!(".{}.partial", out.file_name().and_then(|n| n.to_str()).unwrap_or("out")));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging).with_context(|| format!("cannot create {}", staging.display()))?;
+    match write(&staging) {
+        Ok(value) => {
+            if out.exists() {
+                std::fs::remove_dir(out).with_context(|| format!("cannot replace the empty folder {}", out.display()))?;
+            }
+            std::fs::rename(&staging, out).with_context(|| format!("cannot move {} to {}", staging.display(), out.display()))?;
+            Ok(value)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            Err(e)
+        }
+    }
+}
+
 /// One tensor to serialise: name, safetensors dtype name (`"F32"`, `"U8"`), shape, raw
 /// little-endian bytes.
 pub struct RawTensor<'a> {

@@ -291,6 +291,18 @@ fn masks_apply_writes_the_masked_model_as_a_plain_folder() {
     let o = engine(&["masks", "apply", "--model", path_str(&other), "--masks", path_str(&masks), "--out", path_str(&out)]);
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("base-like-masks") && !out.exists(), "{e}");
+    // A failure after the weights are written (an unreadable preprocessor config) leaves no
+    // folder behind, half-written or staged.
+    let (_keep, broken) = copy_model("base-like");
+    std::fs::remove_file(broken.join("preprocessor_config.json")).unwrap();
+    std::fs::create_dir(broken.join("preprocessor_config.json")).unwrap();
+    let o = engine(&["masks", "apply", "--model", path_str(&broken), "--masks", path_str(&masks), "--out", path_str(&out)]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("preprocessor_config.json"), "{e}");
+    let mut left: Vec<String> =
+        std::fs::read_dir(dir.path()).unwrap().map(|f| f.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    left.sort();
+    assert_eq!(left, ["logits.safetensors", "masked"], "{e}");
 }
 
 /// Every subcommand, nested ones too, says in `--help` what it does (a doc comment clap

@@ -33,7 +33,7 @@ use super::preprocess::Preprocessor;
 use super::torch_bin::TorchFile;
 use super::vocab::Vocab;
 use crate::backend::cpu::CpuBackend;
-use crate::fsio::{atomic_write, ensure_new_folder, write_f32_safetensors};
+use crate::fsio::{atomic_write, ensure_new_folder, staged_folder, write_f32_safetensors};
 use crate::model::checkpoint::Checkpoint;
 use crate::model::Wav2Vec2;
 use crate::router::top_k_mask;
@@ -384,7 +384,7 @@ pub fn convert(pt: &Path, dict: Option<&Path>, out: &Path) -> Result<Converted> 
     // S3-Router's folder is the frozen encoder; its head goes with the masks.
     let folder_head = labels.as_ref().filter(|_| !s3router).map(|(_, v)| (v.len(), v.blank()));
     let config = hf_config(run.family, &Settings { v: run.arch, p: &p }, folder_head)?;
-    staged(out, |staging| {
+    staged_folder(out, |staging| {
         let head: &[(String, Tensor)] = if s3router { &[] } else { &parts.head };
         write_folder(staging, &run, &config, &parts.encoder, head, labels.as_ref().filter(|_| !s3router).map(|(_, v)| v))?;
         // The folder must load: every tensor the config implies, with its shape.
@@ -476,27 +476,6 @@ fn labels(p: &str, run: &Run, parts: &Parts, dict: Option<&Path>) -> Result<Opti
         vocab.len()
     );
     Ok(Some((path, vocab)))
-}
-
-/// Runs `write` on a new folder beside `out` and moves it into place only if it succeeds (an
-/// empty `out` is replaced): no half-written folder is left either way.
-fn staged<T>(out: &Path, write: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
-    let staging = out.with_file_name(format!(".{}.converting", out.file_name().and_then(|n| n.to_str()).unwrap_or("out")));
-    let _ = std::fs::remove_dir_all(&staging);
-    std::fs::create_dir_all(&staging).with_context(|| format!("cannot create {}", staging.display()))?;
-    match write(&staging) {
-        Ok(value) => {
-            if out.exists() {
-                std::fs::remove_dir(out).with_context(|| format!("cannot replace the empty folder {}", out.display()))?;
-            }
-            std::fs::rename(&staging, out).with_context(|| format!("cannot move {} to {}", staging.display(), out.display()))?;
-            Ok(value)
-        }
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&staging);
-            Err(e)
-        }
-    }
 }
 
 /// The Hugging Face folder in `dir`: `config.json`, `model.safetensors` (the encoder under the

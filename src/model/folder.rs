@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use crate::fsio::{atomic_write, ensure_new_folder, write_f32_safetensors};
+use crate::fsio::{atomic_write, ensure_new_folder, staged_folder, write_f32_safetensors};
 use crate::mask::unpack;
 use crate::model::checkpoint::{Checkpoint, WeightSource};
 use crate::model::config::Config;
@@ -88,6 +88,6 @@ pub fn write_masked_folder(dir: &Path, source: &Path, set: &MaskSet) -> Result<u
         None => Vocab::load_language(&source.join("vocab.json"), set.target_lang.as_deref(), classes, config.pad_token_id)?,
     };
     let trained: Vec<(&str, Vec<usize>, &[f32])> = written.iter().map(|(n, s, v)| (*n, s.clone(), v.as_slice())).collect();
-    write_model_folder(dir, source, &ck, &trained, &vocab)?;
+    staged_folder(dir, |staging| write_model_folder(staging, source, &ck, &trained, &vocab))?;
     Ok(set.masks.iter().map(|(_, (shape, bits))| unpack(bits, shape.iter().product()).iter().filter(|&&keep| !keep).count()).sum())
 }
