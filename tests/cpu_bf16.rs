@@ -97,17 +97,18 @@ fn masked_segments_equal_the_masked_weights() {
 }
 
 /// The feature encoder's strided convolutions take the bf16 GEMM over a strided view of the
-/// input; one input channel (the first layer) and grouped, padded ones (the positional conv)
-/// stay f32 and match the f32 backend exactly.
+/// input, outputs that are not whole panels of 32 included; one input channel (the first
+/// layer) and grouped, padded ones (the positional conv) stay f32 and match the f32 backend
+/// exactly.
 #[test]
 fn convolutions_match_f32() {
     let Some(be) = bf16() else { return };
     let lens = [50, 7, 3, 2];
     let cases = [
         (64, 64, ConvGeometry { kernel: 3, stride: 2, pad_left: 0, groups: 1 }, true),
-        (32, 96, ConvGeometry { kernel: 2, stride: 2, pad_left: 0, groups: 1 }, true),
+        (32, 48, ConvGeometry { kernel: 2, stride: 2, pad_left: 0, groups: 1 }, true),
         (1, 32, ConvGeometry { kernel: 10, stride: 5, pad_left: 0, groups: 1 }, false),
-        (64, 64, ConvGeometry { kernel: 8, stride: 1, pad_left: 4, groups: 4 }, false),
+        (64, 48, ConvGeometry { kernel: 8, stride: 1, pad_left: 4, groups: 4 }, false),
     ];
     for (i, &(c_in, c_out, geom, packs)) in cases.iter().enumerate() {
         let lens_in: Vec<usize> = lens.iter().map(|l| l * geom.stride + geom.kernel).collect();
@@ -129,6 +130,29 @@ fn convolutions_match_f32() {
         } else {
             assert_eq!(got, conv(&CpuBackend, &x, &w), "{what}: f32 path");
         }
+    }
+}
+
+/// Attention's two products in bf16: utterances of one key, an odd count, past one block of
+/// queries; head sizes that split into pairs; an odd one runs in f32, exactly as the f32 backend.
+#[test]
+fn attention_matches_f32() {
+    let Some(be) = bf16() else { return };
+    let seqs = Seqs::new(vec![1, 7, 300, 2, 33]);
+    for (i, &(heads, hd)) in [(2, 64), (3, 6), (2, 5)].iter().enumerate() {
+        let c = heads * hd;
+        let qkv = random(seqs.total() * 3 * c, 50 + i as u64, 2.0);
+        let run = |be: &dyn Backend, x: &[f32]| {
+            be.attention(&host(x.to_vec(), &[seqs.total(), 3 * c]), &seqs, heads, 1.0 / (hd as f32).sqrt()).unwrap().to_vec().unwrap()
+        };
+        let got = run(&be, &qkv);
+        if hd % 2 == 1 {
+            assert_eq!(got, run(&CpuBackend, &qkv), "head size {hd}: f32 path");
+            continue;
+        }
+        // The probabilities are rounded too, so against rounded q, k, v the error is bf16's.
+        assert_close(&format!("{heads} heads of {hd} against rounded operands"), &got, &run(&CpuBackend, &rounded(&qkv)), 5e-3);
+        assert_close(&format!("{heads} heads of {hd} against f32"), &got, &run(&CpuBackend, &qkv), 1e-2);
     }
 }
 

@@ -1,12 +1,12 @@
-//! The CPU backend at `--precision bf16`: linear layers and the feature encoder's convolutions
-//! through the AVX512-BF16 GEMM ([`super::gemm_bf16`]: weights and activations rounded to bf16,
+//! The CPU backend at `--precision bf16`: linear layers, the feature encoder's convolutions (all
+//! but the first) and attention's two products through the AVX512-BF16 GEMM ([`super::gemm_bf16`]: weights and activations rounded to bf16,
 //! f32 accumulation; linear weights packed once at load), everything else exactly as the f32
 //! [`CpuBackend`]. Inference only: training keeps f32 on the CPU.
 
 use anyhow::{bail, ensure, Result};
 
 use super::gemm_bf16::{self, PairRows, PANEL};
-use super::{as_matrix, conv, data, math, CpuBackend};
+use super::{as_matrix, attention, conv, data, math, CpuBackend};
 use crate::backend::{Activation, Backend, ConvGeometry, LinearMask, NormParams, Seqs, SparseWeight};
 use crate::tensor::{DType, HostBytes, Tensor};
 
@@ -66,7 +66,6 @@ impl Backend for CpuBf16Backend {
         layer_norm(x: Tensor, residual: Option<&Tensor>, norm: NormParams, act: Activation) -> Result<Tensor>;
         group_norm_time(x: Tensor, seqs: &Seqs, norm: NormParams, act: Activation) -> Result<Tensor>;
         add(a: Tensor, b: &Tensor) -> Result<Tensor>;
-        attention(qkv: &Tensor, seqs: &Seqs, heads: usize, scale: f32) -> Result<Tensor>;
         log_softmax(x: &Tensor) -> Result<Tensor>;
         ctc_loss(logits: &Tensor, seqs: &Seqs, targets: &crate::ctc::CtcTargets, grad_scale: f32) -> Result<(Vec<f32>, Tensor)>;
     }
@@ -86,11 +85,21 @@ impl Backend for CpuBf16Backend {
         if !conv::packs(w.shape(), c_in, geom) {
             return CpuBackend.conv1d(x, seqs_in, seqs_out, w, b, geom, act);
         }
-        // Packed per call (about a millisecond for the largest layer, against its ~100 ms):
-        // the weight's shape alone does not say at load whether a call will take this path.
+        // Packed per call (under a millisecond for the largest layer, against its ~70 ms): the
+        // weight's shape alone does not say at load whether a call can take the bf16 GEMM.
         let (weight, bias) = (data(w)?, b.map(data).transpose()?);
         let packed = gemm_bf16::pack_weight(weight, w.shape()[0], weight.len() / w.shape()[0]);
-        conv::conv1d(data(x)?, x.shape(), seqs_in, seqs_out, weight, w.shape(), bias, geom, act, Some(as_pairs(&packed)?))
+        conv::conv1d(data(x)?, x.shape(), seqs_in, seqs_out, weight, w.shape(), bias, geom, act, Some(&packed))
+    }
+
+    fn attention(&self, qkv: &Tensor, seqs: &Seqs, heads: usize, scale: f32) -> Result<Tensor> {
+        let (rows, c3) = as_matrix(qkv);
+        let c = c3 / 3;
+        // Odd head sizes (none in released checkpoints) do not split into pairs: f32.
+        if heads == 0 || c3 % 3 != 0 || c % heads != 0 || !(c / heads).is_multiple_of(2) || rows != seqs.total() {
+            return CpuBackend.attention(qkv, seqs, heads, scale);
+        }
+        Ok(Tensor::from_vec(attention::attention_bf16(data(qkv)?, c, seqs, heads, scale), &[rows, c]))
     }
 
     /// Whole panels of 32 outputs over an even number of inputs are packed in bf16 (every
@@ -100,7 +109,7 @@ impl Backend for CpuBf16Backend {
         if !gemm_bf16::packable(d_out, d_in) {
             return CpuBackend.prepare_linear_weight(w);
         }
-        let bits = gemm_bf16::pack_weight(data(&w.to_f32()?)?, d_out, d_in);
+        let bits: Vec<u16> = bytemuck::cast_slice(&gemm_bf16::pack_weight(data(&w.to_f32()?)?, d_out, d_in)).to_vec();
         Tensor::from_host_bytes(HostBytes::Half(bits.into()), DType::BF16, &[d_out / PANEL, d_in / 2, PANEL, 2])
     }
 
@@ -149,7 +158,7 @@ impl Backend for CpuBf16Backend {
                 Some(_) => bail!("a mask prepared for another backend was given to the CPU's bf16 linear"),
             };
             let a = PairRows::dense(&a[row * pairs..(row + rows) * pairs], pairs);
-            gemm_bf16::matmul(&mut out[row * d_out..(row + rows) * d_out], a, weight, d_out, |_, c0, y| {
+            gemm_bf16::matmul(&mut out[row * d_out..(row + rows) * d_out], a, weight, d_out, 0, |_, c0, y| {
                 math::bias_act_rows(y, y.len(), bias.map(|b| &b[c0..c0 + y.len()]), act)
             });
             row += rows;

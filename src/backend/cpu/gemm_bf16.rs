@@ -53,17 +53,18 @@ fn pair(lo: f32, hi: f32) -> u32 {
     bf16_bits(lo) as u32 | (bf16_bits(hi) as u32) << 16
 }
 
-/// Packs a PyTorch `[d_out, d_in]` weight into panels of pairs (module docs), as bf16 bits
-/// (two per pair, the low one first).
-pub fn pack_weight(w: &[f32], d_out: usize, d_in: usize) -> Vec<u16> {
-    assert!(packable(d_out, d_in) && w.len() == d_out * d_in, "a {d_out} x {d_in} weight does not pack");
-    let mut packed = vec![0u16; d_out * d_in];
-    // Panel by panel, its 32 rows of `w` read side by side, pair by pair.
-    packed.par_chunks_mut(PANEL * d_in).zip(w.par_chunks(PANEL * d_in)).for_each(|(panel, rows)| {
-        for (p, out) in panel.chunks_exact_mut(2 * PANEL).enumerate() {
-            for (c, v) in out.chunks_exact_mut(2).enumerate() {
-                v[0] = bf16_bits(rows[c * d_in + 2 * p]);
-                v[1] = bf16_bits(rows[c * d_in + 2 * p + 1]);
+/// Packs a PyTorch `[d_out, d_in]` weight (`d_in` even) into panels of bf16 pairs (module
+/// docs); a last partial panel is padded with zero rows.
+pub fn pack_weight(w: &[f32], d_out: usize, d_in: usize) -> Vec<u32> {
+    assert!(d_in.is_multiple_of(2) && d_in > 0 && w.len() == d_out * d_in, "a {d_out} x {d_in} weight does not pack");
+    let pairs = d_in / 2;
+    let rows = to_pairs(w, d_in);
+    let mut packed = vec![0u32; d_out.next_multiple_of(PANEL) * pairs];
+    // Panel by panel, its 32 rows of pairs read side by side.
+    packed.par_chunks_mut(PANEL * pairs).zip(rows.par_chunks(PANEL * pairs)).for_each(|(panel, rows)| {
+        for (p, out) in panel.chunks_exact_mut(PANEL).enumerate() {
+            for (c, v) in out.iter_mut().enumerate().take(rows.len() / pairs) {
+                *v = rows[c * pairs + p];
             }
         }
     });
@@ -135,29 +136,27 @@ impl<'a> PairRows<'a> {
 
 /// `out [a.rows, n] = a · Wᵀ`, then `epilogue(row, first_col, values)` on each finished stretch
 /// of an output row (bias and activation while it is in cache); `w` is [`pack_weight`]'s panels
-/// for `n` outputs over `a.pairs` pairs. Needs [`available`].
-pub fn matmul(out: &mut [f32], a: PairRows, w: &[u32], n: usize, epilogue: impl Fn(usize, usize, &mut [f32]) + Sync) {
+/// for `n` outputs over `a.pairs` pairs. `threads == 1` runs on the calling thread (inside an
+/// outer parallel loop); otherwise over the rayon pool. Needs [`available`].
+pub fn matmul(out: &mut [f32], a: PairRows, w: &[u32], n: usize, threads: usize, epilogue: impl Fn(usize, usize, &mut [f32]) + Sync) {
     let (m, pairs) = (a.rows, a.pairs);
     assert!(available(), "the bf16 GEMM needs AVX512-BF16");
-    assert!(
-        n.is_multiple_of(PANEL) && w.len() == n * pairs && out.len() == m * n,
-        "operands do not fit a {m} x {n} product over {pairs} pairs"
-    );
+    let panels = n.div_ceil(PANEL);
+    assert!(w.len() == panels * PANEL * pairs && out.len() == m * n, "operands do not fit a {m} x {n} product over {pairs} pairs");
     assert!(m == 0 || (m - 1) * a.stride + pairs <= a.data.len(), "the activations' view exceeds its slice");
     if m == 0 || n == 0 {
         return;
     }
     // Row blocks an equal share of rows (whole micro-tiles) per thread; when there are too few
     // blocks for the pool, column groups of panels too, so a short input keeps every core busy.
-    let threads = rayon::current_num_threads();
+    let threads = if threads == 1 { 1 } else { rayon::current_num_threads() };
     let row_blocks = threads * m.div_ceil(threads * MC);
     let block = m.div_ceil(row_blocks).next_multiple_of(MR);
     let row_blocks = m.div_ceil(block);
-    let panels = n / PANEL;
     let panels_per_group = panels.div_ceil((2 * threads).div_ceil(row_blocks).clamp(1, panels));
     let col_groups = panels.div_ceil(panels_per_group);
     let dst = OutPtr(out.as_mut_ptr());
-    (0..row_blocks * col_groups).into_par_iter().for_each(|task| {
+    let task = |task: usize| {
         let rows = (task / col_groups) * block..((task / col_groups + 1) * block).min(m);
         let group = (task % col_groups) * panels_per_group..((task % col_groups + 1) * panels_per_group).min(panels);
         for k0 in (0..pairs).step_by(KC_PAIRS) {
@@ -167,23 +166,30 @@ pub fn matmul(out: &mut [f32], a: PairRows, w: &[u32], n: usize, epilogue: impl 
                 for r0 in rows.clone().step_by(MR) {
                     let valid = MR.min(rows.end - r0);
                     let a_rows: [&[u32]; MR] = std::array::from_fn(|i| &a.data[(r0 + i.min(valid - 1)) * a.stride + k0..][..kc]);
-                    // SAFETY: `available()` was asserted; the tile's `valid` rows x PANEL columns
-                    // lie inside `out` (r0 + valid <= m, (j + 1) * PANEL <= n) and no other task
+                    let cols = PANEL.min(n - j * PANEL);
+                    // SAFETY: `available()` was asserted; the tile's `valid` rows x `cols` columns
+                    // lie inside `out` (r0 + valid <= m, j * PANEL + cols <= n) and no other task
                     // writes them (tasks own distinct row blocks or panel groups).
                     #[cfg(target_arch = "x86_64")]
                     unsafe {
-                        kernel::micro_tile(a_rows, panel, dst.at(r0 * n + j * PANEL), n, valid, k0 > 0)
+                        kernel::micro_tile(a_rows, panel, dst.at(r0 * n + j * PANEL), n, (valid, cols), k0 > 0)
                     };
                 }
             }
         }
-        let cols = group.start * PANEL..group.end * PANEL;
+        let cols = group.start * PANEL..(group.end * PANEL).min(n);
         for r in rows {
             // SAFETY: this task's own tile, finished above; no other task touches it.
             let row = unsafe { std::slice::from_raw_parts_mut(dst.at(r * n + cols.start), cols.len()) };
             epilogue(r, cols.start, row);
         }
-    });
+    };
+    let tasks = 0..row_blocks * col_groups;
+    if threads == 1 {
+        tasks.for_each(task);
+    } else {
+        tasks.into_par_iter().for_each(task);
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -193,18 +199,22 @@ mod kernel {
     use super::{MR, PANEL};
 
     /// One `MR x PANEL` tile of the output over one k block: `c (+)= a · panel`, only the first
-    /// `valid` rows stored (the others repeat a valid row's operand).
+    /// `rows` rows and `cols` columns of it stored (other rows repeat a valid row's operand;
+    /// other columns are the padding of a last partial panel).
     ///
     /// # Safety
-    /// AVX512F and AVX512-BF16 must be present; `c` must be valid for `valid` rows of `PANEL`
+    /// AVX512F and AVX512-BF16 must be present; `c` must be valid for `rows` rows of `cols`
     /// floats, `ldc` apart; every `a[i]` as long as `panel` has pairs of PANEL.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub unsafe fn micro_tile(a: [&[u32]; MR], panel: &[u32], c: *mut f32, ldc: usize, valid: usize, accumulate: bool) {
+    pub unsafe fn micro_tile(a: [&[u32]; MR], panel: &[u32], c: *mut f32, ldc: usize, (rows, cols): (usize, usize), accumulate: bool) {
         let pairs = panel.len() / PANEL;
+        // Lanes of the two 16-column halves that hold output columns.
+        let lanes = |first: usize| ((1u32 << cols.saturating_sub(first).min(16)) - 1) as __mmask16;
+        let (m0, m1) = (lanes(0), lanes(16));
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
         if accumulate {
-            for (r, acc) in acc.iter_mut().enumerate().take(valid) {
-                *acc = [_mm512_loadu_ps(c.add(r * ldc)), _mm512_loadu_ps(c.add(r * ldc + 16))];
+            for (r, acc) in acc.iter_mut().enumerate().take(rows) {
+                *acc = [_mm512_maskz_loadu_ps(m0, c.add(r * ldc)), _mm512_maskz_loadu_ps(m1, c.add(r * ldc + 16))];
             }
         }
         let b = panel.as_ptr();
@@ -218,9 +228,9 @@ mod kernel {
                 acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x, b1);
             }
         }
-        for (r, acc) in acc.iter().enumerate().take(valid) {
-            _mm512_storeu_ps(c.add(r * ldc), acc[0]);
-            _mm512_storeu_ps(c.add(r * ldc + 16), acc[1]);
+        for (r, acc) in acc.iter().enumerate().take(rows) {
+            _mm512_mask_storeu_ps(c.add(r * ldc), m0, acc[0]);
+            _mm512_mask_storeu_ps(c.add(r * ldc + 16), m1, acc[1]);
         }
     }
 
@@ -256,7 +266,7 @@ mod tests {
         let w: Vec<f32> = (0..d_out * d_in).map(|i| (i % 256) as f32).collect(); // exact in bf16
         let packed = pack_weight(&w, d_out, d_in);
         let mut seen = vec![false; w.len()];
-        for (i, &bits) in packed.iter().enumerate() {
+        for (i, &bits) in bytemuck::cast_slice::<u32, u16>(&packed).iter().enumerate() {
             let src = packed_source(i, d_in);
             assert!(!seen[src], "weight {src} packed twice");
             seen[src] = true;
