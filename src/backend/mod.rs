@@ -127,16 +127,44 @@ impl SparseWeight {
     /// The shape [`Backend::linear_sparse`] gives for input `x` and bias `b`, or an error
     /// saying which does not fit this weight.
     pub fn output_shape(&self, x: &Tensor, b: Option<&Tensor>) -> Result<Vec<usize>> {
-        let (d_in, d_out) = self.dims();
-        let features = *x.shape().last().unwrap_or(&0);
-        ensure!(features == d_in, "sparse linear: input has {features} features, the weight expects {d_in}");
-        if let Some(b) = b {
-            ensure!(b.numel() == d_out, "sparse linear bias has {} values for {d_out} outputs", b.numel());
-        }
-        let mut shape = x.shape().to_vec();
-        *shape.last_mut().expect("a linear input has dimensions") = d_out;
-        Ok(shape)
+        linear_output_shape("sparse linear", x, self.dims(), b, None)
     }
+}
+
+/// The shape a linear from `d_in` to `d_out` features gives for input `x` (its last dimension
+/// replaced) with bias `b`, or an error saying which operand does not fit (`what` names the op;
+/// `segment_rows`, where given, is how many rows its segments cover, which must be all of `x`'s).
+pub fn linear_output_shape(
+    what: &str,
+    x: &Tensor,
+    (d_in, d_out): (usize, usize),
+    b: Option<&Tensor>,
+    segment_rows: Option<usize>,
+) -> Result<Vec<usize>> {
+    let Some(&features) = x.shape().last() else { bail!("{what}: the input is a scalar") };
+    ensure!(features == d_in, "{what}: input has {features} features, the weight expects {d_in}");
+    if let Some(rows) = segment_rows {
+        let n = x.numel() / features.max(1);
+        ensure!(rows == n, "{what}: segments cover {rows} of the {n} rows");
+    }
+    if let Some(b) = b {
+        ensure!(b.numel() == d_out, "{what} bias has {} values for {d_out} outputs", b.numel());
+    }
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().expect("checked above: the input has dimensions") = d_out;
+    Ok(shape)
+}
+
+/// The width `c` of each of q, k and v in `qkv [seqs.total(), 3c]`, for `heads` heads, or an
+/// error saying what does not fit.
+pub fn attention_width(qkv: &Tensor, seqs: &Seqs, heads: usize) -> Result<usize> {
+    let c3 = *qkv.shape().last().unwrap_or(&0);
+    ensure!(qkv.numel() / c3.max(1) == seqs.total(), "attention: {:?} does not hold {} frames", qkv.shape(), seqs.total());
+    ensure!(
+        c3.is_multiple_of(3) && heads > 0 && (c3 / 3).is_multiple_of(heads),
+        "attention: {c3} columns do not split into q, k, v of {heads} heads"
+    );
+    Ok(c3 / 3)
 }
 
 /// Operations a compute device provides. Every tensor argument must live on this backend

@@ -1,13 +1,14 @@
 //! The CPU backend at `--precision bf16`: linear layers, the feature encoder's convolutions (all
-//! but the first) and attention's two products through the AVX512-BF16 GEMM ([`super::gemm_bf16`]: weights and activations rounded to bf16,
-//! f32 accumulation; linear weights packed once at load), everything else exactly as the f32
-//! [`CpuBackend`]. Inference only: training keeps f32 on the CPU.
+//! but the first) and attention's two products through the AVX512-BF16 GEMM
+//! ([`super::gemm_bf16`]: weights and activations rounded to bf16, f32 accumulation; linear
+//! weights packed once at load), everything else exactly as the f32 [`CpuBackend`]. Inference
+//! only: training keeps f32 on the CPU.
 
 use anyhow::{bail, ensure, Result};
 
 use super::gemm_bf16::{self, PairRows, PANEL};
 use super::{as_matrix, attention, conv, data, math, CpuBackend};
-use crate::backend::{Activation, Backend, ConvGeometry, LinearMask, NormParams, Seqs, SparseWeight};
+use crate::backend::{attention_width, linear_output_shape, Activation, Backend, ConvGeometry, LinearMask, NormParams, Seqs, SparseWeight};
 use crate::tensor::{DType, HostBytes, Tensor};
 
 #[derive(Clone, Copy, Debug)]
@@ -93,13 +94,12 @@ impl Backend for CpuBf16Backend {
     }
 
     fn attention(&self, qkv: &Tensor, seqs: &Seqs, heads: usize, scale: f32) -> Result<Tensor> {
-        let (rows, c3) = as_matrix(qkv);
-        let c = c3 / 3;
+        let c = attention_width(qkv, seqs, heads)?;
         // Odd head sizes (none in released checkpoints) do not split into pairs: f32.
-        if heads == 0 || c3 % 3 != 0 || c % heads != 0 || !(c / heads).is_multiple_of(2) || rows != seqs.total() {
+        if !(c / heads).is_multiple_of(2) {
             return CpuBackend.attention(qkv, seqs, heads, scale);
         }
-        Ok(Tensor::from_vec(attention::attention_bf16(data(qkv)?, c, seqs, heads, scale), &[rows, c]))
+        Ok(Tensor::from_vec(attention::attention_bf16(data(qkv)?, c, seqs, heads, scale), &[seqs.total(), c]))
     }
 
     /// Whole panels of 32 outputs over an even number of inputs are packed in bf16 (every
@@ -136,16 +136,11 @@ impl Backend for CpuBf16Backend {
         segments: &[(usize, Option<&LinearMask>)],
     ) -> Result<Tensor> {
         let Some((d_out, d_in, weight)) = packed(w)? else { return CpuBackend.linear_segments(x, w, b, act, segments) };
-        let (n, x_cols) = as_matrix(x);
-        ensure!(x_cols == d_in, "linear: input has {x_cols} features, the packed weight expects {d_in}");
-        ensure!(segments.iter().map(|s| s.0).sum::<usize>() == n, "linear: segments do not cover the {n} rows");
+        let shape = linear_output_shape("linear", x, (d_in, d_out), b, Some(segments.iter().map(|s| s.0).sum()))?;
         let bias = b.map(data).transpose()?;
-        if let Some(b) = bias {
-            ensure!(b.len() == d_out, "linear bias has {} values for {d_out} outputs", b.len());
-        }
         let pairs = d_in / 2;
         let a = gemm_bf16::to_pairs(data(x)?, d_in);
-        let mut out = vec![0.0f32; n * d_out];
+        let mut out = vec![0.0f32; shape.iter().product()];
         let mut row = 0;
         for &(rows, mask) in segments {
             let masked;
@@ -163,8 +158,6 @@ impl Backend for CpuBf16Backend {
             });
             row += rows;
         }
-        let mut shape = x.shape().to_vec();
-        *shape.last_mut().expect("a linear input has dimensions") = d_out;
         Ok(Tensor::from_vec(out, &shape))
     }
 

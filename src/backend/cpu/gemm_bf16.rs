@@ -3,14 +3,15 @@
 //!
 //! One `vdpbf16ps` does 32 multiply-adds where an f32 FMA does 16, at the same issue rate on Zen 4
 //! (measured on one core: 233 against 116 GFLOP/s in a register-resident loop), and bf16 weights
-//! are half the bytes. The CPU's `--precision bf16` runs its linears through [`matmul`].
+//! are half the bytes. The CPU's `--precision bf16` runs its linears, convolutions and
+//! attention products through [`matmul`].
 //!
 //! Layouts. Activations are row-major bf16 with an even row length, read as `u32` *pairs*
 //! `(x[r, 2p], x[r, 2p + 1])`, which is the operand one `vdpbf16ps` lane multiplies. Weights are
 //! packed once, at load, into panels of [`PANEL`] output columns: `w[j, p, c]` is the pair
 //! `(W[32j + c, 2p], W[32j + c, 2p + 1])` of the PyTorch `[out, in]` weight, so one k-pair of a
-//! panel is 128 contiguous bytes (two registers) and a panel's block of k stays in L1 while
-//! every row block of the activations passes over it.
+//! panel is 128 contiguous bytes (two registers) and a panel's block of k stays in cache while
+//! every micro-tile of a row block passes over it.
 
 use rayon::prelude::*;
 
@@ -20,7 +21,7 @@ pub const PANEL: usize = 32;
 /// activations broadcast from memory (8 and 14 rows were slower).
 const MR: usize = 12;
 /// k pairs per cache block (a panel's block is 48 KiB): of 128, 256, 384 and 512, the fastest
-/// over the FFN's two products at 499 frames on Zen 4 (K = 768 in one block, K = 3072 in eight).
+/// over the FFN's two products at 499 frames on Zen 4 (K = 768 in one block, K = 3072 in four).
 const KC_PAIRS: usize = 384;
 /// Output rows per task at most: the block's activations for one k block stay in L2.
 const MC: usize = 96;

@@ -1,5 +1,5 @@
 //! The CPU backend: f32 throughout, multi-threaded with rayon, GEMMs through the `gemm` crate
-//! ([`bf16::CpuBf16Backend`] runs its linears in bf16).
+//! ([`bf16::CpuBf16Backend`] runs its matrix products in bf16).
 //!
 //! This is the readable reference every other backend is checked against, and fast enough to be
 //! a real engine on a laptop.
@@ -21,7 +21,7 @@ use rayon::prelude::*;
 
 use self::gemm::{matmul_blocked, MatRef};
 use self::sparse::SparseLinear;
-use super::{Activation, Backend, ConvGeometry, LinearMask, NormParams, Seqs, SparseWeight};
+use super::{attention_width, linear_output_shape, Activation, Backend, ConvGeometry, LinearMask, NormParams, Seqs, SparseWeight};
 use crate::tensor::{Storage, Tensor};
 
 /// Rows handed to one rayon task by row-wise kernels; large enough to amortise scheduling.
@@ -208,18 +208,11 @@ impl Backend for CpuBackend {
         act: Activation,
         segments: &[(usize, Option<&LinearMask>)],
     ) -> Result<Tensor> {
-        let (n, d_in) = as_matrix(x);
-        let [w_in, d_out] = w.shape() else { bail!("linear weight must be 2-D, found {:?}", w.shape()) };
-        let d_out = *d_out;
-        ensure!(*w_in == d_in, "linear: input has {d_in} features, weight {:?} ([in, out]) expects {w_in}", w.shape());
-        ensure!(segments.iter().map(|s| s.0).sum::<usize>() == n, "linear: segments do not cover the {n} rows");
+        let &[d_in, d_out] = w.shape() else { bail!("linear weight must be 2-D, found {:?}", w.shape()) };
+        let shape = linear_output_shape("linear", x, (d_in, d_out), b, Some(segments.iter().map(|s| s.0).sum()))?;
         let bias = b.map(data).transpose()?;
-        if let Some(b) = bias {
-            ensure!(b.len() == d_out, "linear bias has {} values for {d_out} outputs", b.len());
-        }
-        let mut shape = x.shape().to_vec();
         let (x, w) = (data(x)?, data(w)?);
-        let mut out = vec![0.0f32; n * d_out];
+        let mut out = vec![0.0f32; shape.iter().product()];
         let mut row = 0;
         for &(rows, mask) in segments {
             let mut scratch = Vec::new();
@@ -230,7 +223,6 @@ impl Backend for CpuBackend {
             });
             row += rows;
         }
-        *shape.last_mut().expect("a linear input has dimensions") = d_out;
         Ok(Tensor::from_vec(out, &shape))
     }
 
@@ -301,11 +293,8 @@ impl Backend for CpuBackend {
     }
 
     fn attention(&self, qkv: &Tensor, seqs: &Seqs, heads: usize, scale: f32) -> Result<Tensor> {
-        let (rows, c3) = as_matrix(qkv);
-        ensure!(rows == seqs.total(), "attention: {rows} frames but the batch holds {}", seqs.total());
-        ensure!(c3 % 3 == 0 && heads > 0 && (c3 / 3) % heads == 0, "attention: {c3} columns do not split into q, k, v of {heads} heads");
-        let out = attention::attention(data(qkv)?, c3 / 3, seqs, heads, scale, None);
-        Ok(Tensor::from_vec(out, &[rows, c3 / 3]))
+        let c = attention_width(qkv, seqs, heads)?;
+        Ok(Tensor::from_vec(attention::attention(data(qkv)?, c, seqs, heads, scale, None), &[seqs.total(), c]))
     }
 
     fn ctc_loss(&self, logits: &Tensor, seqs: &Seqs, targets: &crate::ctc::CtcTargets, grad_scale: f32) -> Result<(Vec<f32>, Tensor)> {

@@ -22,7 +22,9 @@ use cudarc::driver::{sys, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaS
 use cudarc::nvrtc::Ptx;
 use rayon::prelude::*;
 
-use super::{packed_rows, Activation, Backend, ConvGeometry, LinearMask, NormParams, Seqs, SparseWeight};
+use super::{
+    attention_width, linear_output_shape, packed_rows, Activation, Backend, ConvGeometry, LinearMask, NormParams, Seqs, SparseWeight,
+};
 use crate::dropout::SiteDropout;
 use crate::tensor::{DType, HostBytes, Storage, Tensor};
 use launch::{GemmArgs, Launch, NormSource, MAX_SOURCE_TAPS};
@@ -568,13 +570,8 @@ impl CudaBackend {
     /// Splits qkv `[frames, 3c]` of `seqs` into (c, head size, the head-size class the
     /// attention kernels are instantiated for: 16, 32, 64, 128).
     fn attention_shape(qkv: &Tensor, seqs: &Seqs, heads: usize) -> Result<(usize, usize, usize)> {
-        let c3 = *qkv.shape().last().unwrap_or(&0);
-        ensure!(qkv.numel() / c3.max(1) == seqs.total(), "attention: {:?} does not hold {} frames", qkv.shape(), seqs.total());
-        ensure!(
-            c3.is_multiple_of(3) && heads > 0 && (c3 / 3).is_multiple_of(heads),
-            "attention: {c3} columns do not split into q, k, v of {heads} heads"
-        );
-        let (c, hd) = (c3 / 3, c3 / 3 / heads);
+        let c = attention_width(qkv, seqs, heads)?;
+        let hd = c / heads;
         let class = match hd {
             0..=16 => 0,
             17..=32 => 1,
@@ -906,20 +903,12 @@ impl CudaBackend {
         segments: &[(usize, Option<u64>)],
         out_dtype: DType,
     ) -> Result<Tensor> {
-        let n = x.numel() / x.shape().last().copied().unwrap_or(1).max(1);
-        let d_in = *x.shape().last().unwrap_or(&0);
-        let &[d_out, w_in] = w.shape() else { bail!("linear weight must be 2-D, found {:?}", w.shape()) };
-        ensure!(w_in == d_in, "linear: input has {d_in} features, weight {:?} expects {w_in}", w.shape());
-        ensure!(segments.iter().map(|s| s.0).sum::<usize>() == n, "linear: segments do not cover the {n} rows");
-        if let Some(b) = b {
-            ensure!(b.numel() == d_out, "linear bias has {} values for {d_out} outputs", b.numel());
-        }
+        let &[d_out, d_in] = w.shape() else { bail!("linear weight must be 2-D, found {:?}", w.shape()) };
+        let shape = linear_output_shape("linear", x, (d_in, d_out), b, Some(segments.iter().map(|s| s.0).sum()))?;
         let tensor_cores = self.linear_on_tensor_cores(w, d_in, segments.iter().any(|s| s.1.is_some()));
         let (x, x16) = self.gemm_operand(x, tensor_cores, "linear input")?;
         let x = &x;
         let out_dtype = if tensor_cores { out_dtype } else { DType::F32 };
-        let mut shape = x.shape().to_vec();
-        *shape.last_mut().unwrap() = d_out;
         let out = self.empty(&shape, out_dtype)?;
         let (pa, pc, pa16) = (self.ptr(x)?, self.ptr(&out)?, x16.as_ref().map(|t| self.ptr(t)).transpose()?);
         let (in_size, out_size) = (x.dtype().size_of() as u64, out_dtype.size_of() as u64);
