@@ -47,7 +47,9 @@ fn main() {
         return;
     }
     let f32_be = CudaBackend::new(0, Precision::F32).unwrap();
-    let bf16_be = CudaBackend::new(0, Precision::Bf16).unwrap();
+    // mma.sync alone (the wgmma kernels, timed in by default on Hopper, have their own table).
+    let mut bf16_be = CudaBackend::new(0, Precision::Bf16).unwrap();
+    bf16_be.set_wgmma_tuning(false).unwrap();
     let mut fma_be = CudaBackend::new(0, Precision::F32).unwrap();
     fma_be.set_tf32x3(false);
     let mut wmma_be = CudaBackend::new(0, Precision::Bf16).unwrap();
@@ -226,8 +228,8 @@ fn conv_rows(p: &str, be: &CudaBackend) -> Vec<Row> {
     rows
 }
 
-/// Hopper's warpgroup-MMA GEMMs (kernels/gemm_sm90a.cu), measured last and printed row by row:
-/// no GPU had run them when this bench was written, so a fault costs only these rows. The FFN
+/// Hopper's warpgroup-MMA GEMMs (kernels/gemm_sm90a.cu), measured last and printed row by row,
+/// so a fault in a changed wgmma kernel costs only these rows. The FFN
 /// GEMM in each wgmma tile shape (dense, then masked, against cuBLAS), then the timed choice
 /// with the wgmma shapes among the candidates on the FFN GEMM and the two convolutions.
 fn wgmma_rows(x: &Tensor, w: &Tensor, bits: &[u8], cublas_bf16_ms: f64) {

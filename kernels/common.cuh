@@ -142,10 +142,16 @@ __device__ __forceinline__ void split_tf32(float x, unsigned& big, unsigned& sma
 }
 
 // D += A B to fp32 accuracy from split operands (a = ab + as, b = bb + bs): the three products
-// that matter, small terms first (they are the least significant).
+// that matter, small terms first (they are the least significant), summed from zero and added
+// to D outside the tensor core. Hopper's tensor cores round their accumulation toward zero, and
+// chaining every k step into D made that bias grow with K: on an H200, rel L2 2.1e-5 against
+// the CPU at K = 3072 (the fp32 path's bound is 1e-5). Added here with round-to-nearest, each
+// step's truncation stays relative to its own eight products (Ootomo and Yokota, 2022).
 __device__ __forceinline__ void mma_tf32x3(float (&d)[4], const unsigned (&ab)[4], const unsigned (&as)[4], const unsigned (&bb)[2],
                                            const unsigned (&bs)[2]) {
-    mma_tf32(d, as, bb[0], bb[1]);
-    mma_tf32(d, ab, bs[0], bs[1]);
-    mma_tf32(d, ab, bb[0], bb[1]);
+    float t[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    mma_tf32(t, as, bb[0], bb[1]);
+    mma_tf32(t, ab, bs[0], bs[1]);
+    mma_tf32(t, ab, bb[0], bb[1]);
+    for (int i = 0; i < 4; ++i) d[i] += t[i];
 }

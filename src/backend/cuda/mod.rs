@@ -345,8 +345,8 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Times the wgmma tile shapes with the others when choosing a GEMM's kernel (what
-    /// `S3R_WGMMA=1` sets), or leaves them out (the default).
+    /// Times the wgmma tile shapes with the others when choosing a GEMM's kernel (the default
+    /// on Hopper), or leaves them out (what `S3R_WGMMA=0` sets).
     pub fn set_wgmma_tuning(&mut self, on: bool) -> Result<()> {
         let loaded = (0..BF16_MMA_KERNELS.len()).any(|i| BF16_MMA_KERNELS[i].is_wgmma() && self.mma_tile_available(i));
         ensure!(loaded || !on, "the wgmma GEMMs need a compute capability 9.0 GPU (H100, H200)");
