@@ -647,5 +647,17 @@ fn ctc_kernel_matches_cpu() {
     let got = ctc_loss(&be, &be.upload(&logits).unwrap(), &seqs, &targets, Reduction::Sum).unwrap();
     check("random losses".into(), &got.losses, &want.losses, 1e-5);
     check("random gradient".into(), &back(&be, &got.grad), &want.grad.to_vec().unwrap(), 1e-4);
+    // Transcripts long enough for two and four extended-label states per thread (1201 and 2201
+    // states; a block has at most 1024 threads).
+    for (i, (frames, labels)) in [(1300, 600), (1400, 1100)].into_iter().enumerate() {
+        let seqs = Seqs::new(vec![frames]);
+        let logits = host(random(frames * vocab, 7 + i as u64, 3.0), &[frames, vocab]);
+        let labels = vec![random(labels, 9 + i as u64, 1.0).iter().map(|v| 1 + (v.abs() * 30.0) as u32).collect()];
+        let targets = CtcTargets { labels, blank: 0, zero_infinity: false };
+        let want = ctc_loss(&cpu, &logits, &seqs, &targets, Reduction::Sum).unwrap();
+        let got = ctc_loss(&be, &be.upload(&logits).unwrap(), &seqs, &targets, Reduction::Sum).unwrap();
+        check(format!("{frames} frames x {labels} labels: losses", labels = targets.labels[0].len()), &got.losses, &want.losses, 1e-5);
+        check(format!("{frames} frames: gradient"), &back(&be, &got.grad), &want.grad.to_vec().unwrap(), 1e-4);
+    }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

@@ -1,5 +1,6 @@
 //! CTC loss and gradient on the GPU (kernels/ctc.cu): the per-batch index arrays in one upload,
-//! then three launches (emissions, the alpha and beta recursions side by side, the gradient).
+//! then three launches (each frame's log-sum-exp, the alpha and beta recursions side by side,
+//! the gradient).
 
 use anyhow::{anyhow, bail, ensure, Result};
 use cudarc::driver::{DevicePtr, DeviceRepr, PushKernelArg};
@@ -10,9 +11,21 @@ use crate::backend::{Backend, Seqs};
 use crate::ctc::CtcTargets;
 use crate::tensor::{DType, Tensor};
 
-/// Extended-label states one recursion block holds: 4 per thread, 1024 threads
-/// (`CTC_MAX_SLOTS` in kernels/ctc.cu), so transcripts of up to 2047 labels.
+/// Extended-label states one recursion block holds: up to 4 per thread (`ctc_recursions_s4` in
+/// kernels/ctc.cu), 1024 threads, so transcripts of up to 2047 labels.
 const MAX_STATES: usize = 4 * 1024;
+
+/// The recursion kernel for sequences of up to `longest` states, and its threads per block: one
+/// state per thread while a block holds them all, then 2 and 4 (each kernel keeps the same
+/// registers of emissions in flight, over fewer frames).
+fn recursion_kernel(longest: usize) -> (&'static str, usize) {
+    let (name, slots) = match longest.div_ceil(1024) {
+        1 => ("ctc_recursions_s1", 1),
+        2 => ("ctc_recursions_s2", 2),
+        _ => ("ctc_recursions_s4", 4),
+    };
+    (name, longest.div_ceil(slots).div_ceil(32) * 32)
+}
 
 /// Frames per block of the per-frame kernels (one warp each).
 const FRAMES_PER_BLOCK: usize = 8;
@@ -116,15 +129,17 @@ impl CudaBackend {
         };
         let states = (index.data[index.starts[3] - 1] as usize).max(1); // state_off's last entry
         let lse = self.empty(&[seqs.total().max(1)], DType::F32)?;
-        let emit = self.empty(&[states], DType::F32)?;
+        let alpha_offsets = self.empty(&[seqs.total().max(1)], DType::F32)?;
+        let beta_offsets = self.empty(&[seqs.total().max(1)], DType::F32)?;
         let alpha = self.empty(&[states], DType::F32)?;
         let beta = self.empty(&[states], DType::F32)?;
         let grad = self.empty(logits.shape(), DType::F32)?;
         let losses = self.empty(&[seqs.count().max(1)], DType::F32)?;
-        let (pl, plse, pe, pa, pb, pg, ploss) = (
+        let (pl, plse, pao, pbo, pa, pb, pg, ploss) = (
             self.ptr(logits)?,
             self.ptr(&lse)?,
-            self.ptr(&emit)?,
+            self.ptr(&alpha_offsets)?,
+            self.ptr(&beta_offsets)?,
             self.ptr(&alpha)?,
             self.ptr(&beta)?,
             self.ptr(&grad)?,
@@ -132,19 +147,21 @@ impl CudaBackend {
         );
         let zero_inf = targets.zero_infinity as i32;
         let utterances = seqs.count() as u32;
-        let per_frame = config((longest_frames.div_ceil(FRAMES_PER_BLOCK) as u32, utterances, 1), 32 * FRAMES_PER_BLOCK as u32);
         let launch = self.launcher();
-        launch.launch(self.func("ctc_emissions"), per_frame, |b| {
-            b.arg(&pl).arg(&meta).arg(&plse).arg(&pe);
+        let (frames, vocab_i32) = (seqs.total() as i32, vocab as i32);
+        let every_frame = config((seqs.total().div_ceil(FRAMES_PER_BLOCK) as u32, 1, 1), 32 * FRAMES_PER_BLOCK as u32);
+        launch.launch(self.func("ctc_lse"), every_frame, |b| {
+            b.arg(&pl).arg(&frames).arg(&vocab_i32).arg(&plse);
         })?;
-        let threads = longest.min(1024).div_ceil(32) * 32;
+        let (kernel, threads) = recursion_kernel(longest);
         let mut both = config((2, utterances, 1), threads as u32);
-        both.shared_mem_bytes = (2 * longest * 4) as u32;
-        launch.launch(self.func("ctc_recursions"), both, |b| {
-            b.arg(&meta).arg(&pe).arg(&pa).arg(&pb).arg(&zero_inf).arg(&ploss);
+        both.shared_mem_bytes = ((2 * longest + threads / 32) * 4) as u32; // two frames, a peak per warp
+        launch.launch(self.func(kernel), both, |b| {
+            b.arg(&pl).arg(&plse).arg(&meta).arg(&pa).arg(&pb).arg(&pao).arg(&pbo).arg(&zero_inf).arg(&ploss);
         })?;
+        let per_frame = config((longest_frames.div_ceil(FRAMES_PER_BLOCK) as u32, utterances, 1), 32 * FRAMES_PER_BLOCK as u32);
         launch.launch(self.func("ctc_grad"), per_frame, |b| {
-            b.arg(&pl).arg(&meta).arg(&plse).arg(&pe).arg(&pa).arg(&pb).arg(&zero_inf).arg(&grad_scale).arg(&pg);
+            b.arg(&pl).arg(&meta).arg(&plse).arg(&pa).arg(&pb).arg(&pao).arg(&pbo).arg(&zero_inf).arg(&grad_scale).arg(&pg);
         })?;
         let losses = self.to_host(&losses)?.to_vec()?[..seqs.count()].to_vec();
         if let Some(u) = losses.iter().position(|l| l.is_infinite()) {
@@ -157,6 +174,16 @@ impl CudaBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_state_has_a_thread_and_blocks_stay_within_1024_threads() {
+        for longest in [1, 31, 33, 441, 1023, 1024, 1025, 2047, 2048, 2049, 3000, MAX_STATES - 1] {
+            let (name, threads) = recursion_kernel(longest);
+            let slots: usize = name.rsplit('s').next().unwrap().parse().unwrap();
+            assert!(threads * slots >= longest && threads <= 1024 && threads % 32 == 0, "{longest} states: {name} x {threads}");
+            assert!(slots == 1 || longest > 1024 * (slots / 2), "{longest} states: {name} has more slots than needed");
+        }
+    }
 
     #[test]
     fn the_index_arrays_lie_end_to_end_with_their_starts() {
