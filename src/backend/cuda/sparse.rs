@@ -71,9 +71,13 @@ impl CudaBackend {
     }
 
     /// [`crate::backend::Backend::prepare_sparse`]: the weight comes back to the host once to be
-    /// compressed.
+    /// compressed. None at bf16, where the dense GEMM won at every measured shape and sparsity
+    /// (`sparse_pays`); [`Self::sparse_weight`] still builds one for the bench to compare.
     pub(super) fn prepare_sparse_weight(&self, w: &Tensor) -> Result<Option<SparseWeight>> {
         let &[d_out, d_in] = w.shape() else { bail!("linear weight must be 2-D, found {:?}", w.shape()) };
+        if self.precision == Precision::Bf16 {
+            return Ok(None);
+        }
         let host = self.to_host(w)?;
         let values = host.f32s()?;
         if !sparse::worth_compressing(values) {
