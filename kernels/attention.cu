@@ -242,7 +242,8 @@ struct Tf32x3Ops {
     static __device__ __forceinline__ void load_a(ARows& a, const T* tile, int ld, int row0, int) { a = ARows{tile, ld, row0}; }
 
     // A's fragment of chunk kc: rows g (registers 0, 2) and g + 8 (1, 3), columns tq (0, 1) and
-    // tq + 4; B's: row n = g of each 8-row tile, columns tq and tq + 4.
+    // tq + 4; B's: row n = g of each 8-row tile, columns tq and tq + 4. Every caller's acc starts
+    // at zero for the tile and sums HD / 8 steps: chained in the tensor core.
     static __device__ __forceinline__ void mma_abt(float (&acc)[8][4], const ARows& a, const T* tile, int ld, int lane) {
         const int g = lane / 4, tq = lane % 4;
 #pragma unroll
@@ -255,7 +256,7 @@ struct Tf32x3Ops {
                 unsigned bb[2], bs[2];
 #pragma unroll
                 for (int e = 0; e < 2; ++e) split_tf32(tile[(nt * 8 + g) * ld + kc * 8 + tq + e * 4], bb[e], bs[e]);
-                mma_tf32x3(acc[nt], ab, as, bb, bs);
+                mma_tf32x3_few_steps(acc[nt], ab, as, bb, bs);
             }
         }
     }
