@@ -142,27 +142,25 @@ __device__ __forceinline__ void split_tf32(float x, unsigned& big, unsigned& sma
 }
 
 // D += A B to fp32 accuracy from split operands (a = ab + as, b = bb + bs): the three products
-// that matter, small terms first (they are the least significant), summed from zero and added
-// to D outside the tensor core. Hopper's tensor cores round their accumulation toward zero, and
-// chaining every k step into D made that bias grow with K: on an H200, rel L2 2.1e-5 against
-// the CPU at K = 3072 (the fp32 path's bound is 1e-5). Added here with round-to-nearest, each
-// step's truncation stays relative to its own eight products (Ootomo and Yokota, 2022).
-__device__ __forceinline__ void mma_tf32x3(float (&d)[4], const unsigned (&ab)[4], const unsigned (&as)[4], const unsigned (&bb)[2],
-                                           const unsigned (&bs)[2]) {
-    float t[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    mma_tf32(t, as, bb[0], bb[1]);
-    mma_tf32(t, ab, bs[0], bs[1]);
-    mma_tf32(t, ab, bb[0], bb[1]);
-    for (int i = 0; i < 4; ++i) d[i] += t[i];
-}
-
-// mma_tf32x3 with the products chained into D inside the tensor core, for a D that starts at zero
-// and sums a handful of steps (attention's products over the head size: at most 16 steps of 8),
-// where rounding toward zero costs at most an ulp a step, below the tests' 1e-5; the adds outside
-// the tensor core cost a fp32 attention gradient 46% on an H200.
+// that matter, small terms first (they are the least significant), chained into D inside the
+// tensor core. Hopper's tensor cores round their accumulation toward zero, at most an ulp a
+// step: fine for a D that starts at zero and sums a handful of steps (attention's products over
+// the head size: at most 16 steps of 8); a long K takes mma_tf32x3.
 __device__ __forceinline__ void mma_tf32x3_few_steps(float (&d)[4], const unsigned (&ab)[4], const unsigned (&as)[4], const unsigned (&bb)[2],
                                                      const unsigned (&bs)[2]) {
     mma_tf32(d, as, bb[0], bb[1]);
     mma_tf32(d, ab, bs[0], bs[1]);
     mma_tf32(d, ab, bb[0], bb[1]);
+}
+
+// The same product for any K: each step's three products summed from zero and added to D
+// outside the tensor core, with round-to-nearest, so each step's truncation stays relative to
+// its own eight products (Ootomo and Yokota, 2022). Chaining every step into D made the bias
+// grow with K: on an H200, rel L2 2.1e-5 against the CPU at K = 3072 (the fp32 path's bound is
+// 1e-5). The extra adds cost a fp32 attention gradient 46% there, hence the variant above.
+__device__ __forceinline__ void mma_tf32x3(float (&d)[4], const unsigned (&ab)[4], const unsigned (&as)[4], const unsigned (&bb)[2],
+                                           const unsigned (&bs)[2]) {
+    float t[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    mma_tf32x3_few_steps(t, ab, as, bb, bs);
+    for (int i = 0; i < 4; ++i) d[i] += t[i];
 }

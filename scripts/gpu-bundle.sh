@@ -36,8 +36,8 @@ cat > "$out/run.sh" <<'RUN'
 # All GPU checks and benches from prebuilt binaries, most important first, inside a time budget
 # (BUDGET seconds, default 540: a device call may run 600); a short table last. Run from the
 # repository root. FULL=1 adds the fp32 forward at 1 x 10 s and the bf16 demo. What comes
-# back goes to $OUT (default /tmp/s3router-gpu) as three files: summary.txt (the table),
-# logs.txt (every step's log, one after the other) and the anchor's torch_baseline.json (the
+# back goes to $OUT (default /tmp/s3router-gpu) as four files at most: summary.txt (the
+# table), logs.txt (every step's log, one after the other) and the two anchors' JSON (the
 # device tool returns only a few files a call).
 set -uo pipefail
 b=gpu-bundle

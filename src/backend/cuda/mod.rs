@@ -1095,10 +1095,11 @@ impl Backend for CudaBackend {
 
     /// Measured on an H200 (docs/PERF.md, `cargo bench --bench sparse`, 2026-11-28): at batch
     /// 1 x 1 s the sparse kernel beat the fp32 GEMM from 80-90% dropped (1.6x at 90%, a tie at
-    /// 70%), never the bf16 one (57 against 40 us, 185 against 95 us at 90%); at 8 x 15 s the
-    /// dense GEMMs won by 1.6-5x even at 90%.
+    /// 70%), never the bf16 one (57 against 40 us, 185 against 95 us at 90%: the bf16 backend
+    /// makes no sparse copy, see `prepare_sparse_weight`); at 8 x 15 s the dense GEMMs won by
+    /// 1.6-5x even at 90%.
     fn sparse_pays(&self, sp: &SparseWeight, rows: usize) -> bool {
-        self.precision == Precision::F32 && crate::backend::cpu::sparse::sparse_pays(1.0 - sp.density(), rows, f64::INFINITY)
+        crate::backend::cpu::sparse::sparse_pays(1.0 - sp.density(), rows, f64::INFINITY)
     }
 
     fn linear_sparse(&self, x: &Tensor, sp: &SparseWeight, b: Option<&Tensor>, act: Activation) -> Result<Tensor> {
