@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use s3router::backend::backward::Backward;
-use s3router::backend::cuda::{unavailable_reason, CudaBackend, Precision, BF16_MMA_KERNELS};
+use s3router::backend::cuda::{unavailable_reason, CudaBackend, Precision, BF16_MMA_KERNELS, TF32X3_KERNELS};
 use s3router::backend::{Activation, Backend, ConvGeometry, NormParams, Seqs};
 use s3router::dropout::{Dropout, SiteDropout};
 use s3router::rng::SplitMix;
@@ -46,7 +46,9 @@ fn main() {
         println!("cuda_kernels: skipped ({why})");
         return;
     }
-    let f32_be = CudaBackend::new(0, Precision::F32).unwrap();
+    // mma.sync alone for 3xTF32 too (its wgmma kernel is measured in wgmma_rows).
+    let mut f32_be = CudaBackend::new(0, Precision::F32).unwrap();
+    f32_be.set_tf32x3_kernel(Some(0)).unwrap();
     // mma.sync alone (the wgmma kernels, timed in by default on Hopper, have their own table).
     let mut bf16_be = CudaBackend::new(0, Precision::Bf16).unwrap();
     bf16_be.set_wgmma_tuning(false).unwrap();
@@ -149,6 +151,18 @@ fn main() {
         let ms = time_ms(be, 5, || drop(be.attention_grad(&d_out, &qkv, &seqs, 12, 0.125, dropout).unwrap()));
         let kind = if be.precision() == Precision::F32 && !be.tf32x3() { "T x T" } else { "flash" };
         rows.push(Row(format!("attention gradient {p} ({kind}), dropout 0.1"), ms, format!("{:.1} TFLOP/s", 2.5 * att_flops / ms / 1e9)));
+        if be.precision() == Precision::Bf16 {
+            // From a bf16 qkv, as the bf16 training step runs them (the next tile in flight).
+            let qkv16 = be.to_bf16(&qkv).unwrap();
+            let ms = time_ms(be, 10, || drop(be.attention(&qkv16, &seqs, 12, 0.125).unwrap()));
+            rows.push(Row(format!("attention {p}, bf16 qkv"), ms, format!("{:.1} TFLOP/s", att_flops / ms / 1e9)));
+            let ms = time_ms(be, 5, || drop(be.attention_grad(&d_out, &qkv16, &seqs, 12, 0.125, dropout).unwrap()));
+            rows.push(Row(
+                format!("attention gradient {p}, bf16 qkv, dropout 0.1"),
+                ms,
+                format!("{:.1} TFLOP/s", 2.5 * att_flops / ms / 1e9),
+            ));
+        }
     }
     let be = &f32_be;
     let h = be.upload(&Tensor::from_vec(random(FRAMES * 768, 5), &[FRAMES, 768])).unwrap();
@@ -158,6 +172,23 @@ fn main() {
         drop(be.layer_norm(h.clone(), Some(&h), NormParams { gamma: &g, beta: &bta, eps: 1e-5 }, Activation::Identity).unwrap())
     });
     rows.push(Row("layer_norm+residual 5992x768".into(), ms, format!("{:.0} GB/s", 3.0 * (FRAMES * 768 * 4) as f64 / ms / 1e6)));
+    // The positional conv's weight gradient (finetuning trains it; fp32 FMA in every precision).
+    let dy = be.upload(&Tensor::from_vec(random(FRAMES * 768, 12), &[FRAMES, 768])).unwrap();
+    let geom = ConvGeometry { kernel: 128, stride: 1, pad_left: 64, groups: 16 };
+    let ms = time_ms(be, 10, || drop(be.conv1d_weight_grad(&dy, &h, &seqs, &seqs, geom).unwrap()));
+    let wf = 2.0 * (FRAMES * 768 * 128 * 48) as f64;
+    rows.push(Row("pos conv (k128 g16) weight gradient, fp32 FMA tiles".into(), ms, format!("{:.1} TFLOP/s", wf / ms / 1e9)));
+    // Column reductions (a bias's gradient, a layer norm's parameter gradients): a finetuning
+    // step takes ~100 of them.
+    let d_mid = be.upload(&Tensor::from_vec(random(FRAMES * 3072, 13), &[FRAMES, 3072])).unwrap();
+    let ms = time_ms(be, 20, || drop(be.column_sum(&d_mid).unwrap()));
+    rows.push(Row("column sum 5992x3072 (FFN bias gradient)".into(), ms, format!("{:.0} GB/s", (FRAMES * 3072 * 4) as f64 / ms / 1e6)));
+    let ms = time_ms(be, 20, || drop(be.layer_norm_grads(&dy, &h, NormParams { gamma: &g, beta: &bta, eps: 1e-5 }, true).unwrap()));
+    rows.push(Row(
+        "layer norm backward with gamma, beta 5992x768".into(),
+        ms,
+        format!("{:.0} GB/s", 4.0 * (FRAMES * 768 * 4) as f64 / ms / 1e6),
+    ));
     for (p, be) in [("f32 FMA", &fma_be), ("f32 3xTF32", &f32_be), ("bf16 wmma (v2)", &wmma_be), ("bf16 mma.sync, timed tile", &bf16_be)] {
         rows.extend(conv_rows(p, be));
     }
@@ -231,7 +262,8 @@ fn conv_rows(p: &str, be: &CudaBackend) -> Vec<Row> {
 /// Hopper's warpgroup-MMA GEMMs (kernels/gemm_sm90a.cu), measured last and printed row by row,
 /// so a fault in a changed wgmma kernel costs only these rows. The FFN
 /// GEMM in each wgmma tile shape (dense, then masked, against cuBLAS), then the timed choice
-/// with the wgmma shapes among the candidates on the FFN GEMM and the two convolutions.
+/// with the wgmma shapes among the candidates on the FFN GEMM and the two convolutions; then
+/// the same for the fp32 3xTF32 GEMM (wgmma forced, then timed against mma.sync).
 fn wgmma_rows(x: &Tensor, w: &Tensor, bits: &[u8], cublas_bf16_ms: f64) {
     let (m, k, n) = (FRAMES, 768, 3072);
     let rate = |ms: f64| format!("{:.1} TFLOP/s, {:.0}% of cuBLAS bf16", 2.0 * (m * n * k) as f64 / ms / 1e9, 100.0 * cublas_bf16_ms / ms);
@@ -256,6 +288,25 @@ fn wgmma_rows(x: &Tensor, w: &Tensor, bits: &[u8], cublas_bf16_ms: f64) {
                 println!("| {name} | {ms:.4} | {rate} |");
             }
             println!("\ntile shapes timed fastest with wgmma (M up to, N, K, kernel): {:?}", be.mma_tile_choices());
+        }
+    }
+    println!("\n| Hopper wgmma, fp32 3xTF32 | median ms | rate |\n|---|---|---|");
+    let rate = |ms: f64| format!("{:.1} TFLOP/s", 2.0 * (m * n * k) as f64 / ms / 1e9);
+    let wgmma = TF32X3_KERNELS.iter().position(|t| t.is_wgmma()).expect("the 3xTF32 table has a wgmma kernel");
+    let mut forced = CudaBackend::new(0, Precision::F32).unwrap();
+    forced.set_tf32x3_kernel(Some(wgmma)).unwrap();
+    let timed_name = "timed (mma.sync or wgmma)";
+    for (p, be) in
+        [(TF32X3_KERNELS[wgmma].name.to_string(), forced), (timed_name.to_string(), CudaBackend::new(0, Precision::F32).unwrap())]
+    {
+        let (dense, masked) = ffn_gemm_ms(&be, x, w, bits);
+        println!("| ffn gemm dense f32 {p} {m}x{k}x{n} | {dense:.4} | {} |", rate(dense));
+        println!("| ffn gemm masked(10%) f32 {p} | {masked:.4} | {} |", rate(masked));
+        for Row(name, ms, rate) in conv_rows(&format!("f32 {p}"), &be) {
+            println!("| {name} | {ms:.4} | {rate} |");
+        }
+        if p == timed_name {
+            println!("\n3xTF32 kernels timed fastest (M up to, N, K, kernel): {:?}", be.mma_tile_choices());
         }
     }
 }

@@ -115,43 +115,91 @@ __device__ __forceinline__ float4 widen4(uint2 v) {
     return make_float4(__low2float(lo), __high2float(lo), __low2float(hi), __high2float(hi));
 }
 
-// Stages rows r0 .. r0 + ROWS of one head's slice of `src` (fp32 or bf16; row stride `stride`,
-// columns col .. col + hd of each packed row `start + r`) into shared memory times `scale`: rows
-// at or past `len` and columns at or past `hd` as zeros. With `vec4` (hd % 4 == 0, stride % 4 ==
-// 0), vector loads of 4 values, each thread issuing a batch of them before storing any, from
-// addresses clamped into the utterance and the head so none needs a branch: one memory round
-// trip per batch, not one per load.
-template <int ROWS, int HD, class T, class Src>
+// Where a tile's rows come from: rows r0 .. r0 + 64 of one head's slice of `src` (fp32 or bf16;
+// row stride `stride`, columns col .. col + hd of each packed row `start + r`); rows at or past
+// `len` and columns at or past `hd` read as zeros. With `vec4` (hd % 4 == 0, stride % 4 == 0),
+// thread t's share is vector loads of 4 values j = 0 .. PER, from addresses clamped into the
+// utterance and the head so that none needs a branch.
+template <int HD, class Src>
+struct TileRows {
+    static constexpr int PER = 64 * HD / 4 / 128;
+    static_assert(PER * 4 * 128 == 64 * HD, "whole vector loads per thread");
+    const Src* src;
+    long stride;
+    int start, r0, len, col, hd;
+    bool vec4;
+
+    __device__ __forceinline__ decltype(load4(src)) load(int j, int t) const {
+        int i = t + j * 128, r = i / (HD / 4), d = (i % (HD / 4)) * 4;
+        int row = min(r0 + r, len - 1), dd = min(d, hd - 4);
+        return load4(src + (long)(start + row) * stride + col + dd);
+    }
+    // Vector j of thread t, loaded as `v`, into the tile times `scale`.
+    template <class T, class V>
+    __device__ __forceinline__ void put(T* dst, int ld, float scale, int j, int t, V v) const {
+        int i = t + j * 128, r = i / (HD / 4), d = (i % (HD / 4)) * 4;
+        float4 x = (r0 + r < len && d < hd) ? widen4(v) : make_float4(0.f, 0.f, 0.f, 0.f);
+        put4(dst + r * ld + d, make_float4(x.x * scale, x.y * scale, x.z * scale, x.w * scale));
+    }
+    // The whole tile, loaded and stored now: batches of 8 loads (2 at HD 128, whose accumulators
+    // take twice the registers) issued before any is stored, one memory round trip per batch.
+    // Without vec4, element by element.
+    template <class T>
+    __device__ __forceinline__ void stage(T* dst, int ld, float scale, int t) const {
+        if (!vec4) {
+            for (int i = t; i < 64 * HD; i += 128) {
+                int r = i / HD, d = i % HD;
+                bool in = r0 + r < len && d < hd;
+                store_as(dst + r * ld + d, in ? load_as(src + (long)(start + r0 + r) * stride + col + d) * scale : 0.0f);
+            }
+            return;
+        }
+        constexpr int MOST = HD >= 128 ? 2 : 8, BATCH = PER < MOST ? PER : MOST;
+        static_assert(PER % BATCH == 0, "whole batches");
+#pragma unroll
+        for (int b0 = 0; b0 < PER; b0 += BATCH) {
+            decltype(load4(src)) v[BATCH];
+#pragma unroll
+            for (int j = 0; j < BATCH; ++j) v[j] = load(b0 + j, t);
+#pragma unroll
+            for (int j = 0; j < BATCH; ++j) put(dst, ld, scale, b0 + j, t, v[j]);
+        }
+    }
+};
+
+// Stages a tile now (TileRows::stage).
+template <int HD, class T, class Src>
 __device__ __forceinline__ void stage_rows(const Src* src, long stride, int start, int r0, int len, int col, int hd, float scale, T* dst,
                                            int ld, int t, bool vec4) {
-    if (!vec4) {
-        for (int i = t; i < ROWS * HD; i += 128) {
-            int r = i / HD, d = i % HD;
-            bool in = r0 + r < len && d < hd;
-            store_as(dst + r * ld + d, in ? load_as(src + (long)(start + r0 + r) * stride + col + d) * scale : 0.0f);
-        }
-        return;
-    }
-    // Batches of 8 loads (2 at HD 128, whose accumulators take twice the registers).
-    constexpr int PER = ROWS * HD / 4 / 128, MOST = HD >= 128 ? 2 : 8, BATCH = PER < MOST ? PER : MOST;
-    static_assert(PER * 4 * 128 == ROWS * HD && PER % BATCH == 0, "whole vector loads per thread");
-#pragma unroll
-    for (int b0 = 0; b0 < PER; b0 += BATCH) {
-        decltype(load4(src)) v[BATCH];
-#pragma unroll
-        for (int j = 0; j < BATCH; ++j) {
-            int i = t + (b0 + j) * 128, r = i / (HD / 4), d = (i % (HD / 4)) * 4;
-            int row = min(r0 + r, len - 1), dd = min(d, hd - 4);
-            v[j] = load4(src + (long)(start + row) * stride + col + dd);
-        }
-#pragma unroll
-        for (int j = 0; j < BATCH; ++j) {
-            int i = t + (b0 + j) * 128, r = i / (HD / 4), d = (i % (HD / 4)) * 4;
-            float4 x = (r0 + r < len && d < hd) ? widen4(v[j]) : make_float4(0.f, 0.f, 0.f, 0.f);
-            put4(dst + r * ld + d, make_float4(x.x * scale, x.y * scale, x.z * scale, x.w * scale));
-        }
-    }
+    TileRows<HD, Src>{src, stride, start, r0, len, col, hd, vec4}.stage(dst, ld, scale, t);
 }
+
+// The next tile of a loop over tiles, in flight: `fetch` issues its loads into registers before
+// the current tile's MMAs, `put` stores it once they are done, so the loads' latency hides
+// behind the MMAs instead of stalling every warp of the block at the top of each tile (the
+// staging before, with two or three blocks per SM to cover it). Held only for bf16 sources in
+// the bf16 kernels up to head size 64 (F::PREFETCH): 16 registers a tile; fp32 sources would
+// take 32, which pushed those kernels to 255 registers and spills (ptxas, sm_90). Otherwise,
+// or without vec4, `put` stages the tile then.
+template <int HD, class Src, bool PREFETCH>
+struct TileInFlight {
+    static constexpr bool HELD = PREFETCH && sizeof(Src) == 2;
+    TileRows<HD, Src> rows;
+    decltype(load4((const Src*)nullptr)) v[HELD ? TileRows<HD, Src>::PER : 1];
+
+    __device__ __forceinline__ void fetch(const TileRows<HD, Src>& next, int t) {
+        rows = next;
+        if (HELD && rows.vec4)
+#pragma unroll
+            for (int j = 0; j < TileRows<HD, Src>::PER; ++j) v[j] = rows.load(j, t);
+    }
+    template <class T>
+    __device__ __forceinline__ void put(T* dst, int ld, float scale, int t) const {
+        if (!HELD || !rows.vec4) return rows.stage(dst, ld, scale, t);
+#pragma unroll
+        for (int j = 0; j < TileRows<HD, Src>::PER; ++j) rows.put(dst, ld, scale, j, t, v[HELD ? j : 0]);
+    }
+};
 
 // Two floats as the bf16 pair of one fragment register.
 __device__ __forceinline__ unsigned bf16_pair(float lo, float hi) {
@@ -171,6 +219,7 @@ __device__ __forceinline__ unsigned bf16_pair(float lo, float hi) {
 template <int HD_>
 struct Bf16Ops {
     static constexpr int HD = HD_, LD_ROWS = HD + 8, LD_COLS = HD + 8;  // +8 bf16: conflict-free ldmatrix rows
+    static constexpr bool PREFETCH = HD <= 64;                              // TileInFlight holds next bf16 tiles
     using T = __nv_bfloat16;
     struct ARows {  // ldmatrix fragments, held in registers
         unsigned f[HD / 16][4];
@@ -228,6 +277,7 @@ struct Bf16Ops {
 template <int HD_>
 struct Tf32x3Ops {
     static constexpr int HD = HD_, LD_ROWS = HD + 4, LD_COLS = HD + 8;
+    static constexpr bool PREFETCH = false;  // ~180-200 registers already: no room for the next tiles
     using T = float;
     struct ARows {
         const float* tile;
@@ -378,17 +428,24 @@ __device__ void attention_flash_impl(const Src* qkv, float* out, const int* offs
     const long row3 = 3L * c;
     // float4 loads when every head's rows start on 16-byte boundaries (qkv is 256-byte aligned).
     const bool vec4 = (hd % 4 == 0) && (c % 4 == 0);
-    stage_rows<64, HD>(qkv, row3, start, q0, len, h * hd, hd, scale, Qs, F::LD_ROWS, t, vec4);
+    stage_rows<HD>(qkv, row3, start, q0, len, h * hd, hd, scale, Qs, F::LD_ROWS, t, vec4);
     __syncthreads();
     typename F::ARows qa;
     F::load_a(qa, Qs, F::LD_ROWS, warp * 16, lane);
     float o[HD / 8][4] = {};
     float m_row[2] = {-INFINITY, -INFINITY}, l_row[2] = {0.0f, 0.0f};  // rows g and g + 8 (l: this lane's partial sum)
+    TileInFlight<HD, Src, F::PREFETCH> kn, vn;
+    auto fetch = [&](int j0) {
+        kn.fetch(TileRows<HD, Src>{qkv, row3, start, j0, len, c + h * hd, hd, vec4}, t);
+        vn.fetch(TileRows<HD, Src>{qkv, row3, start, j0, len, 2 * c + h * hd, hd, vec4}, t);
+    };
+    fetch(0);
     for (int j0 = 0; j0 < len; j0 += 64) {
         __syncthreads();  // everyone is done with the previous K and V tiles
-        stage_rows<64, HD>(qkv, row3, start, j0, len, c + h * hd, hd, 1.0f, Ks, F::LD_ROWS, t, vec4);
-        stage_rows<64, HD>(qkv, row3, start, j0, len, 2 * c + h * hd, hd, 1.0f, Vs, F::LD_COLS, t, vec4);
+        kn.put(Ks, F::LD_ROWS, 1.0f, t);
+        vn.put(Vs, F::LD_COLS, 1.0f, t);
         __syncthreads();
+        if (j0 + 64 < len) fetch(j0 + 64);
         float s[8][4] = {};
         F::mma_abt(s, qa, Ks, F::LD_ROWS, lane);
         // Online softmax: lane holds s[nt][0..1] (row g) and s[nt][2..3] (row g + 8).
@@ -458,20 +515,33 @@ __device__ void attention_bwd_kv_impl(const Src* qkv, const float* d_out, const 
     if (j0 >= len) return;
     const long row3 = 3L * c;
     const bool vec4 = (hd % 4 == 0) && (c % 4 == 0);
-    stage_rows<64, HD>(qkv, row3, start, j0, len, c + h * hd, hd, 1.0f, Ks, LD, t, vec4);
-    stage_rows<64, HD>(qkv, row3, start, j0, len, 2 * c + h * hd, hd, 1.0f, Vs, LD, t, vec4);
+    stage_rows<HD>(qkv, row3, start, j0, len, c + h * hd, hd, 1.0f, Ks, LD, t, vec4);
+    stage_rows<HD>(qkv, row3, start, j0, len, 2 * c + h * hd, hd, 1.0f, Vs, LD, t, vec4);
     float dk[HD / 8][4] = {}, dv[HD / 8][4] = {};
     const int key0 = j0 + warp * 16 + g;  // this lane's keys: key0 (registers 0, 1) and key0 + 8 (2, 3)
-    for (int i0 = 0; i0 < len; i0 += 64) {
-        __syncthreads();  // everyone is done with the previous query tile
-        stage_rows<64, HD>(qkv, row3, start, i0, len, h * hd, hd, scale, Qs, LD, t, vec4);
-        stage_rows<64, HD>(d_out, c, start, i0, len, h * hd, hd, 1.0f, dOs, LD, t, vec4);
+    TileInFlight<HD, Src, F::PREFETCH> qn;
+    TileInFlight<HD, float, F::PREFETCH> don;
+    float l_next = 0.0f, d_next = 0.0f;  // threads t < 64: query i0 + t's L and D
+    auto fetch = [&](int i0) {
+        qn.fetch(TileRows<HD, Src>{qkv, row3, start, i0, len, h * hd, hd, vec4}, t);
+        don.fetch(TileRows<HD, float>{d_out, (long)c, start, i0, len, h * hd, hd, vec4}, t);
         if (t < 64) {
             bool in = i0 + t < len;
-            Ls[t] = in ? lse[(long)(start + i0 + t) * heads + h] : 0.0f;
-            Ds[t] = in ? dot[(long)(start + i0 + t) * heads + h] : 0.0f;
+            l_next = in ? lse[(long)(start + i0 + t) * heads + h] : 0.0f;
+            d_next = in ? dot[(long)(start + i0 + t) * heads + h] : 0.0f;
+        }
+    };
+    fetch(0);
+    for (int i0 = 0; i0 < len; i0 += 64) {
+        __syncthreads();  // everyone is done with the previous query tile
+        qn.put(Qs, LD, scale, t);
+        don.put(dOs, LD, 1.0f, t);
+        if (t < 64) {
+            Ls[t] = l_next;
+            Ds[t] = d_next;
         }
         __syncthreads();
+        if (i0 + 64 < len) fetch(i0 + 64);
         // Sᵀ and dPᵀ: rows keys, columns queries. The K and V fragments are read again for each
         // query tile rather than held: the accumulators of dK and dV need the registers.
         float st[8][4] = {}, dpt[8][4] = {};
@@ -521,8 +591,8 @@ __device__ void attention_bwd_q_impl(const Src* qkv, const float* d_out, const f
     if (q0 >= len) return;
     const long row3 = 3L * c;
     const bool vec4 = (hd % 4 == 0) && (c % 4 == 0);
-    stage_rows<64, HD>(qkv, row3, start, q0, len, h * hd, hd, scale, Qs, LD, t, vec4);
-    stage_rows<64, HD>(d_out, c, start, q0, len, h * hd, hd, 1.0f, dOs, LD, t, vec4);
+    stage_rows<HD>(qkv, row3, start, q0, len, h * hd, hd, scale, Qs, LD, t, vec4);
+    stage_rows<HD>(d_out, c, start, q0, len, h * hd, hd, 1.0f, dOs, LD, t, vec4);
     __syncthreads();
     typename F::ARows qa, doa;
     F::load_a(qa, Qs, LD, warp * 16, lane);
@@ -536,11 +606,18 @@ __device__ void attention_bwd_q_impl(const Src* qkv, const float* d_out, const f
         row_dot[r] = in ? dot[(long)(start + qr + r * 8) * heads + h] : 0.0f;
     }
     float dq[HD / 8][4] = {};
+    TileInFlight<HD, Src, F::PREFETCH> kn, vn;
+    auto fetch = [&](int j0) {
+        kn.fetch(TileRows<HD, Src>{qkv, row3, start, j0, len, c + h * hd, hd, vec4}, t);
+        vn.fetch(TileRows<HD, Src>{qkv, row3, start, j0, len, 2 * c + h * hd, hd, vec4}, t);
+    };
+    fetch(0);
     for (int j0 = 0; j0 < len; j0 += 64) {
         __syncthreads();  // everyone is done with the previous key tile
-        stage_rows<64, HD>(qkv, row3, start, j0, len, c + h * hd, hd, 1.0f, Ks, LD, t, vec4);
-        stage_rows<64, HD>(qkv, row3, start, j0, len, 2 * c + h * hd, hd, 1.0f, Vs, LD, t, vec4);
+        kn.put(Ks, LD, 1.0f, t);
+        vn.put(Vs, LD, 1.0f, t);
         __syncthreads();
+        if (j0 + 64 < len) fetch(j0 + 64);
         float s[8][4] = {}, dp[8][4] = {};
         F::mma_abt(s, qa, Ks, LD, lane);
         F::mma_abt(dp, doa, Vs, LD, lane);

@@ -240,8 +240,14 @@ extern "C" __global__ void relu_grad_f32(const float* dy, const float* y, float*
 }
 
 // ---- column reductions (bias, layer-norm parameters, the time-mask embedding) ------------------
-// 256 threads = 32 columns x 8 row lanes; each block owns 32 columns and all rows, so sums are
-// deterministic (no atomics), accumulated in f64 as the CPU does.
+// Deterministic (no atomics) and accumulated in f64, as the CPU sums, in two launches. One block
+// per 32 columns walking every row (the first version) kept 24 blocks busy for 768 columns, each
+// warp waiting on its loads in turn: ~0.1-0.3 ms a sum by that count, and a finetuning step takes
+// ~100 of them (biases, layer norms). Now:
+// 1. block (x, y), 256 threads = 32 columns x 8 row lanes, sums rows COLUMN_CHUNK y .. of columns
+//    32 x .. for each of its N quantities into partials[(i * gridDim.y + y) * c + column];
+// 2. column_partials_sum adds a column's chunks in order and writes the fp32 result.
+constexpr int COLUMN_CHUNK = 128;  // rows per block (src/backend/cuda/backward.rs: the same)
 
 __device__ __forceinline__ double reduce_lanes(double v, double (&red)[8][32], int ty, int tx) {
     red[ty][tx] = v;
@@ -252,19 +258,40 @@ __device__ __forceinline__ double reduce_lanes(double v, double (&red)[8][32], i
     return total;
 }
 
+// Pass 1 over the rows of this block's chunk: `add(r, ch, acc)` adds row r's terms of column ch.
+template <int N, class Add>
+__device__ __forceinline__ void column_partials(Add add, double* partials, int rows, int c) {
+    __shared__ double red[8][32];
+    const int tx = threadIdx.x % 32, ty = threadIdx.x / 32, ch = blockIdx.x * 32 + tx;
+    const int r0 = (int)blockIdx.y * COLUMN_CHUNK, r1 = min(rows, r0 + COLUMN_CHUNK);
+    double acc[N] = {};
+    if (ch < c)
+#pragma unroll 4
+        for (int r = r0 + ty; r < r1; r += 8) add(r, ch, acc);
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        const double total = reduce_lanes(acc[i], red, ty, tx);
+        if (ty == 0 && ch < c) partials[((long)i * gridDim.y + blockIdx.y) * c + ch] = total;
+        __syncthreads();
+    }
+}
+
+// Pass 2: out[ch] = the sum of the chunks' partials of column ch, in chunk order.
+extern "C" __global__ void column_partials_sum(const double* partials, float* out, int chunks, int c) {
+    for (int ch = blockIdx.x * blockDim.x + threadIdx.x; ch < c; ch += gridDim.x * blockDim.x) {
+        double total = 0.0;
+        for (int y = 0; y < chunks; ++y) total += partials[(long)y * c + ch];
+        out[ch] = (float)total;
+    }
+}
+
 // Column sums of an f32 or bf16 [rows, c] matrix.
 template <class T>
-__device__ __forceinline__ void column_sum(const T* x, float* out, int rows, int c) {
-    __shared__ double red[8][32];
-    int tx = threadIdx.x % 32, ty = threadIdx.x / 32, ch = blockIdx.x * 32 + tx;
-    double acc = 0.0;
-    if (ch < c)
-        for (int r = ty; r < rows; r += 8) acc += load_as(x + (long)r * c + ch);
-    double total = reduce_lanes(acc, red, ty, tx);
-    if (ty == 0 && ch < c) out[ch] = (float)total;
+__device__ __forceinline__ void column_sum(const T* x, double* partials, int rows, int c) {
+    column_partials<1>([&](int r, int ch, double (&acc)[1]) { acc[0] += load_as(x + (long)r * c + ch); }, partials, rows, c);
 }
-extern "C" __global__ void column_sum_f32(const float* x, float* out, int rows, int c) { column_sum(x, out, rows, c); }
-extern "C" __global__ void column_sum_bf16(const __nv_bfloat16* x, float* out, int rows, int c) { column_sum(x, out, rows, c); }
+extern "C" __global__ void column_sum_f32(const float* x, double* partials, int rows, int c) { column_sum(x, partials, rows, c); }
+extern "C" __global__ void column_sum_bf16(const __nv_bfloat16* x, double* partials, int rows, int c) { column_sum(x, partials, rows, c); }
 
 // Layer-norm backward, one warp per row: the row's mean and 1/std recomputed (two passes, as the
 // forward), dx = inv/C * (C*g - sum(g) - xhat*sum(g*xhat)) with g = dy*gamma; the statistics are
@@ -296,25 +323,17 @@ extern "C" __global__ void layer_norm_grad_f32(const float* dy, const float* x, 
     if (lane == 0) stats[row] = make_float2(mean, inv);
 }
 
-extern "C" __global__ void layer_norm_param_grad_f32(const float* dy, const float* x, const float2* stats, float* dgamma, float* dbeta,
-                                                     int rows, int c) {
-    __shared__ double red[8][32];
-    int tx = threadIdx.x % 32, ty = threadIdx.x / 32, ch = blockIdx.x * 32 + tx;
-    double g = 0.0, b = 0.0;
-    if (ch < c)
-        for (int r = ty; r < rows; r += 8) {
-            float2 st = stats[r];
-            double d = dy[(long)r * c + ch];
-            g += d * ((x[(long)r * c + ch] - st.x) * st.y);
-            b += d;
-        }
-    double tg = reduce_lanes(g, red, ty, tx);
-    __syncthreads();
-    double tb = reduce_lanes(b, red, ty, tx);
-    if (ty == 0 && ch < c) {
-        dgamma[ch] = (float)tg;
-        dbeta[ch] = (float)tb;
-    }
+// dgamma (partials 0) and dbeta (1) from the statistics layer_norm_grad_f32 kept.
+extern "C" __global__ void layer_norm_param_grad_f32(const float* dy, const float* x, const float2* stats, double* partials, int rows,
+                                                     int c) {
+    column_partials<2>(
+        [&](int r, int ch, double (&acc)[2]) {
+            const float2 st = stats[r];
+            const double d = dy[(long)r * c + ch];
+            acc[0] += d * ((x[(long)r * c + ch] - st.x) * st.y);
+            acc[1] += d;
+        },
+        partials, rows, c);
 }
 
 // ---- SpecAugment on packed features ----------------------------------------------------------
@@ -333,16 +352,13 @@ extern "C" __global__ void mask_features_f32(const float* x, float* out, long ro
 }
 
 // The embedding's gradient: dy summed over time-masked rows, except channels masked after it.
-extern "C" __global__ void embedding_grad_f32(const float* dy, int rows, int c, const uint8_t* time, const uint8_t* channels,
-                                              const int* row_utt, float* out) {
-    __shared__ double red[8][32];
-    int tx = threadIdx.x % 32, ty = threadIdx.x / 32, ch = blockIdx.x * 32 + tx;
-    double acc = 0.0;
-    if (ch < c)
-        for (int r = ty; r < rows; r += 8)
-            if (time[r] && !(channels && channels[(long)row_utt[r] * c + ch])) acc += dy[(long)r * c + ch];
-    double total = reduce_lanes(acc, red, ty, tx);
-    if (ty == 0 && ch < c) out[ch] = (float)total;
+extern "C" __global__ void embedding_grad_f32(const float* dy, const uint8_t* time, const uint8_t* channels, const int* row_utt,
+                                              double* partials, int rows, int c) {
+    column_partials<1>(
+        [&](int r, int ch, double (&acc)[1]) {
+            if (time[r] && !(channels && channels[(long)row_utt[r] * c + ch])) acc[0] += dy[(long)r * c + ch];
+        },
+        partials, rows, c);
 }
 
 // The input's gradient: zero where a time mask replaced the row or a channel mask zeroed it.
@@ -423,24 +439,64 @@ extern "C" __global__ void conv_flip_weight_f32(const float* w, float* wf, int c
 }
 
 // dW[o, k, ci] = sum over utterances and output frames t of dy[t, o] * x[t - pad + k, g*cg + ci],
-// reading only frames of the same utterance (stride 1, output length = input length).
-extern "C" __global__ void conv_weight_grad_f32(const float* dy, const float* x, const int* offsets, int utts, float* dw, int c_in, int c_out,
-                                                int kernel, int groups, int pad) {
-    int cg = c_in / groups, og = c_out / groups;
-    long n = (long)c_out * kernel * cg;
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        int ci = (int)(i % cg);
-        int k = (int)((i / cg) % kernel);
-        int o = (int)(i / ((long)cg * kernel));
-        int col = (o / og) * cg + ci;
-        float acc = 0.0f;
-        for (int u = 0; u < utts; ++u) {
-            int start = offsets[u], len = offsets[u + 1] - start;
-            int t0 = max(0, pad - k), t1 = min(len, len + pad - k);
-            for (int t = t0; t < t1; ++t) acc = fmaf(dy[(long)(start + t) * c_out + o], x[(long)(start + t - pad + k) * c_in + col], acc);
+// reading only frames of the same utterance (stride 1, output length = input length): the
+// positional conv's weight gradient (kernel 128, 16 groups: 56 GFLOP at 8 x 15 s).
+//
+// Tiled: a block owns TO outputs o of group blockIdx.z and TC (tap, channel) columns, KT taps
+// x CI channels, and walks every frame of every utterance in chunks of BT. A chunk's dy rows
+// [BT][TO] and the x window its taps meet [BT + KT - 1][CI] (x at frame t + k - pad is window row
+// t - t0 + k - k0) are staged in shared memory, zero outside the utterance; each thread keeps 4 x
+// 4 accumulators (4 outputs; 4 consecutive channels at one tap), 16 FMAs per two float4 loads
+// (a warp's dy load is a broadcast of two addresses, its window load 256 contiguous bytes). Each
+// output sums its terms in the order of the one-thread-per-weight kernel this replaced
+// (utterances, then frames), with zero terms where that one skipped them.
+namespace conv_wgrad {
+constexpr int TO = 64, KT = 4, CI = 16, BT = 32, WIN = BT + KT - 1, THREADS = 256;
+static_assert((TO / 4) * (KT * CI / 4) == THREADS, "a 4 x 4 tile per thread");
+}
+
+extern "C" __global__ void __launch_bounds__(256) conv_weight_grad_f32(const float* dy, const float* x, const int* offsets, int utts, float* dw,
+                                                                     int c_in, int c_out, int kernel, int groups, int pad) {
+    using namespace conv_wgrad;
+    __shared__ __align__(16) float dys[BT][TO];
+    __shared__ __align__(16) float xs[WIN][CI];
+    const int cg = c_in / groups, og = c_out / groups, ci_tiles = (cg + CI - 1) / CI;
+    const int g = blockIdx.z, o0 = blockIdx.y * TO, k0 = (blockIdx.x / ci_tiles) * KT, c0 = (blockIdx.x % ci_tiles) * CI;
+    const int t = threadIdx.x, ol = (t / 16) * 4, tap = (t % 16) / 4, cl = (t % 4) * 4;
+    float acc[4][4] = {};
+    for (int u = 0; u < utts; ++u) {
+        const int start = offsets[u], len = offsets[u + 1] - start;
+        for (int t0 = 0; t0 < len; t0 += BT) {
+            for (int i = t; i < BT * TO; i += THREADS) {
+                int r = i / TO, o = o0 + i % TO, f = t0 + r;
+                dys[r][i % TO] = (f < len && o < og) ? dy[(long)(start + f) * c_out + g * og + o] : 0.0f;
+            }
+            for (int i = t; i < WIN * CI; i += THREADS) {
+                int r = i / CI, c = c0 + i % CI, f = t0 + r + k0 - pad;
+                xs[r][i % CI] = (f >= 0 && f < len && c < cg) ? x[(long)(start + f) * c_in + g * cg + c] : 0.0f;
+            }
+            __syncthreads();
+#pragma unroll 8
+            for (int r = 0; r < BT; ++r) {
+                const float4 a = *reinterpret_cast<const float4*>(&dys[r][ol]);
+                const float4 b = *reinterpret_cast<const float4*>(&xs[r + tap][cl]);
+                const float av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+            }
+            __syncthreads();
         }
-        dw[i] = acc;
     }
+    const int k = k0 + tap;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int o = o0 + ol + i, ci = c0 + cl + j;
+            if (o < og && k < kernel && ci < cg) dw[((long)(g * og + o) * kernel + k) * cg + ci] = acc[i][j];
+        }
 }
 
 // Input gradient of any 1-D conv, one thread per input element (s, ci) of each utterance:
@@ -705,24 +761,32 @@ extern "C" __global__ void transpose_bf16(const __nv_bfloat16* x, __nv_bfloat16*
     transpose_padded(x, y, rows, cols, rows_padded);
 }
 
-// y[i, o] = w[o, i] where mask bit o*d_in + i is set (or no mask), else 0.
-extern "C" __global__ void transpose_mask_bf16(const __nv_bfloat16* w, const uint8_t* mask, __nv_bfloat16* y, int d_out, int d_in) {
-    __shared__ __nv_bfloat16 tile[32][34];
+// y[i, o] = w[o, i] where mask bit o*d_in + i is set (or no mask), else 0: (W ⊙ M)ᵀ, the B
+// operand of the input gradient dy · (W ⊙ M) on the cp.async GEMMs (bf16, or fp32 for 3xTF32).
+template <class T>
+__device__ __forceinline__ void transpose_masked(const T* w, const uint8_t* mask, T* y, int d_out, int d_in) {
+    __shared__ float tile[32][33];  // exact for bf16 too
     int i0 = blockIdx.x * 32, o0 = blockIdx.y * 32;
     for (int k = threadIdx.y; k < 32; k += blockDim.y) {
         int o = o0 + k, i = i0 + threadIdx.x;
-        __nv_bfloat16 v = __float2bfloat16(0.0f);
+        float v = 0.0f;
         if (o < d_out && i < d_in) {
             long at = (long)o * d_in + i;
-            if (!mask || mask_bit(mask, at)) v = w[at];
+            if (!mask || mask_bit(mask, at)) v = load_as(w + at);
         }
         tile[k][threadIdx.x] = v;
     }
     __syncthreads();
     for (int k = threadIdx.y; k < 32; k += blockDim.y) {
         int i = i0 + k, o = o0 + threadIdx.x;
-        if (i < d_in && o < d_out) y[(long)i * d_out + o] = tile[threadIdx.x][k];
+        if (i < d_in && o < d_out) store_as(y + (long)i * d_out + o, tile[threadIdx.x][k]);
     }
+}
+extern "C" __global__ void transpose_mask_bf16(const __nv_bfloat16* w, const uint8_t* mask, __nv_bfloat16* y, int d_out, int d_in) {
+    transpose_masked(w, mask, y, d_out, d_in);
+}
+extern "C" __global__ void transpose_mask_f32(const float* w, const uint8_t* mask, float* y, int d_out, int d_in) {
+    transpose_masked(w, mask, y, d_out, d_in);
 }
 
 extern "C" __global__ void bf16_to_f32(const __nv_bfloat16* x, float* y, long n) {

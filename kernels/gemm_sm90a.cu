@@ -33,7 +33,25 @@ __device__ __forceinline__ uint64_t wgmma_desc_sw128(const void* smem) {
     return ((addr & 0x3FFFF) >> 4) | (1ull << 16) | ((1024ull >> 4) << 32) | (1ull << 62);
 }
 
+// The first 1024-byte boundary in a dynamic shared-memory window (the kernels ask for 1024 bytes
+// more than they use): where the 128-byte swizzle's 8-row atoms must start.
+__device__ __forceinline__ unsigned char* align_1024(unsigned char* raw) {
+    return reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t(1023));
+}
+
 #ifndef S3R_CUEMU
+// The 64 fp32 accumulators of an m64n128 warpgroup MMA as inline-PTX operands %0..%63 (d[j][q]
+// below), shared by the bf16 and TF32 forms.
+#define WGMMA_ACC_REGS                                                                   \
+    "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "             \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "   \
+    "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "   \
+    "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+#define WGMMA_ACC_ROW(d, j) "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])
+#define WGMMA_ACC_OPERANDS(d)                                                                                                        \
+    WGMMA_ACC_ROW(d, 0), WGMMA_ACC_ROW(d, 1), WGMMA_ACC_ROW(d, 2), WGMMA_ACC_ROW(d, 3), WGMMA_ACC_ROW(d, 4), WGMMA_ACC_ROW(d, 5),   \
+        WGMMA_ACC_ROW(d, 6), WGMMA_ACC_ROW(d, 7), WGMMA_ACC_ROW(d, 8), WGMMA_ACC_ROW(d, 9), WGMMA_ACC_ROW(d, 10), WGMMA_ACC_ROW(d, 11), \
+        WGMMA_ACC_ROW(d, 12), WGMMA_ACC_ROW(d, 13), WGMMA_ACC_ROW(d, 14), WGMMA_ACC_ROW(d, 15)
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
@@ -47,28 +65,23 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[16][4], uint64_t des
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        WGMMA_ACC_REGS
         "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
-          "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
-          "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
-          "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
-          "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
-          "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
-          "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
-          "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]),
-          "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]),
-          "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),
-          "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]),
-          "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
-          "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]),
-          "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]),
-          "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),
-          "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+        : WGMMA_ACC_OPERANDS(d)
         : "l"(desc_a), "l"(desc_b), "r"(1));
+}
+
+// D[64 x 128] (+)= A[64 x 8] B[128 x 8]ᵀ in TF32 (fp32 operands in shared memory, read as TF32:
+// their low 13 bits ignored), same accumulator layout; `scale_d` false replaces D by the
+// product (a fresh accumulator without zeroing its registers).
+__device__ __forceinline__ void wgmma_m64n128k8_tf32(float (&d)[16][4], uint64_t desc_a, uint64_t desc_b, bool scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k8.f32.tf32.tf32 {"
+        WGMMA_ACC_REGS
+        "}, %64, %65, p, 1, 1;\n}\n"
+        : WGMMA_ACC_OPERANDS(d)
+        : "l"(desc_a), "l"(desc_b), "r"((int)scale_d));
 }
 #endif  // S3R_CUEMU
 
@@ -104,7 +117,7 @@ template <class Tile>
 __device__ __forceinline__ void gemm_bf16_wgmma_body(const GemmArgs& p) {
     constexpr int BM = Tile::BM, BN = Tile::BN, BK = Tile::BK, STAGES = Tile::STAGES, LOOKAHEAD = Tile::LOOKAHEAD;
     DYNAMIC_SHARED(unsigned char, smem_raw);
-    unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+    unsigned char* smem = align_1024(smem_raw);
     const int z = blockIdx.z;
     const __nv_bfloat16* A = (const __nv_bfloat16*)p.a + z * p.batch_a;
     const __nv_bfloat16* B = (const __nv_bfloat16*)p.b + z * p.batch_b;
@@ -155,3 +168,123 @@ __device__ __forceinline__ void gemm_bf16_wgmma_body(const GemmArgs& p) {
 GEMM_TILE_KERNEL(gemm_bf16_wgmma, Wgmma128x128, gemm_bf16_wgmma_body)
 GEMM_TILE_KERNEL(gemm_bf16_wgmma_s3, Wgmma128x128s3, gemm_bf16_wgmma_body)
 GEMM_TILE_KERNEL(gemm_bf16_wgmma_wide, Wgmma128x256, gemm_bf16_wgmma_body)
+
+// gemm_tf32x3_wgmma: gemm_tf32x3 (fp32 A and B, fp32 accuracy from three TF32 products per
+// product: big*big + big*small + small*big) on warpgroup MMAs. wgmma takes TF32 operands only
+// K-major and only from shared memory or (A) registers, and reads them through the async proxy,
+// so the split into TF32 parts happens in shared memory:
+//   - a stage is copied as fp32 by cp.async (load_stage, the 128-byte swizzle with 32 floats a
+//     row: exactly wgmma's K-major canonical layout), then each thread splits the 16-byte chunks
+//     it copied itself (no barrier needed to see them): big = tf32(x) in place, small =
+//     tf32(x - big) at the same offset of the stage's small tiles; B's masked weights become
+//     zeros there (their bits read from the packed mask, one nibble a chunk);
+//   - while the MMAs of stage kt run, the threads split stage kt + 1 (the async MMAs overlap
+//     the split), and cp.async has stage kt + 2 in flight.
+// Accumulation: Hopper's tensor cores round their accumulation toward zero (see mma_tf32x3 in
+// common.cuh), so each stage's 12 MMAs (4 steps of k 8, three products each) go into a fresh
+// accumulator (the first with scale-d 0) that is added to the fp32 result with round-to-nearest
+// once the stage's MMAs retire: the truncation stays relative to 32 products' partial sums (the
+// MMA-promotion interval CUTLASS uses for FP8 for the same reason).
+// 128 x 128 tiles, BK 32, 256 threads = two warpgroups of 64 rows; 3 stages of 64 KB.
+namespace x3w {
+constexpr int BM = 128, BN = 128, BK = 32, STAGES = 3, THREADS = 256;
+constexpr int ROWS = BM + BN;                               // A's rows, then B's, 128 bytes each
+constexpr int TILES_BYTES = ROWS * 128, STAGE_BYTES = 2 * TILES_BYTES;  // big (as copied), small
+constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + 1024;     // + room to align stages to 1024
+static_assert(BM * (BN + 4) * 4 <= STAGES * STAGE_BYTES, "epilogue tile must fit the pipeline buffers");
+}
+
+// Swizzled128f: Swizzled128's layout for fp32, 32 floats (128 bytes) a row, chunk j of row r at
+// chunk j ^ (r % 8).
+struct Swizzled128f {
+    static constexpr int ROW = 32;
+    __device__ static __forceinline__ int at(int r, int c) { return r * 32 + ((((c >> 2) ^ r) & 7) << 2) + (c & 3); }
+};
+
+// The split of the chunks thread t copied into `stage` (load_stage's assignment: chunk idx = t +
+// i * THREADS is row idx / 8 of A then B, floats 4 (idx % 8) ..), B's masked entries zeroed.
+__device__ __forceinline__ void split_own_chunks(const GemmArgs& p, float* stage, int n0, int k0, int t) {
+    using namespace x3w;
+    constexpr int PER_ROW = BK / 4;
+    float* small = stage + TILES_BYTES / 4;
+#pragma unroll
+    for (int i = 0; i < ROWS * PER_ROW / THREADS; ++i) {
+        const int idx = t + i * THREADS, r = idx / PER_ROW, ch = (idx % PER_ROW) * 4, at = Swizzled128f::at(r, ch);
+        float4 v = *reinterpret_cast<const float4*>(stage + at);
+        if (r >= BM && p.mask) {
+            const int gn = n0 + r - BM, gk = k0 + ch;
+            if (gn < p.n && gk < p.k) {
+                const unsigned bits = p.mask[((long)gn * p.k + gk) >> 3] >> (gk & 7);
+                v.x = (bits & 1) ? v.x : 0.0f;
+                v.y = (bits & 2) ? v.y : 0.0f;
+                v.z = (bits & 4) ? v.z : 0.0f;
+                v.w = (bits & 8) ? v.w : 0.0f;
+            }
+        }
+        unsigned big[4], sml[4];
+        split_tf32(v.x, big[0], sml[0]);
+        split_tf32(v.y, big[1], sml[1]);
+        split_tf32(v.z, big[2], sml[2]);
+        split_tf32(v.w, big[3], sml[3]);
+        *reinterpret_cast<uint4*>(stage + at) = make_uint4(big[0], big[1], big[2], big[3]);
+        *reinterpret_cast<uint4*>(small + at) = make_uint4(sml[0], sml[1], sml[2], sml[3]);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1) gemm_tf32x3_wgmma(GemmArgs p) {
+    using namespace x3w;
+    DYNAMIC_SHARED(unsigned char, x3w_smem);
+    unsigned char* smem = align_1024(x3w_smem);
+    const int z = blockIdx.z;
+    const float* A = (const float*)p.a + z * p.batch_a;
+    const float* B = (const float*)p.b + z * p.batch_b;
+    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN, t = threadIdx.x;
+    const int wg = t / 128, warp = t / 32, lane = t % 32;
+    GemmArgs copies = p;
+    copies.mask = nullptr;  // masks are applied by the split, not staged
+    auto stage = [&](int kt) { return reinterpret_cast<float*>(smem + (kt % STAGES) * STAGE_BYTES); };
+    auto load = [&](int kt) {
+        load_stage<float, Swizzled128f, BM, BN, BK, THREADS>(copies, A, B, reinterpret_cast<unsigned char*>(stage(kt)), m0, n0, kt * BK, t);
+    };
+    float acc[1][BN / 8][4] = {}, part[BN / 8][4] = {};
+    const int kt_count = (p.k + BK - 1) / BK;
+    for (int s = 0; s < 2; ++s) {
+        if (s < kt_count) load(s);
+        cp_commit();
+    }
+    cp_wait<1>();
+    if (kt_count > 0) split_own_chunks(p, stage(0), n0, 0, t);
+    for (int kt = 0; kt < kt_count; ++kt) {
+        // Every thread's split of stage kt is in, and both warpgroups have retired the MMAs of
+        // step kt - 1, whose stage the next load takes.
+        fence_proxy_async();
+        __syncthreads();
+        if (kt + 2 < kt_count) load(kt + 2);
+        cp_commit();
+        const float* big = stage(kt);
+        const float* sml = big + TILES_BYTES / 4;
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += 8) {
+            const int a_row = wg * 64 * 32 + kk, b_row = BM * 32 + kk;  // float offsets of the rows' k8 slices
+            wgmma_m64n128k8_tf32(part, wgmma_desc_sw128(sml + a_row), wgmma_desc_sw128(big + b_row), kk > 0);
+            wgmma_m64n128k8_tf32(part, wgmma_desc_sw128(big + a_row), wgmma_desc_sw128(sml + b_row), true);
+            wgmma_m64n128k8_tf32(part, wgmma_desc_sw128(big + a_row), wgmma_desc_sw128(big + b_row), true);
+        }
+        wgmma_commit();
+        if (kt + 1 < kt_count) {
+            cp_wait<1>();  // this thread's copies of stage kt + 1 have landed
+            split_own_chunks(p, stage(kt + 1), n0, (kt + 1) * BK, t);
+        }
+        wgmma_wait<0>();
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) acc[0][j][q] += part[j][q];
+    }
+    cp_wait<0>();
+    __syncthreads();
+    store_accumulators<BM, BN, THREADS>(p, smem, acc, wg * 64 + (warp % 4) * 16, 0, lane, m0, n0, z);
+}
+
+extern "C" __global__ void gemm_tf32x3_wgmma_smem(int* bytes) { *bytes = x3w::SMEM_BYTES; }

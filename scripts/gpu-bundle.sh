@@ -95,16 +95,19 @@ for shape in "8 15 bf16" "8 15 f32" "1 10 bf16" "1 1 bf16" "1 1 f32"; do
 done | tee "$out/forward.txt"
 # The bf16 forward again with the mma.sync GEMMs alone (S3R_WGMMA=0; wgmma is timed in by default).
 S3R_WGMMA=0 timeout "$(cap 45)" "$b/bin/engine" bench --device cuda --precision bf16 --batch 8 --seconds 15 --reps 10 --profile 2>&1 | sed 's/^forward/forward (S3R_WGMMA=0)/' | tee -a "$out/forward.txt"
-# 4. The demo on the GPU (issue 9), as long as time is left.
+# 4. Where the bf16 S3-Router step's time goes, kernel by kernel (when the host has nsys), then
+# the bf16 finetuning step's (issue 7's gap to PyTorch) as long as time is left.
+# (criterion's filters are regular expressions.)
+for name in s3router finetune; do
+    command -v nsys >/dev/null && [ "$(left)" -gt 90 ] || break
+    timeout "$(cap 100)" nsys profile -o "$out/$name" --force-overwrite true "$b"/bin/train_step* \
+        --bench "$name step .*b8x15s cuda bf16" --profile-time 3 >/dev/null 2>&1
+    timeout "$(cap 40)" nsys stats --report cuda_gpu_kern_sum --format csv "$out/$name.nsys-rep" 2>/dev/null | head -40 >"$out/${name}_kernels.csv"
+    rm -f "$out/$name.nsys-rep" "$out/$name.sqlite"
+done
+# 5. The demo on the GPU (issue 9; it ran on the H200 on 2026-11-28), as long as time is left.
 t=$(( $(left) - 20 )); [ "$t" -gt 240 ] && t=240
 [ "$t" -gt 30 ] && timeout "$t" "$b/bin/engine" train --device cuda --out "$out/demo" 2>&1 | tail -12 | tee "$out/demo.txt"
-# 5. Where the bf16 S3-Router step's time goes, kernel by kernel (when the host has nsys).
-if command -v nsys >/dev/null && [ "$(left)" -gt 90 ]; then
-    timeout "$(cap 100)" nsys profile -o "$out/step" --force-overwrite true "$b"/bin/train_step* \
-        --bench "s3router step wav2vec2-base b8x15s cuda bf16" --profile-time 3 >/dev/null 2>&1
-    timeout "$(cap 40)" nsys stats --report cuda_gpu_kern_sum --format csv "$out/step.nsys-rep" 2>/dev/null | head -40 >"$out/step_kernels.csv"
-    rm -f "$out/step.nsys-rep" "$out/step.sqlite"
-fi
 if [ "${FULL:-0}" = 1 ]; then
     "$b/bin/engine" bench --device cuda --precision f32 --batch 1 --seconds 10 --reps 10 --profile 2>&1 | tee -a "$out/forward.txt"
     timeout 240 "$b/bin/engine" train --device cuda --precision bf16 --out "$out/demo-bf16" 2>&1 | tail -4 | tee -a "$out/demo.txt"
@@ -116,7 +119,7 @@ fi
     cat "$out/ctc.txt" "$out/sparse.txt" "$out/kernels.md"
     grep -h "^forward" "$out/forward.txt"
     grep -hE "^[a-z0-9_]+: " "$out/torch.log" "$out/torch_more.log" 2>/dev/null
-    cut -c1-160 "$out/step_kernels.csv" 2>/dev/null | head -25
+    for f in "$out"/*_kernels.csv; do [ -f "$f" ] && { echo "-- $(basename "$f")"; cut -c1-160 "$f" | head -25; }; done
     tail -3 "$out/demo.txt" 2>/dev/null
 } | tee "$res/summary.txt"
 for f in "$out"/*.*; do echo "==> $(basename "$f")"; cat "$f"; done >"$res/logs.txt"

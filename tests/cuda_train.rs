@@ -220,14 +220,17 @@ fn attention_with_dropout_and_its_gradient_match_cpu() {
 fn positional_conv_gradients_and_spec_augment_match_cpu() {
     let Some(be) = gpu(Precision::F32) else { return };
     let cpu = CpuBackend;
-    let seqs = Seqs::new(vec![5, 17, 1]);
-    let c = 24;
-    for (kernel, groups) in [(8, 4), (7, 2)] {
+    // The last: several tiles of the weight gradient's kernel in every direction (80 outputs
+    // and 80 channels a group, taps not a multiple of its 4, frames past its 32-frame chunks).
+    for (c, kernel, groups, lens) in [(24, 8, 4, vec![5, 17, 1]), (24, 7, 2, vec![5, 17, 1]), (160, 13, 2, vec![70, 33])] {
+        let seqs = Seqs::new(lens);
         let geom = ConvGeometry { kernel, stride: 1, pad_left: kernel / 2, groups };
         let w = t(random(c * kernel * c / groups, 20, 0.3), &[c, kernel, c / groups]);
         let (x, dy) = (t(random(seqs.total() * c, 21, 1.0), &[seqs.total(), c]), t(random(seqs.total() * c, 22, 1.0), &[seqs.total(), c]));
         conv_grads_match(&be, &x, &dy, &w, &seqs, &seqs, geom);
     }
+    let seqs = Seqs::new(vec![5, 17, 1]);
+    let c = 24;
     // The feature encoder's strided, unpadded convs (layer 0 reads one channel).
     for (c_in, c_out, kernel, stride, lens) in [(1, 8, 10, 5, vec![400, 123]), (12, 12, 3, 2, vec![37, 10, 3])] {
         let seqs_in = Seqs::new(lens.clone());

@@ -186,13 +186,19 @@ pub fn gpu(precision: Precision) -> Option<CudaBackend> {
     Some(be)
 }
 
-/// The fp32 backend twice: with the 3xTF32 tensor-core GEMMs (the default) and with the FMA
-/// GEMMs only; empty without a GPU.
+/// The fp32 backend with the 3xTF32 tensor-core GEMMs (the default), with the FMA GEMMs only,
+/// and where the GPU has it with the wgmma 3xTF32 GEMM forced; empty without a GPU.
 pub fn f32_backends() -> Vec<CudaBackend> {
     let Some(tc) = gpu(Precision::F32) else { return vec![] };
     let mut fma = gpu(Precision::F32).unwrap();
     fma.set_tf32x3(false);
-    vec![tc, fma]
+    // The first times the 3xTF32 kernels per shape (small GEMMs run mma.sync's); on Hopper (as
+    // under tools/cuemu) the wgmma one runs every GEMM of the third.
+    let mut wgmma = gpu(Precision::F32).unwrap();
+    let hopper = wgmma.set_tf32x3_kernel(Some(1)).is_ok();
+    let mut all = vec![tc, fma];
+    all.extend(hopper.then_some(wgmma));
+    all
 }
 
 /// The gradient of a key-projection bias is zero in exact arithmetic (a key bias adds the same

@@ -177,10 +177,14 @@ cuemu_switch:
 
 enum State { READY, AT_BLOCK_BARRIER, AT_WARP_BARRIER, DONE };
 
-// A warpgroup MMA issued but not yet retired by a wait_group (see wgmma_m64n128k16).
+// A warpgroup MMA issued but not yet retired by a wait_group (see wgmma_m64n128k16 and
+// wgmma_m64n128k8_tf32): bf16 operands (k = 16) or TF32 ones (k = 8); with `scale_d` false the
+// product replaces D instead of adding to it.
 struct WgmmaOp {
     float* d;
     uint64_t desc_a, desc_b;
+    bool tf32 = false;
+    bool scale_d = true;
 };
 
 struct Fiber {
@@ -596,38 +600,51 @@ inline size_t __cvta_generic_to_shared(const void* smem) { return size_t(static_
 inline void wgmma_fence() {}
 inline void fence_proxy_async() {}
 namespace cuemu {
-// Element (row, k) of a K-major bf16 operand in the 128-byte swizzle: rows of 128 bytes in atoms
-// of 8, atoms `stride` bytes apart; the hardware XORs address bits 4-6 with bits 7-9.
-inline float wgmma_operand(uint64_t desc, int row, int k) {
+// Element (row, k) of a K-major operand in the 128-byte swizzle (bf16, or fp32 read as TF32:
+// the low 13 bits ignored): rows of 128 bytes in atoms of 8, atoms `stride` bytes apart; the
+// hardware XORs address bits 4-6 with bits 7-9.
+inline float wgmma_operand(uint64_t desc, int row, int k, bool tf32) {
     if ((desc >> 62) != 1) {
         fprintf(stderr, "cuemu: wgmma descriptor %#llx: only the 128-byte swizzle is emulated\n", (unsigned long long)desc);
         std::abort();
     }
-    const size_t start = size_t(desc & 0x3FFF) << 4, stride = size_t((desc >> 32) & 0x3FFF) << 4;
-    size_t addr = start + size_t(row / 8) * stride + size_t(row % 8) * 128 + size_t(k) * 2;
+    const size_t start = size_t(desc & 0x3FFF) << 4, stride = size_t((desc >> 32) & 0x3FFF) << 4, bytes = tf32 ? 4 : 2;
+    size_t addr = start + size_t(row / 8) * stride + size_t(row % 8) * 128 + size_t(k) * bytes;
     addr ^= ((addr >> 7) & 7) << 4;
-    if (addr + 2 > g_block->smem_bytes) {
+    if (addr + bytes > g_block->smem_bytes) {
         fprintf(stderr, "cuemu: wgmma operand byte %zu outside %zu bytes of shared memory\n", addr, g_block->smem_bytes);
         std::abort();
+    }
+    if (tf32) {
+        unsigned bits;
+        std::memcpy(&bits, g_block->smem_base + addr, 4);
+        return __uint_as_float(bits & 0xffffe000u);
     }
     uint16_t bits;
     std::memcpy(&bits, g_block->smem_base + addr, 2);
     return __uint_as_float(unsigned(bits) << 16);
 }
-// Runs one m64n128k16 for the calling thread's accumulators (layout as in kernels/gemm_sm90a.cu).
+// Runs one m64n128 step (k 16 for bf16, 8 for TF32) for the calling thread's accumulators
+// (layout as in kernels/gemm_sm90a.cu).
 inline void run_wgmma(const WgmmaOp& op) {
-    const int w = g_fiber->warp % 4, g = g_fiber->lane >> 2, t = g_fiber->lane & 3;
+    const int w = g_fiber->warp % 4, g = g_fiber->lane >> 2, t = g_fiber->lane & 3, K = op.tf32 ? 8 : 16;
     float a[2][16], b[32][16];  // this thread's two rows of A and 32 columns of B
     for (int h = 0; h < 2; ++h)
-        for (int k = 0; k < 16; ++k) a[h][k] = wgmma_operand(op.desc_a, 16 * w + g + 8 * h, k);
+        for (int k = 0; k < K; ++k) a[h][k] = wgmma_operand(op.desc_a, 16 * w + g + 8 * h, k, op.tf32);
     for (int c = 0; c < 32; ++c)
-        for (int k = 0; k < 16; ++k) b[c][k] = wgmma_operand(op.desc_b, 8 * (c / 2) + 2 * t + c % 2, k);
+        for (int k = 0; k < K; ++k) b[c][k] = wgmma_operand(op.desc_b, 8 * (c / 2) + 2 * t + c % 2, k, op.tf32);
     for (int j = 0; j < 16; ++j)
-        for (int q = 0; q < 4; ++q) op.d[4 * j + q] = tensor_core_step(op.d[4 * j + q], a[q >> 1], b[2 * j + (q & 1)], 16);
+        for (int q = 0; q < 4; ++q) {
+            float& d = op.d[4 * j + q];
+            d = tensor_core_step(op.scale_d ? d : 0.0f, a[q >> 1], b[2 * j + (q & 1)], K);
+        }
 }
 }  // namespace cuemu
 inline void wgmma_m64n128k16(float (&d)[16][4], uint64_t desc_a, uint64_t desc_b) {
     cuemu::g_fiber->wgmma_ops.push_back({&d[0][0], desc_a, desc_b});
+}
+inline void wgmma_m64n128k8_tf32(float (&d)[16][4], uint64_t desc_a, uint64_t desc_b, bool scale_d) {
+    cuemu::g_fiber->wgmma_ops.push_back({&d[0][0], desc_a, desc_b, true, scale_d});
 }
 inline void wgmma_commit() { cuemu::g_fiber->wgmma_group_ends.push_back(cuemu::g_fiber->wgmma_ops.size()); }
 // Retires committed groups, oldest first, until at most N remain pending.

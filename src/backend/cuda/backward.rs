@@ -23,6 +23,9 @@ use crate::train::adam::AdamStep;
 /// Scores per block of the top-k tie kernels (32 per thread, 256 threads; kernels/backward.cu).
 const TOPK_PER_BLOCK: usize = 32 * 256;
 
+/// Rows per block of a column reduction's first pass (kernels/backward.cu, `COLUMN_CHUNK`).
+const COLUMN_CHUNK: usize = 128;
+
 /// `[rows, cols]` of a tensor used as a matrix.
 fn matrix(t: &Tensor) -> (usize, usize) {
     let cols = *t.shape().last().unwrap_or(&1);
@@ -85,23 +88,41 @@ impl CudaBackend {
         Ok((out, padded))
     }
 
-    /// `dx = dy · (W ⊙ M)` on tensor cores: `(W ⊙ M)ᵀ` in bf16, built per call (cheap next to
-    /// the product), so the mask needs no transposed copy.
-    fn linear_input_grad_bf16(&self, dy: &Tensor, w: &Tensor, mask: u64) -> Result<Tensor> {
+    /// `(W ⊙ M)ᵀ` (`[in, out]`, W's dtype) of a `[out, in]` weight: the B operand of its input
+    /// gradient on the cp.async tensor-core GEMMs, built per call (cheap next to the product:
+    /// ~9 MB for an FFN weight in fp32), so the mask needs no transposed copy.
+    fn masked_transpose(&self, w: &Tensor, mask: u64) -> Result<Tensor> {
+        let &[d_out, d_in] = w.shape() else { bail!("linear weight must be 2-D, found {:?}", w.shape()) };
+        let kernel = match w.dtype() {
+            DType::BF16 => "transpose_mask_bf16",
+            DType::F32 => "transpose_mask_f32",
+            other => bail!("training weights in {other:?} are not supported"),
+        };
+        let wt = self.empty(&[d_in, d_out], w.dtype())?;
+        let (pw, pwt, d_out_i, d_in_i) = (self.ptr(w)?, self.ptr(&wt)?, d_out as i32, d_in as i32);
+        self.launcher().tiles_32(self.func(kernel), d_out, d_in, |b| {
+            b.arg(&pw).arg(&mask).arg(&pwt).arg(&d_out_i).arg(&d_in_i);
+        })?;
+        Ok(wt)
+    }
+
+    /// `dx = dy · (W ⊙ M)` on tensor cores, through `(W ⊙ M)ᵀ`: mma.sync in bf16, 3xTF32 in
+    /// fp32 (the pipelined 128 x 128 `gemm_tf32x3`, where the strided kernel stages its tiles
+    /// through scalar loads without a pipeline).
+    fn linear_input_grad_transposed(&self, dy: &Tensor, w: &Tensor, mask: u64) -> Result<Tensor> {
         let &[d_out, d_in] = w.shape() else { bail!("linear weight must be 2-D, found {:?}", w.shape()) };
         let (n, _) = matrix(dy);
-        let wt = self.empty(&[d_in, d_out], DType::BF16)?;
-        let (pw, pm, pwt, d_out_i, d_in_i) = (self.ptr(w)?, mask, self.ptr(&wt)?, d_out as i32, d_in as i32);
-        self.launcher().tiles_32(self.func("transpose_mask_bf16"), d_out, d_in, |b| {
-            b.arg(&pw).arg(&pm).arg(&pwt).arg(&d_out_i).arg(&d_in_i);
-        })?;
+        let wt = self.masked_transpose(w, mask)?;
         let out = self.empty(&[n, d_in], DType::F32)?;
-        let (dy, dy16) = self.gemm_operand(dy, self.mma_rows(d_out), "input gradient's output gradient")?;
+        let (dy, dy16) = match w.dtype() {
+            DType::BF16 => self.gemm_operand(dy, self.mma_rows(d_out), "input gradient's output gradient")?,
+            _ => (dy.clone(), None),
+        };
         let a16 = dy16.as_ref().map(|t| self.ptr(t)).transpose()?;
         let args = GemmArgs {
             a: self.ptr(&dy)?,
             lda: d_out as i64,
-            b: pwt,
+            b: self.ptr(&wt)?,
             ldb: d_out as i64,
             c: self.ptr(&out)?,
             ldc: d_in as i64,
@@ -110,7 +131,7 @@ impl CudaBackend {
             k: d_out as i32,
             ..GemmArgs::default()
         };
-        self.gemm(args, a16, DType::BF16, 1)?;
+        self.gemm(args, a16, w.dtype(), 1)?;
         Ok(out)
     }
 
@@ -188,6 +209,32 @@ impl CudaBackend {
                 self.gemm(args, (dtype == DType::BF16).then_some(args.a), dtype, 1)
             }
         }
+    }
+
+    /// The N column reductions of kernel `name` (arguments `inputs`, then the partials, rows
+    /// and columns) over `rows` x `c`, each `[c]` in fp32: partial sums in f64 per chunk of
+    /// [`COLUMN_CHUNK`] rows and 32 columns, then each column's chunks added in order.
+    fn column_reduce<const N: usize>(&self, name: &str, inputs: &[u64], rows: usize, c: usize) -> Result<[Tensor; N]> {
+        let chunks = rows.div_ceil(COLUMN_CHUNK).max(1);
+        // SAFETY: the first pass writes every partial (each block its chunk's, zero when empty).
+        let partials = unsafe { self.stream.alloc::<f64>(N * chunks * c.max(1)) }.map_err(|e| anyhow!("GPU allocation: {e}"))?;
+        let (pp, rows_i, c_i, chunks_i) = (self.slice_ptr(&partials), rows as i32, c as i32, chunks as i32);
+        self.launcher().launch(self.func(name), launch::config((c.div_ceil(32).max(1) as u32, chunks as u32, 1), 256), |b| {
+            for p in inputs {
+                b.arg(p);
+            }
+            b.arg(&pp).arg(&rows_i).arg(&c_i);
+        })?;
+        let mut sums = Vec::with_capacity(N);
+        for i in 0..N {
+            let out = self.empty(&[c], DType::F32)?;
+            let (pi, po) = (pp + (i * chunks * c * 8) as u64, self.ptr(&out)?);
+            self.launcher().elementwise(self.func("column_partials_sum"), c, |b| {
+                b.arg(&pi).arg(&po).arg(&chunks_i).arg(&c_i);
+            })?;
+            sums.push(out);
+        }
+        sums.try_into().map_err(|_| anyhow!("column reduction {name}: fewer than {N} sums"))
     }
 
     fn copy_to_device<T: cudarc::driver::DeviceRepr>(&self, v: &[T]) -> Result<CudaSlice<T>> {
@@ -337,9 +384,14 @@ impl Backward for CudaBackend {
             Some(LinearMask::Host(_) | LinearMask::Applied(_)) => bail!("a mask prepared for the CPU was given to the CUDA backend"),
         };
         match w.dtype() {
-            DType::BF16 => return self.linear_input_grad_bf16(dy, w, mask),
+            DType::BF16 => return self.linear_input_grad_transposed(dy, w, mask),
             DType::F32 => ensure!(dy.dtype() == DType::F32, "the fp32 input gradient reads an f32 output gradient"),
             other => bail!("training weights in {other:?} are not supported"),
+        }
+        // 3xTF32 where gemm_tf32x3's 16-byte chunks fit (rows of whole chunks, as every
+        // wav2vec2 width is); the strided kernel otherwise, and for the FMA path.
+        if self.tf32x3() && d_out.is_multiple_of(4) && d_in.is_multiple_of(4) {
+            return self.linear_input_grad_transposed(dy, w, mask);
         }
         let out = self.empty(&[n, d_in], DType::F32)?;
         let g = StridedGemm {
@@ -376,12 +428,8 @@ impl Backward for CudaBackend {
             DType::BF16 => "column_sum_bf16",
             other => bail!("column sum of a {other:?} matrix"),
         };
-        let out = self.empty(&[c], DType::F32)?;
-        let (px, po, rows_i, c_i) = (self.ptr(x)?, self.ptr(&out)?, rows as i32, c as i32);
-        self.launcher().launch(self.func(kernel), launch::config((c.div_ceil(32).max(1) as u32, 1, 1), 256), |b| {
-            b.arg(&px).arg(&po).arg(&rows_i).arg(&c_i);
-        })?;
-        Ok(out)
+        let [sum] = self.column_reduce(kernel, &[self.ptr(x)?], rows, c)?;
+        Ok(sum)
     }
 
     fn layer_norm_grads(&self, dy: &Tensor, x: &Tensor, norm: NormParams, params: bool) -> Result<NormGrads> {
@@ -398,11 +446,7 @@ impl Backward for CudaBackend {
         if !params {
             return Ok((dx, None));
         }
-        let (dgamma, dbeta) = (self.empty(&[c], DType::F32)?, self.empty(&[c], DType::F32)?);
-        let (pdg, pdb) = (self.ptr(&dgamma)?, self.ptr(&dbeta)?);
-        self.launcher().launch(self.func("layer_norm_param_grad_f32"), launch::config((c.div_ceil(32) as u32, 1, 1), 256), |b| {
-            b.arg(&pdy).arg(&px).arg(&ps).arg(&pdg).arg(&pdb).arg(&rows_i).arg(&c_i);
-        })?;
+        let [dgamma, dbeta] = self.column_reduce("layer_norm_param_grad_f32", &[pdy, px, ps], rows, c)?;
         Ok((dx, Some((dgamma, dbeta))))
     }
 
@@ -603,7 +647,10 @@ impl Backward for CudaBackend {
         let poff = self.slice_ptr(&offsets);
         let (utts, c_in_i, c_out_i) = (seqs_in.count() as i32, c_in as i32, c_out as i32);
         let (kernel_i, groups, pad) = (kernel as i32, geom.groups as i32, geom.pad_left as i32);
-        self.launcher().elementwise(self.func("conv_weight_grad_f32"), dw.numel(), |b| {
+        // Tiles of 64 outputs x (4 taps x 16 channels) per group (kernels/backward.cu, conv_wgrad).
+        let (cg, og) = (c_in / geom.groups, c_out / geom.groups);
+        let grid = ((kernel.div_ceil(4) * cg.div_ceil(16)) as u32, og.div_ceil(64) as u32, geom.groups as u32);
+        self.launcher().launch(self.func("conv_weight_grad_f32"), launch::config(grid, 256), |b| {
             b.arg(&pdy).arg(&px).arg(&poff).arg(&utts).arg(&pdw).arg(&c_in_i).arg(&c_out_i).arg(&kernel_i).arg(&groups).arg(&pad);
         })?;
         Ok(dw)
@@ -826,14 +873,10 @@ impl Backward for CudaBackend {
         let row_utt = self.row_utterances(seqs)?;
         let pt = time_flags.as_ref().map_or(0, |f| self.slice_ptr(f));
         let pc = channel_flags.as_ref().map_or(0, |f| self.slice_ptr(f));
-        let (pdy, pr, rows_i, c_i) = (self.ptr(&dy)?, self.slice_ptr(&row_utt), rows as i32, c as i32);
+        let (pdy, pr, c_i) = (self.ptr(&dy)?, self.slice_ptr(&row_utt), c as i32);
         let embedding = match time_flags {
             Some(_) => {
-                let e = self.empty(&[c], DType::F32)?;
-                let pe = self.ptr(&e)?;
-                self.launcher().launch(self.func("embedding_grad_f32"), launch::config((c.div_ceil(32) as u32, 1, 1), 256), |b| {
-                    b.arg(&pdy).arg(&rows_i).arg(&c_i).arg(&pt).arg(&pc).arg(&pr).arg(&pe);
-                })?;
+                let [e] = self.column_reduce("embedding_grad_f32", &[pdy, pt, pc, pr], rows, c)?;
                 Some(e)
             }
             None => None,

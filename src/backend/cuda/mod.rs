@@ -29,7 +29,7 @@ use crate::dropout::SiteDropout;
 use crate::tensor::{DType, HostBytes, Storage, Tensor};
 use launch::{GemmArgs, Launch, NormSource, MAX_SOURCE_TAPS};
 pub use sparse::SparseCuda;
-pub use tune::{MmaKernel, BF16_MMA_KERNELS};
+pub use tune::{Family, MmaKernel, BF16_MMA_KERNELS, TF32X3_KERNELS};
 
 mod kernels {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
@@ -47,13 +47,11 @@ pub enum Precision {
 }
 
 /// Kernels the backend launches by name, by (module, function). The flash-attention and
-/// mma.sync GEMM families are named once, in their tables ([`FlashKernels`],
-/// [`BF16_MMA_KERNELS`]); [`table_kernels`] adds them.
+/// tensor-core GEMM families are named once, in their tables ([`FlashKernels`],
+/// [`BF16_MMA_KERNELS`], [`TF32X3_KERNELS`]); [`table_kernels`] adds them.
 const FUNCTIONS: &[(&str, &str)] = &[
     ("gemm", "gemm_f32"),
     ("gemm", "gemm_bf16"),
-    ("gemm", "gemm_tf32x3"),
-    ("gemm", "gemm_tf32x3_smem"),
     ("norm", "to_bf16"),
     ("norm", "layer_norm"),
     ("norm", "group_norm_time"),
@@ -88,6 +86,7 @@ const FUNCTIONS: &[(&str, &str)] = &[
     ("backward", "gelu_grad_f32"),
     ("backward", "gelu_grad_bf16"),
     ("backward", "relu_grad_f32"),
+    ("backward", "column_partials_sum"),
     ("backward", "column_sum_f32"),
     ("backward", "column_sum_bf16"),
     ("backward", "layer_norm_grad_f32"),
@@ -105,6 +104,7 @@ const FUNCTIONS: &[(&str, &str)] = &[
     ("backward", "transpose_to_f32"),
     ("backward", "transpose_bf16"),
     ("backward", "transpose_mask_bf16"),
+    ("backward", "transpose_mask_f32"),
     ("backward", "bf16_to_f32"),
     ("backward", "scale_f32"),
     ("backward", "count_nonfinite_f32"),
@@ -160,11 +160,12 @@ const TF32X3_FLASH: FlashKernels = FlashKernels {
     q: ["attention_bwd_q_tf32x3_hd16", "attention_bwd_q_tf32x3_hd32", "attention_bwd_q_tf32x3_hd64", "attention_bwd_q_tf32x3_hd128"],
 };
 
-/// The kernels of the flash-attention and mma.sync GEMM tables, by (module, function). Each
+/// The kernels of the flash-attention and tensor-core GEMM tables, by (module, function). Each
 /// has a `NAME_smem` companion that reports its dynamic shared memory.
 fn table_kernels() -> impl Iterator<Item = (&'static str, &'static str)> {
     let flash = [&BF16_FLASH, &BF16_FLASH_FROM_BF16, &TF32X3_FLASH].into_iter().flat_map(|t| t.forward.iter().chain(&t.kv).chain(&t.q));
-    flash.map(|&f| ("attention", f)).chain(BF16_MMA_KERNELS.iter().map(|k| (k.module, k.name)))
+    let gemms = BF16_MMA_KERNELS.iter().chain(&TF32X3_KERNELS);
+    flash.map(|&f| ("attention", f)).chain(gemms.map(|k| (k.module, k.name)))
 }
 
 /// Every kernel the backend loads, by (module, function): [`FUNCTIONS`], then the tables' kernels
@@ -343,7 +344,19 @@ impl CudaBackend {
         if let Some(i) = i {
             ensure!(self.mma_tile_available(i), "{} needs a compute capability 9.0 GPU (H100, H200)", BF16_MMA_KERNELS[i].name);
         }
-        self.tuner.force(i);
+        self.tuner.force(Family::Bf16, i);
+        Ok(())
+    }
+
+    /// Makes every 3xTF32 GEMM use `TF32X3_KERNELS[i]` (tests compare them), or (`None`, the
+    /// default) the faster one timed for each GEMM shape.
+    pub fn set_tf32x3_kernel(&mut self, i: Option<usize>) -> Result<()> {
+        if let Some(i) = i {
+            let kernel =
+                TF32X3_KERNELS.get(i).with_context(|| format!("no 3xTF32 GEMM kernel {i} (there are {})", TF32X3_KERNELS.len()))?;
+            ensure!(self.funcs.contains_key(kernel.name), "{} needs a compute capability 9.0 GPU (H100, H200)", kernel.name);
+        }
+        self.tuner.force(Family::Tf32x3, i);
         Ok(())
     }
 
@@ -463,7 +476,7 @@ impl CudaBackend {
     fn gemm(&self, args: GemmArgs, a16: Option<u64>, b_dtype: DType, batch: usize) -> Result<()> {
         let fast = a16.map(|a| GemmArgs { a, ..args }).filter(|f| b_dtype == DType::BF16 && f.tensor_core_ok());
         if let Some(fast) = fast {
-            return self.gemm_bf16_mma(fast, batch);
+            return self.gemm_tuned(Family::Bf16, fast, batch);
         }
         // A that exists only in bf16 (a conv's or linear's bf16 input) has no f32 for the others.
         ensure!(a16 != Some(args.a), "a bf16 GEMM input needs the mma.sync GEMM, which cannot run {}x{}x{} here", args.m, args.n, args.k);
@@ -471,9 +484,7 @@ impl CudaBackend {
         ensure!(args.c_bf16 == 0, "a bf16 GEMM output needs the mma.sync GEMM");
         let launcher = self.launcher();
         match b_dtype {
-            DType::F32 if self.tf32x3 && args.tf32x3_ok() => {
-                launcher.gemm(self.func("gemm_tf32x3"), args, (128, 128), batch, 256, self.dynamic_smem["gemm_tf32x3"])
-            }
+            DType::F32 if self.tf32x3 && args.tf32x3_ok() => self.gemm_tuned(Family::Tf32x3, args, batch),
             DType::F32 => launcher.gemm(self.func("gemm_f32"), args, (64, 64), batch, 256, 0),
             DType::BF16 => launcher.gemm(self.func("gemm_bf16"), args.with_vector_check(2), (128, 128), batch, 256, 0),
             other => bail!("GEMM weights in {other:?} are not supported"),

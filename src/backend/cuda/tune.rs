@@ -9,6 +9,10 @@
 //! rounding. On an H200 (2026-11-28) the wgmma kernels passed the tile tests and took the bf16
 //! forward at 8 x 15 s from 21 to 16 ms, so on Hopper they are timed with the others unless
 //! `S3R_WGMMA=0`.
+//!
+//! The fp32-accurate GEMM (3xTF32) is a second family chosen the same way: `gemm_tf32x3`
+//! (mma.sync) and, on Hopper, `gemm_tf32x3_wgmma`, which add the same products in other groups
+//! (so their bits differ, each within fp32 accuracy of the exact result).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -61,6 +65,28 @@ pub const BF16_MMA_KERNELS: [MmaKernel; 9] = [
     wgmma("gemm_bf16_wgmma_wide", 256),
 ];
 
+/// The 3xTF32 GEMM's kernels, the first being the one small GEMMs run.
+pub const TF32X3_KERNELS: [MmaKernel; 2] = [mma("gemm_tf32x3", 128, 128, 256), wgmma("gemm_tf32x3_wgmma", 128)];
+
+/// A family of interchangeable tensor-core GEMM kernels (same arguments, same results up to
+/// their rounding), one choice per shape class in each.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Family {
+    /// bf16 operands ([`BF16_MMA_KERNELS`]).
+    Bf16,
+    /// fp32 operands as 3xTF32 ([`TF32X3_KERNELS`]).
+    Tf32x3,
+}
+
+impl Family {
+    pub fn kernels(self) -> &'static [MmaKernel] {
+        match self {
+            Family::Bf16 => &BF16_MMA_KERNELS,
+            Family::Tf32x3 => &TF32X3_KERNELS,
+        }
+    }
+}
+
 /// GEMMs of fewer flops run the first shape untimed: a few microseconds each, where timing
 /// them would cost more than any choice could win back.
 const TUNE_MIN_FLOPS: f64 = 1e9;
@@ -69,6 +95,7 @@ const TUNE_MIN_FLOPS: f64 = 1e9;
 /// two (a training run's batches vary in length; one timing serves all of a size class).
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 struct ShapeClass {
+    family: Family,
     m_class: u32,
     n: i32,
     k: i32,
@@ -78,8 +105,9 @@ struct ShapeClass {
 }
 
 impl ShapeClass {
-    fn of(args: &GemmArgs, batch: usize) -> ShapeClass {
+    fn of(family: Family, args: &GemmArgs, batch: usize) -> ShapeClass {
         ShapeClass {
+            family,
             m_class: (args.m.max(1) as u32).next_power_of_two().trailing_zeros(),
             n: args.n,
             k: args.k,
@@ -90,11 +118,12 @@ impl ShapeClass {
     }
 }
 
-/// The choices made so far, and an optional shape every GEMM must use (tests, benchmarks).
+/// The choices made so far, and optionally, per family, the kernel every GEMM of that family
+/// must use (tests, benchmarks).
 #[derive(Default)]
 pub struct Tuner {
     chosen: Mutex<HashMap<ShapeClass, usize>>,
-    forced: Option<usize>,
+    forced: HashMap<Family, usize>,
     /// Whether the wgmma kernels are timed with the others (loaded, and not `S3R_WGMMA=0`).
     pub(super) with_wgmma: bool,
 }
@@ -106,72 +135,76 @@ impl Tuner {
         Tuner { with_wgmma: wgmma_loaded && !opted_out, ..Tuner::default() }
     }
 
-    /// Makes every bf16 tensor-core GEMM use `BF16_MMA_KERNELS[i]`, or (`None`) the timed choice.
-    pub fn force(&mut self, i: Option<usize>) {
-        self.forced = i;
+    /// Makes every GEMM of `family` use `family.kernels()[i]`, or (`None`) the timed choice.
+    pub fn force(&mut self, family: Family, i: Option<usize>) {
+        match i {
+            Some(i) => self.forced.insert(family, i),
+            None => self.forced.remove(&family),
+        };
     }
 
-    /// Which tile shape each shape class timed fastest, as (M up to, N, K, kernel name).
+    /// Which kernel each shape class timed fastest, as (M up to, N, K, kernel name).
     pub fn choices(&self) -> Vec<(usize, i32, i32, &'static str)> {
         let chosen = self.chosen.lock().unwrap_or_else(|e| e.into_inner());
-        let mut v: Vec<_> = chosen.iter().map(|(c, &i)| (1usize << c.m_class, c.n, c.k, BF16_MMA_KERNELS[i].name)).collect();
+        let mut v: Vec<_> = chosen.iter().map(|(c, &i)| (1usize << c.m_class, c.n, c.k, c.family.kernels()[i].name)).collect();
         v.sort();
         v
     }
 }
 
 impl CudaBackend {
-    /// Runs `args` (A in bf16, alignment checked by the caller) through the bf16 mma.sync GEMM
-    /// in the tile shape chosen for its class, timing every shape first when the class is new.
-    pub(super) fn gemm_bf16_mma(&self, args: GemmArgs, batch: usize) -> Result<()> {
+    /// Runs `args` through the kernel of `family` chosen for its shape class (A in bf16 for
+    /// [`Family::Bf16`], alignment checked by the caller), timing every candidate first when
+    /// the class is new.
+    pub(super) fn gemm_tuned(&self, family: Family, args: GemmArgs, batch: usize) -> Result<()> {
         let flops = 2.0 * f64::from(args.m) * f64::from(args.n) * f64::from(args.k) * batch as f64;
-        if let Some(i) = self.tuner.forced {
-            return self.launch_mma(i, args, batch);
+        if let Some(&i) = self.tuner.forced.get(&family) {
+            return self.launch_tuned(family, i, args, batch);
         }
         if flops < TUNE_MIN_FLOPS {
-            return self.launch_mma(0, args, batch);
+            return self.launch_tuned(family, 0, args, batch);
         }
-        let class = ShapeClass::of(&args, batch);
+        let class = ShapeClass::of(family, &args, batch);
         let known = self.tuner.chosen.lock().unwrap_or_else(|e| e.into_inner()).get(&class).copied();
         if let Some(i) = known {
-            return self.launch_mma(i, args, batch);
+            return self.launch_tuned(family, i, args, batch);
         }
         // Each timed launch writes the whole output, so the last one leaves the result in place:
         // the tuning is this GEMM's own computation, repeated. Where that last one is of the
-        // other family than the winner (wgmma may round otherwise than mma.sync), the winner
+        // other kind than the winner (wgmma may round otherwise than mma.sync), the winner
         // runs once more, so that every result of a class comes from the same kernel.
-        let candidates: Vec<usize> =
-            (0..BF16_MMA_KERNELS.len()).filter(|&i| self.tuner.with_wgmma || !BF16_MMA_KERNELS[i].is_wgmma()).collect();
+        let kernels = family.kernels();
+        let candidates: Vec<usize> = (0..kernels.len()).filter(|&i| self.tuner.with_wgmma || !kernels[i].is_wgmma()).collect();
         let mut best = (f32::INFINITY, 0);
         for &i in &candidates {
-            let ms = self.time_mma(i, args, batch)?;
+            let ms = self.time_tuned(family, i, args, batch)?;
             if ms < best.0 {
                 best = (ms, i);
             }
         }
         self.tuner.chosen.lock().unwrap_or_else(|e| e.into_inner()).insert(class, best.1);
         let last = candidates[candidates.len() - 1];
-        if BF16_MMA_KERNELS[last].is_wgmma() != BF16_MMA_KERNELS[best.1].is_wgmma() {
-            self.launch_mma(best.1, args, batch)?;
+        if kernels[last].is_wgmma() != kernels[best.1].is_wgmma() {
+            self.launch_tuned(family, best.1, args, batch)?;
         }
         Ok(())
     }
 
-    /// Milliseconds of one launch of shape `i` on `args`, from stream events, after a launch
-    /// over the first row of tiles only (the first launch of a kernel also loads it).
-    fn time_mma(&self, i: usize, args: GemmArgs, batch: usize) -> Result<f32> {
+    /// Milliseconds of one launch of `family.kernels()[i]` on `args`, from stream events, after
+    /// a launch over the first row of tiles only (the first launch of a kernel also loads it).
+    fn time_tuned(&self, family: Family, i: usize, args: GemmArgs, batch: usize) -> Result<f32> {
         let event = || self.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| anyhow!("CUDA event: {e}"));
         let (start, end) = (event()?, event()?);
-        let first_rows = GemmArgs { m: args.m.min(BF16_MMA_KERNELS[i].tile_m as i32), ..args };
-        self.launch_mma(i, first_rows, batch)?;
+        let first_rows = GemmArgs { m: args.m.min(family.kernels()[i].tile_m as i32), ..args };
+        self.launch_tuned(family, i, first_rows, batch)?;
         start.record(&self.stream).map_err(|e| anyhow!("CUDA event: {e}"))?;
-        self.launch_mma(i, args, batch)?;
+        self.launch_tuned(family, i, args, batch)?;
         end.record(&self.stream).map_err(|e| anyhow!("CUDA event: {e}"))?;
-        start.elapsed_ms(&end).map_err(|e| anyhow!("timing {}: {e}", BF16_MMA_KERNELS[i].name))
+        start.elapsed_ms(&end).map_err(|e| anyhow!("timing {}: {e}", family.kernels()[i].name))
     }
 
-    fn launch_mma(&self, i: usize, args: GemmArgs, batch: usize) -> Result<()> {
-        let k = &BF16_MMA_KERNELS[i];
+    fn launch_tuned(&self, family: Family, i: usize, args: GemmArgs, batch: usize) -> Result<()> {
+        let k = &family.kernels()[i];
         self.launcher().gemm(self.func(k.name), args, (k.tile_m, k.tile_n), batch, k.threads, self.dynamic_smem[k.name])
     }
 }
