@@ -85,6 +85,20 @@ fn main() {
         rows.push(Row(format!("ffn gemm dense {p} {m}x{k}x{n}"), dense, tf(dense)));
         rows.push(Row(format!("ffn gemm masked(10%) {p}"), masked, tf(masked)));
     }
+    // The FFN's second GEMM (N = 768: a 128-wide tile leaves the last wave nearly empty) in
+    // each mma.sync 3xTF32 tile shape.
+    {
+        let x2 = Tensor::from_vec(random(m * n, 14), &[m, n]);
+        let w2 = Tensor::from_vec(random(k * n, 15), &[k, n]);
+        let bits2 = s3router::mask::pack(&random(k * n, 16).iter().map(|&v| v > -0.4).collect::<Vec<bool>>());
+        for (i, t) in TF32X3_KERNELS.iter().enumerate().filter(|(_, t)| !t.is_wgmma()) {
+            let mut be = CudaBackend::new(0, Precision::F32).unwrap();
+            be.set_tf32x3_kernel(Some(i)).unwrap();
+            let (dense, masked) = ffn_gemm_ms(&be, &x2, &w2, &bits2);
+            rows.push(Row(format!("ffn gemm 2 dense f32 {} ({}x{}) {m}x{n}x{k}", t.name, t.tile_m, t.tile_n), dense, tf(dense)));
+            rows.push(Row(format!("ffn gemm 2 masked(10%) f32 {}", t.name), masked, tf(masked)));
+        }
+    }
     // A whole FFN (768 -> 3072 GELU -> 768), bf16: the intermediate in f32 then converted for
     // the second GEMM (as before), against it handed over in bf16 (`linear_as_operand`).
     {

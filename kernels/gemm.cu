@@ -275,37 +275,49 @@ GEMM_TILE_KERNEL(gemm_bf16_mma_tall, Mma256x128k32, gemm_bf16_mma_body)
 GEMM_TILE_KERNEL(gemm_bf16_mma_short, Mma64x128k32, gemm_bf16_mma_body)
 GEMM_TILE_KERNEL(gemm_bf16_mma_narrow, Mma128x64k32, gemm_bf16_mma_body)
 
-// gemm_tf32x3: version 1 of the fp32-accurate tensor-core path (fp32 A and B, as gemm_f32). Each
-// operand x is split into TF32 parts, x = big + small with big = tf32(x) and small = tf32(x - big),
-// and each product is taken as big*big + big*small + small*big (the small*small term is below
-// fp32 rounding): three mma.sync m16n8k8 per product, fp32 accumulation, an accuracy on par with
-// FMA (CUTLASS's "3xTF32"). 128x128x32 tiles, 8 warps of 64x32, a 3-stage cp.async pipeline
+// gemm_tf32x3*: the fp32-accurate tensor-core path (fp32 A and B, as gemm_f32). Each operand x
+// is split into TF32 parts, x = big + small with big = tf32(x) and small = tf32(x - big), and
+// each product is taken as big*big + big*small + small*big (the small*small term is below fp32
+// rounding): three mma.sync m16n8k8 per product, fp32 accumulation, an accuracy on par with FMA
+// (CUTLASS's "3xTF32"). Warps of 64x32 outputs, BK 32, a 3-stage cp.async pipeline
 // (zero-filled out of bounds), masks as in gemm_bf16_mma (one 32-bit word per weight row and
 // stage, applied to the B values as they are split). Rows padded to 36 floats: every fragment
-// load of a warp hits 32 different banks.
-namespace x3 {
-constexpr int BM = 128, BN = 128, BK = 32, STAGES = 3, LDS = BK + 4;
-constexpr int A_ELEMS = BM * LDS, B_ELEMS = BN * LDS;
-constexpr int STAGE_BYTES = (A_ELEMS + B_ELEMS) * 4 + BN * 4;
-constexpr int SMEM_BYTES = STAGES * STAGE_BYTES;
-static_assert(SMEM_BYTES >= BM * (BN + 4) * 4, "epilogue tile must fit the pipeline buffers");
-}
+// load of a warp hits 32 different banks. Two tile shapes, timed per GEMM shape by the host with
+// the wgmma kernel (src/backend/cuda/tune.rs); both give the same bits (same products, same K
+// order):
+//   gemm_tf32x3: 128x128, 8 warps (version 1; two blocks per SM);
+//   gemm_tf32x3_narrow: 128x64, 4 warps. With N = 768 (half the fp32 step's GEMM work: the
+//     FFN's second linear, the attention output, the FFN's input gradient) 128-wide tiles make
+//     282 blocks at 8 x 15 s, one more than a full wave of two per SM on 132 SMs plus 18 in a
+//     second (53% of the rounds busy); 64-wide ones make 564 (71%).
+template <int WARPS_M, int WARPS_N_>
+struct Tf32x3Tile {
+    static constexpr int WARPS_N = WARPS_N_, BM = 64 * WARPS_M, BN = 32 * WARPS_N, BK = 32, STAGES = 3, LDS = BK + 4;
+    static constexpr int THREADS = 32 * WARPS_M * WARPS_N;
+    static constexpr int A_ELEMS = BM * LDS, B_ELEMS = BN * LDS;
+    static constexpr int STAGE_BYTES = (A_ELEMS + B_ELEMS) * 4 + BN * 4;
+    static constexpr int PIPE_BYTES = STAGES * STAGE_BYTES, EPI_BYTES = BM * (BN + 4) * 4;
+    static constexpr int SMEM_BYTES = PIPE_BYTES > EPI_BYTES ? PIPE_BYTES : EPI_BYTES;  // the epilogue reuses the pipeline
+};
+using Tf32x3Tile128x128 = Tf32x3Tile<2, 4>;
+using Tf32x3Tile128x64 = Tf32x3Tile<2, 2>;
 
-extern "C" __global__ void __launch_bounds__(256, 2) gemm_tf32x3(GemmArgs p) {
-    using namespace x3;
+template <class Tile>
+__device__ __forceinline__ void gemm_tf32x3_body(const GemmArgs& p) {
+    constexpr int BM = Tile::BM, BN = Tile::BN, BK = Tile::BK, LDS = Tile::LDS;
     DYNAMIC_SHARED(unsigned char, smem);
     const int z = blockIdx.z;
     const float* A = (const float*)p.a + z * p.batch_a;
     const float* B = (const float*)p.b + z * p.batch_b;
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN, t = threadIdx.x;
     const int warp = t / 32, lane = t % 32, g = lane / 4, tq = lane % 4;
-    const int wm = (warp / 4) * 64, wn = (warp % 4) * 32;
+    const int wm = (warp / Tile::WARPS_N) * 64, wn = (warp % Tile::WARPS_N) * 32;
     float acc[4][4][4] = {};
-    auto load = [&](unsigned char* stage, int k0) { load_stage<float, Padded<LDS>, BM, BN, BK, 256>(p, A, B, stage, m0, n0, k0, t); };
-    cp_async_k_loop<STAGES, STAGE_BYTES, BK>(smem, p.k, load, [&](const unsigned char* stage) {
+    auto load = [&](unsigned char* stage, int k0) { load_stage<float, Padded<LDS>, BM, BN, BK, Tile::THREADS>(p, A, B, stage, m0, n0, k0, t); };
+    cp_async_k_loop<Tile::STAGES, Tile::STAGE_BYTES, BK>(smem, p.k, load, [&](const unsigned char* stage) {
         const float* As = reinterpret_cast<const float*>(stage);
-        const float* Bs = As + A_ELEMS;
-        const unsigned* Ms = reinterpret_cast<const unsigned*>(Bs + B_ELEMS);
+        const float* Bs = As + Tile::A_ELEMS;
+        const unsigned* Ms = reinterpret_cast<const unsigned*>(Bs + Tile::B_ELEMS);
 #pragma unroll
         for (int kk = 0; kk < BK; kk += 8) {
             // B fragments of the warp's four n8 tiles (b0: k = tq, b1: k = tq + 4; column g).
@@ -331,7 +343,11 @@ extern "C" __global__ void __launch_bounds__(256, 2) gemm_tf32x3(GemmArgs p) {
             }
         }
     });
-    store_accumulators<BM, BN, 256>(p, smem, acc, wm, wn, lane, m0, n0, z);
+    store_accumulators<BM, BN, Tile::THREADS>(p, smem, acc, wm, wn, lane, m0, n0, z);
 }
 
-extern "C" __global__ void gemm_tf32x3_smem(int* bytes) { *bytes = x3::SMEM_BYTES; }
+// Version 1's bounds (two blocks of 8 warps per SM: 128 registers) for the 128x128 tile; the
+// narrow tile's four warps leave the compiler its choice (shared memory allows two blocks).
+extern "C" __global__ void __launch_bounds__(256, 2) gemm_tf32x3(GemmArgs p) { gemm_tf32x3_body<Tf32x3Tile128x128>(p); }
+extern "C" __global__ void gemm_tf32x3_smem(int* bytes) { *bytes = Tf32x3Tile128x128::SMEM_BYTES; }
+GEMM_TILE_KERNEL(gemm_tf32x3_narrow, Tf32x3Tile128x64, gemm_tf32x3_body)

@@ -10,7 +10,7 @@ use common::{
     two_tasks, utterances,
 };
 use s3router::backend::cpu::CpuBackend;
-use s3router::backend::cuda::{CudaBackend, Precision};
+use s3router::backend::cuda::{CudaBackend, Precision, TF32X3_KERNELS};
 use s3router::backend::{Activation, Backend, ConvGeometry, LinearMask, NormParams, Seqs};
 use s3router::ctc::{ctc_loss, greedy_ids, CtcTargets, Reduction};
 use s3router::infer::BatchLimits;
@@ -184,6 +184,33 @@ fn same_bits_in_every_tile(
     first.map(|f| f.map(|(_, bits)| bits))
 }
 
+/// An implicit-GEMM convolution of the tile tests, on the host.
+struct TileConv {
+    geom: ConvGeometry,
+    seqs_in: Seqs,
+    seqs_out: Seqs,
+    x: Tensor,
+    w: Tensor,
+}
+
+/// The tile tests' convolutions, as the conv test's tensor-core cases: strided (136 outputs:
+/// a ragged N), then grouped and padded (an utterance of one frame); inputs drawn from `seed`.
+fn tile_convs(seed: u64) -> Vec<TileConv> {
+    // (c_in, c_out, kernel, stride, pad, groups, input lengths)
+    [(64, 136, 3, 2, 0, 1, vec![9, 300]), (64, 64, 8, 1, 4, 4, vec![1, 270])]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (c_in, c_out, kernel, stride, pad, groups, lens))| {
+            let geom = ConvGeometry { kernel, stride, pad_left: pad, groups };
+            let seqs_in = Seqs::new(lens.clone());
+            let seqs_out = Seqs::new(if pad == 0 { lens.iter().map(|&n| (n - kernel) / stride + 1).collect() } else { lens });
+            let x = host(random(seqs_in.total() * c_in, seed + i as u64, 1.0), &[seqs_in.total(), c_in]);
+            let w = host(random(c_out * kernel * (c_in / groups), seed + 10 + i as u64, 0.3), &[c_out, kernel, c_in / groups]);
+            TileConv { geom, seqs_in, seqs_out, x, w }
+        })
+        .collect()
+}
+
 /// Every tile shape of the bf16 tensor-core GEMM (mma.sync; wgmma where the GPU has it, as under
 /// tools/cuemu) against the CPU and each other: linears, masked and
 /// not, with ragged edges in M, N and K (K a multiple of 8 but not of 64; masks need K % 32 ==
@@ -229,19 +256,66 @@ fn mma_tile_shapes_agree_bit_for_bit() {
         "the 300x768x3072 GEMM (1.4 GFLOP) should have been timed: {choices:?}"
     );
     assert!(!choices.iter().any(|&(_, n, _, _)| n == 259 || n == 300), "small GEMMs are not worth timing: {choices:?}");
-    // (c_in, c_out, kernel, stride, pad, groups, input lengths), as the conv test's mma.sync cases.
-    for (i, (c_in, c_out, kernel, stride, pad, groups, lens)) in
-        [(64, 136, 3, 2, 0, 1, vec![9, 300]), (64, 64, 8, 1, 4, 4, vec![1, 270])].into_iter().enumerate()
-    {
-        let geom = ConvGeometry { kernel, stride, pad_left: pad, groups };
-        let seqs_in = Seqs::new(lens.clone());
-        let seqs_out = Seqs::new(if pad == 0 { lens.iter().map(|&n| (n - kernel) / stride + 1).collect() } else { lens });
-        let x = host(random(seqs_in.total() * c_in, 80 + i as u64, 1.0), &[seqs_in.total(), c_in]);
-        let w = host(random(c_out * kernel * (c_in / groups), 90 + i as u64, 0.3), &[c_out, kernel, c_in / groups]);
+    for TileConv { geom, seqs_in, seqs_out, x, w } in tile_convs(80) {
         let want = cpu.conv1d(&x, &seqs_in, &seqs_out, &w, None, geom, Activation::Gelu).unwrap();
         let (gx, gw) = (be.upload(&x).unwrap(), be.prepare_conv_weight(&w).unwrap());
         let run = |be: &CudaBackend| back(be, &be.conv1d(&gx, &seqs_in, &seqs_out, &gw, None, geom, Activation::Gelu).unwrap());
         same_bits_in_every_tile(&mut be, &format!("conv {geom:?}"), want.f32s().unwrap(), run);
+    }
+}
+
+/// Every 3xTF32 GEMM kernel forced in turn (the mma.sync tiles, and wgmma where the GPU has it,
+/// as under tools/cuemu) on linears with ragged edges in M, N and K, masked and not, and on
+/// implicit-GEMM convolutions (strided; grouped and padded): each within fp32 accuracy of the
+/// CPU, and the mma.sync tiles bit for bit the same (same products, same K order: anything
+/// else is a tile-edge or pipeline bug).
+#[test]
+fn tf32x3_kernels_agree() {
+    let Some(mut be) = gpu(Precision::F32) else { return };
+    let cpu = CpuBackend;
+    fn check(be: &mut CudaBackend, what: &str, want: &[f32], run: &dyn Fn(&CudaBackend) -> Vec<f32>) {
+        let mut mma_bits: Option<(usize, Vec<u32>)> = None;
+        for (i, kernel) in TF32X3_KERNELS.iter().enumerate() {
+            if be.set_tf32x3_kernel(Some(i)).is_err() {
+                continue; // wgmma without Hopper
+            }
+            let got = run(be);
+            assert_close(&format!("{} {what}", kernel.name), &got, want, F32_TOL);
+            if kernel.is_wgmma() {
+                continue;
+            }
+            let bits: Vec<u32> = got.iter().map(|v| v.to_bits()).collect();
+            match &mma_bits {
+                None => mma_bits = Some((i, bits)),
+                Some((f, first)) => assert!(first == &bits, "{} {what}: bits differ from {}", kernel.name, TF32X3_KERNELS[*f].name),
+            }
+        }
+        be.set_tf32x3_kernel(None).unwrap();
+    }
+    for (i, &(n, d_in, d_out, masked)) in [(261, 200, 259, false), (77, 96, 300, true), (300, 3072, 768, true)].iter().enumerate() {
+        let x = host(random(n * d_in, 140 + i as u64, 1.0), &[n, d_in]);
+        let w = random(d_out * d_in, 150 + i as u64, 0.1);
+        let keep: Vec<bool> = random(d_out * d_in, 160 + i as u64, 1.0).iter().map(|&v| !masked || v > -0.4).collect();
+        let kept: Vec<f32> = w.iter().zip(&keep).map(|(&w, &k)| if k { w } else { 0.0 }).collect();
+        let want = cpu.linear(&x, &cpu.prepare_linear_weight(&host(kept, &[d_out, d_in])).unwrap(), None, Activation::Identity).unwrap();
+        let gx = be.upload(&x).unwrap();
+        let gw = be.prepare_linear_weight(&host(w, &[d_out, d_in])).unwrap();
+        let bits = be.upload_mask(&s3router::mask::pack(&keep)).unwrap();
+        let run = |be: &CudaBackend| {
+            let y = if masked {
+                be.linear_masked(&gx, &gw, &bits, None, Activation::Identity).unwrap()
+            } else {
+                be.linear(&gx, &gw, None, Activation::Identity).unwrap()
+            };
+            back(be, &y)
+        };
+        check(&mut be, &format!("linear {n}x{d_in}x{d_out} masked {masked}"), want.f32s().unwrap(), &run);
+    }
+    for TileConv { geom, seqs_in, seqs_out, x, w } in tile_convs(180) {
+        let want = cpu.conv1d(&x, &seqs_in, &seqs_out, &w, None, geom, Activation::Identity).unwrap();
+        let (gx, gw) = (be.upload(&x).unwrap(), be.prepare_conv_weight(&w).unwrap());
+        let run = |be: &CudaBackend| back(be, &be.conv1d(&gx, &seqs_in, &seqs_out, &gw, None, geom, Activation::Identity).unwrap());
+        check(&mut be, &format!("conv {geom:?}"), want.f32s().unwrap(), &run);
     }
 }
 

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 pub mod cli;
 
 use s3router::backend::cpu::CpuBackend;
-use s3router::backend::cuda::{unavailable_reason, CudaBackend, Precision};
+use s3router::backend::cuda::{unavailable_reason, CudaBackend, Precision, TF32X3_KERNELS};
 use s3router::backend::{Backend, Seqs};
 use s3router::ctc::CtcTargets;
 use s3router::data::audio;
@@ -195,7 +195,7 @@ pub fn f32_backends() -> Vec<CudaBackend> {
     // The first times the 3xTF32 kernels per shape (small GEMMs run mma.sync's); on Hopper (as
     // under tools/cuemu) the wgmma one runs every GEMM of the third.
     let mut wgmma = gpu(Precision::F32).unwrap();
-    let hopper = wgmma.set_tf32x3_kernel(Some(1)).is_ok();
+    let hopper = wgmma.set_tf32x3_kernel(TF32X3_KERNELS.iter().position(|k| k.is_wgmma())).is_ok();
     let mut all = vec![tc, fma];
     all.extend(hopper.then_some(wgmma));
     all

@@ -10,9 +10,10 @@
 //! forward at 8 x 15 s from 21 to 16 ms, so on Hopper they are timed with the others unless
 //! `S3R_WGMMA=0`.
 //!
-//! The fp32-accurate GEMM (3xTF32) is a second family chosen the same way: `gemm_tf32x3`
-//! (mma.sync) and, on Hopper, `gemm_tf32x3_wgmma`, which add the same products in other groups
-//! (so their bits differ, each within fp32 accuracy of the exact result).
+//! The fp32-accurate GEMM (3xTF32) is a second family chosen the same way: `gemm_tf32x3` and
+//! `gemm_tf32x3_narrow` (mma.sync, 128x128 and 128x64 tiles, the same bits) and, on Hopper,
+//! `gemm_tf32x3_wgmma`, which adds the same products in other groups (so its bits differ, each
+//! within fp32 accuracy of the exact result).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -66,7 +67,8 @@ pub const BF16_MMA_KERNELS: [MmaKernel; 9] = [
 ];
 
 /// The 3xTF32 GEMM's kernels, the first being the one small GEMMs run.
-pub const TF32X3_KERNELS: [MmaKernel; 2] = [mma("gemm_tf32x3", 128, 128, 256), wgmma("gemm_tf32x3_wgmma", 128)];
+pub const TF32X3_KERNELS: [MmaKernel; 3] =
+    [mma("gemm_tf32x3", 128, 128, 256), mma("gemm_tf32x3_narrow", 128, 64, 128), wgmma("gemm_tf32x3_wgmma", 128)];
 
 /// A family of interchangeable tensor-core GEMM kernels (same arguments, same results up to
 /// their rounding), one choice per shape class in each.
