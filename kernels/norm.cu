@@ -59,23 +59,18 @@ __device__ __forceinline__ float conv_value(const NormSource& s, const float* w,
 }
 
 // group_norm_time: GroupNorm with one group per channel, per utterance of a packed batch, from
-// `src` into `out`, in two passes over the same grid of (32-channel tile, utterance, chunk of
+// `src` into `out`, in three passes over the same grid of (32-channel tile, utterance, chunk of
 // `chunk_rows` frames) blocks of 32 x 8 threads, so even one long utterance spreads over
 // thousands of blocks:
-//   pass 0: per-channel sums of v - k and of (v - k)², with k the channel's value at the
-//   utterance's first frame, accumulated in double (block partials, then atomics into
-//   stats[2][utts][c]); shifted by k, the one-pass variance keeps f64 accuracy (its
-//   cancellation grows with (mean - k)² / variance, a few units for one sample of the
-//   channel, against f64's 16 digits);
-//   pass 1: normalise into `out` (fp32, or bf16 when out_bf16: the operand of the next conv's
+//   pass 0: per-channel sums, pass 1: sums of squared deviations from the mean (two-pass
+//   variance), both accumulated in double (block partials, then atomics into stats[2][utts][c]);
+//   pass 2: normalise into `out` (fp32, or bf16 when out_bf16: the operand of the next conv's
 //   tensor-core GEMM), with an optional GELU.
-// version 4 (version 3 took a third pass for a two-pass variance: one more read of the 786 MB
-// conv 0 output at 8 x 15 s, or one more on-the-fly conv, measured slower than the separate
-// conv on an H200; version 2 ran in place on a copy of x; version 1, one block per 32 channels
-// of a whole utterance, read at ~150 GB/s).
+// version 3 (version 2 ran in place on a copy of x; version 1, one block per 32 channels of a
+// whole utterance, read at ~150 GB/s).
 extern "C" __global__ void group_norm_time(NormSource src, void* out, const int* offsets, double* stats, const float* gamma, const float* beta,
                                            int c, int utts, float eps, int act, int pass, int chunk_rows, int out_bf16) {
-    __shared__ double red[2][8][33];
+    __shared__ double red[8][33];
     int u = blockIdx.y, tx = threadIdx.x % 32, ty = threadIdx.x / 32;
     int ch = blockIdx.x * 32 + tx;
     int start = offsets[u], end = offsets[u + 1];
@@ -101,17 +96,13 @@ extern "C" __global__ void group_norm_time(NormSource src, void* out, const int*
     double n = end - start;
     double* sum = stats + (long)u * c;
     double* sq = stats + (long)(utts + u) * c;
-    const double k = ch < c ? value(start) : 0.0;
-    if (pass == 1) {
+    double mean = (pass > 0 && ch < c) ? sum[ch] / n : 0.0;
+    if (pass == 2) {
         if (ch >= c) return;
-        const double shifted = sum[ch] / n, mean = k + shifted;
-        const float scale = (float)(1.0 / sqrt(sq[ch] / n - shifted * shifted + (double)eps)) * gamma[ch], b = beta[ch];
-        // v - mean with the mean as two floats (hi + lo): v - hi is exact for v near the mean, so
-        // a channel far from zero against its spread keeps its digits (folding the mean into a
-        // shift, v * scale + (beta - mean * scale), lost them: rel 1e-4 at an offset of 1000).
-        const float mean_hi = (float)mean, mean_lo = (float)(mean - (double)mean_hi);
+        float scale = (float)(1.0 / sqrt(sq[ch] / n + (double)eps)) * gamma[ch];
+        float shift = beta[ch] - (float)mean * scale;
         for (int r = r0 + ty; r < r1; r += 8) {
-            float v = apply_act(((value(r) - mean_hi) - mean_lo) * scale + b, act);
+            float v = apply_act(value(r) * scale + shift, act);
             if (out_bf16)
                 static_cast<__nv_bfloat16*>(out)[(long)r * c + ch] = __float2bfloat16(v);
             else
@@ -119,24 +110,18 @@ extern "C" __global__ void group_norm_time(NormSource src, void* out, const int*
         }
         return;
     }
-    double s1 = 0.0, s2 = 0.0;
+    double acc = 0.0;
     if (ch < c)
         for (int r = r0 + ty; r < r1; r += 8) {
-            double d = value(r) - k;
-            s1 += d;
-            s2 += d * d;
+            double v = value(r);
+            acc += pass == 0 ? v : (v - mean) * (v - mean);
         }
-    red[0][ty][tx] = s1;
-    red[1][ty][tx] = s2;
+    red[ty][tx] = acc;
     __syncthreads();
     if (ty == 0 && ch < c) {
-        double t1 = 0.0, t2 = 0.0;
-        for (int i = 0; i < 8; ++i) {
-            t1 += red[0][i][tx];
-            t2 += red[1][i][tx];
-        }
-        atomicAdd(sum + ch, t1);
-        atomicAdd(sq + ch, t2);
+        double total = 0.0;
+        for (int i = 0; i < 8; ++i) total += red[i][tx];
+        atomicAdd(pass == 0 ? sum + ch : sq + ch, total);
     }
 }
 

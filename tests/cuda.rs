@@ -340,15 +340,6 @@ fn norms_add_and_log_softmax_match_cpu() {
             let got = be.group_norm_time(gx.clone(), &seqs, gp, act).unwrap();
             assert_close(&format!("group_norm_time c={c} {act:?}"), &back(&be, &got), want.f32s().unwrap(), F32_TOL);
         }
-        // Channels far from zero against their spread: values within 1 on multiples of 2^-14, so
-        // that 1000 + v is exact in f32 and normalises exactly as v does (the norm ignores a
-        // shift). The GPU's one-pass variance, shifted by each channel's first value, and its
-        // normalisation against a two-float mean keep fp32 accuracy there.
-        let quantised: Vec<f32> = x.f32s().unwrap().iter().map(|v| (v / 2.0 * 16384.0).round() / 16384.0).collect();
-        let offset: Vec<f32> = quantised.iter().map(|v| 1000.0 + v).collect();
-        let want = cpu.group_norm_time(host(quantised, &[rows, c]), &seqs, p, Activation::Identity).unwrap();
-        let got = be.group_norm_time(be.upload(&host(offset, &[rows, c])).unwrap(), &seqs, gp, Activation::Identity).unwrap();
-        assert_close(&format!("group_norm_time c={c}, offset 1000"), &back(&be, &got), want.f32s().unwrap(), F32_TOL);
         let want = cpu.add(x.clone(), &r).unwrap();
         assert_close("add", &back(&be, &be.add(gx.clone(), &gr).unwrap()), want.f32s().unwrap(), F32_TOL);
         let want = cpu.log_softmax(&x).unwrap();

@@ -537,8 +537,7 @@ impl CudaBackend {
         let chunk_rows = 512i32;
         let chunks = seqs.lens().iter().copied().max().unwrap_or(0).div_ceil(chunk_rows as usize).max(1);
         let cfg = launch::config((c.div_ceil(32) as u32, utts as u32, chunks as u32), 256);
-        // Pass 0: shifted sums per channel; pass 1: the normalised output (kernels/norm.cu).
-        for pass in 0i32..2 {
+        for pass in 0i32..3 {
             self.launcher().launch(self.func("group_norm_time"), cfg, |b| {
                 b.arg(&src)
                     .arg(&po)
