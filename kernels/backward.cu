@@ -733,17 +733,19 @@ extern "C" __global__ void __launch_bounds__(256) topk_write(const TopkSegment* 
 // ---- tensor-core gradient GEMM operands ---------------------------------------------------------
 // The cp.async GEMMs compute A·Bᵀ over row-major operands, so the weight gradient dyᵀ·x takes
 // both activations transposed (bf16 for gemm_bf16_mma, fp32 for gemm_tf32x3; rows padded with
-// zeros to a multiple of 8, keeping every row 16-byte aligned) and the bf16 input gradient
+// zeros to a multiple of 8, keeping every row 16-byte aligned) and the input gradient
 // dy·(W⊙M) takes (W⊙M)ᵀ. 32x32 tiles through shared memory keep reads and writes coalesced.
 
-// y[c, r] = x[r, c] for r < rows, 0 for rows <= r < rows_padded.
+// y[c, r] = x[r, c] for r < rows, 0 for rows <= r < rows_padded; with `mask` (bits over the
+// row-major x), 0 where x's bit is clear too.
 template <class In, class Out>
-__device__ __forceinline__ void transpose_padded(const In* x, Out* y, int rows, int cols, int rows_padded) {
-    __shared__ float tile[32][33];
+__device__ __forceinline__ void transpose_padded(const In* x, Out* y, int rows, int cols, int rows_padded, const uint8_t* mask = nullptr) {
+    __shared__ float tile[32][33];  // exact for bf16 too
     int c0 = blockIdx.x * 32, r0 = blockIdx.y * 32;
     for (int i = threadIdx.y; i < 32; i += blockDim.y) {
         int r = r0 + i, c = c0 + threadIdx.x;
-        tile[i][threadIdx.x] = (r < rows && c < cols) ? load_as(x + (long)r * cols + c) : 0.0f;
+        long at = (long)r * cols + c;
+        tile[i][threadIdx.x] = (r < rows && c < cols && (!mask || mask_bit(mask, at))) ? load_as(x + at) : 0.0f;
     }
     __syncthreads();
     for (int i = threadIdx.y; i < 32; i += blockDim.y) {
@@ -763,30 +765,11 @@ extern "C" __global__ void transpose_bf16(const __nv_bfloat16* x, __nv_bfloat16*
 
 // y[i, o] = w[o, i] where mask bit o*d_in + i is set (or no mask), else 0: (W ⊙ M)ᵀ, the B
 // operand of the input gradient dy · (W ⊙ M) on the cp.async GEMMs (bf16, or fp32 for 3xTF32).
-template <class T>
-__device__ __forceinline__ void transpose_masked(const T* w, const uint8_t* mask, T* y, int d_out, int d_in) {
-    __shared__ float tile[32][33];  // exact for bf16 too
-    int i0 = blockIdx.x * 32, o0 = blockIdx.y * 32;
-    for (int k = threadIdx.y; k < 32; k += blockDim.y) {
-        int o = o0 + k, i = i0 + threadIdx.x;
-        float v = 0.0f;
-        if (o < d_out && i < d_in) {
-            long at = (long)o * d_in + i;
-            if (!mask || mask_bit(mask, at)) v = load_as(w + at);
-        }
-        tile[k][threadIdx.x] = v;
-    }
-    __syncthreads();
-    for (int k = threadIdx.y; k < 32; k += blockDim.y) {
-        int i = i0 + k, o = o0 + threadIdx.x;
-        if (i < d_in && o < d_out) store_as(y + (long)i * d_out + o, tile[threadIdx.x][k]);
-    }
-}
 extern "C" __global__ void transpose_mask_bf16(const __nv_bfloat16* w, const uint8_t* mask, __nv_bfloat16* y, int d_out, int d_in) {
-    transpose_masked(w, mask, y, d_out, d_in);
+    transpose_padded(w, y, d_out, d_in, d_out, mask);
 }
 extern "C" __global__ void transpose_mask_f32(const float* w, const uint8_t* mask, float* y, int d_out, int d_in) {
-    transpose_masked(w, mask, y, d_out, d_in);
+    transpose_padded(w, y, d_out, d_in, d_out, mask);
 }
 
 extern "C" __global__ void bf16_to_f32(const __nv_bfloat16* x, float* y, long n) {

@@ -216,7 +216,7 @@ struct MmaTile {
     static constexpr int SMEM_BYTES = PIPE_BYTES > EPI_BYTES ? PIPE_BYTES : EPI_BYTES;  // the epilogue reuses the pipeline
 };
 using Mma128x128k32 = MmaTile<128, 128, 32, 4, Padded<40>>;  // 80-byte rows: conflict-free ldmatrix
-using Mma128x128k64 = MmaTile<128, 128, 64, 3, Swizzled128>;
+using Mma128x128k64 = MmaTile<128, 128, 64, 3, Swizzled128<__nv_bfloat16>>;
 using Mma128x256k32 = MmaTile<128, 256, 32, 4, Padded<40>>;
 using Mma256x128k32 = MmaTile<256, 128, 32, 4, Padded<40>>;
 using Mma64x128k32 = MmaTile<64, 128, 32, 4, Padded<40>>;

@@ -108,7 +108,7 @@ __device__ __forceinline__ void mask_own_chunks(const GemmArgs& p, __nv_bfloat16
         int idx = t + i * Tile::THREADS, r = idx / PER_ROW, ch = (idx % PER_ROW) * 8;
         int gn = n0 + r, gk = k0 + ch;
         if (gn >= p.n || gk >= p.k) continue;  // zero-filled already
-        uint4* chunk = reinterpret_cast<uint4*>(Bs + Swizzled128::at(r, ch));
+        uint4* chunk = reinterpret_cast<uint4*>(Bs + Swizzled128<__nv_bfloat16>::at(r, ch));
         *chunk = mask_eight(*chunk, p.mask[((long)gn * p.k + gk) >> 3]);
     }
 }
@@ -126,7 +126,7 @@ __device__ __forceinline__ void gemm_bf16_wgmma_body(const GemmArgs& p) {
     GemmArgs copies = p;
     copies.mask = nullptr;  // masks are applied in place (mask_own_chunks), not staged
     auto load = [&](int kt) {
-        load_stage<__nv_bfloat16, Swizzled128, BM, BN, BK, Tile::THREADS>(copies, A, B, smem + (kt % STAGES) * Tile::STAGE_BYTES, m0, n0,
+        load_stage<__nv_bfloat16, Swizzled128<__nv_bfloat16>, BM, BN, BK, Tile::THREADS>(copies, A, B, smem + (kt % STAGES) * Tile::STAGE_BYTES, m0, n0,
                                                                            kt * BK, t);
     };
     float acc[1][BN / 8][4] = {};
@@ -194,13 +194,6 @@ constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + 1024;     // + room to align s
 static_assert(BM * (BN + 4) * 4 <= STAGES * STAGE_BYTES, "epilogue tile must fit the pipeline buffers");
 }
 
-// Swizzled128f: Swizzled128's layout for fp32, 32 floats (128 bytes) a row, chunk j of row r at
-// chunk j ^ (r % 8).
-struct Swizzled128f {
-    static constexpr int ROW = 32;
-    __device__ static __forceinline__ int at(int r, int c) { return r * 32 + ((((c >> 2) ^ r) & 7) << 2) + (c & 3); }
-};
-
 // The split of the chunks thread t copied into `stage` (load_stage's assignment: chunk idx = t +
 // i * THREADS is row idx / 8 of A then B, floats 4 (idx % 8) ..), B's masked entries zeroed.
 __device__ __forceinline__ void split_own_chunks(const GemmArgs& p, float* stage, int n0, int k0, int t) {
@@ -209,7 +202,7 @@ __device__ __forceinline__ void split_own_chunks(const GemmArgs& p, float* stage
     float* small = stage + TILES_BYTES / 4;
 #pragma unroll
     for (int i = 0; i < ROWS * PER_ROW / THREADS; ++i) {
-        const int idx = t + i * THREADS, r = idx / PER_ROW, ch = (idx % PER_ROW) * 4, at = Swizzled128f::at(r, ch);
+        const int idx = t + i * THREADS, r = idx / PER_ROW, ch = (idx % PER_ROW) * 4, at = Swizzled128<float>::at(r, ch);
         float4 v = *reinterpret_cast<const float4*>(stage + at);
         if (r >= BM && p.mask) {
             const int gn = n0 + r - BM, gk = k0 + ch;
@@ -244,7 +237,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) gemm_tf32x3_wgmma(GemmArgs 
     copies.mask = nullptr;  // masks are applied by the split, not staged
     auto stage = [&](int kt) { return reinterpret_cast<float*>(smem + (kt % STAGES) * STAGE_BYTES); };
     auto load = [&](int kt) {
-        load_stage<float, Swizzled128f, BM, BN, BK, THREADS>(copies, A, B, reinterpret_cast<unsigned char*>(stage(kt)), m0, n0, kt * BK, t);
+        load_stage<float, Swizzled128<float>, BM, BN, BK, THREADS>(copies, A, B, reinterpret_cast<unsigned char*>(stage(kt)), m0, n0, kt * BK, t);
     };
     float acc[1][BN / 8][4] = {}, part[BN / 8][4] = {};
     const int kt_count = (p.k + BK - 1) / BK;

@@ -124,12 +124,14 @@ struct Padded {
     static constexpr int ROW = LDS;
     __device__ static __forceinline__ int at(int r, int c) { return r * LDS + c; }
 };
-// Swizzled128: 64 bf16 (128 bytes) per row, no padding, chunk j of row r stored at chunk
-// j ^ (r % 8): the eight rows an ldmatrix reads at one logical chunk sit in eight different
-// bank groups, and a BK = 64 stage is 20% smaller than padded rows would make it.
+// Swizzled128<T>: 128 bytes of T per row (64 bf16, 32 floats), no padding, 16-byte chunk j of
+// row r stored at chunk j ^ (r % 8): the eight rows an ldmatrix reads at one logical chunk sit
+// in eight different bank groups, a bf16 BK = 64 stage is 20% smaller than padded rows would
+// make it, and a stage starting on 1024 bytes is wgmma's 128-byte-swizzle K-major layout.
+template <class T>
 struct Swizzled128 {
-    static constexpr int ROW = 64;
-    __device__ static __forceinline__ int at(int r, int c) { return r * 64 + ((((c >> 3) ^ r) & 7) << 3) + (c & 7); }
+    static constexpr int ROW = 128 / (int)sizeof(T), CHUNK = 16 / (int)sizeof(T);
+    __device__ static __forceinline__ int at(int r, int c) { return r * ROW + ((((c / CHUNK) ^ r) & 7) * CHUNK) + c % CHUNK; }
 };
 
 // Keep-mask for a register of two bf16 weights whose mask bits are the low two bits of `bits`.

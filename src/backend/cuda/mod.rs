@@ -340,23 +340,24 @@ impl CudaBackend {
     /// Makes the bf16 tensor-core GEMM always use tile shape `BF16_MMA_KERNELS[i]`, or (`None`,
     /// the default) the fastest one timed for each GEMM shape.
     pub fn set_mma_tile(&mut self, i: Option<usize>) -> Result<()> {
-        ensure!(i.is_none_or(|i| i < BF16_MMA_KERNELS.len()), "no mma.sync tile shape {i:?} (there are {})", BF16_MMA_KERNELS.len());
-        if let Some(i) = i {
-            ensure!(self.mma_tile_available(i), "{} needs a compute capability 9.0 GPU (H100, H200)", BF16_MMA_KERNELS[i].name);
-        }
-        self.tuner.force(Family::Bf16, i);
-        Ok(())
+        self.force_kernel(Family::Bf16, i)
     }
 
     /// Makes every 3xTF32 GEMM use `TF32X3_KERNELS[i]` (tests compare them), or (`None`, the
     /// default) the faster one timed for each GEMM shape.
     pub fn set_tf32x3_kernel(&mut self, i: Option<usize>) -> Result<()> {
+        self.force_kernel(Family::Tf32x3, i)
+    }
+
+    /// Makes every GEMM of `family` use `family.kernels()[i]` (one this GPU has), or `None`
+    /// the timed choice.
+    fn force_kernel(&mut self, family: Family, i: Option<usize>) -> Result<()> {
         if let Some(i) = i {
-            let kernel =
-                TF32X3_KERNELS.get(i).with_context(|| format!("no 3xTF32 GEMM kernel {i} (there are {})", TF32X3_KERNELS.len()))?;
+            let kernels = family.kernels();
+            let kernel = kernels.get(i).with_context(|| format!("no {family:?} GEMM kernel {i} (there are {})", kernels.len()))?;
             ensure!(self.funcs.contains_key(kernel.name), "{} needs a compute capability 9.0 GPU (H100, H200)", kernel.name);
         }
-        self.tuner.force(Family::Tf32x3, i);
+        self.tuner.force(family, i);
         Ok(())
     }
 
