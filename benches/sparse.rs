@@ -38,13 +38,14 @@ fn cases() -> Vec<Case> {
     out
 }
 
-/// Times the dense product and the sparse one at each sparsity of every case on `be`, waiting
-/// for the device after each call; `sparse` builds a sparse weight from an `[out, in]` one.
-fn bench_backend<B: Backend>(c: &mut Criterion, group: &str, be: &B, sparse: impl Fn(&Tensor) -> SparseWeight) {
+/// Times the dense product and the sparse one at each sparsity of every case whose name starts
+/// with one of `shapes` on `be`, waiting for the device after each call; `sparse` builds a
+/// sparse weight from an `[out, in]` one.
+fn bench_backend<B: Backend>(c: &mut Criterion, group: &str, be: &B, shapes: &[&str], sparse: impl Fn(&Tensor) -> SparseWeight) {
     let mut g = c.benchmark_group(group);
     g.sample_size(10);
     let id = Activation::Identity;
-    for case in cases() {
+    for case in cases().into_iter().filter(|c| shapes.iter().any(|s| c.name.starts_with(s))) {
         let x = be.upload(&case.x).unwrap();
         let w = be.prepare_linear_weight(&case.dense).unwrap();
         g.bench_with_input(BenchmarkId::new(case.name.clone(), "dense"), &(), |b, _| {
@@ -68,7 +69,7 @@ fn bench_backend<B: Backend>(c: &mut Criterion, group: &str, be: &B, sparse: imp
 
 fn dense_vs_sparse(c: &mut Criterion) {
     let cpu = CpuBackend;
-    bench_backend(c, "ffn linear cpu", &cpu, |w| {
+    bench_backend(c, "ffn linear cpu", &cpu, &["b1", "b8"], |w| {
         let &[d_out, d_in] = w.shape() else { unreachable!("cases are 2-D") };
         let w_t = cpu.prepare_linear_weight(w).unwrap();
         SparseWeight::Cpu(SparseLinear::from_in_out(w_t.f32s().unwrap(), d_in, d_out).unwrap())
@@ -77,9 +78,18 @@ fn dense_vs_sparse(c: &mut Criterion) {
         eprintln!("ffn linear cuda: skipped ({why})");
         return;
     }
-    for precision in [Precision::F32, Precision::Bf16] {
-        let be = CudaBackend::new(0, precision).unwrap();
-        bench_backend(c, &format!("ffn linear cuda {precision:?}"), &be, |w| {
+    // Then batch 1 with split-K off: every block walks all of K, as before split-K (the large
+    // batch fills the GPU with tiles and is never split).
+    for (precision, split, shapes) in [
+        (Precision::F32, true, &["b1", "b8"][..]),
+        (Precision::Bf16, true, &["b1", "b8"]),
+        (Precision::F32, false, &["b1"]),
+        (Precision::Bf16, false, &["b1"]),
+    ] {
+        let mut be = CudaBackend::new(0, precision).unwrap();
+        be.set_split_k(split);
+        let group = format!("ffn linear cuda {precision:?}{}", if split { "" } else { " whole-K" });
+        bench_backend(c, &group, &be, shapes, |w| {
             let &[d_out, d_in] = w.shape() else { unreachable!("cases are 2-D") };
             be.sparse_weight(w.f32s().unwrap(), d_out, d_in).unwrap()
         });

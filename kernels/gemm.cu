@@ -34,7 +34,8 @@ extern "C" __global__ void __launch_bounds__(256) gemm_f32(GemmArgs p) {
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN, t = threadIdx.x;
     const int ty = t / 16, tx = t % 16;
     float acc[4][4] = {};
-    for (int k0 = 0; k0 < p.k; k0 += BK) {
+    const KRange kr = k_range(p);
+    for (int k0 = kr.begin; k0 < kr.end; k0 += BK) {
         for (int i = t; i < BM * BK; i += 256) {
             int r = i / BK, kk = i % BK, gk = k0 + kk;
             long ao = a_offset(p, m0 + r, gk);
@@ -146,13 +147,14 @@ extern "C" __global__ void __launch_bounds__(256) gemm_bf16(GemmArgs p) {
     for (int i = 0; i < 4; ++i)
 #pragma unroll
         for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+    const KRange kr = k_range(p);
     Staged s;
-    load_tile(p, A, B, m0, n0, 0, t, s);
+    load_tile(p, A, B, m0, n0, kr.begin, t, s);
     store_tile(smem, smem + 2 * TILE, t, s);
     __syncthreads();
     int cur = 0;
-    for (int k0 = 0; k0 < p.k; k0 += BK) {
-        const bool more = k0 + BK < p.k;
+    for (int k0 = kr.begin; k0 < kr.end; k0 += BK) {
+        const bool more = k0 + BK < kr.end;
         if (more) load_tile(p, A, B, m0, n0, k0 + BK, t, s);
         const __nv_bfloat16* As = smem + cur * TILE;
         const __nv_bfloat16* Bs = smem + (2 + cur) * TILE;
@@ -235,7 +237,7 @@ __device__ __forceinline__ void gemm_bf16_mma_body(const GemmArgs& p) {
     const int wm = (warp / Tile::WARPS_N) * 64, wn = (warp % Tile::WARPS_N) * 64;
     float acc[4][8][4] = {};
     auto load = [&](unsigned char* stage, int k0) { load_stage<__nv_bfloat16, L, BM, BN, BK, Tile::THREADS>(p, A, B, stage, m0, n0, k0, t); };
-    cp_async_k_loop<Tile::STAGES, Tile::STAGE_BYTES, BK>(smem, p.k, load, [&](const unsigned char* stage) {
+    cp_async_k_loop<Tile::STAGES, Tile::STAGE_BYTES, BK>(smem, k_range(p), load, [&](const unsigned char* stage) {
         const __nv_bfloat16* As = reinterpret_cast<const __nv_bfloat16*>(stage);
         const __nv_bfloat16* Bs = As + BM * L::ROW;
         const unsigned* Ms = reinterpret_cast<const unsigned*>(Bs + BN * L::ROW);
@@ -314,7 +316,7 @@ __device__ __forceinline__ void gemm_tf32x3_body(const GemmArgs& p) {
     const int wm = (warp / Tile::WARPS_N) * 64, wn = (warp % Tile::WARPS_N) * 32;
     float acc[4][4][4] = {};
     auto load = [&](unsigned char* stage, int k0) { load_stage<float, Padded<LDS>, BM, BN, BK, Tile::THREADS>(p, A, B, stage, m0, n0, k0, t); };
-    cp_async_k_loop<Tile::STAGES, Tile::STAGE_BYTES, BK>(smem, p.k, load, [&](const unsigned char* stage) {
+    cp_async_k_loop<Tile::STAGES, Tile::STAGE_BYTES, BK>(smem, k_range(p), load, [&](const unsigned char* stage) {
         const float* As = reinterpret_cast<const float*>(stage);
         const float* Bs = As + Tile::A_ELEMS;
         const unsigned* Ms = reinterpret_cast<const unsigned*>(Bs + Tile::B_ELEMS);
@@ -351,3 +353,21 @@ __device__ __forceinline__ void gemm_tf32x3_body(const GemmArgs& p) {
 extern "C" __global__ void __launch_bounds__(256, 2) gemm_tf32x3(GemmArgs p) { gemm_tf32x3_body<Tf32x3Tile128x128>(p); }
 extern "C" __global__ void gemm_tf32x3_smem(int* bytes) { *bytes = Tf32x3Tile128x128::SMEM_BYTES; }
 GEMM_TILE_KERNEL(gemm_tf32x3_narrow, Tf32x3Tile128x64, gemm_tf32x3_body)
+
+// Split-K's second half (see k_range in gemm_tiles.cuh): C = epilogue(sum of the `splits` fp32
+// M x N slabs of partial sums at `partials`, in slab order), four outputs of a row per thread.
+extern "C" __global__ void __launch_bounds__(256) gemm_split_sum(GemmArgs p, const float* partials, int splits) {
+    const int quads = (p.n + 3) / 4;
+    const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long)p.m * quads) return;
+    const int gm = (int)(i / quads), gn = (int)(i % quads) * 4;
+    const long slab = (long)p.m * p.n;
+    float e[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int z = 0; z < splits; ++z) {
+        const float* row = partials + z * slab + (long)gm * p.n;
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+            if (gn + q < p.n) e[q] += row[gn + q];
+    }
+    finish_four(p, e, gm, gn, 0, vector_output(p, 0));
+}

@@ -125,12 +125,13 @@ __device__ __forceinline__ void gemm_bf16_wgmma_body(const GemmArgs& p) {
     const int wg = t / 128, warp = t / 32, lane = t % 32;
     GemmArgs copies = p;
     copies.mask = nullptr;  // masks are applied in place (mask_own_chunks), not staged
+    const KRange kr = k_range(p);
     auto load = [&](int kt) {
         load_stage<__nv_bfloat16, Swizzled128<__nv_bfloat16>, BM, BN, BK, Tile::THREADS>(copies, A, B, smem + (kt % STAGES) * Tile::STAGE_BYTES, m0, n0,
-                                                                           kt * BK, t);
+                                                                           kr.begin + kt * BK, t);
     };
     float acc[1][BN / 8][4] = {};
-    const int kt_count = (p.k + BK - 1) / BK;
+    const int kt_count = (kr.end - kr.begin + BK - 1) / BK;
 #pragma unroll
     for (int s = 0; s < LOOKAHEAD; ++s) {
         if (s < kt_count) load(s);
@@ -141,7 +142,7 @@ __device__ __forceinline__ void gemm_bf16_wgmma_body(const GemmArgs& p) {
         __nv_bfloat16* As = reinterpret_cast<__nv_bfloat16*>(stage);
         __nv_bfloat16* Bs = As + BM * 64;
         cp_wait<LOOKAHEAD - 1>();  // this thread's copies of stage kt have landed
-        if (p.mask) mask_own_chunks<Tile>(p, Bs, n0, kt * BK, t);
+        if (p.mask) mask_own_chunks<Tile>(p, Bs, n0, kr.begin + kt * BK, t);
         fence_proxy_async();
         // Every thread's copies of stage kt are in, and every warpgroup has retired the wgmma
         // group of step kt - 2, whose buffer the next load takes.
@@ -236,17 +237,19 @@ extern "C" __global__ void __launch_bounds__(256, 1) gemm_tf32x3_wgmma(GemmArgs 
     GemmArgs copies = p;
     copies.mask = nullptr;  // masks are applied by the split, not staged
     auto stage = [&](int kt) { return reinterpret_cast<float*>(smem + (kt % STAGES) * STAGE_BYTES); };
+    const KRange kr = k_range(p);
     auto load = [&](int kt) {
-        load_stage<float, Swizzled128<float>, BM, BN, BK, THREADS>(copies, A, B, reinterpret_cast<unsigned char*>(stage(kt)), m0, n0, kt * BK, t);
+        load_stage<float, Swizzled128<float>, BM, BN, BK, THREADS>(copies, A, B, reinterpret_cast<unsigned char*>(stage(kt)), m0, n0, kr.begin + kt * BK,
+                                                                   t);
     };
     float acc[1][BN / 8][4] = {}, part[BN / 8][4] = {};
-    const int kt_count = (p.k + BK - 1) / BK;
+    const int kt_count = (kr.end - kr.begin + BK - 1) / BK;
     for (int s = 0; s < 2; ++s) {
         if (s < kt_count) load(s);
         cp_commit();
     }
     cp_wait<1>();
-    if (kt_count > 0) split_own_chunks(p, stage(0), n0, 0, t);
+    if (kt_count > 0) split_own_chunks(p, stage(0), n0, kr.begin, t);
     for (int kt = 0; kt < kt_count; ++kt) {
         // Every thread's split of stage kt is in, and both warpgroups have retired the MMAs of
         // step kt - 1, whose stage the next load takes.
@@ -267,7 +270,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) gemm_tf32x3_wgmma(GemmArgs 
         wgmma_commit();
         if (kt + 1 < kt_count) {
             cp_wait<1>();  // this thread's copies of stage kt + 1 have landed
-            split_own_chunks(p, stage(kt + 1), n0, (kt + 1) * BK, t);
+            split_own_chunks(p, stage(kt + 1), n0, kr.begin + (kt + 1) * BK, t);
         }
         wgmma_wait<0>();
 #pragma unroll

@@ -16,7 +16,21 @@ struct GemmArgs {
     const void* st_w; const float* st_s;  // may be null; st_w fp32, or bf16 with st_w_bf16
     int c_bf16;  // C is bf16 (the operand of a following bf16 GEMM); write_tile's kernels only
     int st_w_bf16;
+    int k_split;  // split-K (batch 1): block z multiplies the z-th chunk of k_split along K; 0: all of K
 };
+
+// The K range [begin, end) a block multiplies: all of K, or under split-K its chunk. The host
+// keeps k_split a multiple of every kernel's BK, so a chunk is whole K tiles (the last one may
+// end at K), and points C at fp32 partial sums, one M x N slab per chunk with no epilogue;
+// gemm_split_sum then adds the slabs in order and applies the epilogue.
+struct KRange {
+    int begin, end;
+};
+__device__ __forceinline__ KRange k_range(const GemmArgs& p) {
+    if (p.k_split <= 0) return {0, p.k};
+    const int begin = blockIdx.z * p.k_split;
+    return {begin, min(p.k, begin + p.k_split)};
+}
 
 // Every kernel's output value at (gm, gn) from its accumulator.
 __device__ __forceinline__ float epilogue(const GemmArgs& p, const float* bias, float acc, int gm, int gn) {
@@ -56,44 +70,54 @@ __device__ __forceinline__ void park_accumulators(float* tile, const float (&acc
             }
 }
 
+// Whether 4 outputs from a multiple of 4 along a row of C (batch element z) may be stored as one
+// 16-byte (fp32) or 8-byte (bf16) vector.
+__device__ __forceinline__ bool vector_output(const GemmArgs& p, int z) {
+    const unsigned long c_addr = (unsigned long)p.c + (unsigned long)((long)z * p.batch_c) * (p.c_bf16 ? 2 : 4);
+    return (p.ldc % 4 == 0) && (c_addr & (p.c_bf16 ? 7 : 15)) == 0;
+}
+
+// Outputs (gm, gn .. gn + 3) of batch element z from their sums e: the epilogue applied (bias,
+// activation, straight-through factor), then stored in fp32, or (c_bf16) in bf16 rounded to
+// nearest even, as one vector where `vec_out` and all four are inside C.
+__device__ __forceinline__ void finish_four(const GemmArgs& p, float (&e)[4], int gm, int gn, int z, bool vec_out) {
+    const float* bias = p.bias ? p.bias + z * p.batch_bias : nullptr;
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+        if (gn + q < p.n) e[q] = epilogue(p, bias, e[q], gm, gn + q);
+    const long at = (long)z * p.batch_c + (long)gm * p.ldc + gn;
+    const bool whole = vec_out && gn + 3 < p.n;
+    if (p.c_bf16) {
+        __nv_bfloat16* dst = reinterpret_cast<__nv_bfloat16*>(p.c) + at;
+        if (whole) {
+            __nv_bfloat162 lo = __floats2bfloat162_rn(e[0], e[1]), hi = __floats2bfloat162_rn(e[2], e[3]);
+            uint2 packed;
+            packed.x = *reinterpret_cast<unsigned*>(&lo);
+            packed.y = *reinterpret_cast<unsigned*>(&hi);
+            *reinterpret_cast<uint2*>(dst) = packed;
+        } else {
+            for (int q = 0; q < 4 && gn + q < p.n; ++q) dst[q] = __float2bfloat16(e[q]);
+        }
+    } else {
+        float* dst = p.c + at;
+        if (whole) {
+            *reinterpret_cast<float4*>(dst) = make_float4(e[0], e[1], e[2], e[3]);
+        } else {
+            for (int q = 0; q < 4 && gn + q < p.n; ++q) dst[q] = e[q];
+        }
+    }
+}
+
 template <int BM, int BN, int LC, int THREADS>
 __device__ __forceinline__ void write_tile(const GemmArgs& p, const float* tile, int m0, int n0, int z, int t) {
-    // C in fp32, or (c_bf16) in bf16 rounded to nearest even; 16-byte (8-byte) stores of 4
-    // values where aligned.
-    const long c_offset = (long)z * p.batch_c;
-    const unsigned long c_addr = (unsigned long)p.c + (unsigned long)c_offset * (p.c_bf16 ? 2 : 4);
-    const bool vec_out = (p.ldc % 4 == 0) && (c_addr & (p.c_bf16 ? 7 : 15)) == 0;
-    const float* bias = p.bias ? p.bias + z * p.batch_bias : nullptr;
+    const bool vec_out = vector_output(p, z);
     for (int i = t; i < BM * BN / 4; i += THREADS) {
         int r = i / (BN / 4), c4 = (i % (BN / 4)) * 4;
         int gm = m0 + r, gn = n0 + c4;
         if (gm >= p.m || gn >= p.n) continue;
         float4 v = *reinterpret_cast<const float4*>(tile + r * LC + c4);
         float e[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-        for (int q = 0; q < 4; ++q)
-            if (gn + q < p.n) e[q] = epilogue(p, bias, e[q], gm, gn + q);
-        const long at = c_offset + (long)gm * p.ldc + gn;
-        const bool whole = vec_out && gn + 3 < p.n;
-        if (p.c_bf16) {
-            __nv_bfloat16* dst = reinterpret_cast<__nv_bfloat16*>(p.c) + at;
-            if (whole) {
-                __nv_bfloat162 lo = __floats2bfloat162_rn(e[0], e[1]), hi = __floats2bfloat162_rn(e[2], e[3]);
-                uint2 packed;
-                packed.x = *reinterpret_cast<unsigned*>(&lo);
-                packed.y = *reinterpret_cast<unsigned*>(&hi);
-                *reinterpret_cast<uint2*>(dst) = packed;
-            } else {
-                for (int q = 0; q < 4 && gn + q < p.n; ++q) dst[q] = __float2bfloat16(e[q]);
-            }
-        } else {
-            float* dst = p.c + at;
-            if (whole) {
-                *reinterpret_cast<float4*>(dst) = make_float4(e[0], e[1], e[2], e[3]);
-            } else {
-                for (int q = 0; q < 4 && gn + q < p.n; ++q) dst[q] = e[q];
-            }
-        }
+        finish_four(p, e, gm, gn, z, vec_out);
     }
 }
 
@@ -180,22 +204,24 @@ __device__ __forceinline__ void load_stage(const GemmArgs& p, const T* A, const 
     }
 }
 
-// The K loop of the cp.async GEMMs: STAGES - 1 stages in flight ahead of the one being
-// multiplied. `load(stage, k0)` queues a stage's copies, `compute(stage)` multiplies a resident
+// The K loop of the cp.async GEMMs over the block's K range: STAGES - 1 stages in flight ahead of
+// the one being multiplied. `load(stage, k0)` queues a stage's copies, `compute(stage)` multiplies a resident
 // one; on return every copy has landed and the buffers are free for the epilogue.
 template <int STAGES, int STAGE_BYTES, int BK, class Load, class Compute>
-__device__ __forceinline__ void cp_async_k_loop(unsigned char* smem, int k, Load load, Compute compute) {
-    const int kt_count = (k + BK - 1) / BK;
+__device__ __forceinline__ void cp_async_k_loop(unsigned char* smem, KRange kr, Load load, Compute compute) {
+    // K tiles counted from 0 at K = 0 (a chunk starts on a tile), each in stage buffer kt % STAGES.
+    const int kt_begin = kr.begin / BK, kt_end = (kr.end + BK - 1) / BK;
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < kt_count) load(smem + s * STAGE_BYTES, s * BK);
+        const int kt = kt_begin + s;
+        if (kt < kt_end) load(smem + (kt % STAGES) * STAGE_BYTES, kt * BK);
         cp_commit();
     }
-    for (int kt = 0; kt < kt_count; ++kt) {
+    for (int kt = kt_begin; kt < kt_end; ++kt) {
         cp_wait<STAGES - 2>();
         __syncthreads();
         const int next = kt + STAGES - 1;
-        if (next < kt_count) load(smem + (next % STAGES) * STAGE_BYTES, next * BK);
+        if (next < kt_end) load(smem + (next % STAGES) * STAGE_BYTES, next * BK);
         cp_commit();
         compute(static_cast<const unsigned char*>(smem + (kt % STAGES) * STAGE_BYTES));
     }

@@ -152,6 +152,65 @@ fn bf16_linear_is_close() {
     }
 }
 
+/// Split-K (GEMMs whose output tiles leave SMs idle: batch-1 streaming, narrow weight
+/// gradients) against the same GEMMs run whole and the CPU, on every fp32 and bf16 backend: a
+/// masked linear of 49 rows (1 s of speech) over K = 1536 (tensor cores), one of 3 rows over
+/// K = 1000 (the FMA and WMMA kernels, a ragged last chunk), both with bias and GELU; the bf16
+/// operand a linear hands to the next (the epilogue's bf16 output); a strided convolution of one
+/// short utterance (implicit GEMM, K = 3 taps x 256 channels).
+#[test]
+fn split_k_matches_whole_k() {
+    let cpu = CpuBackend;
+    let f32s = f32_backends();
+    let n_f32 = f32s.len();
+    let gelu = Activation::Gelu;
+    for (v, mut be) in f32s.into_iter().chain(bf16_backends()).enumerate() {
+        let tol = if v < n_f32 { F32_TOL } else { 1e-2 };
+        for (i, &(n, d_in, d_out)) in [(49, 1536, 768), (3, 1000, 200)].iter().enumerate() {
+            let x = host(random(n * d_in, 300 + i as u64, 1.0), &[n, d_in]);
+            let w = random(d_out * d_in, 310 + i as u64, 0.1);
+            let b = host(random(d_out, 320 + i as u64, 0.5), &[d_out]);
+            let keep: Vec<bool> = random(d_out * d_in, 330 + i as u64, 1.0).iter().map(|&v| v > -0.4).collect();
+            let kept: Vec<f32> = w.iter().zip(&keep).map(|(&w, &k)| if k { w } else { 0.0 }).collect();
+            let cw = cpu.prepare_linear_weight(&host(kept, &[d_out, d_in])).unwrap();
+            let want = cpu.linear(&x, &cw, Some(&b), gelu).unwrap();
+            // The next linear, d_out -> d_out, reading the first one's output.
+            let w2 = host(random(d_out * d_out, 325 + i as u64, 0.1), &[d_out, d_out]);
+            let want_chain = cpu.linear(&want, &cpu.prepare_linear_weight(&w2).unwrap(), None, Activation::Identity).unwrap();
+            let (gx, gb) = (be.upload(&x).unwrap(), be.upload(&b).unwrap());
+            let gw = be.prepare_linear_weight(&host(w.clone(), &[d_out, d_in])).unwrap();
+            let gw2 = be.prepare_linear_weight(&w2).unwrap();
+            let bits = be.upload_mask(&s3router::mask::pack(&keep)).unwrap();
+            let mask = be.prepare_mask(&s3router::mask::pack(&keep), d_out, d_in).unwrap();
+            for split in [true, false] {
+                be.set_split_k(split);
+                let what = format!("{n}x{d_in}x{d_out} backend {v} split-K {split}");
+                let got = be.linear_masked(&gx, &gw, &bits, Some(&gb), gelu).unwrap();
+                assert_close(&format!("linear {what}"), &back(&be, &got), want.f32s().unwrap(), tol);
+                let handed = be.linear_as_operand(&gx, &gw, Some(&gb), gelu, &[(n, Some(&mask))]).unwrap();
+                let chained = be.linear(&handed, &gw2, None, Activation::Identity).unwrap();
+                assert_close(
+                    &format!("linear handed on {what} ({:?})", handed.dtype()),
+                    &back(&be, &chained),
+                    want_chain.f32s().unwrap(),
+                    tol,
+                );
+            }
+        }
+        let geom = ConvGeometry { kernel: 3, stride: 2, pad_left: 0, groups: 1 };
+        let (seqs_in, seqs_out) = (Seqs::new(vec![41]), Seqs::new(vec![20]));
+        let x = host(random(41 * 256, 340, 1.0), &[41, 256]);
+        let w = host(random(96 * 3 * 256, 341, 0.1), &[96, 3, 256]);
+        let want = cpu.conv1d(&x, &seqs_in, &seqs_out, &w, None, geom, gelu).unwrap();
+        let (gx, gw) = (be.upload(&x).unwrap(), be.prepare_conv_weight(&w).unwrap());
+        for split in [true, false] {
+            be.set_split_k(split);
+            let got = be.conv1d(&gx, &seqs_in, &seqs_out, &gw, None, geom, gelu).unwrap();
+            assert_close(&format!("conv backend {v} split-K {split}"), &back(&be, &got), want.f32s().unwrap(), tol);
+        }
+    }
+}
+
 /// Runs `run` with the bf16 tensor-core GEMM forced into each tile shape this GPU has, in turn:
 /// each result within bf16 rounding of `want`, and within each family (mma.sync; wgmma on
 /// Hopper) all of them the same bits (they add the same products in the same K order, so
@@ -628,11 +687,14 @@ fn whole_model_matches_transformers_fp32_and_bf16() {
 /// panels, frame blocks and row blocks, an all-zero weight, and the FFN shape at batch 1 x 1 s.
 #[test]
 fn sparse_linear_matches_the_dense_product_on_the_same_zeros() {
-    let Some(f32_be) = gpu(Precision::F32) else { return };
-    let bf16_be = gpu(Precision::Bf16).unwrap();
+    let Some(mut f32_be) = gpu(Precision::F32) else { return };
+    let mut bf16_be = gpu(Precision::Bf16).unwrap();
     let cpu = CpuBackend;
     let cases = [(1, 7, 5, 0.5), (37, 300, 67, 0.1), (33, 257, 130, 0.3), (3, 5, 3, 0.0), (70, 600, 65, 0.2), (49, 768, 3072, 0.1)];
-    for (i, &(n, d_in, d_out, density)) in cases.iter().enumerate() {
+    // Split over panels where the blocks leave SMs idle (all but the one-panel cases), and whole.
+    for ((i, &(n, d_in, d_out, density)), split) in cases.iter().enumerate().flat_map(|c| [(c, true), (c, false)]) {
+        f32_be.set_split_k(split);
+        bf16_be.set_split_k(split);
         let keep = random(d_out * d_in, 300 + i as u64, 1.0);
         let w: Vec<f32> = random(d_out * d_in, 400 + i as u64, 0.5)
             .iter()
@@ -649,7 +711,7 @@ fn sparse_linear_matches_the_dense_product_on_the_same_zeros() {
                 let want =
                     cpu.linear(&x, &cpu.prepare_linear_weight(&host(w_ref.clone(), &[d_out, d_in])).unwrap(), Some(&b), act).unwrap();
                 let got = be.linear_sparse(&gx, &sp, Some(&gb), act).unwrap();
-                let what = format!("sparse {n}x{d_in}x{d_out} density {density} {:?} {act:?}", be.precision());
+                let what = format!("sparse {n}x{d_in}x{d_out} density {density} {:?} {act:?} split {split}", be.precision());
                 assert_close(&what, &back(be, &got), want.f32s().unwrap(), F32_TOL);
             }
         }

@@ -41,6 +41,9 @@ pub struct GemmArgs {
     pub c_bf16: i32,
     /// 1: `st_w` is bf16 (the bf16 backend's weight, read as it is).
     pub st_w_bf16: i32,
+    /// Split-K: block z multiplies the z-th chunk of this many K into slab z of `c` (set by
+    /// `CudaBackend::launch_gemm` only); 0: all of K.
+    pub k_split: i32,
 }
 
 impl GemmArgs {

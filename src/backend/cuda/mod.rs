@@ -11,6 +11,7 @@ mod backward;
 mod ctc;
 mod launch;
 mod sparse;
+mod split_k;
 mod tune;
 mod weights;
 
@@ -52,6 +53,7 @@ pub enum Precision {
 const FUNCTIONS: &[(&str, &str)] = &[
     ("gemm", "gemm_f32"),
     ("gemm", "gemm_bf16"),
+    ("gemm", "gemm_split_sum"),
     ("norm", "to_bf16"),
     ("norm", "layer_norm"),
     ("norm", "group_norm_time"),
@@ -193,6 +195,10 @@ pub struct CudaBackend {
     poison: bool,
     /// Page-locked host memory that [`Backend::upload_rows`] packs a batch's audio into.
     staging: Mutex<Option<Staging>>,
+    /// The GPU's SM count, and whether GEMMs and sparse products that leave SMs idle are split
+    /// along K (`split_k.rs`).
+    sms: usize,
+    split_k: bool,
 }
 
 /// A page-locked host buffer the DMA engine reads at full bus speed (a pageable copy goes
@@ -290,6 +296,7 @@ impl CudaBackend {
             funcs.insert(func, f);
         }
         let wgmma = modules.contains_key(tune::SM90A_MODULE);
+        let sms = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(|e| anyhow!("CUDA: {e}"))?;
         let mut be = CudaBackend {
             ctx,
             stream,
@@ -301,6 +308,8 @@ impl CudaBackend {
             precision,
             poison: false,
             staging: Mutex::new(None),
+            sms: sms.max(1) as usize,
+            split_k: true,
         };
         be.size_dynamic_smem_kernels()?;
         Ok(be)
@@ -386,6 +395,12 @@ impl CudaBackend {
     /// (benchmarks and tests compare both).
     pub fn set_tf32x3(&mut self, on: bool) {
         self.tf32x3 = on;
+    }
+
+    /// Splits GEMMs and sparse products whose blocks leave SMs idle along K (on, the default),
+    /// or runs every one whole (tests compare both).
+    pub fn set_split_k(&mut self, on: bool) {
+        self.split_k = on;
     }
 
     /// Whether fp32 GEMMs run as 3xTF32 where they can.
@@ -483,11 +498,10 @@ impl CudaBackend {
         ensure!(a16 != Some(args.a), "a bf16 GEMM input needs the mma.sync GEMM, which cannot run {}x{}x{} here", args.m, args.n, args.k);
         // Only the mma.sync kernels write bf16; callers ask for it only where they run.
         ensure!(args.c_bf16 == 0, "a bf16 GEMM output needs the mma.sync GEMM");
-        let launcher = self.launcher();
         match b_dtype {
             DType::F32 if self.tf32x3 && args.tf32x3_ok() => self.gemm_tuned(Family::Tf32x3, args, batch),
-            DType::F32 => launcher.gemm(self.func("gemm_f32"), args, (64, 64), batch, 256, 0),
-            DType::BF16 => launcher.gemm(self.func("gemm_bf16"), args.with_vector_check(2), (128, 128), batch, 256, 0),
+            DType::F32 => self.launch_gemm("gemm_f32", args, (64, 64), batch, 256, 0),
+            DType::BF16 => self.launch_gemm("gemm_bf16", args.with_vector_check(2), (128, 128), batch, 256, 0),
             other => bail!("GEMM weights in {other:?} are not supported"),
         }
     }

@@ -5,8 +5,8 @@
 use anyhow::{anyhow, bail, Result};
 use cudarc::driver::{CudaSlice, DevicePtr, PushKernelArg};
 
-use super::launch::config;
-use super::{CudaBackend, Precision};
+use super::launch::{config, GemmArgs};
+use super::{split_k, CudaBackend, Precision};
 use crate::backend::cpu::sparse::{self, SparseLinear};
 use crate::backend::{Activation, Backend, SparseWeight};
 use crate::tensor::{DType, Tensor};
@@ -103,14 +103,36 @@ impl CudaBackend {
             _ => "sparse_linear_f32",
         };
         let s = &self.stream;
-        let (px, py) = (self.ptr(x)?, self.ptr(&out)?);
-        let (prs, pc, pv) = (sp.row_start.device_ptr(s).0, sp.cols.device_ptr(s).0, sp.vals.device_ptr(s).0);
+        let (px, prs, pc, pv) = (self.ptr(x)?, sp.row_start.device_ptr(s).0, sp.cols.device_ptr(s).0, sp.vals.device_ptr(s).0);
         let pb = b.map(|b| self.ptr(b)).transpose()?.unwrap_or(0);
-        let (n32, d_in32, d_out32, act32) = (n as i32, d_in as i32, sp.d_out as i32, act as i32);
-        let grid = (sp.d_out.div_ceil(ROWS_PER_BLOCK) as u32, n.div_ceil(FRAMES_PER_BLOCK) as u32, 1);
-        self.launcher().launch(self.func(kernel), config(grid, 256), |a| {
-            a.arg(&px).arg(&prs).arg(&pc).arg(&pv).arg(&pb).arg(&py).arg(&n32).arg(&d_in32).arg(&d_out32).arg(&act32);
-        })?;
+        let (blocks_x, blocks_y) = (sp.d_out.div_ceil(ROWS_PER_BLOCK), n.div_ceil(FRAMES_PER_BLOCK));
+        let panels = d_in.div_ceil(sparse::PANEL);
+        let per_split = if self.split_k { split_k::units_per_chunk(blocks_x * blocks_y, panels, 1, self.sms) } else { None };
+        let (n32, d_in32, d_out32) = (n as i32, d_in as i32, sp.d_out as i32);
+        let launch = |y: u64, bias: u64, act: i32, splits: usize, per_split: i32| {
+            self.launcher().launch(self.func(kernel), config((blocks_x as u32, blocks_y as u32, splits as u32), 256), |a| {
+                a.arg(&px).arg(&prs).arg(&pc).arg(&pv).arg(&bias).arg(&y).arg(&n32).arg(&d_in32).arg(&d_out32).arg(&act).arg(&per_split);
+            })
+        };
+        match per_split {
+            None => launch(self.ptr(&out)?, pb, act as i32, 1, 0)?,
+            Some(per) => {
+                // Raw sums per group of panels, then added in order with bias and activation.
+                let splits = panels.div_ceil(per);
+                let partials = self.empty(&[splits, n, sp.d_out], DType::F32)?;
+                launch(self.ptr(&partials)?, 0, Activation::Identity as i32, splits, per as i32)?;
+                let epilogue = GemmArgs {
+                    bias: pb,
+                    c: self.ptr(&out)?,
+                    ldc: sp.d_out as i64,
+                    m: n32,
+                    n: d_out32,
+                    act: act as i32,
+                    ..GemmArgs::default()
+                };
+                self.split_sum(epilogue, &partials)?;
+            }
+        }
         Ok(out)
     }
 }

@@ -207,6 +207,6 @@ impl CudaBackend {
 
     fn launch_tuned(&self, family: Family, i: usize, args: GemmArgs, batch: usize) -> Result<()> {
         let k = &family.kernels()[i];
-        self.launcher().gemm(self.func(k.name), args, (k.tile_m, k.tile_n), batch, k.threads, self.dynamic_smem[k.name])
+        self.launch_gemm(k.name, args, (k.tile_m, k.tile_n), batch, k.threads, self.dynamic_smem[k.name])
     }
 }
