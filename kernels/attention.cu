@@ -91,10 +91,12 @@ ATTENTION(128)
 //
 // The backward, from the forward's log-sum-exp L and D = rowsum(dO ⊙ O): P = exp(S - L), dP =
 // (dO Vᵀ) ⊙ Z (Z the dropout factors), dS = P ⊙ (dP - D); dV = (P ⊙ Z)ᵀ dO, dK = dSᵀ (scale Q),
-// dQ = scale dS K. Two kernels, so every gradient row is written by one warp (no atomics, the
-// same bits every run): _kv walks the query tiles for 64 keys (each warp 16 keys: Sᵀ = K Qᵀ and
-// dPᵀ = V dOᵀ, so Pᵀ and dSᵀ are A operands in registers), _q walks the key tiles for 64 queries
-// (S and dP recomputed, dS the A operand of dS K). No T x T matrix exists in memory.
+// dQ = scale dS K. The kernel walks the query tiles for 64 keys (each warp 16 keys: Sᵀ = K Qᵀ and
+// dPᵀ = V dOᵀ, so Pᵀ and dSᵀ are A operands in registers) and writes dK and dV; for dQ it writes
+// scale dS (as the tile type T: bf16, or fp32 for 3xTF32) and Kᵀ into slabs that a batched
+// tensor-core GEMM multiplies (src/backend/cuda/mod.rs): every gradient row is written by one
+// warp or GEMM block (no atomics, the same bits every run), and S and dP are computed once where a
+// second kernel walking key tiles for 64 queries recomputed them (7 tile products for 5).
 
 // Four staged values into a tile (16 bytes of fp32, 8 of bf16): bf16 for the bf16 kernels,
 // fp32 for the 3xTF32 ones.
@@ -498,9 +500,23 @@ __device__ __forceinline__ float score_grad(float s, float dpz, float lse, float
 }
 
 
+// Where the kernel leaves dQ's operands: slab z = blockIdx.z * heads + h of `ds` holds scale dS
+// ([tmax][ld]: query rows, key columns) and of `kt` Kᵀ ([hd][ld]). Every block writes its 64 key
+// columns below ld (zeros past the utterance), so the GEMM can run K = ld for all; query rows
+// past the utterance are left unwritten (their dQ rows are never read).
+template <class T>
+struct DqOperands {
+    T* ds;
+    T* kt;
+    int tmax, ld;
+
+    __device__ __forceinline__ T* ds_slab(int heads, int h) const { return ds + (long)(blockIdx.z * heads + h) * tmax * ld; }
+    __device__ __forceinline__ T* kt_slab(int heads, int h, int hd) const { return kt + (long)(blockIdx.z * heads + h) * hd * ld; }
+};
+
 template <class F, class Src>
 __device__ void attention_bwd_kv_impl(const Src* qkv, const float* d_out, const float* lse, const float* dot, float* d_qkv, const int* offsets,
-                                      int c, int hd, float scale, float p, unsigned long long site_key) {
+                                      int c, int hd, float scale, float p, unsigned long long site_key, DqOperands<typename F::T> dq) {
     using T = typename F::T;
     constexpr int HD = F::HD, LD = F::LD_ROWS;
     DYNAMIC_SHARED(unsigned char, smem);
@@ -512,11 +528,26 @@ __device__ void attention_bwd_kv_impl(const Src* qkv, const float* d_out, const 
     float* Ds = Ls + 64;
     const int u = blockIdx.z, h = blockIdx.y, t = threadIdx.x, warp = t / 32, lane = t % 32, g = lane / 4, tq = lane % 4;
     const int start = offsets[u], len = offsets[u + 1] - start, j0 = blockIdx.x * 64, heads = c / hd;
-    if (j0 >= len) return;
+    const int cols = min(64, dq.ld - j0);  // this block's key columns of the dQ operands
+    T* ds = dq.ds_slab(heads, h);
+    T* kt = dq.kt_slab(heads, h, hd);
+    if (j0 >= len) {  // keys past the utterance: zero columns
+        for (int i = t; i < len * 64; i += 128)
+            if (i % 64 < cols) store_as(ds + (long)(i / 64) * dq.ld + j0 + i % 64, 0.0f);
+        for (int i = t; i < hd * 64; i += 128)
+            if (i % 64 < cols) store_as(kt + (long)(i / 64) * dq.ld + j0 + i % 64, 0.0f);
+        return;
+    }
     const long row3 = 3L * c;
     const bool vec4 = (hd % 4 == 0) && (c % 4 == 0);
     stage_rows<HD>(qkv, row3, start, j0, len, c + h * hd, hd, 1.0f, Ks, LD, t, vec4);
     stage_rows<HD>(qkv, row3, start, j0, len, 2 * c + h * hd, hd, 1.0f, Vs, LD, t, vec4);
+    __syncthreads();
+    // Kᵀ as the tiles hold K (bf16-rounded for the bf16 kernels; zeros past the utterance).
+    for (int i = t; i < hd * 64; i += 128) {
+        const int d = i / 64, jj = i % 64;
+        if (jj < cols) kt[(long)d * dq.ld + j0 + jj] = Ks[jj * LD + d];
+    }
     float dk[HD / 8][4] = {}, dv[HD / 8][4] = {};
     const int key0 = j0 + warp * 16 + g;  // this lane's keys: key0 (registers 0, 1) and key0 + 8 (2, 3)
     TileInFlight<HD, Src, F::PREFETCH> qn;
@@ -545,6 +576,7 @@ __device__ void attention_bwd_kv_impl(const Src* qkv, const float* d_out, const 
         // Sᵀ and dPᵀ: rows keys, columns queries. The K and V fragments are read again for each
         // query tile rather than held: the accumulators of dK and dV need the registers.
         float st[8][4] = {}, dpt[8][4] = {};
+        T* ds_lane = ds + (i0 + tq * 2) * dq.ld + key0;  // (query i0 + 2 tq, key key0)
         {
             typename F::ARows ka;
             F::load_a(ka, Ks, LD, warp * 16, lane);
@@ -564,6 +596,8 @@ __device__ void attention_bwd_kv_impl(const Src* qkv, const float* d_out, const 
                 float z = prob_dropout(p, site_key, start + q, heads, h, key), pz;
                 dpt[nt][e] = score_grad(st[nt][e], dpt[nt][e], Ls[qi], Ds[qi], z, in, pz);
                 st[nt][e] = pz;
+                // scale dS for dQ's GEMM, at (q, key) of the slab
+                if (q < len && key - j0 < cols) store_as(ds_lane + (nt * 8 + (e & 1)) * dq.ld + (e / 2) * 8, dpt[nt][e] * scale);
             }
         typename F::PackedA pa, dsa;
         F::pack(pa, st);
@@ -576,70 +610,8 @@ __device__ void attention_bwd_kv_impl(const Src* qkv, const float* d_out, const 
     store_rows<HD>(dv, d_qkv + (long)start * row3 + 2 * c + h * hd, row3, j0 + warp * 16, len, hd, one, g, tq);
 }
 
-template <class F, class Src>
-__device__ void attention_bwd_q_impl(const Src* qkv, const float* d_out, const float* lse, const float* dot, float* d_qkv, const int* offsets,
-                                     int c, int hd, float scale, float p, unsigned long long site_key) {
-    using T = typename F::T;
-    constexpr int HD = F::HD, LD = F::LD_ROWS;
-    DYNAMIC_SHARED(unsigned char, smem);
-    T* Qs = reinterpret_cast<T*>(smem);
-    T* dOs = Qs + 64 * LD;
-    T* Ks = dOs + 64 * LD;
-    T* Vs = Ks + 64 * LD;
-    const int u = blockIdx.z, h = blockIdx.y, t = threadIdx.x, warp = t / 32, lane = t % 32, g = lane / 4, tq = lane % 4;
-    const int start = offsets[u], len = offsets[u + 1] - start, q0 = blockIdx.x * 64, heads = c / hd;
-    if (q0 >= len) return;
-    const long row3 = 3L * c;
-    const bool vec4 = (hd % 4 == 0) && (c % 4 == 0);
-    stage_rows<HD>(qkv, row3, start, q0, len, h * hd, hd, scale, Qs, LD, t, vec4);
-    stage_rows<HD>(d_out, c, start, q0, len, h * hd, hd, 1.0f, dOs, LD, t, vec4);
-    __syncthreads();
-    typename F::ARows qa, doa;
-    F::load_a(qa, Qs, LD, warp * 16, lane);
-    F::load_a(doa, dOs, LD, warp * 16, lane);
-    float row_lse[2], row_dot[2];
-    const int qr = q0 + warp * 16 + g;  // this lane's queries: qr (registers 0, 1) and qr + 8 (2, 3)
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        bool in = qr + r * 8 < len;
-        row_lse[r] = in ? lse[(long)(start + qr + r * 8) * heads + h] : 0.0f;
-        row_dot[r] = in ? dot[(long)(start + qr + r * 8) * heads + h] : 0.0f;
-    }
-    float dq[HD / 8][4] = {};
-    TileInFlight<HD, Src, F::PREFETCH> kn, vn;
-    auto fetch = [&](int j0) {
-        kn.fetch(TileRows<HD, Src>{qkv, row3, start, j0, len, c + h * hd, hd, vec4}, t);
-        vn.fetch(TileRows<HD, Src>{qkv, row3, start, j0, len, 2 * c + h * hd, hd, vec4}, t);
-    };
-    fetch(0);
-    for (int j0 = 0; j0 < len; j0 += 64) {
-        __syncthreads();  // everyone is done with the previous key tile
-        kn.put(Ks, LD, 1.0f, t);
-        vn.put(Vs, LD, 1.0f, t);
-        __syncthreads();
-        if (j0 + 64 < len) fetch(j0 + 64);
-        float s[8][4] = {}, dp[8][4] = {};
-        F::mma_abt(s, qa, Ks, LD, lane);
-        F::mma_abt(dp, doa, Vs, LD, lane);
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                int q = qr + (e / 2) * 8, key = j0 + nt * 8 + tq * 2 + (e & 1);
-                bool in = q < len && key < len;
-                float z = prob_dropout(p, site_key, start + q, heads, h, key), pz;
-                dp[nt][e] = score_grad(s[nt][e], dp[nt][e], row_lse[e / 2], row_dot[e / 2], z, in, pz);
-            }
-        typename F::PackedA dsa;
-        F::pack(dsa, dp);
-        F::mma_ab(dq, dsa, Ks, LD, lane);
-    }
-    const float f[2] = {scale, scale};
-    store_rows<HD>(dq, d_qkv + (long)start * row3 + h * hd, row3, q0 + warp * 16, len, hd, f, g, tq);
-}
-
 // The kernels of one flavour, qkv type and head-size class: forward `fwd`, backward
-// attention_bwd_{kv,q}_`tag`, each with a _smem kernel reporting its dynamic shared memory.
+// attention_bwd_kv_`tag`, each with a _smem kernel reporting its dynamic shared memory.
 #define ATTENTION_FLASH(fwd, tag, Ops, Src, HD)                                                                                        \
     extern "C" __global__ void __launch_bounds__(128)                                                                                 \
         fwd##_hd##HD(const Src* qkv, float* out, const int* offsets, int c, int hd, float scale, float* lse, float p,                 \
@@ -649,16 +621,11 @@ __device__ void attention_bwd_q_impl(const Src* qkv, const float* d_out, const f
     extern "C" __global__ void fwd##_hd##HD##_smem(int* bytes) { *bytes = FlashSmem<Ops<HD>>::FWD; }                                  \
     extern "C" __global__ void __launch_bounds__(128)                                                                                 \
         attention_bwd_kv_##tag##_hd##HD(const Src* qkv, const float* d_out, const float* lse, const float* dot, float* d_qkv,         \
-                                        const int* offsets, int c, int hd, float scale, float p, unsigned long long site_key) {       \
-        attention_bwd_kv_impl<Ops<HD>>(qkv, d_out, lse, dot, d_qkv, offsets, c, hd, scale, p, site_key);                              \
+                                        const int* offsets, int c, int hd, float scale, float p, unsigned long long site_key,         \
+                                        DqOperands<Ops<HD>::T> dq) {                                                                  \
+        attention_bwd_kv_impl<Ops<HD>>(qkv, d_out, lse, dot, d_qkv, offsets, c, hd, scale, p, site_key, dq);                          \
     }                                                                                                                                   \
-    extern "C" __global__ void attention_bwd_kv_##tag##_hd##HD##_smem(int* bytes) { *bytes = FlashSmem<Ops<HD>>::BWD; }               \
-    extern "C" __global__ void __launch_bounds__(128)                                                                                 \
-        attention_bwd_q_##tag##_hd##HD(const Src* qkv, const float* d_out, const float* lse, const float* dot, float* d_qkv,          \
-                                       const int* offsets, int c, int hd, float scale, float p, unsigned long long site_key) {        \
-        attention_bwd_q_impl<Ops<HD>>(qkv, d_out, lse, dot, d_qkv, offsets, c, hd, scale, p, site_key);                               \
-    }                                                                                                                                   \
-    extern "C" __global__ void attention_bwd_q_##tag##_hd##HD##_smem(int* bytes) { *bytes = FlashSmem<Ops<HD>>::BWD; }
+    extern "C" __global__ void attention_bwd_kv_##tag##_hd##HD##_smem(int* bytes) { *bytes = FlashSmem<Ops<HD>>::BWD; }
 // Every head-size class of one flavour (the classes the host's FlashKernels tables name).
 #define ATTENTION_FLASH_CLASSES(fwd, tag, Ops, Src) \
     ATTENTION_FLASH(fwd, tag, Ops, Src, 16)         \
@@ -669,3 +636,15 @@ __device__ void attention_bwd_q_impl(const Src* qkv, const float* d_out, const f
 ATTENTION_FLASH_CLASSES(attention_bf16_mma, bf16, Bf16Ops, float)
 ATTENTION_FLASH_CLASSES(attention_bf16_mma_from_bf16, bf16_from_bf16, Bf16Ops, __nv_bfloat16)
 ATTENTION_FLASH_CLASSES(attention_tf32x3, tf32x3, Tf32x3Ops, float)
+
+// dQ from the batched GEMM's [slab][tmax][hd] result (slab = utterance * heads + head, see
+// DqOperands) into the q columns of d_qkv, rows inside each utterance only.
+extern "C" __global__ void attention_dq_scatter(const float* dq, float* d_qkv, const int* offsets, int c, int hd, int tmax, long n) {
+    const int heads = c / hd;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        const int d = (int)(i % hd), q = (int)(i / hd % tmax);
+        const long z = i / ((long)hd * tmax);
+        const int u = (int)(z / heads), h = (int)(z % heads), start = offsets[u];
+        if (q < offsets[u + 1] - start) d_qkv[(long)(start + q) * 3 * c + h * hd + d] = dq[i];
+    }
+}

@@ -201,6 +201,15 @@ fn attention_with_dropout_and_its_gradient_match_cpu() {
                 assert_close(&format!("{what}: gradient"), &back(be, &got), want.f32s().unwrap(), grad_tol);
             }
         }
+        // The backward one utterance at a time (dQ's operands in groups under a memory cap).
+        for precision in [Precision::F32, Precision::Bf16] {
+            let mut be = gpu(precision).unwrap();
+            be.set_dq_slab_bytes(1);
+            let want = cpu.attention_grad(&d_out, &qkv, &seqs, heads, 0.3, None).unwrap();
+            let got = be.attention_grad(&up(&be, &d_out), &up(&be, &qkv), &seqs, heads, 0.3, None).unwrap();
+            let tol = if precision == Precision::F32 { TOL } else { BF16_TOL };
+            assert_close(&format!("{precision:?} attention gradient h{heads} d{hd}, grouped"), &back(&be, &got), want.f32s().unwrap(), tol);
+        }
         // bf16 from a bf16 qkv (what its GEMM writes in training): against the CPU on the same values.
         let rounded = qkv.to_dtype(DType::BF16).unwrap().to_f32().unwrap();
         let qkv16 = bf16_be.to_bf16(&up(&bf16_be, &qkv)).unwrap();

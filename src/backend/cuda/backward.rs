@@ -1,10 +1,11 @@
 //! The GPU's training ops (kernels/backward.cu, and the attention backward in
 //! kernels/attention.cu), each the counterpart of the CPU adapter in `cpu/backward.rs`. Weight
 //! and score gradients take their activations transposed once and run through the cp.async
-//! tensor-core GEMMs (3xTF32 in fp32, mma.sync in bf16); input gradients read the weight in the
-//! forward's `[out, in]` layout through the strided GEMM in fp32, or a masked transposed bf16
-//! copy in bf16. Attention: flash-style kernels on tensor cores (bf16, fp32 as 3xTF32); with
-//! `tf32x3` off, fp32 FMA through T x T probabilities per utterance.
+//! tensor-core GEMMs (3xTF32 in fp32, bf16 otherwise); input gradients read a masked transposed
+//! copy of the weight built per call (the strided FMA GEMM with `tf32x3` off). Attention: a
+//! flash-style kernel on tensor cores (bf16, fp32 as 3xTF32) for dK and dV, and a batched GEMM
+//! over the scale dS slabs it leaves for dQ (`fused_attention_grad` in mod.rs); with `tf32x3`
+//! off, fp32 FMA through T x T probabilities per utterance.
 
 use std::sync::Arc;
 

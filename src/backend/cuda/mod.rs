@@ -63,6 +63,7 @@ const FUNCTIONS: &[(&str, &str)] = &[
     ("attention", "attention_hd16"),
     ("attention", "attention_hd32"),
     ("attention", "attention_hd64"),
+    ("attention", "attention_dq_scatter"),
     ("attention", "attention_hd128"),
     ("attention", "attention_bwd_dot"),
     ("ctc", "ctc_lse"),
@@ -121,18 +122,38 @@ const FUNCTIONS: &[(&str, &str)] = &[
 ];
 
 /// The flash-style attention kernels of one operand flavour (kernels/attention.cu), by head-size
-/// class (16, 32, 64, 128): the forward, and the backward's dK dV and dQ kernels.
+/// class (16, 32, 64, 128): the forward, and the backward's kernel (dK, dV, and dQ's operands),
+/// whose tiles hold `tile` (bf16, or fp32 for 3xTF32).
 struct FlashKernels {
     forward: [&'static str; 4],
     kv: [&'static str; 4],
-    q: [&'static str; 4],
+    tile: DType,
 }
 
 const BF16_FLASH: FlashKernels = FlashKernels {
     forward: ["attention_bf16_mma_hd16", "attention_bf16_mma_hd32", "attention_bf16_mma_hd64", "attention_bf16_mma_hd128"],
     kv: ["attention_bwd_kv_bf16_hd16", "attention_bwd_kv_bf16_hd32", "attention_bwd_kv_bf16_hd64", "attention_bwd_kv_bf16_hd128"],
-    q: ["attention_bwd_q_bf16_hd16", "attention_bwd_q_bf16_hd32", "attention_bwd_q_bf16_hd64", "attention_bwd_q_bf16_hd128"],
+    tile: DType::BF16,
 };
+
+/// The most bytes of dS slabs the attention backward holds at once (utterances beyond it go in
+/// further groups): 8 x 15 s of speech is one group in bf16 (108 MB) and two in fp32.
+pub const DQ_SLAB_BYTES: usize = 128 << 20;
+
+/// Where the attention backward kernel leaves dQ's GEMM operands (`struct DqOperands` in
+/// kernels/attention.cu, same layout): scale dS `[slab][tmax][ld]` and Kᵀ `[slab][hd][ld]` in
+/// the tile type, slab = utterance of the group x heads + head.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct DqOperands {
+    ds: u64,
+    kt: u64,
+    tmax: i32,
+    ld: i32,
+}
+
+// SAFETY: plain-old-data with the C layout the kernel expects.
+unsafe impl cudarc::driver::DeviceRepr for DqOperands {}
 
 /// bf16 from a bf16 qkv (a bf16 GEMM's output, [`Backend::linear_as_operand`]).
 const BF16_FLASH_FROM_BF16: FlashKernels = FlashKernels {
@@ -148,24 +169,19 @@ const BF16_FLASH_FROM_BF16: FlashKernels = FlashKernels {
         "attention_bwd_kv_bf16_from_bf16_hd64",
         "attention_bwd_kv_bf16_from_bf16_hd128",
     ],
-    q: [
-        "attention_bwd_q_bf16_from_bf16_hd16",
-        "attention_bwd_q_bf16_from_bf16_hd32",
-        "attention_bwd_q_bf16_from_bf16_hd64",
-        "attention_bwd_q_bf16_from_bf16_hd128",
-    ],
+    tile: DType::BF16,
 };
 
 const TF32X3_FLASH: FlashKernels = FlashKernels {
     forward: ["attention_tf32x3_hd16", "attention_tf32x3_hd32", "attention_tf32x3_hd64", "attention_tf32x3_hd128"],
     kv: ["attention_bwd_kv_tf32x3_hd16", "attention_bwd_kv_tf32x3_hd32", "attention_bwd_kv_tf32x3_hd64", "attention_bwd_kv_tf32x3_hd128"],
-    q: ["attention_bwd_q_tf32x3_hd16", "attention_bwd_q_tf32x3_hd32", "attention_bwd_q_tf32x3_hd64", "attention_bwd_q_tf32x3_hd128"],
+    tile: DType::F32,
 };
 
 /// The kernels of the flash-attention and tensor-core GEMM tables, by (module, function). Each
 /// has a `NAME_smem` companion that reports its dynamic shared memory.
 fn table_kernels() -> impl Iterator<Item = (&'static str, &'static str)> {
-    let flash = [&BF16_FLASH, &BF16_FLASH_FROM_BF16, &TF32X3_FLASH].into_iter().flat_map(|t| t.forward.iter().chain(&t.kv).chain(&t.q));
+    let flash = [&BF16_FLASH, &BF16_FLASH_FROM_BF16, &TF32X3_FLASH].into_iter().flat_map(|t| t.forward.iter().chain(&t.kv));
     let gemms = BF16_MMA_KERNELS.iter().chain(&TF32X3_KERNELS);
     flash.map(|&f| ("attention", f)).chain(gemms.map(|k| (k.module, k.name)))
 }
@@ -199,6 +215,8 @@ pub struct CudaBackend {
     /// along K (`split_k.rs`).
     sms: usize,
     split_k: bool,
+    /// The most bytes of dS slabs the attention backward holds at once ([`DQ_SLAB_BYTES`]).
+    dq_slab_bytes: usize,
 }
 
 /// A page-locked host buffer the DMA engine reads at full bus speed (a pageable copy goes
@@ -310,6 +328,7 @@ impl CudaBackend {
             staging: Mutex::new(None),
             sms: sms.max(1) as usize,
             split_k: true,
+            dq_slab_bytes: DQ_SLAB_BYTES,
         };
         be.size_dynamic_smem_kernels()?;
         Ok(be)
@@ -401,6 +420,12 @@ impl CudaBackend {
     /// or runs every one whole (tests compare both).
     pub fn set_split_k(&mut self, on: bool) {
         self.split_k = on;
+    }
+
+    /// Caps the dS slabs the attention backward holds at once (default [`DQ_SLAB_BYTES`]; tests
+    /// make it small to run one utterance per group).
+    pub fn set_dq_slab_bytes(&mut self, bytes: usize) {
+        self.dq_slab_bytes = bytes;
     }
 
     /// Whether fp32 GEMMs run as 3xTF32 where they can.
@@ -686,10 +711,53 @@ impl CudaBackend {
         let offsets = self.offsets(seqs)?;
         let (pq, plse, pdq, poff) = (self.ptr(qkv)?, self.ptr(&lse)?, self.ptr(&d_qkv)?, offsets.device_ptr(&self.stream).0);
         let (p, key) = dropout_args(dropout);
-        for name in [k.kv[class], k.q[class]] {
-            self.launcher().launch(self.func(name), Self::attention_config(seqs, heads, 128, self.dynamic_smem[name]), |b| {
-                b.arg(&pq).arg(&pdo).arg(&plse).arg(&pdot).arg(&pdq).arg(&poff).arg(&c_i).arg(&hd_i).arg(&scale).arg(&p).arg(&key);
+        let name = k.kv[class];
+        // Utterances in groups whose dS slabs stay under DQ_SLAB_BYTES (memory), each: the
+        // kernel (dK, dV; dQ's operands), dQ = (scale dS) K for every (utterance, head) in one
+        // batched GEMM, then its rows into d_qkv.
+        let lens = seqs.lens();
+        let mut u0 = 0;
+        while u0 < lens.len() {
+            let slab_bytes = |u1: usize| {
+                let tmax = lens[u0..u1].iter().copied().max().unwrap_or(0);
+                (u1 - u0) * heads * tmax * tmax.next_multiple_of(8) * k.tile.size_of()
+            };
+            let mut u1 = u0 + 1;
+            while u1 < lens.len() && slab_bytes(u1 + 1) <= self.dq_slab_bytes {
+                u1 += 1;
+            }
+            let tmax = lens[u0..u1].iter().copied().max().unwrap_or(0);
+            let (group, ld, slabs) = (Seqs::new(lens[u0..u1].to_vec()), tmax.next_multiple_of(8).max(8), (u1 - u0) * heads);
+            let (ds, kt) = (self.empty(&[slabs, tmax, ld], k.tile)?, self.empty(&[slabs, hd, ld], k.tile)?);
+            let operands = DqOperands { ds: self.ptr(&ds)?, kt: self.ptr(&kt)?, tmax: tmax as i32, ld: ld as i32 };
+            let poff_g = poff + 4 * u0 as u64;
+            self.launcher().launch(self.func(name), Self::attention_config(&group, heads, 128, self.dynamic_smem[name]), |b| {
+                b.arg(&pq).arg(&pdo).arg(&plse).arg(&pdot).arg(&pdq).arg(&poff_g).arg(&c_i).arg(&hd_i).arg(&scale).arg(&p).arg(&key);
+                b.arg(&operands);
             })?;
+            let dq = self.empty(&[slabs, tmax, hd], DType::F32)?;
+            let (ld_i, tmax_i, hd_l) = (ld as i64, tmax as i64, hd as i64);
+            let args = GemmArgs {
+                a: operands.ds,
+                lda: ld_i,
+                batch_a: tmax_i * ld_i,
+                b: operands.kt,
+                ldb: ld_i,
+                batch_b: hd_l * ld_i,
+                c: self.ptr(&dq)?,
+                ldc: hd_l,
+                batch_c: tmax_i * hd_l,
+                m: tmax as i32,
+                n: hd as i32,
+                k: ld as i32,
+                ..GemmArgs::default()
+            };
+            self.gemm(args, (k.tile == DType::BF16).then_some(args.a), k.tile, slabs)?;
+            let (pdq_s, n) = (self.ptr(&dq)?, dq.numel() as i64);
+            self.launcher().elementwise(self.func("attention_dq_scatter"), dq.numel(), |b| {
+                b.arg(&pdq_s).arg(&pdq).arg(&poff_g).arg(&c_i).arg(&hd_i).arg(&operands.tmax).arg(&n);
+            })?;
+            u0 = u1;
         }
         Ok(d_qkv)
     }
