@@ -107,6 +107,15 @@ pub const MAX_SOURCE_TAPS: usize = 16;
 // SAFETY: plain-old-data with the C layout the kernel expects.
 unsafe impl DeviceRepr for NormSource {}
 
+/// How a GEMM kernel is launched: `(rows, columns)` tiles of C, `threads` per block, `smem` bytes
+/// of dynamic shared memory.
+#[derive(Clone, Copy, Debug)]
+pub struct GemmGeometry {
+    pub tile: (usize, usize),
+    pub threads: u32,
+    pub smem: u32,
+}
+
 pub fn config(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: 0 }
 }
@@ -147,23 +156,15 @@ impl<'s> Launch<'s> {
         self.launch(f, config((rows.div_ceil(8).max(1) as u32, 1, 1), 256), push)
     }
 
-    /// A GEMM with `(rows, columns)` tiles of C, `batch` products along z, `threads` per block
-    /// and `smem` bytes of dynamic shared memory.
-    pub fn gemm<'a>(
-        &'a self,
-        f: &'a CudaFunction,
-        args: GemmArgs,
-        tile: (usize, usize),
-        batch: usize,
-        threads: u32,
-        smem: u32,
-    ) -> Result<()> {
+    /// A GEMM kernel of launch geometry `geom`, `batch` products along z.
+    pub fn gemm<'a>(&'a self, f: &'a CudaFunction, args: GemmArgs, geom: GemmGeometry, batch: usize) -> Result<()> {
         if args.m == 0 || args.n == 0 {
             return Ok(());
         }
-        let grid = ((args.n as usize).div_ceil(tile.1) as u32, (args.m as usize).div_ceil(tile.0) as u32, batch as u32);
-        let mut cfg = config(grid, threads);
-        cfg.shared_mem_bytes = smem;
+        let (tile_m, tile_n) = geom.tile;
+        let grid = ((args.n as usize).div_ceil(tile_n) as u32, (args.m as usize).div_ceil(tile_m) as u32, batch as u32);
+        let mut cfg = config(grid, geom.threads);
+        cfg.shared_mem_bytes = geom.smem;
         self.launch(f, cfg, |b| {
             b.arg(&args);
         })

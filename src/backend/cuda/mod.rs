@@ -28,7 +28,7 @@ use super::{
 };
 use crate::dropout::SiteDropout;
 use crate::tensor::{DType, HostBytes, Storage, Tensor};
-use launch::{GemmArgs, Launch, NormSource, MAX_SOURCE_TAPS};
+use launch::{GemmArgs, GemmGeometry, Launch, NormSource, MAX_SOURCE_TAPS};
 pub use sparse::SparseCuda;
 pub use tune::{Family, MmaKernel, BF16_MMA_KERNELS, TF32X3_KERNELS};
 
@@ -525,8 +525,10 @@ impl CudaBackend {
         ensure!(args.c_bf16 == 0, "a bf16 GEMM output needs the mma.sync GEMM");
         match b_dtype {
             DType::F32 if self.tf32x3 && args.tf32x3_ok() => self.gemm_tuned(Family::Tf32x3, args, batch),
-            DType::F32 => self.launch_gemm("gemm_f32", args, (64, 64), batch, 256, 0),
-            DType::BF16 => self.launch_gemm("gemm_bf16", args.with_vector_check(2), (128, 128), batch, 256, 0),
+            DType::F32 => self.launch_gemm("gemm_f32", args, GemmGeometry { tile: (64, 64), threads: 256, smem: 0 }, batch),
+            DType::BF16 => {
+                self.launch_gemm("gemm_bf16", args.with_vector_check(2), GemmGeometry { tile: (128, 128), threads: 256, smem: 0 }, batch)
+            }
             other => bail!("GEMM weights in {other:?} are not supported"),
         }
     }

@@ -15,7 +15,7 @@
 use anyhow::Result;
 use cudarc::driver::PushKernelArg;
 
-use super::launch::{self, GemmArgs};
+use super::launch::{self, GemmArgs, GemmGeometry};
 use super::CudaBackend;
 use crate::tensor::{DType, Tensor};
 
@@ -59,21 +59,13 @@ pub fn k_chunk(m: usize, n: usize, k: usize, batch: usize, sms: usize) -> Option
 }
 
 impl CudaBackend {
-    /// Launches GEMM kernel `name` (tiles of `tile`, `threads` per block, `smem` bytes of
-    /// dynamic shared memory) on `args`, split along K where [`k_chunk`] says so.
-    pub(super) fn launch_gemm(
-        &self,
-        name: &str,
-        args: GemmArgs,
-        tile: (usize, usize),
-        batch: usize,
-        threads: u32,
-        smem: u32,
-    ) -> Result<()> {
+    /// Launches GEMM kernel `name` of launch geometry `geom` on `args`, split along K where
+    /// [`k_chunk`] says so.
+    pub(super) fn launch_gemm(&self, name: &str, args: GemmArgs, geom: GemmGeometry, batch: usize) -> Result<()> {
         let (m, n, k) = (args.m.max(0) as usize, args.n.max(0) as usize, args.k.max(0) as usize);
         let chunk = if self.split_k { k_chunk(m, n, k, batch, self.sms) } else { None };
         let Some(chunk) = chunk else {
-            return self.launcher().gemm(self.func(name), args, tile, batch, threads, smem);
+            return self.launcher().gemm(self.func(name), args, geom, batch);
         };
         let splits = k.div_ceil(chunk);
         let partials = self.empty(&[splits, m, n], DType::F32)?;
@@ -92,7 +84,7 @@ impl CudaBackend {
             k_split: chunk as i32,
             ..args
         };
-        self.launcher().gemm(self.func(name), slabs, tile, splits, threads, smem)?;
+        self.launcher().gemm(self.func(name), slabs, geom, splits)?;
         self.split_sum(args, &partials)
     }
 

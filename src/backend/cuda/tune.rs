@@ -21,7 +21,7 @@ use std::sync::Mutex;
 use anyhow::{anyhow, Result};
 use cudarc::driver::sys::CUevent_flags;
 
-use super::launch::GemmArgs;
+use super::launch::{GemmArgs, GemmGeometry};
 use super::CudaBackend;
 
 /// One tile shape of the bf16 tensor-core GEMM: its kernel, module and launch geometry (the
@@ -207,6 +207,7 @@ impl CudaBackend {
 
     fn launch_tuned(&self, family: Family, i: usize, args: GemmArgs, batch: usize) -> Result<()> {
         let k = &family.kernels()[i];
-        self.launch_gemm(k.name, args, (k.tile_m, k.tile_n), batch, k.threads, self.dynamic_smem[k.name])
+        let geom = GemmGeometry { tile: (k.tile_m, k.tile_n), threads: k.threads, smem: self.dynamic_smem[k.name] };
+        self.launch_gemm(k.name, args, geom, batch)
     }
 }
