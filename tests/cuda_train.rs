@@ -199,6 +199,14 @@ fn attention_with_dropout_and_its_gradient_match_cpu() {
                 let want = cpu.attention_grad(&d_out, &qkv, &seqs, heads, 0.3, dropout).unwrap();
                 let got = be.attention_grad(&up(be, &d_out), &up(be, &qkv), &seqs, heads, 0.3, dropout).unwrap();
                 assert_close(&format!("{what}: gradient"), &back(be, &got), want.f32s().unwrap(), grad_tol);
+                // From what the forward kept (the flash kernels' log-sum-exp): the same bits.
+                let gq = up(be, &qkv);
+                let saved = be.attention_dropout_saved(&gq, &seqs, heads, 0.3, dropout).unwrap();
+                let from_saved = be.attention_grad_saved(&up(be, &d_out), &gq, &saved, &seqs, heads, 0.3, dropout).unwrap();
+                let bits = |t: &Tensor| back(be, t).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(saved.lse.is_some(), v != 1, "{what}: the flash kernels keep their log-sum-exp, the FMA path none");
+                assert!(bits(&saved.out) == bits(&be.attention_dropout(&gq, &seqs, heads, 0.3, dropout).unwrap()), "{what}: saved output");
+                assert!(bits(&from_saved) == bits(&got), "{what}: gradient from the saved forward differs");
             }
         }
         // The backward one utterance at a time (dQ's operands in groups under a memory cap).

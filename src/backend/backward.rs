@@ -14,6 +14,14 @@ use crate::dropout::{Dropout, SiteDropout};
 use crate::tensor::Tensor;
 use crate::train::adam::AdamStep;
 
+/// What [`Backward::attention_dropout_saved`] keeps of a training forward for
+/// [`Backward::attention_grad_saved`]: the output, and the softmax's log-sum-exp per (row, head)
+/// where a backend's kernels produce it along (`None`: the gradient recomputes what it needs).
+pub struct AttentionSaved {
+    pub out: Tensor,
+    pub lse: Option<Tensor>,
+}
+
 /// The scores of one masked projection inside a (possibly stacked) linear weight: rows
 /// `row0 .. row0 + scores.rows` of the `[out, in]` weight.
 pub struct ScoredRows<'a> {
@@ -83,6 +91,36 @@ pub trait Backward {
     /// [`Backend::attention`] with dropout on the probabilities (keys of query row `r`, head `h`
     /// drop as [`SiteDropout::apply_to_probs`] says), the training forward pass.
     fn attention_dropout(&self, qkv: &Tensor, seqs: &Seqs, heads: usize, scale: f32, dropout: Option<SiteDropout>) -> Result<Tensor>;
+
+    /// [`Backward::attention_dropout`], keeping what [`Backward::attention_grad_saved`] can use
+    /// instead of running the forward again (for callers that keep the output anyway). By
+    /// default, the output alone.
+    fn attention_dropout_saved(
+        &self,
+        qkv: &Tensor,
+        seqs: &Seqs,
+        heads: usize,
+        scale: f32,
+        dropout: Option<SiteDropout>,
+    ) -> Result<AttentionSaved> {
+        Ok(AttentionSaved { out: self.attention_dropout(qkv, seqs, heads, scale, dropout)?, lse: None })
+    }
+
+    /// [`Backward::attention_grad`] given what its forward kept: the same gradient. By default,
+    /// recomputed as `attention_grad` does.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_grad_saved(
+        &self,
+        d_out: &Tensor,
+        qkv: &Tensor,
+        _saved: &AttentionSaved,
+        seqs: &Seqs,
+        heads: usize,
+        scale: f32,
+        dropout: Option<SiteDropout>,
+    ) -> Result<Tensor> {
+        self.attention_grad(d_out, qkv, seqs, heads, scale, dropout)
+    }
 
     /// Gradient of [`Backward::attention_dropout`] with respect to the packed `qkv`, the
     /// probabilities recomputed.

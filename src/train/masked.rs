@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use anyhow::{bail, ensure, Context, Result};
 
 use super::encoder;
-use crate::backend::backward::{ScoredLinear, ScoredRows, TrainBackend};
+use crate::backend::backward::{AttentionSaved, ScoredLinear, ScoredRows, TrainBackend};
 use crate::backend::{Activation, LinearMask, Seqs};
 use crate::ctc::{ctc_loss, CtcTargets, Reduction};
 use crate::dropout::{Dropout, SiteDropout};
@@ -209,8 +209,9 @@ struct Tape {
     /// projection's input, kept only when their scores or weights train.
     input: Option<Tensor>,
     qkv: Tensor,
-    /// Attention output before `out_proj` (kept only when `out_proj` trains).
-    attended: Option<Tensor>,
+    /// Attention output before `out_proj`, with what the backend's attention gradient can use
+    /// instead of recomputing it (kept only when `out_proj` trains).
+    attended: Option<AttentionSaved>,
     /// Post-LN: `attention + input` before the first norm (always kept); pre-LN: the first
     /// norm's output, the q/k/v projection's input (kept only when it is needed, as `input`).
     first: Option<Tensor>,
@@ -462,11 +463,16 @@ pub fn step(
         let keep_attended = lw.part(Part::Out).is_some() || train_weights;
         let keep_qkv_input = lw.qkv_masked() || train_weights;
         // Attention: (qkv, attention output before out_proj, out_proj output before its dropout).
-        let attend = |a: &Tensor| -> Result<(Tensor, Option<Tensor>, Tensor)> {
+        let attend = |a: &Tensor| -> Result<(Tensor, Option<AttentionSaved>, Tensor)> {
             let qkv = linear_as_operand(lw.linear(0), a)?;
+            if keep_attended {
+                let saved = be.attention_dropout_saved(&qkv, &seqs, heads, scale, probs_dropout(i))?;
+                let o = linear(lw.linear(1), &saved.out)?;
+                return Ok((qkv, Some(saved), o));
+            }
             let att = be.attention_dropout(&qkv, &seqs, heads, scale, probs_dropout(i))?;
             let o = linear(lw.linear(1), &att)?;
-            Ok((qkv, keep_attended.then_some(att), o))
+            Ok((qkv, None, o))
         };
         // The FFN: (pre-GELU, output before its dropout); the dropped post-GELU is freed here.
         let feed_forward = |inp: &Tensor| -> Result<(Tensor, Tensor)> {
@@ -612,12 +618,15 @@ pub fn step(
         let d_o = drop(reg.dropout, site(i, SITE_ATTENTION_OUT), d_attn_out)?;
         let (out_proj, out_proj_mask) = lw.linear(1);
         // `attended` is kept exactly when out_proj is scored or weights train.
-        if let Some(att) = &tape.attended {
-            to_scores(lw, 1, &d_o, att)?;
-            wgrads.linear(&name("attention.out_proj"), weight_grad(&d_o, att)?, &d_o)?;
+        if let Some(saved) = &tape.attended {
+            to_scores(lw, 1, &d_o, &saved.out)?;
+            wgrads.linear(&name("attention.out_proj"), weight_grad(&d_o, &saved.out)?, &d_o)?;
         }
         let d_att = be.linear_input_grad(&d_o, &out_proj.weight, out_proj_mask)?;
-        let d_qkv = be.attention_grad(&d_att, &tape.qkv, &seqs, heads, scale, probs_dropout(i))?;
+        let d_qkv = match &tape.attended {
+            Some(saved) => be.attention_grad_saved(&d_att, &tape.qkv, saved, &seqs, heads, scale, probs_dropout(i))?,
+            None => be.attention_grad(&d_att, &tape.qkv, &seqs, heads, scale, probs_dropout(i))?,
+        };
         // Kept exactly when q/k/v are scored or weights train.
         if let Some(attn_in) = if c.do_stable_layer_norm { &tape.first } else { &tape.input } {
             to_scores(lw, 0, &d_qkv, attn_in)?;

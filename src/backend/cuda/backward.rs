@@ -14,7 +14,7 @@ use cudarc::driver::{CudaSlice, DevicePtr, PushKernelArg};
 
 use super::launch::{self, GemmArgs, MaskWords, StridedGemm, TopkSegment};
 use super::{dropout_args, CudaBackend, CudaBuf, Precision};
-use crate::backend::backward::{Backward, NormGrads, ScoredLinear, ScoredRows};
+use crate::backend::backward::{AttentionSaved, Backward, NormGrads, ScoredLinear, ScoredRows};
 use crate::backend::{Activation, Backend, ConvGeometry, LinearMask, NormParams, Seqs};
 use crate::dropout::{Dropout, SiteDropout};
 use crate::router::kept;
@@ -451,9 +451,45 @@ impl Backward for CudaBackend {
         Ok((dx, Some((dgamma, dbeta))))
     }
 
+    fn attention_dropout_saved(
+        &self,
+        qkv: &Tensor,
+        seqs: &Seqs,
+        heads: usize,
+        scale: f32,
+        dropout: Option<SiteDropout>,
+    ) -> Result<AttentionSaved> {
+        if self.flash_kernels(qkv.dtype())?.is_none() {
+            return Ok(AttentionSaved { out: self.attention_dropout(qkv, seqs, heads, scale, dropout)?, lse: None });
+        }
+        // The flash kernel writes each row's log-sum-exp along: with the output, all its backward needs.
+        let lse = self.empty(&[seqs.total(), heads], DType::F32)?;
+        let out = self.fused_attention(qkv, seqs, heads, scale, Some(&lse), dropout.filter(|d| d.dropout.is_active()))?;
+        Ok(AttentionSaved { out, lse: Some(lse) })
+    }
+
+    fn attention_grad_saved(
+        &self,
+        d_out: &Tensor,
+        qkv: &Tensor,
+        saved: &AttentionSaved,
+        seqs: &Seqs,
+        heads: usize,
+        scale: f32,
+        dropout: Option<SiteDropout>,
+    ) -> Result<Tensor> {
+        match &saved.lse {
+            Some(lse) => {
+                let dropout = dropout.filter(|d| d.dropout.is_active());
+                self.fused_attention_grad(d_out, qkv, seqs, heads, scale, dropout, Some((&saved.out, lse)))
+            }
+            None => self.attention_grad(d_out, qkv, seqs, heads, scale, dropout),
+        }
+    }
+
     fn attention_dropout(&self, qkv: &Tensor, seqs: &Seqs, heads: usize, scale: f32, dropout: Option<SiteDropout>) -> Result<Tensor> {
         // On tensor cores (bf16, fp32 as 3xTF32): the flash-style kernel, whose backward
-        // (`attention_grad`) runs it again for its log-sum-exp. fp32 FMA without dropout: the
+        // (`attention_grad`) runs it again for its log-sum-exp (`attention_grad_saved` need not). fp32 FMA without dropout: the
         // exact fused kernel, which gives what the backward's T x T recomputation does; with
         // dropout, that recomputation's path.
         let dropout = dropout.filter(|d| d.dropout.is_active());
@@ -513,7 +549,7 @@ impl Backward for CudaBackend {
         );
         let dropout = dropout.filter(|d| d.dropout.is_active());
         if self.flash_kernels(qkv.dtype())?.is_some() {
-            return self.fused_attention_grad(d_out, qkv, seqs, heads, scale, dropout);
+            return self.fused_attention_grad(d_out, qkv, seqs, heads, scale, dropout, None);
         }
         let c = c3 / 3;
         let hd = (c / heads) as i64;

@@ -684,9 +684,11 @@ impl CudaBackend {
         Ok(out)
     }
 
-    /// The gradient of [`Self::fused_attention`] (bf16 or 3xTF32) with respect to qkv: the forward run
-    /// again for its output and log-sum-exp, D = rowsum(dO ⊙ O), then the two flash-style
-    /// backward kernels (kernels/attention.cu): dK and dV per key tile, dQ per query tile.
+    /// The gradient of [`Self::fused_attention`] (bf16 or 3xTF32) with respect to qkv: the
+    /// forward's output and log-sum-exp (`saved`, or the forward run again), D = rowsum(dO ⊙ O),
+    /// then the flash-style backward kernel (kernels/attention.cu: dK and dV per key tile, and
+    /// dQ's operands) and dQ's batched GEMM.
+    #[allow(clippy::too_many_arguments)]
     fn fused_attention_grad(
         &self,
         d_out: &Tensor,
@@ -695,6 +697,7 @@ impl CudaBackend {
         heads: usize,
         scale: f32,
         dropout: Option<SiteDropout>,
+        saved: Option<(&Tensor, &Tensor)>,
     ) -> Result<Tensor> {
         let k = self
             .flash_kernels(qkv.dtype())?
@@ -702,8 +705,23 @@ impl CudaBackend {
         let (c, hd, class) = Self::attention_shape(qkv, seqs, heads)?;
         ensure!(d_out.numel() == seqs.total() * c, "attention backward: gradient {:?} for qkv {:?}", d_out.shape(), qkv.shape());
         let rows = seqs.total();
-        let lse = self.empty(&[rows, heads], DType::F32)?;
-        let out = self.fused_attention(qkv, seqs, heads, scale, Some(&lse), dropout)?;
+        // The forward's output and log-sum-exp: as it kept them, or from running it again (the
+        // same kernel, so the same bits).
+        let (out, lse) = match saved {
+            Some((out, lse)) => {
+                ensure!(
+                    out.numel() == rows * c && lse.numel() == rows * heads,
+                    "attention backward: saved {:?} and {:?}",
+                    out.shape(),
+                    lse.shape()
+                );
+                (out.clone(), lse.clone())
+            }
+            None => {
+                let lse = self.empty(&[rows, heads], DType::F32)?;
+                (self.fused_attention(qkv, seqs, heads, scale, Some(&lse), dropout)?, lse)
+            }
+        };
         let dot = self.empty(&[rows, heads], DType::F32)?;
         let (pdo, pout, pdot, total, c_i, hd_i) = (self.ptr(d_out)?, self.ptr(&out)?, self.ptr(&dot)?, rows as i64, c as i32, hd as i32);
         self.launcher().elementwise(self.func("attention_bwd_dot"), rows * heads, |b| {
