@@ -465,14 +465,9 @@ pub fn step(
         // Attention: (qkv, attention output before out_proj, out_proj output before its dropout).
         let attend = |a: &Tensor| -> Result<(Tensor, Option<AttentionSaved>, Tensor)> {
             let qkv = linear_as_operand(lw.linear(0), a)?;
-            if keep_attended {
-                let saved = be.attention_dropout_saved(&qkv, &seqs, heads, scale, probs_dropout(i))?;
-                let o = linear(lw.linear(1), &saved.out)?;
-                return Ok((qkv, Some(saved), o));
-            }
-            let att = be.attention_dropout(&qkv, &seqs, heads, scale, probs_dropout(i))?;
-            let o = linear(lw.linear(1), &att)?;
-            Ok((qkv, None, o))
+            let saved = be.attention_dropout_saved(&qkv, &seqs, heads, scale, probs_dropout(i))?;
+            let o = linear(lw.linear(1), &saved.out)?;
+            Ok((qkv, keep_attended.then_some(saved), o))
         };
         // The FFN: (pre-GELU, output before its dropout); the dropped post-GELU is freed here.
         let feed_forward = |inp: &Tensor| -> Result<(Tensor, Tensor)> {

@@ -736,18 +736,18 @@ impl CudaBackend {
         // kernel (dK, dV; dQ's operands), dQ = (scale dS) K for every (utterance, head) in one
         // batched GEMM, then its rows into d_qkv.
         let lens = seqs.lens();
+        let longest = |us: std::ops::Range<usize>| lens[us].iter().copied().max().unwrap_or(0);
+        // A slab row: keys padded to the tensor-core GEMMs' K multiple.
+        let row_len = |tmax: usize| tmax.next_multiple_of(8).max(8);
         let mut u0 = 0;
         while u0 < lens.len() {
-            let slab_bytes = |u1: usize| {
-                let tmax = lens[u0..u1].iter().copied().max().unwrap_or(0);
-                (u1 - u0) * heads * tmax * tmax.next_multiple_of(8) * k.tile.size_of()
-            };
+            let slab_bytes = |u1: usize| (u1 - u0) * heads * longest(u0..u1) * row_len(longest(u0..u1)) * k.tile.size_of();
             let mut u1 = u0 + 1;
             while u1 < lens.len() && slab_bytes(u1 + 1) <= self.dq_slab_bytes {
                 u1 += 1;
             }
-            let tmax = lens[u0..u1].iter().copied().max().unwrap_or(0);
-            let (group, ld, slabs) = (Seqs::new(lens[u0..u1].to_vec()), tmax.next_multiple_of(8).max(8), (u1 - u0) * heads);
+            let tmax = longest(u0..u1);
+            let (group, ld, slabs) = (Seqs::new(lens[u0..u1].to_vec()), row_len(tmax), (u1 - u0) * heads);
             let (ds, kt) = (self.empty(&[slabs, tmax, ld], k.tile)?, self.empty(&[slabs, hd, ld], k.tile)?);
             let operands = DqOperands { ds: self.ptr(&ds)?, kt: self.ptr(&kt)?, tmax: tmax as i32, ld: ld as i32 };
             let poff_g = poff + 4 * u0 as u64;
